@@ -1,0 +1,13 @@
+//! Rust core of pyvhost: the vhost control plane (vhost-user, kernel vhost, vDPA) and the
+//! virtio data plane, as a plain Rust library with no Python in it.
+//!
+//! Layers, each calling only the one below: [`sys`] (syscall wrappers owning fds and
+//! mappings) -> [`memory`] (guest RAM) -> [`user`] (the vhost-user protocol, both sides).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_debug_implementations)]
+
+pub mod backend;
+pub mod memory;
+pub mod sys;
+pub mod user;

@@ -1,0 +1,75 @@
+//! The one error type of the vhost-user layer. Each variant says whose fault it was:
+//! the peer's (a protocol violation), ours (a bad argument), or the system's.
+
+use std::io;
+
+use crate::memory::MemoryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The peer closed the connection cleanly, on a message boundary.
+    #[error("peer disconnected")]
+    Disconnected,
+    /// The peer closed or stalled in the middle of a message.
+    #[error("partial message: {0}")]
+    PartialMessage(&'static str),
+    /// Header version is not 1, reserved flag bits are set, or the reply bit is wrong.
+    #[error("invalid message header: {0}")]
+    InvalidHeader(String),
+    /// A request code that this side does not know (checked before any enum conversion).
+    #[error("unknown request code {0}")]
+    UnknownRequest(u32),
+    /// The header announces a body larger than the protocol allows.
+    #[error("message body of {0} bytes exceeds the maximum")]
+    OversizedMessage(u32),
+    /// The body size does not match what the request's layout requires.
+    #[error("{request}: body is {got} bytes, expected {expected}")]
+    InvalidSize {
+        request: &'static str,
+        expected: String,
+        got: usize,
+    },
+    /// The number of fds attached to a message is wrong for its request.
+    #[error("{request}: {got} file descriptors attached, expected {expected}")]
+    FdCount {
+        request: &'static str,
+        expected: &'static str,
+        got: usize,
+    },
+    /// More fds arrived than the receive buffer holds (MSG_CTRUNC): all were closed.
+    #[error("too many file descriptors in one message")]
+    TooManyFds,
+    /// A field of a well-framed message has a value the protocol forbids.
+    #[error("invalid parameter: {0}")]
+    InvalidParam(String),
+    /// The request needs a (protocol) feature that was not negotiated.
+    #[error("{request} needs {feature}, which was not negotiated")]
+    InactiveFeature {
+        request: &'static str,
+        feature: &'static str,
+    },
+    /// The receiving side does not implement this request.
+    #[error("request {0} is not supported")]
+    NotSupported(&'static str),
+    /// The peer answered a REPLY_ACK with a non-zero status.
+    #[error("{request} was refused by the peer (status {status})")]
+    Refused { request: &'static str, status: u64 },
+    /// A reply that does not answer the request it follows.
+    #[error("reply mismatch: {0}")]
+    ReplyMismatch(String),
+    /// A request handler failed; its message is sent back as a NACK where possible.
+    #[error("{0}")]
+    Handler(String),
+    /// The peer did not answer in time.
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    /// The connection had a protocol error earlier and is closed for good.
+    #[error("connection is closed after an earlier error")]
+    Closed,
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
