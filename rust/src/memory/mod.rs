@@ -1,4 +1,79 @@
-//! (being written)
+//! Guest RAM as both sides of vhost-user see it: regions backed by fds (memfds) shared
+//! between front-end and back-end, and an immutable map from guest-physical and
+//! front-end-virtual addresses to local pointers.
+//!
+//! Every region description comes from a peer we do not trust, so everything that could
+//! overflow, overlap or point past the file is rejected up front (ADVERSARIAL C2-C8).
+
+pub mod guest;
+pub mod region;
+
+pub use guest::GuestMemory;
+pub use region::{GuestRegion, RegionInfo};
+
+use std::io;
+
+/// Which address space a region field or an overlap refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressSpace {
+    /// Guest-physical addresses (`guest_phys_addr`).
+    GuestPhysical,
+    /// The front-end's virtual addresses (`userspace_addr`).
+    FrontendVirtual,
+    /// Offsets in the backing file (`mmap_offset`).
+    FileOffset,
+}
+
+impl std::fmt::Display for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AddressSpace::GuestPhysical => "guest physical address",
+            AddressSpace::FrontendVirtual => "front-end user address",
+            AddressSpace::FileOffset => "mmap offset",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("placeholder")]
-pub struct MemoryError;
+pub enum MemoryError {
+    /// A region of size 0 (it would alias its neighbour's start address).
+    #[error("memory region has size 0")]
+    ZeroSize,
+    /// start + size does not fit in u64 (CVE-2020-10722 class).
+    #[error("{space} {start:#x} + size {size:#x} overflows")]
+    Overflow {
+        space: AddressSpace,
+        start: u64,
+        size: u64,
+    },
+    /// Two regions share addresses, which would make translation ambiguous.
+    #[error("regions overlap in {space}: {first:#x} and {second:#x}")]
+    Overlap {
+        space: AddressSpace,
+        first: u64,
+        second: u64,
+    },
+    /// [addr, addr+len) is not inside one region (or, for copies, not fully backed).
+    #[error("address range {addr:#x}+{len:#x} is not backed by guest memory")]
+    OutOfRange { addr: u64, len: u64 },
+    /// The backing file is smaller than the region claims: touching the tail would SIGBUS.
+    #[error("file of {file_size:#x} bytes is too small for offset {offset:#x} + size {size:#x}")]
+    FileTooSmall {
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    #[error("too many memory regions (maximum {max})")]
+    TooManyRegions { max: usize },
+    /// A removal named a region that is not there exactly (absent or only partly matching).
+    #[error("no region at {guest_phys_addr:#x} with size {memory_size:#x}")]
+    NoSuchRegion {
+        guest_phys_addr: u64,
+        memory_size: u64,
+    },
+    /// mmap refused the fd: e.g. ENODEV for an eventfd or socket, EACCES for a read-only fd.
+    #[error("cannot map region: {0}")]
+    Map(io::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}

@@ -1,0 +1,224 @@
+//! One region of guest RAM: its description (as carried by SET_MEM_TABLE / ADD_MEM_REG),
+//! the fd backing it and our mapping of that fd.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use super::{AddressSpace, MemoryError};
+use crate::sys::{memfd_create, Mapping};
+
+/// A region as the vhost-user protocol describes it (`VhostUserMemoryRegion`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RegionInfo {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    pub userspace_addr: u64,
+    pub mmap_offset: u64,
+}
+
+impl RegionInfo {
+    /// Rejects size 0 and any start + size that overflows u64 (C2), so that every later
+    /// `end()` computation is plain arithmetic.
+    pub fn check(&self) -> Result<(), MemoryError> {
+        if self.memory_size == 0 {
+            return Err(MemoryError::ZeroSize);
+        }
+        for (space, start) in [
+            (AddressSpace::GuestPhysical, self.guest_phys_addr),
+            (AddressSpace::FrontendVirtual, self.userspace_addr),
+            (AddressSpace::FileOffset, self.mmap_offset),
+        ] {
+            if start.checked_add(self.memory_size).is_none() {
+                return Err(MemoryError::Overflow {
+                    space,
+                    start,
+                    size: self.memory_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Exclusive end in guest-physical space (no overflow once `check` passed).
+    pub(crate) fn gpa_end(&self) -> u64 {
+        self.guest_phys_addr + self.memory_size
+    }
+
+    /// Exclusive end in front-end virtual space (no overflow once `check` passed).
+    pub(crate) fn user_end(&self) -> u64 {
+        self.userspace_addr + self.memory_size
+    }
+}
+
+/// A mapped region. The fd is kept so a front-end can pass it on (SET_MEM_TABLE) and a
+/// back-end can hand it to Python; the mapping lives exactly as long as this object.
+#[derive(Debug)]
+pub struct GuestRegion {
+    info: RegionInfo,
+    fd: OwnedFd,
+    mapping: Mapping,
+}
+
+#[allow(clippy::len_without_is_empty)] // a region is never empty: size 0 is rejected
+impl GuestRegion {
+    /// Maps `fd` at info.mmap_offset for info.memory_size, read-write; validates info and
+    /// the file size first.
+    ///
+    /// The file-size check (C5) turns a short memfd into an error now instead of a SIGBUS
+    /// on first touch. Front-ends that use our `allocate` also seal the size, so it cannot
+    /// shrink later either; an unsealed file from another front-end could still be
+    /// truncated after this check, which is the documented SIGBUS risk (J8).
+    pub fn map(info: RegionInfo, fd: OwnedFd) -> Result<Self, MemoryError> {
+        info.check()?;
+        if let Some(file_size) = crate::sys::memfd::regular_file_size(fd.as_fd())? {
+            // check() guarantees mmap_offset + memory_size does not overflow.
+            if info.mmap_offset + info.memory_size > file_size {
+                return Err(MemoryError::FileTooSmall {
+                    offset: info.mmap_offset,
+                    size: info.memory_size,
+                    file_size,
+                });
+            }
+        }
+        let mapping = Mapping::map_shared(fd.as_fd(), info.mmap_offset, info.memory_size, true)
+            .map_err(MemoryError::Map)?;
+        Ok(Self { info, fd, mapping })
+    }
+
+    /// Front-end side: new sealed memfd of `size`, mapped; userspace_addr = the local
+    /// mapping's address; mmap_offset 0.
+    pub fn allocate(guest_phys_addr: u64, size: u64) -> Result<Self, MemoryError> {
+        // Validate before creating anything; userspace_addr is checked again once known.
+        RegionInfo {
+            guest_phys_addr,
+            memory_size: size,
+            ..RegionInfo::default()
+        }
+        .check()?;
+        let fd = memfd_create("pyvhost-guest-ram", size)?;
+        let mapping = Mapping::map_shared(fd.as_fd(), 0, size, true).map_err(MemoryError::Map)?;
+        let info = RegionInfo {
+            guest_phys_addr,
+            memory_size: size,
+            userspace_addr: mapping.as_ptr() as u64,
+            mmap_offset: 0,
+        };
+        info.check()?;
+        Ok(Self { info, fd, mapping })
+    }
+
+    pub fn info(&self) -> RegionInfo {
+        self.info
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Host pointer of `guest_phys_addr`.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.mapping.as_ptr()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.info.memory_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{dup_cloexec, EventFd};
+    use std::os::fd::AsRawFd;
+
+    fn info(gpa: u64, size: u64, uaddr: u64, off: u64) -> RegionInfo {
+        RegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: uaddr,
+            mmap_offset: off,
+        }
+    }
+
+    #[test]
+    fn check_rejects_zero_size_and_overflow() {
+        assert!(matches!(
+            info(0, 0, 0, 0).check(),
+            Err(MemoryError::ZeroSize)
+        ));
+        let cases = [
+            (info(u64::MAX - 10, 100, 0, 0), AddressSpace::GuestPhysical),
+            (
+                info(0, 100, u64::MAX - 10, 0),
+                AddressSpace::FrontendVirtual,
+            ),
+            (info(0, 100, 0, u64::MAX - 10), AddressSpace::FileOffset),
+            (info(1, u64::MAX, 0, 0), AddressSpace::GuestPhysical),
+        ];
+        for (i, want) in cases {
+            match i.check() {
+                Err(MemoryError::Overflow { space, .. }) => assert_eq!(space, want),
+                other => panic!("{i:?}: {other:?}"),
+            }
+        }
+        info(u64::MAX - 100, 100, 0x1000, 0).check().unwrap();
+    }
+
+    #[test]
+    fn allocate_maps_a_sealed_memfd() {
+        let r = GuestRegion::allocate(0x1_0000, 0x4000).unwrap();
+        let i = r.info();
+        assert_eq!(i.guest_phys_addr, 0x1_0000);
+        assert_eq!(i.memory_size, 0x4000);
+        assert_eq!(i.userspace_addr, r.as_ptr() as u64);
+        assert_eq!(i.mmap_offset, 0);
+        assert_eq!(r.len(), 0x4000);
+        assert_eq!(crate::sys::file_size(r.fd()).unwrap(), 0x4000);
+        // SAFETY: F_GET_SEALS takes no argument; the fd is open.
+        let seals = unsafe { libc::fcntl(r.fd().as_raw_fd(), libc::F_GET_SEALS) };
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        assert!(GuestRegion::allocate(0, 0).is_err());
+        assert!(matches!(
+            GuestRegion::allocate(u64::MAX - 0xfff, 0x2000),
+            Err(MemoryError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn map_shares_memory_with_the_allocating_side() {
+        let front = GuestRegion::allocate(0, 0x3000).unwrap();
+        let fd = dup_cloexec(front.fd()).unwrap();
+        // The back-end maps the second and third pages only.
+        let back = GuestRegion::map(info(0x1000, 0x2000, 0xdead_0000, 0x1000), fd).unwrap();
+        // SAFETY: offset 0x1000 is inside the 0x3000-byte front mapping.
+        unsafe { front.as_ptr().add(0x1000).write(0x5a) };
+        // SAFETY: offset 0 is inside the back mapping.
+        assert_eq!(unsafe { back.as_ptr().read() }, 0x5a);
+        assert_eq!(back.info().userspace_addr, 0xdead_0000);
+    }
+
+    #[test]
+    fn map_rejects_a_file_too_small() {
+        let fd = memfd_create("t", 0x1000).unwrap();
+        let dup = dup_cloexec(fd.as_fd()).unwrap();
+        assert!(matches!(
+            GuestRegion::map(info(0, 0x4000_0000, 0, 0), fd),
+            Err(MemoryError::FileTooSmall {
+                file_size: 0x1000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            GuestRegion::map(info(0, 0x1000, 0, 0x1000), dup),
+            Err(MemoryError::FileTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn map_rejects_unmappable_fds() {
+        let e = EventFd::new(true).unwrap();
+        match GuestRegion::map(info(0, 0x1000, 0, 0), e.into()) {
+            Err(MemoryError::Map(err)) => assert_eq!(err.raw_os_error(), Some(libc::ENODEV)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! eventfd(2): the kick and call notifications of every virtqueue.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use super::{cvt, cvt_size, retry_eintr};
+
+/// An eventfd counter. Always close-on-exec; blocking or not as chosen at creation.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub fn new(nonblock: bool) -> io::Result<Self> {
+        let mut flags = libc::EFD_CLOEXEC;
+        if nonblock {
+            flags |= libc::EFD_NONBLOCK;
+        }
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let raw = cvt(unsafe { libc::eventfd(0, flags) })?;
+        // SAFETY: `raw` was just returned by eventfd, so it is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { fd })
+    }
+
+    /// Adopts an fd received from a peer. It is not checked to be an eventfd: a wrong type
+    /// shows up as an error from `read`/`write` or from epoll registration, never as UB.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    /// Adds `v` to the counter. `u64::MAX` is refused by the kernel (EINVAL).
+    pub fn write(&self, v: u64) -> io::Result<()> {
+        let bytes = v.to_ne_bytes();
+        let n = retry_eintr(|| {
+            // SAFETY: `bytes` is a live 8-byte buffer and the fd is open while `self` lives.
+            cvt_size(unsafe {
+                libc::write(
+                    self.fd.as_raw_fd(),
+                    bytes.as_ptr().cast::<libc::c_void>(),
+                    bytes.len(),
+                )
+            })
+        })?;
+        check_whole(n)
+    }
+
+    /// Reads and resets the counter. With a non-blocking eventfd and a zero counter this is
+    /// `ErrorKind::WouldBlock` (std maps EAGAIN to it).
+    pub fn read(&self) -> io::Result<u64> {
+        let mut bytes = [0u8; 8];
+        let n = retry_eintr(|| {
+            // SAFETY: `bytes` is a live, writable 8-byte buffer and the fd is open.
+            cvt_size(unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    bytes.as_mut_ptr().cast::<libc::c_void>(),
+                    bytes.len(),
+                )
+            })
+        })?;
+        check_whole(n)?;
+        Ok(u64::from_ne_bytes(bytes))
+    }
+
+    /// A second handle on the same counter (e.g. one for the worker, one for Python).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        super::dup_cloexec(self.fd.as_fd()).map(Self::from_fd)
+    }
+}
+
+/// An eventfd transfers exactly 8 bytes or fails; anything else means the fd is not an
+/// eventfd (it was adopted with `from_fd`).
+fn check_whole(n: usize) -> io::Result<()> {
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short eventfd transfer: the fd is not an eventfd",
+        ))
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<EventFd> for OwnedFd {
+    fn from(e: EventFd) -> OwnedFd {
+        e.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::test_util::is_cloexec;
+
+    #[test]
+    fn counter_accumulates_and_resets() {
+        let e = EventFd::new(false).unwrap();
+        e.write(1).unwrap();
+        e.write(2).unwrap();
+        assert_eq!(e.read().unwrap(), 3);
+        e.write(5).unwrap();
+        assert_eq!(e.read().unwrap(), 5);
+    }
+
+    #[test]
+    fn nonblocking_empty_read_would_block() {
+        let e = EventFd::new(true).unwrap();
+        let err = e.read().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        e.write(7).unwrap();
+        assert_eq!(e.read().unwrap(), 7);
+        assert_eq!(e.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn max_value_is_rejected() {
+        let e = EventFd::new(true).unwrap();
+        let err = e.write(u64::MAX).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn clone_shares_the_counter_and_is_cloexec() {
+        let e = EventFd::new(true).unwrap();
+        assert!(is_cloexec(e.as_fd()));
+        let c = e.try_clone().unwrap();
+        assert_ne!(c.as_raw_fd(), e.as_raw_fd());
+        assert!(is_cloexec(c.as_fd()));
+        c.write(4).unwrap();
+        assert_eq!(e.read().unwrap(), 4);
+    }
+
+    #[test]
+    fn round_trip_through_owned_fd() {
+        let e = EventFd::new(true).unwrap();
+        let raw = e.as_raw_fd();
+        let owned: OwnedFd = e.into();
+        assert_eq!(owned.as_raw_fd(), raw);
+        let e = EventFd::from_fd(owned);
+        e.write(9).unwrap();
+        assert_eq!(e.read().unwrap(), 9);
+    }
+
+    #[test]
+    fn adopted_non_eventfd_reports_an_error() {
+        // /dev/null reads 0 bytes: that must be an error, not a counter value of 0.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fake = EventFd::from_fd(OwnedFd::from(f));
+        assert_eq!(fake.read().unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+}
