@@ -1,0 +1,77 @@
+# pyvhost developer and CI entry points.  `make test` is THE test command
+# (.ci/run calls it): setup, lint, Rust tests, type checks, pytest.
+#
+# Every Python tool comes from .venv (made by `make setup`), never from $PATH.
+
+.NOTPARALLEL:
+.DEFAULT_GOAL := test
+SHELL := /bin/bash
+
+VENV        := $(CURDIR)/.venv
+PY          := $(VENV)/bin/python
+MATURIN     := $(VENV)/bin/maturin
+RUFF        := $(VENV)/bin/ruff
+MYPY        := $(VENV)/bin/mypy
+PYTEST      := $(VENV)/bin/pytest
+BENCH_DIR   := $(CURDIR)/target/bench
+ALLOWLIST   := python/vhost/stubtest-allowlist.txt
+PYTEST_ARGS ?= --timeout=600 --durations=10
+BENCH_N     ?= 100000
+
+# One interpreter for PyO3 everywhere, so maturin and cargo share build artifacts.
+export PYO3_PYTHON := $(PY)
+
+.PHONY: setup tools build lint typecheck rust-test pytest test demo bench wheel clean
+
+setup:
+	bash scripts/setup.sh
+
+# Peers and .venv tools only, no extension build.
+tools:
+	bash scripts/setup.sh --no-build
+
+build:
+	VIRTUAL_ENV=$(VENV) $(MATURIN) develop --release
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(RUFF) check python tests benches
+
+# benches/ too: the tests import benches/pyclient.py.
+typecheck:
+	$(MYPY) --strict python tests benches
+	if [ -f $(ALLOWLIST) ]; then \
+		$(PY) -m mypy.stubtest vhost --allowlist $(ALLOWLIST); \
+	else \
+		$(PY) -m mypy.stubtest vhost; \
+	fi
+
+rust-test:
+	cargo test --workspace --exclude pyvhost-py
+
+pytest:
+	$(PYTEST) $(PYTEST_ARGS)
+
+test: setup lint rust-test typecheck pytest
+
+demo: setup
+	$(PY) -m vhost demo
+
+# Latency floor and pure-Python reference, pinned to one CPU and free.
+# See benches/README.md.
+bench: setup
+	mkdir -p $(BENCH_DIR)
+	cc -O2 -Wall -Wextra -o $(BENCH_DIR)/floor benches/floor.c
+	taskset -c 0 $(BENCH_DIR)/floor $(BENCH_N) 12 20
+	$(BENCH_DIR)/floor $(BENCH_N) 12 20
+	taskset -c 0 $(BENCH_DIR)/floor $(BENCH_N) 20 20
+	$(BENCH_DIR)/floor $(BENCH_N) 20 20
+	taskset -c 0 $(PY) benches/pyclient.py --spawn-qsd -n 20000
+	$(PY) benches/pyclient.py --spawn-qsd -n 20000
+
+wheel: tools
+	$(MATURIN) build --release
+
+clean:
+	rm -rf $(BENCH_DIR) dist

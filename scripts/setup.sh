@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Install everything pyvhost's build and tests need, then build the extension.
+#
+#   bash scripts/setup.sh [--no-build]
+#
+# Idempotent and quick when already done:
+#   1. Debian packages (as root, only if missing): QEMU, all of it from
+#      bookworm-backports (qemu-utils 10.x from there is preinstalled on the
+#      project's machines, and apt will not mix it with bookworm's 7.2), plus
+#      libseccomp-dev, libcap-ng-dev and gcc for the virtiofsd build.
+#   2. virtiofsd (Rust, crates.io) into ~/.cache/pyvhost/virtiofsd, only if its
+#      binary is missing. It is a test peer only; none of its code is committed.
+#   3. .venv in the checkout with the Python dev tools.
+#   4. `maturin develop --release` into .venv (skipped with --no-build).
+# Peers are installed before the build, so a broken build still leaves them.
+set -euo pipefail
+
+VIRTIOFSD_VERSION=1.14.0   # builds with rustc 1.95 (checked); bump deliberately
+PY_DEV_TOOLS=(
+    "maturin>=1.7,<2"
+    "pytest>=8"
+    "pytest-timeout>=2.3"
+    "mypy>=1.10"
+    "ruff>=0.5"
+    "hypothesis>=6"
+)
+APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+BUILD=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) BUILD=0 ;;
+        *) echo "usage: $0 [--no-build]" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '== setup: %s\n' "$*"; }
+export DEBIAN_FRONTEND=noninteractive
+
+# --- 1. Debian packages ---------------------------------------------------------
+missing_apt=()
+for p in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed; then
+        missing_apt+=("$p")
+    fi
+done
+for b in qemu-system-x86_64 qemu-storage-daemon; do
+    command -v "$b" >/dev/null || missing_apt+=(qemu-system-x86)
+done
+
+ensure_backports_source() {
+    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        return
+    fi
+    # Same mirror and keyring as the existing Debian source.
+    local uris="" key=""
+    if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
+        uris=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+        key=$(awk '/^Signed-By:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [[ -z "$uris" && -f /etc/apt/sources.list ]]; then
+        uris=$(awk '$1 == "deb" && $0 ~ / bookworm / {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/) {print $i; exit}}' /etc/apt/sources.list)
+    fi
+    : "${uris:=http://deb.debian.org/debian}"
+    : "${key:=/usr/share/keyrings/debian-archive-keyring.gpg}"
+    log "adding bookworm-backports source ($uris)"
+    cat > /etc/apt/sources.list.d/backports.sources <<EOF
+Types: deb
+URIs: $uris
+Suites: bookworm-backports
+Components: main
+Signed-By: $key
+EOF
+}
+
+if ((${#missing_apt[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        log "installing Debian packages (missing: ${missing_apt[*]})"
+        ensure_backports_source
+        apt-get update -q
+        apt-get install -y -q -t bookworm-backports "${APT_PACKAGES[@]}"
+    else
+        log "WARNING: missing Debian packages ${missing_apt[*]} and not root;" \
+            "install them with: apt-get install -t bookworm-backports ${APT_PACKAGES[*]}"
+    fi
+fi
+
+# --- 2. virtiofsd -----------------------------------------------------------------
+VFSD_ROOT="$HOME/.cache/pyvhost/virtiofsd"
+VFSD="$VFSD_ROOT/bin/virtiofsd"
+if [[ ! -x "$VFSD" ]]; then
+    log "building virtiofsd $VIRTIOFSD_VERSION from crates.io (about a minute)"
+    start=$SECONDS
+    CARGO_TARGET_DIR="$HOME/.cache/pyvhost/virtiofsd-target" \
+        cargo install --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$VFSD_ROOT"
+    rm -rf "$HOME/.cache/pyvhost/virtiofsd-target"
+    log "virtiofsd built in $((SECONDS - start)) s"
+fi
+
+# --- 3. Python virtual environment ---------------------------------------------
+VENV="$ROOT/.venv"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+# A stamp of the tool list keeps reruns from touching pip at all.
+stamp="$VENV/.pyvhost-dev-tools"
+want=$(printf '%s\n' "${PY_DEV_TOOLS[@]}")
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    log "installing dev tools into .venv"
+    "$VENV/bin/python" -m pip install -q "${PY_DEV_TOOLS[@]}"
+    printf '%s\n' "$want" > "$stamp"
+fi
+
+# --- 4. the extension -----------------------------------------------------------
+build_rc=0
+if ((BUILD)); then
+    log "maturin develop --release"
+    if ! VIRTUAL_ENV="$VENV" PYO3_PYTHON="$VENV/bin/python" "$VENV/bin/maturin" develop -r; then
+        build_rc=1
+        log "ERROR: maturin develop failed (peers and tools are installed)"
+    fi
+fi
+
+# --- versions -------------------------------------------------------------------
+ver() { "$@" --version 2>&1 | head -n1 || echo "$1: not runnable"; }
+log "versions:"
+echo "  $(ver qemu-system-x86_64)"
+echo "  qemu-storage-daemon: $(ver qemu-storage-daemon)"
+echo "  $(ver "$VFSD") [$VFSD]"
+echo "  $(ver "$VENV/bin/python") [.venv]"
+exit "$build_rc"
