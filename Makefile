@@ -42,9 +42,9 @@ lint:
 typecheck:
 	$(MYPY) --strict python tests benches
 	if [ -f $(ALLOWLIST) ]; then \
-		$(PY) -m mypy.stubtest vhost --allowlist $(ALLOWLIST); \
+		MYPYPATH=python $(PY) -m mypy.stubtest vhost --allowlist $(ALLOWLIST); \
 	else \
-		$(PY) -m mypy.stubtest vhost; \
+		MYPYPATH=python $(PY) -m mypy.stubtest vhost; \
 	fi
 
 rust-test:
