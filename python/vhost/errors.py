@@ -1,0 +1,259 @@
+"""The exceptions of ``vhost``: one hierarchy, rooted at :class:`VhostError`.
+
+Every failure the package reports is a :class:`VhostError`. Where a failure is also an
+instance of a built-in category, the class inherits that category too, so generic code
+keeps working: an ``except OSError`` around an ioctl still catches :class:`KernelError`,
+and an ``except ValueError`` around argument handling still catches
+:class:`InvalidParamError`.
+
+::
+
+    VhostError (Exception)
+    +-- ProtocolError              the peer broke the vhost-user protocol
+    |   +-- PartialMessageError    ... by stopping in the middle of a message
+    +-- DisconnectedError          (also ConnectionError) clean close on a message boundary
+    +-- InactiveFeatureError       a request needs a feature that was not negotiated
+    +-- NotSupportedError          the peer or the handler does not implement a request
+    +-- RequestRefusedError        the peer answered a REPLY_ACK with a non-zero status
+    +-- InvalidParamError          (also ValueError) a value the protocol or the API forbids
+    +-- InvalidMemoryError         (also ValueError) an address, size or file that does not fit
+    +-- InvalidQueueError          (also ValueError) a bad queue index or queue state
+    +-- KernelError                (also OSError) a system call failed; carries ``errno``
+    +-- VhostTimeoutError          (also TimeoutError) the peer did not answer in time
+    +-- ClosedError                the object was closed, or failed earlier and stays failed
+
+Where each error of the Rust core surfaces (the native glue converts each one in a single
+place, so a Rust error never reaches Python as a bare ``RuntimeError``):
+
+=============================================  ================================================
+Rust core error (``user::Error`` and friends)  Python exception
+=============================================  ================================================
+``Disconnected``                               :class:`DisconnectedError`
+``PartialMessage``                             :class:`PartialMessageError`
+``InvalidHeader``, ``UnknownRequest``,         :class:`ProtocolError`
+``OversizedMessage``, ``InvalidSize``,
+``FdCount``, ``TooManyFds``,
+``ReplyMismatch``
+``InvalidParam``                               :class:`InvalidParamError`
+``InactiveFeature``                            :class:`InactiveFeatureError`
+``NotSupported``                               :class:`NotSupportedError`
+``Refused``                                    :class:`RequestRefusedError`
+``Handler`` (a back-end handler failed)        :class:`VhostError` with the handler's message
+``Timeout``                                    :class:`VhostTimeoutError`
+``Closed``                                     :class:`ClosedError`
+``Memory`` (guest memory layer)                :class:`InvalidMemoryError`
+``Io`` (sockets, mmap, eventfd), kernel vhost  :class:`KernelError` with that ``errno``
+and vDPA ioctls                                (``EIO`` when the error carries none)
+=============================================  ================================================
+
+Design notes:
+
+- :class:`InvalidMemoryError` is a ``ValueError``: every case (a guest address outside all
+  regions, overlapping regions, a size that overflows, a file smaller than the region)
+  is a value that does not fit the memory map, whoever supplied it. Failures of the
+  system calls themselves (``mmap`` returning ``ENOMEM``) are :class:`KernelError`.
+- The Rust glue builds these exceptions positionally, in the order of each ``__init__``
+  (``InactiveFeatureError(request, feature, message)``,
+  ``RequestRefusedError(request, status, message)``, ``KernelError(errno, strerror)``).
+- :class:`ProtocolError` is not a ``ValueError``: it blames the peer, not the caller. After
+  a protocol error the connection is closed, and later calls raise :class:`ClosedError`.
+- The classes that take extra attributes pickle with them (they cross process boundaries
+  in test rigs that use ``multiprocessing``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ClosedError",
+    "DisconnectedError",
+    "InactiveFeatureError",
+    "InvalidMemoryError",
+    "InvalidParamError",
+    "InvalidQueueError",
+    "KernelError",
+    "NotSupportedError",
+    "PartialMessageError",
+    "ProtocolError",
+    "RequestRefusedError",
+    "VhostError",
+    "VhostTimeoutError",
+]
+
+
+class VhostError(Exception):
+    """Base class of every exception raised by ``vhost``.
+
+    Catch this to handle any failure of the package; catch a subclass to handle one kind.
+    """
+
+
+class ProtocolError(VhostError):
+    """The peer broke the vhost-user protocol.
+
+    Raised for a malformed header (wrong version, reserved or misplaced flag bits), an
+    unknown request code, a body whose size does not match the request, the wrong number
+    of file descriptors, or a reply that does not answer the request it follows. The
+    connection is closed when this is raised (with a NACK first if the peer asked for a
+    REPLY_ACK).
+
+    ``request`` names the request involved (``"SET_VRING_NUM"``) when it is known.
+    """
+
+    request: str | None
+
+    def __init__(self, message: str, request: str | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (_message(self), self.request), self.__dict__)
+
+
+class PartialMessageError(ProtocolError):
+    """The peer closed or stalled in the middle of a message (header, body or fds).
+
+    A close exactly on a message boundary is :class:`DisconnectedError` instead.
+    """
+
+
+class DisconnectedError(VhostError, ConnectionError):
+    """The peer closed the connection cleanly, between two messages.
+
+    A ``ConnectionError``, so generic socket code catches it. (A send that fails because
+    the peer has gone is a :class:`KernelError` with ``EPIPE`` or ``ECONNRESET``.)
+    """
+
+
+class InactiveFeatureError(VhostError):
+    """A request needs a (protocol) feature that was not negotiated.
+
+    For example ``GET_CONFIG`` without ``ProtocolFeature.CONFIG``, or ``ADD_MEM_REG``
+    without ``ProtocolFeature.CONFIGURE_MEM_SLOTS``. ``request`` is the request name and
+    ``feature`` the name of the missing feature.
+    """
+
+    request: str
+    feature: str
+
+    def __init__(self, request: str, feature: str, message: str | None = None) -> None:
+        if message is None:
+            message = f"{request} needs {feature}, which was not negotiated"
+        super().__init__(message)
+        self.request = request
+        self.feature = feature
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request, self.feature, _message(self)), self.__dict__)
+
+
+class NotSupportedError(VhostError):
+    """The peer, or the local request handler, does not implement a request.
+
+    ``request`` names the request when it is known.
+    """
+
+    request: str | None
+
+    def __init__(self, message: str, request: str | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (_message(self), self.request), self.__dict__)
+
+
+class RequestRefusedError(VhostError):
+    """The peer answered a request sent with NEED_REPLY (REPLY_ACK) with a non-zero status.
+
+    The connection stays usable: the peer followed the protocol and said no. ``request``
+    is the request name and ``status`` the u64 the peer returned.
+    """
+
+    request: str
+    status: int
+
+    def __init__(self, request: str, status: int, message: str | None = None) -> None:
+        if message is None:
+            message = f"{request} was refused by the peer (status {status})"
+        super().__init__(message)
+        self.request = request
+        self.status = status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request, self.status, _message(self)), self.__dict__)
+
+
+class InvalidParamError(VhostError, ValueError):
+    """An argument, or a field of a well-framed message, has a value that is not allowed.
+
+    Raised by the validation of the value types in :mod:`vhost.types`, and when a peer
+    sends, for example, feature bits that were never offered or a second ``SET_OWNER``.
+    """
+
+
+class InvalidMemoryError(VhostError, ValueError):
+    """An address, size or file does not fit the guest memory map.
+
+    Raised for a guest address (or range) outside every region, regions that overlap,
+    a region whose file is smaller than its offset plus size, or a log area too small for
+    the memory it must cover. ``address`` is the offending address when there is one.
+    """
+
+    address: int | None
+
+    def __init__(self, message: str, address: int | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (_message(self), self.address), self.__dict__)
+
+
+class InvalidQueueError(VhostError, ValueError):
+    """A queue index is out of range, or the queue is not in a state that allows the call.
+
+    For example an index not below the number of queues, a size that is not allowed for
+    the ring layout, or a change to a queue that is running. ``index`` is the queue index
+    when there is one.
+    """
+
+    index: int | None
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (_message(self), self.index), self.__dict__)
+
+
+class KernelError(VhostError, OSError):
+    """A system call failed: a kernel vhost or vDPA ioctl, mmap, sendmsg, eventfd...
+
+    Constructed like ``OSError``: ``KernelError(errno, strerror[, filename])``; ``errno``,
+    ``strerror`` and ``filename`` have their ``OSError`` meaning. It is an ``OSError``, so
+    code that checks ``exc.errno`` (``EBUSY`` for a second ``VHOST_SET_OWNER``, ``ENOBUFS``
+    for a queue index out of range) works unchanged.
+    """
+
+
+class VhostTimeoutError(VhostError, TimeoutError):
+    """The peer did not answer within the configured timeout.
+
+    The connection is closed afterwards: a late reply would desynchronise the stream.
+    """
+
+
+class ClosedError(VhostError):
+    """The object was closed, or an earlier fatal error left it closed for good.
+
+    Raised by every call on a closed back-end, connection or mapping, instead of an
+    ``EBADF`` on a file descriptor number that may by now belong to another file.
+    """
+
+
+def _message(exc: BaseException) -> str:
+    """The message an exception was built with (its first argument), for ``__reduce__``."""
+    return str(exc.args[0]) if exc.args else ""

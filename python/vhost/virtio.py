@@ -1,0 +1,218 @@
+"""Virtio constants: feature bits, device IDs and device status bits.
+
+Values come from the VIRTIO specification (OASIS, 1.3 and the current draft) and, for the
+two vhost-specific bits, from ``linux/vhost_types.h`` and the vhost-user specification.
+Feature members are masks (``1 << bit``), ready to combine with the u64 feature words that
+``VhostBackend.get_features`` returns. Only bits below 64 are listed: vhost negotiates a
+single 64-bit word.
+
+The virtqueue classes (split and packed, driver and device side) will live in this module
+too; this part holds only the numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "BlkFeature",
+    "DeviceId",
+    "DeviceStatus",
+    "FsFeature",
+    "NetFeature",
+    "VirtioFeature",
+    "VsockFeature",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Feature bits shared by every device type
+# --------------------------------------------------------------------------------------
+
+
+class VirtioFeature(enum.IntFlag):
+    """Device-independent feature bits (bits 24 to 43), plus the two that vhost reuses."""
+
+    NOTIFY_ON_EMPTY = 1 << 24
+    """Legacy: notify the driver when the available ring runs empty."""
+    LOG_ALL = 1 << 26
+    """vhost ``VHOST_F_LOG_ALL``: the back-end logs every write to guest memory (migration).
+    Not a virtio bit: only a vhost front-end and back-end negotiate it."""
+    ANY_LAYOUT = 1 << 27
+    """Legacy: the device accepts any descriptor layout."""
+    RING_INDIRECT_DESC = 1 << 28
+    """``VIRTIO_F_INDIRECT_DESC`` in the spec, ``VIRTIO_RING_F_INDIRECT_DESC`` in Linux."""
+    RING_EVENT_IDX = 1 << 29
+    """``VIRTIO_F_EVENT_IDX`` in the spec, ``VIRTIO_RING_F_EVENT_IDX`` in Linux."""
+    PROTOCOL_FEATURES = 1 << 30
+    """vhost-user ``VHOST_USER_F_PROTOCOL_FEATURES``: the back-end supports protocol feature
+    negotiation. Bit 30 is an unused legacy virtio bit that no virtio device offers."""
+    VERSION_1 = 1 << 32
+    ACCESS_PLATFORM = 1 << 33
+    RING_PACKED = 1 << 34
+    IN_ORDER = 1 << 35
+    ORDER_PLATFORM = 1 << 36
+    SR_IOV = 1 << 37
+    NOTIFICATION_DATA = 1 << 38
+    NOTIF_CONFIG_DATA = 1 << 39
+    RING_RESET = 1 << 40
+    ADMIN_VQ = 1 << 41
+    SUSPEND = 1 << 43
+
+    INDIRECT_DESC = RING_INDIRECT_DESC
+    """The spec's name for :attr:`RING_INDIRECT_DESC`."""
+    EVENT_IDX = RING_EVENT_IDX
+    """The spec's name for :attr:`RING_EVENT_IDX`."""
+    IOMMU_PLATFORM = ACCESS_PLATFORM
+    """The old name of :attr:`ACCESS_PLATFORM`, still used by the vhost-user spec."""
+
+
+# --------------------------------------------------------------------------------------
+# Device identification and status
+# --------------------------------------------------------------------------------------
+
+
+class DeviceId(enum.IntEnum):
+    """Virtio device IDs (names as in Linux ``virtio_ids.h`` where it has them)."""
+
+    NET = 1
+    BLOCK = 2
+    CONSOLE = 3
+    RNG = 4
+    BALLOON = 5
+    IOMEM = 6
+    RPMSG = 7
+    SCSI = 8
+    NINEP = 9
+    """9P transport."""
+    MAC80211_WLAN = 10
+    RPROC_SERIAL = 11
+    CAIF = 12
+    MEMORY_BALLOON = 13
+    GPU = 16
+    CLOCK = 17
+    """Real time clock device."""
+    INPUT = 18
+    VSOCK = 19
+    CRYPTO = 20
+    SIGNAL_DIST = 21
+    PSTORE = 22
+    IOMMU = 23
+    MEM = 24
+    SOUND = 25
+    FS = 26
+    PMEM = 27
+    RPMB = 28
+    MAC80211_HWSIM = 29
+    VIDEO_ENCODER = 30
+    VIDEO_DECODER = 31
+    SCMI = 32
+    NITRO_SEC_MOD = 33
+    I2C_ADAPTER = 34
+    WATCHDOG = 35
+    CAN = 36
+    PARAM_SERV = 38
+    AUDIO_POLICY = 39
+    BT = 40
+    GPIO = 41
+    RDMA = 42
+    CAMERA = 43
+    ISM = 44
+    SPI = 45
+    TEE = 46
+    CPU_BALLOON = 47
+
+
+class DeviceStatus(enum.IntFlag):
+    """Bits of the device status field (``SET_STATUS`` / ``GET_STATUS``, vDPA status)."""
+
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    SUSPEND = 16
+    """Only with ``VirtioFeature.SUSPEND``."""
+    DEVICE_NEEDS_RESET = 64
+    FAILED = 128
+
+
+# --------------------------------------------------------------------------------------
+# Device-specific feature bits (bits 0 to 23, and 50 to 63 for net)
+# --------------------------------------------------------------------------------------
+
+
+class BlkFeature(enum.IntFlag):
+    """virtio-blk feature bits."""
+
+    BARRIER = 1 << 0
+    """Legacy interface only."""
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    SCSI = 1 << 7
+    """Legacy interface only."""
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+    LIFETIME = 1 << 15
+    SECURE_ERASE = 1 << 16
+    ZONED = 1 << 17
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net feature bits below 64 (the spec defines more, from 64 up)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    CTRL_RX_EXTRA = 1 << 20
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+    DEVICE_STATS = 1 << 50
+    HASH_TUNNEL = 1 << 51
+    VQ_NOTF_COAL = 1 << 52
+    NOTF_COAL = 1 << 53
+    GUEST_USO4 = 1 << 54
+    GUEST_USO6 = 1 << 55
+    HOST_USO = 1 << 56
+    HASH_REPORT = 1 << 57
+    GUEST_HDRLEN = 1 << 59
+    RSS = 1 << 60
+    RSC_EXT = 1 << 61
+    STANDBY = 1 << 62
+    SPEED_DUPLEX = 1 << 63
+
+
+class FsFeature(enum.IntFlag):
+    """virtio-fs feature bits."""
+
+    NOTIFICATION = 1 << 0
+
+
+class VsockFeature(enum.IntFlag):
+    """virtio-vsock feature bits."""
+
+    STREAM = 1 << 0
+    SEQPACKET = 1 << 1
+    NO_IMPLIED_STREAM = 1 << 2
