@@ -1,6 +1,28 @@
+//! `vhost._core`: the PyO3 glue over `vhost_core`. Classes here copy their inputs, release
+//! the GIL around blocking calls and convert errors; the protocol lives in the core.
+
 use pyo3::prelude::*;
 
+mod backend;
+mod channel;
+mod errors;
+mod eventfd;
+mod fd;
+mod frontend;
+mod handler;
+mod memory;
+
 #[pymodule]
-fn _core(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<fd::FileDescriptor>()?;
+    m.add_class::<eventfd::PyEventFd>()?;
+    m.add_class::<memory::PyGuestMemory>()?;
+    m.add_class::<memory::GuestView>()?;
+    m.add_class::<frontend::PyFrontend>()?;
+    m.add_class::<channel::PyFrontendChannel>()?;
+    m.add_class::<channel::PyBackendChannel>()?;
+    m.add_class::<backend::PyBackendSession>()?;
+    m.add_class::<backend::PyListener>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,10 +1,19 @@
 //! The vhost-user protocol, both sides: framing and payloads, the front-end that shares its
 //! virtqueues, and the back-end session that consumes them.
 
+pub mod backend;
+pub mod channel;
 pub mod codes;
+pub mod connection;
 pub mod error;
+pub mod frontend;
 pub mod header;
+pub mod listener;
 pub mod message;
 pub mod payload;
 
+pub use backend::{BackendHandler, BackendSession};
+pub use channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
 pub use error::{Error, Result};
+pub use frontend::Frontend;
+pub use listener::Listener;

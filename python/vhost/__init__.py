@@ -1,0 +1,72 @@
+"""pyvhost: vhost, vhost-user and vDPA for Python, on a Rust core.
+
+The three back-end families share one interface, :class:`VhostBackend`:
+
+- :mod:`vhost.user`: the vhost-user protocol, front-end and back-end;
+- :mod:`vhost.kern`: kernel vhost (``/dev/vhost-net``, ``/dev/vhost-vsock``);
+- :mod:`vhost.vdpa`: vDPA (``/dev/vhost-vdpa-N``).
+
+Every error raised by the package derives from :class:`VhostError`.
+"""
+
+from __future__ import annotations
+
+from ._core import EventFd, FileDescriptor, GuestMemory
+from ._core import __version__ as __version__
+from .backend import EventFdLike, VhostBackend
+from .codes import BackendRequest, FrontendRequest, ProtocolFeature
+from .errors import (
+    ClosedError,
+    DisconnectedError,
+    InactiveFeatureError,
+    InvalidMemoryError,
+    InvalidParamError,
+    InvalidQueueError,
+    KernelError,
+    NotSupportedError,
+    PartialMessageError,
+    ProtocolError,
+    RequestRefusedError,
+    VhostError,
+    VhostTimeoutError,
+)
+from .types import (
+    DirtyLogRegion,
+    IotlbAccess,
+    IotlbMessage,
+    IotlbType,
+    MemoryRegion,
+    VringConfig,
+)
+from .virtio import VirtioFeature
+
+__all__ = [
+    "BackendRequest",
+    "ClosedError",
+    "DirtyLogRegion",
+    "DisconnectedError",
+    "EventFd",
+    "EventFdLike",
+    "FileDescriptor",
+    "FrontendRequest",
+    "GuestMemory",
+    "InactiveFeatureError",
+    "InvalidMemoryError",
+    "InvalidParamError",
+    "InvalidQueueError",
+    "IotlbAccess",
+    "IotlbMessage",
+    "IotlbType",
+    "KernelError",
+    "MemoryRegion",
+    "NotSupportedError",
+    "PartialMessageError",
+    "ProtocolError",
+    "ProtocolFeature",
+    "RequestRefusedError",
+    "VhostBackend",
+    "VhostError",
+    "VhostTimeoutError",
+    "VirtioFeature",
+    "VringConfig",
+]

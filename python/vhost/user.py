@@ -1,0 +1,632 @@
+"""vhost-user, both sides.
+
+- :class:`Frontend` is the VMM side (the seed's ``Master``): it owns guest memory and the
+  virtqueues and shares them with a back-end over a Unix socket, in client mode
+  (:meth:`Frontend.connect`) or server mode (:meth:`Frontend.accept`).
+- :class:`BackendHandler` is the device side (the seed's ``VhostUserSlaveReqHandler``):
+  subclass it, override the requests your device supports, and serve a
+  :class:`BackendSession` with it. The session (in Rust) validates every message first.
+- :class:`FrontendRequestHandler` answers what a back-end sends on its request channel
+  (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid as _uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from . import _core
+from .backend import EventFdLike, VhostBackend
+from .codes import ProtocolFeature
+from .errors import InvalidParamError, NotSupportedError
+from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringConfig
+
+__all__ = [
+    "BackendChannel",
+    "BackendHandler",
+    "BackendListener",
+    "BackendSession",
+    "Frontend",
+    "FrontendChannel",
+    "FrontendRequestHandler",
+    "InflightInfo",
+    "Listener",
+]
+
+log = logging.getLogger("vhost.user")
+
+BackendSession = _core.BackendSession
+BackendChannel = _core.BackendChannel
+FrontendChannel = _core.FrontendChannel
+Listener = _core.Listener
+FileDescriptor = _core.FileDescriptor
+GuestMemory = _core.GuestMemory
+EventFd = _core.EventFd
+
+FdLike = int | EventFdLike
+
+
+def _region_tuple(r: MemoryRegion) -> tuple[int, int, int, int, int]:
+    return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, r.fd)
+
+
+def regions_of(memory: GuestMemory) -> list[MemoryRegion]:
+    """The shareable regions of guest memory allocated on this side."""
+    return [
+        MemoryRegion(
+            guest_phys_addr=gpa,
+            memory_size=size,
+            userspace_addr=uaddr,
+            mmap_offset=offset,
+            fd=fd,
+        )
+        for gpa, size, uaddr, offset, fd in memory.regions()
+    ]
+
+
+class InflightInfo:
+    """The inflight-tracking area a back-end handed out (GET_INFLIGHT_FD)."""
+
+    __slots__ = ("fd", "mmap_offset", "mmap_size", "num_queues", "queue_size")
+
+    def __init__(
+        self,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        fd: _core.FileDescriptor,
+    ) -> None:
+        self.mmap_size = mmap_size
+        self.mmap_offset = mmap_offset
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.fd = fd
+
+    def __repr__(self) -> str:
+        return (
+            f"InflightInfo(mmap_size={self.mmap_size:#x}, mmap_offset={self.mmap_offset:#x}, "
+            f"num_queues={self.num_queues}, queue_size={self.queue_size}, fd={self.fd!r})"
+        )
+
+
+class Frontend(VhostBackend):
+    """A vhost-user front-end connection; every method is one request.
+
+    Calls that need a protocol feature raise :class:`~vhost.errors.InactiveFeatureError`
+    locally when it was not negotiated. With ``REPLY_ACK`` negotiated, every request that
+    has no reply of its own waits for the back-end's ack, and a refusal raises
+    :class:`~vhost.errors.RequestRefusedError`. A malformed reply closes the connection
+    (later calls raise :class:`~vhost.errors.ClosedError`).
+    """
+
+    def __init__(self, native: _core.Frontend) -> None:
+        self._native = native
+        self._closed = False
+
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 10.0) -> Self:
+        """Client mode: connect to a back-end listening at ``path``."""
+        return cls(_core.Frontend.connect(os.fspath(path), timeout))
+
+    @classmethod
+    def accept(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+        reply_timeout: float | None = 10.0,
+    ) -> Self:
+        """Server mode: listen at ``path`` until one back-end connects."""
+        with _core.Listener(os.fspath(path)) as listener:
+            return cls(listener.accept_frontend(timeout, reply_timeout))
+
+    @property
+    def native(self) -> _core.Frontend:
+        """The native connection, for calls the facade does not wrap."""
+        return self._native
+
+    def fileno(self) -> int:
+        return self._native.fileno()
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Bounds every wait for a reply; ``None`` waits forever."""
+        self._native.set_timeout(timeout)
+
+    @property
+    def broken(self) -> bool:
+        """True after a protocol or I/O error closed the connection for good."""
+        return self._native.broken
+
+    @property
+    def acked_features(self) -> int:
+        return self._native.acked_features
+
+    @property
+    def acked_protocol_features(self) -> ProtocolFeature:
+        return ProtocolFeature(self._native.acked_protocol_features)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # The socket closes when the native object is collected; shut it down now so
+            # the peer sees the disconnect at once.
+            try:
+                import socket
+
+                with socket.socket(fileno=os.dup(self._native.fileno())) as s:
+                    s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- VhostBackend ------------------------------------------------------------------
+
+    def get_features(self) -> int:
+        return self._native.get_features()
+
+    def set_features(self, features: int) -> None:
+        self._native.set_features(int(features))
+
+    def set_owner(self) -> None:
+        self._native.set_owner()
+
+    def reset_owner(self) -> None:
+        self._native.reset_owner()
+
+    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        self._native.set_mem_table([_region_tuple(r) for r in regions])
+
+    def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
+        if region is None:
+            raise InvalidParamError(
+                "vhost-user logs through shared memory (LOG_SHMFD): pass a DirtyLogRegion"
+            )
+        if base != 0:
+            raise InvalidParamError("vhost-user log base must be 0; use region.mmap_offset")
+        self._native.set_log_base(region.mmap_size, region.mmap_offset, region.fd)
+
+    def set_log_fd(self, fd: FdLike) -> None:
+        self._native.set_log_fd(fd)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._native.set_vring_num(index, num)
+
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        self._native.set_vring_addr(
+            index,
+            config.desc_table_addr,
+            config.used_ring_addr,
+            config.avail_ring_addr,
+            config.flags,
+            config.log_addr or 0,
+        )
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._native.set_vring_base(index, base)
+
+    def get_vring_base(self, index: int) -> int:
+        return self._native.get_vring_base(index)
+
+    def set_vring_call(self, index: int, fd: FdLike | None) -> None:
+        self._native.set_vring_call(index, fd)
+
+    def set_vring_kick(self, index: int, fd: FdLike | None) -> None:
+        self._native.set_vring_kick(index, fd)
+
+    def set_vring_err(self, index: int, fd: FdLike | None) -> None:
+        self._native.set_vring_err(index, fd)
+
+    # -- beyond the base interface ------------------------------------------------------
+
+    def get_protocol_features(self) -> ProtocolFeature:
+        return ProtocolFeature(self._native.get_protocol_features())
+
+    def set_protocol_features(self, features: int) -> None:
+        self._native.set_protocol_features(int(features))
+
+    def negotiate(
+        self,
+        features: int | None = None,
+        protocol_features: int | None = None,
+    ) -> tuple[int, ProtocolFeature]:
+        """The usual opening: GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES.
+
+        ``features``/``protocol_features`` are masks of what this front-end supports;
+        ``None`` accepts everything offered. Returns what was acked.
+        """
+        offered = self.get_features()
+        self.set_owner()
+        acked_proto = ProtocolFeature(0)
+        if offered & (1 << 30):
+            offered_proto = self.get_protocol_features()
+            want = offered_proto if protocol_features is None else offered_proto & protocol_features
+            acked_proto = ProtocolFeature(want)
+            self.set_protocol_features(acked_proto)
+        acked = offered if features is None else offered & features
+        self.set_features(acked)
+        return acked, acked_proto
+
+    def get_queue_num(self) -> int:
+        return self._native.get_queue_num()
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._native.set_vring_enable(index, enable)
+
+    def set_vring_endian(self, index: int, big_endian: bool) -> None:
+        self._native.set_vring_endian(index, big_endian)
+
+    def vring_kick(self, index: int) -> None:
+        """In-band kick (needs INBAND_NOTIFICATIONS)."""
+        self._native.vring_kick(index)
+
+    def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
+        return self._native.get_config(offset, size, flags)
+
+    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+        self._native.set_config(offset, bytes(data), flags)
+
+    def set_backend_req_fd(self) -> FrontendChannel:
+        """Opens the back-end request channel; serve the returned end with a handler."""
+        return self._native.set_backend_req_fd()
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightInfo:
+        return InflightInfo(*self._native.get_inflight_fd(num_queues, queue_size))
+
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        self._native.set_inflight_fd(
+            info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size, info.fd
+        )
+
+    def get_max_mem_slots(self) -> int:
+        return self._native.get_max_mem_slots()
+
+    def add_mem_region(self, region: MemoryRegion) -> None:
+        self._native.add_mem_region(_region_tuple(region))
+
+    def remove_mem_region(self, region: MemoryRegion) -> None:
+        self._native.remove_mem_region(
+            region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
+        )
+
+    def reset_device(self) -> None:
+        self._native.reset_device()
+
+    def set_status(self, status: int) -> None:
+        self._native.set_status(int(status))
+
+    def get_status(self) -> int:
+        return self._native.get_status()
+
+    def net_set_mtu(self, mtu: int) -> None:
+        self._native.net_set_mtu(mtu)
+
+    def send_rarp(self, mac: bytes) -> None:
+        if len(mac) != 6:
+            raise InvalidParamError("a MAC address is 6 bytes")
+        self._native.send_rarp(list(mac))
+
+    def gpu_set_socket(self, fd: FdLike) -> None:
+        self._native.gpu_set_socket(fd)
+
+    def iotlb_msg(self, msg: IotlbMessage) -> None:
+        self._native.iotlb_msg(msg.iova, msg.size, msg.uaddr, int(msg.perm), int(msg.type))
+
+    def get_shared_object(self, uuid: _uuid.UUID) -> _core.FileDescriptor:
+        return self._native.get_shared_object(list(uuid.bytes))
+
+    def set_device_state_fd(
+        self, direction: int, phase: int, fd: FdLike
+    ) -> _core.FileDescriptor | None:
+        return self._native.set_device_state_fd(int(direction), int(phase), fd)
+
+    def check_device_state(self) -> None:
+        self._native.check_device_state()
+
+    def postcopy_advise(self) -> _core.FileDescriptor:
+        return self._native.postcopy_advise()
+
+    def postcopy_listen(self) -> None:
+        self._native.postcopy_listen()
+
+    def postcopy_end(self) -> None:
+        self._native.postcopy_end()
+
+    def create_crypto_session(self, params: bytes) -> bytes:
+        return self._native.create_crypto_session(bytes(params))
+
+    def close_crypto_session(self, session_id: int) -> None:
+        self._native.close_crypto_session(session_id)
+
+    def __repr__(self) -> str:
+        return f"<vhost.user.Frontend fd={self._native.fileno()}>"
+
+
+def _refuse(request: str) -> NotSupportedError:
+    return NotSupportedError(f"this back-end does not implement {request}", request)
+
+
+class BackendHandler:
+    """The device side: one method per front-end request.
+
+    Subclass it and override what your device supports. The session calls a method only
+    after validating the message: ring indexes are below :attr:`max_queues`, ring sizes
+    are valid, features were offered, gated requests were negotiated. Defaults accept the
+    bookkeeping requests and refuse the rest with :class:`~vhost.errors.NotSupportedError`
+    (sent to the front-end as a NACK when it asked for an ack; otherwise the connection
+    closes, since the reply could not say "failed").
+
+    Fds arrive as owned objects: :class:`~vhost.EventFd` for kick/call/err, and
+    :class:`~vhost.user.FileDescriptor` for the rest; keep or close them.
+    """
+
+    #: Number of queues the device has.
+    max_queues: int = 1
+    #: Largest ring size the device accepts.
+    max_queue_size: int = 32768
+
+    # -- negotiation ---------------------------------------------------------------------
+
+    def get_features(self) -> int:
+        raise _refuse("GET_FEATURES")
+
+    def set_features(self, features: int) -> None:
+        pass
+
+    def get_protocol_features(self) -> int:
+        raise _refuse("GET_PROTOCOL_FEATURES")
+
+    def set_protocol_features(self, features: int) -> None:
+        pass
+
+    def set_owner(self) -> None:
+        pass
+
+    def reset_owner(self) -> None:
+        pass
+
+    def get_queue_num(self) -> int:
+        return self.max_queues
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def set_mem_table(self, memory: GuestMemory) -> None:
+        """The memory table was replaced; ``memory`` is mapped and ready to use."""
+
+    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+        """A region (gpa, size, user_addr, mmap_offset) was mapped into ``memory``."""
+
+    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+        """A region was removed from ``memory`` (views of it stay valid until dropped)."""
+
+    def get_max_mem_slots(self) -> int:
+        raise _refuse("GET_MAX_MEM_SLOTS")
+
+    def set_log_base(self, mmap_size: int, mmap_offset: int, fd: _core.FileDescriptor) -> None:
+        raise _refuse("SET_LOG_BASE")
+
+    def set_log_fd(self, fd: _core.FileDescriptor) -> None:
+        raise _refuse("SET_LOG_FD")
+
+    # -- rings ----------------------------------------------------------------------------
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        pass
+
+    def set_vring_addr(
+        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
+    ) -> None:
+        pass
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        pass
+
+    def get_vring_base(self, index: int) -> int:
+        raise _refuse("GET_VRING_BASE")
+
+    def set_vring_kick(self, index: int, fd: _core.EventFd | None) -> None:
+        pass
+
+    def set_vring_call(self, index: int, fd: _core.EventFd | None) -> None:
+        pass
+
+    def set_vring_err(self, index: int, fd: _core.EventFd | None) -> None:
+        pass
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        pass
+
+    def set_vring_endian(self, index: int, big_endian: bool) -> None:
+        raise _refuse("SET_VRING_ENDIAN")
+
+    def vring_kick(self, index: int) -> None:
+        raise _refuse("VRING_KICK")
+
+    # -- device ---------------------------------------------------------------------------
+
+    def get_config(self, offset: int, size: int, flags: int) -> bytes:
+        raise _refuse("GET_CONFIG")
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        raise _refuse("SET_CONFIG")
+
+    def set_backend_channel(self, channel: BackendChannel) -> None:
+        """The front-end opened the back-end request channel."""
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, FdLike]:
+        raise _refuse("GET_INFLIGHT_FD")
+
+    def set_inflight_fd(
+        self,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        fd: _core.FileDescriptor,
+    ) -> None:
+        raise _refuse("SET_INFLIGHT_FD")
+
+    def send_rarp(self, mac: bytes) -> None:
+        raise _refuse("SEND_RARP")
+
+    def net_set_mtu(self, mtu: int) -> None:
+        raise _refuse("NET_SET_MTU")
+
+    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> None:
+        raise _refuse("IOTLB_MSG")
+
+    def reset_device(self) -> None:
+        pass
+
+    def set_status(self, status: int) -> None:
+        pass
+
+    def get_status(self) -> int:
+        raise _refuse("GET_STATUS")
+
+    def gpu_set_socket(self, fd: _core.FileDescriptor) -> None:
+        raise _refuse("GPU_SET_SOCKET")
+
+    def get_shared_object(self, uuid: bytes) -> FdLike:
+        raise _refuse("GET_SHARED_OBJECT")
+
+    def set_device_state_fd(
+        self, direction: int, phase: int, fd: _core.FileDescriptor
+    ) -> FdLike | None:
+        raise _refuse("SET_DEVICE_STATE_FD")
+
+    def check_device_state(self) -> None:
+        raise _refuse("CHECK_DEVICE_STATE")
+
+    def postcopy_advise(self) -> FdLike:
+        raise _refuse("POSTCOPY_ADVISE")
+
+    def postcopy_listen(self) -> None:
+        raise _refuse("POSTCOPY_LISTEN")
+
+    def postcopy_end(self) -> None:
+        raise _refuse("POSTCOPY_END")
+
+    def create_crypto_session(self, params: bytes) -> bytes:
+        raise _refuse("CREATE_CRYPTO_SESSION")
+
+    def close_crypto_session(self, session_id: int) -> None:
+        raise _refuse("CLOSE_CRYPTO_SESSION")
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def on_request_error(self, error: BaseException) -> None:
+        """A request failed and was NACKed; the connection goes on. Logs by default."""
+        log.info("request refused: %s", error)
+
+
+class FrontendRequestHandler:
+    """Answers the requests a back-end sends on its request channel.
+
+    Return 0 (or None) for success; raise to refuse (the back-end gets a NACK when it
+    asked for an ack). Defaults refuse.
+    """
+
+    def config_change(self) -> int | None:
+        raise _refuse("CONFIG_CHANGE_MSG")
+
+    def vring_host_notifier(
+        self, index: int, size: int, offset: int, fd: _core.FileDescriptor | None
+    ) -> int | None:
+        raise _refuse("VRING_HOST_NOTIFIER_MSG")
+
+    def vring_call(self, index: int) -> int | None:
+        raise _refuse("VRING_CALL")
+
+    def vring_err(self, index: int) -> int | None:
+        raise _refuse("VRING_ERR")
+
+    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> int | None:
+        raise _refuse("IOTLB_MSG")
+
+    def shared_object_add(self, uuid: bytes) -> int | None:
+        raise _refuse("SHARED_OBJECT_ADD")
+
+    def shared_object_remove(self, uuid: bytes) -> int | None:
+        raise _refuse("SHARED_OBJECT_REMOVE")
+
+    def shared_object_lookup(self, uuid: bytes) -> int | None:
+        raise _refuse("SHARED_OBJECT_LOOKUP")
+
+    def unknown_request(self, name: str) -> int | None:
+        raise _refuse(name)
+
+
+class BackendListener:
+    """A back-end in server mode: listens at ``path`` and accepts front-ends.
+
+    The socket path is unlinked on :meth:`close` (or when the context exits).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, replace_stale: bool = True) -> None:
+        self._listener = _core.Listener(os.fspath(path), replace_stale)
+
+    @property
+    def path(self) -> Path:
+        return Path(self._listener.path)
+
+    def fileno(self) -> int:
+        return self._listener.fileno()
+
+    def accept(self, timeout: float | None = None) -> BackendSession:
+        return self._listener.accept_backend(timeout)
+
+    def serve_forever(self, make_handler: type[BackendHandler] | None = None,
+                      handler: BackendHandler | None = None) -> None:
+        """Serves one front-end after another until interrupted."""
+        while True:
+            session = self.accept()
+            h = handler if handler is not None else (make_handler or BackendHandler)()
+            try:
+                session.serve(h)
+            except Exception as exc:  # noqa: BLE001 - one bad front-end must not stop us
+                log.warning("front-end session ended with an error: %s", exc)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@contextmanager
+def serve_in_thread(session: BackendSession, handler: BackendHandler) -> Iterator[threading.Thread]:
+    """Runs ``session.serve(handler)`` in a daemon thread for the duration of the block;
+    the session is closed and the thread joined on exit. The thread's exception, if
+    any, is re-raised on exit."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            session.serve(handler)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=run, name="vhost-user-backend", daemon=True)
+    t.start()
+    try:
+        yield t
+    finally:
+        session.close()
+        t.join(10)
+    if errors and not isinstance(errors[0], OSError | ConnectionError):
+        raise errors[0]

@@ -1,0 +1,572 @@
+//! The back-end session for Python: the core validates and dispatches; a Python handler
+//! object answers. recv and send run without the GIL; the handler runs with it.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+use vhost_core::backend::VringAddrs;
+use vhost_core::memory::{GuestMemory, RegionInfo};
+use vhost_core::user::backend::{BackendHandler, BackendSession};
+use vhost_core::user::channel::BackendChannel;
+use vhost_core::user::payload::{DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc};
+use vhost_core::user::{Error, Listener};
+
+use crate::channel::PyBackendChannel;
+use crate::errors::{closed, invalid_param, IntoPyResult};
+use crate::eventfd::PyEventFd;
+use crate::fd::{dup_of, FileDescriptor};
+use crate::frontend::PyFrontend;
+use crate::handler::{unit, PyCallState};
+use crate::memory::PyGuestMemory;
+
+struct PyBackendHandler {
+    obj: Py<PyAny>,
+    memory: Py<PyGuestMemory>,
+    max_queues: u32,
+    max_queue_size: u32,
+    state: PyCallState,
+}
+
+type R<T> = Result<T, Error>;
+
+fn t<'py>(
+    py: Python<'py>,
+    items: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    items.into_pyobject(py).map_err(Into::into)
+}
+
+fn extract<T: for<'a, 'py> FromPyObject<'a, 'py>>(v: &Bound<'_, PyAny>) -> PyResult<T> {
+    v.extract::<T>().map_err(Into::into)
+}
+
+fn opt_eventfd(fd: Option<OwnedFd>) -> Option<PyEventFd> {
+    fd.map(PyEventFd::adopt)
+}
+
+fn region_tuple(r: &RegionInfo) -> (u64, u64, u64, u64) {
+    (
+        r.guest_phys_addr,
+        r.memory_size,
+        r.userspace_addr,
+        r.mmap_offset,
+    )
+}
+
+impl PyBackendHandler {
+    fn set_memory(&self, mem: &GuestMemory) {
+        Python::attach(|py| self.memory.bind(py).get().replace(mem.clone()));
+    }
+
+    fn mem_obj(&self) -> Py<PyGuestMemory> {
+        Python::attach(|py| self.memory.clone_ref(py))
+    }
+
+    fn simple(
+        &mut self,
+        name: &'static str,
+        args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyTuple>>,
+    ) -> R<()> {
+        self.state.call(&self.obj, name, args, unit)
+    }
+}
+
+fn owned_fd(v: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {
+    dup_of(v)
+}
+
+impl BackendHandler for PyBackendHandler {
+    fn max_queues(&self) -> u32 {
+        self.max_queues
+    }
+    fn max_queue_size(&self) -> u32 {
+        self.max_queue_size
+    }
+    fn get_features(&mut self) -> R<u64> {
+        self.state
+            .call(&self.obj, "get_features", |py| t(py, ()), extract)
+    }
+    fn set_features(&mut self, f: u64) -> R<()> {
+        self.simple("set_features", move |py| t(py, (f,)))
+    }
+    fn get_protocol_features(&mut self) -> R<u64> {
+        self.state
+            .call(&self.obj, "get_protocol_features", |py| t(py, ()), extract)
+    }
+    fn set_protocol_features(&mut self, f: u64) -> R<()> {
+        self.simple("set_protocol_features", move |py| t(py, (f,)))
+    }
+    fn set_owner(&mut self) -> R<()> {
+        self.simple("set_owner", |py| t(py, ()))
+    }
+    fn reset_owner(&mut self) -> R<()> {
+        self.simple("reset_owner", |py| t(py, ()))
+    }
+    fn set_mem_table(&mut self, mem: &GuestMemory) -> R<()> {
+        self.set_memory(mem);
+        let m = self.mem_obj();
+        self.simple("set_mem_table", move |py| t(py, (m,)))
+    }
+    fn add_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> R<()> {
+        self.set_memory(mem);
+        let (m, r) = (self.mem_obj(), region_tuple(region));
+        self.simple("add_mem_region", move |py| t(py, (m, r)))
+    }
+    fn remove_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> R<()> {
+        self.set_memory(mem);
+        let (m, r) = (self.mem_obj(), region_tuple(region));
+        self.simple("remove_mem_region", move |py| t(py, (m, r)))
+    }
+    fn get_max_mem_slots(&mut self) -> R<u64> {
+        self.state
+            .call(&self.obj, "get_max_mem_slots", |py| t(py, ()), extract)
+    }
+    fn set_log_base(&mut self, log: &LogDesc, fd: OwnedFd) -> R<()> {
+        let (s, o) = (log.mmap_size, log.mmap_offset);
+        self.simple("set_log_base", move |py| {
+            t(py, (s, o, FileDescriptor::new(fd)))
+        })
+    }
+    fn set_log_fd(&mut self, fd: OwnedFd) -> R<()> {
+        self.simple("set_log_fd", move |py| t(py, (FileDescriptor::new(fd),)))
+    }
+    fn set_vring_num(&mut self, index: u32, num: u32) -> R<()> {
+        self.simple("set_vring_num", move |py| t(py, (index, num)))
+    }
+    fn set_vring_addr(&mut self, a: &VringAddrs) -> R<()> {
+        let a = *a;
+        self.simple("set_vring_addr", move |py| {
+            t(py, (a.index, a.desc, a.used, a.avail, a.flags, a.log))
+        })
+    }
+    fn set_vring_base(&mut self, index: u32, base: u32) -> R<()> {
+        self.simple("set_vring_base", move |py| t(py, (index, base)))
+    }
+    fn get_vring_base(&mut self, index: u32) -> R<u32> {
+        self.state.call(
+            &self.obj,
+            "get_vring_base",
+            move |py| t(py, (index,)),
+            extract,
+        )
+    }
+    fn set_vring_kick(&mut self, index: u32, fd: Option<OwnedFd>) -> R<()> {
+        self.simple("set_vring_kick", move |py| t(py, (index, opt_eventfd(fd))))
+    }
+    fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> R<()> {
+        self.simple("set_vring_call", move |py| t(py, (index, opt_eventfd(fd))))
+    }
+    fn set_vring_err(&mut self, index: u32, fd: Option<OwnedFd>) -> R<()> {
+        self.simple("set_vring_err", move |py| t(py, (index, opt_eventfd(fd))))
+    }
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> R<()> {
+        self.simple("set_vring_enable", move |py| t(py, (index, enable)))
+    }
+    fn set_vring_endian(&mut self, index: u32, big: bool) -> R<()> {
+        self.simple("set_vring_endian", move |py| t(py, (index, big)))
+    }
+    fn vring_kick(&mut self, index: u32) -> R<()> {
+        self.simple("vring_kick", move |py| t(py, (index,)))
+    }
+    fn get_queue_num(&mut self) -> R<u64> {
+        self.state
+            .call(&self.obj, "get_queue_num", |py| t(py, ()), extract)
+    }
+    fn get_config(&mut self, offset: u32, size: u32, flags: u32) -> R<Vec<u8>> {
+        self.state.call(
+            &self.obj,
+            "get_config",
+            move |py| t(py, (offset, size, flags)),
+            |v| Ok(pyo3::buffer::PyBuffer::<u8>::get(v)?.to_vec(v.py())?),
+        )
+    }
+    fn set_config(&mut self, offset: u32, data: &[u8], flags: u32) -> R<()> {
+        let data = data.to_vec();
+        self.simple("set_config", move |py| {
+            t(py, (offset, PyBytes::new(py, &data), flags))
+        })
+    }
+    fn set_backend_channel(&mut self, channel: Arc<BackendChannel>) -> R<()> {
+        self.simple("set_backend_channel", move |py| {
+            t(py, (PyBackendChannel::new(channel),))
+        })
+    }
+    fn get_inflight_fd(&mut self, d: &InflightDesc) -> R<(InflightDesc, OwnedFd)> {
+        let (nq, qs) = (d.num_queues, d.queue_size);
+        self.state.call(
+            &self.obj,
+            "get_inflight_fd",
+            move |py| t(py, (nq, qs)),
+            move |v| {
+                let (size, offset, fd): (u64, u64, Bound<'_, PyAny>) = v.extract()?;
+                let desc = InflightDesc {
+                    mmap_size: size,
+                    mmap_offset: offset,
+                    num_queues: nq,
+                    queue_size: qs,
+                };
+                Ok((desc, owned_fd(&fd)?))
+            },
+        )
+    }
+    fn set_inflight_fd(&mut self, d: &InflightDesc, fd: OwnedFd) -> R<()> {
+        let d = *d;
+        self.simple("set_inflight_fd", move |py| {
+            t(
+                py,
+                (
+                    d.mmap_size,
+                    d.mmap_offset,
+                    d.num_queues,
+                    d.queue_size,
+                    FileDescriptor::new(fd),
+                ),
+            )
+        })
+    }
+    fn send_rarp(&mut self, mac: [u8; 6]) -> R<()> {
+        self.simple("send_rarp", move |py| t(py, (PyBytes::new(py, &mac),)))
+    }
+    fn net_set_mtu(&mut self, mtu: u64) -> R<()> {
+        self.simple("net_set_mtu", move |py| t(py, (mtu,)))
+    }
+    fn iotlb_msg(&mut self, m: &IotlbPayload) -> R<()> {
+        let m = *m;
+        self.simple("iotlb_msg", move |py| {
+            t(py, (m.iova, m.size, m.uaddr, m.perm, m.kind))
+        })
+    }
+    fn reset_device(&mut self) -> R<()> {
+        self.simple("reset_device", |py| t(py, ()))
+    }
+    fn set_status(&mut self, status: u8) -> R<()> {
+        self.simple("set_status", move |py| t(py, (status,)))
+    }
+    fn get_status(&mut self) -> R<u8> {
+        self.state
+            .call(&self.obj, "get_status", |py| t(py, ()), extract)
+    }
+    fn gpu_set_socket(&mut self, fd: OwnedFd) -> R<()> {
+        self.simple("gpu_set_socket", move |py| {
+            t(py, (FileDescriptor::new(fd),))
+        })
+    }
+    fn get_shared_object(&mut self, uuid: [u8; 16]) -> R<OwnedFd> {
+        self.state.call(
+            &self.obj,
+            "get_shared_object",
+            move |py| t(py, (PyBytes::new(py, &uuid),)),
+            owned_fd,
+        )
+    }
+    fn set_device_state_fd(&mut self, tr: &DeviceStateTransfer, fd: OwnedFd) -> R<Option<OwnedFd>> {
+        let (dir, phase) = (tr.direction, tr.phase);
+        self.state.call(
+            &self.obj,
+            "set_device_state_fd",
+            move |py| t(py, (dir, phase, FileDescriptor::new(fd))),
+            |v| {
+                if v.is_none() {
+                    Ok(None)
+                } else {
+                    owned_fd(v).map(Some)
+                }
+            },
+        )
+    }
+    fn check_device_state(&mut self) -> R<()> {
+        self.simple("check_device_state", |py| t(py, ()))
+    }
+    fn postcopy_advise(&mut self) -> R<OwnedFd> {
+        self.state
+            .call(&self.obj, "postcopy_advise", |py| t(py, ()), owned_fd)
+    }
+    fn postcopy_listen(&mut self) -> R<()> {
+        self.simple("postcopy_listen", |py| t(py, ()))
+    }
+    fn postcopy_end(&mut self) -> R<()> {
+        self.simple("postcopy_end", |py| t(py, ()))
+    }
+    fn create_crypto_session(&mut self, params: &[u8]) -> R<Vec<u8>> {
+        let p = params.to_vec();
+        self.state.call(
+            &self.obj,
+            "create_crypto_session",
+            move |py| t(py, (PyBytes::new(py, &p),)),
+            extract,
+        )
+    }
+    fn close_crypto_session(&mut self, id: u64) -> R<()> {
+        self.simple("close_crypto_session", move |py| t(py, (id,)))
+    }
+}
+
+/// One back-end connection driven by a Python handler.
+#[pyclass(module = "vhost._core", name = "BackendSession", frozen)]
+pub struct PyBackendSession {
+    inner: Mutex<Option<BackendSession>>,
+    fd: RawFd,
+    memory: Py<PyGuestMemory>,
+}
+
+impl PyBackendSession {
+    pub fn new(py: Python<'_>, session: BackendSession) -> PyResult<Self> {
+        let fd = session.socket().as_raw_fd();
+        Ok(PyBackendSession {
+            inner: Mutex::new(Some(session)),
+            fd,
+            memory: Py::new(py, PyGuestMemory::from_core(GuestMemory::default()))?,
+        })
+    }
+
+    fn adapter(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<PyBackendHandler> {
+        let max_queues: u32 = handler.getattr("max_queues")?.extract()?;
+        let max_queue_size: u32 = handler
+            .getattr("max_queue_size")
+            .and_then(|v| v.extract())
+            .unwrap_or(vhost_core::user::backend::MAX_QUEUE_SIZE);
+        if max_queues == 0 {
+            return Err(invalid_param("handler.max_queues must be at least 1"));
+        }
+        Ok(PyBackendHandler {
+            obj: handler.clone().unbind(),
+            memory: self.memory.clone_ref(py),
+            max_queues,
+            max_queue_size,
+            state: PyCallState::default(),
+        })
+    }
+
+    /// One request: recv (no GIL), dispatch (GIL), reply (no GIL). Returns False when the
+    /// front-end disconnected cleanly.
+    fn step(
+        &self,
+        py: Python<'_>,
+        session: &mut BackendSession,
+        h: &mut PyBackendHandler,
+    ) -> PyResult<bool> {
+        let incoming = match py.detach(|| session.recv()) {
+            Ok(i) => i,
+            Err(Error::Disconnected) => return Ok(false),
+            Err(e) => return Err(e).py_err(),
+        };
+        let handled = session.handle(incoming, h);
+        py.detach(|| session.send_reply(handled.reply)).py_err()?;
+        let py_error = h.state.error.take();
+        match handled.error {
+            None => Ok(true),
+            // NACKed: the connection is fine; tell the handler and go on.
+            Some(e) if !session.is_broken() => {
+                let report = match py_error {
+                    Some(pe) => pe.into_value(py).into_any(),
+                    None => crate::errors::user_error(e).into_value(py).into_any(),
+                };
+                let obj = h.obj.bind(py);
+                if obj.hasattr("on_request_error")? {
+                    obj.call_method1("on_request_error", (report,))?;
+                }
+                Ok(true)
+            }
+            Some(e) => Err(py_error.unwrap_or_else(|| crate::errors::user_error(e))),
+        }
+    }
+}
+
+#[pymethods]
+impl PyBackendSession {
+    /// Client mode: connects to a front-end listening at `path`.
+    #[staticmethod]
+    fn connect(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let s = py.detach(|| BackendSession::connect(&path)).py_err()?;
+        Self::new(py, s)
+    }
+
+    /// Adopts a connected socket (its fd is duplicated).
+    #[staticmethod]
+    fn from_socket(py: Python<'_>, sock: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let fd = dup_of(sock)?;
+        Self::new(py, BackendSession::new(UnixStream::from(fd)))
+    }
+
+    fn fileno(&self) -> RawFd {
+        self.fd
+    }
+
+    /// The session's guest memory (updated in place on every memory-table change).
+    #[getter]
+    fn memory(&self, py: Python<'_>) -> Py<PyGuestMemory> {
+        self.memory.clone_ref(py)
+    }
+
+    #[getter]
+    fn acked_features(&self) -> PyResult<u64> {
+        let g = self
+            .inner
+            .try_lock()
+            .map_err(|_| invalid_param("session is busy serving"))?;
+        Ok(g.as_ref().map_or(0, |s| s.acked_features()))
+    }
+
+    #[getter]
+    fn acked_protocol_features(&self) -> PyResult<u64> {
+        let g = self
+            .inner
+            .try_lock()
+            .map_err(|_| invalid_param("session is busy serving"))?;
+        Ok(g.as_ref().map_or(0, |s| s.acked_protocol_features()))
+    }
+
+    /// Handles one request; False when the front-end disconnected.
+    fn handle_one(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let mut h = self.adapter(py, handler)?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let session = guard.as_mut().ok_or_else(|| closed("BackendSession"))?;
+        self.step(py, session, &mut h)
+    }
+
+    /// Serves until the front-end disconnects (returns) or breaks the protocol (raises).
+    /// The connection is closed either way.
+    fn serve(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut h = self.adapter(py, handler)?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match guard.as_mut() {
+            None => Err(closed("BackendSession")),
+            Some(session) => loop {
+                match self.step(py, session, &mut h) {
+                    Ok(true) => {
+                        py.check_signals()?;
+                    }
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            },
+        };
+        guard.take();
+        result
+    }
+
+    /// Closes the connection; a thread blocked in `serve` wakes up and returns.
+    fn close(&self) {
+        match self.inner.try_lock() {
+            Ok(mut g) => {
+                g.take();
+            }
+            Err(_) => {
+                // SAFETY: shutdown of our own socket, which stays open until serve drops it.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            }
+        }
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.try_lock().map(|g| g.is_none()).unwrap_or(false)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+}
+
+/// A listening socket path for whichever side is the server; unlinked on close.
+#[pyclass(module = "vhost._core", name = "Listener", frozen)]
+pub struct PyListener {
+    inner: Mutex<Option<Listener>>,
+    path: PathBuf,
+}
+
+impl PyListener {
+    fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
+        let t = timeout.map(Duration::from_secs_f64);
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
+        py.detach(|| l.accept(t)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                crate::errors::user_error(Error::Timeout)
+            } else {
+                crate::errors::io_error(e)
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl PyListener {
+    #[new]
+    #[pyo3(signature = (path, replace_stale = true))]
+    fn new(py: Python<'_>, path: PathBuf, replace_stale: bool) -> PyResult<Self> {
+        let l = py
+            .detach(|| Listener::bind(&path, replace_stale))
+            .py_err()?;
+        Ok(PyListener {
+            inner: Mutex::new(Some(l)),
+            path,
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn fileno(&self) -> PyResult<RawFd> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.as_ref()
+            .ok_or_else(|| closed("Listener"))?
+            .listener()
+            .as_raw_fd())
+    }
+
+    /// Waits for a front-end to connect and returns its back-end session.
+    #[pyo3(signature = (timeout = None))]
+    fn accept_backend(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyBackendSession> {
+        let s = self.accept_stream(py, timeout)?;
+        PyBackendSession::new(py, BackendSession::new(s))
+    }
+
+    /// Server-mode front-end: waits for a back-end to connect.
+    #[pyo3(signature = (timeout = None, reply_timeout = Some(10.0)))]
+    fn accept_frontend(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        reply_timeout: Option<f64>,
+    ) -> PyResult<PyFrontend> {
+        let s = self.accept_stream(py, timeout)?;
+        let fe = vhost_core::user::Frontend::new(s).py_err()?;
+        fe.set_timeout(reply_timeout.map(Duration::from_secs_f64))
+            .py_err()?;
+        Ok(PyFrontend::from_core(fe))
+    }
+
+    fn close(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+}

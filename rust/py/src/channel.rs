@@ -1,0 +1,255 @@
+//! Both ends of the back-end request channel for Python.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+use vhost_core::user::channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
+use vhost_core::user::message::BackendRequest;
+use vhost_core::user::payload::{IotlbPayload, VringArea};
+use vhost_core::user::Error;
+
+use crate::errors::{closed, IntoPyResult};
+use crate::fd::{borrow, raw_fd_of, FileDescriptor};
+use crate::handler::{u64_or_zero, PyCallState};
+
+/// Front-end side: receives the back-end's requests and hands them to a Python
+/// `FrontendRequestHandler`.
+#[pyclass(module = "vhost._core", name = "FrontendChannel", frozen)]
+pub struct PyFrontendChannel {
+    inner: Mutex<Option<FrontendChannel>>,
+    fd: RawFd,
+}
+
+impl PyFrontendChannel {
+    pub fn new(ch: FrontendChannel) -> Self {
+        let fd = ch.socket().as_raw_fd();
+        PyFrontendChannel {
+            inner: Mutex::new(Some(ch)),
+            fd,
+        }
+    }
+}
+
+struct PyFrontendHandler {
+    obj: Py<PyAny>,
+    state: PyCallState,
+}
+
+fn tuple<'py>(
+    py: Python<'py>,
+    items: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    items.into_pyobject(py).map_err(Into::into)
+}
+
+impl FrontendReqHandler for PyFrontendHandler {
+    fn config_change(&mut self) -> Result<u64, Error> {
+        self.state
+            .call(&self.obj, "config_change", |py| tuple(py, ()), u64_or_zero)
+    }
+    fn vring_host_notifier(&mut self, area: &VringArea, fd: Option<OwnedFd>) -> Result<u64, Error> {
+        let (index, size, offset) = (area.index, area.size, area.offset);
+        self.state.call(
+            &self.obj,
+            "vring_host_notifier",
+            move |py| tuple(py, (index, size, offset, fd.map(FileDescriptor::new))),
+            u64_or_zero,
+        )
+    }
+    fn vring_call(&mut self, index: u32) -> Result<u64, Error> {
+        self.state.call(
+            &self.obj,
+            "vring_call",
+            |py| tuple(py, (index,)),
+            u64_or_zero,
+        )
+    }
+    fn vring_err(&mut self, index: u32) -> Result<u64, Error> {
+        self.state.call(
+            &self.obj,
+            "vring_err",
+            |py| tuple(py, (index,)),
+            u64_or_zero,
+        )
+    }
+    fn iotlb_msg(&mut self, m: &IotlbPayload) -> Result<u64, Error> {
+        let m = *m;
+        self.state.call(
+            &self.obj,
+            "iotlb_msg",
+            move |py| tuple(py, (m.iova, m.size, m.uaddr, m.perm, m.kind)),
+            u64_or_zero,
+        )
+    }
+    fn shared_object_add(&mut self, uuid: [u8; 16]) -> Result<u64, Error> {
+        self.state.call(
+            &self.obj,
+            "shared_object_add",
+            move |py| tuple(py, (PyBytes::new(py, &uuid),)),
+            u64_or_zero,
+        )
+    }
+    fn shared_object_remove(&mut self, uuid: [u8; 16]) -> Result<u64, Error> {
+        self.state.call(
+            &self.obj,
+            "shared_object_remove",
+            move |py| tuple(py, (PyBytes::new(py, &uuid),)),
+            u64_or_zero,
+        )
+    }
+    fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64, Error> {
+        self.state.call(
+            &self.obj,
+            "shared_object_lookup",
+            move |py| tuple(py, (PyBytes::new(py, &uuid),)),
+            u64_or_zero,
+        )
+    }
+    fn other(&mut self, request: BackendRequest) -> Result<u64, Error> {
+        let name = request.kind().name();
+        self.state.call(
+            &self.obj,
+            "unknown_request",
+            move |py| tuple(py, (name,)),
+            u64_or_zero,
+        )
+    }
+}
+
+#[pymethods]
+impl PyFrontendChannel {
+    fn fileno(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Waits for one back-end request and runs `handler` on it (answering with an ack
+    /// when asked). Re-raises the handler's exception after the NACK was sent.
+    fn process_one(&self, py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = guard.as_mut().ok_or_else(|| closed("FrontendChannel"))?;
+        let incoming = py.detach(|| ch.recv()).py_err()?;
+        let mut h = PyFrontendHandler {
+            obj: handler,
+            state: PyCallState::default(),
+        };
+        let result = ch.handle(incoming, &mut h);
+        if let Some(e) = h.state.error.take() {
+            return Err(e);
+        }
+        result.py_err()
+    }
+
+    #[getter]
+    fn broken(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|c| c.is_broken())
+    }
+
+    fn close(&self) {
+        if let Ok(mut g) = self.inner.try_lock() {
+            g.take();
+        } else {
+            // A thread is blocked in process_one: wake it; it drops the channel on return.
+            // SAFETY: shutdown on our own socket fd, which stays open until the drop.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+}
+
+/// Back-end side: sends requests to the front-end.
+#[pyclass(module = "vhost._core", name = "BackendChannel", frozen)]
+pub struct PyBackendChannel {
+    inner: Arc<BackendChannel>,
+}
+
+impl PyBackendChannel {
+    pub fn new(inner: Arc<BackendChannel>) -> Self {
+        PyBackendChannel { inner }
+    }
+
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&BackendChannel) -> vhost_core::user::Result<T> + Send,
+    ) -> PyResult<T> {
+        let inner = &*self.inner;
+        py.detach(|| f(inner)).py_err()
+    }
+}
+
+#[pymethods]
+impl PyBackendChannel {
+    fn config_change(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |c| c.config_change())
+    }
+    fn vring_call(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+        self.call(py, |c| c.vring_call(index))
+    }
+    fn vring_err(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+        self.call(py, |c| c.vring_err(index))
+    }
+    fn shared_object_add(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<()> {
+        self.call(py, |c| c.shared_object_add(uuid))
+    }
+    fn shared_object_remove(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<()> {
+        self.call(py, |c| c.shared_object_remove(uuid))
+    }
+    fn shared_object_lookup(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<u64> {
+        self.call(py, |c| c.shared_object_lookup(uuid))
+    }
+    fn iotlb_msg(
+        &self,
+        py: Python<'_>,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: u8,
+        kind: u8,
+    ) -> PyResult<()> {
+        let m = IotlbPayload {
+            iova,
+            size,
+            uaddr,
+            perm,
+            kind,
+        };
+        self.call(py, move |c| c.iotlb_msg(&m))
+    }
+    #[pyo3(signature = (index, size, offset, fd = None))]
+    fn vring_host_notifier(
+        &self,
+        py: Python<'_>,
+        index: u8,
+        size: u64,
+        offset: u64,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = fd.map(raw_fd_of).transpose()?;
+        self.call(py, move |c| {
+            c.vring_host_notifier(index, size, offset, fd.map(borrow))
+        })
+    }
+    #[pyo3(signature = (timeout))]
+    fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
+        let t = timeout.map(std::time::Duration::from_secs_f64);
+        self.inner.set_timeout(t).py_err()
+    }
+}

@@ -1,0 +1,93 @@
+//! The single conversion from core errors to Python exceptions. The exception classes
+//! belong to Python (`vhost.errors`), so their docs and hierarchy live in one place.
+
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use vhost_core::memory::MemoryError;
+use vhost_core::user::Error as UserError;
+
+fn raise<'py>(
+    py: Python<'py>,
+    class: &str,
+    args: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
+) -> PyErr {
+    let made = py
+        .import("vhost.errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1(args.into_pyobject(py).map_err(Into::<PyErr>::into)?));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
+pub fn user_error(err: UserError) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        match err {
+            UserError::Disconnected => raise(py, "DisconnectedError", (msg,)),
+            UserError::PartialMessage(_) => raise(py, "PartialMessageError", (msg,)),
+            UserError::InactiveFeature { request, feature } => {
+                raise(py, "InactiveFeatureError", (request, feature, msg))
+            }
+            UserError::NotSupported(_) => raise(py, "NotSupportedError", (msg,)),
+            UserError::Refused { request, status } => {
+                raise(py, "RequestRefusedError", (request, status, msg))
+            }
+            UserError::Timeout => raise(py, "VhostTimeoutError", (msg,)),
+            UserError::Closed => raise(py, "ClosedError", (msg,)),
+            UserError::Handler(_) => raise(py, "VhostError", (msg,)),
+            UserError::Memory(m) => memory_error(m),
+            UserError::Io(e) => os_error(py, e),
+            UserError::InvalidParam(_) => raise(py, "InvalidParamError", (msg,)),
+            _ => raise(py, "ProtocolError", (msg,)),
+        }
+    })
+}
+
+pub fn memory_error(err: MemoryError) -> PyErr {
+    Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(),)))
+}
+
+/// An OS error becomes `KernelError` (a subclass of both `VhostError` and `OSError`).
+pub fn os_error(py: Python<'_>, err: std::io::Error) -> PyErr {
+    let errno = err.raw_os_error().unwrap_or(libc::EIO);
+    raise(py, "KernelError", (errno, err.to_string()))
+}
+
+pub fn io_error(err: std::io::Error) -> PyErr {
+    Python::attach(|py| os_error(py, err))
+}
+
+pub fn invalid_param(msg: impl Into<String>) -> PyErr {
+    let msg = msg.into();
+    Python::attach(|py| raise(py, "InvalidParamError", (msg,)))
+}
+
+pub fn closed(what: &str) -> PyErr {
+    let msg = format!("{what} is closed");
+    Python::attach(|py| raise(py, "ClosedError", (msg,)))
+}
+
+/// Extension so call sites read `core_call().py_err()?`.
+pub trait IntoPyResult<T> {
+    fn py_err(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for Result<T, UserError> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(user_error)
+    }
+}
+
+impl<T> IntoPyResult<T> for Result<T, MemoryError> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(memory_error)
+    }
+}
+
+impl<T> IntoPyResult<T> for std::io::Result<T> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(io_error)
+    }
+}

@@ -1,0 +1,109 @@
+//! `EventFd`: kick, call and error notifications between the two sides.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, RwLock};
+
+use pyo3::prelude::*;
+use vhost_core::sys::eventfd::EventFd as CoreEventFd;
+
+use crate::errors::{closed, IntoPyResult};
+
+#[pyclass(module = "vhost._core", name = "EventFd", frozen)]
+pub struct PyEventFd {
+    inner: RwLock<Option<Arc<CoreEventFd>>>,
+}
+
+impl PyEventFd {
+    pub fn adopt(fd: OwnedFd) -> Self {
+        PyEventFd {
+            inner: RwLock::new(Some(Arc::new(CoreEventFd::from_fd(fd)))),
+        }
+    }
+
+    fn get(&self) -> PyResult<Arc<CoreEventFd>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| closed("EventFd"))
+    }
+}
+
+#[pymethods]
+impl PyEventFd {
+    #[new]
+    #[pyo3(signature = (nonblock = false))]
+    fn new(nonblock: bool) -> PyResult<Self> {
+        Ok(PyEventFd {
+            inner: RwLock::new(Some(Arc::new(CoreEventFd::new(nonblock).py_err()?))),
+        })
+    }
+
+    fn fileno(&self) -> PyResult<RawFd> {
+        Ok(self.get()?.as_raw_fd())
+    }
+
+    /// Adds `value` to the counter, waking a reader.
+    #[pyo3(signature = (value = 1))]
+    fn write(&self, py: Python<'_>, value: u64) -> PyResult<()> {
+        let efd = self.get()?;
+        py.detach(|| efd.write(value)).py_err()
+    }
+
+    /// Returns and clears the counter; blocks while it is zero unless non-blocking.
+    fn read(&self, py: Python<'_>) -> PyResult<u64> {
+        let efd = self.get()?;
+        py.detach(|| efd.read()).py_err()
+    }
+
+    /// Non-blocking read: None when nothing was signalled. Needs a non-blocking EventFd
+    /// or a prior `wait`.
+    fn try_read(&self) -> PyResult<Option<u64>> {
+        match self.get()?.read() {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e).py_err(),
+        }
+    }
+
+    /// Waits until signalled or `timeout` seconds pass; True when signalled.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let efd = self.get()?;
+        let ms = timeout.map_or(-1, |t| (t * 1000.0).clamp(0.0, i32::MAX as f64) as i32);
+        py.detach(|| vhost_core::sys::scm::poll_readable(std::os::fd::AsFd::as_fd(&*efd), ms))
+            .py_err()
+    }
+
+    fn close(&self) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        match self.get() {
+            Ok(e) => format!("<EventFd {}>", e.as_raw_fd()),
+            Err(_) => "<EventFd closed>".into(),
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! `Frontend` for Python: each method copies its inputs, releases the GIL, and calls the
+//! core. No protocol logic here.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use vhost_core::backend::VringAddrs;
+use vhost_core::memory::RegionInfo;
+use vhost_core::user::header::Header;
+use vhost_core::user::payload::{InflightDesc, IotlbPayload};
+use vhost_core::user::Frontend;
+
+use crate::channel::PyFrontendChannel;
+use crate::errors::{invalid_param, IntoPyResult};
+use crate::fd::{borrow, raw_fd_of, FileDescriptor};
+
+#[pyclass(module = "vhost._core", name = "Frontend", frozen)]
+pub struct PyFrontend {
+    inner: Arc<Frontend>,
+}
+
+impl PyFrontend {
+    pub fn from_core(inner: Frontend) -> Self {
+        PyFrontend {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Frontend) -> vhost_core::user::Result<T> + Send,
+    ) -> PyResult<T> {
+        let inner = &*self.inner;
+        py.detach(|| f(inner)).py_err()
+    }
+}
+
+fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
+    obj.map(raw_fd_of).transpose()
+}
+
+fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds
+        .map(|s| Duration::try_from_secs_f64(s).map_err(|_| invalid_param("timeout must be >= 0")))
+        .transpose()
+}
+
+#[pymethods]
+impl PyFrontend {
+    /// Client mode: connects to a back-end listening at `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, timeout = Some(10.0)))]
+    fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<Self> {
+        let t = timeout_of(timeout)?;
+        let fe = py
+            .detach(|| {
+                let fe = Frontend::connect(&path)?;
+                fe.set_timeout(t)?;
+                Ok::<_, vhost_core::user::Error>(fe)
+            })
+            .py_err()?;
+        Ok(Self::from_core(fe))
+    }
+
+    /// Adopts a connected socket (a duplicate of `sock`'s fd is taken).
+    #[staticmethod]
+    #[pyo3(signature = (sock, timeout = Some(10.0)))]
+    fn from_socket(sock: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<Self> {
+        let fd = crate::fd::dup_of(sock)?;
+        let fe = Frontend::new(std::os::unix::net::UnixStream::from(fd)).py_err()?;
+        fe.set_timeout(timeout_of(timeout)?).py_err()?;
+        Ok(Self::from_core(fe))
+    }
+
+    #[pyo3(signature = (timeout))]
+    fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
+        self.inner.set_timeout(timeout_of(timeout)?).py_err()
+    }
+
+    fn fileno(&self) -> RawFd {
+        self.inner.socket_fd()
+    }
+
+    #[getter]
+    fn broken(&self) -> bool {
+        self.inner.is_broken()
+    }
+
+    #[getter]
+    fn acked_features(&self) -> u64 {
+        self.inner.acked_features()
+    }
+
+    #[getter]
+    fn acked_protocol_features(&self) -> u64 {
+        self.inner.acked_protocol_features()
+    }
+
+    fn get_features(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |f| f.get_features())
+    }
+
+    fn set_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+        self.call(py, |f| f.set_features(features))
+    }
+
+    fn set_owner(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.set_owner())
+    }
+
+    fn reset_owner(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.reset_owner())
+    }
+
+    /// `regions`: (guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd) tuples.
+    fn set_mem_table(
+        &self,
+        py: Python<'_>,
+        regions: Vec<(u64, u64, u64, u64, Bound<'_, PyAny>)>,
+    ) -> PyResult<()> {
+        let table = region_list(&regions)?;
+        self.call(py, move |f| {
+            let borrowed: Vec<_> = table.iter().map(|(i, fd)| (*i, borrow(*fd))).collect();
+            f.set_mem_table(&borrowed)
+        })
+    }
+
+    fn add_mem_region(
+        &self,
+        py: Python<'_>,
+        region: (u64, u64, u64, u64, Bound<'_, PyAny>),
+    ) -> PyResult<()> {
+        let (info, fd) = region_list(std::slice::from_ref(&region))?.remove(0);
+        self.call(py, move |f| f.add_mem_region(&info, borrow(fd)))
+    }
+
+    fn remove_mem_region(
+        &self,
+        py: Python<'_>,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+        mmap_offset: u64,
+    ) -> PyResult<()> {
+        let info = RegionInfo {
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            mmap_offset,
+        };
+        self.call(py, move |f| f.remove_mem_region(&info))
+    }
+
+    fn set_log_base(
+        &self,
+        py: Python<'_>,
+        mmap_size: u64,
+        mmap_offset: u64,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let fd = raw_fd_of(fd)?;
+        self.call(py, move |f| {
+            f.set_log_base(mmap_size, mmap_offset, borrow(fd))
+        })
+    }
+
+    fn set_log_fd(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
+        let fd = raw_fd_of(fd)?;
+        self.call(py, move |f| f.set_log_fd(borrow(fd)))
+    }
+
+    fn set_vring_num(&self, py: Python<'_>, index: u32, num: u32) -> PyResult<()> {
+        self.call(py, |f| f.set_vring_num(index, num))
+    }
+
+    #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
+    fn set_vring_addr(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+        flags: u32,
+        log: u64,
+    ) -> PyResult<()> {
+        let addrs = VringAddrs {
+            index,
+            flags,
+            desc,
+            used,
+            avail,
+            log,
+        };
+        self.call(py, move |f| f.set_vring_addr(&addrs))
+    }
+
+    fn set_vring_base(&self, py: Python<'_>, index: u32, base: u32) -> PyResult<()> {
+        self.call(py, |f| f.set_vring_base(index, base))
+    }
+
+    fn get_vring_base(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+        self.call(py, |f| f.get_vring_base(index))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_kick(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |f| f.set_vring_kick(index, fd.map(borrow)))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_call(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |f| f.set_vring_call(index, fd.map(borrow)))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_err(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |f| f.set_vring_err(index, fd.map(borrow)))
+    }
+
+    fn get_protocol_features(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |f| f.get_protocol_features())
+    }
+
+    fn set_protocol_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+        self.call(py, |f| f.set_protocol_features(features))
+    }
+
+    fn get_queue_num(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |f| f.get_queue_num())
+    }
+
+    fn set_vring_enable(&self, py: Python<'_>, index: u32, enable: bool) -> PyResult<()> {
+        self.call(py, |f| f.set_vring_enable(index, enable))
+    }
+
+    fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
+        self.call(py, |f| f.set_vring_endian(index, big_endian))
+    }
+
+    fn vring_kick(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+        self.call(py, |f| f.vring_kick(index))
+    }
+
+    #[pyo3(signature = (offset, size, flags = 0))]
+    fn get_config<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u32,
+        size: u32,
+        flags: u32,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.call(py, |f| f.get_config(offset, size, flags))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    #[pyo3(signature = (offset, data, flags = 0))]
+    fn set_config(&self, py: Python<'_>, offset: u32, data: Vec<u8>, flags: u32) -> PyResult<()> {
+        self.call(py, move |f| f.set_config(offset, &data, flags))
+    }
+
+    /// Creates the back-end request channel and returns our end of it.
+    fn set_backend_req_fd(&self, py: Python<'_>) -> PyResult<PyFrontendChannel> {
+        let ch = self.call(py, |f| f.set_backend_req_fd())?;
+        Ok(PyFrontendChannel::new(ch))
+    }
+
+    /// Returns (mmap_size, mmap_offset, num_queues, queue_size, fd).
+    fn get_inflight_fd(
+        &self,
+        py: Python<'_>,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> PyResult<(u64, u64, u16, u16, FileDescriptor)> {
+        let (d, fd) = self.call(py, |f| f.get_inflight_fd(num_queues, queue_size))?;
+        Ok((
+            d.mmap_size,
+            d.mmap_offset,
+            d.num_queues,
+            d.queue_size,
+            FileDescriptor::new(fd),
+        ))
+    }
+
+    fn set_inflight_fd(
+        &self,
+        py: Python<'_>,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let fd = raw_fd_of(fd)?;
+        let desc = InflightDesc {
+            mmap_size,
+            mmap_offset,
+            num_queues,
+            queue_size,
+        };
+        self.call(py, move |f| f.set_inflight_fd(&desc, borrow(fd)))
+    }
+
+    fn get_max_mem_slots(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |f| f.get_max_mem_slots())
+    }
+
+    fn reset_device(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.reset_device())
+    }
+
+    fn set_status(&self, py: Python<'_>, status: u8) -> PyResult<()> {
+        self.call(py, |f| f.set_status(status))
+    }
+
+    fn get_status(&self, py: Python<'_>) -> PyResult<u8> {
+        self.call(py, |f| f.get_status())
+    }
+
+    fn net_set_mtu(&self, py: Python<'_>, mtu: u64) -> PyResult<()> {
+        self.call(py, |f| f.net_set_mtu(mtu))
+    }
+
+    fn send_rarp(&self, py: Python<'_>, mac: [u8; 6]) -> PyResult<()> {
+        self.call(py, |f| f.send_rarp(mac))
+    }
+
+    fn gpu_set_socket(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
+        let fd = raw_fd_of(fd)?;
+        self.call(py, move |f| f.gpu_set_socket(borrow(fd)))
+    }
+
+    fn iotlb_msg(
+        &self,
+        py: Python<'_>,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: u8,
+        kind: u8,
+    ) -> PyResult<()> {
+        let msg = IotlbPayload {
+            iova,
+            size,
+            uaddr,
+            perm,
+            kind,
+        };
+        self.call(py, move |f| f.iotlb_msg(&msg))
+    }
+
+    fn get_shared_object(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<FileDescriptor> {
+        Ok(FileDescriptor::new(
+            self.call(py, |f| f.get_shared_object(uuid))?,
+        ))
+    }
+
+    fn set_device_state_fd(
+        &self,
+        py: Python<'_>,
+        direction: u32,
+        phase: u32,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<FileDescriptor>> {
+        let fd = raw_fd_of(fd)?;
+        let ours = self.call(py, move |f| {
+            f.set_device_state_fd(direction, phase, borrow(fd))
+        })?;
+        Ok(ours.map(FileDescriptor::new))
+    }
+
+    fn check_device_state(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.check_device_state())
+    }
+
+    fn postcopy_advise(&self, py: Python<'_>) -> PyResult<FileDescriptor> {
+        Ok(FileDescriptor::new(self.call(py, |f| f.postcopy_advise())?))
+    }
+
+    fn postcopy_listen(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.postcopy_listen())
+    }
+
+    fn postcopy_end(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |f| f.postcopy_end())
+    }
+
+    fn create_crypto_session<'py>(
+        &self,
+        py: Python<'py>,
+        params: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.call(py, move |f| f.create_crypto_session(&params))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    fn close_crypto_session(&self, py: Python<'_>, session_id: u64) -> PyResult<()> {
+        self.call(py, |f| f.close_crypto_session(session_id))
+    }
+
+    /// Sends a raw header and body (possibly malformed) with optional fds, for robustness
+    /// testing; returns (code, flags, body, fds) of a reply when `expect_reply`.
+    #[pyo3(signature = (code, flags, body, fds = Vec::new(), size = None, expect_reply = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn send_raw(
+        &self,
+        py: Python<'_>,
+        code: u32,
+        flags: u32,
+        body: Vec<u8>,
+        fds: Vec<Bound<'_, PyAny>>,
+        size: Option<u32>,
+        expect_reply: bool,
+    ) -> PyResult<Option<(u32, u32, Py<PyBytes>, Vec<FileDescriptor>)>> {
+        let raw: Vec<RawFd> = fds.iter().map(raw_fd_of).collect::<PyResult<_>>()?;
+        let header = Header {
+            code,
+            flags,
+            size: size.unwrap_or(body.len() as u32),
+        };
+        let reply = self.call(py, move |f| {
+            let borrowed: Vec<_> = raw.iter().map(|fd| borrow(*fd)).collect();
+            f.send_raw(header, &body, &borrowed, expect_reply)
+        })?;
+        Ok(reply.map(|(h, b, fds)| {
+            (
+                h.code,
+                h.flags,
+                PyBytes::new(py, &b).unbind(),
+                fds.into_iter().map(FileDescriptor::new).collect(),
+            )
+        }))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Frontend fd={}>", self.inner.socket_fd().as_raw_fd())
+    }
+}
+
+type RegionArg<'py> = (u64, u64, u64, u64, Bound<'py, PyAny>);
+
+fn region_list(regions: &[RegionArg<'_>]) -> PyResult<Vec<(RegionInfo, RawFd)>> {
+    regions
+        .iter()
+        .map(|(gpa, size, uaddr, off, fd)| {
+            Ok((
+                RegionInfo {
+                    guest_phys_addr: *gpa,
+                    memory_size: *size,
+                    userspace_addr: *uaddr,
+                    mmap_offset: *off,
+                },
+                raw_fd_of(fd)?,
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,59 @@
+//! Calling Python handler methods from the core's handler traits. A Python exception is
+//! kept (to re-raise to whoever drives the loop) and reported to the core as a handler
+//! error, which the core answers with a NACK or a closed connection.
+
+use pyo3::prelude::*;
+use vhost_core::user::Error;
+
+/// Remembers the first Python exception raised during one request.
+#[derive(Default)]
+pub struct PyCallState {
+    pub error: Option<PyErr>,
+}
+
+impl PyCallState {
+    /// Calls `obj.name(*args)` and converts the result with `convert`.
+    pub fn call<T>(
+        &mut self,
+        obj: &Py<PyAny>,
+        name: &'static str,
+        args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>>,
+        convert: impl for<'py> FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
+    ) -> Result<T, Error> {
+        Python::attach(|py| {
+            let result = args(py)
+                .and_then(|a| obj.bind(py).call_method1(name, a))
+                .and_then(|r| convert(&r));
+            result.map_err(|e| {
+                let msg = format!("{name}: {e}");
+                let not_supported = py
+                    .import("vhost.errors")
+                    .and_then(|m| m.getattr("NotSupportedError"))
+                    .map(|cls| e.is_instance(py, &cls))
+                    .unwrap_or(false);
+                if self.error.is_none() {
+                    self.error = Some(e);
+                }
+                if not_supported {
+                    Error::NotSupported(name)
+                } else {
+                    Error::Handler(msg)
+                }
+            })
+        })
+    }
+}
+
+/// `()` from any return value (handlers may return None).
+pub fn unit(_: &Bound<'_, PyAny>) -> PyResult<()> {
+    Ok(())
+}
+
+/// A u64 answer where None means 0.
+pub fn u64_or_zero(v: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if v.is_none() {
+        Ok(0)
+    } else {
+        v.extract()
+    }
+}

@@ -1,0 +1,309 @@
+//! The back-end request channel (SET_BACKEND_REQ_FD): a second socket on which the
+//! back-end sends requests to the front-end (the seed's `Slave`/`SlaveFsCacheReq` on the
+//! sending side, `MasterReqHandler` on the receiving side).
+//!
+//! A protocol error on this channel closes only the channel; the main connection is a
+//! different socket and is untouched (H5).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::codes::{protocol_features as pf, BackendReq};
+use super::connection::Connection;
+use super::header::Header;
+use super::message::BackendRequest;
+use super::payload::{IotlbPayload, SharedObjectUuid, U64Payload, VringArea, VringState};
+use super::{Error, Result};
+
+/// Which protocol feature a back-end request needs before a front-end accepts it (H1).
+fn required_feature(code: BackendReq) -> Option<(u64, &'static str)> {
+    match code {
+        BackendReq::ConfigChangeMsg => Some((pf::CONFIG, "CONFIG")),
+        BackendReq::VringHostNotifierMsg => Some((pf::HOST_NOTIFIER, "HOST_NOTIFIER")),
+        BackendReq::VringCall | BackendReq::VringErr => {
+            Some((pf::INBAND_NOTIFICATIONS, "INBAND_NOTIFICATIONS"))
+        }
+        BackendReq::SharedObjectAdd
+        | BackendReq::SharedObjectRemove
+        | BackendReq::SharedObjectLookup => Some((pf::SHARED_OBJECT, "SHARED_OBJECT")),
+        _ => code
+            .required_protocol_feature()
+            .map(|bit| (bit, pf::name(bit).unwrap_or("?"))),
+    }
+}
+
+/// The back-end's sending end.
+#[derive(Debug)]
+pub struct BackendChannel {
+    conn: Mutex<Connection>,
+    acked_protocol: u64,
+}
+
+impl BackendChannel {
+    pub fn new(sock: UnixStream, acked_protocol: u64) -> Self {
+        let conn = Connection::new(sock);
+        // A front-end that never answers must not wedge a device thread forever.
+        let _ = conn.set_timeout(Some(Duration::from_secs(10)));
+        BackendChannel {
+            conn: Mutex::new(conn),
+            acked_protocol,
+        }
+    }
+
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.lock().set_timeout(timeout)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        match self.conn.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                let mut g = p.into_inner();
+                g.poison();
+                g
+            }
+        }
+    }
+
+    /// Sends `request`; with REPLY_ACK negotiated (or when the request has a reply of its
+    /// own) waits for the front-end's u64 answer and returns it.
+    pub fn send(&self, request: &BackendRequest, fds: &[BorrowedFd<'_>]) -> Result<u64> {
+        let code = request.kind();
+        if let Some((bit, name)) = required_feature(code) {
+            if self.acked_protocol & bit == 0 {
+                return Err(Error::InactiveFeature {
+                    request: code.name(),
+                    feature: name,
+                });
+            }
+        }
+        let inherent = code == BackendReq::SharedObjectLookup;
+        let want_reply = inherent || self.acked_protocol & pf::REPLY_ACK != 0;
+        let body = request.encode_body();
+        let header = Header::request(code.code(), body.len() as u32, want_reply);
+        let mut conn = self.lock();
+        conn.send(&header, &body, fds)?;
+        if !want_reply {
+            return Ok(0);
+        }
+        let msg = conn.recv(|h| h.check_reply_to(code.code()))?;
+        if !msg.fds.is_empty() {
+            conn.poison();
+            return Err(Error::FdCount {
+                request: code.name(),
+                expected: "0 in the reply",
+                got: msg.fds.len(),
+            });
+        }
+        let status = U64Payload::from_bytes(&msg.body)
+            .inspect_err(|_| conn.poison())?
+            .0;
+        if status != 0 && !inherent {
+            return Err(Error::Refused {
+                request: code.name(),
+                status,
+            });
+        }
+        Ok(status)
+    }
+
+    pub fn config_change(&self) -> Result<()> {
+        self.send(&BackendRequest::ConfigChange, &[]).map(|_| ())
+    }
+
+    pub fn vring_call(&self, index: u32) -> Result<()> {
+        self.send(
+            &BackendRequest::VringCall(VringState { index, num: 0 }),
+            &[],
+        )
+        .map(|_| ())
+    }
+
+    pub fn vring_err(&self, index: u32) -> Result<()> {
+        self.send(&BackendRequest::VringErr(VringState { index, num: 0 }), &[])
+            .map(|_| ())
+    }
+
+    pub fn shared_object_add(&self, uuid: [u8; 16]) -> Result<()> {
+        self.send(
+            &BackendRequest::SharedObjectAdd(SharedObjectUuid(uuid)),
+            &[],
+        )
+        .map(|_| ())
+    }
+
+    pub fn shared_object_remove(&self, uuid: [u8; 16]) -> Result<()> {
+        self.send(
+            &BackendRequest::SharedObjectRemove(SharedObjectUuid(uuid)),
+            &[],
+        )
+        .map(|_| ())
+    }
+
+    /// Returns the front-end's answer: 0 when it found the object.
+    pub fn shared_object_lookup(&self, uuid: [u8; 16]) -> Result<u64> {
+        self.send(
+            &BackendRequest::SharedObjectLookup(SharedObjectUuid(uuid)),
+            &[],
+        )
+    }
+
+    pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
+        self.send(&BackendRequest::IotlbMsg(*msg), &[]).map(|_| ())
+    }
+
+    /// Hands the front-end an area of `fd` to map as the notifier of ring `index`, or
+    /// withdraws it (`fd` None).
+    pub fn vring_host_notifier(
+        &self,
+        index: u8,
+        size: u64,
+        offset: u64,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<()> {
+        let area = VringArea {
+            index,
+            nofd: fd.is_none(),
+            size,
+            offset,
+        };
+        let fds: Vec<_> = fd.into_iter().collect();
+        self.send(&BackendRequest::VringHostNotifier { area, fd: None }, &fds)
+            .map(|_| ())
+    }
+}
+
+/// One method per back-end request; defaults refuse (the front-end answers a NACK).
+#[allow(unused_variables)]
+pub trait FrontendReqHandler {
+    fn config_change(&mut self) -> Result<u64> {
+        Err(Error::NotSupported("CONFIG_CHANGE_MSG"))
+    }
+    fn vring_host_notifier(&mut self, area: &VringArea, fd: Option<OwnedFd>) -> Result<u64> {
+        Err(Error::NotSupported("VRING_HOST_NOTIFIER_MSG"))
+    }
+    fn vring_call(&mut self, index: u32) -> Result<u64> {
+        Err(Error::NotSupported("VRING_CALL"))
+    }
+    fn vring_err(&mut self, index: u32) -> Result<u64> {
+        Err(Error::NotSupported("VRING_ERR"))
+    }
+    fn iotlb_msg(&mut self, msg: &IotlbPayload) -> Result<u64> {
+        Err(Error::NotSupported("IOTLB_MSG"))
+    }
+    fn shared_object_add(&mut self, uuid: [u8; 16]) -> Result<u64> {
+        Err(Error::NotSupported("SHARED_OBJECT_ADD"))
+    }
+    fn shared_object_remove(&mut self, uuid: [u8; 16]) -> Result<u64> {
+        Err(Error::NotSupported("SHARED_OBJECT_REMOVE"))
+    }
+    fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64> {
+        Err(Error::NotSupported("SHARED_OBJECT_LOOKUP"))
+    }
+    /// Any request the enum grows later (e.g. SHMEM_MAP/UNMAP): refused by default.
+    fn other(&mut self, request: BackendRequest) -> Result<u64> {
+        Err(Error::NotSupported(request.kind().name()))
+    }
+}
+
+/// The front-end's receiving end of the channel.
+#[derive(Debug)]
+pub struct FrontendChannel {
+    conn: Connection,
+    acked_protocol: u64,
+}
+
+/// A received back-end request, validated, with the header needed to answer it.
+#[derive(Debug)]
+pub struct ChannelIncoming {
+    pub header: Header,
+    pub request: BackendRequest,
+}
+
+impl FrontendChannel {
+    pub fn new(sock: UnixStream, acked_protocol: u64) -> Self {
+        FrontendChannel {
+            conn: Connection::new(sock),
+            acked_protocol,
+        }
+    }
+
+    pub fn socket(&self) -> &UnixStream {
+        self.conn.socket()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.conn.is_broken()
+    }
+
+    /// Blocks for the next back-end request and validates it (H1, H2).
+    pub fn recv(&mut self) -> Result<ChannelIncoming> {
+        let msg = self.conn.recv(Header::check_request)?;
+        let code = BackendReq::from_code(msg.header.code).ok_or_else(|| {
+            self.conn.poison();
+            Error::UnknownRequest(msg.header.code)
+        })?;
+        if let Some((bit, name)) = required_feature(code) {
+            if self.acked_protocol & bit == 0 {
+                self.conn.poison();
+                return Err(Error::InactiveFeature {
+                    request: code.name(),
+                    feature: name,
+                });
+            }
+        }
+        let request =
+            BackendRequest::decode(code, &msg.body, msg.fds).inspect_err(|_| self.conn.poison())?;
+        Ok(ChannelIncoming {
+            header: msg.header,
+            request,
+        })
+    }
+
+    /// Runs the handler and answers when the back-end asked for an answer. A refused
+    /// request is NACKed (status 1) and reported; the channel stays usable.
+    pub fn handle(
+        &mut self,
+        incoming: ChannelIncoming,
+        handler: &mut dyn FrontendReqHandler,
+    ) -> Result<()> {
+        use BackendRequest as R;
+        let ChannelIncoming { header, request } = incoming;
+        let result = match request {
+            R::ConfigChange => handler.config_change(),
+            R::VringHostNotifier { area, fd } => handler.vring_host_notifier(&area, fd),
+            R::VringCall(s) => handler.vring_call(s.index),
+            R::VringErr(s) => handler.vring_err(s.index),
+            R::IotlbMsg(m) => handler.iotlb_msg(&m),
+            R::SharedObjectAdd(u) => handler.shared_object_add(u.0),
+            R::SharedObjectRemove(u) => handler.shared_object_remove(u.0),
+            R::SharedObjectLookup(u) => handler.shared_object_lookup(u.0),
+            #[allow(unreachable_patterns)]
+            other => handler.other(other),
+        };
+        if header.needs_reply() {
+            let status = match &result {
+                Ok(v) => *v,
+                Err(_) => 1,
+            };
+            let body = U64Payload(status).to_bytes();
+            self.conn
+                .send(&header.reply_to(body.len() as u32), &body, &[])?;
+        }
+        result.map(|_| ())
+    }
+
+    /// recv + handle.
+    pub fn handle_one(&mut self, handler: &mut dyn FrontendReqHandler) -> Result<()> {
+        let incoming = self.recv()?;
+        self.handle(incoming, handler)
+    }
+}
+
+impl AsFd for FrontendChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.socket().as_fd()
+    }
+}

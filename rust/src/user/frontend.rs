@@ -1,0 +1,620 @@
+//! The front-end: the side that owns the guest memory and the virtqueues and shares them
+//! with a back-end (the seed's `Master`).
+//!
+//! Every call is one request; the negotiated state it needs (virtio features, protocol
+//! features) is tracked here so that a request gated on a feature that was not negotiated
+//! fails locally with `InactiveFeature` instead of confusing the peer. With REPLY_ACK
+//! negotiated, every request without a reply of its own asks for an ack and waits for it.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::channel::FrontendChannel;
+use super::codes::{protocol_features as pf, FrontendReq, VHOST_USER_F_PROTOCOL_FEATURES};
+use super::connection::{Connection, Message};
+use super::header::Header;
+use super::message::{has_reply, reply_allows_fd};
+use super::payload::{
+    ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion, MemTable,
+    SharedObjectUuid, SingleMemRegion, U64Payload, VringAddrPayload, VringFdPayload, VringState,
+};
+use super::{Error, Result};
+use crate::backend::VringAddrs;
+use crate::memory::RegionInfo;
+
+/// How long a front-end waits for a reply unless told otherwise (J3).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Negotiated {
+    /// What the back-end offered in GET_FEATURES (None until asked).
+    offered_features: Option<u64>,
+    acked_features: u64,
+    /// What the back-end offered in GET_PROTOCOL_FEATURES.
+    offered_protocol: Option<u64>,
+    acked_protocol: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    conn: Connection,
+    neg: Negotiated,
+}
+
+/// A reply with its fds (most replies carry none).
+#[derive(Debug)]
+pub struct Reply {
+    pub body: Vec<u8>,
+    pub fd: Option<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub struct Frontend {
+    state: Mutex<State>,
+}
+
+impl Frontend {
+    pub fn new(sock: UnixStream) -> Result<Self> {
+        let conn = Connection::new(sock);
+        conn.set_timeout(Some(DEFAULT_TIMEOUT))?;
+        Ok(Frontend {
+            state: Mutex::new(State {
+                conn,
+                neg: Negotiated::default(),
+            }),
+        })
+    }
+
+    /// Client mode: the back-end listens at `path`.
+    pub fn connect(path: &Path) -> Result<Self> {
+        Self::new(UnixStream::connect(path)?)
+    }
+
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.lock().conn.set_timeout(timeout)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the stream in an unknown state; poison it
+        // rather than propagating a panic to every later caller (J7).
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                g.conn.poison();
+                g
+            }
+        }
+    }
+
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.lock().conn.socket().as_raw_fd()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.lock().conn.is_broken()
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.lock().neg.acked_features
+    }
+
+    pub fn acked_protocol_features(&self) -> u64 {
+        self.lock().neg.acked_protocol
+    }
+
+    // ---- the generic exchange -------------------------------------------------------
+
+    fn check_gate(neg: &Negotiated, req: FrontendReq) -> Result<()> {
+        if req == FrontendReq::GetProtocolFeatures || req == FrontendReq::SetProtocolFeatures {
+            let offered = neg.offered_features.unwrap_or(0);
+            if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                return Err(Error::InactiveFeature {
+                    request: req.name(),
+                    feature: "VHOST_USER_F_PROTOCOL_FEATURES",
+                });
+            }
+        }
+        if let Some(bit) = req.required_protocol_feature() {
+            if neg.acked_protocol & bit == 0 {
+                return Err(Error::InactiveFeature {
+                    request: req.name(),
+                    feature: pf::name(bit).unwrap_or("a protocol feature"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `req` and returns its reply if it has one; acks are consumed here.
+    fn exchange(
+        &self,
+        req: FrontendReq,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Option<Reply>> {
+        let mut st = self.lock();
+        Self::check_gate(&st.neg, req)?;
+        let inherent = has_reply(req);
+        let want_ack = !inherent && st.neg.acked_protocol & pf::REPLY_ACK != 0;
+        let header = Header::request(req.code(), body.len() as u32, want_ack);
+        st.conn.send(&header, body, fds)?;
+        if !inherent && !want_ack {
+            return Ok(None);
+        }
+        let msg = st.conn.recv(|h| h.check_reply_to(req.code()))?;
+        let Message { body, mut fds, .. } = msg;
+        if fds.len() > usize::from(inherent && reply_allows_fd(req)) {
+            st.conn.poison();
+            return Err(Error::FdCount {
+                request: req.name(),
+                expected: "at most the reply's own fd",
+                got: fds.len(),
+            });
+        }
+        if want_ack {
+            let status = U64Payload::from_bytes(&body)
+                .inspect_err(|_| st.conn.poison())?
+                .0;
+            return if status == 0 {
+                Ok(None)
+            } else {
+                Err(Error::Refused {
+                    request: req.name(),
+                    status,
+                })
+            };
+        }
+        Ok(Some(Reply {
+            body,
+            fd: fds.pop(),
+        }))
+    }
+
+    fn send_only(&self, req: FrontendReq, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.exchange(req, body, fds).map(|_| ())
+    }
+
+    fn reply(&self, req: FrontendReq, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<Reply> {
+        self.exchange(req, body, fds)?
+            .ok_or(Error::ReplyMismatch(format!(
+                "{} expects a reply",
+                req.name()
+            )))
+    }
+
+    /// Parses a reply with `parse`; a malformed reply poisons the connection.
+    fn parsed<T>(&self, body: &[u8], parse: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        parse(body).inspect_err(|_| self.lock().conn.poison())
+    }
+
+    fn get_u64(&self, req: FrontendReq) -> Result<u64> {
+        let r = self.reply(req, &[], &[])?;
+        self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))
+    }
+
+    fn set_u64(&self, req: FrontendReq, value: u64) -> Result<()> {
+        self.send_only(req, &U64Payload(value).to_bytes(), &[])
+    }
+
+    fn vring_state(&self, req: FrontendReq, index: u32, num: u32) -> Result<()> {
+        self.send_only(req, &VringState { index, num }.to_bytes(), &[])
+    }
+
+    fn vring_fd(&self, req: FrontendReq, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        let index = u8::try_from(index)
+            .map_err(|_| Error::InvalidParam(format!("vring index {index} exceeds 255")))?;
+        let payload = VringFdPayload {
+            index,
+            nofd: fd.is_none(),
+        };
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        self.send_only(req, &payload.to_bytes(), &fds)
+    }
+
+    // ---- the VhostBackend interface ---------------------------------------------------
+
+    pub fn get_features(&self) -> Result<u64> {
+        let features = self.get_u64(FrontendReq::GetFeatures)?;
+        self.lock().neg.offered_features = Some(features);
+        Ok(features)
+    }
+
+    pub fn set_features(&self, features: u64) -> Result<()> {
+        self.set_u64(FrontendReq::SetFeatures, features)?;
+        self.lock().neg.acked_features = features;
+        Ok(())
+    }
+
+    pub fn set_owner(&self) -> Result<()> {
+        self.send_only(FrontendReq::SetOwner, &[], &[])
+    }
+
+    pub fn reset_owner(&self) -> Result<()> {
+        self.send_only(FrontendReq::ResetOwner, &[], &[])
+    }
+
+    /// `regions` pairs each region with the fd that backs it.
+    pub fn set_mem_table(&self, regions: &[(RegionInfo, BorrowedFd<'_>)]) -> Result<()> {
+        let table = MemTable {
+            regions: regions.iter().map(|(info, _)| mem_region(info)).collect(),
+        };
+        let body = table.to_bytes();
+        // Validate locally with the same rules the back-end applies (C1, C2, C4).
+        MemTable::from_bytes(&body)?;
+        let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|(_, fd)| *fd).collect();
+        self.send_only(FrontendReq::SetMemTable, &body, &fds)
+    }
+
+    /// SET_LOG_BASE with the shared-memory log (LOG_SHMFD); the reply is an ack.
+    pub fn set_log_base(&self, mmap_size: u64, mmap_offset: u64, fd: BorrowedFd<'_>) -> Result<()> {
+        let body = LogDesc {
+            mmap_size,
+            mmap_offset,
+        }
+        .to_bytes();
+        self.reply(FrontendReq::SetLogBase, &body, &[fd])
+            .map(|_| ())
+    }
+
+    pub fn set_log_fd(&self, fd: BorrowedFd<'_>) -> Result<()> {
+        self.send_only(FrontendReq::SetLogFd, &[], &[fd])
+    }
+
+    pub fn set_vring_num(&self, index: u32, num: u32) -> Result<()> {
+        self.vring_state(FrontendReq::SetVringNum, index, num)
+    }
+
+    pub fn set_vring_addr(&self, addrs: &VringAddrs) -> Result<()> {
+        addrs.check().map_err(|e| Error::InvalidParam(e.into()))?;
+        let body = VringAddrPayload(*addrs).to_bytes();
+        self.send_only(FrontendReq::SetVringAddr, &body, &[])
+    }
+
+    pub fn set_vring_base(&self, index: u32, base: u32) -> Result<()> {
+        self.vring_state(FrontendReq::SetVringBase, index, base)
+    }
+
+    /// Stops the ring and returns its next available index.
+    pub fn get_vring_base(&self, index: u32) -> Result<u32> {
+        let body = VringState { index, num: 0 }.to_bytes();
+        let r = self.reply(FrontendReq::GetVringBase, &body, &[])?;
+        let state = self.parsed(&r.body, VringState::from_bytes)?;
+        if state.index != index {
+            self.lock().conn.poison();
+            return Err(Error::ReplyMismatch(format!(
+                "GET_VRING_BASE for ring {index} answered for ring {}",
+                state.index
+            )));
+        }
+        Ok(state.num)
+    }
+
+    pub fn set_vring_kick(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        self.vring_fd(FrontendReq::SetVringKick, index, fd)
+    }
+
+    pub fn set_vring_call(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        self.vring_fd(FrontendReq::SetVringCall, index, fd)
+    }
+
+    pub fn set_vring_err(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        self.vring_fd(FrontendReq::SetVringErr, index, fd)
+    }
+
+    // ---- beyond the base interface ------------------------------------------------------
+
+    pub fn get_protocol_features(&self) -> Result<u64> {
+        let features = self.get_u64(FrontendReq::GetProtocolFeatures)?;
+        self.lock().neg.offered_protocol = Some(features);
+        Ok(features)
+    }
+
+    /// Acks protocol features; bits the back-end never offered are refused locally.
+    pub fn set_protocol_features(&self, features: u64) -> Result<()> {
+        if let Some(offered) = self.lock().neg.offered_protocol {
+            if features & !offered != 0 {
+                return Err(Error::InvalidParam(format!(
+                    "protocol features {:#x} were not offered by the back-end",
+                    features & !offered
+                )));
+            }
+        }
+        self.set_u64(FrontendReq::SetProtocolFeatures, features)?;
+        self.lock().neg.acked_protocol = features;
+        Ok(())
+    }
+
+    pub fn get_queue_num(&self) -> Result<u64> {
+        self.get_u64(FrontendReq::GetQueueNum)
+    }
+
+    pub fn set_vring_enable(&self, index: u32, enable: bool) -> Result<()> {
+        self.vring_state(FrontendReq::SetVringEnable, index, u32::from(enable))
+    }
+
+    pub fn set_vring_endian(&self, index: u32, big_endian: bool) -> Result<()> {
+        self.vring_state(FrontendReq::SetVringEndian, index, u32::from(big_endian))
+    }
+
+    /// In-band kick (VRING_KICK), for back-ends without kick fds.
+    pub fn vring_kick(&self, index: u32) -> Result<()> {
+        self.vring_state(FrontendReq::VringKick, index, 0)
+    }
+
+    /// Reads `size` bytes of the device config space at `offset`.
+    pub fn get_config(&self, offset: u32, size: u32, flags: u32) -> Result<Vec<u8>> {
+        let request = ConfigPayload {
+            offset,
+            size,
+            flags,
+            data: vec![0; size as usize],
+        };
+        let body = request.to_bytes();
+        ConfigPayload::from_bytes(&body)?;
+        let r = self.reply(FrontendReq::GetConfig, &body, &[])?;
+        let reply = self.parsed(&r.body, ConfigPayload::from_bytes)?;
+        if reply.offset != offset || reply.size != size {
+            self.lock().conn.poison();
+            return Err(Error::ReplyMismatch(format!(
+                "GET_CONFIG asked for {size} bytes at {offset}, got {} at {}",
+                reply.size, reply.offset
+            )));
+        }
+        Ok(reply.data)
+    }
+
+    pub fn set_config(&self, offset: u32, data: &[u8], flags: u32) -> Result<()> {
+        let size = u32::try_from(data.len())
+            .map_err(|_| Error::InvalidParam("config data too large".into()))?;
+        let body = ConfigPayload {
+            offset,
+            size,
+            flags,
+            data: data.to_vec(),
+        }
+        .to_bytes();
+        ConfigPayload::from_bytes(&body)?;
+        self.send_only(FrontendReq::SetConfig, &body, &[])
+    }
+
+    /// Creates the back-end request channel: a socketpair whose far end goes to the
+    /// back-end; the near end is returned for the caller to serve.
+    pub fn set_backend_req_fd(&self) -> Result<FrontendChannel> {
+        let (near, far) = UnixStream::pair()?;
+        self.send_only(FrontendReq::SetBackendReqFd, &[], &[far.as_fd()])?;
+        let acked = self.acked_protocol_features();
+        Ok(FrontendChannel::new(near, acked))
+    }
+
+    pub fn get_inflight_fd(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(InflightDesc, OwnedFd)> {
+        let body = InflightDesc {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        }
+        .to_bytes();
+        let r = self.reply(FrontendReq::GetInflightFd, &body, &[])?;
+        let desc = self.parsed(&r.body, InflightDesc::from_bytes)?;
+        let fd = r.fd.ok_or_else(|| {
+            self.lock().conn.poison();
+            Error::FdCount {
+                request: "GET_INFLIGHT_FD",
+                expected: "1 in the reply",
+                got: 0,
+            }
+        })?;
+        Ok((desc, fd))
+    }
+
+    pub fn set_inflight_fd(&self, desc: &InflightDesc, fd: BorrowedFd<'_>) -> Result<()> {
+        self.send_only(FrontendReq::SetInflightFd, &desc.to_bytes(), &[fd])
+    }
+
+    pub fn get_max_mem_slots(&self) -> Result<u64> {
+        self.get_u64(FrontendReq::GetMaxMemSlots)
+    }
+
+    pub fn add_mem_region(&self, info: &RegionInfo, fd: BorrowedFd<'_>) -> Result<()> {
+        let body = SingleMemRegion {
+            region: mem_region(info),
+        }
+        .to_bytes();
+        SingleMemRegion::from_bytes(&body)?;
+        self.send_only(FrontendReq::AddMemReg, &body, &[fd])
+    }
+
+    pub fn remove_mem_region(&self, info: &RegionInfo) -> Result<()> {
+        let body = SingleMemRegion {
+            region: mem_region(info),
+        }
+        .to_bytes();
+        self.send_only(FrontendReq::RemMemReg, &body, &[])
+    }
+
+    pub fn reset_device(&self) -> Result<()> {
+        self.send_only(FrontendReq::ResetDevice, &[], &[])
+    }
+
+    pub fn set_status(&self, status: u8) -> Result<()> {
+        self.set_u64(FrontendReq::SetStatus, u64::from(status))
+    }
+
+    pub fn get_status(&self) -> Result<u8> {
+        let v = self.get_u64(FrontendReq::GetStatus)?;
+        u8::try_from(v).map_err(|_| {
+            self.lock().conn.poison();
+            Error::ReplyMismatch(format!("GET_STATUS returned {v:#x}, wider than a byte"))
+        })
+    }
+
+    pub fn net_set_mtu(&self, mtu: u64) -> Result<()> {
+        self.set_u64(FrontendReq::NetSetMtu, mtu)
+    }
+
+    pub fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
+        let mut word = [0u8; 8];
+        word[..6].copy_from_slice(&mac);
+        self.set_u64(FrontendReq::SendRarp, u64::from_ne_bytes(word))
+    }
+
+    pub fn gpu_set_socket(&self, fd: BorrowedFd<'_>) -> Result<()> {
+        self.send_only(FrontendReq::GpuSetSocket, &[], &[fd])
+    }
+
+    pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
+        let r = self.reply(FrontendReq::IotlbMsg, &msg.to_bytes(), &[])?;
+        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        if status != 0 {
+            return Err(Error::Refused {
+                request: "IOTLB_MSG",
+                status,
+            });
+        }
+        Ok(())
+    }
+
+    /// Asks the back-end for the dma-buf fd of a shared object.
+    pub fn get_shared_object(&self, uuid: [u8; 16]) -> Result<OwnedFd> {
+        let r = self.reply(
+            FrontendReq::GetSharedObject,
+            &SharedObjectUuid(uuid).to_bytes(),
+            &[],
+        )?;
+        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        if status != 0 {
+            return Err(Error::Refused {
+                request: "GET_SHARED_OBJECT",
+                status,
+            });
+        }
+        r.fd.ok_or(Error::FdCount {
+            request: "GET_SHARED_OBJECT",
+            expected: "1 in the reply",
+            got: 0,
+        })
+    }
+
+    /// Starts a device-state transfer; returns the back-end's own pipe end if it chose
+    /// to provide one instead of using ours.
+    pub fn set_device_state_fd(
+        &self,
+        direction: u32,
+        phase: u32,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Option<OwnedFd>> {
+        let body = DeviceStateTransfer { direction, phase }.to_bytes();
+        let r = self.reply(FrontendReq::SetDeviceStateFd, &body, &[fd])?;
+        let v = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        const NOFD: u64 = 1 << 8;
+        if v & 0xff != 0 {
+            return Err(Error::Refused {
+                request: "SET_DEVICE_STATE_FD",
+                status: v & 0xff,
+            });
+        }
+        match (v & NOFD != 0, r.fd) {
+            (true, None) => Ok(None),
+            (false, Some(fd)) => Ok(Some(fd)),
+            (nofd, fd) => {
+                self.lock().conn.poison();
+                Err(Error::FdCount {
+                    request: "SET_DEVICE_STATE_FD",
+                    expected: if nofd {
+                        "0 with NOFD"
+                    } else {
+                        "1 without NOFD"
+                    },
+                    got: usize::from(fd.is_some()),
+                })
+            }
+        }
+    }
+
+    pub fn check_device_state(&self) -> Result<()> {
+        let status = self.get_u64(FrontendReq::CheckDeviceState)?;
+        if status != 0 {
+            return Err(Error::Refused {
+                request: "CHECK_DEVICE_STATE",
+                status,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns the userfaultfd the back-end opened for postcopy.
+    pub fn postcopy_advise(&self) -> Result<OwnedFd> {
+        let r = self.reply(FrontendReq::PostcopyAdvise, &[], &[])?;
+        r.fd.ok_or(Error::FdCount {
+            request: "POSTCOPY_ADVISE",
+            expected: "1 in the reply",
+            got: 0,
+        })
+    }
+
+    pub fn postcopy_listen(&self) -> Result<()> {
+        self.send_only(FrontendReq::PostcopyListen, &[], &[])
+    }
+
+    pub fn postcopy_end(&self) -> Result<()> {
+        self.status_reply(FrontendReq::PostcopyEnd)
+    }
+
+    fn status_reply(&self, req: FrontendReq) -> Result<()> {
+        let status = self.get_u64(req)?;
+        if status != 0 {
+            return Err(Error::Refused {
+                request: req.name(),
+                status,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opaque session parameters in, opaque session description out.
+    pub fn create_crypto_session(&self, params: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .reply(FrontendReq::CreateCryptoSession, params, &[])?
+            .body)
+    }
+
+    pub fn close_crypto_session(&self, session_id: u64) -> Result<()> {
+        self.set_u64(FrontendReq::CloseCryptoSession, session_id)
+    }
+
+    /// Sends a raw, possibly malformed request: for test rigs probing a back-end's
+    /// robustness. Returns the raw reply if one arrives before the timeout.
+    pub fn send_raw(
+        &self,
+        header: Header,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+        expect_reply: bool,
+    ) -> Result<Option<(Header, Vec<u8>, Vec<OwnedFd>)>> {
+        let mut st = self.lock();
+        st.conn.send(&header, body, fds)?;
+        if !expect_reply {
+            return Ok(None);
+        }
+        let msg = st.conn.recv(|_| Ok(()))?;
+        Ok(Some((msg.header, msg.body, msg.fds)))
+    }
+}
+
+fn mem_region(info: &RegionInfo) -> MemRegion {
+    MemRegion {
+        guest_phys_addr: info.guest_phys_addr,
+        memory_size: info.memory_size,
+        userspace_addr: info.userspace_addr,
+        mmap_offset: info.mmap_offset,
+    }
+}
