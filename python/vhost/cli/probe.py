@@ -15,7 +15,12 @@ from ..virtio import BlkFeature, DeviceId, VirtioFeature
 
 #: Config-space sizes of the device types we decode.
 CONFIG_SIZES = {DeviceId.BLOCK: 60, DeviceId.NET: 12, DeviceId.FS: 44, DeviceId.VSOCK: 8}
-DEVICE_NAMES = {"blk": DeviceId.BLOCK, "net": DeviceId.NET, "fs": DeviceId.FS, "vsock": DeviceId.VSOCK}
+DEVICE_NAMES = {
+    "blk": DeviceId.BLOCK,
+    "net": DeviceId.NET,
+    "fs": DeviceId.FS,
+    "vsock": DeviceId.VSOCK,
+}
 
 _BLK_HINTS = (
     BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.TOPOLOGY

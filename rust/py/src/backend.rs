@@ -182,7 +182,7 @@ impl BackendHandler for PyBackendHandler {
             &self.obj,
             "get_config",
             move |py| t(py, (offset, size, flags)),
-            |v| Ok(pyo3::buffer::PyBuffer::<u8>::get(v)?.to_vec(v.py())?),
+            |v| pyo3::buffer::PyBuffer::<u8>::get(v)?.to_vec(v.py()),
         )
     }
     fn set_config(&mut self, offset: u32, data: &[u8], flags: u32) -> R<()> {
@@ -539,7 +539,10 @@ impl PyListener {
     }
 
     /// Server-mode front-end: waits for a back-end to connect.
-    #[pyo3(signature = (timeout = None, reply_timeout = Some(10.0)))]
+    #[pyo3(
+        signature = (timeout = None, reply_timeout = Some(10.0)),
+        text_signature = "($self, timeout=None, reply_timeout=10.0)"
+    )]
     fn accept_frontend(
         &self,
         py: Python<'_>,

@@ -147,7 +147,7 @@ impl PyFrontendChannel {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_none_or(|c| c.is_broken())
+            .map_or(true, |c| c.is_broken())
     }
 
     fn close(&self) {

@@ -18,6 +18,9 @@ use crate::channel::PyFrontendChannel;
 use crate::errors::{invalid_param, IntoPyResult};
 use crate::fd::{borrow, raw_fd_of, FileDescriptor};
 
+/// `send_raw`'s reply for Python: (code, flags, body, fds).
+type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
+
 #[pyclass(module = "vhost._core", name = "Frontend", frozen)]
 pub struct PyFrontend {
     inner: Arc<Frontend>,
@@ -54,7 +57,7 @@ fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
 impl PyFrontend {
     /// Client mode: connects to a back-end listening at `path`.
     #[staticmethod]
-    #[pyo3(signature = (path, timeout = Some(10.0)))]
+    #[pyo3(signature = (path, timeout = Some(10.0)), text_signature = "(path, timeout=10.0)")]
     fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<Self> {
         let t = timeout_of(timeout)?;
         let fe = py
@@ -69,7 +72,7 @@ impl PyFrontend {
 
     /// Adopts a connected socket (a duplicate of `sock`'s fd is taken).
     #[staticmethod]
-    #[pyo3(signature = (sock, timeout = Some(10.0)))]
+    #[pyo3(signature = (sock, timeout = Some(10.0)), text_signature = "(sock, timeout=10.0)")]
     fn from_socket(sock: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<Self> {
         let fd = crate::fd::dup_of(sock)?;
         let fe = Frontend::new(std::os::unix::net::UnixStream::from(fd)).py_err()?;
@@ -179,6 +182,7 @@ impl PyFrontend {
     }
 
     #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn set_vring_addr(
         &self,
         py: Python<'_>,
@@ -434,7 +438,7 @@ impl PyFrontend {
         fds: Vec<Bound<'_, PyAny>>,
         size: Option<u32>,
         expect_reply: bool,
-    ) -> PyResult<Option<(u32, u32, Py<PyBytes>, Vec<FileDescriptor>)>> {
+    ) -> PyResult<Option<RawReply>> {
         let raw: Vec<RawFd> = fds.iter().map(raw_fd_of).collect::<PyResult<_>>()?;
         let header = Header {
             code,

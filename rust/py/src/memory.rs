@@ -56,11 +56,7 @@ impl PyGuestMemory {
     }
 
     fn regions(&self) -> Vec<RegionTuple> {
-        self.snapshot()
-            .regions()
-            .iter()
-            .map(|r| region_tuple(r))
-            .collect()
+        self.snapshot().regions().iter().map(region_tuple).collect()
     }
 
     #[getter]

@@ -297,6 +297,16 @@ impl BackendSession {
                 reply: ack_reply(&header, 1),
                 error: Some(e),
             },
+            // Requests whose reply is a status can say "failed" themselves (the spec's
+            // "non-zero on failure"): answer that instead of closing the connection.
+            Err(e)
+                if !matches!(e, Error::Io(_) | Error::Closed) && status_reply(code).is_some() =>
+            {
+                Handled {
+                    reply: ack_reply(&header, status_reply(code).unwrap_or(1)),
+                    error: Some(e),
+                }
+            }
             Err(e) => {
                 self.conn.poison();
                 Handled {
@@ -739,6 +749,20 @@ impl BackendSession {
                 none
             }
         })
+    }
+}
+
+/// The failure status of requests whose reply is a u64 status (no fd on failure):
+/// SET_DEVICE_STATE_FD's reply also sets its NOFD bit (bit 8).
+fn status_reply(code: FrontendReq) -> Option<u64> {
+    match code {
+        FrontendReq::SetLogBase
+        | FrontendReq::IotlbMsg
+        | FrontendReq::CheckDeviceState
+        | FrontendReq::PostcopyEnd
+        | FrontendReq::GetSharedObject => Some(1),
+        FrontendReq::SetDeviceStateFd => Some(1 | 1 << 8),
+        _ => None,
     }
 }
 

@@ -25,6 +25,9 @@ use super::{Error, Result};
 use crate::backend::VringAddrs;
 use crate::memory::RegionInfo;
 
+/// A raw reply as [`Frontend::send_raw`] returns it: header, body and the fds it carried.
+pub type RawReply = (Header, Vec<u8>, Vec<OwnedFd>);
+
 /// How long a front-end waits for a reply unless told otherwise (J3).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -257,8 +260,16 @@ impl Frontend {
             mmap_offset,
         }
         .to_bytes();
-        self.reply(FrontendReq::SetLogBase, &body, &[fd])
-            .map(|_| ())
+        let r = self.reply(FrontendReq::SetLogBase, &body, &[fd])?;
+        // The reply is a u64 status: non-zero means the back-end could not map the log.
+        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        if status != 0 {
+            return Err(Error::Refused {
+                request: "SET_LOG_BASE",
+                status,
+            });
+        }
+        Ok(())
     }
 
     pub fn set_log_fd(&self, fd: BorrowedFd<'_>) -> Result<()> {
@@ -599,7 +610,7 @@ impl Frontend {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
         expect_reply: bool,
-    ) -> Result<Option<(Header, Vec<u8>, Vec<OwnedFd>)>> {
+    ) -> Result<Option<RawReply>> {
         let mut st = self.lock();
         st.conn.send(&header, body, fds)?;
         if !expect_reply {

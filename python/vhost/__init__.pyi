@@ -1,0 +1,62 @@
+"""Typed public surface of :mod:`vhost` (see ``__init__.py``; kept true by stubtest)."""
+
+from ._core import EventFd as EventFd
+from ._core import FileDescriptor as FileDescriptor
+from ._core import GuestMemory as GuestMemory
+from ._core import __version__ as __version__
+from .backend import EventFdLike as EventFdLike
+from .backend import VhostBackend as VhostBackend
+from .codes import BackendRequest as BackendRequest
+from .codes import FrontendRequest as FrontendRequest
+from .codes import ProtocolFeature as ProtocolFeature
+from .errors import ClosedError as ClosedError
+from .errors import DisconnectedError as DisconnectedError
+from .errors import InactiveFeatureError as InactiveFeatureError
+from .errors import InvalidMemoryError as InvalidMemoryError
+from .errors import InvalidParamError as InvalidParamError
+from .errors import InvalidQueueError as InvalidQueueError
+from .errors import KernelError as KernelError
+from .errors import NotSupportedError as NotSupportedError
+from .errors import PartialMessageError as PartialMessageError
+from .errors import ProtocolError as ProtocolError
+from .errors import RequestRefusedError as RequestRefusedError
+from .errors import VhostError as VhostError
+from .errors import VhostTimeoutError as VhostTimeoutError
+from .types import DirtyLogRegion as DirtyLogRegion
+from .types import IotlbAccess as IotlbAccess
+from .types import IotlbMessage as IotlbMessage
+from .types import IotlbType as IotlbType
+from .types import MemoryRegion as MemoryRegion
+from .types import VringConfig as VringConfig
+from .virtio import VirtioFeature as VirtioFeature
+
+__all__ = [
+    "BackendRequest",
+    "ClosedError",
+    "DirtyLogRegion",
+    "DisconnectedError",
+    "EventFd",
+    "EventFdLike",
+    "FileDescriptor",
+    "FrontendRequest",
+    "GuestMemory",
+    "InactiveFeatureError",
+    "InvalidMemoryError",
+    "InvalidParamError",
+    "InvalidQueueError",
+    "IotlbAccess",
+    "IotlbMessage",
+    "IotlbType",
+    "KernelError",
+    "MemoryRegion",
+    "NotSupportedError",
+    "PartialMessageError",
+    "ProtocolError",
+    "ProtocolFeature",
+    "RequestRefusedError",
+    "VhostBackend",
+    "VhostError",
+    "VhostTimeoutError",
+    "VirtioFeature",
+    "VringConfig",
+]
