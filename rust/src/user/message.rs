@@ -223,7 +223,30 @@ fn vring_fd_body(
 ) -> Result<(u8, Option<OwnedFd>)> {
     let p = VringFdPayload::from_bytes(body)?;
     let fd = fd_unless_nofd(name, p.nofd, fds)?;
+    if let Some(fd) = &fd {
+        check_pollable(name, fd)?;
+    }
     Ok((p.index, fd))
+}
+
+/// Kick, call and err fds are waited on (epoll, poll): a regular file, directory or block
+/// device would be refused by epoll (EPERM) or read as always-ready, so it is rejected
+/// here, before a handler or worker sees it (ADVERSARIAL B6).
+fn check_pollable(name: &'static str, fd: &OwnedFd) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into the buffer for a valid fd that we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let kind = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+    if matches!(kind, libc::S_IFREG | libc::S_IFDIR | libc::S_IFBLK) {
+        return Err(Error::InvalidParam(format!(
+            "{name}: the fd is a regular file, directory or block device, not an event fd"
+        )));
+    }
+    Ok(())
 }
 
 fn vring_fd_bytes(index: u8, fd: &Option<OwnedFd>) -> Vec<u8> {
