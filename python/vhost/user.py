@@ -20,12 +20,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, cast
 
 from . import _core
 from .backend import EventFdLike, VhostBackend
 from .codes import ProtocolFeature
-from .errors import InvalidParamError, NotSupportedError
+from .errors import ClosedError, InvalidParamError, NotSupportedError
 from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringConfig
 
 __all__ = [
@@ -97,6 +97,13 @@ class InflightInfo:
         )
 
 
+class _ClosedConnection:
+    """Stands in for a closed front-end's native connection: any use raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ClosedError("the vhost-user front-end connection is closed")
+
+
 class Frontend(VhostBackend):
     """A vhost-user front-end connection; every method is one request.
 
@@ -143,7 +150,7 @@ class Frontend(VhostBackend):
     @property
     def broken(self) -> bool:
         """True after a protocol or I/O error closed the connection for good."""
-        return self._native.broken
+        return self._closed or self._native.broken
 
     @property
     def acked_features(self) -> int:
@@ -154,17 +161,23 @@ class Frontend(VhostBackend):
         return ProtocolFeature(self._native.acked_protocol_features)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            # The socket closes when the native object is collected; shut it down now so
-            # the peer sees the disconnect at once.
-            try:
-                import socket  # noqa: PLC0415 - only needed on close
+        """Shuts the connection down and closes its socket; later calls raise
+        :class:`~vhost.errors.ClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        native, self._native = self._native, cast(_core.Frontend, _ClosedConnection())
+        # Shut the socket down first, so the peer sees the disconnect at once even if
+        # another thread still holds the native object; dropping our reference closes
+        # the fd.
+        try:
+            import socket  # noqa: PLC0415 - only needed on close
 
-                with socket.socket(fileno=os.dup(self._native.fileno())) as s:
-                    s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            with socket.socket(fileno=os.dup(native.fileno())) as s:
+                s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        del native
 
     # -- VhostBackend ------------------------------------------------------------------
 
@@ -345,6 +358,8 @@ class Frontend(VhostBackend):
         self._native.close_crypto_session(session_id)
 
     def __repr__(self) -> str:
+        if self._closed:
+            return "<vhost.user.Frontend closed>"
         return f"<vhost.user.Frontend fd={self._native.fileno()}>"
 
 
