@@ -11,7 +11,7 @@ from ..codes import ProtocolFeature
 from ..devices.config import decode_config
 from ..errors import VhostError
 from ..user import Frontend
-from ..virtio import BlkFeature, DeviceId, VirtioFeature
+from ..virtio import BlkFeature, DeviceId, FsFeature, NetFeature, VirtioFeature, VsockFeature
 
 #: Config-space sizes of the device types we decode.
 CONFIG_SIZES = {DeviceId.BLOCK: 60, DeviceId.NET: 12, DeviceId.FS: 44, DeviceId.VSOCK: 8}
@@ -22,9 +22,15 @@ DEVICE_NAMES = {
     "vsock": DeviceId.VSOCK,
 }
 
-_BLK_HINTS = (
-    BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.TOPOLOGY
-)
+#: Device-specific feature bits (below bit 24) of the device types we know.
+DEVICE_FEATURES: dict[DeviceId, Any] = {
+    DeviceId.BLOCK: BlkFeature,
+    DeviceId.NET: NetFeature,
+    DeviceId.FS: FsFeature,
+    DeviceId.VSOCK: VsockFeature,
+}
+
+_BLK_HINTS = BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.TOPOLOGY
 
 
 def guess_device(features: int) -> DeviceId | None:
@@ -59,6 +65,7 @@ def collect(socket_path: str, device: str | None = None, timeout: float = 5.0) -
             "device": None,
         }
         if not features & VirtioFeature.PROTOCOL_FEATURES:
+            _device(features, device, result)
             return result
         proto = fe.get_protocol_features()
         result["protocol_features"] = int(proto)
@@ -75,9 +82,7 @@ def collect(socket_path: str, device: str | None = None, timeout: float = 5.0) -
             result["queue_num"] = fe.get_queue_num()
         if wanted & ProtocolFeature.CONFIGURE_MEM_SLOTS:
             result["max_mem_slots"] = fe.get_max_mem_slots()
-        dev = DEVICE_NAMES[device] if device else guess_device(features)
-        if dev is not None:
-            result["device"] = dev.name.lower()
+        dev = _device(features, device, result)
         if wanted & ProtocolFeature.CONFIG and dev is not None:
             try:
                 data = fe.get_config(0, CONFIG_SIZES[dev])
@@ -89,7 +94,25 @@ def collect(socket_path: str, device: str | None = None, timeout: float = 5.0) -
         return result
 
 
-def _flag_names(flags: Any, value: int) -> list[str]:
+def _device(features: int, device: str | None, result: dict[str, Any]) -> DeviceId | None:
+    """The device type (given or guessed); names it and its feature bits in ``result``
+    with the same spelling ``--device`` takes."""
+    dev = DEVICE_NAMES[device] if device else guess_device(features)
+    if dev is not None:
+        result["device"] = next(k for k, v in DEVICE_NAMES.items() if v == dev)
+        result["feature_names"] = _flag_names(VirtioFeature, features, DEVICE_FEATURES[dev])
+    return dev
+
+
+def _flag_names(flags: Any, value: int, device_flags: Any = None) -> list[str]:
+    """Names of the bits set in ``value``; ``device_flags`` names the device-specific
+    bits, which ``flags`` (the transport bits) does not cover."""
+    if device_flags is not None:
+        device_mask = 0
+        for m in device_flags:
+            device_mask |= m.value
+        names = [m.name for m in device_flags if m.value & value and m.name]
+        return names + _flag_names(flags, value & ~device_mask)
     names = [m.name for m in flags if m.value & value and m.name]
     known = 0
     for m in flags:
