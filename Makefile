@@ -16,7 +16,8 @@ PYTEST      := $(VENV)/bin/pytest
 BENCH_DIR   := $(CURDIR)/target/bench
 ALLOWLIST   := python/vhost/stubtest-allowlist.txt
 PYTEST_ARGS ?= --timeout=600 --durations=10
-BENCH_N     ?= 100000
+BENCH_N     ?= 20000
+BENCH_BATCHES ?= 5
 
 # One interpreter for PyO3 everywhere, so maturin and cargo share build artifacts.
 export PYO3_PYTHON := $(PY)
@@ -58,17 +59,11 @@ test: setup lint rust-test typecheck pytest
 demo: setup
 	$(PY) -m vhost demo
 
-# Latency floor and pure-Python reference, pinned to one CPU and free.
-# See benches/README.md.
+# Round-trip latency, pinned to one CPU and free: our Frontend against our back-end and
+# qemu-storage-daemon, the pure-Python client, and the floor.c socketpair floor, all in
+# one run. See benches/README.md.
 bench: setup
-	mkdir -p $(BENCH_DIR)
-	cc -O2 -Wall -Wextra -o $(BENCH_DIR)/floor benches/floor.c
-	taskset -c 0 $(BENCH_DIR)/floor $(BENCH_N) 12 20
-	$(BENCH_DIR)/floor $(BENCH_N) 12 20
-	taskset -c 0 $(BENCH_DIR)/floor $(BENCH_N) 20 20
-	$(BENCH_DIR)/floor $(BENCH_N) 20 20
-	taskset -c 0 $(PY) benches/pyclient.py --spawn-qsd -n 20000
-	$(PY) benches/pyclient.py --spawn-qsd -n 20000
+	$(PY) benches/bench_roundtrip.py --n $(BENCH_N) --batches $(BENCH_BATCHES)
 
 wheel: tools
 	$(MATURIN) build --release
