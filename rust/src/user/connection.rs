@@ -53,9 +53,15 @@ impl Connection {
         self.broken
     }
 
-    /// Marks the stream unusable; later calls fail with `Error::Closed`.
+    /// Marks the stream unusable; later calls fail with `Error::Closed`. The socket is
+    /// shut down at once, so the peer sees the connection close now rather than whenever
+    /// the owner drops it, and a late reply can never be read as the answer to a later
+    /// request.
     pub fn poison(&mut self) {
-        self.broken = true;
+        if !self.broken {
+            self.broken = true;
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn ensure_usable(&self) -> Result<()> {
@@ -73,7 +79,7 @@ impl Connection {
         let head = header.to_bytes();
         let result = self.send_parts(&head, body, fds);
         if result.is_err() {
-            self.broken = true;
+            self.poison();
         }
         result
     }
@@ -102,7 +108,7 @@ impl Connection {
         self.ensure_usable()?;
         let result = self.recv_inner(check);
         if result.is_err() {
-            self.broken = true;
+            self.poison();
         }
         result
     }

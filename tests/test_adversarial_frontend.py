@@ -1,0 +1,477 @@
+"""A hostile back-end against our front-end (ADVERSARIAL rows H1, H2, H5, J3).
+
+The back-end here is a raw listening socket played by a script in a thread: it answers
+our `vhost.user.Frontend` wrongly (wrong code, missing REPLY bit, fds on a reply, a
+GET_CONFIG reply larger than asked, wrong body size), never, or only half, and abuses the
+back-end request channel. For each case we check the typed exception, that the broken
+connection is closed at once (the hostile side sees EOF before we close anything), that
+no fd leaks, and that the same listening socket then serves a well-behaved connection (a
+real `BackendSession` adopted on the next accepted socket).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import hostile
+from hostile import NEED_REPLY, REPLY, U64, VERSION, VRING_STATE
+from vhost import VhostError, _core
+from vhost.codes import BackendRequest as BReq
+from vhost.codes import FrontendRequest as Req
+from vhost.codes import ProtocolFeature as PF
+from vhost.errors import (
+    ClosedError,
+    DisconnectedError,
+    InactiveFeatureError,
+    PartialMessageError,
+    ProtocolError,
+    RequestRefusedError,
+    VhostTimeoutError,
+)
+from vhost.user import BackendHandler, Frontend, FrontendRequestHandler
+
+FEATURES = (1 << 32) | (1 << 30)
+OK_REPLY = VERSION | REPLY
+
+
+class GoodDevice(BackendHandler):
+    max_queues = 1
+
+    def get_features(self) -> int:
+        return FEATURES
+
+    def get_protocol_features(self) -> int:
+        return int(PF.REPLY_ACK)
+
+    def get_vring_base(self, index: int) -> int:
+        return 0
+
+
+Script = Callable[["HostileBackend", socket.socket], None]
+
+
+class HostileBackend:
+    """A raw listening socket: the first connection is played by `script`, the next one is
+    served by a real back-end session (the "second, well-behaved connection")."""
+
+    def __init__(self, path: Path, script: Script) -> None:
+        self.path = path
+        self.script = script
+        self.error: BaseException | None = None
+        self.good_outcome: BaseException | None = None
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(os.fspath(path))
+        self._sock.listen(2)
+        self._sock.settimeout(10.0)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def event(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(name, threading.Event())
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+            with conn:
+                conn.settimeout(10.0)
+                self.script(self, conn)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.event("hostile-done").set()
+        try:
+            conn, _ = self._sock.accept()
+            with conn:
+                session = _core.BackendSession.from_socket(conn)
+            session.serve(GoodDevice())
+        except BaseException as exc:
+            self.good_outcome = exc
+
+    def finish_hostile(self) -> None:
+        assert self.event("hostile-done").wait(10), "hostile script did not finish"
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+        self._sock.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def sock_path(tmp_sock_dir: Path) -> Path:
+    return tmp_sock_dir / "hostile-be.sock"
+
+
+def well_behaved(hb: HostileBackend) -> None:
+    fe = Frontend.connect(hb.path, timeout=5.0)
+    try:
+        assert fe.get_features() == FEATURES
+        fe.set_owner()
+    finally:
+        fe.close()
+        del fe
+    hb.close()
+    assert hb.good_outcome is None, hb.good_outcome
+
+
+def expect(conn: socket.socket, code: int) -> hostile.Received:
+    msg = hostile.recv_message(conn)
+    assert msg is not None, f"front-end closed instead of sending request {code}"
+    assert msg.code == code, (msg.code, code)
+    return msg
+
+
+def reply(conn: socket.socket, code: int, body: bytes, fds: list[int] | None = None) -> None:
+    hostile.send(conn, hostile.message(code, body, flags=OK_REPLY), fds or [])
+
+
+def play_negotiation(conn: socket.socket, proto: int) -> None:
+    """Answers Frontend.negotiate() honestly, offering protocol features `proto`."""
+    expect(conn, Req.GET_FEATURES)
+    reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+    expect(conn, Req.SET_OWNER)
+    expect(conn, Req.GET_PROTOCOL_FEATURES)
+    reply(conn, Req.GET_PROTOCOL_FEATURES, U64.pack(proto))
+    m = expect(conn, Req.SET_PROTOCOL_FEATURES)
+    assert m.u64 == proto
+    m = expect(conn, Req.SET_FEATURES)
+    if m.flags & NEED_REPLY:
+        reply(conn, Req.SET_FEATURES, U64.pack(0))
+
+
+def saw_eof(hb: HostileBackend, conn: socket.socket, name: str = "peer-eof") -> None:
+    """Records whether the front-end closed the connection on its own."""
+    if hostile.sees_eof(conn, 5.0):
+        hb.event(name).set()
+
+
+# -- one bad reply to one request -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadReply:
+    """The front-end calls `call`; the hostile side answers `request` with `data`."""
+
+    data: bytes
+    error: type[VhostError] = ProtocolError
+    request: int = Req.GET_FEATURES
+    proto: int | None = None  # negotiate first, offering these protocol features
+    fds: int = 0
+    close_after: bool = False
+
+
+def get_features(fe: Frontend) -> None:
+    fe.get_features()
+
+
+def get_config_4(fe: Frontend) -> None:
+    fe.get_config(0, 4)
+
+
+def set_vring_num(fe: Frontend) -> None:
+    fe.set_vring_num(0, 256)
+
+
+def get_vring_base_0(fe: Frontend) -> None:
+    fe.get_vring_base(0)
+
+
+CALLS: dict[int, Callable[[Frontend], None]] = {
+    Req.GET_FEATURES: get_features,
+    Req.GET_CONFIG: get_config_4,
+    Req.SET_VRING_NUM: set_vring_num,
+    Req.GET_VRING_BASE: get_vring_base_0,
+}
+
+CONFIG = int(PF.CONFIG | PF.REPLY_ACK)
+MSG = hostile.message
+GF = Req.GET_FEATURES
+BAD_REPLIES: dict[str, BadReply] = {
+    "H2-wrong-code": BadReply(MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY)),
+    "H2-reply-bit-missing": BadReply(MSG(GF, U64.pack(FEATURES), flags=VERSION)),
+    "H2-need-reply-on-reply": BadReply(MSG(GF, U64.pack(FEATURES), flags=OK_REPLY | NEED_REPLY)),
+    "H2-version-2": BadReply(MSG(GF, U64.pack(FEATURES), flags=2 | REPLY)),
+    "H2-reserved-flag-bit": BadReply(MSG(GF, U64.pack(FEATURES), flags=OK_REPLY | 0x40)),
+    "H2-fds-on-get-features-reply": BadReply(MSG(GF, U64.pack(FEATURES), flags=OK_REPLY), fds=3),
+    "H2-body-4-bytes": BadReply(MSG(GF, b"\0" * 4, flags=OK_REPLY)),
+    "H2-body-12-bytes": BadReply(MSG(GF, b"\0" * 12, flags=OK_REPLY)),
+    "H2-size-ffffffff": BadReply(hostile.header(GF, OK_REPLY, 0xFFFFFFFF)),
+    "H2-size-4097": BadReply(hostile.header(GF, OK_REPLY, 4097)),
+    "J1-short-header-then-close": BadReply(
+        hostile.header(GF, OK_REPLY, 8)[:7], PartialMessageError, close_after=True
+    ),
+    "J1-half-body-then-close": BadReply(
+        hostile.header(GF, OK_REPLY, 8) + b"\0\0\0", PartialMessageError, close_after=True
+    ),
+    "J1-close-instead-of-reply": BadReply(b"", DisconnectedError, close_after=True),
+    "H2-config-reply-larger-than-asked": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(0, 8), flags=OK_REPLY),
+        request=Req.GET_CONFIG,
+        proto=CONFIG,
+    ),
+    "H2-config-reply-other-offset": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(4, 4), flags=OK_REPLY),
+        request=Req.GET_CONFIG,
+        proto=CONFIG,
+    ),
+    "H2-config-reply-size-field-lies": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(0, 4, data=bytes(12)), flags=OK_REPLY),
+        request=Req.GET_CONFIG,
+        proto=CONFIG,
+    ),
+    "H2-ack-body-4-bytes": BadReply(
+        MSG(Req.SET_VRING_NUM, b"\0" * 4, flags=OK_REPLY),
+        request=Req.SET_VRING_NUM,
+        proto=int(PF.REPLY_ACK),
+    ),
+    "H2-ack-with-fd": BadReply(
+        MSG(Req.SET_VRING_NUM, U64.pack(0), flags=OK_REPLY),
+        request=Req.SET_VRING_NUM,
+        proto=int(PF.REPLY_ACK),
+        fds=1,
+    ),
+    "H2-ack-for-another-request": BadReply(
+        MSG(Req.SET_VRING_BASE, U64.pack(0), flags=OK_REPLY),
+        request=Req.SET_VRING_NUM,
+        proto=int(PF.REPLY_ACK),
+    ),
+    "H2-vring-base-for-another-ring": BadReply(
+        MSG(Req.GET_VRING_BASE, VRING_STATE.pack(1, 0), flags=OK_REPLY),
+        request=Req.GET_VRING_BASE,
+        proto=0,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REPLIES.values(), ids=list(BAD_REPLIES))
+def test_bad_reply_breaks_only_this_connection(sock_path: Path, case: BadReply) -> None:
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        if case.proto is not None:
+            play_negotiation(conn, case.proto)
+        expect(conn, case.request)
+        fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(case.fds)]
+        try:
+            if case.data:
+                hostile.send(conn, case.data, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if case.close_after:
+            return
+        saw_eof(hb, conn)
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        if case.proto is not None:
+            fe.negotiate()
+        with pytest.raises(case.error):
+            CALLS[case.request](fe)
+        assert fe.broken
+        if not case.close_after:
+            # Closed by us at once, not when the object goes away.
+            assert hb.event("peer-eof").wait(5), "front-end left a broken connection open"
+        with pytest.raises(ClosedError):
+            fe.get_features()
+    finally:
+        fe.close()
+        del fe
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_j3_backend_never_replies_times_out(sock_path: Path) -> None:
+    base = hostile.fd_count()
+    release = threading.Event()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        expect(conn, Req.GET_FEATURES)
+        saw_eof(hb, conn)  # say nothing; the front-end gives up and closes
+        release.wait(5)
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=0.3)
+    try:
+        with pytest.raises(VhostTimeoutError):
+            fe.get_features()
+        assert fe.broken
+        assert hb.event("peer-eof").wait(5)
+    finally:
+        fe.close()
+        del fe
+        release.set()
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_refusal_is_not_a_protocol_error(sock_path: Path) -> None:
+    """A NACK is an answer: RequestRefusedError, and the connection goes on."""
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        play_negotiation(conn, int(PF.REPLY_ACK))
+        expect(conn, Req.SET_VRING_NUM)
+        reply(conn, Req.SET_VRING_NUM, U64.pack(1))
+        expect(conn, Req.GET_FEATURES)
+        reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+        assert hostile.recv_message(conn) is None
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        fe.negotiate()
+        with pytest.raises(RequestRefusedError):
+            fe.set_vring_num(0, 256)
+        assert not fe.broken
+        assert fe.get_features() == FEATURES
+    finally:
+        fe.close()
+        del fe
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+# -- the back-end request channel (H1, H5) ----------------------------------------------
+
+
+class Answers(FrontendRequestHandler):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def config_change(self) -> int | None:
+        self.calls.append("config_change")
+        return 0
+
+    def vring_call(self, index: int) -> int | None:
+        self.calls.append("vring_call")
+        return 0
+
+
+@dataclass(frozen=True)
+class BadChannel:
+    data: bytes
+    error: type[VhostError]
+    proto: int = int(PF.REPLY_ACK | PF.BACKEND_REQ)
+    fds: int = 0
+
+
+BAD_CHANNEL: dict[str, BadChannel] = {
+    "H1-config-change-without-CONFIG": BadChannel(
+        MSG(BReq.CONFIG_CHANGE_MSG, flags=VERSION | NEED_REPLY), InactiveFeatureError
+    ),
+    "H1-vring-call-without-INBAND": BadChannel(
+        MSG(BReq.VRING_CALL, VRING_STATE.pack(0, 0)), InactiveFeatureError
+    ),
+    "H1-shared-object-without-SHARED_OBJECT": BadChannel(
+        MSG(BReq.SHARED_OBJECT_ADD, bytes(16)), InactiveFeatureError
+    ),
+    "H5-unknown-code": BadChannel(MSG(0xFFFF), ProtocolError),
+    "H5-reply-bit-on-request": BadChannel(MSG(BReq.IOTLB_MSG, flags=OK_REPLY), ProtocolError),
+    "H5-oversized": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG, VERSION, 0x10000),
+                               ProtocolError),
+    "H5-fds-on-config-change": BadChannel(
+        MSG(BReq.CONFIG_CHANGE_MSG),
+        ProtocolError,
+        proto=int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG),
+        fds=2,
+    ),
+    "H5-config-change-with-body": BadChannel(
+        MSG(BReq.CONFIG_CHANGE_MSG, U64.pack(0)),
+        ProtocolError,
+        proto=int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHANNEL.values(), ids=list(BAD_CHANNEL))
+def test_channel_error_closes_only_the_channel(sock_path: Path, case: BadChannel) -> None:
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        play_negotiation(conn, case.proto)
+        m = expect(conn, Req.SET_BACKEND_REQ_FD)
+        assert len(m.fds) == 1
+        channel = socket.socket(fileno=m.fds.pop())
+        with channel:
+            if m.flags & NEED_REPLY:
+                reply(conn, Req.SET_BACKEND_REQ_FD, U64.pack(0))
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(case.fds)]
+            try:
+                hostile.send(channel, case.data, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            saw_eof(hb, channel, "channel-eof")
+        # The main connection is still in business.
+        expect(conn, Req.GET_FEATURES)
+        reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+        assert hostile.recv_message(conn) is None
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        fe.negotiate()
+        with fe.set_backend_req_fd() as ch:
+            handler = Answers()
+            with pytest.raises(case.error):
+                ch.process_one(handler)
+            assert ch.broken
+            assert handler.calls == []
+            assert hb.event("channel-eof").wait(5), "channel left open after its error"
+        assert not fe.broken
+        assert fe.get_features() == FEATURES
+    finally:
+        fe.close()
+        del fe
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_channel_good_request_after_negotiation_works(sock_path: Path) -> None:
+    """Control case: the same channel request with its feature negotiated is served."""
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        play_negotiation(conn, int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG))
+        m = expect(conn, Req.SET_BACKEND_REQ_FD)
+        with socket.socket(fileno=m.fds.pop()) as channel:
+            reply(conn, Req.SET_BACKEND_REQ_FD, U64.pack(0))
+            hostile.send(channel, MSG(BReq.CONFIG_CHANGE_MSG, flags=VERSION | NEED_REPLY))
+            r = hostile.recv_message(channel)
+            assert r is not None and (r.code, r.flags, r.u64) == (
+                BReq.CONFIG_CHANGE_MSG, OK_REPLY, 0
+            )
+        assert hostile.recv_message(conn) is None
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        fe.negotiate()
+        with fe.set_backend_req_fd() as ch:
+            handler = Answers()
+            ch.process_one(handler)
+            assert handler.calls == ["config_change"]
+    finally:
+        fe.close()
+        del fe
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
