@@ -17,3 +17,6 @@ pub use channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
 pub use error::{Error, Result};
 pub use frontend::Frontend;
 pub use listener::Listener;
+
+#[cfg(test)]
+mod session_tests;
