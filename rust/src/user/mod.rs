@@ -20,3 +20,5 @@ pub use listener::Listener;
 
 #[cfg(test)]
 mod session_tests;
+#[cfg(test)]
+mod decode_fuzz_tests;
