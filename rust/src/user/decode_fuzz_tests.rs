@@ -71,7 +71,10 @@ fn frontend_requests_never_panic_and_round_trip() {
             assert_eq!(n, b.len(), "round {round}: {code:?} changed size");
         }
     }
-    assert!(decoded > 1200, "only {decoded} bodies decoded: generator too weak");
+    assert!(
+        decoded > 1200,
+        "only {decoded} bodies decoded: generator too weak"
+    );
 }
 
 #[test]
@@ -90,5 +93,8 @@ fn backend_requests_never_panic_and_round_trip() {
             assert_eq!(req2.encode_body(), again, "round {round}: {code:?}");
         }
     }
-    assert!(decoded > 300, "only {decoded} bodies decoded: generator too weak");
+    assert!(
+        decoded > 300,
+        "only {decoded} bodies decoded: generator too weak"
+    );
 }
