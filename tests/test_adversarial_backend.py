@@ -42,6 +42,7 @@ OFFERED_PROTO = int(PF.REPLY_ACK | PF.CONFIG | PF.MQ)
 CONFIG_SPACE = bytes(range(256))
 MiB = 1 << 20
 UADDR = 0x7F00_0000_0000
+OK = VERSION | REPLY
 
 
 class Device(BackendHandler):
@@ -559,4 +560,62 @@ def test_a10_repeated_mem_table_and_vring_num_stay_flat(listener: BackendListene
         assert hostile.fd_count() == fds_mid, hostile.open_fd_targets()
         assert hostile.maps_count() <= maps_mid + 2
     assert st.join() is None
+    check_clean(listener, base)
+
+
+NACK_THEN_CLOSE: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
+    "A2-unknown-code-acked": (MSG(1000, flags=VERSION | NEED_REPLY), no_fds),
+    "A5-vring-num-4-bytes-acked": (MSG(Req.SET_VRING_NUM, b"\0" * 4, flags=VERSION | NEED_REPLY),
+                                   no_fds),
+    "B1-fds-on-set-features-acked": (
+        MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=VERSION | NEED_REPLY), eventfds(3)
+    ),
+    "B4-nofd-with-fd-acked": (
+        MSG(Req.SET_VRING_KICK, kick_word(0, nofd=True), flags=VERSION | NEED_REPLY), eventfds(1)
+    ),
+    "B5-reserved-bits-acked": (
+        MSG(Req.SET_VRING_CALL, U64.pack(1 << 40), flags=VERSION | NEED_REPLY), eventfds(1)
+    ),
+    "C1-zero-regions-acked": (
+        MSG(Req.SET_MEM_TABLE, hostile.mem_table([]), flags=VERSION | NEED_REPLY), no_fds
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NACK_THEN_CLOSE.values(), ids=list(NACK_THEN_CLOSE))
+def test_malformed_acked_request_gets_nack_then_close(
+    listener: BackendListener, case: tuple[bytes, Callable[[], list[int]]]
+) -> None:
+    """A protocol violation closes the connection, with a NACK first when one was asked."""
+    data, make_fds = case
+    base = hostile.fd_count()
+    st = start(listener, Device())
+    with hostile.connect(listener.path) as s:
+        negotiate(s, int(PF.REPLY_ACK))
+        fds = make_fds()
+        try:
+            r = ask(s, data, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert (r.code, r.flags, len(r.fds)) == (struct.unpack_from("=I", data)[0], OK, 0)
+        assert r.u64 != 0
+        assert hostile.sees_eof(s)
+    assert isinstance(st.join(), VhostError)
+    check_clean(listener, base)
+
+
+def test_malformed_request_with_own_reply_gets_no_nack(listener: BackendListener) -> None:
+    """GET_FEATURES answers with features, never a status: a bad one just closes."""
+    base = hostile.fd_count()
+    st = start(listener, Device())
+    with hostile.connect(listener.path) as s:
+        negotiate(s, int(PF.REPLY_ACK))
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            hostile.send(s, MSG(Req.GET_FEATURES, flags=VERSION | NEED_REPLY), [fd])
+        finally:
+            os.close(fd)
+        assert hostile.recv_message(s) is None
+    assert isinstance(st.join(), ProtocolError)
     check_clean(listener, base)

@@ -255,12 +255,21 @@ impl BackendSession {
     /// connection; `Error::Disconnected` means the front-end went away cleanly.
     pub fn recv(&mut self) -> Result<Incoming> {
         let msg = self.conn.recv(Header::check_request)?;
-        let code = FrontendReq::from_code(msg.header.code).ok_or_else(|| {
+        let header = msg.header;
+        let decoded = match FrontendReq::from_code(header.code) {
+            None => Err(Error::UnknownRequest(header.code)),
+            Some(code) => FrontendRequest::decode(code, &msg.body, msg.fds),
+        };
+        let request = decoded.inspect_err(|_| {
+            // A well-framed request that asked for an ack gets its NACK before the close
+            // (ADVERSARIAL default expectation); requests with replies of their own get none.
+            let inherent = FrontendReq::from_code(header.code).is_some_and(has_reply);
+            if header.needs_reply() && !inherent && self.state.acked_protocol & pf::REPLY_ACK != 0 {
+                let nack = ack_reply(&header, 1);
+                let _ = self.send_reply(nack);
+            }
             self.conn.poison();
-            Error::UnknownRequest(msg.header.code)
         })?;
-        let request = FrontendRequest::decode(code, &msg.body, msg.fds)
-            .inspect_err(|_| self.conn.poison())?;
         Ok(Incoming {
             header: msg.header,
             request,
