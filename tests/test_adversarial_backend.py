@@ -35,10 +35,13 @@ from vhost.errors import (
     PartialMessageError,
     ProtocolError,
 )
-from vhost.user import BackendHandler, BackendListener, Frontend
+from vhost.user import BackendHandler, BackendListener, FileDescriptor, Frontend
 
 FEATURES = (1 << 32) | (1 << 30)  # VERSION_1 | PROTOCOL_FEATURES
-OFFERED_PROTO = int(PF.REPLY_ACK | PF.CONFIG | PF.MQ)
+OFFERED_PROTO = int(
+    PF.REPLY_ACK | PF.CONFIG | PF.MQ | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS
+)
+NACK_PROTO = int(PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS)
 CONFIG_SPACE = bytes(range(256))
 MiB = 1 << 20
 UADDR = 0x7F00_0000_0000
@@ -53,6 +56,7 @@ class Device(BackendHandler):
     def __init__(self) -> None:
         self.fail_vring_num = False
         self.kick_cloexec: list[bool] = []
+        self.config_len = 256
         self.errors: list[BaseException] = []
 
     def get_features(self) -> int:
@@ -75,7 +79,15 @@ class Device(BackendHandler):
             fd.close()
 
     def get_config(self, offset: int, size: int, flags: int) -> bytes:
-        return CONFIG_SPACE[offset : offset + size]
+        return CONFIG_SPACE[offset : offset + size][: self.config_len]
+
+    def get_max_mem_slots(self) -> int:
+        return 2
+
+    def set_inflight_fd(
+        self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: FileDescriptor
+    ) -> None:
+        fd.close()
 
     def on_request_error(self, error: BaseException) -> None:
         self.errors.append(error)
@@ -180,6 +192,23 @@ def region(gpa: int, size: int, uaddr: int = UADDR, offset: int = 0) -> tuple[in
     return (gpa, size, uaddr, offset)
 
 
+ACKED = VERSION | NEED_REPLY
+
+
+def vring_addr(
+    index: int, *, desc: int = 0x1000, used: int = 0x3000, avail: int = 0x2000, flags: int = 0
+) -> bytes:
+    return struct.pack("=IIQQQQ", index, flags, desc, used, avail, 0)
+
+
+def single_region(r: tuple[int, int, int, int]) -> bytes:
+    return U64.pack(0) + hostile.REGION.pack(*r)
+
+
+def inflight(mmap_size: int, offset: int, num_queues: int, queue_size: int) -> bytes:
+    return struct.pack("=QQHH4x", mmap_size, offset, num_queues, queue_size)
+
+
 def kick_word(index: int, nofd: bool = False) -> bytes:
     return U64.pack(index | (NOFD if nofd else 0))
 
@@ -244,6 +273,7 @@ FATAL: dict[str, Fatal] = {
     # B1/B2/B7: fds where none belong or too many.
     "B1-three-fds-on-get-features": Fatal(MSG(Req.GET_FEATURES), ProtocolError, fds=eventfds(3)),
     "B2-64-fds": Fatal(MSG(Req.SET_VRING_KICK, kick_word(0)), ProtocolError, fds=eventfds(64)),
+    "B2-253-fds": Fatal(MSG(Req.SET_VRING_KICK, kick_word(0)), ProtocolError, fds=eventfds(253)),
     # B3: one fd per region.
     "B3-two-regions-one-fd": Fatal(
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB), region(MiB, MiB, UADDR + MiB)])),
@@ -453,6 +483,26 @@ NACKED: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=VERSION | NEED_REPLY),
         eventfds(1),
     ),
+    "D1-vring-num-0": (MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 0), flags=ACKED), no_fds),
+    "D1-vring-num-65536": (MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 65536), flags=ACKED),
+                           no_fds),
+    "D2-vring-addr-index-2": (MSG(Req.SET_VRING_ADDR, vring_addr(2), flags=ACKED), no_fds),
+    "D2-vring-base-index-255": (MSG(Req.SET_VRING_BASE, VRING_STATE.pack(255, 0), flags=ACKED),
+                                no_fds),
+    "D2-call-index-255": (MSG(Req.SET_VRING_CALL, kick_word(255), flags=ACKED), eventfds(1)),
+    "D5-vring-base-over-16-bits": (
+        MSG(Req.SET_VRING_BASE, VRING_STATE.pack(0, 0x10000), flags=ACKED), no_fds
+    ),
+    "A9-status-wider-than-a-byte": (MSG(Req.SET_STATUS, U64.pack(0x100), flags=ACKED), no_fds),
+    "C7-rem-mem-reg-absent": (
+        MSG(Req.REM_MEM_REG, single_region(region(0, MiB)), flags=ACKED), no_fds
+    ),
+    "C5-add-mem-reg-small-memfd": (
+        MSG(Req.ADD_MEM_REG, single_region(region(0, 1 << 30)), flags=ACKED), memfds(1, 4096)
+    ),
+    "D7-inflight-more-queues-than-device": (
+        MSG(Req.SET_INFLIGHT_FD, inflight(4096, 0, 3, 256), flags=ACKED), memfds(1, 4096)
+    ),
     "B6-region-fd-is-socket-acked": (
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=VERSION | NEED_REPLY),
         one_socket,
@@ -469,7 +519,7 @@ def test_refused_request_is_nacked_and_session_goes_on(
     dev = Device()
     st = start(listener, dev)
     with hostile.connect(listener.path) as s:
-        negotiate(s, int(PF.REPLY_ACK))
+        negotiate(s, NACK_PROTO)
         fds = make_fds()
         try:
             r = ask(s, data, fds)
@@ -564,6 +614,20 @@ def test_a10_repeated_mem_table_and_vring_num_stay_flat(listener: BackendListene
 
 
 NACK_THEN_CLOSE: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
+    "D3-vring-addr-desc-misaligned": (
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, desc=0x1001), flags=ACKED), no_fds
+    ),
+    "D3-vring-addr-used-misaligned": (
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, used=0x3002), flags=ACKED), no_fds
+    ),
+    "D3-vring-addr-unknown-flag": (
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, flags=0x80), flags=ACKED), no_fds
+    ),
+    "A9-vring-enable-2": (MSG(Req.SET_VRING_ENABLE, VRING_STATE.pack(0, 2), flags=ACKED), no_fds),
+    "C2-add-mem-reg-offset-overflow": (
+        MSG(Req.ADD_MEM_REG, single_region(region(0, MiB, UADDR, 2**64 - 4096)), flags=ACKED),
+        memfds(1),
+    ),
     "A2-unknown-code-acked": (MSG(1000, flags=VERSION | NEED_REPLY), no_fds),
     "A5-vring-num-4-bytes-acked": (MSG(Req.SET_VRING_NUM, b"\0" * 4, flags=VERSION | NEED_REPLY),
                                    no_fds),
@@ -591,7 +655,7 @@ def test_malformed_acked_request_gets_nack_then_close(
     base = hostile.fd_count()
     st = start(listener, Device())
     with hostile.connect(listener.path) as s:
-        negotiate(s, int(PF.REPLY_ACK))
+        negotiate(s, NACK_PROTO)
         fds = make_fds()
         try:
             r = ask(s, data, fds)
@@ -618,4 +682,49 @@ def test_malformed_request_with_own_reply_gets_no_nack(listener: BackendListener
             os.close(fd)
         assert hostile.recv_message(s) is None
     assert isinstance(st.join(), ProtocolError)
+    check_clean(listener, base)
+
+
+def test_c6_add_mem_reg_beyond_max_slots(listener: BackendListener) -> None:
+    base = hostile.fd_count()
+    dev = Device()
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, NACK_PROTO)
+        statuses = []
+        for i in range(4):
+            fd = memfd(MiB)
+            try:
+                msg = MSG(Req.ADD_MEM_REG, single_region(region(i * MiB, MiB, UADDR + i * MiB)),
+                          flags=ACKED)
+                statuses.append(ask(s, msg, [fd]).u64)
+            finally:
+                os.close(fd)
+        assert statuses[:2] == [0, 0] and all(v != 0 for v in statuses[2:]), statuses
+        # Overlapping an accepted region is refused too (C4 through ADD_MEM_REG).
+        fd = memfd(MiB)
+        try:
+            r = ask(s, MSG(Req.REM_MEM_REG, single_region(region(0, MiB)), flags=ACKED))
+            assert r.u64 == 0
+            msg = MSG(Req.ADD_MEM_REG, single_region(region(MiB // 2, MiB, UADDR + 8 * MiB)),
+                      flags=ACKED)
+            assert ask(s, msg, [fd]).u64 != 0
+        finally:
+            os.close(fd)
+        still_answers(s)
+    assert st.join() is None
+    check_clean(listener, base)
+
+
+def test_g2_device_returns_fewer_config_bytes(listener: BackendListener) -> None:
+    """A handler that answers GET_CONFIG short must not send a short or padded reply."""
+    base = hostile.fd_count()
+    dev = Device()
+    dev.config_len = 2
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, int(PF.CONFIG))
+        hostile.send(s, MSG(Req.GET_CONFIG, hostile.config_body(0, 4)))
+        assert hostile.recv_message(s) is None
+    assert isinstance(st.join(), VhostError)
     check_clean(listener, base)
