@@ -12,7 +12,9 @@ real `BackendSession` adopted on the next accepted socket).
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from vhost.errors import (
     ClosedError,
     DisconnectedError,
     InactiveFeatureError,
+    KernelError,
     PartialMessageError,
     ProtocolError,
     RequestRefusedError,
@@ -372,6 +375,13 @@ class BadChannel:
     fds: int = 0
 
 
+NOTIFIER = int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.HOST_NOTIFIER | PF.BACKEND_SEND_FD)
+
+
+def area(index: int, size: int, offset: int, nofd: bool = False) -> bytes:
+    return struct.pack("=QQQ", index | (hostile.NOFD if nofd else 0), size, offset)
+
+
 BAD_CHANNEL: dict[str, BadChannel] = {
     "H1-config-change-without-CONFIG": BadChannel(
         MSG(BReq.CONFIG_CHANGE_MSG, flags=VERSION | NEED_REPLY), InactiveFeatureError
@@ -382,7 +392,23 @@ BAD_CHANNEL: dict[str, BadChannel] = {
     "H1-shared-object-without-SHARED_OBJECT": BadChannel(
         MSG(BReq.SHARED_OBJECT_ADD, bytes(16)), InactiveFeatureError
     ),
+    "H3-host-notifier-nofd-clear-no-fd": BadChannel(
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 4096, 0)), ProtocolError, proto=NOTIFIER
+    ),
+    "H3-host-notifier-size-0": BadChannel(
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 0, 0)), VhostError, proto=NOTIFIER, fds=1
+    ),
+    "H3-host-notifier-offset-overflow": BadChannel(
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 4096, 2**64 - 1)), VhostError,
+        proto=NOTIFIER, fds=1,
+    ),
+    "H3-host-notifier-reserved-bits": BadChannel(
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, struct.pack("=QQQ", 1 << 20, 4096, 0)), VhostError,
+        proto=NOTIFIER, fds=1,
+    ),
     "H5-unknown-code": BadChannel(MSG(0xFFFF), ProtocolError),
+    "H5-short-header-then-close": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG)[:6],
+                                             PartialMessageError),
     "H5-reply-bit-on-request": BadChannel(MSG(BReq.IOTLB_MSG, flags=OK_REPLY), ProtocolError),
     "H5-oversized": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG, VERSION, 0x10000),
                                ProtocolError),
@@ -418,6 +444,8 @@ def test_channel_error_closes_only_the_channel(sock_path: Path, case: BadChannel
             finally:
                 for fd in fds:
                     os.close(fd)
+            if len(case.data) < hostile.HEADER.size:
+                channel.shutdown(socket.SHUT_WR)
             saw_eof(hb, channel, "channel-eof")
         # The main connection is still in business.
         expect(conn, Req.GET_FEATURES)
@@ -473,5 +501,34 @@ def test_channel_good_request_after_negotiation_works(sock_path: Path) -> None:
         fe.close()
         del fe
     hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_b9_frontend_sends_to_a_closed_backend(sock_path: Path) -> None:
+    """Writing to a back-end that has gone: a typed error, never SIGPIPE (MSG_NOSIGNAL)."""
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        expect(conn, Req.GET_FEATURES)
+        reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        hb = HostileBackend(sock_path, script)
+        fe = Frontend.connect(sock_path, timeout=5.0)
+        try:
+            assert fe.get_features() == FEATURES
+            hb.finish_hostile()  # the back-end has closed its end
+            with pytest.raises((DisconnectedError, KernelError)):
+                for _ in range(4):  # the first send may still land in the socket buffer
+                    fe.set_vring_num(0, 256)
+                    fe.set_owner()
+            assert fe.broken
+        finally:
+            fe.close()
+            del fe
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
     well_behaved(hb)
     assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
