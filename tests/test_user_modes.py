@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -218,6 +219,7 @@ def test_client_mode_context_managers_release_fds(
     tmp_sock_dir: Path, fd_count: Callable[[], int]
 ) -> None:
     path = tmp_sock_dir / "be.sock"
+    gc.collect()  # earlier tests' garbage must not close its fds mid-count
     before = fd_count()
     with BackendListener(path) as listener:
         with Frontend.connect(path, timeout=TIMEOUT) as fe:
@@ -241,6 +243,7 @@ def test_server_mode_context_managers_release_fds(
     tmp_sock_dir: Path, fd_count: Callable[[], int]
 ) -> None:
     path = tmp_sock_dir / "fe.sock"
+    gc.collect()  # earlier tests' garbage must not close its fds mid-count
     before = fd_count()
     accepted: list[Frontend] = []
     t = threading.Thread(
@@ -288,6 +291,7 @@ def test_frontend_close_is_seen_by_the_backend(tmp_sock_dir: Path) -> None:
 
 
 def test_eventfd_and_memory_context(fd_count: Callable[[], int]) -> None:
+    gc.collect()  # earlier tests' garbage must not close its fds mid-count
     before = fd_count()
     with EventFd() as e:
         e.write(1)

@@ -687,11 +687,12 @@ def test_reply_ack_refusal_keeps_connection(
     with pytest.raises(RequestRefusedError):
         call(fe)
     assert be.last(name) is not None
-    assert len(be.errors) == 1
-    assert "refused by the test" in str(be.errors[0])
     # the connection goes on
     assert not fe.broken
     assert fe.get_queue_num() == 2
+    # the handler heard of its failure (after the NACK went out, before the next request)
+    assert len(be.errors) == 1
+    assert "refused by the test" in str(be.errors[0])
     be.refuse.clear()
     call(fe)
     assert len(be.errors) == 1
