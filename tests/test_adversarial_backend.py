@@ -23,7 +23,7 @@ import pytest
 
 import hostile
 from hostile import NEED_REPLY, NOFD, REPLY, U64, VERSION, VRING_STATE, SessionThread
-from vhost import EventFd, VhostError
+from vhost import EventFd, GuestMemory, VhostError, _core
 from vhost.codes import FrontendRequest as Req
 from vhost.codes import ProtocolFeature as PF
 from vhost.errors import (
@@ -40,6 +40,7 @@ from vhost.user import BackendHandler, BackendListener, FileDescriptor, Frontend
 FEATURES = (1 << 32) | (1 << 30)  # VERSION_1 | PROTOCOL_FEATURES
 OFFERED_PROTO = int(
     PF.REPLY_ACK | PF.CONFIG | PF.MQ | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS
+    | PF.BACKEND_REQ
 )
 NACK_PROTO = int(PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS)
 CONFIG_SPACE = bytes(range(256))
@@ -727,4 +728,62 @@ def test_g2_device_returns_fewer_config_bytes(listener: BackendListener) -> None
         hostile.send(s, MSG(Req.GET_CONFIG, hostile.config_body(0, 4)))
         assert hostile.recv_message(s) is None
     assert isinstance(st.join(), VhostError)
+    check_clean(listener, base)
+
+
+# -- hostile arguments from Python: typed errors, never a panic or an abort -------------
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")], ids=["neg", "nan", "inf"])
+def test_listener_rejects_bad_timeouts(listener: BackendListener, timeout: float) -> None:
+    base = hostile.fd_count()
+    with pytest.raises(InvalidParamError):
+        listener.accept(timeout)
+    native = _core.Listener(str(listener.path.with_name("fe.sock")))
+    try:
+        with pytest.raises(InvalidParamError):
+            native.accept_frontend(0.01, timeout)
+    finally:
+        native.close()
+    check_clean(listener, base)
+
+
+@pytest.mark.parametrize("length", [2**62, 2**64 - 1, (1 << 20) + 1])
+def test_guest_memory_read_huge_length_is_an_error(length: int) -> None:
+    mem = GuestMemory.allocate([(0, 1 << 20)])
+    with pytest.raises(InvalidMemoryError):
+        mem.read(0, length)
+    assert mem.read(0, 4) == bytes(4)
+
+
+class ChannelTimeouts(Device):
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeout_errors: list[BaseException] = []
+
+    def set_backend_channel(self, channel: _core.BackendChannel) -> None:
+        for bad in (-1.0, float("nan")):
+            try:
+                channel.set_timeout(bad)
+            except BaseException as exc:  # a PanicException is a BaseException
+                # without its traceback, whose frame would keep the channel's socket open
+                self.timeout_errors.append(exc.with_traceback(None))
+        channel.set_timeout(1.0)
+
+
+def test_backend_channel_rejects_bad_timeouts(listener: BackendListener) -> None:
+    base = hostile.fd_count()
+    dev = ChannelTimeouts()
+    st = start(listener, dev)
+    fe = Frontend.connect(listener.path, timeout=5.0)
+    try:
+        fe.negotiate()
+        with fe.set_backend_req_fd():
+            pass
+    finally:
+        fe.close()
+        del fe
+    assert st.join() is None
+    assert len(dev.timeout_errors) == 2
+    assert all(isinstance(e, InvalidParamError) for e in dev.timeout_errors), dev.timeout_errors
     check_clean(listener, base)

@@ -5,7 +5,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -491,7 +490,7 @@ pub struct PyListener {
 
 impl PyListener {
     fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
-        let t = timeout.map(Duration::from_secs_f64);
+        let t = crate::frontend::timeout_of(timeout)?;
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
         py.detach(|| l.accept(t)).map_err(|e| {
@@ -549,10 +548,10 @@ impl PyListener {
         timeout: Option<f64>,
         reply_timeout: Option<f64>,
     ) -> PyResult<PyFrontend> {
+        let reply_timeout = crate::frontend::timeout_of(reply_timeout)?;
         let s = self.accept_stream(py, timeout)?;
         let fe = vhost_core::user::Frontend::new(s).py_err()?;
-        fe.set_timeout(reply_timeout.map(Duration::from_secs_f64))
-            .py_err()?;
+        fe.set_timeout(reply_timeout).py_err()?;
         Ok(PyFrontend::from_core(fe))
     }
 

@@ -249,7 +249,7 @@ impl PyBackendChannel {
     }
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
-        let t = timeout.map(std::time::Duration::from_secs_f64);
+        let t = crate::frontend::timeout_of(timeout)?;
         self.inner.set_timeout(t).py_err()
     }
 }

@@ -47,7 +47,7 @@ fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
     obj.map(raw_fd_of).transpose()
 }
 
-fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
     seconds
         .map(|s| Duration::try_from_secs_f64(s).map_err(|_| invalid_param("timeout must be >= 0")))
         .transpose()

@@ -71,6 +71,15 @@ impl PyGuestMemory {
     /// Copies `length` bytes at guest address `gpa` (may span contiguous regions).
     fn read<'py>(&self, py: Python<'py>, gpa: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
         let mem = self.snapshot();
+        // Bound the length by what is mapped before allocating: a huge length must be an
+        // error, not an allocation failure that aborts the process.
+        if length as u64 > mem.total_size() {
+            return Err(vhost_core::memory::MemoryError::OutOfRange {
+                addr: gpa,
+                len: length as u64,
+            })
+            .py_err();
+        }
         let mut out = vec![0u8; length];
         mem.read(gpa, &mut out).py_err()?;
         Ok(PyBytes::new(py, &out))
