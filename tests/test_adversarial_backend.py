@@ -787,3 +787,62 @@ def test_backend_channel_rejects_bad_timeouts(listener: BackendListener) -> None
     assert len(dev.timeout_errors) == 2
     assert all(isinstance(e, InvalidParamError) for e in dev.timeout_errors), dev.timeout_errors
     check_clean(listener, base)
+
+
+class Inflight(BackendHandler):
+    """Hands out a fresh inflight memfd per request and ignores the fds it is given."""
+
+    max_queues = 2
+
+    def __init__(self) -> None:
+        self.mine: int | None = None
+
+    def get_features(self) -> int:
+        return FEATURES
+
+    def get_protocol_features(self) -> int:
+        return OFFERED_PROTO
+
+    def get_vring_base(self, index: int) -> int:
+        return 0
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        self.drop()
+        self.mine = memfd(4096)
+        return (4096, 0, self.mine)
+
+    def drop(self) -> None:
+        if self.mine is not None:
+            os.close(self.mine)
+            self.mine = None
+
+
+def test_a10_inflight_and_kick_loops_stay_flat(listener: BackendListener) -> None:
+    base = hostile.fd_count()
+    dev = Inflight()
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, NACK_PROTO)
+        get_inflight = MSG(Req.GET_INFLIGHT_FD, inflight(0, 0, 1, 256))
+        kick = MSG(Req.SET_VRING_KICK, kick_word(0), flags=ACKED)
+
+        def round_trip() -> None:
+            r = ask(s, get_inflight)
+            assert len(r.fds) == 1
+            r.close_fds()
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            try:
+                assert ask(s, kick, [fd]).u64 == 0
+            finally:
+                os.close(fd)
+
+        for _ in range(50):
+            round_trip()
+        fds_mid, maps_mid = hostile.fd_count(), hostile.maps_count()
+        for _ in range(1000):
+            round_trip()
+        assert hostile.fd_count() == fds_mid, hostile.open_fd_targets()
+        assert hostile.maps_count() <= maps_mid + 2
+    assert st.join() is None
+    dev.drop()
+    check_clean(listener, base)

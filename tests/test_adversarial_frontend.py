@@ -191,7 +191,17 @@ def get_vring_base_0(fe: Frontend) -> None:
     fe.get_vring_base(0)
 
 
+def get_inflight_fd(fe: Frontend) -> None:
+    fe.get_inflight_fd(1, 256)
+
+
+def get_queue_num(fe: Frontend) -> None:
+    fe.get_queue_num()
+
+
 CALLS: dict[int, Callable[[Frontend], None]] = {
+    Req.GET_INFLIGHT_FD: get_inflight_fd,
+    Req.GET_QUEUE_NUM: get_queue_num,
     Req.GET_FEATURES: get_features,
     Req.GET_CONFIG: get_config_4,
     Req.SET_VRING_NUM: set_vring_num,
@@ -199,6 +209,8 @@ CALLS: dict[int, Callable[[Frontend], None]] = {
 }
 
 CONFIG = int(PF.CONFIG | PF.REPLY_ACK)
+INFLIGHT = int(PF.INFLIGHT_SHMFD | PF.REPLY_ACK)
+INFLIGHT_BODY = struct.pack("=QQHH4x", 4096, 0, 1, 256)
 MSG = hostile.message
 GF = Req.GET_FEATURES
 BAD_REPLIES: dict[str, BadReply] = {
@@ -249,6 +261,27 @@ BAD_REPLIES: dict[str, BadReply] = {
         MSG(Req.SET_VRING_BASE, U64.pack(0), flags=OK_REPLY),
         request=Req.SET_VRING_NUM,
         proto=int(PF.REPLY_ACK),
+    ),
+    "H2-inflight-reply-without-fd": BadReply(
+        MSG(Req.GET_INFLIGHT_FD, INFLIGHT_BODY, flags=OK_REPLY),
+        request=Req.GET_INFLIGHT_FD,
+        proto=INFLIGHT,
+    ),
+    "H2-inflight-reply-with-two-fds": BadReply(
+        MSG(Req.GET_INFLIGHT_FD, INFLIGHT_BODY, flags=OK_REPLY),
+        request=Req.GET_INFLIGHT_FD,
+        proto=INFLIGHT,
+        fds=2,
+    ),
+    "H2-inflight-reply-short-body": BadReply(
+        MSG(Req.GET_INFLIGHT_FD, INFLIGHT_BODY[:20], flags=OK_REPLY),
+        request=Req.GET_INFLIGHT_FD,
+        proto=INFLIGHT,
+        fds=1,
+    ),
+    "H2-queue-num-reply-empty": BadReply(
+        MSG(Req.GET_QUEUE_NUM, b"", flags=OK_REPLY), request=Req.GET_QUEUE_NUM,
+        proto=int(PF.MQ),
     ),
     "H2-vring-base-for-another-ring": BadReply(
         MSG(Req.GET_VRING_BASE, VRING_STATE.pack(1, 0), flags=OK_REPLY),
