@@ -13,6 +13,7 @@ import contextlib
 import os
 import queue
 import socket
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -1043,3 +1044,56 @@ def test_channel_gating(tmp_sock_dir: Path) -> None:
             ):
                 with pytest.raises(InactiveFeatureError):
                     call()
+
+
+def test_shared_object_lookup_reply_with_dma_buf_fd(tmp_sock_dir: Path) -> None:
+    """The spec (and QEMU) answer a successful SHARED_OBJECT_LOOKUP with the dma-buf fd
+    and a u64 0. The back-end channel accepts that fd instead of calling it a protocol
+    error, and stays usable; a failed lookup comes back as its status."""
+    header = struct.Struct("<III")
+    with linked(tmp_sock_dir, Recorder()) as lk:
+        negotiate(lk.fe, CHANNEL_PROTOCOL)
+        near, far = socket.socketpair()
+        with near, far:
+            # SET_BACKEND_REQ_FD with our own socket end, so this test plays QEMU's part
+            reply = lk.fe.native.send_raw(21, 0x1 | 0x8, b"", [far.fileno()], expect_reply=True)
+            assert reply is not None and reply[2] == bytes(8)  # acked with 0
+            assert lk.be.channel is not None
+            channel = lk.be.channel
+            near.settimeout(TIMEOUT)
+            u = uuid.UUID(int=42).bytes
+            answers: list[int | BaseException] = []
+
+            def lookup() -> None:
+                try:
+                    answers.append(channel.shared_object_lookup(u))
+                except BaseException as exc:  # checked below
+                    answers.append(exc)
+
+            dmabuf = memfd_with(b"dma-buf contents")
+            try:
+                for status in (0, 9):
+                    t = threading.Thread(target=lookup)
+                    t.start()
+                    request = near.recv(header.size + 16)
+                    code, flags, size = header.unpack_from(request)
+                    assert (code, size) == (8, 16)  # SHARED_OBJECT_LOOKUP, a uuid
+                    assert flags & 0x8  # it always wants the answer
+                    assert request[header.size :] == u
+                    body = header.pack(8, 0x1 | 0x4, 8) + struct.pack("<Q", status)
+                    if status == 0:
+                        socket.send_fds(near, [body], [dmabuf])
+                    else:
+                        near.sendall(body)
+                    t.join(TIMEOUT)
+                assert answers == [0, 9]
+            finally:
+                os.close(dmabuf)
+            # and the channel still carries the next request
+            t = threading.Thread(target=channel.config_change)
+            t.start()
+            request = near.recv(header.size)
+            assert header.unpack_from(request)[0] == 2  # CONFIG_CHANGE_MSG
+            near.sendall(header.pack(2, 0x1 | 0x4, 8) + bytes(8))
+            t.join(TIMEOUT)
+            assert not t.is_alive()

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::codes::{protocol_features as pf, BackendReq};
 use super::connection::Connection;
 use super::header::Header;
-use super::message::BackendRequest;
+use super::message::{backend_reply_allows_fd, BackendRequest};
 use super::payload::{IotlbPayload, SharedObjectUuid, U64Payload, VringArea, VringState};
 use super::{Error, Result};
 
@@ -70,6 +70,16 @@ impl BackendChannel {
     /// Sends `request`; with REPLY_ACK negotiated (or when the request has a reply of its
     /// own) waits for the front-end's u64 answer and returns it.
     pub fn send(&self, request: &BackendRequest, fds: &[BorrowedFd<'_>]) -> Result<u64> {
+        self.send_for_fd(request, fds).map(|(status, _)| status)
+    }
+
+    /// Like [`send`](Self::send), and also returns the fd a reply may carry: only the
+    /// dma-buf of a successful SHARED_OBJECT_LOOKUP (the spec's "fd and u64").
+    pub fn send_for_fd(
+        &self,
+        request: &BackendRequest,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(u64, Option<OwnedFd>)> {
         let code = request.kind();
         if let Some((bit, name)) = required_feature(code) {
             if self.acked_protocol & bit == 0 {
@@ -86,27 +96,34 @@ impl BackendChannel {
         let mut conn = self.lock();
         conn.send(&header, &body, fds)?;
         if !want_reply {
-            return Ok(0);
+            return Ok((0, None));
         }
-        let msg = conn.recv(|h| h.check_reply_to(code.code()))?;
-        if !msg.fds.is_empty() {
-            conn.poison();
-            return Err(Error::FdCount {
-                request: code.name(),
-                expected: "0 in the reply",
-                got: msg.fds.len(),
-            });
-        }
+        let mut msg = conn.recv(|h| h.check_reply_to(code.code()))?;
         let status = U64Payload::from_bytes(&msg.body)
             .inspect_err(|_| conn.poison())?
             .0;
+        // A successful lookup carries the dma-buf; no other reply carries an fd, and a
+        // failed lookup sends none.
+        let allowed = usize::from(backend_reply_allows_fd(code) && status == 0);
+        if msg.fds.len() > allowed {
+            conn.poison();
+            return Err(Error::FdCount {
+                request: code.name(),
+                expected: if allowed == 1 {
+                    "at most 1 in the reply"
+                } else {
+                    "0 in the reply"
+                },
+                got: msg.fds.len(),
+            });
+        }
         if status != 0 && !inherent {
             return Err(Error::Refused {
                 request: code.name(),
                 status,
             });
         }
-        Ok(status)
+        Ok((status, msg.fds.pop()))
     }
 
     pub fn config_change(&self) -> Result<()> {
@@ -142,9 +159,15 @@ impl BackendChannel {
         .map(|_| ())
     }
 
-    /// Returns the front-end's answer: 0 when it found the object.
+    /// Returns the front-end's answer: 0 when it found the object (its dma-buf fd, if
+    /// the front-end sent one, is closed: see [`shared_object_lookup_fd`](Self::shared_object_lookup_fd)).
     pub fn shared_object_lookup(&self, uuid: [u8; 16]) -> Result<u64> {
-        self.send(
+        self.shared_object_lookup_fd(uuid).map(|(status, _)| status)
+    }
+
+    /// The front-end's answer and, when it found the object, the dma-buf fd it sent.
+    pub fn shared_object_lookup_fd(&self, uuid: [u8; 16]) -> Result<(u64, Option<OwnedFd>)> {
+        self.send_for_fd(
             &BackendRequest::SharedObjectLookup(SharedObjectUuid(uuid)),
             &[],
         )
@@ -201,6 +224,11 @@ pub trait FrontendReqHandler {
     }
     fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_LOOKUP"))
+    }
+    /// The lookup with the dma-buf to send back on success (0); the default answers
+    /// [`shared_object_lookup`](Self::shared_object_lookup) without an fd.
+    fn shared_object_lookup_fd(&mut self, uuid: [u8; 16]) -> Result<(u64, Option<OwnedFd>)> {
+        self.shared_object_lookup(uuid).map(|status| (status, None))
     }
     /// Any request the enum grows later (e.g. SHMEM_MAP/UNMAP): refused by default.
     fn other(&mut self, request: BackendRequest) -> Result<u64> {
@@ -271,6 +299,7 @@ impl FrontendChannel {
     ) -> Result<()> {
         use BackendRequest as R;
         let ChannelIncoming { header, request } = incoming;
+        let mut reply_fd: Option<OwnedFd> = None;
         let result = match request {
             R::ConfigChange => handler.config_change(),
             R::VringHostNotifier { area, fd } => handler.vring_host_notifier(&area, fd),
@@ -279,7 +308,13 @@ impl FrontendChannel {
             R::IotlbMsg(m) => handler.iotlb_msg(&m),
             R::SharedObjectAdd(u) => handler.shared_object_add(u.0),
             R::SharedObjectRemove(u) => handler.shared_object_remove(u.0),
-            R::SharedObjectLookup(u) => handler.shared_object_lookup(u.0),
+            R::SharedObjectLookup(u) => {
+                handler.shared_object_lookup_fd(u.0).map(|(status, fd)| {
+                    // the spec: no fd when the lookup failed
+                    reply_fd = if status == 0 { fd } else { None };
+                    status
+                })
+            }
             #[allow(unreachable_patterns)]
             other => handler.other(other),
         };
@@ -289,8 +324,9 @@ impl FrontendChannel {
                 Err(_) => 1,
             };
             let body = U64Payload(status).to_bytes();
+            let fds: Vec<BorrowedFd<'_>> = reply_fd.iter().map(|fd| fd.as_fd()).collect();
             self.conn
-                .send(&header.reply_to(body.len() as u32), &body, &[])?;
+                .send(&header.reply_to(body.len() as u32), &body, &fds)?;
         }
         result.map(|_| ())
     }
@@ -305,5 +341,63 @@ impl FrontendChannel {
 impl AsFd for FrontendChannel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.conn.socket().as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A front-end whose shared-object table holds one dma-buf (here: a socket end).
+    struct Table {
+        uuid: [u8; 16],
+        object: UnixStream,
+    }
+
+    impl FrontendReqHandler for Table {
+        fn shared_object_lookup_fd(&mut self, uuid: [u8; 16]) -> Result<(u64, Option<OwnedFd>)> {
+            if uuid == self.uuid {
+                Ok((0, Some(OwnedFd::from(self.object.try_clone()?))))
+            } else {
+                Ok((7, None))
+            }
+        }
+    }
+
+    #[test]
+    fn shared_object_lookup_carries_the_dma_buf_fd() {
+        for acked in [
+            pf::BACKEND_REQ | pf::SHARED_OBJECT,
+            pf::BACKEND_REQ | pf::SHARED_OBJECT | pf::REPLY_ACK,
+        ] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (object, mut far) = UnixStream::pair().unwrap();
+            let backend = BackendChannel::new(a, acked);
+            let mut front = FrontendChannel::new(b, acked);
+            let uuid = [0x5a; 16];
+            let server = std::thread::spawn(move || {
+                let mut table = Table { uuid, object };
+                for _ in 0..3 {
+                    front.handle_one(&mut table).unwrap();
+                }
+                front
+            });
+            // found: status 0 and the fd, which is the very object the front-end holds
+            let (status, fd) = backend.shared_object_lookup_fd(uuid).unwrap();
+            assert_eq!(status, 0);
+            let mut got = UnixStream::from(fd.expect("the dma-buf fd"));
+            got.write_all(b"via the looked-up fd").unwrap();
+            let mut buf = [0u8; 20];
+            far.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"via the looked-up fd");
+            // not found: the status comes back as it is (not a refusal), and no fd
+            let (status, fd) = backend.shared_object_lookup_fd([0; 16]).unwrap();
+            assert_eq!((status, fd.is_none()), (7, true));
+            // the fd-less form still works, and the channel is intact
+            assert_eq!(backend.shared_object_lookup(uuid).unwrap(), 0);
+            let front = server.join().unwrap();
+            assert!(!front.is_broken());
+        }
     }
 }
