@@ -24,9 +24,11 @@ import pytest
 import hostile
 from hostile import NEED_REPLY, NOFD, REPLY, U64, VERSION, VRING_STATE, SessionThread
 from vhost import EventFd, GuestMemory, VhostError, _core
+from vhost.codes import BackendRequest as BReq
 from vhost.codes import FrontendRequest as Req
 from vhost.codes import ProtocolFeature as PF
 from vhost.errors import (
+    ClosedError,
     DisconnectedError,
     InactiveFeatureError,
     InvalidMemoryError,
@@ -34,6 +36,7 @@ from vhost.errors import (
     KernelError,
     PartialMessageError,
     ProtocolError,
+    VhostTimeoutError,
 )
 from vhost.user import BackendHandler, BackendListener, FileDescriptor, Frontend
 
@@ -845,4 +848,74 @@ def test_a10_inflight_and_kick_loops_stay_flat(listener: BackendListener) -> Non
         assert hostile.maps_count() <= maps_mid + 2
     assert st.join() is None
     dev.drop()
+    check_clean(listener, base)
+
+
+# -- a hostile front-end on the back-end request channel (H2/H5 from the back-end side) --
+
+
+class ChannelUser(Device):
+    """Sends CONFIG_CHANGE_MSG on the channel as soon as it gets one, twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channel_errors: list[BaseException] = []
+
+    def set_backend_channel(self, channel: _core.BackendChannel) -> None:
+        channel.set_timeout(0.5)
+        for _ in range(2):
+            try:
+                channel.config_change()
+            except BaseException as exc:  # a PanicException is a BaseException
+                self.channel_errors.append(exc.with_traceback(None))
+
+
+CHANNEL_PROTO = int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG)
+CC = BReq.CONFIG_CHANGE_MSG
+BAD_CHANNEL_REPLIES: dict[str, tuple[bytes, int, type[VhostError]]] = {
+    "wrong-code": (MSG(BReq.VRING_CALL, U64.pack(0), flags=OK), 0, ProtocolError),
+    "reply-bit-missing": (MSG(CC, U64.pack(0)), 0, ProtocolError),
+    "fds-on-reply": (MSG(CC, U64.pack(0), flags=OK), 2, ProtocolError),
+    "body-4-bytes": (MSG(CC, b"\0" * 4, flags=OK), 0, ProtocolError),
+    "size-ffffffff": (hostile.header(CC, OK, 0xFFFFFFFF), 0, ProtocolError),
+    "never-replies": (b"", 0, VhostTimeoutError),
+}
+
+
+@pytest.mark.parametrize(
+    "case", BAD_CHANNEL_REPLIES.values(), ids=list(BAD_CHANNEL_REPLIES)
+)
+def test_channel_bad_reply_closes_only_the_channel(
+    listener: BackendListener, case: tuple[bytes, int, type[VhostError]]
+) -> None:
+    data, nfds, error = case
+    base = hostile.fd_count()
+    dev = ChannelUser()
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, CHANNEL_PROTO)
+        mine, theirs = socket.socketpair()
+        with mine:
+            try:
+                hostile.send(s, MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), [theirs.fileno()])
+            finally:
+                theirs.close()
+            mine.settimeout(5.0)
+            req = hostile.recv_message(mine)
+            assert req is not None and req.code == CC and req.flags == VERSION | NEED_REPLY
+            fds = eventfds(nfds)()
+            try:
+                if data:
+                    hostile.send(mine, data, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            assert hostile.sees_eof(mine), "channel left open after a bad reply"
+        r = hostile.recv_message(s)  # the ack of SET_BACKEND_REQ_FD: the session is fine
+        assert r is not None and (r.code, r.u64) == (Req.SET_BACKEND_REQ_FD, 0)
+        still_answers(s)
+    assert st.join() is None
+    assert len(dev.channel_errors) == 2, dev.channel_errors
+    assert isinstance(dev.channel_errors[0], error), dev.channel_errors
+    assert isinstance(dev.channel_errors[1], ClosedError), dev.channel_errors
     check_clean(listener, base)
