@@ -12,6 +12,10 @@ Observed with QEMU 10.0 (and the same handshake in 7.2): GET_FEATURES,
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, GET_FEATURES,
 SET_VRING_CALL and SET_VRING_ERR per queue, then GET_CONFIG of the config size QEMU's
 own feature set needs (57 bytes up to write_zeroes_may_unmap, at most 60).
+
+Then the guest runs (``cont``): SeaBIOS drives the device, QEMU starts it over vhost-user
+(SET_FEATURES, SET_MEM_TABLE with its guest RAM, ring set-up, kick), a small Python data
+plane answers the reads from QEMU's RAM, and SeaBIOS boots the sector it read from us.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import signal
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,3 +312,209 @@ def test_qemu_rejects_too_few_backend_queues(served_factory: Any) -> None:
     assert "get_queue_num" in device.names()
     # it gave up before reading the config space
     assert "get_config" not in device.names()
+
+
+# ---- the guest runs: SeaBIOS boots from our disk ------------------------------------------
+
+# x86 real-mode boot sector: print MESSAGE on the debug console (port 0x402), halt.
+BOOT_MESSAGE = b"pyvhost boot ok"
+_BOOT_CODE = bytes.fromhex(
+    "fc"  # cld
+    "31c0"  # xor ax, ax
+    "8ed8"  # mov ds, ax
+    "be177c"  # mov si, 0x7c17 (the message, right after the code)
+    "ba0204"  # mov dx, 0x402
+    "ac"  # lodsb
+    "84c0"  # test al, al
+    "7403"  # jz halt
+    "ee"  # out dx, al
+    "ebf8"  # jmp lodsb
+    "fa"  # halt: cli
+    "f4"  # hlt
+    "ebfc"  # jmp halt
+)
+assert len(_BOOT_CODE) == 0x17
+
+
+def boot_image(sectors: int) -> bytearray:
+    image = bytearray(sectors * 512)
+    image[: len(_BOOT_CODE)] = _BOOT_CODE
+    image[len(_BOOT_CODE) : len(_BOOT_CODE) + len(BOOT_MESSAGE) + 1] = BOOT_MESSAGE + b"\0"
+    image[510:512] = b"\x55\xaa"
+    return image
+
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+
+class BootableBlk(BlkDevice):
+    """BlkDevice with a data plane: a split virtqueue served from guest memory in Python.
+
+    On each kick it walks the available ring, executes the virtio-blk requests against
+    an in-memory image, fills the used ring and signals the call eventfd.
+    """
+
+    def __init__(self, image: bytearray) -> None:
+        super().__init__(1)
+        self.image = image
+        cfg = bytearray(self.config)
+        struct.pack_into("<Q", cfg, 0, len(image) // 512)
+        self.config = bytes(cfg)
+        self.num = 0
+        self.rings: tuple[int, int, int] | None = None  # desc, avail, used (user addrs)
+        self.last_avail = 0
+        self.call: EventFd | None = None
+        self.requests: list[tuple[int, int]] = []  # (type, sector)
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.worker: threading.Thread | None = None
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._rec("set_vring_num", index, num)
+        self.num = num
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._rec("set_vring_base", index, base)
+        self.last_avail = base
+
+    def set_vring_addr(  # noqa: PLR0917 - the handler interface is positional
+        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
+    ) -> None:
+        self._rec("set_vring_addr", index)
+        self.rings = (desc, avail, used)
+
+    def set_vring_call(self, index: int, fd: EventFd | None) -> None:
+        self._rec("set_vring_call", index, fd is not None)
+        self.call = fd
+
+    def set_vring_kick(self, index: int, fd: EventFd | None) -> None:
+        self._rec("set_vring_kick", index, fd is not None)
+        if fd is not None and self.worker is None:
+            self.worker = threading.Thread(target=self._serve, args=(fd,), daemon=True)
+            self.worker.start()
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._rec("set_vring_enable", index, enable)
+
+    def get_vring_base(self, index: int) -> int:
+        self._rec("get_vring_base", index)
+        return self.last_avail
+
+    def _serve(self, kick: EventFd) -> None:
+        try:
+            while not self.stop.is_set():
+                if kick.wait(0.1):
+                    kick.read()
+                    self._drain()
+        except BaseException as exc:  # reported by the test
+            self.errors.append(exc)
+
+    def _drain(self) -> None:
+        mem, rings = self.memory, self.rings
+        assert mem is not None and rings is not None and self.num
+        desc, avail, used = (mem.user_to_gpa(a) for a in rings)
+        (avail_idx,) = struct.unpack("<H", mem.read(avail + 2, 2))
+        while self.last_avail != avail_idx:
+            slot = self.last_avail % self.num
+            (head,) = struct.unpack("<H", mem.read(avail + 4 + 2 * slot, 2))
+            written = self._request(mem, desc, head)
+            (used_idx,) = struct.unpack("<H", mem.read(used + 2, 2))
+            mem.write(used + 4 + 8 * (used_idx % self.num), struct.pack("<II", head, written))
+            mem.write(used + 2, struct.pack("<H", (used_idx + 1) & 0xFFFF))
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+            if self.call is not None:
+                self.call.write(1)
+
+    def _request(self, mem: GuestMemory, desc: int, head: int) -> int:
+        chain: list[tuple[int, int, int]] = []
+        i = head
+        while True:
+            addr, length, flags, nxt = struct.unpack("<QIHH", mem.read(desc + 16 * i, 16))
+            chain.append((addr, length, flags))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            i = nxt
+        header = b"".join(mem.read(a, n) for a, n, f in chain if not f & VIRTQ_DESC_F_WRITE)
+        kind, _reserved, sector = struct.unpack_from("<IIQ", header)
+        self.requests.append((kind, sector))
+        data = [(a, n) for a, n, f in chain[:-1] if f & VIRTQ_DESC_F_WRITE]
+        out = header[16:]
+        status_addr = chain[-1][0]
+        status, written = VIRTIO_BLK_S_OK, 1
+        offset = sector * 512
+        if kind == VIRTIO_BLK_T_IN:
+            for a, n in data:
+                if offset + n > len(self.image):
+                    status = VIRTIO_BLK_S_IOERR
+                    break
+                mem.write(a, bytes(self.image[offset : offset + n]))
+                offset += n
+                written += n
+        elif kind == VIRTIO_BLK_T_OUT:
+            self.image[offset : offset + len(out)] = out
+        elif kind != VIRTIO_BLK_T_FLUSH:
+            status = VIRTIO_BLK_S_UNSUPP
+        mem.write(status_addr, bytes([status]))
+        return written
+
+
+def test_seabios_boots_from_python_backend(served_factory: Any, tmp_sock_dir: Path) -> None:
+    """``cont``: SeaBIOS drives the virtio-blk device, QEMU starts the vhost-user device
+    (features, memory table, ring set-up, kick/call), our Python data plane serves the
+    reads out of QEMU's own guest RAM, and the guest runs the boot sector it read from
+    us: it prints to the debug console."""
+    device = BootableBlk(boot_image(2048))
+    sock, served = served_factory(device)
+    debug_log = tmp_sock_dir / "debugcon.log"
+    extra = [
+        "-chardev",
+        f"file,id=dbg,path={debug_log}",
+        "-device",
+        "isa-debugcon,iobase=0x402,chardev=dbg",
+    ]
+    try:
+        with peers.qemu_vhost_user_blk(sock, extra_args=extra) as qemu:
+            assert served.accepted.wait(30), qemu.peer.output()
+            with qemu.qmp() as qmp:
+                assert qmp.query_status() == "prelaunch"
+                qmp.command("cont")
+                assert qmp.query_status() == "running"
+            deadline = time.monotonic() + 60
+            while BOOT_MESSAGE not in debug_log.read_bytes():
+                assert time.monotonic() < deadline, debug_log.read_text(errors="replace")[-2000:]
+                assert qemu.peer.alive(), qemu.peer.output()
+                time.sleep(0.05)
+    finally:
+        device.stop.set()
+        if device.worker is not None:
+            device.worker.join(5)
+    assert device.errors == []
+    names = device.names()
+    # QEMU started the device the way the spec orders it: features, memory table, then
+    # each ring (size, base, addresses, kick), then enabled it
+    acked = device.args("set_features")[0][0]
+    assert acked & int(VirtioFeature.VERSION_1)
+    assert acked & ~FEATURES == 0  # only bits we offered
+    start = [
+        "set_features",
+        "set_mem_table",
+        "set_vring_num",
+        "set_vring_base",
+        "set_vring_addr",
+        "set_vring_kick",
+        "set_vring_enable",
+    ]
+    assert [names.index(n) for n in start] == sorted(names.index(n) for n in start), names
+    assert device.args("set_vring_enable")[0] == (0, True)
+    # our memory is QEMU's guest RAM (256M), mapped from the memfd it sent
+    assert device.memory is not None
+    assert device.memory.total_size == 256 << 20
+    # SeaBIOS's first request was a read of the boot sector
+    assert device.requests[0] == (VIRTIO_BLK_T_IN, 0)
