@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -563,5 +564,37 @@ def test_b9_frontend_sends_to_a_closed_backend(sock_path: Path) -> None:
             del fe
     finally:
         signal.signal(signal.SIGPIPE, previous)
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_j3_backend_trickling_a_reply_times_out(sock_path: Path) -> None:
+    """SO_RCVTIMEO restarts with every byte; the whole reply must still come in time."""
+    base = hostile.fd_count()
+    stop = threading.Event()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        expect(conn, Req.GET_FEATURES)
+        try:
+            for b in hostile.message(Req.GET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY):
+                if stop.wait(0.1):
+                    return
+                conn.sendall(bytes([b]))
+        except (BrokenPipeError, ConnectionResetError):
+            hb.event("peer-eof").set()
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=0.4)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(VhostTimeoutError):
+            fe.get_features()
+        assert time.monotonic() - t0 < 1.6
+        assert fe.broken
+    finally:
+        fe.close()
+        del fe
+        stop.set()
+    hb.finish_hostile()
     well_behaved(hb)
     assert hostile.settle_fds(base) == base, hostile.open_fd_targets()

@@ -6,10 +6,11 @@
 //! message closes every fd that came with it; any framing error makes the connection
 //! unusable (a stream cannot be re-synchronised), which callers see as `Error::Closed`.
 
+use std::cell::Cell;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::header::{Header, HEADER_SIZE, MAX_BODY_SIZE};
 use super::{Error, Result};
@@ -27,6 +28,10 @@ pub struct Message {
 pub struct Connection {
     sock: UnixStream,
     broken: bool,
+    /// The bound set by `set_timeout`, also applied to a whole message: a peer that
+    /// trickles a message a byte at a time cannot keep us waiting longer than this
+    /// (SO_RCVTIMEO alone restarts with every byte).
+    timeout: Cell<Option<Duration>>,
 }
 
 impl Connection {
@@ -34,6 +39,7 @@ impl Connection {
         Connection {
             sock,
             broken: false,
+            timeout: Cell::new(None),
         }
     }
 
@@ -42,6 +48,7 @@ impl Connection {
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         self.sock.set_read_timeout(timeout)?;
         self.sock.set_write_timeout(timeout)?;
+        self.timeout.set(timeout);
         Ok(())
     }
 
@@ -115,7 +122,8 @@ impl Connection {
 
     fn recv_inner(&self, check: impl FnOnce(&Header) -> Result<()>) -> Result<Message> {
         let mut head = [0u8; HEADER_SIZE];
-        let fds = self.read_exact_with_fds(&mut head, true)?;
+        let mut started = None;
+        let fds = self.read_exact_with_fds(&mut head, true, &mut started)?;
         let header = Header::from_bytes(&head);
         if header.size as usize > MAX_BODY_SIZE {
             return Err(Error::OversizedMessage(header.size));
@@ -123,7 +131,7 @@ impl Connection {
         check(&header)?;
         let mut body = vec![0u8; header.size as usize];
         if !body.is_empty() {
-            self.read_exact_with_fds(&mut body, false)?;
+            self.read_exact_with_fds(&mut body, false, &mut started)?;
         }
         Ok(Message { header, body, fds })
     }
@@ -131,10 +139,22 @@ impl Connection {
     /// Fills `buf` completely. With `header`, EOF before the first byte is a clean
     /// disconnect and fds are taken from the first chunk; fds on any other chunk are a
     /// protocol error (ADVERSARIAL B7) and are closed by the drop.
-    fn read_exact_with_fds(&self, buf: &mut [u8], header: bool) -> Result<Vec<OwnedFd>> {
+    /// `started` is when the message's first bytes arrived; with a timeout set, the rest
+    /// of the message must follow within it (J3: a slow trickle is a timeout too).
+    fn read_exact_with_fds(
+        &self,
+        buf: &mut [u8],
+        header: bool,
+        started: &mut Option<Instant>,
+    ) -> Result<Vec<OwnedFd>> {
         let mut filled = 0;
         let mut fds = Vec::new();
         while filled < buf.len() {
+            if let (Some(t0), Some(limit)) = (*started, self.timeout.get()) {
+                if t0.elapsed() > limit {
+                    return Err(Error::Timeout);
+                }
+            }
             let got = scm::recv_with_fds(self.sock.as_fd(), &mut buf[filled..], scm::MAX_FDS)
                 .map_err(|e| match e.raw_os_error() {
                     Some(libc::ENOBUFS) => Error::TooManyFds,
@@ -158,6 +178,9 @@ impl Connection {
                 fds = got.fds;
             }
             filled += got.len;
+            if self.timeout.get().is_some() {
+                started.get_or_insert_with(Instant::now);
+            }
         }
         Ok(fds)
     }
