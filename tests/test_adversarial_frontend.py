@@ -11,6 +11,7 @@ real `BackendSession` adopted on the next accepted socket).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -416,6 +417,13 @@ def area(index: int, size: int, offset: int, nofd: bool = False) -> bytes:
     return struct.pack("=QQQ", index | (hostile.NOFD if nofd else 0), size, offset)
 
 
+SHMEM = int(PF.REPLY_ACK | PF.BACKEND_REQ | PF.SHMEM | PF.BACKEND_SEND_FD)
+
+
+def shmem_map(fd_offset: int, shm_offset: int, length: int, shmid: int = 0) -> bytes:
+    return struct.pack("=B7xQQQQ", shmid, fd_offset, shm_offset, length, 1)
+
+
 BAD_CHANNEL: dict[str, BadChannel] = {
     "H1-config-change-without-CONFIG": BadChannel(
         MSG(BReq.CONFIG_CHANGE_MSG, flags=VERSION | NEED_REPLY), InactiveFeatureError
@@ -439,6 +447,25 @@ BAD_CHANNEL: dict[str, BadChannel] = {
     "H3-host-notifier-reserved-bits": BadChannel(
         MSG(BReq.VRING_HOST_NOTIFIER_MSG, struct.pack("=QQQ", 1 << 20, 4096, 0)), VhostError,
         proto=NOTIFIER, fds=1,
+    ),
+    "H4-shmem-map-without-SHMEM": BadChannel(
+        MSG(BReq.SHMEM_MAP, shmem_map(0, 0, 4096)), InactiveFeatureError, fds=1
+    ),
+    "H4-shmem-map-shm-offset-overflow": BadChannel(
+        MSG(BReq.SHMEM_MAP, shmem_map(0, 2**64 - 4096, 8192)), VhostError, proto=SHMEM, fds=1
+    ),
+    "H4-shmem-map-fd-offset-overflow": BadChannel(
+        MSG(BReq.SHMEM_MAP, shmem_map(2**64 - 1, 0, 2)), VhostError, proto=SHMEM, fds=1
+    ),
+    "H4-shmem-map-length-0": BadChannel(
+        MSG(BReq.SHMEM_MAP, shmem_map(0, 0, 0)), VhostError, proto=SHMEM, fds=1
+    ),
+    "H4-shmem-map-without-fd": BadChannel(
+        MSG(BReq.SHMEM_MAP, shmem_map(0, 0, 4096)), ProtocolError, proto=SHMEM
+    ),
+    "H4-iotlb-size-0": BadChannel(
+        MSG(BReq.IOTLB_MSG, struct.pack("=QQQBB6x", 0x1000, 0, 0x1000, 3, 2)), VhostError,
+        proto=int(PF.REPLY_ACK | PF.BACKEND_REQ),
     ),
     "H5-unknown-code": BadChannel(MSG(0xFFFF), ProtocolError),
     "H5-short-header-then-close": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG)[:6],
@@ -595,6 +622,37 @@ def test_j3_backend_trickling_a_reply_times_out(sock_path: Path) -> None:
         fe.close()
         del fe
         stop.set()
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_b8_fds_received_by_the_frontend_are_cloexec(sock_path: Path) -> None:
+    base = hostile.fd_count()
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        play_negotiation(conn, INFLIGHT)
+        expect(conn, Req.GET_INFLIGHT_FD)
+        fd = os.memfd_create("inflight", 0)  # deliberately not CLOEXEC on this side
+        try:
+            os.ftruncate(fd, 4096)
+            reply(conn, Req.GET_INFLIGHT_FD, INFLIGHT_BODY, [fd])
+        finally:
+            os.close(fd)
+        assert hostile.recv_message(conn) is None
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        fe.negotiate()
+        info = fe.get_inflight_fd(1, 256)
+        with info.fd:
+            assert fcntl.fcntl(info.fd.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert (info.mmap_size, info.num_queues, info.queue_size) == (4096, 1, 256)
+        del info
+    finally:
+        fe.close()
+        del fe
     hb.finish_hostile()
     well_behaved(hb)
     assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
