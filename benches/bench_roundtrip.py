@@ -16,8 +16,10 @@ for each of these pairs, every one a real two-process round trip over a Unix soc
 
 once with both processes pinned to one CPU and once unpinned (the scheduler's choice).
 Each figure is the median over ``--batches`` batches of the mean over ``--n`` round
-trips, after a warm-up. Every Python-side loop is timed the same way (one clock read per
-batch, the garbage collector off), so the cases differ only in what a round trip costs.
+trips, after a warm-up. All pairs of a placement are connected at once and their batches
+(and the floor's runs) take turns, so that outside load falls on every case alike. Every
+Python-side loop is timed the same way (one clock reading at each end of a batch, the
+garbage collector off), so the cases differ only in what a round trip costs.
 
     python benches/bench_roundtrip.py [--n N] [--batches B] [--cpu C]
 """
@@ -149,19 +151,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def spawn_peer(peer: str, place: Placement, tmp: str) -> Iterator[tuple[str, int]]:
+def spawn_peer(peer: str, place: Placement, tmp: str, tag: str) -> Iterator[tuple[str, int]]:
     """Starts ``peer`` under ``place``; yields (socket path, pid)."""
-    sock_path = os.path.join(tmp, f"{'ours' if peer == PEER_OURS else 'qsd'}-{place.name}.sock")
+    sock_path = os.path.join(tmp, f"{tag}.sock")
     if peer == PEER_OURS:
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-backend", sock_path]
     else:
         binary = shutil.which("qemu-storage-daemon")
         if binary is None:
             raise SystemExit("qemu-storage-daemon not found: run `make setup`")
-        image = os.path.join(tmp, "disk.img")
-        if not os.path.exists(image):
-            with open(image, "wb") as f:
-                f.truncate(64 << 20)
+        image = os.path.join(tmp, f"{tag}.img")  # one each: qsd write-locks its image
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
         argv = [
             binary,
             "--blockdev",
@@ -234,25 +235,13 @@ def pure_python(path: str) -> Iterator[dict[str, Op]]:
 CLIENTS = {"ours": ours, "pyclient": pure_python}
 
 
-def time_op(op: Op, n: int, batches: int, warmup: int) -> list[float]:
-    """The mean ns per call over ``n`` calls, for each of ``batches`` batches."""
-    clock = time.perf_counter_ns
+def time_batch(op: Op, n: int) -> float:
+    """The mean ns per call over ``n`` calls (one clock reading each end)."""
     loop = range(n)
-    for _ in range(warmup):
+    t0 = time.perf_counter_ns()
+    for _ in loop:
         op()
-    means: list[float] = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(batches):
-            t0 = clock()
-            for _ in loop:
-                op()
-            means.append((clock() - t0) / n)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return means
+    return (time.perf_counter_ns() - t0) / n
 
 
 # --- the floor -------------------------------------------------------------------------------
@@ -271,22 +260,19 @@ def build_floor() -> Path:
 _MEAN = re.compile(r"mean_ns=(\d+(?:\.\d+)?)")
 
 
-def time_floor(floor: Path, op: str, place: Placement, n: int, batches: int) -> list[float]:
-    """floor.c's mean ns for each of ``batches`` runs (it warms up by itself)."""
+def time_floor(floor: Path, op: str, place: Placement, n: int) -> float:
+    """One floor.c run's mean ns (it warms up by itself)."""
     req, rep = FLOOR_SIZES[op]
-    means: list[float] = []
-    for _ in range(batches):
-        out = subprocess.run(
-            [*place.prefix(), str(floor), str(n), str(req), str(rep)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        m = _MEAN.search(out)
-        if m is None:
-            raise SystemExit(f"unexpected floor output: {out!r}")
-        means.append(float(m.group(1)))
-    return means
+    out = subprocess.run(
+        [*place.prefix(), str(floor), str(n), str(req), str(rep)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    m = _MEAN.search(out)
+    if m is None:
+        raise SystemExit(f"unexpected floor output: {out!r}")
+    return float(m.group(1))
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -319,28 +305,47 @@ def run(args: argparse.Namespace) -> list[Row]:
     warmup = min(args.n, max(1000, args.n // 10))
     rows: dict[tuple[str, str], Row] = {}
 
-    def record(case: str, op: str, place: Placement, ns: list[float]) -> None:
-        rows.setdefault((case, op), Row(case, op, {})).batches[place.name] = ns
+    def record(case: str, op: str, place: Placement, ns: float) -> None:
+        row = rows.setdefault((case, op), Row(case, op, {}))
+        row.batches.setdefault(place.name, []).append(ns)
 
+    gc_was_enabled = gc.isenabled()
     with tempfile.TemporaryDirectory(prefix="pvb-", dir="/tmp") as tmp:
         try:
             for place in placements:
                 place.apply()
                 print(f"# {place.name}: this process cpus={cpus_of()}", flush=True)
-                for op in OPS:
-                    ns = time_floor(floor, op, place, args.n, args.batches)
-                    record("floor.c (socketpair, fork)", op, place, ns)
-                for client, peer in CASES:
-                    with spawn_peer(peer, place, tmp) as (path, pid):
+                with contextlib.ExitStack() as stack:
+                    # Every pair is connected first; their batches then take turns, so
+                    # that load from elsewhere falls on all cases alike.
+                    sessions: list[tuple[str, dict[str, Op]]] = []
+                    for i, (client, peer) in enumerate(CASES):
+                        tag = f"{place.name}-{i}"
+                        path, pid = stack.enter_context(spawn_peer(peer, place, tmp, tag))
                         print(
                             f"#   {client} vs {peer}: peer pid {pid} cpus={cpus_of(pid)}",
                             flush=True,
                         )
-                        with CLIENTS[client](path) as ops:
+                        sessions.append(
+                            (f"{client} vs {peer}", stack.enter_context(CLIENTS[client](path)))
+                        )
+                    for _, ops in sessions:
+                        for op in OPS:
+                            for _ in range(warmup):
+                                ops[op]()
+                    gc.disable()
+                    for _ in range(args.batches):
+                        for op in OPS:
+                            ns = time_floor(floor, op, place, args.n)
+                            record("floor.c (socketpair, fork)", op, place, ns)
+                        for case, ops in sessions:
                             for op in OPS:
-                                ns = time_op(ops[op], args.n, args.batches, warmup)
-                                record(f"{client} vs {peer}", op, place, ns)
+                                record(case, op, place, time_batch(ops[op], args.n))
+                    if gc_was_enabled:
+                        gc.enable()
         finally:
+            if gc_was_enabled:
+                gc.enable()
             os.sched_setaffinity(0, all_cpus)
     return list(rows.values())
 
