@@ -330,6 +330,11 @@ FATAL: dict[str, Fatal] = {
     "C2-size-zero": Fatal(
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, 0)])), VhostError, fds=memfds(1)
     ),
+    "C3-size-aligns-up-to-zero": Fatal(
+        MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, 2**64 - 1, 0)])),
+        VhostError,
+        fds=memfds(1),
+    ),
     "C4-overlapping-gpa": Fatal(
         MSG(Req.SET_MEM_TABLE,
             hostile.mem_table([region(0, MiB), region(MiB // 2, MiB, UADDR + 4 * MiB)])),
@@ -918,4 +923,64 @@ def test_channel_bad_reply_closes_only_the_channel(
     assert len(dev.channel_errors) == 2, dev.channel_errors
     assert isinstance(dev.channel_errors[0], error), dev.channel_errors
     assert isinstance(dev.channel_errors[1], ClosedError), dev.channel_errors
+    check_clean(listener, base)
+
+
+def test_j4_second_frontend_waits_and_first_is_untouched(listener: BackendListener) -> None:
+    """One session at a time: a second front-end is not served (it times out) until the
+    first is done, and the first one is not disturbed by it."""
+    base = hostile.fd_count()
+    st = start(listener, Device())
+    first = Frontend.connect(listener.path, timeout=5.0)
+    second = Frontend.connect(listener.path, timeout=0.3)
+    try:
+        assert first.get_features() == FEATURES
+        with pytest.raises(VhostTimeoutError):
+            second.get_features()
+        first.set_owner()
+        assert first.get_protocol_features() == OFFERED_PROTO
+    finally:
+        second.close()
+        first.close()
+        del first, second
+    assert st.join() is None
+    # The second front-end's connection sat in the backlog; the next session finds it
+    # closed and ends cleanly or with a typed error.
+    leftover = start(listener, Device())
+    outcome = leftover.join()
+    assert outcome is None or isinstance(outcome, VhostError), outcome
+    check_clean(listener, base)
+
+
+def test_d4_ring_outside_memory_is_refused(listener: BackendListener) -> None:
+    base = hostile.fd_count()
+    dev = Device()
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, NACK_PROTO)
+        fd = memfd(MiB)
+        try:
+            r = ask(s, MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=ACKED),
+                    [fd])
+        finally:
+            os.close(fd)
+        assert r.u64 == 0
+        assert ask(s, MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 256), flags=ACKED)).u64 == 0
+        bad = {
+            "desc outside": vring_addr(0, desc=UADDR + 2 * MiB, used=UADDR + 0x3000,
+                                       avail=UADDR + 0x2000),
+            "desc straddles the end": vring_addr(0, desc=UADDR + MiB - 16, used=UADDR + 0x3000,
+                                                 avail=UADDR + 0x2000),
+            "used below the region": vring_addr(0, desc=UADDR, used=UADDR - 0x1000,
+                                                avail=UADDR + 0x2000),
+            "avail wraps": vring_addr(0, desc=UADDR, used=UADDR + 0x3000, avail=2**64 - 2),
+        }
+        for what, body in bad.items():
+            r = ask(s, MSG(Req.SET_VRING_ADDR, body, flags=ACKED))
+            assert r.u64 != 0, what
+        good = vring_addr(0, desc=UADDR, used=UADDR + 0x3000, avail=UADDR + 0x2000)
+        assert ask(s, MSG(Req.SET_VRING_ADDR, good, flags=ACKED)).u64 == 0
+        still_answers(s)
+    assert st.join() is None
+    assert len(dev.errors) == 4, dev.errors
     check_clean(listener, base)
