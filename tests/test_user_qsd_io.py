@@ -20,7 +20,7 @@ import pytest
 import peers
 from vhost import EventFd, GuestMemory
 from vhost.codes import ProtocolFeature
-from vhost.types import VringConfig
+from vhost.types import DirtyLogRegion, VringConfig
 from vhost.user import Frontend, regions_of
 from vhost.virtio import VirtioFeature
 
@@ -167,3 +167,25 @@ def test_get_vring_base_reports_progress(driver: tuple[Driver, Path]) -> None:
         assert drv.request(T_IN, 0, 512)[0] == 0
     # GET_VRING_BASE stops the ring and returns the next available index it will read
     assert drv.fe.get_vring_base(0) == 3
+
+
+def test_set_log_base_accepts_libvhost_user_reply(tmp_sock_dir: Path) -> None:
+    """SET_LOG_BASE's reply is a bare "done": libvhost-user (qemu-storage-daemon) echoes
+    mmap_size in its u64 and QEMU ignores the value, so the front-end must not read it
+    as a status."""
+    image = peers.make_image(tmp_sock_dir / "disk.img", IMAGE_SIZE)
+    sock = tmp_sock_dir / "blk.sock"
+    with peers.qemu_storage_daemon_blk(image, sock) as qsd, Frontend.connect(sock) as fe:
+        _, proto = fe.negotiate(
+            protocol_features=int(ProtocolFeature.REPLY_ACK | ProtocolFeature.LOG_SHMFD)
+        )
+        assert proto & ProtocolFeature.LOG_SHMFD
+        log_fd = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(log_fd, 8192)
+            fe.set_log_base(0, DirtyLogRegion(mmap_size=8192, mmap_offset=0, fd=log_fd))
+        finally:
+            os.close(log_fd)
+        assert not fe.broken
+        assert fe.get_features() & VirtioFeature.VERSION_1
+        assert qsd.alive(), qsd.output()

@@ -730,7 +730,6 @@ STATUS_REFUSABLE: list[tuple[str, Callable[[Frontend], object]]] = [
             IotlbMessage(iova=0, size=4096, uaddr=0, perm=IotlbAccess.RO, type=IotlbType.UPDATE)
         ),
     ),
-    ("set_log_base", lambda fe: fe.set_log_base(0, DirtyLogRegion(4096, 0, fe.fileno()))),
 ]
 
 

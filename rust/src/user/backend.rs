@@ -762,11 +762,12 @@ impl BackendSession {
 }
 
 /// The failure status of requests whose reply is a u64 status (no fd on failure):
-/// SET_DEVICE_STATE_FD's reply also sets its NOFD bit (bit 8).
+/// SET_DEVICE_STATE_FD's reply also sets its NOFD bit (bit 8). Not SET_LOG_BASE: its
+/// reply is only a "done" that front-ends do not read (QEMU ignores the value), so a
+/// failure there still closes the connection rather than pass for success.
 fn status_reply(code: FrontendReq) -> Option<u64> {
     match code {
-        FrontendReq::SetLogBase
-        | FrontendReq::IotlbMsg
+        FrontendReq::IotlbMsg
         | FrontendReq::CheckDeviceState
         | FrontendReq::PostcopyEnd
         | FrontendReq::GetSharedObject => Some(1),

@@ -260,16 +260,10 @@ impl Frontend {
             mmap_offset,
         }
         .to_bytes();
-        let r = self.reply(FrontendReq::SetLogBase, &body, &[fd])?;
-        // The reply is a u64 status: non-zero means the back-end could not map the log.
-        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
-        if status != 0 {
-            return Err(Error::Refused {
-                request: "SET_LOG_BASE",
-                status,
-            });
-        }
-        Ok(())
+        // The reply only says "done": its u64 is not a status. libvhost-user (and so
+        // qemu-storage-daemon) echoes mmap_size in it, and QEMU ignores it.
+        self.reply(FrontendReq::SetLogBase, &body, &[fd])
+            .map(|_| ())
     }
 
     pub fn set_log_fd(&self, fd: BorrowedFd<'_>) -> Result<()> {
