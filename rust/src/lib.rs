@@ -11,3 +11,4 @@ pub mod backend;
 pub mod memory;
 pub mod sys;
 pub mod user;
+pub mod vring;

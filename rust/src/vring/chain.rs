@@ -1,0 +1,223 @@
+//! Descriptor chains as the device sees them, and the walker rules shared by both formats.
+
+use crate::memory::GuestMemory;
+
+use super::{check_range, Result, VringError, DESC_SIZE};
+
+/// One buffer piece of a chain. `addr..addr+len` is checked to be backed by guest memory
+/// (possibly across GPA-contiguous regions) when the chain is popped; `len` is never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A popped buffer: its head (split: descriptor index; packed: buffer id) and its segments,
+/// readable ones first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescriptorChain {
+    pub head: u16,
+    pub segments: Vec<Segment>,
+    /// Ring descriptors the chain occupied (1 for an indirect buffer); packed rings advance
+    /// by this much.
+    pub(crate) ring_descriptors: u16,
+}
+
+impl DescriptorChain {
+    pub fn readable(&self) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(|s| !s.writable)
+    }
+
+    pub fn writable(&self) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(|s| s.writable)
+    }
+
+    /// Total readable bytes (fits u32: longer chains are rejected).
+    pub fn readable_len(&self) -> u32 {
+        self.readable().map(|s| s.len).sum()
+    }
+
+    /// Total writable bytes (fits u32: longer chains are rejected).
+    pub fn writable_len(&self) -> u32 {
+        self.writable().map(|s| s.len).sum()
+    }
+
+    /// Copies all readable bytes out of guest memory.
+    pub fn read_all(&self, mem: &GuestMemory) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.readable_len() as usize];
+        let mut at = 0usize;
+        for s in self.readable() {
+            let n = s.len as usize;
+            mem.read(s.addr, &mut out[at..at + n])?;
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` into the writable segments in order; returns the bytes written (at most
+    /// `writable_len()`; the rest of `data` is dropped).
+    pub fn write_all(&self, mem: &GuestMemory, data: &[u8]) -> Result<u32> {
+        let mut at = 0usize;
+        for s in self.writable() {
+            if at == data.len() {
+                break;
+            }
+            let n = (s.len as usize).min(data.len() - at);
+            mem.write(s.addr, &data[at..at + n])?;
+            at += n;
+        }
+        Ok(at as u32) // at <= writable_len() <= u32::MAX
+    }
+}
+
+/// A descriptor as read (once) from memory. For split rings `extra` is `next`; for packed
+/// rings it is the buffer id.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub extra: u16,
+    pub flags: u16,
+}
+
+/// Split layout: addr, len, flags, next.
+pub(crate) fn read_split_desc(mem: &GuestMemory, gpa: u64) -> Result<RawDesc> {
+    let mut b = [0u8; DESC_SIZE as usize];
+    mem.read(gpa, &mut b)?;
+    Ok(RawDesc {
+        addr: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        flags: u16::from_le_bytes([b[12], b[13]]),
+        extra: u16::from_le_bytes([b[14], b[15]]),
+    })
+}
+
+pub(crate) fn encode_split_desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..12].copy_from_slice(&len.to_le_bytes());
+    b[12..14].copy_from_slice(&flags.to_le_bytes());
+    b[14..16].copy_from_slice(&next.to_le_bytes());
+    b
+}
+
+/// Packed layout: addr, len, id, flags.
+#[allow(dead_code)] // packed rings come next
+pub(crate) fn read_packed_desc(mem: &GuestMemory, gpa: u64) -> Result<RawDesc> {
+    let d = read_split_desc(mem, gpa)?;
+    // Same bytes; only the last two fields swap meaning.
+    Ok(RawDesc {
+        addr: d.addr,
+        len: d.len,
+        extra: d.flags,
+        flags: d.extra,
+    })
+}
+
+#[allow(dead_code)]
+pub(crate) fn encode_packed_desc(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
+    encode_split_desc(addr, len, id, flags)
+}
+
+/// Accumulates segments while enforcing the rules every chain obeys: at most `max`
+/// descriptors, readable before writable, total length within u32, buffers inside memory.
+#[derive(Debug)]
+pub(crate) struct ChainBuilder {
+    head: u16,
+    max: u16,
+    count: u32,
+    total: u64,
+    seen_writable: bool,
+    segments: Vec<Segment>,
+}
+
+impl ChainBuilder {
+    pub fn new(head: u16, max: u16) -> Self {
+        Self {
+            head,
+            max,
+            count: 0,
+            total: 0,
+            seen_writable: false,
+            segments: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, mem: &GuestMemory, addr: u64, len: u32, writable: bool) -> Result<()> {
+        self.count += 1;
+        if self.count > u32::from(self.max) {
+            return Err(VringError::ChainTooLong {
+                head: self.head,
+                max: self.max,
+            });
+        }
+        if writable {
+            self.seen_writable = true;
+        } else if self.seen_writable {
+            return Err(VringError::ReadableAfterWritable { head: self.head });
+        }
+        self.total += u64::from(len);
+        if self.total > u64::from(u32::MAX) {
+            return Err(VringError::LengthOverflow { head: self.head });
+        }
+        if len > 0 {
+            check_range(mem, addr, u64::from(len))?;
+            self.segments.push(Segment {
+                addr,
+                len,
+                writable,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn finish(self, ring_descriptors: u16) -> DescriptorChain {
+        DescriptorChain {
+            head: self.head,
+            segments: self.segments,
+            ring_descriptors,
+        }
+    }
+}
+
+/// Largest indirect table accepted, in entries (ADVERSARIAL E5).
+pub(crate) const MAX_INDIRECT_ENTRIES: u32 = 65535;
+
+/// Validates an indirect descriptor's table (len nonzero, a multiple of 16, at most 65535
+/// entries, inside memory) and returns its entry count.
+pub(crate) fn indirect_entries(mem: &GuestMemory, desc: &RawDesc) -> Result<u32> {
+    if desc.len == 0 || u64::from(desc.len) % DESC_SIZE != 0 {
+        return Err(VringError::IndirectInvalid { len: desc.len });
+    }
+    let entries = desc.len / DESC_SIZE as u32;
+    if entries > MAX_INDIRECT_ENTRIES {
+        return Err(VringError::IndirectInvalid { len: desc.len });
+    }
+    check_range(mem, desc.addr, u64::from(desc.len))?;
+    Ok(entries)
+}
+
+/// Checks driver-supplied segments (driver side): nonempty, total within u32, in memory.
+pub(crate) fn check_driver_segments(
+    mem: &GuestMemory,
+    readable: &[(u64, u32)],
+    writable: &[(u64, u32)],
+) -> Result<u32> {
+    if readable.is_empty() && writable.is_empty() {
+        return Err(VringError::EmptyChain);
+    }
+    let mut total = 0u64;
+    let mut writable_total = 0u64;
+    for (i, &(addr, len)) in readable.iter().chain(writable).enumerate() {
+        check_range(mem, addr, u64::from(len))?;
+        total += u64::from(len);
+        if i >= readable.len() {
+            writable_total += u64::from(len);
+        }
+    }
+    if total > u64::from(u32::MAX) {
+        return Err(VringError::LengthOverflow { head: 0 });
+    }
+    Ok(writable_total as u32)
+}

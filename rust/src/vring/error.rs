@@ -1,0 +1,91 @@
+//! The one error type of the vring layer.
+
+use crate::memory::MemoryError;
+
+/// Everything a virtqueue can refuse. Errors caused by what the peer wrote into shared
+/// memory (a corrupt descriptor, index or used element) also mark the queue broken: every
+/// later data-path call returns [`VringError::Broken`] until the queue is rebuilt, so a
+/// hostile peer cannot make us re-process or half-process anything. Errors caused by the
+/// local caller (a full queue, a bad `add_used` argument, a bad layout) leave the queue
+/// usable.
+#[derive(Debug, thiserror::Error)]
+pub enum VringError {
+    /// Split: not a power of two in 1..=32768; packed: not in 1..=32768 (ADVERSARIAL D1).
+    #[error("invalid queue size {0}")]
+    InvalidSize(u32),
+    /// A ring area is not aligned as the spec requires (D3).
+    #[error("{area} address {addr:#x} is not {align}-byte aligned")]
+    Misaligned {
+        area: &'static str,
+        addr: u64,
+        align: u64,
+    },
+    /// A ring area, descriptor buffer or indirect table is not backed by guest memory, or
+    /// its address plus length overflows (D4, E3, E12, F6).
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A chain revisits a descriptor: more steps than there are descriptors (E1, E4).
+    #[error("descriptor loop in chain starting at {head}")]
+    DescriptorLoop { head: u16 },
+    /// An indirect table contains an INDIRECT descriptor (E5).
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    /// A descriptor has both INDIRECT and NEXT (E5).
+    #[error("descriptor has both INDIRECT and NEXT")]
+    IndirectWithNext,
+    /// INDIRECT used without VIRTIO_F_INDIRECT_DESC.
+    #[error("indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")]
+    IndirectNotNegotiated,
+    /// Indirect table length 0 or not a multiple of 16 (E5, F4).
+    #[error("indirect table length {len} is 0 or not a multiple of 16")]
+    IndirectInvalid { len: u32 },
+    /// A chain (counting indirect entries) has more descriptors than the queue size (E5, F3).
+    #[error("chain starting at {head} is longer than the queue size {max}")]
+    ChainTooLong { head: u16, max: u16 },
+    /// The chain's total length does not fit in u32 (E8).
+    #[error("total length of chain starting at {head} exceeds u32::MAX")]
+    LengthOverflow { head: u16 },
+    /// A device-readable descriptor follows a device-writable one (E10: rejected).
+    #[error("readable descriptor after a writable one in chain starting at {head}")]
+    ReadableAfterWritable { head: u16 },
+    /// A descriptor index or buffer id is not below the queue size (E2, F1, E11).
+    #[error("head or buffer id {head} is out of range for queue size {size}")]
+    InvalidHead { head: u32, size: u16 },
+    /// The driver offered a head (split) or buffer id (packed) that is still in flight (E7, F1).
+    #[error("head or buffer id {head} offered again while still in flight")]
+    HeadInFlight { head: u16 },
+    /// avail.idx moved by more than the queue size since we last looked (E6).
+    #[error("avail index {avail} is more than queue size {size} ahead of {next}")]
+    InvalidAvailIndex { avail: u16, next: u16, size: u16 },
+    /// used.idx moved by more than the number of buffers in flight (driver side).
+    #[error("used index {used} is inconsistent with {last} and {in_flight} buffers in flight")]
+    InvalidUsedIndex {
+        used: u16,
+        last: u16,
+        in_flight: u16,
+    },
+    /// A used element names a buffer not in flight or reports more bytes than the buffer
+    /// could take (E11; on the device side this is a caller error and is not sticky).
+    #[error("invalid used element id {id} len {len}: {reason}")]
+    InvalidUsed {
+        id: u32,
+        len: u32,
+        reason: &'static str,
+    },
+    /// Packed: a descriptor in the middle of a chain is not available (F2) or the ring
+    /// holds a chain the driver never finished.
+    #[error("packed chain starting at slot {slot} is incomplete")]
+    IncompleteChain { slot: u16 },
+    /// Driver side: not enough free descriptors (or ids) for the buffer.
+    #[error("queue full: {needed} descriptors needed, {free} free")]
+    QueueFull { needed: usize, free: usize },
+    /// Driver side: a buffer with no segments.
+    #[error("a buffer needs at least one segment")]
+    EmptyChain,
+    /// A previous error stopped the queue.
+    #[error("queue is broken by an earlier error")]
+    Broken,
+}
+
+/// Shorthand for the layer's results.
+pub type Result<T> = std::result::Result<T, VringError>;

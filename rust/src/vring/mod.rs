@@ -1,0 +1,220 @@
+//! Virtqueues (virtio 1.x): split and packed rings, both the device side (pop descriptor
+//! chains, add used elements) and the driver side (add buffers, publish, collect used
+//! buffers), with notification suppression by flags and by EVENT_IDX.
+//!
+//! Rings live in guest memory and are addressed by guest-physical addresses (a back-end
+//! converts the front-end addresses of SET_VRING_ADDR with
+//! [`GuestMemory::user_to_gpa`](crate::memory::GuestMemory::user_to_gpa)). Every access goes
+//! through [`GuestMemory`]'s bounds-checked accessors: this module has no `unsafe`.
+//!
+//! Everything the peer writes is untrusted (ADVERSARIAL C-F): each descriptor is read once
+//! into a local copy, chains are bounded by the queue size (counting indirect entries),
+//! nested indirect tables, INDIRECT|NEXT, out-of-range heads, index jumps, length overflow
+//! and buffers outside guest memory are typed errors, and such an error leaves the queue
+//! broken (every later data-path call returns [`VringError::Broken`]).
+//!
+//! Memory ordering: indexes and flags are read with single volatile loads, followed by an
+//! Acquire fence before the data they guard is read; data is written before a Release fence
+//! and the index or flags store that publishes it; notification decisions use a SeqCst
+//! fence between publishing and reading the peer's suppression state.
+//!
+//! Policies chosen where the spec leaves room:
+//! - a device-readable descriptor after a device-writable one is rejected (E10);
+//! - zero-length descriptors count towards the chain bound but produce no segment;
+//! - a segment may span guest-physical regions that are contiguous;
+//! - an indirect table may hold at most 65535 entries and its chain, plus the direct
+//!   descriptors before it, at most queue-size descriptors;
+//! - the device refuses a head (split) or buffer id (packed) that is still in flight;
+//! - packed event-suppression flags with the reserved value 3 are treated as "enabled"
+//!   (a spurious notification is harmless, a lost one hangs the peer) (F6).
+
+mod chain;
+mod error;
+pub mod event;
+mod packed;
+mod split;
+
+pub use chain::{DescriptorChain, Segment};
+pub use error::{Result, VringError};
+pub use packed::{PackedDevice, PackedDriver};
+pub use split::{SplitDevice, SplitDriver};
+
+use crate::memory::{GuestMemory, MemoryError};
+
+/// Largest queue size of either format (virtio 1.x).
+pub const MAX_QUEUE_SIZE: u32 = 32768;
+
+/// Descriptor flag: the buffer continues in the `next` descriptor (split) or slot (packed).
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable.
+pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of descriptors.
+pub const DESC_F_INDIRECT: u16 = 4;
+/// Packed descriptor flag: available (compared with the driver's wrap counter).
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+/// Packed descriptor flag: used (compared with the device's wrap counter).
+pub const DESC_F_USED: u16 = 1 << 15;
+/// Split avail.flags: the driver does not want interrupts.
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Split used.flags: the device does not want kicks.
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Size of one descriptor, split or packed.
+pub const DESC_SIZE: u64 = 16;
+
+/// Where a ring lives, validated: size and alignment match its format.
+///
+/// Split: `desc` (16-aligned), avail ring (`avail_or_driver`, 2-aligned), used ring
+/// (`used_or_device`, 4-aligned), size a power of two in 1..=32768. Packed: `desc`
+/// (16-aligned), driver event area (4-aligned), device event area (4-aligned), size in
+/// 1..=32768.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    size: u16,
+    desc: u64,
+    avail_or_driver: u64,
+    used_or_device: u64,
+    packed: bool,
+}
+
+impl RingLayout {
+    /// A split ring (ADVERSARIAL D1, D3).
+    pub fn split(size: u32, desc: u64, avail: u64, used: u64) -> Result<Self> {
+        if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+            return Err(VringError::InvalidSize(size));
+        }
+        Self::aligned(
+            size,
+            [
+                ("descriptor table", desc, 16),
+                ("avail ring", avail, 2),
+                ("used ring", used, 4),
+            ],
+            false,
+        )
+    }
+
+    /// A packed ring (any size in 1..=32768).
+    pub fn packed(size: u32, desc: u64, driver_event: u64, device_event: u64) -> Result<Self> {
+        if size == 0 || size > MAX_QUEUE_SIZE {
+            return Err(VringError::InvalidSize(size));
+        }
+        Self::aligned(
+            size,
+            [
+                ("descriptor ring", desc, 16),
+                ("driver event area", driver_event, 4),
+                ("device event area", device_event, 4),
+            ],
+            true,
+        )
+    }
+
+    /// A split ring laid out contiguously from `base` (desc, avail, then used 4-aligned).
+    pub fn split_at(size: u32, base: u64) -> Result<Self> {
+        let n = u64::from(size);
+        let avail = base.wrapping_add(DESC_SIZE * n);
+        let used = avail.wrapping_add(6 + 2 * n + 3) & !3;
+        Self::split(size, base, avail, used)
+    }
+
+    /// A packed ring laid out contiguously from `base` (ring, driver area, device area).
+    pub fn packed_at(size: u32, base: u64) -> Result<Self> {
+        let driver = base.wrapping_add(DESC_SIZE * u64::from(size));
+        Self::packed(size, base, driver, driver.wrapping_add(4))
+    }
+
+    fn aligned(size: u32, areas: [(&'static str, u64, u64); 3], packed: bool) -> Result<Self> {
+        for (area, addr, align) in areas {
+            if addr % align != 0 {
+                return Err(VringError::Misaligned { area, addr, align });
+            }
+        }
+        Ok(Self {
+            size: size as u16, // checked <= 32768 by the callers
+            desc: areas[0].1,
+            avail_or_driver: areas[1].1,
+            used_or_device: areas[2].1,
+            packed,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    pub fn desc(&self) -> u64 {
+        self.desc
+    }
+
+    /// Split: the avail ring; packed: the driver event suppression area.
+    pub fn avail_or_driver(&self) -> u64 {
+        self.avail_or_driver
+    }
+
+    /// Split: the used ring; packed: the device event suppression area.
+    pub fn used_or_device(&self) -> u64 {
+        self.used_or_device
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// (address, length) of the three areas, including the event index words of a split
+    /// ring.
+    pub fn areas(&self) -> [(u64, u64); 3] {
+        let n = u64::from(self.size);
+        if self.packed {
+            [
+                (self.desc, DESC_SIZE * n),
+                (self.avail_or_driver, 4),
+                (self.used_or_device, 4),
+            ]
+        } else {
+            [
+                (self.desc, DESC_SIZE * n),
+                (self.avail_or_driver, 6 + 2 * n),
+                (self.used_or_device, 6 + 8 * n),
+            ]
+        }
+    }
+
+    /// Checks that every area lies entirely in guest memory (ADVERSARIAL D4): the whole
+    /// [start, end) range, not just its ends.
+    pub fn check_memory(&self, mem: &GuestMemory) -> Result<()> {
+        for (addr, len) in self.areas() {
+            check_range(mem, addr, len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that [addr, addr+len) is backed by guest memory, possibly across regions that are
+/// contiguous in guest-physical space. `len` 0 always passes.
+pub(crate) fn check_range(
+    mem: &GuestMemory,
+    addr: u64,
+    len: u64,
+) -> std::result::Result<(), MemoryError> {
+    let out = || MemoryError::OutOfRange { addr, len };
+    let end = addr.checked_add(len).ok_or_else(out)?;
+    let regions = mem.regions();
+    let mut cur = addr;
+    while cur < end {
+        let idx = regions.partition_point(|r| r.info().guest_phys_addr <= cur);
+        let region = idx
+            .checked_sub(1)
+            .and_then(|i| regions.get(i))
+            .ok_or_else(out)?;
+        let region_end = region.info().gpa_end();
+        if cur >= region_end {
+            return Err(out());
+        }
+        cur = region_end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
