@@ -189,3 +189,31 @@ def test_set_log_base_accepts_libvhost_user_reply(tmp_sock_dir: Path) -> None:
         assert not fe.broken
         assert fe.get_features() & VirtioFeature.VERSION_1
         assert qsd.alive(), qsd.output()
+
+
+def test_postcopy_set_mem_table(tmp_sock_dir: Path) -> None:
+    """Postcopy with libvhost-user (qemu-storage-daemon): POSTCOPY_ADVISE hands us its
+    userfaultfd; after POSTCOPY_LISTEN, SET_MEM_TABLE takes QEMU's postcopy form (the
+    daemon answers with its mapping addresses and waits for our ack); POSTCOPY_END."""
+    image = peers.make_image(tmp_sock_dir / "disk.img", IMAGE_SIZE)
+    sock = tmp_sock_dir / "blk.sock"
+    with peers.qemu_storage_daemon_blk(image, sock) as qsd, Frontend.connect(sock) as fe:
+        _, proto = fe.negotiate(
+            protocol_features=int(ProtocolFeature.REPLY_ACK | ProtocolFeature.PAGEFAULT)
+        )
+        assert proto & ProtocolFeature.PAGEFAULT
+        ufd = fe.postcopy_advise()
+        try:
+            assert os.readlink(f"/proc/self/fd/{ufd.fileno()}") == "anon_inode:[userfaultfd]"
+        finally:
+            ufd.close()
+        fe.postcopy_listen()
+        ram = GuestMemory.allocate([(0, 1 << 20), (1 << 20, 1 << 20)])
+        fe.set_mem_table(regions_of(ram))
+        assert not fe.broken
+        fe.postcopy_end()
+        # after postcopy, the connection carries ordinary requests again (and
+        # SET_MEM_TABLE is back to its acked form)
+        fe.set_mem_table(regions_of(ram))
+        assert fe.get_features() & VirtioFeature.VERSION_1
+        assert qsd.alive(), qsd.output()

@@ -39,6 +39,9 @@ struct Negotiated {
     /// What the back-end offered in GET_PROTOCOL_FEATURES.
     offered_protocol: Option<u64>,
     acked_protocol: u64,
+    /// Between POSTCOPY_LISTEN and POSTCOPY_END, SET_MEM_TABLE takes QEMU's postcopy
+    /// form (the back-end answers with its own mapping addresses, we ack them).
+    postcopy_listening: bool,
 }
 
 #[derive(Debug)]
@@ -250,7 +253,54 @@ impl Frontend {
         // Validate locally with the same rules the back-end applies (C1, C2, C4).
         MemTable::from_bytes(&body)?;
         let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|(_, fd)| *fd).collect();
+        if self.lock().neg.postcopy_listening {
+            return self.set_mem_table_postcopy(&table, &body, &fds).map(|_| ());
+        }
         self.send_only(FrontendReq::SetMemTable, &body, &fds)
+    }
+
+    /// SET_MEM_TABLE while postcopy is listening, as QEMU does it: the request goes
+    /// without NEED_REPLY; the back-end answers with the same table carrying the
+    /// addresses at which it mapped each region (for the front-end's fault handling);
+    /// the front-end then acks with a SET_MEM_TABLE message holding a u64 0, after which
+    /// the back-end may start faulting. Returns the back-end's region addresses.
+    fn set_mem_table_postcopy(
+        &self,
+        table: &MemTable,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Vec<u64>> {
+        let code = FrontendReq::SetMemTable.code();
+        let mut st = self.lock();
+        Self::check_gate(&st.neg, FrontendReq::SetMemTable)?;
+        st.conn
+            .send(&Header::request(code, body.len() as u32, false), body, fds)?;
+        let msg = st.conn.recv(|h| h.check_reply_to(code))?;
+        if !msg.fds.is_empty() {
+            st.conn.poison();
+            return Err(Error::FdCount {
+                request: "SET_MEM_TABLE",
+                expected: "0 in the postcopy reply",
+                got: msg.fds.len(),
+            });
+        }
+        let reply = MemTable::from_bytes(&msg.body).inspect_err(|_| st.conn.poison())?;
+        let same_layout = reply.regions.len() == table.regions.len()
+            && reply
+                .regions
+                .iter()
+                .zip(&table.regions)
+                .all(|(r, t)| r.guest_phys_addr == t.guest_phys_addr);
+        if !same_layout {
+            st.conn.poison();
+            return Err(Error::ReplyMismatch(
+                "postcopy SET_MEM_TABLE reply describes other regions".into(),
+            ));
+        }
+        let ack = U64Payload(0).to_bytes();
+        st.conn
+            .send(&Header::request(code, ack.len() as u32, false), &ack, &[])?;
+        Ok(reply.regions.iter().map(|r| r.userspace_addr).collect())
     }
 
     /// SET_LOG_BASE with the shared-memory log (LOG_SHMFD); the reply is an ack.
@@ -567,10 +617,14 @@ impl Frontend {
     }
 
     pub fn postcopy_listen(&self) -> Result<()> {
-        self.send_only(FrontendReq::PostcopyListen, &[], &[])
+        self.send_only(FrontendReq::PostcopyListen, &[], &[])?;
+        self.lock().neg.postcopy_listening = true;
+        Ok(())
     }
 
     pub fn postcopy_end(&self) -> Result<()> {
+        // The back-end leaves postcopy whatever its status says.
+        self.lock().neg.postcopy_listening = false;
         self.status_reply(FrontendReq::PostcopyEnd)
     }
 
