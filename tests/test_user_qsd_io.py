@@ -217,3 +217,31 @@ def test_postcopy_set_mem_table(tmp_sock_dir: Path) -> None:
         fe.set_mem_table(regions_of(ram))
         assert fe.get_features() & VirtioFeature.VERSION_1
         assert qsd.alive(), qsd.output()
+
+
+def test_io_through_hot_added_region(tmp_sock_dir: Path) -> None:
+    """CONFIGURE_MEM_SLOTS: guest RAM shared with ADD_MEM_REG instead of SET_MEM_TABLE
+    carries I/O just the same; REM_MEM_REG and a re-add are accepted."""
+    image = peers.make_image(tmp_sock_dir / "disk.img", IMAGE_SIZE, pattern=PATTERN)
+    sock = tmp_sock_dir / "blk.sock"
+    with peers.qemu_storage_daemon_blk(image, sock) as qsd, Frontend.connect(sock) as fe:
+        _, proto = fe.negotiate(
+            features=int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES),
+            protocol_features=int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS),
+        )
+        assert proto & ProtocolFeature.CONFIGURE_MEM_SLOTS
+        assert fe.get_max_mem_slots() >= 8
+        spare = GuestMemory.allocate([(1 << 24, 1 << 20)])
+        fe.add_mem_region(regions_of(spare)[0])
+        fe.remove_mem_region(regions_of(spare)[0])
+        ram = GuestMemory.allocate([(0, 1 << 20)])
+        (region,) = regions_of(ram)
+        fe.add_mem_region(region)
+        drv = Driver(fe, ram)
+        try:
+            status, data = drv.request(T_IN, 8 * 5, 512)
+            assert status == 0
+            assert data[:16] == PATTERN + struct.pack("<Q", 5)
+        finally:
+            drv.close()
+        assert qsd.alive(), qsd.output()
