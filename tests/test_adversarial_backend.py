@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -984,3 +986,106 @@ def test_d4_ring_outside_memory_is_refused(listener: BackendListener) -> None:
     assert st.join() is None
     assert len(dev.errors) == 4, dev.errors
     check_clean(listener, base)
+
+
+# -- J7: a thread blocked in a native call must not wedge the interpreter ---------------
+# Each scenario runs in a child interpreter: a regression would deadlock, and a deadlock
+# with the GIL held would otherwise hang the whole test run.
+
+J7_SCENARIOS: dict[str, str] = {
+    "listener-close-during-accept-with-timeout": """
+import threading, time
+from vhost import _core
+from vhost.errors import ClosedError
+l = _core.Listener(PATH)
+out = []
+def run():
+    try:
+        l.accept_backend(5.0)
+    except BaseException as e:
+        out.append(e)
+t = threading.Thread(target=run); t.start(); time.sleep(0.2)
+l.close(); t.join(5)
+assert not t.is_alive() and isinstance(out[0], ClosedError), out
+""",
+    "listener-close-during-accept-forever": """
+import threading, time, os
+from vhost.user import BackendListener
+from vhost.errors import ClosedError
+l = BackendListener(PATH)
+out = []
+def run():
+    try:
+        l.accept()
+    except BaseException as e:
+        out.append(e)
+t = threading.Thread(target=run); t.start(); time.sleep(0.2)
+assert l.fileno() >= 0
+l.close(); t.join(5)
+assert not t.is_alive() and isinstance(out[0], ClosedError), out
+assert not os.path.exists(PATH)
+""",
+    "channel-broken-while-another-thread-waits": """
+import threading, time
+from vhost.user import BackendHandler, BackendListener, Frontend, FrontendRequestHandler
+channels = []
+class Dev(BackendHandler):
+    def get_features(self): return (1 << 30) | (1 << 32)
+    def get_protocol_features(self): return (1 << 9) | (1 << 5)
+    def set_backend_channel(self, c): channels.append(c)
+l = BackendListener(PATH)
+threading.Thread(target=lambda: l.accept().serve(Dev()), daemon=True).start()
+fe = Frontend.connect(PATH)
+fe.negotiate()
+ch = fe.set_backend_req_fd()
+seen = []
+class Answers(FrontendRequestHandler):
+    def config_change(self):
+        seen.append(1)
+        return 0
+t = threading.Thread(target=lambda: ch.process_one(Answers())); t.start()
+time.sleep(0.2)
+assert ch.broken is False
+channels[0].config_change()
+t.join(5)
+assert not t.is_alive() and seen == [1]
+fe.close()
+""",
+    "two-threads-serve-one-session": """
+import threading, time
+from vhost.user import BackendHandler, BackendListener, Frontend
+class Dev(BackendHandler):
+    def get_features(self): return 1 << 32
+l = BackendListener(PATH)
+fe = Frontend.connect(PATH)
+s = l.accept()
+out = []
+def run():
+    try:
+        s.serve(Dev())
+        out.append(None)
+    except BaseException as e:
+        out.append(e)
+a = threading.Thread(target=run); b = threading.Thread(target=run)
+a.start(); b.start(); time.sleep(0.2)
+assert fe.get_features() == 1 << 32
+fe.close()
+a.join(5); b.join(5)
+assert not a.is_alive() and not b.is_alive(), out
+""",
+}
+
+
+@pytest.mark.parametrize("code", J7_SCENARIOS.values(), ids=list(J7_SCENARIOS))
+def test_j7_no_deadlock_with_a_thread_blocked_in_native_code(
+    tmp_sock_dir: Path, code: str
+) -> None:
+    path = tmp_sock_dir / "j7.sock"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"PATH = {str(path)!r}\n" + code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr

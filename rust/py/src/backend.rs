@@ -423,7 +423,7 @@ impl PyBackendSession {
     /// Handles one request; False when the front-end disconnected.
     fn handle_one(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<bool> {
         let mut h = self.adapter(py, handler)?;
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::handler::lock_detached(py, &self.inner);
         let session = guard.as_mut().ok_or_else(|| closed("BackendSession"))?;
         self.step(py, session, &mut h)
     }
@@ -432,7 +432,7 @@ impl PyBackendSession {
     /// The connection is closed either way.
     fn serve(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<()> {
         let mut h = self.adapter(py, handler)?;
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::handler::lock_detached(py, &self.inner);
         let result = match guard.as_mut() {
             None => Err(closed("BackendSession")),
             Some(session) => loop {
@@ -486,15 +486,20 @@ impl PyBackendSession {
 pub struct PyListener {
     inner: Mutex<Option<Listener>>,
     path: PathBuf,
+    /// The listening fd, for waking a thread blocked in accept (see `close`).
+    fd: RawFd,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl PyListener {
     fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
         let t = crate::frontend::timeout_of(timeout)?;
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = crate::handler::lock_detached(py, &self.inner);
         let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
         py.detach(|| l.accept(t)).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::TimedOut {
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                closed("Listener")
+            } else if e.kind() == std::io::ErrorKind::TimedOut {
                 crate::errors::user_error(Error::Timeout)
             } else {
                 crate::errors::io_error(e)
@@ -511,9 +516,12 @@ impl PyListener {
         let l = py
             .detach(|| Listener::bind(&path, replace_stale))
             .py_err()?;
+        let fd = l.listener().as_raw_fd();
         Ok(PyListener {
             inner: Mutex::new(Some(l)),
             path,
+            fd,
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -523,11 +531,14 @@ impl PyListener {
     }
 
     fn fileno(&self) -> PyResult<RawFd> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(g.as_ref()
-            .ok_or_else(|| closed("Listener"))?
-            .listener()
-            .as_raw_fd())
+        match self.inner.try_lock() {
+            Ok(g) if g.is_none() => Err(closed("Listener")),
+            Err(std::sync::TryLockError::Poisoned(p)) if p.get_ref().is_none() => {
+                Err(closed("Listener"))
+            }
+            // Open (possibly with another thread waiting in accept, GIL released).
+            _ => Ok(self.fd),
+        }
     }
 
     /// Waits for a front-end to connect and returns its back-end session.
@@ -555,8 +566,26 @@ impl PyListener {
         Ok(PyFrontend::from_core(fe))
     }
 
-    fn close(&self) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+    /// Closes the listener; a thread blocked in accept wakes up with ClosedError.
+    fn close(&self, py: Python<'_>) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.inner.try_lock() {
+            Ok(mut g) => {
+                g.take();
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().take();
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Another thread is in accept with the GIL released. Shut the socket down
+                // to wake it (the fd stays open until the listener is dropped below), then
+                // take the listener once it lets go, without holding the GIL meanwhile.
+                // SAFETY: shutdown of our own listening socket, still owned by `inner`.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                crate::handler::lock_detached(py, &self.inner).take();
+            }
+        }
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -565,10 +594,11 @@ impl PyListener {
 
     fn __exit__(
         &self,
+        py: Python<'_>,
         _t: Option<Bound<'_, PyAny>>,
         _v: Option<Bound<'_, PyAny>>,
         _tb: Option<Bound<'_, PyAny>>,
     ) {
-        self.close();
+        self.close(py);
     }
 }

@@ -127,7 +127,7 @@ impl PyFrontendChannel {
     /// Waits for one back-end request and runs `handler` on it (answering with an ack
     /// when asked). Re-raises the handler's exception after the NACK was sent.
     fn process_one(&self, py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::handler::lock_detached(py, &self.inner);
         let ch = guard.as_mut().ok_or_else(|| closed("FrontendChannel"))?;
         let incoming = py.detach(|| ch.recv()).py_err()?;
         let mut h = PyFrontendHandler {
@@ -143,11 +143,15 @@ impl PyFrontendChannel {
 
     #[getter]
     fn broken(&self) -> bool {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(true, |c| c.is_broken())
+        match self.inner.try_lock() {
+            Ok(g) => g.as_ref().map_or(true, |c| c.is_broken()),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().as_ref().map_or(true, |c| c.is_broken())
+            }
+            // Another thread is waiting in process_one, which it would have left had the
+            // channel broken; waiting for it here (GIL held) would deadlock.
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
     }
 
     fn close(&self) {

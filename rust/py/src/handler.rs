@@ -2,8 +2,27 @@
 //! kept (to re-raise to whoever drives the loop) and reported to the core as a handler
 //! error, which the core answers with a NACK or a closed connection.
 
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
+
 use pyo3::prelude::*;
 use vhost_core::user::Error;
+
+/// Locks `m` without holding the GIL while waiting. The holder may be blocked in a call
+/// made with the GIL released (recv, accept) and needs the GIL back to finish; waiting
+/// for `m` with the GIL held would deadlock the two threads and with them the
+/// interpreter (ADVERSARIAL J7). A poisoned lock is taken as is.
+pub fn lock_detached<'a, T>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                py.detach(|| std::thread::sleep(Duration::from_millis(1)));
+            }
+        }
+    }
+}
 
 /// Remembers the first Python exception raised during one request.
 #[derive(Default)]
