@@ -36,7 +36,14 @@ import pytest
 import peers
 from vhost import EventFd
 from vhost.codes import ProtocolFeature
-from vhost.user import BackendHandler, BackendListener, BackendSession, GuestMemory
+from vhost.user import (
+    BackendChannel,
+    BackendHandler,
+    BackendListener,
+    BackendSession,
+    FileDescriptor,
+    GuestMemory,
+)
 from vhost.virtio import BlkFeature, VirtioFeature
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,6 +81,7 @@ class BlkDevice(BackendHandler):
 
     def __init__(self, num_queues: int = 1) -> None:
         self.max_queues = num_queues
+        self.protocol = PROTOCOL
         self.config = blk_config(num_queues)
         self.seen: list[tuple[str, tuple[Any, ...]]] = []
         self.eventfds: list[EventFd] = []
@@ -97,7 +105,7 @@ class BlkDevice(BackendHandler):
 
     def get_protocol_features(self) -> int:
         self._rec("get_protocol_features")
-        return PROTOCOL
+        return self.protocol
 
     def set_protocol_features(self, features: int) -> None:
         self._rec("set_protocol_features", features)
@@ -465,12 +473,86 @@ class BootableBlk(BlkDevice):
         return written
 
 
-def test_seabios_boots_from_python_backend(served_factory: Any, tmp_sock_dir: Path) -> None:
+class RichBootableBlk(BootableBlk):
+    """BootableBlk offering more protocol features, so that QEMU takes its other paths:
+    memory slots (GET_MAX_MEM_SLOTS, ADD_MEM_REG instead of SET_MEM_TABLE), device
+    status (GET/SET_STATUS), RESET_DEVICE, the inflight area (GET/SET_INFLIGHT_FD) and
+    the back-end request channel."""
+
+    def __init__(self, image: bytearray) -> None:
+        super().__init__(image)
+        self.protocol = PROTOCOL | int(
+            ProtocolFeature.CONFIGURE_MEM_SLOTS
+            | ProtocolFeature.STATUS
+            | ProtocolFeature.RESET_DEVICE
+            | ProtocolFeature.INFLIGHT_SHMFD
+            | ProtocolFeature.BACKEND_REQ
+        )
+        self.status = 0
+        self.channel: BackendChannel | None = None
+        self.inflight: list[int] = []
+
+    def get_max_mem_slots(self) -> int:
+        self._rec("get_max_mem_slots")
+        return 8
+
+    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+        self._rec("add_mem_region", region)
+        self.memory = memory
+
+    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+        self._rec("remove_mem_region", region)
+        self.memory = memory
+
+    def set_status(self, status: int) -> None:
+        self._rec("set_status", status)
+        self.status = status
+
+    def get_status(self) -> int:
+        self._rec("get_status")
+        return self.status
+
+    def reset_device(self) -> None:
+        self._rec("reset_device")
+
+    def set_backend_channel(self, channel: BackendChannel) -> None:
+        self._rec("set_backend_channel")
+        self.channel = channel  # keep it open: QEMU reports an EOF on it otherwise
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        self._rec("get_inflight_fd", num_queues, queue_size)
+        # split-ring layout: per queue a 16-byte header and 16 bytes per descriptor
+        size = -(-num_queues * (16 + 16 * queue_size) // 4096) * 4096
+        fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self.inflight.append(fd)
+        return (size, 0, fd)
+
+    def set_inflight_fd(
+        self,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        fd: FileDescriptor,
+    ) -> None:
+        self._rec("set_inflight_fd", mmap_size, mmap_offset, num_queues, queue_size)
+        fd.close()
+
+    def close(self) -> None:
+        for fd in self.inflight:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("rich", [False, True], ids=["basic", "rich"])
+def test_seabios_boots_from_python_backend(
+    served_factory: Any, tmp_sock_dir: Path, rich: bool
+) -> None:
     """``cont``: SeaBIOS drives the virtio-blk device, QEMU starts the vhost-user device
     (features, memory table, ring set-up, kick/call), our Python data plane serves the
     reads out of QEMU's own guest RAM, and the guest runs the boot sector it read from
     us: it prints to the debug console."""
-    device = BootableBlk(boot_image(2048))
+    device = RichBootableBlk(boot_image(2048)) if rich else BootableBlk(boot_image(2048))
     sock, served = served_factory(device)
     debug_log = tmp_sock_dir / "debugcon.log"
     extra = [
@@ -491,20 +573,25 @@ def test_seabios_boots_from_python_backend(served_factory: Any, tmp_sock_dir: Pa
                 assert time.monotonic() < deadline, debug_log.read_text(errors="replace")[-2000:]
                 assert qemu.peer.alive(), qemu.peer.output()
                 time.sleep(0.05)
+            # QEMU complained about nothing on the vhost-user connections
+            assert "vhost" not in qemu.peer.output().lower(), qemu.peer.output()
     finally:
         device.stop.set()
         if device.worker is not None:
             device.worker.join(5)
+        if isinstance(device, RichBootableBlk):
+            device.close()
     assert device.errors == []
     names = device.names()
-    # QEMU started the device the way the spec orders it: features, memory table, then
-    # each ring (size, base, addresses, kick), then enabled it
+    # QEMU started the device the way the spec orders it: features, memory, then each
+    # ring (size, base, addresses, kick), then enabled it
     acked = device.args("set_features")[0][0]
     assert acked & int(VirtioFeature.VERSION_1)
     assert acked & ~FEATURES == 0  # only bits we offered
+    memory_request = "add_mem_region" if rich else "set_mem_table"
     start = [
         "set_features",
-        "set_mem_table",
+        memory_request,
         "set_vring_num",
         "set_vring_base",
         "set_vring_addr",
@@ -518,3 +605,16 @@ def test_seabios_boots_from_python_backend(served_factory: Any, tmp_sock_dir: Pa
     assert device.memory.total_size == 256 << 20
     # SeaBIOS's first request was a read of the boot sector
     assert device.requests[0] == (VIRTIO_BLK_T_IN, 0)
+    if rich:
+        assert "set_mem_table" not in names
+        assert "get_max_mem_slots" in names
+        assert "set_backend_channel" in names
+        # the inflight area: QEMU asks for one queue of the ring size, then hands the
+        # area back before the rings start
+        assert device.args("get_inflight_fd")[0] == (1, 128)
+        assert device.args("set_inflight_fd")[0][2:] == (1, 128)
+        assert names.index("set_inflight_fd") < names.index("set_vring_kick")
+        # the driver's status went through FEATURES_OK to DRIVER_OK
+        statuses = [a[0] for a in device.args("set_status")]
+        assert any(st & 0x8 for st in statuses), statuses
+        assert any(st & 0x4 for st in statuses), statuses
