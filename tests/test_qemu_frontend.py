@@ -36,6 +36,7 @@ import pytest
 import peers
 from vhost import EventFd
 from vhost.codes import ProtocolFeature
+from vhost.errors import InactiveFeatureError
 from vhost.user import (
     BackendChannel,
     BackendHandler,
@@ -618,3 +619,55 @@ def test_seabios_boots_from_python_backend(
         statuses = [a[0] for a in device.args("set_status")]
         assert any(st & 0x8 for st in statuses), statuses
         assert any(st & 0x4 for st in statuses), statuses
+
+
+class ChannelBlk(BlkDevice):
+    """BlkDevice that asks for the back-end request channel and keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.protocol = PROTOCOL | int(
+            ProtocolFeature.BACKEND_REQ
+            | ProtocolFeature.BACKEND_SEND_FD
+            | ProtocolFeature.SHARED_OBJECT
+        )
+        self.channel: BackendChannel | None = None
+        self.channel_ready = threading.Event()
+
+    def set_backend_channel(self, channel: BackendChannel) -> None:
+        self._rec("set_backend_channel")
+        self.channel = channel
+        self.channel_ready.set()
+
+
+def test_backend_channel_to_qemu(served_factory: Any) -> None:
+    """Our BackendChannel talks to QEMU's back-end request handler: with REPLY_ACK every
+    message is acked by QEMU; SHARED_OBJECT_LOOKUP is always answered (non-zero for an
+    object nobody exported); requests QEMU was not offered fail locally."""
+    device = ChannelBlk()
+    sock, served = served_factory(device)
+    with peers.qemu_vhost_user_blk(sock) as qemu:
+        assert served.accepted.wait(30), qemu.peer.output()
+        assert qemu.query_status() == "prelaunch"
+        assert device.channel_ready.wait(10)
+        acked = device.args("set_protocol_features")[0][0]
+        assert acked & ProtocolFeature.BACKEND_REQ
+        assert acked & ProtocolFeature.SHARED_OBJECT
+        assert acked & ProtocolFeature.REPLY_ACK
+        channel = device.channel
+        assert channel is not None
+        channel.set_timeout(10)
+        # acked by QEMU (each call waits for the ack and raises on a NACK)
+        channel.config_change()
+        uuid_bytes = bytes(range(16))
+        channel.shared_object_add(uuid_bytes)
+        channel.shared_object_remove(uuid_bytes)
+        # nobody exported this one: a non-zero answer, no fd, and the channel lives on
+        assert channel.shared_object_lookup(bytes(16)) != 0
+        channel.config_change()
+        # HOST_NOTIFIER was not offered, so it was not negotiated: refused locally
+        with pytest.raises(InactiveFeatureError):
+            channel.vring_host_notifier(0, 0, 0)
+        assert qemu.peer.alive(), qemu.peer.output()
+        assert qemu.query_status() == "prelaunch"
+        assert "vhost" not in qemu.peer.output().lower(), qemu.peer.output()
