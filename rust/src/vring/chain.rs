@@ -103,7 +103,6 @@ pub(crate) fn encode_split_desc(addr: u64, len: u32, flags: u16, next: u16) -> [
 }
 
 /// Packed layout: addr, len, id, flags.
-#[allow(dead_code)] // packed rings come next
 pub(crate) fn read_packed_desc(mem: &GuestMemory, gpa: u64) -> Result<RawDesc> {
     let d = read_split_desc(mem, gpa)?;
     // Same bytes; only the last two fields swap meaning.
@@ -115,7 +114,6 @@ pub(crate) fn read_packed_desc(mem: &GuestMemory, gpa: u64) -> Result<RawDesc> {
     })
 }
 
-#[allow(dead_code)]
 pub(crate) fn encode_packed_desc(addr: u64, len: u32, id: u16, flags: u16) -> [u8; 16] {
     encode_split_desc(addr, len, id, flags)
 }

@@ -76,6 +76,10 @@ pub enum VringError {
     /// holds a chain the driver never finished.
     #[error("packed chain starting at slot {slot} is incomplete")]
     IncompleteChain { slot: u16 },
+    /// Packed: the driver made more descriptors available than the ring has room for
+    /// beside those already in flight.
+    #[error("driver overran the ring: {in_flight} descriptors in flight, queue size {size}")]
+    Overrun { in_flight: u32, size: u16 },
     /// Driver side: not enough free descriptors (or ids) for the buffer.
     #[error("queue full: {needed} descriptors needed, {free} free")]
     QueueFull { needed: usize, free: usize },

@@ -82,7 +82,6 @@ impl EventSuppress {
 /// Packed EVENT_IDX decision: the peer asked to be notified when slot `event_off` with wrap
 /// counter `event_wrap` is passed; since the last decision our position moved `moved`
 /// descriptors forward, to `new_off` with wrap counter `new_wrap`, on a ring of `size`.
-#[allow(dead_code)]
 pub(crate) fn packed_need_event(
     event_off: u16,
     event_wrap: bool,

@@ -794,3 +794,583 @@ fn split_random_rings_never_escape_memory() {
     // Both good and bad chains were exercised.
     assert!(outcomes.iter().all(|&c| c > 50), "{outcomes:?}");
 }
+
+// ----------------------------------------------------------------------------------------
+// Packed rings.
+
+use super::chain::encode_packed_desc;
+use super::event::{EventFlags, EventSuppress};
+
+fn packed_pair(size: u32, event_idx: bool) -> (GuestMemory, PackedDriver, PackedDevice) {
+    let m = mem();
+    let layout = RingLayout::packed_at(size, RING).unwrap();
+    layout.check_memory(&m).unwrap();
+    let mut drv = PackedDriver::new(layout, event_idx).unwrap();
+    drv.init(&m).unwrap();
+    let dev = PackedDevice::new(layout, event_idx, true).unwrap();
+    (m, drv, dev)
+}
+
+#[test]
+fn packed_moves_data_both_ways() {
+    let (m, mut drv, mut dev) = packed_pair(16, false);
+    let req = pattern(2, 300);
+    m.write(BUF, &req).unwrap();
+    let a = drv.add(&m, &[(BUF, 300)], &[]).unwrap();
+    let b = drv.add(&m, &[(BUF, 100)], &[(BUF + 0x1000, 100)]).unwrap();
+    let c = drv
+        .add(&m, &[(BUF, 150), (BUF + 150, 150)], &[(BUF + 0x2000, 300)])
+        .unwrap();
+    let d = drv
+        .add_indirect(
+            &m,
+            BUF + 0x8000,
+            &[(BUF, 200)],
+            &[(BUF + 0x4000, 64), (BUF + 0x5000, 200)],
+        )
+        .unwrap();
+    assert_eq!(drv.num_free(), 16 - 7);
+    assert!(dev.pop(&m).unwrap().is_none(), "nothing before publish");
+    drv.publish(&m).unwrap();
+    let chains = dev.pop_batch(&m, 10).unwrap();
+    let heads: Vec<u16> = chains.iter().map(|c| c.head).collect();
+    assert_eq!(heads, vec![a, b, c, d]);
+    assert_eq!(chains[2].segments.len(), 3);
+    assert_eq!(chains[3].writable_len(), 264);
+    // Return them out of order, two in one batch.
+    let n2 = serve(&m, &chains[2]);
+    let n3 = serve(&m, &chains[3]);
+    dev.add_used_batch(&m, &[(c, n2), (d, n3)]).unwrap();
+    for ch in [&chains[0], &chains[1]] {
+        let n = serve(&m, ch);
+        dev.add_used(&m, ch.head, n).unwrap();
+    }
+    assert_eq!(
+        drv.poll_used(&m).unwrap(),
+        vec![(c, 300), (d, 200), (a, 0), (b, 100)]
+    );
+    let mut out = vec![0u8; 300];
+    m.read(BUF + 0x2000, &mut out).unwrap();
+    let mut rev = req.clone();
+    rev.reverse();
+    assert_eq!(out, rev);
+    assert_eq!(drv.num_free(), 16);
+    assert_eq!(drv.in_flight(), 0);
+}
+
+fn packed_exchange(size: u32, rounds: usize, batch: usize, event_idx: bool, min_wraps: u32) {
+    let (m, mut drv, mut dev) = packed_pair(size, event_idx);
+    let mut rng = Rng(size as u64 * 3 + 1);
+    let mut wraps = 0u32;
+    let mut last_wrap = true;
+    for _ in 0..rounds {
+        let mut expect = Vec::new();
+        for _ in 0..batch {
+            let segs = 1 + rng.below(u64::from(size.min(3))) as usize;
+            if drv.num_free() < segs {
+                break;
+            }
+            let len = 1 + rng.below(64) as u32;
+            let readable = vec![(BUF, len); segs - 1];
+            let id = drv.add(&m, &readable, &[(BUF + 0x1000, len)]).unwrap();
+            expect.push((id, if segs == 1 { 0 } else { len }));
+        }
+        drv.publish(&m).unwrap();
+        let mut popped = Vec::new();
+        while let Some(c) = dev.pop(&m).unwrap() {
+            popped.push((c.head, c.readable_len().min(c.writable_len())));
+        }
+        assert_eq!(popped, expect);
+        // Return in reverse order in one batch when possible.
+        popped.reverse();
+        if rng.below(2) == 0 {
+            dev.add_used_batch(&m, &popped).unwrap();
+        } else {
+            for &(id, len) in &popped {
+                dev.add_used(&m, id, len).unwrap();
+            }
+        }
+        assert_eq!(drv.poll_used(&m).unwrap(), popped);
+        let w = dev.next_avail().1;
+        if w != last_wrap {
+            wraps += 1;
+            last_wrap = w;
+        }
+    }
+    assert!(wraps >= min_wraps, "only {wraps} wraps");
+    assert_eq!(drv.num_free(), size as usize);
+    assert_eq!(dev.next_avail(), dev.next_used());
+}
+
+#[test]
+fn packed_wraps_size_1() {
+    packed_exchange(1, 1000, 1, false, 500);
+}
+
+#[test]
+fn packed_wraps_size_3_event_idx() {
+    packed_exchange(3, 3000, 2, true, 500);
+}
+
+#[test]
+fn packed_wraps_size_256() {
+    packed_exchange(256, 3000, 20, false, 100);
+}
+
+#[test]
+fn packed_wraps_size_1000_event_idx() {
+    packed_exchange(1000, 1500, 40, true, 50);
+}
+
+#[test]
+fn packed_wraps_size_32768() {
+    packed_exchange(32768, 24, 8000, true, 10);
+}
+
+#[test]
+fn packed_flag_suppression() {
+    let (m, mut drv, mut dev) = packed_pair(8, false);
+    assert!(!dev.set_notification(&m, false).unwrap());
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(!drv.kick_needed(&m).unwrap());
+    assert!(
+        dev.set_notification(&m, true).unwrap(),
+        "pending buffer reported"
+    );
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(drv.kick_needed(&m).unwrap());
+    assert!(!drv.kick_needed(&m).unwrap(), "nothing new");
+    let c = dev.pop_batch(&m, 8).unwrap();
+    assert_eq!(c.len(), 2);
+    assert!(!drv.set_used_notification(&m, false).unwrap());
+    dev.add_used(&m, c[0].head, 0).unwrap();
+    assert!(!dev.needs_notification(&m).unwrap());
+    assert!(
+        drv.set_used_notification(&m, true).unwrap(),
+        "used buffer reported"
+    );
+    dev.add_used(&m, c[1].head, 0).unwrap();
+    assert!(dev.needs_notification(&m).unwrap());
+    assert_eq!(drv.poll_used(&m).unwrap().len(), 2);
+    // Reserved flags value 3 (F6): treated as enabled, no error.
+    m.write_u16(
+        RingLayout::packed_at(8, RING).unwrap().used_or_device() + 2,
+        3,
+    )
+    .unwrap();
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(drv.kick_needed(&m).unwrap());
+    m.write_u16(
+        RingLayout::packed_at(8, RING).unwrap().avail_or_driver() + 2,
+        3,
+    )
+    .unwrap();
+    let c = dev.pop(&m).unwrap().unwrap();
+    dev.add_used(&m, c.head, 0).unwrap();
+    assert!(dev.needs_notification(&m).unwrap());
+}
+
+#[test]
+fn packed_event_idx_suppression() {
+    let (m, mut drv, mut dev) = packed_pair(4, true);
+    let l = RingLayout::packed_at(4, RING).unwrap();
+    assert!(!dev.set_notification(&m, true).unwrap());
+    let ev = EventSuppress::read(&m, l.used_or_device()).unwrap();
+    assert_eq!(
+        (ev.flags, ev.offset(), ev.wrap()),
+        (EventFlags::Desc, 0, true)
+    );
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(drv.kick_needed(&m).unwrap(), "slot 0 is the event");
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(!drv.kick_needed(&m).unwrap(), "device has not caught up");
+    let c = dev.pop_batch(&m, 4).unwrap(); // event follows: slot 2
+    assert_eq!(c.len(), 2);
+    // Three more descriptors cross the end of the ring: the event slot 2 is in them.
+    drv.add(&m, &[(BUF, 1), (BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert!(drv.kick_needed(&m).unwrap());
+    let c2 = dev.pop(&m).unwrap().unwrap();
+    assert_eq!(dev.next_avail(), (0, false));
+    let ev = EventSuppress::read(&m, l.used_or_device()).unwrap();
+    assert_eq!((ev.offset(), ev.wrap()), (0, false));
+
+    // Used side.
+    assert!(!drv.set_used_notification(&m, true).unwrap()); // DESC at slot 0
+    dev.add_used(&m, c[0].head, 0).unwrap();
+    assert!(dev.needs_notification(&m).unwrap());
+    dev.add_used(&m, c[1].head, 0).unwrap();
+    assert!(
+        !dev.needs_notification(&m).unwrap(),
+        "driver has not caught up"
+    );
+    assert_eq!(drv.poll_used(&m).unwrap().len(), 2);
+    assert!(!drv.set_used_notification(&m, true).unwrap()); // DESC at slot 2
+    dev.add_used(&m, c2.head, 0).unwrap();
+    assert!(dev.needs_notification(&m).unwrap());
+    assert!(!dev.needs_notification(&m).unwrap(), "nothing new");
+    assert_eq!(drv.poll_used(&m).unwrap(), vec![(c2.head, 0)]);
+}
+
+/// A hand-made packed ring with driver wrap counter 1 on the first lap.
+struct RawPacked {
+    m: GuestMemory,
+    l: RingLayout,
+}
+
+const AV: u16 = DESC_F_AVAIL; // available on the first lap
+
+impl RawPacked {
+    fn new(size: u32) -> Self {
+        let m = mem();
+        let l = RingLayout::packed_at(size, RING).unwrap();
+        m.write(RING, &vec![0u8; 16 * size as usize + 8]).unwrap();
+        Self { m, l }
+    }
+    fn desc(&self, slot: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        self.m
+            .write(
+                self.l.desc() + 16 * u64::from(slot),
+                &encode_packed_desc(addr, len, id, flags),
+            )
+            .unwrap();
+    }
+    fn device(&self) -> PackedDevice {
+        PackedDevice::new(self.l, false, true).unwrap()
+    }
+    fn pop_err(&self, dev: &mut PackedDevice) -> VringError {
+        let e = dev.pop(&self.m).expect_err("corrupt chain accepted");
+        assert!(dev.is_broken());
+        assert_err!(dev.pop(&self.m), VringError::Broken);
+        e
+    }
+    fn one(size: u32, f: impl FnOnce(&RawPacked)) -> VringError {
+        let r = RawPacked::new(size);
+        f(&r);
+        let mut dev = r.device();
+        r.pop_err(&mut dev)
+    }
+}
+
+#[test]
+fn f1_buffer_ids() {
+    let e = RawPacked::one(4, |r| r.desc(0, BUF, 1, 4, AV));
+    assert!(
+        matches!(e, VringError::InvalidHead { head: 4, size: 4 }),
+        "{e:?}"
+    );
+    let r = RawPacked::new(4);
+    r.desc(0, BUF, 1, 2, AV | W);
+    r.desc(1, BUF, 1, 2, AV);
+    let mut dev = r.device();
+    let c = dev.pop(&r.m).unwrap().unwrap();
+    assert_eq!(c.head, 2);
+    assert!(matches!(
+        r.pop_err(&mut dev),
+        VringError::HeadInFlight { head: 2 }
+    ));
+    // No completion after the error.
+    assert_err!(dev.add_used(&r.m, 2, 0), VringError::Broken);
+    // add_used checks (not sticky).
+    let r = RawPacked::new(4);
+    r.desc(0, BUF, 8, 1, AV | W);
+    let mut dev = r.device();
+    dev.pop(&r.m).unwrap().unwrap();
+    assert_err!(dev.add_used(&r.m, 4, 0), VringError::InvalidHead { .. });
+    assert_err!(
+        dev.add_used(&r.m, 0, 0),
+        VringError::InvalidUsed { id: 0, .. }
+    );
+    assert_err!(
+        dev.add_used(&r.m, 1, 9),
+        VringError::InvalidUsed { len: 9, .. }
+    );
+    assert_err!(
+        dev.add_used_batch(&r.m, &[(1, 1), (1, 1)]),
+        VringError::InvalidUsed { .. }
+    );
+    dev.add_used(&r.m, 1, 8).unwrap();
+    assert!(!dev.is_broken());
+}
+
+#[test]
+fn f2_inconsistent_flags_are_not_available() {
+    let r = RawPacked::new(4);
+    let mut dev = r.device();
+    for flags in [0, DESC_F_USED, AV | DESC_F_USED, W, DESC_F_NEXT] {
+        r.desc(0, BUF, 1, 0, flags);
+        assert!(dev.pop(&r.m).unwrap().is_none(), "{flags:#x}");
+    }
+    // A chain whose second descriptor is not available.
+    let e = RawPacked::one(4, |r| {
+        r.desc(0, BUF, 1, 0, AV | N);
+        r.desc(1, BUF, 1, 0, 0);
+    });
+    assert!(
+        matches!(e, VringError::IncompleteChain { slot: 0 }),
+        "{e:?}"
+    );
+    // Second lap: the wrap counter flips, first-lap flags are stale.
+    let r = RawPacked::new(2);
+    r.desc(0, BUF, 1, 0, AV);
+    r.desc(1, BUF, 1, 1, AV);
+    let mut dev = r.device();
+    assert_eq!(dev.pop_batch(&r.m, 5).unwrap().len(), 2);
+    assert!(dev.pop(&r.m).unwrap().is_none());
+    dev.add_used_batch(&r.m, &[(0, 0), (1, 0)]).unwrap();
+    r.desc(0, BUF, 1, 1, DESC_F_USED); // AVAIL=0, USED=1: available on lap 2
+    assert_eq!(dev.pop(&r.m).unwrap().unwrap().head, 1);
+}
+
+#[test]
+fn f3_next_around_the_ring() {
+    let e = RawPacked::one(3, |r| {
+        for s in 0..3 {
+            r.desc(s, BUF, 1, 0, AV | N);
+        }
+    });
+    assert!(
+        matches!(e, VringError::ChainTooLong { max: 3, .. }),
+        "{e:?}"
+    );
+    // Size 1 with NEXT.
+    let e = RawPacked::one(1, |r| r.desc(0, BUF, 1, 0, AV | N));
+    assert!(
+        matches!(e, VringError::ChainTooLong { max: 1, .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn f4_packed_indirect_rules() {
+    let table = BUF + 0x1000;
+    let e = RawPacked::one(8, |r| r.desc(0, table, 0, 0, AV | I));
+    assert!(matches!(e, VringError::IndirectInvalid { len: 0 }), "{e:?}");
+    let e = RawPacked::one(8, |r| r.desc(0, table, 24, 0, AV | I));
+    assert!(
+        matches!(e, VringError::IndirectInvalid { len: 24 }),
+        "{e:?}"
+    );
+    let e = RawPacked::one(8, |r| r.desc(0, table, 16, 0, AV | I | N));
+    assert!(matches!(e, VringError::IndirectWithNext), "{e:?}");
+    let e = RawPacked::one(8, |r| r.desc(0, MEM_END - 16, 32, 0, AV | I));
+    assert!(matches!(e, VringError::Memory(_)), "{e:?}");
+    let e = RawPacked::one(8, |r| {
+        r.desc(0, table, 32, 0, AV | I);
+        r.m.write(table, &encode_packed_desc(BUF, 1, 0, 0)).unwrap();
+        r.m.write(table + 16, &encode_packed_desc(table, 16, 0, I))
+            .unwrap();
+    });
+    assert!(matches!(e, VringError::NestedIndirect), "{e:?}");
+    let e = RawPacked::one(4, |r| {
+        r.desc(0, table, 5 * 16, 0, AV | I);
+        for k in 0..5 {
+            r.m.write(table + 16 * k, &encode_packed_desc(BUF, 1, 0, 0))
+                .unwrap();
+        }
+    });
+    assert!(
+        matches!(e, VringError::ChainTooLong { max: 4, .. }),
+        "{e:?}"
+    );
+    let e = RawPacked::one(4, |r| {
+        r.desc(0, table, 32, 0, AV | I);
+        r.m.write(table, &encode_packed_desc(BUF, 1, 0, W)).unwrap();
+        r.m.write(table + 16, &encode_packed_desc(BUF, 1, 0, 0))
+            .unwrap();
+    });
+    assert!(
+        matches!(e, VringError::ReadableAfterWritable { .. }),
+        "{e:?}"
+    );
+    // Without the feature.
+    let r = RawPacked::new(8);
+    r.desc(0, table, 16, 0, AV | I);
+    let mut dev = PackedDevice::new(r.l, false, false).unwrap();
+    assert_err!(dev.pop(&r.m), VringError::IndirectNotNegotiated);
+}
+
+#[test]
+fn packed_buffers_outside_memory_and_overflow() {
+    for (addr, len) in [(u64::MAX - 10, 100), (MEM_END, 1), (MEM_END - 8, 16)] {
+        let e = RawPacked::one(4, |r| r.desc(0, addr, len, 0, AV));
+        assert!(matches!(e, VringError::Memory(_)), "{e:?}");
+    }
+    let m = GuestMemory::allocate(&[(0, 0x10_0000), (1 << 32, 1 << 32)]).unwrap();
+    let mut r = RawPacked::new(4);
+    r.m = m;
+    r.m.write(RING, &[0u8; 0x100]).unwrap();
+    r.desc(0, 1 << 32, u32::MAX, 0, AV | N);
+    r.desc(1, 1 << 32, 1, 0, AV);
+    let mut dev = r.device();
+    assert!(matches!(
+        r.pop_err(&mut dev),
+        VringError::LengthOverflow { .. }
+    ));
+}
+
+#[test]
+fn packed_overrun_is_caught() {
+    // The driver re-offers slot 0 on the next lap while buffer 0 still holds it.
+    let r = RawPacked::new(2);
+    r.desc(0, BUF, 1, 0, AV);
+    r.desc(1, BUF, 1, 1, AV);
+    let mut dev = r.device();
+    assert_eq!(dev.pop_batch(&r.m, 5).unwrap().len(), 2);
+    r.desc(0, BUF, 1, 1, DESC_F_USED);
+    assert!(matches!(
+        r.pop_err(&mut dev),
+        VringError::HeadInFlight { head: 1 }
+    ));
+    // One buffer of four descriptors fills the ring; a new id on the next lap overruns it.
+    let r = RawPacked::new(4);
+    for s in 0..4 {
+        r.desc(s, BUF, 1, 0, AV | if s < 3 { N } else { 0 });
+    }
+    let mut dev = r.device();
+    assert_eq!(dev.pop(&r.m).unwrap().unwrap().segments.len(), 4);
+    assert_eq!(dev.next_avail(), (0, false));
+    r.desc(0, BUF, 1, 1, DESC_F_USED);
+    let e = r.pop_err(&mut dev);
+    assert!(
+        matches!(
+            e,
+            VringError::Overrun {
+                in_flight: 5,
+                size: 4
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn f6_event_areas_out_of_memory() {
+    let m = mem();
+    let l = RingLayout::packed(4, 0, MEM_END, MEM_END + 4).unwrap();
+    assert!(l.check_memory(&m).is_err());
+    let mut dev = PackedDevice::new(l, true, false).unwrap();
+    assert_err!(dev.needs_notification(&m), VringError::Memory(_));
+    let mut dev = PackedDevice::new(l, true, false).unwrap();
+    assert_err!(dev.set_notification(&m, true), VringError::Memory(_));
+    let mut drv = PackedDriver::new(l, true).unwrap();
+    assert_err!(drv.set_used_notification(&m, true), VringError::Memory(_));
+    let mut drv = PackedDriver::new(l, true).unwrap();
+    drv.add(&m, &[(BUF, 1)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert_err!(drv.kick_needed(&m), VringError::Memory(_));
+    assert!(drv.is_broken());
+    // Set base checks the slot.
+    let mut dev = PackedDevice::new(l, false, false).unwrap();
+    assert_err!(dev.set_next_avail(4, true), VringError::InvalidHead { .. });
+    dev.set_next_avail(3, false).unwrap();
+    assert_eq!(dev.next_avail(), (3, false));
+}
+
+#[test]
+fn packed_driver_rejects_bad_used_elements() {
+    fn setup() -> (GuestMemory, PackedDriver, RingLayout, u16) {
+        let m = mem();
+        let l = RingLayout::packed_at(4, RING).unwrap();
+        let mut drv = PackedDriver::new(l, false).unwrap();
+        drv.init(&m).unwrap();
+        let id = drv.add(&m, &[(BUF, 4)], &[(BUF + 0x100, 10)]).unwrap();
+        drv.publish(&m).unwrap();
+        (m, drv, l, id)
+    }
+    let used = |m: &GuestMemory, l: &RingLayout, id: u16, len: u32| {
+        m.write(l.desc(), &encode_packed_desc(0, len, id, AV | DESC_F_USED))
+            .unwrap();
+    };
+    let (m, mut drv, l, _) = setup();
+    used(&m, &l, 4, 0);
+    assert_err!(drv.poll_used(&m), VringError::InvalidUsed { id: 4, .. });
+    assert_err!(drv.poll_used(&m), VringError::Broken);
+    let (m, mut drv, l, id) = setup();
+    used(&m, &l, id + 1, 0);
+    assert_err!(
+        drv.poll_used(&m),
+        VringError::InvalidUsed {
+            reason: "not in flight",
+            ..
+        }
+    );
+    let (m, mut drv, l, id) = setup();
+    used(&m, &l, id, 11);
+    assert_err!(drv.poll_used(&m), VringError::InvalidUsed { len: 11, .. });
+    let (m, mut drv, l, id) = setup();
+    used(&m, &l, id, 10);
+    assert_eq!(drv.poll_used(&m).unwrap(), vec![(id, 10)]);
+}
+
+/// Random bytes in the packed ring: pops never panic nor escape memory.
+#[test]
+fn packed_random_rings_never_escape_memory() {
+    let m = mem();
+    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    let mut outcomes = [0usize; 3];
+    for iter in 0..3000 {
+        let size = 1 + rng.below(40) as u32;
+        let l = RingLayout::packed_at(size, RING).unwrap();
+        for i in 0..u64::from(size) {
+            let addr = match rng.below(6) {
+                0 => rng.next(),
+                1 => MEM_END - rng.below(64),
+                2 => HOLE_END + rng.below(0x10_0000 + 64),
+                3 => 0x1000 + 16 * rng.below(64),
+                _ => BUF + rng.below(0x1000),
+            };
+            let len = match rng.below(4) {
+                0 => rng.next() as u32,
+                1 => 16 * rng.below(8) as u32,
+                _ => rng.below(0x200) as u32,
+            };
+            let id = if rng.below(4) == 0 {
+                rng.next() as u16
+            } else {
+                rng.below(u64::from(size)) as u16
+            };
+            let mut flags = rng.next() as u16;
+            if rng.below(3) != 0 {
+                flags = (flags & 7) | AV; // mostly available on lap 1
+            }
+            m.write(16 * i, &encode_packed_desc(addr, len, id, flags))
+                .unwrap();
+        }
+        let mut junk = vec![0u8; 0x400];
+        for b in junk.iter_mut() {
+            *b = rng.next() as u8;
+        }
+        m.write(0x1000, &junk).unwrap();
+        let mut dev = PackedDevice::new(l, iter % 2 == 0, iter % 3 != 0).unwrap();
+        for _ in 0..=size {
+            match dev.pop(&m) {
+                Ok(Some(c)) => {
+                    outcomes[0] += 1;
+                    assert!(c.segments.len() <= size as usize);
+                    for s in &c.segments {
+                        check_range(&m, s.addr, u64::from(s.len)).unwrap();
+                    }
+                    if rng.below(2) == 0 {
+                        let _ = dev.add_used(&m, c.head, c.writable_len());
+                    }
+                }
+                Ok(None) => {
+                    outcomes[1] += 1;
+                    break;
+                }
+                Err(_) => {
+                    outcomes[2] += 1;
+                    assert!(dev.is_broken());
+                    break;
+                }
+            }
+        }
+    }
+    assert!(outcomes.iter().all(|&c| c > 50), "{outcomes:?}");
+}
