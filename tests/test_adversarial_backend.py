@@ -1051,6 +1051,27 @@ t.join(5)
 assert not t.is_alive() and seen == [1]
 fe.close()
 """,
+    "frontend-close-while-a-call-waits-forever": """
+import socket, threading, time
+from vhost import VhostError
+from vhost.user import Frontend
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(PATH)
+srv.listen(1)
+fe = Frontend.connect(PATH, timeout=None)
+conn, _ = srv.accept()  # a back-end that never answers
+out = []
+def call():
+    try:
+        fe.get_features()
+    except BaseException as e:
+        out.append(e)
+t = threading.Thread(target=call); t.start(); time.sleep(0.2)
+fe.close()
+t.join(5)
+assert not t.is_alive() and isinstance(out[0], VhostError), out
+assert fe.broken
+""",
     "two-threads-serve-one-session": """
 import threading, time
 from vhost.user import BackendHandler, BackendListener, Frontend

@@ -1,7 +1,7 @@
 //! `Frontend` for Python: each method copies its inputs, releases the GIL, and calls the
 //! core. No protocol logic here.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +24,18 @@ type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
 #[pyclass(module = "vhost._core", name = "Frontend", frozen)]
 pub struct PyFrontend {
     inner: Arc<Frontend>,
+    /// The socket fd, read without the connection's lock: a thread waiting for a reply
+    /// holds that lock (GIL released), and `fileno()` is how another thread shuts the
+    /// socket down to wake it (`vhost.user.Frontend.close`).
+    fd: RawFd,
 }
 
 impl PyFrontend {
     pub fn from_core(inner: Frontend) -> Self {
+        let fd = inner.socket_fd();
         PyFrontend {
             inner: Arc::new(inner),
+            fd,
         }
     }
 
@@ -81,27 +87,33 @@ impl PyFrontend {
     }
 
     #[pyo3(signature = (timeout))]
-    fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
-        self.inner.set_timeout(timeout_of(timeout)?).py_err()
+    fn set_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let t = timeout_of(timeout)?;
+        self.call(py, |f| f.set_timeout(t))
     }
 
     fn fileno(&self) -> RawFd {
-        self.inner.socket_fd()
+        self.fd
+    }
+
+    // The getters wait for the connection's lock with the GIL released: another thread
+    // may hold it while it waits for a reply (ADVERSARIAL J7).
+    #[getter]
+    fn broken(&self, py: Python<'_>) -> bool {
+        let inner = &*self.inner;
+        py.detach(|| inner.is_broken())
     }
 
     #[getter]
-    fn broken(&self) -> bool {
-        self.inner.is_broken()
+    fn acked_features(&self, py: Python<'_>) -> u64 {
+        let inner = &*self.inner;
+        py.detach(|| inner.acked_features())
     }
 
     #[getter]
-    fn acked_features(&self) -> u64 {
-        self.inner.acked_features()
-    }
-
-    #[getter]
-    fn acked_protocol_features(&self) -> u64 {
-        self.inner.acked_protocol_features()
+    fn acked_protocol_features(&self, py: Python<'_>) -> u64 {
+        let inner = &*self.inner;
+        py.detach(|| inner.acked_protocol_features())
     }
 
     fn get_features(&self, py: Python<'_>) -> PyResult<u64> {
@@ -460,7 +472,7 @@ impl PyFrontend {
     }
 
     fn __repr__(&self) -> String {
-        format!("<Frontend fd={}>", self.inner.socket_fd().as_raw_fd())
+        format!("<Frontend fd={}>", self.fd)
     }
 }
 
