@@ -43,12 +43,17 @@ impl DescriptorChain {
         self.writable().map(|s| s.len).sum()
     }
 
-    /// Copies all readable bytes out of guest memory.
-    pub fn read_all(&self, mem: &GuestMemory) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; self.readable_len() as usize];
+    /// Copies the first `max` readable bytes (or all, if fewer) out of guest memory. The
+    /// bound keeps a hostile chain of up to 4 GiB from becoming a 4 GiB allocation (E10).
+    pub fn read_all(&self, mem: &GuestMemory, max: usize) -> Result<Vec<u8>> {
+        let want = (self.readable_len() as usize).min(max);
+        let mut out = vec![0u8; want];
         let mut at = 0usize;
         for s in self.readable() {
-            let n = s.len as usize;
+            if at == want {
+                break;
+            }
+            let n = (s.len as usize).min(want - at);
             mem.read(s.addr, &mut out[at..at + n])?;
             at += n;
         }

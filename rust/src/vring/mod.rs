@@ -124,6 +124,28 @@ impl RingLayout {
         Self::packed(size, base, driver, driver.wrapping_add(4))
     }
 
+    /// Builds a layout from front-end virtual addresses (SET_VRING_ADDR), converting each
+    /// with [`GuestMemory::user_to_gpa`] and checking every area is in memory (D3, D4).
+    pub fn from_user(
+        mem: &GuestMemory,
+        packed: bool,
+        size: u32,
+        desc: u64,
+        avail_or_driver: u64,
+        used_or_device: u64,
+    ) -> Result<Self> {
+        let desc = mem.user_to_gpa(desc)?;
+        let avail = mem.user_to_gpa(avail_or_driver)?;
+        let used = mem.user_to_gpa(used_or_device)?;
+        let layout = if packed {
+            Self::packed(size, desc, avail, used)?
+        } else {
+            Self::split(size, desc, avail, used)?
+        };
+        layout.check_memory(mem)?;
+        Ok(layout)
+    }
+
     fn aligned(size: u32, areas: [(&'static str, u64, u64); 3], packed: bool) -> Result<Self> {
         for (area, addr, align) in areas {
             if addr % align != 0 {

@@ -305,22 +305,26 @@ impl SplitDevice {
     }
 
     /// Whether the driver wants an interrupt for the used elements added since the last
-    /// call: EVENT_IDX `used_event` rule, else the avail ring's NO_INTERRUPT flag.
+    /// call: EVENT_IDX `used_event` rule, else the avail ring's NO_INTERRUPT flag (and false
+    /// when nothing was added since the last call).
     pub fn needs_notification(&mut self, mem: &GuestMemory) -> Result<bool> {
         self.check()?;
         // Our used.idx store must be visible before we read the driver's suppression state.
         fence(Ordering::SeqCst);
+        let new = self.next_used;
         let r = if self.event_idx {
             mem.read_u16(self.a.used_event()).map(|event| {
-                let new = self.next_used;
                 match self.signalled_used.replace(new) {
+                    // Nothing is known about what the driver saw before: notify.
                     None => true,
                     Some(old) => need_event(event, new, old),
                 }
             })
         } else {
-            mem.read_u16(self.a.avail_flags())
-                .map(|f| f & AVAIL_F_NO_INTERRUPT == 0)
+            mem.read_u16(self.a.avail_flags()).map(|f| {
+                let added = self.signalled_used.replace(new) != Some(new);
+                added && f & AVAIL_F_NO_INTERRUPT == 0
+            })
         };
         self.sticky(r.map_err(VringError::from))
     }

@@ -111,6 +111,32 @@ fn ring_areas_must_be_in_memory() {
     assert!(check_range(&two, 0xff0, 0x1020).is_err());
 }
 
+#[test]
+fn layouts_from_front_end_addresses() {
+    let m = mem();
+    let user = m.regions()[0].info().userspace_addr;
+    let l = RingLayout::from_user(&m, false, 256, user, user + 0x1000, user + 0x2000).unwrap();
+    assert_eq!(
+        (l.desc(), l.avail_or_driver(), l.used_or_device()),
+        (0, 0x1000, 0x2000)
+    );
+    let l = RingLayout::from_user(&m, true, 3, user + 0x40, user + 0x100, user + 0x104).unwrap();
+    assert!(l.is_packed());
+    // Unknown address, misaligned area, area running into the hole.
+    assert_err!(
+        RingLayout::from_user(&m, false, 8, 0x10, user + 0x1000, user + 0x2000),
+        VringError::Memory(_)
+    );
+    assert_err!(
+        RingLayout::from_user(&m, false, 8, user + 8, user + 0x1000, user + 0x2000),
+        VringError::Misaligned { .. }
+    );
+    assert_err!(
+        RingLayout::from_user(&m, false, 256, user + MEM_END - 16, user, user + 0x2000),
+        VringError::Memory(_)
+    );
+}
+
 // ----------------------------------------------------------------------------------------
 // Split rings.
 
@@ -126,7 +152,7 @@ fn split_pair(size: u32, event_idx: bool) -> (GuestMemory, SplitDriver, SplitDev
 
 /// The device echoes the request reversed into the writable segments.
 fn serve(m: &GuestMemory, chain: &DescriptorChain) -> u32 {
-    let mut data = chain.read_all(m).unwrap();
+    let mut data = chain.read_all(m, 1 << 16).unwrap();
     data.reverse();
     chain.write_all(m, &data).unwrap()
 }
@@ -1373,4 +1399,54 @@ fn packed_random_rings_never_escape_memory() {
         }
     }
     assert!(outcomes.iter().all(|&c| c > 50), "{outcomes:?}");
+}
+
+/// E9: another thread rewrites the descriptors while chains are popped. Each descriptor is
+/// copied once and validated from the copy, so every returned segment is in memory even
+/// when the copy is torn.
+#[test]
+fn e9_concurrent_rewrites_never_escape_memory() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let r = RawSplit::new(8);
+    r.desc(0, BUF, 16, N, 1);
+    r.desc(1, BUF, 16, W, 0);
+    r.m.write_u16(r.l.avail_or_driver() + 4, 0).unwrap();
+    r.m.write_u16(r.l.avail_or_driver() + 2, 1).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let m = r.m.clone();
+        let desc = r.l.desc();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng(42);
+            while !stop.load(Ordering::Relaxed) {
+                let good = rng.below(2) == 0;
+                let (addr, len) = if good {
+                    (BUF, 16)
+                } else {
+                    (MEM_END - 8, u32::MAX)
+                };
+                let flags = [N, N | I, W, N | W][rng.below(4) as usize];
+                let next = rng.below(10) as u16;
+                let i = rng.below(2);
+                m.write(desc + 16 * i, &encode_split_desc(addr, len, flags, next))
+                    .unwrap();
+            }
+        })
+    };
+    let mut ok = 0;
+    for _ in 0..20_000 {
+        let mut dev = r.device();
+        if let Ok(Some(c)) = dev.pop(&r.m) {
+            ok += 1;
+            for s in &c.segments {
+                check_range(&r.m, s.addr, u64::from(s.len)).unwrap();
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(ok > 0);
 }
