@@ -573,8 +573,23 @@ def test_postcopy(link: Link) -> None:
     fe.postcopy_listen()
     sync(fe)
     assert be.last("postcopy_listen") == ()
+    # While listening, SET_MEM_TABLE takes its postcopy form: the back-end answers with
+    # its own mapping addresses and the front-end acks them (as QEMU does).
+    ram = GuestMemory.allocate(RAM_LAYOUT)
+    ram.write(0x100, b"postcopy table")
+    fe.set_mem_table(regions_of(ram))
+    assert be.memory is not None
+    assert be.memory.read(0x100, 14) == b"postcopy table"
+    assert fe.get_features() == FEATURES  # the ack was consumed, the stream is in step
     fe.postcopy_end()
     assert be.last("postcopy_end") == ()
+    # after POSTCOPY_END, SET_MEM_TABLE is the ordinary request again
+    ram2 = GuestMemory.allocate(RAM_LAYOUT[:1])
+    ram2.write(0x200, b"after postcopy")
+    fe.set_mem_table(regions_of(ram2))
+    sync(fe)
+    assert be.memory.read(0x200, 14) == b"after postcopy"
+    assert not be.memory.contains(0x100000, 1)
 
 
 def test_inflight_fd(link: Link) -> None:

@@ -208,6 +208,11 @@ struct SessionState {
     acked_features: u64,
     acked_protocol: u64,
     queue_sizes: Vec<u32>,
+    /// Between POSTCOPY_LISTEN and POSTCOPY_END: SET_MEM_TABLE is answered with our
+    /// mapping addresses, and the front-end then acks that answer.
+    postcopy_listening: bool,
+    /// The front-end's ack of a postcopy SET_MEM_TABLE answer is due next.
+    postcopy_ack_due: bool,
 }
 
 #[derive(Debug)]
@@ -254,6 +259,9 @@ impl BackendSession {
     /// Blocks for the next request and decodes it. Framing, size and fd errors poison the
     /// connection; `Error::Disconnected` means the front-end went away cleanly.
     pub fn recv(&mut self) -> Result<Incoming> {
+        if self.state.postcopy_ack_due {
+            self.recv_postcopy_ack()?;
+        }
         let msg = self.conn.recv(Header::check_request)?;
         let header = msg.header;
         let decoded = match FrontendReq::from_code(header.code) {
@@ -276,6 +284,25 @@ impl BackendSession {
         })
     }
 
+    /// The front-end's ack of our postcopy SET_MEM_TABLE answer: a SET_MEM_TABLE message
+    /// holding a u64 0 (QEMU's `vhost_user_set_mem_table_postcopy`).
+    fn recv_postcopy_ack(&mut self) -> Result<()> {
+        let msg = self.conn.recv(Header::check_request)?;
+        self.state.postcopy_ack_due = false;
+        let ok = msg.header.code == FrontendReq::SetMemTable.code()
+            && msg.fds.is_empty()
+            && U64Payload::from_bytes(&msg.body).is_ok_and(|v| v.0 == 0);
+        if !ok {
+            self.conn.poison();
+            return Err(Error::InvalidParam(format!(
+                "expected the front-end's postcopy SET_MEM_TABLE ack, got request {} of {} bytes",
+                msg.header.code,
+                msg.body.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the session rules, runs the handler, and builds the reply. A handler error
     /// on a request that asked for an ack becomes exactly one NACK and leaves the
     /// connection usable (A8); any other error poisons it, since a request that expects a
@@ -283,7 +310,9 @@ impl BackendSession {
     pub fn handle(&mut self, incoming: Incoming, handler: &mut dyn BackendHandler) -> Handled {
         let Incoming { header, request } = incoming;
         let code = request.kind();
-        let inherent = has_reply(code);
+        // In postcopy, SET_MEM_TABLE has a reply of its own (our mapping addresses).
+        let inherent =
+            has_reply(code) || (code == FrontendReq::SetMemTable && self.state.postcopy_listening);
         // QEMU asks for an ack on POSTCOPY_LISTEN even without REPLY_ACK, and waits.
         let ack = !inherent
             && header.needs_reply()
@@ -509,7 +538,25 @@ impl BackendSession {
                 let mem = Self::map_table(&table.regions, fds)?;
                 h.set_mem_table(&mem)?;
                 self.memory = mem;
-                none
+                if !self.state.postcopy_listening {
+                    return Ok(none);
+                }
+                // Postcopy: tell the front-end where each region is mapped here (same
+                // order as its table), so it can resolve our faults; its ack follows.
+                let mut reply = table;
+                for r in &mut reply.regions {
+                    r.userspace_addr = self
+                        .memory
+                        .regions()
+                        .iter()
+                        .find(|m| m.info().guest_phys_addr == r.guest_phys_addr)
+                        .map_or(0, |m| m.as_ptr() as u64);
+                }
+                self.state.postcopy_ack_due = true;
+                Outgoing {
+                    body: reply.to_bytes(),
+                    ..Outgoing::default()
+                }
             }
             R::AddMemReg { region, fd } => {
                 let max = h.get_max_mem_slots()?;
@@ -743,9 +790,11 @@ impl BackendSession {
             }
             R::PostcopyListen => {
                 h.postcopy_listen()?;
+                self.state.postcopy_listening = true;
                 none
             }
             R::PostcopyEnd => {
+                self.state.postcopy_listening = false;
                 h.postcopy_end()?;
                 u64_reply(0)
             }
