@@ -570,8 +570,13 @@ impl PackedDriver {
 
     fn offer(&mut self, mem: &GuestMemory, segs: &[(u64, u32, u16)], writable: u32) -> Result<u16> {
         // free_descs >= segs.len() >= 1 and every in-flight id holds a descriptor, so an id
-        // is free.
-        let id = *self.free_ids.last().expect("an id per free descriptor");
+        // is free; checked anyway rather than trusted.
+        let Some(&id) = self.free_ids.last() else {
+            return Err(VringError::QueueFull {
+                needed: segs.len(),
+                free: 0,
+            });
+        };
         let (start, start_wrap) = (self.next_avail, self.avail_wrap);
         let (mut slot, mut wrap) = (start, start_wrap);
         let mut head_flags = 0;
