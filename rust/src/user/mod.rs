@@ -19,6 +19,6 @@ pub use frontend::Frontend;
 pub use listener::Listener;
 
 #[cfg(test)]
-mod session_tests;
-#[cfg(test)]
 mod decode_fuzz_tests;
+#[cfg(test)]
+mod session_tests;
