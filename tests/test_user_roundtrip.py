@@ -1111,3 +1111,14 @@ def test_shared_object_lookup_reply_with_dma_buf_fd(tmp_sock_dir: Path) -> None:
             near.sendall(header.pack(2, 0x1 | 0x4, 8) + bytes(8))
             t.join(TIMEOUT)
             assert not t.is_alive()
+
+
+def test_negotiate_keeps_protocol_features_bit(tmp_sock_dir: Path) -> None:
+    """A feature mask without bit 30 still acks VHOST_USER_F_PROTOCOL_FEATURES when it
+    was offered: protocol features were negotiated, so the bit must be acked too."""
+    with linked(tmp_sock_dir, Recorder()) as lk:
+        features, proto = lk.fe.negotiate(features=VERSION_1, protocol_features=int(PF.MQ))
+        assert features == VERSION_1 | PROTOCOL_FEATURES
+        assert proto == PF.MQ
+        assert lk.fe.get_queue_num() == 2
+        assert lk.be.last("set_features") == (VERSION_1 | PROTOCOL_FEATURES,)

@@ -252,7 +252,10 @@ class Frontend(VhostBackend):
         """The usual opening: GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES.
 
         ``features``/``protocol_features`` are masks of what this front-end supports;
-        ``None`` accepts everything offered. Returns what was acked.
+        ``None`` accepts everything offered. ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30)
+        is acked whenever the back-end offered it, as QEMU does: protocol features are
+        negotiated then, and the bit decides how rings start (disabled until
+        ``SET_VRING_ENABLE``). Returns what was acked.
         """
         offered = self.get_features()
         self.set_owner()
@@ -263,6 +266,7 @@ class Frontend(VhostBackend):
             acked_proto = ProtocolFeature(want)
             self.set_protocol_features(acked_proto)
         acked = offered if features is None else offered & features
+        acked |= offered & (1 << 30)
         self.set_features(acked)
         return acked, acked_proto
 
@@ -597,8 +601,11 @@ class BackendListener:
     def accept(self, timeout: float | None = None) -> BackendSession:
         return self._listener.accept_backend(timeout)
 
-    def serve_forever(self, make_handler: type[BackendHandler] | None = None,
-                      handler: BackendHandler | None = None) -> None:
+    def serve_forever(
+        self,
+        make_handler: type[BackendHandler] | None = None,
+        handler: BackendHandler | None = None,
+    ) -> None:
         """Serves one front-end after another until interrupted."""
         while True:
             session = self.accept()
