@@ -1,5 +1,6 @@
 """Our :class:`Frontend` against real back-ends: qemu-storage-daemon (libvhost-user)
-for real block I/O, postcopy and memory slots; virtiofsd (rust-vmm) for device state.
+for real block I/O, postcopy and memory slots; virtiofsd (rust-vmm) for device state;
+vhost-user-gpu for GPU_SET_SOCKET.
 
 The test plays the guest driver: it shares memfd guest RAM (``SET_MEM_TABLE``), lays a
 split virtqueue out in it, hands qemu-storage-daemon the ring addresses and the kick
@@ -11,6 +12,7 @@ the status bytes, the used ring, and the image file on disk.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -275,3 +277,22 @@ def test_device_state_transfer_with_virtiofsd(tmp_sock_dir: Path) -> None:
             if w >= 0:
                 os.close(w)
         assert fe.get_features() & VirtioFeature.VERSION_1
+
+
+def test_gpu_set_socket_with_vhost_user_gpu(tmp_sock_dir: Path) -> None:
+    """GPU_SET_SOCKET with QEMU's vhost-user-gpu: the socket we pass arrives, and the
+    daemon starts its own protocol on it (VHOST_USER_GPU_GET_PROTOCOL_FEATURES, code 1)."""
+    binary = peers.find_binary("vhost-user-gpu", [Path("/usr/lib/qemu/vhost-user-gpu")])
+    sock = tmp_sock_dir / "gpu.sock"
+    argv = [str(binary), f"--socket-path={sock}"]
+    with peers.spawn_peer("vhost-user-gpu", argv, sock) as gpu, Frontend.connect(sock) as fe:
+        features, _ = fe.negotiate()
+        assert features & VirtioFeature.VERSION_1
+        ours, theirs = socket.socketpair()
+        with ours:
+            fe.gpu_set_socket(theirs.fileno())
+            theirs.close()  # the daemon holds its own copy now
+            ours.settimeout(TIMEOUT)
+            request, flags, size = struct.unpack("<III", ours.recv(12))
+            assert (request, flags, size) == (1, 0, 0)
+        assert gpu.alive(), gpu.output()
