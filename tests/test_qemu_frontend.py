@@ -662,7 +662,9 @@ def test_backend_channel_to_qemu(served_factory: Any) -> None:
         uuid_bytes = bytes(range(16))
         channel.shared_object_add(uuid_bytes)
         channel.shared_object_remove(uuid_bytes)
-        # nobody exported this one: a non-zero answer, no fd, and the channel lives on
+        # nobody exported this one: a non-zero answer, no fd, and the channel lives on.
+        # (Looking up the object we added also fails with QEMU 10.0: its virtio-dmabuf
+        # table keys on the handler's stack copy of the UUID, so that is not asserted.)
         assert channel.shared_object_lookup(bytes(16)) != 0
         channel.config_change()
         # HOST_NOTIFIER was not offered, so it was not negotiated: refused locally
