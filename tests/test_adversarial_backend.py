@@ -47,7 +47,9 @@ OFFERED_PROTO = int(
     PF.REPLY_ACK | PF.CONFIG | PF.MQ | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS
     | PF.BACKEND_REQ
 )
-NACK_PROTO = int(PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS)
+NACK_PROTO = int(
+    PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS | PF.BACKEND_REQ
+)
 CONFIG_SPACE = bytes(range(256))
 MiB = 1 << 20
 UADDR = 0x7F00_0000_0000
@@ -184,6 +186,23 @@ def one_socket() -> list[int]:
 def regular_file() -> list[int]:
     return [os.open("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd",
                     os.O_RDONLY | os.O_CLOEXEC)]
+
+
+def pipe_end() -> list[int]:
+    r, w = os.pipe()
+    os.close(w)
+    return [r]
+
+
+def listening_socket() -> list[int]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind("")  # autobind: an abstract address
+    s.listen(1)
+    return [s.detach()]
+
+
+def udp_socket() -> list[int]:
+    return [socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach()]
 
 
 def directory() -> list[int]:
@@ -514,6 +533,12 @@ NACKED: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
     "D7-inflight-more-queues-than-device": (
         MSG(Req.SET_INFLIGHT_FD, inflight(4096, 0, 3, 256), flags=ACKED), memfds(1, 4096)
     ),
+    "B6-backend-req-fd-is-eventfd": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), eventfds(1)),
+    "B6-backend-req-fd-is-pipe": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), pipe_end),
+    "B6-backend-req-fd-is-listening-socket": (
+        MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), listening_socket
+    ),
+    "B6-backend-req-fd-is-udp-socket": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), udp_socket),
     "B6-region-fd-is-socket-acked": (
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=VERSION | NEED_REPLY),
         one_socket,

@@ -671,7 +671,15 @@ impl BackendSession {
                 none
             }
             R::SetBackendReqFd(fd) => {
-                let channel = BackendChannel::new(UnixStream::from(fd), self.state.acked_protocol);
+                let sock = UnixStream::from(fd);
+                // B6: refuse now what could never carry a request (an eventfd, a pipe, a
+                // listening or non-Unix socket), rather than fail on first use.
+                if sock.peer_addr().is_err() {
+                    return Err(Error::InvalidParam(
+                        "SET_BACKEND_REQ_FD: the fd is not a connected Unix socket".into(),
+                    ));
+                }
+                let channel = BackendChannel::new(sock, self.state.acked_protocol);
                 h.set_backend_channel(Arc::new(channel))?;
                 none
             }
