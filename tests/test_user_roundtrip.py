@@ -296,7 +296,9 @@ class Recorder(BackendHandler):
         self._rec("close_crypto_session", session_id)
 
     def on_request_error(self, error: BaseException) -> None:
-        self.errors.append(error)
+        # without its traceback: frames -> self -> errors -> error would be a cycle that
+        # keeps the request's fds open until the garbage collector runs
+        self.errors.append(error.with_traceback(None))
 
 
 @dataclass
@@ -910,9 +912,9 @@ def _serve_channel(
         except VhostError as exc:
             if ch.broken or isinstance(exc, ClosedError | ConnectionError):
                 return
-            errors.append(exc)
+            errors.append(exc.with_traceback(None))  # no frame cycle holding fds
         except RuntimeError as exc:  # the handler's own refusal, re-raised after the NACK
-            errors.append(exc)
+            errors.append(exc.with_traceback(None))
         except OSError:
             return
 
