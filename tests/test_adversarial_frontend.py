@@ -11,8 +11,10 @@ real `BackendSession` adopted on the next accepted socket).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import random
 import signal
 import socket
 import struct
@@ -655,4 +657,96 @@ def test_b8_fds_received_by_the_frontend_are_cloexec(sock_path: Path) -> None:
         del fe
     hb.finish_hostile()
     well_behaved(hb)
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_random_replies_only_ever_raise_vhost_errors(sock_path: Path) -> None:
+    """Seeded random replies (codes, flags, sizes, bodies, fds) to GET_FEATURES and
+    GET_VRING_BASE: a value or a VhostError, never another exception, never a leak."""
+    rng = random.Random(0x5EED)
+    base = hostile.fd_count()
+    with hostile.server_socket(sock_path) as srv:
+        for i in range(400):
+            code = Req.GET_FEATURES if i % 2 else Req.GET_VRING_BASE
+            body = (
+                rng.choice([U64.pack(FEATURES), VRING_STATE.pack(0, 7), b""])
+                if rng.random() < 0.5
+                else rng.randbytes(rng.choice([0, 1, 4, 7, 8, 9, 16, 64, 300]))
+            )
+            reply_code = code if rng.random() < 0.7 else rng.choice([0, 2, 11, 0xFFFFFFFF])
+            flags = OK_REPLY if rng.random() < 0.6 else rng.getrandbits(32)
+            size = len(body) if rng.random() < 0.7 else rng.choice([0, 8, 4096, 4097, 2**32 - 1])
+            data = hostile.header(reply_code, flags, size) + body
+            if rng.random() < 0.2:
+                data = data[: rng.randrange(len(data) + 1)]
+            nfds = rng.choice([0, 0, 0, 1, 3])
+            fe = Frontend.connect(sock_path, timeout=1.0)
+            conn, _ = srv.accept()
+            try:
+                fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+                try:
+                    if data:
+                        hostile.send(conn, data, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                conn.shutdown(socket.SHUT_WR)
+                try:
+                    if code == Req.GET_FEATURES:
+                        fe.get_features()
+                    else:
+                        fe.get_vring_base(0)
+                except VhostError:
+                    pass
+            finally:
+                fe.close()
+                del fe
+                conn.close()
+    assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+def test_random_channel_requests_only_ever_raise_vhost_errors(sock_path: Path) -> None:
+    """Seeded random back-end requests on the channel, every channel feature negotiated."""
+    rng = random.Random(0xC4A7)
+    proto = int(
+        PF.BACKEND_REQ | PF.CONFIG | PF.HOST_NOTIFIER | PF.INBAND_NOTIFICATIONS
+        | PF.SHARED_OBJECT | PF.SHMEM | PF.BACKEND_SEND_FD
+    )
+    base = hostile.fd_count()
+    with hostile.server_socket(sock_path) as srv:
+        fe = Frontend.connect(sock_path, timeout=2.0)
+        conn, _ = srv.accept()
+        try:
+            conn.settimeout(5.0)
+            # The negotiation's replies, sent ahead (no REPLY_ACK: nothing else is answered).
+            reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+            reply(conn, Req.GET_PROTOCOL_FEATURES, U64.pack(proto))
+            fe.negotiate()
+            for _ in range(5):
+                assert hostile.recv_message(conn) is not None
+            for _ in range(300):
+                ch = fe.set_backend_req_fd()
+                m = expect(conn, Req.SET_BACKEND_REQ_FD)
+                with socket.socket(fileno=m.fds.pop()) as end:
+                    code = rng.choice([*range(0, 12), 0xFFFF, 0xFFFFFFFF])
+                    body = rng.randbytes(rng.choice([0, 8, 16, 24, 40, 64]))
+                    flags = rng.choice([VERSION, VERSION | NEED_REPLY, rng.getrandbits(32)])
+                    size = len(body) if rng.random() < 0.8 else rng.choice([0, 4097, 2**32 - 1])
+                    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(rng.choice([0, 0, 1, 2]))]
+                    try:
+                        hostile.send(end, hostile.header(code, flags, size) + body, fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    end.shutdown(socket.SHUT_WR)
+                    with ch, contextlib.suppress(VhostError):
+                        ch.process_one(Answers())
+                    del ch
+            # The main connection survived every channel failure.
+            reply(conn, Req.GET_FEATURES, U64.pack(FEATURES))
+            assert fe.get_features() == FEATURES
+        finally:
+            fe.close()
+            del fe
+            conn.close()
     assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
