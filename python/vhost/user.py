@@ -578,6 +578,24 @@ class FrontendRequestHandler:
     def shared_object_lookup(self, uuid: bytes) -> int | None:
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
+    def shmem_map(  # noqa: PLR0917 - one argument per field of the request
+        self,
+        shmid: int,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        flags: int,
+        fd: _core.FileDescriptor,
+    ) -> int | None:
+        """Map ``length`` bytes of ``fd`` at ``fd_offset`` into shared memory region
+        ``shmid`` at ``shm_offset`` (SHMEM_MAP; the seed's virtio-fs ``fs_slave_map``,
+        whose DAX window is region 0). ``flags`` bit 0: writable."""
+        raise _refuse("SHMEM_MAP")
+
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int | None:
+        """Undo a :meth:`shmem_map` (SHMEM_UNMAP; the seed's ``fs_slave_unmap``)."""
+        raise _refuse("SHMEM_UNMAP")
+
     def unknown_request(self, name: str) -> int | None:
         raise _refuse(name)
 

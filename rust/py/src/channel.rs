@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use vhost_core::user::channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
 use vhost_core::user::message::BackendRequest;
-use vhost_core::user::payload::{IotlbPayload, VringArea};
+use vhost_core::user::payload::{IotlbPayload, ShmemMapPayload, VringArea};
 use vhost_core::user::Error;
 
 use crate::errors::{closed, IntoPyResult};
@@ -104,6 +104,34 @@ impl FrontendReqHandler for PyFrontendHandler {
             &self.obj,
             "shared_object_lookup",
             move |py| tuple(py, (PyBytes::new(py, &uuid),)),
+            u64_or_zero,
+        )
+    }
+    fn shmem_map(&mut self, m: &ShmemMapPayload, fd: OwnedFd) -> Result<u64, Error> {
+        let m = *m;
+        self.state.call(
+            &self.obj,
+            "shmem_map",
+            move |py| {
+                let args = (
+                    m.shmid,
+                    m.fd_offset,
+                    m.shm_offset,
+                    m.len,
+                    m.flags,
+                    FileDescriptor::new(fd),
+                );
+                tuple(py, args)
+            },
+            u64_or_zero,
+        )
+    }
+    fn shmem_unmap(&mut self, m: &ShmemMapPayload) -> Result<u64, Error> {
+        let m = *m;
+        self.state.call(
+            &self.obj,
+            "shmem_unmap",
+            move |py| tuple(py, (m.shmid, m.shm_offset, m.len)),
             u64_or_zero,
         )
     }
@@ -250,6 +278,26 @@ impl PyBackendChannel {
         self.call(py, move |c| {
             c.vring_host_notifier(index, size, offset, fd.map(borrow))
         })
+    }
+    #[pyo3(signature = (shmid, fd_offset, shm_offset, length, writable, fd))]
+    #[allow(clippy::too_many_arguments)]
+    fn shmem_map(
+        &self,
+        py: Python<'_>,
+        shmid: u8,
+        fd_offset: u64,
+        shm_offset: u64,
+        length: u64,
+        writable: bool,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let fd = raw_fd_of(fd)?;
+        self.call(py, move |c| {
+            c.shmem_map(shmid, fd_offset, shm_offset, length, writable, borrow(fd))
+        })
+    }
+    fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: u64, length: u64) -> PyResult<()> {
+        self.call(py, move |c| c.shmem_unmap(shmid, shm_offset, length))
     }
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {

@@ -14,7 +14,10 @@ use super::codes::{protocol_features as pf, BackendReq};
 use super::connection::Connection;
 use super::header::Header;
 use super::message::{backend_reply_allows_fd, BackendRequest};
-use super::payload::{IotlbPayload, SharedObjectUuid, U64Payload, VringArea, VringState};
+use super::payload::{
+    IotlbPayload, SharedObjectUuid, ShmemMapPayload, U64Payload, VringArea, VringState,
+    SHMEM_MAP_FLAG_RW,
+};
 use super::{Error, Result};
 
 /// Which protocol feature a back-end request needs before a front-end accepts it (H1).
@@ -179,6 +182,49 @@ impl BackendChannel {
 
     /// Hands the front-end an area of `fd` to map as the notifier of ring `index`, or
     /// withdraws it (`fd` None).
+    /// Maps `len` bytes of `fd` at `fd_offset` into the device's shared memory region
+    /// `shmid` at `shm_offset` (SHMEM_MAP). This is the spec's successor of the seed's
+    /// virtio-fs `FS_MAP`: the DAX cache window is shared memory region 0.
+    pub fn shmem_map(
+        &self,
+        shmid: u8,
+        fd_offset: u64,
+        shm_offset: u64,
+        len: u64,
+        writable: bool,
+        fd: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let map = ShmemMapPayload {
+            shmid,
+            fd_offset,
+            shm_offset,
+            len,
+            flags: if writable { SHMEM_MAP_FLAG_RW } else { 0 },
+        };
+        // Same rules the receiving side applies (H4), before anything is sent.
+        ShmemMapPayload::from_bytes(&map.to_bytes())?;
+        // The request value owns its fd; a duplicate keeps the caller's fd theirs.
+        let request = BackendRequest::ShmemMap {
+            map,
+            fd: fd.try_clone_to_owned()?,
+        };
+        self.send(&request, &[fd]).map(|_| ())
+    }
+
+    /// Unmaps [shm_offset, shm_offset+len) of region `shmid` (SHMEM_UNMAP; the seed's
+    /// `FS_UNMAP`).
+    pub fn shmem_unmap(&self, shmid: u8, shm_offset: u64, len: u64) -> Result<()> {
+        let map = ShmemMapPayload {
+            shmid,
+            fd_offset: 0,
+            shm_offset,
+            len,
+            flags: 0,
+        };
+        ShmemMapPayload::from_bytes(&map.to_bytes())?;
+        self.send(&BackendRequest::ShmemUnmap(map), &[]).map(|_| ())
+    }
+
     pub fn vring_host_notifier(
         &self,
         index: u8,
@@ -221,6 +267,12 @@ pub trait FrontendReqHandler {
     }
     fn shared_object_remove(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_REMOVE"))
+    }
+    fn shmem_map(&mut self, map: &ShmemMapPayload, fd: OwnedFd) -> Result<u64> {
+        Err(Error::NotSupported("SHMEM_MAP"))
+    }
+    fn shmem_unmap(&mut self, map: &ShmemMapPayload) -> Result<u64> {
+        Err(Error::NotSupported("SHMEM_UNMAP"))
     }
     fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_LOOKUP"))
@@ -315,6 +367,8 @@ impl FrontendChannel {
                     status
                 })
             }
+            R::ShmemMap { map, fd } => handler.shmem_map(&map, fd),
+            R::ShmemUnmap(map) => handler.shmem_unmap(&map),
             #[allow(unreachable_patterns)]
             other => handler.other(other),
         };
