@@ -19,6 +19,8 @@ from .errors import KernelError as KernelError
 from .errors import NotSupportedError as NotSupportedError
 from .errors import PartialMessageError as PartialMessageError
 from .errors import ProtocolError as ProtocolError
+from .errors import QueueError as QueueError
+from .errors import QueueFullError as QueueFullError
 from .errors import RequestRefusedError as RequestRefusedError
 from .errors import VhostError as VhostError
 from .errors import VhostTimeoutError as VhostTimeoutError
@@ -53,6 +55,8 @@ __all__ = [
     "PartialMessageError",
     "ProtocolError",
     "ProtocolFeature",
+    "QueueError",
+    "QueueFullError",
     "RequestRefusedError",
     "VhostBackend",
     "VhostError",

@@ -10,6 +10,8 @@ from typing_extensions import Buffer
 __all__ = [
     "BackendChannel",
     "BackendSession",
+    "DescriptorChain",
+    "DeviceQueue",
     "EventFd",
     "FileDescriptor",
     "Frontend",
@@ -17,6 +19,7 @@ __all__ = [
     "GuestMemory",
     "GuestView",
     "Listener",
+    "Virtqueue",
     "__version__",
 ]
 
@@ -190,6 +193,16 @@ class BackendChannel:
     def vring_host_notifier(
         self, index: int, size: int, offset: int, fd: _Fd | None = None
     ) -> None: ...
+    def shmem_map(
+        self,
+        shmid: int,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        writable: bool,
+        fd: _Fd,
+    ) -> None: ...
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None: ...
     def set_timeout(self, timeout: float | None) -> None: ...
 
 @final
@@ -238,3 +251,98 @@ class Listener:
         tb: TracebackType | None,
         /,
     ) -> None: ...
+
+@final
+class DescriptorChain:
+    @property
+    def head(self) -> int: ...
+    @property
+    def segments(self) -> list[tuple[int, int, bool]]: ...
+    @property
+    def readable_len(self) -> int: ...
+    @property
+    def writable_len(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
+class DeviceQueue:
+    def __new__(
+        cls,
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+        indirect: bool = True,
+    ) -> Self: ...
+    @staticmethod
+    def from_user(
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+        indirect: bool = True,
+    ) -> DeviceQueue: ...
+    def set_memory(self, memory: GuestMemory) -> None: ...
+    def pop_batch(self, max: int = 64) -> list[DescriptorChain]: ...
+    def add_used(self, head: int, length: int) -> None: ...
+    def add_used_batch(self, used: Sequence[tuple[int, int]]) -> None: ...
+    def needs_notification(self) -> bool: ...
+    def set_notification(self, enable: bool) -> bool: ...
+    @property
+    def next_avail(self) -> int: ...
+    @next_avail.setter
+    def next_avail(self, value: int) -> None: ...
+    @property
+    def next_used(self) -> int: ...
+    @property
+    def broken(self) -> bool: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def packed(self) -> bool: ...
+
+@final
+class Virtqueue:
+    def __new__(
+        cls,
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+    ) -> Self: ...
+    def set_memory(self, memory: GuestMemory) -> None: ...
+    def add(
+        self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]
+    ) -> int: ...
+    def publish(self) -> None: ...
+    def kick_needed(self) -> bool: ...
+    def poll_used(self) -> list[tuple[int, int]]: ...
+    def set_used_notification(self, enable: bool) -> bool: ...
+    @property
+    def num_free(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def broken(self) -> bool: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def packed(self) -> bool: ...
+    @property
+    def desc(self) -> int: ...
+    @property
+    def avail(self) -> int: ...
+    @property
+    def used(self) -> int: ...

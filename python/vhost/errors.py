@@ -18,6 +18,8 @@ and an ``except ValueError`` around argument handling still catches
     +-- InvalidParamError          (also ValueError) a value the protocol or the API forbids
     +-- InvalidMemoryError         (also ValueError) an address, size or file that does not fit
     +-- InvalidQueueError          (also ValueError) a bad queue index or queue state
+    +-- QueueError                 a virtqueue's ring is corrupt; the queue stays broken
+    |   +-- QueueFullError         ... or has no room for a buffer (the queue stays usable)
     +-- KernelError                (also OSError) a system call failed; carries ``errno``
     +-- VhostTimeoutError          (also TimeoutError) the peer did not answer in time
     +-- ClosedError                the object was closed, or failed earlier and stays failed
@@ -44,6 +46,13 @@ Rust core error (``user::Error`` and friends)  Python exception
 ``Memory`` (guest memory layer)                :class:`InvalidMemoryError`
 ``Io`` (sockets, mmap, eventfd), kernel vhost  :class:`KernelError` with that ``errno``
 and vDPA ioctls                                (``EIO`` when the error carries none)
+``VringError::InvalidSize``, ``Misaligned``    :class:`InvalidQueueError`
+``VringError::Memory``                         :class:`InvalidMemoryError`
+``VringError::QueueFull``                      :class:`QueueFullError`
+``VringError``, a bad caller argument          :class:`InvalidParamError`
+(``add_used`` head or length, empty buffer)
+``VringError``, any other (corrupt ring,       :class:`QueueError`
+``Broken``)
 =============================================  ================================================
 
 Design notes:
@@ -76,6 +85,8 @@ __all__ = [
     "NotSupportedError",
     "PartialMessageError",
     "ProtocolError",
+    "QueueError",
+    "QueueFullError",
     "RequestRefusedError",
     "VhostError",
     "VhostTimeoutError",
@@ -227,6 +238,23 @@ class InvalidQueueError(VhostError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (_message(self), self.index), self.__dict__)
+
+
+class QueueError(VhostError):
+    """A virtqueue cannot go on: the peer wrote something invalid into the ring.
+
+    A descriptor loop, a chain longer than the queue, a head out of range or offered twice,
+    an index that jumps, a used element for a buffer not in flight... The queue is broken
+    afterwards (its ``broken`` property is true): every later data-path call raises
+    ``QueueError`` again until the queue is rebuilt (after a device reset).
+    """
+
+
+class QueueFullError(QueueError):
+    """The driver side has too few free descriptors for the buffer; the queue stays usable.
+
+    Collect used buffers (``Virtqueue.poll_used``) and try again.
+    """
 
 
 class KernelError(VhostError, OSError):

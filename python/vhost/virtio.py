@@ -6,22 +6,46 @@ Feature members are masks (``1 << bit``), ready to combine with the u64 feature 
 ``VhostBackend.get_features`` returns. Only bits below 64 are listed: vhost negotiates a
 single 64-bit word.
 
-The virtqueue classes (split and packed, driver and device side) will live in this module
-too; this part holds only the numbers.
+Virtqueues (split and packed, both sides; native, in the Rust core):
+
+- :class:`DeviceQueue` is the device side, what a back-end uses on a ring the front-end
+  set up: :meth:`~DeviceQueue.pop_batch` returns :class:`DescriptorChain` objects (guest
+  addresses of the buffer segments; move the bytes with :class:`~vhost.GuestMemory`),
+  :meth:`~DeviceQueue.add_used` returns them.
+- :class:`Virtqueue` is the driver side, what a front-end or test rig uses to offer
+  buffers: :meth:`~Virtqueue.add`, :meth:`~Virtqueue.publish`, then collect them with
+  :meth:`~Virtqueue.poll_used`.
+- :func:`ring_sizes`, :func:`place_rings`, :func:`gpa_to_user` and :func:`setup_queue`
+  are the arithmetic and the few control-plane calls around them.
+
+Everything the peer writes into a ring is checked; a corrupt ring raises
+:class:`~vhost.errors.QueueError` and leaves the queue broken.
 """
 
 from __future__ import annotations
 
 import enum
 
+from . import _core
+from .backend import EventFdLike, VhostBackend
+from .errors import InvalidMemoryError, InvalidParamError
+from .types import VringConfig
+
 __all__ = [
     "BlkFeature",
+    "DescriptorChain",
     "DeviceId",
+    "DeviceQueue",
     "DeviceStatus",
     "FsFeature",
     "NetFeature",
     "VirtioFeature",
+    "Virtqueue",
     "VsockFeature",
+    "gpa_to_user",
+    "place_rings",
+    "ring_sizes",
+    "setup_queue",
 ]
 
 
@@ -216,3 +240,103 @@ class VsockFeature(enum.IntFlag):
     STREAM = 1 << 0
     SEQPACKET = 1 << 1
     NO_IMPLIED_STREAM = 1 << 2
+
+
+# --------------------------------------------------------------------------------------
+# Virtqueues
+# --------------------------------------------------------------------------------------
+
+DescriptorChain = _core.DescriptorChain
+DeviceQueue = _core.DeviceQueue
+Virtqueue = _core.Virtqueue
+
+_MAX_QUEUE_SIZE = 32768
+_DESC_SIZE = 16
+
+
+def _check_size(size: int, packed: bool) -> None:
+    if not 1 <= size <= _MAX_QUEUE_SIZE:
+        raise InvalidParamError(f"queue size {size} is not between 1 and {_MAX_QUEUE_SIZE}")
+    if not packed and size & (size - 1):
+        raise InvalidParamError(f"queue size {size} is not a power of two (split ring)")
+
+
+def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, the avail ring (packed: driver event area) and the used
+    ring (packed: device event area) of a queue of ``size`` entries, event index words
+    included."""
+    _check_size(size, packed)
+    if packed:
+        return (_DESC_SIZE * size, 4, 4)
+    return (_DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size)
+
+
+def place_rings(base_gpa: int, size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Guest addresses ``(desc, avail, used)`` of a ring laid out contiguously from
+    ``base_gpa`` (rounded up to 16), each area aligned as the format requires. The ring
+    takes ``used + ring_sizes(size, packed)[2] - desc`` bytes."""
+    desc_len, avail_len, _ = ring_sizes(size, packed)
+    if base_gpa < 0:
+        raise InvalidParamError(f"base address {base_gpa:#x} is negative")
+    desc = (base_gpa + 15) & ~15
+    avail = desc + desc_len
+    used = (avail + avail_len + 3) & ~3
+    return (desc, avail, used)
+
+
+def gpa_to_user(memory: _core.GuestMemory, gpa: int) -> int:
+    """The front-end virtual address of guest address ``gpa`` in ``memory`` (the address to
+    send in ``SET_VRING_ADDR``)."""
+    for guest_phys_addr, size, userspace_addr, _offset, _fd in memory.regions():
+        if guest_phys_addr <= gpa < guest_phys_addr + size:
+            return userspace_addr + (gpa - guest_phys_addr)
+    raise InvalidMemoryError(f"guest address {gpa:#x} is not in guest memory", gpa)
+
+
+def setup_queue(  # noqa: PLR0917 - the public signature: six positional arguments
+    backend: VhostBackend,
+    index: int,
+    memory: _core.GuestMemory,
+    queue: _core.Virtqueue | tuple[int, int, int, int],
+    kick: int | EventFdLike,
+    call: int | EventFdLike,
+    *,
+    base: int = 0,
+    enable: bool = True,
+    packed: bool = False,
+) -> None:
+    """Hands a ring to a back-end: ``SET_VRING_NUM``, ``SET_VRING_ADDR`` (front-end virtual
+    addresses, from :func:`gpa_to_user`), ``SET_VRING_BASE``, ``SET_VRING_CALL``,
+    ``SET_VRING_KICK`` and, when ``enable`` and the back-end has it (for vhost-user: when
+    protocol features were negotiated), ``SET_VRING_ENABLE``.
+
+    ``queue`` is a :class:`Virtqueue` or ``(size, desc, avail, used)`` guest addresses
+    (then ``packed`` tells the format). ``memory`` must be the memory the back-end got in
+    its memory table.
+    """
+    if isinstance(queue, _core.Virtqueue):
+        size, desc, avail, used = queue.size, queue.desc, queue.avail, queue.used
+        packed = queue.packed
+    else:
+        size, desc, avail, used = queue
+    config = VringConfig(
+        queue_max_size=size,
+        queue_size=size,
+        flags=0,
+        desc_table_addr=gpa_to_user(memory, desc),
+        used_ring_addr=gpa_to_user(memory, used),
+        avail_ring_addr=gpa_to_user(memory, avail),
+        packed=packed,
+    )
+    backend.set_vring_num(index, size)
+    backend.set_vring_addr(index, config)
+    backend.set_vring_base(index, base)
+    backend.set_vring_call(index, call)
+    backend.set_vring_kick(index, kick)
+    if enable:
+        set_enable = getattr(backend, "set_vring_enable", None)
+        acked = getattr(backend, "acked_features", None)
+        if callable(set_enable) and (
+            not isinstance(acked, int) or acked & VirtioFeature.PROTOCOL_FEATURES
+        ):
+            set_enable(index, True)

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use vhost_core::memory::MemoryError;
 use vhost_core::user::Error as UserError;
+use vhost_core::vring::VringError;
 
 fn raise<'py>(
     py: Python<'py>,
@@ -45,6 +46,36 @@ pub fn user_error(err: UserError) -> PyErr {
     })
 }
 
+/// A virtqueue error: a bad layout is `InvalidQueueError`, memory is `InvalidMemoryError`,
+/// a full queue `QueueFullError`, an empty buffer `InvalidParamError`; everything else is
+/// what the peer wrote into the ring (the queue is broken afterwards): `QueueError`.
+pub fn vring_error(err: VringError) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        match err {
+            VringError::Memory(m) => memory_error(m),
+            VringError::InvalidSize(_) | VringError::Misaligned { .. } => {
+                raise(py, "InvalidQueueError", (msg,))
+            }
+            VringError::QueueFull { .. } => raise(py, "QueueFullError", (msg,)),
+            VringError::EmptyChain => raise(py, "InvalidParamError", (msg,)),
+            _ => raise(py, "QueueError", (msg,)),
+        }
+    })
+}
+
+/// A virtqueue error from a call whose arguments the queue checks without reading the ring
+/// (`add_used`, `add`, setting the base): a refused head, id, length or position is the
+/// caller's `InvalidParamError`, not a corrupt ring.
+pub fn vring_caller_error(err: VringError) -> PyErr {
+    match err {
+        VringError::InvalidHead { .. }
+        | VringError::InvalidUsed { .. }
+        | VringError::LengthOverflow { .. } => invalid_param(err.to_string()),
+        _ => vring_error(err),
+    }
+}
+
 pub fn memory_error(err: MemoryError) -> PyErr {
     Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(),)))
 }
@@ -83,6 +114,12 @@ impl<T> IntoPyResult<T> for Result<T, UserError> {
 impl<T> IntoPyResult<T> for Result<T, MemoryError> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(memory_error)
+    }
+}
+
+impl<T> IntoPyResult<T> for Result<T, VringError> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(vring_error)
     }
 }
 

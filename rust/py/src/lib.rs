@@ -11,6 +11,7 @@ mod fd;
 mod frontend;
 mod handler;
 mod memory;
+mod vring;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -23,6 +24,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyBackendChannel>()?;
     m.add_class::<backend::PyBackendSession>()?;
     m.add_class::<backend::PyListener>()?;
+    m.add_class::<vring::PyDescriptorChain>()?;
+    m.add_class::<vring::PyDeviceQueue>()?;
+    m.add_class::<vring::PyVirtqueue>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,527 @@
+//! Virtqueues for Python: `DeviceQueue` (the device side, over `SplitDevice` /
+//! `PackedDevice`) and `Virtqueue` (the driver side, over `SplitDriver` / `PackedDriver`).
+//!
+//! Each queue owns a snapshot of the guest memory it was built with (so the mappings stay
+//! alive) and its ring state behind a mutex. The mutex is never held while the GIL is being
+//! acquired: large batches lock it inside `py.detach`, everything else locks it with the GIL
+//! held and releases it before building Python objects. The hot paths return plain lists
+//! and tuples built here; Python never loops per descriptor.
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::prelude::*;
+use vhost_core::memory::GuestMemory as CoreMemory;
+use vhost_core::vring::{
+    DescriptorChain as CoreChain, PackedDevice, PackedDriver, RingLayout, SplitDevice, SplitDriver,
+    VringError,
+};
+
+use crate::errors::{invalid_param, vring_caller_error, IntoPyResult};
+use crate::memory::PyGuestMemory;
+
+/// Batches larger than this run with the GIL released.
+const DETACH_BATCH: usize = 16;
+
+/// (gpa, len, writable) of one segment.
+type SegmentTuple = (u64, u32, bool);
+
+fn layout(packed: bool, size: u32, desc: u64, avail: u64, used: u64) -> PyResult<RingLayout> {
+    if packed {
+        RingLayout::packed(size, desc, avail, used)
+    } else {
+        RingLayout::split(size, desc, avail, used)
+    }
+    .py_err()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn to_u16(v: i64, what: &str) -> PyResult<u16> {
+    u16::try_from(v).map_err(|_| invalid_param(format!("{what} {v} is not in 0..=65535")))
+}
+
+fn to_u32(v: i64, what: &str) -> PyResult<u32> {
+    u32::try_from(v).map_err(|_| invalid_param(format!("{what} {v} is not in 0..=4294967295")))
+}
+
+/// A popped buffer: `head` (split: descriptor index; packed: buffer id), its segments
+/// `(gpa, len, writable)` with the readable ones first, and the byte totals.
+#[pyclass(module = "vhost._core", name = "DescriptorChain", frozen)]
+pub struct PyDescriptorChain {
+    #[pyo3(get)]
+    head: u16,
+    #[pyo3(get)]
+    segments: Vec<SegmentTuple>,
+    #[pyo3(get)]
+    readable_len: u32,
+    #[pyo3(get)]
+    writable_len: u32,
+}
+
+impl PyDescriptorChain {
+    fn from_core(c: CoreChain) -> Self {
+        PyDescriptorChain {
+            head: c.head,
+            readable_len: c.readable_len(),
+            writable_len: c.writable_len(),
+            segments: c
+                .segments
+                .iter()
+                .map(|s| (s.addr, s.len, s.writable))
+                .collect(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyDescriptorChain {
+    fn __len__(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<DescriptorChain head={} segments={} readable={} writable={}>",
+            self.head,
+            self.segments.len(),
+            self.readable_len,
+            self.writable_len
+        )
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Device side
+// ------------------------------------------------------------------------------------------
+
+enum DeviceRing {
+    Split(SplitDevice),
+    Packed(PackedDevice),
+}
+
+struct DeviceInner {
+    mem: CoreMemory,
+    ring: DeviceRing,
+}
+
+impl DeviceInner {
+    fn pop_batch(&mut self, max: usize) -> Result<Vec<CoreChain>, VringError> {
+        match &mut self.ring {
+            DeviceRing::Split(q) => q.pop_batch(&self.mem, max),
+            DeviceRing::Packed(q) => q.pop_batch(&self.mem, max),
+        }
+    }
+
+    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<(), VringError> {
+        match &mut self.ring {
+            DeviceRing::Split(q) => q.add_used_batch(&self.mem, used),
+            DeviceRing::Packed(q) => q.add_used_batch(&self.mem, used),
+        }
+    }
+}
+
+/// The device side of a virtqueue (a back-end consuming a ring).
+#[pyclass(module = "vhost._core", name = "DeviceQueue", frozen)]
+pub struct PyDeviceQueue {
+    inner: Mutex<DeviceInner>,
+    layout: RingLayout,
+    packed: bool,
+    size: u16,
+}
+
+impl PyDeviceQueue {
+    fn build(
+        mem: CoreMemory,
+        layout: RingLayout,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        layout.check_memory(&mem).py_err()?;
+        let ring = if layout.is_packed() {
+            DeviceRing::Packed(PackedDevice::new(layout, event_idx, indirect).py_err()?)
+        } else {
+            DeviceRing::Split(SplitDevice::new(layout, event_idx, indirect).py_err()?)
+        };
+        Ok(PyDeviceQueue {
+            inner: Mutex::new(DeviceInner { mem, ring }),
+            layout,
+            packed: layout.is_packed(),
+            size: layout.size(),
+        })
+    }
+
+    fn add_used_checked(&self, py: Python<'_>, used: Vec<(i64, i64)>) -> PyResult<()> {
+        let used = used
+            .into_iter()
+            .map(|(h, l)| Ok((to_u16(h, "head")?, to_u32(l, "length")?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let r = if used.len() > DETACH_BATCH {
+            py.detach(|| lock(&self.inner).add_used_batch(&used))
+        } else {
+            lock(&self.inner).add_used_batch(&used)
+        };
+        r.map_err(vring_caller_error)
+    }
+}
+
+#[pymethods]
+impl PyDeviceQueue {
+    /// A queue whose ring areas are at guest-physical addresses `desc`, `avail` (packed:
+    /// driver event area) and `used` (packed: device event area); validated (size,
+    /// alignment, inside memory).
+    #[new]
+    #[pyo3(signature = (memory, size, desc, avail, used, *, packed = false, event_idx = false, indirect = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        memory: PyRef<'_, PyGuestMemory>,
+        size: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        packed: bool,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        let l = layout(packed, size, desc, avail, used)?;
+        Self::build(memory.snapshot(), l, event_idx, indirect)
+    }
+
+    /// The same from the front-end's virtual addresses (SET_VRING_ADDR), converted with
+    /// `GuestMemory.user_to_gpa`.
+    #[staticmethod]
+    #[pyo3(signature = (memory, size, desc, avail, used, *, packed = false, event_idx = false, indirect = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_user(
+        memory: PyRef<'_, PyGuestMemory>,
+        size: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        packed: bool,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        let mem = memory.snapshot();
+        let l = RingLayout::from_user(&mem, packed, size, desc, avail, used).py_err()?;
+        Self::build(mem, l, event_idx, indirect)
+    }
+
+    /// Rebinds the queue to a new memory table (after SET_MEM_TABLE); the ring areas must
+    /// still be inside it.
+    fn set_memory(&self, memory: PyRef<'_, PyGuestMemory>) -> PyResult<()> {
+        let mem = memory.snapshot();
+        self.layout.check_memory(&mem).py_err()?;
+        lock(&self.inner).mem = mem;
+        Ok(())
+    }
+
+    /// Pops up to `max` available chains.
+    #[pyo3(signature = (max = 64))]
+    fn pop_batch(&self, py: Python<'_>, max: usize) -> PyResult<Vec<PyDescriptorChain>> {
+        let chains = if max > DETACH_BATCH {
+            py.detach(|| lock(&self.inner).pop_batch(max))
+        } else {
+            lock(&self.inner).pop_batch(max)
+        }
+        .py_err()?;
+        Ok(chains
+            .into_iter()
+            .map(PyDescriptorChain::from_core)
+            .collect())
+    }
+
+    /// Returns chain `head` as used, with `length` bytes written into it.
+    fn add_used(&self, py: Python<'_>, head: i64, length: i64) -> PyResult<()> {
+        self.add_used_checked(py, vec![(head, length)])
+    }
+
+    /// Returns several chains `(head, length)` at once (one index update).
+    fn add_used_batch(&self, py: Python<'_>, used: Vec<(i64, i64)>) -> PyResult<()> {
+        self.add_used_checked(py, used)
+    }
+
+    /// Whether the driver wants an interrupt for what was returned since the last call.
+    fn needs_notification(&self) -> PyResult<bool> {
+        let mut inner = lock(&self.inner);
+        let DeviceInner { mem, ring } = &mut *inner;
+        match ring {
+            DeviceRing::Split(q) => q.needs_notification(mem),
+            DeviceRing::Packed(q) => q.needs_notification(mem),
+        }
+        .py_err()
+    }
+
+    /// Enables or disables kicks; after enabling, returns whether buffers are already
+    /// available (process them before sleeping).
+    fn set_notification(&self, enable: bool) -> PyResult<bool> {
+        let mut inner = lock(&self.inner);
+        let DeviceInner { mem, ring } = &mut *inner;
+        match ring {
+            DeviceRing::Split(q) => q.set_notification(mem, enable),
+            DeviceRing::Packed(q) => q.set_notification(mem, enable),
+        }
+        .py_err()
+    }
+
+    /// The next avail index to process (the GET_VRING_BASE value; packed: slot in bits
+    /// 0-14, wrap counter in bit 15). Setting it (SET_VRING_BASE) also sets where the next
+    /// used element goes; a packed value above 16 bits carries the used position in bits
+    /// 16-31.
+    #[getter]
+    fn get_next_avail(&self) -> u32 {
+        match &lock(&self.inner).ring {
+            DeviceRing::Split(q) => u32::from(q.next_avail()),
+            DeviceRing::Packed(q) => packed_pos(q.next_avail()),
+        }
+    }
+
+    #[setter]
+    fn set_next_avail(&self, value: i64) -> PyResult<()> {
+        let mut inner = lock(&self.inner);
+        match &mut inner.ring {
+            DeviceRing::Split(q) => {
+                let v = to_u16(value, "next_avail")?;
+                q.set_next_avail(v);
+                q.set_next_used(v);
+                Ok(())
+            }
+            DeviceRing::Packed(q) => {
+                let v = to_u32(value, "next_avail")?;
+                let avail = (v & 0xffff) as u16;
+                let used = if v > 0xffff { (v >> 16) as u16 } else { avail };
+                q.set_next_avail(avail & 0x7fff, avail & 0x8000 != 0)
+                    .and_then(|()| q.set_next_used(used & 0x7fff, used & 0x8000 != 0))
+                    .map_err(vring_caller_error)
+            }
+        }
+    }
+
+    /// Where the next used element goes (packed: slot in bits 0-14, wrap counter in bit 15).
+    #[getter]
+    fn next_used(&self) -> u32 {
+        match &lock(&self.inner).ring {
+            DeviceRing::Split(q) => u32::from(q.next_used()),
+            DeviceRing::Packed(q) => packed_pos(q.next_used()),
+        }
+    }
+
+    /// True after the ring was found corrupt: every data-path call raises `QueueError`.
+    #[getter]
+    fn broken(&self) -> bool {
+        match &lock(&self.inner).ring {
+            DeviceRing::Split(q) => q.is_broken(),
+            DeviceRing::Packed(q) => q.is_broken(),
+        }
+    }
+
+    #[getter]
+    fn size(&self) -> u16 {
+        self.size
+    }
+
+    #[getter]
+    fn packed(&self) -> bool {
+        self.packed
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<DeviceQueue {} size={}>",
+            if self.packed { "packed" } else { "split" },
+            self.size
+        )
+    }
+}
+
+fn packed_pos((idx, wrap): (u16, bool)) -> u32 {
+    u32::from(idx) | (u32::from(wrap) << 15)
+}
+
+// ------------------------------------------------------------------------------------------
+// Driver side
+// ------------------------------------------------------------------------------------------
+
+enum DriverRing {
+    Split(SplitDriver),
+    Packed(PackedDriver),
+}
+
+struct DriverInner {
+    mem: CoreMemory,
+    ring: DriverRing,
+}
+
+macro_rules! driver_call {
+    ($inner:expr, $q:ident, $mem:ident => $e:expr) => {{
+        let DriverInner { mem: $mem, ring } = &mut *$inner;
+        match ring {
+            DriverRing::Split($q) => $e,
+            DriverRing::Packed($q) => $e,
+        }
+    }};
+}
+
+/// The driver side of a virtqueue (a front-end or test rig filling a ring).
+#[pyclass(module = "vhost._core", name = "Virtqueue", frozen)]
+pub struct PyVirtqueue {
+    inner: Mutex<DriverInner>,
+    layout: RingLayout,
+}
+
+#[pymethods]
+impl PyVirtqueue {
+    /// A ring at guest-physical addresses `desc`, `avail` (packed: driver event area) and
+    /// `used` (packed: device event area); the areas are zeroed here.
+    #[new]
+    #[pyo3(signature = (memory, size, desc, avail, used, *, packed = false, event_idx = false))]
+    fn new(
+        memory: PyRef<'_, PyGuestMemory>,
+        size: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        packed: bool,
+        event_idx: bool,
+    ) -> PyResult<Self> {
+        let mem = memory.snapshot();
+        let l = layout(packed, size, desc, avail, used)?;
+        l.check_memory(&mem).py_err()?;
+        let mut ring = if packed {
+            DriverRing::Packed(PackedDriver::new(l, event_idx).py_err()?)
+        } else {
+            DriverRing::Split(SplitDriver::new(l, event_idx).py_err()?)
+        };
+        match &mut ring {
+            DriverRing::Split(q) => q.init(&mem),
+            DriverRing::Packed(q) => q.init(&mem),
+        }
+        .py_err()?;
+        Ok(PyVirtqueue {
+            inner: Mutex::new(DriverInner { mem, ring }),
+            layout: l,
+        })
+    }
+
+    /// Rebinds the queue to a new memory snapshot; the ring areas must still be inside it.
+    fn set_memory(&self, memory: PyRef<'_, PyGuestMemory>) -> PyResult<()> {
+        let mem = memory.snapshot();
+        self.layout.check_memory(&mem).py_err()?;
+        lock(&self.inner).mem = mem;
+        Ok(())
+    }
+
+    /// Adds a buffer of device-readable then device-writable `(gpa, len)` segments; returns
+    /// its head (split) or buffer id (packed). Visible to the device after `publish`.
+    fn add(&self, readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>) -> PyResult<u16> {
+        let mut inner = lock(&self.inner);
+        driver_call!(inner, q, mem => q.add(mem, &readable, &writable)).map_err(vring_caller_error)
+    }
+
+    /// Makes the buffers added so far visible to the device.
+    fn publish(&self) -> PyResult<()> {
+        let mut inner = lock(&self.inner);
+        driver_call!(inner, q, mem => q.publish(mem)).py_err()
+    }
+
+    /// Whether the device wants a kick for what was published since the last call.
+    fn kick_needed(&self) -> PyResult<bool> {
+        let mut inner = lock(&self.inner);
+        driver_call!(inner, q, mem => q.kick_needed(mem)).py_err()
+    }
+
+    /// The buffers the device returned: `(head, bytes written)`.
+    fn poll_used(&self, py: Python<'_>) -> PyResult<Vec<(u16, u32)>> {
+        let in_flight = {
+            let inner = lock(&self.inner);
+            match &inner.ring {
+                DriverRing::Split(q) => q.in_flight(),
+                DriverRing::Packed(q) => q.in_flight(),
+            }
+        };
+        let poll = || {
+            let mut inner = lock(&self.inner);
+            driver_call!(inner, q, mem => q.poll_used(mem))
+        };
+        if usize::from(in_flight) > DETACH_BATCH {
+            py.detach(poll)
+        } else {
+            poll()
+        }
+        .py_err()
+    }
+
+    /// Asks the device for interrupts (enable) or not; after enabling, returns whether used
+    /// buffers are already waiting.
+    fn set_used_notification(&self, enable: bool) -> PyResult<bool> {
+        let mut inner = lock(&self.inner);
+        driver_call!(inner, q, mem => q.set_used_notification(mem, enable)).py_err()
+    }
+
+    #[getter]
+    fn num_free(&self) -> usize {
+        match &lock(&self.inner).ring {
+            DriverRing::Split(q) => q.num_free(),
+            DriverRing::Packed(q) => q.num_free(),
+        }
+    }
+
+    /// Buffers added and not yet returned by `poll_used`.
+    #[getter]
+    fn in_flight(&self) -> u16 {
+        match &lock(&self.inner).ring {
+            DriverRing::Split(q) => q.in_flight(),
+            DriverRing::Packed(q) => q.in_flight(),
+        }
+    }
+
+    #[getter]
+    fn broken(&self) -> bool {
+        match &lock(&self.inner).ring {
+            DriverRing::Split(q) => q.is_broken(),
+            DriverRing::Packed(q) => q.is_broken(),
+        }
+    }
+
+    #[getter]
+    fn size(&self) -> u16 {
+        self.layout.size()
+    }
+
+    #[getter]
+    fn packed(&self) -> bool {
+        self.layout.is_packed()
+    }
+
+    /// Guest-physical address of the descriptor table / ring.
+    #[getter]
+    fn desc(&self) -> u64 {
+        self.layout.desc()
+    }
+
+    /// Guest-physical address of the avail ring (packed: driver event area).
+    #[getter]
+    fn avail(&self) -> u64 {
+        self.layout.avail_or_driver()
+    }
+
+    /// Guest-physical address of the used ring (packed: device event area).
+    #[getter]
+    fn used(&self) -> u64 {
+        self.layout.used_or_device()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Virtqueue {} size={} desc={:#x}>",
+            if self.layout.is_packed() {
+                "packed"
+            } else {
+                "split"
+            },
+            self.layout.size(),
+            self.layout.desc()
+        )
+    }
+}
