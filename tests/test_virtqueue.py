@@ -478,14 +478,21 @@ def test_next_avail_is_the_vring_base(mem: GuestMemory) -> None:
 # A ring handed to our own vhost-user back-end
 # --------------------------------------------------------------------------------------
 
-FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+FEATURES = int(
+    VirtioFeature.VERSION_1
+    | VirtioFeature.PROTOCOL_FEATURES
+    | VirtioFeature.RING_PACKED
+    | VirtioFeature.RING_EVENT_IDX
+)
 
 
 class RingDevice(BackendHandler):
     """A one-queue device: on each kick, reverses the readable bytes into the writable
-    segments."""
+    segments, as a back-end would, from what the front-end sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, requests: int) -> None:
+        self.requests = requests
+        self.features = 0
         self.memory: GuestMemory | None = None
         self.num = 0
         self.addr: tuple[int, int, int] = (0, 0, 0)
@@ -498,6 +505,9 @@ class RingDevice(BackendHandler):
 
     def get_features(self) -> int:
         return FEATURES
+
+    def set_features(self, features: int) -> None:
+        self.features = features
 
     def get_protocol_features(self) -> int:
         return 0
@@ -524,14 +534,20 @@ class RingDevice(BackendHandler):
 
     def set_vring_kick(self, index: int, fd: EventFd | None) -> None:
         assert fd is not None and self.memory is not None
-        queue = DeviceQueue.from_user(self.memory, self.num, *self.addr)
+        queue = DeviceQueue.from_user(
+            self.memory,
+            self.num,
+            *self.addr,
+            packed=bool(self.features & VirtioFeature.RING_PACKED),
+            event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
+        )
         queue.next_avail = self.base
         self.worker = threading.Thread(target=self.run, args=(queue, fd), daemon=True)
         self.worker.start()
 
     def run(self, queue: DeviceQueue, kick: EventFd) -> None:
         try:
-            while kick.wait(TIMEOUT):
+            while self.served < self.requests and kick.wait(TIMEOUT):
                 kick.read()
                 assert self.memory is not None and self.call is not None
                 used = []
@@ -548,53 +564,66 @@ class RingDevice(BackendHandler):
                 queue.add_used_batch(used)
                 if queue.needs_notification():
                     self.call.write(1)
-                if self.served >= 2:
-                    return
         except BaseException as exc:
             self.errors.append(exc)
 
 
-def test_setup_queue_with_vhost_user_backend(tmp_sock_dir: Path) -> None:
-    device = RingDevice()
+def wait_used(vq: Virtqueue, call: EventFd) -> list[tuple[int, int]]:
+    """What a driver does: poll, ask for an interrupt, poll again, then sleep."""
+    while True:
+        got = vq.poll_used()
+        if got:
+            return got
+        if vq.set_used_notification(True):
+            continue
+        assert call.wait(TIMEOUT), "no call from the back-end"
+        call.read()
+
+
+@pytest.mark.parametrize("packed", FORMATS)
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
+def test_setup_queue_with_vhost_user_backend(
+    tmp_sock_dir: Path, packed: bool, event_idx: bool
+) -> None:
+    messages = [b"hello, device", b"two segments " * 3, b"x", b"the last one"]
+    device = RingDevice(len(messages))
     ram = GuestMemory.allocate([(0, 0x40000), (0x100000, 0x40000)])
+    size = 6 if packed else 8
     with BackendListener(tmp_sock_dir / "vq.sock") as listener:
         fe = Frontend.connect(listener.path, timeout=TIMEOUT)
         session = listener.accept(timeout=TIMEOUT)
     with fe, serve_in_thread(session, device), EventFd() as kick, EventFd() as call:
-        fe.negotiate()
+        mask = FEATURES & ~(0 if packed else VirtioFeature.RING_PACKED)
+        mask &= ~(0 if event_idx else VirtioFeature.RING_EVENT_IDX)
+        fe.negotiate(features=mask)
         fe.set_mem_table(regions_of(ram))
         # The ring in the second region, so guest and user addresses differ per region.
-        vq = Virtqueue(ram, 8, *place_rings(0x100000, 8))
+        vq = Virtqueue(
+            ram, size, *place_rings(0x100000, size, packed), packed=packed, event_idx=event_idx
+        )
         setup_queue(fe, 0, ram, vq, kick, call)
         fe.get_features()  # a request with a reply: everything before it was handled
-        assert device.num == 8
+        assert device.num == size
         assert device.addr == (
             gpa_to_user(ram, vq.desc),
             gpa_to_user(ram, vq.avail),
             gpa_to_user(ram, vq.used),
         )
-        assert device.base == 0
+        assert device.base == (0x8000 if packed else 0)  # a fresh ring
         assert device.enabled  # PROTOCOL_FEATURES was acked: rings start disabled
 
-        for message in (b"hello, device", b"two segments " * 3):
+        for message in messages:
             ram.write(0x1000, message)
-            split = len(message) // 2
-            head = vq.add(
-                [(0x1000, split), (0x1000 + split, len(message) - split)],
-                [
-                    (0x2000, 7),
-                    (0x3000, 100),
-                ],
-            )
+            half = len(message) // 2
+            readable = [(0x1000, half), (0x1000 + half, len(message) - half)]
+            head = vq.add([r for r in readable if r[1]], [(0x2000, 7), (0x3000, 100)])
             vq.publish()
             assert vq.kick_needed()
             kick.write(1)
-            assert call.wait(TIMEOUT)
-            call.read()
-            assert vq.poll_used() == [(head, len(message))]
+            assert wait_used(vq, call) == [(head, len(message))]
             got = (ram.read(0x2000, 7) + ram.read(0x3000, 100))[: len(message)]
             assert got == message[::-1]
         assert device.worker is not None
         device.worker.join(TIMEOUT)
         assert device.errors == []
-        assert device.served == 2
+        assert device.served == len(messages)

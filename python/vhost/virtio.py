@@ -301,7 +301,7 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     kick: int | EventFdLike,
     call: int | EventFdLike,
     *,
-    base: int = 0,
+    base: int | None = None,
     enable: bool = True,
     packed: bool = False,
 ) -> None:
@@ -312,7 +312,8 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
 
     ``queue`` is a :class:`Virtqueue` or ``(size, desc, avail, used)`` guest addresses
     (then ``packed`` tells the format). ``memory`` must be the memory the back-end got in
-    its memory table.
+    its memory table. ``base`` is the ``SET_VRING_BASE`` value; by default that of a fresh
+    ring: 0 for a split ring, slot 0 with wrap counter 1 (``0x8000``) for a packed one.
     """
     if isinstance(queue, _core.Virtqueue):
         size, desc, avail, used = queue.size, queue.desc, queue.avail, queue.used
@@ -330,6 +331,8 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     )
     backend.set_vring_num(index, size)
     backend.set_vring_addr(index, config)
+    if base is None:
+        base = 1 << 15 if packed else 0
     backend.set_vring_base(index, base)
     backend.set_vring_call(index, call)
     backend.set_vring_kick(index, kick)
