@@ -1,4 +1,4 @@
-"""The command line: ``python -m vhost {probe,demo} ...``."""
+"""The command line: ``python -m vhost {probe,demo,blk} ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import VhostError
-from . import demo, probe
+from . import blk, demo, probe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     probe.add_parser(sub)
     demo.add_parser(sub)
+    blk.add_parser(sub)
     return parser
 
 
