@@ -5,6 +5,7 @@ with `setup_queue`."""
 
 from __future__ import annotations
 
+import gc
 import struct
 import threading
 from pathlib import Path
@@ -472,6 +473,69 @@ def test_next_avail_is_the_vring_base(mem: GuestMemory) -> None:
     assert (pdq.next_avail, pdq.next_used) == (2, 2)
     with pytest.raises(InvalidParamError):
         pdq.next_avail = 5  # slot beyond the ring
+
+
+def test_queues_keep_their_memory_alive() -> None:
+    mem = GuestMemory.allocate([(0, MEM_SIZE)])
+    vq, dq = pair(mem, 4, packed=False)
+    del mem
+    gc.collect()
+    head = offer(vq)
+    (chain,) = dq.pop_batch()
+    dq.add_used(chain.head, 8)
+    assert vq.poll_used() == [(head, 8)]
+
+
+@pytest.mark.parametrize("packed", FORMATS)
+def test_driver_and_device_in_two_threads(mem: GuestMemory, packed: bool) -> None:
+    """Large batches run with the GIL released; the queues are safe to share."""
+    size, total = 256, 20000
+    vq, dq = pair(mem, size, packed=packed, event_idx=True)
+    kick, call = EventFd(), EventFd()
+    errors: list[BaseException] = []
+    served = 0
+
+    def device() -> None:
+        nonlocal served
+        try:
+            while served < total:
+                if not dq.set_notification(True):  # nothing pending: sleep until a kick
+                    assert kick.wait(TIMEOUT)
+                    kick.try_read()
+                dq.set_notification(False)
+                chains = dq.pop_batch(128)
+                for c in chains:
+                    mem.write(c.segments[-1][0], c.segments[0][0].to_bytes(8, "little"))
+                dq.add_used_batch([(c.head, 8) for c in chains])
+                served += len(chains)
+                if chains and dq.needs_notification():
+                    call.write(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=device, daemon=True)
+    t.start()
+    sent = done = 0
+    addr_of: dict[int, int] = {}
+    try:
+        while done < total:
+            while sent < total and vq.num_free >= 2:
+                gpa = DATA + 16 * (sent % 8192)
+                head = vq.add([(gpa, 8)], [(gpa + 0x20000 * 2, 8)])
+                addr_of[head] = gpa
+                sent += 1
+            vq.publish()
+            if vq.kick_needed():
+                kick.write(1)
+            for head, length in wait_used(vq, call):
+                assert length == 8
+                gpa = addr_of.pop(head)
+                assert int.from_bytes(mem.read(gpa + 0x40000, 8), "little") == gpa
+                done += 1
+    finally:
+        t.join(TIMEOUT)
+    assert errors == []
+    assert served == total
 
 
 # --------------------------------------------------------------------------------------
