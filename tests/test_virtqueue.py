@@ -475,6 +475,35 @@ def test_next_avail_is_the_vring_base(mem: GuestMemory) -> None:
         pdq.next_avail = 5  # slot beyond the ring
 
 
+@pytest.mark.parametrize("packed", FORMATS)
+def test_read_and_write_chain(mem: GuestMemory, packed: bool) -> None:
+    vq, dq = pair(mem, 8, packed=packed)
+    request = bytes(range(30))
+    mem.write(DATA, request[:10])
+    mem.write(DATA + 0x100, request[10:11])
+    mem.write(DATA + 0x200, request[11:])
+    readable = [(DATA, 10), (DATA + 0x100, 1), (DATA + 0x200, 19)]
+    writable = [(DATA + 0x1000, 3), (DATA + 0x2000, 5), (DATA + 0x3000, 100_000)]
+    head = vq.add(readable, writable)
+    vq.publish()
+    (chain,) = dq.pop_batch()
+    assert dq.read_chain(chain) == request
+    assert dq.read_chain(chain, 9, 3) == request[9:12]
+    assert dq.read_chain(chain, 25) == request[25:]
+    assert dq.read_chain(chain, 31) == b""
+    assert dq.read_chain(chain, length=0) == b""
+
+    assert dq.write_chain(chain, b"abcdefgh") == 8
+    assert dq.write_chain(chain, memoryview(b"XY"), offset=2) == 2
+    assert mem.read(DATA + 0x1000, 3) + mem.read(DATA + 0x2000, 5) == b"abXYefgh"
+    big = bytes(range(256)) * 400  # 102400 bytes: crosses the GIL-release threshold
+    assert dq.write_chain(chain, big, offset=8) == 100_000
+    assert mem.read(DATA + 0x3000, 100_000) == big[:100_000]
+    assert dq.write_chain(chain, b"z", offset=chain.writable_len) == 0
+    dq.add_used(head, chain.writable_len)
+    assert vq.poll_used() == [(head, chain.writable_len)]
+
+
 def test_queues_keep_their_memory_alive() -> None:
     mem = GuestMemory.allocate([(0, MEM_SIZE)])
     vq, dq = pair(mem, 4, packed=False)

@@ -9,7 +9,9 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::vring::{
     DescriptorChain as CoreChain, PackedDevice, PackedDriver, RingLayout, SplitDevice, SplitDriver,
@@ -21,6 +23,8 @@ use crate::memory::PyGuestMemory;
 
 /// Batches larger than this run with the GIL released.
 const DETACH_BATCH: usize = 16;
+/// Copies larger than this run with the GIL released.
+const DETACH_BYTES: usize = 64 * 1024;
 
 /// (gpa, len, writable) of one segment.
 type SegmentTuple = (u64, u32, bool);
@@ -232,6 +236,74 @@ impl PyDeviceQueue {
             .collect())
     }
 
+    /// Copies up to `length` (default: all) of the chain's readable bytes from `offset` on,
+    /// segment by segment, without a Python loop.
+    #[pyo3(signature = (chain, offset = 0, length = None))]
+    fn read_chain<'py>(
+        &self,
+        py: Python<'py>,
+        chain: PyRef<'_, PyDescriptorChain>,
+        offset: usize,
+        length: Option<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let total = chain.readable_len as usize;
+        let start = offset.min(total);
+        let want = length.map_or(total - start, |n| n.min(total - start));
+        let mem = lock(&self.inner).mem.clone();
+        let mut out = vec![0u8; want];
+        let segs = chain.segments.iter().filter(|s| !s.2).map(|s| (s.0, s.1));
+        let copy = |mem: &CoreMemory| {
+            walk_segments(segs, start, want, |gpa, at, n| {
+                mem.read(gpa, &mut out[at..at + n])
+            })
+        };
+        if want > DETACH_BYTES {
+            py.detach(|| copy(&mem))
+        } else {
+            copy(&mem)
+        }
+        .py_err()?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Writes `data` into the chain's writable segments from `offset` on; returns the bytes
+    /// written (what fits).
+    #[pyo3(signature = (chain, data, offset = 0))]
+    fn write_chain(
+        &self,
+        py: Python<'_>,
+        chain: PyRef<'_, PyDescriptorChain>,
+        data: &Bound<'_, PyAny>,
+        offset: usize,
+    ) -> PyResult<usize> {
+        let buf = PyBuffer::<u8>::get(data)?;
+        if !buf.is_c_contiguous() {
+            return Err(invalid_param("write_chain needs a contiguous buffer"));
+        }
+        let total = chain.writable_len as usize;
+        let start = offset.min(total);
+        let want = buf.len_bytes().min(total - start);
+        let ptr = buf.buf_ptr() as usize;
+        let mem = lock(&self.inner).mem.clone();
+        let segs = chain.segments.iter().filter(|s| s.2).map(|s| (s.0, s.1));
+        let copy = |mem: &CoreMemory| {
+            // SAFETY: the buffer export (held by `buf`) pins `len_bytes()` >= `want`
+            // contiguous bytes for as long as `buf` lives, which outlasts this call; they
+            // are only read.
+            let src = unsafe { std::slice::from_raw_parts(ptr as *const u8, want) };
+            walk_segments(segs, start, want, |gpa, at, n| {
+                mem.write(gpa, &src[at..at + n])
+            })
+        };
+        if want > DETACH_BYTES {
+            py.detach(|| copy(&mem))
+        } else {
+            copy(&mem)
+        }
+        .py_err()?;
+        Ok(want)
+    }
+
     /// Returns chain `head` as used, with `length` bytes written into it.
     fn add_used(&self, py: Python<'_>, head: i64, length: i64) -> PyResult<()> {
         self.add_used_checked(py, vec![(head, length)])
@@ -333,6 +405,33 @@ impl PyDeviceQueue {
             self.size
         )
     }
+}
+
+/// Calls `f(gpa, at, n)` for each piece of the byte range [start, start+want) of the
+/// concatenated segments, `at` being the offset in that range.
+fn walk_segments<E>(
+    segs: impl Iterator<Item = (u64, u32)>,
+    start: usize,
+    want: usize,
+    mut f: impl FnMut(u64, usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut skip = start;
+    let mut at = 0usize;
+    for (gpa, len) in segs {
+        if at == want {
+            break;
+        }
+        let len = len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(want - at);
+        f(gpa + skip as u64, at, n)?;
+        at += n;
+        skip = 0;
+    }
+    Ok(())
 }
 
 fn packed_pos((idx, wrap): (u16, bool)) -> u32 {
