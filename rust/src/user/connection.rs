@@ -112,44 +112,80 @@ impl Connection {
     /// Receives one message. `check` validates the header before any body byte is read
     /// (request rules on a back-end, reply rules on a front-end).
     pub fn recv(&mut self, check: impl FnOnce(&Header) -> Result<()>) -> Result<Message> {
+        self.recv_expecting(0, check)
+    }
+
+    /// Receives a reply whose body is expected to be `expected_body` bytes, reading header
+    /// and body with one `recvmsg` when it is. Only for replies: the peer must send
+    /// nothing else until we ask again, so a byte beyond the reply is a protocol error.
+    /// (Requests cannot be read ahead: the kernel glues plain bytes to a following
+    /// segment that carries fds, so fds could not be told apart from the next message's.)
+    pub fn recv_reply(
+        &mut self,
+        expected_body: usize,
+        check: impl FnOnce(&Header) -> Result<()>,
+    ) -> Result<Message> {
+        self.recv_expecting(expected_body.min(MAX_BODY_SIZE), check)
+    }
+
+    fn recv_expecting(
+        &mut self,
+        read_ahead: usize,
+        check: impl FnOnce(&Header) -> Result<()>,
+    ) -> Result<Message> {
         self.ensure_usable()?;
-        let result = self.recv_inner(check);
+        let result = self.recv_inner(read_ahead, check);
         if result.is_err() {
             self.poison();
         }
         result
     }
 
-    fn recv_inner(&self, check: impl FnOnce(&Header) -> Result<()>) -> Result<Message> {
-        let mut head = [0u8; HEADER_SIZE];
+    fn recv_inner(
+        &self,
+        read_ahead: usize,
+        check: impl FnOnce(&Header) -> Result<()>,
+    ) -> Result<Message> {
+        let mut first = vec![0u8; HEADER_SIZE + read_ahead];
         let mut started = None;
-        let fds = self.read_exact_with_fds(&mut head, true, &mut started)?;
-        let header = Header::from_bytes(&head);
+        let (filled, fds) = self.read_at_least(&mut first, HEADER_SIZE, true, &mut started)?;
+        let header = Header::from_bytes(first[..HEADER_SIZE].try_into().expect("12 bytes"));
         if header.size as usize > MAX_BODY_SIZE {
             return Err(Error::OversizedMessage(header.size));
         }
         check(&header)?;
-        let mut body = vec![0u8; header.size as usize];
-        if !body.is_empty() {
-            self.read_exact_with_fds(&mut body, false, &mut started)?;
+        let size = header.size as usize;
+        let early = filled - HEADER_SIZE;
+        if early > size {
+            return Err(Error::ReplyMismatch(format!(
+                "{} bytes arrived after a {size}-byte reply",
+                early - size
+            )));
+        }
+        let mut body = first.split_off(HEADER_SIZE);
+        body.resize(size, 0);
+        if early < size {
+            self.read_at_least(&mut body[early..], size - early, false, &mut started)?;
         }
         Ok(Message { header, body, fds })
     }
 
-    /// Fills `buf` completely. With `header`, EOF before the first byte is a clean
-    /// disconnect and fds are taken from the first chunk; fds on any other chunk are a
-    /// protocol error (ADVERSARIAL B7) and are closed by the drop.
-    /// `started` is when the message's first bytes arrived; with a timeout set, the rest
-    /// of the message must follow within it (J3: a slow trickle is a timeout too).
-    fn read_exact_with_fds(
+    /// Reads into `buf` until at least `min` bytes arrived (never more than `buf` holds).
+    /// With `header`, EOF before the first byte is a clean disconnect and fds are taken
+    /// from the first chunk; fds on any other chunk are a protocol error (ADVERSARIAL B7)
+    /// and are closed by the drop. `started` is when the message's first bytes arrived;
+    /// with a timeout set, the rest must follow within it (J3: a slow trickle is a
+    /// timeout too).
+    fn read_at_least(
         &self,
         buf: &mut [u8],
+        min: usize,
         header: bool,
         started: &mut Option<Instant>,
-    ) -> Result<Vec<OwnedFd>> {
+    ) -> Result<(usize, Vec<OwnedFd>)> {
         let mut filled = 0;
         let mut fds = Vec::new();
-        while filled < buf.len() {
+        while filled < min {
             if let (Some(t0), Some(limit)) = (*started, self.timeout.get()) {
                 if t0.elapsed() > limit {
                     return Err(Error::Timeout);
@@ -182,7 +218,7 @@ impl Connection {
                 started.get_or_insert_with(Instant::now);
             }
         }
-        Ok(fds)
+        Ok((filled, fds))
     }
 }
 

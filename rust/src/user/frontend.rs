@@ -152,7 +152,14 @@ impl Frontend {
         if !inherent && !want_ack {
             return Ok(None);
         }
-        let msg = st.conn.recv(|h| h.check_reply_to(req.code()))?;
+        let expected = if want_ack {
+            U64Payload::SIZE
+        } else {
+            expected_reply_size(req, body.len())
+        };
+        let msg = st
+            .conn
+            .recv_reply(expected, |h| h.check_reply_to(req.code()))?;
         let Message { body, mut fds, .. } = msg;
         if fds.len() > usize::from(inherent && reply_allows_fd(req)) {
             st.conn.poison();
@@ -675,5 +682,17 @@ fn mem_region(info: &RegionInfo) -> MemRegion {
         memory_size: info.memory_size,
         userspace_addr: info.userspace_addr,
         mmap_offset: info.mmap_offset,
+    }
+}
+
+/// The body size a well-behaved back-end answers `req` with, so header and body can be
+/// read with one `recvmsg`; a different size is still read correctly, just in two.
+fn expected_reply_size(req: FrontendReq, request_body: usize) -> usize {
+    match req {
+        // The reply has the request's layout: offset, size, flags and the data.
+        FrontendReq::GetConfig | FrontendReq::CreateCryptoSession => request_body,
+        FrontendReq::GetInflightFd => InflightDesc::SIZE,
+        FrontendReq::PostcopyAdvise => 0,
+        _ => U64Payload::SIZE,
     }
 }
