@@ -363,6 +363,26 @@ def test_indirect_chain_is_walked(mem: GuestMemory) -> None:
     assert not dq.broken
 
 
+def test_read_chain_is_bounded_by_memory() -> None:
+    """A hostile chain repeating one segment: reading it all is an error, not a huge
+    allocation."""
+    small = GuestMemory.allocate([(0, 0x10000)])
+    desc, avail, used = place_rings(0, 4)
+    dq = DeviceQueue(small, 4, desc, avail, used)
+    table = 0x1000
+    small.write(table, split_desc(0x2000, 0x8000, 0, 0) * 4)
+    # Four entries with NEXT 1, 2, 3: each reads the same 32 KiB, 128 KiB in all.
+    for i in range(3):
+        small.write(table + 16 * i, split_desc(0x2000, 0x8000, DESC_F_NEXT, i + 1))
+    small.write(desc, split_desc(table, 64, DESC_F_INDIRECT, 0))
+    small.write(avail, struct.pack("<HHH", 0, 1, 0))
+    (chain,) = dq.pop_batch()
+    assert chain.readable_len == 0x20000
+    with pytest.raises(InvalidMemoryError):
+        dq.read_chain(chain)
+    assert len(dq.read_chain(chain, 0x1000, 0x8000)) == 0x8000
+
+
 def test_buffer_outside_memory_breaks_the_device_queue(mem: GuestMemory) -> None:
     desc, avail, used = place_rings(RING_BASE, 4)
     dq = DeviceQueue(mem, 4, desc, avail, used)
@@ -492,6 +512,7 @@ def test_read_and_write_chain(mem: GuestMemory, packed: bool) -> None:
     assert dq.read_chain(chain, 25) == request[25:]
     assert dq.read_chain(chain, 31) == b""
     assert dq.read_chain(chain, length=0) == b""
+    assert dq.read_chain(chain, 0, 1 << 40) == request  # clamped to the readable bytes
 
     assert dq.write_chain(chain, b"abcdefgh") == 8
     assert dq.write_chain(chain, memoryview(b"XY"), offset=2) == 2

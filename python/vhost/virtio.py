@@ -11,7 +11,8 @@ Virtqueues (split and packed, both sides; native, in the Rust core):
 - :class:`DeviceQueue` is the device side, what a back-end uses on a ring the front-end
   set up: :meth:`~DeviceQueue.pop_batch` returns :class:`DescriptorChain` objects (guest
   addresses of the buffer segments; move the bytes with :class:`~vhost.GuestMemory`),
-  :meth:`~DeviceQueue.add_used` returns them.
+  :meth:`~DeviceQueue.add_used` returns them; :meth:`~DeviceQueue.read_chain` and
+  :meth:`~DeviceQueue.write_chain` copy a chain's bytes in one call.
 - :class:`Virtqueue` is the driver side, what a front-end or test rig uses to offer
   buffers: :meth:`~Virtqueue.add`, :meth:`~Virtqueue.publish`, then collect them with
   :meth:`~Virtqueue.poll_used`.

@@ -250,6 +250,15 @@ impl PyDeviceQueue {
         let start = offset.min(total);
         let want = length.map_or(total - start, |n| n.min(total - start));
         let mem = lock(&self.inner).mem.clone();
+        // A hostile chain can repeat the same memory up to 4 GiB: bound the allocation by
+        // what is mapped, as GuestMemory.read does, so it is an error and not an abort.
+        if want as u64 > mem.total_size() {
+            return Err(vhost_core::memory::MemoryError::OutOfRange {
+                addr: chain.segments.first().map_or(0, |s| s.0),
+                len: want as u64,
+            })
+            .py_err();
+        }
         let mut out = vec![0u8; want];
         let segs = chain.segments.iter().filter(|s| !s.2).map(|s| (s.0, s.1));
         let copy = |mem: &CoreMemory| {
