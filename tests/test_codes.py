@@ -1,41 +1,17 @@
 """Request codes, feature bits and virtio constants against the specifications; the
 exception hierarchy of ``vhost.errors``.
 
-Pure Python: runs without the native module.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import pickle
-import sys
-import types
-from pathlib import Path
 
 import pytest
 
-
-def _pure_vhost() -> None:
-    """Let ``vhost.<submodule>`` import when the native module is not built.
-
-    ``vhost/__init__.py`` imports ``vhost._core``; without it, register a bare package
-    pointing at the source tree so the pure-Python submodules load on their own.
-    """
-    try:
-        importlib.import_module("vhost")
-    except ImportError as exc:
-        if exc.name not in ("vhost", "vhost._core"):
-            raise
-        package = types.ModuleType("vhost")
-        package.__path__ = [str(Path(__file__).resolve().parents[1] / "python" / "vhost")]
-        sys.modules["vhost"] = package
-
-
-_pure_vhost()
-
-from vhost import codes, errors, virtio  # noqa: E402
-from vhost.codes import (  # noqa: E402
+from vhost import codes, errors, virtio
+from vhost.codes import (
     BackendRequest,
     FrontendRequest,
     MessageFlag,
@@ -43,7 +19,7 @@ from vhost.codes import (  # noqa: E402
     ProtocolFeature,
     TransferDirection,
 )
-from vhost.virtio import (  # noqa: E402
+from vhost.virtio import (
     BlkFeature,
     DeviceId,
     DeviceStatus,

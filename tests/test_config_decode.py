@@ -7,37 +7,14 @@ native module.
 
 from __future__ import annotations
 
-import importlib
 import struct
-import sys
-import types
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-
-def _pure_vhost() -> None:
-    """Let ``vhost.<submodule>`` import when the native module is not built.
-
-    ``vhost/__init__.py`` imports ``vhost._core``; without it, register a bare package
-    pointing at the source tree so the pure-Python submodules load on their own.
-    """
-    try:
-        importlib.import_module("vhost")
-    except ImportError as exc:
-        if exc.name not in ("vhost", "vhost._core"):
-            raise
-        package = types.ModuleType("vhost")
-        package.__path__ = [str(Path(__file__).resolve().parents[1] / "python" / "vhost")]
-        sys.modules["vhost"] = package
-
-
-_pure_vhost()
-
-from vhost.devices.config import decode_config  # noqa: E402
-from vhost.virtio import DeviceId  # noqa: E402
+from vhost.devices.config import decode_config
+from vhost.virtio import DeviceId
 
 
 def _blk_config() -> bytes:

@@ -1,47 +1,23 @@
 """Validation, byte layouts and reprs of ``vhost.types``; the ``VhostBackend`` base class.
 
-Pure Python: runs without the native module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import struct
-import sys
-import types
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-
-def _pure_vhost() -> None:
-    """Let ``vhost.<submodule>`` import when the native module is not built.
-
-    ``vhost/__init__.py`` imports ``vhost._core``; without it, register a bare package
-    pointing at the source tree so the pure-Python submodules load on their own.
-    """
-    try:
-        importlib.import_module("vhost")
-    except ImportError as exc:
-        if exc.name not in ("vhost", "vhost._core"):
-            raise
-        package = types.ModuleType("vhost")
-        package.__path__ = [str(Path(__file__).resolve().parents[1] / "python" / "vhost")]
-        sys.modules["vhost"] = package
-
-
-_pure_vhost()
-
-from vhost.backend import EventFdLike, VhostBackend, as_fd  # noqa: E402
-from vhost.codes import MigrationPhase, TransferDirection  # noqa: E402
-from vhost.errors import ClosedError, InvalidMemoryError, InvalidParamError  # noqa: E402
-from vhost.types import (  # noqa: E402
+from vhost.backend import EventFdLike, VhostBackend, as_fd
+from vhost.codes import MigrationPhase, TransferDirection
+from vhost.errors import ClosedError, InvalidMemoryError, InvalidParamError
+from vhost.types import (
     MAX_QUEUE_SIZE,
     U64_MAX,
     ConfigFlags,
