@@ -1,6 +1,5 @@
 """Request codes, feature bits and virtio constants against the specifications; the
 exception hierarchy of ``vhost.errors``.
-
 """
 
 from __future__ import annotations
