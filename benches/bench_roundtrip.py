@@ -63,12 +63,15 @@ OPS = (GET_FEATURES, SET_VRING_NUM_ACK)
 FLOOR_SIZES = {GET_FEATURES: (12, 20), SET_VRING_NUM_ACK: (20, 20)}
 
 PEER_OURS = "our back-end"
+PEER_NATIVE = "our native back-end"
 PEER_QSD = "qemu-storage-daemon"
 CASES = (
+    ("ours", PEER_NATIVE),
     ("ours", PEER_OURS),
     ("ours", PEER_QSD),
     ("pyclient", PEER_QSD),
     ("pyclient", PEER_OURS),
+    ("pyclient", PEER_NATIVE),
 )
 
 
@@ -156,6 +159,8 @@ def spawn_peer(peer: str, place: Placement, tmp: str, tag: str) -> Iterator[tupl
     sock_path = os.path.join(tmp, f"{tag}.sock")
     if peer == PEER_OURS:
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-backend", sock_path]
+    elif peer == PEER_NATIVE:
+        argv = [str(build_native()), sock_path, "--once"]
     else:
         binary = shutil.which("qemu-storage-daemon")
         if binary is None:
@@ -255,6 +260,17 @@ def build_floor() -> Path:
         cc = shutil.which("cc") or "cc"
         subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
     return out
+
+
+def build_native() -> Path:
+    """The core's own back-end session with a Rust device (rust/examples/null_backend.rs):
+    the protocol stack with no Python on the back-end side."""
+    subprocess.run(
+        ["cargo", "build", "-q", "-p", "pyvhost-core", "--release", "--example", "null_backend"],
+        cwd=ROOT,
+        check=True,
+    )
+    return ROOT / "target" / "release" / "examples" / "null_backend"
 
 
 _MEAN = re.compile(r"mean_ns=(\d+(?:\.\d+)?)")
