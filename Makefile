@@ -18,6 +18,7 @@ ALLOWLIST   := python/vhost/stubtest-allowlist.txt
 PYTEST_ARGS ?= --timeout=600 --durations=10
 BENCH_N     ?= 20000
 BENCH_BATCHES ?= 5
+BENCH_RUNS  ?= 5
 
 # One interpreter for PyO3 everywhere, so maturin and cargo share build artifacts.
 export PYO3_PYTHON := $(PY)
@@ -61,9 +62,12 @@ demo: setup
 
 # Round-trip latency, pinned to one CPU and free: our Frontend against our back-end and
 # qemu-storage-daemon, the pure-Python client, and the floor.c socketpair floor, all in
-# one run. See benches/README.md.
+# one run; then 4 KiB blk IOPS against qemu-storage-daemon, and descriptor-chain throughput
+# (Python API and the Rust example, each beside its memcpy floor). See benches/README.md.
 bench: setup
 	$(PY) benches/bench_roundtrip.py --n $(BENCH_N) --batches $(BENCH_BATCHES)
+	$(PY) benches/bench_blk.py --runs $(BENCH_RUNS)
+	$(PY) benches/bench_vring.py --runs $(BENCH_RUNS)
 
 wheel: tools
 	$(MATURIN) build --release
