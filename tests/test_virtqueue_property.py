@@ -53,9 +53,39 @@ _DESC = st.builds(
     _FLAGS,
     st.integers(0, 17),
 )
-_TABLE = st.one_of(st.binary(max_size=16 * 16), st.lists(_DESC, max_size=16).map(b"".join))
+_AVAILABLE_DESC = st.builds(  # packed: AVAIL set, USED clear (available in wrap 1)
+    lambda a, n, f, i: struct.pack("<QIHH", a, n, i, f | 0x80),  # addr len id flags
+    _ADDR,
+    _LEN,
+    st.integers(0, 7),
+    st.integers(0, 17),
+)
+_PLAUSIBLE_SPLIT = st.builds(  # in-memory buffers, NEXT/WRITE only, next in range
+    lambda a, n, f, nx: struct.pack("<QIHH", a, n, f, nx),
+    st.integers(0x2000, 0x3000),
+    st.integers(1, 64),
+    st.sampled_from([0, 0, 2, 1, 3]),
+    st.integers(0, 15),
+)
+_PLAUSIBLE_PACKED = st.builds(  # packed: available, in-memory buffers, mostly single
+    lambda a, n, i, f: struct.pack("<QIHH", a, n, i, 0x80 | f),
+    st.integers(0x2000, 0x3000),
+    st.integers(1, 64),
+    st.integers(0, 15),
+    st.sampled_from([0, 2, 0, 2, 1, 3]),
+)
+_TABLE = st.one_of(
+    st.binary(max_size=16 * 16),
+    st.lists(_PLAUSIBLE_PACKED, min_size=1, max_size=16).map(b"".join),
+    st.lists(_PLAUSIBLE_SPLIT, min_size=1, max_size=16).map(b"".join),
+    st.lists(_DESC, max_size=16).map(b"".join),
+    st.lists(_AVAILABLE_DESC, min_size=1, max_size=16).map(b"".join),
+)
 _AVAIL = st.one_of(
     st.binary(max_size=6 + 2 * 16),
+    st.lists(st.integers(0, 15), min_size=1, max_size=16).map(
+        lambda ring: struct.pack(f"<HH{len(ring)}H", 0, len(ring), *ring)
+    ),
     st.lists(st.integers(0, 17), max_size=16).flatmap(
         lambda ring: st.builds(
             lambda flags, idx: struct.pack(f"<HH{len(ring)}H", flags, idx, *ring),
