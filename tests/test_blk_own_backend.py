@@ -200,23 +200,26 @@ def test_read_only(tmp_sock_dir: Path, packed: bool) -> None:
             d.write(0, b"x" * 512)
         assert info.value.status == BlkStatus.IOERR
         assert d.read(0, 4096) == before[:4096]
-        # Sent anyway (bypassing the driver's local check), the device refuses it too.
+        assert info.value.local  # refused by the driver: nothing reached the device
         assert 1 not in b.requests
     assert bytes(image) == before
 
 
 @RINGS
-def test_unsupported_type_and_bad_sector_statuses(packed: bool) -> None:
+@pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
+def test_unsupported_type_and_bad_sector_statuses(packed: bool, read_only: bool) -> None:
     """Request types the driver never sends, straight through a ring: UNSUPP for an
     unknown type, IOERR for a sector past the end, the used length counts the status."""
     image = bytearray(8 * SECTOR)
-    backend = BlkBackend(image)
+    backend = BlkBackend(image, read_only=read_only)
     mem = GuestMemory.allocate([(0, 0x10000)])
     size = 8
     desc, avail, used = place_rings(0, size, packed)
     vq = Virtqueue(mem, size, desc, avail, used, packed=packed)
     dq = DeviceQueue(mem, size, desc, avail, used, packed=packed)
     cases = [(99, 0, BlkStatus.UNSUPP), (0, 8, BlkStatus.IOERR), (0, 7, BlkStatus.OK)]
+    if read_only:  # a write that reaches a read-only device is refused by the device
+        cases = [(1, 0, BlkStatus.IOERR), (13, 0, BlkStatus.IOERR), (0, 0, BlkStatus.OK)]
     for kind, sector, status in cases:
         mem.write(0x8000, struct.pack("<IIQ", kind, 0, sector))
         mem.write(0x9000 + SECTOR, b"\xee")
@@ -228,4 +231,5 @@ def test_unsupported_type_and_bad_sector_statuses(packed: bool) -> None:
         assert vq.poll_used() == [(head, written)]
         assert mem.read(0x9000 + SECTOR, 1) == bytes([status])
         assert written == (SECTOR + 1 if status == BlkStatus.OK else 1)
-    assert backend.requests == [99, 0, 0]
+    assert backend.requests == [kind for kind, _, _ in cases]
+    assert image == bytearray(8 * SECTOR)  # a write to the read-only device changed nothing
