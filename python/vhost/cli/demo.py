@@ -1,8 +1,12 @@
-"""``demo``: a back-end and a front-end of ours in one process, over a real socket.
+"""``demo``: a back-end and a front-end of ours in one process, moving real data through a
+virtqueue over a real vhost-user socket.
 
-The front-end allocates guest RAM from a memfd and shares it; the back-end maps it. They
-negotiate, set a ring up, and exchange a message through the shared memory with a kick
-(front-end to back-end) and a call (back-end to front-end). Each step is printed.
+The front-end allocates guest RAM from a memfd and shares it by fd; the back-end maps it.
+They negotiate (with EVENT_IDX), the front-end hands over ring 0 and, for each message,
+adds a chain (a readable buffer holding the text, a writable buffer for the answer),
+publishes it and kicks. The back-end pops the chain from its device-side queue, reads the
+text out of guest memory, writes it back upper-cased, marks the chain used and signals the
+call eventfd. Each step is printed.
 """
 
 from __future__ import annotations
@@ -16,79 +20,116 @@ from typing import Any
 
 from .. import _core
 from ..codes import ProtocolFeature
-from ..types import VringConfig
 from ..user import BackendHandler, BackendListener, Frontend, GuestMemory, regions_of
-from ..virtio import VirtioFeature
+from ..virtio import DeviceQueue, VirtioFeature, Virtqueue, place_rings, setup_queue
 
 RAM_SIZE = 1 << 20
-MESSAGE_GPA = 0x1000
-REPLY_GPA = 0x2000
+QUEUE_SIZE = 256
+RING_GPA = 0x10000
+DATA_GPA = 0x40000  # the readable buffer of each message
+REPLY_GPA = 0x80000  # the writable buffer of each message
+FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES | VirtioFeature.RING_EVENT_IDX
 
 
-class EchoBackend(BackendHandler):
-    """Reads what the front-end left in guest memory on each kick and answers it."""
+class UpperCaseDevice(BackendHandler):
+    """Answers every chain with its readable bytes, upper-cased."""
 
     max_queues = 1
 
     def __init__(self) -> None:
         self.memory: GuestMemory | None = None
+        self.ring: dict[str, int] = {}
         self.call: _core.EventFd | None = None
+        self.features = 0
+        self.stop = threading.Event()
         self.worker: threading.Thread | None = None
+        self.queue: DeviceQueue | None = None
         self.log: list[str] = []
 
     def get_features(self) -> int:
-        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+        return int(FEATURES)
+
+    def set_features(self, features: int) -> None:
+        self.features = features
 
     def get_protocol_features(self) -> int:
-        return int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.CONFIG)
-
-    def get_config(self, offset: int, size: int, flags: int) -> bytes:
-        return bytes(range(offset, offset + size))
+        return int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ)
 
     def set_mem_table(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.log.append(f"back-end mapped {len(memory)} region(s), {memory.total_size} bytes")
 
+    def set_vring_num(self, index: int, num: int) -> None:
+        self.ring["num"] = num
+
+    def set_vring_addr(  # noqa: PLR0917 - BackendHandler's signature
+        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
+    ) -> None:
+        self.ring.update(desc=desc, used=used, avail=avail)
+
     def set_vring_call(self, index: int, fd: _core.EventFd | None) -> None:
         self.call = fd
 
     def set_vring_kick(self, index: int, fd: _core.EventFd | None) -> None:
-        if fd is None:
+        if fd is None or self.memory is None:
             return
-        self.worker = threading.Thread(target=self._serve_kicks, args=(fd,), daemon=True)
+        self.queue = DeviceQueue.from_user(
+            self.memory,
+            self.ring["num"],
+            self.ring["desc"],
+            self.ring["avail"],
+            self.ring["used"],
+            event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
+        )
+        self.worker = threading.Thread(target=self._serve, args=(fd,), daemon=True)
         self.worker.start()
 
     def get_vring_base(self, index: int) -> int:
-        return 0
+        self.stop.set()
+        if self.worker is not None:
+            self.worker.join(5)
+        return self.queue.next_avail if self.queue is not None else 0
 
-    def _serve_kicks(self, kick: _core.EventFd) -> None:
-        if not kick.wait(10.0):
-            return
-        kick.read()
-        assert self.memory is not None and self.call is not None
-        raw = self.memory.read(MESSAGE_GPA, 64).rstrip(b"\0")
-        self.log.append(f"back-end woke on kick, read {raw!r} from guest memory")
-        self.memory.write(REPLY_GPA, raw.upper())
-        self.call.write(1)
+    def _serve(self, kick: _core.EventFd) -> None:
+        queue, call = self.queue, self.call
+        assert queue is not None and call is not None
+        while not self.stop.is_set():
+            if not kick.wait(0.1):
+                continue
+            kick.read()
+            used = []
+            for chain in queue.pop_batch():
+                text = queue.read_chain(chain)
+                self.log.append(
+                    f"back-end popped chain {chain.head} ({len(chain)} segments), "
+                    f"read {text!r}"
+                )
+                used.append((chain.head, queue.write_chain(chain, text.upper())))
+            queue.add_used_batch(used)
+            if used and queue.needs_notification():
+                call.write(1)
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--message", default="hello from the front-end", help="text to send")
+    p.add_argument(
+        "--message",
+        action="append",
+        help="text to send (repeatable; default: three short messages)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    messages: list[str] = args.message or ["hello", "from the front-end", "through a virtqueue"]
+    ok = True
     with tempfile.TemporaryDirectory(prefix="vhost-demo-") as tmp:
         path = Path(tmp) / "demo.sock"
-        backend = EchoBackend()
+        device = UpperCaseDevice()
         listener = BackendListener(path)
-        session_box: list[Any] = []
 
         def serve() -> None:
-            session = listener.accept(timeout=10)
-            session_box.append(session)
-            session.serve(backend)
+            listener.accept(timeout=10).serve(device)
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
@@ -96,37 +137,43 @@ def run(args: argparse.Namespace) -> int:
         with Frontend.connect(path) as fe:
             features, proto = fe.negotiate()
             print(f"negotiated features {features:#x}, protocol features {proto!r}")
-            print(f"back-end has {fe.get_queue_num()} queue(s); config[0:8] = "
-                  f"{fe.get_config(0, 8).hex()}")
             ram = GuestMemory.allocate([(0, RAM_SIZE)])
             fe.set_mem_table(regions_of(ram))
-            region = regions_of(ram)[0]
-            print(f"shared {RAM_SIZE} bytes of memfd-backed guest RAM "
-                  f"(front-end address {region.userspace_addr:#x})")
-            base = region.userspace_addr
-            fe.set_vring_num(0, 256)
-            fe.set_vring_addr(0, VringConfig(
-                queue_max_size=256, queue_size=256, flags=0,
-                desc_table_addr=base + 0x10000, used_ring_addr=base + 0x12000,
-                avail_ring_addr=base + 0x11000, log_addr=None))
-            fe.set_vring_base(0, 0)
+            print(f"shared {RAM_SIZE} bytes of memfd-backed guest RAM by fd")
+            desc, avail, used = place_rings(RING_GPA, QUEUE_SIZE)
+            vq = Virtqueue(
+                ram, QUEUE_SIZE, desc, avail, used,
+                event_idx=bool(features & VirtioFeature.RING_EVENT_IDX),
+            )
             kick, call = _core.EventFd(), _core.EventFd()
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
-            ram.write(MESSAGE_GPA, args.message.encode())
-            print(f"front-end wrote {args.message!r} at guest address {MESSAGE_GPA:#x}; kick")
-            kick.write(1)
-            if not call.wait(10.0):
-                print("error: the back-end never signalled the call eventfd")
-                return 1
-            call.read()
-            reply = ram.read(REPLY_GPA, len(args.message))
-            print(f"front-end woke on call, read {reply.decode()!r} at {REPLY_GPA:#x}")
+            setup_queue(fe, 0, ram, vq, kick, call)
+            vq.set_used_notification(True)
+            print(f"ring 0: {QUEUE_SIZE} entries at guest address {desc:#x}")
+            for text in messages:
+                data = text.encode()
+                ram.write(DATA_GPA, data)
+                head = vq.add([(DATA_GPA, len(data))], [(REPLY_GPA, 4096)])
+                vq.publish()
+                if vq.kick_needed():
+                    kick.write(1)
+                print(f"front-end added chain {head}: {text!r} -> kick")
+                done: list[tuple[int, int]] = []
+                deadline = time.monotonic() + 10
+                while not done and time.monotonic() < deadline:
+                    if call.wait(0.5):
+                        call.read()
+                    done = vq.poll_used()
+                if not done:
+                    print("error: the back-end never completed the chain")
+                    return 1
+                (got_head, length), = done
+                reply = ram.read(REPLY_GPA, length)
+                print(f"front-end got chain {got_head} back, {length} bytes: {reply.decode()!r}")
+                ok = ok and got_head == head and reply == data.upper()
             print(f"ring 0 stopped at index {fe.get_vring_base(0)}")
         server.join(5)
         listener.close()
-        for line in backend.log:
+        for line in device.log:
             print(line)
         print(f"done in {1000 * (time.perf_counter() - t0):.1f} ms")
-        return 0 if reply == args.message.upper().encode() else 1
+    return 0 if ok else 1

@@ -411,6 +411,9 @@ pub struct SplitDriver {
     avail_published: u16,
     kicked_at: u16,
     last_used: u16,
+    /// Whether the driver wants used-buffer notifications; with EVENT_IDX, `used_event`
+    /// then follows `last_used`, so each reaped batch re-arms the next notification.
+    notify: bool,
     broken: bool,
 }
 
@@ -427,6 +430,7 @@ impl SplitDriver {
             avail_published: 0,
             kicked_at: 0,
             last_used: 0,
+            notify: true,
             broken: false,
         })
     }
@@ -662,6 +666,11 @@ impl SplitDriver {
             self.last_used = self.last_used.wrapping_add(1);
             out.push((id as u16, len));
         }
+        if n > 0 && self.event_idx && self.notify {
+            // Ask to be notified when the device uses the next buffer, as a driver
+            // waiting on its call eventfd expects (the Linux driver does the same).
+            mem.write_u16(self.a.used_event(), self.last_used)?;
+        }
         Ok(out)
     }
 
@@ -674,11 +683,17 @@ impl SplitDriver {
         self.sticky(r)
     }
 
-    fn set_used_notification_inner(&self, mem: &GuestMemory, enable: bool) -> Result<bool> {
+    fn set_used_notification_inner(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
+        self.notify = enable;
         if self.event_idx {
-            if enable {
-                mem.write_u16(self.a.used_event(), self.last_used)?;
-            }
+            // Off: move the event half the index space away, out of reach of a queue of
+            // at most 32768 entries until it is re-armed (Linux parks it similarly).
+            let event = if enable {
+                self.last_used
+            } else {
+                self.last_used.wrapping_add(0x8000)
+            };
+            mem.write_u16(self.a.used_event(), event)?;
         } else {
             mem.write_u16(
                 self.a.avail_flags(),
