@@ -116,13 +116,18 @@ def test_frontend_client_to_backend_listener(tmp_sock_dir: Path) -> None:
 
 def test_backend_listener_serves_one_frontend_after_another(tmp_sock_dir: Path) -> None:
     path = tmp_sock_dir / "be.sock"
+    devices: list[Device] = []
     with BackendListener(path) as listener:
         for _ in range(2):
             device = Device()
+            devices.append(device)
             with Frontend.connect(path, timeout=TIMEOUT) as fe:
                 session = listener.accept(timeout=TIMEOUT)
                 with serve_in_thread(session, device):
                     exercise(fe, device)
+    # Each front-end had a session of its own: a fresh negotiation, its own memory.
+    assert [d.seen.count("set_owner") for d in devices] == [1, 1]
+    assert devices[0].memory is not devices[1].memory
 
 
 def test_backend_listener_accept_timeout(tmp_sock_dir: Path) -> None:
