@@ -4,6 +4,7 @@ the reply are a protocol error (the back-end must send nothing it was not asked 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -29,7 +30,10 @@ def _serve_once(path: Path, answer: Callable[[socket.socket], None]) -> threadin
             header = conn.recv(12)
             assert struct.unpack("<III", header)[0] == 1  # GET_FEATURES
             answer(conn)
-            conn.recv(1)  # hold the connection until the front-end is done
+            # Hold the connection until the front-end is done (or resets it, as it must
+            # after a protocol error).
+            with contextlib.suppress(OSError):
+                conn.recv(1)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
