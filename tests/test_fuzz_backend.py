@@ -47,6 +47,7 @@ class Server:
     def __init__(self, path: Path) -> None:
         self.listener = BackendListener(path)
         self.outcomes: list[str] = []
+        self.active = 0  # sessions being served right now (0 or 1: one at a time)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -57,11 +58,14 @@ class Server:
                 session = self.listener.accept(timeout=0.2)
             except VhostError:
                 continue
+            self.active += 1
             try:
                 session.serve(Device())
                 self.outcomes.append("clean")
             except VhostError as exc:
                 self.outcomes.append(type(exc).__name__)
+            finally:
+                self.active -= 1
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +132,23 @@ def test_random_messages_never_break_the_server(
         assert fe.get_features() == (1 << 32) | (1 << 30)
 
 
+def _settle(server: Server) -> None:
+    """Call after closing a front-end whose request the server answered: that session was
+    running, and the server accepts in order and serves one session at a time, so once
+    none is active every earlier session has ended and closed its fds."""
+    deadline = time.monotonic() + 10
+    while server.active and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert not server.active, "the server did not finish its sessions"
+
+
 def test_fuzzing_leaves_no_fds_behind(server: Server) -> None:
-    # Warm up (lazy imports, thread-local allocations), then measure across 100 hostile
-    # connections: every fd the sessions received must have been closed.
+    # Warm up (lazy imports, thread-local allocations) and let every earlier session end,
+    # then measure across 100 hostile connections: every fd the sessions received must
+    # have been closed.
     with Frontend.connect(server.listener.path) as fe:
         fe.get_features()
+    _settle(server)
     before = _fd_count()
     for i in range(100):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -151,9 +167,6 @@ def test_fuzzing_leaves_no_fds_behind(server: Server) -> None:
                 pass
     with Frontend.connect(server.listener.path) as fe:
         assert fe.get_features() & (1 << 32)
-    # The server thread closes the last session just after our close: give it a moment.
-    deadline = time.monotonic() + 5
-    while _fd_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _settle(server)
     assert _fd_count() == before
     assert "clean" in server.outcomes
