@@ -224,3 +224,19 @@ pub(crate) fn check_driver_segments(
     }
     Ok(writable_total as u32)
 }
+
+/// Pops with `pop` until `max` chains or an empty ring; the batch loop shared by both
+/// ring formats. An error stops the batch (the queue is broken by then).
+pub(crate) fn pop_up_to(
+    max: usize,
+    mut pop: impl FnMut() -> Result<Option<DescriptorChain>>,
+) -> Result<Vec<DescriptorChain>> {
+    let mut out = Vec::new();
+    while out.len() < max {
+        match pop()? {
+            Some(c) => out.push(c),
+            None => break,
+        }
+    }
+    Ok(out)
+}

@@ -11,7 +11,8 @@ use std::sync::atomic::{fence, Ordering};
 use crate::memory::GuestMemory;
 
 use super::chain::{
-    check_driver_segments, encode_packed_desc, indirect_entries, read_packed_desc, ChainBuilder,
+    check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc,
+    ChainBuilder,
 };
 use super::event::{packed_need_event, EventFlags, EventSuppress};
 use super::{
@@ -203,14 +204,7 @@ impl PackedDevice {
     /// Pops up to `max` buffers. An error stops the queue; buffers popped before it are
     /// dropped with it.
     pub fn pop_batch(&mut self, mem: &GuestMemory, max: usize) -> Result<Vec<DescriptorChain>> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            match self.pop(mem)? {
-                Some(c) => out.push(c),
-                None => break,
-            }
-        }
-        Ok(out)
+        pop_up_to(max, || self.pop(mem))
     }
 
     fn pop_inner(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {

@@ -8,7 +8,8 @@ use std::sync::atomic::{fence, Ordering};
 use crate::memory::GuestMemory;
 
 use super::chain::{
-    check_driver_segments, encode_split_desc, indirect_entries, read_split_desc, ChainBuilder,
+    check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc,
+    ChainBuilder,
 };
 use super::event::need_event;
 use super::{
@@ -173,14 +174,7 @@ impl SplitDevice {
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
     /// dropped with it.
     pub fn pop_batch(&mut self, mem: &GuestMemory, max: usize) -> Result<Vec<DescriptorChain>> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            match self.pop(mem)? {
-                Some(c) => out.push(c),
-                None => break,
-            }
-        }
-        Ok(out)
+        pop_up_to(max, || self.pop(mem))
     }
 
     fn pop_inner(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
