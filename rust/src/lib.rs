@@ -8,6 +8,8 @@
 #![warn(missing_debug_implementations)]
 
 pub mod backend;
+pub mod daemon;
+pub mod devices;
 pub mod memory;
 pub mod sys;
 pub mod user;
