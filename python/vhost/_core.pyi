@@ -365,7 +365,7 @@ class BlkDevice:
         num_queues: int = 1,
         queue_size: int = 256,
         readonly: bool = False,
-        serial: str = "pyvhost",
+        serial: str | None = None,
     ) -> Self: ...
     @staticmethod
     def ram(
@@ -374,7 +374,7 @@ class BlkDevice:
         num_queues: int = 1,
         queue_size: int = 256,
         readonly: bool = False,
-        serial: str = "pyvhost",
+        serial: str | None = None,
     ) -> BlkDevice: ...
     @property
     def capacity(self) -> int: ...

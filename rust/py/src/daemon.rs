@@ -39,13 +39,13 @@ pub struct PyBlkDevice {
 impl PyBlkDevice {
     /// Serves the image file at `path` (opened read-only when `readonly`).
     #[new]
-    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = "pyvhost".to_string()))]
+    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
     fn new(
         path: PathBuf,
         num_queues: u16,
         queue_size: u16,
         readonly: bool,
-        serial: String,
+        serial: Option<String>,
     ) -> PyResult<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -61,13 +61,13 @@ impl PyBlkDevice {
 
     /// A zero-filled RAM disk of `size` bytes.
     #[staticmethod]
-    #[pyo3(signature = (size, *, num_queues = 1, queue_size = 256, readonly = false, serial = "pyvhost".to_string()))]
+    #[pyo3(signature = (size, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
     fn ram(
         size: u64,
         num_queues: u16,
         queue_size: u16,
         readonly: bool,
-        serial: String,
+        serial: Option<String>,
     ) -> PyResult<Self> {
         let cfg = config(num_queues, queue_size, readonly, serial)?;
         let inner = BlkDevice::ram(size, cfg).map_err(io_error)?;
@@ -106,7 +106,13 @@ impl PyBlkDevice {
     }
 }
 
-fn config(num_queues: u16, queue_size: u16, readonly: bool, serial: String) -> PyResult<BlkConfig> {
+fn config(
+    num_queues: u16,
+    queue_size: u16,
+    readonly: bool,
+    serial: Option<String>,
+) -> PyResult<BlkConfig> {
+    let serial = serial.unwrap_or_else(|| BlkConfig::default().serial);
     if num_queues == 0 || queue_size < 3 {
         return Err(invalid_param(
             "a block device needs at least one queue of at least 3 entries",
