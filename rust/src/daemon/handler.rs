@@ -183,7 +183,12 @@ impl BackendHandler for DaemonHandler {
     }
 
     fn get_protocol_features(&mut self) -> Result<u64> {
-        Ok(DAEMON_PROTOCOL_FEATURES | self.device.protocol_features())
+        let mut offered = DAEMON_PROTOCOL_FEATURES | self.device.protocol_features();
+        // A device without a config space does not offer CONFIG (QEMU warns otherwise).
+        if self.device.config().is_empty() {
+            offered &= !pf::CONFIG;
+        }
+        Ok(offered)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
