@@ -10,7 +10,10 @@ then runs a shell script given by the test:
 * ``mode="host"``: the script runs chrooted into the host's root, mounted read-only
   over 9p, so the host's own Python, ``.venv`` and built extension work at the same
   paths (``VENV_PYTHON``). ``/tmp``, ``/run`` and ``/dev/shm`` are the guest's own
-  tmpfs; everything else is the host's, read-only.
+  tmpfs; everything else is the host's, read-only and cached by the guest
+  (``cache=loose``, which makes Python start 3x faster): a host file changed while the
+  guest runs may look stale there, so exchange data through the run dir. Tools that
+  write caches need telling (``pytest -p no:cacheprovider``; bytecode is off).
 
 In both modes the script's directory (the *run dir*, a fresh folder under
 ``target/guest-runs/`` by default) is mounted read-write at its host path and is the
@@ -35,6 +38,7 @@ import contextlib
 import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -161,7 +165,7 @@ class GuestResult:
         if self.status is None:
             raise AssertionError(
                 f"guest {self._why_unfinished()}; no end marker on the console\n"
-                f"  qemu: {' '.join(self.argv)}\n"
+                f"  qemu: {shlex.join(self.argv)}\n"
                 f"  console tail:\n{self.tail()}"
             )
         if status is not None and self.status != status:
@@ -209,7 +213,7 @@ class Guest:
                 )
             except OSError as exc:
                 self._remove_files()
-                pytest.fail(f"cannot start QEMU: {exc}\n  argv: {' '.join(argv)}", pytrace=False)
+                pytest.fail(f"cannot start QEMU: {exc}\n  argv: {shlex.join(argv)}", pytrace=False)
 
     @property
     def pid(self) -> int:
