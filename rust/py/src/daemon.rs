@@ -514,7 +514,9 @@ impl Drop for PyDaemon {
             s.stop();
         }
         if let Some(r) = lock(&self.running).take() {
-            let _ = r.thread.join();
+            // Join without the GIL: the session's workers (a Python device's `process`,
+            // its `reset` at session end) need it to finish, and a collector holds it.
+            let _ = Python::attach(|py| py.detach(|| r.thread.join()));
         }
     }
 }
