@@ -17,9 +17,10 @@ use std::thread::JoinHandle;
 use crate::backend::VringAddrs;
 use crate::memory::GuestMemory;
 use crate::sys::{poll_many, EventFd};
-use crate::vring::{DeviceQueue, RingLayout};
+use crate::vring::{DescriptorChain, DeviceQueue, RingLayout};
 
 use super::device::{DeviceError, VirtioDevice};
+use super::inflight::InflightQueue;
 
 /// A lock that survives a panic in the thread that held it: the state is plain data that
 /// every user re-validates, so poisoning would only turn one failure into many (J7).
@@ -44,6 +45,10 @@ pub(crate) struct QueueState {
     pub(crate) indirect: bool,
     pub(crate) packed: bool,
     pub(crate) last_error: Option<String>,
+    /// Inflight tracking of this queue, when the front-end negotiated it (split rings).
+    pub(crate) inflight: Option<InflightQueue>,
+    /// Chains an earlier back-end left in flight, processed before new ones.
+    pub(crate) resubmit: Vec<DescriptorChain>,
 }
 
 impl QueueState {
@@ -62,6 +67,11 @@ impl QueueState {
         )?;
         let mut ring = DeviceQueue::new(layout, self.event_idx, self.indirect)?;
         ring.restore(&self.mem, self.base)?;
+        self.resubmit.clear();
+        if let (Some(q), Some(used)) = (self.inflight.as_mut(), ring.split_used_index()) {
+            let heads = q.start(used);
+            self.resubmit = ring.resubmit(&self.mem, &heads)?;
+        }
         self.ring = Some(ring);
         self.last_error = None;
         Ok(())
@@ -73,6 +83,8 @@ impl QueueState {
             self.base = ring.base();
         }
         self.kick = None;
+        self.resubmit.clear();
+        self.inflight = None;
         self.base
     }
 
@@ -177,9 +189,18 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice) {
             break Ok(());
         };
         let mem = &st.mem;
-        let chains = match ring.pop_batch(mem, usize::from(ring.size())) {
-            Ok(c) => c,
-            Err(e) => break Err(DeviceError::Queue(e)),
+        let chains = if st.resubmit.is_empty() {
+            match ring.pop_batch(mem, usize::from(ring.size())) {
+                Ok(c) => {
+                    if let Some(q) = st.inflight.as_mut() {
+                        q.popped(c.iter().map(|c| c.head));
+                    }
+                    c
+                }
+                Err(e) => break Err(DeviceError::Queue(e)),
+            }
+        } else {
+            std::mem::take(&mut st.resubmit)
         };
         if chains.is_empty() {
             match ring.set_notification(mem, true) {
@@ -204,9 +225,17 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice) {
                     .map(|h| (h, 0)),
             );
         }
-        let completed = ring
-            .add_used_batch(mem, &done)
-            .and_then(|()| ring.needs_notification(mem));
+        let finished: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+        if let Some(q) = st.inflight.as_mut() {
+            q.completing(&finished);
+        }
+        let completed = ring.add_used_batch(mem, &done);
+        if let (Ok(()), Some(q), Some(used)) =
+            (&completed, st.inflight.as_mut(), ring.split_used_index())
+        {
+            q.completed(&finished, used);
+        }
+        let completed = completed.and_then(|()| ring.needs_notification(mem));
         slot.completed
             .fetch_add(done.len() as u64, Ordering::Relaxed);
         match completed {
