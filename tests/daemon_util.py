@@ -232,6 +232,17 @@ class BlkGuest:
         self.pending[q][head] = _Pending(slot, in_len, tag)
         return head
 
+    def add_raw(
+        self, q: int, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]
+    ) -> int:
+        """Places a chain of the caller's own segments (not a blk request)."""
+        return self.vqs[q].add(list(readable), list(writable))
+
+    def data_area(self, q: int) -> int:
+        """Guest address of queue ``q``'s data area (``DATA_PER_QUEUE`` bytes), for
+        :meth:`add_raw` chains; blk requests use it too, so do not mix them."""
+        return DATA_BASE + q * DATA_PER_QUEUE
+
     def kick(self, q: int, *, force: bool = False) -> None:
         self.vqs[q].publish()
         if force or self.vqs[q].kick_needed():
@@ -245,7 +256,10 @@ class BlkGuest:
         while len(out) < want:
             used = vq.poll_used()
             for head, n in used:
-                p = self.pending[q].pop(head)
+                p = self.pending[q].pop(head, None)
+                if p is None:  # an add_raw chain
+                    out.append((Result(head, n, -1, b""), None))
+                    continue
                 meta, data = self._meta(q, p.slot), self._data(q, p.slot)
                 status = self.memory.read(meta + 16, 1)[0]
                 got = self.memory.read(data, p.in_len) if p.in_len else b""
