@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::backend::VringAddrs;
 use crate::memory::{GuestMemory, RegionInfo};
@@ -68,8 +69,9 @@ fn device_error(e: DeviceError) -> Error {
 }
 
 impl DaemonHandler {
-    /// Starts one worker thread per queue of `device`.
-    pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
+    /// Starts one worker thread per queue of `device`; `poll` is how long a worker keeps
+    /// polling its ring after the last request before it sleeps on the kick eventfd.
+    pub fn new(device: Arc<dyn VirtioDevice>, poll: Duration) -> std::io::Result<Self> {
         let mut handler = DaemonHandler {
             slots: Vec::new(),
             workers: Vec::new(),
@@ -84,7 +86,7 @@ impl DaemonHandler {
             let slot = Arc::new(QueueSlot::new(i)?);
             handler
                 .workers
-                .push(spawn_worker(slot.clone(), handler.device.clone())?);
+                .push(spawn_worker(slot.clone(), handler.device.clone(), poll)?);
             handler.slots.push(slot);
         }
         Ok(handler)
