@@ -190,6 +190,14 @@ impl PyBatch {
         if !self.open.load(Ordering::SeqCst) {
             return Err(closed("this batch was already returned to the ring"));
         }
+        // A chain kept from an earlier batch is not in flight any more (or its head now
+        // names another buffer): completing it would corrupt the ring.
+        if !self.chains.iter().any(|c| c.as_ptr() == chain.as_ptr()) {
+            return Err(invalid_param(format!(
+                "chain {} is not part of this batch",
+                chain.head
+            )));
+        }
         if written > chain.writable_len {
             return Err(invalid_param(format!(
                 "written {written} exceeds the chain's {} writable bytes",
