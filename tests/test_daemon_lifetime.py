@@ -439,3 +439,38 @@ def test_j7_signal_stops_serve_cleanly(
         if drv is not None:
             drv.close()
         proc.close()
+
+
+WAIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from vhost.daemon import BlkDevice, Daemon
+
+    daemon = Daemon(BlkDevice.ram(1 << 20), sys.argv[1]).start()
+    print("ready", flush=True)
+    try:
+        daemon.wait()  # no timeout: only a stop, or Ctrl-C, ends it
+    except KeyboardInterrupt:
+        daemon.stop()
+        print("interrupted", daemon.running, flush=True)
+    """
+)
+
+
+def test_j7_ctrl_c_interrupts_a_blocking_wait(tmp_sock_dir: Path) -> None:
+    path = tmp_sock_dir / "w.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAIT_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert out == "interrupted False\n"
+        assert proc.returncode == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
