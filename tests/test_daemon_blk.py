@@ -10,6 +10,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from daemon_util import (
 from vhost.daemon import BlkDevice, Daemon
 from vhost.devices.blk import BlkDriver, BlkIOError, BlkRequest, BlkStatus
 from vhost.errors import InvalidParamError
-from vhost.user import Frontend
+from vhost.user import Frontend, Listener
 from vhost.virtio import BlkFeature, VirtioFeature
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,3 +310,41 @@ def test_ram_disk(tmp_sock_dir: Path) -> None:
         with BlkDriver.connect(daemon.path) as d:  # kept across sessions
             assert d.read(4096, len(data)) == data
             assert d.get_id().rstrip(b"\0") == b"ram"
+
+
+def test_serve_blk_client_mode(tmp_sock_dir: Path) -> None:
+    """``--client``: the daemon connects to a listening front-end (QEMU ``server=on``),
+    serves that one session and exits 0 when it ends."""
+    image = tmp_sock_dir / "disk.img"
+    before = make_image(image, IMAGE_SIZE, seed=5)
+    sock = tmp_sock_dir / "fe.sock"
+    with Listener(sock) as listener:
+        proc = ServeProc(["blk", "--client", "--image", str(image)], sock, tmp_sock_dir / "log")
+        try:
+            fe = Frontend(listener.accept_frontend(timeout=10.0))
+            with BlkDriver(fe) as d:
+                check_roundtrip(d, image, seed=8)
+            assert proc.proc.wait(10) == 0, proc.stderr()
+            assert "stopped after 1 session" in proc.stderr()
+        finally:
+            proc.close()
+    assert image.read_bytes() != before
+
+
+def test_serve_blk_client_waits_for_the_frontend(tmp_sock_dir: Path) -> None:
+    """Started before the front-end listens, the client retries until it appears."""
+    image = tmp_sock_dir / "disk.img"
+    make_image(image, IMAGE_SIZE, seed=None)
+    sock = tmp_sock_dir / "late.sock"
+    proc = ServeProc(["blk", "--client", "--image", str(image)], sock, tmp_sock_dir / "log")
+    try:
+        time.sleep(0.3)
+        assert proc.alive()
+        with Listener(sock) as listener:
+            fe = Frontend(listener.accept_frontend(timeout=10.0))
+            with BlkDriver(fe) as d:
+                d.write(0, b"\x07" * SECTOR)
+        assert proc.proc.wait(10) == 0
+        assert image.read_bytes()[:SECTOR] == b"\x07" * SECTOR
+    finally:
+        proc.close()

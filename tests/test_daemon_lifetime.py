@@ -40,6 +40,7 @@ from vhost.codes import FrontendRequest as Req
 from vhost.daemon import BlkDevice, Daemon
 from vhost.devices.blk import BlkDriver
 from vhost.devices.blkdev import PythonBlkDevice
+from vhost.errors import InvalidParamError
 from vhost.user import Frontend, regions_of
 from vhost.virtio import setup_queue
 
@@ -474,3 +475,18 @@ def test_j7_ctrl_c_interrupts_a_blocking_wait(tmp_sock_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_daemon_restarts_on_the_same_path(tmp_sock_dir: Path, image: Path) -> None:
+    daemon = Daemon(BlkDevice(image, serial="life"), tmp_sock_dir / "re.sock")
+    assert not daemon.running
+    for _ in range(3):
+        daemon.start()
+        assert daemon.running
+        with pytest.raises(InvalidParamError):
+            daemon.start()  # already running
+        io_works(daemon.path)
+        daemon.stop()
+        assert not daemon.running
+        assert not os.path.exists(daemon.path)
+    assert daemon.sessions_started == 1  # counters belong to the latest start
