@@ -52,9 +52,8 @@ def served() -> Iterator[Served]:
     try:
         with BlkDriver.connect(proc.socket_path) as drv:  # warm-up: lazy allocations
             drv.write(0, b"w" * 4096)
-        base = proc.settle_fds(1 << 30)
-        time.sleep(0.1)
-        yield Served(proc, image, proc.fd_count(), proc.threads())
+        base = proc.idle_fds()
+        yield Served(proc, image, base, proc.threads())
         assert proc.alive(), proc.stderr()
         assert proc.terminate() == 0
     finally:
@@ -62,7 +61,6 @@ def served() -> Iterator[Served]:
         for p in d.iterdir():
             p.unlink()
         d.rmdir()
-    del base
 
 
 def cpu_seconds(pid: int) -> float:
