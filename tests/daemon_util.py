@@ -198,7 +198,10 @@ class BlkGuest:
         offered = fe.get_features()
         fe.negotiate(
             features=self.features(offered),
-            protocol_features=int(PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS),
+            protocol_features=int(
+                PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
+                | PF.STATUS
+            ),
         )
         fe.set_mem_table(regions_of(self.memory))
         for q in range(len(self.vqs)) if queues is None else queues:

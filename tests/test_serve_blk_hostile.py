@@ -27,6 +27,7 @@ from vhost.codes import FrontendRequest as Req
 from vhost.codes import ProtocolFeature as PF
 from vhost.devices.blk import BlkDriver
 from vhost.user import Frontend
+from vhost.virtio import Virtqueue, place_rings, setup_queue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -425,6 +426,12 @@ def test_corrupt_ring_breaks_only_that_queue(served: Served, ring: str) -> None:
         assert guest.read(1, 12288, 4096) == (S_OK, data)
         # And the session itself is in sync.
         assert fe.get_queue_num() == 2
+        # The broken queue comes back when the front-end hands it a fresh ring.
+        desc, avail, used_ = place_rings(0, 64)
+        guest.vqs[0] = Virtqueue(guest.memory, 64, desc, avail, used_)
+        setup_queue(fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0])
+        assert guest.write(0, 20480, data) == S_OK
+        assert guest.read(0, 12288, 4096) == (S_OK, data)
         assert served.proc.alive()
     guest.close()
     check_survived(served, 16384)
