@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -550,3 +551,27 @@ def test_a10_sessions_and_mem_tables_leave_no_mappings(tmp_sock_dir: Path, image
         assert wait_for(lambda: maps_of(proc.pid) <= base_maps), maps_of(proc.pid)
     finally:
         proc.close()
+
+
+def test_stop_from_another_thread_than_serve_forever(tmp_sock_dir: Path) -> None:
+    """``serve_forever`` on a worker thread, ``running`` and ``stop`` from the main one:
+    ``running`` stays true while it serves, and ``stop`` returns only once the daemon has
+    stopped (its socket gone), not while the other thread is still in ``wait``."""
+    daemon = Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "sf.sock")
+    thread = threading.Thread(target=daemon.serve_forever)
+    thread.start()
+    try:
+        assert wait_for(lambda: os.path.exists(daemon.path))
+        samples = []
+        for _ in range(40):
+            samples.append(daemon.running)
+            time.sleep(0.01)
+        assert all(samples), f"{samples.count(False)} of {len(samples)} said not running"
+        io_works(daemon.path)
+    finally:
+        daemon.stop()
+    assert not os.path.exists(daemon.path)
+    assert not daemon.running
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not daemon.running
