@@ -8,6 +8,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod backend;
+pub mod blkload;
 pub mod memory;
 pub mod sys;
 pub mod user;

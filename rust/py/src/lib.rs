@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod backend;
+mod blkload;
 mod channel;
 mod errors;
 mod eventfd;
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyDescriptorChain>()?;
     m.add_class::<vring::PyDeviceQueue>()?;
     m.add_class::<vring::PyVirtqueue>()?;
+    m.add_class::<blkload::PyBlkLoad>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
