@@ -9,6 +9,8 @@
 
 pub mod backend;
 pub mod blkload;
+pub mod daemon;
+pub mod devices;
 pub mod memory;
 pub mod sys;
 pub mod user;
