@@ -63,9 +63,7 @@ def pattern(offset: int, length: int, generation: int) -> bytes:
     """The bytes ``--verify`` writes at disk ``offset`` (a multiple of 8) for
     ``generation``: little-endian words ``splitmix64(word_offset ^ (generation << 40))``."""
     g = generation << 40
-    return b"".join(
-        splitmix64((offset + i) ^ g).to_bytes(8, "little") for i in range(0, length, 8)
-    )
+    return b"".join(splitmix64((offset + i) ^ g).to_bytes(8, "little") for i in range(0, length, 8))
 
 
 def add_parser(sub: Any) -> None:
