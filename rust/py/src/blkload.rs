@@ -155,15 +155,12 @@ impl PyBlkLoad {
             let mut load = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             if verify {
                 load.run_verified(&job, generation, fill)
-                    .map(|v| Outcome::Verified(Box::new(v)))
+                    .map(|v| (v.timed.clone(), Some(v)))
             } else {
-                load.run(&job).map(Outcome::Plain)
+                load.run(&job).map(|r| (r, None))
             }
         });
-        let (timed, verified) = match outcome.map_err(load_error)? {
-            Outcome::Plain(r) => (r, None),
-            Outcome::Verified(v) => (v.timed.clone(), Some(v)),
-        };
+        let (timed, verified) = outcome.map_err(load_error)?;
         let d = report_dict(py, &job, &timed)?;
         if let Some(v) = verified {
             d.set_item("verify", verify_dict(py, &v)?)?;
@@ -202,11 +199,6 @@ impl PyBlkLoad {
             self.queue_size, self.slots, self.window
         )
     }
-}
-
-enum Outcome {
-    Plain(Report),
-    Verified(Box<VerifiedReport>),
 }
 
 fn report_dict<'py>(py: Python<'py>, job: &Job, r: &Report) -> PyResult<Bound<'py, PyDict>> {
