@@ -170,6 +170,24 @@ def test_reads_are_checked_against_the_image(qsd: Path, image: Path) -> None:
     assert "data verification failed" in out.stderr
 
 
+def test_packed_ring_busy_poll_and_no_event_idx(image: Path, tmp_sock_dir: Path) -> None:
+    # qemu-storage-daemon has no packed rings; our serve blk does.
+    sock = tmp_sock_dir / "blk.sock"
+    argv = [sys.executable, "-m", "vhost", "serve", "blk", "--socket", str(sock),
+            "--image", str(image)]  # fmt: skip
+    with peers.spawn_peer("serve-blk", argv, sock):
+        for extra in (["--packed"], ["--packed", "--no-event-idx", "--busy-poll", "50"],
+                      ["--no-event-idx", "--busy-poll", "50"]):  # fmt: skip
+            r = bench_json(sock, "--rw", "randwrite", "--verify", "--generation", "20",
+                           "--size", str(REGION), "--seconds", "0.2", *extra)  # fmt: skip
+            assert r["packed"] == ("--packed" in extra)
+            assert r["event_idx"] == ("--no-event-idx" not in extra)
+            assert r["verify"]["ok"] and r["ios"] > 0
+            gens = image_generations(image, 0, REGION, [20, 21])
+            assert -1 not in gens
+            assert gens.count(21) * SECTOR == r["verify"]["written_bytes"] > 0
+
+
 # --- report --------------------------------------------------------------------------
 
 

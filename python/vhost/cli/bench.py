@@ -306,7 +306,7 @@ def _exit_status(result: dict[str, Any]) -> int:
     verify = result.get("verify")
     if verify is not None and verify["bad_sectors"]:
         print(
-            f"error: data verification failed: {verify['bad_sectors']} sector(s) wrong, "
+            f"error: data verification failed: {verify['bad_sectors']} sector read(s) wrong, "
             f"the first at byte offset {verify['first_bad_offset']}",
             file=sys.stderr,
         )
