@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,6 +256,27 @@ def test_missing_socket(tmp_sock_dir: Path) -> None:
 def test_bad_rw_is_an_argparse_error(qsd: Path) -> None:
     out = bench(qsd, "--rw", "trim")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_ctrl_c_stops_a_long_run(qsd: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhost", "bench", "blk", "--socket", str(qsd), "--seconds", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)  # connected and running (the GIL released in the native loop)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err
 
 
 # --- API ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ with generation ``G`` (``--generation``, default 1; ``--no-fill`` skips this whe
 earlier run left it there), then the timed job runs, its reads checked against ``G`` and
 its writes carrying ``G + 1``; finally the whole region is read back and each sector must
 hold ``G + 1`` if the job wrote it and ``G`` otherwise. A mismatch exits with status 3,
-a request the device failed with status 2, bad arguments or an unreachable back-end with 1.
+a request the device failed with status 2, bad arguments or an unreachable back-end with 1,
+Ctrl-C (checked every 100 ms by the native loop) with 130.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ read-back passes use large requests."""
 
 EXIT_IO_ERROR = 2
 EXIT_BAD_DATA = 3
+EXIT_INTERRUPTED = 130
 
 _MASK = (1 << 64) - 1
 
@@ -277,6 +279,16 @@ def run_python(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
 
 def run_blk(args: argparse.Namespace) -> int:
     _check_args(args)
+    try:
+        return _run_blk(args)
+    except KeyboardInterrupt:
+        # The native loop checks for signals every 100 ms and stops (requests in flight
+        # are abandoned with the connection).
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_blk(args: argparse.Namespace) -> int:
     with _connect(args) as disk:
         offset, size = _region(args, disk.size)
         if args.rw in ("write", "randwrite") and disk.read_only:

@@ -2,13 +2,13 @@
 //! Python negotiates and sets the queue up; a whole run then happens here with the GIL
 //! released, and comes back as one dict.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vhost_core::blkload::{
-    BlkLoad as CoreLoad, Buffers, Job, LoadError, Report, Rw, VerifiedReport,
+    BlkLoad as CoreLoad, Buffers, InterruptHook, Job, LoadError, Report, Rw, VerifiedReport,
 };
 use vhost_core::sys::EventFd as CoreEventFd;
 use vhost_core::vring::RingLayout;
@@ -23,6 +23,9 @@ fn load_error(err: LoadError) -> PyErr {
         LoadError::Vring(e) => vring_error(e),
         LoadError::Memory(e) => memory_error(e),
         LoadError::Io(e) => io_error(e),
+        LoadError::Interrupted => {
+            pyo3::exceptions::PyKeyboardInterrupt::new_err("the load run was interrupted")
+        }
         e @ LoadError::Timeout { .. } => Python::attach(|py| {
             let msg = e.to_string();
             match py
@@ -151,15 +154,34 @@ impl PyBlkLoad {
             check: None,
             track_writes: false,
         };
+        // Ctrl-C: the loop asks every 100 ms; a pending Python exception (KeyboardInterrupt
+        // from the SIGINT handler) stops it and is raised here.
+        let pending: Arc<Mutex<Option<PyErr>>> = Arc::default();
+        let stash = pending.clone();
+        let hook: InterruptHook = Box::new(move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    *stash.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    true
+                }
+            })
+        });
         let outcome = py.detach(|| {
             let mut load = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if verify {
+            load.set_interrupt(Some(hook));
+            let r = if verify {
                 load.run_verified(&job, generation, fill)
                     .map(|v| (v.timed.clone(), Some(v)))
             } else {
                 load.run(&job).map(|r| (r, None))
-            }
+            };
+            load.set_interrupt(None);
+            r
         });
+        if let Some(e) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
         let (timed, verified) = outcome.map_err(load_error)?;
         let d = report_dict(py, &job, &timed)?;
         if let Some(v) = verified {

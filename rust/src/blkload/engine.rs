@@ -16,6 +16,25 @@ const T_OUT: u32 = 1;
 /// without writing its status is caught (0xff is no VIRTIO_BLK_S_* value).
 const STATUS_UNSET: u8 = 0xff;
 const NO_SLOT: u32 = u32::MAX;
+/// How often a run asks its interrupt hook whether to stop (and the longest single sleep
+/// on the call eventfd, so a silent device does not delay that question).
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Asked every [`CHECK_EVERY`] during a run; true stops it with [`LoadError::Interrupted`]
+/// (the Python glue checks for signals here: Ctrl-C).
+pub type InterruptHook = Box<dyn FnMut() -> bool + Send>;
+
+struct Hook(Option<InterruptHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hook(set)"
+        } else {
+            "Hook(none)"
+        })
+    }
+}
 
 fn invalid(msg: impl Into<String>) -> LoadError {
     LoadError::InvalidParam(msg.into())
@@ -34,6 +53,7 @@ pub struct BlkLoad {
     /// Ring head (split) or buffer id (packed) -> slot in flight.
     head_slot: Vec<u32>,
     notify_on: bool,
+    interrupt: Hook,
 }
 
 /// Per-slot state of the request in flight.
@@ -106,7 +126,17 @@ impl BlkLoad {
             window,
             segment_size,
             notify_on: false,
+            interrupt: Hook(None),
         })
+    }
+
+    /// Installs the hook a run asks, every 100 ms, whether to stop.
+    pub fn set_interrupt(&mut self, hook: Option<InterruptHook>) {
+        self.interrupt = Hook(hook);
+    }
+
+    fn interrupted(&mut self) -> bool {
+        self.interrupt.0.as_mut().is_some_and(|h| h())
     }
 
     /// Descriptors one request of `block_size` bytes takes: header, data segments, status.
@@ -217,6 +247,7 @@ impl BlkLoad {
         }
         self.publish_and_kick(&mut run)?;
         let mut last = start;
+        let mut next_check = start + CHECK_EVERY;
         while self.ring.in_flight() > 0 {
             let mut used = self.ring.poll_used(&self.mem)?;
             if used.is_empty() {
@@ -228,6 +259,12 @@ impl BlkLoad {
             }
             let now = Instant::now();
             last = now;
+            if now >= next_check {
+                next_check = now + CHECK_EVERY;
+                if self.interrupted() {
+                    return Err(LoadError::Interrupted);
+                }
+            }
             // Every completion first: the ring already reuses the heads of this batch, so
             // a new request could take a head that is still further down the list.
             run.done.clear();
@@ -373,15 +410,24 @@ impl BlkLoad {
                 std::hint::spin_loop();
             }
         }
-        let timeout_ms = i32::try_from(job.timeout.as_millis()).unwrap_or(i32::MAX);
+        let silent_since = Instant::now();
         loop {
             self.notify_on = true;
             if !self.ring.set_used_notification(&self.mem, true)? {
-                if !poll_readable(self.call.as_fd(), timeout_ms)? {
-                    return Err(LoadError::Timeout {
-                        in_flight: self.ring.in_flight(),
-                        timeout: job.timeout,
-                    });
+                let left = job.timeout.saturating_sub(silent_since.elapsed());
+                let slice = left.min(CHECK_EVERY);
+                let ms = i32::try_from(slice.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
+                if !poll_readable(self.call.as_fd(), ms)? {
+                    if self.interrupted() {
+                        return Err(LoadError::Interrupted);
+                    }
+                    if silent_since.elapsed() >= job.timeout {
+                        return Err(LoadError::Timeout {
+                            in_flight: self.ring.in_flight(),
+                            timeout: job.timeout,
+                        });
+                    }
+                    continue;
                 }
                 self.call.read()?;
                 run.report.wakeups += 1;

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::memory::MemoryError;
 use crate::vring::VringError;
 
-pub use engine::BlkLoad;
+pub use engine::{BlkLoad, InterruptHook};
 pub use histogram::Histogram;
 pub use verify::VerifiedReport;
 
@@ -243,6 +243,10 @@ pub enum LoadError {
     Io(#[from] std::io::Error),
     #[error("the device completed none of {in_flight} request(s) in flight within {timeout:?}")]
     Timeout { in_flight: u16, timeout: Duration },
+    /// The interrupt hook asked to stop (requests may still be in flight: the next run
+    /// refuses to start).
+    #[error("the run was interrupted")]
+    Interrupted,
 }
 
 #[cfg(test)]

@@ -280,3 +280,50 @@ fn a_silent_device_times_out() {
         LoadError::Timeout { in_flight: 1, .. }
     ));
 }
+
+#[test]
+fn the_interrupt_hook_stops_a_run_busy_or_waiting() {
+    use std::sync::atomic::AtomicUsize;
+    // A busy device: asked every 100 ms, the third answer stops the run.
+    let mut r = rig(false, 8, 4096, false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    r.load.set_interrupt(Some(Box::new(move || {
+        c.fetch_add(1, Ordering::Relaxed) >= 2
+    })));
+    let mut j = job(Rw::RandRead, 8);
+    j.max_ios = None;
+    j.duration = Some(Duration::from_secs(30));
+    let t = std::time::Instant::now();
+    assert!(matches!(r.load.run(&j), Err(LoadError::Interrupted)));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+
+    // A silent device: the wait is cut into slices, so the hook is asked long before the
+    // 30 s timeout.
+    let mem = GuestMemory::allocate(&[(0, 1 << 20)]).unwrap();
+    let mut load = BlkLoad::new(
+        mem,
+        RingLayout::split_at(QUEUE, 0).unwrap(),
+        true,
+        EventFd::new(false).unwrap(),
+        EventFd::new(false).unwrap(),
+        vec![Buffers {
+            meta: 0x8000,
+            data: 0x9000,
+        }],
+        4096,
+        4096,
+    )
+    .unwrap();
+    load.set_interrupt(Some(Box::new(|| true)));
+    let mut j = job(Rw::Read, 1);
+    j.timeout = Duration::from_secs(30);
+    let t = std::time::Instant::now();
+    assert!(matches!(load.run(&j), Err(LoadError::Interrupted)));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The abandoned request keeps the next run from starting on a dirty ring.
+    load.set_interrupt(None);
+    let e = load.run(&job(Rw::Read, 1)).unwrap_err();
+    assert!(e.to_string().contains("still in flight"), "{e}");
+}
