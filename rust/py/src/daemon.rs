@@ -337,6 +337,7 @@ struct Running {
 pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
     stall_timeout: Duration,
+    poll: Duration,
     stats: Mutex<Option<Arc<DaemonStats>>>,
     running: Mutex<Option<Running>>,
     stopper: Mutex<Option<Stopper>>,
@@ -347,8 +348,8 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (device, *, stall_timeout = 5.0))]
-    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0))]
+    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64, poll_us: u64) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
@@ -361,6 +362,7 @@ impl PyDaemon {
         Ok(PyDaemon {
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
+            poll: Duration::from_micros(poll_us),
             stats: Mutex::new(None),
             running: Mutex::new(None),
             stopper: Mutex::new(None),
@@ -378,7 +380,8 @@ impl PyDaemon {
         }
         let daemon = Daemon::new(self.device.clone())
             .map_err(io_error)?
-            .with_stall_timeout(self.stall_timeout);
+            .with_stall_timeout(self.stall_timeout)
+            .with_poll(self.poll);
         let listener = if client {
             None
         } else {
@@ -514,7 +517,9 @@ impl Drop for PyDaemon {
             s.stop();
         }
         if let Some(r) = lock(&self.running).take() {
-            let _ = r.thread.join();
+            // Join without the GIL: the session's workers (a Python device's `process`,
+            // its `reset` at session end) need it to finish, and a collector holds it.
+            let _ = Python::attach(|py| py.detach(|| r.thread.join()));
         }
     }
 }

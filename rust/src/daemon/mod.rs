@@ -15,9 +15,11 @@
 
 mod device;
 mod handler;
+mod inflight;
 mod queue;
 mod server;
 
 pub use device::{transport, DeviceError, VirtioDevice};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
+pub use inflight::{InflightArea, InflightQueue};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
