@@ -94,6 +94,20 @@ class ServeProc:
         wait_for(lambda: self.fd_count() <= expected, timeout)
         return self.fd_count()
 
+    def idle_fds(self, quiet: float = 0.3, timeout: float = 10.0) -> int:
+        """The fd count once it has not changed for ``quiet`` seconds (a session that
+        just ended is still being torn down): the baseline for leak checks."""
+        deadline = time.monotonic() + timeout
+        last, since = self.fd_count(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            n = self.fd_count()
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
     def stderr(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
@@ -184,7 +198,10 @@ class BlkGuest:
         offered = fe.get_features()
         fe.negotiate(
             features=self.features(offered),
-            protocol_features=int(PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS),
+            protocol_features=int(
+                PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
+                | PF.STATUS
+            ),
         )
         fe.set_mem_table(regions_of(self.memory))
         for q in range(len(self.vqs)) if queues is None else queues:

@@ -10,6 +10,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +37,8 @@ from daemon_util import (
 from vhost.daemon import BlkDevice, Daemon
 from vhost.devices.blk import BlkDriver, BlkIOError, BlkRequest, BlkStatus
 from vhost.errors import InvalidParamError
-from vhost.user import Frontend
-from vhost.virtio import BlkFeature, VirtioFeature
+from vhost.user import Frontend, Listener, regions_of
+from vhost.virtio import BlkFeature, VirtioFeature, setup_queue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -309,3 +310,94 @@ def test_ram_disk(tmp_sock_dir: Path) -> None:
         with BlkDriver.connect(daemon.path) as d:  # kept across sessions
             assert d.read(4096, len(data)) == data
             assert d.get_id().rstrip(b"\0") == b"ram"
+
+
+def test_serve_blk_client_mode(tmp_sock_dir: Path) -> None:
+    """``--client``: the daemon connects to a listening front-end (QEMU ``server=on``),
+    serves that one session and exits 0 when it ends."""
+    image = tmp_sock_dir / "disk.img"
+    before = make_image(image, IMAGE_SIZE, seed=5)
+    sock = tmp_sock_dir / "fe.sock"
+    with Listener(sock) as listener:
+        proc = ServeProc(["blk", "--client", "--image", str(image)], sock, tmp_sock_dir / "log")
+        try:
+            fe = Frontend(listener.accept_frontend(timeout=10.0))
+            with BlkDriver(fe) as d:
+                check_roundtrip(d, image, seed=8)
+            assert proc.proc.wait(10) == 0, proc.stderr()
+            assert "stopped after 1 session" in proc.stderr()
+        finally:
+            proc.close()
+    assert image.read_bytes() != before
+
+
+def test_serve_blk_client_waits_for_the_frontend(tmp_sock_dir: Path) -> None:
+    """Started before the front-end listens, the client retries until it appears."""
+    image = tmp_sock_dir / "disk.img"
+    make_image(image, IMAGE_SIZE, seed=None)
+    sock = tmp_sock_dir / "late.sock"
+    proc = ServeProc(["blk", "--client", "--image", str(image)], sock, tmp_sock_dir / "log")
+    try:
+        time.sleep(0.3)
+        assert proc.alive()
+        with Listener(sock) as listener:
+            fe = Frontend(listener.accept_frontend(timeout=10.0))
+            with BlkDriver(fe) as d:
+                d.write(0, b"\x07" * SECTOR)
+        assert proc.proc.wait(10) == 0
+        assert image.read_bytes()[:SECTOR] == b"\x07" * SECTOR
+    finally:
+        proc.close()
+
+
+def test_kick_while_disabled_is_served_on_enable(tmp_sock_dir: Path) -> None:
+    """D6: a request made available (and kicked) while its ring is disabled waits, and is
+    served when the ring is enabled again."""
+    with served(tmp_sock_dir, "inproc", queues=2) as (sock, image):
+        guest = BlkGuest(2)
+        with Frontend.connect(sock) as fe:
+            guest.attach(fe)
+            fe.set_vring_enable(0, False)
+            guest.add(0, T_OUT, 1, out=b"\x0d" * SECTOR)
+            guest.kick(0, force=True)
+            time.sleep(0.3)
+            assert guest.vqs[0].poll_used() == []
+            assert image.read_bytes()[SECTOR : 2 * SECTOR] != b"\x0d" * SECTOR
+            assert guest.write(1, 4096, b"\x0e" * SECTOR) == S_OK  # the other ring runs
+            fe.set_vring_enable(0, True)
+            ((r, _),) = guest.reap(0, 1)
+            assert (r.status, r.used_len) == (S_OK, 1)
+        guest.close()
+        assert image.read_bytes()[SECTOR : 2 * SECTOR] == b"\x0d" * SECTOR
+
+
+@pytest.mark.parametrize("how", ["reset-device", "status-0"])
+def test_reset_then_new_rings_in_the_same_session(tmp_sock_dir: Path, how: str) -> None:
+    """After RESET_DEVICE (or the driver writing status 0) the front-end sets everything
+    up again, with new memory and fresh rings, and I/O works on the same connection."""
+    with served(tmp_sock_dir, "inproc", queues=2) as (sock, image):
+        first = BlkGuest(2)
+        with Frontend.connect(sock) as fe:
+            first.attach(fe)
+            assert first.write(0, 0, b"\x01" * SECTOR) == S_OK
+            if how == "reset-device":
+                fe.reset_device()
+            else:
+                fe.set_status(0xF)
+                fe.set_status(0)
+            second = BlkGuest(2, packed=True)
+            fe.set_features(second.features(fe.get_features()))
+            fe.set_mem_table(regions_of(second.memory))
+            for q in range(2):
+                setup_queue(fe, q, second.memory, second.vqs[q], second.kicks[q],
+                            second.calls[q])
+            assert second.write(1, SECTOR, b"\x02" * SECTOR) == S_OK
+            assert second.read(0, 0, 2 * SECTOR) == (S_OK, b"\x01" * SECTOR + b"\x02" * SECTOR)
+            # The old rings are gone: a kick on them is not served.
+            first.add(0, T_OUT, 2, out=b"\x03" * SECTOR)
+            first.kick(0, force=True)
+            time.sleep(0.2)
+            assert first.vqs[0].poll_used() == []
+        first.close()
+        second.close()
+        assert image.read_bytes()[2 * SECTOR : 3 * SECTOR] != b"\x03" * SECTOR

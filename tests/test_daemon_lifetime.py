@@ -40,6 +40,7 @@ from vhost.codes import FrontendRequest as Req
 from vhost.daemon import BlkDevice, Daemon
 from vhost.devices.blk import BlkDriver
 from vhost.devices.blkdev import PythonBlkDevice
+from vhost.errors import InvalidParamError
 from vhost.user import Frontend, regions_of
 from vhost.virtio import setup_queue
 
@@ -311,8 +312,7 @@ def test_j6_thousand_connect_close_cycles(tmp_sock_dir: Path, image: Path) -> No
     proc = ServeProc(["blk", "--image", str(image)], tmp_sock_dir / "s", tmp_sock_dir / "log")
     try:
         io_works(proc.socket_path)
-        base = proc.settle_fds(1 << 30)
-        base = proc.settle_fds(base)
+        base = proc.idle_fds()
         base_threads = proc.threads()
         for i in range(1000):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -438,4 +438,112 @@ def test_j7_signal_stops_serve_cleanly(
     finally:
         if drv is not None:
             drv.close()
+        proc.close()
+
+
+WAIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from vhost.daemon import BlkDevice, Daemon
+
+    daemon = Daemon(BlkDevice.ram(1 << 20), sys.argv[1]).start()
+    print("ready", flush=True)
+    try:
+        daemon.wait()  # no timeout: only a stop, or Ctrl-C, ends it
+    except KeyboardInterrupt:
+        daemon.stop()
+        print("interrupted", daemon.running, flush=True)
+    """
+)
+
+
+def test_j7_ctrl_c_interrupts_a_blocking_wait(tmp_sock_dir: Path) -> None:
+    path = tmp_sock_dir / "w.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAIT_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert out == "interrupted False\n"
+        assert proc.returncode == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_daemon_restarts_on_the_same_path(tmp_sock_dir: Path, image: Path) -> None:
+    daemon = Daemon(BlkDevice(image, serial="life"), tmp_sock_dir / "re.sock")
+    assert not daemon.running
+    for _ in range(3):
+        daemon.start()
+        assert daemon.running
+        with pytest.raises(InvalidParamError):
+            daemon.start()  # already running
+        io_works(daemon.path)
+        daemon.stop()
+        assert not daemon.running
+        assert not os.path.exists(daemon.path)
+    assert daemon.sessions_started == 1  # counters belong to the latest start
+
+
+def test_frontend_that_never_reads_replies_is_dropped(tmp_sock_dir: Path, image: Path) -> None:
+    """Replies pile up in a front-end that stops reading: the daemon's send times out after
+    ``stall_timeout`` and that session ends, instead of blocking the daemon for good."""
+    daemon = start_daemon(tmp_sock_dir, image, stall_timeout=0.5)
+    try:
+        s = hostile.connect(daemon.path)
+        s.setblocking(False)
+        burst = hostile.message(Req.GET_FEATURES) * 100
+        deadline = time.monotonic() + 10
+        while daemon.sessions_ended == 0 and time.monotonic() < deadline:
+            try:
+                s.send(burst)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        session_over(daemon, 1)
+        assert daemon.last_error is not None
+        s.close()
+        io_works(daemon.path)
+    finally:
+        daemon.stop()
+
+
+def maps_of(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_a10_sessions_and_mem_tables_leave_no_mappings(tmp_sock_dir: Path, image: Path) -> None:
+    """Many full sessions (memory mapped, a worker per queue) and a session that replaces
+    its memory table 200 times: the daemon's mappings, fds and threads stay flat."""
+    proc = ServeProc(["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s",
+                     tmp_sock_dir / "log")
+    try:
+        io_works(proc.socket_path)
+        base_fds = proc.idle_fds()
+        assert wait_for(lambda: proc.threads() == 2)  # main + the serving thread
+        base_maps = maps_of(proc.pid)
+        for i in range(30):
+            io_works(proc.socket_path, i * 8192)
+        guest = BlkGuest(2)
+        with Frontend.connect(proc.socket_path, timeout=10.0) as fe:
+            guest.attach(fe)
+            mapped = maps_of(proc.pid)
+            assert mapped > base_maps
+            for _ in range(200):
+                fe.set_mem_table(regions_of(guest.memory))
+            assert maps_of(proc.pid) <= mapped
+            assert guest.write(1, 0, b"\x33" * 4096) == S_OK
+        guest.close()
+        assert proc.settle_fds(base_fds) == base_fds, proc.fd_targets()
+        assert wait_for(lambda: proc.threads() == 2)
+        assert wait_for(lambda: maps_of(proc.pid) <= base_maps), maps_of(proc.pid)
+    finally:
         proc.close()

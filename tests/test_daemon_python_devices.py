@@ -231,6 +231,46 @@ def test_batch_misuse_raises_typed_errors(tmp_sock_dir: Path) -> None:
         assert len(batch) == 3
 
 
+class Foreign(Device):
+    """Keeps the chains of its first batch and, later, completes one of them again from
+    another batch (a device bug): the batch must refuse it, not hand the ring a head that
+    is not in flight."""
+
+    device_type = 4
+
+    def __init__(self) -> None:
+        self.old: list[_core.DescriptorChain] = []
+        self.errors: list[type[BaseException]] = []
+
+    def process(self, queue: int, batch: _core.Batch) -> None:
+        chains = list(batch)
+        if not self.old:
+            self.old = chains
+        else:
+            mine = {c.head for c in chains}
+            foreign = [c for c in self.old if c.head not in mine]
+            try:
+                batch.complete(foreign[0], 2)
+            except VhostError as exc:
+                self.errors.append(type(exc))
+        for c in chains:
+            batch.complete(c, 1)
+
+
+def test_completing_a_chain_of_another_batch_is_refused(tmp_sock_dir: Path) -> None:
+    dev = Foreign()
+    with Daemon(dev, tmp_sock_dir / "f.sock") as daemon, guest_of(daemon) as g:
+        offer(g, [8, 8, 8])
+        assert sorted(r.used_len for r in used(g, 3)) == [1, 1, 1]
+        offer(g, [8])
+        assert [r.used_len for r in used(g, 1)] == [1]  # its own chain, once
+        assert dev.errors == [InvalidParamError]
+        offer(g, [8])  # the queue still works
+        assert [r.used_len for r in used(g, 1)] == [1]
+        assert not g.vqs[0].broken
+        assert daemon.completed == [5]
+
+
 class TwoQueues(Device):
     """Two queues; records which queue and thread served each batch."""
 

@@ -18,6 +18,8 @@ mod handler;
 mod inflight;
 mod queue;
 mod server;
+#[cfg(test)]
+mod tests;
 
 pub use device::{transport, DeviceError, VirtioDevice};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
