@@ -39,7 +39,7 @@ from daemon_util import (
 from vhost import _core
 from vhost.codes import FrontendRequest as Req
 from vhost.daemon import BlkDevice, Daemon
-from vhost.devices.blk import BlkDriver
+from vhost.devices.blk import BlkDriver, BlkRequest
 from vhost.devices.blkdev import PythonBlkDevice
 from vhost.errors import InvalidParamError
 from vhost.user import Frontend, regions_of
@@ -575,3 +575,59 @@ def test_stop_from_another_thread_than_serve_forever(tmp_sock_dir: Path) -> None
     thread.join(5)
     assert not thread.is_alive()
     assert not daemon.running
+
+
+@pytest.mark.parametrize("python", [False, True], ids=["native", "python"])
+def test_j5_control_requests_under_sustained_io(
+    tmp_sock_dir: Path, image: Path, python: bool
+) -> None:
+    """A driver thread keeps 48 writes in flight while the main thread sends control
+    requests on the same connection: each is answered (no starvation behind the busy
+    ring, no deadlock) and every write lands."""
+    args = ["blk", "--image", str(image), *(["--python"] if python else [])]
+    proc = ServeProc(args, tmp_sock_dir / "s", tmp_sock_dir / "log")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: dict[int, bytes] = {}
+    try:
+        d = BlkDriver.connect(proc.socket_path, slots=64, queue_size=256, timeout=10.0)
+
+        def pump() -> None:
+            try:
+                n = 0
+                first = {i: bytes([i]) * 4096 for i in range(48)}
+                sent = d.submit([BlkRequest.write(i * 4096, b) for i, b in first.items()])
+                tags = dict(zip(sent, first.items(), strict=True))
+                while tags:
+                    for c in d.wait(min_completions=1):
+                        c.check()
+                        slot, data = tags.pop(c.tag)
+                        written[slot] = data
+                        if not stop.is_set():
+                            n += 1
+                            new = bytes([(slot + n) % 256]) * 4096
+                            (tag,) = d.submit([BlkRequest.write(slot * 4096, new)])
+                            tags[tag] = (slot, new)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            for _ in range(20):
+                d.frontend.set_mem_table(regions_of(d.memory))
+                assert d.frontend.get_features() & (1 << 32)
+                assert d.frontend.get_config(0, 8) == (IMAGE_SIZE // SECTOR).to_bytes(8, "little")
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert errors == []
+        disk = image.read_bytes()
+        for slot, data in written.items():
+            assert disk[slot * 4096 : slot * 4096 + 4096] == data
+            assert d.read(slot * 4096, 4096) == data
+        d.close()
+    finally:
+        proc.close()
