@@ -451,8 +451,8 @@ WAIT_SCRIPT = textwrap.dedent(
     from vhost.daemon import BlkDevice, Daemon
 
     daemon = Daemon(BlkDevice.ram(1 << 20), sys.argv[1]).start()
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)
         daemon.wait()  # no timeout: only a stop, or Ctrl-C, ends it
     except KeyboardInterrupt:
         daemon.stop()
