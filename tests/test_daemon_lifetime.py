@@ -634,3 +634,24 @@ def test_j5_control_requests_under_sustained_io(
         d.close()
     finally:
         proc.close()
+
+
+def test_client_mode_stopped_before_the_frontend_appears(tmp_sock_dir: Path) -> None:
+    """A client-mode daemon still retrying its connection stops cleanly: no error for a
+    front-end that never came (it was asked to stop)."""
+    daemon = Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "nobody.sock", client=True).start()
+    time.sleep(0.3)  # a few connection attempts
+    assert daemon.running
+    daemon.stop()
+    assert not daemon.running
+    assert daemon.sessions_started == 0
+
+
+def test_serve_client_sigterm_before_the_frontend_appears(tmp_sock_dir: Path, image: Path) -> None:
+    proc = ServeProc(["blk", "--client", "--image", str(image)], tmp_sock_dir / "nobody.sock",
+                     tmp_sock_dir / "log")
+    try:
+        assert proc.terminate() == 0, proc.stderr()
+        assert "Traceback" not in proc.stderr()
+    finally:
+        proc.close()
