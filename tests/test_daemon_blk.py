@@ -401,3 +401,25 @@ def test_reset_then_new_rings_in_the_same_session(tmp_sock_dir: Path, how: str) 
         first.close()
         second.close()
         assert image.read_bytes()[2 * SECTOR : 3 * SECTOR] != b"\x03" * SECTOR
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "missing.img"], "No such file"),
+        (["--image", "disk.img", "--queues", "0"], "at least one queue"),
+        (["--image", "disk.img", "--queue-size", "2"], "at least 3 entries"),
+        (["--image", "disk.img", "--serial", "s" * 21], "at most 20 bytes"),
+    ],
+    ids=["missing-image", "no-queue", "tiny-queue", "long-serial"],
+)
+def test_serve_blk_bad_arguments(tmp_sock_dir: Path, args: list[str], message: str) -> None:
+    make_image(tmp_sock_dir / "disk.img", MiB)
+    out = subprocess.run(
+        [sys.executable, "-m", "vhost", "serve", "blk", "--socket", "blk.sock", *args],
+        cwd=tmp_sock_dir, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_sock_dir / "blk.sock").exists()
