@@ -227,6 +227,12 @@ def test_batch_misuse_raises_typed_errors(tmp_sock_dir: Path) -> None:
         batch, chain = dev.kept
         with pytest.raises(ClosedError):
             batch.complete(chain, 0)  # process has returned: the batch is closed
+        # Its buffers belong to the driver again: writing into them would corrupt them.
+        addr = chain.segments[0][0]
+        g.memory.write(addr, b"\x11" * 8)
+        with pytest.raises(ClosedError):
+            batch.write(chain, b"late")
+        assert g.memory.read(addr, 8) == b"\x11" * 8
         assert issubclass(ClosedError, VhostError)
         assert len(batch) == 3
 
