@@ -182,22 +182,14 @@ impl PyBatch {
         data: &Bound<'_, PyAny>,
         offset: usize,
     ) -> PyResult<usize> {
+        // Once returned, the buffers are the driver's again: a late write would corrupt them.
+        self.check_chain(&chain)?;
         write_into_chain(py, &self.mem, &chain, data, offset)
     }
 
     /// Returns `chain` to the driver with `written` bytes written into it.
     fn complete(&self, chain: PyRef<'_, PyDescriptorChain>, written: u32) -> PyResult<()> {
-        if !self.open.load(Ordering::SeqCst) {
-            return Err(closed("this batch was already returned to the ring"));
-        }
-        // A chain kept from an earlier batch is not in flight any more (or its head now
-        // names another buffer): completing it would corrupt the ring.
-        if !self.chains.iter().any(|c| c.as_ptr() == chain.as_ptr()) {
-            return Err(invalid_param(format!(
-                "chain {} is not part of this batch",
-                chain.head
-            )));
-        }
+        self.check_chain(&chain)?;
         if written > chain.writable_len {
             return Err(invalid_param(format!(
                 "written {written} exceeds the chain's {} writable bytes",
@@ -217,6 +209,23 @@ impl PyBatch {
 
     fn __repr__(&self) -> String {
         format!("<Batch chains={}>", self.chains.len())
+    }
+}
+
+impl PyBatch {
+    /// The batch is still open and `chain` is one of its own: a chain kept from an earlier
+    /// batch is not in flight any more (or its head now names another buffer).
+    fn check_chain(&self, chain: &PyRef<'_, PyDescriptorChain>) -> PyResult<()> {
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(closed("this batch was already returned to the ring"));
+        }
+        if !self.chains.iter().any(|c| c.as_ptr() == chain.as_ptr()) {
+            return Err(invalid_param(format!(
+                "chain {} is not part of this batch",
+                chain.head
+            )));
+        }
+        Ok(())
     }
 }
 
