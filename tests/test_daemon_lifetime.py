@@ -655,3 +655,48 @@ def test_serve_client_sigterm_before_the_frontend_appears(tmp_sock_dir: Path, im
         assert "Traceback" not in proc.stderr()
     finally:
         proc.close()
+
+
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from vhost.devices.blk import BlkDriver, BlkRequest
+
+    d = BlkDriver.connect(sys.argv[1])
+    d.write(0, b"k" * 4096)
+    print("go", flush=True)
+    while True:  # 32 writes in flight, forever
+        d.submit([BlkRequest.write(i * 4096, b"z" * 4096) for i in range(32)])
+        d.wait(min_completions=32)
+    """
+)
+
+
+def test_j1_frontend_killed_mid_io(tmp_sock_dir: Path, image: Path) -> None:
+    """A front-end process killed with requests in flight (QEMU dying): the daemon drops
+    its session, releases its fds, mappings and workers, and serves the next one."""
+    proc = ServeProc(["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s",
+                     tmp_sock_dir / "log")
+    try:
+        io_works(proc.socket_path)
+        base_fds = proc.idle_fds()
+        assert wait_for(lambda: proc.threads() == 2)
+        for _ in range(3):
+            child = subprocess.Popen(
+                [sys.executable, "-c", KILLED_SCRIPT, str(proc.socket_path)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            assert child.stdout is not None
+            assert child.stdout.readline() == "go\n"
+            time.sleep(0.1)
+            assert proc.threads() == 4  # the serving thread's session: two queue workers
+            child.kill()
+            child.wait()
+            child.stdout.close()
+            assert proc.settle_fds(base_fds) == base_fds, proc.fd_targets()
+            assert wait_for(lambda: proc.threads() == 2)
+            assert wait_for(lambda: guest_maps_of(proc.pid) == 0)
+            io_works(proc.socket_path, 64 * 4096)
+        assert proc.alive()
+    finally:
+        proc.close()
