@@ -700,3 +700,38 @@ def test_j1_frontend_killed_mid_io(tmp_sock_dir: Path, image: Path) -> None:
         assert proc.alive()
     finally:
         proc.close()
+
+
+def test_c7_region_holding_live_rings_removed_and_added_back(
+    tmp_sock_dir: Path, image: Path
+) -> None:
+    """REM_MEM_REG of the region holding a live ring: nothing is processed from memory the
+    daemon no longer has (no crash, no use after unmap); once the region is back and the
+    ring handed over again from its base, the request waiting in it is served."""
+    proc = ServeProc(["blk", "--image", str(image)], tmp_sock_dir / "s", tmp_sock_dir / "log")
+    guest = BlkGuest(1)
+    try:
+        with Frontend.connect(proc.socket_path, timeout=10.0) as fe:
+            guest.attach(fe)
+            assert guest.write(0, 0, b"\x0a" * SECTOR) == S_OK
+            (region,) = regions_of(guest.memory)
+            fe.remove_mem_region(region)
+            assert wait_for(lambda: guest_maps_of(proc.pid) == 0)
+            guest.add(0, T_OUT, 1, out=b"\x0b" * SECTOR)
+            guest.kick(0, force=True)
+            time.sleep(0.3)
+            assert guest.vqs[0].poll_used() == []
+            assert proc.alive()
+            fe.add_mem_region(region)
+            base = fe.get_vring_base(0)
+            assert base == 1  # the waiting request was never popped
+            setup_queue(fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0],
+                        base=base)
+            ((r, _),) = guest.reap(0, 1)
+            assert r.status == S_OK
+            assert guest.write(0, 2 * SECTOR, b"\x0c" * SECTOR) == S_OK
+        disk = image.read_bytes()
+        assert disk[: 3 * SECTOR] == b"\x0a" * SECTOR + b"\x0b" * SECTOR + b"\x0c" * SECTOR
+    finally:
+        guest.close()
+        proc.close()
