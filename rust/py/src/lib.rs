@@ -10,7 +10,9 @@ mod eventfd;
 mod fd;
 mod frontend;
 mod handler;
+mod kern;
 mod memory;
+mod vdpa;
 mod vring;
 
 #[pymodule]
@@ -27,6 +29,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyDescriptorChain>()?;
     m.add_class::<vring::PyDeviceQueue>()?;
     m.add_class::<vring::PyVirtqueue>()?;
+    m.add_class::<kern::PyKernelDevice>()?;
+    m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
