@@ -24,7 +24,8 @@ PY_DEV_TOOLS=(
     "ruff>=0.5"
     "hypothesis>=6"
 )
-APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc)
+APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc
+    busybox-static cpio kmod xz-utils iproute2)   # 2nd line: the test guest (build_guest.sh)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -97,6 +98,18 @@ if [[ ! -x "$VFSD" ]]; then
         cargo install --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$VFSD_ROOT"
     rm -rf "$HOME/.cache/pyvhost/virtiofsd-target"
     log "virtiofsd built in $((SECONDS - start)) s"
+fi
+
+# --- 2b. test guest: 6.12 kernel + busybox initramfs (tests/guest.py) -----------
+# scripts/build_guest.sh does nothing when ~/.cache/pyvhost/guest/STAMP matches
+# (the hash of build_guest.sh and the kernel package); otherwise it downloads
+# the bookworm-backports kernel .deb (kept in the cache) and rebuilds (~20 s).
+if [[ $(id -u) -eq 0 ]]; then
+    ensure_backports_source   # no-op when present; build_guest.sh runs apt-get update if needed
+fi
+if ! bash "$ROOT/scripts/build_guest.sh"; then
+    log "ERROR: scripts/build_guest.sh failed: guest tests will fail until it succeeds"
+    exit 1
 fi
 
 # --- 3. Python virtual environment ---------------------------------------------

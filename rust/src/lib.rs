@@ -9,6 +9,8 @@
 #![warn(missing_debug_implementations)]
 
 pub mod backend;
+pub mod daemon;
+pub mod devices;
 pub mod kern;
 pub mod memory;
 pub mod sys;

@@ -1,4 +1,4 @@
-"""The command line: ``python -m vhost {probe,demo,blk} ...``."""
+"""The command line: ``python -m vhost {probe,demo,blk,serve} ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import VhostError
-from . import blk, demo, probe
+from . import blk, demo, probe, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_parser(sub)
     demo.add_parser(sub)
     blk.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod backend;
 mod channel;
+mod daemon;
 mod errors;
 mod eventfd;
 mod fd;
@@ -29,6 +30,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyDescriptorChain>()?;
     m.add_class::<vring::PyDeviceQueue>()?;
     m.add_class::<vring::PyVirtqueue>()?;
+    m.add_class::<daemon::PyBlkDevice>()?;
+    m.add_class::<daemon::PyBatch>()?;
+    m.add_class::<daemon::PyDaemon>()?;
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

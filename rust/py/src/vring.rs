@@ -55,17 +55,17 @@ fn to_u32(v: i64, what: &str) -> PyResult<u32> {
 #[pyclass(module = "vhost._core", name = "DescriptorChain", frozen)]
 pub struct PyDescriptorChain {
     #[pyo3(get)]
-    head: u16,
+    pub(crate) head: u16,
     #[pyo3(get)]
     segments: Vec<SegmentTuple>,
     #[pyo3(get)]
     readable_len: u32,
     #[pyo3(get)]
-    writable_len: u32,
+    pub(crate) writable_len: u32,
 }
 
 impl PyDescriptorChain {
-    fn from_core(c: CoreChain) -> Self {
+    pub(crate) fn from_core(c: CoreChain) -> Self {
         PyDescriptorChain {
             head: c.head,
             readable_len: c.readable_len(),
@@ -246,33 +246,8 @@ impl PyDeviceQueue {
         offset: usize,
         length: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let total = chain.readable_len as usize;
-        let start = offset.min(total);
-        let want = length.map_or(total - start, |n| n.min(total - start));
         let mem = lock(&self.inner).mem.clone();
-        // A hostile chain can repeat the same memory up to 4 GiB: bound the allocation by
-        // what is mapped, as GuestMemory.read does, so it is an error and not an abort.
-        if want as u64 > mem.total_size() {
-            return Err(vhost_core::memory::MemoryError::OutOfRange {
-                addr: chain.segments.first().map_or(0, |s| s.0),
-                len: want as u64,
-            })
-            .py_err();
-        }
-        let mut out = vec![0u8; want];
-        let segs = chain.segments.iter().filter(|s| !s.2).map(|s| (s.0, s.1));
-        let copy = |mem: &CoreMemory| {
-            walk_segments(segs, start, want, |gpa, at, n| {
-                mem.read(gpa, &mut out[at..at + n])
-            })
-        };
-        if want > DETACH_BYTES {
-            py.detach(|| copy(&mem))
-        } else {
-            copy(&mem)
-        }
-        .py_err()?;
-        Ok(PyBytes::new(py, &out))
+        read_from_chain(py, &mem, &chain, offset, length)
     }
 
     /// Writes `data` into the chain's writable segments from `offset` on; returns the bytes
@@ -285,32 +260,8 @@ impl PyDeviceQueue {
         data: &Bound<'_, PyAny>,
         offset: usize,
     ) -> PyResult<usize> {
-        let buf = PyBuffer::<u8>::get(data)?;
-        if !buf.is_c_contiguous() {
-            return Err(invalid_param("write_chain needs a contiguous buffer"));
-        }
-        let total = chain.writable_len as usize;
-        let start = offset.min(total);
-        let want = buf.len_bytes().min(total - start);
-        let ptr = buf.buf_ptr() as usize;
         let mem = lock(&self.inner).mem.clone();
-        let segs = chain.segments.iter().filter(|s| s.2).map(|s| (s.0, s.1));
-        let copy = |mem: &CoreMemory| {
-            // SAFETY: the buffer export (held by `buf`) pins `len_bytes()` >= `want`
-            // contiguous bytes for as long as `buf` lives, which outlasts this call; they
-            // are only read.
-            let src = unsafe { std::slice::from_raw_parts(ptr as *const u8, want) };
-            walk_segments(segs, start, want, |gpa, at, n| {
-                mem.write(gpa, &src[at..at + n])
-            })
-        };
-        if want > DETACH_BYTES {
-            py.detach(|| copy(&mem))
-        } else {
-            copy(&mem)
-        }
-        .py_err()?;
-        Ok(want)
+        write_into_chain(py, &mem, &chain, data, offset)
     }
 
     /// Returns chain `head` as used, with `length` bytes written into it.
@@ -414,6 +365,78 @@ impl PyDeviceQueue {
             self.size
         )
     }
+}
+
+/// Copies up to `length` (default: all) of `chain`'s readable bytes from `offset` on.
+pub(crate) fn read_from_chain<'py>(
+    py: Python<'py>,
+    mem: &CoreMemory,
+    chain: &PyDescriptorChain,
+    offset: usize,
+    length: Option<usize>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let total = chain.readable_len as usize;
+    let start = offset.min(total);
+    let want = length.map_or(total - start, |n| n.min(total - start));
+    // A hostile chain can repeat the same memory up to 4 GiB: bound the allocation by
+    // what is mapped, as GuestMemory.read does, so it is an error and not an abort.
+    if want as u64 > mem.total_size() {
+        return Err(vhost_core::memory::MemoryError::OutOfRange {
+            addr: chain.segments.first().map_or(0, |s| s.0),
+            len: want as u64,
+        })
+        .py_err();
+    }
+    let mut out = vec![0u8; want];
+    let segs = chain.segments.iter().filter(|s| !s.2).map(|s| (s.0, s.1));
+    let copy = |mem: &CoreMemory| {
+        walk_segments(segs, start, want, |gpa, at, n| {
+            mem.read(gpa, &mut out[at..at + n])
+        })
+    };
+    if want > DETACH_BYTES {
+        py.detach(|| copy(mem))
+    } else {
+        copy(mem)
+    }
+    .py_err()?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Writes `data` into `chain`'s writable segments from `offset` on; returns the bytes
+/// written (what fits).
+pub(crate) fn write_into_chain(
+    py: Python<'_>,
+    mem: &CoreMemory,
+    chain: &PyDescriptorChain,
+    data: &Bound<'_, PyAny>,
+    offset: usize,
+) -> PyResult<usize> {
+    let buf = PyBuffer::<u8>::get(data)?;
+    if !buf.is_c_contiguous() {
+        return Err(invalid_param("write_chain needs a contiguous buffer"));
+    }
+    let total = chain.writable_len as usize;
+    let start = offset.min(total);
+    let want = buf.len_bytes().min(total - start);
+    let ptr = buf.buf_ptr() as usize;
+    let segs = chain.segments.iter().filter(|s| s.2).map(|s| (s.0, s.1));
+    let copy = |mem: &CoreMemory| {
+        // SAFETY: the buffer export (held by `buf`) pins `len_bytes()` >= `want`
+        // contiguous bytes for as long as `buf` lives, which outlasts this call; they
+        // are only read.
+        let src = unsafe { std::slice::from_raw_parts(ptr as *const u8, want) };
+        walk_segments(segs, start, want, |gpa, at, n| {
+            mem.write(gpa, &src[at..at + n])
+        })
+    };
+    if want > DETACH_BYTES {
+        py.detach(|| copy(mem))
+    } else {
+        copy(mem)
+    }
+    .py_err()?;
+    Ok(want)
 }
 
 /// Calls `f(gpa, at, n)` for each piece of the byte range [start, start+want) of the

@@ -252,8 +252,9 @@ impl GuestMemory {
 
     /// Validates that [gpa, gpa+len) is fully backed, then calls `f(host, done, n)` for each
     /// piece, where `done` is the number of bytes already handled. Nothing is called unless
-    /// the whole range is valid.
-    fn for_each_chunk(
+    /// the whole range is valid. Native devices use it to hand guest buffers straight to
+    /// `preadv`/`pwritev`; the pointers stay valid while `self` (a snapshot) lives.
+    pub fn for_each_chunk(
         &self,
         gpa: u64,
         len: usize,

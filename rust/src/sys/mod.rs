@@ -1,5 +1,5 @@
 //! Thin, owning wrappers over the Linux syscalls the rest of the crate needs: eventfds,
-//! sealed memfds, shared mappings and `SCM_RIGHTS` fd passing.
+//! sealed memfds, shared mappings, poll and `SCM_RIGHTS` fd passing.
 //!
 //! Every fd handed out here is close-on-exec, so a Python `subprocess` started with
 //! `close_fds=False` never inherits one (ADVERSARIAL B8). Every fd is an [`OwnedFd`] as soon
@@ -10,11 +10,13 @@
 pub mod eventfd;
 pub mod memfd;
 pub mod mmap;
+pub mod poll;
 pub mod scm;
 
 pub use eventfd::EventFd;
 pub use memfd::{dup_cloexec, file_size, memfd_create};
 pub use mmap::Mapping;
+pub use poll::poll_many;
 pub use scm::{poll_readable, recv_with_fds, send_all, send_with_fds, Received, MAX_FDS};
 
 use std::io;

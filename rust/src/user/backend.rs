@@ -610,7 +610,10 @@ impl BackendSession {
             }
             R::SetVringBase(VringState { index, num }) => {
                 self.check_index(index, h)?;
-                if num > 0xffff {
+                // A packed ring's base also carries wrap counters and the used index in
+                // the upper bits (the layout QEMU and Linux use); a split base is 16 bits.
+                let packed = self.state.acked_features & VIRTIO_F_RING_PACKED != 0;
+                if num > 0xffff && !packed {
                     return Err(Error::InvalidParam(format!(
                         "vring base {num:#x} does not fit 16 bits"
                     )));

@@ -13,6 +13,9 @@ pub enum VringError {
     /// Split: not a power of two in 1..=32768; packed: not in 1..=32768 (ADVERSARIAL D1).
     #[error("invalid queue size {0}")]
     InvalidSize(u32),
+    /// A SET_VRING_BASE value that does not fit the ring format (a split base above 16 bits).
+    #[error("ring base {0:#x} does not fit the ring format")]
+    InvalidBase(u32),
     /// A ring area is not aligned as the spec requires (D3).
     #[error("{area} address {addr:#x} is not {align}-byte aligned")]
     Misaligned {

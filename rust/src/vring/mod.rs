@@ -32,11 +32,13 @@ mod chain;
 mod error;
 pub mod event;
 mod packed;
+mod queue;
 mod split;
 
 pub use chain::{DescriptorChain, Segment};
 pub use error::{Result, VringError};
 pub use packed::{PackedDevice, PackedDriver};
+pub use queue::DeviceQueue;
 pub use split::{SplitDevice, SplitDriver};
 
 use crate::memory::{GuestMemory, MemoryError};

@@ -128,6 +128,14 @@ impl SplitDevice {
         self.signalled_used = None;
     }
 
+    /// Takes the next used index from the ring's own `used.idx`: after a reconnect the
+    /// driver's view is the truth (ADVERSARIAL J2).
+    pub fn sync_used_from_ring(&mut self, mem: &GuestMemory) -> Result<()> {
+        let idx = mem.read_u16(self.a.used_idx())?;
+        self.set_next_used(idx);
+        Ok(())
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken
     }

@@ -1,0 +1,181 @@
+"""The back-end daemon framework: serve a virtio device to vhost-user front-ends.
+
+The daemon owns the whole vhost-user control plane (features, memory table, rings,
+config space, status, reset) and runs the data plane on one Rust thread per queue, which
+waits on the kick eventfd, pops descriptor chains in batches, hands them to the device,
+completes them and signals the call eventfd (with EVENT_IDX suppression). A device only
+says what it is and processes requests. Two kinds of device fit:
+
+- native devices in Rust, such as :class:`BlkDevice` (virtio-blk over a file or RAM);
+- devices written in Python: subclass :class:`Device` and implement :meth:`Device.process`,
+  which gets a :class:`Batch` of chains and completes them. See
+  :mod:`vhost.devices.rng` for a whole example.
+
+The daemon serves one front-end at a time and survives it: when the front-end disconnects
+or dies, that session's workers stop, its mappings and fds are released, and the next
+front-end (a restarted QEMU, or QEMU's ``reconnect``) is served::
+
+    from vhost.daemon import BlkDevice, Daemon
+
+    with Daemon(BlkDevice("disk.img", num_queues=2), "/run/blk.sock"):
+        ...  # QEMU: -chardev socket,id=c0,path=/run/blk.sock -device vhost-user-blk-pci,chardev=c0
+
+:meth:`Daemon.serve_forever` blocks until SIGINT or SIGTERM and then stops cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from abc import ABC, abstractmethod
+from types import FrameType, TracebackType
+from typing import ClassVar, Self
+
+from . import _core
+from .errors import NotSupportedError
+
+__all__ = ["Batch", "BlkDevice", "Daemon", "DescriptorChain", "Device"]
+
+Batch = _core.Batch
+BlkDevice = _core.BlkDevice
+DescriptorChain = _core.DescriptorChain
+
+
+class Device(ABC):
+    """A virtio device written in Python, served by :class:`Daemon`.
+
+    Class attributes describe the device; the daemon reads them once when it is created.
+    :meth:`process` runs on the queue's worker thread with the GIL held, once per batch of
+    chains the driver made available; every chain should be completed with
+    :meth:`Batch.complete` before it returns (chains left over are returned to the driver
+    with nothing written, and an exception is reported through
+    :func:`sys.unraisablehook`, so a bug never hangs the guest).
+    """
+
+    #: virtio device id (2 block, 4 entropy source, ...).
+    device_type: ClassVar[int]
+    #: Device-specific feature bits (the daemon adds VERSION_1, EVENT_IDX, ...).
+    features: int = 0
+    num_queues: int = 1
+    max_queue_size: int = 256
+
+    def config(self) -> bytes:
+        """The device configuration space (empty if the device has none)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """A driver write to the configuration space; refused unless overridden."""
+        raise NotSupportedError("this device has no writable configuration")
+
+    def reset(self) -> None:
+        """The front-end reset the device or went away; drop per-session state."""
+        return None
+
+    @abstractmethod
+    def process(self, queue: int, batch: _core.Batch) -> None:
+        """Handle the chains of ``batch``, popped from ``queue``."""
+
+
+class Daemon:
+    """Serves ``device`` on the vhost-user socket ``path``.
+
+    In server mode (the default) it listens on ``path``, replacing a stale socket, and
+    serves front-ends one after another; with ``client=True`` it connects to a front-end
+    listening there (QEMU ``-chardev socket,server=on``), retrying until it appears.
+
+    ``stall_timeout`` bounds how long a front-end may stall in the middle of a message
+    before its session is dropped.
+    """
+
+    def __init__(
+        self,
+        device: Device | _core.BlkDevice,
+        path: str | os.PathLike[str],
+        *,
+        client: bool = False,
+        stall_timeout: float = 5.0,
+    ) -> None:
+        self.device = device
+        self.path = os.fspath(path)
+        self.client = client
+        self._native = _core.Daemon(device, stall_timeout=stall_timeout)
+
+    def start(self) -> Self:
+        """Starts serving on a background thread and returns at once."""
+        self._native.start(self.path, client=self.client)
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stops serving (the current session is dropped cleanly) and waits for it."""
+        self._native.stop()
+        self._native.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for the daemon to finish (it only does when stopped, or in client mode
+        when its session ends); re-raises the error that ended it, if any."""
+        return self._native.wait(timeout)
+
+    def serve_forever(self) -> None:
+        """Serves until SIGINT or SIGTERM (or :meth:`stop` from another thread)."""
+        previous: signal.Handlers | None = None
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # type: ignore[assignment]
+        if not self.running:
+            self.start()
+        try:
+            while not self._native.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+            if on_main and previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    @property
+    def running(self) -> bool:
+        return self._native.running
+
+    @property
+    def sessions_started(self) -> int:
+        """Front-end sessions accepted so far."""
+        return self._native.sessions_started
+
+    @property
+    def sessions_ended(self) -> int:
+        return self._native.sessions_ended
+
+    @property
+    def active(self) -> bool:
+        """Whether a front-end is being served now."""
+        return self._native.active
+
+    @property
+    def last_error(self) -> str | None:
+        """What ended (or was refused in) the latest session, if anything."""
+        return self._native.last_error
+
+    @property
+    def completed(self) -> list[int]:
+        """Descriptor chains completed per queue in the current or last session."""
+        return self._native.completed
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Daemon {self.path!r} device={self.device!r} running={self.running}>"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,104 @@
+"""virtio-blk written in Python on the daemon framework: the Python device path.
+
+:class:`PythonBlkDevice` does what the native :class:`vhost.daemon.BlkDevice` does for
+read, write, flush and get-id, in plain Python (``os.pread``/``os.pwrite`` per request).
+It exists to measure and to show what the Python device interface costs against the
+native one (``python -m vhost serve blk --python``); use the native device to serve
+disks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from .. import _core
+from ..daemon import Device
+from ..errors import InvalidParamError
+
+__all__ = ["PythonBlkDevice"]
+
+_SECTOR = 512
+_HEADER = struct.Struct("<IIQ")
+_IN, _OUT, _FLUSH, _GET_ID = 0, 1, 4, 8
+_OK, _IOERR, _UNSUPP = b"\x00", b"\x01", b"\x02"
+_F_SEG_MAX, _F_RO, _F_BLK_SIZE, _F_FLUSH, _F_MQ = 1 << 2, 1 << 5, 1 << 6, 1 << 9, 1 << 12
+
+
+class PythonBlkDevice(Device):
+    """virtio-blk over the image file at ``path``."""
+
+    device_type = 2
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        num_queues: int = 1,
+        queue_size: int = 256,
+        readonly: bool = False,
+        serial: str = "pyvhost-py",
+    ) -> None:
+        if num_queues < 1 or queue_size < 3:
+            raise InvalidParamError("a block device needs a queue of at least 3 entries")
+        if len(serial.encode()) > 20:
+            raise InvalidParamError("the serial is at most 20 bytes")
+        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        self.capacity = os.fstat(self.fd).st_size // _SECTOR
+        self.readonly = readonly
+        self.num_queues = num_queues
+        self.max_queue_size = queue_size
+        self.serial = serial.encode().ljust(20, b"\x00")
+        self.features = _F_SEG_MAX | _F_BLK_SIZE | _F_FLUSH | _F_MQ | (_F_RO if readonly else 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def config(self) -> bytes:
+        cfg = bytearray(60)
+        struct.pack_into("<Q", cfg, 0, self.capacity)
+        struct.pack_into("<I", cfg, 12, self.max_queue_size - 2)
+        struct.pack_into("<I", cfg, 20, _SECTOR)
+        struct.pack_into("<H", cfg, 34, self.num_queues)
+        return bytes(cfg)
+
+    def process(self, queue: int, batch: _core.Batch) -> None:
+        for chain in batch:
+            data_in = chain.writable_len - 1
+            if data_in < 0:
+                batch.complete(chain, 0)
+                continue
+            status, written = self._execute(batch, chain, data_in)
+            batch.write(chain, status, data_in)
+            batch.complete(chain, written + 1)
+
+    def _execute(
+        self, batch: _core.Batch, chain: _core.DescriptorChain, data_in: int
+    ) -> tuple[bytes, int]:
+        if chain.readable_len < _HEADER.size:
+            return _IOERR, 0
+        kind, _, sector = _HEADER.unpack(batch.read(chain, 0, _HEADER.size))
+        if kind == _IN:
+            if not self._fits(sector, data_in):
+                return _IOERR, 0
+            data = os.pread(self.fd, data_in, sector * _SECTOR)
+            if len(data) != data_in:
+                return _IOERR, 0
+            return _OK, batch.write(chain, data)
+        if kind == _OUT:
+            length = chain.readable_len - _HEADER.size
+            if self.readonly or not self._fits(sector, length):
+                return _IOERR, 0
+            data = batch.read(chain, _HEADER.size)
+            if os.pwrite(self.fd, data, sector * _SECTOR) != length:
+                return _IOERR, 0
+            return _OK, 0
+        if kind == _FLUSH:
+            os.fdatasync(self.fd)
+            return _OK, 0
+        if kind == _GET_ID:
+            return _OK, batch.write(chain, self.serial[:data_in])
+        return _UNSUPP, 0
+
+    def _fits(self, sector: int, length: int) -> bool:
+        return length % _SECTOR == 0 and sector + length // _SECTOR <= self.capacity

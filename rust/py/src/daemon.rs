@@ -1,0 +1,520 @@
+//! The daemon framework for Python: `Daemon` (runs `vhost_core::daemon::Daemon` on its own
+//! thread), the native `BlkDevice`, and the adapter that lets a Python object be a device
+//! (`Batch` is what its `process` method receives).
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use vhost_core::daemon::{Daemon, DaemonStats, DeviceError, Stopper, VirtioDevice};
+use vhost_core::devices::{BlkConfig, BlkDevice};
+use vhost_core::memory::GuestMemory as CoreMemory;
+use vhost_core::user::{Listener, Result as UserResult};
+use vhost_core::vring::DescriptorChain as CoreChain;
+
+use crate::errors::{closed, invalid_param, io_error, user_error};
+use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ------------------------------------------------------------------------------------------
+// Native block device
+// ------------------------------------------------------------------------------------------
+
+/// A virtio-blk device in Rust over an image file or a RAM disk.
+#[pyclass(module = "vhost._core", name = "BlkDevice", frozen)]
+pub struct PyBlkDevice {
+    inner: Arc<BlkDevice>,
+}
+
+#[pymethods]
+impl PyBlkDevice {
+    /// Serves the image file at `path` (opened read-only when `readonly`).
+    #[new]
+    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
+    fn new(
+        path: PathBuf,
+        num_queues: u16,
+        queue_size: u16,
+        readonly: bool,
+        serial: Option<String>,
+    ) -> PyResult<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(&path)
+            .map_err(io_error)?;
+        let cfg = config(num_queues, queue_size, readonly, serial)?;
+        let inner = BlkDevice::new(file, cfg).map_err(io_error)?;
+        Ok(PyBlkDevice {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// A zero-filled RAM disk of `size` bytes.
+    #[staticmethod]
+    #[pyo3(signature = (size, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
+    fn ram(
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+        readonly: bool,
+        serial: Option<String>,
+    ) -> PyResult<Self> {
+        let cfg = config(num_queues, queue_size, readonly, serial)?;
+        let inner = BlkDevice::ram(size, cfg).map_err(io_error)?;
+        Ok(PyBlkDevice {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+
+    #[getter]
+    fn num_queues(&self) -> u16 {
+        self.inner.num_queues()
+    }
+
+    #[getter]
+    fn features(&self) -> u64 {
+        self.inner.features()
+    }
+
+    /// The virtio-blk configuration space.
+    fn config<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.config())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<BlkDevice sectors={} queues={}>",
+            self.inner.capacity(),
+            self.inner.num_queues()
+        )
+    }
+}
+
+fn config(
+    num_queues: u16,
+    queue_size: u16,
+    readonly: bool,
+    serial: Option<String>,
+) -> PyResult<BlkConfig> {
+    let serial = serial.unwrap_or_else(|| BlkConfig::default().serial);
+    if num_queues == 0 || queue_size < 3 {
+        return Err(invalid_param(
+            "a block device needs at least one queue of at least 3 entries",
+        ));
+    }
+    if serial.len() > 20 {
+        return Err(invalid_param("the serial is at most 20 bytes"));
+    }
+    Ok(BlkConfig {
+        num_queues,
+        queue_size,
+        readonly,
+        serial,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Devices written in Python
+// ------------------------------------------------------------------------------------------
+
+/// One batch of descriptor chains handed to a Python device's `process(queue, batch)`.
+/// Completions count only while `process` runs; afterwards the batch is closed.
+#[pyclass(module = "vhost._core", name = "Batch", frozen)]
+pub struct PyBatch {
+    mem: CoreMemory,
+    chains: Vec<Py<PyDescriptorChain>>,
+    done: Mutex<Vec<(u16, u32)>>,
+    open: AtomicBool,
+}
+
+#[pymethods]
+impl PyBatch {
+    fn __len__(&self) -> usize {
+        self.chains.len()
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyResult<Bound<'_, PyAny>> {
+        let py = slf.py();
+        let list = pyo3::types::PyList::new(py, slf.chains.iter().map(|c| c.clone_ref(py)))?;
+        list.into_any().try_iter().map(Bound::into_any)
+    }
+
+    /// The chains of this batch, in ring order.
+    #[getter]
+    fn chains(&self, py: Python<'_>) -> Vec<Py<PyDescriptorChain>> {
+        self.chains.iter().map(|c| c.clone_ref(py)).collect()
+    }
+
+    /// Copies the chain's readable bytes (from `offset`, at most `length`).
+    #[pyo3(signature = (chain, offset = 0, length = None))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        chain: PyRef<'_, PyDescriptorChain>,
+        offset: usize,
+        length: Option<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        read_from_chain(py, &self.mem, &chain, offset, length)
+    }
+
+    /// Writes `data` into the chain's writable bytes from `offset`; returns what fit.
+    #[pyo3(signature = (chain, data, offset = 0))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        chain: PyRef<'_, PyDescriptorChain>,
+        data: &Bound<'_, PyAny>,
+        offset: usize,
+    ) -> PyResult<usize> {
+        write_into_chain(py, &self.mem, &chain, data, offset)
+    }
+
+    /// Returns `chain` to the driver with `written` bytes written into it.
+    fn complete(&self, chain: PyRef<'_, PyDescriptorChain>, written: u32) -> PyResult<()> {
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(closed("this batch was already returned to the ring"));
+        }
+        if written > chain.writable_len {
+            return Err(invalid_param(format!(
+                "written {written} exceeds the chain's {} writable bytes",
+                chain.writable_len
+            )));
+        }
+        let mut done = lock(&self.done);
+        if done.iter().any(|&(h, _)| h == chain.head) {
+            return Err(invalid_param(format!(
+                "chain {} is already completed",
+                chain.head
+            )));
+        }
+        done.push((chain.head, written));
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Batch chains={}>", self.chains.len())
+    }
+}
+
+/// A Python object with the `vhost.daemon.Device` shape, as a core device. The static
+/// description is read once, so only `config`, `set_config`, `reset` and `process` call
+/// into Python.
+struct PythonDevice {
+    obj: Py<PyAny>,
+    device_type: u32,
+    num_queues: u16,
+    max_queue_size: u16,
+    features: u64,
+}
+
+impl PythonDevice {
+    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(PythonDevice {
+            device_type: obj.getattr("device_type")?.extract()?,
+            num_queues: obj.getattr("num_queues")?.extract()?,
+            max_queue_size: obj.getattr("max_queue_size")?.extract()?,
+            features: obj.getattr("features")?.extract()?,
+            obj: obj.clone().unbind(),
+        })
+    }
+
+    /// Reports a Python exception the way an unhandled one in a thread would be.
+    fn failed(py: Python<'_>, obj: &Py<PyAny>, e: PyErr) -> DeviceError {
+        let msg = e.to_string();
+        e.write_unraisable(py, Some(obj.bind(py)));
+        DeviceError::Failed(msg)
+    }
+}
+
+impl VirtioDevice for PythonDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config(&self) -> Vec<u8> {
+        Python::attach(|py| {
+            self.obj
+                .call_method0(py, "config")
+                .and_then(|c| c.extract::<Vec<u8>>(py))
+                .unwrap_or_else(|e| {
+                    Self::failed(py, &self.obj, e);
+                    Vec::new()
+                })
+        })
+    }
+
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        Python::attach(|py| {
+            self.obj
+                .call_method1(py, "set_config", (offset, PyBytes::new(py, data)))
+                .map(drop)
+                .map_err(|e| DeviceError::Failed(e.to_string()))
+        })
+    }
+
+    fn reset(&self) {
+        Python::attach(|py| {
+            if let Err(e) = self.obj.call_method0(py, "reset") {
+                Self::failed(py, &self.obj, e);
+            }
+        });
+    }
+
+    fn process(
+        &self,
+        queue: u16,
+        mem: &CoreMemory,
+        chains: Vec<CoreChain>,
+        done: &mut Vec<(u16, u32)>,
+    ) -> Result<(), DeviceError> {
+        Python::attach(|py| {
+            let run = || -> PyResult<()> {
+                let chains = chains
+                    .into_iter()
+                    .map(|c| Py::new(py, PyDescriptorChain::from_core(c)))
+                    .collect::<PyResult<Vec<_>>>()?;
+                let batch = Py::new(
+                    py,
+                    PyBatch {
+                        mem: mem.clone(),
+                        chains,
+                        done: Mutex::new(Vec::new()),
+                        open: AtomicBool::new(true),
+                    },
+                )?;
+                let r = self
+                    .obj
+                    .call_method1(py, "process", (queue, batch.clone_ref(py)));
+                let b = batch.get();
+                b.open.store(false, Ordering::SeqCst);
+                done.append(&mut lock(&b.done));
+                r.map(drop)
+            };
+            run().map_err(|e| Self::failed(py, &self.obj, e))
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The daemon
+// ------------------------------------------------------------------------------------------
+
+struct Running {
+    finished: Receiver<UserResult<()>>,
+    thread: JoinHandle<()>,
+}
+
+/// Serves one device to vhost-user front-ends on a background thread.
+#[pyclass(module = "vhost._core", name = "Daemon", frozen)]
+pub struct PyDaemon {
+    device: Arc<dyn VirtioDevice>,
+    stall_timeout: Duration,
+    stats: Mutex<Option<Arc<DaemonStats>>>,
+    running: Mutex<Option<Running>>,
+    stopper: Mutex<Option<Stopper>>,
+    outcome: Mutex<Option<UserResult<()>>>,
+}
+
+#[pymethods]
+impl PyDaemon {
+    /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
+    #[new]
+    #[pyo3(signature = (device, *, stall_timeout = 5.0))]
+    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64) -> PyResult<Self> {
+        let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
+            Ok(blk) => blk.get().inner.clone(),
+            Err(_) => Arc::new(PythonDevice::new(device)?),
+        };
+        if !(stall_timeout.is_finite() && stall_timeout > 0.0) {
+            return Err(invalid_param(
+                "stall_timeout must be a positive number of seconds",
+            ));
+        }
+        Ok(PyDaemon {
+            device,
+            stall_timeout: Duration::from_secs_f64(stall_timeout),
+            stats: Mutex::new(None),
+            running: Mutex::new(None),
+            stopper: Mutex::new(None),
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Starts serving: listens on `path` (server mode, unlinking a stale socket) or, with
+    /// `client`, connects to a front-end listening there (one session).
+    #[pyo3(signature = (path, *, client = false))]
+    fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
+        let mut running = lock(&self.running);
+        if running.is_some() {
+            return Err(invalid_param("the daemon is already running"));
+        }
+        let daemon = Daemon::new(self.device.clone())
+            .map_err(io_error)?
+            .with_stall_timeout(self.stall_timeout);
+        let listener = if client {
+            None
+        } else {
+            Some(
+                py.detach(|| Listener::bind(&path, true))
+                    .map_err(io_error)?,
+            )
+        };
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.stats) = Some(daemon.stats());
+        let stopper = daemon.stopper();
+        let thread = std::thread::Builder::new()
+            .name("vhost-daemon".into())
+            .spawn(move || {
+                let r = match &listener {
+                    Some(l) => daemon.serve(l),
+                    None => daemon.connect(&path),
+                };
+                let _ = tx.send(r);
+            })
+            .map_err(io_error)?;
+        *lock(&self.outcome) = None;
+        *lock(&self.stopper) = Some(stopper);
+        *running = Some(Running {
+            finished: rx,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Asks the daemon to stop; `wait` then returns once it has.
+    fn stop(&self) {
+        if let Some(s) = lock(&self.stopper).as_ref() {
+            s.stop();
+        }
+    }
+
+    /// Waits up to `timeout` seconds (None: forever) for the daemon to finish; returns
+    /// whether it has. A daemon that ended in error raises that error here, once.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        // Never hold a lock while detached: another thread holding the GIL may want it.
+        let Some(r) = lock(&self.running).take() else {
+            return self.take_outcome();
+        };
+        let (got, r) = py.detach(move || {
+            let got = match timeout {
+                None => r
+                    .finished
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+                Some(t) => r.finished.recv_timeout(Duration::from_secs_f64(t.max(0.0))),
+            };
+            (got, r)
+        });
+        let outcome = match got {
+            Ok(o) => o,
+            Err(RecvTimeoutError::Timeout) => {
+                *lock(&self.running) = Some(r);
+                return Ok(false);
+            }
+            Err(RecvTimeoutError::Disconnected) => Ok(()),
+        };
+        let _ = py.detach(|| r.thread.join());
+        *lock(&self.outcome) = Some(outcome);
+        self.take_outcome()
+    }
+
+    /// Whether the serving thread is running.
+    #[getter]
+    fn running(&self) -> bool {
+        lock(&self.running).is_some()
+    }
+
+    /// Front-end sessions accepted so far.
+    #[getter]
+    fn sessions_started(&self) -> u64 {
+        self.with_stats(|s| s.sessions_started.load(Ordering::SeqCst))
+    }
+
+    /// Front-end sessions that have ended (cleanly or not).
+    #[getter]
+    fn sessions_ended(&self) -> u64 {
+        self.with_stats(|s| s.sessions_ended.load(Ordering::SeqCst))
+    }
+
+    /// Whether a front-end is being served now.
+    #[getter]
+    fn active(&self) -> bool {
+        self.with_stats(|s| s.active.load(Ordering::SeqCst))
+    }
+
+    /// The error that ended (or was refused in) the latest session, if any.
+    #[getter]
+    fn last_error(&self) -> Option<String> {
+        lock(&self.stats).as_ref().and_then(|s| s.last_error())
+    }
+
+    /// Descriptor chains completed per queue in the current or last session.
+    #[getter]
+    fn completed(&self) -> Vec<u64> {
+        lock(&self.stats)
+            .as_ref()
+            .map(|s| s.completed())
+            .unwrap_or_default()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Daemon device_type={} running={}>",
+            self.device.device_type(),
+            self.running()
+        )
+    }
+}
+
+impl PyDaemon {
+    fn with_stats<T: Default>(&self, f: impl FnOnce(&DaemonStats) -> T) -> T {
+        lock(&self.stats).as_deref().map(f).unwrap_or_default()
+    }
+
+    fn take_outcome(&self) -> PyResult<bool> {
+        match lock(&self.outcome).take() {
+            Some(Err(e)) => Err(user_error(e)),
+            _ => Ok(true),
+        }
+    }
+}
+
+impl Drop for PyDaemon {
+    fn drop(&mut self) {
+        if let Some(s) = lock(&self.stopper).as_ref() {
+            s.stop();
+        }
+        if let Some(r) = lock(&self.running).take() {
+            let _ = r.thread.join();
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! What a device tells the daemon, and how it processes requests.
+
+use std::io;
+
+use crate::memory::GuestMemory;
+use crate::vring::{DescriptorChain, VringError};
+
+/// virtio transport features every daemon device gets unless it masks them out
+/// ([`VirtioDevice::transport_features`]).
+pub mod transport {
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    pub const EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+    pub const RING_PACKED: u64 = 1 << 34;
+    pub const DEFAULT: u64 = INDIRECT_DESC | EVENT_IDX | VERSION_1 | RING_PACKED;
+}
+
+/// Why a device could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Queue(#[from] VringError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A device written in Python raised; the text is the exception.
+    #[error("device failed: {0}")]
+    Failed(String),
+}
+
+/// A virtio device served by the daemon. The daemon owns the whole control plane; a device
+/// only describes itself and turns descriptor chains into completions.
+///
+/// `process` runs on the queue's worker thread, so a device with several queues is called
+/// from several threads at once (hence `Sync`).
+pub trait VirtioDevice: Send + Sync {
+    /// virtio device id (2 = block, 4 = entropy source, ...).
+    fn device_type(&self) -> u32;
+    fn num_queues(&self) -> u16;
+    fn max_queue_size(&self) -> u16 {
+        1024
+    }
+    /// Device-specific feature bits (the daemon adds the transport ones).
+    fn features(&self) -> u64;
+    /// Transport features this device accepts (mask out e.g. RING_PACKED).
+    fn transport_features(&self) -> u64 {
+        transport::DEFAULT
+    }
+    /// Extra vhost-user protocol features (the daemon's own set is always offered).
+    fn protocol_features(&self) -> u64 {
+        0
+    }
+    /// The whole device configuration space.
+    fn config(&self) -> Vec<u8>;
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        let _ = (offset, data);
+        Err(DeviceError::Unsupported("SET_CONFIG"))
+    }
+    /// The front-end acked these features (device and transport bits).
+    fn set_acked_features(&self, features: u64) {
+        let _ = features;
+    }
+    /// The front-end went away or reset the device.
+    fn reset(&self) {}
+    /// Handles one batch popped from `queue`: pushes `(head, bytes written)` into `done`
+    /// for each chain completed. Chains left out are completed by the daemon with 0 bytes,
+    /// so a device error never strands the driver's buffers.
+    fn process(
+        &self,
+        queue: u16,
+        mem: &GuestMemory,
+        chains: Vec<DescriptorChain>,
+        done: &mut Vec<(u16, u32)>,
+    ) -> Result<(), DeviceError>;
+}

@@ -1,0 +1,316 @@
+//! The daemon's vhost-user request handler: the whole control plane of one front-end
+//! session, on top of the validated requests a [`BackendSession`] hands over.
+//!
+//! [`BackendSession`]: crate::user::BackendSession
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::backend::VringAddrs;
+use crate::memory::{GuestMemory, RegionInfo};
+use crate::sys::EventFd;
+use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::user::{BackendHandler, Error, Result};
+
+use super::device::{transport, DeviceError, VirtioDevice};
+use super::queue::{lock, spawn_worker, QueueSlot};
+
+/// Protocol features every daemon offers.
+pub const DAEMON_PROTOCOL_FEATURES: u64 =
+    pf::MQ | pf::REPLY_ACK | pf::CONFIG | pf::RESET_DEVICE | pf::STATUS | pf::CONFIGURE_MEM_SLOTS;
+
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+pub const MAX_MEM_SLOTS: u64 = 32;
+
+/// Status bit of a driver that has given up on the device; the virtio status byte is
+/// otherwise the front-end's business.
+const STATUS_RESET: u8 = 0;
+
+/// The per-session control plane. Dropping it stops the queue workers and releases every
+/// fd and mapping the session handed over (ADVERSARIAL J1).
+pub struct DaemonHandler {
+    device: Arc<dyn VirtioDevice>,
+    slots: Vec<Arc<QueueSlot>>,
+    workers: Vec<JoinHandle<()>>,
+    mem: GuestMemory,
+    acked_features: u64,
+    acked_protocol: u64,
+    status: u8,
+}
+
+impl std::fmt::Debug for DaemonHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonHandler")
+            .field("queues", &self.slots.len())
+            .field("acked_features", &self.acked_features)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+fn device_error(e: DeviceError) -> Error {
+    match e {
+        DeviceError::Unsupported(what) => Error::NotSupported(what),
+        DeviceError::Invalid(s) => Error::InvalidParam(s),
+        DeviceError::Io(e) => Error::Handler(e.to_string()),
+        other => Error::InvalidParam(other.to_string()),
+    }
+}
+
+impl DaemonHandler {
+    /// Starts one worker thread per queue of `device`.
+    pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
+        let mut handler = DaemonHandler {
+            slots: Vec::new(),
+            workers: Vec::new(),
+            mem: GuestMemory::default(),
+            acked_features: 0,
+            acked_protocol: 0,
+            status: 0,
+            device,
+        };
+        for i in 0..handler.device.num_queues() {
+            let slot = Arc::new(QueueSlot::new(i)?);
+            handler
+                .workers
+                .push(spawn_worker(slot.clone(), handler.device.clone())?);
+            handler.slots.push(slot);
+        }
+        Ok(handler)
+    }
+
+    /// Live counters of the descriptor chains completed, per queue.
+    pub fn completion_counters(&self) -> Vec<Arc<AtomicU64>> {
+        self.slots.iter().map(|s| s.completed.clone()).collect()
+    }
+
+    /// The last data-path error of each queue (a corrupt ring, a failing device).
+    pub fn queue_errors(&self) -> Vec<Option<String>> {
+        self.slots
+            .iter()
+            .map(|s| lock(&s.state).last_error.clone())
+            .collect()
+    }
+
+    fn slot(&self, index: u32) -> Result<&Arc<QueueSlot>> {
+        self.slots
+            .get(index as usize)
+            .ok_or_else(|| Error::InvalidParam(format!("queue {index} does not exist")))
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features()
+            | (transport::DEFAULT & self.device.transport_features())
+            | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn set_memory(&mut self, mem: &GuestMemory) {
+        self.mem = mem.clone();
+        for s in &self.slots {
+            lock(&s.state).mem = mem.clone();
+        }
+    }
+
+    /// Stops every ring and forgets the negotiated state (RESET_DEVICE, status 0).
+    fn reset_rings(&mut self) {
+        for s in &self.slots {
+            let mut st = lock(&s.state);
+            st.stop();
+            st.call = None;
+            st.err = None;
+            st.enabled = false;
+            st.base = 0;
+            st.addrs = None;
+        }
+        self.device.reset();
+    }
+
+    fn stop_workers(&mut self) {
+        for s in &self.slots {
+            s.request_stop();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for DaemonHandler {
+    fn drop(&mut self) {
+        self.stop_workers();
+        for s in &self.slots {
+            let mut st = lock(&s.state);
+            st.stop();
+            st.call = None;
+            st.err = None;
+            st.mem = GuestMemory::default();
+        }
+        self.device.reset();
+    }
+}
+
+impl BackendHandler for DaemonHandler {
+    fn max_queues(&self) -> u32 {
+        u32::from(self.device.num_queues())
+    }
+
+    fn max_queue_size(&self) -> u32 {
+        u32::from(self.device.max_queue_size())
+    }
+
+    fn get_features(&mut self) -> Result<u64> {
+        Ok(self.offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        let extra = features & !self.offered_features();
+        if extra != 0 {
+            return Err(Error::InvalidParam(format!(
+                "features {extra:#x} were never offered"
+            )));
+        }
+        self.acked_features = features;
+        for s in &self.slots {
+            let mut st = lock(&s.state);
+            st.event_idx = features & transport::EVENT_IDX != 0;
+            st.indirect = features & transport::INDIRECT_DESC != 0;
+            st.packed = features & transport::RING_PACKED != 0;
+        }
+        self.device.set_acked_features(features);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> Result<u64> {
+        let mut offered = DAEMON_PROTOCOL_FEATURES | self.device.protocol_features();
+        // A device without a config space does not offer CONFIG (QEMU warns otherwise).
+        if self.device.config().is_empty() {
+            offered &= !pf::CONFIG;
+        }
+        Ok(offered)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> Result<()> {
+        self.reset_rings();
+        Ok(())
+    }
+
+    fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
+        self.set_memory(mem);
+        Ok(())
+    }
+
+    fn add_mem_region(&mut self, mem: &GuestMemory, _region: &RegionInfo) -> Result<()> {
+        self.set_memory(mem);
+        Ok(())
+    }
+
+    fn remove_mem_region(&mut self, mem: &GuestMemory, _region: &RegionInfo) -> Result<()> {
+        self.set_memory(mem);
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> Result<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        lock(&self.slot(index)?.state).size = num;
+        Ok(())
+    }
+
+    fn set_vring_addr(&mut self, addrs: &VringAddrs) -> Result<()> {
+        lock(&self.slot(addrs.index)?.state).addrs = Some(*addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        lock(&self.slot(index)?.state).base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> Result<u32> {
+        let slot = self.slot(index)?;
+        Ok(lock(&slot.state).stop())
+    }
+
+    fn set_vring_kick(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
+        let slot = self.slot(index)?.clone();
+        {
+            let mut st = lock(&slot.state);
+            st.kick = fd.map(|fd| Arc::new(EventFd::from_fd(fd)));
+            st.start().map_err(device_error)?;
+            // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+            if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                st.enabled = true;
+            }
+        }
+        // Buffers made available before the kick fd arrived are processed now.
+        slot.wake();
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
+        let slot = self.slot(index)?;
+        lock(&slot.state).call = fd.map(EventFd::from_fd);
+        // Completions made while no call fd was set are signalled on the new one.
+        slot.wake();
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
+        lock(&self.slot(index)?.state).err = fd.map(EventFd::from_fd);
+        Ok(())
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        let slot = self.slot(index)?;
+        lock(&slot.state).enabled = enable;
+        if enable {
+            slot.wake();
+        }
+        Ok(())
+    }
+
+    fn vring_kick(&mut self, index: u32) -> Result<()> {
+        self.slot(index)?.wake();
+        Ok(())
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: u32) -> Result<Vec<u8>> {
+        let config = self.device.config();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize + size as usize).min(config.len());
+        out[..end - start].copy_from_slice(&config[start..end]);
+        Ok(out)
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8], _flags: u32) -> Result<()> {
+        self.device.set_config(offset, data).map_err(device_error)
+    }
+
+    fn reset_device(&mut self) -> Result<()> {
+        self.reset_rings();
+        self.status = 0;
+        Ok(())
+    }
+
+    fn set_status(&mut self, status: u8) -> Result<()> {
+        if status == STATUS_RESET && self.status != STATUS_RESET {
+            self.reset_rings();
+        }
+        self.status = status;
+        Ok(())
+    }
+
+    fn get_status(&mut self) -> Result<u8> {
+        Ok(self.status)
+    }
+}

@@ -1,0 +1,23 @@
+//! The back-end daemon framework (the role of rust-vmm's `vhost-user-backend`): the daemon
+//! owns the vhost-user control plane, and a device only says what it is and processes
+//! descriptor chains.
+//!
+//! ```text
+//! Daemon::serve ── accept ──> BackendSession (validation, memory mapping)
+//!                                  └─> DaemonHandler (features, rings, config, status)
+//!                                          └─> one worker thread per queue:
+//!                                              kick eventfd -> pop batch -> device.process
+//!                                              -> add used -> call eventfd (suppressed)
+//! ```
+//!
+//! Data-plane threads never touch the interpreter: a device written in Python is reached
+//! through a [`VirtioDevice`] adapter in the binding, which takes the GIL per batch.
+
+mod device;
+mod handler;
+mod queue;
+mod server;
+
+pub use device::{transport, DeviceError, VirtioDevice};
+pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
+pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};

@@ -1,0 +1,228 @@
+//! Per-queue state shared between the session thread (control plane) and the queue's
+//! worker thread (data plane), and the worker loop itself.
+//!
+//! Lock order: a worker holds its queue's `state` lock for one whole processing pass
+//! (pop, device, complete, notify); the session takes the same lock to change the queue
+//! (memory table, GET_VRING_BASE, kick/call fds, enable), so a control request waits for
+//! the batch in progress and never sees a half-processed ring (ADVERSARIAL J5). No thread
+//! holds two queue locks; a Python device takes the GIL inside the lock, and the session
+//! thread never holds the GIL, so the two cannot deadlock.
+
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::backend::VringAddrs;
+use crate::memory::GuestMemory;
+use crate::sys::{poll_many, EventFd};
+use crate::vring::{DeviceQueue, RingLayout};
+
+use super::device::{DeviceError, VirtioDevice};
+
+/// A lock that survives a panic in the thread that held it: the state is plain data that
+/// every user re-validates, so poisoning would only turn one failure into many (J7).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the control plane has said about one queue.
+#[derive(Debug, Default)]
+pub(crate) struct QueueState {
+    pub(crate) size: u32,
+    pub(crate) addrs: Option<VringAddrs>,
+    pub(crate) base: u32,
+    pub(crate) kick: Option<Arc<EventFd>>,
+    pub(crate) call: Option<EventFd>,
+    pub(crate) err: Option<EventFd>,
+    pub(crate) enabled: bool,
+    /// The live ring, from SET_VRING_KICK until GET_VRING_BASE or a reset.
+    pub(crate) ring: Option<DeviceQueue>,
+    pub(crate) mem: GuestMemory,
+    pub(crate) event_idx: bool,
+    pub(crate) indirect: bool,
+    pub(crate) packed: bool,
+    pub(crate) last_error: Option<String>,
+}
+
+impl QueueState {
+    /// Builds the ring from what SET_VRING_NUM/ADDR/BASE said (SET_VRING_KICK).
+    pub(crate) fn start(&mut self) -> Result<(), DeviceError> {
+        let addrs = self
+            .addrs
+            .ok_or_else(|| DeviceError::Invalid("ring started before SET_VRING_ADDR".into()))?;
+        let layout = RingLayout::from_user(
+            &self.mem,
+            self.packed,
+            self.size,
+            addrs.desc,
+            addrs.avail,
+            addrs.used,
+        )?;
+        let mut ring = DeviceQueue::new(layout, self.event_idx, self.indirect)?;
+        ring.restore(&self.mem, self.base)?;
+        self.ring = Some(ring);
+        self.last_error = None;
+        Ok(())
+    }
+
+    /// Stops the ring and returns its base (GET_VRING_BASE); the kick fd goes with it.
+    pub(crate) fn stop(&mut self) -> u32 {
+        if let Some(ring) = self.ring.take() {
+            self.base = ring.base();
+        }
+        self.kick = None;
+        self.base
+    }
+
+    fn runnable(&self) -> bool {
+        self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken())
+    }
+
+    fn fail(&mut self, why: String) {
+        if let Some(err) = &self.err {
+            let _ = err.write(1);
+        }
+        self.last_error = Some(why);
+    }
+}
+
+/// One queue: its state, and the eventfd that wakes its worker.
+#[derive(Debug)]
+pub(crate) struct QueueSlot {
+    pub(crate) index: u16,
+    pub(crate) state: Mutex<QueueState>,
+    wake: EventFd,
+    stop: AtomicBool,
+    /// Chains completed; shared with [`DaemonStats`](super::DaemonStats).
+    pub(crate) completed: Arc<AtomicU64>,
+}
+
+impl QueueSlot {
+    pub(crate) fn new(index: u16) -> std::io::Result<Self> {
+        Ok(QueueSlot {
+            index,
+            state: Mutex::new(QueueState::default()),
+            wake: EventFd::new(true)?,
+            stop: AtomicBool::new(false),
+            completed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Makes the worker look at the ring (a new kick fd, enable, in-band kick).
+    pub(crate) fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+/// Starts the worker thread of `slot`.
+pub(crate) fn spawn_worker(
+    slot: Arc<QueueSlot>,
+    device: Arc<dyn VirtioDevice>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vhost-q{}", slot.index))
+        .spawn(move || worker(&slot, &*device))
+}
+
+fn worker(slot: &QueueSlot, device: &dyn VirtioDevice) {
+    loop {
+        let kick = lock(&slot.state).kick.clone();
+        let ready = match &kick {
+            Some(k) => poll_many(&[slot.wake.as_fd(), k.as_fd()], -1),
+            None => poll_many(&[slot.wake.as_fd()], -1),
+        };
+        if slot.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(ready) = ready else {
+            // poll itself failed (ENOMEM): nothing sensible to do but try again.
+            continue;
+        };
+        if ready[0] {
+            let _ = slot.wake.read();
+        }
+        if let (Some(k), Some(true)) = (&kick, ready.get(1)) {
+            if let Err(e) = k.read() {
+                // Not an eventfd, or hung up: stop listening to it instead of spinning.
+                let mut st = lock(&slot.state);
+                if st.kick.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, k)) {
+                    st.kick = None;
+                }
+                st.fail(format!("kick fd of queue {}: {e}", slot.index));
+                continue;
+            }
+        }
+        process(slot, device);
+    }
+}
+
+/// Drains the ring: pop a batch, let the device handle it, complete, notify; until the ring
+/// is empty with notifications re-enabled.
+fn process(slot: &QueueSlot, device: &dyn VirtioDevice) {
+    let mut guard = lock(&slot.state);
+    let st = &mut *guard;
+    if !st.runnable() {
+        return;
+    }
+    let mut done = Vec::new();
+    let result = loop {
+        let Some(ring) = st.ring.as_mut() else {
+            break Ok(());
+        };
+        let mem = &st.mem;
+        let chains = match ring.pop_batch(mem, usize::from(ring.size())) {
+            Ok(c) => c,
+            Err(e) => break Err(DeviceError::Queue(e)),
+        };
+        if chains.is_empty() {
+            match ring.set_notification(mem, true) {
+                Ok(true) => continue,
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(DeviceError::Queue(e)),
+            }
+        }
+        let heads: Vec<u16> = chains.iter().map(|c| c.head).collect();
+        done.clear();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            device.process(slot.index, mem, chains, &mut done)
+        }))
+        .unwrap_or_else(|_| Err(DeviceError::Failed("device panicked".into())));
+        // Whatever the device left out is returned empty, so the driver is not left waiting.
+        if done.len() < heads.len() {
+            let seen: std::collections::HashSet<u16> = done.iter().map(|&(h, _)| h).collect();
+            done.extend(
+                heads
+                    .into_iter()
+                    .filter(|h| !seen.contains(h))
+                    .map(|h| (h, 0)),
+            );
+        }
+        let completed = ring
+            .add_used_batch(mem, &done)
+            .and_then(|()| ring.needs_notification(mem));
+        slot.completed
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        match completed {
+            Ok(true) => {
+                if let Some(call) = &st.call {
+                    let _ = call.write(1);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => break Err(DeviceError::Queue(e)),
+        }
+        if let Err(e) = outcome {
+            st.last_error = Some(e.to_string());
+        }
+    };
+    if let Err(e) = result {
+        st.fail(format!("queue {}: {e}", slot.index));
+    }
+}

@@ -1,0 +1,187 @@
+//! The daemon: serves one front-end at a time on a listening socket (or as a client),
+//! survives each front-end's departure, and stops cleanly on request.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::sys::{poll_many, EventFd};
+use crate::user::{BackendSession, Error, Listener, Result};
+
+use super::device::VirtioDevice;
+use super::handler::DaemonHandler;
+use super::queue::lock;
+
+/// How long a front-end may stall in the middle of a message before its session is
+/// dropped (ADVERSARIAL J1): between messages it may idle forever.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters a supervisor (or a test) reads while the daemon runs.
+#[derive(Debug, Default)]
+pub struct DaemonStats {
+    pub sessions_started: AtomicU64,
+    pub sessions_ended: AtomicU64,
+    pub active: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    completed: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl DaemonStats {
+    /// The error that ended the most recent session badly, if any.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+
+    /// Descriptor chains completed per queue by the current (or last) session.
+    pub fn completed(&self) -> Vec<u64> {
+        lock(&self.completed)
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn record_error(&self, e: &Error) {
+        *lock(&self.last_error) = Some(e.to_string());
+    }
+}
+
+/// A vhost-user back-end daemon for one device. `serve` and `serve_stream` block; `stop`
+/// (from any thread, or a signal handler's helper thread) makes them return.
+pub struct Daemon {
+    device: Arc<dyn VirtioDevice>,
+    stop: Arc<EventFd>,
+    stats: Arc<DaemonStats>,
+    stall_timeout: Duration,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("device_type", &self.device.device_type())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// A handle that stops a [`Daemon`] from another thread.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<EventFd>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        // The latch is never read: once written it stays readable for every poller.
+        let _ = self.0.write(1);
+    }
+}
+
+impl Daemon {
+    pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
+        Ok(Daemon {
+            device,
+            stop: Arc::new(EventFd::new(true)?),
+            stats: Arc::new(DaemonStats::default()),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        })
+    }
+
+    pub fn with_stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
+        self
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
+    }
+
+    pub fn stats(&self) -> Arc<DaemonStats> {
+        self.stats.clone()
+    }
+
+    pub fn device(&self) -> &Arc<dyn VirtioDevice> {
+        &self.device
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        poll_many(&[self.stop.as_fd()], 0).is_ok_and(|r| r[0])
+    }
+
+    /// Serves front-ends one after another until stopped. A second front-end that connects
+    /// while one is served waits in the listen backlog (ADVERSARIAL J4); a session that
+    /// ends in error is recorded and the next one is accepted.
+    pub fn serve(&self, listener: &Listener) -> Result<()> {
+        loop {
+            let ready = poll_many(&[listener.listener().as_fd(), self.stop.as_fd()], -1)?;
+            if ready[1] {
+                return Ok(());
+            }
+            if !ready[0] {
+                continue;
+            }
+            let stream = match listener.accept(Some(Duration::ZERO)) {
+                Ok(s) => s,
+                // The peer may have given up between poll and accept.
+                Err(_) => continue,
+            };
+            let _ = self.serve_stream(stream);
+        }
+    }
+
+    /// Client mode: connects to a front-end listening at `path` (retrying every 100 ms
+    /// until it appears or the daemon is stopped) and serves that one session.
+    pub fn connect(&self, path: &Path) -> Result<()> {
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => return self.serve_stream(stream),
+                Err(e) => {
+                    let ready = poll_many(&[self.stop.as_fd()], 100)?;
+                    if ready[0] {
+                        return Err(Error::Io(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one front-end until it disconnects (Ok), breaks the protocol (Err), or the
+    /// daemon is stopped (Ok). Every fd and mapping of the session is released before this
+    /// returns.
+    pub fn serve_stream(&self, stream: UnixStream) -> Result<()> {
+        stream.set_read_timeout(Some(self.stall_timeout))?;
+        stream.set_write_timeout(Some(self.stall_timeout))?;
+        self.stats.sessions_started.fetch_add(1, Ordering::SeqCst);
+        self.stats.active.store(true, Ordering::SeqCst);
+        let result = self.run_session(stream);
+        if let Err(e) = &result {
+            self.stats.record_error(e);
+        }
+        self.stats.active.store(false, Ordering::SeqCst);
+        self.stats.sessions_ended.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    fn run_session(&self, stream: UnixStream) -> Result<()> {
+        let mut handler = DaemonHandler::new(self.device.clone())?;
+        *lock(&self.stats.completed) = handler.completion_counters();
+        let mut session = BackendSession::new(stream);
+        let result = loop {
+            let ready = poll_many(&[session.socket().as_fd(), self.stop.as_fd()], -1)?;
+            if ready[1] {
+                break Ok(());
+            }
+            match session.handle_one(&mut handler) {
+                Ok(()) => {}
+                Err(Error::Disconnected) => break Ok(()),
+                Err(e) if session.is_broken() => break Err(e),
+                // Refused with a NACK; the session goes on.
+                Err(e) => self.stats.record_error(&e),
+            }
+        };
+        // Workers stop and the session's fds and mappings go here, before the next accept.
+        drop(handler);
+        drop(session);
+        result
+    }
+}

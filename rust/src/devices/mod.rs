@@ -1,0 +1,5 @@
+//! Native devices for the daemon framework.
+
+pub mod blk;
+
+pub use blk::{BlkConfig, BlkDevice};

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Build the Linux test guest (tests/guest.py boots it with QEMU TCG):
+#
+#   bash scripts/build_guest.sh [--force]
+#
+# Outputs, in ${PYVHOST_GUEST_DIR:-~/.cache/pyvhost/guest}:
+#   vmlinuz    Debian's bookworm-backports 6.12 kernel (it has vhost_net, vhost_vsock,
+#              vhost_vdpa and vduse as modules; bookworm's 6.1 has no vDPA at all)
+#   initrd.gz  busybox-static, the modules below with their dependencies, and /init
+#   KVER       the kernel release (uname -r in the guest)
+#   STAMP      hash of this script + the kernel package version
+# Nothing is done when STAMP matches (the script's hash is in it, so editing the
+# module list or /init rebuilds). The kernel .deb is kept in deb/ for rebuilds.
+#
+# Needs: apt (bookworm-backports in the sources: scripts/setup.sh adds it), dpkg,
+# busybox-static, cpio, kmod (depmod/modprobe), xz-utils, gzip.
+set -euo pipefail
+
+# Modules loaded at boot, in this order; dependencies come from modules.dep.
+# virtio_vdpa is deliberately absent: a vDPA device must bind to vhost_vdpa.
+MODULES=(
+    netfs 9pnet 9pnet_virtio 9p
+    virtio_blk virtio_net virtio_rng
+    tun
+    vhost_iotlb vhost vhost_net
+    vsock vmw_vsock_virtio_transport vhost_vsock
+    vdpa vhost_vdpa vduse
+)
+
+OUT=${PYVHOST_GUEST_DIR:-$HOME/.cache/pyvhost/guest}
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        *) echo "usage: $0 [--force]" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '== build_guest: %s\n' "$*"; }
+die() { printf '== build_guest: ERROR: %s\n' "$*" >&2; exit 1; }
+
+SELF_HASH=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+
+up_to_date() {
+    [[ -s "$OUT/vmlinuz" && -s "$OUT/initrd.gz" && -s "$OUT/KVER" && -f "$OUT/STAMP" ]] &&
+        [[ "$(head -n1 "$OUT/STAMP")" == "script $SELF_HASH" ]]
+}
+
+if ((!FORCE)) && up_to_date; then
+    log "up to date: $OUT ($(cat "$OUT/KVER"))"
+    exit 0
+fi
+
+for tool in apt-cache apt-get dpkg-deb depmod modprobe busybox cpio xz gzip; do
+    command -v "$tool" >/dev/null ||
+        die "$tool missing: apt-get install busybox-static cpio kmod xz-utils (or run make setup)"
+done
+# busybox must be the static one: it runs inside the initramfs with no libc.
+BUSYBOX=/bin/busybox
+[[ -x "$BUSYBOX" ]] || BUSYBOX=$(command -v busybox)
+if LC_ALL=C ldd "$BUSYBOX" 2>&1 | grep -q '=>'; then
+    die "$BUSYBOX is dynamically linked: apt-get install busybox-static"
+fi
+
+# --- 1. which 6.12 kernel package -----------------------------------------------
+find_meta_version() {
+    apt-cache madison linux-image-amd64 2>/dev/null |
+        awk -F'|' '{gsub(/ /, "", $2); if ($2 ~ /^6\.12\./) print $2}' |
+        sort -V | tail -n1
+}
+META_VERSION=$(find_meta_version)
+if [[ -z "$META_VERSION" ]]; then
+    if [[ $(id -u) -ne 0 ]]; then
+        die "no 6.12 linux-image-amd64 in apt's lists; run make setup as root (adds bookworm-backports)"
+    fi
+    log "no 6.12 linux-image-amd64 known to apt; apt-get update"
+    apt-get update -q
+    META_VERSION=$(find_meta_version)
+    [[ -n "$META_VERSION" ]] ||
+        die "still no 6.12 linux-image-amd64: is bookworm-backports in /etc/apt/sources.list.d? (scripts/setup.sh adds it)"
+fi
+PKG=$(apt-cache depends "linux-image-amd64=$META_VERSION" |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.12\./ {print $2; exit}')
+[[ -n "$PKG" ]] || die "cannot find the kernel package linux-image-amd64=$META_VERSION depends on"
+log "kernel package: $PKG (linux-image-amd64 $META_VERSION)"
+
+# --- 2. download (kept between builds) ---------------------------------------------
+mkdir -p "$OUT/deb"
+DEB=$(find "$OUT/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
+if [[ -z "$DEB" ]]; then
+    log "apt-get download $PKG"
+    sandbox=()
+    [[ $(id -u) -eq 0 ]] && sandbox=(-o APT::Sandbox::User=root)
+    (cd "$OUT/deb" && apt-get download -q "${sandbox[@]}" "$PKG")
+    DEB=$(find "$OUT/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
+    [[ -n "$DEB" ]] || die "apt-get download $PKG left no .deb in $OUT/deb"
+    # Only the newest kernel is worth keeping.
+    find "$OUT/deb" -maxdepth 1 -name '*.deb' ! -path "$DEB" -print -delete
+fi
+PKG_VERSION=$(dpkg-deb -f "$DEB" Version)
+log "using $(basename "$DEB")"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyvhost-guest.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# --- 3. kernel and modules ----------------------------------------------------------
+log "extracting the kernel package"
+dpkg-deb -x "$DEB" "$WORK/pkg"
+KVER=$(ls "$WORK/pkg/lib/modules")
+[[ $(wc -w <<<"$KVER") -eq 1 ]] || die "expected one kernel release in the package, got: $KVER"
+[[ -f "$WORK/pkg/boot/vmlinuz-$KVER" ]] || die "no boot/vmlinuz-$KVER in $DEB"
+log "kernel release $KVER; depmod over the whole tree (about 10 s)"
+depmod -b "$WORK/pkg" "$KVER"
+
+ROOT="$WORK/initramfs"
+MODDIR="lib/modules/$KVER"
+mkdir -p "$ROOT/$MODDIR"
+# Every module to load plus its dependencies, in load order, without repeats.
+declare -A seen=()
+ordered=()
+for m in "${MODULES[@]}"; do
+    deps=$(modprobe -d "$WORK/pkg" -S "$KVER" --show-depends "$m") ||
+        die "module $m: not found in $KVER"
+    while read -r verb path _; do
+        case "$verb" in
+            insmod) ;;
+            builtin) continue ;;
+            *) die "module $m: unexpected modprobe output: $verb $path" ;;
+        esac
+        rel=${path#"$WORK/pkg/"}
+        [[ -n "${seen[$rel]:-}" ]] && continue
+        seen[$rel]=1
+        ordered+=("$rel")
+    done <<<"$deps"
+done
+log "${#ordered[@]} modules (${MODULES[*]} and their dependencies)"
+for rel in "${ordered[@]}"; do
+    dest="$ROOT/${rel%.xz}"
+    mkdir -p "$(dirname "$dest")"
+    case "$rel" in
+        *.ko.xz) xz -dc "$WORK/pkg/$rel" >"$dest" ;;
+        *.ko) cp "$WORK/pkg/$rel" "$dest" ;;
+        *) die "unexpected module file $rel" ;;
+    esac
+    printf '%s\n' "${rel#"$MODDIR/"}" | sed 's/\.xz$//' >>"$ROOT/$MODDIR/modules.order"
+done
+cp "$WORK/pkg/$MODDIR/modules.builtin" "$WORK/pkg/$MODDIR/modules.builtin.modinfo" "$ROOT/$MODDIR/"
+depmod -b "$ROOT" "$KVER"
+printf '%s\n' "${MODULES[@]}" >"$WORK/modules.list"
+
+# --- 4. busybox and /init ---------------------------------------------------------------
+log "initramfs: busybox $("$BUSYBOX" | head -n1 | awk '{print $2}'), /init"
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,host,tmp,run,mnt,root,var/tmp}
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+"$BUSYBOX" --list-full | while read -r applet; do
+    [[ -e "$ROOT/$applet" ]] || ln -s /bin/busybox "$ROOT/$applet"
+done
+cp "$WORK/modules.list" "$ROOT/etc/pyvhost-modules"
+printf '%s\n' "$KVER" >"$ROOT/etc/pyvhost-kver"
+
+cat >"$ROOT/init" <<'INIT'
+#!/bin/sh
+# pyvhost test guest /init (written by scripts/build_guest.sh; read by tests/guest.py).
+# Kernel command line:
+#   pyvhost.mode=busybox|host  busybox: run the script in this initramfs;
+#                               host: chroot into the host's root (9p, read-only)
+#   pyvhost.run=DIR            host directory with script.sh, shared read-write as
+#                               9p tag "pvrun" and mounted at the same path DIR
+# Markers on the console (the harness parses them):
+#   PYVHOST-GUEST-START mode=M                 script about to run
+#   PYVHOST-GUEST-END status=N                 script finished with exit status N
+#   PYVHOST-GUEST-SETUP-FAILED: WHY            the guest could not run the script
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+fail() {
+    printf '\n'
+    echo "PYVHOST-GUEST-SETUP-FAILED: $*"
+    poweroff -f
+    sleep 10
+}
+
+for m in $(cat /etc/pyvhost-modules); do
+    modprobe "$m" || echo "pyvhost-guest: modprobe $m failed"
+done
+
+MODE=busybox
+RUN=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        pyvhost.mode=*) MODE=${arg#*=} ;;
+        pyvhost.run=*) RUN=${arg#*=} ;;
+    esac
+done
+[ -n "$RUN" ] || fail "no pyvhost.run= on the kernel command line"
+
+P9="trans=virtio,version=9p2000.L,msize=512000"
+mount -t 9p -o "$P9,ro,cache=loose" hostroot /host || fail "cannot mount the host root (9p tag hostroot)"
+
+case "$MODE" in
+    busybox)
+        mkdir -p /dev/pts /dev/shm
+        mount -t devpts devpts /dev/pts
+        mount -t tmpfs tmpfs /dev/shm
+        mount -t tmpfs tmpfs /tmp
+        mkdir -p "$RUN"
+        mount -t 9p -o "$P9" pvrun "$RUN" || fail "cannot mount $RUN (9p tag pvrun)"
+        printf '\nPYVHOST-GUEST-START mode=busybox\n'
+        (cd "$RUN" && PYVHOST_GUEST=busybox PYVHOST_RUN_DIR="$RUN" HOME=/root sh ./script.sh)
+        status=$?
+        ;;
+    host)
+        H=/host
+        mount -t proc proc $H/proc || fail "mount proc in $H"
+        mount -t sysfs sysfs $H/sys || fail "mount sysfs in $H"
+        mount -t devtmpfs devtmpfs $H/dev || fail "mount devtmpfs in $H"
+        mkdir -p $H/dev/pts $H/dev/shm
+        mount -t devpts devpts $H/dev/pts || fail "mount devpts in $H"
+        mount -t tmpfs tmpfs $H/dev/shm || fail "mount /dev/shm in $H"
+        mount -t tmpfs tmpfs $H/tmp || fail "mount /tmp in $H"
+        mount -t tmpfs tmpfs $H/run || fail "mount /run in $H"
+        [ -d "$H$RUN" ] || mkdir -p "$H$RUN" || fail "no directory $RUN in the host root"
+        mount -t 9p -o "$P9" pvrun "$H$RUN" || fail "cannot mount $RUN (9p tag pvrun)"
+        printf '\nPYVHOST-GUEST-START mode=host\n'
+        env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            HOME=/root TERM=dumb LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 \
+            PYVHOST_GUEST=host PYVHOST_RUN_DIR="$RUN" \
+            chroot $H /bin/sh -c 'cd "$1" && exec /bin/sh ./script.sh' sh "$RUN"
+        status=$?
+        ;;
+    *)
+        fail "unknown pyvhost.mode=$MODE"
+        ;;
+esac
+sync
+printf '\nPYVHOST-GUEST-END status=%s\n' "$status"
+poweroff -f
+sleep 10
+INIT
+chmod 755 "$ROOT/init"
+
+# --- 5. pack ---------------------------------------------------------------------------
+mkdir -p "$OUT"
+(cd "$ROOT" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) |
+    gzip -9n >"$WORK/initrd.gz"
+cp "$WORK/pkg/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
+mv -f "$WORK/vmlinuz" "$OUT/vmlinuz"
+mv -f "$WORK/initrd.gz" "$OUT/initrd.gz"
+printf '%s\n' "$KVER" >"$OUT/KVER"
+printf 'script %s\npackage %s %s\n' "$SELF_HASH" "$PKG" "$PKG_VERSION" >"$OUT/STAMP"
+log "wrote $OUT/vmlinuz ($(du -h "$OUT/vmlinuz" | cut -f1)), $OUT/initrd.gz ($(du -h "$OUT/initrd.gz" | cut -f1)), KVER=$KVER"
+log "modules: $(printf '%s\n' "${ordered[@]}" | xargs -n1 basename | sed 's/\.ko.*//' | tr '\n' ' ')"
