@@ -1,0 +1,50 @@
+"""How a guest script reports: one ``KERN-CHECK <name> PASS|FAIL <detail>`` line per check
+on the console (the host-side test asserts on them), and a JSON file of all results in
+the run dir (the working directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+RESULTS: dict[str, dict[str, object]] = {}
+
+
+def record(name: str, ok: bool, detail: str = "", **data: object) -> None:
+    """Record one check and print its line at once (the console is the log)."""
+    RESULTS[name] = {"ok": ok, "detail": detail, **data}
+    print(f"KERN-CHECK {name} {'PASS' if ok else 'FAIL'} {detail}", flush=True)
+
+
+@contextmanager
+def check(name: str) -> Iterator[dict[str, object]]:
+    """Run a block as check ``name``: PASS unless it raises; ``info`` entries are saved."""
+    info: dict[str, object] = {}
+    start = time.monotonic()
+    try:
+        yield info
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next check runs
+        traceback.print_exc(file=sys.stdout)
+        record(name, False, f"{type(exc).__name__}: {exc}", **info)
+    else:
+        info.setdefault("seconds", round(time.monotonic() - start, 3))
+        detail = " ".join(f"{k}={v}" for k, v in info.items())
+        record(name, True, detail, **info)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run(checks: list[Callable[[], None]], out: str) -> int:
+    """Run each check function, write the results to ``out``; exit 0 when all passed."""
+    for fn in checks:
+        fn()
+    Path(out).write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
+    return 0 if all(r["ok"] for r in RESULTS.values()) else 1
