@@ -1,0 +1,192 @@
+"""The vDPA checks: a VDUSE virtio-blk device from qemu-storage-daemon, driven through
+``VhostVdpa`` (identity, config, status handshake, DMA mapping, block I/O checked against
+the image, unmap, reset), and rows I of ADVERSARIAL.md on it."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import random
+from pathlib import Path
+
+from vhost import ClosedError, GuestMemory, InvalidMemoryError, InvalidParamError, KernelError
+from vhost.kern import BackendFeature
+from vhost.vdpa import VhostVdpa
+from vhost.virtio import DeviceId
+
+from .report import check, fd_count
+from .vdpa_blk import SECTOR, T_IN, VdpaBlk, VdusePeer, make_image
+
+IMAGE = Path("/tmp/vdpa-blk.img")
+IMAGE_SIZE = 4 << 20
+
+
+def _errno(call: object) -> str:
+    try:
+        call()  # type: ignore[operator]
+    except KernelError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+    return "no error"
+
+
+def blk_through_vdpa() -> None:
+    original = make_image(IMAGE, IMAGE_SIZE)
+    peer = None
+    with check("vdpa_setup") as info:
+        peer = VdusePeer(IMAGE)
+        info["node"] = peer.node
+    if peer is None or not peer.node:
+        return
+    try:
+        _blk_checks(peer, original)
+        _adversarial(peer)
+    finally:
+        peer.close()
+
+
+def _blk_checks(peer: VdusePeer, original: bytes) -> None:
+    blk: VdpaBlk | None = None
+    with check("vdpa_identity") as info:
+        blk = VdpaBlk(peer.node)
+        info["device_id"] = blk.device_id
+        info["capacity"] = blk.capacity
+        info["config_size"] = blk.config_size
+        info["vqs"] = blk.vqs
+        info["max_queue"] = blk.max_queue
+        info["iova_range"] = f"{blk.iova_range.first:#x}-{blk.iova_range.last:#x}"
+        info["features"] = hex(blk.features)
+        info["backend_features"] = hex(int(blk.backend_offered))
+        info["status"] = hex(int(blk.status))
+        assert blk.device_id == DeviceId.BLOCK == 2
+        assert blk.capacity == IMAGE_SIZE // SECTOR
+        assert blk.status == 0xF, blk.status  # ACK | DRIVER | FEATURES_OK | DRIVER_OK
+        # The group and address-space calls: a value, or the errno the kernel answers for
+        # a device that has no groups (VDUSE has none in 6.12: EOPNOTSUPP).
+        for name, call in (
+            ("groups", blk.dev.get_group_num),
+            ("address_spaces", blk.dev.get_as_num),
+            ("vring_group_0", lambda: blk.dev.get_vring_group(0)),
+            ("vring_size_0", lambda: blk.dev.get_vring_size(0)),
+        ):
+            try:
+                info[name] = call()
+            except KernelError as e:
+                info[name] = errno.errorcode[e.errno or 0]
+        info["mappings"] = len(blk.dev.mappings())
+    if blk is None:
+        return
+    try:
+        with check("vdpa_blk_io") as info:
+            # Read: sectors straight from the image.
+            for sector in (0, 1, 777, IMAGE_SIZE // SECTOR - 8):
+                got = blk.read(sector, 8 * SECTOR)
+                want = original[sector * SECTOR : (sector + 8) * SECTOR]
+                assert got == want, f"read at sector {sector} differs from the image"
+            # Write then read back, at several offsets and sizes, then flush.
+            rng = random.Random(5)
+            written = {}
+            for sector, count in ((16, 1), (100, 8), (2000, 64), (5000, 3)):
+                data = rng.randbytes(count * SECTOR)
+                blk.write(sector, data)
+                written[sector] = data
+                assert blk.read(sector, len(data)) == data, f"read-back at {sector}"
+            blk.flush()
+            # Many requests in flight at once.
+            reqs = [(T_IN, 64 * i, 4096) for i in range(32)]
+            blk.submit(reqs)
+            for i in range(32):
+                got = blk.memory.read(blk.window(i), 4096)
+                assert got == original[64 * i * SECTOR : 64 * i * SECTOR + 4096], f"QD32 #{i}"
+            # The image file itself holds what we wrote.
+            with IMAGE.open("rb") as f:
+                for sector, data in written.items():
+                    f.seek(sector * SECTOR)
+                    assert f.read(len(data)) == data, f"image at sector {sector}"
+            info["writes"] = len(written)
+            info["qd32_reads"] = len(reqs)
+        with check("vdpa_config") as info:
+            info["get_config_past_end"] = _errno(lambda: blk.dev.get_config(blk.config_size, 8))
+            assert info["get_config_past_end"] == "EINVAL", info
+            try:
+                blk.dev.get_config(0xFFFF_FFF0, 0x20)
+            except InvalidParamError:
+                info["offset_overflow"] = "InvalidParamError"
+            assert info.get("offset_overflow") == "InvalidParamError", info
+        with check("vdpa_teardown") as info:
+            blk.dev.unmap_memory(blk.memory)
+            info["mappings_after_unmap"] = len(blk.dev.mappings())
+            assert info["mappings_after_unmap"] == 0
+            blk.dev.reset()
+            info["status_after_reset"] = int(blk.dev.get_status())
+            assert info["status_after_reset"] == 0
+    finally:
+        blk.dev.close()
+        blk.kick.close()
+        blk.call.close()
+
+
+def _adversarial(peer: VdusePeer) -> None:
+    gc.collect()
+    before = fd_count()
+    with check("vdpa_adversarial") as info:
+        with VhostVdpa(peer.node) as dev:
+            # The kernel allows one open at a time.
+            info["second_open"] = _errno(lambda: VhostVdpa(peer.node))
+            assert info["second_open"] == "EBUSY", info
+            dev.set_owner()
+            count = dev.get_vqs_count()
+            info["vring_num_beyond_count"] = _errno(lambda: dev.set_vring_num(count, 64))
+            info["vring_enable_beyond_count"] = _errno(lambda: dev.set_vring_enable(count + 5, True))
+            info["vring_group_beyond_count"] = _errno(lambda: dev.get_vring_group(count))
+            assert info["vring_num_beyond_count"] == "ENOBUFS", info
+            assert info["vring_enable_beyond_count"] == "ENOBUFS", info
+            # suspend/resume exist only when the device offers them.
+            offered = dev.get_backend_features()
+            for name, feature, call in (
+                ("suspend", BackendFeature.SUSPEND, dev.suspend),
+                ("resume", BackendFeature.RESUME, dev.resume),
+            ):
+                info[name] = _errno(call)
+                if not offered & feature:
+                    assert info[name] == "ENOTSUP", info
+            # Unmapping an IOVA nothing was mapped at.
+            try:
+                dev.dma_unmap(0x40000000, 4096)
+            except InvalidMemoryError as e:
+                info["unmap_unmapped"] = f"InvalidMemoryError@{e.address:#x}"
+            assert info.get("unmap_unmapped") == "InvalidMemoryError@0x40000000", info
+            # Mapping outside the device's IOVA range, or wrapping past 2**64.
+            first, last = dev.get_iova_range()
+            if last < (1 << 64) - 1 - 4096:
+                bad_iova = last + 1
+            else:
+                bad_iova = (1 << 64) - 4096
+            # Shared file-backed memory: VDUSE maps by file (anonymous memory is skipped).
+            scratch = GuestMemory.allocate([(0, 1 << 16)])
+            addr = scratch.regions()[0][2]
+            info["map_outside_range"] = _errno(lambda: dev.dma_map(bad_iova, 8192, addr))
+            assert info["map_outside_range"] in ("EFAULT", "EINVAL"), info
+            # An IOTLB update of size 0.
+            info["map_size_0"] = _errno(lambda: dev.dma_map(0x1000, 0, addr))
+            assert info["map_size_0"] in ("EFAULT", "EINVAL"), info
+            # Overlapping an existing mapping.
+            dev.dma_map(0x200000, 8192, addr)
+            info["map_overlap"] = _errno(lambda: dev.dma_map(0x201000, 4096, addr))
+            assert info["map_overlap"] in ("EFAULT", "EEXIST"), info
+            dev.dma_unmap(0x200000, 8192)
+            info["mappings_left"] = len(dev.mappings())
+            assert info["mappings_left"] == 0
+        try:
+            dev.get_device_id()
+        except ClosedError:
+            info["after_close"] = "ClosedError"
+        assert info.get("after_close") == "ClosedError"
+        try:
+            VhostVdpa("/dev/vhost-vdpa-99")
+        except KernelError as e:
+            info["missing_node"] = errno.errorcode[e.errno or 0]
+        assert info.get("missing_node") == "ENOENT", info
+        del scratch
+        gc.collect()
+        info["fds_before"], info["fds_after"] = before, fd_count()
+        assert info["fds_after"] == before, info
