@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import checks_net, checks_vdpa
+from . import checks_net, checks_vdpa, checks_vsock
 from .report import run
 
 
@@ -23,6 +23,8 @@ def main() -> int:
             checks_net.errors_are_typed_with_the_kernel_errno,
             checks_net.no_fd_leak,
         ]
+    if "vsock" in args.areas:
+        checks += [checks_vsock.connect_and_exchange, checks_vsock.cid_errors]
     if "vdpa" in args.areas:
         checks.append(checks_vdpa.blk_through_vdpa)
     return run(checks, args.out)
