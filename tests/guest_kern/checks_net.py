@@ -3,6 +3,7 @@ vhost-net device reaches."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -22,7 +23,7 @@ def tx_frames_come_out_of_the_tap() -> None:
         try:
             frames = [frame(i, 60 + 7 * i) for i in range(8)]
             rig.send(frames)
-            seen = []
+            seen: list[bytes] = []
             while len(seen) < len(frames):
                 ready, _, _ = select.select([rig.sniff], [], [], 10)
                 assert ready, f"only {len(seen)} of {len(frames)} frames reached the tap"
@@ -62,7 +63,9 @@ def errors_are_typed_with_the_kernel_errno() -> None:
             try:
                 KernelBackend(path)
             except KernelError as e:
-                assert e.errno == errno.ENOTTY or (path == "/dev/net/tun" and e.errno == errno.EBADFD), e
+                assert e.errno == errno.ENOTTY or (
+                    path == "/dev/net/tun" and e.errno == errno.EBADFD
+                ), e
                 info[path] = errno.errorcode[e.errno]
             else:
                 raise AssertionError(f"{path} accepted as a vhost device")
@@ -116,10 +119,8 @@ def no_fd_leak() -> None:
         gc.collect()
         before = fd_count()
         for i in range(10):
-            try:
+            with contextlib.suppress(KernelError):
                 KernelBackend("/dev/null")
-            except KernelError:
-                pass
             with VhostNet() as net:
                 net.set_owner()
                 _errno(lambda: net.set_vring_num(5, 256))

@@ -98,7 +98,9 @@ class NetRig:
         if self.tx.kick_needed():
             self.kicks[VhostNet.TX].write(1)
 
-    def reap(self, queue: Virtqueue, call: EventFd, want: int, timeout: float = 10.0) -> list[tuple[int, int]]:
+    def reap(
+        self, queue: Virtqueue, call: EventFd, want: int, timeout: float = 10.0
+    ) -> list[tuple[int, int]]:
         done: list[tuple[int, int]] = []
         while len(done) < want:
             got = queue.poll_used()
