@@ -63,4 +63,14 @@ def test_every_guest_check_passed() -> None:
     assert run.result.status == 0, run.result.tail(80)
     failed = [name for name, c in run.checks.items() if not c["ok"]]
     assert not failed, failed
-    assert len(run.checks) >= 13, sorted(run.checks)
+    assert len(run.checks) >= 14, sorted(run.checks)
+
+
+def test_iotlb_misses_are_read_from_the_device_and_answered_with_updates() -> None:
+    info = kern_guest().check("net_iotlb")
+    # The frame's buffer missed (read access: TX reads it); after our update it went
+    # out; a second frame used the cached translation; an invalidate made it miss again.
+    assert info["misses_first"] >= 1
+    assert info["first_miss"] == "iova=0x200000 perm=RO"
+    assert info["misses_cached"] == 0
+    assert info["misses_after_invalidate"] >= 1

@@ -10,10 +10,30 @@ import os
 import select
 import socket
 
-from vhost import ClosedError, KernelError
-from vhost.kern import KernelBackend, VhostNet
+from vhost import (
+    ClosedError,
+    EventFd,
+    GuestMemory,
+    IotlbAccess,
+    IotlbMessage,
+    IotlbType,
+    KernelError,
+    MemoryRegion,
+)
+from vhost.kern import VHOST_NET_F_VIRTIO_NET_HDR, BackendFeature, KernelBackend, VhostNet
+from vhost.virtio import VirtioFeature, Virtqueue, place_rings
 
-from .net import ETH_TYPE, HDR_LEN, NetRig, frame
+from .net import (
+    ETH_TYPE,
+    HDR_LEN,
+    MEM,
+    QSIZE,
+    TX_BUFS,
+    TX_RING,
+    NetRig,
+    frame,
+    open_tap,
+)
 from .report import check, fd_count
 
 
@@ -139,3 +159,86 @@ def _errno(call: object) -> str:
     except KernelError as e:
         return errno.errorcode.get(e.errno or 0, str(e.errno))
     return "no error"
+
+
+def iotlb_miss_update_invalidate() -> None:
+    """vhost-net with ACCESS_PLATFORM: ring and buffer addresses are IOVAs the kernel
+    translates through its IOTLB. It reports what it cannot translate as MISS messages we
+    read and parse from the fd; our UPDATE lets the frame through; after an INVALIDATE
+    the next frame misses again."""
+    with check("net_iotlb") as info:
+        tap = open_tap("pviotlb0")
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
+        sniff.bind(("pviotlb0", ETH_TYPE))
+        net = VhostNet()
+        memory = GuestMemory.allocate([(0, MEM)])
+        kick, call = EventFd(), EventFd()
+        try:
+            net.set_owner()
+            net.set_backend_features(BackendFeature.IOTLB_MSG_V2)
+            want = (
+                int(VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM)
+                | VHOST_NET_F_VIRTIO_NET_HDR
+            )
+            net.set_features(want)
+            uaddr = memory.regions()[0][2]
+            # The kernel checks rings against a memory table even when it translates
+            # through the IOTLB (no table: EFAULT on attach).
+            net.set_mem_table([MemoryRegion(0, MEM, uaddr)])
+            tx = Virtqueue(memory, QSIZE, *place_rings(TX_RING, QSIZE))
+            net.set_vring_num(VhostNet.TX, QSIZE)
+            # IOVA = guest address: the ring addresses are what the device sees.
+            net.native.set_vring_addr(VhostNet.TX, tx.desc, tx.used, tx.avail)
+            net.set_vring_base(VhostNet.TX, 0)
+            net.set_vring_call(VhostNet.TX, call)
+            net.set_vring_kick(VhostNet.TX, kick)
+            chunk = 1 << 20
+
+            def update(iova: int) -> None:
+                """Maps the 1 MiB chunk of guest memory holding ``iova``, read-write."""
+                base = iova & ~(chunk - 1)
+                msg = IotlbMessage(base, chunk, uaddr + base, IotlbAccess.RW, IotlbType.UPDATE)
+                net.send_iotlb_msg(msg)
+
+            # Attaching the backend reads the used ring at once: map the rings first,
+            # as QEMU does; buffers will miss.
+            update(tx.used)
+            net.set_backend(VhostNet.TX, tap)
+            misses: list[IotlbMessage] = []
+
+            def send_and_serve(seq: int) -> bytes:
+                """Sends a frame; answers each miss with an update until it comes out."""
+                f = frame(seq)
+                memory.write(TX_BUFS, bytes(HDR_LEN) + f)
+                tx.add([(TX_BUFS, HDR_LEN + len(f))], [])
+                tx.publish()
+                kick.write(1)
+                while True:
+                    ready, _, _ = select.select([sniff, net.fileno()], [], [], 10)
+                    assert ready, "no frame and no IOTLB miss"
+                    if sniff in ready:
+                        return sniff.recv(4096)
+                    msg = net.recv_iotlb_msg(timeout=0)
+                    assert msg is not None and msg.type is IotlbType.MISS, msg
+                    assert 0 <= msg.iova < MEM, msg
+                    misses.append(msg)
+                    update(msg.iova)
+
+            assert send_and_serve(1) == frame(1)
+            info["misses_first"] = len(misses)
+            assert misses, "the kernel translated without any IOTLB update"
+            before = len(misses)
+            assert send_and_serve(2) == frame(2)  # translations cached: no new miss
+            info["misses_cached"] = len(misses) - before
+            net.send_iotlb_msg(IotlbMessage(0, MEM, 0, IotlbAccess(0), IotlbType.INVALIDATE))
+            before = len(misses)
+            assert send_and_serve(3) == frame(3)
+            info["misses_after_invalidate"] = len(misses) - before
+            assert info["misses_after_invalidate"] >= 1, info
+            info["first_miss"] = f"iova={misses[0].iova:#x} perm={misses[0].perm.name}"
+        finally:
+            net.close()
+            sniff.close()
+            os.close(tap)
+            kick.close()
+            call.close()

@@ -21,6 +21,7 @@ def main() -> int:
             checks_net.tx_frames_come_out_of_the_tap,
             checks_net.tap_frames_arrive_in_rx,
             checks_net.errors_are_typed_with_the_kernel_errno,
+            checks_net.iotlb_miss_update_invalidate,
             checks_net.no_fd_leak,
         ]
     if "vsock" in args.areas:
