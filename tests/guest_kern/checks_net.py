@@ -214,9 +214,9 @@ def iotlb_miss_update_invalidate() -> None:
                 tx.publish()
                 kick.write(1)
                 while True:
-                    ready, _, _ = select.select([sniff, net.fileno()], [], [], 10)
+                    ready, _, _ = select.select([sniff.fileno(), net.fileno()], [], [], 10)
                     assert ready, "no frame and no IOTLB miss"
-                    if sniff in ready:
+                    if sniff.fileno() in ready:
                         return sniff.recv(4096)
                     msg = net.recv_iotlb_msg(timeout=0)
                     assert msg is not None and msg.type is IotlbType.MISS, msg
@@ -233,8 +233,9 @@ def iotlb_miss_update_invalidate() -> None:
             net.send_iotlb_msg(IotlbMessage(0, MEM, 0, IotlbAccess(0), IotlbType.INVALIDATE))
             before = len(misses)
             assert send_and_serve(3) == frame(3)
-            info["misses_after_invalidate"] = len(misses) - before
-            assert info["misses_after_invalidate"] >= 1, info
+            again = len(misses) - before
+            info["misses_after_invalidate"] = again
+            assert again >= 1, info
             info["first_miss"] = f"iova={misses[0].iova:#x} perm={misses[0].perm.name}"
         finally:
             net.close()
