@@ -45,9 +45,9 @@ def tx_frames_come_out_of_the_tap() -> None:
             rig.send(frames)
             seen: list[bytes] = []
             while len(seen) < len(frames):
-                ready, _, _ = select.select([rig.sniff], [], [], 10)
+                ready, _, _ = select.select([rig.capture], [], [], 10)
                 assert ready, f"only {len(seen)} of {len(frames)} frames reached the tap"
-                seen.append(rig.sniff.recv(4096))
+                seen.append(rig.capture.recv(4096))
             assert seen == frames, "frames differ"
             used = rig.reap(rig.tx, rig.calls[VhostNet.TX], len(frames))
             info["frames"] = len(seen)
@@ -63,7 +63,7 @@ def tap_frames_arrive_in_rx() -> None:
             heads = rig.post_rx(16)
             frames = [frame(100 + i, 64 + 11 * i) for i in range(5)]
             for f in frames:
-                rig.sniff.send(f)
+                rig.capture.send(f)
             got = []
             for head, length in rig.reap(rig.rx, rig.calls[VhostNet.RX], len(frames)):
                 data = rig.memory.read(heads[head], length)

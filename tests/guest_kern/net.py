@@ -50,7 +50,7 @@ class NetRig:
 
     net: VhostNet
     tap: int
-    sniff: socket.socket
+    sniff: socket.socket | None
     memory: GuestMemory
     rx: Virtqueue
     tx: Virtqueue
@@ -58,10 +58,13 @@ class NetRig:
     calls: tuple[EventFd, EventFd]
 
     @classmethod
-    def create(cls, name: str = "pvtap0") -> NetRig:
+    def create(cls, name: str = "pvtap0", *, sniff_frames: bool = True) -> NetRig:
+        """``sniff_frames``: also open a packet socket that captures our frames on the tap."""
         tap = open_tap(name)
-        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
-        sniff.bind((name, ETH_TYPE))
+        sniff = None
+        if sniff_frames:
+            sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
+            sniff.bind((name, ETH_TYPE))
         net = VhostNet()
         net.set_owner()
         offered = net.get_features()
@@ -77,6 +80,12 @@ class NetRig:
             setup_queue(net, index, memory, q, kicks[index], calls[index])
             net.set_backend(index, tap)
         return cls(net, tap, sniff, memory, rx, tx, kicks, calls)
+
+    @property
+    def capture(self) -> socket.socket:
+        """The packet socket on the tap (only with ``sniff_frames``)."""
+        assert self.sniff is not None, "created with sniff_frames=False"
+        return self.sniff
 
     def post_rx(self, count: int) -> dict[int, int]:
         """Posts ``count`` writable buffers on RX; returns head -> buffer address."""
@@ -116,7 +125,8 @@ class NetRig:
         for index in (VhostNet.RX, VhostNet.TX):
             self.net.set_backend(index, None)
         self.net.close()
-        self.sniff.close()
+        if self.sniff is not None:
+            self.sniff.close()
         os.close(self.tap)
         for e in (*self.kicks, *self.calls):
             e.close()

@@ -31,11 +31,15 @@ class VdusePeer:
     """qemu-storage-daemon exporting ``image`` as VDUSE device ``name``, bound to
     vhost-vdpa with the ``vdpa`` tool; :attr:`node` is its ``/dev/vhost-vdpa-N``."""
 
-    def __init__(self, image: Path, name: str = "vduse0", *, writable: bool = True) -> None:
+    def __init__(
+        self, image: Path, name: str = "vduse0", *, writable: bool = True, cpu: int | None = None
+    ) -> None:
         self.name = name
         self.log = Path(f"/tmp/qsd-{name}.log")
+        pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         self.proc = subprocess.Popen(
             [
+                *pin,
                 "qemu-storage-daemon",
                 "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
                 "--export",
