@@ -63,7 +63,7 @@ def test_every_guest_check_passed() -> None:
     assert run.result.status == 0, run.result.tail(80)
     failed = [name for name, c in run.checks.items() if not c["ok"]]
     assert not failed, failed
-    assert len(run.checks) >= 14, sorted(run.checks)
+    assert len(run.checks) >= 16, sorted(run.checks)
 
 
 def test_iotlb_misses_are_read_from_the_device_and_answered_with_updates() -> None:
@@ -74,3 +74,18 @@ def test_iotlb_misses_are_read_from_the_device_and_answered_with_updates() -> No
     assert info["first_miss"] == "iova=0x200000 perm=RO"
     assert info["misses_cached"] == 0
     assert info["misses_after_invalidate"] >= 1
+
+
+def test_reset_owner_busyloop_endian_and_memory_table_limits() -> None:
+    info = kern_guest().check("net_control")
+    assert info["owner_after_reset"] == "ok"
+    assert info["busyloop"] == 50
+    assert info["endian"] in (0, "ENOTTY")
+    assert info["mem_table_empty"] == "InvalidParamError"  # I3, refused before the kernel
+    assert info["mem_table_over_limit"] == "E2BIG"  # I3, the kernel's limit
+
+
+def test_dirty_log_marks_pages_the_kernel_wrote_and_signals_the_log_fd() -> None:
+    info = kern_guest().check("net_dirty_log")
+    assert info["dirty_pages"] >= 1
+    assert info["log_signalled"] is True

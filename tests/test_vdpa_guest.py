@@ -49,6 +49,7 @@ def test_vdpa_bad_input_gives_typed_errors_without_leaks() -> None:
     assert info["map_outside_range"] == "EFAULT"
     assert info["map_size_0"] == "EINVAL"  # I11
     assert info["map_overlap"] == "EFAULT"
+    assert info["mem_table_mappings"] == "[(0, 3145728, 32768)]"
     assert info["after_close"] == "ClosedError"
     assert info["missing_node"] == "ENOENT"  # I11
     assert info["fds_before"] == info["fds_after"]

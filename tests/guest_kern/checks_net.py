@@ -9,11 +9,13 @@ import gc
 import os
 import select
 import socket
+from pathlib import Path
 
 from vhost import (
     ClosedError,
     EventFd,
     GuestMemory,
+    InvalidParamError,
     IotlbAccess,
     IotlbMessage,
     IotlbType,
@@ -21,13 +23,14 @@ from vhost import (
     MemoryRegion,
 )
 from vhost.kern import VHOST_NET_F_VIRTIO_NET_HDR, BackendFeature, KernelBackend, VhostNet
-from vhost.virtio import VirtioFeature, Virtqueue, place_rings
+from vhost.virtio import VirtioFeature, Virtqueue, place_rings, setup_queue
 
 from .net import (
     ETH_TYPE,
     HDR_LEN,
     MEM,
     QSIZE,
+    RX_BUFS,
     TX_BUFS,
     TX_RING,
     NetRig,
@@ -243,3 +246,78 @@ def iotlb_miss_update_invalidate() -> None:
             os.close(tap)
             kick.close()
             call.close()
+
+
+def control_plane_extras() -> None:
+    """The rest of the generic requests on a real device: reset_owner, the busy-loop
+    timeout, vring endianness, the memory table limits (ADVERSARIAL I3)."""
+    with check("net_control") as info, VhostNet() as net:
+        net.set_owner()
+        net.reset_owner()
+        net.set_owner()  # a reset device can be claimed again
+        info["owner_after_reset"] = "ok"
+        net.set_vring_busyloop_timeout(VhostNet.TX, 50)
+        info["busyloop"] = net.get_vring_busyloop_timeout(VhostNet.TX)
+        assert info["busyloop"] == 50, info
+        # Only kernels built with cross-endian support have it: a value or ENOTTY.
+        try:
+            info["endian"] = int(net.get_vring_endian(VhostNet.RX))
+        except KernelError as e:
+            info["endian"] = errno.errorcode[e.errno or 0]
+        assert info["endian"] in (0, "ENOTTY"), info
+        try:
+            net.set_mem_table([])
+        except InvalidParamError:
+            info["mem_table_empty"] = "InvalidParamError"
+        assert info.get("mem_table_empty") == "InvalidParamError", info
+        # More regions than the vhost module's max_mem_regions (64 by default).
+        limit = int(Path("/sys/module/vhost/parameters/max_mem_regions").read_text())
+        regions = [
+            MemoryRegion(i << 20, 4096, 0x7F00_0000_0000 + (i << 20)) for i in range(limit + 1)
+        ]
+        info["mem_table_over_limit"] = _errno(lambda: net.set_mem_table(regions))
+        assert info["mem_table_over_limit"] == "E2BIG", info
+        info["max_mem_regions"] = limit
+
+
+def dirty_log() -> None:
+    """VHOST_F_LOG_ALL with set_log_base/set_log_fd: the kernel marks the guest pages it
+    writes (RX buffers) in our log and signals the log eventfd."""
+    with check("net_dirty_log") as info:
+        tap = open_tap("pvlog0")
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
+        sniff.bind(("pvlog0", ETH_TYPE))
+        net = VhostNet()
+        memory = GuestMemory.allocate([(0, MEM)])
+        log = GuestMemory.allocate([(0, 4096)])  # one bit per 4 KiB page: 128 bytes used
+        kick, call, log_fd = EventFd(), EventFd(), EventFd(nonblock=True)
+        try:
+            net.set_owner()
+            net.set_mem_table([MemoryRegion(g, s, u) for g, s, u, _o, _f in memory.regions()])
+            net.set_log_base(log.regions()[0][2])
+            net.set_log_fd(log_fd)
+            want = int(VirtioFeature.VERSION_1 | VirtioFeature.LOG_ALL) | VHOST_NET_F_VIRTIO_NET_HDR
+            net.set_features(want)
+            rx = Virtqueue(memory, QSIZE, *place_rings(0, QSIZE))
+            setup_queue(net, VhostNet.RX, memory, rx, kick, call)
+            net.set_backend(VhostNet.RX, tap)
+            buf = RX_BUFS + 5 * 4096  # page 0x105
+            rx.add([], [(buf, 2048)])
+            rx.publish()
+            kick.write(1)
+            sniff.send(frame(9))
+            ready, _, _ = select.select([call.fileno()], [], [], 10)
+            assert ready, "no RX completion"
+            page = buf // 4096
+            bits = log.read(0, 128)
+            assert bits[page // 8] & (1 << (page % 8)), f"page {page:#x} not marked dirty"
+            info["dirty_pages"] = sum(bin(b).count("1") for b in bits)
+            info["log_signalled"] = log_fd.try_read() is not None
+            assert info["log_signalled"], info
+            net.set_backend(VhostNet.RX, None)
+        finally:
+            net.close()
+            sniff.close()
+            os.close(tap)
+            for e in (kick, call, log_fd):
+                e.close()

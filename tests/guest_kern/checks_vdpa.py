@@ -10,7 +10,14 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from vhost import ClosedError, GuestMemory, InvalidMemoryError, InvalidParamError, KernelError
+from vhost import (
+    ClosedError,
+    GuestMemory,
+    InvalidMemoryError,
+    InvalidParamError,
+    KernelError,
+    MemoryRegion,
+)
 from vhost.kern import BackendFeature
 from vhost.vdpa import VhostVdpa
 from vhost.virtio import DeviceId
@@ -178,6 +185,12 @@ def _adversarial(peer: VdusePeer) -> None:
             info["map_overlap"] = _errno(lambda: dev.dma_map(0x201000, 4096, addr))
             assert info["map_overlap"] in ("EFAULT", "EEXIST"), info
             dev.dma_unmap(0x200000, 8192)
+            # set_mem_table maps regions at IOVA = guest address, replacing what it mapped.
+            dev.set_mem_table([MemoryRegion(0x100000, 1 << 16, addr)])
+            dev.set_mem_table([MemoryRegion(0x300000, 1 << 15, addr)])
+            info["mem_table_mappings"] = str(dev.mappings())
+            assert dev.mappings() == [(0, 0x300000, 1 << 15)], info
+            dev.dma_unmap(0x300000, 1 << 15)
             info["mappings_left"] = len(dev.mappings())
             assert info["mappings_left"] == 0
         try:

@@ -22,6 +22,8 @@ def main() -> int:
             checks_net.tap_frames_arrive_in_rx,
             checks_net.errors_are_typed_with_the_kernel_errno,
             checks_net.iotlb_miss_update_invalidate,
+            checks_net.control_plane_extras,
+            checks_net.dirty_log,
             checks_net.no_fd_leak,
         ]
     if "vsock" in args.areas:
