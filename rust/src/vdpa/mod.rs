@@ -246,3 +246,67 @@ impl VhostVdpa {
         self.maps.lock().unwrap_or_else(|p| p.into_inner()).list()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_dev_null() -> VhostVdpa {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        VhostVdpa::new(Arc::new(VhostDevice::unprobed(f.into())))
+    }
+
+    #[test]
+    fn config_ranges_the_abi_cannot_carry_are_refused_first() {
+        let v = on_dev_null();
+        assert!(matches!(
+            v.get_config(u32::MAX - 3, 8),
+            Err(Error::InvalidParam(_))
+        ));
+        assert!(matches!(
+            v.get_config(0, MAX_CONFIG_LEN + 1),
+            Err(Error::InvalidParam(_))
+        ));
+        assert!(matches!(
+            v.set_config(u32::MAX, &[1, 2]),
+            Err(Error::InvalidParam(_))
+        ));
+        // A valid range reaches the kernel, whose errno names the request.
+        let e = v.get_config(0, 8).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOTTY));
+        assert!(e.to_string().starts_with("VHOST_VDPA_GET_CONFIG: "), "{e}");
+    }
+
+    #[test]
+    fn the_header_and_data_are_laid_out_as_struct_vhost_vdpa_config() {
+        let buf = VhostVdpa::config_buffer(0x10, 13).unwrap();
+        assert_eq!(buf.len(), 1 + 2); // 8 header bytes, 13 data bytes rounded up to words
+        let head = buf[0].to_ne_bytes();
+        assert_eq!(u32::from_ne_bytes(head[..4].try_into().unwrap()), 0x10);
+        assert_eq!(u32::from_ne_bytes(head[4..].try_into().unwrap()), 13);
+    }
+
+    #[test]
+    fn a_failed_map_is_not_recorded_and_unmapping_nothing_is_not_mapped() {
+        let v = on_dev_null();
+        // write() on /dev/null "succeeds", so the map is recorded; the unmap removes it.
+        v.dma_map(0x1000, 0x2000, 0x7000_0000, false, 0).unwrap();
+        assert_eq!(v.mappings(), vec![(0, 0x1000, 0x2000)]);
+        let e = v.dma_unmap(0x9000, 0x1000, 0).unwrap_err();
+        assert!(matches!(e, Error::NotMapped { iova: 0x9000, .. }));
+        v.dma_unmap(0x1000, 0x2000, 0).unwrap();
+        assert!(v.mappings().is_empty());
+        // On a file that refuses writes the map fails with the errno and records nothing.
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        let ro = VhostVdpa::new(Arc::new(VhostDevice::unprobed(f.into())));
+        let e = ro
+            .dma_map(0x1000, 0x1000, 0x7000_0000, true, 0)
+            .unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBADF));
+        assert!(ro.mappings().is_empty());
+    }
+}
