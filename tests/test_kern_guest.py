@@ -25,7 +25,10 @@ def test_not_a_vhost_node_and_closed_device_give_typed_errors() -> None:
     run = kern_guest()
     info = run.check("adv_not_vhost")
     assert info["/dev/null"] == "ENOTTY"
-    assert run.check("adv_closed")["closed"] == "ClosedError"
+    closed = run.check("adv_closed")
+    assert closed["closed"] == "ClosedError"  # I1: even with its fd number reused
+    assert closed["number_reused"] is True
+    assert int(closed["from_fd_features"], 16) & (1 << 32)
 
 
 def test_kernel_errors_carry_the_kernel_errno() -> None:

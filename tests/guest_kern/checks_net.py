@@ -94,13 +94,27 @@ def errors_are_typed_with_the_kernel_errno() -> None:
                 raise AssertionError(f"{path} accepted as a vhost device")
     with check("adv_closed") as info:
         net = VhostNet()
+        number = net.fileno()
         net.close()
+        # The fd number goes to the next file opened; the closed device must not use it.
+        reused = os.open("/dev/null", os.O_RDONLY)
         try:
-            net.get_features()
-        except ClosedError:
-            info["closed"] = "ClosedError"
-        else:
-            raise AssertionError("a closed device answered")
+            info["number_reused"] = reused == number
+            try:
+                net.get_features()
+            except ClosedError:
+                info["closed"] = "ClosedError"
+            else:
+                raise AssertionError("a closed device answered")
+        finally:
+            os.close(reused)
+        # from_fd adopts a duplicate: the caller's fd can be closed right away.
+        raw = os.open("/dev/vhost-net", os.O_RDWR)
+        adopted = KernelBackend.from_fd(raw)
+        os.close(raw)
+        with adopted:
+            adopted.set_owner()
+            info["from_fd_features"] = hex(adopted.get_features())
     with check("adv_errno") as info:
         with VhostNet() as net:
             net.set_owner()
