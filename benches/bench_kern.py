@@ -54,10 +54,10 @@ def _timed(seconds: float, step: Callable[[], int]) -> float:
     return done / elapsed
 
 
-def net_tx(seconds: float) -> float:
+def net_tx(seconds: float, event_idx: bool) -> float:
     from guest_kern.net import HDR_LEN, TX_BUFS, NetRig, frame  # noqa: PLC0415
 
-    rig = NetRig.create("pvbench0", sniff_frames=False)
+    rig = NetRig.create("pvbench0", sniff_frames=False, event_idx=event_idx)
     try:
         f = frame(7, FRAME)
         for i in range(BATCH):
@@ -145,7 +145,8 @@ def in_guest(seconds: float, runs: int) -> dict[str, dict[str, float]]:
     for placement, cpu in (("pinned", 0), ("unpinned", None)):
         os.sched_setaffinity(0, {0} if cpu is not None else all_cpus)
         r: dict[str, float] = {}
-        r["net_tx_vhost"] = _median(runs, lambda: net_tx(seconds))
+        r["net_tx_vhost"] = _median(runs, lambda: net_tx(seconds, False))
+        r["net_tx_vhost_event_idx"] = _median(runs, lambda: net_tx(seconds, True))
         r["net_tx_tap_write"] = _median(runs, lambda: tap_write(seconds))
         peer = VdusePeer(image, f"vbench{placement}", writable=False, cpu=cpu)
         sock = f"/tmp/bench-{placement}.sock"
@@ -211,6 +212,8 @@ def on_host(seconds: float, runs: int) -> int:
         rows = [
             ("vhost-net TX, 1500 B frames/s (ref: write() to the tap)",
              r["net_tx_vhost"], r["net_tx_tap_write"]),
+            ("vhost-net TX with EVENT_IDX, 1500 B frames/s (ref: write() to the tap)",
+             r["net_tx_vhost_event_idx"], r["net_tx_tap_write"]),
             ("vDPA blk 4 KiB randread IOPS QD1 (ref: vhost-user, qemu-storage-daemon)",
              r["vdpa_read_qd1"], r["vhost_user_read_qd1"]),
             ("vDPA blk 4 KiB randread IOPS QD32 (ref: vhost-user, qemu-storage-daemon)",

@@ -58,8 +58,11 @@ class NetRig:
     calls: tuple[EventFd, EventFd]
 
     @classmethod
-    def create(cls, name: str = "pvtap0", *, sniff_frames: bool = True) -> NetRig:
-        """``sniff_frames``: also open a packet socket that captures our frames on the tap."""
+    def create(
+        cls, name: str = "pvtap0", *, sniff_frames: bool = True, event_idx: bool = False
+    ) -> NetRig:
+        """``sniff_frames``: also open a packet socket that captures our frames on the tap;
+        ``event_idx``: negotiate VIRTIO_RING_F_EVENT_IDX (notification suppression)."""
         tap = open_tap(name)
         sniff = None
         if sniff_frames:
@@ -69,12 +72,14 @@ class NetRig:
         net.set_owner()
         offered = net.get_features()
         want = int(VirtioFeature.VERSION_1) | VHOST_NET_F_VIRTIO_NET_HDR
+        if event_idx:
+            want |= int(VirtioFeature.RING_EVENT_IDX)
         assert offered & want == want, f"vhost-net offers {offered:#x}"
         net.set_features(want)
         memory = GuestMemory.allocate([(0, MEM)])
         net.set_mem_table([MemoryRegion(g, s, u) for g, s, u, _o, _f in memory.regions()])
-        rx = Virtqueue(memory, QSIZE, *place_rings(RX_RING, QSIZE))
-        tx = Virtqueue(memory, QSIZE, *place_rings(TX_RING, QSIZE))
+        rx = Virtqueue(memory, QSIZE, *place_rings(RX_RING, QSIZE), event_idx=event_idx)
+        tx = Virtqueue(memory, QSIZE, *place_rings(TX_RING, QSIZE), event_idx=event_idx)
         kicks, calls = (EventFd(), EventFd()), (EventFd(), EventFd())
         for index, q in ((VhostNet.RX, rx), (VhostNet.TX, tx)):
             setup_queue(net, index, memory, q, kicks[index], calls[index])
