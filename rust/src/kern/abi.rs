@@ -15,6 +15,10 @@ const IOC_READ: u32 = 2;
 const fn ioc(dir: u32, nr: u32, size: usize) -> u64 {
     ((dir << 30) | ((size as u32) << 16) | (VHOST_VIRTIO << 8) | nr) as u64
 }
+/// The argument size encoded in a request number.
+pub const fn ioc_size(req: u64) -> usize {
+    ((req >> 16) & 0x3fff) as usize
+}
 const fn io(nr: u32) -> u64 {
     ioc(IOC_NONE, nr, 0)
 }

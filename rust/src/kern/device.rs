@@ -127,8 +127,26 @@ impl VhostDevice {
         self.ioctl_none(op, req)
     }
 
-    pub(crate) fn raw_ioctl<T>(&self, op: &'static str, req: u64, arg: *mut T) -> Result<()> {
+    /// An ioctl whose argument is one plain `T` the request reads or writes; the size
+    /// encoded in `req` must be `T`'s.
+    pub(crate) fn ioctl_ref<T: Copy>(&self, op: &'static str, req: u64, arg: &mut T) -> Result<()> {
+        debug_assert_eq!(abi::ioc_size(req), std::mem::size_of::<T>(), "{op}");
         self.ioctl(op, req, arg).map(drop)
+    }
+
+    /// An ioctl on a variable-length buffer (a header followed by data). The kernel reads or
+    /// writes as many bytes as the header announces, so callers write a header that fits
+    /// `buf` (`vdpa::VhostVdpa::config_buffer` builds both together).
+    pub(crate) fn ioctl_words(&self, op: &'static str, req: u64, buf: &mut [u64]) -> Result<()> {
+        // The header is `{ u32 off; u32 len; }`: refuse a buffer too short for `len`.
+        let Some(head) = buf.first().map(|w| w.to_ne_bytes()) else {
+            return Err(Error::InvalidParam(format!("{op}: empty buffer")));
+        };
+        let len = u32::from_ne_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if 8 + len > buf.len() * 8 {
+            return Err(Error::InvalidParam(format!("{op}: buffer too short")));
+        }
+        self.ioctl(op, req, buf.as_mut_ptr()).map(drop)
     }
 
     // ---- features and ownership ---------------------------------------------------------

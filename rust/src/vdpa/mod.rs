@@ -53,7 +53,7 @@ impl VhostVdpa {
     pub fn get_status(&self) -> Result<u8> {
         let mut s = 0u8;
         let op = "VHOST_VDPA_GET_STATUS";
-        self.dev.raw_ioctl(op, abi::VHOST_VDPA_GET_STATUS, &mut s)?;
+        self.dev.ioctl_ref(op, abi::VHOST_VDPA_GET_STATUS, &mut s)?;
         Ok(s)
     }
 
@@ -62,7 +62,7 @@ impl VhostVdpa {
     pub fn set_status(&self, status: u8) -> Result<()> {
         let mut s = status;
         let op = "VHOST_VDPA_SET_STATUS";
-        self.dev.raw_ioctl(op, abi::VHOST_VDPA_SET_STATUS, &mut s)
+        self.dev.ioctl_ref(op, abi::VHOST_VDPA_SET_STATUS, &mut s)
     }
 
     fn config_buffer(offset: u32, len: u32) -> Result<Vec<u64>> {
@@ -92,7 +92,7 @@ impl VhostVdpa {
         let mut buf = Self::config_buffer(offset, len)?;
         let op = "VHOST_VDPA_GET_CONFIG";
         self.dev
-            .raw_ioctl(op, abi::VHOST_VDPA_GET_CONFIG, buf.as_mut_ptr())?;
+            .ioctl_words(op, abi::VHOST_VDPA_GET_CONFIG, &mut buf)?;
         let bytes: Vec<u8> = buf[1..].iter().flat_map(|w| w.to_ne_bytes()).collect();
         Ok(bytes[..len as usize].to_vec())
     }
@@ -108,7 +108,7 @@ impl VhostVdpa {
         }
         let op = "VHOST_VDPA_SET_CONFIG";
         self.dev
-            .raw_ioctl(op, abi::VHOST_VDPA_SET_CONFIG, buf.as_mut_ptr())
+            .ioctl_words(op, abi::VHOST_VDPA_SET_CONFIG, &mut buf)
     }
 
     pub fn set_vring_enable(&self, index: u32, enable: bool) -> Result<()> {
@@ -122,7 +122,7 @@ impl VhostVdpa {
         let mut n = 0u16;
         let op = "VHOST_VDPA_GET_VRING_NUM";
         self.dev
-            .raw_ioctl(op, abi::VHOST_VDPA_GET_VRING_NUM, &mut n)?;
+            .ioctl_ref(op, abi::VHOST_VDPA_GET_VRING_NUM, &mut n)?;
         Ok(n)
     }
 
@@ -144,7 +144,7 @@ impl VhostVdpa {
         let mut r = IovaRange::default();
         let op = "VHOST_VDPA_GET_IOVA_RANGE";
         self.dev
-            .raw_ioctl(op, abi::VHOST_VDPA_GET_IOVA_RANGE, &mut r)?;
+            .ioctl_ref(op, abi::VHOST_VDPA_GET_IOVA_RANGE, &mut r)?;
         Ok((r.first, r.last))
     }
 
