@@ -18,6 +18,7 @@ def test_vdpa_identity_capacity_and_status_handshake() -> None:
     assert info["status"] == "0xf"  # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
     assert int(info["features"], 16) & (1 << 32)  # VERSION_1 negotiated
     assert info["mappings"] == 1  # our guest memory, mapped with dma_map
+    assert info["batched_map"] is True  # inside IOTLB BATCH_BEGIN/END (VDUSE offers it)
 
 
 def test_vdpa_blocks_written_and_read_through_our_rings_match_the_image() -> None:

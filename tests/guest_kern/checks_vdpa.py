@@ -82,6 +82,7 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             except KernelError as e:
                 info[name] = errno.errorcode[e.errno or 0]
         info["mappings"] = len(blk.dev.mappings())
+        info["batched_map"] = blk.batched
     if blk is None:
         return
     try:

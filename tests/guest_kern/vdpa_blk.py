@@ -128,7 +128,13 @@ class VdpaBlk:
         if not dev.get_status() & DeviceStatus.FEATURES_OK:
             raise RuntimeError("the device refused FEATURES_OK")
         self.memory = GuestMemory.allocate([(0, MEM)])
-        dev.map_memory(self.memory)
+        # With IOTLB_BATCH the device applies the whole map at BATCH_END.
+        self.batched = bool(self.backend_offered & BackendFeature.IOTLB_BATCH)
+        if self.batched:
+            with dev.iotlb_batch():
+                dev.map_memory(self.memory)
+        else:
+            dev.map_memory(self.memory)
         self.queue = Virtqueue(self.memory, QSIZE, *place_rings(RING, QSIZE))
         self.kick, self.call = EventFd(), EventFd()
         dev.setup_queue(0, self.queue, self.kick, self.call)

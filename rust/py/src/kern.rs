@@ -40,9 +40,13 @@ pub fn kern_error(err: KernError) -> PyErr {
     Python::attach(|py| {
         let msg = err.to_string();
         match err {
-            KernError::Kernel { source, .. } => {
+            KernError::Kernel { op, source } => {
                 let errno = source.raw_os_error().unwrap_or(libc::EIO);
-                make(py, "KernelError", (errno, msg))
+                // "VHOST_SET_OWNER: Device or resource busy", without std's "(os error N)":
+                // OSError already shows the errno.
+                let text = source.to_string();
+                let reason = text.split(" (os error").next().unwrap_or(&text);
+                make(py, "KernelError", (errno, format!("{op}: {reason}")))
             }
             KernError::InvalidParam(_) => make(py, "InvalidParamError", (msg,)),
             KernError::NotMapped { iova, .. } => make(py, "InvalidMemoryError", (msg, iova)),
