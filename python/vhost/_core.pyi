@@ -415,7 +415,11 @@ class _PythonDevice(Protocol):
 @final
 class Daemon:
     def __new__(
-        cls, device: BlkDevice | _PythonDevice, *, stall_timeout: float = 5.0
+        cls,
+        device: BlkDevice | _PythonDevice,
+        *,
+        stall_timeout: float = 5.0,
+        poll_us: int = 0,
     ) -> Self: ...
     def start(self, path: str | os.PathLike[str], *, client: bool = False) -> None: ...
     def stop(self) -> None: ...

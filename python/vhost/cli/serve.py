@@ -43,6 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--client", action="store_true", help="connect to a listening front-end instead"
     )
+    p.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="keep polling each ring this long after the last request before sleeping",
+    )
 
 
 def run_blk(args: argparse.Namespace) -> int:
@@ -68,13 +75,14 @@ def run_blk(args: argparse.Namespace) -> int:
     kind = "python" if args.python else "native"
     mode = " read-only" if args.readonly else ""
     return _serve(
-        Daemon(device, args.socket, client=args.client),
+        Daemon(device, args.socket, client=args.client, poll_us=args.poll_us),
         f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})",
     )
 
 
 def run_rng(args: argparse.Namespace) -> int:
-    return _serve(Daemon(RngDevice(), args.socket, client=args.client), "rng (python)")
+    daemon = Daemon(RngDevice(), args.socket, client=args.client, poll_us=args.poll_us)
+    return _serve(daemon, "rng (python)")
 
 
 def _serve(daemon: Daemon, what: str) -> int:

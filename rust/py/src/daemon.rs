@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -190,6 +190,14 @@ impl PyBatch {
         if !self.open.load(Ordering::SeqCst) {
             return Err(closed("this batch was already returned to the ring"));
         }
+        // A chain kept from an earlier batch is not in flight any more (or its head now
+        // names another buffer): completing it would corrupt the ring.
+        if !self.chains.iter().any(|c| c.as_ptr() == chain.as_ptr()) {
+            return Err(invalid_param(format!(
+                "chain {} is not part of this batch",
+                chain.head
+            )));
+        }
         if written > chain.writable_len {
             return Err(invalid_param(format!(
                 "written {written} exceeds the chain's {} writable bytes",
@@ -327,6 +335,9 @@ impl VirtioDevice for PythonDevice {
 // The daemon
 // ------------------------------------------------------------------------------------------
 
+/// How long `Daemon.wait` sleeps between looks at pending Python signals.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
 struct Running {
     finished: Receiver<UserResult<()>>,
     thread: JoinHandle<()>,
@@ -337,6 +348,7 @@ struct Running {
 pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
     stall_timeout: Duration,
+    poll: Duration,
     stats: Mutex<Option<Arc<DaemonStats>>>,
     running: Mutex<Option<Running>>,
     stopper: Mutex<Option<Stopper>>,
@@ -347,8 +359,8 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (device, *, stall_timeout = 5.0))]
-    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0))]
+    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64, poll_us: u64) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
@@ -361,6 +373,7 @@ impl PyDaemon {
         Ok(PyDaemon {
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
+            poll: Duration::from_micros(poll_us),
             stats: Mutex::new(None),
             running: Mutex::new(None),
             stopper: Mutex::new(None),
@@ -378,7 +391,8 @@ impl PyDaemon {
         }
         let daemon = Daemon::new(self.device.clone())
             .map_err(io_error)?
-            .with_stall_timeout(self.stall_timeout);
+            .with_stall_timeout(self.stall_timeout)
+            .with_poll(self.poll);
         let listener = if client {
             None
         } else {
@@ -424,16 +438,27 @@ impl PyDaemon {
         let Some(r) = lock(&self.running).take() else {
             return self.take_outcome();
         };
-        let (got, r) = py.detach(move || {
-            let got = match timeout {
-                None => r
-                    .finished
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
-                Some(t) => r.finished.recv_timeout(Duration::from_secs_f64(t.max(0.0))),
-            };
-            (got, r)
-        });
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let mut r = r;
+        let got = loop {
+            // Wait in slices, so that Ctrl-C (a Python signal handler) can run (J7).
+            let slice = deadline.map_or(WAIT_SLICE, |d| {
+                d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+            });
+            let (got, back) = py.detach(move || (r.finished.recv_timeout(slice), r));
+            r = back;
+            match got {
+                Err(RecvTimeoutError::Timeout)
+                    if !deadline.is_some_and(|d| Instant::now() >= d) =>
+                {
+                    if let Err(e) = py.check_signals() {
+                        *lock(&self.running) = Some(r);
+                        return Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
         let outcome = match got {
             Ok(o) => o,
             Err(RecvTimeoutError::Timeout) => {
@@ -514,7 +539,9 @@ impl Drop for PyDaemon {
             s.stop();
         }
         if let Some(r) = lock(&self.running).take() {
-            let _ = r.thread.join();
+            // Join without the GIL: the session's workers (a Python device's `process`,
+            // its `reset` at session end) need it to finish, and a collector holds it.
+            let _ = Python::attach(|py| py.detach(|| r.thread.join()));
         }
     }
 }

@@ -7,19 +7,27 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::backend::VringAddrs;
 use crate::memory::{GuestMemory, RegionInfo};
 use crate::sys::EventFd;
 use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::user::payload::InflightDesc;
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
+use super::inflight::InflightArea;
 use super::queue::{lock, spawn_worker, QueueSlot};
 
 /// Protocol features every daemon offers.
-pub const DAEMON_PROTOCOL_FEATURES: u64 =
-    pf::MQ | pf::REPLY_ACK | pf::CONFIG | pf::RESET_DEVICE | pf::STATUS | pf::CONFIGURE_MEM_SLOTS;
+pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
+    | pf::REPLY_ACK
+    | pf::CONFIG
+    | pf::RESET_DEVICE
+    | pf::STATUS
+    | pf::CONFIGURE_MEM_SLOTS
+    | pf::INFLIGHT_SHMFD;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -38,6 +46,7 @@ pub struct DaemonHandler {
     acked_features: u64,
     acked_protocol: u64,
     status: u8,
+    inflight: Option<Arc<InflightArea>>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -60,8 +69,9 @@ fn device_error(e: DeviceError) -> Error {
 }
 
 impl DaemonHandler {
-    /// Starts one worker thread per queue of `device`.
-    pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
+    /// Starts one worker thread per queue of `device`; `poll` is how long a worker keeps
+    /// polling its ring after the last request before it sleeps on the kick eventfd.
+    pub fn new(device: Arc<dyn VirtioDevice>, poll: Duration) -> std::io::Result<Self> {
         let mut handler = DaemonHandler {
             slots: Vec::new(),
             workers: Vec::new(),
@@ -69,13 +79,14 @@ impl DaemonHandler {
             acked_features: 0,
             acked_protocol: 0,
             status: 0,
+            inflight: None,
             device,
         };
         for i in 0..handler.device.num_queues() {
             let slot = Arc::new(QueueSlot::new(i)?);
             handler
                 .workers
-                .push(spawn_worker(slot.clone(), handler.device.clone())?);
+                .push(spawn_worker(slot.clone(), handler.device.clone(), poll)?);
             handler.slots.push(slot);
         }
         Ok(handler)
@@ -245,6 +256,10 @@ impl BackendHandler for DaemonHandler {
         {
             let mut st = lock(&slot.state);
             st.kick = fd.map(|fd| Arc::new(EventFd::from_fd(fd)));
+            st.inflight = match &self.inflight {
+                Some(area) => Some(area.queue(index as u16, st.size as u16)?),
+                None => None,
+            };
             st.start().map_err(device_error)?;
             // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
             if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
@@ -294,6 +309,17 @@ impl BackendHandler for DaemonHandler {
 
     fn set_config(&mut self, offset: u32, data: &[u8], _flags: u32) -> Result<()> {
         self.device.set_config(offset, data).map_err(device_error)
+    }
+
+    fn get_inflight_fd(&mut self, desc: &InflightDesc) -> Result<(InflightDesc, OwnedFd)> {
+        let (area, reply, fd) = InflightArea::create(desc)?;
+        self.inflight = Some(Arc::new(area));
+        Ok((reply, fd))
+    }
+
+    fn set_inflight_fd(&mut self, desc: &InflightDesc, fd: OwnedFd) -> Result<()> {
+        self.inflight = Some(Arc::new(InflightArea::adopt(desc, fd)?));
+        Ok(())
     }
 
     fn reset_device(&mut self) -> Result<()> {

@@ -15,9 +15,13 @@
 
 mod device;
 mod handler;
+mod inflight;
 mod queue;
 mod server;
+#[cfg(test)]
+mod tests;
 
 pub use device::{transport, DeviceError, VirtioDevice};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
+pub use inflight::{InflightArea, InflightQueue};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};

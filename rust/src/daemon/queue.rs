@@ -13,13 +13,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::backend::VringAddrs;
 use crate::memory::GuestMemory;
 use crate::sys::{poll_many, EventFd};
-use crate::vring::{DeviceQueue, RingLayout};
+use crate::vring::{DescriptorChain, DeviceQueue, RingLayout};
 
 use super::device::{DeviceError, VirtioDevice};
+use super::inflight::InflightQueue;
 
 /// A lock that survives a panic in the thread that held it: the state is plain data that
 /// every user re-validates, so poisoning would only turn one failure into many (J7).
@@ -44,6 +46,10 @@ pub(crate) struct QueueState {
     pub(crate) indirect: bool,
     pub(crate) packed: bool,
     pub(crate) last_error: Option<String>,
+    /// Inflight tracking of this queue, when the front-end negotiated it (split rings).
+    pub(crate) inflight: Option<InflightQueue>,
+    /// Chains an earlier back-end left in flight, processed before new ones.
+    pub(crate) resubmit: Vec<DescriptorChain>,
 }
 
 impl QueueState {
@@ -62,6 +68,11 @@ impl QueueState {
         )?;
         let mut ring = DeviceQueue::new(layout, self.event_idx, self.indirect)?;
         ring.restore(&self.mem, self.base)?;
+        self.resubmit.clear();
+        if let (Some(q), Some(used)) = (self.inflight.as_mut(), ring.split_used_index()) {
+            let heads = q.start(used);
+            self.resubmit = ring.resubmit(&self.mem, &heads)?;
+        }
         self.ring = Some(ring);
         self.last_error = None;
         Ok(())
@@ -73,6 +84,8 @@ impl QueueState {
             self.base = ring.base();
         }
         self.kick = None;
+        self.resubmit.clear();
+        self.inflight = None;
         self.base
     }
 
@@ -125,13 +138,14 @@ impl QueueSlot {
 pub(crate) fn spawn_worker(
     slot: Arc<QueueSlot>,
     device: Arc<dyn VirtioDevice>,
+    poll: Duration,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vhost-q{}", slot.index))
-        .spawn(move || worker(&slot, &*device))
+        .spawn(move || worker(&slot, &*device, poll))
 }
 
-fn worker(slot: &QueueSlot, device: &dyn VirtioDevice) {
+fn worker(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     loop {
         let kick = lock(&slot.state).kick.clone();
         let ready = match &kick {
@@ -159,70 +173,117 @@ fn worker(slot: &QueueSlot, device: &dyn VirtioDevice) {
                 continue;
             }
         }
-        process(slot, device);
+        process(slot, device, poll);
     }
 }
 
-/// Drains the ring: pop a batch, let the device handle it, complete, notify; until the ring
-/// is empty with notifications re-enabled.
-fn process(slot: &QueueSlot, device: &dyn VirtioDevice) {
-    let mut guard = lock(&slot.state);
-    let st = &mut *guard;
-    if !st.runnable() {
-        return;
-    }
+/// Drains the ring: batch after batch, with the driver's kicks off while we are looking
+/// anyway; then, with `poll` set, keeps looking for that long after the last work (the
+/// driver does not kick while we poll, and we do not sleep: both save a cross-CPU wake-up);
+/// finally re-enables kicks, and drains again if buffers slipped in meanwhile.
+fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     let mut done = Vec::new();
-    let result = loop {
-        let Some(ring) = st.ring.as_mut() else {
-            break Ok(());
-        };
-        let mem = &st.mem;
-        let chains = match ring.pop_batch(mem, usize::from(ring.size())) {
-            Ok(c) => c,
-            Err(e) => break Err(DeviceError::Queue(e)),
-        };
-        if chains.is_empty() {
-            match ring.set_notification(mem, true) {
-                Ok(true) => continue,
-                Ok(false) => break Ok(()),
-                Err(e) => break Err(DeviceError::Queue(e)),
+    let mut idle_since: Option<Instant> = None;
+    let mut kicks_on = true;
+    loop {
+        let mut guard = lock(&slot.state);
+        let st = &mut *guard;
+        if !st.runnable() {
+            return;
+        }
+        if kicks_on {
+            if let Some(Err(e)) = st.ring.as_mut().map(|r| r.set_notification(&st.mem, false)) {
+                return st.fail(format!("queue {}: {e}", slot.index));
             }
+            kicks_on = false;
         }
-        let heads: Vec<u16> = chains.iter().map(|c| c.head).collect();
-        done.clear();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            device.process(slot.index, mem, chains, &mut done)
-        }))
-        .unwrap_or_else(|_| Err(DeviceError::Failed("device panicked".into())));
-        // Whatever the device left out is returned empty, so the driver is not left waiting.
-        if done.len() < heads.len() {
-            let seen: std::collections::HashSet<u16> = done.iter().map(|&(h, _)| h).collect();
-            done.extend(
-                heads
-                    .into_iter()
-                    .filter(|h| !seen.contains(h))
-                    .map(|h| (h, 0)),
-            );
-        }
-        let completed = ring
-            .add_used_batch(mem, &done)
-            .and_then(|()| ring.needs_notification(mem));
-        slot.completed
-            .fetch_add(done.len() as u64, Ordering::Relaxed);
-        match completed {
+        match one_batch(slot, device, st, &mut done) {
+            Err(e) => return st.fail(format!("queue {}: {e}", slot.index)),
             Ok(true) => {
-                if let Some(call) = &st.call {
-                    let _ = call.write(1);
-                }
+                idle_since = None;
+                continue;
             }
             Ok(false) => {}
-            Err(e) => break Err(DeviceError::Queue(e)),
         }
-        if let Err(e) = outcome {
-            st.last_error = Some(e.to_string());
+        let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+        if idle < poll && !slot.stop.load(Ordering::Relaxed) {
+            drop(guard);
+            std::hint::spin_loop();
+            continue;
         }
-    };
-    if let Err(e) = result {
-        st.fail(format!("queue {}: {e}", slot.index));
+        let Some(ring) = st.ring.as_mut() else {
+            return;
+        };
+        match ring.set_notification(&st.mem, true) {
+            Ok(true) => {
+                // Buffers arrived between the last pop and re-enabling: go round again.
+                kicks_on = true;
+                idle_since = None;
+            }
+            Ok(false) => return,
+            Err(e) => return st.fail(format!("queue {}: {e}", slot.index)),
+        }
     }
+}
+
+/// One batch: the chains an earlier back-end left in flight, or a fresh pop; the device
+/// handles them; they are completed and the driver notified if it asked. Returns whether
+/// there was anything to do.
+fn one_batch(
+    slot: &QueueSlot,
+    device: &dyn VirtioDevice,
+    st: &mut QueueState,
+    done: &mut Vec<(u16, u32)>,
+) -> Result<bool, DeviceError> {
+    let Some(ring) = st.ring.as_mut() else {
+        return Ok(false);
+    };
+    let mem = &st.mem;
+    let chains = if st.resubmit.is_empty() {
+        let c = ring.pop_batch(mem, usize::from(ring.size()))?;
+        if let Some(q) = st.inflight.as_mut() {
+            q.popped(c.iter().map(|c| c.head));
+        }
+        c
+    } else {
+        std::mem::take(&mut st.resubmit)
+    };
+    if chains.is_empty() {
+        return Ok(false);
+    }
+    let heads: Vec<u16> = chains.iter().map(|c| c.head).collect();
+    done.clear();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        device.process(slot.index, mem, chains, done)
+    }))
+    .unwrap_or_else(|_| Err(DeviceError::Failed("device panicked".into())));
+    // Whatever the device left out is returned empty, so the driver is not left waiting.
+    if done.len() < heads.len() {
+        let seen: std::collections::HashSet<u16> = done.iter().map(|&(h, _)| h).collect();
+        done.extend(
+            heads
+                .into_iter()
+                .filter(|h| !seen.contains(h))
+                .map(|h| (h, 0)),
+        );
+    }
+    let finished: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+    if let Some(q) = st.inflight.as_mut() {
+        q.completing(&finished);
+    }
+    ring.add_used_batch(mem, done)?;
+    if let (Some(q), Some(used)) = (st.inflight.as_mut(), ring.split_used_index()) {
+        q.completed(&finished, used);
+    }
+    slot.completed
+        .fetch_add(done.len() as u64, Ordering::Relaxed);
+    if ring.needs_notification(mem)? {
+        if let Some(call) = &st.call {
+            let _ = call.write(1);
+        }
+    }
+    if let Err(e) = outcome {
+        st.last_error = Some(e.to_string());
+    }
+    Ok(true)
 }

@@ -70,6 +70,23 @@ impl DeviceQueue {
         }
     }
 
+    /// Split rings: the next used index (inflight tracking records it).
+    pub fn split_used_index(&self) -> Option<u16> {
+        match self {
+            DeviceQueue::Split(q) => Some(q.next_used()),
+            DeviceQueue::Packed(_) => None,
+        }
+    }
+
+    /// See [`SplitDevice::resubmit`]; packed rings keep no inflight record here, so there
+    /// is nothing to take back.
+    pub fn resubmit(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
+        match self {
+            DeviceQueue::Split(q) => q.resubmit(mem, heads),
+            DeviceQueue::Packed(_) => Ok(Vec::new()),
+        }
+    }
+
     /// The ring base in vhost-user's encoding (GET_VRING_BASE). Split: the next avail
     /// index. Packed: bits 0-14 the next avail slot, bit 15 its wrap counter, bits 16-30
     /// the next used slot and bit 31 its wrap counter (the layout QEMU and Linux use).

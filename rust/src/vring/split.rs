@@ -208,6 +208,35 @@ impl SplitDevice {
         Ok(Some(chain))
     }
 
+    /// Takes back chains an earlier back-end popped and never completed (inflight
+    /// tracking): walks each head again, marks it in flight, and moves the next avail index
+    /// to the used index plus their number, where the earlier back-end had got to.
+    pub fn resubmit(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
+        self.check()?;
+        let r = self.resubmit_inner(mem, heads);
+        self.sticky(r)
+    }
+
+    fn resubmit_inner(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
+        let mut chains = Vec::with_capacity(heads.len());
+        for &head in heads {
+            if head >= self.a.size {
+                return Err(VringError::InvalidHead {
+                    head: u32::from(head),
+                    size: self.a.size,
+                });
+            }
+            if self.in_flight[usize::from(head)].is_some() {
+                return Err(VringError::HeadInFlight { head });
+            }
+            let chain = self.walk(mem, head)?;
+            self.in_flight[usize::from(head)] = Some(chain.writable_len());
+            chains.push(chain);
+        }
+        self.next_avail = self.next_used.wrapping_add(heads.len() as u16);
+        Ok(chains)
+    }
+
     /// Walks the chain at `head`, reading each descriptor once (E9).
     fn walk(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
         let size = self.a.size;

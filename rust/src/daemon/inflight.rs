@@ -1,0 +1,276 @@
+//! Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split rings: a shared
+//! memory area, kept by the front-end across back-end restarts, where the back-end notes
+//! which heads it has popped and not yet completed. A restarted back-end resubmits those
+//! heads, in pop order, before taking new ones, so a crash loses no request.
+//!
+//! Layout per queue (the vhost-user spec's): `features: u64, version: u16, desc_num: u16,
+//! last_batch_head: u16, used_idx: u16`, then `desc_num` entries of `inflight: u8,
+//! padding: [u8; 5], next: u16, counter: u64`. Each queue's part is rounded up to 64
+//! bytes. A completed batch is linked through `next` from `last_batch_head`, so that a
+//! crash between publishing the used index and clearing the flags is repaired on restart.
+//!
+//! The area is shared with the front-end, so nothing read from it is trusted for memory
+//! safety: every index is checked against the queue size we chose ourselves.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr;
+use std::sync::Arc;
+
+use crate::sys::{dup_cloexec, memfd_create, Mapping};
+use crate::user::payload::InflightDesc;
+use crate::user::{Error, Result};
+
+const HEADER: usize = 16;
+const ENTRY: usize = 16;
+const ALIGN: usize = 64;
+const VERSION: u16 = 1;
+
+fn queue_region_size(queue_size: u16) -> usize {
+    (HEADER + ENTRY * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
+}
+
+/// The whole shared area, mapped.
+#[derive(Debug)]
+pub struct InflightArea {
+    map: Mapping,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl InflightArea {
+    /// GET_INFLIGHT_FD: a fresh zeroed area for `desc.num_queues` queues of
+    /// `desc.queue_size`; returns it, the reply and the fd for the front-end.
+    pub fn create(desc: &InflightDesc) -> Result<(Self, InflightDesc, OwnedFd)> {
+        if desc.num_queues == 0 || desc.queue_size == 0 {
+            return Err(Error::InvalidParam(
+                "GET_INFLIGHT_FD with no queues or queue size 0".into(),
+            ));
+        }
+        let size = (queue_region_size(desc.queue_size) * usize::from(desc.num_queues)) as u64;
+        let fd = memfd_create("pyvhost-inflight", size)?;
+        let map = Mapping::map_shared(fd.as_fd(), 0, size, true)?;
+        let reply = InflightDesc {
+            mmap_size: size,
+            mmap_offset: 0,
+            num_queues: desc.num_queues,
+            queue_size: desc.queue_size,
+        };
+        let theirs = dup_cloexec(fd.as_fd())?;
+        Ok((
+            InflightArea {
+                map,
+                num_queues: desc.num_queues,
+                queue_size: desc.queue_size,
+            },
+            reply,
+            theirs,
+        ))
+    }
+
+    /// SET_INFLIGHT_FD: the area a front-end kept from an earlier back-end.
+    pub fn adopt(desc: &InflightDesc, fd: OwnedFd) -> Result<Self> {
+        let need = (queue_region_size(desc.queue_size) * usize::from(desc.num_queues)) as u64;
+        if desc.num_queues == 0 || desc.queue_size == 0 || desc.mmap_size < need {
+            return Err(Error::InvalidParam(format!(
+                "SET_INFLIGHT_FD: {} bytes cannot hold {} queues of {}",
+                desc.mmap_size, desc.num_queues, desc.queue_size
+            )));
+        }
+        let map = Mapping::map_shared(fd.as_fd(), desc.mmap_offset, need, true)?;
+        Ok(InflightArea {
+            map,
+            num_queues: desc.num_queues,
+            queue_size: desc.queue_size,
+        })
+    }
+
+    /// The part of queue `index`, for a ring of `ring_size` entries (which must fit the
+    /// size the area was made for).
+    pub fn queue(self: &Arc<Self>, index: u16, ring_size: u16) -> Result<InflightQueue> {
+        if index >= self.num_queues || ring_size > self.queue_size {
+            return Err(Error::InvalidParam(format!(
+                "inflight area has {} queues of {}, queue {index} has {ring_size} entries",
+                self.num_queues, self.queue_size
+            )));
+        }
+        let offset = queue_region_size(self.queue_size) * usize::from(index);
+        Ok(InflightQueue {
+            // In bounds: offset + region size <= mapped length (checked at creation).
+            base: self.map.as_ptr().wrapping_add(offset),
+            size: ring_size,
+            counter: 0,
+            _area: self.clone(),
+        })
+    }
+}
+
+/// One queue's part of the area; owns a reference to the mapping.
+#[derive(Debug)]
+pub struct InflightQueue {
+    base: *mut u8,
+    size: u16,
+    counter: u64,
+    _area: Arc<InflightArea>,
+}
+
+// SAFETY: the pointer is into a mapping kept alive by `_area`; the queue is used by one
+// thread at a time (under the queue lock).
+unsafe impl Send for InflightQueue {}
+
+impl InflightQueue {
+    fn field<T: Copy>(&self, offset: usize) -> *mut T {
+        self.base.wrapping_add(offset).cast()
+    }
+
+    fn load<T: Copy>(&self, offset: usize) -> T {
+        // SAFETY: callers pass offsets inside this queue's region (header fields, or an
+        // entry of a head below `size`), which lies inside the live mapping; all fields are
+        // naturally aligned (the region starts 64-aligned, entries are 16 bytes).
+        unsafe { ptr::read_volatile(self.field::<T>(offset)) }
+    }
+
+    fn store<T: Copy>(&self, offset: usize, v: T) {
+        // SAFETY: as in `load`.
+        unsafe { ptr::write_volatile(self.field::<T>(offset), v) }
+    }
+
+    fn entry(head: u16) -> usize {
+        HEADER + ENTRY * usize::from(head)
+    }
+
+    /// Prepares the queue when its ring starts. A fresh area is initialised; an area from
+    /// an earlier back-end is repaired (a batch completed in the ring whose flags were not
+    /// cleared) and the heads still in flight are returned, oldest first, for resubmission.
+    pub fn start(&mut self, ring_used_idx: u16) -> Vec<u16> {
+        if self.load::<u16>(8) != VERSION {
+            for head in 0..self.size {
+                self.store::<u8>(Self::entry(head), 0);
+            }
+            self.store::<u16>(10, self.size);
+            self.store::<u16>(12, 0);
+            self.store::<u16>(14, ring_used_idx);
+            self.store::<u16>(8, VERSION);
+            self.counter = 0;
+            return Vec::new();
+        }
+        let recorded = self.load::<u16>(14);
+        let mut missed = ring_used_idx.wrapping_sub(recorded);
+        let mut head = self.load::<u16>(12);
+        while missed > 0 && head < self.size {
+            self.store::<u8>(Self::entry(head), 0);
+            head = self.load::<u16>(Self::entry(head) + 6);
+            missed -= 1;
+        }
+        self.store::<u16>(14, ring_used_idx);
+        let mut pending: Vec<(u64, u16)> = (0..self.size)
+            .filter(|&h| self.load::<u8>(Self::entry(h)) == 1)
+            .map(|h| (self.load::<u64>(Self::entry(h) + 8), h))
+            .collect();
+        pending.sort_unstable();
+        self.counter = pending.last().map_or(0, |&(c, _)| c.wrapping_add(1));
+        pending.into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// Notes that `heads` were popped (before the device sees them).
+    pub fn popped(&mut self, heads: impl Iterator<Item = u16>) {
+        for head in heads.filter(|&h| h < self.size) {
+            let at = Self::entry(head);
+            self.store::<u64>(at + 8, self.counter);
+            self.counter = self.counter.wrapping_add(1);
+            self.store::<u8>(at, 1);
+        }
+    }
+
+    /// Before the used index is published: links the batch from `last_batch_head`.
+    pub fn completing(&mut self, heads: &[u16]) {
+        let heads: Vec<u16> = heads.iter().copied().filter(|&h| h < self.size).collect();
+        for pair in heads.windows(2) {
+            self.store::<u16>(Self::entry(pair[0]) + 6, pair[1]);
+        }
+        if let (Some(&first), Some(&last)) = (heads.first(), heads.last()) {
+            self.store::<u16>(Self::entry(last) + 6, u16::MAX);
+            self.store::<u16>(12, first);
+        }
+    }
+
+    /// After the used index is published: clears the flags and records the index.
+    pub fn completed(&mut self, heads: &[u16], used_idx: u16) {
+        for &head in heads.iter().filter(|&&h| h < self.size) {
+            self.store::<u8>(Self::entry(head), 0);
+        }
+        self.store::<u16>(14, used_idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn area(queues: u16, size: u16) -> Arc<InflightArea> {
+        let desc = InflightDesc {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: queues,
+            queue_size: size,
+        };
+        Arc::new(InflightArea::create(&desc).unwrap().0)
+    }
+
+    #[test]
+    fn reply_describes_a_64_aligned_area() {
+        let desc = InflightDesc {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: 3,
+        };
+        let (_, reply, fd) = InflightArea::create(&desc).unwrap();
+        assert_eq!(reply.mmap_size, 2 * 64);
+        assert_eq!(crate::sys::file_size(fd.as_fd()).unwrap(), 128);
+    }
+
+    #[test]
+    fn a_restarted_queue_resubmits_what_was_in_flight_oldest_first() {
+        let a = area(1, 8);
+        let mut q = a.queue(0, 8).unwrap();
+        assert!(q.start(0).is_empty());
+        q.popped([5, 2, 7].into_iter());
+        q.completing(&[2]);
+        q.completed(&[2], 1);
+        drop(q);
+        // The back-end dies; its successor maps the same area.
+        let mut again = a.queue(0, 8).unwrap();
+        assert_eq!(again.start(1), vec![5, 7]);
+        // New pops continue the order after the resubmitted ones.
+        again.popped([1].into_iter());
+        drop(again);
+        assert_eq!(a.queue(0, 8).unwrap().start(1), vec![5, 7, 1]);
+    }
+
+    #[test]
+    fn a_batch_published_but_not_cleared_is_repaired() {
+        let a = area(1, 8);
+        let mut q = a.queue(0, 8).unwrap();
+        q.start(0);
+        q.popped([3, 4, 6].into_iter());
+        q.completing(&[3, 4]);
+        // Crash here: the ring's used index says 2, the flags were not cleared.
+        drop(q);
+        assert_eq!(a.queue(0, 8).unwrap().start(2), vec![6]);
+    }
+
+    #[test]
+    fn queues_beyond_the_area_are_refused() {
+        let a = area(1, 8);
+        assert!(a.queue(1, 8).is_err());
+        assert!(a.queue(0, 16).is_err());
+        let desc = InflightDesc {
+            mmap_size: 64,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: 8,
+        };
+        let fd = memfd_create("small", 64).unwrap();
+        assert!(InflightArea::adopt(&desc, fd).is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! The daemon end to end without Python: the core's `Frontend` and a `SplitDriver` on one
+//! end of a socketpair, `Daemon::serve_stream` with a small Rust device on the other.
+//! Covers real data through two queues, a panicking or failing device (chains returned
+//! empty, the queue goes on: J7), stop, disconnects (J1) and a reconnect that resumes the
+//! ring from GET_VRING_BASE (J2).
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use super::{transport, Daemon, DaemonStats, DeviceError, Stopper, VirtioDevice};
+use crate::backend::VringAddrs;
+use crate::memory::GuestMemory;
+use crate::sys::{poll_many, EventFd};
+use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::user::{Error, Frontend, Result};
+use crate::vring::{DescriptorChain, RingLayout, SplitDriver};
+
+const QUEUE_SIZE: u32 = 16;
+const RING_AREA: u64 = 0x1_0000;
+const DATA: u64 = 0x10_0000;
+
+/// Writes the readable bytes back reversed. A chain starting with `P` makes it panic,
+/// one starting with `E` makes it fail without completing anything.
+struct Mirror;
+
+impl VirtioDevice for Mirror {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn num_queues(&self) -> u16 {
+        2
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn process(
+        &self,
+        _queue: u16,
+        mem: &GuestMemory,
+        chains: Vec<DescriptorChain>,
+        done: &mut Vec<(u16, u32)>,
+    ) -> std::result::Result<(), DeviceError> {
+        for chain in &chains {
+            let mut data = chain.read_all(mem, 4096)?;
+            match data.first() {
+                Some(b'P') => panic!("device bug"),
+                Some(b'E') => return Err(DeviceError::Invalid("asked to fail".into())),
+                _ => {}
+            }
+            data.reverse();
+            let n = chain.write_all(mem, &data)?;
+            done.push((chain.head, n));
+        }
+        Ok(())
+    }
+}
+
+struct Guest {
+    mem: GuestMemory,
+    queues: Vec<(SplitDriver, EventFd, EventFd)>,
+}
+
+impl Guest {
+    fn new() -> Self {
+        let mem = GuestMemory::allocate(&[(0, 2 << 20)]).unwrap();
+        let queues = (0..2u64)
+            .map(|q| {
+                let layout = RingLayout::split_at(QUEUE_SIZE, q * RING_AREA).unwrap();
+                let mut drv = SplitDriver::new(layout, false).unwrap();
+                drv.init(&mem).unwrap();
+                (
+                    drv,
+                    EventFd::new(false).unwrap(),
+                    EventFd::new(false).unwrap(),
+                )
+            })
+            .collect();
+        Guest { mem, queues }
+    }
+
+    fn user(&self, gpa: u64) -> u64 {
+        let info = self.mem.regions()[0].info();
+        info.userspace_addr + gpa - info.guest_phys_addr
+    }
+
+    /// Negotiates, shares the memory and hands both rings over from `bases`.
+    fn attach(&self, fe: &Frontend, bases: [u32; 2]) {
+        let offered = fe.get_features().unwrap();
+        assert_ne!(offered & transport::VERSION_1, 0);
+        fe.set_owner().unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(proto & (pf::REPLY_ACK | pf::MQ))
+            .unwrap();
+        fe.set_features(transport::VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
+            .unwrap();
+        assert_eq!(fe.get_queue_num().unwrap(), 2);
+        let table: Vec<_> = self
+            .mem
+            .regions()
+            .iter()
+            .map(|r| (r.info(), r.fd()))
+            .collect();
+        fe.set_mem_table(&table).unwrap();
+        for (q, (_, kick, call)) in self.queues.iter().enumerate() {
+            let base = q as u64 * RING_AREA;
+            let layout = RingLayout::split_at(QUEUE_SIZE, base).unwrap();
+            let [(desc, _), (avail, _), (used, _)] = layout.areas();
+            let index = q as u32;
+            fe.set_vring_num(index, QUEUE_SIZE).unwrap();
+            fe.set_vring_addr(&VringAddrs {
+                index,
+                flags: 0,
+                desc: self.user(desc),
+                used: self.user(used),
+                avail: self.user(avail),
+                log: 0,
+            })
+            .unwrap();
+            fe.set_vring_base(index, bases[q]).unwrap();
+            fe.set_vring_call(index, Some(call.as_fd())).unwrap();
+            fe.set_vring_kick(index, Some(kick.as_fd())).unwrap();
+            fe.set_vring_enable(index, true).unwrap();
+        }
+    }
+
+    /// Offers `data` on queue `q` with as many writable bytes, kicks, and waits for the
+    /// completion: (bytes the device wrote, what it wrote).
+    fn roundtrip(&mut self, q: usize, data: &[u8]) -> (u32, Vec<u8>) {
+        self.offer(q, data);
+        self.wait(q, data.len())
+    }
+
+    fn offer(&mut self, q: usize, data: &[u8]) {
+        let src = DATA + q as u64 * 0x4_0000;
+        let dst = src + 0x2_0000;
+        self.mem.write(src, data).unwrap();
+        self.mem.write(dst, &vec![0u8; data.len()]).unwrap();
+        let n = data.len() as u32;
+        let (drv, kick, _) = &mut self.queues[q];
+        drv.add(&self.mem, &[(src, n)], &[(dst, n)]).unwrap();
+        drv.publish(&self.mem).unwrap();
+        kick.write(1).unwrap();
+    }
+
+    fn wait(&mut self, q: usize, len: usize) -> (u32, Vec<u8>) {
+        let dst = DATA + q as u64 * 0x4_0000 + 0x2_0000;
+        let (drv, _, call) = &mut self.queues[q];
+        for _ in 0..100 {
+            let used = drv.poll_used(&self.mem).unwrap();
+            if let Some(&(_, n)) = used.first() {
+                assert_eq!(used.len(), 1);
+                let mut out = vec![0u8; len];
+                self.mem.read(dst, &mut out).unwrap();
+                return (n, out);
+            }
+            if poll_many(&[call.as_fd()], 100).unwrap()[0] {
+                call.read().unwrap();
+            }
+        }
+        panic!("queue {q}: no completion in 10 s");
+    }
+}
+
+struct Running {
+    fe: Frontend,
+    server: JoinHandle<Result<()>>,
+}
+
+fn serve(daemon: &Arc<Daemon>) -> Running {
+    let (a, b) = UnixStream::pair().unwrap();
+    let d = daemon.clone();
+    let server = thread::spawn(move || d.serve_stream(b));
+    Running {
+        fe: Frontend::new(a).unwrap(),
+        server,
+    }
+}
+
+fn daemon() -> (Arc<Daemon>, Arc<DaemonStats>, Stopper) {
+    let d = Daemon::new(Arc::new(Mirror)).unwrap();
+    let (stats, stop) = (d.stats(), d.stopper());
+    (Arc::new(d), stats, stop)
+}
+
+#[test]
+fn data_moves_through_both_queues() {
+    let (daemon, stats, _) = daemon();
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    guest.attach(&run.fe, [0, 0]);
+    for round in 0..40u8 {
+        for q in 0..2 {
+            let data: Vec<u8> = (0..100).map(|i| i ^ round ^ q as u8).collect();
+            let (n, out) = guest.roundtrip(q, &data);
+            assert_eq!(n, 100);
+            let mut rev = data.clone();
+            rev.reverse();
+            assert_eq!(out, rev);
+        }
+    }
+    assert_eq!(stats.completed(), vec![40, 40]);
+    assert!(stats.active.load(Ordering::SeqCst));
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+    assert!(!stats.active.load(Ordering::SeqCst));
+    assert_eq!(stats.sessions_ended.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn panicking_or_failing_device_returns_chains_empty_and_goes_on() {
+    let (daemon, stats, _) = daemon();
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    guest.attach(&run.fe, [0, 0]);
+    assert_eq!(guest.roundtrip(0, b"Panic now"), (0, vec![0; 9]));
+    assert_eq!(guest.roundtrip(1, b"Error now"), (0, vec![0; 9]));
+    // The queue state lock was held by the panicking worker: it is not poisoned for good.
+    assert_eq!(guest.roundtrip(0, b"abc"), (3, b"cba".to_vec()));
+    assert_eq!(guest.roundtrip(1, b"xyz"), (3, b"zyx".to_vec()));
+    assert_eq!(stats.completed(), vec![2, 2]);
+    // The session itself never noticed.
+    assert_eq!(run.fe.get_queue_num().unwrap(), 2);
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+    assert_eq!(stats.last_error(), None);
+}
+
+#[test]
+fn stop_ends_a_live_session() {
+    let (daemon, stats, stop) = daemon();
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    guest.attach(&run.fe, [0, 0]);
+    assert_eq!(guest.roundtrip(1, b"ab"), (2, b"ba".to_vec()));
+    stop.stop();
+    run.server.join().unwrap().unwrap();
+    assert!(daemon.is_stopped());
+    assert!(!stats.active.load(Ordering::SeqCst));
+    // The front-end sees the session gone.
+    assert!(run.fe.get_features().is_err());
+}
+
+#[test]
+fn disconnect_mid_message_is_an_error_of_that_session_only() {
+    let (daemon, stats, _) = daemon();
+    let (a, b) = UnixStream::pair().unwrap();
+    let d = daemon.clone();
+    let server = thread::spawn(move || d.serve_stream(b));
+    // Half a header, then gone.
+    crate::sys::send_all(a.as_fd(), &[1, 0, 0, 0, 1], &[]).unwrap();
+    drop(a);
+    let r = server.join().unwrap();
+    assert!(matches!(r, Err(Error::PartialMessage(_))), "{r:?}");
+    assert!(stats.last_error().is_some());
+    assert_eq!(stats.sessions_ended.load(Ordering::SeqCst), 1);
+    // The next front-end is served.
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    guest.attach(&run.fe, [0, 0]);
+    assert_eq!(guest.roundtrip(0, b"ok"), (2, b"ko".to_vec()));
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+    assert_eq!(stats.sessions_started.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn reconnect_resumes_the_rings_from_their_base() {
+    let (daemon, _, _) = daemon();
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    guest.attach(&run.fe, [0, 0]);
+    for i in 0..21u8 {
+        assert_eq!(guest.roundtrip(0, &[i, 1]).0, 2);
+    }
+    assert_eq!(guest.roundtrip(1, b"q1").0, 2);
+    let bases = [
+        run.fe.get_vring_base(0).unwrap(),
+        run.fe.get_vring_base(1).unwrap(),
+    ];
+    assert_eq!(bases, [21, 1]);
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+    // Offered while nobody serves the ring: the kick is lost, the buffer is not.
+    guest.offer(0, b"pending");
+    let run = serve(&daemon);
+    guest.attach(&run.fe, bases);
+    assert_eq!(guest.wait(0, 7), (7, b"gnidnep".to_vec()));
+    for i in 0..20u8 {
+        assert_eq!(guest.roundtrip(0, &[i, 2, 3]), (3, vec![3, 2, i]));
+    }
+    assert_eq!(guest.roundtrip(1, b"again"), (5, b"niaga".to_vec()));
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+}
