@@ -31,6 +31,8 @@ def test_vdpa_blocks_written_and_read_through_our_rings_match_the_image() -> Non
 
 def test_vdpa_config_errors() -> None:
     info = kern_guest().check("vdpa_config")
+    assert info["config_call"] == "set+cleared"
+    assert info["config_len"] == 96  # virtio_blk_config as the 6.12 kernel reports it
     assert info["get_config_past_end"] == "EINVAL"
     assert info["offset_overflow"] == "InvalidParamError"  # I11
 

@@ -50,7 +50,9 @@ class IovaRange(NamedTuple):
 class VhostVdpa(KernelBackend):
     """A ``/dev/vhost-vdpa-N`` device. The kernel allows one open at a time (``EBUSY``).
 
-    Opening resets the device. :meth:`set_mem_table` maps the regions with
+    Opening resets the device. Ring addresses given to ``set_vring_addr`` are IOVAs (use
+    :meth:`setup_queue`, not :func:`vhost.virtio.setup_queue`, which passes this process's
+    addresses as kernel vhost wants). :meth:`set_mem_table` maps the regions with
     :meth:`dma_map` (IOVA = guest address) after unmapping what it mapped before;
     ``set_log_base``/``set_log_fd`` are not supported by vhost-vdpa (``ENOTTY``).
     """

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vhost import (
     ClosedError,
+    EventFd,
     GuestMemory,
     InvalidMemoryError,
     InvalidParamError,
@@ -127,6 +128,16 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             assert blk.read(0, SECTOR) == original[:SECTOR]
             info["qd32_reads"] = len(reqs)
         with check("vdpa_config") as info:
+            # The config-change eventfd: attached, then detached.
+            with EventFd() as config_call:
+                blk.dev.set_config_call(config_call)
+                blk.dev.set_config_call(None)
+            info["config_call"] = "set+cleared"
+            # The whole config space reads back; blk_size (offset 20) is 512 or more.
+            space = blk.dev.get_config(0, blk.config_size)
+            info["config_len"] = len(space)
+            assert len(space) == blk.config_size
+            assert space[:8] == blk.dev.get_config(0, 8)
             info["get_config_past_end"] = _errno(lambda: blk.dev.get_config(blk.config_size, 8))
             assert info["get_config_past_end"] == "EINVAL", info
             try:
