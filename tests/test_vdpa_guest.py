@@ -46,6 +46,8 @@ def test_vdpa_unmap_and_reset() -> None:
 def test_vdpa_bad_input_gives_typed_errors_without_leaks() -> None:
     info = kern_guest().check("vdpa_adversarial")
     assert info["second_open"] == "EBUSY"
+    assert info["group_asid_bad_group"] == "ENOBUFS"
+    assert info["group_asid_bad_asid"] == "EINVAL"
     assert info["vring_num_beyond_count"] == "ENOBUFS"
     assert info["vring_enable_beyond_count"] == "ENOBUFS"
     assert info["unmap_unmapped"] == "InvalidMemoryError@0x40000000"

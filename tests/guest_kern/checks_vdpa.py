@@ -76,6 +76,7 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             ("address_spaces", blk.dev.get_as_num),
             ("vring_group_0", lambda: blk.dev.get_vring_group(0)),
             ("vring_size_0", lambda: blk.dev.get_vring_size(0)),
+            ("vring_desc_group_0", lambda: blk.dev.get_vring_desc_group(0)),
         )
         for name, call in group_calls:
             try:
@@ -168,6 +169,12 @@ def _adversarial(peer: VdusePeer) -> None:
             assert info["second_open"] == "EBUSY", info
             dev.set_owner()
             count = dev.get_vqs_count()
+            # A group or address space the device does not have.
+            info["group_asid_bad_group"] = _errno(lambda: dev.set_group_asid(99, 0))
+            info["group_asid_bad_asid"] = _errno(lambda: dev.set_group_asid(0, 99))
+            # The kernel checks the index against the queues first (ENOBUFS), then asid.
+            assert info["group_asid_bad_group"] == "ENOBUFS", info
+            assert info["group_asid_bad_asid"] == "EINVAL", info
             info["vring_num_beyond_count"] = _errno(lambda: dev.set_vring_num(count, 64))
             info["vring_enable_beyond_count"] = _errno(
                 lambda: dev.set_vring_enable(count + 5, True)
