@@ -45,6 +45,7 @@ def test_kernel_errors_carry_the_kernel_errno() -> None:
 def test_no_fd_leaks_in_the_guest() -> None:
     info = kern_guest().check("adv_no_fd_leak")
     assert info["before"] == info["after"]
+    assert info["maps_before"] == info["maps_after"]
 
 
 def test_vhost_vsock_kernel_socket_connects_to_our_driver_and_data_flows_both_ways() -> None:

@@ -58,3 +58,11 @@ def test_vdpa_bad_input_gives_typed_errors_without_leaks() -> None:
     assert info["after_close"] == "ClosedError"
     assert info["missing_node"] == "ENOENT"  # I11
     assert info["fds_before"] == info["fds_after"]
+
+
+def test_vdpa_driver_lifetimes_leak_no_fd_or_mapping() -> None:
+    info = kern_guest().check("vdpa_lifecycle")
+    before, after = info["fds"].split("->")
+    assert before == after
+    before, after = info["maps"].split("->")
+    assert before == after

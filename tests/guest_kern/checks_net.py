@@ -37,7 +37,7 @@ from .net import (
     frame,
     open_tap,
 )
-from .report import check, fd_count
+from .report import check, fd_count, maps_count
 
 
 def tx_frames_come_out_of_the_tap() -> None:
@@ -154,7 +154,7 @@ def no_fd_leak() -> None:
     """Failed opens, refused ioctls and whole device lifetimes leave no fd behind."""
     with check("adv_no_fd_leak") as info:
         gc.collect()
-        before = fd_count()
+        before, maps_before = fd_count(), maps_count()
         for i in range(10):
             with contextlib.suppress(KernelError):
                 KernelBackend("/dev/null")
@@ -167,7 +167,9 @@ def no_fd_leak() -> None:
             del rig
         gc.collect()
         info["before"], info["after"] = before, fd_count()
+        info["maps_before"], info["maps_after"] = maps_before, maps_count()
         assert info["after"] == before, f"fds {before} -> {info['after']}"
+        assert info["maps_after"] == maps_before, info
 
 
 def _errno(call: object) -> str:

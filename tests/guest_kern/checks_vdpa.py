@@ -23,7 +23,7 @@ from vhost.kern import BackendFeature
 from vhost.vdpa import VhostVdpa
 from vhost.virtio import DeviceId
 
-from .report import check, fd_count
+from .report import check, fd_count, maps_count
 from .vdpa_blk import SECTOR, T_IN, VdpaBlk, VdusePeer, make_image
 
 IMAGE = Path("/tmp/vdpa-blk.img")
@@ -48,6 +48,7 @@ def blk_through_vdpa() -> None:
         return
     try:
         _blk_checks(peer, original)
+        _lifecycle(peer, original)
         _adversarial(peer)
     finally:
         peer.close()
@@ -157,6 +158,23 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
         blk.dev.close()
         blk.kick.close()
         blk.call.close()
+
+
+def _lifecycle(peer: VdusePeer, original: bytes) -> None:
+    """Whole driver lifetimes (handshake, map, I/O, unmap, reset, close) leave no fd or
+    mapping behind, and each starts from a reset device."""
+    gc.collect()
+    fds, maps = fd_count(), maps_count()
+    with check("vdpa_lifecycle") as info:
+        for _ in range(3):
+            blk = VdpaBlk(peer.node)
+            assert blk.read(8, SECTOR) == original[8 * SECTOR : 9 * SECTOR]
+            blk.close()
+            del blk
+        gc.collect()
+        info["fds"] = f"{fds}->{fd_count()}"
+        info["maps"] = f"{maps}->{maps_count()}"
+        assert (fd_count(), maps_count()) == (fds, maps), info
 
 
 def _adversarial(peer: VdusePeer) -> None:

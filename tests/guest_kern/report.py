@@ -42,6 +42,12 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def maps_count() -> int:
+    """Mappings of this process (guest memory is one per region)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
 def run(checks: list[Callable[[], None]], out: str) -> int:
     """Run each check function, write the results to ``out``; exit 0 when all passed."""
     for fn in checks:
