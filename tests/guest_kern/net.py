@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from vhost import EventFd, GuestMemory, MemoryRegion
 from vhost.kern import VHOST_NET_F_VIRTIO_NET_HDR, VhostNet
@@ -33,6 +34,10 @@ def open_tap(name: str) -> int:
     """A tap without IFF_VNET_HDR (vhost adds/strips the header), interface up."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    # No IPv6 on it: its neighbour discovery would put frames of its own on the tap.
+    ipv6 = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+    if ipv6.exists():
+        ipv6.write_text("1")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), IFF_UP))
     return fd
