@@ -15,7 +15,8 @@ both guest CPUs free):
   of the same image.
 
 Under TCG absolute numbers mean little; the ratios, measured in the same guest in the same
-run, are the result. Each figure is the median of ``--runs`` runs of ``--seconds``.
+run, are the result. Each figure is the median of ``--runs`` runs of ``--seconds``, the
+cases of a comparison taking turns within each run.
 """
 
 from __future__ import annotations
@@ -130,8 +131,27 @@ def vhost_user_read(sock: str, seconds: float, depth: int, size: int) -> float:
         return _timed(seconds, step)
 
 
-def _median(runs: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(runs))
+def _interleaved(runs: int, cases: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Median of ``runs`` runs of each case, the cases taking turns within each run, so
+    that a slow patch of the (shared, emulated) machine hits ours and the reference alike."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, measure in cases.items():
+            samples[name].append(measure())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _blk_cases(
+    node: str, sock: str, seconds: float, sectors: int
+) -> dict[str, Callable[[], float]]:
+    """vDPA and vhost-user reads of the same image, at depth 1 and 32."""
+    size = sectors * 512
+    return {
+        "vdpa_read_qd1": lambda: vdpa_read(node, seconds, 1, sectors),
+        "vhost_user_read_qd1": lambda: vhost_user_read(sock, seconds, 1, size),
+        "vdpa_read_qd32": lambda: vdpa_read(node, seconds, 32, sectors),
+        "vhost_user_read_qd32": lambda: vhost_user_read(sock, seconds, 32, size),
+    }
 
 
 def in_guest(seconds: float, runs: int) -> dict[str, dict[str, float]]:
@@ -145,9 +165,16 @@ def in_guest(seconds: float, runs: int) -> dict[str, dict[str, float]]:
     for placement, cpu in (("pinned", 0), ("unpinned", None)):
         os.sched_setaffinity(0, {0} if cpu is not None else all_cpus)
         r: dict[str, float] = {}
-        r["net_tx_vhost"] = _median(runs, lambda: net_tx(seconds, False))
-        r["net_tx_vhost_event_idx"] = _median(runs, lambda: net_tx(seconds, True))
-        r["net_tx_tap_write"] = _median(runs, lambda: tap_write(seconds))
+        r.update(
+            _interleaved(
+                runs,
+                {
+                    "net_tx_vhost": lambda: net_tx(seconds, False),
+                    "net_tx_vhost_event_idx": lambda: net_tx(seconds, True),
+                    "net_tx_tap_write": lambda: tap_write(seconds),
+                },
+            )
+        )
         peer = VdusePeer(image, f"vbench{placement}", writable=False, cpu=cpu)
         sock = f"/tmp/bench-{placement}.sock"
         pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
@@ -169,13 +196,7 @@ def in_guest(seconds: float, runs: int) -> dict[str, dict[str, float]]:
                     raise RuntimeError("qemu-storage-daemon (vhost-user-blk) did not start")
                 time.sleep(0.05)
             node = peer.node
-            for depth in (1, 32):
-                r[f"vdpa_read_qd{depth}"] = statistics.median(
-                    vdpa_read(node, seconds, depth, sectors) for _ in range(runs)
-                )
-                r[f"vhost_user_read_qd{depth}"] = statistics.median(
-                    vhost_user_read(sock, seconds, depth, IMAGE_MB << 20) for _ in range(runs)
-                )
+            r.update(_interleaved(runs, _blk_cases(node, sock, seconds, sectors)))
         finally:
             qsd.terminate()
             qsd.wait(20)
