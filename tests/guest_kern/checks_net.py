@@ -37,7 +37,7 @@ from .net import (
     frame,
     open_tap,
 )
-from .report import check, fd_count, maps_count
+from .report import check, errno_of, fd_count, maps_count
 
 
 def tx_frames_come_out_of_the_tap() -> None:
@@ -126,35 +126,35 @@ def errors_are_typed_with_the_kernel_errno() -> None:
     with check("adv_errno") as info:
         with VhostNet() as net:
             net.set_owner()
-            info["set_owner_twice"] = _errno(net.set_owner)
+            info["set_owner_twice"] = errno_of(net.set_owner)
             assert info["set_owner_twice"] == "EBUSY"
-            info["vring_num_index_2"] = _errno(lambda: net.set_vring_num(2, 256))
+            info["vring_num_index_2"] = errno_of(lambda: net.set_vring_num(2, 256))
             assert info["vring_num_index_2"] == "ENOBUFS"
-            info["vring_base_index_9"] = _errno(lambda: net.get_vring_base(9))
+            info["vring_base_index_9"] = errno_of(lambda: net.get_vring_base(9))
             assert info["vring_base_index_9"] == "ENOBUFS"
-            info["vring_num_0"] = _errno(lambda: net.set_vring_num(0, 0))
-            info["vring_num_3"] = _errno(lambda: net.set_vring_num(0, 3))
+            info["vring_num_0"] = errno_of(lambda: net.set_vring_num(0, 0))
+            info["vring_num_3"] = errno_of(lambda: net.set_vring_num(0, 3))
             assert info["vring_num_0"] == info["vring_num_3"] == "EINVAL", info
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                info["backend_index_2"] = _errno(lambda: net.set_backend(2, s))
+                info["backend_index_2"] = errno_of(lambda: net.set_backend(2, s))
             assert info["backend_index_2"] == "ENOBUFS"
             # Before its rings are set up a queue refuses any backend.
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                info["backend_no_rings"] = _errno(lambda: net.set_backend(0, s))
+                info["backend_no_rings"] = errno_of(lambda: net.set_backend(0, s))
             assert info["backend_no_rings"] == "EFAULT"
         rig = NetRig.create("pvtap1")
         r, w = os.pipe()
         try:
-            info["backend_pipe"] = _errno(lambda: rig.net.set_backend(0, r))
+            info["backend_pipe"] = errno_of(lambda: rig.net.set_backend(0, r))
             assert info["backend_pipe"] == "ENOTSOCK", info
-            info["ring_change_running"] = _errno(lambda: rig.net.set_vring_num(0, 128))
+            info["ring_change_running"] = errno_of(lambda: rig.net.set_vring_num(0, 128))
             assert info["ring_change_running"] == "EBUSY", info
         finally:
             os.close(r)
             os.close(w)
             rig.close()
         with VhostNet() as other:
-            info["not_owner"] = _errno(lambda: other.set_vring_num(0, 256))
+            info["not_owner"] = errno_of(lambda: other.set_vring_num(0, 256))
             assert info["not_owner"] == "EPERM"
 
 
@@ -168,7 +168,7 @@ def no_fd_leak() -> None:
                 KernelBackend("/dev/null")
             with VhostNet() as net:
                 net.set_owner()
-                _errno(lambda: net.set_vring_num(5, 256))
+                errno_of(lambda: net.set_vring_num(5, 256))
             rig = NetRig.create(f"pvleak{i}")
             rig.send([frame(i)])
             rig.close()
@@ -178,14 +178,6 @@ def no_fd_leak() -> None:
         info["maps_before"], info["maps_after"] = maps_before, maps_count()
         assert info["after"] == before, f"fds {before} -> {info['after']}"
         assert info["maps_after"] == maps_before, info
-
-
-def _errno(call: object) -> str:
-    try:
-        call()  # type: ignore[operator]
-    except KernelError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-    return "no error"
 
 
 def iotlb_miss_update_invalidate() -> None:
@@ -299,7 +291,7 @@ def control_plane_extras() -> None:
         regions = [
             MemoryRegion(i << 20, 4096, 0x7F00_0000_0000 + (i << 20)) for i in range(limit + 1)
         ]
-        info["mem_table_over_limit"] = _errno(lambda: net.set_mem_table(regions))
+        info["mem_table_over_limit"] = errno_of(lambda: net.set_mem_table(regions))
         assert info["mem_table_over_limit"] == "E2BIG", info
         info["max_mem_regions"] = limit
 

@@ -23,19 +23,11 @@ from vhost.kern import BackendFeature
 from vhost.vdpa import VhostVdpa
 from vhost.virtio import DeviceId
 
-from .report import check, fd_count, maps_count
+from .report import check, errno_of, fd_count, maps_count
 from .vdpa_blk import SECTOR, T_IN, VdpaBlk, VdusePeer, make_image
 
 IMAGE = Path("/tmp/vdpa-blk.img")
 IMAGE_SIZE = 4 << 20
-
-
-def _errno(call: object) -> str:
-    try:
-        call()  # type: ignore[operator]
-    except KernelError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-    return "no error"
 
 
 def blk_through_vdpa() -> None:
@@ -124,7 +116,7 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
                 ("resume", BackendFeature.RESUME, blk.dev.resume),
             )
             for op, feature, op_call in pairs:
-                info[op] = _errno(op_call)
+                info[op] = errno_of(op_call)
                 expected = "no error" if offered & feature else "ENOTSUP"
                 assert info[op] == expected, info
             assert blk.read(0, SECTOR) == original[:SECTOR]
@@ -140,7 +132,7 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             info["config_len"] = len(space)
             assert len(space) == blk.config_size
             assert space[:8] == blk.dev.get_config(0, 8)
-            info["get_config_past_end"] = _errno(lambda: blk.dev.get_config(blk.config_size, 8))
+            info["get_config_past_end"] = errno_of(lambda: blk.dev.get_config(blk.config_size, 8))
             assert info["get_config_past_end"] == "EINVAL", info
             try:
                 blk.dev.get_config(0xFFFF_FFF0, 0x20)
@@ -183,21 +175,21 @@ def _adversarial(peer: VdusePeer) -> None:
     with check("vdpa_adversarial") as info:
         with VhostVdpa(peer.node) as dev:
             # The kernel allows one open at a time.
-            info["second_open"] = _errno(lambda: VhostVdpa(peer.node))
+            info["second_open"] = errno_of(lambda: VhostVdpa(peer.node))
             assert info["second_open"] == "EBUSY", info
             dev.set_owner()
             count = dev.get_vqs_count()
             # A group or address space the device does not have.
-            info["group_asid_bad_group"] = _errno(lambda: dev.set_group_asid(99, 0))
-            info["group_asid_bad_asid"] = _errno(lambda: dev.set_group_asid(0, 99))
+            info["group_asid_bad_group"] = errno_of(lambda: dev.set_group_asid(99, 0))
+            info["group_asid_bad_asid"] = errno_of(lambda: dev.set_group_asid(0, 99))
             # The kernel checks the index against the queues first (ENOBUFS), then asid.
             assert info["group_asid_bad_group"] == "ENOBUFS", info
             assert info["group_asid_bad_asid"] == "EINVAL", info
-            info["vring_num_beyond_count"] = _errno(lambda: dev.set_vring_num(count, 64))
-            info["vring_enable_beyond_count"] = _errno(
+            info["vring_num_beyond_count"] = errno_of(lambda: dev.set_vring_num(count, 64))
+            info["vring_enable_beyond_count"] = errno_of(
                 lambda: dev.set_vring_enable(count + 5, True)
             )
-            info["vring_group_beyond_count"] = _errno(lambda: dev.get_vring_group(count))
+            info["vring_group_beyond_count"] = errno_of(lambda: dev.get_vring_group(count))
             assert info["vring_num_beyond_count"] == "ENOBUFS", info
             assert info["vring_enable_beyond_count"] == "ENOBUFS", info
             # Unmapping an IOVA nothing was mapped at.
@@ -212,14 +204,14 @@ def _adversarial(peer: VdusePeer) -> None:
             # Shared file-backed memory: VDUSE maps by file (anonymous memory is skipped).
             scratch = GuestMemory.allocate([(0, 1 << 16)])
             addr = scratch.regions()[0][2]
-            info["map_outside_range"] = _errno(lambda: dev.dma_map(bad_iova, 8192, addr))
+            info["map_outside_range"] = errno_of(lambda: dev.dma_map(bad_iova, 8192, addr))
             assert info["map_outside_range"] in ("EFAULT", "EINVAL"), info
             # An IOTLB update of size 0.
-            info["map_size_0"] = _errno(lambda: dev.dma_map(0x1000, 0, addr))
+            info["map_size_0"] = errno_of(lambda: dev.dma_map(0x1000, 0, addr))
             assert info["map_size_0"] in ("EFAULT", "EINVAL"), info
             # Overlapping an existing mapping.
             dev.dma_map(0x200000, 8192, addr)
-            info["map_overlap"] = _errno(lambda: dev.dma_map(0x201000, 4096, addr))
+            info["map_overlap"] = errno_of(lambda: dev.dma_map(0x201000, 4096, addr))
             assert info["map_overlap"] in ("EFAULT", "EEXIST"), info
             dev.dma_unmap(0x200000, 8192)
             # set_mem_table maps regions at IOVA = guest address, replacing what it mapped.

@@ -5,17 +5,17 @@ both ways with virtio-vsock packets we build and parse ourselves. Plus rows I7/I
 from __future__ import annotations
 
 import ctypes
-import errno
+import functools
 import socket
 import struct
 import threading
 from dataclasses import dataclass
 
-from vhost import EventFd, GuestMemory, KernelError, MemoryRegion
+from vhost import EventFd, GuestMemory, MemoryRegion
 from vhost.kern import VhostVsock
 from vhost.virtio import VirtioFeature, Virtqueue, place_rings, setup_queue
 
-from .report import check
+from .report import check, errno_of
 
 # struct virtio_vsock_hdr (little-endian, packed): src_cid, dst_cid, src_port, dst_port,
 # len, type, op, flags, buf_alloc, fwd_cnt.
@@ -220,16 +220,8 @@ def cid_errors() -> None:
         a.set_owner()
         b.set_owner()
         for cid in (0, 1, 2, 1 << 32, (1 << 64) - 1):
-            info[f"cid_{cid:#x}"] = _errno(lambda c=cid: a.set_guest_cid(c))
+            info[f"cid_{cid:#x}"] = errno_of(functools.partial(a.set_guest_cid, cid))
             assert info[f"cid_{cid:#x}"] == "EINVAL", info
         a.set_guest_cid(77)
-        info["duplicate"] = _errno(lambda: b.set_guest_cid(77))
+        info["duplicate"] = errno_of(lambda: b.set_guest_cid(77))
         assert info["duplicate"] == "EADDRINUSE", info
-
-
-def _errno(call: object) -> str:
-    try:
-        call()  # type: ignore[operator]
-    except KernelError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-    return "no error"

@@ -4,6 +4,7 @@ the run dir (the working directory)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -12,6 +13,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from vhost import KernelError
 
 RESULTS: dict[str, dict[str, object]] = {}
 
@@ -36,6 +39,15 @@ def check(name: str) -> Iterator[dict[str, object]]:
         info.setdefault("seconds", round(time.monotonic() - start, 3))
         detail = " ".join(f"{k}={v}" for k, v in info.items())
         record(name, True, detail, **info)
+
+
+def errno_of(call: Callable[[], object]) -> str:
+    """Runs ``call``: the errno name of the KernelError it raises, or ``"no error"``."""
+    try:
+        call()
+    except KernelError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+    return "no error"
 
 
 def fd_count() -> int:
