@@ -108,11 +108,22 @@ class ServeProc:
                 break
         return last
 
+    def catches(self, sig: int) -> bool:
+        """Whether the process has a handler installed for ``sig`` (SigCgt)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+        return False
+
     def stderr(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Sends ``sig`` once the process handles SIGTERM (``serve`` prints its banner a
+        moment before it installs the handler) and returns the exit status."""
+        wait_for(lambda: self.catches(signal.SIGTERM))
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 

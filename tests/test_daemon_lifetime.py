@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from daemon_util import (
 from vhost import _core
 from vhost.codes import FrontendRequest as Req
 from vhost.daemon import BlkDevice, Daemon
-from vhost.devices.blk import BlkDriver
+from vhost.devices.blk import BlkDriver, BlkRequest
 from vhost.devices.blkdev import PythonBlkDevice
 from vhost.errors import InvalidParamError
 from vhost.user import Frontend, regions_of
@@ -430,6 +431,9 @@ def test_j7_signal_stops_serve_cleanly(
         if busy:
             drv = BlkDriver.connect(proc.socket_path, timeout=10.0)
             drv.write(0, b"\x5a" * 4096)
+        # `serve` prints its banner before serve_forever installs the SIGTERM handler:
+        # a signal inside that window kills it uncleanly (reported; the CLI is not ours).
+        assert wait_for(lambda: proc.catches(signal.SIGTERM))
         assert proc.terminate(sig) == 0, proc.stderr()
         assert not proc.socket_path.exists()
         assert "Traceback" not in proc.stderr()
@@ -447,8 +451,8 @@ WAIT_SCRIPT = textwrap.dedent(
     from vhost.daemon import BlkDevice, Daemon
 
     daemon = Daemon(BlkDevice.ram(1 << 20), sys.argv[1]).start()
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)
         daemon.wait()  # no timeout: only a stop, or Ctrl-C, ends it
     except KeyboardInterrupt:
         daemon.stop()
@@ -515,9 +519,11 @@ def test_frontend_that_never_reads_replies_is_dropped(tmp_sock_dir: Path, image:
         daemon.stop()
 
 
-def maps_of(pid: int) -> int:
+def guest_maps_of(pid: int) -> int:
+    """Mappings of shared guest memory (memfds) in process ``pid``: what a session maps.
+    (The whole map count also moves with malloc arenas of short-lived threads.)"""
     with open(f"/proc/{pid}/maps") as f:
-        return sum(1 for _ in f)
+        return sum(1 for line in f if "/memfd:" in line)
 
 
 def test_a10_sessions_and_mem_tables_leave_no_mappings(tmp_sock_dir: Path, image: Path) -> None:
@@ -529,21 +535,102 @@ def test_a10_sessions_and_mem_tables_leave_no_mappings(tmp_sock_dir: Path, image
         io_works(proc.socket_path)
         base_fds = proc.idle_fds()
         assert wait_for(lambda: proc.threads() == 2)  # main + the serving thread
-        base_maps = maps_of(proc.pid)
+        assert guest_maps_of(proc.pid) == 0
         for i in range(30):
             io_works(proc.socket_path, i * 8192)
+        assert wait_for(lambda: guest_maps_of(proc.pid) == 0)
         guest = BlkGuest(2)
         with Frontend.connect(proc.socket_path, timeout=10.0) as fe:
             guest.attach(fe)
-            mapped = maps_of(proc.pid)
-            assert mapped > base_maps
+            assert guest.write(1, 0, b"\x33" * 4096) == S_OK
+            assert guest_maps_of(proc.pid) == 1  # one region, mapped once
             for _ in range(200):
                 fe.set_mem_table(regions_of(guest.memory))
-            assert maps_of(proc.pid) <= mapped
-            assert guest.write(1, 0, b"\x33" * 4096) == S_OK
+            assert guest.write(0, 0, b"\x34" * 4096) == S_OK
+            assert guest_maps_of(proc.pid) == 1  # replaced, not piled up
         guest.close()
         assert proc.settle_fds(base_fds) == base_fds, proc.fd_targets()
         assert wait_for(lambda: proc.threads() == 2)
-        assert wait_for(lambda: maps_of(proc.pid) <= base_maps), maps_of(proc.pid)
+        assert wait_for(lambda: guest_maps_of(proc.pid) == 0), guest_maps_of(proc.pid)
+    finally:
+        proc.close()
+
+
+def test_stop_from_another_thread_than_serve_forever(tmp_sock_dir: Path) -> None:
+    """``serve_forever`` on a worker thread, ``running`` and ``stop`` from the main one:
+    ``running`` stays true while it serves, and ``stop`` returns only once the daemon has
+    stopped (its socket gone), not while the other thread is still in ``wait``."""
+    daemon = Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "sf.sock")
+    thread = threading.Thread(target=daemon.serve_forever)
+    thread.start()
+    try:
+        assert wait_for(lambda: os.path.exists(daemon.path))
+        samples = []
+        for _ in range(40):
+            samples.append(daemon.running)
+            time.sleep(0.01)
+        assert all(samples), f"{samples.count(False)} of {len(samples)} said not running"
+        io_works(daemon.path)
+    finally:
+        daemon.stop()
+    assert not os.path.exists(daemon.path)
+    assert not daemon.running
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not daemon.running
+
+
+@pytest.mark.parametrize("python", [False, True], ids=["native", "python"])
+def test_j5_control_requests_under_sustained_io(
+    tmp_sock_dir: Path, image: Path, python: bool
+) -> None:
+    """A driver thread keeps 48 writes in flight while the main thread sends control
+    requests on the same connection: each is answered (no starvation behind the busy
+    ring, no deadlock) and every write lands."""
+    args = ["blk", "--image", str(image), *(["--python"] if python else [])]
+    proc = ServeProc(args, tmp_sock_dir / "s", tmp_sock_dir / "log")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: dict[int, bytes] = {}
+    try:
+        d = BlkDriver.connect(proc.socket_path, slots=64, queue_size=256, timeout=10.0)
+
+        def pump() -> None:
+            try:
+                n = 0
+                first = {i: bytes([i]) * 4096 for i in range(48)}
+                sent = d.submit([BlkRequest.write(i * 4096, b) for i, b in first.items()])
+                tags = dict(zip(sent, first.items(), strict=True))
+                while tags:
+                    for c in d.wait(min_completions=1):
+                        c.check()
+                        slot, data = tags.pop(c.tag)
+                        written[slot] = data
+                        if not stop.is_set():
+                            n += 1
+                            new = bytes([(slot + n) % 256]) * 4096
+                            (tag,) = d.submit([BlkRequest.write(slot * 4096, new)])
+                            tags[tag] = (slot, new)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            for _ in range(20):
+                d.frontend.set_mem_table(regions_of(d.memory))
+                assert d.frontend.get_features() & (1 << 32)
+                assert d.frontend.get_config(0, 8) == (IMAGE_SIZE // SECTOR).to_bytes(8, "little")
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert errors == []
+        disk = image.read_bytes()
+        for slot, data in written.items():
+            assert disk[slot * 4096 : slot * 4096 + 4096] == data
+            assert d.read(slot * 4096, 4096) == data
+        d.close()
     finally:
         proc.close()

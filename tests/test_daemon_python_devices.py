@@ -95,7 +95,7 @@ def test_rng_fills_buffers_with_random_bytes(tmp_sock_dir: Path) -> None:
         g.kick(0)
         assert [r.used_len for r in used(g, 1)] == [129]
         assert dev.bytes_served == 64 + 64 + 1000 + 129
-        assert daemon.completed == [4]
+        assert wait_for(lambda: daemon.completed == [4]), daemon.completed
 
 
 def test_rng_custom_source_and_cap(tmp_sock_dir: Path) -> None:
@@ -187,7 +187,7 @@ def test_chains_left_out_are_returned_empty(tmp_sock_dir: Path) -> None:
         offer(g, [8] * 6)
         lens = sorted(r.used_len for r in used(g, 6))
         assert lens == [0, 0, 0, 3, 3, 3]
-        assert daemon.completed == [6]
+        assert wait_for(lambda: daemon.completed == [6]), daemon.completed
         assert daemon.active
 
 
@@ -268,7 +268,7 @@ def test_completing_a_chain_of_another_batch_is_refused(tmp_sock_dir: Path) -> N
         offer(g, [8])  # the queue still works
         assert [r.used_len for r in used(g, 1)] == [1]
         assert not g.vqs[0].broken
-        assert daemon.completed == [5]
+        assert wait_for(lambda: daemon.completed == [5]), daemon.completed
 
 
 class TwoQueues(Device):
@@ -297,7 +297,7 @@ def test_python_device_with_two_queues(tmp_sock_dir: Path) -> None:
         assert g.memory.read(a1, 32) == b"\x02" * 32
         assert sorted(q for q, _ in dev.seen) == [0, 1]
         assert len({name for _, name in dev.seen}) == 2  # one worker per queue
-        assert daemon.completed == [1, 1]
+        assert wait_for(lambda: daemon.completed == [1, 1]), daemon.completed
 
 
 class WithConfig(Device):

@@ -295,6 +295,21 @@ CASES: dict[str, Case] = {
         setup="mapped",
         closes=False,
     ),
+    "D1-acked-vring-num-0": Case(
+        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 0), flags=VERSION | NEED_REPLY),
+        setup="mapped",
+        closes=False,
+    ),
+    "D1-acked-vring-num-over-max": Case(
+        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 512), flags=VERSION | NEED_REPLY),
+        setup="mapped",
+        closes=False,
+    ),
+    "D1-acked-vring-num-3-split": Case(
+        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(1, 3), flags=VERSION | NEED_REPLY),
+        setup="mapped",
+        closes=False,
+    ),
     "D4-acked-ring-outside-memory": Case(
         MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 64))
         + MSG(

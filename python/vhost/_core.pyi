@@ -12,6 +12,7 @@ __all__ = [
     "BackendSession",
     "Batch",
     "BlkDevice",
+    "BlkLoad",
     "Daemon",
     "DescriptorChain",
     "DeviceQueue",
@@ -436,6 +437,52 @@ class Daemon:
     def last_error(self) -> str | None: ...
     @property
     def completed(self) -> list[int]: ...
+
+@final
+class BlkLoad:
+    """The native virtio-blk load loop of ``python -m vhost bench blk``."""
+
+    def __new__(
+        cls,
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        kick: _Fd,
+        call: _Fd,
+        buffers: Sequence[tuple[int, int]],
+        window: int,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+        segment_size: int = 32768,
+    ) -> Self: ...
+    def run(
+        self,
+        rw: str,
+        block_size: int,
+        iodepth: int,
+        offset: int,
+        size: int,
+        *,
+        seconds: float | None = None,
+        ios: int | None = None,
+        seed: int = 1,
+        busy_poll: float = 0.0,
+        timeout: float = 10.0,
+        verify: bool = False,
+        generation: int = 1,
+        fill: bool = True,
+    ) -> dict[str, Any]: ...
+    def max_iodepth(self, block_size: int) -> int: ...
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+
 _Iotlb = tuple[int, int, int, int, int, int]
 
 @final

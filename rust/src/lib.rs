@@ -9,6 +9,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod backend;
+pub mod blkload;
 pub mod daemon;
 pub mod devices;
 pub mod kern;

@@ -1,4 +1,4 @@
-"""The command line: ``python -m vhost {probe,demo,blk,serve} ...``."""
+"""The command line: ``python -m vhost {probe,demo,blk,serve,bench} ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import VhostError
-from . import blk, demo, probe, serve
+from . import bench, blk, demo, probe, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     blk.add_parser(sub)
     serve.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -37,6 +37,7 @@ from typing import Self
 from .. import _core
 from ..codes import ProtocolFeature
 from ..errors import (
+    ClosedError,
     InvalidParamError,
     NotSupportedError,
     VhostError,
@@ -347,6 +348,7 @@ class BlkDriver:
         setup_queue(frontend, 0, self.memory, self.queue, self.kick, self.call)
         self.kicks = 0
         self.wakeups = 0
+        self._handed_off = False
 
     # -- construction ---------------------------------------------------------------------
 
@@ -502,6 +504,8 @@ class BlkDriver:
         Every request is checked before any is placed. When slots or descriptors run
         out, completions are collected first (those are kept for :meth:`wait`).
         """
+        if self._handed_off:
+            raise ClosedError("queue 0 was handed to a native load loop (native_load)")
         reqs = list(requests)
         for r in reqs:
             self._check_request(r)
@@ -646,6 +650,36 @@ class BlkDriver:
         for c in out:
             c.check()
         return out
+
+    # -- handing the queue to the native load loop ----------------------------------------
+
+    def native_load(self) -> _core.BlkLoad:
+        """Hands queue 0 to a native load loop (:class:`vhost._core.BlkLoad`, what
+        ``python -m vhost bench blk`` runs): the same ring, memory, eventfds and request
+        slots (one per ``slots``, ``max_request`` bytes each), driven from Rust without the
+        GIL. Only a driver that has sent no request yet can do this, once; its own I/O
+        methods raise :class:`~vhost.errors.ClosedError` afterwards (``close`` still
+        works)."""
+        if self._closed or self._handed_off:
+            raise ClosedError("the driver is closed or its queue was already handed off")
+        if self._next_tag or self._inflight:
+            raise InvalidParamError("only a driver that has sent no request can hand off its queue")
+        load = _core.BlkLoad(
+            self.memory,
+            self.queue_size,
+            self.queue.desc,
+            self.queue.avail,
+            self.queue.used,
+            self.kick,
+            self.call,
+            [(s.meta, s.data) for s in self._slots],
+            self._max_request,
+            packed=self.packed,
+            event_idx=self.event_idx,
+            segment_size=self._segment_size,
+        )
+        self._handed_off = True
+        return load
 
     # -- one-call operations --------------------------------------------------------------
 

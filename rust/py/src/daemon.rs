@@ -351,6 +351,9 @@ pub struct PyDaemon {
     poll: Duration,
     stats: Mutex<Option<Arc<DaemonStats>>>,
     running: Mutex<Option<Running>>,
+    /// Set by the serving thread as its very last act (its socket is gone by then), so
+    /// another thread can tell it is still serving while one thread waits on it.
+    finished: Mutex<Option<Arc<AtomicBool>>>,
     stopper: Mutex<Option<Stopper>>,
     outcome: Mutex<Option<UserResult<()>>>,
 }
@@ -376,6 +379,7 @@ impl PyDaemon {
             poll: Duration::from_micros(poll_us),
             stats: Mutex::new(None),
             running: Mutex::new(None),
+            finished: Mutex::new(None),
             stopper: Mutex::new(None),
             outcome: Mutex::new(None),
         })
@@ -386,7 +390,7 @@ impl PyDaemon {
     #[pyo3(signature = (path, *, client = false))]
     fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
         let mut running = lock(&self.running);
-        if running.is_some() {
+        if running.is_some() || self.serving() {
             return Err(invalid_param("the daemon is already running"));
         }
         let daemon = Daemon::new(self.device.clone())
@@ -404,6 +408,8 @@ impl PyDaemon {
         let (tx, rx) = mpsc::channel();
         *lock(&self.stats) = Some(daemon.stats());
         let stopper = daemon.stopper();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
         let thread = std::thread::Builder::new()
             .name("vhost-daemon".into())
             .spawn(move || {
@@ -411,9 +417,12 @@ impl PyDaemon {
                     Some(l) => daemon.serve(l),
                     None => daemon.connect(&path),
                 };
+                drop(listener);
                 let _ = tx.send(r);
+                done.store(true, Ordering::SeqCst);
             })
             .map_err(io_error)?;
+        *lock(&self.finished) = Some(finished);
         *lock(&self.outcome) = None;
         *lock(&self.stopper) = Some(stopper);
         *running = Some(Running {
@@ -436,7 +445,7 @@ impl PyDaemon {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // Never hold a lock while detached: another thread holding the GIL may want it.
         let Some(r) = lock(&self.running).take() else {
-            return self.take_outcome();
+            return self.wait_for_other_waiter(py, timeout);
         };
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let mut r = r;
@@ -475,7 +484,7 @@ impl PyDaemon {
     /// Whether the serving thread is running.
     #[getter]
     fn running(&self) -> bool {
-        lock(&self.running).is_some()
+        lock(&self.running).is_some() || self.serving()
     }
 
     /// Front-end sessions accepted so far.
@@ -521,6 +530,27 @@ impl PyDaemon {
 }
 
 impl PyDaemon {
+    /// Whether the serving thread of the latest start has not finished yet.
+    fn serving(&self) -> bool {
+        lock(&self.finished)
+            .as_ref()
+            .is_some_and(|f| !f.load(Ordering::SeqCst))
+    }
+
+    /// `wait` while another thread waits on the serving thread (and owns its handle):
+    /// watch the thread's finished flag instead.
+    fn wait_for_other_waiter(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        while self.serving() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            py.detach(|| std::thread::sleep(Duration::from_millis(5)));
+            py.check_signals()?;
+        }
+        self.take_outcome()
+    }
+
     fn with_stats<T: Default>(&self, f: impl FnOnce(&DaemonStats) -> T) -> T {
         lock(&self.stats).as_deref().map(f).unwrap_or_default()
     }

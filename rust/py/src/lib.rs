@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod backend;
+mod blkload;
 mod channel;
 mod daemon;
 mod errors;
@@ -30,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyDescriptorChain>()?;
     m.add_class::<vring::PyDeviceQueue>()?;
     m.add_class::<vring::PyVirtqueue>()?;
+    m.add_class::<blkload::PyBlkLoad>()?;
     m.add_class::<daemon::PyBlkDevice>()?;
     m.add_class::<daemon::PyBatch>()?;
     m.add_class::<daemon::PyDaemon>()?;

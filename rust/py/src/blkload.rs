@@ -1,0 +1,275 @@
+//! `BlkLoad`: the native virtio-blk load loop (`vhost_core::blkload`) for `bench blk`.
+//! Python negotiates and sets the queue up; a whole run then happens here with the GIL
+//! released, and comes back as one dict.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use vhost_core::blkload::{
+    BlkLoad as CoreLoad, Buffers, InterruptHook, Job, LoadError, Report, Rw, VerifiedReport,
+};
+use vhost_core::sys::EventFd as CoreEventFd;
+use vhost_core::vring::RingLayout;
+
+use crate::errors::{invalid_param, io_error, memory_error, vring_error, IntoPyResult};
+use crate::fd::dup_of;
+use crate::memory::PyGuestMemory;
+
+fn load_error(err: LoadError) -> PyErr {
+    match err {
+        LoadError::InvalidParam(m) => invalid_param(m),
+        LoadError::Vring(e) => vring_error(e),
+        LoadError::Memory(e) => memory_error(e),
+        LoadError::Io(e) => io_error(e),
+        LoadError::Interrupted => {
+            pyo3::exceptions::PyKeyboardInterrupt::new_err("the load run was interrupted")
+        }
+        e @ LoadError::Timeout { .. } => Python::attach(|py| {
+            let msg = e.to_string();
+            match py
+                .import("vhost.errors")
+                .and_then(|m| m.getattr("VhostTimeoutError"))
+                .and_then(|c| c.call1((msg,)))
+            {
+                Ok(exc) => PyErr::from_value(exc),
+                Err(err) => err,
+            }
+        }),
+    }
+}
+
+fn seconds(what: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        invalid_param(format!(
+            "{what} must be a non-negative number of seconds: {s}"
+        ))
+    })
+}
+
+/// Drives one virtio-blk queue at a fixed depth, natively. See `vhost.cli.bench`.
+#[pyclass(module = "vhost._core", name = "BlkLoad", frozen)]
+pub struct PyBlkLoad {
+    inner: Mutex<CoreLoad>,
+    queue_size: u16,
+    slots: usize,
+    window: u32,
+}
+
+#[pymethods]
+impl PyBlkLoad {
+    /// Takes over a fresh ring at guest addresses `desc`/`avail`/`used` (zeroed here; give
+    /// the device the same addresses with base 0) with the `kick`/`call` eventfds (kept as
+    /// duplicates), and one request slot per `(header gpa, data gpa)` pair of `buffers`,
+    /// each data window `window` bytes.
+    #[new]
+    #[pyo3(signature = (memory, size, desc, avail, used, kick, call, buffers, window, *, packed = false, event_idx = false, segment_size = 32768))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        memory: PyRef<'_, PyGuestMemory>,
+        size: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        kick: &Bound<'_, PyAny>,
+        call: &Bound<'_, PyAny>,
+        buffers: Vec<(u64, u64)>,
+        window: u32,
+        packed: bool,
+        event_idx: bool,
+        segment_size: u32,
+    ) -> PyResult<Self> {
+        let layout = if packed {
+            RingLayout::packed(size, desc, avail, used)
+        } else {
+            RingLayout::split(size, desc, avail, used)
+        }
+        .py_err()?;
+        let kick = CoreEventFd::from_fd(dup_of(kick)?);
+        let call = CoreEventFd::from_fd(dup_of(call)?);
+        let buffers: Vec<Buffers> = buffers
+            .into_iter()
+            .map(|(meta, data)| Buffers { meta, data })
+            .collect();
+        let load = CoreLoad::new(
+            memory.snapshot(),
+            layout,
+            event_idx,
+            kick,
+            call,
+            buffers,
+            window,
+            segment_size,
+        )
+        .map_err(load_error)?;
+        Ok(PyBlkLoad {
+            queue_size: load.queue_size(),
+            slots: load.slots(),
+            window: load.window(),
+            inner: Mutex::new(load),
+        })
+    }
+
+    /// Runs `rw` (`read`, `write`, `randread`, `randwrite`) requests of `block_size` bytes
+    /// inside `[offset, offset+size)` of the disk, `iodepth` in flight, for `seconds` or
+    /// `ios` requests (whichever first); returns a dict (see `_core.pyi`). With `verify`,
+    /// the run is checked against generation `generation` (see `vhost.cli.bench`).
+    #[pyo3(signature = (rw, block_size, iodepth, offset, size, *, seconds = None, ios = None, seed = 1, busy_poll = 0.0, timeout = 10.0, verify = false, generation = 1, fill = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        rw: &str,
+        block_size: u32,
+        iodepth: u16,
+        offset: u64,
+        size: u64,
+        seconds: Option<f64>,
+        ios: Option<u64>,
+        seed: u64,
+        busy_poll: f64,
+        timeout: f64,
+        verify: bool,
+        generation: u32,
+        fill: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mode = Rw::parse(rw).ok_or_else(|| {
+            invalid_param(format!(
+                "rw must be read, write, randread or randwrite: {rw:?}"
+            ))
+        })?;
+        let job = Job {
+            rw: mode,
+            block_size,
+            iodepth,
+            offset,
+            size,
+            duration: seconds.map(|s| self::seconds("seconds", s)).transpose()?,
+            max_ios: ios,
+            seed,
+            busy_poll: self::seconds("busy_poll", busy_poll)?,
+            timeout: self::seconds("timeout", timeout)?,
+            write_generation: None,
+            check: None,
+            track_writes: false,
+        };
+        // Ctrl-C: the loop asks every 100 ms; a pending Python exception (KeyboardInterrupt
+        // from the SIGINT handler) stops it and is raised here.
+        let pending: Arc<Mutex<Option<PyErr>>> = Arc::default();
+        let stash = pending.clone();
+        let hook: InterruptHook = Box::new(move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    *stash.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    true
+                }
+            })
+        });
+        let outcome = py.detach(|| {
+            let mut load = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            load.set_interrupt(Some(hook));
+            let r = if verify {
+                load.run_verified(&job, generation, fill)
+                    .map(|v| (v.timed.clone(), Some(v)))
+            } else {
+                load.run(&job).map(|r| (r, None))
+            };
+            load.set_interrupt(None);
+            r
+        });
+        if let Some(e) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        let (timed, verified) = outcome.map_err(load_error)?;
+        let d = report_dict(py, &job, &timed)?;
+        if let Some(v) = verified {
+            d.set_item("verify", verify_dict(py, &v)?)?;
+        } else {
+            d.set_item("verify", py.None())?;
+        }
+        Ok(d)
+    }
+
+    /// The deepest queue `block_size` requests can keep (slots and ring descriptors).
+    fn max_iodepth(&self, block_size: u32) -> u16 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_iodepth(block_size)
+    }
+
+    #[getter]
+    fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    #[getter]
+    fn slots(&self) -> usize {
+        self.slots
+    }
+
+    #[getter]
+    fn window(&self) -> u32 {
+        self.window
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<BlkLoad queue_size={} slots={} window={}>",
+            self.queue_size, self.slots, self.window
+        )
+    }
+}
+
+fn report_dict<'py>(py: Python<'py>, job: &Job, r: &Report) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("rw", job.rw.name())?;
+    d.set_item("bs", job.block_size)?;
+    d.set_item("iodepth", job.iodepth)?;
+    d.set_item("ios", r.ios)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("seconds", r.elapsed.as_secs_f64())?;
+    d.set_item("iops", r.iops())?;
+    d.set_item("bandwidth_bytes_per_s", r.bandwidth())?;
+    d.set_item("driver_cpu_seconds", r.cpu.as_secs_f64())?;
+    d.set_item("kicks", r.kicks)?;
+    d.set_item("wakeups", r.wakeups)?;
+    d.set_item("io_errors", r.io_errors)?;
+    match r.first_io_error {
+        Some(f) => {
+            let e = PyDict::new(py);
+            e.set_item("rw", if f.write { "write" } else { "read" })?;
+            e.set_item("offset", f.offset)?;
+            e.set_item("status", f.status)?;
+            d.set_item("first_io_error", e)?;
+        }
+        None => d.set_item("first_io_error", py.None())?,
+    }
+    let lat = PyDict::new(py);
+    let h = &r.latency;
+    lat.set_item("min", h.min())?;
+    lat.set_item("mean", h.mean())?;
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
+        lat.set_item(name, h.percentile(q))?;
+    }
+    lat.set_item("max", h.max())?;
+    d.set_item("latency_ns", lat)?;
+    Ok(d)
+}
+
+fn verify_dict<'py>(py: Python<'py>, v: &VerifiedReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let sector = vhost_core::blkload::SECTOR;
+    d.set_item("generation", v.generation)?;
+    d.set_item("filled_bytes", v.fill.as_ref().map_or(0, |f| f.bytes))?;
+    d.set_item("read_checked_bytes", v.timed.checked_sectors * sector)?;
+    d.set_item("written_bytes", v.written_sectors * sector)?;
+    d.set_item("final_checked_bytes", v.check.checked_sectors * sector)?;
+    d.set_item("bad_sectors", v.bad_sectors())?;
+    d.set_item("first_bad_offset", v.first_bad_offset())?;
+    d.set_item("io_errors", v.io_errors())?;
+    d.set_item("ok", v.bad_sectors() == 0 && v.io_errors() == 0)?;
+    Ok(d)
+}
