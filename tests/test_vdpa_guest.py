@@ -34,6 +34,8 @@ def test_vdpa_config_errors() -> None:
     assert info["config_call"] == "set+cleared"
     assert info["config_len"] == 96  # virtio_blk_config as the 6.12 kernel reports it
     assert info["get_config_past_end"] == "EINVAL"
+    assert info["set_config"] == "ok"
+    assert info["set_config_past_end"] == "EINVAL"
     assert info["offset_overflow"] == "InvalidParamError"  # I11
 
 

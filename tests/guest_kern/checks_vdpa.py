@@ -132,6 +132,15 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             info["config_len"] = len(space)
             assert len(space) == blk.config_size
             assert space[:8] == blk.dev.get_config(0, 8)
+            # A write inside the config space reaches the device (VDUSE keeps its config
+            # read-only and ignores it); one past the end is the kernel's EINVAL.
+            blk.dev.set_config(blk.config_size - 1, space[-1:])
+            info["set_config"] = "ok"
+            info["set_config_past_end"] = errno_of(
+                lambda: blk.dev.set_config(blk.config_size, b"\0")
+            )
+            assert info["set_config_past_end"] == "EINVAL", info
+            assert blk.dev.get_config(0, blk.config_size) == space
             info["get_config_past_end"] = errno_of(lambda: blk.dev.get_config(blk.config_size, 8))
             assert info["get_config_past_end"] == "EINVAL", info
             try:
