@@ -2,7 +2,8 @@
 //! virtio data plane, as a plain Rust library with no Python in it.
 //!
 //! Layers, each calling only the one below: [`sys`] (syscall wrappers owning fds and
-//! mappings) -> [`memory`] (guest RAM) -> [`user`] (the vhost-user protocol, both sides).
+//! mappings) -> [`memory`] (guest RAM) -> [`user`] (the vhost-user protocol, both sides),
+//! [`kern`] (kernel vhost ioctls) and [`vdpa`] (vhost-vdpa).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations)]
@@ -11,7 +12,9 @@ pub mod backend;
 pub mod blkload;
 pub mod daemon;
 pub mod devices;
+pub mod kern;
 pub mod memory;
 pub mod sys;
 pub mod user;
+pub mod vdpa;
 pub mod vring;

@@ -12,7 +12,9 @@ mod eventfd;
 mod fd;
 mod frontend;
 mod handler;
+mod kern;
 mod memory;
+mod vdpa;
 mod vring;
 
 #[pymodule]
@@ -33,6 +35,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<daemon::PyBlkDevice>()?;
     m.add_class::<daemon::PyBatch>()?;
     m.add_class::<daemon::PyDaemon>()?;
+    m.add_class::<kern::PyKernelDevice>()?;
+    m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

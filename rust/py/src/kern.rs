@@ -1,0 +1,348 @@
+//! `KernelDevice` for Python: the generic vhost ioctls plus vhost-net and vhost-vsock,
+//! over `vhost_core::kern`. Each method copies its inputs, releases the GIL for the
+//! syscall, and converts a `kern::Error` in [`kern_error`].
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use vhost_core::backend::VringAddrs;
+use vhost_core::kern::abi::MemoryRegion;
+use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
+
+use crate::errors::closed;
+use crate::fd::{borrow, dup_of, raw_fd_of};
+
+/// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
+pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
+
+fn make<'py>(
+    py: Python<'py>,
+    class: &str,
+    args: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
+) -> PyErr {
+    let made = py
+        .import("vhost.errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1(args.into_pyobject(py).map_err(Into::<PyErr>::into)?));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
+/// The one conversion of kernel vhost and vDPA errors: a failed syscall is `KernelError`
+/// with the kernel's errno; a refused argument `InvalidParamError`; an unmap of nothing
+/// `InvalidMemoryError`.
+pub fn kern_error(err: KernError) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        match err {
+            KernError::Kernel { op, source } => {
+                let errno = source.raw_os_error().unwrap_or(libc::EIO);
+                // "VHOST_SET_OWNER: Device or resource busy", without std's "(os error N)":
+                // OSError already shows the errno.
+                let text = source.to_string();
+                let reason = text.split(" (os error").next().unwrap_or(&text);
+                make(py, "KernelError", (errno, format!("{op}: {reason}")))
+            }
+            KernError::InvalidParam(_) => make(py, "InvalidParamError", (msg,)),
+            KernError::NotMapped { iova, .. } => make(py, "InvalidMemoryError", (msg, iova)),
+            KernError::ShortTransfer { .. } => make(py, "KernelError", (libc::EIO, msg)),
+            KernError::Malformed(_) => make(py, "KernelError", (libc::EPROTO, msg)),
+        }
+    })
+}
+
+pub trait KernResult<T> {
+    fn kern(self) -> PyResult<T>;
+}
+
+impl<T> KernResult<T> for Result<T, KernError> {
+    fn kern(self) -> PyResult<T> {
+        self.map_err(kern_error)
+    }
+}
+
+pub fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
+    obj.map(raw_fd_of).transpose()
+}
+
+/// Seconds (None: forever) as poll(2) milliseconds.
+pub fn timeout_ms(timeout: Option<f64>) -> PyResult<i32> {
+    match timeout {
+        None => Ok(-1),
+        Some(t) if t >= 0.0 && t.is_finite() => Ok((t * 1000.0).ceil().min(i32::MAX as f64) as i32),
+        Some(_) => Err(crate::errors::invalid_param("timeout must be >= 0")),
+    }
+}
+
+#[pyclass(module = "vhost._core", name = "KernelDevice", frozen)]
+pub struct PyKernelDevice {
+    inner: RwLock<Option<Arc<VhostDevice>>>,
+}
+
+impl PyKernelDevice {
+    pub fn from_arc(dev: Arc<VhostDevice>) -> Self {
+        PyKernelDevice {
+            inner: RwLock::new(Some(dev)),
+        }
+    }
+
+    /// The device for one call; the Arc keeps the fd open even if another thread closes
+    /// this object meanwhile, so a call never reaches a recycled fd number.
+    fn get(&self) -> PyResult<Arc<VhostDevice>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| closed("vhost device"))
+    }
+
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&VhostDevice) -> Result<T, KernError> + Send,
+    ) -> PyResult<T> {
+        let dev = self.get()?;
+        py.detach(|| f(&dev)).kern()
+    }
+}
+
+#[pymethods]
+impl PyKernelDevice {
+    /// Opens a vhost character device and checks that it is one (ENOTTY otherwise).
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let dev = py.detach(|| VhostDevice::open(&path)).kern()?;
+        Ok(Self::from_arc(Arc::new(dev)))
+    }
+
+    /// Adopts a duplicate of an open fd (the caller keeps its own).
+    #[staticmethod]
+    fn from_fd(fd: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let owned = dup_of(fd)?;
+        let dev = VhostDevice::from_fd(owned).kern()?;
+        Ok(Self::from_arc(Arc::new(dev)))
+    }
+
+    fn fileno(&self) -> PyResult<RawFd> {
+        Ok(self.get()?.as_raw_fd())
+    }
+
+    fn close(&self) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+
+    fn get_features(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |d| d.get_features())
+    }
+
+    fn set_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+        self.call(py, |d| d.set_features(features))
+    }
+
+    fn set_owner(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |d| d.set_owner())
+    }
+
+    fn reset_owner(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |d| d.reset_owner())
+    }
+
+    fn get_backend_features(&self, py: Python<'_>) -> PyResult<u64> {
+        self.call(py, |d| d.get_backend_features())
+    }
+
+    fn set_backend_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+        self.call(py, |d| d.set_backend_features(features))
+    }
+
+    /// `regions`: (guest_phys_addr, memory_size, userspace_addr) tuples.
+    fn set_mem_table(&self, py: Python<'_>, regions: Vec<(u64, u64, u64)>) -> PyResult<()> {
+        let table: Vec<MemoryRegion> = regions
+            .into_iter()
+            .map(|(g, s, u)| MemoryRegion {
+                guest_phys_addr: g,
+                memory_size: s,
+                userspace_addr: u,
+                flags_padding: 0,
+            })
+            .collect();
+        self.call(py, move |d| d.set_mem_table(&table))
+    }
+
+    fn set_log_base(&self, py: Python<'_>, base: u64) -> PyResult<()> {
+        self.call(py, |d| d.set_log_base(base))
+    }
+
+    #[pyo3(signature = (fd))]
+    fn set_log_fd(&self, py: Python<'_>, fd: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |d| d.set_log_fd(fd.map(borrow)))
+    }
+
+    fn set_vring_num(&self, py: Python<'_>, index: u32, num: u32) -> PyResult<()> {
+        self.call(py, |d| d.set_vring_num(index, num))
+    }
+
+    #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
+    fn set_vring_addr(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+        flags: u32,
+        log: u64,
+    ) -> PyResult<()> {
+        let addrs = VringAddrs {
+            index,
+            flags,
+            desc,
+            used,
+            avail,
+            log,
+        };
+        self.call(py, move |d| d.set_vring_addr(&addrs))
+    }
+
+    fn set_vring_base(&self, py: Python<'_>, index: u32, base: u32) -> PyResult<()> {
+        self.call(py, |d| d.set_vring_base(index, base))
+    }
+
+    fn get_vring_base(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+        self.call(py, |d| d.get_vring_base(index))
+    }
+
+    fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
+        self.call(py, |d| d.set_vring_endian(index, big_endian))
+    }
+
+    fn get_vring_endian(&self, py: Python<'_>, index: u32) -> PyResult<bool> {
+        self.call(py, |d| d.get_vring_endian(index))
+    }
+
+    fn set_vring_busyloop_timeout(&self, py: Python<'_>, index: u32, usecs: u32) -> PyResult<()> {
+        self.call(py, |d| d.set_vring_busyloop_timeout(index, usecs))
+    }
+
+    fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+        self.call(py, |d| d.get_vring_busyloop_timeout(index))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_kick(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |d| d.set_vring_kick(index, fd.map(borrow)))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_call(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |d| d.set_vring_call(index, fd.map(borrow)))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn set_vring_err(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |d| d.set_vring_err(index, fd.map(borrow)))
+    }
+
+    #[pyo3(signature = (index, fd))]
+    fn net_set_backend(
+        &self,
+        py: Python<'_>,
+        index: u32,
+        fd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let fd = opt_fd(fd)?;
+        self.call(py, move |d| net::set_backend(d, index, fd.map(borrow)))
+    }
+
+    fn vsock_set_guest_cid(&self, py: Python<'_>, cid: u64) -> PyResult<()> {
+        self.call(py, |d| vsock::set_guest_cid(d, cid))
+    }
+
+    fn vsock_set_running(&self, py: Python<'_>, running: bool) -> PyResult<()> {
+        self.call(py, |d| vsock::set_running(d, running))
+    }
+
+    #[pyo3(signature = (iova, size, uaddr, perm, kind, asid = 0))]
+    #[allow(clippy::too_many_arguments)] // one argument per message field
+    fn send_iotlb(
+        &self,
+        py: Python<'_>,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: u8,
+        kind: u8,
+        asid: u32,
+    ) -> PyResult<()> {
+        let msg = IotlbMessage {
+            iova,
+            size,
+            uaddr,
+            perm,
+            kind,
+            asid,
+        };
+        self.call(py, move |d| d.send_iotlb(&msg))
+    }
+
+    /// Waits for a message from the kernel; None on timeout.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_iotlb(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<IotlbTuple>> {
+        let ms = timeout_ms(timeout)?;
+        let msg = self.call(py, move |d| d.recv_iotlb(ms))?;
+        Ok(msg.map(|m| (m.iova, m.size, m.uaddr, m.perm, m.kind, m.asid)))
+    }
+
+    fn __repr__(&self) -> String {
+        match self.get() {
+            Ok(d) => format!("<KernelDevice fd={}>", d.as_raw_fd()),
+            Err(_) => "<KernelDevice closed>".into(),
+        }
+    }
+}
