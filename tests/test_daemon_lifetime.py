@@ -422,10 +422,12 @@ def test_j7_daemon_collected_while_serving(tmp_sock_dir: Path, image: Path, kind
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "session"])
+@pytest.mark.parametrize("python", [False, True], ids=["native", "python"])
 def test_j7_signal_stops_serve_cleanly(
-    tmp_sock_dir: Path, image: Path, sig: int, busy: bool
+    tmp_sock_dir: Path, image: Path, sig: int, busy: bool, python: bool
 ) -> None:
-    proc = ServeProc(["blk", "--image", str(image)], tmp_sock_dir / "s", tmp_sock_dir / "log")
+    args = ["blk", "--image", str(image), *(["--python"] if python else [])]
+    proc = ServeProc(args, tmp_sock_dir / "s", tmp_sock_dir / "log")
     drv = None
     try:
         if busy:
