@@ -63,11 +63,13 @@ demo: setup
 # Round-trip latency, pinned to one CPU and free: our Frontend against our back-end and
 # qemu-storage-daemon, the pure-Python client, and the floor.c socketpair floor, all in
 # one run; then 4 KiB blk IOPS against qemu-storage-daemon, and descriptor-chain throughput
-# (Python API and the Rust example, each beside its memcpy floor). See benches/README.md.
+# (Python API and the Rust example, each beside its memcpy floor); then, in the test guest,
+# vhost-net TX and vDPA blk reads beside tap write() and vhost-user. See benches/README.md.
 bench: setup
 	$(PY) benches/bench_roundtrip.py --n $(BENCH_N) --batches $(BENCH_BATCHES)
 	$(PY) benches/bench_blk.py --runs $(BENCH_RUNS)
 	$(PY) benches/bench_vring.py --runs $(BENCH_RUNS)
+	$(PY) benches/bench_kern.py
 
 wheel: tools
 	$(MATURIN) build --release

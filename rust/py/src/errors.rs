@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use vhost_core::kern::Error as KernError;
 use vhost_core::memory::MemoryError;
 use vhost_core::user::Error as UserError;
 use vhost_core::vring::VringError;
@@ -127,4 +128,27 @@ impl<T> IntoPyResult<T> for std::io::Result<T> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(io_error)
     }
+}
+
+/// The one conversion of kernel vhost and vDPA errors: a failed syscall is `KernelError`
+/// with the kernel's errno; a refused argument `InvalidParamError`; an unmap of nothing
+/// `InvalidMemoryError`.
+pub fn kern_error(err: KernError) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        match err {
+            KernError::Kernel { op, source } => {
+                let errno = source.raw_os_error().unwrap_or(libc::EIO);
+                // "VHOST_SET_OWNER: Device or resource busy", without std's "(os error N)":
+                // OSError already shows the errno.
+                let text = source.to_string();
+                let reason = text.split(" (os error").next().unwrap_or(&text);
+                raise(py, "KernelError", (errno, format!("{op}: {reason}")))
+            }
+            KernError::InvalidParam(_) => raise(py, "InvalidParamError", (msg,)),
+            KernError::NotMapped { iova, .. } => raise(py, "InvalidMemoryError", (msg, iova)),
+            KernError::ShortTransfer { .. } => raise(py, "KernelError", (libc::EIO, msg)),
+            KernError::Malformed(_) => raise(py, "KernelError", (libc::EPROTO, msg)),
+        }
+    })
 }

@@ -1,60 +1,21 @@
 //! `KernelDevice` for Python: the generic vhost ioctls plus vhost-net and vhost-vsock,
 //! over `vhost_core::kern`. Each method copies its inputs, releases the GIL for the
-//! syscall, and converts a `kern::Error` in [`kern_error`].
+//! syscall, and converts a `kern::Error` with [`kern_error`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 use vhost_core::backend::VringAddrs;
 use vhost_core::kern::abi::MemoryRegion;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
-use crate::errors::closed;
+use crate::errors::{closed, kern_error};
 use crate::fd::{borrow, dup_of, raw_fd_of};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
-
-fn make<'py>(
-    py: Python<'py>,
-    class: &str,
-    args: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
-) -> PyErr {
-    let made = py
-        .import("vhost.errors")
-        .and_then(|m| m.getattr(class))
-        .and_then(|cls| cls.call1(args.into_pyobject(py).map_err(Into::<PyErr>::into)?));
-    match made {
-        Ok(exc) => PyErr::from_value(exc),
-        Err(e) => e,
-    }
-}
-
-/// The one conversion of kernel vhost and vDPA errors: a failed syscall is `KernelError`
-/// with the kernel's errno; a refused argument `InvalidParamError`; an unmap of nothing
-/// `InvalidMemoryError`.
-pub fn kern_error(err: KernError) -> PyErr {
-    Python::attach(|py| {
-        let msg = err.to_string();
-        match err {
-            KernError::Kernel { op, source } => {
-                let errno = source.raw_os_error().unwrap_or(libc::EIO);
-                // "VHOST_SET_OWNER: Device or resource busy", without std's "(os error N)":
-                // OSError already shows the errno.
-                let text = source.to_string();
-                let reason = text.split(" (os error").next().unwrap_or(&text);
-                make(py, "KernelError", (errno, format!("{op}: {reason}")))
-            }
-            KernError::InvalidParam(_) => make(py, "InvalidParamError", (msg,)),
-            KernError::NotMapped { iova, .. } => make(py, "InvalidMemoryError", (msg, iova)),
-            KernError::ShortTransfer { .. } => make(py, "KernelError", (libc::EIO, msg)),
-            KernError::Malformed(_) => make(py, "KernelError", (libc::EPROTO, msg)),
-        }
-    })
-}
 
 pub trait KernResult<T> {
     fn kern(self) -> PyResult<T>;
