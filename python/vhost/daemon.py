@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import ClassVar, Self
 
@@ -120,15 +121,21 @@ class Daemon:
         when its session ends); re-raises the error that ended it, if any."""
         return self._native.wait(timeout)
 
-    def serve_forever(self) -> None:
-        """Serves until SIGINT or SIGTERM (or :meth:`stop` from another thread)."""
+    def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
+        """Serves until SIGINT or SIGTERM (or :meth:`stop` from another thread).
+
+        ``ready`` is called once the daemon is serving and the signals are handled, so a
+        supervisor told "ready" can already stop it cleanly.
+        """
         previous: signal.Handlers | None = None
         on_main = threading.current_thread() is threading.main_thread()
         if on_main:
             previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # type: ignore[assignment]
-        if not self.running:
-            self.start()
         try:
+            if not self.running:
+                self.start()
+            if ready is not None:
+                ready()
             while not self._native.wait(0.2):
                 pass
         except KeyboardInterrupt:

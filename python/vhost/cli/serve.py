@@ -86,9 +86,10 @@ def run_rng(args: argparse.Namespace) -> int:
 
 
 def _serve(daemon: Daemon, what: str) -> int:
-    daemon.start()
-    print(f"serving {what} on {daemon.path}", flush=True)
-    daemon.serve_forever()
+    def ready() -> None:
+        print(f"serving {what} on {daemon.path}", flush=True)
+
+    daemon.serve_forever(ready)
     print(
         f"stopped after {daemon.sessions_started} session(s)",
         file=sys.stderr,

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,23 +15,40 @@ use crate::sys::scm::poll_readable;
 pub struct Listener {
     inner: UnixListener,
     path: PathBuf,
+    /// (device, inode) of the socket file we created: drop unlinks the path only while it
+    /// is still ours, never a newer server's socket.
+    identity: Option<(u64, u64)>,
 }
 
 impl Listener {
-    /// With `replace_stale`, an existing *socket* at `path` is removed first (a leftover of
-    /// a dead server); any other kind of file is never touched.
+    /// With `replace_stale`, an existing *socket* at `path` that nobody listens on any more
+    /// (a leftover of a dead server) is removed first. A live socket is never replaced
+    /// (`AddrInUse`), and any other kind of file is never touched.
     pub fn bind(path: &Path, replace_stale: bool) -> io::Result<Self> {
         if replace_stale {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if meta.file_type().is_socket() {
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!(
+                                "{} is a live socket: another server listens there",
+                                path.display()
+                            ),
+                        ));
+                    }
                     std::fs::remove_file(path)?;
                 }
             }
         }
         let inner = UnixListener::bind(path)?;
+        let identity = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         Ok(Listener {
             inner,
             path: path.to_path_buf(),
+            identity,
         })
     }
 
@@ -61,6 +78,62 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pv-listener-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("s.sock")
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let path = temp_path("live");
+        // A stale socket: bound, then its listener closed without unlinking.
+        drop(UnixListener::bind(&path).unwrap());
+        let first = Listener::bind(&path, true).unwrap();
+        let err = Listener::bind(&path, true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(path.exists(), "the live socket is still there");
+        drop(first);
+        assert!(
+            !path.exists(),
+            "dropping the listener unlinks its own socket"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn drop_leaves_a_newer_socket_alone() {
+        let path = temp_path("newer");
+        let old = Listener::bind(&path, true).unwrap();
+        // Someone replaced our path (removed it and bound their own).
+        std::fs::remove_file(&path).unwrap();
+        let newer = UnixListener::bind(&path).unwrap();
+        drop(old);
+        assert!(path.exists(), "the newer server's socket survives our drop");
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(newer);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn other_files_are_never_touched() {
+        let path = temp_path("file");
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(Listener::bind(&path, true).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
