@@ -90,6 +90,12 @@ class Daemon:
     ring for that many microseconds after the last request before it sleeps: it burns a
     CPU meanwhile, and saves the wake-up (and the driver's kick) when requests keep coming,
     which pays when driver and device run on different CPUs.
+
+    ``require_sealed_memory`` refuses guest memory whose fd is not sealed against
+    shrinking (F_SEAL_SHRINK, as QEMU's ``memory-backend-memfd`` is by default): without
+    it, a front-end that truncates its memory file under the daemon kills it with SIGBUS,
+    which no user-space check can prevent. File-backed guest RAM cannot be sealed, so the
+    policy is opt-in.
     """
 
     def __init__(
@@ -100,11 +106,17 @@ class Daemon:
         client: bool = False,
         stall_timeout: float = 5.0,
         poll_us: int = 0,
+        require_sealed_memory: bool = False,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.client = client
-        self._native = _core.Daemon(device, stall_timeout=stall_timeout, poll_us=poll_us)
+        self._native = _core.Daemon(
+            device,
+            stall_timeout=stall_timeout,
+            poll_us=poll_us,
+            require_sealed_memory=require_sealed_memory,
+        )
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""

@@ -50,6 +50,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="US",
         help="keep polling each ring this long after the last request before sleeping",
     )
+    p.add_argument(
+        "--require-sealed-memory",
+        action="store_true",
+        help="refuse guest memory not sealed against shrinking (no SIGBUS from truncation)",
+    )
 
 
 def run_blk(args: argparse.Namespace) -> int:
@@ -75,13 +80,25 @@ def run_blk(args: argparse.Namespace) -> int:
     kind = "python" if args.python else "native"
     mode = " read-only" if args.readonly else ""
     return _serve(
-        Daemon(device, args.socket, client=args.client, poll_us=args.poll_us),
+        Daemon(
+            device,
+            args.socket,
+            client=args.client,
+            poll_us=args.poll_us,
+            require_sealed_memory=args.require_sealed_memory,
+        ),
         f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})",
     )
 
 
 def run_rng(args: argparse.Namespace) -> int:
-    daemon = Daemon(RngDevice(), args.socket, client=args.client, poll_us=args.poll_us)
+    daemon = Daemon(
+        RngDevice(),
+        args.socket,
+        client=args.client,
+        poll_us=args.poll_us,
+        require_sealed_memory=args.require_sealed_memory,
+    )
     return _serve(daemon, "rng (python)")
 
 

@@ -358,6 +358,7 @@ pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
     stall_timeout: Duration,
     poll: Duration,
+    sealed_memory_only: bool,
     stats: Mutex<Option<Arc<DaemonStats>>>,
     running: Mutex<Option<Running>>,
     /// Set by the serving thread as its very last act (its socket is gone by then), so
@@ -371,8 +372,13 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0))]
-    fn new(device: &Bound<'_, PyAny>, stall_timeout: f64, poll_us: u64) -> PyResult<Self> {
+    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0, require_sealed_memory = false))]
+    fn new(
+        device: &Bound<'_, PyAny>,
+        stall_timeout: f64,
+        poll_us: u64,
+        require_sealed_memory: bool,
+    ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
@@ -386,6 +392,7 @@ impl PyDaemon {
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
             poll: Duration::from_micros(poll_us),
+            sealed_memory_only: require_sealed_memory,
             stats: Mutex::new(None),
             running: Mutex::new(None),
             finished: Mutex::new(None),
@@ -405,7 +412,8 @@ impl PyDaemon {
         let daemon = Daemon::new(self.device.clone())
             .map_err(io_error)?
             .with_stall_timeout(self.stall_timeout)
-            .with_poll(self.poll);
+            .with_poll(self.poll)
+            .with_sealed_memory_only(self.sealed_memory_only);
         let listener = if client {
             None
         } else {

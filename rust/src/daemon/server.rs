@@ -56,6 +56,7 @@ pub struct Daemon {
     stats: Arc<DaemonStats>,
     stall_timeout: Duration,
     poll: Duration,
+    sealed_memory_only: bool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -86,7 +87,15 @@ impl Daemon {
             stats: Arc::new(DaemonStats::default()),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             poll: Duration::ZERO,
+            sealed_memory_only: false,
         })
+    }
+
+    /// Accept only guest memory sealed against shrinking (see
+    /// [`BackendSession::require_sealed_memory`]).
+    pub fn with_sealed_memory_only(mut self, on: bool) -> Self {
+        self.sealed_memory_only = on;
+        self
     }
 
     /// Queue workers keep polling their ring for `poll` after the last request before they
@@ -176,6 +185,7 @@ impl Daemon {
         let mut handler = DaemonHandler::new(self.device.clone(), self.poll)?;
         *lock(&self.stats.completed) = handler.completion_counters();
         let mut session = BackendSession::new(stream);
+        session.require_sealed_memory(self.sealed_memory_only);
         let result = loop {
             let ready = poll_many(&[session.socket().as_fd(), self.stop.as_fd()], -1)?;
             if ready[1] {

@@ -63,6 +63,12 @@ pub enum MemoryError {
         size: u64,
         file_size: u64,
     },
+    /// The fd of a region is not sealed against shrinking, and sealed memory is required:
+    /// the front-end could truncate it later and turn our next access into a SIGBUS (J8).
+    #[error(
+        "memory fd is not sealed against shrinking (F_SEAL_SHRINK) and sealed memory is required"
+    )]
+    Unsealed,
     #[error("too many memory regions (maximum {max})")]
     TooManyRegions { max: usize },
     /// A removal named a region that is not there exactly (absent or only partly matching).

@@ -1,7 +1,7 @@
 //! One region of guest RAM: its description (as carried by SET_MEM_TABLE / ADD_MEM_REG),
 //! the fd backing it and our mapping of that fd.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use super::{AddressSpace, MemoryError};
 use crate::sys::{memfd_create, Mapping};
@@ -82,6 +82,19 @@ impl GuestRegion {
         let mapping = Mapping::map_shared(fd.as_fd(), info.mmap_offset, info.memory_size, true)
             .map_err(MemoryError::Map)?;
         Ok(Self { info, fd, mapping })
+    }
+
+    /// The policy that closes the SIGBUS risk of [`map`](Self::map) (ADVERSARIAL J8): the fd
+    /// must carry F_SEAL_SHRINK, so nobody can truncate it under our mapping. QEMU seals its
+    /// `memory-backend-memfd` this way by default; files that cannot be sealed are refused.
+    pub fn check_shrink_sealed(fd: BorrowedFd<'_>) -> Result<(), MemoryError> {
+        // SAFETY: F_GET_SEALS takes no pointer; `fd` is open for the borrow.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            Ok(())
+        } else {
+            Err(MemoryError::Unsealed)
+        }
     }
 
     /// Front-end side: new sealed memfd of `size`, mapped; userspace_addr = the local

@@ -213,6 +213,8 @@ struct SessionState {
     postcopy_listening: bool,
     /// The front-end's ack of a postcopy SET_MEM_TABLE answer is due next.
     postcopy_ack_due: bool,
+    /// Refuse memory whose fd is not sealed against shrinking (J8 policy).
+    sealed_memory_only: bool,
 }
 
 #[derive(Debug)]
@@ -238,6 +240,14 @@ impl BackendSession {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Refuses (NACK or close) memory tables and regions whose fds are not sealed against
+    /// shrinking: the policy that keeps a front-end from truncating guest memory under us
+    /// (a SIGBUS, ADVERSARIAL J8). Off by default, since file-backed guest RAM cannot be
+    /// sealed.
+    pub fn require_sealed_memory(&mut self, on: bool) {
+        self.state.sealed_memory_only = on;
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -535,6 +545,11 @@ impl BackendSession {
                 none
             }
             R::SetMemTable { table, fds } => {
+                if self.state.sealed_memory_only {
+                    for fd in &fds {
+                        GuestRegion::check_shrink_sealed(fd.as_fd())?;
+                    }
+                }
                 let mem = Self::map_table(&table.regions, fds)?;
                 h.set_mem_table(&mem)?;
                 self.memory = mem;
@@ -566,6 +581,9 @@ impl BackendSession {
                     )));
                 }
                 let info = region_info(&region);
+                if self.state.sealed_memory_only {
+                    GuestRegion::check_shrink_sealed(fd.as_fd())?;
+                }
                 let mapped = Arc::new(GuestRegion::map(info, fd)?);
                 let mem = self.memory.with_region(mapped)?;
                 h.add_mem_region(&mem, &info)?;
