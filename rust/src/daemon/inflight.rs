@@ -6,8 +6,12 @@
 //! Layout per queue (the vhost-user spec's): `features: u64, version: u16, desc_num: u16,
 //! last_batch_head: u16, used_idx: u16`, then `desc_num` entries of `inflight: u8,
 //! padding: [u8; 5], next: u16, counter: u64`. Each queue's part is rounded up to 64
-//! bytes. A completed batch is linked through `next` from `last_batch_head`, so that a
-//! crash between publishing the used index and clearing the flags is repaired on restart.
+//! bytes. A completed batch is listed through `next` from `last_batch_head` (latest first),
+//! so that a crash between publishing the used index and clearing the flags is repaired on
+//! restart.
+//!
+//! Packed rings are not tracked: their layout shadows every descriptor and needs its own
+//! commit/rollback; with a packed ring the area is accepted and left alone.
 //!
 //! The area is shared with the front-end, so nothing read from it is trusted for memory
 //! safety: every index is checked against the queue size we chose ourselves.
@@ -181,15 +185,13 @@ impl InflightQueue {
         }
     }
 
-    /// Before the used index is published: links the batch from `last_batch_head`.
+    /// Before the used index is published: each head of the batch is pushed onto the
+    /// `last_batch_head` list (its `next` is the previous head), as the spec lays it out.
     pub fn completing(&mut self, heads: &[u16]) {
-        let heads: Vec<u16> = heads.iter().copied().filter(|&h| h < self.size).collect();
-        for pair in heads.windows(2) {
-            self.store::<u16>(Self::entry(pair[0]) + 6, pair[1]);
-        }
-        if let (Some(&first), Some(&last)) = (heads.first(), heads.last()) {
-            self.store::<u16>(Self::entry(last) + 6, u16::MAX);
-            self.store::<u16>(12, first);
+        for &head in heads.iter().filter(|&&h| h < self.size) {
+            let previous = self.load::<u16>(12);
+            self.store::<u16>(Self::entry(head) + 6, previous);
+            self.store::<u16>(12, head);
         }
     }
 
@@ -257,6 +259,20 @@ mod tests {
         // Crash here: the ring's used index says 2, the flags were not cleared.
         drop(q);
         assert_eq!(a.queue(0, 8).unwrap().start(2), vec![6]);
+    }
+
+    #[test]
+    fn only_the_half_recorded_batch_is_repaired() {
+        let a = area(1, 8);
+        let mut q = a.queue(0, 8).unwrap();
+        q.start(0);
+        q.popped([1, 2, 3, 4].into_iter());
+        q.completing(&[1]);
+        q.completed(&[1], 1);
+        q.completing(&[2, 3]);
+        drop(q);
+        // The ring says 3 used: the batch [2, 3] was published, 4 is still in flight.
+        assert_eq!(a.queue(0, 8).unwrap().start(3), vec![4]);
     }
 
     #[test]
