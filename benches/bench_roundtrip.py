@@ -7,9 +7,11 @@ Measures, in one run, the mean round-trip time of
 
 for each of these pairs, every one a real two-process round trip over a Unix socket:
 
-* ``vhost._core.Frontend`` against our back-end (``BackendSession.serve`` with a minimal
-  Python ``BackendHandler``, in a child process);
-* ``vhost._core.Frontend`` against qemu-storage-daemon (vhost-user-blk export);
+* ours: ``vhost.user.Frontend`` (the public facade over the Rust core) against our native
+  back-end (``rust/examples/null_backend.rs``), against our back-end served from Python
+  (``BackendSession.serve`` with a minimal ``BackendHandler``, in a child process), and
+  against qemu-storage-daemon (vhost-user-blk export); ours-core: ``vhost._core.Frontend``
+  called directly, against the native back-end (the facade's cost is the difference);
 * the pure-Python client ``benches/pyclient.py`` against qemu-storage-daemon;
 * the pure-Python client against our back-end;
 * the raw floor ``benches/floor.c`` (fork + socketpair ping-pong, same message sizes),
@@ -67,6 +69,7 @@ PEER_NATIVE = "our native back-end"
 PEER_QSD = "qemu-storage-daemon"
 CASES = (
     ("ours", PEER_NATIVE),
+    ("ours-core", PEER_NATIVE),
     ("ours", PEER_OURS),
     ("ours", PEER_QSD),
     ("pyclient", PEER_QSD),
@@ -199,18 +202,41 @@ Op = Callable[[], object]
 
 @contextlib.contextmanager
 def ours(path: str) -> Iterator[dict[str, Op]]:
-    """``vhost._core.Frontend``, negotiated like QEMU: owner, features, REPLY_ACK."""
+    """``vhost.user.Frontend`` (the public facade over the native core), negotiated like
+    QEMU: owner, features, REPLY_ACK."""
+    from vhost.user import Frontend  # noqa: PLC0415 - the floor runs without the module
+
+    fe = Frontend.connect(path)
+    try:
+        fe.set_owner()
+        features = fe.get_features()
+        if features & VHOST_USER_F_PROTOCOL_FEATURES:
+            fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
+        fe.set_features(features)
+        if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
+            raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
+        yield {
+            GET_FEATURES: fe.get_features,
+            SET_VRING_NUM_ACK: functools.partial(fe.set_vring_num, VRING_INDEX, VRING_NUM),
+        }
+    finally:
+        fe.close()  # shuts the socket down: the peer sees the disconnect at once
+
+
+@contextlib.contextmanager
+def ours_core(path: str) -> Iterator[dict[str, Op]]:
+    """``vhost._core.Frontend`` called directly: the facade's cost is the difference."""
     from vhost._core import Frontend  # noqa: PLC0415 - the floor runs without the module
 
     fe = Frontend.connect(path)
-    fe.set_owner()
-    features = fe.get_features()
-    if features & VHOST_USER_F_PROTOCOL_FEATURES:
-        fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
-    fe.set_features(features)
-    if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
-        raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
     try:
+        fe.set_owner()
+        features = fe.get_features()
+        if features & VHOST_USER_F_PROTOCOL_FEATURES:
+            fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
+        fe.set_features(features)
+        if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
+            raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
         yield {
             GET_FEATURES: fe.get_features,
             SET_VRING_NUM_ACK: functools.partial(fe.set_vring_num, VRING_INDEX, VRING_NUM),
@@ -237,7 +263,7 @@ def pure_python(path: str) -> Iterator[dict[str, Op]]:
         }
 
 
-CLIENTS = {"ours": ours, "pyclient": pure_python}
+CLIENTS = {"ours": ours, "ours-core": ours_core, "pyclient": pure_python}
 
 
 def time_batch(op: Op, n: int) -> float:
