@@ -194,6 +194,10 @@ impl Connection {
             body.extend_from_slice(&first[HEADER_SIZE..filled]);
             body.resize(size, 0);
             if early < size {
+                if self.timeout.get().is_some() {
+                    // The header is in; the rest of the message is due within the bound.
+                    started.get_or_insert_with(Instant::now);
+                }
                 self.read_at_least(&mut body[early..], size - early, false, &mut started)?;
             }
         }
@@ -244,7 +248,8 @@ impl Connection {
                 fds = got.fds;
             }
             filled += got.len;
-            if self.timeout.get().is_some() {
+            // The clock is read only for a message that takes more than one read.
+            if filled < min && self.timeout.get().is_some() {
                 started.get_or_insert_with(Instant::now);
             }
         }
