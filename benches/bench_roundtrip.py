@@ -7,9 +7,11 @@ Measures, in one run, the mean round-trip time of
 
 for each of these pairs, every one a real two-process round trip over a Unix socket:
 
-* ``vhost._core.Frontend`` against our back-end (``BackendSession.serve`` with a minimal
-  Python ``BackendHandler``, in a child process);
-* ``vhost._core.Frontend`` against qemu-storage-daemon (vhost-user-blk export);
+* ours: ``vhost.user.Frontend`` (the public facade over the Rust core) against our native
+  back-end (``rust/examples/null_backend.rs``), against our back-end served from Python
+  (``BackendSession.serve`` with a minimal ``BackendHandler``, in a child process), and
+  against qemu-storage-daemon (vhost-user-blk export); ours-core: ``vhost._core.Frontend``
+  called directly, against the native back-end (the facade's cost is the difference);
 * the pure-Python client ``benches/pyclient.py`` against qemu-storage-daemon;
 * the pure-Python client against our back-end;
 * the raw floor ``benches/floor.c`` (fork + socketpair ping-pong, same message sizes),
@@ -62,11 +64,14 @@ SET_VRING_NUM_ACK = "SET_VRING_NUM+ack 20/20"
 OPS = (GET_FEATURES, SET_VRING_NUM_ACK)
 FLOOR_SIZES = {GET_FEATURES: (12, 20), SET_VRING_NUM_ACK: (20, 20)}
 
+FLOOR = "floor.c (socketpair, fork)"
+FLOOR_SETSID = "floor.c, child in own session"
 PEER_OURS = "our back-end"
 PEER_NATIVE = "our native back-end"
 PEER_QSD = "qemu-storage-daemon"
 CASES = (
     ("ours", PEER_NATIVE),
+    ("ours-core", PEER_NATIVE),
     ("ours", PEER_OURS),
     ("ours", PEER_QSD),
     ("pyclient", PEER_QSD),
@@ -176,11 +181,13 @@ def spawn_peer(peer: str, place: Placement, tmp: str, tag: str) -> Iterator[tupl
             "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
             f"addr.path={sock_path},writable=on",
         ]
+    # The peer stays in this session, as floor.c's forked child does: with autogroup
+    # scheduling a session is a scheduling group, and a peer in another one pays
+    # cross-group wake-ups (~1.5 us a round trip here) that the floor would not.
     proc = subprocess.Popen(
         place.prefix() + argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        start_new_session=True,
     )
     try:
         _wait_for_socket(proc, sock_path, START_TIMEOUT)
@@ -199,18 +206,41 @@ Op = Callable[[], object]
 
 @contextlib.contextmanager
 def ours(path: str) -> Iterator[dict[str, Op]]:
-    """``vhost._core.Frontend``, negotiated like QEMU: owner, features, REPLY_ACK."""
+    """``vhost.user.Frontend`` (the public facade over the native core), negotiated like
+    QEMU: owner, features, REPLY_ACK."""
+    from vhost.user import Frontend  # noqa: PLC0415 - the floor runs without the module
+
+    fe = Frontend.connect(path)
+    try:
+        fe.set_owner()
+        features = fe.get_features()
+        if features & VHOST_USER_F_PROTOCOL_FEATURES:
+            fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
+        fe.set_features(features)
+        if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
+            raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
+        yield {
+            GET_FEATURES: fe.get_features,
+            SET_VRING_NUM_ACK: functools.partial(fe.set_vring_num, VRING_INDEX, VRING_NUM),
+        }
+    finally:
+        fe.close()  # shuts the socket down: the peer sees the disconnect at once
+
+
+@contextlib.contextmanager
+def ours_core(path: str) -> Iterator[dict[str, Op]]:
+    """``vhost._core.Frontend`` called directly: the facade's cost is the difference."""
     from vhost._core import Frontend  # noqa: PLC0415 - the floor runs without the module
 
     fe = Frontend.connect(path)
-    fe.set_owner()
-    features = fe.get_features()
-    if features & VHOST_USER_F_PROTOCOL_FEATURES:
-        fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
-    fe.set_features(features)
-    if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
-        raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
     try:
+        fe.set_owner()
+        features = fe.get_features()
+        if features & VHOST_USER_F_PROTOCOL_FEATURES:
+            fe.set_protocol_features(fe.get_protocol_features() & PROTOCOL_F_REPLY_ACK)
+        fe.set_features(features)
+        if not fe.acked_protocol_features & PROTOCOL_F_REPLY_ACK:
+            raise SystemExit(f"{path}: back-end does not offer REPLY_ACK")
         yield {
             GET_FEATURES: fe.get_features,
             SET_VRING_NUM_ACK: functools.partial(fe.set_vring_num, VRING_INDEX, VRING_NUM),
@@ -237,7 +267,7 @@ def pure_python(path: str) -> Iterator[dict[str, Op]]:
         }
 
 
-CLIENTS = {"ours": ours, "pyclient": pure_python}
+CLIENTS = {"ours": ours, "ours-core": ours_core, "pyclient": pure_python}
 
 
 def time_batch(op: Op, n: int) -> float:
@@ -276,11 +306,13 @@ def build_native() -> Path:
 _MEAN = re.compile(r"mean_ns=(\d+(?:\.\d+)?)")
 
 
-def time_floor(floor: Path, op: str, place: Placement, n: int) -> float:
-    """One floor.c run's mean ns (it warms up by itself)."""
+def time_floor(floor: Path, op: str, place: Placement, n: int, own_session: bool = False) -> float:
+    """One floor.c run's mean ns (it warms up by itself); ``own_session`` puts its child
+    in a session of its own (another autogroup), the layout of a separately started peer."""
     req, rep = FLOOR_SIZES[op]
     out = subprocess.run(
-        [*place.prefix(), str(floor), str(n), str(req), str(rep)],
+        [*place.prefix(), str(floor), str(n), str(req), str(rep)]
+        + (["setsid"] if own_session else []),
         check=True,
         capture_output=True,
         text=True,
@@ -303,6 +335,10 @@ class Row:
     def ns(self, place: str) -> float:
         """The figure: median of the batch means."""
         return statistics.median(self.batches[place])
+
+    def best(self, place: str) -> float:
+        """The least disturbed batch: its mean."""
+        return min(self.batches[place])
 
     def spread(self, place: str) -> str:
         b = self.batches[place]
@@ -353,7 +389,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                     for _ in range(args.batches):
                         for op in OPS:
                             ns = time_floor(floor, op, place, args.n)
-                            record("floor.c (socketpair, fork)", op, place, ns)
+                            record(FLOOR, op, place, ns)
+                            ns = time_floor(floor, op, place, args.n, own_session=True)
+                            record(FLOOR_SETSID, op, place, ns)
                         for case, ops in sessions:
                             for op in OPS:
                                 record(case, op, place, time_batch(ops[op], args.n))
@@ -366,40 +404,47 @@ def run(args: argparse.Namespace) -> list[Row]:
     return list(rows.values())
 
 
-def render(rows: Sequence[Row], args: argparse.Namespace) -> str:
-    floors = {r.op: r for r in rows if r.case.startswith("floor")}
-    names = ("pinned", "unpinned")
+def render(rows: Sequence[Row], args: argparse.Namespace, load: tuple[str, str]) -> str:
+    floors = {r.op: r for r in rows if r.case == FLOOR}
     lines = [
         f"# bench_roundtrip: python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
         f"qemu-storage-daemon {_qsd_version()}",
         f"# pinned: both processes on CPU {args.cpu} (sched_setaffinity + taskset -c "
-        f"{args.cpu}); unpinned: both free on CPUs {cpus_of()}",
+        f"{args.cpu}); unpinned: both free on CPUs {cpus_of()}; every peer in this session "
+        "(as floor.c's child) unless the row says otherwise",
         f"# each figure: median of {args.batches} batches x mean of {args.n} round trips, "
         "after warm-up; ratio = case / floor.c in the same placement; "
-        "range = lowest-highest batch mean (us)",
+        "best = lowest batch mean (us) and its ratio to the floor's best",
+        f"# load average (1 min) before / after: {load[0]} / {load[1]} "
+        "(other tenants' load inflates medians; best-of-batches is the least disturbed)",
         "",
     ]
     header = (
         "case",
         "request",
         "pinned us",
+        "x floor",
+        "pinned best",
+        "x floor best",
         "unpinned us",
-        "x floor pinned",
-        "x floor unpinned",
-        "pinned range",
+        "x floor",
         "unpinned range",
     )
     table: list[tuple[str, ...]] = [header]
     for r in rows:
-        ratios = [r.ns(p) / floors[r.op].ns(p) for p in names]
+        fl = floors[r.op]
         table.append(
             (
                 r.case,
                 r.op,
-                *(f"{r.ns(p) / 1000:.2f}" for p in names),
-                *(f"{x:.2f}x" for x in ratios),
-                *(r.spread(p) for p in names),
+                f"{r.ns('pinned') / 1000:.2f}",
+                f"{r.ns('pinned') / fl.ns('pinned'):.2f}x",
+                f"{r.best('pinned') / 1000:.2f}",
+                f"{r.best('pinned') / fl.best('pinned'):.2f}x",
+                f"{r.ns('unpinned') / 1000:.2f}",
+                f"{r.ns('unpinned') / fl.ns('unpinned'):.2f}x",
+                r.spread("unpinned"),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -416,6 +461,10 @@ def render(rows: Sequence[Row], args: argparse.Namespace) -> str:
                 + "|"
             )
     return "\n".join(lines)
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def _qsd_version() -> str:
@@ -438,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_backend(args.serve_backend)
     if args.n <= 0 or args.batches <= 0:
         parser.error("--n and --batches must be positive")
-    print(render(run(args), args))
+    before = _load()
+    rows = run(args)
+    print(render(rows, args, (before, _load())))
     return 0
 
 

@@ -24,6 +24,11 @@ pub struct Message {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Bytes of a first read (header plus the read-ahead of a reply) that go on the stack.
+const STACK_FIRST_READ: usize = 64;
+/// Messages without fds up to this size are sent from one stack buffer with `send`.
+const STACK_SEND: usize = 256;
+
 #[derive(Debug)]
 pub struct Connection {
     sock: UnixStream,
@@ -93,6 +98,17 @@ impl Connection {
 
     fn send_parts(&self, head: &[u8], body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
         let total = head.len() + body.len();
+        if fds.is_empty() && total <= STACK_SEND {
+            // Most messages: one contiguous copy on the stack and a plain send().
+            let mut buf = [0u8; STACK_SEND];
+            buf[..head.len()].copy_from_slice(head);
+            buf[head.len()..total].copy_from_slice(body);
+            let sent = scm::send_plain(self.sock.as_fd(), &buf[..total]).map_err(map_io)?;
+            if sent < total {
+                scm::send_all(self.sock.as_fd(), &buf[sent..total], &[]).map_err(map_io)?;
+            }
+            return Ok(());
+        }
         let sent = scm::send_with_fds(
             self.sock.as_fd(),
             &[IoSlice::new(head), IoSlice::new(body)],
@@ -146,9 +162,19 @@ impl Connection {
         read_ahead: usize,
         check: impl FnOnce(&Header) -> Result<()>,
     ) -> Result<Message> {
-        let mut first = vec![0u8; HEADER_SIZE + read_ahead];
+        // The first read lands on the stack when it is small (every request, and every
+        // reply but GET_CONFIG's and the like): no allocation for the header, and none at
+        // all for a message without a body.
+        let mut stack = [0u8; STACK_FIRST_READ];
+        let mut heap = Vec::new();
+        let first: &mut [u8] = if HEADER_SIZE + read_ahead <= STACK_FIRST_READ {
+            &mut stack[..HEADER_SIZE + read_ahead]
+        } else {
+            heap.resize(HEADER_SIZE + read_ahead, 0u8);
+            &mut heap
+        };
         let mut started = None;
-        let (filled, fds) = self.read_at_least(&mut first, HEADER_SIZE, true, &mut started)?;
+        let (filled, fds) = self.read_at_least(first, HEADER_SIZE, true, &mut started)?;
         let header = Header::from_bytes(first[..HEADER_SIZE].try_into().expect("12 bytes"));
         if header.size as usize > MAX_BODY_SIZE {
             return Err(Error::OversizedMessage(header.size));
@@ -162,10 +188,18 @@ impl Connection {
                 early - size
             )));
         }
-        let mut body = first.split_off(HEADER_SIZE);
-        body.resize(size, 0);
-        if early < size {
-            self.read_at_least(&mut body[early..], size - early, false, &mut started)?;
+        let mut body = Vec::new();
+        if size > 0 {
+            body.reserve_exact(size);
+            body.extend_from_slice(&first[HEADER_SIZE..filled]);
+            body.resize(size, 0);
+            if early < size {
+                if self.timeout.get().is_some() {
+                    // The header is in; the rest of the message is due within the bound.
+                    started.get_or_insert_with(Instant::now);
+                }
+                self.read_at_least(&mut body[early..], size - early, false, &mut started)?;
+            }
         }
         Ok(Message { header, body, fds })
     }
@@ -214,7 +248,8 @@ impl Connection {
                 fds = got.fds;
             }
             filled += got.len;
-            if self.timeout.get().is_some() {
+            // The clock is read only for a message that takes more than one read.
+            if filled < min && self.timeout.get().is_some() {
                 started.get_or_insert_with(Instant::now);
             }
         }
@@ -228,5 +263,126 @@ pub(crate) fn map_io(e: io::Error) -> Error {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout,
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Error::Disconnected,
         _ => Error::Io(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::EventFd;
+    use std::os::fd::AsRawFd;
+
+    const SET_VRING_KICK: u32 = 12;
+    const GET_FEATURES: u32 = 1;
+    const SET_VRING_NUM: u32 = 8;
+
+    /// (read end, write end) of a pipe: once every copy of the write end is closed, the
+    /// read end sees EOF, which proves a received copy was not leaked.
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut p = [0; 2];
+        // SAFETY: `p` has room for the two fds pipe2 writes.
+        let r = unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert_eq!(r, 0);
+        use std::os::fd::FromRawFd;
+        // SAFETY: pipe2 returned two fresh fds that nobody else owns.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    fn read_is_eof(fd: &OwnedFd) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: `byte` is a writable 1-byte buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(byte).cast(), 1) };
+        n == 0
+    }
+
+    #[test]
+    fn fds_on_the_body_chunk_are_rejected_and_closed() {
+        // B7, whether the body is already queued when the header is read or comes later.
+        for late_body in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (rd, wr) = pipe();
+            let head = Header::request(SET_VRING_KICK, 8, false).to_bytes();
+            scm::send_all(a.as_fd(), &head, &[]).unwrap();
+            let sender = std::thread::spawn(move || {
+                if late_body {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                scm::send_all(a.as_fd(), &0u64.to_le_bytes(), &[wr.as_fd()]).unwrap();
+                a
+            });
+            if !late_body {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut conn = Connection::new(b);
+            let err = conn.recv(Header::check_request).unwrap_err();
+            assert!(matches!(err, Error::InvalidParam(_)), "{err:?}");
+            assert!(conn.is_broken());
+            let _a = sender.join().unwrap();
+            assert!(read_is_eof(&rd), "the fd that rode on the body leaked");
+        }
+    }
+
+    #[test]
+    fn fds_of_a_queued_message_stay_with_it() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let kick = EventFd::new(true).unwrap();
+        let mut tx = Connection::new(a);
+        tx.send(&Header::request(GET_FEATURES, 0, false), &[], &[])
+            .unwrap();
+        tx.send(
+            &Header::request(SET_VRING_KICK, 8, false),
+            &0u64.to_le_bytes(),
+            &[kick.as_fd()],
+        )
+        .unwrap();
+        let mut rx = Connection::new(b);
+        let first = rx.recv(Header::check_request).unwrap();
+        assert_eq!(
+            (first.header.code, first.body.len(), first.fds.len()),
+            (GET_FEATURES, 0, 0)
+        );
+        let second = rx.recv(Header::check_request).unwrap();
+        assert_eq!(second.header.code, SET_VRING_KICK);
+        assert_eq!((second.body.len(), second.fds.len()), (8, 1));
+    }
+
+    #[test]
+    fn small_and_large_messages_cross_intact() {
+        // Small ones go out with one send() from the stack, large ones with sendmsg.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Connection::new(a);
+        let mut rx = Connection::new(b);
+        for size in [
+            0usize,
+            8,
+            STACK_SEND - HEADER_SIZE,
+            STACK_SEND - HEADER_SIZE + 1,
+            4096,
+        ] {
+            let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            tx.send(
+                &Header::request(SET_VRING_NUM, size as u32, true),
+                &body,
+                &[],
+            )
+            .unwrap();
+            let msg = rx.recv(|_| Ok(())).unwrap();
+            assert_eq!(msg.header.size as usize, size);
+            assert!(msg.header.needs_reply());
+            assert_eq!(msg.body, body);
+            assert!(msg.fds.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_reply_read_ahead_beyond_the_stack_buffer_works() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Connection::new(a);
+        let mut rx = Connection::new(b);
+        let body = vec![7u8; 300];
+        let reply = Header::request(SET_VRING_NUM, 300, false).reply_to(300);
+        tx.send(&reply, &body, &[]).unwrap();
+        let msg = rx.recv_reply(300, |_| Ok(())).unwrap();
+        assert_eq!(msg.body, body);
     }
 }

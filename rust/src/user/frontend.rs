@@ -143,7 +143,16 @@ impl Frontend {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Option<Reply>> {
-        let mut st = self.lock();
+        Self::exchange_locked(&mut self.lock(), req, body, fds)
+    }
+
+    /// `exchange` for a caller that already holds the lock.
+    fn exchange_locked(
+        st: &mut State,
+        req: FrontendReq,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Option<Reply>> {
         Self::check_gate(&st.neg, req)?;
         let inherent = has_reply(req);
         let want_ack = !inherent && st.neg.acked_protocol & pf::REPLY_ACK != 0;
@@ -206,8 +215,24 @@ impl Frontend {
     }
 
     fn get_u64(&self, req: FrontendReq) -> Result<u64> {
-        let r = self.reply(req, &[], &[])?;
-        self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))
+        self.get_u64_then(req, |_, _| {})
+    }
+
+    /// A u64 query whose answer updates the negotiated state under the same lock (one
+    /// lock per call on the hot path, and no window between reply and bookkeeping).
+    fn get_u64_then(
+        &self,
+        req: FrontendReq,
+        note: impl FnOnce(&mut Negotiated, u64),
+    ) -> Result<u64> {
+        let mut st = self.lock();
+        let r = Self::exchange_locked(&mut st, req, &[], &[])?
+            .ok_or_else(|| Error::ReplyMismatch(format!("{} expects a reply", req.name())))?;
+        let value = U64Payload::from_bytes(&r.body)
+            .inspect_err(|_| st.conn.poison())?
+            .0;
+        note(&mut st.neg, value);
+        Ok(value)
     }
 
     fn set_u64(&self, req: FrontendReq, value: u64) -> Result<()> {
@@ -232,9 +257,9 @@ impl Frontend {
     // ---- the VhostBackend interface ---------------------------------------------------
 
     pub fn get_features(&self) -> Result<u64> {
-        let features = self.get_u64(FrontendReq::GetFeatures)?;
-        self.lock().neg.offered_features = Some(features);
-        Ok(features)
+        self.get_u64_then(FrontendReq::GetFeatures, |neg, f| {
+            neg.offered_features = Some(f);
+        })
     }
 
     pub fn set_features(&self, features: u64) -> Result<()> {
@@ -371,9 +396,9 @@ impl Frontend {
     // ---- beyond the base interface ------------------------------------------------------
 
     pub fn get_protocol_features(&self) -> Result<u64> {
-        let features = self.get_u64(FrontendReq::GetProtocolFeatures)?;
-        self.lock().neg.offered_protocol = Some(features);
-        Ok(features)
+        self.get_u64_then(FrontendReq::GetProtocolFeatures, |neg, f| {
+            neg.offered_protocol = Some(f);
+        })
     }
 
     /// Acks protocol features; bits the back-end never offered are refused locally.
