@@ -4,7 +4,8 @@ A daemon is killed with two requests popped and not completed. The front-end kee
 inflight area and reconnects to a new daemon with a base that claims both were consumed
 (a front-end cannot know better after a crash). With the area, the new daemon resubmits
 both; without it, it would start after them and the driver would wait forever — which the
-control case shows.
+control case shows. Both ring formats: a split ring's area marks heads in the descriptor
+table, a packed ring's keeps a copy of the ring descriptors the driver has since lost.
 """
 
 from __future__ import annotations
@@ -60,28 +61,31 @@ def add_write(vq: Virtqueue, mem: GuestMemory, slot: int, sector: int, fill: byt
     return vq.add([(base, 16), (base + 0x100, 512)], [(base + 0x1000, 1)])
 
 
-def connect(sock: Path, inflight: bool) -> Frontend:
+def connect(sock: Path, inflight: bool, packed: bool) -> Frontend:
     fe = Frontend.connect(sock, timeout=5.0)
     mask = None if inflight else ~int(ProtocolFeature.INFLIGHT_SHMFD)
-    # The driver here uses a split ring without EVENT_IDX: do not ack the others.
-    fe.negotiate(features=~(RING_PACKED | RING_EVENT_IDX), protocol_features=mask)
+    # The driver here uses no EVENT_IDX, and the ring format under test.
+    refused = RING_EVENT_IDX | (0 if packed else RING_PACKED)
+    fe.negotiate(features=~refused, protocol_features=mask)
+    assert bool(fe.acked_features & RING_PACKED) == packed
     return fe
 
 
-@pytest.mark.parametrize("inflight", [True, False])
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("inflight", [True, False], ids=["area", "no-area"])
 def test_requests_in_flight_at_a_crash_are_resubmitted(
-    inflight: bool, tmp_path: Path, tmp_sock_dir: Path
+    inflight: bool, packed: bool, tmp_path: Path, tmp_sock_dir: Path
 ) -> None:
     image = make_image(tmp_path / "disk.img", 8 << 20)
     sock = tmp_sock_dir / "inflight.sock"
     mem = GuestMemory.allocate([(0, RAM)])
-    desc, avail, used = place_rings(RING_AT, QUEUE)
-    vq = Virtqueue(mem, QUEUE, desc, avail, used)
+    desc, avail, used = place_rings(RING_AT, QUEUE, packed=packed)
+    vq = Virtqueue(mem, QUEUE, desc, avail, used, packed=packed)
     kick, call = EventFd(), EventFd()
 
     stuck = [sys.executable, "tests/stuck_blk.py", str(sock), str(image)]
     with daemon(stuck) as first:
-        fe = connect(sock, inflight)
+        fe = connect(sock, inflight, packed)
         info = fe.get_inflight_fd(1, QUEUE) if inflight else None
         if info is not None:
             fe.set_inflight_fd(info)
@@ -102,13 +106,16 @@ def test_requests_in_flight_at_a_crash_are_resubmitted(
     assert vq.poll_used() == []
     serve = [sys.executable, "-m", "vhost", "serve", "blk", "--image", str(image)]
     with daemon([*serve, "--socket", str(sock)]):
-        fe = connect(sock, inflight)
+        fe = connect(sock, inflight, packed)
         if info is not None:
             fe.set_inflight_fd(info)
         fe.set_mem_table(regions_of(mem))
         call2 = EventFd()
-        # The stale base: both requests look consumed.
-        setup_queue(fe, 0, mem, (QUEUE, desc, avail, used), kick, call2, base=len(heads))
+        # The stale base: both requests look consumed (packed: the avail half only, slot 6
+        # with wrap counter 1, which says the used position is there too).
+        base = (3 * len(heads)) | 1 << 15 if packed else len(heads)
+        ring = (QUEUE, desc, avail, used)
+        setup_queue(fe, 0, mem, ring, kick, call2, base=base, packed=packed)
         kick.write(1)
         completed = call2.wait(3.0 if inflight else 1.5)
         done = vq.poll_used()

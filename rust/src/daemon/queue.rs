@@ -21,7 +21,7 @@ use crate::sys::{poll_many, EventFd};
 use crate::vring::{DescriptorChain, DeviceQueue, RingLayout};
 
 use super::device::{DeviceError, VirtioDevice};
-use super::inflight::InflightQueue;
+use super::inflight::{InflightError, InflightQueue};
 
 /// A lock that survives a panic in the thread that held it: the state is plain data that
 /// every user re-validates, so poisoning would only turn one failure into many (J7).
@@ -46,10 +46,20 @@ pub(crate) struct QueueState {
     pub(crate) indirect: bool,
     pub(crate) packed: bool,
     pub(crate) last_error: Option<String>,
-    /// Inflight tracking of this queue, when the front-end negotiated it (split rings).
+    /// Inflight tracking of this queue, when the front-end negotiated it.
     pub(crate) inflight: Option<InflightQueue>,
     /// Chains an earlier back-end left in flight, processed before new ones.
     pub(crate) resubmit: Vec<DescriptorChain>,
+    /// The inflight area stopped adding up while the ring ran: the queue stops until it
+    /// is started again, rather than run untracked.
+    pub(crate) inflight_broken: bool,
+}
+
+fn inflight_error(e: InflightError) -> DeviceError {
+    match e {
+        InflightError::Ring(e) => DeviceError::Queue(e),
+        other => DeviceError::Invalid(other.to_string()),
+    }
 }
 
 impl QueueState {
@@ -69,11 +79,11 @@ impl QueueState {
         let mut ring = DeviceQueue::new(layout, self.event_idx, self.indirect)?;
         ring.restore(&self.mem, self.base)?;
         self.resubmit.clear();
-        if let (Some(q), Some(used)) = (self.inflight.as_mut(), ring.split_used_index()) {
-            let heads = q.start(used);
-            self.resubmit = ring.resubmit(&self.mem, &heads)?;
+        if let Some(q) = self.inflight.as_mut() {
+            self.resubmit = q.start(&mut ring, &self.mem).map_err(inflight_error)?;
         }
         self.ring = Some(ring);
+        self.inflight_broken = false;
         self.last_error = None;
         Ok(())
     }
@@ -90,7 +100,7 @@ impl QueueState {
     }
 
     fn runnable(&self) -> bool {
-        self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken())
+        self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken()) && !self.inflight_broken
     }
 
     fn fail(&mut self, why: String) {
@@ -240,11 +250,21 @@ fn one_batch(
     };
     let mem = &st.mem;
     let chains = if st.resubmit.is_empty() {
-        let c = ring.pop_batch(mem, usize::from(ring.size()))?;
-        if let Some(q) = st.inflight.as_mut() {
-            q.popped(c.iter().map(|c| c.head));
+        let max = usize::from(ring.size());
+        match st.inflight.as_mut() {
+            Some(q) => {
+                let mut descs = Vec::new();
+                let c = ring.pop_batch_recording(mem, max, &mut descs)?;
+                if let Err(e) = q.popped(&c, &descs) {
+                    // The area cannot record what was popped: the queue stops rather than run
+                    // with a record that no longer matches the ring.
+                    st.inflight_broken = true;
+                    return Err(inflight_error(e));
+                }
+                c
+            }
+            None => ring.pop_batch(mem, max)?,
         }
-        c
     } else {
         std::mem::take(&mut st.resubmit)
     };
@@ -271,9 +291,14 @@ fn one_batch(
     if let Some(q) = st.inflight.as_mut() {
         q.completing(&finished);
     }
-    ring.add_used_batch(mem, done)?;
-    if let (Some(q), Some(used)) = (st.inflight.as_mut(), ring.split_used_index()) {
-        q.completed(&finished, used);
+    if let Err(e) = ring.add_used_batch(mem, done) {
+        if let Some(q) = st.inflight.as_mut() {
+            q.abandon();
+        }
+        return Err(e.into());
+    }
+    if let Some(q) = st.inflight.as_mut() {
+        q.completed(&finished, ring);
     }
     slot.completed
         .fetch_add(done.len() as u64, Ordering::Relaxed);

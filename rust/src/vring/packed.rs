@@ -12,13 +12,16 @@ use crate::memory::GuestMemory;
 
 use super::chain::{
     check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc,
-    ChainBuilder,
+    ChainBuilder, RawDesc,
 };
 use super::event::{packed_need_event, EventFlags, EventSuppress};
 use super::{
     DescriptorChain, Result, RingLayout, VringError, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT,
     DESC_F_USED, DESC_F_WRITE, DESC_SIZE,
 };
+
+/// A packed ring descriptor as the device read it: `(addr, len, id, flags)`.
+pub type RingDesc = (u64, u32, u16, u16);
 
 /// Ring geometry from a validated packed layout.
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +200,7 @@ impl PackedDevice {
     /// Pops the next available buffer; its `head` is the buffer id.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.check()?;
-        let r = self.pop_inner(mem);
+        let r = self.pop_inner(mem, None);
         self.sticky(r)
     }
 
@@ -207,7 +210,97 @@ impl PackedDevice {
         pop_up_to(max, || self.pop(mem))
     }
 
-    fn pop_inner(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+    /// [`pop_batch`](Self::pop_batch) that also appends to `ring` the ring descriptors of
+    /// each buffer, in order, as read (`(addr, len, id, flags)`; one for an indirect buffer,
+    /// the one pointing at its table): what a back-end must keep to rebuild the buffers
+    /// after a restart ([`resubmit`](Self::resubmit)). Chain `i` owns the next
+    /// `ring_descriptors` entries.
+    pub fn pop_batch_recording(
+        &mut self,
+        mem: &GuestMemory,
+        max: usize,
+        ring: &mut Vec<RingDesc>,
+    ) -> Result<Vec<DescriptorChain>> {
+        pop_up_to(max, || {
+            self.check()?;
+            let r = self.pop_inner(mem, Some(&mut *ring));
+            self.sticky(r)
+        })
+    }
+
+    /// The flags word of ring slot `slot` as it is in memory now (a restarted back-end
+    /// looks there to tell whether a batch of used buffers was published).
+    pub fn ring_flags(&self, mem: &GuestMemory, slot: u16) -> Result<u16> {
+        self.check_slot(slot)?;
+        Ok(mem.read_u16(self.r.flags_at(slot))?)
+    }
+
+    /// Takes back buffers an earlier back-end popped and did not complete, from the ring
+    /// descriptors it recorded (as [`pop_batch_recording`](Self::pop_batch_recording)
+    /// gives them), with the same checks as a pop (an indirect table is walked again from
+    /// memory). The next used slot becomes `used`, and the next slot to pop is `used` plus
+    /// the ring descriptors now in flight: every descriptor popped was either returned as
+    /// used or belongs to a buffer in flight. For a ring with nothing in flight.
+    pub fn resubmit(
+        &mut self,
+        mem: &GuestMemory,
+        buffers: &[Vec<RingDesc>],
+        used: (u16, bool),
+    ) -> Result<Vec<DescriptorChain>> {
+        self.check()?;
+        let r = self.resubmit_inner(mem, buffers, used);
+        self.sticky(r)
+    }
+
+    fn resubmit_inner(
+        &mut self,
+        mem: &GuestMemory,
+        buffers: &[Vec<RingDesc>],
+        used: (u16, bool),
+    ) -> Result<Vec<DescriptorChain>> {
+        let size = self.r.size;
+        self.set_next_used(used.0, used.1)?;
+        let mut chains = Vec::with_capacity(buffers.len());
+        let mut slot = used;
+        for descs in buffers {
+            let Some(&(_, _, id, _)) = descs.last() else {
+                return Err(VringError::EmptyChain);
+            };
+            if descs.len() > usize::from(size) {
+                return Err(VringError::ChainTooLong {
+                    head: slot.0,
+                    max: size,
+                });
+            }
+            let count = descs.len() as u16; // <= size
+            let mut b = ChainBuilder::new(slot.0, size);
+            for (k, &(addr, len, id, flags)) in descs.iter().enumerate() {
+                let d = RawDesc {
+                    addr,
+                    len,
+                    extra: id,
+                    flags,
+                };
+                let last = self.push_desc(mem, &mut b, &d, flags)?;
+                if last != (k + 1 == descs.len()) {
+                    // NEXT must be set on every descriptor but the last.
+                    return Err(VringError::IncompleteChain { slot: slot.0 });
+                }
+            }
+            chains.push(self.take_in_flight(b, id, count)?);
+            slot = self.r.advance(slot.0, slot.1, count);
+        }
+        // in_flight_descs <= size: take_in_flight refuses more.
+        (self.next_avail, self.avail_wrap) =
+            self.r.advance(used.0, used.1, self.in_flight_descs as u16);
+        Ok(chains)
+    }
+
+    fn pop_inner(
+        &mut self,
+        mem: &GuestMemory,
+        mut record: Option<&mut Vec<RingDesc>>,
+    ) -> Result<Option<DescriptorChain>> {
         let size = self.r.size;
         let start = self.next_avail;
         let mut flags = mem.read_u16(self.r.flags_at(start))?;
@@ -223,19 +316,10 @@ impl PackedDevice {
             count += 1;
             // Flags were read once, above or at the end of the previous step (E9).
             let d = read_packed_desc(mem, self.r.slot(slot))?;
-            if flags & DESC_F_INDIRECT != 0 {
-                if !self.indirect {
-                    return Err(VringError::IndirectNotNegotiated);
-                }
-                if flags & DESC_F_NEXT != 0 {
-                    return Err(VringError::IndirectWithNext);
-                }
-                let entries = indirect_entries(mem, &d)?;
-                walk_indirect(mem, &mut b, d.addr, entries)?;
-                break d.extra;
+            if let Some(r) = record.as_deref_mut() {
+                r.push((d.addr, d.len, d.extra, flags));
             }
-            b.push(mem, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
+            if self.push_desc(mem, &mut b, &d, flags)? {
                 break d.extra;
             }
             if count == size {
@@ -251,6 +335,42 @@ impl PackedDevice {
                 return Err(VringError::IncompleteChain { slot: start });
             }
         };
+        let chain = self.take_in_flight(b, id, count)?;
+        (self.next_avail, self.avail_wrap) = self.r.advance(start, self.avail_wrap, count);
+        if self.event_idx && self.notify_enabled {
+            self.write_event(mem, true)?;
+        }
+        Ok(Some(chain))
+    }
+
+    /// Adds one ring descriptor (with its `flags`, read once) to a chain; an indirect one
+    /// brings its whole table. Returns whether it ends the buffer.
+    fn push_desc(
+        &self,
+        mem: &GuestMemory,
+        b: &mut ChainBuilder,
+        d: &RawDesc,
+        flags: u16,
+    ) -> Result<bool> {
+        if flags & DESC_F_INDIRECT != 0 {
+            if !self.indirect {
+                return Err(VringError::IndirectNotNegotiated);
+            }
+            if flags & DESC_F_NEXT != 0 {
+                return Err(VringError::IndirectWithNext);
+            }
+            let entries = indirect_entries(mem, d)?;
+            walk_indirect(mem, b, d.addr, entries)?;
+            return Ok(true);
+        }
+        b.push(mem, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
+        Ok(flags & DESC_F_NEXT == 0)
+    }
+
+    /// Marks buffer `id`, `count` ring descriptors, in flight: it must be a valid id not
+    /// already in flight, and the ring cannot hold more descriptors than its size.
+    fn take_in_flight(&mut self, b: ChainBuilder, id: u16, count: u16) -> Result<DescriptorChain> {
+        let size = self.r.size;
         if id >= size {
             return Err(VringError::InvalidHead {
                 head: u32::from(id),
@@ -271,11 +391,7 @@ impl PackedDevice {
             writable: chain.writable_len(),
         });
         self.in_flight_descs = in_flight;
-        (self.next_avail, self.avail_wrap) = self.r.advance(start, self.avail_wrap, count);
-        if self.event_idx && self.notify_enabled {
-            self.write_event(mem, true)?;
-        }
-        Ok(Some(chain))
+        Ok(chain)
     }
 
     /// Returns a buffer as used with `len` bytes written. An id not in flight or a length

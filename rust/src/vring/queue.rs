@@ -48,6 +48,21 @@ impl DeviceQueue {
         }
     }
 
+    /// [`pop_batch`](Self::pop_batch) that also appends each packed buffer's ring
+    /// descriptors to `ring` (see [`PackedDevice::pop_batch_recording`]); split buffers
+    /// stay in the descriptor table, so a split ring records nothing.
+    pub fn pop_batch_recording(
+        &mut self,
+        mem: &GuestMemory,
+        max: usize,
+        ring: &mut Vec<(u64, u32, u16, u16)>,
+    ) -> Result<Vec<DescriptorChain>> {
+        match self {
+            DeviceQueue::Split(q) => q.pop_batch(mem, max),
+            DeviceQueue::Packed(q) => q.pop_batch_recording(mem, max, ring),
+        }
+    }
+
     pub fn add_used_batch(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
         match self {
             DeviceQueue::Split(q) => q.add_used_batch(mem, used),
@@ -78,8 +93,16 @@ impl DeviceQueue {
         }
     }
 
-    /// See [`SplitDevice::resubmit`]; packed rings keep no inflight record here, so there
-    /// is nothing to take back.
+    /// Packed rings: the next used slot and its wrap counter.
+    pub fn packed_used_position(&self) -> Option<(u16, bool)> {
+        match self {
+            DeviceQueue::Split(_) => None,
+            DeviceQueue::Packed(q) => Some(q.next_used()),
+        }
+    }
+
+    /// See [`SplitDevice::resubmit`]; a packed ring is given its buffers' ring descriptors
+    /// instead ([`PackedDevice::resubmit`]), so here it has nothing to take back.
     pub fn resubmit(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
         match self {
             DeviceQueue::Split(q) => q.resubmit(mem, heads),

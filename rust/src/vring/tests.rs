@@ -1478,3 +1478,135 @@ fn e9_concurrent_rewrites_never_escape_memory() {
     writer.join().unwrap();
     assert!(ok > 0);
 }
+
+// ----------------------------------------------------------------------------------------
+// Packed rings: recording ring descriptors and taking buffers back after a restart.
+
+#[test]
+fn packed_recording_gives_each_buffers_ring_descriptors() {
+    let (m, mut drv, mut dev) = packed_pair(8, false);
+    let a = drv
+        .add(&m, &[(BUF, 16), (BUF + 0x100, 32)], &[(BUF + 0x1000, 1)])
+        .unwrap();
+    let b = drv
+        .add_indirect(&m, BUF + 0x8000, &[(BUF, 8)], &[(BUF + 0x2000, 4)])
+        .unwrap();
+    drv.publish(&m).unwrap();
+    let mut ring = Vec::new();
+    let chains = dev.pop_batch_recording(&m, 8, &mut ring).unwrap();
+    assert_eq!(chains.iter().map(|c| c.head).collect::<Vec<_>>(), [a, b]);
+    assert_eq!(ring.len(), 4);
+    let avail = DESC_F_AVAIL;
+    assert_eq!(ring[0], (BUF, 16, a, avail | DESC_F_NEXT));
+    assert_eq!(ring[1], (BUF + 0x100, 32, a, avail | DESC_F_NEXT));
+    assert_eq!(ring[2], (BUF + 0x1000, 1, a, avail | DESC_F_WRITE));
+    assert_eq!(ring[3], (BUF + 0x8000, 32, b, avail | DESC_F_INDIRECT));
+    assert_eq!(dev.ring_flags(&m, 3).unwrap(), avail | DESC_F_INDIRECT);
+    assert!(dev.ring_flags(&m, 8).is_err());
+}
+
+#[test]
+fn packed_resubmit_rebuilds_buffers_and_positions() {
+    let (m, mut drv, mut dev) = packed_pair(8, false);
+    let ids: Vec<u16> = (0..3)
+        .map(|i| {
+            drv.add(&m, &[(BUF + 0x100 * i, 16)], &[(BUF + 0x1000 + i, 1)])
+                .unwrap()
+        })
+        .collect();
+    let t = drv
+        .add_indirect(&m, BUF + 0x8000, &[(BUF, 8)], &[(BUF + 0x2000, 4)])
+        .unwrap();
+    drv.publish(&m).unwrap();
+    let mut ring = Vec::new();
+    let chains = dev.pop_batch_recording(&m, 8, &mut ring).unwrap();
+    dev.add_used(&m, ids[0], 1).unwrap();
+    // The back-end dies; its successor restarts from the recorded descriptors of the
+    // buffers still in flight (the first completed: 2 slots used).
+    let layout = RingLayout::packed_at(8, RING).unwrap();
+    let mut again = PackedDevice::new(layout, false, true).unwrap();
+    let bufs = vec![
+        ring[2..4].to_vec(),
+        ring[6..7].to_vec(),
+        ring[4..6].to_vec(),
+    ];
+    let back = again.resubmit(&m, &bufs, (2, true)).unwrap();
+    assert_eq!(
+        back,
+        vec![chains[1].clone(), chains[3].clone(), chains[2].clone()]
+    );
+    // 2 used + 5 in flight: the next pop is at slot 7.
+    assert_eq!(again.next_used(), (2, true));
+    assert_eq!(again.next_avail(), (7, true));
+    assert!(again.pop(&m).unwrap().is_none());
+    again.add_used_batch(&m, &[(t, 4), (ids[2], 1)]).unwrap();
+    again.add_used(&m, ids[1], 0).unwrap();
+    assert_eq!(
+        drv.poll_used(&m).unwrap(),
+        vec![(ids[0], 1), (t, 4), (ids[2], 1), (ids[1], 0)]
+    );
+    // The ring goes on: a new buffer is popped where the driver put it.
+    let n = drv.add(&m, &[(BUF, 4)], &[]).unwrap();
+    drv.publish(&m).unwrap();
+    assert_eq!(again.pop(&m).unwrap().unwrap().head, n);
+}
+
+#[test]
+fn packed_resubmit_checks_what_it_is_given() {
+    let layout = RingLayout::packed_at(4, RING).unwrap();
+    let m = mem();
+    let w = DESC_F_WRITE;
+    let n = DESC_F_NEXT;
+    let i = DESC_F_INDIRECT;
+    type Buffers = Vec<Vec<(u64, u32, u16, u16)>>;
+    let cases: Vec<(&str, Buffers)> = vec![
+        ("empty", vec![vec![]]),
+        ("id", vec![vec![(BUF, 4, 4, 0)]]),
+        ("twice", vec![vec![(BUF, 4, 1, 0)], vec![(BUF, 4, 1, 0)]]),
+        ("next on last", vec![vec![(BUF, 4, 1, n)]]),
+        ("no next", vec![vec![(BUF, 4, 1, 0), (BUF, 4, 1, 0)]]),
+        ("too long", vec![vec![(BUF, 4, 1, n); 5]]),
+        (
+            "overrun",
+            vec![vec![(BUF, 4, 0, n), (BUF, 4, 0, 0)]; 1]
+                .into_iter()
+                .chain([vec![(BUF, 4, 1, n), (BUF, 4, 1, n), (BUF, 4, 1, 0)]])
+                .collect(),
+        ),
+        ("outside memory", vec![vec![(MEM_END, 4, 1, 0)]]),
+        (
+            "readable after writable",
+            vec![vec![(BUF, 4, 1, w | n), (BUF, 4, 1, 0)]],
+        ),
+        (
+            "indirect with next",
+            vec![vec![(BUF, 16, 1, i | n), (BUF, 4, 1, 0)]],
+        ),
+        ("indirect table", vec![vec![(BUF, 15, 1, i)]]),
+        ("position", vec![]),
+    ];
+    for (what, bufs) in cases {
+        let mut dev = PackedDevice::new(layout, false, true).unwrap();
+        let used = if what == "position" {
+            (4, true)
+        } else {
+            (0, true)
+        };
+        assert!(dev.resubmit(&m, &bufs, used).is_err(), "{what}");
+        assert!(dev.is_broken(), "{what}");
+    }
+    // Indirect buffers need the feature, as when popping.
+    let mut dev = PackedDevice::new(layout, false, false).unwrap();
+    m.write(BUF, &encode_packed_desc(BUF + 0x100, 4, 0, 0))
+        .unwrap();
+    assert_err!(
+        dev.resubmit(&m, &[vec![(BUF, 16, 1, i)]], (0, true)),
+        VringError::IndirectNotNegotiated
+    );
+    let mut dev = PackedDevice::new(layout, false, true).unwrap();
+    let back = dev
+        .resubmit(&m, &[vec![(BUF, 16, 1, i)]], (3, false))
+        .unwrap();
+    assert_eq!(back[0].segments.len(), 1);
+    assert_eq!(dev.next_avail(), (0, true));
+}

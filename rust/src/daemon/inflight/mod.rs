@@ -1,36 +1,56 @@
-//! Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split rings: a shared
-//! memory area, kept by the front-end across back-end restarts, where the back-end notes
-//! which heads it has popped and not yet completed. A restarted back-end resubmits those
-//! heads, in pop order, before taking new ones, so a crash loses no request.
+//! Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a shared memory area,
+//! kept by the front-end across back-end restarts, where the back-end notes which buffers
+//! it has popped and not yet completed. A restarted back-end resubmits them, in pop order,
+//! before taking new ones, so a crash loses no request. Both ring formats use the vhost-user
+//! spec's layouts:
 //!
-//! Layout per queue (the vhost-user spec's): `features: u64, version: u16, desc_num: u16,
-//! last_batch_head: u16, used_idx: u16`, then `desc_num` entries of `inflight: u8,
-//! padding: [u8; 5], next: u16, counter: u64`. Each queue's part is rounded up to 64
-//! bytes. A completed batch is listed through `next` from `last_batch_head` (latest first),
-//! so that a crash between publishing the used index and clearing the flags is repaired on
-//! restart.
+//! - split rings (here): `features: u64, version: u16, desc_num: u16, last_batch_head: u16,
+//!   used_idx: u16`, then `desc_num` entries of `inflight: u8, padding: [u8; 5], next: u16,
+//!   counter: u64`. A completed batch is listed through `next` from `last_batch_head`
+//!   (latest first), so that a crash between publishing the used index and clearing the
+//!   flags is repaired on restart.
+//! - packed rings ([`packed`]): a shadow of every popped ring descriptor, a free list of
+//!   entries, and `old_*` copies of the positions that a restart commits or rolls back to.
 //!
-//! Packed rings are not tracked: their layout shadows every descriptor and needs its own
-//! commit/rollback; with a packed ring the area is accepted and left alone.
+//! The area is made at GET_INFLIGHT_FD, which may come before SET_FEATURES says which
+//! format the rings use, so each queue's part is sized for the larger (packed) layout and
+//! rounded up to 64 bytes; the format is chosen when the ring starts.
 //!
 //! The area is shared with the front-end, so nothing read from it is trusted for memory
-//! safety: every index is checked against the queue size we chose ourselves.
+//! safety: every index is checked against the queue size we chose ourselves, and an area
+//! that does not add up is an [`InflightError`] that stops only its queue.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr;
 use std::sync::Arc;
 
+use crate::memory::GuestMemory;
 use crate::sys::{dup_cloexec, memfd_create, Mapping};
 use crate::user::payload::InflightDesc;
 use crate::user::{Error, Result};
+use crate::vring::{DescriptorChain, DeviceQueue, VringError};
+
+mod packed;
 
 const HEADER: usize = 16;
 const ENTRY: usize = 16;
 const ALIGN: usize = 64;
 const VERSION: u16 = 1;
 
+/// Bytes of one queue's part: the packed layout (32-byte header and entries) is the larger.
 fn queue_region_size(queue_size: u16) -> usize {
-    (HEADER + ENTRY * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
+    (packed::HEADER + packed::ENTRY * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
+}
+
+/// Why an area from an earlier back-end (or a front-end) cannot be used for a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum InflightError {
+    #[error("inflight area is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("inflight area has no free entry left for a popped buffer")]
+    Exhausted,
+    #[error(transparent)]
+    Ring(#[from] VringError),
 }
 
 /// The whole shared area, mapped.
@@ -103,6 +123,7 @@ impl InflightArea {
             base: self.map.as_ptr().wrapping_add(offset),
             size: ring_size,
             counter: 0,
+            packed: None,
             _area: self.clone(),
         })
     }
@@ -114,6 +135,8 @@ pub struct InflightQueue {
     base: *mut u8,
     size: u16,
     counter: u64,
+    /// What a packed ring keeps besides the area; `None` for a split ring.
+    packed: Option<packed::PackedTrack>,
     _area: Arc<InflightArea>,
 }
 
@@ -128,8 +151,9 @@ impl InflightQueue {
 
     fn load<T: Copy>(&self, offset: usize) -> T {
         // SAFETY: callers pass offsets inside this queue's region (header fields, or an
-        // entry of a head below `size`), which lies inside the live mapping; all fields are
-        // naturally aligned (the region starts 64-aligned, entries are 16 bytes).
+        // entry below `size`), which lies inside the live mapping; all fields are naturally
+        // aligned (the region starts 64-aligned, entries are 16 or 32 bytes and their fields
+        // sit at multiples of their own size).
         unsafe { ptr::read_volatile(self.field::<T>(offset)) }
     }
 
@@ -142,10 +166,12 @@ impl InflightQueue {
         HEADER + ENTRY * usize::from(head)
     }
 
-    /// Prepares the queue when its ring starts. A fresh area is initialised; an area from
-    /// an earlier back-end is repaired (a batch completed in the ring whose flags were not
-    /// cleared) and the heads still in flight are returned, oldest first, for resubmission.
-    pub fn start(&mut self, ring_used_idx: u16) -> Vec<u16> {
+    /// Prepares the queue when its ring starts (split). A fresh area is initialised; an
+    /// area from an earlier back-end is repaired (a batch completed in the ring whose flags
+    /// were not cleared) and the heads still in flight are returned, oldest first, for
+    /// resubmission.
+    pub fn start_split(&mut self, ring_used_idx: u16) -> Vec<u16> {
+        self.packed = None;
         if self.load::<u16>(8) != VERSION {
             for head in 0..self.size {
                 self.store::<u8>(Self::entry(head), 0);
@@ -175,8 +201,71 @@ impl InflightQueue {
         pending.into_iter().map(|(_, h)| h).collect()
     }
 
-    /// Notes that `heads` were popped (before the device sees them).
-    pub fn popped(&mut self, heads: impl Iterator<Item = u16>) {
+    /// Starts a ring of either format: [`start_split`](Self::start_split) or
+    /// [`start_packed`](Self::start_packed), then hands the buffers still in flight back
+    /// to the ring; returns them for resubmission, oldest first.
+    pub fn start(
+        &mut self,
+        ring: &mut DeviceQueue,
+        mem: &GuestMemory,
+    ) -> std::result::Result<Vec<DescriptorChain>, InflightError> {
+        match ring {
+            DeviceQueue::Split(q) => {
+                let heads = self.start_split(q.next_used());
+                Ok(q.resubmit(mem, &heads)?)
+            }
+            DeviceQueue::Packed(q) => {
+                let resume = self.start_packed(q.next_used(), |slot| q.ring_flags(mem, slot))?;
+                match resume {
+                    Some(r) => Ok(q.resubmit(mem, &r.buffers, r.used)?),
+                    None => Ok(Vec::new()),
+                }
+            }
+        }
+    }
+
+    /// Notes that `chains` were popped, before the device sees them; `ring` is what
+    /// [`DeviceQueue::pop_batch_recording`] recorded (packed rings).
+    pub fn popped(
+        &mut self,
+        chains: &[DescriptorChain],
+        ring: &[(u64, u32, u16, u16)],
+    ) -> std::result::Result<(), InflightError> {
+        if self.packed.is_some() {
+            self.popped_packed(chains, ring)
+        } else {
+            self.popped_split(chains.iter().map(|c| c.head));
+            Ok(())
+        }
+    }
+
+    /// Before the ring shows `heads` as used.
+    pub fn completing(&mut self, heads: &[u16]) {
+        if self.packed.is_some() {
+            self.completing_packed(heads);
+        } else {
+            self.completing_split(heads);
+        }
+    }
+
+    /// After the ring shows them as used (`ring` is past the batch).
+    pub fn completed(&mut self, heads: &[u16], ring: &DeviceQueue) {
+        match ring {
+            DeviceQueue::Split(q) => self.completed_split(heads, q.next_used()),
+            DeviceQueue::Packed(q) => self.completed_packed(q.next_used()),
+        }
+    }
+
+    /// The ring refused the batch announced by [`completing`](Self::completing): the area
+    /// goes back to before it (a split ring's record needs no undoing: its flags stay set).
+    pub fn abandon(&mut self) {
+        if self.packed.is_some() {
+            self.abandon_packed();
+        }
+    }
+
+    /// Notes that `heads` were popped (split; before the device sees them).
+    pub fn popped_split(&mut self, heads: impl Iterator<Item = u16>) {
         for head in heads.filter(|&h| h < self.size) {
             let at = Self::entry(head);
             self.store::<u64>(at + 8, self.counter);
@@ -187,7 +276,7 @@ impl InflightQueue {
 
     /// Before the used index is published: each head of the batch is pushed onto the
     /// `last_batch_head` list (its `next` is the previous head), as the spec lays it out.
-    pub fn completing(&mut self, heads: &[u16]) {
+    pub fn completing_split(&mut self, heads: &[u16]) {
         for &head in heads.iter().filter(|&&h| h < self.size) {
             let previous = self.load::<u16>(12);
             self.store::<u16>(Self::entry(head) + 6, previous);
@@ -196,7 +285,7 @@ impl InflightQueue {
     }
 
     /// After the used index is published: clears the flags and records the index.
-    pub fn completed(&mut self, heads: &[u16], used_idx: u16) {
+    pub fn completed_split(&mut self, heads: &[u16], used_idx: u16) {
         for &head in heads.iter().filter(|&&h| h < self.size) {
             self.store::<u8>(Self::entry(head), 0);
         }
@@ -227,52 +316,53 @@ mod tests {
             queue_size: 3,
         };
         let (_, reply, fd) = InflightArea::create(&desc).unwrap();
-        assert_eq!(reply.mmap_size, 2 * 64);
-        assert_eq!(crate::sys::file_size(fd.as_fd()).unwrap(), 128);
+        // Sized for the packed layout: 32 + 3 * 32 bytes, rounded up to 128.
+        assert_eq!(reply.mmap_size, 2 * 128);
+        assert_eq!(crate::sys::file_size(fd.as_fd()).unwrap(), 256);
     }
 
     #[test]
     fn a_restarted_queue_resubmits_what_was_in_flight_oldest_first() {
         let a = area(1, 8);
         let mut q = a.queue(0, 8).unwrap();
-        assert!(q.start(0).is_empty());
-        q.popped([5, 2, 7].into_iter());
-        q.completing(&[2]);
-        q.completed(&[2], 1);
+        assert!(q.start_split(0).is_empty());
+        q.popped_split([5, 2, 7].into_iter());
+        q.completing_split(&[2]);
+        q.completed_split(&[2], 1);
         drop(q);
         // The back-end dies; its successor maps the same area.
         let mut again = a.queue(0, 8).unwrap();
-        assert_eq!(again.start(1), vec![5, 7]);
+        assert_eq!(again.start_split(1), vec![5, 7]);
         // New pops continue the order after the resubmitted ones.
-        again.popped([1].into_iter());
+        again.popped_split([1].into_iter());
         drop(again);
-        assert_eq!(a.queue(0, 8).unwrap().start(1), vec![5, 7, 1]);
+        assert_eq!(a.queue(0, 8).unwrap().start_split(1), vec![5, 7, 1]);
     }
 
     #[test]
     fn a_batch_published_but_not_cleared_is_repaired() {
         let a = area(1, 8);
         let mut q = a.queue(0, 8).unwrap();
-        q.start(0);
-        q.popped([3, 4, 6].into_iter());
-        q.completing(&[3, 4]);
+        q.start_split(0);
+        q.popped_split([3, 4, 6].into_iter());
+        q.completing_split(&[3, 4]);
         // Crash here: the ring's used index says 2, the flags were not cleared.
         drop(q);
-        assert_eq!(a.queue(0, 8).unwrap().start(2), vec![6]);
+        assert_eq!(a.queue(0, 8).unwrap().start_split(2), vec![6]);
     }
 
     #[test]
     fn only_the_half_recorded_batch_is_repaired() {
         let a = area(1, 8);
         let mut q = a.queue(0, 8).unwrap();
-        q.start(0);
-        q.popped([1, 2, 3, 4].into_iter());
-        q.completing(&[1]);
-        q.completed(&[1], 1);
-        q.completing(&[2, 3]);
+        q.start_split(0);
+        q.popped_split([1, 2, 3, 4].into_iter());
+        q.completing_split(&[1]);
+        q.completed_split(&[1], 1);
+        q.completing_split(&[2, 3]);
         drop(q);
         // The ring says 3 used: the batch [2, 3] was published, 4 is still in flight.
-        assert_eq!(a.queue(0, 8).unwrap().start(3), vec![4]);
+        assert_eq!(a.queue(0, 8).unwrap().start_split(3), vec![4]);
     }
 
     #[test]
@@ -281,12 +371,12 @@ mod tests {
         assert!(a.queue(1, 8).is_err());
         assert!(a.queue(0, 16).is_err());
         let desc = InflightDesc {
-            mmap_size: 64,
+            mmap_size: 320,
             mmap_offset: 0,
             num_queues: 2,
             queue_size: 8,
         };
-        let fd = memfd_create("small", 64).unwrap();
+        let fd = memfd_create("small", 320).unwrap();
         assert!(InflightArea::adopt(&desc, fd).is_err());
     }
 }
