@@ -166,6 +166,9 @@ cat >"$ROOT/init" <<'INIT'
 #                               host: chroot into the host's root (9p, read-only)
 #   pyvhost.run=DIR            host directory with script.sh, shared read-write as
 #                               9p tag "pvrun" and mounted at the same path DIR
+#   pyvhost.keep=DIR           host mode: a host directory (the checkout) that must stay
+#                               visible even when it lies under /tmp or /run, which the
+#                               guest covers with its own tmpfs
 # Markers on the console (the harness parses them):
 #   PYVHOST-GUEST-START mode=M                 script about to run
 #   PYVHOST-GUEST-END status=N                 script finished with exit status N
@@ -189,10 +192,12 @@ done
 
 MODE=busybox
 RUN=
+KEEP=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         pyvhost.mode=*) MODE=${arg#*=} ;;
         pyvhost.run=*) RUN=${arg#*=} ;;
+        pyvhost.keep=*) KEEP=${arg#*=} ;;
     esac
 done
 [ -n "$RUN" ] || fail "no pyvhost.run= on the kernel command line"
@@ -220,8 +225,16 @@ case "$MODE" in
         mkdir -p $H/dev/pts $H/dev/shm
         mount -t devpts devpts $H/dev/pts || fail "mount devpts in $H"
         mount -t tmpfs tmpfs $H/dev/shm || fail "mount /dev/shm in $H"
+        if [ -n "$KEEP" ]; then
+            mkdir -p /keep
+            mount -o bind "$H$KEEP" /keep || fail "cannot hold $KEEP"
+        fi
         mount -t tmpfs tmpfs $H/tmp || fail "mount /tmp in $H"
         mount -t tmpfs tmpfs $H/run || fail "mount /run in $H"
+        # A checkout under /tmp or /run is hidden by the tmpfs just mounted: put it back.
+        if [ -n "$KEEP" ] && [ ! -d "$H$KEEP" ]; then
+            mkdir -p "$H$KEEP" && mount -o bind /keep "$H$KEEP" || fail "cannot restore $KEEP"
+        fi
         [ -d "$H$RUN" ] || mkdir -p "$H$RUN" || fail "no directory $RUN in the host root"
         mount -t 9p -o "$P9" pvrun "$H$RUN" || fail "cannot mount $RUN (9p tag pvrun)"
         printf '\nPYVHOST-GUEST-START mode=host\n'

@@ -384,6 +384,8 @@ def start_guest(
         "panic=-1",
         f"pyvhost.mode={mode}",
         f"pyvhost.run={run_dir}",
+        # The checkout stays visible in host mode even under /tmp (a CI clone may be).
+        f"pyvhost.keep={CHECKOUT}",
         *kernel_args,
     ]
     argv = [
