@@ -92,6 +92,11 @@ pub fn raw_fd_of(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
     Ok(fd)
 }
 
+/// An optional fd argument (None: no fd, as in a vring without kick/call).
+pub fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
+    obj.map(raw_fd_of).transpose()
+}
+
 /// Borrows a raw fd for the duration of a call. The caller keeps it open by holding the
 /// Python object that owns it, and we never keep the borrow.
 pub fn borrow(fd: RawFd) -> BorrowedFd<'static> {

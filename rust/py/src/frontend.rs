@@ -16,7 +16,7 @@ use vhost_core::user::Frontend;
 
 use crate::channel::PyFrontendChannel;
 use crate::errors::{invalid_param, IntoPyResult};
-use crate::fd::{borrow, raw_fd_of, FileDescriptor};
+use crate::fd::{borrow, opt_fd, raw_fd_of, FileDescriptor};
 
 /// `send_raw`'s reply for Python: (code, flags, body, fds).
 type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
@@ -47,10 +47,6 @@ impl PyFrontend {
         let inner = &*self.inner;
         py.detach(|| f(inner)).py_err()
     }
-}
-
-fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
-    obj.map(raw_fd_of).transpose()
 }
 
 pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {

@@ -12,7 +12,7 @@ use vhost_core::kern::abi::MemoryRegion;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
 use crate::errors::{closed, kern_error};
-use crate::fd::{borrow, dup_of, raw_fd_of};
+use crate::fd::{borrow, dup_of, opt_fd};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
@@ -25,10 +25,6 @@ impl<T> KernResult<T> for Result<T, KernError> {
     fn kern(self) -> PyResult<T> {
         self.map_err(kern_error)
     }
-}
-
-pub fn opt_fd(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<RawFd>> {
-    obj.map(raw_fd_of).transpose()
 }
 
 /// Seconds (None: forever) as poll(2) milliseconds.

@@ -10,8 +10,8 @@ use pyo3::types::PyBytes;
 use vhost_core::vdpa::VhostVdpa;
 
 use crate::errors::closed;
-use crate::fd::borrow;
-use crate::kern::{opt_fd, KernResult, PyKernelDevice};
+use crate::fd::{borrow, opt_fd};
+use crate::kern::{KernResult, PyKernelDevice};
 
 #[pyclass(module = "vhost._core", name = "VdpaDevice", frozen)]
 pub struct PyVdpaDevice {
