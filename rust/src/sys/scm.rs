@@ -208,6 +208,32 @@ pub fn send_all(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     Ok(())
 }
 
+/// One `poll` for readability, bounded by `timeout` (`None` waits forever). Unlike a
+/// reader blocked in `recvmsg`, a POLLIN waiter is not woken by the kernel's write-space
+/// wake-up (see `Connection::recv_reply`). EINTR counts as ready: the `recvmsg` that
+/// follows is bounded by SO_RCVTIMEO anyway.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+    };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd, matching nfds = 1.
+    match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e),
+        Ok(0) => Ok(false),
+        Ok(_) if pfd.revents & libc::POLLNVAL != 0 => {
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        }
+        Ok(_) => Ok(true),
+    }
+}
+
 /// Waits until `fd` is readable (or at EOF / in error, where a read won't block either).
 /// `timeout_ms < 0` waits forever; EINTR restarts with the time that is left.
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {

@@ -101,7 +101,9 @@ impl BackendChannel {
         if !want_reply {
             return Ok((0, None));
         }
-        let mut msg = conn.recv_reply(U64Payload::SIZE, |h| h.check_reply_to(code.code()))?;
+        let mut msg = conn.recv_reply(U64Payload::SIZE, !body.is_empty(), |h| {
+            h.check_reply_to(code.code())
+        })?;
         let status = U64Payload::from_bytes(&msg.body)
             .inspect_err(|_| conn.poison())?
             .0;

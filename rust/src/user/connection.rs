@@ -37,6 +37,9 @@ pub struct Connection {
     /// trickles a message a byte at a time cannot keep us waiting longer than this
     /// (SO_RCVTIMEO alone restarts with every byte).
     timeout: Cell<Option<Duration>>,
+    /// Set once a reply arrived in pieces (header first, body later, as qemu-storage-daemon
+    /// writes them): from then on every reply wait polls first (see `recv_reply`).
+    split_replies: Cell<bool>,
 }
 
 impl Connection {
@@ -45,6 +48,7 @@ impl Connection {
             sock,
             broken: false,
             timeout: Cell::new(None),
+            split_replies: Cell::new(false),
         }
     }
 
@@ -128,7 +132,7 @@ impl Connection {
     /// Receives one message. `check` validates the header before any body byte is read
     /// (request rules on a back-end, reply rules on a front-end).
     pub fn recv(&mut self, check: impl FnOnce(&Header) -> Result<()>) -> Result<Message> {
-        self.recv_expecting(0, check)
+        self.recv_expecting(0, None, check)
     }
 
     /// Receives a reply whose body is expected to be `expected_body` bytes, reading header
@@ -136,21 +140,33 @@ impl Connection {
     /// nothing else until we ask again, so a byte beyond the reply is a protocol error.
     /// (Requests cannot be read ahead: the kernel glues plain bytes to a following
     /// segment that carries fds, so fds could not be told apart from the next message's.)
+    ///
+    /// A reader blocked in `recvmsg` is also woken whenever the peer frees a buffer we
+    /// sent (the kernel's write-space wake-up shares the socket's wait queue), and when
+    /// that happens while the peer is still working it costs a pair of context switches.
+    /// A `poll` for POLLIN is not woken by it but is one more syscall (and a timed one), so
+    /// a wait polls first only where the spurious wake-up is likely: after a request with
+    /// a body (`request_has_body`: back-ends read its header and body with two reads, and
+    /// the second frees our buffer just before they reply), for the rest of a reply that
+    /// came in pieces, and for every reply of a peer that writes them in pieces.
     pub fn recv_reply(
         &mut self,
         expected_body: usize,
+        request_has_body: bool,
         check: impl FnOnce(&Header) -> Result<()>,
     ) -> Result<Message> {
-        self.recv_expecting(expected_body.min(MAX_BODY_SIZE), check)
+        let poll_first = request_has_body || self.split_replies.get();
+        self.recv_expecting(expected_body.min(MAX_BODY_SIZE), Some(poll_first), check)
     }
 
     fn recv_expecting(
         &mut self,
         read_ahead: usize,
+        poll: Option<bool>,
         check: impl FnOnce(&Header) -> Result<()>,
     ) -> Result<Message> {
         self.ensure_usable()?;
-        let result = self.recv_inner(read_ahead, check);
+        let result = self.recv_inner(read_ahead, poll, check);
         if result.is_err() {
             self.poison();
         }
@@ -160,6 +176,7 @@ impl Connection {
     fn recv_inner(
         &self,
         read_ahead: usize,
+        poll: Option<bool>,
         check: impl FnOnce(&Header) -> Result<()>,
     ) -> Result<Message> {
         // The first read lands on the stack when it is small (every request, and every
@@ -174,7 +191,9 @@ impl Connection {
             &mut heap
         };
         let mut started = None;
-        let (filled, fds) = self.read_at_least(first, HEADER_SIZE, true, &mut started)?;
+        let poll_first = poll == Some(true);
+        let (filled, fds) =
+            self.read_at_least(first, HEADER_SIZE, true, poll_first, &mut started)?;
         let header = Header::from_bytes(first[..HEADER_SIZE].try_into().expect("12 bytes"));
         if header.size as usize > MAX_BODY_SIZE {
             return Err(Error::OversizedMessage(header.size));
@@ -194,11 +213,22 @@ impl Connection {
             body.extend_from_slice(&first[HEADER_SIZE..filled]);
             body.resize(size, 0);
             if early < size {
+                // A reply in pieces: wait for the rest with poll, now and from now on.
+                let poll_rest = poll.is_some();
+                if poll_rest {
+                    self.split_replies.set(true);
+                }
                 if self.timeout.get().is_some() {
                     // The header is in; the rest of the message is due within the bound.
                     started.get_or_insert_with(Instant::now);
                 }
-                self.read_at_least(&mut body[early..], size - early, false, &mut started)?;
+                self.read_at_least(
+                    &mut body[early..],
+                    size - early,
+                    false,
+                    poll_rest,
+                    &mut started,
+                )?;
             }
         }
         Ok(Message { header, body, fds })
@@ -209,12 +239,13 @@ impl Connection {
     /// from the first chunk; fds on any other chunk are a protocol error (ADVERSARIAL B7)
     /// and are closed by the drop. `started` is when the message's first bytes arrived;
     /// with a timeout set, the rest must follow within it (J3: a slow trickle is a
-    /// timeout too).
+    /// timeout too). With `poll`, each read waits in `poll` first (see `scm::wait_readable`).
     fn read_at_least(
         &self,
         buf: &mut [u8],
         min: usize,
         header: bool,
+        poll: bool,
         started: &mut Option<Instant>,
     ) -> Result<(usize, Vec<OwnedFd>)> {
         let mut filled = 0;
@@ -224,6 +255,9 @@ impl Connection {
                 if t0.elapsed() > limit {
                     return Err(Error::Timeout);
                 }
+            }
+            if poll && !scm::wait_readable(self.sock.as_fd(), self.timeout.get()).map_err(map_io)? {
+                return Err(Error::Timeout);
             }
             let got = scm::recv_with_fds(self.sock.as_fd(), &mut buf[filled..], scm::MAX_FDS)
                 .map_err(|e| match e.raw_os_error() {
@@ -382,7 +416,48 @@ mod tests {
         let body = vec![7u8; 300];
         let reply = Header::request(SET_VRING_NUM, 300, false).reply_to(300);
         tx.send(&reply, &body, &[]).unwrap();
-        let msg = rx.recv_reply(300, |_| Ok(())).unwrap();
+        let msg = rx.recv_reply(300, false, |_| Ok(())).unwrap();
         assert_eq!(msg.body, body);
+    }
+    #[test]
+    fn a_reply_in_pieces_is_read_whole_and_later_waits_poll() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        rx.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reply = Header::request(GET_FEATURES, 0, false).reply_to(8);
+        let head = reply.to_bytes();
+        let writer = std::thread::spawn(move || {
+            scm::send_all(a.as_fd(), &head, &[]).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            scm::send_all(a.as_fd(), &7u64.to_le_bytes(), &[]).unwrap();
+            a
+        });
+        assert!(!rx.split_replies.get());
+        let msg = rx.recv_reply(8, false, |_| Ok(())).unwrap();
+        assert_eq!(msg.body, 7u64.to_le_bytes());
+        assert!(
+            rx.split_replies.get(),
+            "a reply in two writes was not noticed"
+        );
+        let a = writer.join().unwrap();
+        // The next reply waits in poll first and still arrives intact.
+        let mut tx = Connection::new(a);
+        tx.send(&reply, &9u64.to_le_bytes(), &[]).unwrap();
+        let msg = rx.recv_reply(8, false, |_| Ok(())).unwrap();
+        assert_eq!(msg.body, 9u64.to_le_bytes());
+    }
+
+    #[test]
+    fn a_polled_reply_wait_is_bounded_by_the_timeout() {
+        for request_has_body in [false, true] {
+            let (_a, b) = UnixStream::pair().unwrap();
+            let mut rx = Connection::new(b);
+            rx.set_timeout(Some(Duration::from_millis(50))).unwrap();
+            let t0 = Instant::now();
+            let err = rx.recv_reply(8, request_has_body, |_| Ok(())).unwrap_err();
+            assert!(matches!(err, Error::Timeout), "{err:?}");
+            assert!(t0.elapsed() >= Duration::from_millis(50));
+            assert!(rx.is_broken());
+        }
     }
 }
