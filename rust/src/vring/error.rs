@@ -96,3 +96,32 @@ pub enum VringError {
 
 /// Shorthand for the layer's results.
 pub type Result<T> = std::result::Result<T, VringError>;
+
+/// Whether a queue is broken. The first error that came from shared memory sets it for
+/// good: every later data-path call returns [`VringError::Broken`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Health {
+    broken: bool,
+}
+
+impl Health {
+    pub(crate) fn is_broken(self) -> bool {
+        self.broken
+    }
+
+    pub(crate) fn check(self) -> Result<()> {
+        if self.broken {
+            Err(VringError::Broken)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Passes `r` through, marking the queue broken if it is an error.
+    pub(crate) fn sticky<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+}

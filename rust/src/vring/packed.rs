@@ -14,6 +14,7 @@ use super::chain::{
     check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc,
     ChainBuilder, RawDesc,
 };
+use super::error::Health;
 use super::event::{packed_need_event, EventFlags, EventSuppress};
 use super::{
     DescriptorChain, Result, RingLayout, VringError, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT,
@@ -118,7 +119,7 @@ pub struct PackedDevice {
     notify_enabled: bool,
     in_flight: Vec<Option<InFlight>>,
     in_flight_descs: u32,
-    broken: bool,
+    health: Health,
 }
 
 impl PackedDevice {
@@ -136,7 +137,7 @@ impl PackedDevice {
             notify_enabled: true,
             in_flight: vec![None; usize::from(r.size)],
             in_flight_descs: 0,
-            broken: false,
+            health: Health::default(),
         })
     }
 
@@ -179,29 +180,14 @@ impl PackedDevice {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.broken {
-            Err(VringError::Broken)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn sticky<T>(&mut self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
+        self.health.is_broken()
     }
 
     /// Pops the next available buffer; its `head` is the buffer id.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.pop_inner(mem, None);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` buffers. An error stops the queue; buffers popped before it are
@@ -222,9 +208,9 @@ impl PackedDevice {
         ring: &mut Vec<RingDesc>,
     ) -> Result<Vec<DescriptorChain>> {
         pop_up_to(max, || {
-            self.check()?;
+            self.health.check()?;
             let r = self.pop_inner(mem, Some(&mut *ring));
-            self.sticky(r)
+            self.health.sticky(r)
         })
     }
 
@@ -247,9 +233,9 @@ impl PackedDevice {
         buffers: &[Vec<RingDesc>],
         used: (u16, bool),
     ) -> Result<Vec<DescriptorChain>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.resubmit_inner(mem, buffers, used);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn resubmit_inner(
@@ -403,7 +389,7 @@ impl PackedDevice {
     /// Returns several buffers; the first one's flags are written last, so the driver sees
     /// the batch at once.
     pub fn add_used_batch(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
-        self.check()?;
+        self.health.check()?;
         let mut seen: Vec<u16> = Vec::with_capacity(used.len());
         for &(id, len) in used {
             let Some(entry) = self.in_flight.get(usize::from(id)) else {
@@ -427,7 +413,7 @@ impl PackedDevice {
             }
         }
         let r = self.write_used(mem, used);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn write_used(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
@@ -462,10 +448,10 @@ impl PackedDevice {
     /// Whether the driver wants an interrupt for what was returned since the last call,
     /// from the driver event suppression area.
     pub fn needs_notification(&mut self, mem: &GuestMemory) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         fence(Ordering::SeqCst);
         let r = EventSuppress::read(mem, self.r.driver_event);
-        let ev = self.sticky(r)?;
+        let ev = self.health.sticky(r)?;
         let moved = std::mem::take(&mut self.used_since_signal);
         Ok(wants_notification(
             ev,
@@ -480,7 +466,7 @@ impl PackedDevice {
     /// EVENT_IDX: DESC at the next slot to pop). After enabling, returns whether a buffer is
     /// already available.
     pub fn set_notification(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         self.notify_enabled = enable;
         let r = self.write_event(mem, enable).and_then(|()| {
             if !enable {
@@ -490,7 +476,7 @@ impl PackedDevice {
             let flags = mem.read_u16(self.r.flags_at(self.next_avail))?;
             Ok(is_avail(flags, self.avail_wrap))
         });
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn write_event(&self, mem: &GuestMemory, enable: bool) -> Result<()> {
@@ -542,7 +528,7 @@ pub struct PackedDriver {
     published_since_kick: u32,
     next_used: u16,
     used_wrap: bool,
-    broken: bool,
+    health: Health,
 }
 
 impl PackedDriver {
@@ -562,7 +548,7 @@ impl PackedDriver {
             published_since_kick: 0,
             next_used: 0,
             used_wrap: true,
-            broken: false,
+            health: Health::default(),
         })
     }
 
@@ -590,22 +576,7 @@ impl PackedDriver {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.broken {
-            Err(VringError::Broken)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn sticky<T>(&mut self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
+        self.health.is_broken()
     }
 
     fn avail_flags(wrap: bool) -> u16 {
@@ -624,7 +595,7 @@ impl PackedDriver {
         readable: &[(u64, u32)],
         writable: &[(u64, u32)],
     ) -> Result<u16> {
-        self.check()?;
+        self.health.check()?;
         let writable_len = check_driver_segments(mem, readable, writable)?;
         let n = readable.len() + writable.len();
         if n > usize::from(self.free_descs) {
@@ -651,7 +622,7 @@ impl PackedDriver {
         readable: &[(u64, u32)],
         writable: &[(u64, u32)],
     ) -> Result<u16> {
-        self.check()?;
+        self.health.check()?;
         let writable_len = check_driver_segments(mem, readable, writable)?;
         let n = readable.len() + writable.len();
         if n > usize::from(self.r.size) {
@@ -717,12 +688,12 @@ impl PackedDriver {
     /// Makes the added buffers available: each head's flags are stored after a Release
     /// fence, in ring order.
     pub fn publish(&mut self, mem: &GuestMemory) -> Result<()> {
-        self.check()?;
+        self.health.check()?;
         let pending = std::mem::take(&mut self.pending);
         for &(slot, flags, descs) in &pending {
             fence(Ordering::Release);
             let r = mem.write_u16(self.r.flags_at(slot), flags);
-            self.sticky(r.map_err(VringError::from))?;
+            self.health.sticky(r.map_err(VringError::from))?;
             self.published_since_kick += u32::from(descs);
         }
         self.published = (self.next_avail, self.avail_wrap);
@@ -732,13 +703,13 @@ impl PackedDriver {
     /// Whether the device wants a kick for what was published since the last call, from
     /// the device event suppression area. False when nothing new was published.
     pub fn kick_needed(&mut self, mem: &GuestMemory) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         fence(Ordering::SeqCst);
         if self.published_since_kick == 0 {
             return Ok(false);
         }
         let r = EventSuppress::read(mem, self.r.device_event);
-        let ev = self.sticky(r)?;
+        let ev = self.health.sticky(r)?;
         let moved = std::mem::take(&mut self.published_since_kick);
         Ok(wants_notification(
             ev,
@@ -752,9 +723,9 @@ impl PackedDriver {
     /// Collects used buffers with the bytes the device wrote. An id not in flight or a
     /// length beyond the buffer's writable bytes stops the queue.
     pub fn poll_used(&mut self, mem: &GuestMemory) -> Result<Vec<(u16, u32)>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.poll_inner(mem);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn poll_inner(&mut self, mem: &GuestMemory) -> Result<Vec<(u16, u32)>> {
@@ -799,7 +770,7 @@ impl PackedDriver {
     /// EVENT_IDX: DESC at the next used slot). After enabling, returns whether a used
     /// buffer is already waiting.
     pub fn set_used_notification(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         let ev = match (enable, self.event_idx) {
             (false, _) => EventSuppress {
                 off_wrap: 0,
@@ -822,6 +793,6 @@ impl PackedDriver {
             let flags = mem.read_u16(self.r.flags_at(self.next_used))?;
             Ok(is_used(flags, self.used_wrap))
         });
-        self.sticky(r)
+        self.health.sticky(r)
     }
 }

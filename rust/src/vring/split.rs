@@ -11,6 +11,7 @@ use super::chain::{
     check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc,
     ChainBuilder,
 };
+use super::error::Health;
 use super::event::need_event;
 use super::{
     DescriptorChain, Result, RingLayout, VringError, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT,
@@ -84,7 +85,7 @@ pub struct SplitDevice {
     notify_enabled: bool,
     /// Per head: writable bytes of the chain while it is in flight.
     in_flight: Vec<Option<u32>>,
-    broken: bool,
+    health: Health,
 }
 
 impl SplitDevice {
@@ -100,7 +101,7 @@ impl SplitDevice {
             signalled_used: None,
             notify_enabled: true,
             in_flight: vec![None; usize::from(a.size)],
-            broken: false,
+            health: Health::default(),
         })
     }
 
@@ -137,23 +138,7 @@ impl SplitDevice {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.broken {
-            Err(VringError::Broken)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Marks the queue broken on any error that came from shared memory.
-    fn sticky<T>(&mut self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
+        self.health.is_broken()
     }
 
     /// Chains the driver has made available and we have not popped (ADVERSARIAL E6).
@@ -174,9 +159,9 @@ impl SplitDevice {
 
     /// Pops the next available chain, or None if the driver has offered nothing new.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.pop_inner(mem);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
@@ -212,9 +197,9 @@ impl SplitDevice {
     /// tracking): walks each head again, marks it in flight, and moves the next avail index
     /// to the used index plus their number, where the earlier back-end had got to.
     pub fn resubmit(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.resubmit_inner(mem, heads);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn resubmit_inner(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
@@ -283,7 +268,7 @@ impl SplitDevice {
 
     /// Returns several chains, publishing the used index once.
     pub fn add_used_batch(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
-        self.check()?;
+        self.health.check()?;
         // Validate everything first (including duplicates within the batch).
         let mut seen = Vec::with_capacity(used.len());
         for &(head, len) in used {
@@ -315,7 +300,7 @@ impl SplitDevice {
             seen.push(head);
         }
         let r = self.write_used(mem, used);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn write_used(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
@@ -339,7 +324,7 @@ impl SplitDevice {
     /// call: EVENT_IDX `used_event` rule, else the avail ring's NO_INTERRUPT flag (and false
     /// when nothing was added since the last call).
     pub fn needs_notification(&mut self, mem: &GuestMemory) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         // Our used.idx store must be visible before we read the driver's suppression state.
         fence(Ordering::SeqCst);
         let new = self.next_used;
@@ -357,17 +342,17 @@ impl SplitDevice {
                 added && f & AVAIL_F_NO_INTERRUPT == 0
             })
         };
-        self.sticky(r.map_err(VringError::from))
+        self.health.sticky(r.map_err(VringError::from))
     }
 
     /// Asks the driver to kick (enable) or not (disable): EVENT_IDX `avail_event`, else the
     /// used ring's NO_NOTIFY flag. After enabling, returns whether buffers are already
     /// pending (they would otherwise be missed: process them before sleeping).
     pub fn set_notification(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         self.notify_enabled = enable;
         let r = self.set_notification_inner(mem, enable);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn set_notification_inner(&self, mem: &GuestMemory, enable: bool) -> Result<bool> {
@@ -445,7 +430,7 @@ pub struct SplitDriver {
     /// Whether the driver wants used-buffer notifications; with EVENT_IDX, `used_event`
     /// then follows `last_used`, so each reaped batch re-arms the next notification.
     notify: bool,
-    broken: bool,
+    health: Health,
 }
 
 impl SplitDriver {
@@ -462,7 +447,7 @@ impl SplitDriver {
             kicked_at: 0,
             last_used: 0,
             notify: true,
-            broken: false,
+            health: Health::default(),
         })
     }
 
@@ -494,22 +479,7 @@ impl SplitDriver {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.broken {
-            Err(VringError::Broken)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn sticky<T>(&mut self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
+        self.health.is_broken()
     }
 
     /// Adds a buffer of device-readable then device-writable segments, one descriptor per
@@ -520,7 +490,7 @@ impl SplitDriver {
         readable: &[(u64, u32)],
         writable: &[(u64, u32)],
     ) -> Result<u16> {
-        self.check()?;
+        self.health.check()?;
         let writable_len = check_driver_segments(mem, readable, writable)?;
         let n = readable.len() + writable.len();
         if n > self.free.len() {
@@ -563,7 +533,7 @@ impl SplitDriver {
         readable: &[(u64, u32)],
         writable: &[(u64, u32)],
     ) -> Result<u16> {
-        self.check()?;
+        self.health.check()?;
         let writable_len = check_driver_segments(mem, readable, writable)?;
         let n = readable.len() + writable.len();
         if n > usize::from(self.a.size) {
@@ -624,10 +594,10 @@ impl SplitDriver {
 
     /// Makes every buffer added so far visible to the device (Release store of avail.idx).
     pub fn publish(&mut self, mem: &GuestMemory) -> Result<()> {
-        self.check()?;
+        self.health.check()?;
         fence(Ordering::Release);
         let r = mem.write_u16(self.a.avail_idx(), self.avail_shadow);
-        self.sticky(r.map_err(VringError::from))?;
+        self.health.sticky(r.map_err(VringError::from))?;
         self.avail_published = self.avail_shadow;
         Ok(())
     }
@@ -636,7 +606,7 @@ impl SplitDriver {
     /// EVENT_IDX `avail_event` rule, else the used ring's NO_NOTIFY flag. False when
     /// nothing new was published.
     pub fn kick_needed(&mut self, mem: &GuestMemory) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         fence(Ordering::SeqCst);
         let old = self.kicked_at;
         let new = self.avail_published;
@@ -650,7 +620,7 @@ impl SplitDriver {
             mem.read_u16(self.a.used_flags())
                 .map(|f| f & USED_F_NO_NOTIFY == 0)
         };
-        let r = self.sticky(r.map_err(VringError::from))?;
+        let r = self.health.sticky(r.map_err(VringError::from))?;
         self.kicked_at = new;
         Ok(r)
     }
@@ -659,9 +629,9 @@ impl SplitDriver {
     /// runs ahead of what is in flight, an id not in flight or a length beyond the buffer's
     /// writable bytes stops the queue.
     pub fn poll_used(&mut self, mem: &GuestMemory) -> Result<Vec<(u16, u32)>> {
-        self.check()?;
+        self.health.check()?;
         let r = self.poll_inner(mem);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn poll_inner(&mut self, mem: &GuestMemory) -> Result<Vec<(u16, u32)>> {
@@ -709,9 +679,9 @@ impl SplitDriver {
     /// avail ring's NO_INTERRUPT flag. After enabling, returns whether used buffers are
     /// already waiting.
     pub fn set_used_notification(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
-        self.check()?;
+        self.health.check()?;
         let r = self.set_used_notification_inner(mem, enable);
-        self.sticky(r)
+        self.health.sticky(r)
     }
 
     fn set_used_notification_inner(&mut self, mem: &GuestMemory, enable: bool) -> Result<bool> {
