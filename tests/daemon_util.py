@@ -213,6 +213,8 @@ class BlkGuest:
                 PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
                 | PF.STATUS
             ),
+            packed=self.packed,
+            event_idx=self.event_idx,
         )
         fe.set_mem_table(regions_of(self.memory))
         for q in range(len(self.vqs)) if queues is None else queues:

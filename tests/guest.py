@@ -25,7 +25,7 @@ captures; ``/init`` brackets them with markers and prints the exit status.
 QEMU always gets its RAM from a shared memfd (``memory-backend-memfd,share=on``), so
 callers can add vhost-user devices with ``qemu_args``, for example::
 
-    -chardev socket,id=c0,path=SOCK -device vhost-user-blk-pci,chardev=c0
+    shared_memory_args(512) + vhost_user_blk_args(SOCK)  # README.md shows the same line
 
 :func:`run_guest` boots, waits and returns a :class:`GuestResult`;
 :func:`start_guest` returns a running :class:`Guest` (wait for console text, talk QMP,
@@ -335,6 +335,28 @@ def _qemu_escape(value: str | os.PathLike[str]) -> str:
     return os.fspath(value).replace(",", ",,")
 
 
+def shared_memory_args(memory_mb: int) -> list[str]:
+    """QEMU's RAM from a shared memfd, as vhost-user needs it (README.md shows these)."""
+    return [
+        "-M",
+        "q35,memory-backend=mem",
+        "-m",
+        f"{memory_mb}M",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+    ]
+
+
+def vhost_user_blk_args(
+    socket: str | os.PathLike[str], *, queues: int = 1, reconnect: bool = False
+) -> list[str]:
+    """A vhost-user-blk device on the back-end at ``socket`` (README.md shows these)."""
+    chardev = f"socket,id=c0,path={_qemu_escape(socket)}"
+    if reconnect:
+        chardev += ",reconnect-ms=200"
+    return ["-chardev", chardev, "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={queues}"]
+
+
 def start_guest(
     script: str,
     *,
@@ -392,12 +414,7 @@ def start_guest(
         str(qemu),
         "-accel",
         "tcg",
-        "-M",
-        "q35,memory-backend=mem",
-        "-object",
-        f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
-        "-m",
-        f"{memory_mb}M",
+        *shared_memory_args(memory_mb),
         "-smp",
         str(smp),
         "-nographic",

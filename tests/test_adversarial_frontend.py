@@ -36,6 +36,7 @@ from vhost.errors import (
     ClosedError,
     DisconnectedError,
     InactiveFeatureError,
+    InvalidParamError,
     KernelError,
     PartialMessageError,
     ProtocolError,
@@ -177,6 +178,25 @@ class BadReply:
     proto: int | None = None  # negotiate first, offering these protocol features
     fds: int = 0
     close_after: bool = False
+    fd_kind: str = "eventfd"  # the fds sent: "eventfd", "memfd" (4 KiB) or "pipe"
+    fds_on_body: bool = False  # send the header alone first, the fds with the body
+
+
+def reply_fds(kind: str, count: int) -> list[int]:
+    """``count`` fds of ``kind`` to attach to a reply (the caller closes them)."""
+    fds: list[int] = []
+    for _ in range(count):
+        if kind == "eventfd":
+            fds.append(os.eventfd(0, os.EFD_CLOEXEC))
+        elif kind == "memfd":
+            fd = os.memfd_create("hostile-inflight", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 4096)
+            fds.append(fd)
+        else:
+            r, w = os.pipe()
+            os.close(w)
+            fds.append(r)
+    return fds
 
 
 def get_features(fe: Frontend) -> None:
@@ -217,6 +237,21 @@ INFLIGHT = int(PF.INFLIGHT_SHMFD | PF.REPLY_ACK)
 INFLIGHT_BODY = struct.pack("=QQHH4x", 4096, 0, 1, 256)
 MSG = hostile.message
 GF = Req.GET_FEATURES
+
+
+def inflight_reply(
+    size: int, *, offset: int = 0, queues: int = 1, queue_size: int = 256, fd_kind: str = "memfd"
+) -> BadReply:
+    """A GET_INFLIGHT_FD reply (to a request for 1 queue of 256) with one fd of ``fd_kind``."""
+    body = struct.pack("=QQHH4x", size, offset, queues, queue_size)
+    return BadReply(
+        MSG(Req.GET_INFLIGHT_FD, body, flags=OK_REPLY),
+        request=Req.GET_INFLIGHT_FD,
+        proto=INFLIGHT,
+        fds=1,
+        fd_kind=fd_kind,
+    )
+
 BAD_REPLIES: dict[str, BadReply] = {
     "H2-wrong-code": BadReply(MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY)),
     "H2-reply-bit-missing": BadReply(MSG(GF, U64.pack(FEATURES), flags=VERSION)),
@@ -283,6 +318,32 @@ BAD_REPLIES: dict[str, BadReply] = {
         proto=INFLIGHT,
         fds=1,
     ),
+    # The reply to GET_INFLIGHT_FD is mapped by its user: it is checked first (issue 9).
+    "H2-inflight-mmap-size-2**64-1": inflight_reply(2**64 - 1),
+    "H2-inflight-mmap-size-0": inflight_reply(0),
+    "H2-inflight-larger-than-its-file": inflight_reply(8192),  # the memfd has 4096
+    "H2-inflight-offset-past-the-end": inflight_reply(4096, offset=4096),
+    "H2-inflight-offset-plus-size-overflows": inflight_reply(4096, offset=2**64 - 4096),
+    "H2-inflight-fd-is-a-pipe": inflight_reply(4096, fd_kind="pipe"),
+    "H2-inflight-fd-is-an-eventfd": inflight_reply(4096, fd_kind="eventfd"),
+    "H2-inflight-other-queue-count": inflight_reply(4096, queues=2),
+    "H2-inflight-other-queue-size": inflight_reply(4096, queue_size=128),
+    # Malformed replies that once raised InvalidParamError, as if our caller had erred.
+    "H2-config-reply-unknown-flags": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(0, 4, flags=0xFF), flags=OK_REPLY),
+        request=Req.GET_CONFIG, proto=CONFIG,
+    ),
+    "H2-config-reply-size-over-256": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(0, 300), flags=OK_REPLY),
+        request=Req.GET_CONFIG, proto=CONFIG,
+    ),
+    "H2-config-reply-beyond-byte-256": BadReply(
+        MSG(Req.GET_CONFIG, hostile.config_body(254, 4), flags=OK_REPLY),
+        request=Req.GET_CONFIG, proto=CONFIG,
+    ),
+    "H2-fd-on-the-reply-body": BadReply(
+        MSG(Req.GET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY), fds=1, fds_on_body=True,
+    ),
     "H2-queue-num-reply-empty": BadReply(
         MSG(Req.GET_QUEUE_NUM, b"", flags=OK_REPLY), request=Req.GET_QUEUE_NUM,
         proto=int(PF.MQ),
@@ -303,9 +364,14 @@ def test_bad_reply_breaks_only_this_connection(sock_path: Path, case: BadReply) 
         if case.proto is not None:
             play_negotiation(conn, case.proto)
         expect(conn, case.request)
-        fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(case.fds)]
+        fds = reply_fds(case.fd_kind, case.fds)
         try:
-            if case.data:
+            if case.fds_on_body:
+                size = hostile.HEADER.size
+                hostile.send(conn, case.data[:size])
+                time.sleep(0.2)  # the front-end reads the header alone, then the body
+                hostile.send(conn, case.data[size:], fds)
+            elif case.data:
                 hostile.send(conn, case.data, fds)
         finally:
             for fd in fds:
@@ -318,9 +384,14 @@ def test_bad_reply_breaks_only_this_connection(sock_path: Path, case: BadReply) 
     fe = Frontend.connect(sock_path, timeout=5.0)
     try:
         if case.proto is not None:
-            fe.negotiate()
-        with pytest.raises(case.error):
+            fe.negotiate(protocol_features=case.proto)
+        try:
             CALLS[case.request](fe)
+        except case.error as exc:
+            # The peer's fault: never reported as the caller's (InvalidParamError).
+            assert not isinstance(exc, InvalidParamError), exc
+        else:
+            pytest.fail(f"no {case.error.__name__}")
         assert fe.broken
         if not case.close_after:
             # Closed by us at once, not when the object goes away.
@@ -646,7 +717,7 @@ def test_b8_fds_received_by_the_frontend_are_cloexec(sock_path: Path) -> None:
     hb = HostileBackend(sock_path, script)
     fe = Frontend.connect(sock_path, timeout=5.0)
     try:
-        fe.negotiate()
+        fe.negotiate(protocol_features=INFLIGHT)
         info = fe.get_inflight_fd(1, 256)
         with info.fd:
             assert fcntl.fcntl(info.fd.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
@@ -750,3 +821,47 @@ def test_random_channel_requests_only_ever_raise_vhost_errors(sock_path: Path) -
             del fe
             conn.close()
     assert hostile.settle_fds(base) == base, hostile.open_fd_targets()
+
+
+# -- negotiate() against a back-end that offers every bit (issue 9) ---------------------
+
+
+def test_negotiate_acks_only_what_the_package_implements(sock_path: Path) -> None:
+    """A back-end offering all 64 feature and protocol feature bits: the front-end acks
+    the transport bits its split rings implement, the device bits, and only implemented
+    protocol features (never GPA_ADDRESSES, XEN_MMAP or a bit it does not know)."""
+    everything = (1 << 64) - 1
+    acked: dict[str, int] = {}
+
+    def script(hb: HostileBackend, conn: socket.socket) -> None:
+        expect(conn, Req.GET_FEATURES)
+        reply(conn, Req.GET_FEATURES, U64.pack(everything))
+        expect(conn, Req.SET_OWNER)
+        expect(conn, Req.GET_PROTOCOL_FEATURES)
+        reply(conn, Req.GET_PROTOCOL_FEATURES, U64.pack(everything))
+        acked["protocol"] = expect(conn, Req.SET_PROTOCOL_FEATURES).u64
+        m = expect(conn, Req.SET_FEATURES)
+        acked["features"] = m.u64
+        if m.flags & NEED_REPLY:
+            reply(conn, Req.SET_FEATURES, U64.pack(0))
+        assert hostile.recv_message(conn) is None
+
+    hb = HostileBackend(sock_path, script)
+    fe = Frontend.connect(sock_path, timeout=5.0)
+    try:
+        features, proto = fe.negotiate()
+    finally:
+        fe.close()
+        del fe
+    hb.finish_hostile()
+    well_behaved(hb)
+    assert acked == {"features": features, "protocol": int(proto)}
+    assert proto == Frontend.DEFAULT_PROTOCOL_FEATURES
+    for bit in (PF.GPA_ADDRESSES, PF.XEN_MMAP, PF.GET_VRING_BASE_INFLIGHT, PF.INFLIGHT_SHMFD):
+        assert not proto & bit, bit
+    assert not int(proto) >> 24
+    transport = features & ((1 << 50) - 1) & ~((1 << 24) - 1)
+    assert transport == (1 << 28) | (1 << 29) | (1 << 30) | (1 << 32)  # INDIRECT, EVENT_IDX,
+    # PROTOCOL_FEATURES, VERSION_1: not RING_PACKED (34), ACCESS_PLATFORM (33), IN_ORDER
+    # (35), NOTIFICATION_DATA (38), LOG_ALL (26), ...
+    assert features & 0xFFFFFF == 0xFFFFFF  # device bits: the caller's driver decides

@@ -63,10 +63,11 @@ def add_write(vq: Virtqueue, mem: GuestMemory, slot: int, sector: int, fill: byt
 
 def connect(sock: Path, inflight: bool, packed: bool) -> Frontend:
     fe = Frontend.connect(sock, timeout=5.0)
-    mask = None if inflight else ~int(ProtocolFeature.INFLIGHT_SHMFD)
+    mask = Frontend.DEFAULT_PROTOCOL_FEATURES
+    if inflight:
+        mask |= ProtocolFeature.INFLIGHT_SHMFD
     # The driver here uses no EVENT_IDX, and the ring format under test.
-    refused = RING_EVENT_IDX | (0 if packed else RING_PACKED)
-    fe.negotiate(features=~refused, protocol_features=mask)
+    fe.negotiate(protocol_features=mask, packed=packed, event_idx=False)
     assert bool(fe.acked_features & RING_PACKED) == packed
     return fe
 

@@ -72,15 +72,8 @@ def serve(args: Sequence[str], socket: Path) -> Iterator[Served]:
 
 
 def blk_args(socket: Path, *, reconnect: bool = False, queues: int = 1) -> list[str]:
-    chardev = f"socket,id=c0,path={socket}"
-    if reconnect:
-        chardev += ",reconnect-ms=200"
-    return [
-        "-chardev",
-        chardev,
-        "-device",
-        f"vhost-user-blk-pci,chardev=c0,num-queues={queues}",
-    ]
+    # The same arguments README.md shows (tests/test_readme.py checks that it does).
+    return guest.vhost_user_blk_args(socket, queues=queues, reconnect=reconnect)
 
 
 def write_pattern(pattern: str, sector: int) -> str:

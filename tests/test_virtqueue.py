@@ -709,7 +709,7 @@ def test_setup_queue_with_vhost_user_backend(
     with fe, serve_in_thread(session, device), EventFd() as kick, EventFd() as call:
         mask = FEATURES & ~(0 if packed else VirtioFeature.RING_PACKED)
         mask &= ~(0 if event_idx else VirtioFeature.RING_EVENT_IDX)
-        fe.negotiate(features=mask)
+        fe.negotiate(features=mask, packed=packed, event_idx=event_idx)
         fe.set_mem_table(regions_of(ram))
         # The ring in the second region, so guest and user addresses differ per region.
         vq = Virtqueue(

@@ -27,6 +27,7 @@ from .backend import EventFdLike, VhostBackend
 from .codes import ProtocolFeature
 from .errors import ClosedError, InvalidParamError, NotSupportedError
 from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringConfig
+from .virtio import VirtioFeature
 
 __all__ = [
     "BackendChannel",
@@ -55,6 +56,28 @@ FdLike = int | EventFdLike
 
 def _region_tuple(r: MemoryRegion) -> tuple[int, int, int, int, int]:
     return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, r.fd)
+
+
+_VERSION_1 = int(VirtioFeature.VERSION_1)
+_INDIRECT_DESC = int(VirtioFeature.RING_INDIRECT_DESC)
+_EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
+_PROTOCOL_FEATURES = int(VirtioFeature.PROTOCOL_FEATURES)
+_RING_PACKED = int(VirtioFeature.RING_PACKED)
+# Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and 50-127).
+_DEVICE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
+
+
+def _proto_names(bits: int) -> str:
+    """``"GPA_ADDRESSES|bit 40"``: names of protocol feature bits, known or not."""
+    names = []
+    for bit in range(64):
+        if bits >> bit & 1:
+            member = ProtocolFeature(1 << bit) if 1 << bit in _KNOWN_PROTO else None
+            names.append(member.name if member is not None and member.name else f"bit {bit}")
+    return "|".join(names)
+
+
+_KNOWN_PROTO = {int(m) for m in ProtocolFeature}
 
 
 def regions_of(memory: GuestMemory) -> list[MemoryRegion]:
@@ -244,29 +267,110 @@ class Frontend(VhostBackend):
     def set_protocol_features(self, features: int) -> None:
         self._native.set_protocol_features(int(features))
 
+    #: Protocol features this front-end implements: a method or the back-end request
+    #: channel (:meth:`set_backend_req_fd`) speaks each one. Not here: ``XEN_MMAP`` (another
+    #: memory-region layout), ``GPA_ADDRESSES`` (:func:`~vhost.virtio.setup_queue` and the
+    #: memory table send front-end virtual addresses), ``GET_VRING_BASE_INFLIGHT`` and
+    #: ``GET_VRING_BASE_SKIP_DRAIN`` (they change what ``GET_VRING_BASE`` means), and every
+    #: bit from 24 up (unassigned when this was written).
+    IMPLEMENTED_PROTOCOL_FEATURES = (
+        ProtocolFeature.MQ
+        | ProtocolFeature.LOG_SHMFD
+        | ProtocolFeature.RARP
+        | ProtocolFeature.REPLY_ACK
+        | ProtocolFeature.MTU
+        | ProtocolFeature.BACKEND_REQ
+        | ProtocolFeature.CROSS_ENDIAN
+        | ProtocolFeature.CRYPTO_SESSION
+        | ProtocolFeature.PAGEFAULT
+        | ProtocolFeature.CONFIG
+        | ProtocolFeature.BACKEND_SEND_FD
+        | ProtocolFeature.HOST_NOTIFIER
+        | ProtocolFeature.INFLIGHT_SHMFD
+        | ProtocolFeature.RESET_DEVICE
+        | ProtocolFeature.INBAND_NOTIFICATIONS
+        | ProtocolFeature.CONFIGURE_MEM_SLOTS
+        | ProtocolFeature.STATUS
+        | ProtocolFeature.SHARED_OBJECT
+        | ProtocolFeature.DEVICE_STATE
+        | ProtocolFeature.SHMEM
+    )
+
+    #: What :meth:`negotiate` acks by default: the implemented protocol features that ask
+    #: nothing more of the caller. ``INFLIGHT_SHMFD`` is left out: once it is acked, a
+    #: back-end expects an inflight area (``GET_INFLIGHT_FD``/``SET_INFLIGHT_FD``) before
+    #: its rings start, so only a caller that sets one up should ask for it.
+    DEFAULT_PROTOCOL_FEATURES = IMPLEMENTED_PROTOCOL_FEATURES & ~ProtocolFeature.INFLIGHT_SHMFD
+
     def negotiate(
         self,
         features: int | None = None,
         protocol_features: int | None = None,
+        *,
+        packed: bool = False,
+        event_idx: bool = True,
     ) -> tuple[int, ProtocolFeature]:
         """The usual opening: GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES.
 
-        ``features``/``protocol_features`` are masks of what this front-end supports;
-        ``None`` accepts everything offered. ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30)
-        is acked whenever the back-end offered it, as QEMU does: protocol features are
-        negotiated then, and the bit decides how rings start (disabled until
-        ``SET_VRING_ENABLE``). Returns what was acked.
+        Acks only what this package implements and what the caller's rings allow, so the
+        back-end never runs a ring format or a protocol extension the caller cannot:
+
+        - ``packed`` is the ring format the caller will hand over (:class:`~vhost.virtio.
+          Virtqueue`'s ``packed``): ``VIRTIO_F_RING_PACKED`` is acked exactly when it is
+          true (:class:`~vhost.errors.NotSupportedError` if the back-end does not offer
+          it, :class:`~vhost.errors.InvalidParamError` if ``features`` excludes it).
+        - ``event_idx``: ack ``VIRTIO_F_EVENT_IDX`` when offered (and ``features`` allows
+          it); build the ring with ``event_idx=bool(acked & VirtioFeature.EVENT_IDX)``.
+        - ``features`` masks the other bits; ``None`` allows every device-specific bit the
+          back-end offers (bits 0-23 and 50-63: the caller's driver knows its device).
+          Of the transport bits (24-49) only those the rings of :mod:`vhost.virtio`
+          implement are ever acked: ``VERSION_1``, ``INDIRECT_DESC`` and the two above.
+          ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) is acked whenever offered, as QEMU
+          does: protocol features are negotiated then, and the bit decides how rings start
+          (disabled until ``SET_VRING_ENABLE``). Use :meth:`set_features` to ack anything
+          else on purpose (``LOG_ALL`` for a migration, say).
+        - ``protocol_features`` masks the protocol features; ``None`` means
+          :attr:`DEFAULT_PROTOCOL_FEATURES`. Only :attr:`IMPLEMENTED_PROTOCOL_FEATURES`
+          are ever acked; asking for another bit raises
+          :class:`~vhost.errors.InvalidParamError` before anything is sent.
+
+        Returns what was acked: ``(features, protocol features)``.
         """
+        if protocol_features is None:
+            proto_mask = int(self.DEFAULT_PROTOCOL_FEATURES)
+        else:
+            proto_mask = int(protocol_features)
+            unknown = proto_mask & ~int(self.IMPLEMENTED_PROTOCOL_FEATURES)
+            if unknown:
+                raise InvalidParamError(
+                    f"negotiate: protocol features {_proto_names(unknown)} are not implemented "
+                    "by this front-end (set_protocol_features acks them anyway)"
+                )
+        if packed and features is not None and not features & _RING_PACKED:
+            raise InvalidParamError(
+                "negotiate: packed=True but the features mask excludes VIRTIO_F_RING_PACKED"
+            )
         offered = self.get_features()
+        if packed and not offered & _RING_PACKED:
+            raise NotSupportedError(
+                f"negotiate: the back-end does not offer VIRTIO_F_RING_PACKED "
+                f"(offered {offered:#x}); use a split ring (packed=False)",
+                "SET_FEATURES",
+            )
         self.set_owner()
         acked_proto = ProtocolFeature(0)
-        if offered & (1 << 30):
-            offered_proto = self.get_protocol_features()
-            want = offered_proto if protocol_features is None else offered_proto & protocol_features
-            acked_proto = ProtocolFeature(want)
+        if offered & _PROTOCOL_FEATURES:
+            acked_proto = ProtocolFeature(self.get_protocol_features() & proto_mask)
             self.set_protocol_features(acked_proto)
-        acked = offered if features is None else offered & features
-        acked |= offered & (1 << 30)
+        ring_bits = _VERSION_1 | _INDIRECT_DESC
+        if event_idx:
+            ring_bits |= _EVENT_IDX
+        if packed:
+            ring_bits |= _RING_PACKED
+        allowed = ring_bits | _DEVICE_BITS
+        if features is not None:
+            allowed &= int(features) | (_RING_PACKED if packed else 0)
+        acked = offered & (allowed | _PROTOCOL_FEATURES)
         self.set_features(acked)
         return acked, acked_proto
 

@@ -17,7 +17,8 @@ Virtqueues (split and packed, both sides; native, in the Rust core):
   buffers: :meth:`~Virtqueue.add`, :meth:`~Virtqueue.publish`, then collect them with
   :meth:`~Virtqueue.poll_used`.
 - :func:`ring_sizes`, :func:`place_rings`, :func:`gpa_to_user` and :func:`setup_queue`
-  are the arithmetic and the few control-plane calls around them.
+  are the arithmetic and the few control-plane calls around them; :func:`wait_used` waits
+  for the device to return buffers.
 
 Everything the peer writes into a ring is checked; a corrupt ring raises
 :class:`~vhost.errors.QueueError` and leaves the queue broken.
@@ -26,10 +27,11 @@ Everything the peer writes into a ring is checked; a corrupt ring raises
 from __future__ import annotations
 
 import enum
+import time
 
 from . import _core
 from .backend import EventFdLike, VhostBackend
-from .errors import InvalidMemoryError, InvalidParamError
+from .errors import InvalidMemoryError, InvalidParamError, InvalidQueueError, VhostTimeoutError
 from .types import VringConfig
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "place_rings",
     "ring_sizes",
     "setup_queue",
+    "wait_used",
 ]
 
 
@@ -294,6 +297,32 @@ def gpa_to_user(memory: _core.GuestMemory, gpa: int) -> int:
     raise InvalidMemoryError(f"guest address {gpa:#x} is not in guest memory", gpa)
 
 
+def _check_ring_features(index: int, acked: int, packed: bool, event_idx: bool | None) -> None:
+    """A ring whose format or event suppression differs from the acked features would be
+    read by the back-end as something else (a split ring parsed as packed, used events
+    never looked at): refuse it before anything is sent."""
+    problems = []
+    if packed != bool(acked & VirtioFeature.RING_PACKED):
+        problems.append(
+            "the ring is packed but VIRTIO_F_RING_PACKED was not acked"
+            if packed
+            else "the ring is split but VIRTIO_F_RING_PACKED was acked"
+            " (negotiate(packed=True) acks it only for packed rings)"
+        )
+    if event_idx is not None and event_idx != bool(acked & VirtioFeature.RING_EVENT_IDX):
+        problems.append(
+            "the ring uses EVENT_IDX but VIRTIO_F_EVENT_IDX was not acked"
+            if event_idx
+            else "the ring has no EVENT_IDX but VIRTIO_F_EVENT_IDX was acked"
+            " (build it with event_idx=bool(acked & VirtioFeature.EVENT_IDX))"
+        )
+    if problems:
+        raise InvalidQueueError(
+            f"setup_queue: queue {index}: {'; '.join(problems)} (acked features {acked:#x})",
+            index,
+        )
+
+
 def setup_queue(  # noqa: PLR0917 - the public signature: six positional arguments
     backend: VhostBackend,
     index: int,
@@ -316,11 +345,16 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     its memory table. ``base`` is the ``SET_VRING_BASE`` value; by default that of a fresh
     ring: 0 for a split ring, slot 0 with wrap counter 1 (``0x8000``) for a packed one.
     """
+    event_idx: bool | None = None
     if isinstance(queue, _core.Virtqueue):
         size, desc, avail, used = queue.size, queue.desc, queue.avail, queue.used
         packed = queue.packed
+        event_idx = queue.event_idx
     else:
         size, desc, avail, used = queue
+    acked = getattr(backend, "acked_features", None)
+    if isinstance(acked, int):
+        _check_ring_features(index, acked, packed, event_idx)
     config = VringConfig(
         queue_max_size=size,
         queue_size=size,
@@ -339,8 +373,34 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     backend.set_vring_kick(index, kick)
     if enable:
         set_enable = getattr(backend, "set_vring_enable", None)
-        acked = getattr(backend, "acked_features", None)
         if callable(set_enable) and (
             not isinstance(acked, int) or acked & VirtioFeature.PROTOCOL_FEATURES
         ):
             set_enable(index, True)
+
+
+def wait_used(
+    queue: _core.Virtqueue, call: _core.EventFd, timeout: float | None = 10.0
+) -> list[tuple[int, int]]:
+    """Waits until the device has returned buffers on ``queue`` and returns them
+    (``(head, bytes written)``, as :meth:`Virtqueue.poll_used`).
+
+    A signal on the ``call`` eventfd only says "look at the used ring": back-ends also
+    signal at set-up, or once for several buffers, so one ``call.wait()`` followed by one
+    ``poll_used()`` can return ``[]``. This looks at the ring first, then waits for a call
+    and looks again, until something came back or ``timeout`` seconds passed
+    (:class:`~vhost.errors.VhostTimeoutError`; ``None`` waits for ever).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done = queue.poll_used()
+        if done:
+            return done
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise VhostTimeoutError(
+                f"wait_used: the device returned none of the {queue.in_flight} buffers in "
+                f"flight within {timeout} s"
+            )
+        if call.wait(left):
+            call.read()

@@ -291,10 +291,11 @@ class BlkDriver:
             want |= int(VirtioFeature.RING_PACKED)
         self._offered = frontend.get_features()
         features, proto = frontend.negotiate(
-            features=want, protocol_features=int(self.PROTOCOL_FEATURES)
+            features=want,
+            protocol_features=int(self.PROTOCOL_FEATURES),
+            packed=packed,  # NotSupportedError if the back-end has no packed rings
+            event_idx=event_idx,
         )
-        if packed and not features & VirtioFeature.RING_PACKED:
-            raise NotSupportedError("the back-end does not offer VIRTIO_F_RING_PACKED")
         if not features & VirtioFeature.VERSION_1:
             raise NotSupportedError("the back-end does not offer VIRTIO_F_VERSION_1")
         if not proto & ProtocolFeature.CONFIG:

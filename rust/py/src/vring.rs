@@ -499,6 +499,7 @@ macro_rules! driver_call {
 pub struct PyVirtqueue {
     inner: Mutex<DriverInner>,
     layout: RingLayout,
+    event_idx: bool,
 }
 
 #[pymethods]
@@ -532,6 +533,7 @@ impl PyVirtqueue {
         Ok(PyVirtqueue {
             inner: Mutex::new(DriverInner { mem, ring }),
             layout: l,
+            event_idx,
         })
     }
 
@@ -623,6 +625,12 @@ impl PyVirtqueue {
     #[getter]
     fn packed(&self) -> bool {
         self.layout.is_packed()
+    }
+
+    /// Whether the ring uses event suppression by index (VIRTIO_F_EVENT_IDX), as built.
+    #[getter]
+    fn event_idx(&self) -> bool {
+        self.event_idx
     }
 
     /// Guest-physical address of the descriptor table / ring.

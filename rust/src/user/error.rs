@@ -57,6 +57,14 @@ pub enum Error {
     /// A reply that does not answer the request it follows.
     #[error("reply mismatch: {0}")]
     ReplyMismatch(String),
+    /// A well-framed reply with a field the protocol forbids (the peer's fault, where
+    /// `InvalidParam` is the caller's): a config reply beyond 256 bytes, an inflight area
+    /// that is not a mappable file of the size it claims, fds riding on a reply's body.
+    #[error("invalid {request} reply: {reason}")]
+    InvalidReply {
+        request: &'static str,
+        reason: String,
+    },
     /// A request handler failed; its message is sent back as a NACK where possible.
     #[error("{0}")]
     Handler(String),

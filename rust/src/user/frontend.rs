@@ -168,7 +168,8 @@ impl Frontend {
         };
         let msg = st
             .conn
-            .recv_reply(expected, !body.is_empty(), |h| h.check_reply_to(req.code()))?;
+            .recv_reply(expected, !body.is_empty(), |h| h.check_reply_to(req.code()))
+            .map_err(|e| peer_fault(req, e))?;
         let Message { body, mut fds, .. } = msg;
         if fds.len() > usize::from(inherent && reply_allows_fd(req)) {
             st.conn.poison();
@@ -209,9 +210,27 @@ impl Frontend {
             )))
     }
 
-    /// Parses a reply with `parse`; a malformed reply poisons the connection.
-    fn parsed<T>(&self, body: &[u8], parse: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
-        parse(body).inspect_err(|_| self.lock().conn.poison())
+    /// Parses the reply to `req` with `parse`; a malformed reply poisons the connection
+    /// and is the peer's fault ([`Error::InvalidReply`], never `InvalidParam`).
+    fn parsed<T>(
+        &self,
+        req: FrontendReq,
+        body: &[u8],
+        parse: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        parse(body).map_err(|e| {
+            self.lock().conn.poison();
+            peer_fault(req, e)
+        })
+    }
+
+    /// Poisons the connection and returns an [`Error::InvalidReply`] for `req`.
+    fn bad_reply(&self, req: FrontendReq, reason: String) -> Error {
+        self.lock().conn.poison();
+        Error::InvalidReply {
+            request: req.name(),
+            reason,
+        }
     }
 
     fn get_u64(&self, req: FrontendReq) -> Result<u64> {
@@ -307,7 +326,10 @@ impl Frontend {
         Self::check_gate(&st.neg, FrontendReq::SetMemTable)?;
         st.conn
             .send(&Header::request(code, body.len() as u32, false), body, fds)?;
-        let msg = st.conn.recv(|h| h.check_reply_to(code))?;
+        let msg = st
+            .conn
+            .recv(|h| h.check_reply_to(code))
+            .map_err(|e| peer_fault(FrontendReq::SetMemTable, e))?;
         if !msg.fds.is_empty() {
             st.conn.poison();
             return Err(Error::FdCount {
@@ -316,7 +338,10 @@ impl Frontend {
                 got: msg.fds.len(),
             });
         }
-        let reply = MemTable::from_bytes(&msg.body).inspect_err(|_| st.conn.poison())?;
+        let reply = MemTable::from_bytes(&msg.body).map_err(|e| {
+            st.conn.poison();
+            peer_fault(FrontendReq::SetMemTable, e)
+        })?;
         let same_layout = reply.regions.len() == table.regions.len()
             && reply
                 .regions
@@ -370,7 +395,7 @@ impl Frontend {
     pub fn get_vring_base(&self, index: u32) -> Result<u32> {
         let body = VringState { index, num: 0 }.to_bytes();
         let r = self.reply(FrontendReq::GetVringBase, &body, &[])?;
-        let state = self.parsed(&r.body, VringState::from_bytes)?;
+        let state = self.parsed(FrontendReq::GetVringBase, &r.body, VringState::from_bytes)?;
         if state.index != index {
             self.lock().conn.poison();
             return Err(Error::ReplyMismatch(format!(
@@ -444,7 +469,7 @@ impl Frontend {
         let body = request.to_bytes();
         ConfigPayload::from_bytes(&body)?;
         let r = self.reply(FrontendReq::GetConfig, &body, &[])?;
-        let reply = self.parsed(&r.body, ConfigPayload::from_bytes)?;
+        let reply = self.parsed(FrontendReq::GetConfig, &r.body, ConfigPayload::from_bytes)?;
         if reply.offset != offset || reply.size != size {
             self.lock().conn.poison();
             return Err(Error::ReplyMismatch(format!(
@@ -478,20 +503,26 @@ impl Frontend {
         Ok(FrontendChannel::new(near, acked))
     }
 
+    /// Asks for the inflight area of `num_queues` rings of `queue_size` entries. The reply
+    /// is checked before it is returned, since the caller maps it: the geometry asked for,
+    /// a size that is neither 0 nor more than such an area can take
+    /// ([`InflightDesc::max_mmap_size`]), and an fd that is a regular file (a memfd)
+    /// holding `mmap_offset + mmap_size` bytes. Anything else is [`Error::InvalidReply`].
     pub fn get_inflight_fd(
         &self,
         num_queues: u16,
         queue_size: u16,
     ) -> Result<(InflightDesc, OwnedFd)> {
-        let body = InflightDesc {
+        const REQ: FrontendReq = FrontendReq::GetInflightFd;
+        let asked = InflightDesc {
             mmap_size: 0,
             mmap_offset: 0,
             num_queues,
             queue_size,
-        }
-        .to_bytes();
-        let r = self.reply(FrontendReq::GetInflightFd, &body, &[])?;
-        let desc = self.parsed(&r.body, InflightDesc::from_bytes)?;
+        };
+        asked.check_queues()?;
+        let r = self.reply(REQ, &asked.to_bytes(), &[])?;
+        let desc = self.parsed(REQ, &r.body, InflightDesc::from_bytes)?;
         let fd = r.fd.ok_or_else(|| {
             self.lock().conn.poison();
             Error::FdCount {
@@ -500,7 +531,53 @@ impl Frontend {
                 got: 0,
             }
         })?;
-        Ok((desc, fd))
+        if (desc.num_queues, desc.queue_size) != (num_queues, queue_size) {
+            return Err(self.bad_reply(
+                REQ,
+                format!(
+                    "asked for {num_queues} queues of {queue_size}, got {} of {}",
+                    desc.num_queues, desc.queue_size
+                ),
+            ));
+        }
+        let max = InflightDesc::max_mmap_size(num_queues, queue_size);
+        if desc.mmap_size == 0 || desc.mmap_size > max {
+            return Err(self.bad_reply(
+                REQ,
+                format!(
+                    "mmap size {:#x}, expected 1 to {max:#x} for {num_queues} queues of {queue_size}",
+                    desc.mmap_size
+                ),
+            ));
+        }
+        let file = std::fs::File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| self.bad_reply(REQ, format!("fstat of its fd failed: {e}")))?;
+        if !meta.file_type().is_file() {
+            return Err(self.bad_reply(
+                REQ,
+                format!(
+                    "its fd is {}, not a regular file or memfd",
+                    describe_file_type(meta.file_type())
+                ),
+            ));
+        }
+        match desc.mmap_offset.checked_add(desc.mmap_size) {
+            Some(end) if end <= meta.len() => {}
+            _ => {
+                return Err(self.bad_reply(
+                    REQ,
+                    format!(
+                        "offset {:#x} + size {:#x} is beyond the end of its {:#x}-byte file",
+                        desc.mmap_offset,
+                        desc.mmap_size,
+                        meta.len()
+                    ),
+                ))
+            }
+        }
+        Ok((desc, OwnedFd::from(file)))
     }
 
     pub fn set_inflight_fd(&self, desc: &InflightDesc, fd: BorrowedFd<'_>) -> Result<()> {
@@ -560,7 +637,9 @@ impl Frontend {
 
     pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
         let r = self.reply(FrontendReq::IotlbMsg, &msg.to_bytes(), &[])?;
-        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        let status = self.parsed(FrontendReq::IotlbMsg, &r.body, |b| {
+            U64Payload::from_bytes(b).map(|p| p.0)
+        })?;
         if status != 0 {
             return Err(Error::Refused {
                 request: "IOTLB_MSG",
@@ -577,7 +656,9 @@ impl Frontend {
             &SharedObjectUuid(uuid).to_bytes(),
             &[],
         )?;
-        let status = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        let status = self.parsed(FrontendReq::GetSharedObject, &r.body, |b| {
+            U64Payload::from_bytes(b).map(|p| p.0)
+        })?;
         if status != 0 {
             return Err(Error::Refused {
                 request: "GET_SHARED_OBJECT",
@@ -601,7 +682,9 @@ impl Frontend {
     ) -> Result<Option<OwnedFd>> {
         let body = DeviceStateTransfer { direction, phase }.to_bytes();
         let r = self.reply(FrontendReq::SetDeviceStateFd, &body, &[fd])?;
-        let v = self.parsed(&r.body, |b| U64Payload::from_bytes(b).map(|p| p.0))?;
+        let v = self.parsed(FrontendReq::SetDeviceStateFd, &r.body, |b| {
+            U64Payload::from_bytes(b).map(|p| p.0)
+        })?;
         const NOFD: u64 = 1 << 8;
         if v & 0xff != 0 {
             return Err(Error::Refused {
@@ -698,6 +781,36 @@ impl Frontend {
         }
         let msg = st.conn.recv(|_| Ok(()))?;
         Ok(Some((msg.header, msg.body, msg.fds)))
+    }
+}
+
+/// An error met while receiving or decoding the reply to `req`: what would be a bad
+/// argument coming from our caller is a broken protocol coming from the peer.
+fn peer_fault(req: FrontendReq, e: Error) -> Error {
+    match e {
+        Error::InvalidParam(reason) => Error::InvalidReply {
+            request: req.name(),
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// What kind of file an fd is, for an error message.
+fn describe_file_type(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "an anonymous inode (an eventfd, say)"
     }
 }
 

@@ -459,6 +459,17 @@ impl InflightDesc {
         Ok(())
     }
 
+    /// The largest area a back-end may hand out for `num_queues` rings of `queue_size`
+    /// entries: one page of header plus 64 bytes per entry for each queue, page-aligned.
+    /// The layouts in use (libvhost-user's and DPDK's split and packed areas, our
+    /// daemon's) take at most 32 bytes per entry and well under a page of header, each
+    /// queue page-aligned at most. A front-end refuses a larger reply instead of mapping it.
+    pub fn max_mmap_size(num_queues: u16, queue_size: u16) -> u64 {
+        const PAGE: u64 = 4096;
+        let per_queue = (PAGE + 64 * u64::from(queue_size)).div_ceil(PAGE) * PAGE;
+        per_queue * u64::from(num_queues)
+    }
+
     /// Size not 0 and offset + size does not overflow (the area is mapped).
     pub fn check_mapping(&self) -> Result<()> {
         if self.mmap_size == 0 {
