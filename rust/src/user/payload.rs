@@ -1306,6 +1306,25 @@ mod tests {
     }
 
     #[test]
+    fn inflight_size_bound_admits_the_layouts_in_use() {
+        const PAGE: u64 = 4096;
+        for queue_size in [1u16, 2, 64, 128, 256, 1024, 32768] {
+            for num_queues in [1u16, 2, 16] {
+                let max = InflightDesc::max_mmap_size(num_queues, queue_size);
+                let (q, n) = (u64::from(queue_size), u64::from(num_queues));
+                // libvhost-user split: 16-byte header and entries, 64-aligned per queue.
+                assert!((16 + 16 * q).div_ceil(64) * 64 * n <= max);
+                // DPDK packed: 32-byte header and entries, each queue page-aligned.
+                assert!((32 + 32 * q).div_ceil(PAGE) * PAGE * n <= max);
+            }
+        }
+        assert_eq!(InflightDesc::max_mmap_size(1, 256), 0x5000);
+        assert_eq!(InflightDesc::max_mmap_size(0, 256), 0);
+        // The largest geometry does not overflow.
+        assert!(InflightDesc::max_mmap_size(u16::MAX, u16::MAX) < u64::MAX / 2);
+    }
+
+    #[test]
     fn inflight_is_24_bytes() {
         let d = InflightDesc {
             mmap_size: 0x3000,
