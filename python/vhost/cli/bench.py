@@ -38,7 +38,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .blk import open_driver, size_arg
+from .blk import RingRefusedError, open_driver, size_arg
 from .common import (
     EXIT_BAD_DATA,
     EXIT_FAILED,
@@ -198,45 +198,25 @@ def ring_sizes(args: argparse.Namespace) -> list[int]:
     return sizes
 
 
-def _ring_refused(exc: CliError) -> bool:
-    from ..errors import RequestRefusedError  # noqa: PLC0415
-
-    cause = exc.__cause__
-    return isinstance(cause, RequestRefusedError) and cause.request == "SET_VRING_NUM"
-
-
 def _connect(args: argparse.Namespace) -> tuple[BlkDriver, list[int]]:
     """The driver on a ring the back-end accepted, and the sizes it refused first."""
     window = max(args.bs, VERIFY_WINDOW) if args.verify else args.bs
     slots = args.iodepth if args.iodepth is not None else DEFAULT_IODEPTH
-    sizes = ring_sizes(args)
-    refused: list[int] = []
-    for size in sizes:
-        try:
-            disk = open_driver(
-                args.socket,
-                args.timeout,
-                queue_size=size,
-                packed=args.packed,
-                event_idx=not args.no_event_idx,
-                slots=slots,
-                max_request=window,
-                segment_size=DEFAULT_SEGMENT,
-            )
-        except CliError as exc:
-            if not _ring_refused(exc):
-                raise
-            refused.append(size)
-            continue
-        return disk, refused
-    tried = ", ".join(map(str, refused))
-    hint = None if args.queue_size is None else "try a smaller --queue-size"
-    raise CliError(
-        f"set up a virtio-blk queue on {args.socket}: SET_VRING_NUM refused, the back-end "
-        f"takes no ring of {tried} entries",
-        EXIT_FAILED,
-        hint,
-    )
+    try:
+        return open_driver(
+            args.socket,
+            args.timeout,
+            ring_sizes(args),
+            packed=args.packed,
+            event_idx=not args.no_event_idx,
+            slots=slots,
+            max_request=window,
+            segment_size=DEFAULT_SEGMENT,
+        )
+    except RingRefusedError as exc:
+        if args.queue_size is not None:
+            exc.hint = "try a smaller --queue-size"
+        raise
 
 
 def _fit_iodepth(args: argparse.Namespace, disk: BlkDriver, refused: list[int]) -> int:

@@ -125,26 +125,58 @@ def add_parser(sub: Any) -> None:
     write.set_defaults(run=run_write)
 
 
-def open_driver(socket: str, timeout: float, **options: Any) -> BlkDriver:
-    """Connects to the back-end at ``socket`` and sets up its queue 0, each step's failure
-    a :class:`CliError` naming it (connecting: exit status 1, with a hint; setting up the
-    device: 2)."""
+BLK_QUEUE_SIZES = [128, 64, 32, 16, 8]
+"""Ring sizes ``blk`` asks for, in turn, until the back-end accepts one."""
+
+
+class RingRefusedError(CliError):
+    """The back-end refused every ring size tried (``SET_VRING_NUM``)."""
+
+
+def _ring_refused(exc: CliError) -> bool:
+    from ..errors import RequestRefusedError  # noqa: PLC0415
+
+    cause = exc.__cause__
+    return isinstance(cause, RequestRefusedError) and cause.request == "SET_VRING_NUM"
+
+
+def open_driver(
+    socket: str, timeout: float, queue_sizes: list[int], **options: Any
+) -> tuple[BlkDriver, list[int]]:
+    """Connects to the back-end at ``socket`` and sets up its queue 0 with the first of
+    ``queue_sizes`` it accepts (a back-end refuses a ring too big for it in
+    ``SET_VRING_NUM``); returns the driver and the sizes refused first. Each step's
+    failure is a :class:`CliError` naming it (connecting: exit status 1, with a hint;
+    setting up the device: 2)."""
     # Imported here: the driver needs the native virtqueues, `probe` and `demo` do not.
     from ..devices.blk import BlkDriver  # noqa: PLC0415
     from ..user import Frontend  # noqa: PLC0415
 
-    with connecting(socket):
-        fe = Frontend.connect(socket, timeout=timeout)
-    try:
-        with step("set up a virtio-blk queue on", socket):
-            return BlkDriver(fe, timeout=timeout, **options)
-    except BaseException:
-        fe.close()
-        raise
+    refused: list[int] = []
+    for size in queue_sizes:
+        with connecting(socket):
+            fe = Frontend.connect(socket, timeout=timeout)
+        try:
+            with step("set up a virtio-blk queue on", socket):
+                return BlkDriver(fe, timeout=timeout, queue_size=size, **options), refused
+        except CliError as exc:
+            fe.close()
+            if not _ring_refused(exc):
+                raise
+            refused.append(size)
+        except BaseException:
+            fe.close()
+            raise
+    raise RingRefusedError(
+        f"set up a virtio-blk queue on {socket}: SET_VRING_NUM refused, the back-end takes "
+        f"no ring of {', '.join(map(str, refused))} entries",
+        EXIT_FAILED,
+    )
 
 
 def _connect(args: argparse.Namespace) -> BlkDriver:
-    return open_driver(args.socket, args.timeout, packed=args.packed)
+    disk, _ = open_driver(args.socket, args.timeout, BLK_QUEUE_SIZES, packed=args.packed)
+    return disk
 
 
 def _device_error(exc: BlkIOError) -> CliError:
