@@ -190,6 +190,41 @@ def test_packed_ring_busy_poll_and_no_event_idx(image: Path, tmp_sock_dir: Path)
             assert gens.count(21) * SECTOR == r["verify"]["written_bytes"] > 0
 
 
+def test_ring_is_fitted_to_the_back_end(image: Path, tmp_sock_dir: Path) -> None:
+    """1 MiB requests at the default depth need a 2048-entry ring; our serve blk takes at
+    most 256 (--queue-size): the bench steps down to 256 and lowers the default depth to
+    what fits, saying so, instead of failing or suggesting a size the back-end refuses."""
+    sock = tmp_sock_dir / "blk.sock"
+    argv = [sys.executable, "-m", "vhost", "serve", "blk", "--socket", str(sock),
+            "--image", str(image)]  # fmt: skip
+    with peers.spawn_peer("serve-blk", argv, sock):
+        out = bench(sock, "--json", "--bs", "1M", "--rw", "randwrite", "--verify",
+                    "--generation", "30", "--seconds", "0.3")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        r = json.loads(out.stdout)
+        assert (r["queue_size"], r["queue_size_refused"]) == (256, [2048, 1024, 512])
+        per_request = 2 + (1 << 20) // (32 << 10)
+        assert (r["iodepth"], r["iodepth_requested"]) == (256 // per_request, 32)
+        assert out.stderr == (
+            "note: ring of 256 entries (the back-end refused 2048, 1024, 512 entries; "
+            f"{per_request} per request): iodepth {256 // per_request}\n"
+        )
+        assert r["verify"]["ok"] and r["ios"] > 0
+        gens = image_generations(image, 0, IMAGE_SIZE, [30, 31])
+        assert -1 not in gens and gens.count(31) * SECTOR == r["verify"]["written_bytes"]
+        # An explicit size or depth the back-end cannot take is an error naming it.
+        out = bench(sock, "--queue-size", "2048", "--seconds", "0.1")
+        assert out.returncode == 2
+        assert out.stderr == (
+            f"error: set up a virtio-blk queue on {sock}: SET_VRING_NUM refused, the back-end "
+            "takes no ring of 2048 entries (try a smaller --queue-size)\n"
+        )
+        out = bench(sock, "--bs", "1M", "--iodepth", "32", "--seconds", "0.1")
+        assert out.returncode == 2
+        assert "--iodepth 32 of 1048576-byte requests does not fit" in out.stderr
+        assert out.stderr.endswith(f"(use --iodepth {256 // per_request} or less)\n")
+
+
 # --- report --------------------------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 import peers
+from vhost.devices.blk import BlkDriver, BlkRequest
+from vhost.errors import DisconnectedError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,8 +229,8 @@ def test_output_pipe_closed_early_is_quiet(serve_blk: peers.Peer) -> None:
 def test_a_write_to_a_read_only_device_is_status_2_everywhere(
     image: Path, tmp_sock_dir: Path
 ) -> None:
-    sock = tmp_sock_dir / "ro.sock"
-    with peers.qemu_storage_daemon_blk(image, sock, writable=False):
+    sock = str(tmp_sock_dir / "ro.sock")
+    with peers.qemu_storage_daemon_blk(image, Path(sock), writable=False):
         for args in (
             ["blk", "write", "--socket", sock, "--offset", "0", "--pattern", "1"],
             ["bench", "blk", "--socket", sock, "--rw", "write", "--seconds", "0.1"],
@@ -242,27 +244,44 @@ def test_a_write_to_a_read_only_device_is_status_2_everywhere(
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "message"),
     [
-        ["probe"],
-        ["probe", "a.sock", "--socket", "b.sock"],
-        ["probe", "a.sock", "--timeout", "0"],
-        ["probe", "a.sock", "--timeout", "-1"],
-        ["probe", "a.sock", "--device", "gpu"],
-        ["blk"],
-        ["blk", "read", "--socket", "a.sock", "--offset", "0"],
-        ["blk", "read", "--socket", "a.sock", "--offset", "-512", "--length", "512"],
-        ["blk", "info", "--socket", "a.sock", "--timeout", "0"],
-        ["blk", "write", "--socket", "a.sock", "--offset", "0", "--pattern", "256"],
-        ["bench", "blk", "--socket", "a.sock", "--iodepth", "x"],
-        ["frobnicate"],
-        [],
+        (["probe"], "error: probe needs the back-end's socket"),
+        (["probe", "a.sock", "--socket", "b.sock"], "error: two different sockets given"),
+        (["probe", "a.sock", "--timeout", "0"], "--timeout: must be a positive number of seconds"),
+        (["probe", "a.sock", "--timeout", "-1"], "--timeout: must be a positive number"),
+        (["probe", "a.sock", "--device", "gpu"], "--device: invalid choice: 'gpu'"),
+        (["blk"], "error: the following arguments are required: COMMAND"),
+        (["blk", "read", "--socket", "a.sock", "--offset", "0"], "required: --length"),
+        (["blk", "read", "--socket", "a.sock", "--offset", "-512", "--length", "512"],
+         "--offset: negative byte count: '-512'"),
+        (["blk", "info", "--socket", "a.sock", "--timeout", "0"], "--timeout: must be a positive"),
+        (["blk", "write", "--socket", "a.sock", "--offset", "0", "--pattern", "256"],
+         "--pattern: a byte is 0..255: '256'"),
+        (["bench", "blk", "--socket", "a.sock", "--iodepth", "x"], "--iodepth: not a number: 'x'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "error: the following arguments are required: COMMAND"),
     ],
-)
-def test_bad_arguments_exit_1(args: list[str], tmp_sock_dir: Path) -> None:
+)  # fmt: skip
+def test_bad_arguments_exit_1(args: list[str], message: str, tmp_sock_dir: Path) -> None:
+    """Usage errors exit with 1 as documented (argparse's own errors exited with 2, the
+    status of a failed request), before anything is connected to."""
     out = cli(*args, cwd=tmp_sock_dir)
     assert out.returncode == 1, err(out)
-    assert "error: " in err(out) and "Traceback" not in err(out)
+    assert message in err(out) and "Traceback" not in err(out) and "connect" not in err(out)
+
+
+def test_driver_wait_notices_the_back_end_going_away(stuck_blk: peers.Peer) -> None:
+    """The API, not only the CLI: a wait for a completion ends when the back-end dies."""
+    with BlkDriver.connect(stuck_blk.socket_path, queue_size=64, timeout=10) as disk:
+        (tag,) = disk.submit([BlkRequest.read(STUCK_OFFSET, 512)])
+        _wait_for_stuck(stuck_blk)
+        os.killpg(stuck_blk.pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(DisconnectedError, match="closed the connection"):
+            disk.wait()
+        assert time.monotonic() - t < 3
+        assert tag == 0
 
 
 def test_ctrl_c_while_waiting_for_a_completion(stuck_blk: peers.Peer) -> None:
@@ -398,3 +417,20 @@ def test_probe_json_still_parses_with_socket_option(serve_blk: peers.Peer) -> No
     out = cli("probe", "--socket", serve_blk.socket_path, "--json")
     assert out.returncode == 0, err(out)
     assert json.loads(out.stdout)["device"] == "blk"
+
+
+def test_readme_lists_the_exit_statuses_of_help() -> None:
+    """The README's table and ``--help``'s agree on every status and its first words."""
+    help_rows = {}
+    for line in cli("--help").stdout.decode().splitlines():
+        words = line.split()
+        if len(words) > 1 and words[0].isdigit():
+            help_rows[int(words[0])] = " ".join(words[1:3])
+    readme = (ROOT / "README.md").read_text()
+    readme_rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].isdigit():
+            readme_rows[int(cells[0])] = " ".join(cells[1].replace(":", "").split()[:2])
+    assert set(help_rows) == set(readme_rows) == {0, 1, 2, 3, 130}
+    assert help_rows == readme_rows

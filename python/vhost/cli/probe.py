@@ -114,9 +114,9 @@ def contradiction(features: int, device: str) -> str | None:
             f"the back-end offers device feature bit(s) {_bits(foreign)}, which {device} "
             "does not define"
         )
-    guessed, _ = guess_device(features)
+    guessed, evidence = guess_device(features)
     if guessed is not None and guessed != dev:
-        return f"its feature bits say it is {_type_name(guessed)}"
+        return f"its feature bits say it is {_type_name(guessed)} ({'; '.join(evidence)})"
     return None
 
 
