@@ -118,6 +118,17 @@ def test_a_socket_that_cannot_be_connected_is_named(
     assert err(out).count("\n") == 1 and out.stdout == b""
 
 
+def test_a_socket_path_too_long_for_an_address(tmp_sock_dir: Path) -> None:
+    path = tmp_sock_dir / ("a" * 120 + ".sock")
+    for command in ("probe", "blk info", "bench blk"):
+        out = cli(*COMMANDS[command], path)
+        assert out.returncode == 1
+        assert err(out) == (
+            f"error: connect to {path}: File name too long ({len(str(path))} bytes; a socket "
+            "path holds at most 107)\n"
+        )
+
+
 def test_a_socket_in_an_unreadable_directory(tmp_sock_dir: Path) -> None:
     """Run without the capabilities that let root ignore permissions (bench blk used to
     die in a traceback from a stat before connecting)."""

@@ -14,12 +14,11 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Self
 
 from ..errors import InvalidParamError, VhostError
 
-EXIT_OK = 0
 EXIT_USAGE = 1
 """Bad arguments or an unusable input (a missing socket or file, a path that is not a
 socket, an offset past the end of the disk)."""
@@ -89,8 +88,6 @@ def _path_kind(path: str) -> str | None:
 def connect_hint(path: str, err: int | None) -> str | None:
     """What to check when connecting to the vhost-user socket at ``path`` failed with
     ``err``."""
-    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
-        return f"a socket path holds at most {SOCKET_PATH_MAX} bytes"
     if err == errno.ENOENT:
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
@@ -158,10 +155,19 @@ def step(
         raise CliError(f"{action} {where}: {exc}", _status_of(exc, status)) from exc
 
 
-def connecting(path: str | os.PathLike[str]) -> AbstractContextManager[None]:
+@contextmanager
+def connecting(path: str | os.PathLike[str]) -> Iterator[None]:
     """The step that connects to a back-end: exit status 1 when it fails (the socket is
-    an unusable input), with a hint ("is the back-end running?")."""
-    return step("connect to", path, EXIT_USAGE, connect_hint)
+    an unusable input), with a hint ("is the back-end running?"). A path too long for a
+    socket address is refused first (the native layer reports it as EIO)."""
+    size = len(os.fsencode(path))
+    if size > SOCKET_PATH_MAX:
+        raise CliError(
+            f"connect to {os.fsdecode(path)}: File name too long ({size} bytes; a socket "
+            f"path holds at most {SOCKET_PATH_MAX})"
+        )
+    with step("connect to", path, EXIT_USAGE, connect_hint):
+        yield
 
 
 # -- argument types: checked while parsing, so a bad value is a usage error ----------------
@@ -197,11 +203,6 @@ def positive_int(text: str) -> int:
     return int_range(1, (1 << 63) - 1)(text)
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer from zero (up to 2**63 - 1)."""
-    return int_range(0, (1 << 63) - 1)(text)
-
-
 def seconds_arg(text: str) -> float:
     """An argparse type: a positive, finite number of seconds (a timeout of 0 would fail
     every request at once)."""
@@ -227,14 +228,6 @@ def plain(doc: str | None) -> str:
     text = re.sub(r":[a-z]+:`~([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], doc)
     text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
     return text.replace("``", "")
-
-
-def first_sentence(doc: str | None) -> str:
-    """The first sentence of a docstring, whole (however many lines it spans), as plain
-    text: the one-line help of a subcommand."""
-    text = " ".join(plain(doc).split("\n\n")[0].split())
-    end = re.search(r"[.:](\s|$)", text)
-    return text[: end.start()] if end else text
 
 
 def socket_args(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
