@@ -25,7 +25,8 @@ PY_DEV_TOOLS=(
     "hypothesis>=6"
 )
 APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc
-    busybox-static cpio kmod xz-utils iproute2)   # 2nd line: the test guest (build_guest.sh)
+    busybox-static cpio kmod xz-utils iproute2   # 2nd line: the test guest (build_guest.sh)
+    dpdk-dev)   # testpmd: the DPDK vhost-user net back-end tests/test_probe_dpdk.py probes
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -4,6 +4,7 @@ Every peer is a real program from Debian or crates.io, never a stand-in:
 
 * :func:`qemu_storage_daemon_blk` - a vhost-user-blk back-end exporting an image;
 * :func:`virtiofsd` - the Rust virtiofsd, a vhost-user-fs back-end;
+* :func:`dpdk_testpmd_net` - DPDK's testpmd with its vhost PMD, a vhost-user-net back-end;
 * :func:`qemu_vhost_user_blk` - ``qemu-system-x86_64 -S`` (TCG) as a vhost-user-blk
   front-end, with a :class:`Qmp` client to ask it about its state.
 
@@ -181,8 +182,10 @@ def spawn_peer(
     *,
     wait_for: Path | None = None,
     timeout: float = START_TIMEOUT,
+    keep_stdin: bool = False,
 ) -> Iterator[Peer]:
-    """Run ``argv`` in a new session, wait for ``wait_for`` (default: ``socket_path``)."""
+    """Run ``argv`` in a new session, wait for ``wait_for`` (default: ``socket_path``).
+    ``keep_stdin``: stdin is a pipe left open (for a program that exits at end of input)."""
     socket_path = Path(socket_path)
     wait_path = socket_path if wait_for is None else Path(wait_for)
     if len(os.fsencode(socket_path)) >= 108:
@@ -196,7 +199,7 @@ def spawn_peer(
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if keep_stdin else subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -318,6 +321,26 @@ def virtiofsd(
     argv += list(extra_args)
     with spawn_peer("virtiofsd", argv, Path(socket_path), timeout=timeout) as peer:
         yield peer
+
+
+@contextlib.contextmanager
+def dpdk_testpmd_net(socket_path: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Peer]:
+    """DPDK testpmd (Debian ``dpdk-dev``) with a vhost-user-net port (the vhost PMD,
+    server mode) on ``socket_path``, forwarding on one queue pair. It runs without
+    hugepages or PCI devices; its stdin stays open, since testpmd exits at end of input."""
+    binary = find_binary("dpdk-testpmd")
+    socket_path = Path(socket_path)
+    prefix = f"pyvhost-{os.getpid()}-{socket_path.parent.name}"
+    argv = [
+        str(binary), "-l", "0,1", "--no-huge", "-m", "1024", "--no-pci",
+        f"--file-prefix={prefix}", "--vdev", f"net_vhost0,iface={socket_path},queues=1",
+        "--", "--nb-cores=1", "--total-num-mbufs=4096",
+    ]  # fmt: skip
+    try:
+        with spawn_peer("dpdk-testpmd", argv, socket_path, timeout=timeout, keep_stdin=True) as p:
+            yield p
+    finally:
+        shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
 
 
 class QmpError(Exception):

@@ -183,13 +183,27 @@ def test_write_zeroes_and_discard(qsd: Path, image: Path) -> None:
         assert disk.in_flight == 0
 
 
-def test_read_past_the_end_reports_ioerr(qsd: Path) -> None:
+def test_io_past_the_end_is_refused_before_sending(qsd: Path) -> None:
+    """The driver knows the capacity: I/O past the end is not sent (the device would
+    answer IOERR); a request submitted anyway gets the device's own IOERR."""
     with BlkDriver.connect(qsd) as disk:
+        for call in (
+            lambda: disk.read(IMAGE_SIZE, 512),
+            lambda: disk.read(IMAGE_SIZE - 512, 1024),
+            lambda: disk.write(IMAGE_SIZE, b"x" * 512),
+            lambda: disk.write_zeroes(IMAGE_SIZE - 512, 1024),
+            lambda: disk.discard(IMAGE_SIZE, 512),
+        ):
+            with pytest.raises(InvalidParamError, match="runs past the end of the disk"):
+                call()
+        assert disk.kicks == 0 and disk.in_flight == 0
+        (tag,) = disk.submit([BlkRequest.read(IMAGE_SIZE, 512)])
+        (c,) = disk.wait()
+        assert c.tag == tag and c.status == BlkStatus.IOERR
         with pytest.raises(BlkIOError) as info:
-            disk.read(IMAGE_SIZE, 512)
-        assert info.value.status == BlkStatus.IOERR
+            c.check()
         assert info.value.status_name == "IOERR" and not info.value.local
-        assert disk.read(0, 512) == bytes(512)  # the queue goes on
+        assert disk.read(IMAGE_SIZE - 512, 512) == bytes(512)  # the queue goes on
 
 
 def test_unaligned_io_is_refused_before_sending(qsd: Path) -> None:
@@ -328,7 +342,8 @@ def test_cli_errors(image: Path, tmp_sock_dir: Path) -> None:
         assert "VIRTIO_BLK_S_IOERR" in out.stderr
         out = vhost_cli("blk", "read", "--socket", str(sock), "--offset", str(IMAGE_SIZE),
                         "--length", "512")  # fmt: skip
-        assert out.returncode == 2 and "VIRTIO_BLK_S_IOERR" in out.stderr
+        assert out.returncode == 1
+        assert "runs past the end of the disk" in out.stderr and "not sent" in out.stderr
         out = vhost_cli("blk", "info", "--socket", str(sock), "--json")
         assert out.returncode == 0, out.stderr
         assert '"capacity": 16384' in out.stdout

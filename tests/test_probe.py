@@ -106,14 +106,34 @@ def test_probe_qsd_blk_human(tmp_sock_dir: Path) -> None:
 
 def test_probe_device_option_overrides_guess(tmp_sock_dir: Path) -> None:
     """``--device net`` on a blk back-end: the probe asks for 12 bytes of config and
-    decodes them as virtio-net, as told."""
+    decodes them as virtio-net, as told, but warns that the offered bits say otherwise
+    (BLK_SIZE, bit 6, is virtio-blk's alone; virtio-net defined it only before 1.0)."""
     image = peers.make_image(tmp_sock_dir / "disk.img", IMAGE_SIZE)
     sock_path = tmp_sock_dir / "blk.sock"
     with peers.qemu_storage_daemon_blk(image, sock_path):
-        info = probe_json(sock_path, "--device", "net")
+        out = run_probe(sock_path, "--device", "net", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
     assert info["device"] == "net"
     assert len(bytes.fromhex(info["config"])) == 12
     assert "config_decoded" in info
+    assert out.stderr.startswith("warning: --device net contradicts the evidence: ")
+    assert "its feature bits say it is blk" in out.stderr
+    assert "bit(s) 6 (BLK_SIZE) are blk's alone" in out.stderr
+
+
+def test_probe_unknown_device_asks_for_device(tmp_sock_dir: Path) -> None:
+    """Our ``serve rng`` offers no device feature bits: nothing proves a type, so the
+    probe says so instead of guessing; --socket works like the argument."""
+    sock_path = tmp_sock_dir / "rng.sock"
+    argv = [sys.executable, "-m", "vhost", "serve", "rng", "--socket", str(sock_path)]
+    with peers.spawn_peer("serve-rng", argv, sock_path):
+        out = run_probe("--socket", sock_path)
+        info = probe_json(sock_path)
+    assert out.returncode == 0, out.stderr
+    assert "device:            unknown; pass --device blk|fs|net|vsock\n" in out.stdout
+    assert "no device-specific feature bits are offered" in out.stdout
+    assert info["device"] is None and "config_decoded" not in info
 
 
 def test_probe_virtiofsd(tmp_sock_dir: Path) -> None:
@@ -142,7 +162,10 @@ def test_probe_virtiofsd(tmp_sock_dir: Path) -> None:
 
 
 def test_probe_missing_socket_fails(tmp_sock_dir: Path) -> None:
-    out = run_probe(tmp_sock_dir / "nobody.sock")
-    assert out.returncode != 0
-    assert "error" in out.stderr.lower()
+    sock = tmp_sock_dir / "nobody.sock"
+    out = run_probe(sock)
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"error: connect to {sock}: No such file or directory (is the back-end running?)\n"
+    )
     assert out.stdout == ""

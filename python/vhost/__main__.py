@@ -1,4 +1,4 @@
-"""``python -m vhost``: see :mod:`vhost.cli`."""
+"""``python -m vhost`` and the ``pyvhost`` script: see :mod:`vhost.cli`."""
 
 from __future__ import annotations
 

@@ -460,6 +460,7 @@ class BlkLoad:
         packed: bool = False,
         event_idx: bool = False,
         segment_size: int = 32768,
+        socket: _Fd | None = None,
     ) -> Self: ...
     def run(
         self,

@@ -15,8 +15,17 @@ with generation ``G`` (``--generation``, default 1; ``--no-fill`` skips this whe
 earlier run left it there), then the timed job runs, its reads checked against ``G`` and
 its writes carrying ``G + 1``; finally the whole region is read back and each sector must
 hold ``G + 1`` if the job wrote it and ``G`` otherwise. A mismatch exits with status 3,
-a request the device failed with status 2, bad arguments or an unreachable back-end with 1,
-Ctrl-C (checked every 100 ms by the native loop) with 130.
+a request the device failed (or a write to a read-only device) with status 2, bad
+arguments or an unreachable back-end with 1, Ctrl-C (checked every 100 ms by the native
+loop) with 130. A back-end that exits or closes the connection ends the run at once
+(status 2), not after ``--timeout``.
+
+The ring is fitted to the back-end: without ``--queue-size`` the smallest power of two
+that holds ``--iodepth`` requests is asked for, and when the back-end refuses it
+(``SET_VRING_NUM``) ever smaller rings are tried; the report says which sizes were
+refused (``queue_size_refused``), and a default ``--iodepth`` is lowered to what the
+ring holds (``iodepth_requested`` keeps the one asked for). A ``--queue-size`` the
+back-end refuses is an error naming it.
 """
 
 from __future__ import annotations
@@ -27,28 +36,37 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidParamError
-from .blk import size_arg
+from .blk import RingRefusedError, open_driver, size_arg
+from .common import (
+    EXIT_BAD_DATA,
+    EXIT_FAILED,
+    CliError,
+    int_range,
+    non_negative_float,
+    plain,
+    positive_int,
+    seconds_arg,
+    socket_args,
+    step,
+)
 
 if TYPE_CHECKING:
     from ..devices.blk import BlkDriver
 
 SECTOR_SIZE = 512
 RW_MODES = ("read", "write", "randread", "randwrite")
-MAX_QUEUE_SIZE = 1024
-"""Largest ring chosen automatically (libvhost-user, hence qemu-storage-daemon, accepts
-at most 1024 entries); ``--queue-size`` may ask for more."""
+MAX_QUEUE_SIZE = 32768
+"""Largest ring of virtio (and of ``--queue-size``); a back-end that takes fewer entries
+refuses ``SET_VRING_NUM`` and a smaller ring is tried."""
+MIN_QUEUE_SIZE = 128
+DEFAULT_IODEPTH = 32
 DEFAULT_SEGMENT = 32 * 1024
 VERIFY_WINDOW = 128 * 1024
 """With ``--verify``, slots get windows of at least this much so that the fill and
 read-back passes use large requests."""
 
-EXIT_IO_ERROR = 2
-EXIT_BAD_DATA = 3
-EXIT_INTERRUPTED = 130
 
 _MASK = (1 << 64) - 1
 
@@ -69,115 +87,174 @@ def pattern(offset: int, length: int, generation: int) -> bytes:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="load generators (bench blk)")
-    bench = p.add_subparsers(dest="bench_command", required=True)
+    p = sub.add_parser(
+        "bench",
+        help="load generators (bench blk)",
+        description="Load generators for vhost-user back-ends.",
+    )
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     blk = bench.add_parser(
         "blk",
         help="IOPS, bandwidth and latency of a vhost-user-blk back-end (--verify checks data)",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    blk.add_argument("--socket", required=True, help="the back-end's vhost-user socket")
+    socket_args(blk)
     blk.add_argument("--rw", choices=RW_MODES, default="randread")
     blk.add_argument("--bs", type=size_arg, default=4096, help="request size (default 4k)")
-    blk.add_argument("--iodepth", type=int, default=32, help="requests in flight")
-    blk.add_argument("--seconds", type=float, default=5.0, help="run time (default 5)")
-    blk.add_argument("--ios", type=int, help="stop after this many requests instead")
+    blk.add_argument(
+        "--iodepth",
+        type=int_range(1, 0xFFFF),
+        help=f"requests in flight (default {DEFAULT_IODEPTH}, lowered to what the ring holds)",
+    )
+    blk.add_argument("--seconds", type=seconds_arg, default=5.0, help="run time (default 5)")
+    blk.add_argument("--ios", type=positive_int, help="stop after this many requests instead")
     blk.add_argument("--offset", type=size_arg, default=0, help="start of the region")
     blk.add_argument("--size", type=size_arg, help="region size (default: to the disk's end)")
     blk.add_argument("--json", action="store_true", help="print one JSON object")
     blk.add_argument("--verify", action="store_true", help="check the data (see above)")
-    blk.add_argument("--generation", type=int, default=1, help="pattern generation (--verify)")
+    blk.add_argument(
+        "--generation",
+        type=int_range(0, 0xFFFFFFFE),
+        default=1,
+        help="pattern generation (--verify)",
+    )
     blk.add_argument(
         "--no-fill", action="store_true", help="--verify: the region already holds --generation"
     )
-    blk.add_argument("--seed", type=int, default=1, help="seed of the random offsets")
+    blk.add_argument(
+        "--seed", type=int_range(0, (1 << 64) - 1), default=1, help="seed of the random offsets"
+    )
     blk.add_argument(
         "--busy-poll",
-        type=float,
+        type=busy_poll_arg,
         default=0.0,
         metavar="USEC",
-        help="spin on the used ring this long before sleeping on the call eventfd",
+        help="spin on the used ring this long (0..1000000 us) before sleeping on the call eventfd",
     )
     blk.add_argument("--engine", choices=("native", "python"), default="native")
-    blk.add_argument("--queue-size", type=int, help="ring size (default: fits --iodepth)")
+    blk.add_argument(
+        "--queue-size",
+        type=int_range(2, MAX_QUEUE_SIZE),
+        help="ring size (default: fits --iodepth and the back-end)",
+    )
     blk.add_argument("--packed", action="store_true", help="use a packed virtqueue")
     blk.add_argument("--no-event-idx", action="store_true", help="do not ack EVENT_IDX")
-    blk.add_argument("--timeout", type=float, default=10.0, help="seconds without progress")
+    blk.add_argument(
+        "--timeout", type=seconds_arg, default=10.0, help="seconds without progress (default 10)"
+    )
     blk.set_defaults(run=run_blk)
 
 
+def busy_poll_arg(text: str) -> float:
+    """``--busy-poll``: microseconds, 0..1000000."""
+    value = non_negative_float(text)
+    if value > 1e6:
+        raise argparse.ArgumentTypeError(f"must be 0..1000000 us: {text!r}")
+    return value
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    """Refuses what cannot run, before connecting."""
+    """Refuses what cannot run, before connecting (single values are checked by argparse)."""
     if args.bs <= 0 or args.bs % SECTOR_SIZE:
-        raise InvalidParamError(f"--bs must be a positive multiple of {SECTOR_SIZE}: {args.bs}")
+        raise CliError(f"--bs must be a positive multiple of {SECTOR_SIZE}: {args.bs}")
     if args.offset % SECTOR_SIZE:
-        raise InvalidParamError(f"--offset must be a multiple of {SECTOR_SIZE}: {args.offset}")
+        raise CliError(f"--offset must be a multiple of {SECTOR_SIZE}: {args.offset}")
     if args.size is not None and (args.size <= 0 or args.size % args.bs):
-        raise InvalidParamError(f"--size must be a positive multiple of --bs: {args.size}")
-    if not 1 <= args.iodepth <= 0xFFFF:
-        raise InvalidParamError(f"--iodepth must be in 1..65535: {args.iodepth}")
-    if not args.seconds > 0:
-        raise InvalidParamError(f"--seconds must be positive: {args.seconds}")
-    if args.ios is not None and args.ios <= 0:
-        raise InvalidParamError(f"--ios must be positive: {args.ios}")
-    if not 0 <= args.generation < 0xFFFFFFFF:
-        raise InvalidParamError(f"--generation must be in 0..4294967294: {args.generation}")
-    if not 0 <= args.busy_poll <= 1e6:
-        raise InvalidParamError(f"--busy-poll must be 0..1000000 us: {args.busy_poll}")
-    if not args.timeout > 0:
-        raise InvalidParamError(f"--timeout must be positive: {args.timeout}")
+        raise CliError(f"--size must be a positive multiple of --bs: {args.size}")
     if args.engine == "python" and (args.verify or args.busy_poll):
-        raise InvalidParamError("--verify and --busy-poll need the native engine")
-    if not Path(args.socket).is_socket():
-        raise InvalidParamError(f"no vhost-user socket at {args.socket}")
+        raise CliError("--verify and --busy-poll need the native engine")
 
 
-def _queue_size(args: argparse.Namespace) -> int:
+def _per_request(bs: int, segment: int = DEFAULT_SEGMENT) -> int:
+    """Descriptors one request of ``bs`` bytes takes: header, data segments, status."""
+    return 2 + -(-bs // segment)
+
+
+def ring_sizes(args: argparse.Namespace) -> list[int]:
+    """The ring sizes to try, largest first: ``--queue-size`` alone, or the smallest
+    power of two holding ``--iodepth`` requests and then, for a back-end that refuses it,
+    ever smaller ones down to a ring that holds one request."""
     if args.queue_size is not None:
-        return int(args.queue_size)
-    per_request = 2 + -(-args.bs // DEFAULT_SEGMENT)
-    need = args.iodepth * per_request
+        return [int(args.queue_size)]
+    per_request = _per_request(args.bs)
+    iodepth = args.iodepth if args.iodepth is not None else DEFAULT_IODEPTH
+    need = iodepth * per_request
     if need > MAX_QUEUE_SIZE:
-        raise InvalidParamError(
-            f"--iodepth {args.iodepth} of {args.bs}-byte requests needs {need} descriptors "
-            f"({per_request} each), more than the largest ring chosen automatically "
-            f"({MAX_QUEUE_SIZE}); lower --iodepth or give --queue-size"
-        )
-    size = 128
+        if args.iodepth is None:
+            need = MAX_QUEUE_SIZE
+        else:
+            raise CliError(
+                f"--iodepth {iodepth} of {args.bs}-byte requests needs {need} descriptors "
+                f"({per_request} each), more than the largest ring ({MAX_QUEUE_SIZE}); "
+                "lower --iodepth"
+            )
+    size = MIN_QUEUE_SIZE
     while size < need:
         size *= 2
-    return size
+    sizes = [size]
+    while sizes[-1] // 2 >= max(per_request, 2):
+        sizes.append(sizes[-1] // 2)
+    return sizes
 
 
-def _connect(args: argparse.Namespace) -> BlkDriver:
-    # Imported here: `probe` and `demo` do not need the driver.
-    from ..devices.blk import BlkDriver  # noqa: PLC0415
-
+def _connect(args: argparse.Namespace) -> tuple[BlkDriver, list[int]]:
+    """The driver on a ring the back-end accepted, and the sizes it refused first."""
     window = max(args.bs, VERIFY_WINDOW) if args.verify else args.bs
-    return BlkDriver.connect(
-        args.socket,
-        queue_size=_queue_size(args),
-        packed=args.packed,
-        event_idx=not args.no_event_idx,
-        timeout=args.timeout,
-        slots=args.iodepth,
-        max_request=window,
-        segment_size=DEFAULT_SEGMENT,
-    )
+    slots = args.iodepth if args.iodepth is not None else DEFAULT_IODEPTH
+    try:
+        return open_driver(
+            args.socket,
+            args.timeout,
+            ring_sizes(args),
+            packed=args.packed,
+            event_idx=not args.no_event_idx,
+            slots=slots,
+            max_request=window,
+            segment_size=DEFAULT_SEGMENT,
+        )
+    except RingRefusedError as exc:
+        if args.queue_size is not None:
+            exc.hint = "try a smaller --queue-size"
+        raise
+
+
+def _fit_iodepth(args: argparse.Namespace, disk: BlkDriver, refused: list[int]) -> int:
+    """The iodepth to run: ``--iodepth``, or the default lowered to what the ring holds."""
+    per_request = _per_request(args.bs, disk.segment_size)
+    fits = min(disk.queue_size // per_request, disk.slots)
+    if args.iodepth is not None:
+        if args.iodepth > fits and refused:
+            raise CliError(
+                f"--iodepth {args.iodepth} of {args.bs}-byte requests does not fit: they take "
+                f"{per_request} descriptors each, and the back-end refused rings of "
+                f"{', '.join(map(str, refused))} entries and took {disk.queue_size}",
+                EXIT_FAILED,
+                f"use --iodepth {fits} or less",
+            )
+        return int(args.iodepth)
+    iodepth = min(DEFAULT_IODEPTH, fits)
+    if iodepth < DEFAULT_IODEPTH or refused:
+        why = f"the back-end refused {', '.join(map(str, refused))} entries; " if refused else ""
+        print(
+            f"note: ring of {disk.queue_size} entries ({why}{per_request} per request): "
+            f"iodepth {iodepth}",
+            file=sys.stderr,
+        )
+    return iodepth
 
 
 def _region(args: argparse.Namespace, disk_size: int) -> tuple[int, int]:
     if args.offset >= disk_size:
-        raise InvalidParamError(f"--offset {args.offset} is beyond the disk ({disk_size} bytes)")
+        raise CliError(f"--offset {args.offset} is beyond the disk ({disk_size} bytes)")
     if args.size is None:
         size = (disk_size - args.offset) // args.bs * args.bs
         if size == 0:
-            raise InvalidParamError(f"no whole {args.bs}-byte block after --offset {args.offset}")
+            raise CliError(f"no whole {args.bs}-byte block after --offset {args.offset}")
     else:
         size = args.size
         if args.offset + size > disk_size:
-            raise InvalidParamError(
+            raise CliError(
                 f"region {args.offset}+{size} runs past the disk's end ({disk_size} bytes)"
             )
     return args.offset, size
@@ -185,7 +262,7 @@ def _region(args: argparse.Namespace, disk_size: int) -> tuple[int, int]:
 
 def run_native(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int) -> dict[str, Any]:
     if args.bs > disk.max_request:
-        raise InvalidParamError(
+        raise CliError(
             f"--bs {args.bs} exceeds the largest request the device takes ({disk.max_request})"
         )
     load = disk.native_load()
@@ -279,28 +356,31 @@ def run_python(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
 
 def run_blk(args: argparse.Namespace) -> int:
     _check_args(args)
-    try:
-        return _run_blk(args)
-    except KeyboardInterrupt:
-        # The native loop checks for signals every 100 ms and stops (requests in flight
-        # are abandoned with the connection).
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def _run_blk(args: argparse.Namespace) -> int:
-    with _connect(args) as disk:
+    # Ctrl-C: the native loop checks for signals every 100 ms and stops (requests in
+    # flight are abandoned with the connection); main() reports it (status 130).
+    disk, refused = _connect(args)
+    with disk:
+        iodepth = _fit_iodepth(args, disk, refused)
         offset, size = _region(args, disk.size)
         if args.rw in ("write", "randwrite") and disk.read_only:
-            raise InvalidParamError("the device is read-only (VIRTIO_BLK_F_RO): no writes")
+            raise CliError(
+                "device status VIRTIO_BLK_S_IOERR (refused locally: nothing was sent): "
+                "the device is read-only (VIRTIO_BLK_F_RO)",
+                EXIT_FAILED,
+            )
+        requested = args.iodepth
+        args.iodepth = iodepth
         runner = run_native if args.engine == "native" else run_python
-        result = runner(args, disk, offset, size)
+        with step("run the load on", args.socket):
+            result = runner(args, disk, offset, size)
         result.update(
             engine=args.engine,
             offset=offset,
             size=size,
             disk_size=disk.size,
             queue_size=disk.queue_size,
+            queue_size_refused=refused,
+            iodepth_requested=DEFAULT_IODEPTH if requested is None else requested,
             packed=disk.packed,
             event_idx=disk.event_idx,
             busy_poll_us=args.busy_poll,
@@ -329,19 +409,24 @@ def _exit_status(result: dict[str, Any]) -> int:
             f"error: the device failed {errors} request(s); first: {result['first_io_error']}",
             file=sys.stderr,
         )
-        return EXIT_IO_ERROR
+        return EXIT_FAILED
     return 0
 
 
 def _human(r: dict[str, Any]) -> str:
     ios = max(int(r["ios"]), 1)
+    refused = (
+        f" (refused: {', '.join(map(str, r['queue_size_refused']))})"
+        if r.get("queue_size_refused")
+        else ""
+    )
     lines = [
         f"{r['rw']} bs={r['bs']} iodepth={r['iodepth']} engine={r['engine']}: "
         f"{r['iops']:.0f} IOPS, {r['bandwidth_bytes_per_s'] / (1 << 20):.1f} MiB/s "
         f"({r['ios']} I/Os in {r['seconds']:.2f} s)",
         f"driver CPU {r['driver_cpu_seconds'] * 1e6 / ios:.2f} us/IO, "
         f"kicks/IO {r['kicks'] / ios:.3f}, call wake-ups/IO {r['wakeups'] / ios:.3f}; "
-        f"queue size {r['queue_size']}, {'packed' if r['packed'] else 'split'}, "
+        f"queue size {r['queue_size']}{refused}, {'packed' if r['packed'] else 'split'}, "
         f"event_idx={r['event_idx']}, CPUs {','.join(map(str, r['cpus']))}",
     ]
     lat = r["latency_ns"]

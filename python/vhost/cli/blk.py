@@ -1,24 +1,36 @@
 """``blk {read,write,info}``: act as a virtio-blk driver on any vhost-user-blk back-end.
 
 - ``blk info --socket S``: capacity, block size, features, read-only, device id;
-- ``blk read --socket S --offset N --length N [--output FILE]``: hexdump, or raw to FILE;
-- ``blk write --socket S --offset N (--input FILE | --pattern BYTE) [--length N]``.
+- ``blk read --socket S --offset N --length N [--output FILE]``: hexdump, or the raw
+  bytes to FILE (``-``: standard output);
+- ``blk write --socket S --offset N (--input FILE | --pattern BYTE) [--length N]``
+  (``--input -`` reads standard input).
 
-Offsets and lengths are bytes (multiples of 512; ``k``/``m``/``g`` suffixes accepted). A
-request the device fails is reported with its virtio-blk status name (``IOERR``,
-``UNSUPP``) and exit status 2.
+Offsets and lengths are bytes (multiples of 512; ``k``/``m``/``g`` suffixes accepted);
+I/O past the end of the disk is refused before it is sent (exit status 1). A request the
+device fails is reported with its virtio-blk status name (``IOERR``, ``UNSUPP``) and exit
+status 2, as is a write to a read-only device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidParamError
 from ..virtio import BlkFeature, VirtioFeature
+from .common import (
+    EXIT_FAILED,
+    CliError,
+    OutputFile,
+    connecting,
+    plain,
+    read_input,
+    seconds_arg,
+    socket_args,
+    step,
+)
 from .probe import _flag_names
 
 if TYPE_CHECKING:
@@ -57,31 +69,52 @@ def byte_arg(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("blk", help=__doc__.splitlines()[0] if __doc__ else None)
-    blk = p.add_subparsers(dest="blk_command", required=True)
+    p = sub.add_parser(
+        "blk",
+        help="be the virtio-blk driver of any vhost-user-blk back-end: info, read, write",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    blk = p.add_subparsers(dest="blk_command", required=True, metavar="COMMAND")
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--socket", required=True, help="the back-end's vhost-user socket")
-        q.add_argument("--timeout", type=float, default=10.0, help="seconds per reply")
+        socket_args(q)
+        q.add_argument(
+            "--timeout", type=seconds_arg, default=10.0, help="seconds per reply (default 10)"
+        )
         q.add_argument("--packed", action="store_true", help="use a packed virtqueue")
 
-    info = blk.add_parser("info", help="capacity, block size, features, read-only, id")
+    info = blk.add_parser(
+        "info",
+        help="capacity, block size, features, read-only, id",
+        description="Print the disk's capacity, block size, features, read-only flag and id.",
+    )
     common(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=run_info)
 
-    read = blk.add_parser("read", help="read bytes: hexdump, or raw to --output")
+    read = blk.add_parser(
+        "read",
+        help="read bytes: hexdump, or raw to --output",
+        description="Read --length bytes at --offset: a hexdump, or the raw bytes to --output.",
+    )
     common(read)
-    read.add_argument("--offset", type=size_arg, required=True)
-    read.add_argument("--length", type=size_arg, required=True)
-    read.add_argument("--output", type=Path, help="write the bytes to this file")
+    read.add_argument("--offset", type=size_arg, required=True, help="bytes (512 multiple)")
+    read.add_argument("--length", type=size_arg, required=True, help="bytes (512 multiple)")
+    read.add_argument(
+        "--output", metavar="FILE", help="write the raw bytes to FILE ('-' for stdout)"
+    )
     read.set_defaults(run=run_read)
 
-    write = blk.add_parser("write", help="write a file's bytes or a repeated byte")
+    write = blk.add_parser(
+        "write",
+        help="write a file's bytes or a repeated byte",
+        description="Write a file's bytes (--input) or a repeated byte (--pattern) at --offset.",
+    )
     common(write)
-    write.add_argument("--offset", type=size_arg, required=True)
+    write.add_argument("--offset", type=size_arg, required=True, help="bytes (512 multiple)")
     src = write.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", type=Path, help="the bytes to write ('-' for stdin)")
+    src.add_argument("--input", metavar="FILE", help="the bytes to write ('-' for stdin)")
     src.add_argument("--pattern", type=byte_arg, help="a byte value to repeat")
     write.add_argument(
         "--length",
@@ -92,17 +125,63 @@ def add_parser(sub: Any) -> None:
     write.set_defaults(run=run_write)
 
 
-def _connect(args: argparse.Namespace) -> BlkDriver:
+BLK_QUEUE_SIZES = [128, 64, 32, 16, 8]
+"""Ring sizes ``blk`` asks for, in turn, until the back-end accepts one."""
+
+
+class RingRefusedError(CliError):
+    """The back-end refused every ring size tried (``SET_VRING_NUM``)."""
+
+
+def _ring_refused(exc: CliError) -> bool:
+    from ..errors import RequestRefusedError  # noqa: PLC0415
+
+    cause = exc.__cause__
+    return isinstance(cause, RequestRefusedError) and cause.request == "SET_VRING_NUM"
+
+
+def open_driver(
+    socket: str, timeout: float, queue_sizes: list[int], **options: Any
+) -> tuple[BlkDriver, list[int]]:
+    """Connects to the back-end at ``socket`` and sets up its queue 0 with the first of
+    ``queue_sizes`` it accepts (a back-end refuses a ring too big for it in
+    ``SET_VRING_NUM``); returns the driver and the sizes refused first. Each step's
+    failure is a :class:`CliError` naming it (connecting: exit status 1, with a hint;
+    setting up the device: 2)."""
     # Imported here: the driver needs the native virtqueues, `probe` and `demo` do not.
     from ..devices.blk import BlkDriver  # noqa: PLC0415
+    from ..user import Frontend  # noqa: PLC0415
 
-    return BlkDriver.connect(args.socket, timeout=args.timeout, packed=args.packed)
+    refused: list[int] = []
+    for size in queue_sizes:
+        with connecting(socket):
+            fe = Frontend.connect(socket, timeout=timeout)
+        try:
+            with step("set up a virtio-blk queue on", socket):
+                return BlkDriver(fe, timeout=timeout, queue_size=size, **options), refused
+        except CliError as exc:
+            fe.close()
+            if not _ring_refused(exc):
+                raise
+            refused.append(size)
+        except BaseException:
+            fe.close()
+            raise
+    raise RingRefusedError(
+        f"set up a virtio-blk queue on {socket}: SET_VRING_NUM refused, the back-end takes "
+        f"no ring of {', '.join(map(str, refused))} entries",
+        EXIT_FAILED,
+    )
 
 
-def _device_error(exc: BlkIOError) -> int:
-    where = " (refused locally)" if exc.local else ""
-    print(f"error: device status VIRTIO_BLK_S_{exc.status_name}{where}: {exc}", file=sys.stderr)
-    return 2
+def _connect(args: argparse.Namespace) -> BlkDriver:
+    disk, _ = open_driver(args.socket, args.timeout, BLK_QUEUE_SIZES, packed=args.packed)
+    return disk
+
+
+def _device_error(exc: BlkIOError) -> CliError:
+    where = " (refused locally: nothing was sent)" if exc.local else ""
+    return CliError(f"device status VIRTIO_BLK_S_{exc.status_name}{where}: {exc}", EXIT_FAILED)
 
 
 def hexdump(data: bytes, base: int = 0) -> str:
@@ -130,7 +209,7 @@ def hexdump(data: bytes, base: int = 0) -> str:
 def run_info(args: argparse.Namespace) -> int:
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
-    with _connect(args) as disk:
+    with _connect(args) as disk, step("query", args.socket):
         try:
             ident = disk.get_id()
         except BlkIOError as exc:
@@ -172,16 +251,20 @@ def run_read(args: argparse.Namespace) -> int:
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
     _check(args.offset, args.length)
-    with _connect(args) as disk:
-        try:
-            data = disk.read(args.offset, args.length)
-        except BlkIOError as exc:
-            return _device_error(exc)
-    if args.output is not None:
-        args.output.write_bytes(data)
+    # The output is opened before the read is sent: a missing directory is an error
+    # before any I/O, not after.
+    with OutputFile(args.output) if args.output is not None else nullcontext() as out:
+        with _connect(args) as disk, step("read from", args.socket):
+            try:
+                data = disk.read(args.offset, args.length)
+            except BlkIOError as exc:
+                raise _device_error(exc) from exc
+        if out is None:
+            print(hexdump(data, args.offset))
+            return 0
+        out.write(data)
+    if args.output != "-":
         print(f"read {len(data)} bytes at offset {args.offset} into {args.output}")
-    else:
-        print(hexdump(data, args.offset))
     return 0
 
 
@@ -192,24 +275,28 @@ def run_write(args: argparse.Namespace) -> int:
         length = SECTOR_SIZE if args.length is None else args.length
         data = bytes([args.pattern]) * length
     else:
-        raw = sys.stdin.buffer.read() if str(args.input) == "-" else args.input.read_bytes()
+        raw = read_input(args.input)
         data = raw if args.length is None else raw[: args.length]
         if args.length is not None and len(data) < args.length:
-            raise InvalidParamError(f"{args.input} holds only {len(raw)} bytes")
+            raise CliError(
+                f"read {args.input}: holds only {len(raw)} bytes, --length asks for {args.length}"
+            )
+        if not data:
+            raise CliError(f"read {args.input}: empty, nothing to write")
     _check(args.offset, len(data))
-    with _connect(args) as disk:
+    with _connect(args) as disk, step("write to", args.socket):
         try:
             disk.write(args.offset, data)
             if args.flush:
                 disk.flush()
         except BlkIOError as exc:
-            return _device_error(exc)
+            raise _device_error(exc) from exc
     print(f"wrote {len(data)} bytes at offset {args.offset}")
     return 0
 
 
 def _check(offset: int, length: int) -> None:
     """Refuses unaligned I/O before connecting."""
-    for what, value in (("offset", offset), ("length", length)):
+    for what, value in (("--offset", offset), ("--length", length)):
         if value % SECTOR_SIZE:
-            raise InvalidParamError(f"{what} must be a multiple of {SECTOR_SIZE}: {value}")
+            raise CliError(f"{what} must be a multiple of {SECTOR_SIZE}: {value}")

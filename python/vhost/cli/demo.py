@@ -28,6 +28,7 @@ from ..daemon import BlkDevice, Daemon
 from ..devices.blk import BlkDriver
 from ..user import BackendHandler, BackendListener, Frontend, GuestMemory, regions_of
 from ..virtio import DeviceQueue, VirtioFeature, Virtqueue, place_rings, setup_queue
+from .common import plain
 
 RAM_SIZE = 1 << 20
 QUEUE_SIZE = 256
@@ -108,8 +109,7 @@ class UpperCaseDevice(BackendHandler):
             for chain in queue.pop_batch():
                 text = queue.read_chain(chain)
                 self.log.append(
-                    f"back-end popped chain {chain.head} ({len(chain)} segments), "
-                    f"read {text!r}"
+                    f"back-end popped chain {chain.head} ({len(chain)} segments), read {text!r}"
                 )
                 used.append((chain.head, queue.write_chain(chain, text.upper())))
             queue.add_used_batch(used)
@@ -118,7 +118,12 @@ class UpperCaseDevice(BackendHandler):
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help=__doc__.splitlines()[0] if __doc__ else None)
+    p = sub.add_parser(
+        "demo",
+        help="move real data through a virtqueue between a back-end and a front-end of ours",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--message",
         action="append",
@@ -175,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"shared {RAM_SIZE} bytes of memfd-backed guest RAM by fd")
             desc, avail, used = place_rings(RING_GPA, QUEUE_SIZE)
             vq = Virtqueue(
-                ram, QUEUE_SIZE, desc, avail, used,
+                ram,
+                QUEUE_SIZE,
+                desc,
+                avail,
+                used,
                 event_idx=bool(features & VirtioFeature.RING_EVENT_IDX),
             )
             kick, call = _core.EventFd(), _core.EventFd()
@@ -199,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 if not done:
                     print("error: the back-end never completed the chain")
                     return 1
-                (got_head, length), = done
+                ((got_head, length),) = done
                 reply = ram.read(REPLY_GPA, length)
                 print(f"front-end got chain {got_head} back, {length} bytes: {reply.decode()!r}")
                 ok = ok and got_head == head and reply == data.upper()

@@ -20,13 +20,22 @@ one publish and (at most) one kick, and :meth:`BlkDriver.wait` collects completi
 sleeping on the call eventfd (with EVENT_IDX, the device only signals when asked to).
 
 Offsets and lengths are bytes and must be multiples of 512 (the virtio-blk sector), or
-:class:`~vhost.errors.InvalidParamError` is raised before anything is sent.
+:class:`~vhost.errors.InvalidParamError` is raised before anything is sent; so is I/O of
+the one-call methods (:meth:`BlkDriver.read`, ``write``, ``discard``, ``write_zeroes``)
+that runs past the end of the disk, whose capacity the driver read at connect
+(:meth:`BlkDriver.submit` sends what it is given, so a device's own checks can be tested).
+
+While it waits for completions the driver also watches the vhost-user socket: a back-end
+that exits or closes the connection fails the wait at once with
+:class:`~vhost.errors.DisconnectedError` instead of after the timeout.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import os
+import select
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +47,7 @@ from .. import _core
 from ..codes import ProtocolFeature
 from ..errors import (
     ClosedError,
+    DisconnectedError,
     InvalidParamError,
     NotSupportedError,
     VhostError,
@@ -83,6 +93,7 @@ _WRITE_ZEROES_F_UNMAP = 1
 _RING_BASE = 0
 _META_STRIDE = 32  # 16-byte header, status byte at 16, padding
 _PAGE = 4096
+_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class BlkRequestType(enum.IntEnum):
@@ -350,6 +361,12 @@ class BlkDriver:
         self.kicks = 0
         self.wakeups = 0
         self._handed_off = False
+        # Completions wake us through the call eventfd; a hang-up of the socket means the
+        # back-end is gone and nothing will ever complete.
+        self._waiter = select.poll()
+        self._waiter.register(self.call.fileno(), select.POLLIN)
+        self._socket_fd = frontend.fileno()
+        self._waiter.register(self._socket_fd, select.POLLRDHUP)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -606,9 +623,24 @@ class BlkDriver:
                     f"the device completed none of {len(self._inflight)} request(s) in flight "
                     f"within {timeout} s"
                 )
-            if self.call.wait(remaining):
+            if self._sleep(remaining):
                 self.wakeups += 1
                 self.call.try_read()
+
+    def _sleep(self, timeout: float | None) -> bool:
+        """Sleeps on the call eventfd for up to ``timeout`` seconds (``None``: for ever);
+        true when it was signalled. Signal handlers run meanwhile (Ctrl-C raises
+        ``KeyboardInterrupt`` at once). A hang-up of the vhost-user socket raises
+        :class:`~vhost.errors.DisconnectedError`."""
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        events = self._waiter.poll(ms)
+        for fd, mask in events:
+            if fd == self._socket_fd and mask & _HANGUP:
+                raise DisconnectedError(
+                    f"the back-end closed the connection ({len(self._inflight)} request(s) "
+                    "in flight)"
+                )
+        return bool(events)
 
     def wait(
         self, timeout: float | None = -1.0, *, min_completions: int = 1
@@ -678,6 +710,7 @@ class BlkDriver:
             packed=self.packed,
             event_idx=self.event_idx,
             segment_size=self._segment_size,
+            socket=self._fe,
         )
         self._handed_off = True
         return load
@@ -688,13 +721,18 @@ class BlkDriver:
         step = self._max_request
         return [(offset + o, min(step, length - o)) for o in range(0, length, step)]
 
-    def _check_range(self, offset: int, length: int) -> None:
+    def _check_range(self, offset: int, length: int, what: str = "I/O") -> None:
         _check_sector_multiple("offset", offset)
         _check_sector_multiple("length", length)
+        if offset + length > self.size:
+            raise InvalidParamError(
+                f"{what} of {length} bytes at offset {offset} runs past the end of the disk "
+                f"({self.size} bytes, {self.capacity} sectors): not sent"
+            )
 
     def read(self, offset: int, length: int) -> bytes:
         """Reads ``length`` bytes at byte ``offset`` (both multiples of 512)."""
-        self._check_range(offset, length)
+        self._check_range(offset, length, "a read")
         if length == 0:
             return b""
         out = bytearray()
@@ -707,7 +745,8 @@ class BlkDriver:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Writes ``data`` at byte ``offset`` (both multiples of 512)."""
         view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
+        _check_sector_multiple("offset", offset)
+        _check_sector_multiple("length", len(view))
         if self.read_only:
             raise BlkIOError(
                 BlkStatus.IOERR,
@@ -715,6 +754,7 @@ class BlkDriver:
                 "the device is read-only (VIRTIO_BLK_F_RO): the write was not sent",
                 local=True,
             )
+        self._check_range(offset, len(view), "a write")
         if not len(view):
             return
         chunks = self._chunks(offset, len(view))
@@ -733,13 +773,13 @@ class BlkDriver:
 
     def discard(self, offset: int, length: int) -> None:
         """``VIRTIO_BLK_T_DISCARD`` of ``length`` bytes at ``offset`` (needs DISCARD)."""
-        self._check_range(offset, length)
+        self._check_range(offset, length, "a discard")
         self._run([BlkRequest(BlkRequestType.DISCARD, offset, length)])
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """``VIRTIO_BLK_T_WRITE_ZEROES`` (needs WRITE_ZEROES); ``unmap`` lets the device
         deallocate the range."""
-        self._check_range(offset, length)
+        self._check_range(offset, length, "write-zeroes")
         self._run([BlkRequest(BlkRequestType.WRITE_ZEROES, offset, length, unmap=unmap)])
 
     # -- lifetime -------------------------------------------------------------------------

@@ -17,6 +17,20 @@ use crate::errors::{invalid_param, io_error, memory_error, vring_error, IntoPyRe
 use crate::fd::dup_of;
 use crate::memory::PyGuestMemory;
 
+/// An exception of `vhost.errors` by class name (the classes belong to Python).
+fn vhost_error(class: &str, msg: String) -> PyErr {
+    Python::attach(|py| {
+        match py
+            .import("vhost.errors")
+            .and_then(|m| m.getattr(class))
+            .and_then(|c| c.call1((msg,)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(err) => err,
+        }
+    })
+}
+
 fn load_error(err: LoadError) -> PyErr {
     match err {
         LoadError::InvalidParam(m) => invalid_param(m),
@@ -26,17 +40,8 @@ fn load_error(err: LoadError) -> PyErr {
         LoadError::Interrupted => {
             pyo3::exceptions::PyKeyboardInterrupt::new_err("the load run was interrupted")
         }
-        e @ LoadError::Timeout { .. } => Python::attach(|py| {
-            let msg = e.to_string();
-            match py
-                .import("vhost.errors")
-                .and_then(|m| m.getattr("VhostTimeoutError"))
-                .and_then(|c| c.call1((msg,)))
-            {
-                Ok(exc) => PyErr::from_value(exc),
-                Err(err) => err,
-            }
-        }),
+        e @ LoadError::Timeout { .. } => vhost_error("VhostTimeoutError", e.to_string()),
+        e @ LoadError::Disconnected { .. } => vhost_error("DisconnectedError", e.to_string()),
     }
 }
 
@@ -62,9 +67,11 @@ impl PyBlkLoad {
     /// Takes over a fresh ring at guest addresses `desc`/`avail`/`used` (zeroed here; give
     /// the device the same addresses with base 0) with the `kick`/`call` eventfds (kept as
     /// duplicates), and one request slot per `(header gpa, data gpa)` pair of `buffers`,
-    /// each data window `window` bytes.
+    /// each data window `window` bytes. `socket` (kept as a duplicate) is the front-end's
+    /// vhost-user socket: a run fails with `DisconnectedError` as soon as the back-end
+    /// closes it, instead of waiting out its timeout.
     #[new]
-    #[pyo3(signature = (memory, size, desc, avail, used, kick, call, buffers, window, *, packed = false, event_idx = false, segment_size = 32768))]
+    #[pyo3(signature = (memory, size, desc, avail, used, kick, call, buffers, window, *, packed = false, event_idx = false, segment_size = 32768, socket = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         memory: PyRef<'_, PyGuestMemory>,
@@ -79,6 +86,7 @@ impl PyBlkLoad {
         packed: bool,
         event_idx: bool,
         segment_size: u32,
+        socket: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let layout = if packed {
             RingLayout::packed(size, desc, avail, used)
@@ -92,7 +100,8 @@ impl PyBlkLoad {
             .into_iter()
             .map(|(meta, data)| Buffers { meta, data })
             .collect();
-        let load = CoreLoad::new(
+        let hangup = socket.map(dup_of).transpose()?;
+        let mut load = CoreLoad::new(
             memory.snapshot(),
             layout,
             event_idx,
@@ -103,6 +112,7 @@ impl PyBlkLoad {
             segment_size,
         )
         .map_err(load_error)?;
+        load.watch_hangup(hangup);
         Ok(PyBlkLoad {
             queue_size: load.queue_size(),
             slots: load.slots(),

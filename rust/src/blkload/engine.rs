@@ -1,6 +1,6 @@
 //! The load loop itself.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::memory::GuestMemory;
@@ -54,6 +54,9 @@ pub struct BlkLoad {
     head_slot: Vec<u32>,
     notify_on: bool,
     interrupt: Hook,
+    /// The vhost-user socket of the back-end: a hang-up there (the back-end exited or
+    /// closed the connection) ends a wait at once instead of after the run's timeout.
+    hangup: Option<OwnedFd>,
 }
 
 /// Per-slot state of the request in flight.
@@ -127,12 +130,20 @@ impl BlkLoad {
             segment_size,
             notify_on: false,
             interrupt: Hook(None),
+            hangup: None,
         })
     }
 
     /// Installs the hook a run asks, every 100 ms, whether to stop.
     pub fn set_interrupt(&mut self, hook: Option<InterruptHook>) {
         self.interrupt = Hook(hook);
+    }
+
+    /// Watches `socket` (a duplicate of the front-end's vhost-user socket) while waiting
+    /// for completions: when the back-end closes it, the run fails with
+    /// [`LoadError::Disconnected`]. Only hang-ups are looked at, never data.
+    pub fn watch_hangup(&mut self, socket: Option<OwnedFd>) {
+        self.hangup = socket;
     }
 
     fn interrupted(&mut self) -> bool {
@@ -417,7 +428,7 @@ impl BlkLoad {
                 let left = job.timeout.saturating_sub(silent_since.elapsed());
                 let slice = left.min(CHECK_EVERY);
                 let ms = i32::try_from(slice.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
-                if !poll_readable(self.call.as_fd(), ms)? {
+                if !self.sleep_on_call(ms)? {
                     if self.interrupted() {
                         return Err(LoadError::Interrupted);
                     }
@@ -437,6 +448,46 @@ impl BlkLoad {
                 return Ok(used);
             }
         }
+    }
+}
+
+impl BlkLoad {
+    /// Sleeps up to `ms` on the call eventfd; true when it became readable. With a
+    /// watched socket ([`BlkLoad::watch_hangup`]) a hang-up of the back-end ends the
+    /// sleep with [`LoadError::Disconnected`]; a signal ends it early (false), so the
+    /// caller asks its interrupt hook at once.
+    fn sleep_on_call(&self, ms: i32) -> Result<bool, LoadError> {
+        let Some(socket) = &self.hangup else {
+            return Ok(poll_readable(self.call.as_fd(), ms)?);
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: self.call.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs naming fds this load owns.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(err.into());
+        }
+        let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+        if fds[1].revents & gone != 0 {
+            return Err(LoadError::Disconnected {
+                in_flight: self.ring.in_flight(),
+            });
+        }
+        Ok(fds[0].revents != 0)
     }
 }
 

@@ -243,6 +243,10 @@ pub enum LoadError {
     Io(#[from] std::io::Error),
     #[error("the device completed none of {in_flight} request(s) in flight within {timeout:?}")]
     Timeout { in_flight: u16, timeout: Duration },
+    /// The back-end closed its vhost-user socket (it exited or dropped the connection)
+    /// while requests were in flight.
+    #[error("the back-end closed the connection ({in_flight} request(s) in flight)")]
+    Disconnected { in_flight: u16 },
     /// The interrupt hook asked to stop (requests may still be in flight: the next run
     /// refuses to start).
     #[error("the run was interrupted")]

@@ -327,3 +327,41 @@ fn the_interrupt_hook_stops_a_run_busy_or_waiting() {
     let e = load.run(&job(Rw::Read, 1)).unwrap_err();
     assert!(e.to_string().contains("still in flight"), "{e}");
 }
+
+#[test]
+fn a_back_end_that_hangs_up_ends_the_wait_at_once() {
+    use std::os::unix::net::UnixStream;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mem = GuestMemory::allocate(&[(0, 1 << 20)]).unwrap();
+    let mut load = BlkLoad::new(
+        mem,
+        RingLayout::split_at(QUEUE, 0).unwrap(),
+        true,
+        EventFd::new(false).unwrap(),
+        EventFd::new(false).unwrap(),
+        vec![Buffers {
+            meta: 0x8000,
+            data: 0x9000,
+        }],
+        4096,
+        4096,
+    )
+    .unwrap();
+    load.watch_hangup(Some(ours.into()));
+    let closer = thread::spawn(move || {
+        // Data on the socket is not a hang-up: the wait goes on.
+        use std::io::Write;
+        (&theirs).write_all(b"x").unwrap();
+        thread::sleep(Duration::from_millis(200));
+        drop(theirs);
+    });
+    let mut j = job(Rw::Read, 1);
+    j.timeout = Duration::from_secs(30);
+    let t = std::time::Instant::now();
+    let e = load.run(&j).unwrap_err();
+    closer.join().unwrap();
+    assert!(matches!(e, LoadError::Disconnected { in_flight: 1 }), "{e}");
+    assert!(e.to_string().contains("closed the connection"), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(150));
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
