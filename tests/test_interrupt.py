@@ -335,7 +335,8 @@ from vhost.errors import VhostError, VhostTimeoutError
 backend = flood_backend.RawBackend(PATH, flood=True)
 fe = Frontend.connect(PATH, timeout=5)
 ch = flood_backend.open_channel(fe)
-ch.set_timeout({timeout})
+if {timeout} is not None:
+    ch.set_timeout({timeout})
 before = fds()
 outcome = []
 class Answers(FrontendRequestHandler):
@@ -391,3 +392,43 @@ def test_a_back_end_flooding_the_channel_does_not_freeze_the_front_end(
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the front-end process froze: {e.stdout!r} {e.stderr!r}")
     assert done.returncode == 0 and done.stdout.strip() == "OK", (done.stdout, done.stderr)
+
+
+def test_ctrl_c_inside_a_handler_ends_serve(tmp_sock_dir: Path) -> None:
+    """A KeyboardInterrupt raised while a Python handler runs is not a refusal to report
+    and serve on: serve raises it (after NACKing the request) and closes the session."""
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from hostile import message  # noqa: PLC0415
+    from vhost.codes import FrontendRequest  # noqa: PLC0415
+    from vhost.user import BackendHandler, BackendListener  # noqa: PLC0415
+
+    class Interrupted(BackendHandler):
+        def get_features(self) -> int:
+            raise KeyboardInterrupt
+
+    path = tmp_sock_dir / "s.sock"
+    outcome: list[BaseException | None] = []
+    with BackendListener(path) as listener:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(os.fspath(path))
+        session = listener.accept(timeout=5)
+
+        def serve() -> None:
+            try:
+                session.serve(Interrupted())
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        client.sendall(message(FrontendRequest.GET_FEATURES))
+        t.join(5)
+        alive = t.is_alive()
+        client.close()  # ends an old-style serve that went on waiting
+        t.join(5)
+    assert not alive, "serve went on after a KeyboardInterrupt in the handler"
+    assert len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt), outcome
+    assert session.closed

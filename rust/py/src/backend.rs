@@ -25,6 +25,7 @@ use crate::memory::PyGuestMemory;
 use crate::wait;
 use std::os::fd::AsFd;
 use std::time::Duration;
+use vhost_core::sys::socket::seconds;
 use vhost_core::sys::{connect_unix, wait_fd, PathError};
 
 struct PyBackendHandler {
@@ -361,6 +362,13 @@ impl PyBackendSession {
         let handled = session.handle(incoming, h);
         wait::call(py, || session.send_reply(handled.reply))?;
         let py_error = h.state.error.take();
+        // KeyboardInterrupt or SystemExit in a handler ends serving (after the NACK went
+        // out); only an Exception is a refusal to report and serve on.
+        if let Some(pe) = py_error.as_ref() {
+            if !pe.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                return Err(pe.clone_ref(py));
+            }
+        }
         match handled.error {
             None => Ok(true),
             // NACKed: the connection is fine; tell the handler and go on.
@@ -509,7 +517,10 @@ impl PyListener {
             if !wait_fd(l.listener().as_fd(), libc::POLLIN, t)? {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no peer connected before the timeout",
+                    format!(
+                        "no peer connected within {}",
+                        seconds(t.unwrap_or_default())
+                    ),
                 ));
             }
             match l.accept(Some(Duration::ZERO)) {
@@ -522,7 +533,7 @@ impl PyListener {
             if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                 closed("Listener")
             } else if e.kind() == std::io::ErrorKind::TimedOut {
-                crate::errors::user_error(Error::Timeout)
+                path_error(PathError::new("accept on", &self.path, &e))
             } else {
                 crate::errors::io_error(e)
             }
