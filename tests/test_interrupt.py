@@ -432,3 +432,23 @@ def test_ctrl_c_inside_a_handler_ends_serve(tmp_sock_dir: Path) -> None:
     assert not alive, "serve went on after a KeyboardInterrupt in the handler"
     assert len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt), outcome
     assert session.closed
+
+
+def test_try_read_of_a_blocking_eventfd_never_blocks() -> None:
+    """Documented as non-blocking; it blocked on a blocking EventFd with a zero counter."""
+    child = """
+from vhost import EventFd
+e = EventFd()
+assert e.try_read() is None
+e.write(3)
+assert e.try_read() == 3
+assert e.try_read() is None
+print("OK")
+"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", child], check=False, capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("try_read blocked")
+    assert done.stdout.strip() == "OK", (done.stdout, done.stderr)

@@ -518,6 +518,44 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_reply_wait_poisons_the_connection() {
+        // Without a timeout the wait goes on for ever; the interrupt check ends it within
+        // a slice, and the stream is closed (a late reply would be taken for the next).
+        for request_has_body in [false, true] {
+            let (_a, b) = UnixStream::pair().unwrap();
+            let mut rx = Connection::new(b);
+            rx.set_timeout(None).unwrap();
+            let asked = std::rc::Rc::new(Cell::new(0));
+            let seen = asked.clone();
+            let err = interrupt::with_check(
+                Box::new(move || {
+                    seen.set(seen.get() + 1);
+                    seen.get() == 3
+                }),
+                || rx.recv_reply("GET_FEATURES", 8, request_has_body, |_| Ok(())),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::Interrupted),
+                "{err:?}"
+            );
+            assert_eq!(asked.get(), 3);
+            assert!(rx.is_broken());
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_does_not_wait() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        rx.set_timeout(Some(Duration::ZERO)).unwrap();
+        let err = rx
+            .recv_reply("GET_FEATURES", 8, false, |_| Ok(()))
+            .unwrap_err();
+        assert!(matches!(err, Error::ReplyTimeout { .. }), "{err:?}");
+    }
+
+    #[test]
     fn a_polled_reply_wait_is_bounded_by_the_timeout() {
         for request_has_body in [false, true] {
             let (_a, b) = UnixStream::pair().unwrap();
