@@ -26,8 +26,6 @@ pub struct PathError {
     pub path: PathBuf,
     pub errno: i32,
     pub reason: String,
-    /// Set when the interrupt check stopped the operation (the reason is then moot).
-    pub interrupted: bool,
 }
 
 impl PathError {
@@ -39,7 +37,6 @@ impl PathError {
             path: path.to_path_buf(),
             errno: errno_of(err),
             reason: reason_of(err),
-            interrupted: err.kind() == io::ErrorKind::Interrupted && err.raw_os_error().is_none(),
         }
     }
 }
@@ -51,16 +48,6 @@ impl fmt::Display for PathError {
 }
 
 impl std::error::Error for PathError {}
-
-impl From<PathError> for io::Error {
-    fn from(e: PathError) -> io::Error {
-        if e.interrupted {
-            return interrupt::interrupted();
-        }
-        let kind = io::Error::from_raw_os_error(e.errno).kind();
-        io::Error::new(kind, e.to_string())
-    }
-}
 
 /// The errno of an I/O error; for an error built from a kind (std's and ours), the errno
 /// that kind stands for, EIO when none does.
@@ -120,7 +107,6 @@ fn sockaddr_of(path: &Path, op: &'static str) -> Result<libc::sockaddr_un, PathE
                 libc::EINVAL
             },
             reason,
-            interrupted: false,
         });
     }
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
@@ -203,7 +189,6 @@ pub fn connect_unix(path: &Path, timeout: Option<Duration>) -> Result<UnixStream
                                  backlog is full (is the back-end stuck, not accepting?)",
                                 seconds(t)
                             ),
-                            interrupted: false,
                         });
                     }
                     interrupt::check().map_err(fail)?;
