@@ -77,10 +77,10 @@ pub fn slice(left: Option<Duration>) -> Option<Duration> {
     }
 }
 
-/// [`slice`] in poll(2)'s milliseconds (-1: forever), rounded up so that a remainder
-/// below a millisecond does not turn into a busy zero.
-pub fn slice_ms(left: Option<Duration>) -> i32 {
-    slice(left).map_or(-1, |d| {
+/// A wait bound in poll(2)'s milliseconds (`None`: -1, forever), rounded up so that a
+/// remainder below a millisecond does not turn into a busy zero.
+pub fn poll_ms(bound: Option<Duration>) -> i32 {
+    bound.map_or(-1, |d| {
         i32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
     })
 }
@@ -113,7 +113,7 @@ mod tests {
         assert_eq!((r, calls.get()), (7, 2));
         assert!(!installed());
         assert_eq!(slice(None), None);
-        assert_eq!(slice_ms(Some(Duration::from_micros(1))), 1);
+        assert_eq!(poll_ms(slice(Some(Duration::from_micros(1)))), 1);
     }
 
     #[test]

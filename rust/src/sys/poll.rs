@@ -16,17 +16,31 @@ use super::{cvt, interrupt};
 /// interrupt check stops the wait (`ErrorKind::Interrupted`). Returns whether any fd is
 /// ready; a closed fd (POLLNVAL) is `EBADF`.
 pub fn poll_until(pfds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // The clock is read only once a slice has passed (or a signal came) without an event:
+    // a wait that an event ends in its first poll, the common case, never reads it.
+    let mut started: Option<Instant> = None;
     loop {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let ms = interrupt::slice_ms(left);
+        let left = match (timeout, started) {
+            (Some(t), Some(t0)) => Some(t.saturating_sub(t0.elapsed())),
+            (t, _) => t,
+        };
+        let slice = interrupt::slice(left);
+        let ms = interrupt::poll_ms(slice);
         // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structs, each naming an fd
         // that the caller keeps open for the duration of the call.
         match cvt(unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) }) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => interrupt::check()?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                started.get_or_insert_with(Instant::now);
+                interrupt::check()?;
+            }
             Err(e) => return Err(e),
             Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
+                // A whole slice passed (poll never returns early on a timeout).
+                let now = Instant::now();
+                let t0 = *started.get_or_insert_with(|| {
+                    now.checked_sub(slice.unwrap_or_default()).unwrap_or(now)
+                });
+                if timeout.is_some_and(|t| now.duration_since(t0) >= t) {
                     return Ok(false);
                 }
                 interrupt::check()?;
