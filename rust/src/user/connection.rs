@@ -68,8 +68,7 @@ impl Connection {
     /// that is shorter, so a blocked call returns that often to check the interrupt check
     /// (`sys::interrupt`) and the bound; it costs nothing per message.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        let slice = timeout.map_or(interrupt::SLICE, |t| t.min(interrupt::SLICE));
-        socket::set_timeouts(self.sock.as_fd(), slice)?;
+        socket::set_timeouts(self.sock.as_fd(), socket_slice(timeout))?;
         self.timeout.set(timeout);
         Ok(())
     }
@@ -79,11 +78,10 @@ impl Connection {
     /// stall reaches the bound, `Interrupted` when the interrupt check says so.
     fn stalled(&self, since: &mut Option<Instant>) -> Result<()> {
         let now = Instant::now();
-        let slice = self
-            .timeout
-            .get()
-            .map_or(interrupt::SLICE, |t| t.min(interrupt::SLICE));
-        let t0 = *since.get_or_insert_with(|| now.checked_sub(slice).unwrap_or(now));
+        let t0 = *since.get_or_insert_with(|| {
+            now.checked_sub(socket_slice(self.timeout.get()))
+                .unwrap_or(now)
+        });
         if let Some(limit) = self.timeout.get() {
             if now.duration_since(t0) >= limit {
                 return Err(Error::Timeout);
@@ -357,6 +355,12 @@ impl Connection {
         }
         Ok((filled, fds))
     }
+}
+
+/// How long one blocked socket call lasts before it returns to check the bound and the
+/// interrupt check: the bound, or one interrupt slice if that is shorter.
+fn socket_slice(timeout: Option<Duration>) -> Duration {
+    timeout.map_or(interrupt::SLICE, |t| t.min(interrupt::SLICE))
 }
 
 /// Maps socket errors to the protocol's view of them.
