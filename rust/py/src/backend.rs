@@ -23,10 +23,8 @@ use crate::frontend::PyFrontend;
 use crate::handler::{unit, PyCallState};
 use crate::memory::PyGuestMemory;
 use crate::wait;
-use std::os::fd::AsFd;
-use std::time::Duration;
-use vhost_core::sys::socket::seconds;
-use vhost_core::sys::{connect_unix, wait_fd, PathError};
+use vhost_core::sys::socket::accept_within;
+use vhost_core::sys::{connect_unix, PathError};
 
 struct PyBackendHandler {
     obj: Py<PyAny>,
@@ -507,28 +505,12 @@ pub struct PyListener {
 
 impl PyListener {
     /// Waits for a peer, interruptible by Ctrl-C (the listener stays open and accepts
-    /// again afterwards): the wait is a poll on the listening fd, the accept only follows
-    /// once a peer is queued.
+    /// again afterwards).
     fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
         let t = crate::frontend::timeout_of(timeout)?;
         let guard = crate::handler::lock_detached(py, &self.inner);
         let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
-        let accepted = wait::blocking(py, || loop {
-            if !wait_fd(l.listener().as_fd(), libc::POLLIN, t)? {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no peer connected within {}",
-                        seconds(t.unwrap_or_default())
-                    ),
-                ));
-            }
-            match l.accept(Some(Duration::ZERO)) {
-                // Another thread took the peer between the poll and the accept.
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
-                other => return other,
-            }
-        })?;
+        let accepted = wait::blocking(py, || accept_within(l.listener(), t))?;
         accepted.map_err(|e| {
             if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                 closed("Listener")

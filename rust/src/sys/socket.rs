@@ -11,7 +11,7 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -201,6 +201,23 @@ pub fn connect_unix(path: &Path, timeout: Option<Duration>) -> Result<UnixStream
     Ok(UnixStream::from(fd))
 }
 
+/// Waits for a peer on `listener` at most `timeout` (`None`: no bound), in slices when an
+/// interrupt check is installed, then accepts it; the listener is untouched by a timeout or
+/// an interruption and accepts again afterwards. A bound that passes is
+/// `ErrorKind::TimedOut`, with the bound in the message.
+pub fn accept_within(listener: &UnixListener, timeout: Option<Duration>) -> io::Result<UnixStream> {
+    if !super::poll::wait_fd(listener.as_fd(), libc::POLLIN, timeout)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no peer connected within {}",
+                seconds(timeout.unwrap_or_default())
+            ),
+        ));
+    }
+    listener.accept().map(|(stream, _)| stream)
+}
+
 /// A duration in seconds for a message: "2 s", "0.25 s".
 pub fn seconds(d: Duration) -> String {
     format!("{} s", d.as_secs_f64())
@@ -209,7 +226,6 @@ pub fn seconds(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixListener;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("pv-sock-{}-{name}", std::process::id()));
@@ -257,6 +273,19 @@ mod tests {
         assert_eq!(err.errno, libc::ETIMEDOUT, "{err}");
         assert!(err.to_string().contains("backlog is full"), "{err}");
         drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn accept_waits_within_its_bound_and_stays_usable() {
+        let dir = temp_dir("accept");
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let e = accept_within(&listener, Some(Duration::from_millis(20))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("0.02 s"), "{e}");
+        let _client = connect_unix(&path, None).unwrap();
+        accept_within(&listener, None).unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 
