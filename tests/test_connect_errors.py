@@ -234,3 +234,17 @@ def test_path_errors_pickle_and_pick_their_class() -> None:
     )
     assert type(VhostOSError(errno.EACCES, "x", "/p")) is VhostPermissionError
     assert type(VhostOSError(errno.EADDRINUSE, "x", "/p")) is VhostOSError
+
+
+def test_daemon_bind_failure_names_the_path(tmp_sock_dir: Path) -> None:
+    """`serve blk --socket` binds through Daemon.start: the same error kind as a connect."""
+    from vhost.daemon import Daemon  # noqa: PLC0415
+    from vhost.devices.rng import RngDevice  # noqa: PLC0415
+
+    path = str(tmp_sock_dir / "no-dir" / "s.sock")
+    with pytest.raises(FileNotFoundError) as caught:
+        Daemon(RngDevice(), path).start()
+    exc = caught.value
+    assert isinstance(exc, VhostOSError)
+    assert exc.filename == path
+    assert str(exc) == f"bind {path}: No such file or directory"
