@@ -139,8 +139,9 @@ def test_backend_listener_accept_timeout(tmp_sock_dir: Path) -> None:
 
 
 def test_frontend_connect_without_listener_fails(tmp_sock_dir: Path) -> None:
-    with pytest.raises(OSError):  # KernelError(ENOENT) is an OSError
+    with pytest.raises(FileNotFoundError) as caught:
         Frontend.connect(tmp_sock_dir / "nobody.sock", timeout=TIMEOUT)
+    assert caught.value.filename == str(tmp_sock_dir / "nobody.sock")
 
 
 # ---- server front-end, client back-end --------------------------------------------------

@@ -30,6 +30,7 @@ from .errors import (
     QueueFullError,
     RequestRefusedError,
     VhostError,
+    VhostOSError,
     VhostTimeoutError,
 )
 from .types import (
@@ -70,6 +71,7 @@ __all__ = [
     "RequestRefusedError",
     "VhostBackend",
     "VhostError",
+    "VhostOSError",
     "VhostTimeoutError",
     "VirtioFeature",
     "VringConfig",

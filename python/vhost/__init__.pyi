@@ -23,6 +23,7 @@ from .errors import QueueError as QueueError
 from .errors import QueueFullError as QueueFullError
 from .errors import RequestRefusedError as RequestRefusedError
 from .errors import VhostError as VhostError
+from .errors import VhostOSError as VhostOSError
 from .errors import VhostTimeoutError as VhostTimeoutError
 from .types import DirtyLogRegion as DirtyLogRegion
 from .types import IotlbAccess as IotlbAccess
@@ -60,6 +61,7 @@ __all__ = [
     "RequestRefusedError",
     "VhostBackend",
     "VhostError",
+    "VhostOSError",
     "VhostTimeoutError",
     "VirtioFeature",
     "VringConfig",

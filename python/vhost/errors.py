@@ -3,8 +3,8 @@
 Every failure the package reports is a :class:`VhostError`. Where a failure is also an
 instance of a built-in category, the class inherits that category too, so generic code
 keeps working: an ``except OSError`` around an ioctl still catches :class:`KernelError`,
-and an ``except ValueError`` around argument handling still catches
-:class:`InvalidParamError`.
+an ``except FileNotFoundError`` around a connect catches a missing socket, and an
+``except ValueError`` around argument handling still catches :class:`InvalidParamError`.
 
 ::
 
@@ -21,7 +21,14 @@ and an ``except ValueError`` around argument handling still catches
     +-- QueueError                 a virtqueue's ring is corrupt; the queue stays broken
     |   +-- QueueFullError         ... or has no room for a buffer (the queue stays usable)
     +-- KernelError                (also OSError) a system call failed; carries ``errno``
-    +-- VhostTimeoutError          (also TimeoutError) the peer did not answer in time
+    +-- VhostOSError               (also OSError) connecting to or binding a socket path
+    |   |                          failed; ``filename`` is the path, ``operation`` the step
+    |   +-- VhostFileNotFoundError      (also FileNotFoundError)      ENOENT
+    |   +-- VhostConnectionRefusedError (also ConnectionRefusedError) ECONNREFUSED
+    |   +-- VhostPermissionError        (also PermissionError)        EACCES, EPERM
+    |   +-- VhostNotADirectoryError     (also NotADirectoryError)     ENOTDIR
+    |   +-- VhostTimeoutError           (also TimeoutError) ETIMEDOUT; also the peer did
+    |                                   not answer a request in time
     +-- ClosedError                the object was closed, or failed earlier and stays failed
 
 Where each error of the Rust core surfaces (the native glue converts each one in a single
@@ -41,7 +48,10 @@ Rust core error (``user::Error`` and friends)  Python exception
 ``NotSupported``                               :class:`NotSupportedError`
 ``Refused``                                    :class:`RequestRefusedError`
 ``Handler`` (a back-end handler failed)        :class:`VhostError` with the handler's message
-``Timeout``                                    :class:`VhostTimeoutError`
+``Timeout``, ``ReplyTimeout`` (names the       :class:`VhostTimeoutError`
+request and the bound)
+``sys::PathError`` (connect or bind on a       :class:`VhostOSError`, the subclass for its
+socket path)                                   errno (see the tree above), ``filename`` set
 ``Closed``                                     :class:`ClosedError`
 ``Memory`` (guest memory layer)                :class:`InvalidMemoryError`
 ``Io`` (sockets, mmap, eventfd), kernel vhost  :class:`KernelError` with that ``errno``
@@ -64,6 +74,16 @@ Design notes:
 - The Rust glue builds these exceptions positionally, in the order of each ``__init__``
   (``InactiveFeatureError(request, feature, message)``,
   ``RequestRefusedError(request, status, message)``, ``KernelError(errno, strerror)``).
+- :class:`VhostOSError` is ``KernelError``'s sibling for socket paths: ``KernelError`` is
+  for ioctls and syscalls on objects we hold, ``VhostOSError`` for a path that could not be
+  connected to or bound. Like ``OSError`` itself, ``VhostOSError(errno, strerror,
+  filename, operation=...)`` returns the subclass for ``errno``; ``str()`` reads
+  ``"connect to /run/vhost.sock: No such file or directory"``. A path longer than a Unix
+  socket address holds (107 bytes) is ``ENAMETOOLONG`` with the limit in the message.
+- Ctrl-C: every blocking call of the package (reply waits, accept, connect, eventfd reads)
+  raises ``KeyboardInterrupt`` promptly. An interrupted front-end request leaves the
+  connection closed (:class:`ClosedError` afterwards: a late reply would desynchronise the
+  stream); an interrupted ``EventFd.read`` or ``accept`` leaves the object usable.
 - :class:`ProtocolError` is not a ``ValueError``: it blames the peer, not the caller. After
   a protocol error the connection is closed, and later calls raise :class:`ClosedError`.
 - The classes that take extra attributes pickle with them (they cross process boundaries
@@ -72,7 +92,9 @@ Design notes:
 
 from __future__ import annotations
 
-from typing import Any
+import errno as _errno
+import os
+from typing import Any, Self, cast
 
 __all__ = [
     "ClosedError",
@@ -88,7 +110,12 @@ __all__ = [
     "QueueError",
     "QueueFullError",
     "RequestRefusedError",
+    "VhostConnectionRefusedError",
     "VhostError",
+    "VhostFileNotFoundError",
+    "VhostNotADirectoryError",
+    "VhostOSError",
+    "VhostPermissionError",
     "VhostTimeoutError",
 ]
 
@@ -267,11 +294,73 @@ class KernelError(VhostError, OSError):
     """
 
 
-class VhostTimeoutError(VhostError, TimeoutError):
+class VhostOSError(VhostError, OSError):
+    """Connecting to, or binding, a Unix socket path failed.
+
+    Constructed like ``OSError``: ``VhostOSError(errno, strerror, filename,
+    operation="connect to")``, and like ``OSError`` it returns the subclass that matches
+    ``errno`` (:class:`VhostFileNotFoundError` for ``ENOENT``...), so ``except
+    FileNotFoundError`` and ``except VhostError`` both work. ``filename`` is the socket
+    path, ``operation`` what was tried (``"connect to"``, ``"bind"``), and ``str()``
+    says both: ``"connect to /run/vhost.sock: No such file or directory"``.
+    """
+
+    operation: str | None
+
+    def __new__(cls, *args: Any, operation: str | None = None) -> Self:
+        chosen: type[VhostOSError] = cls
+        if cls is VhostOSError and args and isinstance(args[0], int):
+            chosen = _BY_ERRNO.get(args[0], VhostOSError)
+        return cast(Self, super().__new__(chosen, *args))
+
+    def __init__(self, *args: Any, operation: str | None = None) -> None:
+        super().__init__(*args)
+        self.operation = operation
+
+    def __str__(self) -> str:
+        if self.operation is not None and self.filename is not None:
+            return f"{self.operation} {os.fsdecode(self.filename)}: {self.strerror}"
+        return super().__str__()
+
+
+class VhostFileNotFoundError(VhostOSError, FileNotFoundError):
+    """The socket path does not exist (``ENOENT``): is the back-end running?"""
+
+
+class VhostConnectionRefusedError(VhostOSError, ConnectionRefusedError):
+    """Nobody listens at the path (``ECONNREFUSED``): a stale socket left by a back-end
+    that exited, or a file that is not a socket."""
+
+
+class VhostPermissionError(VhostOSError, PermissionError):
+    """The socket, or a directory on its path, may not be used (``EACCES``, ``EPERM``)."""
+
+
+class VhostNotADirectoryError(VhostOSError, NotADirectoryError):
+    """A component of the socket path is not a directory (``ENOTDIR``)."""
+
+
+class VhostTimeoutError(VhostOSError, TimeoutError):
     """The peer did not answer within the configured timeout.
 
-    The connection is closed afterwards: a late reply would desynchronise the stream.
+    For a request, the message names the request and the bound, and says when nothing at
+    all has come back on the connection yet (a back-end serving one front-end at a time,
+    like ``python -m vhost serve blk``, answers the next only when the current one
+    disconnects). The connection is closed afterwards: a late reply would desynchronise
+    the stream. For a connect (``ETIMEDOUT``, ``filename`` set), the listener's backlog
+    stayed full: the back-end is not accepting.
     """
+
+
+#: The subclass :class:`VhostOSError` picks for an errno (others stay ``VhostOSError``).
+_BY_ERRNO: dict[int, type[VhostOSError]] = {
+    _errno.ENOENT: VhostFileNotFoundError,
+    _errno.ECONNREFUSED: VhostConnectionRefusedError,
+    _errno.EACCES: VhostPermissionError,
+    _errno.EPERM: VhostPermissionError,
+    _errno.ENOTDIR: VhostNotADirectoryError,
+    _errno.ETIMEDOUT: VhostTimeoutError,
+}
 
 
 class ClosedError(VhostError):

@@ -143,7 +143,14 @@ class Frontend(VhostBackend):
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 10.0) -> Self:
-        """Client mode: connect to a back-end listening at ``path``."""
+        """Client mode: connect to a back-end listening at ``path``.
+
+        ``timeout`` bounds the connect itself (a back-end that stopped accepting) and then
+        every reply; ``None`` waits forever, and Ctrl-C interrupts any wait. A failure is
+        an ``OSError`` of the matching kind that is also a :class:`~vhost.errors.VhostError`
+        (``FileNotFoundError``, ``ConnectionRefusedError``, ``PermissionError``,
+        :class:`~vhost.errors.VhostTimeoutError`...) with ``filename`` set to ``path``.
+        """
         return cls(_core.Frontend.connect(os.fspath(path), timeout))
 
     @classmethod
@@ -154,7 +161,8 @@ class Frontend(VhostBackend):
         timeout: float | None = None,
         reply_timeout: float | None = 10.0,
     ) -> Self:
-        """Server mode: listen at ``path`` until one back-end connects."""
+        """Server mode: listen at ``path`` until one back-end connects (Ctrl-C interrupts
+        the wait; the socket path is removed either way)."""
         with _core.Listener(os.fspath(path)) as listener:
             return cls(listener.accept_frontend(timeout, reply_timeout))
 
@@ -721,6 +729,8 @@ class BackendListener:
         return self._listener.fileno()
 
     def accept(self, timeout: float | None = None) -> BackendSession:
+        """Waits for a front-end (``None``: forever). Ctrl-C interrupts the wait and the
+        listener keeps accepting afterwards."""
         return self._listener.accept_backend(timeout)
 
     def serve_forever(
@@ -728,7 +738,9 @@ class BackendListener:
         make_handler: type[BackendHandler] | None = None,
         handler: BackendHandler | None = None,
     ) -> None:
-        """Serves one front-end after another until interrupted."""
+        """Serves one front-end after another until interrupted: Ctrl-C raises
+        ``KeyboardInterrupt`` promptly, whether waiting for a front-end or serving one (whose
+        session is closed)."""
         while True:
             session = self.accept()
             h = handler if handler is not None else (make_handler or BackendHandler)()

@@ -16,12 +16,15 @@ use vhost_core::user::payload::{DeviceStateTransfer, InflightDesc, IotlbPayload,
 use vhost_core::user::{Error, Listener};
 
 use crate::channel::PyBackendChannel;
-use crate::errors::{closed, invalid_param, IntoPyResult};
+use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
 use crate::fd::{dup_of, FileDescriptor};
 use crate::frontend::PyFrontend;
 use crate::handler::{unit, PyCallState};
 use crate::memory::PyGuestMemory;
+use crate::wait;
+use vhost_core::sys::socket::accept_within;
+use vhost_core::sys::{connect_unix, PathError};
 
 struct PyBackendHandler {
     obj: Py<PyAny>,
@@ -349,14 +352,21 @@ impl PyBackendSession {
         session: &mut BackendSession,
         h: &mut PyBackendHandler,
     ) -> PyResult<bool> {
-        let incoming = match py.detach(|| session.recv()) {
+        let incoming = match wait::blocking(py, || session.recv())? {
             Ok(i) => i,
             Err(Error::Disconnected) => return Ok(false),
             Err(e) => return Err(e).py_err(),
         };
         let handled = session.handle(incoming, h);
-        py.detach(|| session.send_reply(handled.reply)).py_err()?;
+        wait::call(py, || session.send_reply(handled.reply))?;
         let py_error = h.state.error.take();
+        // KeyboardInterrupt or SystemExit in a handler ends serving (after the NACK went
+        // out); only an Exception is a refusal to report and serve on.
+        if let Some(pe) = py_error.as_ref() {
+            if !pe.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                return Err(pe.clone_ref(py));
+            }
+        }
         match handled.error {
             None => Ok(true),
             // NACKed: the connection is fine; tell the handler and go on.
@@ -378,11 +388,12 @@ impl PyBackendSession {
 
 #[pymethods]
 impl PyBackendSession {
-    /// Client mode: connects to a front-end listening at `path`.
+    /// Client mode: connects to a front-end listening at `path` (Ctrl-C interrupts a
+    /// connect that waits for a full backlog).
     #[staticmethod]
     fn connect(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let s = py.detach(|| BackendSession::connect(&path)).py_err()?;
-        Self::new(py, s)
+        let s = wait::call(py, || connect_unix(&path, None))?;
+        Self::new(py, BackendSession::new(s))
     }
 
     /// Adopts a connected socket (its fd is duplicated).
@@ -429,7 +440,8 @@ impl PyBackendSession {
     }
 
     /// Serves until the front-end disconnects (returns) or breaks the protocol (raises).
-    /// The connection is closed either way.
+    /// The connection is closed either way, also when Ctrl-C interrupts the wait for the
+    /// next request.
     fn serve(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<()> {
         let mut h = self.adapter(py, handler)?;
         let mut guard = crate::handler::lock_detached(py, &self.inner);
@@ -492,15 +504,18 @@ pub struct PyListener {
 }
 
 impl PyListener {
+    /// Waits for a peer, interruptible by Ctrl-C (the listener stays open and accepts
+    /// again afterwards).
     fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
         let t = crate::frontend::timeout_of(timeout)?;
         let guard = crate::handler::lock_detached(py, &self.inner);
         let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
-        py.detach(|| l.accept(t)).map_err(|e| {
+        let accepted = wait::blocking(py, || accept_within(l.listener(), t))?;
+        accepted.map_err(|e| {
             if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                 closed("Listener")
             } else if e.kind() == std::io::ErrorKind::TimedOut {
-                crate::errors::user_error(Error::Timeout)
+                path_error(PathError::new("accept on", &self.path, &e))
             } else {
                 crate::errors::io_error(e)
             }
@@ -515,7 +530,7 @@ impl PyListener {
     fn new(py: Python<'_>, path: PathBuf, replace_stale: bool) -> PyResult<Self> {
         let l = py
             .detach(|| Listener::bind(&path, replace_stale))
-            .py_err()?;
+            .map_err(|e| path_error(PathError::new("bind", &path, &e)))?;
         let fd = l.listener().as_raw_fd();
         Ok(PyListener {
             inner: Mutex::new(Some(l)),

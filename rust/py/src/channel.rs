@@ -13,6 +13,7 @@ use vhost_core::user::Error;
 use crate::errors::{closed, IntoPyResult};
 use crate::fd::{borrow, raw_fd_of, FileDescriptor};
 use crate::handler::{u64_or_zero, PyCallState};
+use crate::wait;
 
 /// Front-end side: receives the back-end's requests and hands them to a Python
 /// `FrontendRequestHandler`.
@@ -153,20 +154,33 @@ impl PyFrontendChannel {
     }
 
     /// Waits for one back-end request and runs `handler` on it (answering with an ack
-    /// when asked). Re-raises the handler's exception after the NACK was sent.
+    /// when asked). Re-raises the handler's exception after the NACK was sent. The waits
+    /// (for the request, and to send the ack) run without the GIL and end on Ctrl-C; the
+    /// ack's send is bounded by the channel's timeout.
     fn process_one(&self, py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
         let mut guard = crate::handler::lock_detached(py, &self.inner);
         let ch = guard.as_mut().ok_or_else(|| closed("FrontendChannel"))?;
-        let incoming = py.detach(|| ch.recv()).py_err()?;
+        let incoming = wait::call(py, || ch.recv())?;
         let mut h = PyFrontendHandler {
             obj: handler,
             state: PyCallState::default(),
         };
-        let result = ch.handle(incoming, &mut h);
+        let (ack, result) = FrontendChannel::dispatch(incoming, &mut h);
+        wait::call(py, || ch.send_ack(ack))?;
         if let Some(e) = h.state.error.take() {
             return Err(e);
         }
         result.py_err()
+    }
+
+    /// Bounds an ack's send and the rest of a request once it has started to arrive;
+    /// `None` waits forever. (The wait for the next request has no bound.)
+    #[pyo3(signature = (timeout))]
+    fn set_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let t = crate::frontend::timeout_of(timeout)?;
+        let guard = crate::handler::lock_detached(py, &self.inner);
+        let ch = guard.as_ref().ok_or_else(|| closed("FrontendChannel"))?;
+        ch.set_timeout(t).py_err()
     }
 
     #[getter]
@@ -223,7 +237,7 @@ impl PyBackendChannel {
         f: impl FnOnce(&BackendChannel) -> vhost_core::user::Result<T> + Send,
     ) -> PyResult<T> {
         let inner = &*self.inner;
-        py.detach(|| f(inner)).py_err()
+        wait::call(py, || f(inner))
     }
 }
 

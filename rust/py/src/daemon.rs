@@ -15,6 +15,7 @@ use pyo3::types::PyBytes;
 use vhost_core::daemon::{Daemon, DaemonStats, DeviceError, Stopper, VirtioDevice};
 use vhost_core::devices::{BlkConfig, BlkDevice};
 use vhost_core::memory::GuestMemory as CoreMemory;
+use vhost_core::sys::PathError;
 use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
@@ -419,7 +420,7 @@ impl PyDaemon {
         } else {
             Some(
                 py.detach(|| Listener::bind(&path, true))
-                    .map_err(io_error)?,
+                    .map_err(|e| crate::errors::path_error(PathError::new("bind", &path, &e)))?,
             )
         };
         let (tx, rx) = mpsc::channel();

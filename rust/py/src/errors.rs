@@ -2,9 +2,11 @@
 //! belong to Python (`vhost.errors`), so their docs and hierarchy live in one place.
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
 use vhost_core::kern::Error as KernError;
 use vhost_core::memory::MemoryError;
+use vhost_core::sys::socket::{errno_of, reason_of};
+use vhost_core::sys::PathError;
 use vhost_core::user::Error as UserError;
 use vhost_core::vring::VringError;
 
@@ -36,7 +38,9 @@ pub fn user_error(err: UserError) -> PyErr {
             UserError::Refused { request, status } => {
                 raise(py, "RequestRefusedError", (request, status, msg))
             }
-            UserError::Timeout => raise(py, "VhostTimeoutError", (msg,)),
+            UserError::Timeout | UserError::ReplyTimeout { .. } => {
+                raise(py, "VhostTimeoutError", (msg,))
+            }
             UserError::Closed => raise(py, "ClosedError", (msg,)),
             UserError::Handler(_) => raise(py, "VhostError", (msg,)),
             UserError::Memory(m) => memory_error(m),
@@ -87,6 +91,30 @@ pub fn os_error(py: Python<'_>, err: std::io::Error) -> PyErr {
     raise(py, "KernelError", (errno, err.to_string()))
 }
 
+/// A failed operation on a socket path (connect, bind) becomes a `VhostOSError`, whose
+/// constructor picks the subclass for the errno (`VhostFileNotFoundError` for ENOENT,
+/// `VhostTimeoutError` for ETIMEDOUT...), with `filename` the path and `operation` what
+/// was tried.
+pub fn path_error(err: PathError) -> PyErr {
+    Python::attach(|py| {
+        let made = py
+            .import("vhost.errors")
+            .and_then(|m| m.getattr("VhostOSError"))
+            .and_then(|cls| {
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("operation", err.op)?;
+                cls.call(
+                    (err.errno, &err.reason, err.path.as_os_str()),
+                    Some(&kwargs),
+                )
+            });
+        match made {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(e) => e,
+        }
+    })
+}
+
 pub fn io_error(err: std::io::Error) -> PyErr {
     Python::attach(|py| os_error(py, err))
 }
@@ -124,6 +152,12 @@ impl<T> IntoPyResult<T> for Result<T, VringError> {
     }
 }
 
+impl<T> IntoPyResult<T> for Result<T, PathError> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(path_error)
+    }
+}
+
 impl<T> IntoPyResult<T> for std::io::Result<T> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(io_error)
@@ -138,11 +172,10 @@ pub fn kern_error(err: KernError) -> PyErr {
         let msg = err.to_string();
         match err {
             KernError::Kernel { op, source } => {
-                let errno = source.raw_os_error().unwrap_or(libc::EIO);
+                let errno = errno_of(&source);
                 // "VHOST_SET_OWNER: Device or resource busy", without std's "(os error N)":
                 // OSError already shows the errno.
-                let text = source.to_string();
-                let reason = text.split(" (os error").next().unwrap_or(&text);
+                let reason = reason_of(&source);
                 raise(py, "KernelError", (errno, format!("{op}: {reason}")))
             }
             KernError::InvalidParam(_) => raise(py, "InvalidParamError", (msg,)),

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use vhost_core::sys::eventfd::EventFd as CoreEventFd;
 
 use crate::errors::{closed, IntoPyResult};
+use crate::wait;
 
 #[pyclass(module = "vhost._core", name = "EventFd", frozen)]
 pub struct PyEventFd {
@@ -51,28 +52,25 @@ impl PyEventFd {
     }
 
     /// Returns and clears the counter; blocks while it is zero unless non-blocking.
+    /// Ctrl-C interrupts the wait and leaves the EventFd usable.
     fn read(&self, py: Python<'_>) -> PyResult<u64> {
         let efd = self.get()?;
-        py.detach(|| efd.read()).py_err()
+        wait::call(py, || efd.read_wait())
     }
 
-    /// Non-blocking read: None when nothing was signalled. Needs a non-blocking EventFd
-    /// or a prior `wait`.
+    /// Returns and clears the counter, or None at once when nothing was signalled; never
+    /// blocks, whether the EventFd is blocking or not.
     fn try_read(&self) -> PyResult<Option<u64>> {
-        match self.get()?.read() {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e).py_err(),
-        }
+        self.get()?.try_read().py_err()
     }
 
-    /// Waits until signalled or `timeout` seconds pass; True when signalled.
+    /// Waits until signalled or `timeout` seconds pass; True when signalled. Ctrl-C
+    /// interrupts the wait.
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let efd = self.get()?;
-        let ms = timeout.map_or(-1, |t| (t * 1000.0).clamp(0.0, i32::MAX as f64) as i32);
-        py.detach(|| vhost_core::sys::scm::poll_readable(std::os::fd::AsFd::as_fd(&*efd), ms))
-            .py_err()
+        let t = crate::frontend::timeout_of(timeout)?;
+        wait::call(py, || efd.wait(t))
     }
 
     fn close(&self) {

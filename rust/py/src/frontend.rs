@@ -17,6 +17,8 @@ use vhost_core::user::Frontend;
 use crate::channel::PyFrontendChannel;
 use crate::errors::{invalid_param, IntoPyResult};
 use crate::fd::{borrow, opt_fd, raw_fd_of, FileDescriptor};
+use crate::wait;
+use vhost_core::sys::connect_unix;
 
 /// `send_raw`'s reply for Python: (code, flags, body, fds).
 type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
@@ -39,13 +41,16 @@ impl PyFrontend {
         }
     }
 
+    /// One request, without the GIL and interruptible by Ctrl-C: an interrupted request
+    /// leaves the connection closed (its reply could arrive later and be taken for the
+    /// next one's), so later calls raise `ClosedError`.
     fn call<T: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&Frontend) -> vhost_core::user::Result<T> + Send,
     ) -> PyResult<T> {
         let inner = &*self.inner;
-        py.detach(|| f(inner)).py_err()
+        wait::call(py, || f(inner))
     }
 }
 
@@ -57,18 +62,15 @@ pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
 
 #[pymethods]
 impl PyFrontend {
-    /// Client mode: connects to a back-end listening at `path`.
+    /// Client mode: connects to a back-end listening at `path`. `timeout` bounds the
+    /// connect itself (a back-end whose listen backlog is full) and then every reply.
     #[staticmethod]
     #[pyo3(signature = (path, timeout = Some(10.0)), text_signature = "(path, timeout=10.0)")]
     fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<Self> {
         let t = timeout_of(timeout)?;
-        let fe = py
-            .detach(|| {
-                let fe = Frontend::connect(&path)?;
-                fe.set_timeout(t)?;
-                Ok::<_, vhost_core::user::Error>(fe)
-            })
-            .py_err()?;
+        let sock = wait::call(py, || connect_unix(&path, t))?;
+        let fe = Frontend::new(sock).py_err()?;
+        fe.set_timeout(t).py_err()?;
         Ok(Self::from_core(fe))
     }
 

@@ -16,6 +16,7 @@ mod kern;
 mod memory;
 mod vdpa;
 mod vring;
+mod wait;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -2,13 +2,17 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
-use super::{cvt, cvt_size, retry_eintr};
+use super::{cvt, cvt_size, poll, retry_eintr};
 
 /// An eventfd counter. Always close-on-exec; blocking or not as chosen at creation.
 #[derive(Debug)]
 pub struct EventFd {
     fd: OwnedFd,
+    /// O_NONBLOCK, known at creation or read once on adoption: `read_wait` must not wait
+    /// on a non-blocking eventfd, whose `read` reports an empty counter at once.
+    nonblock: bool,
 }
 
 impl EventFd {
@@ -21,13 +25,51 @@ impl EventFd {
         let raw = cvt(unsafe { libc::eventfd(0, flags) })?;
         // SAFETY: `raw` was just returned by eventfd, so it is open and owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Self { fd })
+        Ok(Self { fd, nonblock })
     }
 
     /// Adopts an fd received from a peer. It is not checked to be an eventfd: a wrong type
     /// shows up as an error from `read`/`write` or from epoll registration, never as UB.
     pub fn from_fd(fd: OwnedFd) -> Self {
-        Self { fd }
+        // SAFETY: F_GETFL only queries the open fd. A failure reads as blocking.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        let nonblock = flags >= 0 && flags & libc::O_NONBLOCK != 0;
+        Self { fd, nonblock }
+    }
+
+    /// Waits until the counter is non-zero or `timeout` passes (`None`: no bound); true
+    /// when signalled. Goes in slices under an interrupt check (see `sys::interrupt`).
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        poll::wait_fd(self.fd.as_fd(), libc::POLLIN, timeout)
+    }
+
+    /// Reads and resets the counter if it is non-zero; `None` at once otherwise, blocking
+    /// or not. (Another reader of the same blocking eventfd that empties it between the
+    /// poll and the read makes this read wait for the next write.)
+    pub fn try_read(&self) -> io::Result<Option<u64>> {
+        if !self.wait(Some(Duration::ZERO))? {
+            return Ok(None);
+        }
+        match self.read() {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `read` that can be interrupted: a blocking eventfd waits for a write in slices
+    /// (see `sys::interrupt`) and then reads; a non-blocking one reads at once
+    /// (`WouldBlock` when the counter is zero).
+    pub fn read_wait(&self) -> io::Result<u64> {
+        if self.nonblock {
+            return self.read();
+        }
+        loop {
+            self.wait(None)?;
+            if let Some(v) = self.try_read()? {
+                return Ok(v);
+            }
+        }
     }
 
     /// Adds `v` to the counter. `u64::MAX` is refused by the kernel (EINVAL).
@@ -124,6 +166,22 @@ mod tests {
         e.write(7).unwrap();
         assert_eq!(e.read().unwrap(), 7);
         assert_eq!(e.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn try_read_never_blocks_and_read_wait_respects_the_mode() {
+        for nonblock in [false, true] {
+            let e = EventFd::new(nonblock).unwrap();
+            assert_eq!(e.try_read().unwrap(), None);
+            assert!(!e.wait(Some(Duration::from_millis(1))).unwrap());
+            e.write(2).unwrap();
+            assert!(e.wait(None).unwrap());
+            assert_eq!(e.read_wait().unwrap(), 2);
+            let adopted = EventFd::from_fd(e.try_clone().unwrap().into());
+            assert_eq!(adopted.nonblock, nonblock);
+        }
+        let e = EventFd::new(true).unwrap();
+        assert_eq!(e.read_wait().unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]

@@ -8,16 +8,19 @@
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 
 pub mod eventfd;
+pub mod interrupt;
 pub mod memfd;
 pub mod mmap;
 pub mod poll;
 pub mod scm;
+pub mod socket;
 
 pub use eventfd::EventFd;
 pub use memfd::{dup_cloexec, file_size, memfd_create};
 pub use mmap::Mapping;
 pub use poll::poll_many;
 pub use scm::{poll_readable, recv_with_fds, send_all, send_with_fds, Received, MAX_FDS};
+pub use socket::{connect_unix, PathError};
 
 use std::io;
 
@@ -41,11 +44,12 @@ fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
 }
 
 /// Repeats a call interrupted by a signal: Python installs handlers (SIGINT), so EINTR
-/// is routine, and surfacing it would make callers retry by hand everywhere.
+/// is routine, and surfacing it would make callers retry by hand everywhere. The installed
+/// interrupt check is asked first, so a signal that must stop the wait (Ctrl-C) does.
 fn retry_eintr<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
         match call() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => interrupt::check()?,
             other => return other,
         }
     }

@@ -5,9 +5,9 @@ use std::io::{self, IoSlice};
 use std::mem::{self, size_of};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{cvt, cvt_size, invalid_input, retry_eintr};
+use super::{cvt_size, invalid_input, retry_eintr};
 
 /// Receive buffer size in fds; more arrive -> MSG_CTRUNC. vhost-user never attaches more
 /// than one fd per region (at most 8, or 32 with rust-vmm's limit), so 32 is plenty.
@@ -208,64 +208,18 @@ pub fn send_all(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     Ok(())
 }
 
-/// One `poll` for readability, bounded by `timeout` (`None` waits forever). Unlike a
-/// reader blocked in `recvmsg`, a POLLIN waiter is not woken by the kernel's write-space
-/// wake-up (see `Connection::recv_reply`). EINTR counts as ready: the `recvmsg` that
-/// follows is bounded by SO_RCVTIMEO anyway.
+/// Waits for readability, bounded by `timeout` (`None` waits forever), in slices when an
+/// interrupt check is installed (`ErrorKind::Interrupted` when it stops the wait). Unlike
+/// a reader blocked in `recvmsg`, a POLLIN waiter is not woken by the kernel's
+/// write-space wake-up (see `Connection::recv_reply`).
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
-    let ms = match timeout {
-        None => -1,
-        Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
-    };
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd, matching nfds = 1.
-    match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-        Err(e) => Err(e),
-        Ok(0) => Ok(false),
-        Ok(_) if pfd.revents & libc::POLLNVAL != 0 => {
-            Err(io::Error::from_raw_os_error(libc::EBADF))
-        }
-        Ok(_) => Ok(true),
-    }
+    super::poll::wait_fd(fd, libc::POLLIN, timeout)
 }
 
 /// Waits until `fd` is readable (or at EOF / in error, where a read won't block either).
-/// `timeout_ms < 0` waits forever; EINTR restarts with the time that is left.
+/// `timeout_ms < 0` waits forever; see [`wait_readable`].
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let deadline = u64::try_from(timeout_ms)
-        .ok()
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
-    loop {
-        let timeout = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up so a sub-millisecond remainder does not become a busy 0.
-                let ms = left.as_nanos().div_ceil(1_000_000);
-                i32::try_from(ms).unwrap_or(i32::MAX)
-            }
-        };
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd, matching nfds = 1.
-        match cvt(unsafe { libc::poll(&mut pfd, 1, timeout) }) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(0) => return Ok(false),
-            Ok(_) if pfd.revents & libc::POLLNVAL != 0 => {
-                return Err(io::Error::from_raw_os_error(libc::EBADF))
-            }
-            Ok(_) => return Ok(true),
-        }
-    }
+    wait_readable(fd, super::poll::ms_timeout(timeout_ms))
 }
 
 #[cfg(test)]
@@ -478,7 +432,7 @@ mod tests {
     fn poll_reports_readable_timeout_and_hangup() {
         let (a, b) = socketpair();
         assert!(!poll_readable(b.as_fd(), 0).unwrap());
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         assert!(!poll_readable(b.as_fd(), 30).unwrap());
         assert!(t.elapsed() >= Duration::from_millis(30));
         send_all(a.as_fd(), b"x", &[]).unwrap();

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::codes::{protocol_features as pf, BackendReq};
-use super::connection::Connection;
+use super::connection::{map_io, Connection};
 use super::header::Header;
 use super::message::{backend_reply_allows_fd, BackendRequest};
 use super::payload::{
@@ -19,6 +19,7 @@ use super::payload::{
     SHMEM_MAP_FLAG_RW,
 };
 use super::{Error, Result};
+use crate::sys::scm;
 
 /// Which protocol feature a back-end request needs before a front-end accepts it (H1).
 fn required_feature(code: BackendReq) -> Option<(u64, &'static str)> {
@@ -48,7 +49,7 @@ impl BackendChannel {
     pub fn new(sock: UnixStream, acked_protocol: u64) -> Self {
         let conn = Connection::new(sock);
         // A front-end that never answers must not wedge a device thread forever.
-        let _ = conn.set_timeout(Some(Duration::from_secs(10)));
+        let _ = conn.set_timeout(Some(super::frontend::DEFAULT_TIMEOUT));
         BackendChannel {
             conn: Mutex::new(conn),
             acked_protocol,
@@ -101,7 +102,7 @@ impl BackendChannel {
         if !want_reply {
             return Ok((0, None));
         }
-        let mut msg = conn.recv_reply(U64Payload::SIZE, !body.is_empty(), |h| {
+        let mut msg = conn.recv_reply(code.name(), U64Payload::SIZE, !body.is_empty(), |h| {
             h.check_reply_to(code.code())
         })?;
         let status = U64Payload::from_bytes(&msg.body)
@@ -304,12 +305,33 @@ pub struct ChannelIncoming {
     pub request: BackendRequest,
 }
 
+/// An answer [`FrontendChannel::dispatch`] decided on, for [`FrontendChannel::send_ack`]
+/// to send (with no handler running, so a caller can release whatever the handler needed).
+#[derive(Debug)]
+pub struct PendingAck {
+    header: Header,
+    status: u64,
+    fd: Option<OwnedFd>,
+}
+
 impl FrontendChannel {
+    /// The channel waits for the back-end's next request without a bound, but a request
+    /// that has started to arrive, and every ack sent, must complete within
+    /// `DEFAULT_TIMEOUT` (`set_timeout` changes it): a back-end that floods requests and
+    /// never reads the acks gets a timeout, not a front-end stuck in `send`.
     pub fn new(sock: UnixStream, acked_protocol: u64) -> Self {
+        let conn = Connection::new(sock);
+        let _ = conn.set_timeout(Some(super::frontend::DEFAULT_TIMEOUT));
         FrontendChannel {
-            conn: Connection::new(sock),
+            conn,
             acked_protocol,
         }
+    }
+
+    /// Bounds an ack's send and a request's arrival once it has started; `None` waits
+    /// forever.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.conn.set_timeout(timeout)
     }
 
     pub fn socket(&self) -> &UnixStream {
@@ -320,8 +342,12 @@ impl FrontendChannel {
         self.conn.is_broken()
     }
 
-    /// Blocks for the next back-end request and validates it (H1, H2).
+    /// Blocks for the next back-end request (without a bound, in slices when an interrupt
+    /// check is installed) and validates it (H1, H2).
     pub fn recv(&mut self) -> Result<ChannelIncoming> {
+        if !self.conn.is_broken() {
+            scm::wait_readable(self.conn.socket().as_fd(), None).map_err(map_io)?;
+        }
         let msg = self.conn.recv(Header::check_request)?;
         let code = BackendReq::from_code(msg.header.code).ok_or_else(|| {
             self.conn.poison();
@@ -351,6 +377,17 @@ impl FrontendChannel {
         incoming: ChannelIncoming,
         handler: &mut dyn FrontendReqHandler,
     ) -> Result<()> {
+        let (ack, result) = Self::dispatch(incoming, handler);
+        self.send_ack(ack)?;
+        result
+    }
+
+    /// Runs the handler on a request and decides the answer without sending it: the ack
+    /// (status 1 for a refusal) when the back-end asked for one.
+    pub fn dispatch(
+        incoming: ChannelIncoming,
+        handler: &mut dyn FrontendReqHandler,
+    ) -> (Option<PendingAck>, Result<()>) {
         use BackendRequest as R;
         let ChannelIncoming { header, request } = incoming;
         let mut reply_fd: Option<OwnedFd> = None;
@@ -374,17 +411,23 @@ impl FrontendChannel {
             #[allow(unreachable_patterns)]
             other => handler.other(other),
         };
-        if header.needs_reply() {
-            let status = match &result {
-                Ok(v) => *v,
-                Err(_) => 1,
-            };
-            let body = U64Payload(status).to_bytes();
-            let fds: Vec<BorrowedFd<'_>> = reply_fd.iter().map(|fd| fd.as_fd()).collect();
-            self.conn
-                .send(&header.reply_to(body.len() as u32), &body, &fds)?;
-        }
-        result.map(|_| ())
+        let ack = header.needs_reply().then(|| PendingAck {
+            header,
+            status: *result.as_ref().unwrap_or(&1),
+            fd: reply_fd,
+        });
+        (ack, result.map(|_| ()))
+    }
+
+    /// Sends the answer `dispatch` decided on, if any.
+    pub fn send_ack(&mut self, ack: Option<PendingAck>) -> Result<()> {
+        let Some(PendingAck { header, status, fd }) = ack else {
+            return Ok(());
+        };
+        let body = U64Payload(status).to_bytes();
+        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|fd| fd.as_fd()).collect();
+        self.conn
+            .send(&header.reply_to(body.len() as u32), &body, &fds)
     }
 
     /// recv + handle.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::header::{Header, HEADER_SIZE, MAX_BODY_SIZE};
 use super::{Error, Result};
-use crate::sys::scm;
+use crate::sys::{interrupt, scm, socket};
 
 /// A received message: a header already checked by the caller's rule, its body, its fds.
 #[derive(Debug)]
@@ -40,25 +40,70 @@ pub struct Connection {
     /// Set once a reply arrived in pieces (header first, body later, as qemu-storage-daemon
     /// writes them): from then on every reply wait polls first (see `recv_reply`).
     split_replies: Cell<bool>,
+    /// Whether any message arrived on this connection yet (a reply timeout says so: a
+    /// peer that never answered anything is likely serving someone else).
+    received_any: Cell<bool>,
 }
 
 impl Connection {
+    /// Takes over `sock`, keeping the receive timeout already set on it (as the daemon
+    /// sets its stall timeout) as the connection's bound.
     pub fn new(sock: UnixStream) -> Self {
-        Connection {
+        let timeout = sock.read_timeout().ok().flatten();
+        let conn = Connection {
             sock,
             broken: false,
-            timeout: Cell::new(None),
+            timeout: Cell::new(timeout),
             split_replies: Cell::new(false),
-        }
+            received_any: Cell::new(false),
+        };
+        // Without it the socket never wakes a blocked call to ask the interrupt check; a
+        // failure only costs that.
+        let _ = conn.set_timeout(timeout);
+        conn
     }
 
-    /// Bounds every wait for the peer (J3); `None` waits forever. Uses SO_RCVTIMEO, so it
-    /// costs nothing per message.
+    /// Bounds every wait for the peer (J3); `None` waits forever, zero does not wait. The
+    /// socket's SO_RCVTIMEO/SO_SNDTIMEO are set to the bound or to one interrupt slice if
+    /// that is shorter, so a blocked call returns that often to check the interrupt check
+    /// (`sys::interrupt`) and the bound; it costs nothing per message.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.sock.set_read_timeout(timeout)?;
-        self.sock.set_write_timeout(timeout)?;
+        socket::set_timeouts(self.sock.as_fd(), socket_slice(timeout))?;
         self.timeout.set(timeout);
         Ok(())
+    }
+
+    /// A blocked send or receive returned after one socket-timeout slice without progress
+    /// (`since`: when this operation first stalled, kept across calls). `Timeout` once the
+    /// stall reaches the bound, `Interrupted` when the interrupt check says so.
+    fn stalled(&self, since: &mut Option<Instant>) -> Result<()> {
+        let now = Instant::now();
+        let t0 = *since.get_or_insert_with(|| {
+            now.checked_sub(socket_slice(self.timeout.get()))
+                .unwrap_or(now)
+        });
+        if let Some(limit) = self.timeout.get() {
+            if now.duration_since(t0) >= limit {
+                return Err(Error::Timeout);
+            }
+        }
+        interrupt::check().map_err(map_io)
+    }
+
+    /// Runs one send-like call, repeating it while the socket-timeout slices pass without
+    /// progress (see `stalled`).
+    fn retry_stalled(
+        &self,
+        since: &mut Option<Instant>,
+        mut call: impl FnMut() -> io::Result<usize>,
+    ) -> Result<usize> {
+        loop {
+            match call() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stalled(since)?,
+                Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
+                other => return other.map_err(map_io),
+            }
+        }
     }
 
     pub fn socket(&self) -> &UnixStream {
@@ -102,29 +147,31 @@ impl Connection {
 
     fn send_parts(&self, head: &[u8], body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
         let total = head.len() + body.len();
+        let fd = self.sock.as_fd();
+        let mut since = None;
         if fds.is_empty() && total <= STACK_SEND {
             // Most messages: one contiguous copy on the stack and a plain send().
             let mut buf = [0u8; STACK_SEND];
             buf[..head.len()].copy_from_slice(head);
             buf[head.len()..total].copy_from_slice(body);
-            let sent = scm::send_plain(self.sock.as_fd(), &buf[..total]).map_err(map_io)?;
-            if sent < total {
-                scm::send_all(self.sock.as_fd(), &buf[sent..total], &[]).map_err(map_io)?;
+            let mut sent = 0;
+            while sent < total {
+                sent +=
+                    self.retry_stalled(&mut since, || scm::send_plain(fd, &buf[sent..total]))?;
             }
             return Ok(());
         }
-        let sent = scm::send_with_fds(
-            self.sock.as_fd(),
-            &[IoSlice::new(head), IoSlice::new(body)],
-            fds,
-        )
-        .map_err(map_io)?;
+        let mut sent = self.retry_stalled(&mut since, || {
+            scm::send_with_fds(fd, &[IoSlice::new(head), IoSlice::new(body)], fds)
+        })?;
         if sent < total {
             // The rest goes without fds: they travelled with the first byte.
-            let mut rest = Vec::with_capacity(total - sent);
+            let mut rest = Vec::with_capacity(total);
             rest.extend_from_slice(head);
             rest.extend_from_slice(body);
-            scm::send_all(self.sock.as_fd(), &rest[sent..], &[]).map_err(map_io)?;
+            while sent < total {
+                sent += self.retry_stalled(&mut since, || scm::send_plain(fd, &rest[sent..]))?;
+            }
         }
         Ok(())
     }
@@ -149,14 +196,26 @@ impl Connection {
     /// a body (`request_has_body`: back-ends read its header and body with two reads, and
     /// the second frees our buffer just before they reply), for the rest of a reply that
     /// came in pieces, and for every reply of a peer that writes them in pieces.
+    ///
+    /// A timeout is `ReplyTimeout`, naming `request` and the bound.
     pub fn recv_reply(
         &mut self,
+        request: &'static str,
         expected_body: usize,
         request_has_body: bool,
         check: impl FnOnce(&Header) -> Result<()>,
     ) -> Result<Message> {
         let poll_first = request_has_body || self.split_replies.get();
+        let first = !self.received_any.get();
         self.recv_expecting(expected_body.min(MAX_BODY_SIZE), Some(poll_first), check)
+            .map_err(|e| match e {
+                Error::Timeout => Error::ReplyTimeout {
+                    request,
+                    after: self.timeout.get().unwrap_or_default(),
+                    first,
+                },
+                other => other,
+            })
     }
 
     fn recv_expecting(
@@ -167,8 +226,9 @@ impl Connection {
     ) -> Result<Message> {
         self.ensure_usable()?;
         let result = self.recv_inner(read_ahead, poll, check);
-        if result.is_err() {
-            self.poison();
+        match result {
+            Ok(_) => self.received_any.set(true),
+            Err(_) => self.poison(),
         }
         result
     }
@@ -250,6 +310,7 @@ impl Connection {
     ) -> Result<(usize, Vec<OwnedFd>)> {
         let mut filled = 0;
         let mut fds = Vec::new();
+        let mut since = None;
         while filled < min {
             if let (Some(t0), Some(limit)) = (*started, self.timeout.get()) {
                 if t0.elapsed() > limit {
@@ -259,11 +320,16 @@ impl Connection {
             if poll && !scm::wait_readable(self.sock.as_fd(), self.timeout.get()).map_err(map_io)? {
                 return Err(Error::Timeout);
             }
-            let got = scm::recv_with_fds(self.sock.as_fd(), &mut buf[filled..], scm::MAX_FDS)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENOBUFS) => Error::TooManyFds,
-                    _ => map_io(e),
-                })?;
+            let got = match scm::recv_with_fds(self.sock.as_fd(), &mut buf[filled..], scm::MAX_FDS)
+            {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stalled(&mut since)?;
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Error::TooManyFds),
+                Err(e) => return Err(map_io(e)),
+            };
             if got.len == 0 {
                 return Err(if header && filled == 0 {
                     Error::Disconnected
@@ -289,6 +355,12 @@ impl Connection {
         }
         Ok((filled, fds))
     }
+}
+
+/// How long one blocked socket call lasts before it returns to check the bound and the
+/// interrupt check: the bound, or one interrupt slice if that is shorter.
+fn socket_slice(timeout: Option<Duration>) -> Duration {
+    timeout.map_or(interrupt::SLICE, |t| t.min(interrupt::SLICE))
 }
 
 /// Maps socket errors to the protocol's view of them.
@@ -416,7 +488,9 @@ mod tests {
         let body = vec![7u8; 300];
         let reply = Header::request(SET_VRING_NUM, 300, false).reply_to(300);
         tx.send(&reply, &body, &[]).unwrap();
-        let msg = rx.recv_reply(300, false, |_| Ok(())).unwrap();
+        let msg = rx
+            .recv_reply("SET_VRING_NUM", 300, false, |_| Ok(()))
+            .unwrap();
         assert_eq!(msg.body, body);
     }
     #[test]
@@ -433,7 +507,7 @@ mod tests {
             a
         });
         assert!(!rx.split_replies.get());
-        let msg = rx.recv_reply(8, false, |_| Ok(())).unwrap();
+        let msg = rx.recv_reply("GET_FEATURES", 8, false, |_| Ok(())).unwrap();
         assert_eq!(msg.body, 7u64.to_le_bytes());
         assert!(
             rx.split_replies.get(),
@@ -443,8 +517,46 @@ mod tests {
         // The next reply waits in poll first and still arrives intact.
         let mut tx = Connection::new(a);
         tx.send(&reply, &9u64.to_le_bytes(), &[]).unwrap();
-        let msg = rx.recv_reply(8, false, |_| Ok(())).unwrap();
+        let msg = rx.recv_reply("GET_FEATURES", 8, false, |_| Ok(())).unwrap();
         assert_eq!(msg.body, 9u64.to_le_bytes());
+    }
+
+    #[test]
+    fn an_interrupted_reply_wait_poisons_the_connection() {
+        // Without a timeout the wait goes on for ever; the interrupt check ends it within
+        // a slice, and the stream is closed (a late reply would be taken for the next).
+        for request_has_body in [false, true] {
+            let (_a, b) = UnixStream::pair().unwrap();
+            let mut rx = Connection::new(b);
+            rx.set_timeout(None).unwrap();
+            let asked = std::rc::Rc::new(Cell::new(0));
+            let seen = asked.clone();
+            let err = interrupt::with_check(
+                Box::new(move || {
+                    seen.set(seen.get() + 1);
+                    seen.get() == 3
+                }),
+                || rx.recv_reply("GET_FEATURES", 8, request_has_body, |_| Ok(())),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::Interrupted),
+                "{err:?}"
+            );
+            assert_eq!(asked.get(), 3);
+            assert!(rx.is_broken());
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_does_not_wait() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        rx.set_timeout(Some(Duration::ZERO)).unwrap();
+        let err = rx
+            .recv_reply("GET_FEATURES", 8, false, |_| Ok(()))
+            .unwrap_err();
+        assert!(matches!(err, Error::ReplyTimeout { .. }), "{err:?}");
     }
 
     #[test]
@@ -454,8 +566,20 @@ mod tests {
             let mut rx = Connection::new(b);
             rx.set_timeout(Some(Duration::from_millis(50))).unwrap();
             let t0 = Instant::now();
-            let err = rx.recv_reply(8, request_has_body, |_| Ok(())).unwrap_err();
-            assert!(matches!(err, Error::Timeout), "{err:?}");
+            let err = rx
+                .recv_reply("GET_FEATURES", 8, request_has_body, |_| Ok(()))
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::ReplyTimeout {
+                        request: "GET_FEATURES",
+                        first: true,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
             assert!(t0.elapsed() >= Duration::from_millis(50));
             assert!(rx.is_broken());
         }

@@ -71,6 +71,18 @@ pub enum Error {
     /// The peer did not answer in time.
     #[error("timed out waiting for the peer")]
     Timeout,
+    /// The peer did not reply to `request` within `after`; `first` when nothing at all has
+    /// arrived on the connection yet (the peer may be busy with someone else).
+    #[error(
+        "no reply to {request} within {}{}",
+        crate::sys::socket::seconds(*after),
+        if *first { FIRST_REPLY_HINT } else { "" }
+    )]
+    ReplyTimeout {
+        request: &'static str,
+        after: std::time::Duration,
+        first: bool,
+    },
     /// The connection had a protocol error earlier and is closed for good.
     #[error("connection is closed after an earlier error")]
     Closed,
@@ -79,5 +91,12 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] io::Error),
 }
+
+/// Why a first request may go unanswered: the other side accepted the connection (or the
+/// kernel queued it) but serves someone else.
+const FIRST_REPLY_HINT: &str =
+    "; nothing has arrived on this connection yet: a back-end that serves one \
+     front-end at a time (like `python -m vhost serve blk`) answers the next front-end only \
+     when the current one disconnects";
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -168,7 +168,9 @@ impl Frontend {
         };
         let msg = st
             .conn
-            .recv_reply(expected, !body.is_empty(), |h| h.check_reply_to(req.code()))
+            .recv_reply(req.name(), expected, !body.is_empty(), |h| {
+                h.check_reply_to(req.code())
+            })
             .map_err(|e| peer_fault(req, e))?;
         let Message { body, mut fds, .. } = msg;
         if fds.len() > usize::from(inherent && reply_allows_fd(req)) {
