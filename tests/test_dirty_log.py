@@ -367,7 +367,7 @@ def test_dirty_log_object() -> None:
     assert log.closed
     with pytest.raises(ClosedError):
         log.take()
-    with pytest.raises(InvalidMemoryError, match="no regions"):
+    with pytest.raises(InvalidMemoryError, match="guest memory that ends at 0"):
         DirtyLog.allocate(GuestMemory.empty())
 
 

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from . import _core
-from .errors import InvalidMemoryError, InvalidParamError
+from .errors import InvalidParamError
 from .types import DirtyLogRegion, _check_uint
 
 __all__ = ["DirtyLog", "DirtyRange"]
@@ -49,14 +49,6 @@ class DirtyRange:
         return f"DirtyRange(start={self.start:#x}, end={self.end:#x})"
 
 
-def _guest_end(memory: _core.GuestMemory) -> int:
-    """The end of the highest region: the log must cover every address below it."""
-    regions = memory.regions()
-    if not regions:
-        raise InvalidMemoryError("the guest memory has no regions: there is nothing to log")
-    return max(gpa + size for gpa, size, _uaddr, _offset, _fd in regions)
-
-
 class DirtyLog:
     """A dirty-page bitmap in shared memory (see the module documentation).
 
@@ -74,7 +66,7 @@ class DirtyLog:
         """A zeroed log covering every address of ``memory`` (up to the end of its highest
         region), in a new memfd sealed against resizing, sized in whole 64-bit words as
         QEMU sizes it."""
-        return cls(_core.DirtyLog.allocate(_guest_end(memory)))
+        return cls(_core.DirtyLog.allocate(memory))
 
     @classmethod
     def adopt(
@@ -99,7 +91,7 @@ class DirtyLog:
         """
         size = _check_uint("DirtyLog.adopt", "mmap_size", mmap_size, 64)
         offset = _check_uint("DirtyLog.adopt", "mmap_offset", mmap_offset, 64)
-        return cls(_core.DirtyLog.adopt(fd, size, offset, _guest_end(memory), require_sealed))
+        return cls(_core.DirtyLog.adopt(fd, size, offset, memory, require_sealed))
 
     @property
     def native(self) -> _core.DirtyLog:

@@ -6,10 +6,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
-use vhost_core::memory::dirty_log::{DirtyLog, DirtyLogError, DirtyRange};
+use vhost_core::memory::dirty_log::{memory_end, DirtyLog, DirtyLogError, DirtyRange};
 
 use crate::errors::{closed, io_error};
 use crate::fd::dup_of;
+use crate::memory::PyGuestMemory;
 
 /// `[start, end)` guest-physical addresses of one run of dirty pages.
 type RangeTuple = (u64, u64);
@@ -68,27 +69,30 @@ fn tuples(it: impl Iterator<Item = DirtyRange>) -> Vec<RangeTuple> {
 
 #[pymethods]
 impl PyDirtyLog {
-    /// A fresh log covering guest addresses `[0, guest_end)`, in a sealed memfd.
+    /// A fresh log covering every address of `memory` (up to the end of its highest
+    /// region), in a sealed memfd.
     #[staticmethod]
-    fn allocate(py: Python<'_>, guest_end: u64) -> PyResult<Self> {
+    fn allocate(py: Python<'_>, memory: &PyGuestMemory) -> PyResult<Self> {
+        let guest_end = memory_end(&memory.snapshot());
         let log = py
             .detach(|| DirtyLog::allocate(guest_end))
             .map_err(log_error)?;
         Ok(Self::new(log))
     }
 
-    /// Maps the log a front-end sent (`SET_LOG_BASE`); `fd` stays the caller's (a duplicate
-    /// is mapped and closed again).
+    /// Maps the log a front-end sent (`SET_LOG_BASE`), checked against `memory`; `fd`
+    /// stays the caller's (a duplicate is mapped and closed again).
     #[staticmethod]
-    #[pyo3(signature = (fd, mmap_size, mmap_offset, guest_end, require_sealed = false))]
+    #[pyo3(signature = (fd, mmap_size, mmap_offset, memory, require_sealed = false))]
     fn adopt(
         py: Python<'_>,
         fd: &Bound<'_, PyAny>,
         mmap_size: u64,
         mmap_offset: u64,
-        guest_end: u64,
+        memory: &PyGuestMemory,
         require_sealed: bool,
     ) -> PyResult<Self> {
+        let guest_end = memory_end(&memory.snapshot());
         let fd = dup_of(fd)?;
         let log = py
             .detach(|| DirtyLog::adopt(fd, mmap_size, mmap_offset, guest_end, require_sealed))

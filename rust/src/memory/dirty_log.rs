@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use super::GuestRegion;
+use super::{GuestMemory, GuestRegion};
 use crate::sys::memfd::regular_file_size;
 use crate::sys::{memfd_create, Mapping};
 
@@ -109,6 +109,17 @@ pub fn min_log_size(guest_end: u64) -> u64 {
 /// reads past the end.
 pub fn alloc_log_size(guest_end: u64) -> u64 {
     min_log_size(guest_end).div_ceil(8) * 8
+}
+
+/// The end of the highest region of `memory` (0 when it has none): the guest-physical
+/// address a log must cover up to, on either end.
+pub fn memory_end(memory: &GuestMemory) -> u64 {
+    memory
+        .regions()
+        .iter()
+        .map(|r| r.info().gpa_end())
+        .max()
+        .unwrap_or(0)
 }
 
 /// One atomic access unit of the log: a byte or an aligned 64-bit word.
@@ -450,6 +461,13 @@ mod tests {
     fn raw_bytes(raw: &Mapping) -> Vec<u8> {
         // SAFETY: the mapping is `len` readable bytes; racing writers are not running.
         unsafe { std::slice::from_raw_parts(raw.as_ptr(), raw.len()) }.to_vec()
+    }
+
+    #[test]
+    fn memory_end_is_the_end_of_the_highest_region() {
+        assert_eq!(memory_end(&GuestMemory::default()), 0);
+        let mem = GuestMemory::allocate(&[(1 << 30, 0x2000), (0, 0x1000)]).unwrap();
+        assert_eq!(memory_end(&mem), (1 << 30) + 0x2000);
     }
 
     #[test]
