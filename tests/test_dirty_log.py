@@ -291,6 +291,32 @@ def test_our_backend_adopts_the_log_and_its_marks_reach_the_frontend(
     call.close()
 
 
+@pytest.mark.parametrize("own_backend", [True], indirect=True)
+def test_frontend_refuses_memory_its_log_does_not_cover(
+    own_backend: tuple[Frontend, LoggingDevice, GuestMemory],
+) -> None:
+    """A page past the end of the log could not be logged, so it would silently miss the
+    migration: a log smaller than the memory table, or memory growing past the log while
+    logging, is refused before anything is sent."""
+    fe, device, ram = own_backend
+    small_ram = GuestMemory.allocate([(0, 1 << 20)])
+    with DirtyLog.allocate(small_ram) as small, DirtyLog.allocate(ram) as log:
+        with pytest.raises(InvalidMemoryError, match=r"SET_LOG_BASE.*end at 0x40100000"):
+            fe.start_dirty_log(small)
+        assert device.log_bases == []
+        fe.start_dirty_log(log)
+        bigger = GuestMemory.allocate([(0, 1 << 20), (2 << 30, 1 << 20)])
+        with pytest.raises(InvalidMemoryError, match="SET_MEM_TABLE") as exc:
+            fe.set_mem_table(regions_of(bigger))
+        assert exc.value.address == (2 << 30) + (1 << 20)
+        assert device.memory is not None  # the back-end still has the old table
+        assert device.memory.contains(1 << 30, 1) and not device.memory.contains(2 << 30, 1)
+        # Shrinking is fine; then a log for the small memory is enough.
+        fe.set_mem_table(regions_of(small_ram))
+        fe.start_dirty_log(small)
+        assert fe.dirty_log is small
+
+
 @pytest.mark.parametrize("own_backend", [False], indirect=True)
 def test_start_dirty_log_needs_log_all_offered(
     own_backend: tuple[Frontend, LoggingDevice, GuestMemory],

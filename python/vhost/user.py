@@ -29,6 +29,7 @@ from .dirty_log import DirtyLog
 from .errors import (
     ClosedError,
     InactiveFeatureError,
+    InvalidMemoryError,
     InvalidParamError,
     InvalidQueueError,
     NotSupportedError,
@@ -152,6 +153,9 @@ class Frontend(VhostBackend):
         # running queue (re-sent with VHOST_VRING_F_LOG when logging starts or stops).
         self._dirty_log: DirtyLog | None = None
         self._vring_configs: dict[int, VringConfig] = {}
+        # Guest-physical end of each region the back-end was given, by start address: a
+        # log must cover the highest one.
+        self._region_ends: dict[int, int] = {}
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 10.0) -> Self:
@@ -229,7 +233,13 @@ class Frontend(VhostBackend):
         self._native.reset_owner()
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        """``SET_MEM_TABLE``. While dirty logging is on, memory the log does not cover is
+        refused before it is sent (hand over a larger log with :meth:`start_dirty_log`
+        first, as QEMU resizes its log)."""
+        ends = {r.guest_phys_addr: r.guest_phys_addr + r.memory_size for r in regions}
+        self._check_log_covers(max(ends.values(), default=0), "SET_MEM_TABLE")
         self._native.set_mem_table([_region_tuple(r) for r in regions])
+        self._region_ends = ends
 
     def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
         if region is None:
@@ -435,7 +445,9 @@ class Frontend(VhostBackend):
         ``ProtocolFeature.LOG_SHMFD`` was not negotiated (no fd-based log without it),
         :class:`~vhost.errors.NotSupportedError` when the back-end does not offer
         ``VHOST_F_LOG_ALL``, :class:`~vhost.errors.InvalidParamError` for a log without
-        an fd (an adopted one), :class:`~vhost.errors.InvalidQueueError` for a running
+        an fd (an adopted one), :class:`~vhost.errors.InvalidMemoryError` for a log that
+        does not cover the memory table sent on this connection,
+        :class:`~vhost.errors.InvalidQueueError` for a running
         queue whose ``VringConfig`` has no ``log_addr``
         (:func:`~vhost.virtio.setup_queue` always gives one).
         """
@@ -447,6 +459,7 @@ class Frontend(VhostBackend):
                 f"(acked {self.acked_protocol_features!r}); the back-end cannot map a log",
             )
         region = log.region
+        self._check_log_covers(max(self._region_ends.values(), default=0), "SET_LOG_BASE", log)
         if self._dirty_log is None:
             offered = self.get_features()
             if not offered & _LOG_ALL:
@@ -470,6 +483,20 @@ class Frontend(VhostBackend):
         self._dirty_log = log
         for index, config in list(self._vring_configs.items()):
             self.set_vring_addr(index, config)
+
+    def _check_log_covers(self, end: int, request: str, log: DirtyLog | None = None) -> None:
+        """A back-end cannot log a write past the end of its log, so the page would be
+        missing from the migration: refuse memory the log (the current one, or ``log``
+        about to replace it) does not cover."""
+        if log is None:
+            log = self._dirty_log
+        if log is not None and end > log.covers:
+            raise InvalidMemoryError(
+                f"{request}: the dirty log covers guest addresses below {log.covers:#x}, but "
+                f"guest memory would end at {end:#x}; hand over a larger log "
+                "(start_dirty_log(DirtyLog.allocate(memory))) first",
+                end,
+            )
 
     def stop_dirty_log(self) -> None:
         """Turns logging off: ``SET_FEATURES`` without ``VHOST_F_LOG_ALL``, then
@@ -518,12 +545,17 @@ class Frontend(VhostBackend):
         return self._native.get_max_mem_slots()
 
     def add_mem_region(self, region: MemoryRegion) -> None:
+        """``ADD_MEM_REG``; checked against the dirty log as :meth:`set_mem_table` is."""
+        end = region.guest_phys_addr + region.memory_size
+        self._check_log_covers(end, "ADD_MEM_REG")
         self._native.add_mem_region(_region_tuple(region))
+        self._region_ends[region.guest_phys_addr] = end
 
     def remove_mem_region(self, region: MemoryRegion) -> None:
         self._native.remove_mem_region(
             region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
         )
+        self._region_ends.pop(region.guest_phys_addr, None)
 
     def reset_device(self) -> None:
         self._native.reset_device()
