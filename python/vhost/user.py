@@ -8,6 +8,9 @@
   :class:`BackendSession` with it. The session (in Rust) validates every message first.
 - :class:`FrontendRequestHandler` answers what a back-end sends on its request channel
   (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
+- Live migration: :meth:`Frontend.start_dirty_log` makes any back-end with ``LOG_SHMFD``
+  and ``VHOST_F_LOG_ALL`` record its writes to guest memory in a :class:`vhost.DirtyLog`,
+  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`.
 """
 
 from __future__ import annotations
@@ -673,6 +676,10 @@ class BackendHandler:
         raise _refuse("GET_MAX_MEM_SLOTS")
 
     def set_log_base(self, mmap_size: int, mmap_offset: int, fd: _core.FileDescriptor) -> None:
+        """The dirty log (``LOG_SHMFD``): map it with ``vhost.DirtyLog.adopt(fd, mmap_size,
+        mmap_offset, memory)``, which checks it against the memory table, and
+        :meth:`~vhost.DirtyLog.mark` every write to guest memory while ``VHOST_F_LOG_ALL``
+        is acked. Refused by default."""
         raise _refuse("SET_LOG_BASE")
 
     def set_log_fd(self, fd: _core.FileDescriptor) -> None:
