@@ -11,11 +11,13 @@ fds (ADVERSARIAL C9), each refused with a typed error and no fd or mapping left 
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from vhost import (
     InactiveFeatureError,
     InvalidMemoryError,
     InvalidParamError,
+    KernelError,
     NotSupportedError,
     ProtocolFeature,
 )
@@ -63,11 +66,24 @@ def mapping_count() -> int:
 # --- against qemu-storage-daemon ---------------------------------------------------------
 
 
+def connect(sock: Path) -> Frontend:
+    """Connects to qemu-storage-daemon. Its socket file appears at bind(), a moment before
+    listen(), and the harness waits only for the file: retry a refused connection briefly."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            return Frontend.connect(sock)
+        except KernelError as exc:
+            if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class BlkRig:
     """Our front-end with one split ring on qemu-storage-daemon's vhost-user-blk export."""
 
     def __init__(self, sock: Path, *, protocol_features: int | None = None) -> None:
-        self.fe = Frontend.connect(sock)
+        self.fe = connect(sock)
         self.features, self.proto = self.fe.negotiate(protocol_features=protocol_features)
         self.ram = GuestMemory.allocate([(0, 1 << 20)])
         self.fe.set_mem_table(regions_of(self.ram))
@@ -173,15 +189,15 @@ def test_start_dirty_log_needs_log_shmfd(qsd: Path) -> None:
 
 
 def test_negotiate_acks_log_all_only_when_asked(qsd: Path) -> None:
-    with Frontend.connect(qsd) as fe:
+    with connect(qsd) as fe:
         features, _ = fe.negotiate()
         assert fe.get_features() & LOG_ALL
         assert not features & LOG_ALL
-    with Frontend.connect(qsd) as fe:
+    with connect(qsd) as fe:
         features, _ = fe.negotiate(log_all=True)
         assert features & LOG_ALL
         assert fe.acked_features & LOG_ALL
-    with Frontend.connect(qsd) as fe:
+    with connect(qsd) as fe:
         features, _ = fe.negotiate(features=VERSION_1, log_all=True)
         assert features & (LOG_ALL | VERSION_1) == LOG_ALL | VERSION_1
 
