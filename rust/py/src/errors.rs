@@ -8,7 +8,7 @@ use vhost_core::memory::MemoryError;
 use vhost_core::user::Error as UserError;
 use vhost_core::vring::VringError;
 
-fn raise<'py>(
+pub(crate) fn raise<'py>(
     py: Python<'py>,
     class: &str,
     args: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,

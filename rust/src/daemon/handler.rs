@@ -17,6 +17,7 @@ use crate::user::payload::InflightDesc;
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
+use super::events::QueueReporter;
 use super::inflight::InflightArea;
 use super::queue::{lock, spawn_worker, QueueSlot};
 
@@ -72,6 +73,15 @@ impl DaemonHandler {
     /// Starts one worker thread per queue of `device`; `poll` is how long a worker keeps
     /// polling its ring after the last request before it sleeps on the kick eventfd.
     pub fn new(device: Arc<dyn VirtioDevice>, poll: Duration) -> std::io::Result<Self> {
+        Self::with_reporter(device, poll, None)
+    }
+
+    /// [`new`](Self::new), with queue failures reported as events of a session.
+    pub(crate) fn with_reporter(
+        device: Arc<dyn VirtioDevice>,
+        poll: Duration,
+        reporter: Option<QueueReporter>,
+    ) -> std::io::Result<Self> {
         let mut handler = DaemonHandler {
             slots: Vec::new(),
             workers: Vec::new(),
@@ -83,7 +93,7 @@ impl DaemonHandler {
             device,
         };
         for i in 0..handler.device.num_queues() {
-            let slot = Arc::new(QueueSlot::new(i)?);
+            let slot = Arc::new(QueueSlot::new(i, reporter.clone())?);
             handler
                 .workers
                 .push(spawn_worker(slot.clone(), handler.device.clone(), poll)?);
@@ -103,6 +113,11 @@ impl DaemonHandler {
             .iter()
             .map(|s| lock(&s.state).last_error.clone())
             .collect()
+    }
+
+    /// Whether the front-end has shared no guest memory (yet).
+    pub fn memory_is_empty(&self) -> bool {
+        self.mem.regions().is_empty()
     }
 
     fn slot(&self, index: u32) -> Result<&Arc<QueueSlot>> {
