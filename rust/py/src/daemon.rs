@@ -611,6 +611,8 @@ pub struct PyDaemon {
     stopper: Mutex<Option<Stopper>>,
     outcome: Mutex<Option<UserResult<()>>>,
     events: Arc<EventQueue>,
+    /// A `start` is binding its socket.
+    starting: AtomicBool,
 }
 
 #[pymethods]
@@ -644,6 +646,7 @@ impl PyDaemon {
             stopper: Mutex::new(None),
             outcome: Mutex::new(None),
             events: Arc::new(EventQueue::default()),
+            starting: AtomicBool::new(false),
         })
     }
 
@@ -651,50 +654,17 @@ impl PyDaemon {
     /// `client`, connects to a front-end listening there (one session).
     #[pyo3(signature = (path, *, client = false))]
     fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
-        let mut running = lock(&self.running);
-        if running.is_some() || self.serving() {
-            return Err(invalid_param("the daemon is already running"));
+        // The bind runs detached: hold no lock across it (a thread holding the GIL may be
+        // reading `running`), only this flag against a second start meanwhile.
+        {
+            let running = lock(&self.running);
+            if running.is_some() || self.serving() || self.starting.swap(true, Ordering::SeqCst) {
+                return Err(invalid_param("the daemon is already running"));
+            }
         }
-        let daemon = Daemon::new(self.device.clone())
-            .map_err(io_error)?
-            .with_stall_timeout(self.stall_timeout)
-            .with_poll(self.poll)
-            .with_sealed_memory_only(self.sealed_memory_only);
-        let events = self.events.clone();
-        let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
-        let listener = if client {
-            None
-        } else {
-            Some(
-                py.detach(|| Listener::bind(&path, true))
-                    .map_err(|e| path_error(&path, e))?,
-            )
-        };
-        let (tx, rx) = mpsc::channel();
-        *lock(&self.stats) = Some(daemon.stats());
-        let stopper = daemon.stopper();
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
-        let thread = std::thread::Builder::new()
-            .name("vhost-daemon".into())
-            .spawn(move || {
-                let r = match &listener {
-                    Some(l) => daemon.serve(l),
-                    None => daemon.connect(&path),
-                };
-                drop(listener);
-                let _ = tx.send(r);
-                done.store(true, Ordering::SeqCst);
-            })
-            .map_err(io_error)?;
-        *lock(&self.finished) = Some(finished);
-        *lock(&self.outcome) = None;
-        *lock(&self.stopper) = Some(stopper);
-        *running = Some(Running {
-            finished: rx,
-            thread,
-        });
-        Ok(())
+        let started = self.launch(py, path, client);
+        self.starting.store(false, Ordering::SeqCst);
+        started
     }
 
     /// Asks the daemon to stop; `wait` then returns once it has.
@@ -820,6 +790,50 @@ impl PyDaemon {
 }
 
 impl PyDaemon {
+    /// Builds the core daemon, binds its socket (server mode) and starts its thread.
+    fn launch(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
+        let daemon = Daemon::new(self.device.clone())
+            .map_err(io_error)?
+            .with_stall_timeout(self.stall_timeout)
+            .with_poll(self.poll)
+            .with_sealed_memory_only(self.sealed_memory_only);
+        let events = self.events.clone();
+        let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
+        let listener = if client {
+            None
+        } else {
+            Some(
+                py.detach(|| Listener::bind(&path, true))
+                    .map_err(|e| path_error(&path, e))?,
+            )
+        };
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.stats) = Some(daemon.stats());
+        let stopper = daemon.stopper();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let thread = std::thread::Builder::new()
+            .name("vhost-daemon".into())
+            .spawn(move || {
+                let r = match &listener {
+                    Some(l) => daemon.serve(l),
+                    None => daemon.connect(&path),
+                };
+                drop(listener);
+                let _ = tx.send(r);
+                done.store(true, Ordering::SeqCst);
+            })
+            .map_err(io_error)?;
+        *lock(&self.finished) = Some(finished);
+        *lock(&self.outcome) = None;
+        *lock(&self.stopper) = Some(stopper);
+        *lock(&self.running) = Some(Running {
+            finished: rx,
+            thread,
+        });
+        Ok(())
+    }
+
     /// Whether the serving thread of the latest start has not finished yet.
     fn serving(&self) -> bool {
         lock(&self.finished)

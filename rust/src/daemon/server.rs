@@ -13,7 +13,7 @@ use crate::user::codes::FrontendReq;
 use crate::user::{BackendSession, Error, Listener, Result};
 
 use super::device::VirtioDevice;
-use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd, UNSHARED_MEMORY_HINT};
+use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd};
 use super::handler::DaemonHandler;
 use super::queue::lock;
 
@@ -230,10 +230,7 @@ impl Daemon {
                 }
             }
             let (request, result) = Self::handle_one(&mut session_io, &mut handler);
-            // Rings fail to translate when the front-end shared no memory at all.
-            let hint = request
-                .filter(|r| r.name().starts_with("SET_VRING_") && handler.memory_is_empty())
-                .map(|_| UNSHARED_MEMORY_HINT);
+            let hint = handler.take_hint();
             match result {
                 Ok(()) => {}
                 Err(Error::Disconnected) => break (Ok(()), SessionEnd::Closed, None),

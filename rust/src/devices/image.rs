@@ -140,16 +140,17 @@ impl Image {
         if size == 0 {
             return Err(ImageError::Empty { path: path.into() });
         }
-        if size % SECTOR != 0 {
-            return Err(ImageError::Size {
-                path: path.into(),
-                size,
-            });
-        }
+        // The format first: other formats' files have any size.
         if let Some(format) = detect_format(&file).map_err(open_err)? {
             return Err(ImageError::Format {
                 path: path.into(),
                 format,
+            });
+        }
+        if size % SECTOR != 0 {
+            return Err(ImageError::Size {
+                path: path.into(),
+                size,
             });
         }
         lock(&file, path, readonly, locking)?;
