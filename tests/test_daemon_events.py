@@ -121,6 +121,22 @@ def test_serve_forever_hands_events_to_the_callback(tmp_sock_dir: Path) -> None:
     ]
 
 
+def test_uncollected_events_are_bounded(tmp_sock_dir: Path) -> None:
+    """A daemon nobody watches keeps only the latest 1024 events and counts the rest."""
+    with Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "b.sock") as daemon:
+        with Frontend.connect(daemon.path, timeout=10.0) as fe:
+            fe.negotiate()
+            for _ in range(1100):
+                with pytest.raises(RequestRefusedError):
+                    fe.set_vring_kick(0, None)
+        assert wait_for(lambda: daemon.sessions_ended == 1)
+        events = daemon.next_events()
+    # 1 start + 1100 refusals + 1 end = 1102 events, of which the oldest 78 are gone.
+    assert len(events) == 1024 and daemon.events_dropped == 78
+    assert events[-1].kind is EventKind.SESSION_ENDED
+    assert all(e.kind is EventKind.REFUSED for e in events[:-1])
+
+
 # -- what `serve` prints -----------------------------------------------------------------
 
 

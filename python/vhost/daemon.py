@@ -21,6 +21,22 @@ front-end (a restarted QEMU, or QEMU's ``reconnect``) is served::
         ...  # QEMU: -chardev socket,id=c0,path=/run/blk.sock -device vhost-user-blk-pci,chardev=c0
 
 :meth:`Daemon.serve_forever` blocks until SIGINT or SIGTERM and then stops cleanly.
+
+The daemon reports what happens as :class:`DaemonEvent` values (a session started, a
+request refused and why, a queue stopped, a session ended and how):
+:meth:`Daemon.next_events`, or ``serve_forever(on_event=...)``. A refusal is where a
+front-end's vague failure ("vhost start failed") gets its reason.
+
+:class:`BlkDevice` (and :class:`vhost.devices.blkdev.PythonBlkDevice`, through
+:class:`ImageFile`) serves raw images only: a file starting with another format's
+signature (qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS, ...), an empty file, or one whose size
+is not a multiple of 512 is refused with ``InvalidParamError``. The image is locked the
+way QEMU locks it (``lock=True``): a writer refuses to start while another program
+writes the image or forbids writers, and the other program (another back-end, a
+qemu-storage-daemon, QEMU) then refuses too; readers share with readers.
+``force_share=True`` (read-only only) reads whatever others do, as ``qemu-img -U``;
+``lock=False`` takes no locks. A lock held elsewhere is a ``KernelError`` with errno
+``EBUSY``, the image as ``filename`` and the holder named.
 """
 
 from __future__ import annotations
