@@ -121,6 +121,25 @@ def test_empty_and_partial_sector_images_are_refused(
         assert line.startswith(f"error: open image {path}: {words}"), line
 
 
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "character device"])
+def test_files_that_are_not_disks_are_refused(tmp_sock_dir: Path, kind: str) -> None:
+    """A FIFO must not hang the open; a directory or /dev/null is no disk either."""
+    path = {"directory": tmp_sock_dir / "dir", "FIFO": tmp_sock_dir / "fifo"}.get(
+        kind, Path("/dev/null")
+    )
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    for py in ([], ["--python"]):
+        line = one_line_error(
+            serve("--socket", tmp_sock_dir / "s", "--image", path, "--readonly", *py)
+        )
+        assert line == (
+            f"error: open image {path}: a {kind}, not a regular file or a block device"
+        ), line
+
+
 @pytest.mark.parametrize("impl", PY)
 def test_missing_image(tmp_sock_dir: Path, impl: str) -> None:
     path = tmp_sock_dir / "missing.img"

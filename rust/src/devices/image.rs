@@ -14,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::devices::blk::SECTOR;
@@ -67,6 +67,12 @@ pub enum ImageError {
         path.display()
     )]
     Format { path: PathBuf, format: &'static str },
+    /// Neither a regular file nor a block device.
+    #[error(
+        "open image {}: {kind}, not a regular file or a block device",
+        path.display()
+    )]
+    NotADisk { path: PathBuf, kind: &'static str },
     /// A zero-byte file.
     #[error(
         "open image {}: the file is empty; a disk needs at least one 512-byte sector \
@@ -103,6 +109,7 @@ impl ImageError {
         match self {
             ImageError::Open { path, .. }
             | ImageError::Format { path, .. }
+            | ImageError::NotADisk { path, .. }
             | ImageError::Empty { path }
             | ImageError::Size { path, .. }
             | ImageError::Locked { path, .. }
@@ -129,12 +136,29 @@ impl Image {
             path: path.into(),
             source,
         };
+        // O_NONBLOCK: a FIFO given by mistake must not hang the open (it is refused
+        // below); regular files and block devices ignore the flag.
         let file = OpenOptions::new()
             .read(true)
             .write(!readonly)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
             .map_err(open_err)?;
+        let kind = file.metadata().map_err(open_err)?.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(ImageError::NotADisk {
+                path: path.into(),
+                kind: if kind.is_dir() {
+                    "a directory"
+                } else if kind.is_char_device() {
+                    "a character device"
+                } else if kind.is_fifo() {
+                    "a FIFO"
+                } else {
+                    "a socket"
+                },
+            });
+        }
         // Seeking sizes block devices too, whose metadata length is 0.
         let size = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
         if size == 0 {
@@ -443,6 +467,11 @@ mod tests {
             e.to_string(),
             "open image /nonexistent/x.img: No such file or directory (os error 2)"
         );
+        for (path, kind) in [("/dev/null", "a character device"), ("/tmp", "a directory")] {
+            let e = Image::open(Path::new(path), true, Locking::On).unwrap_err();
+            assert!(matches!(e, ImageError::NotADisk { .. }), "{e}");
+            assert!(e.to_string().contains(kind), "{e}");
+        }
         let raw = temp("r.img", b"", 4096);
         assert_eq!(Image::open(&raw, false, Locking::On).unwrap().size(), 4096);
     }
