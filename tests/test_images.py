@@ -247,6 +247,12 @@ def test_qemu_storage_daemon_first_then_ours_is_refused(
             "which holds the write permission"
         ), line
         assert "--force-share" in line and "--no-lock" in line
+        with pytest.raises(KernelError) as exc:
+            device(image, impl == "python")
+        assert exc.value.errno == 16 and exc.value.filename == str(image)
+        assert exc.value.strerror == (
+            f"in use by qemu-storage-daemon (pid {qsd.pid}), which holds the write permission"
+        )
         # Read-only use does not share write either, as in QEMU.
         one_line_error(serve("--socket", tmp_sock_dir / "s", "--image", image, "--readonly", *py))
         # force-share reads anyway, no-lock ignores locks: both start.
@@ -263,6 +269,9 @@ def test_two_of_ours_writable_refused_readers_share(tmp_sock_dir: Path, image: P
     try:
         line = one_line_error(serve("--socket", tmp_sock_dir / "b.sock", "--image", image))
         assert f"lock image {image}: in use by pyvhost (pid {first.pid})" in line, line
+        # From this (older, lower-pid) process too: our own new file is never the holder.
+        with pytest.raises(KernelError, match=rf"in use by pyvhost \(pid {first.pid}\)"):
+            BlkDevice(image)
     finally:
         first.close()
     # Readers coexist with readers (ours and qemu-storage-daemon's), and keep writers out.

@@ -326,12 +326,16 @@ fn lock(file: &File, path: &Path, readonly: bool, locking: Locking) -> Result<()
 
 fn locked(file: &File, path: &Path, byte: u64, what: String) -> ImageError {
     use std::os::fd::AsFd;
-    let ours = byte_taken(file.as_fd(), PYVHOST_BYTE).unwrap_or(false);
-    let holder = match (holder_process(file, byte), ours) {
-        (Some((pid, _)), true) => format!("pyvhost (pid {pid})"),
-        (Some((pid, comm)), false) => format!("{} (pid {pid})", program_name(&comm)),
-        (None, true) => "another pyvhost back-end".into(),
-        (None, false) => "another process (QEMU, qemu-storage-daemon or qemu-img?)".into(),
+    let holder = match holder_process(file, byte) {
+        Some(Holder {
+            pid, pyvhost: true, ..
+        }) => format!("pyvhost (pid {pid})"),
+        Some(Holder { pid, comm, .. }) => format!("{} (pid {pid})", program_name(&comm)),
+        // Not visible in /proc (another user's process): our own byte still tells.
+        None if byte_taken(file.as_fd(), PYVHOST_BYTE).unwrap_or(false) => {
+            "another pyvhost back-end".into()
+        }
+        None => "another process (QEMU, qemu-storage-daemon or qemu-img?)".into(),
     };
     ImageError::Locked {
         path: path.into(),
@@ -351,9 +355,17 @@ fn program_name(comm: &str) -> String {
     }
 }
 
+/// A process holding a lock on an image.
+struct Holder {
+    pid: u32,
+    comm: String,
+    /// It holds our own byte too: a pyvhost process (whose name is the interpreter's).
+    pyvhost: bool,
+}
+
 /// The process holding a lock on `byte` of `file`, found through `/proc/PID/fdinfo`
 /// (best effort: other users' processes are not readable).
-fn holder_process(file: &File, byte: u64) -> Option<(u32, String)> {
+fn holder_process(file: &File, byte: u64) -> Option<Holder> {
     let meta = file.metadata().ok()?;
     let dev = meta.dev();
     let key = format!(
@@ -374,6 +386,11 @@ fn holder_process(file: &File, byte: u64) -> Option<(u32, String)> {
             continue;
         };
         for fd in fds.flatten() {
+            // Our own file holds some of the same bytes: never the holder.
+            let fd_num = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
+            if pid == std::process::id() && fd_num == Some(file.as_raw_fd()) {
+                continue;
+            }
             // stat follows the link: cheap, and skips every fd of another file.
             let same =
                 std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == meta.ino());
@@ -384,7 +401,13 @@ fn holder_process(file: &File, byte: u64) -> Option<(u32, String)> {
             let info = std::fs::read_to_string(info_path).unwrap_or_default();
             if info.lines().any(|l| lock_line_covers(l, &key, byte)) {
                 let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-                return Some((pid, comm.trim().to_string()));
+                return Some(Holder {
+                    pid,
+                    comm: comm.trim().to_string(),
+                    pyvhost: info
+                        .lines()
+                        .any(|l| lock_line_covers(l, &key, PYVHOST_BYTE)),
+                });
             }
         }
     }
