@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,3 +207,29 @@ def test_qemu_without_shared_memory_is_explained(tmp_sock_dir: Path, image: Path
     assert "not backed by guest memory" in err, err
     assert "memory-backend-memfd,id=mem,size=RAM,share=on" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_client_mode_session_failure_is_said_once(tmp_sock_dir: Path) -> None:
+    """``serve --client``: the front-end breaks the protocol, serve says why in one line
+    and exits with 1 (the session was the whole daemon)."""
+    path = tmp_sock_dir / "fe.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(30)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhost", "serve", "rng", "--client", "--socket", str(path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(hostile.header(Req.GET_FEATURES, flags=0x2))  # version 2
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("session 1 ended: invalid message header"), err

@@ -194,8 +194,12 @@ class _Reporter:
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
         self.trouble: dict[int, DaemonEvent] = {}
+        #: A session's failure was printed (in client mode it is also the daemon's).
+        self.failure_shown = False
 
     def __call__(self, event: DaemonEvent) -> None:
+        if event.kind is EventKind.SESSION_ENDED and event.error:
+            self.failure_shown = True
         if self.verbose:
             _say(str(event))
             return
@@ -225,6 +229,13 @@ def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
     def ready() -> None:
         print(f"serving {what} on {daemon.path}", flush=True)
 
-    daemon.serve_forever(ready, on_event=_Reporter(verbose))
+    reporter = _Reporter(verbose)
+    try:
+        daemon.serve_forever(ready, on_event=reporter)
+    except VhostError:
+        # Client mode: the one session failed, and its event already said why.
+        if not reporter.failure_shown:
+            raise
+        return 1
     _say(f"stopped after {daemon.sessions_started} session(s)")
     return 0
