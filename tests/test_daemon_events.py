@@ -22,7 +22,7 @@ from peers import find_binary
 from vhost import EventFd
 from vhost.codes import FrontendRequest as Req
 from vhost.daemon import BlkDevice, Daemon, DaemonEvent, EventKind, SessionEnd
-from vhost.errors import RequestRefusedError
+from vhost.errors import InvalidParamError, RequestRefusedError
 from vhost.types import VringConfig
 from vhost.user import Frontend
 
@@ -233,3 +233,9 @@ def test_client_mode_session_failure_is_said_once(tmp_sock_dir: Path) -> None:
     assert proc.returncode == 1, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("session 1 ended: invalid message header"), err
+
+
+def test_daemon_arguments_are_checked(tmp_sock_dir: Path) -> None:
+    """A negative poll is the caller's InvalidParamError, not an OverflowError."""
+    with pytest.raises(InvalidParamError, match="poll_us must be 0 or more"):
+        Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "b.sock", poll_us=-5)

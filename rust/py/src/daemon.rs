@@ -623,12 +623,17 @@ impl PyDaemon {
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
-        poll_us: u64,
+        poll_us: i64,
         require_sealed_memory: bool,
     ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
+        };
+        let Ok(poll_us) = u64::try_from(poll_us) else {
+            return Err(invalid_param(format!(
+                "poll_us must be 0 or more microseconds, not {poll_us}"
+            )));
         };
         if !(stall_timeout.is_finite() && stall_timeout > 0.0) {
             return Err(invalid_param(
