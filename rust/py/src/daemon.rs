@@ -746,10 +746,11 @@ impl PyDaemon {
         self.events.dropped.load(Ordering::Relaxed)
     }
 
-    /// Whether the serving thread is running.
+    /// Whether the daemon is serving (or starting to: its socket may already exist).
     #[getter]
     fn running(&self) -> bool {
-        lock(&self.running).is_some() || self.serving()
+        // A start in progress counts: its socket may already be there.
+        self.starting.load(Ordering::SeqCst) || lock(&self.running).is_some() || self.serving()
     }
 
     /// Front-end sessions accepted so far.
