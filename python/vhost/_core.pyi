@@ -23,6 +23,7 @@ __all__ = [
     "FrontendChannel",
     "GuestMemory",
     "GuestView",
+    "ImageFile",
     "KernelDevice",
     "Listener",
     "VdpaDevice",
@@ -400,6 +401,8 @@ class BlkDevice:
         queue_size: int = 256,
         readonly: bool = False,
         serial: str | None = None,
+        lock: bool = True,
+        force_share: bool = False,
     ) -> Self: ...
     @staticmethod
     def ram(
@@ -417,6 +420,39 @@ class BlkDevice:
     @property
     def features(self) -> int: ...
     def config(self) -> bytes: ...
+
+@final
+class ImageFile:
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        lock: bool = True,
+        force_share: bool = False,
+    ) -> Self: ...
+    def fileno(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        t: type[BaseException] | None,
+        v: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+# (kind, session, request, queue, end, reason, hint, error)
+_EventTuple = tuple[
+    str, int, str | None, int | None, str | None, str | None, str | None, bool
+]
 
 @final
 class Batch:
@@ -469,6 +505,9 @@ class Daemon:
     def last_error(self) -> str | None: ...
     @property
     def completed(self) -> list[int]: ...
+    def next_events(self, timeout: float | None = 0.0) -> list[_EventTuple]: ...
+    @property
+    def events_dropped(self) -> int: ...
 
 @final
 class BlkLoad:

@@ -6,9 +6,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
-use vhost_core::memory::dirty_log::{memory_end, DirtyLog, DirtyLogError, DirtyRange};
+use vhost_core::memory::dirty_log::{memory_end, DirtyLog, DirtyRange};
 
-use crate::errors::{closed, io_error};
+use crate::errors::{closed, log_error};
 use crate::fd::dup_of;
 use crate::memory::PyGuestMemory;
 
@@ -35,32 +35,6 @@ impl PyDirtyLog {
             .clone()
             .ok_or_else(|| closed("dirty log"))
     }
-}
-
-/// A dirty-log error as a Python exception: creating the memfd is a `KernelError` with its
-/// errno; everything about sizes, offsets, the fd and addresses is `InvalidMemoryError`
-/// (the log is guest-memory metadata), with the guest address when there is one.
-fn log_error(err: DirtyLogError) -> PyErr {
-    let address = match &err {
-        DirtyLogError::Create(_) => None,
-        DirtyLogError::OutOfRange { gpa, .. } => Some(*gpa),
-        DirtyLogError::TooSmall { guest_end, .. } => Some(*guest_end),
-        _ => None,
-    };
-    if let DirtyLogError::Create(e) = err {
-        return io_error(e);
-    }
-    let msg = err.to_string();
-    Python::attach(|py| {
-        match py
-            .import("vhost.errors")
-            .and_then(|m| m.getattr("InvalidMemoryError"))
-            .and_then(|cls| cls.call1((msg, address)))
-        {
-            Ok(exc) => PyErr::from_value(exc),
-            Err(e) => e,
-        }
-    })
 }
 
 fn tuples(it: impl Iterator<Item = DirtyRange>) -> Vec<RangeTuple> {

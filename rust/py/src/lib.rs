@@ -36,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyVirtqueue>()?;
     m.add_class::<blkload::PyBlkLoad>()?;
     m.add_class::<daemon::PyBlkDevice>()?;
+    m.add_class::<daemon::PyImageFile>()?;
     m.add_class::<daemon::PyBatch>()?;
     m.add_class::<daemon::PyDaemon>()?;
     m.add_class::<kern::PyKernelDevice>()?;
