@@ -35,8 +35,9 @@ way QEMU locks it (``lock=True``): a writer refuses to start while another progr
 writes the image or forbids writers, and the other program (another back-end, a
 qemu-storage-daemon, QEMU) then refuses too; readers share with readers.
 ``force_share=True`` (read-only only) reads whatever others do, as ``qemu-img -U``;
-``lock=False`` takes no locks. A lock held elsewhere is a :class:`~vhost.errors.VhostOSError` with errno
-``EBUSY``, the image as ``filename`` and the holder named.
+``lock=False`` takes no locks. A lock held elsewhere is a
+:class:`~vhost.errors.VhostOSError` with errno ``EBUSY``, the image as ``filename`` and
+the holder named.
 """
 
 from __future__ import annotations
