@@ -247,4 +247,4 @@ def test_daemon_bind_failure_names_the_path(tmp_sock_dir: Path) -> None:
     exc = caught.value
     assert isinstance(exc, VhostOSError)
     assert exc.filename == path
-    assert str(exc) == f"bind {path}: No such file or directory"
+    assert str(exc) == f"listen on {path}: No such file or directory"

@@ -117,5 +117,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return EXIT_FAILED
     except VhostError as exc:
         error(str(exc))
-        return EXIT_FAILED
+        # A value the caller gave that cannot work (InvalidParamError and the other
+        # ValueErrors) is an unusable input; anything else is a request that failed.
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
     return code

@@ -22,6 +22,7 @@ from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
 from ..errors import InvalidParamError, VhostError
+from .common import CliError
 
 #: Most queues `serve blk` runs (one worker thread each).
 MAX_QUEUES = 256
@@ -161,17 +162,17 @@ def run_blk(args: argparse.Namespace) -> int:
     )
 
 
-def _image_failure(args: argparse.Namespace, exc: OSError) -> VhostError:
+def _image_failure(args: argparse.Namespace, exc: OSError) -> CliError:
     """The one-line error for an image that could not be opened or locked, with a hint."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EBUSY:
-        return VhostError(
+        return CliError(
             f"lock image {args.image}: {reason}; stop it first, or serve it with --readonly "
             "--force-share to read it anyway (--no-lock: no locking at all)"
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not args.readonly:
-        return VhostError(f"open image {args.image}: {reason}; use --readonly to serve it")
-    return VhostError(f"open image {args.image}: {reason}")
+        return CliError(f"open image {args.image}: {reason}; use --readonly to serve it")
+    return CliError(f"open image {args.image}: {reason}")
 
 
 def run_rng(args: argparse.Namespace) -> int:
@@ -224,7 +225,7 @@ def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
         daemon.start()
     except OSError as exc:
         action = "connect to" if daemon.client else "listen on"
-        raise VhostError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
+        raise CliError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
 
     def ready() -> None:
         print(f"serving {what} on {daemon.path}", flush=True)
