@@ -387,7 +387,7 @@ def test_bench_notices_serve_blk_killed_under_load(serve_blk: peers.Peer) -> Non
 
 HELP_PAGES = [
     [], ["probe"], ["demo"], ["blk"], ["blk", "info"], ["blk", "read"], ["blk", "write"],
-    ["bench"], ["bench", "blk"],
+    ["bench"], ["bench", "blk"], ["serve"], ["serve", "blk"], ["serve", "rng"],
 ]  # fmt: skip
 
 

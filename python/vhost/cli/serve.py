@@ -22,7 +22,7 @@ from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
 from ..errors import InvalidParamError, VhostError
-from .common import CliError
+from .common import CliError, plain
 
 #: Most queues `serve blk` runs (one worker thread each).
 MAX_QUEUES = 256
@@ -31,7 +31,9 @@ MAX_QUEUE_SIZE = 32768
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="run a vhost-user back-end daemon", description=__doc__)
+    p = sub.add_parser(
+        "serve", help="run a vhost-user back-end daemon", description=plain(__doc__)
+    )
     kinds = p.add_subparsers(dest="device", required=True)
 
     blk = kinds.add_parser("blk", help="virtio-blk over a raw image file")
