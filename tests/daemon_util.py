@@ -64,7 +64,7 @@ class ServeProc:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
         line = self.proc.stdout.readline() if ready else b""
-        if not line.startswith(b"serving"):
+        if not line.startswith((b"serving", b"waiting")):
             self.close()
             raise AssertionError(f"serve did not start: {line!r} {self.stderr()}")
         self.banner = line.decode()
@@ -210,7 +210,11 @@ class BlkGuest:
         fe.negotiate(
             features=self.features(offered),
             protocol_features=int(
-                PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
+                PF.MQ
+                | PF.REPLY_ACK
+                | PF.CONFIG
+                | PF.CONFIGURE_MEM_SLOTS
+                | PF.RESET_DEVICE
                 | PF.STATUS
             ),
             packed=self.packed,

@@ -1,5 +1,4 @@
-"""Validation, byte layouts and reprs of ``vhost.types``; the ``VhostBackend`` base class.
-"""
+"""Validation, byte layouts and reprs of ``vhost.types``; the ``VhostBackend`` base class."""
 
 from __future__ import annotations
 
