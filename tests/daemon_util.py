@@ -49,7 +49,8 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.01)
 
 
 class ServeProc:
-    """``python -m vhost serve ...`` in a subprocess; ready once it printed ``serving``."""
+    """``python -m vhost serve ...`` in a subprocess; ready once it printed its banner
+    (``serving ...``; ``waiting for a front-end ...`` with ``--client``)."""
 
     def __init__(self, args: Sequence[str], socket_path: Path, log: Path) -> None:
         self.socket_path = socket_path
@@ -210,11 +211,7 @@ class BlkGuest:
         fe.negotiate(
             features=self.features(offered),
             protocol_features=int(
-                PF.MQ
-                | PF.REPLY_ACK
-                | PF.CONFIG
-                | PF.CONFIGURE_MEM_SLOTS
-                | PF.RESET_DEVICE
+                PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
                 | PF.STATUS
             ),
             packed=self.packed,

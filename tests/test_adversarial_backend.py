@@ -44,12 +44,7 @@ from vhost.user import BackendHandler, BackendListener, FileDescriptor, Frontend
 
 FEATURES = (1 << 32) | (1 << 30)  # VERSION_1 | PROTOCOL_FEATURES
 OFFERED_PROTO = int(
-    PF.REPLY_ACK
-    | PF.CONFIG
-    | PF.MQ
-    | PF.CONFIGURE_MEM_SLOTS
-    | PF.INFLIGHT_SHMFD
-    | PF.STATUS
+    PF.REPLY_ACK | PF.CONFIG | PF.MQ | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | PF.STATUS
     | PF.BACKEND_REQ
 )
 NACK_PROTO = int(
@@ -189,12 +184,8 @@ def one_socket() -> list[int]:
 
 
 def regular_file() -> list[int]:
-    return [
-        os.open(
-            "/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd",
-            os.O_RDONLY | os.O_CLOEXEC,
-        )
-    ]
+    return [os.open("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd",
+                    os.O_RDONLY | os.O_CLOEXEC)]
 
 
 def pipe_end() -> list[int]:
@@ -320,9 +311,8 @@ FATAL: dict[str, Fatal] = {
         fds=memfds(3),
     ),
     # B4/B5: the vring fd word.
-    "B4-nofd-with-fd": Fatal(
-        MSG(Req.SET_VRING_KICK, kick_word(0, nofd=True)), ProtocolError, fds=eventfds(1)
-    ),
+    "B4-nofd-with-fd": Fatal(MSG(Req.SET_VRING_KICK, kick_word(0, nofd=True)), ProtocolError,
+                             fds=eventfds(1)),
     "B4-no-nofd-no-fd": Fatal(MSG(Req.SET_VRING_CALL, kick_word(0)), ProtocolError),
     "B5-reserved-bits-in-vring-word": Fatal(
         MSG(Req.SET_VRING_KICK, U64.pack(0x1_0000_0000)), InvalidParamError, fds=eventfds(1)
@@ -333,10 +323,8 @@ FATAL: dict[str, Fatal] = {
     # C1/C2/C4/C5: memory tables (no ack asked: the failure closes the connection).
     "C1-zero-regions": Fatal(MSG(Req.SET_MEM_TABLE, hostile.mem_table([])), VhostError),
     "C1-nine-regions": Fatal(
-        MSG(
-            Req.SET_MEM_TABLE,
-            hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(9)]),
-        ),
+        MSG(Req.SET_MEM_TABLE,
+            hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(9)])),
         VhostError,
         fds=memfds(9),
     ),
@@ -369,18 +357,14 @@ FATAL: dict[str, Fatal] = {
         fds=memfds(1),
     ),
     "C4-overlapping-gpa": Fatal(
-        MSG(
-            Req.SET_MEM_TABLE,
-            hostile.mem_table([region(0, MiB), region(MiB // 2, MiB, UADDR + 4 * MiB)]),
-        ),
+        MSG(Req.SET_MEM_TABLE,
+            hostile.mem_table([region(0, MiB), region(MiB // 2, MiB, UADDR + 4 * MiB)])),
         VhostError,
         fds=memfds(2),
     ),
     "C4-overlapping-uaddr": Fatal(
-        MSG(
-            Req.SET_MEM_TABLE,
-            hostile.mem_table([region(0, MiB), region(4 * MiB, MiB, UADDR + MiB // 2)]),
-        ),
+        MSG(Req.SET_MEM_TABLE,
+            hostile.mem_table([region(0, MiB), region(4 * MiB, MiB, UADDR + MiB // 2)])),
         VhostError,
         fds=memfds(2),
     ),
@@ -399,27 +383,20 @@ FATAL: dict[str, Fatal] = {
         MSG(Req.SET_VRING_KICK, kick_word(0)), InvalidParamError, fds=regular_file
     ),
     "B6-call-fd-is-directory": Fatal(
-        MSG(Req.SET_VRING_CALL, kick_word(0), flags=VERSION | NEED_REPLY),
-        InvalidParamError,
-        fds=directory,
-        proto=int(PF.REPLY_ACK),
+        MSG(Req.SET_VRING_CALL, kick_word(0), flags=VERSION | NEED_REPLY), InvalidParamError,
+        fds=directory, proto=int(PF.REPLY_ACK),
     ),
     # D2: ring indexes.
-    "D2-vring-num-index-eq-max": Fatal(
-        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(2, 256)), InvalidParamError
-    ),
-    "D2-vring-num-index-256": Fatal(
-        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(256, 256)), InvalidParamError
-    ),
-    "D2-get-vring-base-index-255": Fatal(
-        MSG(Req.GET_VRING_BASE, VRING_STATE.pack(255, 0)), InvalidParamError
-    ),
-    "D2-kick-index-255": Fatal(
-        MSG(Req.SET_VRING_KICK, kick_word(255)), InvalidParamError, fds=eventfds(1)
-    ),
-    "D2-enable-index-0x10001": Fatal(
-        MSG(Req.SET_VRING_ENABLE, VRING_STATE.pack(0x10001, 1)), InvalidParamError
-    ),
+    "D2-vring-num-index-eq-max": Fatal(MSG(Req.SET_VRING_NUM, VRING_STATE.pack(2, 256)),
+                                       InvalidParamError),
+    "D2-vring-num-index-256": Fatal(MSG(Req.SET_VRING_NUM, VRING_STATE.pack(256, 256)),
+                                    InvalidParamError),
+    "D2-get-vring-base-index-255": Fatal(MSG(Req.GET_VRING_BASE, VRING_STATE.pack(255, 0)),
+                                         InvalidParamError),
+    "D2-kick-index-255": Fatal(MSG(Req.SET_VRING_KICK, kick_word(255)), InvalidParamError,
+                               fds=eventfds(1)),
+    "D2-enable-index-0x10001": Fatal(MSG(Req.SET_VRING_ENABLE, VRING_STATE.pack(0x10001, 1)),
+                                     InvalidParamError),
     # G1: config windows (CONFIG negotiated, GET_CONFIG has a reply: refusal closes).
     "G1-config-offset-size-overflow": Fatal(
         MSG(Req.GET_CONFIG, hostile.config_body(0xFFFFFFFF, 4)), VhostError, proto=int(PF.CONFIG)
@@ -431,8 +408,7 @@ FATAL: dict[str, Fatal] = {
         MSG(Req.GET_CONFIG, hostile.config_body(0, 257)), VhostError, proto=int(PF.CONFIG)
     ),
     "G1-config-size-field-lies": Fatal(
-        MSG(Req.GET_CONFIG, hostile.config_body(0, 8, data=bytes(4))),
-        VhostError,
+        MSG(Req.GET_CONFIG, hostile.config_body(0, 8, data=bytes(4))), VhostError,
         proto=int(PF.CONFIG),
     ),
 }
@@ -521,16 +497,13 @@ def test_a8_failing_handler_gets_exactly_one_nack(listener: BackendListener) -> 
 NACKED: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
     "A9-second-set-owner-acked": (MSG(Req.SET_OWNER, flags=VERSION | NEED_REPLY), no_fds),
     "A9-features-never-offered-acked": (
-        MSG(Req.SET_FEATURES, U64.pack(FEATURES | 1 << 5), flags=VERSION | NEED_REPLY),
-        no_fds,
+        MSG(Req.SET_FEATURES, U64.pack(FEATURES | 1 << 5), flags=VERSION | NEED_REPLY), no_fds
     ),
     "D1-vring-num-not-power-of-two": (
-        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 3), flags=VERSION | NEED_REPLY),
-        no_fds,
+        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 3), flags=VERSION | NEED_REPLY), no_fds
     ),
     "D2-vring-num-index-eq-max-acked": (
-        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(2, 256), flags=VERSION | NEED_REPLY),
-        no_fds,
+        MSG(Req.SET_VRING_NUM, VRING_STATE.pack(2, 256), flags=VERSION | NEED_REPLY), no_fds
     ),
     "C5-small-memfd-acked": (
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, 1 << 30)]), flags=VERSION | NEED_REPLY),
@@ -541,35 +514,29 @@ NACKED: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
         eventfds(1),
     ),
     "D1-vring-num-0": (MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 0), flags=ACKED), no_fds),
-    "D1-vring-num-65536": (MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 65536), flags=ACKED), no_fds),
+    "D1-vring-num-65536": (MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 65536), flags=ACKED),
+                           no_fds),
     "D2-vring-addr-index-2": (MSG(Req.SET_VRING_ADDR, vring_addr(2), flags=ACKED), no_fds),
-    "D2-vring-base-index-255": (
-        MSG(Req.SET_VRING_BASE, VRING_STATE.pack(255, 0), flags=ACKED),
-        no_fds,
-    ),
+    "D2-vring-base-index-255": (MSG(Req.SET_VRING_BASE, VRING_STATE.pack(255, 0), flags=ACKED),
+                                no_fds),
     "D2-call-index-255": (MSG(Req.SET_VRING_CALL, kick_word(255), flags=ACKED), eventfds(1)),
     "D5-vring-base-over-16-bits": (
-        MSG(Req.SET_VRING_BASE, VRING_STATE.pack(0, 0x10000), flags=ACKED),
-        no_fds,
+        MSG(Req.SET_VRING_BASE, VRING_STATE.pack(0, 0x10000), flags=ACKED), no_fds
     ),
     "A9-status-wider-than-a-byte": (MSG(Req.SET_STATUS, U64.pack(0x100), flags=ACKED), no_fds),
     "C7-rem-mem-reg-absent": (
-        MSG(Req.REM_MEM_REG, single_region(region(0, MiB)), flags=ACKED),
-        no_fds,
+        MSG(Req.REM_MEM_REG, single_region(region(0, MiB)), flags=ACKED), no_fds
     ),
     "C5-add-mem-reg-small-memfd": (
-        MSG(Req.ADD_MEM_REG, single_region(region(0, 1 << 30)), flags=ACKED),
-        memfds(1, 4096),
+        MSG(Req.ADD_MEM_REG, single_region(region(0, 1 << 30)), flags=ACKED), memfds(1, 4096)
     ),
     "D7-inflight-more-queues-than-device": (
-        MSG(Req.SET_INFLIGHT_FD, inflight(4096, 0, 3, 256), flags=ACKED),
-        memfds(1, 4096),
+        MSG(Req.SET_INFLIGHT_FD, inflight(4096, 0, 3, 256), flags=ACKED), memfds(1, 4096)
     ),
     "B6-backend-req-fd-is-eventfd": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), eventfds(1)),
     "B6-backend-req-fd-is-pipe": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), pipe_end),
     "B6-backend-req-fd-is-listening-socket": (
-        MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED),
-        listening_socket,
+        MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), listening_socket
     ),
     "B6-backend-req-fd-is-udp-socket": (MSG(Req.SET_BACKEND_REQ_FD, flags=ACKED), udp_socket),
     "B6-region-fd-is-socket-acked": (
@@ -659,9 +626,8 @@ def test_a10_repeated_mem_table_and_vring_num_stay_flat(listener: BackendListene
     st = start(listener, Device())
     with hostile.connect(listener.path) as s:
         negotiate(s, int(PF.REPLY_ACK))
-        table = MSG(
-            Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=VERSION | NEED_REPLY
-        )
+        table = MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]),
+                    flags=VERSION | NEED_REPLY)
         num = MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 256), flags=VERSION | NEED_REPLY)
 
         def round_trip() -> None:
@@ -685,16 +651,13 @@ def test_a10_repeated_mem_table_and_vring_num_stay_flat(listener: BackendListene
 
 NACK_THEN_CLOSE: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
     "D3-vring-addr-desc-misaligned": (
-        MSG(Req.SET_VRING_ADDR, vring_addr(0, desc=0x1001), flags=ACKED),
-        no_fds,
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, desc=0x1001), flags=ACKED), no_fds
     ),
     "D3-vring-addr-used-misaligned": (
-        MSG(Req.SET_VRING_ADDR, vring_addr(0, used=0x3002), flags=ACKED),
-        no_fds,
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, used=0x3002), flags=ACKED), no_fds
     ),
     "D3-vring-addr-unknown-flag": (
-        MSG(Req.SET_VRING_ADDR, vring_addr(0, flags=0x80), flags=ACKED),
-        no_fds,
+        MSG(Req.SET_VRING_ADDR, vring_addr(0, flags=0x80), flags=ACKED), no_fds
     ),
     "A9-vring-enable-2": (MSG(Req.SET_VRING_ENABLE, VRING_STATE.pack(0, 2), flags=ACKED), no_fds),
     "C2-add-mem-reg-offset-overflow": (
@@ -702,25 +665,19 @@ NACK_THEN_CLOSE: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
         memfds(1),
     ),
     "A2-unknown-code-acked": (MSG(1000, flags=VERSION | NEED_REPLY), no_fds),
-    "A5-vring-num-4-bytes-acked": (
-        MSG(Req.SET_VRING_NUM, b"\0" * 4, flags=VERSION | NEED_REPLY),
-        no_fds,
-    ),
+    "A5-vring-num-4-bytes-acked": (MSG(Req.SET_VRING_NUM, b"\0" * 4, flags=VERSION | NEED_REPLY),
+                                   no_fds),
     "B1-fds-on-set-features-acked": (
-        MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=VERSION | NEED_REPLY),
-        eventfds(3),
+        MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=VERSION | NEED_REPLY), eventfds(3)
     ),
     "B4-nofd-with-fd-acked": (
-        MSG(Req.SET_VRING_KICK, kick_word(0, nofd=True), flags=VERSION | NEED_REPLY),
-        eventfds(1),
+        MSG(Req.SET_VRING_KICK, kick_word(0, nofd=True), flags=VERSION | NEED_REPLY), eventfds(1)
     ),
     "B5-reserved-bits-acked": (
-        MSG(Req.SET_VRING_CALL, U64.pack(1 << 40), flags=VERSION | NEED_REPLY),
-        eventfds(1),
+        MSG(Req.SET_VRING_CALL, U64.pack(1 << 40), flags=VERSION | NEED_REPLY), eventfds(1)
     ),
     "C1-zero-regions-acked": (
-        MSG(Req.SET_MEM_TABLE, hostile.mem_table([]), flags=VERSION | NEED_REPLY),
-        no_fds,
+        MSG(Req.SET_MEM_TABLE, hostile.mem_table([]), flags=VERSION | NEED_REPLY), no_fds
     ),
 }
 
@@ -774,11 +731,8 @@ def test_c6_add_mem_reg_beyond_max_slots(listener: BackendListener) -> None:
         for i in range(4):
             fd = memfd(MiB)
             try:
-                msg = MSG(
-                    Req.ADD_MEM_REG,
-                    single_region(region(i * MiB, MiB, UADDR + i * MiB)),
-                    flags=ACKED,
-                )
+                msg = MSG(Req.ADD_MEM_REG, single_region(region(i * MiB, MiB, UADDR + i * MiB)),
+                          flags=ACKED)
                 statuses.append(ask(s, msg, [fd]).u64)
             finally:
                 os.close(fd)
@@ -788,9 +742,8 @@ def test_c6_add_mem_reg_beyond_max_slots(listener: BackendListener) -> None:
         try:
             r = ask(s, MSG(Req.REM_MEM_REG, single_region(region(0, MiB)), flags=ACKED))
             assert r.u64 == 0
-            msg = MSG(
-                Req.ADD_MEM_REG, single_region(region(MiB // 2, MiB, UADDR + 8 * MiB)), flags=ACKED
-            )
+            msg = MSG(Req.ADD_MEM_REG, single_region(region(MiB // 2, MiB, UADDR + 8 * MiB)),
+                      flags=ACKED)
             assert ask(s, msg, [fd]).u64 != 0
         finally:
             os.close(fd)
@@ -961,7 +914,9 @@ BAD_CHANNEL_REPLIES: dict[str, tuple[bytes, int, type[VhostError]]] = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_CHANNEL_REPLIES.values(), ids=list(BAD_CHANNEL_REPLIES))
+@pytest.mark.parametrize(
+    "case", BAD_CHANNEL_REPLIES.values(), ids=list(BAD_CHANNEL_REPLIES)
+)
 def test_channel_bad_reply_closes_only_the_channel(
     listener: BackendListener, case: tuple[bytes, int, type[VhostError]]
 ) -> None:
@@ -1032,23 +987,19 @@ def test_d4_ring_outside_memory_is_refused(listener: BackendListener) -> None:
         negotiate(s, NACK_PROTO)
         fd = memfd(MiB)
         try:
-            r = ask(
-                s, MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=ACKED), [fd]
-            )
+            r = ask(s, MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)]), flags=ACKED),
+                    [fd])
         finally:
             os.close(fd)
         assert r.u64 == 0
         assert ask(s, MSG(Req.SET_VRING_NUM, VRING_STATE.pack(0, 256), flags=ACKED)).u64 == 0
         bad = {
-            "desc outside": vring_addr(
-                0, desc=UADDR + 2 * MiB, used=UADDR + 0x3000, avail=UADDR + 0x2000
-            ),
-            "desc straddles the end": vring_addr(
-                0, desc=UADDR + MiB - 16, used=UADDR + 0x3000, avail=UADDR + 0x2000
-            ),
-            "used below the region": vring_addr(
-                0, desc=UADDR, used=UADDR - 0x1000, avail=UADDR + 0x2000
-            ),
+            "desc outside": vring_addr(0, desc=UADDR + 2 * MiB, used=UADDR + 0x3000,
+                                       avail=UADDR + 0x2000),
+            "desc straddles the end": vring_addr(0, desc=UADDR + MiB - 16, used=UADDR + 0x3000,
+                                                 avail=UADDR + 0x2000),
+            "used below the region": vring_addr(0, desc=UADDR, used=UADDR - 0x1000,
+                                                avail=UADDR + 0x2000),
             "avail wraps": vring_addr(0, desc=UADDR, used=UADDR + 0x3000, avail=2**64 - 2),
         }
         for what, body in bad.items():
@@ -1172,7 +1123,9 @@ assert not a.is_alive() and not b.is_alive(), out
 
 
 @pytest.mark.parametrize("code", J7_SCENARIOS.values(), ids=list(J7_SCENARIOS))
-def test_j7_no_deadlock_with_a_thread_blocked_in_native_code(tmp_sock_dir: Path, code: str) -> None:
+def test_j7_no_deadlock_with_a_thread_blocked_in_native_code(
+    tmp_sock_dir: Path, code: str
+) -> None:
     path = tmp_sock_dir / "j7.sock"
     proc = subprocess.run(
         [sys.executable, "-c", f"PATH = {str(path)!r}\n" + code],

@@ -252,7 +252,6 @@ def inflight_reply(
         fd_kind=fd_kind,
     )
 
-
 BAD_REPLIES: dict[str, BadReply] = {
     "H2-wrong-code": BadReply(MSG(Req.SET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY)),
     "H2-reply-bit-missing": BadReply(MSG(GF, U64.pack(FEATURES), flags=VERSION)),
@@ -332,27 +331,21 @@ BAD_REPLIES: dict[str, BadReply] = {
     # Malformed replies that once raised InvalidParamError, as if our caller had erred.
     "H2-config-reply-unknown-flags": BadReply(
         MSG(Req.GET_CONFIG, hostile.config_body(0, 4, flags=0xFF), flags=OK_REPLY),
-        request=Req.GET_CONFIG,
-        proto=CONFIG,
+        request=Req.GET_CONFIG, proto=CONFIG,
     ),
     "H2-config-reply-size-over-256": BadReply(
         MSG(Req.GET_CONFIG, hostile.config_body(0, 300), flags=OK_REPLY),
-        request=Req.GET_CONFIG,
-        proto=CONFIG,
+        request=Req.GET_CONFIG, proto=CONFIG,
     ),
     "H2-config-reply-beyond-byte-256": BadReply(
         MSG(Req.GET_CONFIG, hostile.config_body(254, 4), flags=OK_REPLY),
-        request=Req.GET_CONFIG,
-        proto=CONFIG,
+        request=Req.GET_CONFIG, proto=CONFIG,
     ),
     "H2-fd-on-the-reply-body": BadReply(
-        MSG(Req.GET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY),
-        fds=1,
-        fds_on_body=True,
+        MSG(Req.GET_FEATURES, U64.pack(FEATURES), flags=OK_REPLY), fds=1, fds_on_body=True,
     ),
     "H2-queue-num-reply-empty": BadReply(
-        MSG(Req.GET_QUEUE_NUM, b"", flags=OK_REPLY),
-        request=Req.GET_QUEUE_NUM,
+        MSG(Req.GET_QUEUE_NUM, b"", flags=OK_REPLY), request=Req.GET_QUEUE_NUM,
         proto=int(PF.MQ),
     ),
     "H2-vring-base-for-another-ring": BadReply(
@@ -521,16 +514,12 @@ BAD_CHANNEL: dict[str, BadChannel] = {
         MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 0, 0)), VhostError, proto=NOTIFIER, fds=1
     ),
     "H3-host-notifier-offset-overflow": BadChannel(
-        MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 4096, 2**64 - 1)),
-        VhostError,
-        proto=NOTIFIER,
-        fds=1,
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, area(0, 4096, 2**64 - 1)), VhostError,
+        proto=NOTIFIER, fds=1,
     ),
     "H3-host-notifier-reserved-bits": BadChannel(
-        MSG(BReq.VRING_HOST_NOTIFIER_MSG, struct.pack("=QQQ", 1 << 20, 4096, 0)),
-        VhostError,
-        proto=NOTIFIER,
-        fds=1,
+        MSG(BReq.VRING_HOST_NOTIFIER_MSG, struct.pack("=QQQ", 1 << 20, 4096, 0)), VhostError,
+        proto=NOTIFIER, fds=1,
     ),
     "H4-shmem-map-without-SHMEM": BadChannel(
         MSG(BReq.SHMEM_MAP, shmem_map(0, 0, 4096)), InactiveFeatureError, fds=1
@@ -548,18 +537,15 @@ BAD_CHANNEL: dict[str, BadChannel] = {
         MSG(BReq.SHMEM_MAP, shmem_map(0, 0, 4096)), ProtocolError, proto=SHMEM
     ),
     "H4-iotlb-size-0": BadChannel(
-        MSG(BReq.IOTLB_MSG, struct.pack("=QQQBB6x", 0x1000, 0, 0x1000, 3, 2)),
-        VhostError,
+        MSG(BReq.IOTLB_MSG, struct.pack("=QQQBB6x", 0x1000, 0, 0x1000, 3, 2)), VhostError,
         proto=int(PF.REPLY_ACK | PF.BACKEND_REQ),
     ),
     "H5-unknown-code": BadChannel(MSG(0xFFFF), ProtocolError),
-    "H5-short-header-then-close": BadChannel(
-        hostile.header(BReq.CONFIG_CHANGE_MSG)[:6], PartialMessageError
-    ),
+    "H5-short-header-then-close": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG)[:6],
+                                             PartialMessageError),
     "H5-reply-bit-on-request": BadChannel(MSG(BReq.IOTLB_MSG, flags=OK_REPLY), ProtocolError),
-    "H5-oversized": BadChannel(
-        hostile.header(BReq.CONFIG_CHANGE_MSG, VERSION, 0x10000), ProtocolError
-    ),
+    "H5-oversized": BadChannel(hostile.header(BReq.CONFIG_CHANGE_MSG, VERSION, 0x10000),
+                               ProtocolError),
     "H5-fds-on-config-change": BadChannel(
         MSG(BReq.CONFIG_CHANGE_MSG),
         ProtocolError,
@@ -633,9 +619,7 @@ def test_channel_good_request_after_negotiation_works(sock_path: Path) -> None:
             hostile.send(channel, MSG(BReq.CONFIG_CHANGE_MSG, flags=VERSION | NEED_REPLY))
             r = hostile.recv_message(channel)
             assert r is not None and (r.code, r.flags, r.u64) == (
-                BReq.CONFIG_CHANGE_MSG,
-                OK_REPLY,
-                0,
+                BReq.CONFIG_CHANGE_MSG, OK_REPLY, 0
             )
         assert hostile.recv_message(conn) is None
 
@@ -796,13 +780,8 @@ def test_random_channel_requests_only_ever_raise_vhost_errors(sock_path: Path) -
     """Seeded random back-end requests on the channel, every channel feature negotiated."""
     rng = random.Random(0xC4A7)
     proto = int(
-        PF.BACKEND_REQ
-        | PF.CONFIG
-        | PF.HOST_NOTIFIER
-        | PF.INBAND_NOTIFICATIONS
-        | PF.SHARED_OBJECT
-        | PF.SHMEM
-        | PF.BACKEND_SEND_FD
+        PF.BACKEND_REQ | PF.CONFIG | PF.HOST_NOTIFIER | PF.INBAND_NOTIFICATIONS
+        | PF.SHARED_OBJECT | PF.SHMEM | PF.BACKEND_SEND_FD
     )
     base = hostile.fd_count()
     with hostile.server_socket(sock_path) as srv:

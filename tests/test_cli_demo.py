@@ -23,6 +23,6 @@ def test_demo_moves_data_through_a_virtqueue() -> None:
     # The embedded default: a RAM disk served by the daemon, checked block by block.
     assert out.stdout.count("bytes at offset") == 3, out.stdout
     assert "MISMATCH" not in out.stdout
-    assert any("daemon completed" in line and int(line.split()[-2]) >= 7 for line in lines), (
-        out.stdout
-    )
+    assert any(
+        "daemon completed" in line and int(line.split()[-2]) >= 7 for line in lines
+    ), out.stdout

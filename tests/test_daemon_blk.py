@@ -70,17 +70,8 @@ def served(
     make_image(image, IMAGE_SIZE, seed)
     sock = sock_dir / "blk.sock"
     if mode == "serve":
-        args = [
-            "blk",
-            "--image",
-            str(image),
-            "--queues",
-            str(queues),
-            "--serial",
-            SERIAL,
-            "--queue-size",
-            str(queue_size),
-        ]
+        args = ["blk", "--image", str(image), "--queues", str(queues), "--serial", SERIAL,
+                "--queue-size", str(queue_size)]
         if readonly:
             args.append("--readonly")
         proc = ServeProc(args, sock, sock_dir / "serve.log")
@@ -90,9 +81,8 @@ def served(
         finally:
             proc.close()
     else:
-        dev = BlkDevice(
-            image, num_queues=queues, queue_size=queue_size, readonly=readonly, serial=SERIAL
-        )
+        dev = BlkDevice(image, num_queues=queues, queue_size=queue_size, readonly=readonly,
+                        serial=SERIAL)
         with Daemon(dev, sock) as daemon:
             yield sock, image
             assert wait_for(lambda: not daemon.active)
@@ -105,10 +95,9 @@ def served(
 def test_data_reaches_the_image(
     tmp_sock_dir: Path, mode: str, packed: bool, event_idx: bool
 ) -> None:
-    with (
-        served(tmp_sock_dir, mode) as (sock, image),
-        BlkDriver.connect(sock, packed=packed, event_idx=event_idx) as d,
-    ):
+    with served(tmp_sock_dir, mode) as (sock, image), BlkDriver.connect(
+        sock, packed=packed, event_idx=event_idx
+    ) as d:
         assert d.packed == packed and d.event_idx == event_idx
         check_roundtrip(d, image, seed=int(packed) * 2 + int(event_idx))
 
@@ -141,7 +130,7 @@ def test_get_id_flush_discard_write_zeroes(tmp_sock_dir: Path, mode: str) -> Non
         d.write_zeroes(MiB, 4096, unmap=True)
         disk = image.read_bytes()
         assert d.read(8192, 8192) == bytes(8192) == disk[8192:16384]
-        assert d.read(64 * 1024, 3 * SECTOR) == bytes(3 * SECTOR) == disk[65536 : 65536 + 1536]
+        assert d.read(64 * 1024, 3 * SECTOR) == bytes(3 * SECTOR) == disk[65536:65536 + 1536]
         assert d.read(MiB, 4096) == bytes(4096) == disk[MiB : MiB + 4096]
         # Neighbours are untouched.
         assert disk[8192 - SECTOR : 8192] != bytes(SECTOR)
@@ -260,10 +249,7 @@ def test_config_space_and_probe(tmp_sock_dir: Path) -> None:
     with served(tmp_sock_dir, "serve", queues=4, queue_size=128) as (sock, _image):
         out = subprocess.run(
             [sys.executable, "-m", "vhost", "probe", "--json", str(sock)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
+            capture_output=True, text=True, timeout=30, check=True,
         )
         info = json.loads(out.stdout)
         assert info["device"] == "blk"
@@ -404,7 +390,8 @@ def test_reset_then_new_rings_in_the_same_session(tmp_sock_dir: Path, how: str) 
             fe.set_features(second.features(fe.get_features()))
             fe.set_mem_table(regions_of(second.memory))
             for q in range(2):
-                setup_queue(fe, q, second.memory, second.vqs[q], second.kicks[q], second.calls[q])
+                setup_queue(fe, q, second.memory, second.vqs[q], second.kicks[q],
+                            second.calls[q])
             assert second.write(1, SECTOR, b"\x02" * SECTOR) == S_OK
             assert second.read(0, 0, 2 * SECTOR) == (S_OK, b"\x01" * SECTOR + b"\x02" * SECTOR)
             # The old rings are gone: a kick on them is not served.
@@ -431,11 +418,7 @@ def test_serve_blk_bad_arguments(tmp_sock_dir: Path, args: list[str], message: s
     make_image(tmp_sock_dir / "disk.img", MiB)
     out = subprocess.run(
         [sys.executable, "-m", "vhost", "serve", "blk", "--socket", "blk.sock", *args],
-        cwd=tmp_sock_dir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        cwd=tmp_sock_dir, capture_output=True, text=True, timeout=30, check=False,
     )
     assert out.returncode != 0
     assert message in out.stderr

@@ -188,24 +188,12 @@ def test_qemu_without_shared_memory_is_explained(tmp_sock_dir: Path, image: Path
     qemu = subprocess.Popen(
         [
             str(find_binary("qemu-system-x86_64")),
-            "-M",
-            "q35",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-nographic",
-            "-display",
-            "none",
-            "-serial",
-            "none",
-            "-chardev",
-            f"socket,id=c0,path={proc.socket_path}",
-            "-device",
-            "vhost-user-blk-pci,chardev=c0",
+            "-M", "q35", "-m", "256M", "-nodefaults", "-nographic", "-display", "none",
+            "-serial", "none",
+            "-chardev", f"socket,id=c0,path={proc.socket_path}",
+            "-device", "vhost-user-blk-pci,chardev=c0",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     try:
         assert wait_for(lambda: "ended" in proc.stderr(), 60), proc.stderr()
@@ -231,10 +219,7 @@ def test_client_mode_session_failure_is_said_once(tmp_sock_dir: Path) -> None:
         listener.settimeout(30)
         proc = subprocess.Popen(
             [sys.executable, "-m", "vhost", "serve", "rng", "--client", "--socket", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         )
         try:
             conn, _ = listener.accept()

@@ -62,9 +62,8 @@ def image(tmp_sock_dir: Path) -> Path:
 
 
 def start_daemon(sock_dir: Path, image: Path, *, stall_timeout: float = 5.0) -> Daemon:
-    return Daemon(
-        BlkDevice(image, serial="life"), sock_dir / "blk.sock", stall_timeout=stall_timeout
-    ).start()
+    return Daemon(BlkDevice(image, serial="life"), sock_dir / "blk.sock",
+                  stall_timeout=stall_timeout).start()
 
 
 def io_works(path: Path | str, offset: int = 0) -> None:
@@ -293,9 +292,8 @@ def test_j5_control_requests_during_io(tmp_sock_dir: Path, image: Path, device: 
                 # Stop the ring mid-flight; whatever was not popped yet stays available
                 # and is served once the ring is handed back from that base.
                 base = fe.get_vring_base(0)
-                setup_queue(
-                    fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0], base=base
-                )
+                setup_queue(fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0],
+                            base=base)
             done = guest.reap(0, 16)
             assert sorted(r.status for r, _ in done) == [S_OK] * 16
         fe.close()
@@ -535,9 +533,8 @@ def guest_maps_of(pid: int) -> int:
 def test_a10_sessions_and_mem_tables_leave_no_mappings(tmp_sock_dir: Path, image: Path) -> None:
     """Many full sessions (memory mapped, a worker per queue) and a session that replaces
     its memory table 200 times: the daemon's mappings, fds and threads stay flat."""
-    proc = ServeProc(
-        ["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s", tmp_sock_dir / "log"
-    )
+    proc = ServeProc(["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s",
+                     tmp_sock_dir / "log")
     try:
         io_works(proc.socket_path)
         base_fds = proc.idle_fds()
@@ -655,11 +652,8 @@ def test_client_mode_stopped_before_the_frontend_appears(tmp_sock_dir: Path) -> 
 
 
 def test_serve_client_sigterm_before_the_frontend_appears(tmp_sock_dir: Path, image: Path) -> None:
-    proc = ServeProc(
-        ["blk", "--client", "--image", str(image)],
-        tmp_sock_dir / "nobody.sock",
-        tmp_sock_dir / "log",
-    )
+    proc = ServeProc(["blk", "--client", "--image", str(image)], tmp_sock_dir / "nobody.sock",
+                     tmp_sock_dir / "log")
     try:
         assert proc.terminate() == 0, proc.stderr()
         assert "Traceback" not in proc.stderr()
@@ -685,9 +679,8 @@ KILLED_SCRIPT = textwrap.dedent(
 def test_j1_frontend_killed_mid_io(tmp_sock_dir: Path, image: Path) -> None:
     """A front-end process killed with requests in flight (QEMU dying): the daemon drops
     its session, releases its fds, mappings and workers, and serves the next one."""
-    proc = ServeProc(
-        ["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s", tmp_sock_dir / "log"
-    )
+    proc = ServeProc(["blk", "--image", str(image), "--queues", "2"], tmp_sock_dir / "s",
+                     tmp_sock_dir / "log")
     try:
         io_works(proc.socket_path)
         base_fds = proc.idle_fds()
@@ -695,8 +688,7 @@ def test_j1_frontend_killed_mid_io(tmp_sock_dir: Path, image: Path) -> None:
         for _ in range(3):
             child = subprocess.Popen(
                 [sys.executable, "-c", KILLED_SCRIPT, str(proc.socket_path)],
-                stdout=subprocess.PIPE,
-                text=True,
+                stdout=subprocess.PIPE, text=True,
             )
             assert child.stdout is not None
             assert child.stdout.readline() == "go\n"
@@ -737,9 +729,8 @@ def test_c7_region_holding_live_rings_removed_and_added_back(
             fe.add_mem_region(region)
             base = fe.get_vring_base(0)
             assert base == 1  # the waiting request was never popped
-            setup_queue(
-                fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0], base=base
-            )
+            setup_queue(fe, 0, guest.memory, guest.vqs[0], guest.kicks[0], guest.calls[0],
+                        base=base)
             ((r, _),) = guest.reap(0, 1)
             assert r.status == S_OK
             assert guest.write(0, 2 * SECTOR, b"\x0c" * SECTOR) == S_OK

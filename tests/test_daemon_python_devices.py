@@ -384,10 +384,9 @@ MODES = pytest.mark.parametrize("mode", ["serve", "inproc"])
 @MODES
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_python_blk_data(tmp_sock_dir: Path, mode: str, packed: bool) -> None:
-    with (
-        python_blk(tmp_sock_dir, mode) as image,
-        BlkDriver.connect(tmp_sock_dir / "pyblk.sock", packed=packed) as d,
-    ):
+    with python_blk(tmp_sock_dir, mode) as image, BlkDriver.connect(
+        tmp_sock_dir / "pyblk.sock", packed=packed
+    ) as d:
         assert d.capacity == IMAGE_SIZE // SECTOR
         check_roundtrip(d, image, seed=20 + int(packed))
         assert d.get_id() == b"pyblk".ljust(20, b"\0")
@@ -432,10 +431,7 @@ def test_python_blk_probe(tmp_sock_dir: Path) -> None:
     with python_blk(tmp_sock_dir, "serve"):
         out = subprocess.run(
             [sys.executable, "-m", "vhost", "probe", "--json", str(tmp_sock_dir / "pyblk.sock")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
+            capture_output=True, text=True, timeout=30, check=True,
         )
         assert '"capacity": 8192' in out.stdout
         assert '"blk_size": 512' in out.stdout

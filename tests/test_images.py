@@ -176,10 +176,7 @@ def test_read_only_file_without_readonly_hints_readonly(
     argv = [*prefix, sys.executable, "-m", "vhost", "serve", "blk", "--image", str(path), *py]
     proc = subprocess.run(
         [*argv, "--socket", str(tmp_sock_dir / "s")],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=CMD_TIMEOUT,
+        check=False, capture_output=True, text=True, timeout=CMD_TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
     line = one_line_error(proc)
@@ -187,10 +184,7 @@ def test_read_only_file_without_readonly_hints_readonly(
     # ... and --readonly serves it.
     served = subprocess.Popen(
         [*argv, "--readonly", "--socket", str(tmp_sock_dir / "ro.sock")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
     try:
         assert served.stdout is not None
@@ -209,15 +203,11 @@ def qsd_refused(image: Path, sock: Path, writable: bool = True) -> str:
     proc = subprocess.Popen(
         [
             str(qsd),
-            "--blockdev",
-            f"driver=file,node-name=f0,filename={image}",
-            "--export",
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
+            "--blockdev", f"driver=file,node-name=f0,filename={image}",
+            "--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
             f"addr.path={sock},writable={'on' if writable else 'off'}",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         out, _ = proc.communicate(timeout=CMD_TIMEOUT)
@@ -332,19 +322,13 @@ def test_qemu_img_sees_our_lock(tmp_sock_dir: Path, image: Path) -> None:
         try:
             write = subprocess.run(
                 [qemu_img, "bench", "-w", "-c", "1", "-f", "raw", str(image)],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=CMD_TIMEOUT,
+                check=False, capture_output=True, text=True, timeout=CMD_TIMEOUT,
             )
             assert write.returncode != 0, write.stdout
             assert 'Failed to get "write" lock' in write.stderr, write.stderr
             read = subprocess.run(
                 [qemu_img, "bench", "-U", "-c", "1", "-f", "raw", str(image)],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=CMD_TIMEOUT,
+                check=False, capture_output=True, text=True, timeout=CMD_TIMEOUT,
             )
             assert read.returncode == 0, read.stderr
         finally:

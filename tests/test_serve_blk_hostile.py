@@ -397,9 +397,8 @@ def test_hostile_input(served: Served, case: Case) -> None:
     check_survived(served)
 
 
-def _split_ring_bytes(
-    guest: BlkGuest, q: int, descs: list[tuple[int, int, int, int]], heads: list[int]
-) -> None:
+def _split_ring_bytes(guest: BlkGuest, q: int, descs: list[tuple[int, int, int, int]],
+                      heads: list[int]) -> None:
     """Writes a descriptor table and publishes ``heads`` in queue ``q``'s avail ring,
     bypassing the driver (which would never build a corrupt ring)."""
     vq = guest.vqs[q]

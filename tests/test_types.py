@@ -1,4 +1,5 @@
-"""Validation, byte layouts and reprs of ``vhost.types``; the ``VhostBackend`` base class."""
+"""Validation, byte layouts and reprs of ``vhost.types``; the ``VhostBackend`` base class.
+"""
 
 from __future__ import annotations
 

@@ -237,7 +237,7 @@ def _ring_too_small(args: argparse.Namespace, exc: RingRefusedError) -> CliError
     refused = exc.refused
     smaller = []
     size = min(refused) // 2
-    while size >= 2:
+    while size >= 4:  # a request takes 3 descriptors at least
         smaller.append(size)
         size //= 2
     per_request = _per_request(args.bs)
@@ -252,7 +252,7 @@ def _ring_too_small(args: argparse.Namespace, exc: RingRefusedError) -> CliError
         )  # fmt: skip
     except RingRefusedError:
         return CliError(
-            f"{exc.message}: {needs}, and it took no ring down to 2 entries", EXIT_FAILED
+            f"{exc.message}: {needs}, and it took no ring down to 4 entries", EXIT_FAILED
         )
     with disk:
         _region(args, disk.size)
