@@ -125,3 +125,125 @@ impl DeviceQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::dirty_log::LOG_PAGE_SIZE as PAGE;
+    use crate::memory::GuestMemory;
+    use crate::vring::{PackedDriver, RingLayout, SplitDriver};
+
+    const RING: u64 = 0x10_0000;
+    const BUF: u64 = 0x30_0000;
+    /// Where the front-end says the used ring is logged: not the ring's own address, so
+    /// the test tells the two apart.
+    const LOG_ADDR: u64 = 0x20_0000;
+
+    /// The driver side of either format: offers one writable buffer.
+    trait Offer {
+        fn offer(&mut self, m: &GuestMemory, addr: u64);
+    }
+
+    impl Offer for SplitDriver {
+        fn offer(&mut self, m: &GuestMemory, addr: u64) {
+            self.add(m, &[], &[(addr, PAGE as u32)]).unwrap();
+            self.publish(m).unwrap();
+            self.poll_used(m).unwrap();
+        }
+    }
+
+    impl Offer for PackedDriver {
+        fn offer(&mut self, m: &GuestMemory, addr: u64) {
+            self.add(m, &[], &[(addr, PAGE as u32)]).unwrap();
+            self.publish(m).unwrap();
+            self.poll_used(m).unwrap();
+        }
+    }
+
+    struct Rig<D> {
+        m: GuestMemory,
+        drv: D,
+        dev: DeviceQueue,
+        log: DirtyLog,
+    }
+
+    impl<D: Offer> Rig<D> {
+        fn new(layout: RingLayout, drv: impl FnOnce(RingLayout) -> D) -> Self {
+            Self {
+                m: GuestMemory::allocate(&[(0, 0x40_0000)]).unwrap(),
+                drv: drv(layout),
+                dev: DeviceQueue::new(layout, false, false).unwrap(),
+                log: DirtyLog::allocate(0x40_0000).unwrap(),
+            }
+        }
+
+        /// Pops and completes `n` one-page buffers, logging as the daemon does; returns
+        /// the dirty pages (and clears the log).
+        fn round(&mut self, n: u64, used_log_addr: Option<u64>) -> Vec<u64> {
+            for i in 0..n {
+                self.drv.offer(&self.m, BUF + i * PAGE);
+            }
+            let chains = self.dev.pop_batch(&self.m, usize::MAX).unwrap();
+            assert_eq!(chains.len() as u64, n);
+            let log = RingLog {
+                log: &self.log,
+                used_log_addr,
+            };
+            let from = self.dev.used_position();
+            let used: Vec<(u16, u32)> = chains.iter().map(|c| (c.head, 1)).collect();
+            for c in &chains {
+                log.mark_buffers(&c.segments).unwrap();
+            }
+            self.dev.add_used_batch(&self.m, &used).unwrap();
+            self.dev.log_ring(&log, from).unwrap();
+            self.log
+                .take()
+                .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
+                .collect()
+        }
+    }
+
+    fn with(mut pages: Vec<u64>, extra: &[u64]) -> Vec<u64> {
+        pages.extend(extra);
+        pages.sort_unstable();
+        pages
+    }
+
+    #[test]
+    fn split_marks_used_elements_across_the_wrap_at_the_log_address() {
+        // 1024 entries: the used ring spans three pages (4 + 8 * 1024 + 2 bytes).
+        // Fresh guest memory is zeroed: the rings need no init.
+        let mut rig = Rig::new(RingLayout::split_at(1024, RING).unwrap(), |l| {
+            SplitDriver::new(l, false).unwrap()
+        });
+        for _ in 0..102 {
+            rig.round(10, Some(LOG_ADDR)); // 1020 elements
+        }
+        // Slots 1020..1023 (bytes 8164..8196) straddle the second and third page; slots
+        // 0..3 and used.flags/idx are on the first.
+        let buffers: Vec<u64> = (0..8).map(|i| BUF + i * PAGE).collect();
+        assert_eq!(
+            rig.round(8, Some(LOG_ADDR)),
+            with(buffers, &[LOG_ADDR, LOG_ADDR + PAGE, LOG_ADDR + 2 * PAGE])
+        );
+    }
+
+    #[test]
+    fn packed_marks_used_descriptors_across_the_wrap_and_the_device_area() {
+        // 512 descriptors: two pages of ring, then the two event areas on a third page.
+        let mut rig = Rig::new(RingLayout::packed_at(512, RING).unwrap(), |l| {
+            PackedDriver::new(l, false).unwrap()
+        });
+        for _ in 0..51 {
+            rig.round(10, Some(LOG_ADDR)); // 510 descriptors
+        }
+        // Slots 510, 511 (second page), 0, 1 (first page), and the device event area.
+        let buffers: Vec<u64> = (0..4).map(|i| BUF + i * PAGE).collect();
+        assert_eq!(
+            rig.round(4, Some(LOG_ADDR)),
+            with(buffers, &[RING, RING + PAGE, RING + 2 * PAGE])
+        );
+        // Without VHOST_VRING_F_LOG only the buffers are logged.
+        assert_eq!(rig.round(2, None), vec![BUF, BUF + PAGE]);
+    }
+}
