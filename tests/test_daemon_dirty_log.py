@@ -13,8 +13,11 @@ leak in the daemon, and GET_VRING_BASE with requests in flight.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -314,3 +317,23 @@ def test_get_vring_base_returns_after_the_requests_in_flight_completed(
         log.close()
     finally:
         rig.close()
+
+
+def test_bench_blk_dirty_log_runs_with_logging_on(serve: ServeProc) -> None:
+    """``bench blk --dirty-log``: the run goes through with logging on (the daemon marks,
+    the bench reads and clears the log as a migrating VMM does); a read load dirties
+    pages, and the JSON result says so. Without the option there is no log."""
+    base = [sys.executable, "-m", "vhost", "bench", "blk", "--socket", str(serve.socket_path)]
+    base += ["--rw", "randread", "--iodepth", "8", "--ios", "2000", "--json"]
+    for extra, logged in (([], False), (["--dirty-log"], True)):
+        out = subprocess.run(
+            [*base, *extra], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["ios"] == 2000 and result["io_errors"] == 0
+        if logged:
+            assert result["dirty_log"]["syncs"] >= 1
+            assert result["dirty_log"]["dirty_pages"] > 0
+        else:
+            assert result["dirty_log"] is None
