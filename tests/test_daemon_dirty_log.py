@@ -337,3 +337,20 @@ def test_bench_blk_dirty_log_runs_with_logging_on(serve: ServeProc) -> None:
             assert result["dirty_log"]["dirty_pages"] > 0
         else:
             assert result["dirty_log"] is None
+
+
+def test_set_log_fd_is_accepted_and_closed(serve: ServeProc) -> None:
+    """SET_LOG_FD (the eventfd a back-end without a shared log would signal) is accepted:
+    the session goes on serving, and the daemon keeps none of the 20 fds sent."""
+    rig = Rig(serve.socket_path, packed=False)
+    try:
+        rig.start_ring()
+        assert rig.request(T_IN, 0) == 0
+        before = serve.idle_fds()
+        for _ in range(20):
+            with EventFd() as efd:
+                rig.fe.set_log_fd(efd)
+        assert rig.request(T_IN, 0) == 0
+        assert serve.idle_fds() == before, serve.fd_targets()
+    finally:
+        rig.close()
