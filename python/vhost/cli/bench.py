@@ -33,13 +33,16 @@ takes holds one request is an error saying which ``--bs`` fits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..dirty_log import DirtyLog
 from .blk import RingRefusedError, open_driver, size_arg
 from .common import (
     EXIT_BAD_DATA,
@@ -153,7 +156,59 @@ def add_parser(sub: Any) -> None:
     blk.add_argument(
         "--timeout", type=seconds_arg, default=10.0, help="seconds without progress (default 10)"
     )
+    blk.add_argument(
+        "--dirty-log",
+        action="store_true",
+        help="run with dirty page logging on (as during a live migration): the back-end "
+        f"marks every page it writes, and the log is read and cleared every "
+        f"{DIRTY_LOG_SYNC_S * 1000:.0f} ms",
+    )
     blk.set_defaults(run=run_blk)
+
+
+# How often --dirty-log reads and clears the log, as a migrating VMM syncs it between
+# precopy passes.
+DIRTY_LOG_SYNC_S = 0.1
+
+
+class _LogSync:
+    """``--dirty-log``: logging on for the run, and a thread that reads and clears the log
+    the way a migrating VMM does, so the back-end keeps setting fresh bits."""
+
+    def __init__(self, disk: BlkDriver, socket: str) -> None:
+        self.log = DirtyLog.allocate(disk.memory)
+        self._fe = disk.frontend
+        self._socket = socket
+        self._stop = threading.Event()
+        self.syncs = self.pages = 0
+        self._thread = threading.Thread(target=self._run, name="dirty-log-sync", daemon=True)
+
+    def __enter__(self) -> _LogSync:
+        with step("start dirty logging on", self._socket):
+            self._fe.start_dirty_log(self.log)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(DIRTY_LOG_SYNC_S):
+            self._sync()
+
+    def _sync(self) -> None:
+        self.pages += sum(r.end - r.start for r in self.log.take()) // 4096
+        self.syncs += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            if not exc[0]:
+                self._fe.stop_dirty_log()
+                self._sync()
+        finally:
+            self.log.close()
+
+    def summary(self) -> dict[str, int]:
+        return {"syncs": self.syncs, "dirty_pages": self.pages}
 
 
 def busy_poll_arg(text: str) -> float:
@@ -424,8 +479,11 @@ def run_blk(args: argparse.Namespace) -> int:
         requested = args.iodepth
         args.iodepth = iodepth
         runner = run_native if args.engine == "native" else run_python
-        with step("run the load on", args.socket):
-            result = runner(args, disk, offset, size)
+        with contextlib.ExitStack() as stack:
+            sync = stack.enter_context(_LogSync(disk, args.socket)) if args.dirty_log else None
+            with step("run the load on", args.socket):
+                result = runner(args, disk, offset, size)
+        result["dirty_log"] = sync.summary() if sync is not None else None
         result.update(
             engine=args.engine,
             offset=offset,
@@ -482,6 +540,9 @@ def _human(r: dict[str, Any]) -> str:
         f"queue size {r['queue_size']}{refused}, {'packed' if r['packed'] else 'split'}, "
         f"event_idx={r['event_idx']}, CPUs {','.join(map(str, r['cpus']))}",
     ]
+    log = r.get("dirty_log")
+    if log is not None:
+        lines.append(f"dirty log: on, {log['dirty_pages']} dirty pages in {log['syncs']} syncs")
     lat = r["latency_ns"]
     if lat is not None:
         us = {k: v / 1000 for k, v in lat.items()}

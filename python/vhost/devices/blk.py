@@ -281,7 +281,10 @@ class BlkDriver:
         | ProtocolFeature.REPLY_ACK
         | ProtocolFeature.CONFIG
         | ProtocolFeature.CONFIGURE_MEM_SLOTS
+        | ProtocolFeature.LOG_SHMFD
     )
+    """Acked when offered; ``LOG_SHMFD`` lets ``frontend.start_dirty_log`` run on the
+    driver's connection (``bench blk --dirty-log``) and changes nothing until then."""
 
     def __init__(
         self,
