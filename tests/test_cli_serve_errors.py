@@ -183,3 +183,34 @@ def test_client_waits_for_a_front_end_and_says_so(
     finally:
         proc.close()
     assert image.read_bytes()[:512] == b"\x05" * 512
+
+
+def test_client_stops_while_the_front_end_backlog_is_full(tmp_sock_dir: Path, image: Path) -> None:
+    """`serve blk --client` retries a front-end that never accepts; each try is bounded, so
+    SIGTERM stops it at once (an unbounded connect on a full backlog used to hang it)."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from flood_backend import StuckListener  # noqa: PLC0415
+
+    path = str(tmp_sock_dir / "fe.sock")
+    stuck = StuckListener(path)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhost", "serve", "blk", "--client", "--socket", path,
+             "--image", str(image)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().decode().startswith("waiting")
+            time.sleep(0.5)  # in the retry loop, connecting into the full backlog
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() - start < 3
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        stuck.close()
