@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::sys::{poll_many, EventFd};
+use crate::sys::{interrupt, poll_many, EventFd};
 use crate::user::codes::FrontendReq;
 use crate::user::{BackendSession, Error, Listener, Result};
 
@@ -17,9 +17,16 @@ use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd};
 use super::handler::DaemonHandler;
 use super::queue::lock;
 
-/// How long a front-end may stall in the middle of a message before its session is
-/// dropped (ADVERSARIAL J1): between messages it may idle forever.
+/// How long one message may take from its first byte to its last (header, body and fds)
+/// before its session is dropped as stalled (ADVERSARIAL J1): a front-end trickling a
+/// message a byte at a time is bounded too. Between messages it may idle forever, and a
+/// stop interrupts a message being read.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the stop latch has been set (it stays set: nobody reads it).
+fn latched(stop: &EventFd) -> bool {
+    poll_many(&[stop.as_fd()], 0).is_ok_and(|r| r[0])
+}
 
 /// Counters a supervisor (or a test) reads while the daemon runs.
 #[derive(Debug, Default)]
@@ -122,6 +129,8 @@ impl Daemon {
         self
     }
 
+    /// Bounds each message, from its first byte to its last (default
+    /// [`DEFAULT_STALL_TIMEOUT`]); the reply's send is bounded the same way.
     pub fn with_stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
         self
@@ -140,7 +149,7 @@ impl Daemon {
     }
 
     pub fn is_stopped(&self) -> bool {
-        poll_many(&[self.stop.as_fd()], 0).is_ok_and(|r| r[0])
+        latched(&self.stop)
     }
 
     /// Serves front-ends one after another until stopped. A second front-end that connects
@@ -230,10 +239,16 @@ impl Daemon {
                     break (Err(e.into()), end, None);
                 }
             }
-            let (request, result) = Self::handle_one(&mut session_io, &mut handler);
+            let (request, result) = self.handle_one(&mut session_io, &mut handler);
             let hint = handler.take_hint();
             match result {
                 Ok(()) => {}
+                // A stop came while a message was being read or its reply sent.
+                Err(Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::Interrupted && self.is_stopped() =>
+                {
+                    break (Ok(()), SessionEnd::Stopped, None)
+                }
                 Err(Error::Disconnected) => break (Ok(()), SessionEnd::Closed, None),
                 Err(Error::Timeout) => break (Err(Error::Timeout), SessionEnd::Stalled, None),
                 Err(e) if session_io.is_broken() => {
@@ -262,20 +277,29 @@ impl Daemon {
     }
 
     /// One request: received, handled, answered. Returns which request it was (when it
-    /// could be decoded) with the outcome.
+    /// could be decoded) with the outcome. A stop interrupts the receive and the reply
+    /// (the connection's waits ask the interrupt check between slices), not the handling.
     fn handle_one(
+        &self,
         session: &mut BackendSession,
         handler: &mut DaemonHandler,
     ) -> (Option<FrontendReq>, Result<()>) {
-        let incoming = match session.recv() {
+        let incoming = match self.unless_stopped(|| session.recv()) {
             Ok(i) => i,
             Err(e) => return (None, Err(e)),
         };
         let request = incoming.request.kind();
         let handled = session.handle(incoming, handler);
-        let result = session
-            .send_reply(handled.reply)
+        let result = self
+            .unless_stopped(|| session.send_reply(handled.reply))
             .and(handled.error.map_or(Ok(()), Err));
         (Some(request), result)
+    }
+
+    /// Runs `f` with the stop latch as this thread's interrupt check, so a front-end
+    /// trickling a message cannot keep a stop waiting for it.
+    fn unless_stopped<R>(&self, f: impl FnOnce() -> R) -> R {
+        let stop = self.stop.clone();
+        interrupt::with_check(Box::new(move || latched(&stop)), f)
     }
 }

@@ -200,6 +200,17 @@ fn daemon() -> (Arc<Daemon>, Arc<DaemonStats>, Stopper) {
     (Arc::new(d), stats, stop)
 }
 
+/// A daemon whose events arrive on the returned channel.
+fn daemon_with_events() -> (Daemon, std::sync::mpsc::Receiver<super::DaemonEvent>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let daemon = Daemon::new(Arc::new(Mirror))
+        .unwrap()
+        .with_events(Arc::new(move |e| {
+            let _ = tx.send(e);
+        }));
+    (daemon, rx)
+}
+
 #[test]
 fn data_moves_through_both_queues() {
     let (daemon, stats, _) = daemon();
@@ -259,6 +270,30 @@ fn stop_ends_a_live_session() {
 }
 
 #[test]
+fn stop_interrupts_a_message_being_read() {
+    // Half a header under the default 5 s stall timeout: the stop does not wait for the
+    // rest (nor for the stall), and the session ends stopped, not failed.
+    let (daemon, rx) = daemon_with_events();
+    let stop = daemon.stopper();
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || daemon.serve_stream(b));
+    crate::sys::send_all(a.as_fd(), &[1, 0, 0, 0, 1], &[]).unwrap();
+    thread::sleep(std::time::Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+    stop.stop();
+    server.join().unwrap().unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+    let ended: Vec<_> = rx
+        .try_iter()
+        .filter_map(|e| match e {
+            super::DaemonEvent::SessionEnded { end, .. } => Some(end),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, [super::SessionEnd::Stopped]);
+}
+
+#[test]
 fn disconnect_mid_message_is_an_error_of_that_session_only() {
     let (daemon, stats, _) = daemon();
     let (a, b) = UnixStream::pair().unwrap();
@@ -313,12 +348,7 @@ fn reconnect_resumes_the_rings_from_their_base() {
 
 #[test]
 fn events_report_sessions_refusals_and_a_corrupt_ring() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let daemon = Daemon::new(Arc::new(Mirror))
-        .unwrap()
-        .with_events(Arc::new(move |e| {
-            let _ = tx.send(e);
-        }));
+    let (daemon, rx) = daemon_with_events();
     let daemon = Arc::new(daemon);
     let mut guest = Guest::new();
     let run = serve(&daemon);

@@ -548,6 +548,64 @@ mod tests {
         }
     }
 
+    /// A peer sending a request header one byte every `every`, until we hang up.
+    fn trickle(a: UnixStream, every: Duration) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let head = Header::request(GET_FEATURES, 0, false).to_bytes();
+            let mut sent = 0;
+            for byte in head {
+                if scm::send_plain(a.as_fd(), &[byte]).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(every);
+            }
+            sent
+        })
+    }
+
+    #[test]
+    fn a_trickled_request_is_bounded_as_a_whole() {
+        // Each byte comes within the bound, the message does not (SO_RCVTIMEO alone
+        // restarts with every byte): a timeout soon after the bound, not 1.65 s later.
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut rx = Connection::new(b);
+        let sender = trickle(a, Duration::from_millis(150));
+        let t0 = Instant::now();
+        let err = rx.recv(Header::check_request).unwrap_err();
+        let took = t0.elapsed();
+        assert!(matches!(err, Error::Timeout), "{err:?}");
+        assert!(took < Duration::from_millis(1000), "{took:?}");
+        assert!(rx.is_broken());
+        drop(rx);
+        assert!(sender.join().unwrap() < HEADER_SIZE);
+    }
+
+    #[test]
+    fn an_interrupted_request_receive_poisons_the_connection() {
+        // No bound at all: only the interrupt check (a daemon's stop) ends the wait.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        rx.set_timeout(None).unwrap();
+        let sender = trickle(a, Duration::from_millis(100));
+        let t0 = Instant::now();
+        let err = interrupt::with_check(
+            Box::new(move || t0.elapsed() > Duration::from_millis(250)),
+            || rx.recv(Header::check_request),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::Interrupted),
+            "{err:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_millis(1000));
+        assert!(rx.is_broken());
+        drop(rx);
+        assert!(sender.join().unwrap() < HEADER_SIZE);
+    }
+
     #[test]
     fn a_zero_timeout_does_not_wait() {
         let (_a, b) = UnixStream::pair().unwrap();
