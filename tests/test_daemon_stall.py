@@ -130,3 +130,34 @@ def test_message_arriving_whole_after_a_pause_is_served(tmp_sock_dir: Path) -> N
                 reply = hostile.recv_message(sock)
                 assert reply is not None and reply.code == Req.GET_FEATURES
             assert daemon.active
+
+
+def test_stop_interrupts_a_reply_nobody_reads(tmp_sock_dir: Path) -> None:
+    """A front-end that sends requests and never reads the replies blocks the daemon in a
+    send, bounded by a 30 s stall timeout here: ``stop()`` does not wait for it."""
+    daemon = Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "r.sock", stall_timeout=30.0).start()
+    sock = hostile.connect(daemon.path)
+    try:
+        sock.setblocking(False)
+        burst = hostile.message(Req.GET_FEATURES) * 100
+        blocked_since = None
+        deadline = time.monotonic() + 20
+        # Our sends block for good once the daemon stops reading: it is stuck in a send.
+        while blocked_since is None or time.monotonic() - blocked_since < 0.5:
+            assert time.monotonic() < deadline, "the daemon kept reading"
+            try:
+                sock.send(burst)
+                blocked_since = None
+            except BlockingIOError:
+                blocked_since = blocked_since or time.monotonic()
+                time.sleep(0.01)
+        assert daemon.active
+        t0 = time.monotonic()
+        daemon.stop()
+        took = time.monotonic() - t0
+        assert took < 2.0, f"stop() waited {took:.2f} s for a reply send"
+        ends = [e for e in daemon.next_events(0) if e.end is not None]
+        assert [e.end for e in ends] == [SessionEnd.STOPPED], ends
+    finally:
+        daemon.stop()
+        sock.close()
