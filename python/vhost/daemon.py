@@ -191,8 +191,11 @@ class Daemon:
     serves front-ends one after another; with ``client=True`` it connects to a front-end
     listening there (QEMU ``-chardev socket,server=on``), retrying until it appears.
 
-    ``stall_timeout`` bounds how long a front-end may stall in the middle of a message
-    before its session is dropped. ``poll_us`` makes each queue worker keep polling its
+    ``stall_timeout`` bounds each message from its first byte to its last (header, body
+    and fds: a front-end trickling a message one byte at a time is bounded too) and each
+    reply's send; the session then ends ``stalled``. Between messages a front-end may idle
+    for ever, and ``stop()`` (or SIGTERM to ``serve``) interrupts a message being read or
+    a reply being sent. ``poll_us`` makes each queue worker keep polling its
     ring for that many microseconds after the last request before it sleeps: it burns a
     CPU meanwhile, and saves the wake-up (and the driver's kick) when requests keep coming,
     which pays when driver and device run on different CPUs.
