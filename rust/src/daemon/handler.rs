@@ -388,7 +388,8 @@ impl BackendHandler for DaemonHandler {
     }
 
     fn set_inflight_fd(&mut self, desc: &InflightDesc, fd: OwnedFd) -> Result<()> {
-        self.inflight = Some(Arc::new(InflightArea::adopt(desc, fd)?));
+        // The session applied the sealed-memory policy before handing the fd over.
+        self.inflight = Some(Arc::new(InflightArea::adopt(desc, fd, false)?));
         Ok(())
     }
 

@@ -21,8 +21,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use super::{GuestMemory, GuestRegion};
+use super::GuestMemory;
 use crate::sys::memfd::regular_file_size;
+use crate::sys::mmap::FrontEndMapError;
 use crate::sys::{memfd_create, Mapping};
 
 #[cfg(not(target_endian = "little"))]
@@ -191,9 +192,6 @@ impl DirtyLog {
                 guest_end,
             });
         }
-        if require_sealed {
-            GuestRegion::check_shrink_sealed(fd.as_fd()).map_err(|_| DirtyLogError::Unsealed)?;
-        }
         if let Some(file_size) = regular_file_size(fd.as_fd()).map_err(DirtyLogError::Map)? {
             if end > file_size {
                 return Err(DirtyLogError::FileTooSmall {
@@ -203,8 +201,11 @@ impl DirtyLog {
                 });
             }
         }
-        let mapping = Mapping::map_shared(fd.as_fd(), mmap_offset, mmap_size, true)
-            .map_err(DirtyLogError::Map)?;
+        let mapping = Mapping::map_front_end(fd.as_fd(), mmap_offset, mmap_size, require_sealed)
+            .map_err(|e| match e {
+                FrontEndMapError::Unsealed => DirtyLogError::Unsealed,
+                FrontEndMapError::Map(e) => DirtyLogError::Map(e),
+            })?;
         Ok(Self::new(mapping, None, mmap_offset))
     }
 
@@ -632,7 +633,7 @@ mod tests {
             Err(DirtyLogError::Map(_))
         ));
         // The sealing policy.
-        let unsealed = std::fs::File::from(tempfile_memfd_unsealed(4096));
+        let unsealed = std::fs::File::from(crate::sys::test_util::unsealed_memfd(4096));
         assert!(matches!(
             DirtyLog::adopt(unsealed.into(), 4096, 0, PAGE, true),
             Err(DirtyLogError::Unsealed)
@@ -647,19 +648,6 @@ mod tests {
             after = open_fd_count();
         }
         assert!(after <= before, "fds leaked: {before} -> {after}");
-    }
-
-    /// A memfd without seals (as a careless front-end would send).
-    fn tempfile_memfd_unsealed(size: i64) -> OwnedFd {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: a valid NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: no pointers.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
-        fd
     }
 
     #[test]

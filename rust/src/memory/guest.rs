@@ -434,7 +434,7 @@ mod tests {
             userspace_addr: ai.userspace_addr + PAGE,
             mmap_offset: 0,
         };
-        let c = Arc::new(GuestRegion::map(alias, fd).unwrap());
+        let c = Arc::new(GuestRegion::map(alias, fd, false).unwrap());
         let mem = GuestMemory::new(vec![a.clone()]).unwrap();
         assert!(matches!(
             mem.with_region(c),

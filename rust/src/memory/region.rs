@@ -1,9 +1,10 @@
 //! One region of guest RAM: its description (as carried by SET_MEM_TABLE / ADD_MEM_REG),
 //! the fd backing it and our mapping of that fd.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::{AddressSpace, MemoryError};
+use crate::sys::mmap::FrontEndMapError;
 use crate::sys::{memfd_create, Mapping};
 
 /// A region as the vhost-user protocol describes it (`VhostUserMemoryRegion`).
@@ -60,14 +61,15 @@ pub struct GuestRegion {
 
 #[allow(clippy::len_without_is_empty)] // a region is never empty: size 0 is rejected
 impl GuestRegion {
-    /// Maps `fd` at info.mmap_offset for info.memory_size, read-write; validates info and
-    /// the file size first.
+    /// Maps `fd` at info.mmap_offset for info.memory_size, read-write, through the one path
+    /// for front-end fds ([`Mapping::map_front_end`]: the sealed-memory policy when
+    /// `require_sealed`, then the range checks); validates info and the file size first.
     ///
     /// The file-size check (C5) turns a short memfd into an error now instead of a SIGBUS
     /// on first touch. Front-ends that use our `allocate` also seal the size, so it cannot
     /// shrink later either; an unsealed file from another front-end could still be
     /// truncated after this check, which is the documented SIGBUS risk (J8).
-    pub fn map(info: RegionInfo, fd: OwnedFd) -> Result<Self, MemoryError> {
+    pub fn map(info: RegionInfo, fd: OwnedFd, require_sealed: bool) -> Result<Self, MemoryError> {
         info.check()?;
         if let Some(file_size) = crate::sys::memfd::regular_file_size(fd.as_fd())? {
             // check() guarantees mmap_offset + memory_size does not overflow.
@@ -79,8 +81,16 @@ impl GuestRegion {
                 });
             }
         }
-        let mapping = Mapping::map_shared(fd.as_fd(), info.mmap_offset, info.memory_size, true)
-            .map_err(MemoryError::Map)?;
+        let mapping = Mapping::map_front_end(
+            fd.as_fd(),
+            info.mmap_offset,
+            info.memory_size,
+            require_sealed,
+        )
+        .map_err(|e| match e {
+            FrontEndMapError::Unsealed => MemoryError::Unsealed,
+            FrontEndMapError::Map(e) => MemoryError::Map(e),
+        })?;
         Ok(Self { info, fd, mapping })
     }
 
@@ -88,13 +98,7 @@ impl GuestRegion {
     /// must carry F_SEAL_SHRINK, so nobody can truncate it under our mapping. QEMU seals its
     /// `memory-backend-memfd` this way by default; files that cannot be sealed are refused.
     pub fn check_shrink_sealed(fd: BorrowedFd<'_>) -> Result<(), MemoryError> {
-        // SAFETY: F_GET_SEALS takes no pointer; `fd` is open for the borrow.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-            Ok(())
-        } else {
-            Err(MemoryError::Unsealed)
-        }
+        crate::sys::mmap::check_shrink_sealed(fd).map_err(|_| MemoryError::Unsealed)
     }
 
     /// Front-end side: new sealed memfd of `size`, mapped; userspace_addr = the local
@@ -201,7 +205,7 @@ mod tests {
         let front = GuestRegion::allocate(0, 0x3000).unwrap();
         let fd = dup_cloexec(front.fd()).unwrap();
         // The back-end maps the second and third pages only.
-        let back = GuestRegion::map(info(0x1000, 0x2000, 0xdead_0000, 0x1000), fd).unwrap();
+        let back = GuestRegion::map(info(0x1000, 0x2000, 0xdead_0000, 0x1000), fd, false).unwrap();
         // SAFETY: offset 0x1000 is inside the 0x3000-byte front mapping.
         unsafe { front.as_ptr().add(0x1000).write(0x5a) };
         // SAFETY: offset 0 is inside the back mapping.
@@ -214,14 +218,14 @@ mod tests {
         let fd = memfd_create("t", 0x1000).unwrap();
         let dup = dup_cloexec(fd.as_fd()).unwrap();
         assert!(matches!(
-            GuestRegion::map(info(0, 0x4000_0000, 0, 0), fd),
+            GuestRegion::map(info(0, 0x4000_0000, 0, 0), fd, false),
             Err(MemoryError::FileTooSmall {
                 file_size: 0x1000,
                 ..
             })
         ));
         assert!(matches!(
-            GuestRegion::map(info(0, 0x1000, 0, 0x1000), dup),
+            GuestRegion::map(info(0, 0x1000, 0, 0x1000), dup, false),
             Err(MemoryError::FileTooSmall { .. })
         ));
     }
@@ -229,7 +233,7 @@ mod tests {
     #[test]
     fn map_rejects_unmappable_fds() {
         let e = EventFd::new(true).unwrap();
-        match GuestRegion::map(info(0, 0x1000, 0, 0), e.into()) {
+        match GuestRegion::map(info(0, 0x1000, 0, 0), e.into(), false) {
             Err(MemoryError::Map(err)) => assert_eq!(err.raw_os_error(), Some(libc::ENODEV)),
             other => panic!("{other:?}"),
         }

@@ -88,6 +88,24 @@ impl Mapping {
         })
     }
 
+    /// THE path for memory a front-end hands over (guest memory regions, the inflight area,
+    /// the dirty log): read-write [`map_shared`](Self::map_shared) (so len 0, overflow and a
+    /// range past the end of a regular file are refused before any mmap), preceded, when
+    /// `require_sealed` is on, by [`check_shrink_sealed`]. A peer that can shrink the file
+    /// after the size check turns our next access into a SIGBUS (ADVERSARIAL C5/J8); the
+    /// seal is what makes the size check hold for the mapping's whole life.
+    pub fn map_front_end(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        require_sealed: bool,
+    ) -> Result<Self, FrontEndMapError> {
+        if require_sealed {
+            check_shrink_sealed(fd)?;
+        }
+        Ok(Self::map_shared(fd, offset, len, true)?)
+    }
+
     /// Private zero-filled read-write memory (e.g. rings of a purely local test set-up).
     pub fn map_anonymous(len: usize) -> io::Result<Self> {
         if len == 0 {
@@ -135,6 +153,30 @@ impl Drop for Mapping {
     }
 }
 
+/// The sealed-memory policy (ADVERSARIAL J8): `fd` must carry F_SEAL_SHRINK, so nobody can
+/// truncate it under a mapping. QEMU seals its `memory-backend-memfd` this way by default;
+/// files that cannot be sealed (not a memfd, or an fd without F_GET_SEALS) are refused.
+pub fn check_shrink_sealed(fd: BorrowedFd<'_>) -> Result<(), FrontEndMapError> {
+    // SAFETY: F_GET_SEALS takes no pointer; `fd` is open for the borrow.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        Ok(())
+    } else {
+        Err(FrontEndMapError::Unsealed)
+    }
+}
+
+/// Why [`Mapping::map_front_end`] refused a front-end's fd.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontEndMapError {
+    /// The sealed-memory policy is on and the fd can still shrink under the mapping.
+    #[error("fd is not sealed against shrinking (F_SEAL_SHRINK) and sealed memory is required")]
+    Unsealed,
+    /// Bad range (0 bytes, overflow, past the end of the file) or the kernel's mmap error.
+    #[error(transparent)]
+    Map(#[from] io::Error),
+}
+
 fn mmap_result(ret: *mut libc::c_void) -> io::Result<*mut u8> {
     if ret == libc::MAP_FAILED {
         Err(io::Error::last_os_error())
@@ -153,6 +195,7 @@ fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::test_util::unsealed_memfd;
     use crate::sys::{memfd_create, EventFd};
     use std::os::fd::AsFd;
 
@@ -160,6 +203,34 @@ mod tests {
         // SAFETY: `data` is a live buffer of the given length.
         let n = unsafe { libc::pwrite(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
         assert_eq!(n, data.len() as isize);
+    }
+
+    #[test]
+    fn front_end_fds_go_through_the_seal_policy_and_the_size_check() {
+        let unsealed = unsealed_memfd(8192);
+        // Policy on: refused before any mmap, whatever the range.
+        let e = Mapping::map_front_end(unsealed.as_fd(), 0, 4096, true).unwrap_err();
+        assert!(matches!(e, FrontEndMapError::Unsealed), "{e:?}");
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
+        // An fd that cannot carry seals at all (eventfd) is refused too.
+        let ev = EventFd::new(true).unwrap();
+        let e = Mapping::map_front_end(ev.as_fd(), 0, 8, true).unwrap_err();
+        assert!(matches!(e, FrontEndMapError::Unsealed), "{e:?}");
+        // Policy off: mapped, but the size check still holds.
+        let m = Mapping::map_front_end(unsealed.as_fd(), 4096, 4096, false).unwrap();
+        assert_eq!(m.len(), 4096);
+        drop(m);
+        let invalid = |e: FrontEndMapError| matches!(e, FrontEndMapError::Map(ref io) if io.kind() == io::ErrorKind::InvalidInput);
+        let e = Mapping::map_front_end(unsealed.as_fd(), 4096, 4097, false).unwrap_err();
+        assert!(invalid(e));
+        let e = Mapping::map_front_end(unsealed.as_fd(), 0, 0, false).unwrap_err();
+        assert!(invalid(e));
+        // A sealed memfd passes the policy, and the size check still applies.
+        let sealed = memfd_create("t", 4096).unwrap();
+        let m = Mapping::map_front_end(sealed.as_fd(), 0, 4096, true).unwrap();
+        assert_eq!(m.len(), 4096);
+        let e = Mapping::map_front_end(sealed.as_fd(), 0, 8192, true).unwrap_err();
+        assert!(invalid(e));
     }
 
     #[test]

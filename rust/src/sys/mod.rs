@@ -62,7 +62,20 @@ fn invalid_input(msg: &'static str) -> io::Error {
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+    /// A memfd of `size` bytes without seals, as a careless or hostile front-end sends:
+    /// anyone holding it can truncate it under a mapping.
+    pub(crate) fn unsealed_memfd(size: i64) -> OwnedFd {
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create failed");
+        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate takes no pointers.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }, 0);
+        fd
+    }
 
     /// Number of open fds in this process. Other tests run concurrently in the same
     /// process, so callers compare counts with a retry rather than once.

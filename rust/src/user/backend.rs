@@ -242,10 +242,12 @@ impl BackendSession {
         &self.memory
     }
 
-    /// Refuses (NACK or close) memory tables and regions whose fds are not sealed against
-    /// shrinking: the policy that keeps a front-end from truncating guest memory under us
-    /// (a SIGBUS, ADVERSARIAL J8). Off by default, since file-backed guest RAM cannot be
-    /// sealed.
+    /// Refuses (NACK or close) every fd the back-end maps (memory tables and regions, the
+    /// dirty log, the inflight area) that is not sealed against shrinking: the policy that
+    /// keeps a front-end from truncating shared memory under us (a SIGBUS, ADVERSARIAL J8).
+    /// Off by default, since file-backed guest RAM cannot be sealed. Regions apply it in
+    /// [`GuestRegion::map`]; the log and the inflight area, which reach the handler as fds,
+    /// are checked here before the handler maps them.
     pub fn require_sealed_memory(&mut self, on: bool) {
         self.state.sealed_memory_only = on;
     }
@@ -461,11 +463,15 @@ impl BackendSession {
         Ok(())
     }
 
-    fn map_table(regions: &[MemRegion], fds: Vec<OwnedFd>) -> Result<GuestMemory> {
+    fn map_table(
+        regions: &[MemRegion],
+        fds: Vec<OwnedFd>,
+        require_sealed: bool,
+    ) -> Result<GuestMemory> {
         let mapped = regions
             .iter()
             .zip(fds)
-            .map(|(r, fd)| GuestRegion::map(region_info(r), fd).map(Arc::new))
+            .map(|(r, fd)| GuestRegion::map(region_info(r), fd, require_sealed).map(Arc::new))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(GuestMemory::new(mapped)?)
     }
@@ -545,12 +551,7 @@ impl BackendSession {
                 none
             }
             R::SetMemTable { table, fds } => {
-                if self.state.sealed_memory_only {
-                    for fd in &fds {
-                        GuestRegion::check_shrink_sealed(fd.as_fd())?;
-                    }
-                }
-                let mem = Self::map_table(&table.regions, fds)?;
+                let mem = Self::map_table(&table.regions, fds, self.state.sealed_memory_only)?;
                 h.set_mem_table(&mem)?;
                 self.memory = mem;
                 if !self.state.postcopy_listening {
@@ -581,10 +582,7 @@ impl BackendSession {
                     )));
                 }
                 let info = region_info(&region);
-                if self.state.sealed_memory_only {
-                    GuestRegion::check_shrink_sealed(fd.as_fd())?;
-                }
-                let mapped = Arc::new(GuestRegion::map(info, fd)?);
+                let mapped = Arc::new(GuestRegion::map(info, fd, self.state.sealed_memory_only)?);
                 let mem = self.memory.with_region(mapped)?;
                 h.add_mem_region(&mem, &info)?;
                 self.memory = mem;
@@ -771,6 +769,13 @@ impl BackendSession {
                         desc.num_queues,
                         h.max_queues()
                     )));
+                }
+                // The inflight area is shared memory the back-end maps like guest memory: the
+                // same sealing policy (a truncated area would SIGBUS the ring's first access).
+                if self.state.sealed_memory_only {
+                    crate::sys::mmap::check_shrink_sealed(fd.as_fd()).map_err(|e| {
+                        Error::InvalidParam(format!("SET_INFLIGHT_FD: inflight area: {e}"))
+                    })?;
                 }
                 h.set_inflight_fd(&desc, fd)?;
                 none

@@ -91,8 +91,11 @@ impl InflightArea {
         ))
     }
 
-    /// SET_INFLIGHT_FD: the area a front-end kept from an earlier back-end.
-    pub fn adopt(desc: &InflightDesc, fd: OwnedFd) -> Result<Self> {
+    /// SET_INFLIGHT_FD: the area a front-end kept from an earlier back-end, mapped through
+    /// the one path for front-end fds ([`Mapping::map_front_end`]): the range must lie in
+    /// the file (fstat) and, with `require_sealed`, the file must be sealed against
+    /// shrinking, so a truncation cannot SIGBUS a later access (ADVERSARIAL C5/J8).
+    pub fn adopt(desc: &InflightDesc, fd: OwnedFd, require_sealed: bool) -> Result<Self> {
         let need = (queue_region_size(desc.queue_size) * usize::from(desc.num_queues)) as u64;
         if desc.num_queues == 0 || desc.queue_size == 0 || desc.mmap_size < need {
             return Err(Error::InvalidParam(format!(
@@ -100,7 +103,8 @@ impl InflightArea {
                 desc.mmap_size, desc.num_queues, desc.queue_size
             )));
         }
-        let map = Mapping::map_shared(fd.as_fd(), desc.mmap_offset, need, true)?;
+        let map = Mapping::map_front_end(fd.as_fd(), desc.mmap_offset, need, require_sealed)
+            .map_err(|e| Error::InvalidParam(format!("SET_INFLIGHT_FD: inflight area: {e}")))?;
         Ok(InflightArea {
             map,
             num_queues: desc.num_queues,
@@ -377,6 +381,35 @@ mod tests {
             queue_size: 8,
         };
         let fd = memfd_create("small", 320).unwrap();
-        assert!(InflightArea::adopt(&desc, fd).is_err());
+        assert!(InflightArea::adopt(&desc, fd, false).is_err());
+    }
+
+    #[test]
+    fn adopt_refuses_an_unsealed_area_under_the_policy_and_a_short_file_always() {
+        use std::os::fd::AsRawFd;
+        let desc = InflightDesc {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 8,
+        };
+        let unsealed = || crate::sys::test_util::unsealed_memfd(4096);
+        // Policy on: an unsealed area (one a front-end could truncate into a SIGBUS later)
+        // is refused before it is mapped.
+        let e = InflightArea::adopt(&desc, unsealed(), true).unwrap_err();
+        assert!(e.to_string().contains("SET_INFLIGHT_FD"), "{e}");
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
+        // Policy off: the unsealed area is used (the documented J8 risk) ...
+        let a = Arc::new(InflightArea::adopt(&desc, unsealed(), false).unwrap());
+        a.queue(0, 8).unwrap().start_split(0);
+        // ... but a file already shorter than the area is refused, sealed or not.
+        let short = unsealed();
+        // SAFETY: ftruncate takes no pointers.
+        assert_eq!(unsafe { libc::ftruncate(short.as_raw_fd(), 64) }, 0);
+        let e = InflightArea::adopt(&desc, short, false).unwrap_err();
+        assert!(e.to_string().contains("past the end of the file"), "{e}");
+        // A sealed area of ours passes the policy.
+        let sealed = memfd_create("sealed", 4096).unwrap();
+        InflightArea::adopt(&desc, sealed, true).unwrap();
     }
 }
