@@ -273,8 +273,8 @@ def test_config_space_and_probe(tmp_sock_dir: Path) -> None:
 
 
 def test_inproc_device_properties(tmp_sock_dir: Path) -> None:
-    image = tmp_sock_dir / "odd.img"
-    image.write_bytes(bytes(IMAGE_SIZE + 100))  # a partial last sector is not served
+    image = tmp_sock_dir / "disk.img"
+    image.write_bytes(bytes(IMAGE_SIZE))
     dev = BlkDevice(image, num_queues=3, queue_size=64, serial="x")
     assert dev.capacity == IMAGE_SIZE // SECTOR
     assert dev.num_queues == 3
@@ -285,6 +285,7 @@ def test_inproc_device_properties(tmp_sock_dir: Path) -> None:
     ram = BlkDevice.ram(MiB)
     assert ram.capacity == MiB // SECTOR
     assert dev.features & int(BlkFeature.DISCARD)
+    del dev  # closes the image, releasing its write lock
     ro = BlkDevice(image, readonly=True)
     assert ro.features & int(BlkFeature.RO) and not ro.features & int(BlkFeature.DISCARD)
 
@@ -407,8 +408,8 @@ def test_reset_then_new_rings_in_the_same_session(tmp_sock_dir: Path, how: str) 
     ("args", "message"),
     [
         (["--image", "missing.img"], "No such file"),
-        (["--image", "disk.img", "--queues", "0"], "at least one queue"),
-        (["--image", "disk.img", "--queue-size", "2"], "at least 3 entries"),
+        (["--image", "disk.img", "--queues", "0"], "--queues must be between 1 and 256"),
+        (["--image", "disk.img", "--queue-size", "2"], "--queue-size must be between 3 and"),
         (["--image", "disk.img", "--serial", "s" * 21], "at most 20 bytes"),
     ],
     ids=["missing-image", "no-queue", "tiny-queue", "long-serial"],

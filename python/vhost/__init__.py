@@ -15,6 +15,7 @@ from ._core import EventFd, FileDescriptor, GuestMemory
 from ._core import __version__ as __version__
 from .backend import EventFdLike, VhostBackend
 from .codes import BackendRequest, FrontendRequest, ProtocolFeature
+from .dirty_log import DirtyLog, DirtyRange
 from .errors import (
     ClosedError,
     DisconnectedError,
@@ -46,7 +47,9 @@ from .virtio import VirtioFeature
 __all__ = [
     "BackendRequest",
     "ClosedError",
+    "DirtyLog",
     "DirtyLogRegion",
+    "DirtyRange",
     "DisconnectedError",
     "EventFd",
     "EventFdLike",

@@ -9,6 +9,8 @@ from .backend import VhostBackend as VhostBackend
 from .codes import BackendRequest as BackendRequest
 from .codes import FrontendRequest as FrontendRequest
 from .codes import ProtocolFeature as ProtocolFeature
+from .dirty_log import DirtyLog as DirtyLog
+from .dirty_log import DirtyRange as DirtyRange
 from .errors import ClosedError as ClosedError
 from .errors import DisconnectedError as DisconnectedError
 from .errors import InactiveFeatureError as InactiveFeatureError
@@ -36,7 +38,9 @@ from .virtio import VirtioFeature as VirtioFeature
 __all__ = [
     "BackendRequest",
     "ClosedError",
+    "DirtyLog",
     "DirtyLogRegion",
+    "DirtyRange",
     "DisconnectedError",
     "EventFd",
     "EventFdLike",

@@ -16,12 +16,14 @@ __all__ = [
     "Daemon",
     "DescriptorChain",
     "DeviceQueue",
+    "DirtyLog",
     "EventFd",
     "FileDescriptor",
     "Frontend",
     "FrontendChannel",
     "GuestMemory",
     "GuestView",
+    "ImageFile",
     "KernelDevice",
     "Listener",
     "VdpaDevice",
@@ -95,6 +97,33 @@ class GuestView:
     """The exporter behind :meth:`GuestMemory.view` (``memoryview.obj``)."""
 
     def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
+class DirtyLog:
+    """The dirty-page bitmap of live migration (``vhost.dirty_log.DirtyLog`` wraps it)."""
+
+    @staticmethod
+    def allocate(memory: GuestMemory) -> DirtyLog: ...
+    @staticmethod
+    def adopt(
+        fd: _Fd, mmap_size: int, mmap_offset: int, memory: GuestMemory, require_sealed: bool = False
+    ) -> DirtyLog: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mmap_offset(self) -> int: ...
+    @property
+    def covers(self) -> int: ...
+    @property
+    def address(self) -> int: ...
+    def fileno(self) -> int | None: ...
+    def mark(self, gpa: int, length: int) -> None: ...
+    def take(self) -> list[tuple[int, int]]: ...
+    def peek(self) -> list[tuple[int, int]]: ...
+    def dirty_pages(self) -> int: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
 
 @final
 class Frontend:
@@ -372,6 +401,8 @@ class BlkDevice:
         queue_size: int = 256,
         readonly: bool = False,
         serial: str | None = None,
+        lock: bool = True,
+        force_share: bool = False,
     ) -> Self: ...
     @staticmethod
     def ram(
@@ -389,6 +420,39 @@ class BlkDevice:
     @property
     def features(self) -> int: ...
     def config(self) -> bytes: ...
+
+@final
+class ImageFile:
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        lock: bool = True,
+        force_share: bool = False,
+    ) -> Self: ...
+    def fileno(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        t: type[BaseException] | None,
+        v: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+# (kind, session, request, queue, end, reason, hint, error)
+_EventTuple = tuple[
+    str, int, str | None, int | None, str | None, str | None, str | None, bool
+]
 
 @final
 class Batch:
@@ -441,6 +505,9 @@ class Daemon:
     def last_error(self) -> str | None: ...
     @property
     def completed(self) -> list[int]: ...
+    def next_events(self, timeout: float | None = 0.0) -> list[_EventTuple]: ...
+    @property
+    def events_dropped(self) -> int: ...
 
 @final
 class BlkLoad:

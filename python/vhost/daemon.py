@@ -21,6 +21,23 @@ front-end (a restarted QEMU, or QEMU's ``reconnect``) is served::
         ...  # QEMU: -chardev socket,id=c0,path=/run/blk.sock -device vhost-user-blk-pci,chardev=c0
 
 :meth:`Daemon.serve_forever` blocks until SIGINT or SIGTERM and then stops cleanly.
+
+The daemon reports what happens as :class:`DaemonEvent` values (a session started, a
+request refused and why, a queue stopped, a session ended and how):
+:meth:`Daemon.next_events`, or ``serve_forever(on_event=...)``. A refusal is where a
+front-end's vague failure ("vhost start failed") gets its reason.
+
+:class:`BlkDevice` (and :class:`vhost.devices.blkdev.PythonBlkDevice`, through
+:class:`ImageFile`) serves raw images only: a file starting with another format's
+signature (qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS, ...), an empty file, or one whose size
+is not a multiple of 512 is refused with ``InvalidParamError``. The image is locked the
+way QEMU locks it (``lock=True``): a writer refuses to start while another program
+writes the image or forbids writers, and the other program (another back-end, a
+qemu-storage-daemon, QEMU) then refuses too; readers share with readers.
+``force_share=True`` (read-only only) reads whatever others do, as ``qemu-img -U``;
+``lock=False`` takes no locks. A lock held elsewhere is a
+:class:`~vhost.errors.VhostOSError` with errno ``EBUSY``, the image as ``filename`` and
+the holder named.
 """
 
 from __future__ import annotations
@@ -30,17 +47,106 @@ import signal
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from types import FrameType, TracebackType
 from typing import ClassVar, Self
 
 from . import _core
 from .errors import NotSupportedError
 
-__all__ = ["Batch", "BlkDevice", "Daemon", "DescriptorChain", "Device"]
+__all__ = [
+    "Batch",
+    "BlkDevice",
+    "Daemon",
+    "DaemonEvent",
+    "DescriptorChain",
+    "Device",
+    "EventKind",
+    "ImageFile",
+    "SessionEnd",
+]
 
 Batch = _core.Batch
 BlkDevice = _core.BlkDevice
 DescriptorChain = _core.DescriptorChain
+ImageFile = _core.ImageFile
+
+
+class EventKind(StrEnum):
+    """What a :class:`DaemonEvent` reports."""
+
+    #: A front-end connected and is being served.
+    SESSION_STARTED = "session-started"
+    #: A request was refused (a NACK or a failure status); the session goes on.
+    REFUSED = "refused"
+    #: A queue stopped on a corrupt ring or a failing device; the session goes on.
+    QUEUE_FAILED = "queue-failed"
+    #: The session is over (``end`` says how); its fds and mappings are released.
+    SESSION_ENDED = "session-ended"
+
+
+class SessionEnd(StrEnum):
+    """How a session ended (:attr:`DaemonEvent.end`)."""
+
+    #: The front-end closed the connection between two messages.
+    CLOSED = "closed"
+    #: The daemon was stopped.
+    STOPPED = "stopped"
+    #: The front-end stalled inside a message for longer than ``stall_timeout``.
+    STALLED = "stalled"
+    #: The front-end broke the protocol, or a request that cannot be refused failed.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DaemonEvent:
+    """Something that happened to a :class:`Daemon`, reported as it happened.
+
+    Without events a front-end's failure (QEMU's "vhost start failed") has no visible
+    cause on the back-end: the daemon's reasons are here. Sessions are numbered from 1.
+    """
+
+    kind: EventKind
+    session: int
+    #: The refused request's name (``"SET_VRING_ADDR"``), for :attr:`EventKind.REFUSED`.
+    request: str | None = None
+    #: The failed queue's index, for :attr:`EventKind.QUEUE_FAILED`.
+    queue: int | None = None
+    #: How the session ended, for :attr:`EventKind.SESSION_ENDED`.
+    end: SessionEnd | None = None
+    #: Why, in words (every kind but :attr:`EventKind.SESSION_STARTED`).
+    reason: str | None = None
+    #: What the front-end's user probably has to change, when the daemon can tell.
+    hint: str | None = None
+    #: Whether this reports a failure (a refusal, a queue failure, a session that ended
+    #: on an error rather than a close or a stop).
+    error: bool = False
+
+    def __str__(self) -> str:
+        if self.kind is EventKind.SESSION_STARTED:
+            text = f"session {self.session}: front-end connected"
+        elif self.kind is EventKind.REFUSED:
+            text = f"session {self.session}: {self.request} refused: {self.reason}"
+        elif self.kind is EventKind.QUEUE_FAILED:
+            text = f"session {self.session}: queue {self.queue} stopped: {self.reason}"
+        else:
+            text = f"session {self.session} ended: {self.reason}"
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+def _event(raw: _core._EventTuple) -> DaemonEvent:
+    kind, session, request, queue, end, reason, hint, error = raw
+    return DaemonEvent(
+        EventKind(kind),
+        session,
+        request,
+        queue,
+        None if end is None else SessionEnd(end),
+        reason,
+        hint,
+        error,
+    )
 
 
 class Device(ABC):
@@ -133,11 +239,17 @@ class Daemon:
         when its session ends); re-raises the error that ended it, if any."""
         return self._native.wait(timeout)
 
-    def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
+    def serve_forever(
+        self,
+        ready: Callable[[], None] | None = None,
+        on_event: Callable[[DaemonEvent], None] | None = None,
+    ) -> None:
         """Serves until SIGINT or SIGTERM (or :meth:`stop` from another thread).
 
         ``ready`` is called once the daemon is serving and the signals are handled, so a
-        supervisor told "ready" can already stop it cleanly.
+        supervisor told "ready" can already stop it cleanly. ``on_event`` is called in
+        this thread with each :class:`DaemonEvent` as it happens (the last ones, such as
+        the end of the session a stop cut short, before this returns).
         """
         previous: signal.Handlers | None = None
         on_main = threading.current_thread() is threading.main_thread()
@@ -148,14 +260,32 @@ class Daemon:
                 self.start()
             if ready is not None:
                 ready()
-            while not self._native.wait(0.2):
-                pass
+            while True:
+                if on_event is not None:
+                    for event in self.next_events(0.2):
+                        on_event(event)
+                if self._native.wait(0.0 if on_event is not None else 0.2):
+                    break
         except KeyboardInterrupt:
             pass
         finally:
             self.stop()
             if on_main and previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if on_event is not None:
+                for event in self.next_events():
+                    on_event(event)
+
+    def next_events(self, timeout: float | None = 0.0) -> list[DaemonEvent]:
+        """The events since the last call, waiting up to ``timeout`` seconds (None:
+        forever) for the first. Ctrl-C interrupts the wait. The daemon keeps the latest
+        1024 uncollected events (:attr:`events_dropped` counts the others)."""
+        return [_event(e) for e in self._native.next_events(timeout)]
+
+    @property
+    def events_dropped(self) -> int:
+        """Events dropped because nobody collected them in time."""
+        return self._native.events_dropped
 
     @property
     def running(self) -> bool:

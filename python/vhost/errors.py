@@ -295,13 +295,15 @@ class KernelError(VhostError, OSError):
 
 
 class VhostOSError(VhostError, OSError):
-    """Connecting to, or binding, a Unix socket path failed.
+    """An operation on a file-system path failed: connecting to or binding a Unix
+    socket, opening or locking a disk image.
 
     Constructed like ``OSError``: ``VhostOSError(errno, strerror, filename,
     operation="connect to")``, and like ``OSError`` it returns the subclass that matches
     ``errno`` (:class:`VhostFileNotFoundError` for ``ENOENT``...), so ``except
-    FileNotFoundError`` and ``except VhostError`` both work. ``filename`` is the socket
-    path, ``operation`` what was tried (``"connect to"``, ``"bind"``), and ``str()``
+    FileNotFoundError`` and ``except VhostError`` both work. ``filename`` is the
+    path, ``operation`` what was tried (``"connect to"``, ``"bind"``, ``"listen on"``,
+    ``"open image"``, ``"lock image"``: a lock held elsewhere is ``EBUSY``), and ``str()``
     says both: ``"connect to /run/vhost.sock: No such file or directory"``.
     """
 

@@ -8,6 +8,9 @@
   :class:`BackendSession` with it. The session (in Rust) validates every message first.
 - :class:`FrontendRequestHandler` answers what a back-end sends on its request channel
   (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
+- Live migration: :meth:`Frontend.start_dirty_log` makes any back-end with ``LOG_SHMFD``
+  and ``VHOST_F_LOG_ALL`` record its writes to guest memory in a :class:`vhost.DirtyLog`,
+  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ from typing import Any, Self, cast
 from . import _core
 from .backend import EventFdLike, VhostBackend
 from .codes import ProtocolFeature
-from .errors import ClosedError, InvalidParamError, NotSupportedError
-from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringConfig
+from .dirty_log import DirtyLog
+from .errors import (
+    ClosedError,
+    InactiveFeatureError,
+    InvalidMemoryError,
+    InvalidParamError,
+    InvalidQueueError,
+    NotSupportedError,
+)
+from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
 from .virtio import VirtioFeature
 
 __all__ = [
@@ -63,6 +74,7 @@ _INDIRECT_DESC = int(VirtioFeature.RING_INDIRECT_DESC)
 _EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
 _PROTOCOL_FEATURES = int(VirtioFeature.PROTOCOL_FEATURES)
 _RING_PACKED = int(VirtioFeature.RING_PACKED)
+_LOG_ALL = int(VirtioFeature.LOG_ALL)
 # Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and 50-127).
 _DEVICE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
 
@@ -140,6 +152,13 @@ class Frontend(VhostBackend):
     def __init__(self, native: _core.Frontend) -> None:
         self._native = native
         self._closed = False
+        # Dirty logging: the log the back-end writes, and the last SET_VRING_ADDR of each
+        # running queue (re-sent with VHOST_VRING_F_LOG when logging starts or stops).
+        self._dirty_log: DirtyLog | None = None
+        self._vring_configs: dict[int, VringConfig] = {}
+        # Guest-physical end of each region the back-end was given, by start address: a
+        # log must cover the highest one.
+        self._region_ends: dict[int, int] = {}
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 10.0) -> Self:
@@ -225,7 +244,13 @@ class Frontend(VhostBackend):
         self._native.reset_owner()
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        """``SET_MEM_TABLE``. While dirty logging is on, memory the log does not cover is
+        refused before it is sent (hand over a larger log with :meth:`start_dirty_log`
+        first, as QEMU resizes its log)."""
+        ends = {r.guest_phys_addr: r.guest_phys_addr + r.memory_size for r in regions}
+        self._check_log_covers(max(ends.values(), default=0), "SET_MEM_TABLE")
         self._native.set_mem_table([_region_tuple(r) for r in regions])
+        self._region_ends = ends
 
     def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
         if region is None:
@@ -243,20 +268,32 @@ class Frontend(VhostBackend):
         self._native.set_vring_num(index, num)
 
     def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        """``SET_VRING_ADDR``. While dirty logging is on (:meth:`start_dirty_log`), a
+        config with a ``log_addr`` is sent with ``VHOST_VRING_F_LOG`` set, as QEMU does,
+        so the back-end logs its used-ring writes; the config is remembered so that
+        starting or stopping the log re-sends it."""
+        flags = config.flags
+        if self._dirty_log is not None and config.log_addr is not None:
+            flags |= int(VringAddrFlag.LOG)
         self._native.set_vring_addr(
             index,
             config.desc_table_addr,
             config.used_ring_addr,
             config.avail_ring_addr,
-            config.flags,
+            flags,
             config.log_addr or 0,
         )
+        self._vring_configs[index] = config
 
     def set_vring_base(self, index: int, base: int) -> None:
         self._native.set_vring_base(index, base)
 
     def get_vring_base(self, index: int) -> int:
-        return self._native.get_vring_base(index)
+        """``GET_VRING_BASE``: stops the ring (it is no longer re-sent by
+        :meth:`start_dirty_log`) and returns its next available index."""
+        base = self._native.get_vring_base(index)
+        self._vring_configs.pop(index, None)
+        return base
 
     def set_vring_call(self, index: int, fd: FdLike | None) -> None:
         self._native.set_vring_call(index, fd)
@@ -317,6 +354,7 @@ class Frontend(VhostBackend):
         *,
         packed: bool = False,
         event_idx: bool = True,
+        log_all: bool = False,
     ) -> tuple[int, ProtocolFeature]:
         """The usual opening: GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES.
 
@@ -336,7 +374,12 @@ class Frontend(VhostBackend):
           ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) is acked whenever offered, as QEMU
           does: protocol features are negotiated then, and the bit decides how rings start
           (disabled until ``SET_VRING_ENABLE``). Use :meth:`set_features` to ack anything
-          else on purpose (``LOG_ALL`` for a migration, say).
+          else on purpose.
+        - ``log_all``: also ack ``VHOST_F_LOG_ALL`` (bit 26;
+          :class:`~vhost.errors.NotSupportedError` if not offered), for a front-end that
+          takes over a back-end in the middle of a migration. The back-end then logs every
+          write from the start, so hand it the log first; :meth:`start_dirty_log` does
+          all of it, in QEMU's order, on a negotiated connection.
         - ``protocol_features`` masks the protocol features; ``None`` means
           :attr:`DEFAULT_PROTOCOL_FEATURES`. Only :attr:`IMPLEMENTED_PROTOCOL_FEATURES`
           are ever acked; asking for another bit raises
@@ -359,6 +402,11 @@ class Frontend(VhostBackend):
                 "negotiate: packed=True but the features mask excludes VIRTIO_F_RING_PACKED"
             )
         offered = self.get_features()
+        if log_all and not offered & _LOG_ALL:
+            raise NotSupportedError(
+                f"negotiate: the back-end does not offer VHOST_F_LOG_ALL (offered {offered:#x})",
+                "SET_FEATURES",
+            )
         if packed and not offered & _RING_PACKED:
             raise NotSupportedError(
                 f"negotiate: the back-end does not offer VIRTIO_F_RING_PACKED "
@@ -375,12 +423,103 @@ class Frontend(VhostBackend):
             ring_bits |= _EVENT_IDX
         if packed:
             ring_bits |= _RING_PACKED
+        if log_all:
+            ring_bits |= _LOG_ALL
         allowed = ring_bits | _DEVICE_BITS
         if features is not None:
-            allowed &= int(features) | (_RING_PACKED if packed else 0)
+            # What the keywords asked for is acked whatever the mask says.
+            allowed &= int(features) | (ring_bits & (_RING_PACKED | _LOG_ALL))
         acked = offered & (allowed | _PROTOCOL_FEATURES)
         self.set_features(acked)
         return acked, acked_proto
+
+    # -- dirty logging (live migration) ----------------------------------------------
+
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        """The log the back-end writes while logging is on (:meth:`start_dirty_log`)."""
+        return self._dirty_log
+
+    def start_dirty_log(self, log: DirtyLog) -> None:
+        """Makes the back-end log every write it makes to guest memory into ``log``, in
+        QEMU's order: ``SET_LOG_BASE`` with the log's fd (the back-end's reply is awaited),
+        ``SET_FEATURES`` with the acked features plus ``VHOST_F_LOG_ALL``, then
+        ``SET_VRING_ADDR`` again, with ``VHOST_VRING_F_LOG`` and the used ring's guest
+        address, for every queue set up on this connection that is still running. Queues
+        set up later get the flag from :meth:`set_vring_addr` on their own.
+
+        ``log`` must cover the guest memory (:meth:`DirtyLog.allocate` on it does); it
+        stays the caller's: :meth:`DirtyLog.take` collects the dirty pages. Called again
+        while logging, it hands over the new log (QEMU does this when memory grows).
+
+        Raises, before anything is sent: :class:`~vhost.errors.InactiveFeatureError` when
+        ``ProtocolFeature.LOG_SHMFD`` was not negotiated (no fd-based log without it),
+        :class:`~vhost.errors.NotSupportedError` when the back-end does not offer
+        ``VHOST_F_LOG_ALL``, :class:`~vhost.errors.InvalidParamError` for a log without
+        an fd (an adopted one), :class:`~vhost.errors.InvalidMemoryError` for a log that
+        does not cover the memory table sent on this connection,
+        :class:`~vhost.errors.InvalidQueueError` for a running
+        queue whose ``VringConfig`` has no ``log_addr``
+        (:func:`~vhost.virtio.setup_queue` always gives one).
+        """
+        if not self.acked_protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise InactiveFeatureError(
+                "SET_LOG_BASE",
+                "LOG_SHMFD",
+                "start_dirty_log: protocol feature LOG_SHMFD was not negotiated "
+                f"(acked {self.acked_protocol_features!r}); the back-end cannot map a log",
+            )
+        region = log.region
+        self._check_log_covers(max(self._region_ends.values(), default=0), "SET_LOG_BASE", log)
+        if self._dirty_log is None:
+            offered = self.get_features()
+            if not offered & _LOG_ALL:
+                raise NotSupportedError(
+                    "start_dirty_log: the back-end does not offer VHOST_F_LOG_ALL "
+                    f"(offered {offered:#x}): it cannot log its writes",
+                    "SET_FEATURES",
+                )
+            for index, config in self._vring_configs.items():
+                if config.log_addr is None:
+                    raise InvalidQueueError(
+                        f"start_dirty_log: queue {index} was set up without a log_addr "
+                        "(the used ring's guest address); set it in its VringConfig",
+                        index,
+                    )
+        self.set_log_base(0, region)
+        if self._dirty_log is not None:
+            self._dirty_log = log
+            return
+        self.set_features(self.acked_features | _LOG_ALL)
+        self._dirty_log = log
+        for index, config in list(self._vring_configs.items()):
+            self.set_vring_addr(index, config)
+
+    def _check_log_covers(self, end: int, request: str, log: DirtyLog | None = None) -> None:
+        """A back-end cannot log a write past the end of its log, so the page would be
+        missing from the migration: refuse memory the log (the current one, or ``log``
+        about to replace it) does not cover."""
+        if log is None:
+            log = self._dirty_log
+        if log is not None and end > log.covers:
+            raise InvalidMemoryError(
+                f"{request}: the dirty log covers guest addresses below {log.covers:#x}, but "
+                f"guest memory would end at {end:#x}; hand over a larger log "
+                "(start_dirty_log(DirtyLog.allocate(memory))) first",
+                end,
+            )
+
+    def stop_dirty_log(self) -> None:
+        """Turns logging off: ``SET_FEATURES`` without ``VHOST_F_LOG_ALL``, then
+        ``SET_VRING_ADDR`` without ``VHOST_VRING_F_LOG`` for the running queues (QEMU's
+        order). Pages written before are still in the log: :meth:`DirtyLog.take` them
+        afterwards. Does nothing when logging is off."""
+        if self._dirty_log is None:
+            return
+        self.set_features(self.acked_features & ~_LOG_ALL)
+        self._dirty_log = None
+        for index, config in list(self._vring_configs.items()):
+            self.set_vring_addr(index, config)
 
     def get_queue_num(self) -> int:
         return self._native.get_queue_num()
@@ -417,12 +556,17 @@ class Frontend(VhostBackend):
         return self._native.get_max_mem_slots()
 
     def add_mem_region(self, region: MemoryRegion) -> None:
+        """``ADD_MEM_REG``; checked against the dirty log as :meth:`set_mem_table` is."""
+        end = region.guest_phys_addr + region.memory_size
+        self._check_log_covers(end, "ADD_MEM_REG")
         self._native.add_mem_region(_region_tuple(region))
+        self._region_ends[region.guest_phys_addr] = end
 
     def remove_mem_region(self, region: MemoryRegion) -> None:
         self._native.remove_mem_region(
             region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
         )
+        self._region_ends.pop(region.guest_phys_addr, None)
 
     def reset_device(self) -> None:
         self._native.reset_device()
@@ -540,6 +684,10 @@ class BackendHandler:
         raise _refuse("GET_MAX_MEM_SLOTS")
 
     def set_log_base(self, mmap_size: int, mmap_offset: int, fd: _core.FileDescriptor) -> None:
+        """The dirty log (``LOG_SHMFD``): map it with ``vhost.DirtyLog.adopt(fd, mmap_size,
+        mmap_offset, memory)``, which checks it against the memory table, and
+        :meth:`~vhost.DirtyLog.mark` every write to guest memory while ``VHOST_F_LOG_ALL``
+        is acked. Refused by default."""
         raise _refuse("SET_LOG_BASE")
 
     def set_log_fd(self, fd: _core.FileDescriptor) -> None:

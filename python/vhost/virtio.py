@@ -32,7 +32,7 @@ import time
 from . import _core
 from .backend import EventFdLike, VhostBackend
 from .errors import InvalidMemoryError, InvalidParamError, InvalidQueueError, VhostTimeoutError
-from .types import VringConfig
+from .types import VringAddrFlag, VringConfig
 
 __all__ = [
     "BlkFeature",
@@ -334,6 +334,7 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     base: int | None = None,
     enable: bool = True,
     packed: bool = False,
+    log: bool = False,
 ) -> None:
     """Hands a ring to a back-end: ``SET_VRING_NUM``, ``SET_VRING_ADDR`` (front-end virtual
     addresses, from :func:`gpa_to_user`), ``SET_VRING_BASE``, ``SET_VRING_CALL``,
@@ -344,6 +345,13 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     (then ``packed`` tells the format). ``memory`` must be the memory the back-end got in
     its memory table. ``base`` is the ``SET_VRING_BASE`` value; by default that of a fresh
     ring: 0 for a split ring, slot 0 with wrap counter 1 (``0x8000``) for a packed one.
+
+    Dirty logging: ``SET_VRING_ADDR`` always carries the used ring's guest address as its
+    ``log_addr`` (QEMU sends it too; it means nothing until ``VHOST_VRING_F_LOG`` is set).
+    A :class:`vhost.user.Frontend` whose dirty log is on sets that flag itself, and sets it
+    again on its running queues when :meth:`~vhost.user.Frontend.start_dirty_log` is
+    called, so nothing is needed here; ``log=True`` sets the flag explicitly, for a
+    back-end that does not track it (kernel vhost after its ``set_log_base``).
     """
     event_idx: bool | None = None
     if isinstance(queue, _core.Virtqueue):
@@ -358,10 +366,11 @@ def setup_queue(  # noqa: PLR0917 - the public signature: six positional argumen
     config = VringConfig(
         queue_max_size=size,
         queue_size=size,
-        flags=0,
+        flags=int(VringAddrFlag.LOG) if log else 0,
         desc_table_addr=gpa_to_user(memory, desc),
         used_ring_addr=gpa_to_user(memory, used),
         avail_ring_addr=gpa_to_user(memory, avail),
+        log_addr=used,
         packed=packed,
     )
     backend.set_vring_num(index, size)

@@ -1,33 +1,63 @@
 """``python -m vhost serve {blk,rng}``: run a vhost-user back-end daemon until SIGINT or
 SIGTERM.
 
-``serve blk --socket SOCK --image FILE [--queues N] [--readonly]`` serves a virtio-blk
-disk (the native Rust device; ``--python`` serves the same image through the Python
-device path instead). ``serve rng --socket SOCK`` serves the Python virtio-rng example
-device. ``--client`` connects to a front-end listening on SOCK instead of listening.
+``serve blk --socket SOCK --image FILE [--queues N] [--readonly]`` serves a raw disk image
+(the native Rust device; ``--python`` serves it through the Python device path instead).
+The image is locked the way QEMU locks it, so a qemu-storage-daemon or another ``serve
+blk`` on the same image is refused (``--force-share``, ``--no-lock``). ``serve rng --socket
+SOCK`` serves the Python virtio-rng example device. ``--client`` connects to a front-end
+listening on SOCK instead of listening.
+
+A session that ends on an error, or after a refused request, is reported in one line on
+stderr with the reason; ``--verbose`` reports every session and refusal as it happens.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from ..daemon import BlkDevice, Daemon, Device
+from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
+from ..errors import InvalidParamError, VhostError
+
+#: Most queues `serve blk` runs (one worker thread each).
+MAX_QUEUES = 256
+#: Largest ring the vhost-user protocol allows.
+MAX_QUEUE_SIZE = 32768
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run a vhost-user back-end daemon", description=__doc__)
     kinds = p.add_subparsers(dest="device", required=True)
 
-    blk = kinds.add_parser("blk", help="virtio-blk over an image file")
+    blk = kinds.add_parser("blk", help="virtio-blk over a raw image file")
     _common(blk)
     blk.add_argument("--image", required=True, help="disk image file (raw)")
-    blk.add_argument("--queues", type=int, default=1, help="number of request queues")
-    blk.add_argument("--queue-size", type=int, default=256, help="largest ring size")
+    blk.add_argument(
+        "--queues", type=int, default=1, help=f"number of request queues (1-{MAX_QUEUES})"
+    )
+    blk.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        help=f"largest ring size the front-end may use (3-{MAX_QUEUE_SIZE})",
+    )
     blk.add_argument("--readonly", action="store_true", help="refuse guest writes")
     blk.add_argument("--serial", default="pyvhost", help="serial number (GET_ID)")
+    blk.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="do not lock the image (QEMU's locking=off): only if you coordinate access",
+    )
+    blk.add_argument(
+        "--force-share",
+        action="store_true",
+        help="with --readonly, read the image even while another program writes it "
+        "(QEMU's force-share=on)",
+    )
     blk.add_argument(
         "--python", action="store_true", help="use the Python device instead of the native one"
     )
@@ -55,28 +85,67 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="refuse guest memory not sealed against shrinking (no SIGBUS from truncation)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="report every session start and end and every refused request on stderr",
+    )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParamError(message)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    _check(args.poll_us >= 0, f"--poll-us must be 0 or more microseconds, not {args.poll_us}")
+    _check(args.poll_us <= 10**9, f"--poll-us {args.poll_us} is more than 1000 seconds")
 
 
 def run_blk(args: argparse.Namespace) -> int:
+    _check_common(args)
+    _check(
+        1 <= args.queues <= MAX_QUEUES,
+        f"--queues must be between 1 and {MAX_QUEUES}, not {args.queues}",
+    )
+    _check(
+        3 <= args.queue_size <= MAX_QUEUE_SIZE,
+        f"--queue-size must be between 3 and {MAX_QUEUE_SIZE}, not {args.queue_size}",
+    )
+    _check(
+        len(args.serial.encode()) <= 20, f"--serial is at most 20 bytes, not {args.serial!r}"
+    )
+    _check(
+        not args.force_share or args.readonly,
+        "--force-share needs --readonly (a writer cannot share the image safely)",
+    )
     device: Device | BlkDevice
-    if args.python:
-        device = PythonBlkDevice(
-            args.image,
-            num_queues=args.queues,
-            queue_size=args.queue_size,
-            readonly=args.readonly,
-            serial=args.serial,
-        )
-        sectors = device.capacity
-    else:
-        device = BlkDevice(
-            args.image,
-            num_queues=args.queues,
-            queue_size=args.queue_size,
-            readonly=args.readonly,
-            serial=args.serial,
-        )
-        sectors = device.capacity
+    try:
+        if args.python:
+            device = PythonBlkDevice(
+                args.image,
+                num_queues=args.queues,
+                queue_size=args.queue_size,
+                readonly=args.readonly,
+                serial=args.serial,
+                lock=not args.no_lock,
+                force_share=args.force_share,
+            )
+            sectors = device.capacity
+        else:
+            device = BlkDevice(
+                args.image,
+                num_queues=args.queues,
+                queue_size=args.queue_size,
+                readonly=args.readonly,
+                serial=args.serial,
+                lock=not args.no_lock,
+                force_share=args.force_share,
+            )
+            sectors = device.capacity
+    except OSError as exc:
+        raise _image_failure(args, exc) from None
     kind = "python" if args.python else "native"
     mode = " read-only" if args.readonly else ""
     return _serve(
@@ -88,10 +157,25 @@ def run_blk(args: argparse.Namespace) -> int:
             require_sealed_memory=args.require_sealed_memory,
         ),
         f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})",
+        args.verbose,
     )
 
 
+def _image_failure(args: argparse.Namespace, exc: OSError) -> VhostError:
+    """The one-line error for an image that could not be opened or locked, with a hint."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EBUSY:
+        return VhostError(
+            f"lock image {args.image}: {reason}; stop it first, or serve it with --readonly "
+            "--force-share to read it anyway (--no-lock: no locking at all)"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not args.readonly:
+        return VhostError(f"open image {args.image}: {reason}; use --readonly to serve it")
+    return VhostError(f"open image {args.image}: {reason}")
+
+
 def run_rng(args: argparse.Namespace) -> int:
+    _check_common(args)
     daemon = Daemon(
         RngDevice(),
         args.socket,
@@ -99,17 +183,59 @@ def run_rng(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
     )
-    return _serve(daemon, "rng (python)")
+    return _serve(daemon, "rng (python)", args.verbose)
 
 
-def _serve(daemon: Daemon, what: str) -> int:
+class _Reporter:
+    """Prints the daemon's events on stderr: all of them with ``--verbose``; otherwise one
+    line when a session ends on an error or after a refusal (the first one, which is
+    usually the cause of what follows)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.trouble: dict[int, DaemonEvent] = {}
+        #: A session's failure was printed (in client mode it is also the daemon's).
+        self.failure_shown = False
+
+    def __call__(self, event: DaemonEvent) -> None:
+        if event.kind is EventKind.SESSION_ENDED and event.error:
+            self.failure_shown = True
+        if self.verbose:
+            _say(str(event))
+            return
+        if event.kind is not EventKind.SESSION_ENDED:
+            if event.error:
+                self.trouble.setdefault(event.session, event)
+            return
+        first = self.trouble.pop(event.session, None)
+        if first is None:
+            if event.error:
+                _say(str(event))
+            return
+        _say(f"{event}, after: {str(first).split(': ', 1)[1]}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
+    try:
+        daemon.start()
+    except OSError as exc:
+        action = "connect to" if daemon.client else "listen on"
+        raise VhostError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
+
     def ready() -> None:
         print(f"serving {what} on {daemon.path}", flush=True)
 
-    daemon.serve_forever(ready)
-    print(
-        f"stopped after {daemon.sessions_started} session(s)",
-        file=sys.stderr,
-        flush=True,
-    )
+    reporter = _Reporter(verbose)
+    try:
+        daemon.serve_forever(ready, on_event=reporter)
+    except VhostError:
+        # Client mode: the one session failed, and its event already said why.
+        if not reporter.failure_shown:
+            raise
+        return 1
+    _say(f"stopped after {daemon.sessions_started} session(s)")
     return 0

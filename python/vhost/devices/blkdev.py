@@ -13,7 +13,7 @@ import os
 import struct
 
 from .. import _core
-from ..daemon import Device
+from ..daemon import Device, ImageFile
 from ..errors import InvalidParamError
 
 __all__ = ["PythonBlkDevice"]
@@ -26,7 +26,13 @@ _F_SEG_MAX, _F_RO, _F_BLK_SIZE, _F_FLUSH, _F_MQ = 1 << 2, 1 << 5, 1 << 6, 1 << 9
 
 
 class PythonBlkDevice(Device):
-    """virtio-blk over the image file at ``path``."""
+    """virtio-blk over the raw image file at ``path``.
+
+    The image is opened, checked and locked exactly as the native device does it
+    (:class:`vhost.daemon.ImageFile`): the same errors for a missing, unwritable, empty,
+    non-raw or in-use image, and the same QEMU-compatible locks (``lock``,
+    ``force_share``), held until :meth:`close`.
+    """
 
     device_type = 2
 
@@ -38,13 +44,16 @@ class PythonBlkDevice(Device):
         queue_size: int = 256,
         readonly: bool = False,
         serial: str = "pyvhost-py",
+        lock: bool = True,
+        force_share: bool = False,
     ) -> None:
         if num_queues < 1 or queue_size < 3:
             raise InvalidParamError("a block device needs a queue of at least 3 entries")
         if len(serial.encode()) > 20:
             raise InvalidParamError("the serial is at most 20 bytes")
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        self.capacity = os.fstat(self.fd).st_size // _SECTOR
+        self.image = ImageFile(path, readonly=readonly, lock=lock, force_share=force_share)
+        self.fd = self.image.fileno()
+        self.capacity = self.image.size // _SECTOR
         self.readonly = readonly
         self.num_queues = num_queues
         self.max_queue_size = queue_size
@@ -52,7 +61,8 @@ class PythonBlkDevice(Device):
         self.features = _F_SEG_MAX | _F_BLK_SIZE | _F_FLUSH | _F_MQ | (_F_RO if readonly else 0)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Closes the image, releasing its locks."""
+        self.image.close()
 
     def config(self) -> bytes:
         cfg = bytearray(60)

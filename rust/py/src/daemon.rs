@@ -2,24 +2,25 @@
 //! thread), the native `BlkDevice`, and the adapter that lets a Python object be a device
 //! (`Batch` is what its `process` method receives).
 
-use std::fs::OpenOptions;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vhost_core::daemon::{Daemon, DaemonStats, DeviceError, Stopper, VirtioDevice};
-use vhost_core::devices::{BlkConfig, BlkDevice};
+use vhost_core::daemon::{Daemon, DaemonEvent, DaemonStats, DeviceError, Stopper, VirtioDevice};
+use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::sys::PathError;
 use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
-use crate::errors::{closed, invalid_param, io_error, user_error};
+use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -38,23 +39,26 @@ pub struct PyBlkDevice {
 
 #[pymethods]
 impl PyBlkDevice {
-    /// Serves the image file at `path` (opened read-only when `readonly`).
+    /// Serves the raw image file at `path` (opened read-only when `readonly`), checked and
+    /// locked as `vhost_core::devices::Image` does.
     #[new]
-    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
+    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = None, lock = true, force_share = false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         path: PathBuf,
         num_queues: u16,
         queue_size: u16,
         readonly: bool,
         serial: Option<String>,
+        lock: bool,
+        force_share: bool,
     ) -> PyResult<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(&path)
-            .map_err(io_error)?;
         let cfg = config(num_queues, queue_size, readonly, serial)?;
-        let inner = BlkDevice::new(file, cfg).map_err(io_error)?;
+        let locking = locking(lock, force_share);
+        let inner = py
+            .detach(|| BlkDevice::open(&path, cfg, locking))
+            .map_err(image_error)?;
         Ok(PyBlkDevice {
             inner: Arc::new(inner),
         })
@@ -103,6 +107,125 @@ impl PyBlkDevice {
             "<BlkDevice sectors={} queues={}>",
             self.inner.capacity(),
             self.inner.num_queues()
+        )
+    }
+}
+
+/// QEMU's two options as one mode: `force_share` wins over `lock` as in QEMU, where
+/// force-share is about what is shared and locking=off about whether anything is locked.
+fn locking(lock: bool, force_share: bool) -> Locking {
+    match (lock, force_share) {
+        (false, _) => Locking::Off,
+        (true, true) => Locking::ForceShare,
+        (true, false) => Locking::On,
+    }
+}
+
+/// An image that cannot be served: a failed open or a lock held elsewhere is a
+/// `VhostOSError` (an OSError of the errno's kind) with the path as `filename`; a file that is not a usable raw disk is
+/// `InvalidParamError`.
+fn image_error(err: ImageError) -> PyErr {
+    let err_path = &err.path().to_path_buf();
+    Python::attach(|py| match err {
+        ImageError::Open { source, .. } => {
+            path_error(PathError::new("open image", err_path, &source))
+        }
+        ImageError::Locked { holder, what, .. } => path_error(PathError {
+            op: "lock image",
+            path: err_path.clone(),
+            errno: libc::EBUSY,
+            reason: format!("in use by {holder}, which {what}"),
+        }),
+        other => raise(py, "InvalidParamError", (other.to_string(),)),
+    })
+}
+
+/// An open, checked and locked raw image for a block device written in Python; its locks
+/// last until `close()`.
+#[pyclass(module = "vhost._core", name = "ImageFile", frozen)]
+pub struct PyImageFile {
+    image: Mutex<Option<Image>>,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+}
+
+#[pymethods]
+impl PyImageFile {
+    #[new]
+    #[pyo3(signature = (path, *, readonly = false, lock = true, force_share = false))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        readonly: bool,
+        lock: bool,
+        force_share: bool,
+    ) -> PyResult<Self> {
+        let image = py
+            .detach(|| Image::open(&path, readonly, locking(lock, force_share)))
+            .map_err(image_error)?;
+        Ok(PyImageFile {
+            size: image.size(),
+            image: Mutex::new(Some(image)),
+            path,
+            readonly,
+        })
+    }
+
+    /// The file descriptor, for `os.pread`/`os.pwrite`; valid until `close()`.
+    fn fileno(&self) -> PyResult<RawFd> {
+        lock(&self.image)
+            .as_ref()
+            .map(|i| i.file().as_raw_fd())
+            .ok_or_else(|| closed("the image"))
+    }
+
+    /// Size in bytes (a multiple of 512).
+    #[getter]
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    #[getter]
+    fn path(&self) -> std::ffi::OsString {
+        self.path.clone().into_os_string()
+    }
+
+    #[getter]
+    fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.image).is_none()
+    }
+
+    /// Closes the file, which releases its locks.
+    fn close(&self) {
+        lock(&self.image).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<ImageFile {} size={}{}{}>",
+            self.path.display(),
+            self.size,
+            if self.readonly { " readonly" } else { "" },
+            if self.closed() { " closed" } else { "" }
         )
     }
 }
@@ -348,6 +471,108 @@ impl VirtioDevice for PythonDevice {
 /// How long `Daemon.wait` sleeps between looks at pending Python signals.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
+/// Most events kept for `next_events` when nobody collects them; older ones are dropped
+/// (and counted), so an unwatched daemon's memory stays bounded.
+const MAX_PENDING_EVENTS: usize = 1024;
+
+/// Events of the serving thread and the queue workers, waiting for Python to collect them.
+/// The sink only pushes under a mutex: it never takes the GIL.
+#[derive(Default)]
+struct EventQueue {
+    pending: Mutex<VecDeque<DaemonEvent>>,
+    arrived: Condvar,
+    dropped: AtomicU64,
+}
+
+impl EventQueue {
+    fn push(&self, event: DaemonEvent) {
+        let mut q = lock(&self.pending);
+        if q.len() == MAX_PENDING_EVENTS {
+            q.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(event);
+        self.arrived.notify_all();
+    }
+
+    /// Everything pending, after waiting up to `slice` for the first.
+    fn take(&self, slice: Duration) -> Vec<DaemonEvent> {
+        let q = lock(&self.pending);
+        let (mut q, _) = self
+            .arrived
+            .wait_timeout_while(q, slice, |q| q.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+}
+
+/// `(kind, session, request, queue, end, reason, hint, error)`, the tuple `vhost.daemon`
+/// turns into a `DaemonEvent`.
+type EventTuple = (
+    &'static str,
+    u64,
+    Option<&'static str>,
+    Option<u16>,
+    Option<&'static str>,
+    Option<String>,
+    Option<&'static str>,
+    bool,
+);
+
+fn event_tuple(e: DaemonEvent) -> EventTuple {
+    match e {
+        DaemonEvent::SessionStarted { session } => (
+            "session-started",
+            session,
+            None,
+            None,
+            None,
+            None,
+            None,
+            false,
+        ),
+        DaemonEvent::Refused {
+            session,
+            request,
+            reason,
+            hint,
+        } => {
+            let r = Some(reason);
+            ("refused", session, Some(request), None, None, r, hint, true)
+        }
+        DaemonEvent::QueueFailed {
+            session,
+            queue,
+            reason,
+        } => {
+            let r = Some(reason);
+            (
+                "queue-failed",
+                session,
+                None,
+                Some(queue),
+                None,
+                r,
+                None,
+                true,
+            )
+        }
+        DaemonEvent::SessionEnded { session, end, hint } => {
+            let (error, r) = (end.is_error(), Some(end.to_string()));
+            (
+                "session-ended",
+                session,
+                None,
+                None,
+                Some(end.kind()),
+                r,
+                hint,
+                error,
+            )
+        }
+    }
+}
+
 struct Running {
     finished: Receiver<UserResult<()>>,
     thread: JoinHandle<()>,
@@ -367,6 +592,9 @@ pub struct PyDaemon {
     finished: Mutex<Option<Arc<AtomicBool>>>,
     stopper: Mutex<Option<Stopper>>,
     outcome: Mutex<Option<UserResult<()>>>,
+    events: Arc<EventQueue>,
+    /// A `start` is binding its socket.
+    starting: AtomicBool,
 }
 
 #[pymethods]
@@ -377,12 +605,17 @@ impl PyDaemon {
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
-        poll_us: u64,
+        poll_us: i64,
         require_sealed_memory: bool,
     ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
+        };
+        let Ok(poll_us) = u64::try_from(poll_us) else {
+            return Err(invalid_param(format!(
+                "poll_us must be 0 or more microseconds, not {poll_us}"
+            )));
         };
         if !(stall_timeout.is_finite() && stall_timeout > 0.0) {
             return Err(invalid_param(
@@ -399,6 +632,8 @@ impl PyDaemon {
             finished: Mutex::new(None),
             stopper: Mutex::new(None),
             outcome: Mutex::new(None),
+            events: Arc::new(EventQueue::default()),
+            starting: AtomicBool::new(false),
         })
     }
 
@@ -406,48 +641,17 @@ impl PyDaemon {
     /// `client`, connects to a front-end listening there (one session).
     #[pyo3(signature = (path, *, client = false))]
     fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
-        let mut running = lock(&self.running);
-        if running.is_some() || self.serving() {
-            return Err(invalid_param("the daemon is already running"));
+        // The bind runs detached: hold no lock across it (a thread holding the GIL may be
+        // reading `running`), only this flag against a second start meanwhile.
+        {
+            let running = lock(&self.running);
+            if running.is_some() || self.serving() || self.starting.swap(true, Ordering::SeqCst) {
+                return Err(invalid_param("the daemon is already running"));
+            }
         }
-        let daemon = Daemon::new(self.device.clone())
-            .map_err(io_error)?
-            .with_stall_timeout(self.stall_timeout)
-            .with_poll(self.poll)
-            .with_sealed_memory_only(self.sealed_memory_only);
-        let listener = if client {
-            None
-        } else {
-            Some(
-                py.detach(|| Listener::bind(&path, true))
-                    .map_err(|e| crate::errors::path_error(PathError::new("bind", &path, &e)))?,
-            )
-        };
-        let (tx, rx) = mpsc::channel();
-        *lock(&self.stats) = Some(daemon.stats());
-        let stopper = daemon.stopper();
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
-        let thread = std::thread::Builder::new()
-            .name("vhost-daemon".into())
-            .spawn(move || {
-                let r = match &listener {
-                    Some(l) => daemon.serve(l),
-                    None => daemon.connect(&path),
-                };
-                drop(listener);
-                let _ = tx.send(r);
-                done.store(true, Ordering::SeqCst);
-            })
-            .map_err(io_error)?;
-        *lock(&self.finished) = Some(finished);
-        *lock(&self.outcome) = None;
-        *lock(&self.stopper) = Some(stopper);
-        *running = Some(Running {
-            finished: rx,
-            thread,
-        });
-        Ok(())
+        let started = self.launch(py, path, client);
+        self.starting.store(false, Ordering::SeqCst);
+        started
     }
 
     /// Asks the daemon to stop; `wait` then returns once it has.
@@ -499,10 +703,36 @@ impl PyDaemon {
         self.take_outcome()
     }
 
-    /// Whether the serving thread is running.
+    /// The events that happened since the last call, as tuples `(kind, session, request,
+    /// queue, end, reason, hint, error)`; waits up to `timeout` seconds (None: forever) for
+    /// the first, returning to Python between slices so Ctrl-C works.
+    #[pyo3(signature = (timeout = 0.0))]
+    fn next_events(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<EventTuple>> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let slice = deadline.map_or(WAIT_SLICE, |d| {
+                d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+            });
+            let events = self.events.clone();
+            let got = py.detach(move || events.take(slice));
+            if !got.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(got.into_iter().map(event_tuple).collect());
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Events dropped because nobody collected them (the queue keeps the latest 1024).
+    #[getter]
+    fn events_dropped(&self) -> u64 {
+        self.events.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the daemon is serving (or starting to: its socket may already exist).
     #[getter]
     fn running(&self) -> bool {
-        lock(&self.running).is_some() || self.serving()
+        // A start in progress counts: its socket may already be there.
+        self.starting.load(Ordering::SeqCst) || lock(&self.running).is_some() || self.serving()
     }
 
     /// Front-end sessions accepted so far.
@@ -548,6 +778,50 @@ impl PyDaemon {
 }
 
 impl PyDaemon {
+    /// Builds the core daemon, binds its socket (server mode) and starts its thread.
+    fn launch(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
+        let daemon = Daemon::new(self.device.clone())
+            .map_err(io_error)?
+            .with_stall_timeout(self.stall_timeout)
+            .with_poll(self.poll)
+            .with_sealed_memory_only(self.sealed_memory_only);
+        let events = self.events.clone();
+        let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
+        let listener = if client {
+            None
+        } else {
+            Some(
+                py.detach(|| Listener::bind(&path, true))
+                    .map_err(|e| path_error(PathError::new("listen on", &path, &e)))?,
+            )
+        };
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.stats) = Some(daemon.stats());
+        let stopper = daemon.stopper();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let thread = std::thread::Builder::new()
+            .name("vhost-daemon".into())
+            .spawn(move || {
+                let r = match &listener {
+                    Some(l) => daemon.serve(l),
+                    None => daemon.connect(&path),
+                };
+                drop(listener);
+                let _ = tx.send(r);
+                done.store(true, Ordering::SeqCst);
+            })
+            .map_err(io_error)?;
+        *lock(&self.finished) = Some(finished);
+        *lock(&self.outcome) = None;
+        *lock(&self.stopper) = Some(stopper);
+        *lock(&self.running) = Some(Running {
+            finished: rx,
+            thread,
+        });
+        Ok(())
+    }
+
     /// Whether the serving thread of the latest start has not finished yet.
     fn serving(&self) -> bool {
         lock(&self.finished)

@@ -4,13 +4,14 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use vhost_core::kern::Error as KernError;
+use vhost_core::memory::dirty_log::DirtyLogError;
 use vhost_core::memory::MemoryError;
 use vhost_core::sys::socket::{errno_of, reason_of};
 use vhost_core::sys::PathError;
 use vhost_core::user::Error as UserError;
 use vhost_core::vring::VringError;
 
-fn raise<'py>(
+pub(crate) fn raise<'py>(
     py: Python<'py>,
     class: &str,
     args: impl IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
@@ -113,6 +114,23 @@ pub fn path_error(err: PathError) -> PyErr {
             Err(e) => e,
         }
     })
+}
+
+/// A dirty-log error as a Python exception: creating the memfd is a `KernelError` with its
+/// errno; everything about sizes, offsets, the fd and addresses is `InvalidMemoryError`
+/// (the log is guest-memory metadata), with the guest address when there is one.
+pub fn log_error(err: DirtyLogError) -> PyErr {
+    let address = match &err {
+        DirtyLogError::Create(_) => None,
+        DirtyLogError::OutOfRange { gpa, .. } => Some(*gpa),
+        DirtyLogError::TooSmall { guest_end, .. } => Some(*guest_end),
+        _ => None,
+    };
+    if let DirtyLogError::Create(e) = err {
+        return io_error(e);
+    }
+    let msg = err.to_string();
+    Python::attach(|py| raise(py, "InvalidMemoryError", (msg, address)))
 }
 
 pub fn io_error(err: std::io::Error) -> PyErr {

@@ -7,6 +7,7 @@ mod backend;
 mod blkload;
 mod channel;
 mod daemon;
+mod dirty_log;
 mod errors;
 mod eventfd;
 mod fd;
@@ -24,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<eventfd::PyEventFd>()?;
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<memory::GuestView>()?;
+    m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<frontend::PyFrontend>()?;
     m.add_class::<channel::PyFrontendChannel>()?;
     m.add_class::<channel::PyBackendChannel>()?;
@@ -34,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vring::PyVirtqueue>()?;
     m.add_class::<blkload::PyBlkLoad>()?;
     m.add_class::<daemon::PyBlkDevice>()?;
+    m.add_class::<daemon::PyImageFile>()?;
     m.add_class::<daemon::PyBatch>()?;
     m.add_class::<daemon::PyDaemon>()?;
     m.add_class::<kern::PyKernelDevice>()?;

@@ -17,6 +17,7 @@ use crate::user::payload::InflightDesc;
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
+use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::queue::{lock, spawn_worker, QueueSlot};
 
@@ -47,6 +48,7 @@ pub struct DaemonHandler {
     acked_protocol: u64,
     status: u8,
     inflight: Option<Arc<InflightArea>>,
+    hint: Option<&'static str>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -72,6 +74,15 @@ impl DaemonHandler {
     /// Starts one worker thread per queue of `device`; `poll` is how long a worker keeps
     /// polling its ring after the last request before it sleeps on the kick eventfd.
     pub fn new(device: Arc<dyn VirtioDevice>, poll: Duration) -> std::io::Result<Self> {
+        Self::with_reporter(device, poll, None)
+    }
+
+    /// [`new`](Self::new), with queue failures reported as events of a session.
+    pub(crate) fn with_reporter(
+        device: Arc<dyn VirtioDevice>,
+        poll: Duration,
+        reporter: Option<QueueReporter>,
+    ) -> std::io::Result<Self> {
         let mut handler = DaemonHandler {
             slots: Vec::new(),
             workers: Vec::new(),
@@ -80,10 +91,11 @@ impl DaemonHandler {
             acked_protocol: 0,
             status: 0,
             inflight: None,
+            hint: None,
             device,
         };
         for i in 0..handler.device.num_queues() {
-            let slot = Arc::new(QueueSlot::new(i)?);
+            let slot = Arc::new(QueueSlot::new(i, reporter.clone())?);
             handler
                 .workers
                 .push(spawn_worker(slot.clone(), handler.device.clone(), poll)?);
@@ -103,6 +115,12 @@ impl DaemonHandler {
             .iter()
             .map(|s| lock(&s.state).last_error.clone())
             .collect()
+    }
+
+    /// What the front-end's user should change, if the last failed request tells
+    /// (cleared by the call).
+    pub fn take_hint(&mut self) -> Option<&'static str> {
+        self.hint.take()
     }
 
     fn slot(&self, index: u32) -> Result<&Arc<QueueSlot>> {
@@ -260,7 +278,13 @@ impl BackendHandler for DaemonHandler {
                 Some(area) => Some(area.queue(index as u16, st.size as u16)?),
                 None => None,
             };
-            st.start().map_err(device_error)?;
+            if let Err(e) = st.start() {
+                // Addresses that translate nowhere because no memory was shared at all.
+                if st.addrs.is_some() && self.mem.regions().is_empty() {
+                    self.hint = Some(UNSHARED_MEMORY_HINT);
+                }
+                return Err(device_error(e));
+            }
             // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
             if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
                 st.enabled = true;

@@ -14,6 +14,7 @@
 //! through a [`VirtioDevice`] adapter in the binding, which takes the GIL per batch.
 
 mod device;
+mod events;
 mod handler;
 mod inflight;
 mod queue;
@@ -22,6 +23,7 @@ mod server;
 mod tests;
 
 pub use device::{transport, DeviceError, VirtioDevice};
+pub use events::{DaemonEvent, EventSink, SessionEnd};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};

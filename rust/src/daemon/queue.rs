@@ -21,6 +21,7 @@ use crate::sys::{poll_many, EventFd};
 use crate::vring::{DescriptorChain, DeviceQueue, RingLayout};
 
 use super::device::{DeviceError, VirtioDevice};
+use super::events::{DaemonEvent, QueueReporter};
 use super::inflight::{InflightError, InflightQueue};
 
 /// A lock that survives a panic in the thread that held it: the state is plain data that
@@ -53,6 +54,8 @@ pub(crate) struct QueueState {
     /// The inflight area stopped adding up while the ring ran: the queue stops until it
     /// is started again, rather than run untracked.
     pub(crate) inflight_broken: bool,
+    /// Where a failure of this queue is reported, if anywhere.
+    pub(crate) reporter: Option<QueueReporter>,
 }
 
 fn inflight_error(e: InflightError) -> DeviceError {
@@ -103,9 +106,16 @@ impl QueueState {
         self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken()) && !self.inflight_broken
     }
 
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, queue: u16, why: String) {
         if let Some(err) = &self.err {
             let _ = err.write(1);
+        }
+        if let Some(r) = &self.reporter {
+            (r.sink)(DaemonEvent::QueueFailed {
+                session: r.session,
+                queue,
+                reason: why.clone(),
+            });
         }
         self.last_error = Some(why);
     }
@@ -123,10 +133,13 @@ pub(crate) struct QueueSlot {
 }
 
 impl QueueSlot {
-    pub(crate) fn new(index: u16) -> std::io::Result<Self> {
+    pub(crate) fn new(index: u16, reporter: Option<QueueReporter>) -> std::io::Result<Self> {
         Ok(QueueSlot {
             index,
-            state: Mutex::new(QueueState::default()),
+            state: Mutex::new(QueueState {
+                reporter,
+                ..QueueState::default()
+            }),
             wake: EventFd::new(true)?,
             stop: AtomicBool::new(false),
             completed: Arc::new(AtomicU64::new(0)),
@@ -179,7 +192,7 @@ fn worker(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
                 if st.kick.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, k)) {
                     st.kick = None;
                 }
-                st.fail(format!("kick fd of queue {}: {e}", slot.index));
+                st.fail(slot.index, format!("kick fd of queue {}: {e}", slot.index));
                 continue;
             }
         }
@@ -203,12 +216,12 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
         }
         if kicks_on {
             if let Some(Err(e)) = st.ring.as_mut().map(|r| r.set_notification(&st.mem, false)) {
-                return st.fail(format!("queue {}: {e}", slot.index));
+                return st.fail(slot.index, format!("queue {}: {e}", slot.index));
             }
             kicks_on = false;
         }
         match one_batch(slot, device, st, &mut done) {
-            Err(e) => return st.fail(format!("queue {}: {e}", slot.index)),
+            Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
             Ok(true) => {
                 idle_since = None;
                 continue;
@@ -231,7 +244,7 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
                 idle_since = None;
             }
             Ok(false) => return,
-            Err(e) => return st.fail(format!("queue {}: {e}", slot.index)),
+            Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
         }
     }
 }

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::sys::{poll_many, EventFd};
+use crate::user::codes::FrontendReq;
 use crate::user::{BackendSession, Error, Listener, Result};
 
 use super::device::VirtioDevice;
+use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd};
 use super::handler::DaemonHandler;
 use super::queue::lock;
 
@@ -57,6 +59,7 @@ pub struct Daemon {
     stall_timeout: Duration,
     poll: Duration,
     sealed_memory_only: bool,
+    events: Option<EventSink>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -88,7 +91,20 @@ impl Daemon {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             poll: Duration::ZERO,
             sealed_memory_only: false,
+            events: None,
         })
+    }
+
+    /// Reports sessions, refusals and queue failures to `sink` as they happen.
+    pub fn with_events(mut self, sink: EventSink) -> Self {
+        self.events = Some(sink);
+        self
+    }
+
+    fn emit(&self, event: DaemonEvent) {
+        if let Some(sink) = &self.events {
+            sink(event);
+        }
     }
 
     /// Accept only guest memory sealed against shrinking (see
@@ -170,38 +186,95 @@ impl Daemon {
     pub fn serve_stream(&self, stream: UnixStream) -> Result<()> {
         stream.set_read_timeout(Some(self.stall_timeout))?;
         stream.set_write_timeout(Some(self.stall_timeout))?;
-        self.stats.sessions_started.fetch_add(1, Ordering::SeqCst);
+        let session = self.stats.sessions_started.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.active.store(true, Ordering::SeqCst);
-        let result = self.run_session(stream);
+        self.emit(DaemonEvent::SessionStarted { session });
+        let (result, end, hint) = self.run_session(session, stream);
         if let Err(e) = &result {
             self.stats.record_error(e);
         }
         self.stats.active.store(false, Ordering::SeqCst);
         self.stats.sessions_ended.fetch_add(1, Ordering::SeqCst);
+        self.emit(DaemonEvent::SessionEnded { session, end, hint });
         result
     }
 
-    fn run_session(&self, stream: UnixStream) -> Result<()> {
-        let mut handler = DaemonHandler::new(self.device.clone(), self.poll)?;
+    /// Runs one session; returns its outcome, how it ended and a hint for the user.
+    fn run_session(
+        &self,
+        session: u64,
+        stream: UnixStream,
+    ) -> (Result<()>, SessionEnd, Option<&'static str>) {
+        let reporter = self.events.as_ref().map(|sink| QueueReporter {
+            session,
+            sink: sink.clone(),
+        });
+        let mut handler =
+            match DaemonHandler::with_reporter(self.device.clone(), self.poll, reporter) {
+                Ok(h) => h,
+                Err(e) => {
+                    let end = SessionEnd::Failed(format!("cannot start the queue workers: {e}"));
+                    return (Err(e.into()), end, None);
+                }
+            };
         *lock(&self.stats.completed) = handler.completion_counters();
-        let mut session = BackendSession::new(stream);
-        session.require_sealed_memory(self.sealed_memory_only);
-        let result = loop {
-            let ready = poll_many(&[session.socket().as_fd(), self.stop.as_fd()], -1)?;
-            if ready[1] {
-                break Ok(());
+        let mut session_io = BackendSession::new(stream);
+        session_io.require_sealed_memory(self.sealed_memory_only);
+        let outcome = loop {
+            match poll_many(&[session_io.socket().as_fd(), self.stop.as_fd()], -1) {
+                Ok(ready) if ready[1] => break (Ok(()), SessionEnd::Stopped, None),
+                Ok(_) => {}
+                Err(e) => {
+                    let end = SessionEnd::Failed(format!("poll: {e}"));
+                    break (Err(e.into()), end, None);
+                }
             }
-            match session.handle_one(&mut handler) {
+            let (request, result) = Self::handle_one(&mut session_io, &mut handler);
+            let hint = handler.take_hint();
+            match result {
                 Ok(()) => {}
-                Err(Error::Disconnected) => break Ok(()),
-                Err(e) if session.is_broken() => break Err(e),
+                Err(Error::Disconnected) => break (Ok(()), SessionEnd::Closed, None),
+                Err(Error::Timeout) => break (Err(Error::Timeout), SessionEnd::Stalled, None),
+                Err(e) if session_io.is_broken() => {
+                    let why = match request {
+                        Some(r) => format!("{}: {e}", r.name()),
+                        None => e.to_string(),
+                    };
+                    break (Err(e), SessionEnd::Failed(why), hint);
+                }
                 // Refused with a NACK; the session goes on.
-                Err(e) => self.stats.record_error(&e),
+                Err(e) => {
+                    self.stats.record_error(&e);
+                    self.emit(DaemonEvent::Refused {
+                        session,
+                        request: request.map_or("a request", FrontendReq::name),
+                        hint,
+                        reason: e.to_string(),
+                    });
+                }
             }
         };
         // Workers stop and the session's fds and mappings go here, before the next accept.
         drop(handler);
-        drop(session);
-        result
+        drop(session_io);
+        outcome
+    }
+
+    /// One request: received, handled, answered. Returns which request it was (when it
+    /// could be decoded) with the outcome.
+    fn handle_one(
+        session: &mut BackendSession,
+        handler: &mut DaemonHandler,
+    ) -> (Option<FrontendReq>, Result<()>) {
+        let incoming = match session.recv() {
+            Ok(i) => i,
+            Err(e) => return (None, Err(e)),
+        };
+        let request = incoming.request.kind();
+        let handled = session.handle(incoming, handler);
+        let result = session
+            .send_reply(handled.reply)
+            .and(handled.error.map_or(Ok(()), Err));
+        (Some(request), result)
     }
 }

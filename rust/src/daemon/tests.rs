@@ -310,3 +310,66 @@ fn reconnect_resumes_the_rings_from_their_base() {
     drop(run.fe);
     run.server.join().unwrap().unwrap();
 }
+
+#[test]
+fn events_report_sessions_refusals_and_a_corrupt_ring() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let daemon = Daemon::new(Arc::new(Mirror))
+        .unwrap()
+        .with_events(Arc::new(move |e| {
+            let _ = tx.send(e);
+        }));
+    let daemon = Arc::new(daemon);
+    let mut guest = Guest::new();
+    let run = serve(&daemon);
+    // A ring started before its addresses: refused, the session goes on.
+    run.fe.get_features().unwrap();
+    run.fe.set_owner().unwrap();
+    run.fe
+        .set_protocol_features(pf::REPLY_ACK | pf::MQ)
+        .unwrap();
+    let kick = EventFd::new(false).unwrap();
+    assert!(run.fe.set_vring_kick(0, Some(kick.as_fd())).is_err());
+    run.fe.reset_owner().unwrap();
+    guest.attach(&run.fe, [0, 0]);
+    assert_eq!(guest.roundtrip(1, b"ok"), (2, b"ko".to_vec()));
+    // The driver's avail index jumps by more than the ring holds (E6): queue 1 stops.
+    let layout = RingLayout::split_at(QUEUE_SIZE, RING_AREA).unwrap();
+    let [_, (avail, _), _] = layout.areas();
+    guest.mem.write(avail + 2, &1000u16.to_le_bytes()).unwrap();
+    guest.queues[1].1.write(1).unwrap();
+    let wait = std::time::Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e| matches!(e, super::DaemonEvent::QueueFailed { .. }))
+    {
+        seen.push(rx.recv_timeout(wait).expect("no queue failure reported"));
+    }
+    drop(run.fe);
+    run.server.join().unwrap().unwrap();
+    seen.extend(rx.try_iter());
+    use super::{DaemonEvent as Ev, SessionEnd};
+    assert!(
+        matches!(seen[0], Ev::SessionStarted { session: 1 }),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[1], Ev::Refused { session: 1, request: "SET_VRING_KICK", reason, hint: None }
+            if reason.contains("before SET_VRING_ADDR")),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[2], Ev::QueueFailed { session: 1, queue: 1, reason } if reason.starts_with("queue 1:")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen[3],
+        Ev::SessionEnded {
+            session: 1,
+            end: SessionEnd::Closed,
+            hint: None
+        }
+    );
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}

@@ -10,7 +10,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
+use super::image::{Image, ImageError, Locking};
 use crate::daemon::{DeviceError, VirtioDevice};
 use crate::memory::GuestMemory;
 use crate::sys::memfd_create;
@@ -107,6 +109,15 @@ impl BlkDevice {
             capacity,
             cfg,
             sync_on_flush: true,
+        })
+    }
+
+    /// Serves the raw image at `path`, checked and locked by [`Image::open`].
+    pub fn open(path: &Path, cfg: BlkConfig, locking: Locking) -> Result<Self, ImageError> {
+        let image = Image::open(path, cfg.readonly, locking)?;
+        Self::new(image.into_file(), cfg).map_err(|source| ImageError::Open {
+            path: path.into(),
+            source,
         })
     }
 

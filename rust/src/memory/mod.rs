@@ -5,6 +5,7 @@
 //! Every region description comes from a peer we do not trust, so everything that could
 //! overflow, overlap or point past the file is rejected up front (ADVERSARIAL C2-C8).
 
+pub mod dirty_log;
 pub mod guest;
 pub mod region;
 

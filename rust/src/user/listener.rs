@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::sys::scm::poll_readable;
 
+/// Size of `sockaddr_un.sun_path`, terminating NUL included.
+const SUN_PATH_MAX: usize = 108;
+
 /// Binds a Unix socket path and unlinks it again on drop, so a crashed or finished server
 /// leaves nothing behind that would make the next `bind` fail.
 #[derive(Debug)]
@@ -23,22 +26,35 @@ pub struct Listener {
 impl Listener {
     /// With `replace_stale`, an existing *socket* at `path` that nobody listens on any more
     /// (a leftover of a dead server) is removed first. A live socket is never replaced
-    /// (`AddrInUse`), and any other kind of file is never touched.
+    /// (`AddrInUse`), and any other kind of file is never touched (`AlreadyExists`). A path
+    /// too long for `sun_path` is `InvalidInput`. The messages say what is at the path;
+    /// the caller names the path.
     pub fn bind(path: &Path, replace_stale: bool) -> io::Result<Self> {
-        if replace_stale {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if meta.file_type().is_socket() {
-                    if UnixStream::connect(path).is_ok() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            format!(
-                                "{} is a live socket: another server listens there",
-                                path.display()
-                            ),
-                        ));
-                    }
-                    std::fs::remove_file(path)?;
+        let len = path.as_os_str().len();
+        if len >= SUN_PATH_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the path is {len} bytes; a Unix socket path must be shorter than \
+                     {SUN_PATH_MAX} bytes"
+                ),
+            ));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket exists there; it is not replaced",
+                ));
+            }
+            if replace_stale {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another server is listening there",
+                    ));
                 }
+                std::fs::remove_file(path)?;
             }
         }
         let inner = UnixListener::bind(path)?;
@@ -132,8 +148,13 @@ mod tests {
     fn other_files_are_never_touched() {
         let path = temp_path("file");
         std::fs::write(&path, b"not a socket").unwrap();
-        assert!(Listener::bind(&path, true).is_err());
+        let err = Listener::bind(&path, true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        let long = path.with_file_name("x".repeat(120));
+        let err = Listener::bind(&long, true).unwrap_err();
+        assert!(err.to_string().contains("shorter than 108 bytes"), "{err}");
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
