@@ -21,8 +21,10 @@ from daemon_util import ServeProc
 from peers import make_image, qemu_storage_daemon_blk
 
 # Arguments both `serve blk` daemons take to serve one image at once (source and
-# destination of the migration). Empty: `serve blk` takes no lock on its image here.
-SHARED_IMAGE_ARGS: tuple[str, ...] = ()
+# destination of the migration). `serve blk` locks its image the way QEMU does, and the
+# destination's daemon must be serving before the source's stops, so both opt out, like
+# qemu-storage-daemon's locking=off below; a lock handover at switch-over would drop this.
+SHARED_IMAGE_ARGS: tuple[str, ...] = ("--no-lock",)
 
 
 def _report(report: migration.MigrationReport, record: Callable[[str, object], None]) -> None:
