@@ -48,6 +48,25 @@ def test_migration_qemu_storage_daemon(
     _report(report, record_property)
 
 
+def test_migration_catches_a_backend_that_does_not_log(tmp_sock_dir: Path) -> None:
+    """The rig's own proof: the same control run, but the source's qemu-storage-daemon logs
+    into a decoy (``LogHidingRelay``), so QEMU sees a back-end that offers ``LOG_SHMFD``
+    and never marks a page. The destination must then find stale data in the page cache
+    (pages that back-end filled during the precopy), or a passing run would prove nothing
+    about our daemon's log."""
+    image = make_image(tmp_sock_dir / "disk.img", migration.IMAGE_BYTES)
+    with (
+        qemu_storage_daemon_blk(image, tmp_sock_dir / "a.sock", locking=False) as a,
+        qemu_storage_daemon_blk(image, tmp_sock_dir / "b.sock", locking=False) as b,
+        migration.LogHidingRelay(tmp_sock_dir / "hide.sock", a.socket_path) as relay,
+    ):
+        with pytest.raises(AssertionError, match=r"workload checks failed") as failed:
+            migration.migrate_mid_io(image, relay.listen_path, b.socket_path, tmp_sock_dir)
+        assert "FAIL cached" in str(failed.value), str(failed.value)
+        assert relay.hidden_pages() > 0, "the back-end never logged: the decoy proves nothing"
+        assert relay.error is None, f"relay failed: {relay.error!r}"
+
+
 class DirtyLogMissing(AssertionError):
     """QEMU refused the migration because the back-end does not log dirty pages."""
 
