@@ -69,6 +69,11 @@ SLOT_SETS = (
 odd and even iterations in turn; slot 0 holds the stop mark."""
 MAX_ITERATIONS = 400
 MAX_SECTORS_KB = 256
+IDLE_S = 1
+"""Seconds each iteration idles after its read-back: time in which a switch-over leaves
+pages the source's back-end filled for the destination to check."""
+"""The guest's largest request (``/sys/block/vda/queue/max_sectors_kb``): 64 pages, a
+descriptor chain that fits QEMU's default 128-entry ring (see the workload)."""
 PRE_ITERATIONS = 2
 """Iterations the source finishes before the migration starts (the workload is running)."""
 MIN_DEST_LINES = 3
@@ -77,7 +82,10 @@ MIN_DEST_LINES = 3
 STOP_MARK = b"PYVHOST-MIG-STOP"
 
 MIGRATE_BANDWIDTH = 32 << 20
-"""Bytes/s: slow enough that the precopy spans several workload iterations."""
+"""Bytes/s (``max-bandwidth``): the precopy of the ~100 MiB this guest uses then lasts about
+3 s and spans workload iterations, so the back-end writes pages the precopy already sent.
+QEMU's own default (about 1 s here) is what :func:`migrate_mid_io` uses with
+``bandwidth=None``. The total time reported is bound by this cap."""
 BOOT_TIMEOUT = 120.0
 MIGRATE_TIMEOUT = 60.0
 DEST_TIMEOUT = 60.0
@@ -128,12 +136,16 @@ odd="{" ".join(map(str, SLOT_SETS[0]))}"
 even="{" ".join(map(str, SLOT_SETS[1]))}"
 # Region $2 ("offset size" in MiB) in generation $1: the expected bytes, never stored.
 region_data() {{
-    yes "PYVHOST-MIG-REGION gen=$1" | head -c $(($3 << 20))
+    yes "PYVHOST-MIG-REGION gen=$1" | head -c $(($2 << 20))
 }}
-# Check region "$2 $3" in generation $1 as the page cache (or the disk) has it; $4 names it.
+# Check region "$1 $2" (offset, size in MiB) as the page cache (or the disk) has it against
+# checksum $3; $4 names the check.
 region_check() {{
-    [ "$(dd if=/dev/vda bs=1M skip=$2 count=$3 2>/dev/null | md5sum)" = \
-        "$(region_data $1 $2 $3 | md5sum)" ] || bad="$bad $4"
+    [ "$(dd if=/dev/vda bs=1M skip=$1 count=$2 2>/dev/null | md5sum)" = "$3" ] || bad="$bad $4"
+}}
+sectors_read() {{
+    set -- $(cat /sys/block/vda/stat) # field 3: sectors read from the disk
+    echo $3
 }}
 prev=
 while [ $n -lt {MAX_ITERATIONS} ]; do
@@ -144,28 +156,33 @@ while [ $n -lt {MAX_ITERATIONS} ]; do
     else
         slots=$even region="{REGION_MB[1][0]} {REGION_MB[1][1]}"
     fi
+    # The previous iteration's slots, read back from the disk then, are still in the page
+    # cache: check them again from there (no disk read).
+    before=$(sectors_read)
+    for s in $prev; do
+        dd if=/dev/vda of=/tmp/r bs={SLOT_BYTES} skip=$s count=1 2>/dev/null &&
+            [ "$(md5sum </tmp/r)" = "$(md5sum </tmp/w$s)" ] || bad="$bad cached@$s"
+    done
+    cached_read=$(($(sectors_read) - before))
     for s in $slots; do
         yes "PYVHOST-MIG gen=$n slot=$s" | head -c {SLOT_BYTES} >/tmp/w$s
         dd if=/tmp/w$s of=/dev/vda bs={SLOT_BYTES} seek=$s count=1 2>/dev/null ||
             bad="$bad write@$s"
     done
-    region_data $n $region | dd of=/dev/vda bs=1M seek=${{region% *}} iflag=fullblock \
+    region_data $n ${{region#* }} | dd of=/dev/vda bs=1M seek=${{region% *}} iflag=fullblock \
         oflag=direct 2>/dev/null || bad="$bad write-region@${{region% *}}"
+    region_sum=$(region_data $n ${{region#* }} | md5sum)
     sync || bad="$bad sync"
-    # The previous iteration's slots and region, read back from the disk then, are still in
-    # the page cache: check them again from there (no I/O). Those pages only the back-end
-    # wrote: across a migration they reach the destination only if it logged its writes.
-    set -- $(cat /sys/block/vda/stat) # field 3: sectors read from the disk
-    before=$3
-    for s in $prev; do
-        dd if=/dev/vda of=/tmp/r bs={SLOT_BYTES} skip=$s count=1 2>/dev/null &&
-            [ "$(md5sum </tmp/r)" = "$(md5sum </tmp/w$s)" ] || bad="$bad cached@$s"
-    done
-    [ -z "$prev" ] || region_check $((n - 1)) $prev_region cached-region@${{prev_region% *}}
-    set -- $(cat /sys/block/vda/stat)
-    cached_read=$(($3 - before)) before=$3
+    # The previous iteration's region, likewise, as late as possible: its pages only the
+    # back-end wrote, so across a migration they reach the destination current only if it
+    # logged its writes; the shorter the stretch from this check to the read-back below,
+    # the likelier a switch-over falls where the destination checks such pages.
+    before=$(sectors_read)
+    [ -z "$prev" ] || region_check $prev_region "$prev_sum" cached-region@${{prev_region% *}}
+    cached_read=$((cached_read + $(sectors_read) - before))
     echo 3 >/proc/sys/vm/drop_caches
-    region_check $n $region region@${{region% *}}
+    before=$(sectors_read)
+    region_check $region "$region_sum" region@${{region% *}}
     for s in $slots; do
         if dd if=/dev/vda of=/tmp/r bs={SLOT_BYTES} skip=$s count=1 2>/dev/null; then
             [ "$(md5sum </tmp/r)" = "$(md5sum </tmp/w$s)" ] || bad="$bad checksum@$s"
@@ -173,9 +190,8 @@ while [ $n -lt {MAX_ITERATIONS} ]; do
             bad="$bad read@$s"
         fi
     done
-    prev=$slots prev_region=$region
-    set -- $(cat /sys/block/vda/stat)
-    read=$(($3 - before))
+    read=$(($(sectors_read) - before))
+    prev=$slots prev_region=$region prev_sum=$region_sum
     if [ -z "$bad" ]; then
         echo "{ITER} n=$n read=$read cached_read=$cached_read ok"
     else
@@ -183,6 +199,7 @@ while [ $n -lt {MAX_ITERATIONS} ]; do
         echo "{ITER} n=$n read=$read cached_read=$cached_read FAIL$bad"
     fi
     [ "$(head -c {len(STOP_MARK)} /dev/vda)" = "{STOP_MARK.decode()}" ] && summary marker
+    sleep {IDLE_S}
 done
 summary cap
 """
@@ -281,10 +298,13 @@ def _qmp(vm: guest.Guest) -> peers.Qmp:
     return vm.qmp()
 
 
-def _migrate(source: guest.Guest, dest: guest.Guest, uri: str) -> dict[str, Any]:
+def _migrate(
+    source: guest.Guest, dest: guest.Guest, uri: str, bandwidth: int | None
+) -> dict[str, Any]:
     """``migrate`` on the source, then ``query-migrate`` until ``completed``: its answer."""
     with _qmp(source) as qmp:
-        qmp.command("migrate-set-parameters", **{"max-bandwidth": MIGRATE_BANDWIDTH})
+        if bandwidth is not None:
+            qmp.command("migrate-set-parameters", **{"max-bandwidth": bandwidth})
         try:
             qmp.command("migrate", uri=uri)
         except peers.QmpError as exc:
@@ -361,14 +381,17 @@ def migrate_mid_io(
     work_dir: Path,
     *,
     memory_mb: int = MEMORY_MB,
+    bandwidth: int | None = MIGRATE_BANDWIDTH,
 ) -> MigrationReport:
     """Boot the workload on ``source_socket``'s back-end, live-migrate it to a QEMU on
     ``dest_socket``'s back-end (both serve ``image``, at least :data:`IMAGE_BYTES`), stop
     it once the destination has run iterations, and check them all.
 
     ``work_dir`` (short: it holds Unix sockets) receives the initramfs, both consoles
-    and the QMP and migration sockets. Raises :class:`MigrationRefused` when QEMU will
-    not migrate, AssertionError (with both consoles) for anything else that goes wrong.
+    and the QMP and migration sockets. ``bandwidth`` caps the migration (bytes/s, see
+    :data:`MIGRATE_BANDWIDTH`; None: QEMU's default). Raises :class:`MigrationRefused`
+    when QEMU will not migrate, AssertionError (with both consoles) for anything else
+    that goes wrong.
     """
     if image.stat().st_size < IMAGE_BYTES:
         raise ValueError(f"image {image} is smaller than {IMAGE_BYTES} bytes")
@@ -398,7 +421,7 @@ def migrate_mid_io(
         if state != "inmigrate":
             raise AssertionError(f"destination QEMU is {state!r}, not 'inmigrate'")
         before = len(_console(source))
-        info = _migrate(source, dest, mig_uri)
+        info = _migrate(source, dest, mig_uri, bandwidth)
         ram: dict[str, Any] = info.get("ram", {})
 
         dest.wait_for(ITER_RE, DEST_TIMEOUT, count=MIN_DEST_LINES)
@@ -520,25 +543,28 @@ class LogHidingRelay:
             fds: list[int] = []
             try:
                 header = self._read(front, _HEADER.size, fds)
-                payload = b""
-                if header is not None:
-                    payload = self._read(front, _HEADER.unpack(header)[2], fds) or b""
-                if header is None:
+                request, _flags, size = _HEADER.unpack(header) if header else (0, 0, 0)
+                payload = self._read(front, size, fds) if header else None
+                if header is None or payload is None:  # the front-end hung up
                     back.shutdown(socket.SHUT_WR)
                     return
-                if _HEADER.unpack(header)[0] == FrontendRequest.SET_LOG_BASE and fds:
-                    size = os.fstat(fds[0]).st_size
-                    decoy = os.memfd_create("pyvhost-decoy-log", os.MFD_CLOEXEC)
-                    os.ftruncate(decoy, size)
-                    os.close(fds[0])
-                    fds[0] = decoy
-                    self._decoys.append(os.dup(decoy))
+                if request == FrontendRequest.SET_LOG_BASE and fds:
+                    fds[0] = self._decoy_for(fds[0])
                 message = header + payload
                 sent = socket.send_fds(back, [message], fds) if fds else 0
                 back.sendall(message[sent:])
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _decoy_for(self, log_fd: int) -> int:
+        """A fresh memfd as large as the front-end's log (which is closed), kept open here
+        to count what the back-end marks in it."""
+        decoy = os.memfd_create("pyvhost-decoy-log", os.MFD_CLOEXEC)
+        os.ftruncate(decoy, os.fstat(log_fd).st_size)
+        os.close(log_fd)
+        self._decoys.append(os.dup(decoy))
+        return decoy
 
     @staticmethod
     def _replies(back: socket.socket, front: socket.socket) -> None:
