@@ -150,8 +150,10 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def parse_args(doc: str | None) -> argparse.Namespace:
+    """The options every blk benchmark takes (this one and ``bench_dirty_log.py``); prints
+    the machine and the reference's version."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     ap.add_argument("--seconds", type=float, default=2.0, help="per case and run")
     ap.add_argument("--runs", type=int, default=3, help="rounds (median reported)")
     ap.add_argument("--cpu", type=int, default=0, help="the CPU of the pinned placement")
@@ -159,38 +161,56 @@ def main() -> int:
     ap.add_argument("--qsd", default=shutil.which("qemu-storage-daemon") or "qemu-storage-daemon")
     ap.add_argument("--placements", default="pinned,unpinned")
     args = ap.parse_args()
-
     print(f"machine: {os.cpu_count()} cpus, kernel {platform.release()}, "
           f"python {platform.python_version()}")  # fmt: skip
     print(f"reference: {version(args.qsd)}")
+    return args
+
+
+def random_image(directory: Path, mib: int) -> Path:
+    """A raw image of ``mib`` MiB of random bytes in ``directory``."""
+    image = directory / "disk.img"
+    with open(image, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(mib):
+            f.write(chunk)
+    return image
+
+
+def rounds(
+    args: argparse.Namespace, backs: list[Backend], image: Path, sock: Path
+) -> Iterator[tuple[str, int | None, int, Backend]]:
+    """Every placement, ``--runs`` rounds, every back-end in turn: started, warmed up and
+    yielded (placement, pinned CPU or None, round, back-end) while it serves ``sock``."""
+    for placement in args.placements.split(","):
+        cpu = args.cpu if placement == "pinned" else None
+        for run in range(args.runs):
+            for be in backs:
+                with running(be, image, sock, cpu) as pid:
+                    bench_blk(sock, cpu, "--seconds", "0.3")  # warm-up
+                    if run == 0:
+                        print(f"{placement}: {be.name} pid {pid} on CPUs {cpus_of(pid)}; "
+                              f"bench blk on CPUs {cpu if cpu is not None else 'all'}",
+                              flush=True)  # fmt: skip
+                    yield placement, cpu, run, be
+
+
+def main() -> int:
+    args = parse_args(__doc__)
     tmp = Path(tempfile.mkdtemp(prefix="pv-bench-blk-", dir="/dev/shm"))
     table: dict[tuple[str, str, str, str], Samples] = {}
     try:
-        image = tmp / "disk.img"
-        with open(image, "wb") as f:
-            chunk = os.urandom(1 << 20)
-            for _ in range(args.image_mb):
-                f.write(chunk)
+        image = random_image(tmp, args.image_mb)
         sock = tmp / "blk.sock"
-        for placement in args.placements.split(","):
-            cpu = args.cpu if placement == "pinned" else None
-            for run in range(args.runs):
-                for be in backends(args.qsd):
-                    with running(be, image, sock, cpu) as pid:
-                        bench_blk(sock, cpu, "--seconds", "0.3")  # warm-up
-                        if run == 0:
-                            print(f"{placement}: {be.name} pid {pid} on CPUs {cpus_of(pid)}; "
-                                  f"bench blk on CPUs {cpu if cpu is not None else 'all'}",
-                                  flush=True)  # fmt: skip
-                        for engine in be.engines:
-                            for rw, qd in CASES:
-                                r = bench_blk(sock, cpu, "--rw", rw, "--iodepth", str(qd),
-                                              "--bs", "4k", "--seconds", str(args.seconds),
-                                              "--engine", engine)  # fmt: skip
-                                key = (placement, be.name, engine, f"4k {rw} QD{qd}")
-                                table.setdefault(key, Samples()).add(r)
-                                line = f"{be.name:20} {engine:6} {rw:9} QD{qd:<2}"
-                                print(f"  run {run + 1}: {line} {r['iops']:9.0f} IOPS", flush=True)
+        for placement, cpu, run, be in rounds(args, backends(args.qsd), image, sock):
+            for engine in be.engines:
+                for rw, qd in CASES:
+                    r = bench_blk(sock, cpu, "--rw", rw, "--iodepth", str(qd), "--bs", "4k",
+                                  "--seconds", str(args.seconds), "--engine", engine)  # fmt: skip
+                    key = (placement, be.name, engine, f"4k {rw} QD{qd}")
+                    table.setdefault(key, Samples()).add(r)
+                    line = f"{be.name:20} {engine:6} {rw:9} QD{qd:<2}"
+                    print(f"  run {run + 1}: {line} {r['iops']:9.0f} IOPS", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

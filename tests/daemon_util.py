@@ -49,7 +49,8 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.01)
 
 
 class ServeProc:
-    """``python -m vhost serve ...`` in a subprocess; ready once it printed ``serving``."""
+    """``python -m vhost serve ...`` in a subprocess; ready once it printed its banner
+    (``serving ...``; ``waiting for a front-end ...`` with ``--client``)."""
 
     def __init__(self, args: Sequence[str], socket_path: Path, log: Path) -> None:
         self.socket_path = socket_path
@@ -64,7 +65,7 @@ class ServeProc:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
         line = self.proc.stdout.readline() if ready else b""
-        if not line.startswith(b"serving"):
+        if not line.startswith((b"serving", b"waiting")):
             self.close()
             raise AssertionError(f"serve did not start: {line!r} {self.stderr()}")
         self.banner = line.decode()

@@ -339,7 +339,7 @@ def test_cli_errors(image: Path, tmp_sock_dir: Path) -> None:
     with peers.qemu_storage_daemon_blk(image, sock, writable=False):
         out = vhost_cli("blk", "write", "--socket", str(sock), "--offset", "0", "--pattern", "1")
         assert out.returncode == 2
-        assert "VIRTIO_BLK_S_IOERR" in out.stderr
+        assert "read-only (VIRTIO_BLK_F_RO); nothing was sent" in out.stderr
         out = vhost_cli("blk", "read", "--socket", str(sock), "--offset", str(IMAGE_SIZE),
                         "--length", "512")  # fmt: skip
         assert out.returncode == 1

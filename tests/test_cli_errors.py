@@ -7,6 +7,7 @@ tools. The back-ends are real: our ``serve blk``, qemu-storage-daemon, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -202,6 +203,69 @@ def test_blk_read_output_dash_is_stdout(serve_blk: peers.Peer, tmp_sock_dir: Pat
     assert list(work.iterdir()) == []  # no file named "-"
 
 
+@pytest.mark.parametrize("target", ["/dev/null", "fifo"])
+def test_blk_read_output_to_a_device_or_a_fifo(
+    serve_blk: peers.Peer, tmp_sock_dir: Path, target: str
+) -> None:
+    """Only a regular file is truncated: ftruncate on /dev/null or a FIFO failed (EINVAL)."""
+    sock = serve_blk.socket_path
+    data = os.urandom(4096)
+    src = tmp_sock_dir / "in.bin"
+    src.write_bytes(data)
+    assert cli("blk", "write", "--socket", sock, "--offset", "0", "--input", src).returncode == 0
+    if target == "/dev/null":
+        out = cli("blk", "read", "--socket", sock, "--offset", "0", "--length", "4k",
+                  "--output", "/dev/null")  # fmt: skip
+        assert out.returncode == 0, err(out)
+        return
+    fifo = tmp_sock_dir / "out.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhost", "blk", "read", "--socket", str(sock), "--offset", "0",
+         "--length", "4k", "--output", str(fifo)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        with open(fifo, "rb") as reader:
+            got = reader.read()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    assert got == data
+
+
+def test_output_dash_read_partly_dies_by_sigpipe(serve_blk: peers.Peer) -> None:
+    """``blk read --output - | head -c 10``: the reader leaves after 10 bytes. The command
+    must not exit 0 with its output cut short; it dies by SIGPIPE (141 in a shell)."""
+    args = ["blk", "read", "--socket", str(serve_blk.socket_path), "--offset", "0",
+            "--length", "1m", "--output", "-"]  # fmt: skip
+    assert _reader_leaves(args, read_first=10) == (b"", -signal.SIGPIPE)
+
+
+def _reader_leaves(args: list[str], read_first: int) -> tuple[bytes, int]:
+    """Runs a command whose stdout reader takes ``read_first`` bytes and goes away;
+    returns its stderr and exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhost", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert len(proc.stdout.read(read_first)) == read_first
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return stderr, proc.returncode
+
+
 def test_output_pipe_closed_early_is_quiet(serve_blk: peers.Peer) -> None:
     """``probe ... | head`` and ``blk read ... | head``: the reader is gone before the
     command writes; it stops as Unix tools do (SIGPIPE), saying nothing."""
@@ -212,25 +276,9 @@ def test_output_pipe_closed_early_is_quiet(serve_blk: peers.Peer) -> None:
         ["blk", "read", "--socket", sock, "--offset", "0", "--length", "1m", "--output", "-"],
         ["blk", "info", "--socket", sock, "--json"],
     ):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vhost", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        try:
-            stderr = proc.stderr.read()
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+        stderr, status = _reader_leaves(args, read_first=0)
         assert stderr == b"", (args, stderr.decode())
-        assert proc.returncode == -signal.SIGPIPE, args
+        assert status == -signal.SIGPIPE, args
     assert serve_blk.alive()
 
 
@@ -250,8 +298,10 @@ def test_a_write_to_a_read_only_device_is_status_2_everywhere(
         ):  # fmt: skip
             out = cli(*args)
             assert out.returncode == 2, (args, err(out))
-            assert "VIRTIO_BLK_S_IOERR" in err(out) and "read-only" in err(out)
-            assert "Traceback" not in err(out)
+            assert err(out) == (
+                f"error: write to {sock}: the device is read-only (VIRTIO_BLK_F_RO); "
+                "nothing was sent\n"
+            ), args
 
 
 @pytest.mark.parametrize(
@@ -262,7 +312,7 @@ def test_a_write_to_a_read_only_device_is_status_2_everywhere(
         (["probe", "a.sock", "--timeout", "0"], "--timeout: must be a positive number of seconds"),
         (["probe", "a.sock", "--timeout", "-1"], "--timeout: must be a positive number"),
         (["probe", "a.sock", "--device", "gpu"], "--device: invalid choice: 'gpu'"),
-        (["blk"], "error: the following arguments are required: COMMAND"),
+        (["blk"], "error: blk: the following arguments are required: COMMAND"),
         (["blk", "read", "--socket", "a.sock", "--offset", "0"], "required: --length"),
         (["blk", "read", "--socket", "a.sock", "--offset", "-512", "--length", "512"],
          "--offset: negative byte count: '-512'"),
@@ -276,10 +326,113 @@ def test_a_write_to_a_read_only_device_is_status_2_everywhere(
 )  # fmt: skip
 def test_bad_arguments_exit_1(args: list[str], message: str, tmp_sock_dir: Path) -> None:
     """Usage errors exit with 1 as documented (argparse's own errors exited with 2, the
-    status of a failed request), before anything is connected to."""
+    status of a failed request), before anything is connected to, in one line like every
+    other error: ``error: COMMAND: MESSAGE (see --help)``, not argparse's usage block."""
     out = cli(*args, cwd=tmp_sock_dir)
     assert out.returncode == 1, err(out)
     assert message in err(out) and "Traceback" not in err(out) and "connect" not in err(out)
+    assert err(out).startswith("error: ") and err(out).count("\n") == 1, err(out)
+    assert "usage:" not in err(out)
+    if message.startswith(("error: probe", "error: two")):
+        return  # probe's own checks, not argparse's
+    command = " ".join(a for a in args[:2] if not a.startswith("-") and "." not in a)
+    if command in ("blk read", "blk write", "blk info", "bench blk", "probe", "blk"):
+        assert err(out).startswith(f"error: {command}: "), err(out)
+    assert err(out).endswith(" (see --help)\n"), err(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["read", "--offset", "0", "--length", "0"],
+         "error: blk read: argument --length: must be more than 0 bytes: '0' (see --help)"),
+        (["write", "--offset", "0", "--length", "0", "--pattern", "1"],
+         "error: blk write: argument --length: must be more than 0 bytes: '0' (see --help)"),
+        (["read", "--offset", "0", "--length", "1000000000000T"],
+         "error: blk read: argument --length: too large: '1000000000000T' (at most 8 EiB) "
+         "(see --help)"),
+        (["read", "--offset", "1T", "--length", "512"], None),
+    ],
+)  # fmt: skip
+def test_lengths_of_zero_or_too_large(
+    args: list[str], line: str | None, tmp_sock_dir: Path
+) -> None:
+    """A zero --length did nothing and exited 0; 1000000000000T was 'not a byte count'.
+    (1T is a byte count: it gets as far as connecting.)"""
+    sock = tmp_sock_dir / "none.sock"
+    out = cli("blk", *args, "--socket", sock)
+    assert out.returncode == 1, err(out)
+    if line is None:
+        assert err(out).startswith(f"error: connect to {sock}: "), err(out)
+    else:
+        assert err(out) == line + "\n"
+
+
+def test_input_not_whole_sectors_names_the_input(serve_blk: peers.Peer, tmp_sock_dir: Path) -> None:
+    """No --length was given: the input's size is what is wrong, and --length is the fix."""
+    sock = serve_blk.socket_path
+    src = tmp_sock_dir / "odd.bin"
+    src.write_bytes(os.urandom(1000))
+    out = cli("blk", "write", "--socket", sock, "--offset", "0", "--input", src)
+    assert (out.returncode, err(out)) == (1, (
+        f"error: read {src}: its size, 1000 bytes, is not a multiple of 512 "
+        "(--length 512 writes its first 512 bytes; or pad it)\n"
+    ))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "vhost", "blk", "write", "--socket", str(sock), "--offset", "0",
+         "--input", "-"],
+        input=b"hello\n", capture_output=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert (out.returncode, err(out)) == (1, (
+        "error: read standard input: its size, 6 bytes, is not a multiple of 512 (pad it)\n"
+    ))  # fmt: skip
+    out = cli("blk", "write", "--socket", sock, "--offset", "0", "--input", src, "--length", "512")
+    assert out.returncode == 0, err(out)
+    assert serve_blk.alive()
+
+
+def test_blk_info_says_what_it_was_doing(image: Path, tmp_sock_dir: Path) -> None:
+    """A back-end that takes no ring blk tries: info names its own step, not the queue
+    set-up of read and write."""
+    sock = tmp_sock_dir / "tiny.sock"
+    argv = [sys.executable, "-m", "vhost", "serve", "blk", "--socket", str(sock),
+            "--image", str(image), "--queue-size", "4"]  # fmt: skip
+    with peers.spawn_peer("serve-blk", argv, sock):
+        out = cli("blk", "info", "--socket", sock)
+    assert out.returncode == 2, err(out)
+    assert err(out).startswith(
+        f"error: read the disk's configuration from {sock}: SET_VRING_NUM refused"
+    ), err(out)
+
+
+def test_a_connect_timeout_keeps_the_library_reason(tmp_sock_dir: Path) -> None:
+    """A listener whose backlog is full never takes the connection: the library says so,
+    and the CLI passes that on (it printed only 'Connection timed out'); a request not
+    answered is exit status 2."""
+    path = tmp_sock_dir / "full.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    waiting: list[socket.socket] = []
+    try:
+        listener.bind(str(path))
+        listener.listen(0)
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX)
+            waiting.append(c)
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):  # queued in the backlog
+                c.connect(str(path))
+        commands: list[list[str | Path]] = [["probe", path], ["blk", "info", "--socket", path]]
+        for args in commands:
+            out = cli(*args, "--timeout", "1")
+            assert out.returncode == 2, err(out)
+            assert err(out) == (
+                f"error: connect to {path}: the listener did not take the connection within "
+                "1 s: its backlog is full (is the back-end stuck, not accepting?)\n"
+            )
+    finally:
+        for c in waiting:
+            c.close()
+        listener.close()
 
 
 def test_driver_wait_notices_the_back_end_going_away(stuck_blk: peers.Peer) -> None:
@@ -387,7 +540,7 @@ def test_bench_notices_serve_blk_killed_under_load(serve_blk: peers.Peer) -> Non
 
 HELP_PAGES = [
     [], ["probe"], ["demo"], ["blk"], ["blk", "info"], ["blk", "read"], ["blk", "write"],
-    ["bench"], ["bench", "blk"],
+    ["bench"], ["bench", "blk"], ["serve"], ["serve", "blk"], ["serve", "rng"],
 ]  # fmt: skip
 
 
@@ -399,6 +552,27 @@ def test_help_is_plain_text(page: list[str]) -> None:
     assert text.startswith("usage: python -m vhost")
     for markup in ("``", ":class:", ":func:", ":meth:", ":mod:", ":data:"):
         assert markup not in text, (markup, text)
+
+
+def test_every_page_says_what_it_does_and_every_option_has_a_help_line() -> None:
+    """serve blk and serve rng had no description; bench blk's --rw and --engine had no
+    help line, and its description a dangling cross-reference ("generation number;
+    pattern)")."""
+    for page in (["serve", "blk"], ["serve", "rng"]):
+        text = " ".join(cli(*page, "--help").stdout.decode().split())
+        assert "SIGINT (Ctrl-C) or SIGTERM" in text and "exits with status 0" in text, page
+        assert "0 stopped by SIGINT (Ctrl-C) or SIGTERM: a server's normal stop" in text, page
+        assert "1 bad arguments" in text, page
+    text = " ".join(cli("serve", "blk", "--help").stdout.decode().split())
+    assert "The image must be raw" in text and "locked the way QEMU locks it" in text
+    assert "--no-lock takes no locks" in text and "--readonly --force-share" in text
+    text = " ".join(cli("serve", "--help").stdout.decode().split())
+    assert "with exit status 0: that is a server's normal stop" in text
+    text = cli("bench", "blk", "--help").stdout.decode()
+    assert "pattern)" not in text and "generation number;" not in text
+    flat = " ".join(text.split())
+    assert "--rw {read,write,randread,randwrite} access pattern (default randread)" in flat
+    assert "--engine {native,python} native: the Rust loop (default)" in flat
 
 
 def test_top_level_help_lists_whole_sentences_and_exit_statuses() -> None:

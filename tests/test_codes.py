@@ -359,6 +359,7 @@ def test_virtio_module_exports() -> None:
         "place_rings",
         "ring_sizes",
         "setup_queue",
+        "wait_used",
     }
 
 

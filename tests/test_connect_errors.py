@@ -247,4 +247,20 @@ def test_daemon_bind_failure_names_the_path(tmp_sock_dir: Path) -> None:
     exc = caught.value
     assert isinstance(exc, VhostOSError)
     assert exc.filename == path
-    assert str(exc) == f"bind {path}: No such file or directory"
+    assert str(exc) == f"listen on {path}: No such file or directory"
+
+
+def test_a_daemon_does_not_take_over_a_stuck_server_socket(full_backlog: str) -> None:
+    """A live server whose backlog is full is still a live server: binding over it is
+    refused within the stale-socket probe's bound, not blocked in a plain connect."""
+    from vhost.daemon import Daemon  # noqa: PLC0415
+    from vhost.devices.rng import RngDevice  # noqa: PLC0415
+
+    start = time.monotonic()
+    with pytest.raises(VhostOSError) as caught:
+        Daemon(RngDevice(), full_backlog).start()
+    assert time.monotonic() - start < 10, "the stale-socket probe was not bounded"
+    assert caught.value.errno == errno.EADDRINUSE
+    assert caught.value.filename == full_backlog
+    assert "another server is listening there" in str(caught.value)
+    assert os.path.exists(full_backlog)

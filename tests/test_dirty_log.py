@@ -100,14 +100,15 @@ class BlkRig:
     def start_ring(self) -> None:
         setup_queue(self.fe, 0, self.ram, self.vq, self.kick, self.call)
 
-    def request(self, kind: int, sector: int) -> int:
-        """One request: header at HEADER, DATA_LEN bytes at DATA, status byte at STATUS."""
+    def request(self, kind: int, sector: int, data: int = DATA, length: int = DATA_LEN) -> int:
+        """One request: header at HEADER, ``length`` bytes at ``data``, status byte at
+        STATUS."""
         self.ram.write(HEADER, struct.pack("<IIQ", kind, 0, sector))
         self.ram.write(STATUS, b"\xff")
         if kind == T_OUT:
-            head = self.vq.add([(HEADER, 16), (DATA, DATA_LEN)], [(STATUS, 1)])
+            head = self.vq.add([(HEADER, 16), (data, length)], [(STATUS, 1)])
         else:
-            head = self.vq.add([(HEADER, 16)], [(DATA, DATA_LEN), (STATUS, 1)])
+            head = self.vq.add([(HEADER, 16)], [(data, length), (STATUS, 1)])
         self.vq.publish()
         if self.vq.kick_needed():
             self.kick.write(1)

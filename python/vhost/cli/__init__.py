@@ -33,12 +33,17 @@ driver of one (blk, bench), serve one (serve), or watch data move through a virt
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error exits with status 1 (the documented status of bad
-    arguments) instead of argparse's 2 (which means a failed request here)."""
+    """argparse, but a usage error is one line like every other error, ``error:
+    COMMAND: MESSAGE (see --help)``, and exits with status 1 (the documented status of
+    bad arguments) instead of argparse's 2 (which means a failed request here)."""
+
+    #: The program's name (``pyvhost``): what a command's ``prog`` starts with.
+    root = ""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix(self.root).strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"error: {where}{message} (see --help)\n")
 
 
 def program_name(argv0: str | None = None) -> str:
@@ -59,8 +64,9 @@ def version() -> str:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ArgumentParser.root = prog = prog or program_name()
     parser = ArgumentParser(
-        prog=prog or program_name(),
+        prog=prog,
         description=DESCRIPTION,
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -117,5 +123,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return EXIT_FAILED
     except VhostError as exc:
         error(str(exc))
-        return EXIT_FAILED
+        # A value the caller gave that cannot work (InvalidParamError and the other
+        # ValueErrors) is an unusable input; anything else is a request that failed.
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
     return code

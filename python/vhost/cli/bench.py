@@ -9,35 +9,40 @@ back-end, not the load generator, is what is measured; ``--engine python`` runs 
 load through :class:`~vhost.devices.blk.BlkDriver`'s Python API instead, for comparison.
 
 ``--verify`` checks data, not only speed. Every 8-byte word written carries
-``splitmix64(offset ^ (generation << 40))`` (its absolute byte offset on the disk and a
-generation number; :func:`pattern`). The run has three phases: the region is first written
+``splitmix64(offset ^ (generation << 40))``: a hash of its absolute byte offset on the
+disk and of a generation number. The run has three phases: the region is first written
 with generation ``G`` (``--generation``, default 1; ``--no-fill`` skips this when an
 earlier run left it there), then the timed job runs, its reads checked against ``G`` and
 its writes carrying ``G + 1``; finally the whole region is read back and each sector must
 hold ``G + 1`` if the job wrote it and ``G`` otherwise. A mismatch exits with status 3,
 a request the device failed (or a write to a read-only device) with status 2, bad
 arguments or an unreachable back-end with 1, Ctrl-C (checked every 100 ms by the native
-loop) with 130. A back-end that exits or closes the connection ends the run at once
-(status 2), not after ``--timeout``.
+loop) with 130. The fill writes, so ``--verify`` on a read-only device needs
+``--no-fill`` (status 2 otherwise, before anything is sent). A back-end that exits or
+closes the connection ends the run at once (status 2), not after ``--timeout``.
 
 The ring is fitted to the back-end: without ``--queue-size`` the smallest power of two
 that holds ``--iodepth`` requests is asked for, and when the back-end refuses it
 (``SET_VRING_NUM``) ever smaller rings are tried; the report says which sizes were
 refused (``queue_size_refused``), and a default ``--iodepth`` is lowered to what the
 ring holds (``iodepth_requested`` keeps the one asked for). A ``--queue-size`` the
-back-end refuses is an error naming it.
+back-end refuses is an error naming it. A ``--bs`` so large that no ring the back-end
+takes holds one request is an error saying which ``--bs`` fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..dirty_log import DirtyLog
 from .blk import RingRefusedError, open_driver, size_arg
 from .common import (
     EXIT_BAD_DATA,
@@ -54,6 +59,7 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..devices.blk import BlkDriver
+
 
 SECTOR_SIZE = 512
 RW_MODES = ("read", "write", "randread", "randwrite")
@@ -100,7 +106,9 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     socket_args(blk)
-    blk.add_argument("--rw", choices=RW_MODES, default="randread")
+    blk.add_argument(
+        "--rw", choices=RW_MODES, default="randread", help="access pattern (default randread)"
+    )
     blk.add_argument("--bs", type=size_arg, default=4096, help="request size (default 4k)")
     blk.add_argument(
         "--iodepth",
@@ -132,7 +140,12 @@ def add_parser(sub: Any) -> None:
         metavar="USEC",
         help="spin on the used ring this long (0..1000000 us) before sleeping on the call eventfd",
     )
-    blk.add_argument("--engine", choices=("native", "python"), default="native")
+    blk.add_argument(
+        "--engine",
+        choices=("native", "python"),
+        default="native",
+        help="native: the Rust loop (default); python: the BlkDriver API, for comparison",
+    )
     blk.add_argument(
         "--queue-size",
         type=int_range(2, MAX_QUEUE_SIZE),
@@ -143,7 +156,59 @@ def add_parser(sub: Any) -> None:
     blk.add_argument(
         "--timeout", type=seconds_arg, default=10.0, help="seconds without progress (default 10)"
     )
+    blk.add_argument(
+        "--dirty-log",
+        action="store_true",
+        help="run with dirty page logging on (as during a live migration): the back-end "
+        f"marks every page it writes, and the log is read and cleared every "
+        f"{DIRTY_LOG_SYNC_S * 1000:.0f} ms",
+    )
     blk.set_defaults(run=run_blk)
+
+
+# How often --dirty-log reads and clears the log, as a migrating VMM syncs it between
+# precopy passes.
+DIRTY_LOG_SYNC_S = 0.1
+
+
+class _LogSync:
+    """``--dirty-log``: logging on for the run, and a thread that reads and clears the log
+    the way a migrating VMM does, so the back-end keeps setting fresh bits."""
+
+    def __init__(self, disk: BlkDriver, socket: str) -> None:
+        self.log = DirtyLog.allocate(disk.memory)
+        self._fe = disk.frontend
+        self._socket = socket
+        self._stop = threading.Event()
+        self.syncs = self.pages = 0
+        self._thread = threading.Thread(target=self._run, name="dirty-log-sync", daemon=True)
+
+    def __enter__(self) -> _LogSync:
+        with step("start dirty logging on", self._socket):
+            self._fe.start_dirty_log(self.log)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(DIRTY_LOG_SYNC_S):
+            self._sync()
+
+    def _sync(self) -> None:
+        self.pages += sum(r.end - r.start for r in self.log.take()) // 4096
+        self.syncs += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            if not exc[0]:
+                self._fe.stop_dirty_log()
+                self._sync()
+        finally:
+            self.log.close()
+
+    def summary(self) -> dict[str, int]:
+        return {"syncs": self.syncs, "dirty_pages": self.pages}
 
 
 def busy_poll_arg(text: str) -> float:
@@ -216,7 +281,43 @@ def _connect(args: argparse.Namespace) -> tuple[BlkDriver, list[int]]:
     except RingRefusedError as exc:
         if args.queue_size is not None:
             exc.hint = "try a smaller --queue-size"
-        raise
+            raise
+        raise _ring_too_small(args, exc) from None
+
+
+def _ring_too_small(args: argparse.Namespace, exc: RingRefusedError) -> CliError:
+    """Why no ring fitted: a --bs or region larger than the disk (exit status 1), or
+    requests of --bs needing more descriptors than the largest ring the back-end takes
+    (found by trying ever smaller rings, each holding one request of fewer bytes)."""
+    refused = exc.refused
+    smaller = []
+    size = min(refused) // 2
+    while size >= 4:  # a request takes 3 descriptors at least
+        smaller.append(size)
+        size //= 2
+    per_request = _per_request(args.bs)
+    needs = (
+        f"one request of --bs {args.bs} needs {per_request} descriptors (a header, "
+        f"{per_request - 2} data segments of up to {DEFAULT_SEGMENT} bytes, a status)"
+    )
+    try:
+        disk, _ = open_driver(
+            args.socket, args.timeout, smaller, slots=1, max_request=args.bs,
+            segment_size=DEFAULT_SEGMENT,
+        )  # fmt: skip
+    except RingRefusedError:
+        return CliError(
+            f"{exc.message}: {needs}, and it took no ring down to 4 entries", EXIT_FAILED
+        )
+    with disk:
+        _region(args, disk.size)
+        fits = disk.max_request // SECTOR_SIZE * SECTOR_SIZE
+        return CliError(
+            f"{exc.message}: {needs}; the largest ring it took, {disk.queue_size} entries, "
+            f"holds requests of up to {fits} bytes",
+            EXIT_FAILED,
+            f"use --bs {fits} or less",
+        )
 
 
 def _fit_iodepth(args: argparse.Namespace, disk: BlkDriver, refused: list[int]) -> int:
@@ -245,18 +346,21 @@ def _fit_iodepth(args: argparse.Namespace, disk: BlkDriver, refused: list[int]) 
 
 
 def _region(args: argparse.Namespace, disk_size: int) -> tuple[int, int]:
+    """The region to load (``--offset``, ``--size``), checked against the disk's size:
+    what does not fit is a bad argument (exit status 1)."""
+    disk = f"the disk of {args.socket} ({disk_size} bytes)"
+    if args.bs > disk_size:
+        raise CliError(f"--bs {args.bs} is larger than {disk}")
     if args.offset >= disk_size:
-        raise CliError(f"--offset {args.offset} is beyond the disk ({disk_size} bytes)")
+        raise CliError(f"--offset {args.offset} is beyond the end of {disk}")
     if args.size is None:
         size = (disk_size - args.offset) // args.bs * args.bs
         if size == 0:
-            raise CliError(f"no whole {args.bs}-byte block after --offset {args.offset}")
+            raise CliError(f"--offset {args.offset} leaves no whole --bs {args.bs} block on {disk}")
     else:
         size = args.size
         if args.offset + size > disk_size:
-            raise CliError(
-                f"region {args.offset}+{size} runs past the disk's end ({disk_size} bytes)"
-            )
+            raise CliError(f"--offset {args.offset} --size {size} runs past the end of {disk}")
     return args.offset, size
 
 
@@ -359,20 +463,27 @@ def run_blk(args: argparse.Namespace) -> int:
     # Ctrl-C: the native loop checks for signals every 100 ms and stops (requests in
     # flight are abandoned with the connection); main() reports it (status 130).
     disk, refused = _connect(args)
+    from ..devices.blk import READ_ONLY_REASON as READ_ONLY  # noqa: PLC0415
+
     with disk:
-        iodepth = _fit_iodepth(args, disk, refused)
         offset, size = _region(args, disk.size)
-        if args.rw in ("write", "randwrite") and disk.read_only:
+        iodepth = _fit_iodepth(args, disk, refused)
+        if disk.read_only and args.rw in ("write", "randwrite"):
+            raise CliError(f"write to {args.socket}: {READ_ONLY}", EXIT_FAILED)
+        if disk.read_only and args.verify and not args.no_fill:
             raise CliError(
-                "device status VIRTIO_BLK_S_IOERR (refused locally: nothing was sent): "
-                "the device is read-only (VIRTIO_BLK_F_RO)",
+                f"write to {args.socket}: --verify first fills the region, and {READ_ONLY}",
                 EXIT_FAILED,
+                f"add --no-fill if the region already holds generation {args.generation}",
             )
         requested = args.iodepth
         args.iodepth = iodepth
         runner = run_native if args.engine == "native" else run_python
-        with step("run the load on", args.socket):
-            result = runner(args, disk, offset, size)
+        with contextlib.ExitStack() as stack:
+            sync = stack.enter_context(_LogSync(disk, args.socket)) if args.dirty_log else None
+            with step("run the load on", args.socket):
+                result = runner(args, disk, offset, size)
+        result["dirty_log"] = sync.summary() if sync is not None else None
         result.update(
             engine=args.engine,
             offset=offset,
@@ -429,6 +540,9 @@ def _human(r: dict[str, Any]) -> str:
         f"queue size {r['queue_size']}{refused}, {'packed' if r['packed'] else 'split'}, "
         f"event_idx={r['event_idx']}, CPUs {','.join(map(str, r['cpus']))}",
     ]
+    log = r.get("dirty_log")
+    if log is not None:
+        lines.append(f"dirty log: on, {log['dirty_pages']} dirty pages in {log['syncs']} syncs")
     lat = r["latency_ns"]
     if lat is not None:
         us = {k: v / 1000 for k, v in lat.items()}

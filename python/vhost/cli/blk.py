@@ -38,11 +38,14 @@ if TYPE_CHECKING:
 
 SECTOR_SIZE = 512
 
-_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+MAX_BYTES = (1 << 63) - 1
+"""Largest byte count an argument takes (a disk's size in bytes fits in 63 bits)."""
 
 
 def size_arg(text: str) -> int:
-    """``4096``, ``0x1000``, ``4k``, ``1M``: a byte count."""
+    """``4096``, ``0x1000``, ``4k``, ``1M``, ``2T``: a byte count."""
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     mult = 1
     if t and t[-1] in _SUFFIXES:
@@ -54,6 +57,16 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"negative byte count: {text!r}")
+    if value > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"too large: {text!r} (at most 8 EiB)")
+    return value
+
+
+def length_arg(text: str) -> int:
+    """A byte count above zero (a request of no bytes does nothing)."""
+    value = size_arg(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes: {text!r}")
     return value
 
 
@@ -100,7 +113,7 @@ def add_parser(sub: Any) -> None:
     )
     common(read)
     read.add_argument("--offset", type=size_arg, required=True, help="bytes (512 multiple)")
-    read.add_argument("--length", type=size_arg, required=True, help="bytes (512 multiple)")
+    read.add_argument("--length", type=length_arg, required=True, help="bytes (512 multiple)")
     read.add_argument(
         "--output", metavar="FILE", help="write the raw bytes to FILE ('-' for stdout)"
     )
@@ -118,7 +131,7 @@ def add_parser(sub: Any) -> None:
     src.add_argument("--pattern", type=byte_arg, help="a byte value to repeat")
     write.add_argument(
         "--length",
-        type=size_arg,
+        type=length_arg,
         help="bytes to write (default: 512 with --pattern, the file's size with --input)",
     )
     write.add_argument("--flush", action="store_true", help="flush after writing")
@@ -130,7 +143,11 @@ BLK_QUEUE_SIZES = [128, 64, 32, 16, 8]
 
 
 class RingRefusedError(CliError):
-    """The back-end refused every ring size tried (``SET_VRING_NUM``)."""
+    """The back-end refused every ring size tried (``SET_VRING_NUM``): ``refused``."""
+
+    def __init__(self, message: str, refused: list[int]) -> None:
+        super().__init__(message, EXIT_FAILED)
+        self.refused = refused
 
 
 def _ring_refused(exc: CliError) -> bool:
@@ -141,13 +158,17 @@ def _ring_refused(exc: CliError) -> bool:
 
 
 def open_driver(
-    socket: str, timeout: float, queue_sizes: list[int], **options: Any
+    socket: str,
+    timeout: float,
+    queue_sizes: list[int],
+    action: str = "set up a virtio-blk queue on",
+    **options: Any,
 ) -> tuple[BlkDriver, list[int]]:
     """Connects to the back-end at ``socket`` and sets up its queue 0 with the first of
     ``queue_sizes`` it accepts (a back-end refuses a ring too big for it in
     ``SET_VRING_NUM``); returns the driver and the sizes refused first. Each step's
     failure is a :class:`CliError` naming it (connecting: exit status 1, with a hint;
-    setting up the device: 2)."""
+    setting up the device, ``action``: 2)."""
     # Imported here: the driver needs the native virtqueues, `probe` and `demo` do not.
     from ..devices.blk import BlkDriver  # noqa: PLC0415
     from ..user import Frontend  # noqa: PLC0415
@@ -157,7 +178,7 @@ def open_driver(
         with connecting(socket):
             fe = Frontend.connect(socket, timeout=timeout)
         try:
-            with step("set up a virtio-blk queue on", socket):
+            with step(action, socket):
                 return BlkDriver(fe, timeout=timeout, queue_size=size, **options), refused
         except CliError as exc:
             fe.close()
@@ -168,20 +189,25 @@ def open_driver(
             fe.close()
             raise
     raise RingRefusedError(
-        f"set up a virtio-blk queue on {socket}: SET_VRING_NUM refused, the back-end takes "
+        f"{action} {socket}: SET_VRING_NUM refused, the back-end takes "
         f"no ring of {', '.join(map(str, refused))} entries",
-        EXIT_FAILED,
+        refused,
     )
 
 
-def _connect(args: argparse.Namespace) -> BlkDriver:
-    disk, _ = open_driver(args.socket, args.timeout, BLK_QUEUE_SIZES, packed=args.packed)
+def _connect(args: argparse.Namespace, action: str = "set up a virtio-blk queue on") -> BlkDriver:
+    disk, _ = open_driver(
+        args.socket, args.timeout, BLK_QUEUE_SIZES, action=action, packed=args.packed
+    )
     return disk
 
 
-def _device_error(exc: BlkIOError) -> CliError:
-    where = " (refused locally: nothing was sent)" if exc.local else ""
-    return CliError(f"device status VIRTIO_BLK_S_{exc.status_name}{where}: {exc}", EXIT_FAILED)
+def device_error(exc: BlkIOError, action: str, socket: str) -> CliError:
+    """``ACTION SOCKET: REASON`` for a request the device failed (its status name) or
+    the driver refused without sending it (a write to a read-only device); exit status
+    2 either way."""
+    reason = str(exc) if exc.local else f"device status VIRTIO_BLK_S_{exc.status_name}"
+    return CliError(f"{action} {socket}: {reason}", EXIT_FAILED)
 
 
 def hexdump(data: bytes, base: int = 0) -> str:
@@ -209,7 +235,7 @@ def hexdump(data: bytes, base: int = 0) -> str:
 def run_info(args: argparse.Namespace) -> int:
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
-    with _connect(args) as disk, step("query", args.socket):
+    with _connect(args, "read the disk's configuration from") as disk, step("query", args.socket):
         try:
             ident = disk.get_id()
         except BlkIOError as exc:
@@ -258,7 +284,7 @@ def run_read(args: argparse.Namespace) -> int:
             try:
                 data = disk.read(args.offset, args.length)
             except BlkIOError as exc:
-                raise _device_error(exc) from exc
+                raise device_error(exc, "read from", args.socket) from exc
         if out is None:
             print(hexdump(data, args.offset))
             return 0
@@ -283,6 +309,8 @@ def run_write(args: argparse.Namespace) -> int:
             )
         if not data:
             raise CliError(f"read {args.input}: empty, nothing to write")
+        if args.length is None and len(data) % SECTOR_SIZE:
+            raise CliError(_unaligned_input(args.input, len(data)))
     _check(args.offset, len(data))
     with _connect(args) as disk, step("write to", args.socket):
         try:
@@ -290,9 +318,17 @@ def run_write(args: argparse.Namespace) -> int:
             if args.flush:
                 disk.flush()
         except BlkIOError as exc:
-            raise _device_error(exc) from exc
+            raise device_error(exc, "write to", args.socket) from exc
     print(f"wrote {len(data)} bytes at offset {args.offset}")
     return 0
+
+
+def _unaligned_input(path: str, size: int) -> str:
+    """The error for an input whose size is not whole sectors (no ``--length`` given)."""
+    where = "standard input" if path == "-" else path
+    whole = size // SECTOR_SIZE * SECTOR_SIZE
+    tip = f"--length {whole} writes its first {whole} bytes; or pad it" if whole else "pad it"
+    return f"read {where}: its size, {size} bytes, is not a multiple of {SECTOR_SIZE} ({tip})"
 
 
 def _check(offset: int, length: int) -> None:

@@ -62,15 +62,14 @@ class CliError(Exception):
 
 
 def os_reason(exc: OSError) -> str:
-    """``"No such file or directory"``: the errno's text, without the ``[Errno 2]`` and
-    ``(os error 2)`` decorations the native layer adds."""
-    if exc.errno:
-        return os.strerror(exc.errno)
-    text = exc.strerror or str(exc)
+    """``"No such file or directory"``: the exception's own reason (the library's
+    explanation where it gave one, such as why a connect timed out), without the
+    ``[Errno 2]`` and ``(os error 2)`` decorations; the errno's text if it has none."""
+    text = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
     return re.sub(r" \(os error \d+\)$", "", text)
 
 
-def _path_kind(path: str) -> str | None:
+def path_kind(path: str) -> str | None:
     """``"a regular file"``, ``"a directory"``, ``"a socket"``... or None if absent."""
     try:
         mode = os.stat(path).st_mode
@@ -82,7 +81,7 @@ def _path_kind(path: str) -> str | None:
         return "a directory"
     if stat.S_ISREG(mode):
         return "a regular file"
-    return "not a socket"
+    return "a special file"
 
 
 def connect_hint(path: str, err: int | None) -> str | None:
@@ -94,7 +93,7 @@ def connect_hint(path: str, err: int | None) -> str | None:
             return f"there is no directory {parent}"
         return "is the back-end running?"
     if err == errno.ECONNREFUSED:
-        kind = _path_kind(path)
+        kind = path_kind(path)
         if kind == "a socket":
             return "a stale socket: nothing listens on it; is the back-end running?"
         if kind is not None:
@@ -119,8 +118,11 @@ def file_hint(path: str, err: int | None) -> str | None:
 
 
 def _status_of(exc: BaseException, status: int) -> int:
-    # A value the library refused before sending anything is the caller's input.
-    return EXIT_USAGE if isinstance(exc, InvalidParamError) else status
+    # A value the library refused before sending anything is the caller's input; a
+    # timeout is a request (a connect too) that was not answered, whatever the step.
+    if isinstance(exc, InvalidParamError):
+        return EXIT_USAGE
+    return EXIT_FAILED if isinstance(exc, TimeoutError) else status
 
 
 @contextmanager
@@ -261,16 +263,21 @@ class OutputFile:
                 self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
 
     def write(self, data: bytes) -> None:
-        """Replaces the file's contents with ``data`` (or writes it to stdout)."""
+        """Replaces the file's contents with ``data`` (or writes it to stdout). Only a
+        regular file is truncated (``/dev/null``, a FIFO or a terminal cannot be). Every
+        byte is written or the write fails: a reader that goes away (``| head``) raises
+        ``BrokenPipeError``, which ends the command by SIGPIPE like other Unix tools."""
         if self._fd is None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-            return
-        with step("write", self.path):
-            os.ftruncate(self._fd, 0)
+            sys.stdout.flush()
+            fd, where = sys.stdout.fileno(), "standard output"
+        else:
+            fd, where = self._fd, self.path
+        with step("write", where):
+            if self._fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view) :]
+                view = view[os.write(fd, view) :]
         self._created = False
 
     def close(self) -> None:

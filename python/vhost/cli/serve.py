@@ -6,7 +6,10 @@ SIGTERM.
 The image is locked the way QEMU locks it, so a qemu-storage-daemon or another ``serve
 blk`` on the same image is refused (``--force-share``, ``--no-lock``). ``serve rng --socket
 SOCK`` serves the Python virtio-rng example device. ``--client`` connects to a front-end
-listening on SOCK instead of listening.
+listening on SOCK instead of listening (waiting until one does).
+
+SIGINT (Ctrl-C) or SIGTERM stops the server cleanly, with exit status 0: that is a
+server's normal stop (what systemd expects), not the 130 other commands exit with.
 
 A session that ends on an error, or after a refused request, is reported in one line on
 stderr with the reason; ``--verbose`` reports every session and refusal as it happens.
@@ -16,24 +19,80 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
+import stat
 import sys
 
 from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
 from ..errors import InvalidParamError, VhostError
+from .common import EXIT_USAGE, CliError, connect_hint, path_kind, plain
 
 #: Most queues `serve blk` runs (one worker thread each).
 MAX_QUEUES = 256
 #: Largest ring the vhost-user protocol allows.
 MAX_QUEUE_SIZE = 32768
 
+SERVE_EXIT_STATUS = """\
+exit status:
+  0    stopped by SIGINT (Ctrl-C) or SIGTERM: a server's normal stop; with
+       --client, also the end of the front-end's session
+  1    bad arguments, an image that cannot be opened or locked, a socket path
+       that cannot be listened on or connected to; with --client, a session
+       that ended on an error"""
+
+STOPPING = """\
+It runs until SIGINT (Ctrl-C) or SIGTERM, then drops the session cleanly and
+exits with status 0 (a server's normal stop). With --client it connects to a
+front-end that listens on --socket (QEMU's server=on), waiting until one does,
+serves that one session and exits when it ends."""
+
+BLK_DESCRIPTION = f"""\
+Serve a disk image as a vhost-user-blk back-end on --socket.
+
+The image must be raw: a file that starts with another format's signature
+(qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS...; convert it with qemu-img convert
+-O raw), an empty file, a size that is not a multiple of 512 bytes, and
+anything but a regular file or a block device are refused, naming the file.
+
+The image is locked the way QEMU locks it, so QEMU, qemu-storage-daemon,
+qemu-img and other serve blk processes see each other: a writable serve is
+refused while another program writes the image, and keeps writers out while it
+runs. --readonly shares the image with other readers; --readonly --force-share
+reads it whatever others do (QEMU's force-share=on); --no-lock takes no locks
+(QEMU's locking=off), for those who coordinate access themselves.
+
+{STOPPING}"""
+
+RNG_DESCRIPTION = f"""\
+Serve the virtio-rng example device (written in Python) as a vhost-user
+back-end on --socket (QEMU: -device vhost-user-rng-pci).
+
+{STOPPING}"""
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="run a vhost-user back-end daemon", description=__doc__)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "serve",
+        help="run a vhost-user back-end daemon",
+        description=plain(__doc__),
+        epilog=SERVE_EXIT_STATUS,
+        formatter_class=raw,
+    )
     kinds = p.add_subparsers(dest="device", required=True)
 
-    blk = kinds.add_parser("blk", help="virtio-blk over a raw image file")
+    def page(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return kinds.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=SERVE_EXIT_STATUS,
+            formatter_class=raw,
+        )
+
+    blk = page("blk", "virtio-blk over a raw image file", BLK_DESCRIPTION)
     _common(blk)
     blk.add_argument("--image", required=True, help="disk image file (raw)")
     blk.add_argument(
@@ -63,16 +122,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     blk.set_defaults(run=run_blk)
 
-    rng = kinds.add_parser("rng", help="virtio-rng written in Python (the example device)")
+    rng = page("rng", "virtio-rng written in Python (the example device)", RNG_DESCRIPTION)
     _common(rng)
     rng.set_defaults(run=run_rng)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", required=True, help="vhost-user socket path")
-    p.add_argument(
-        "--client", action="store_true", help="connect to a listening front-end instead"
-    )
+    p.add_argument("--client", action="store_true", help="connect to a listening front-end instead")
     p.add_argument(
         "--poll-us",
         type=int,
@@ -101,6 +158,30 @@ def _check(ok: bool, message: str) -> None:
 def _check_common(args: argparse.Namespace) -> None:
     _check(args.poll_us >= 0, f"--poll-us must be 0 or more microseconds, not {args.poll_us}")
     _check(args.poll_us <= 10**9, f"--poll-us {args.poll_us} is more than 1000 seconds")
+    if args.client:
+        _check_client_path(args.socket)
+
+
+def _check_client_path(path: str) -> None:
+    """``--client`` waits for a front-end to listen on ``path`` (a missing or stale
+    socket is fine: one will appear), but a path no front-end can ever listen on (a
+    file that is not a socket, a missing directory) is refused at once."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        hint = connect_hint(path, errno.ENOENT)
+        if hint is not None and hint.startswith("there is no directory"):
+            raise CliError(
+                f"connect to {path}: {os.strerror(errno.ENOENT)}", EXIT_USAGE, hint
+            ) from None
+        return
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CliError(
+            f"connect to {path}: {reason}", EXIT_USAGE, connect_hint(path, exc.errno)
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise CliError(f"connect to {path}: it is {path_kind(path)}, not a socket", EXIT_USAGE)
 
 
 def run_blk(args: argparse.Namespace) -> int:
@@ -113,9 +194,7 @@ def run_blk(args: argparse.Namespace) -> int:
         3 <= args.queue_size <= MAX_QUEUE_SIZE,
         f"--queue-size must be between 3 and {MAX_QUEUE_SIZE}, not {args.queue_size}",
     )
-    _check(
-        len(args.serial.encode()) <= 20, f"--serial is at most 20 bytes, not {args.serial!r}"
-    )
+    _check(len(args.serial.encode()) <= 20, f"--serial is at most 20 bytes, not {args.serial!r}")
     _check(
         not args.force_share or args.readonly,
         "--force-share needs --readonly (a writer cannot share the image safely)",
@@ -161,17 +240,17 @@ def run_blk(args: argparse.Namespace) -> int:
     )
 
 
-def _image_failure(args: argparse.Namespace, exc: OSError) -> VhostError:
+def _image_failure(args: argparse.Namespace, exc: OSError) -> CliError:
     """The one-line error for an image that could not be opened or locked, with a hint."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EBUSY:
-        return VhostError(
+        return CliError(
             f"lock image {args.image}: {reason}; stop it first, or serve it with --readonly "
             "--force-share to read it anyway (--no-lock: no locking at all)"
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not args.readonly:
-        return VhostError(f"open image {args.image}: {reason}; use --readonly to serve it")
-    return VhostError(f"open image {args.image}: {reason}")
+        return CliError(f"open image {args.image}: {reason}; use --readonly to serve it")
+    return CliError(f"open image {args.image}: {reason}")
 
 
 def run_rng(args: argparse.Namespace) -> int:
@@ -224,14 +303,26 @@ def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
         daemon.start()
     except OSError as exc:
         action = "connect to" if daemon.client else "listen on"
-        raise VhostError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
+        raise CliError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
 
     def ready() -> None:
-        print(f"serving {what} on {daemon.path}", flush=True)
+        if daemon.client:
+            print(
+                f"waiting for a front-end to listen on {daemon.path}, to serve {what}",
+                flush=True,
+            )
+        else:
+            print(f"serving {what} on {daemon.path}", flush=True)
 
     reporter = _Reporter(verbose)
+
+    def on_event(event: DaemonEvent) -> None:
+        if daemon.client and event.kind is EventKind.SESSION_STARTED:
+            print(f"connected to {daemon.path}: serving {what}", flush=True)
+        reporter(event)
+
     try:
-        daemon.serve_forever(ready, on_event=reporter)
+        daemon.serve_forever(ready, on_event=on_event)
     except VhostError:
         # Client mode: the one session failed, and its event already said why.
         if not reporter.failure_shown:

@@ -66,6 +66,7 @@ from ..virtio import (
 from .config import decode_config
 
 __all__ = [
+    "READ_ONLY_REASON",
     "SECTOR_SIZE",
     "BlkCompletion",
     "BlkDriver",
@@ -132,6 +133,11 @@ def status_name(status: int) -> str:
         return BlkStatus(status).name
     except ValueError:
         return f"status {status:#x}"
+
+
+READ_ONLY_REASON = "the device is read-only (VIRTIO_BLK_F_RO); nothing was sent"
+"""Why a write to a device that offered ``VIRTIO_BLK_F_RO`` fails without being sent
+(the message of that :class:`BlkIOError`, and of the CLI's checks before a load runs)."""
 
 
 class BlkIOError(VhostError):
@@ -275,7 +281,10 @@ class BlkDriver:
         | ProtocolFeature.REPLY_ACK
         | ProtocolFeature.CONFIG
         | ProtocolFeature.CONFIGURE_MEM_SLOTS
+        | ProtocolFeature.LOG_SHMFD
     )
+    """Acked when offered; ``LOG_SHMFD`` lets ``frontend.start_dirty_log`` run on the
+    driver's connection (``bench blk --dirty-log``) and changes nothing until then."""
 
     def __init__(
         self,
@@ -751,7 +760,7 @@ class BlkDriver:
             raise BlkIOError(
                 BlkStatus.IOERR,
                 BlkRequestType.OUT,
-                "the device is read-only (VIRTIO_BLK_F_RO): the write was not sent",
+                READ_ONLY_REASON,
                 local=True,
             )
         self._check_range(offset, len(view), "a write")

@@ -67,7 +67,9 @@ class PythonBlkDevice(Device):
     def config(self) -> bytes:
         cfg = bytearray(60)
         struct.pack_into("<Q", cfg, 0, self.capacity)
-        struct.pack_into("<I", cfg, 12, self.max_queue_size - 2)
+        # seg_max as the native device computes it (rust/src/devices/blk.rs, seg_max): a
+        # request must fit QEMU's default 128-entry ring too, not only our largest.
+        struct.pack_into("<I", cfg, 12, max(1, min(self.max_queue_size, 128) - 2))
         struct.pack_into("<I", cfg, 20, _SECTOR)
         struct.pack_into("<H", cfg, 34, self.num_queues)
         return bytes(cfg)

@@ -64,7 +64,7 @@ impl PyKernelDevice {
         f: impl FnOnce(&VhostDevice) -> Result<T, KernError> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        py.detach(|| f(&dev)).kern()
+        crate::wait::blocking(py, || f(&dev))?.kern()
     }
 }
 

@@ -33,7 +33,7 @@ impl PyVdpaDevice {
         f: impl FnOnce(&VhostVdpa) -> vhost_core::kern::Result<T> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        py.detach(|| f(&dev)).kern()
+        crate::wait::blocking(py, || f(&dev))?.kern()
     }
 }
 

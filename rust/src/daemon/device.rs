@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::memory::dirty_log::DirtyLogError;
 use crate::memory::GuestMemory;
 use crate::vring::{DescriptorChain, VringError};
 
@@ -26,6 +27,10 @@ pub enum DeviceError {
     Queue(#[from] VringError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// A write could not be marked in the migration dirty log (it does not cover the
+    /// address): the migration would lose that page.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
     /// A device written in Python raised; the text is the exception.
     #[error("device failed: {0}")]
     Failed(String),

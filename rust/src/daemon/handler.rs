@@ -10,10 +10,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::backend::VringAddrs;
+use crate::memory::dirty_log::{memory_end, DirtyLog};
 use crate::memory::{GuestMemory, RegionInfo};
 use crate::sys::EventFd;
-use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
-use crate::user::payload::InflightDesc;
+use crate::user::codes::{
+    protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
+};
+use crate::user::payload::{InflightDesc, LogDesc};
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
@@ -28,7 +31,8 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::RESET_DEVICE
     | pf::STATUS
     | pf::CONFIGURE_MEM_SLOTS
-    | pf::INFLIGHT_SHMFD;
+    | pf::INFLIGHT_SHMFD
+    | pf::LOG_SHMFD;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -48,6 +52,9 @@ pub struct DaemonHandler {
     acked_protocol: u64,
     status: u8,
     inflight: Option<Arc<InflightArea>>,
+    /// The dirty log the front-end handed over (SET_LOG_BASE); the queues write to it only
+    /// while `VHOST_F_LOG_ALL` is acked.
+    log: Option<Arc<DirtyLog>>,
     hint: Option<&'static str>,
 }
 
@@ -91,6 +98,7 @@ impl DaemonHandler {
             acked_protocol: 0,
             status: 0,
             inflight: None,
+            log: None,
             hint: None,
             device,
         };
@@ -133,6 +141,21 @@ impl DaemonHandler {
         self.device.features()
             | (transport::DEFAULT & self.device.transport_features())
             | VHOST_USER_F_PROTOCOL_FEATURES
+            | VHOST_F_LOG_ALL
+    }
+
+    /// Hands each queue the log it must write to: the adopted one while LOG_ALL is acked,
+    /// none otherwise. Each queue's lock waits for its batch in progress, so once this
+    /// returns no worker marks the previous log any more (the front-end may then read it
+    /// for the last time and unmap it).
+    fn publish_log(&self) {
+        let active = match self.acked_features & VHOST_F_LOG_ALL {
+            0 => None,
+            _ => self.log.clone(),
+        };
+        for s in &self.slots {
+            lock(&s.state).log = active.clone();
+        }
     }
 
     fn set_memory(&mut self, mem: &GuestMemory) {
@@ -201,6 +224,7 @@ impl BackendHandler for DaemonHandler {
             )));
         }
         self.acked_features = features;
+        self.publish_log();
         for s in &self.slots {
             let mut st = lock(&s.state);
             st.event_idx = features & transport::EVENT_IDX != 0;
@@ -247,6 +271,28 @@ impl BackendHandler for DaemonHandler {
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {
         Ok(MAX_MEM_SLOTS)
+    }
+
+    fn set_log_base(&mut self, log: &LogDesc, fd: OwnedFd) -> Result<()> {
+        // The session applied the sealed-memory policy before handing the fd over.
+        let adopted = DirtyLog::adopt(
+            fd,
+            log.mmap_size,
+            log.mmap_offset,
+            memory_end(&self.mem),
+            false,
+        )
+        .map_err(|e| Error::InvalidParam(format!("SET_LOG_BASE: {e}")))?;
+        self.log = Some(Arc::new(adopted));
+        self.publish_log();
+        Ok(())
+    }
+
+    fn set_log_fd(&mut self, fd: OwnedFd) -> Result<()> {
+        // The eventfd to signal after writing the log without LOG_SHMFD: this daemon only
+        // logs into the shared log, which needs no signal, so the fd is closed.
+        drop(fd);
+        Ok(())
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {

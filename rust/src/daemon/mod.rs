@@ -8,6 +8,9 @@
 //!                                          └─> one worker thread per queue:
 //!                                              kick eventfd -> pop batch -> device.process
 //!                                              -> add used -> call eventfd (suppressed)
+//!                                              (with VHOST_F_LOG_ALL acked, every write
+//!                                              into guest memory is marked in the
+//!                                              migration dirty log: vring::RingLog)
 //! ```
 //!
 //! Data-plane threads never touch the interpreter: a device written in Python is reached

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::VringAddrs;
+use crate::backend::{VringAddrs, VRING_ADDR_F_LOG};
+use crate::memory::dirty_log::{DirtyLog, DirtyLogError};
 use crate::memory::GuestMemory;
 use crate::sys::{poll_many, EventFd};
-use crate::vring::{DescriptorChain, DeviceQueue, RingLayout};
+use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment};
 
 use super::device::{DeviceError, VirtioDevice};
 use super::events::{DaemonEvent, QueueReporter};
@@ -56,6 +57,21 @@ pub(crate) struct QueueState {
     pub(crate) inflight_broken: bool,
     /// Where a failure of this queue is reported, if anywhere.
     pub(crate) reporter: Option<QueueReporter>,
+    /// The migration dirty log while the front-end has `VHOST_F_LOG_ALL` acked: every
+    /// write into guest memory is marked in it. `None` (logging off) costs the data path
+    /// one check per batch.
+    pub(crate) log: Option<Arc<DirtyLog>>,
+}
+
+/// A ring's logging target: the log, and the used ring's log address when the front-end set
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR.
+fn ring_log(log: Option<&DirtyLog>, addrs: Option<VringAddrs>) -> Option<RingLog<'_>> {
+    Some(RingLog {
+        log: log?,
+        used_log_addr: addrs
+            .filter(|a| a.flags & VRING_ADDR_F_LOG != 0)
+            .map(|a| a.log),
+    })
 }
 
 fn inflight_error(e: InflightError) -> DeviceError {
@@ -100,6 +116,19 @@ impl QueueState {
         self.resubmit.clear();
         self.inflight = None;
         self.base
+    }
+
+    /// Where this ring's writes are logged, while logging is on.
+    fn ring_log(&self) -> Option<RingLog<'_>> {
+        ring_log(self.log.as_deref(), self.addrs)
+    }
+
+    /// Marks the ring's suppression fields after the worker wrote them (logging on only).
+    fn log_ring_fields(&self) -> Result<(), DirtyLogError> {
+        match (self.ring_log(), &self.ring) {
+            (Some(log), Some(ring)) => ring.log_ring(&log, ring.used_position()),
+            _ => Ok(()),
+        }
     }
 
     fn runnable(&self) -> bool {
@@ -218,6 +247,9 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             if let Some(Err(e)) = st.ring.as_mut().map(|r| r.set_notification(&st.mem, false)) {
                 return st.fail(slot.index, format!("queue {}: {e}", slot.index));
             }
+            if let Err(e) = st.log_ring_fields() {
+                return st.fail(slot.index, format!("queue {}: {e}", slot.index));
+            }
             kicks_on = false;
         }
         match one_batch(slot, device, st, &mut done) {
@@ -237,7 +269,11 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
         let Some(ring) = st.ring.as_mut() else {
             return;
         };
-        match ring.set_notification(&st.mem, true) {
+        let enabled = ring.set_notification(&st.mem, true);
+        if let Err(e) = st.log_ring_fields() {
+            return st.fail(slot.index, format!("queue {}: {e}", slot.index));
+        }
+        match enabled {
             Ok(true) => {
                 // Buffers arrived between the last pop and re-enabling: go round again.
                 kicks_on = true;
@@ -285,6 +321,16 @@ fn one_batch(
         return Ok(false);
     }
     let heads: Vec<u16> = chains.iter().map(|c| c.head).collect();
+    // With logging on, what each chain may have had written into it, kept past the device
+    // (which consumes the chains) until its completion is marked.
+    let writes: Vec<Vec<Segment>> = if st.log.is_some() {
+        chains
+            .iter()
+            .map(|c| c.writable().copied().collect())
+            .collect()
+    } else {
+        Vec::new()
+    };
     done.clear();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         device.process(slot.index, mem, chains, done)
@@ -301,14 +347,26 @@ fn one_batch(
         );
     }
     let finished: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+    let ring_log = ring_log(st.log.as_deref(), st.addrs);
+    // Buffers are marked before the used ring says they are complete; a marking failure
+    // still completes the batch (the driver is not left waiting) and then stops the queue.
+    let mut log_result = Ok(());
+    if let Some(log) = &ring_log {
+        // Every popped chain is in `done` by now (left-outs were added above).
+        log_result = writes.iter().try_for_each(|segs| log.mark_buffers(segs));
+    }
     if let Some(q) = st.inflight.as_mut() {
         q.completing(&finished);
     }
+    let from = ring.used_position();
     if let Err(e) = ring.add_used_batch(mem, done) {
         if let Some(q) = st.inflight.as_mut() {
             q.abandon();
         }
         return Err(e.into());
+    }
+    if let Some(log) = &ring_log {
+        log_result = log_result.and_then(|()| ring.log_ring(log, from));
     }
     if let Some(q) = st.inflight.as_mut() {
         q.completed(&finished, ring);
@@ -323,5 +381,6 @@ fn one_batch(
     if let Err(e) = outcome {
         st.last_error = Some(e.to_string());
     }
+    log_result?;
     Ok(true)
 }

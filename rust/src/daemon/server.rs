@@ -169,7 +169,8 @@ impl Daemon {
     /// serves that one session.
     pub fn connect(&self, path: &Path) -> Result<()> {
         loop {
-            match UnixStream::connect(path) {
+            // Bounded, so a front-end whose backlog is full cannot keep a stop waiting.
+            match crate::sys::socket::connect_unix(path, Some(Duration::from_millis(100))) {
                 Ok(stream) => return self.serve_stream(stream),
                 Err(_) => {
                     if poll_many(&[self.stop.as_fd()], 100)?[0] {

@@ -414,12 +414,28 @@ fn punch_zeroes(file: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Ring size a front-end uses unless told otherwise: QEMU's vhost-user-blk `queue-size`.
+pub const DEFAULT_FRONTEND_RING: u16 = 128;
+
+/// `seg_max`: data segments per request, so that a request (header, segments, status) is
+/// a chain no longer than the ring, indirect tables included (virtio; the rings refuse a
+/// longer one). The guest reads it before any ring size is set, so it must fit the ring a
+/// front-end uses by default as well as `queue_size`, the largest this device accepts: a
+/// Linux guest sends requests of seg_max + 2 descriptors through indirect tables.
+pub fn seg_max(queue_size: u16) -> u32 {
+    u32::from(
+        queue_size
+            .min(DEFAULT_FRONTEND_RING)
+            .saturating_sub(2)
+            .max(1),
+    )
+}
+
 /// struct virtio_blk_config, up to and including the write-zeroes fields.
 fn config_space(capacity: u64, cfg: &BlkConfig) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&capacity.to_le_bytes());
-    // seg_max: the ring size minus header and status descriptors.
-    c[12..16].copy_from_slice(&u32::from(cfg.queue_size - 2).to_le_bytes());
+    c[12..16].copy_from_slice(&seg_max(cfg.queue_size).to_le_bytes());
     c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
     c[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
     c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
@@ -470,5 +486,24 @@ impl VirtioDevice for BlkDevice {
             done.push((chain.head, written));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seg_max_fits_the_default_frontend_ring_and_ours() {
+        // The default --queue-size 256 once advertised 254 segments: a Linux guest on
+        // QEMU's 128-entry ring then sent 256-descriptor requests the ring refused.
+        assert_eq!(seg_max(256), 126);
+        assert_eq!(seg_max(1024), 126);
+        assert_eq!(seg_max(128), 126);
+        assert_eq!(seg_max(64), 62);
+        assert_eq!(seg_max(3), 1);
+        let cfg = BlkConfig::default();
+        let space = config_space(8, &cfg);
+        assert_eq!(u32::from_le_bytes(space[12..16].try_into().unwrap()), 126);
     }
 }

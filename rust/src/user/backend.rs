@@ -601,6 +601,11 @@ impl BackendSession {
             }
             R::GetMaxMemSlots => u64_reply(h.get_max_mem_slots()?),
             R::SetLogBase { log, fd } => {
+                // The log is shared memory the back-end maps like guest memory: the same
+                // sealing policy (a shrunk log would SIGBUS the marking thread).
+                if self.state.sealed_memory_only {
+                    GuestRegion::check_shrink_sealed(fd.as_fd())?;
+                }
                 h.set_log_base(&log, fd)?;
                 u64_reply(0)
             }

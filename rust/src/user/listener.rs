@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::sys::scm::poll_readable;
 
+/// How long `bind` waits to learn whether a socket in its way is still served.
+const STALE_PROBE: Duration = Duration::from_secs(1);
+
 /// Size of `sockaddr_un.sun_path`, terminating NUL included.
 const SUN_PATH_MAX: usize = 108;
 
@@ -48,7 +51,10 @@ impl Listener {
                 ));
             }
             if replace_stale {
-                if UnixStream::connect(path).is_ok() {
+                // Bounded: a live server whose backlog is full makes a plain connect
+                // block; a connect that times out means someone is listening too.
+                let probe = crate::sys::socket::connect_unix(path, Some(STALE_PROBE));
+                if probe.is_ok() || probe.is_err_and(|e| e.errno == libc::ETIMEDOUT) {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
                         "another server is listening there",

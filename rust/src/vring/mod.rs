@@ -31,12 +31,14 @@
 mod chain;
 mod error;
 pub mod event;
+mod log;
 mod packed;
 mod queue;
 mod split;
 
 pub use chain::{DescriptorChain, Segment};
 pub use error::{Result, VringError};
+pub use log::{RingLog, UsedPosition};
 pub use packed::{PackedDevice, PackedDriver};
 pub use queue::DeviceQueue;
 pub use split::{SplitDevice, SplitDriver};

@@ -145,6 +145,12 @@ impl PackedDevice {
         self.r.size
     }
 
+    /// Guest-physical addresses of the descriptor ring and of the device event area: the
+    /// two places the device writes (dirty logging marks them).
+    pub(crate) fn written_areas(&self) -> (u64, u64) {
+        (self.r.desc, self.r.device_event)
+    }
+
     /// Next slot to pop and the driver wrap counter expected there (GET_VRING_BASE).
     pub fn next_avail(&self) -> (u16, bool) {
         (self.next_avail, self.avail_wrap)

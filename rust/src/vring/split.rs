@@ -109,6 +109,10 @@ impl SplitDevice {
         self.a.size
     }
 
+    pub(crate) fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
     /// The next avail index to process (GET_VRING_BASE).
     pub fn next_avail(&self) -> u16 {
         self.next_avail
