@@ -68,12 +68,9 @@ SLOT_SETS = (
 """Two sets of slot indices (units of :data:`SLOT_BYTES`) spread over the disk, used by
 odd and even iterations in turn; slot 0 holds the stop mark."""
 MAX_ITERATIONS = 400
-MAX_SECTORS_KB = 256
 IDLE_S = 1
 """Seconds each iteration idles after its read-back: time in which a switch-over leaves
 pages the source's back-end filled for the destination to check."""
-"""The guest's largest request (``/sys/block/vda/queue/max_sectors_kb``): 64 pages, a
-descriptor chain that fits QEMU's default 128-entry ring (see the workload)."""
 PRE_ITERATIONS = 2
 """Iterations the source finishes before the migration starts (the workload is running)."""
 MIN_DEST_LINES = 3
@@ -128,10 +125,6 @@ done
 # Hold the disk open: the kernel drops a block device's page cache when its last opener
 # closes it, and the cached checks below need the cache to outlive each dd.
 exec 3</dev/vda
-# Requests of at most 64 pages: a chain that fits QEMU's default 128-entry ring. `serve blk`
-# offers seg_max 254 whatever the ring's size, and a 1 MiB request then never completes on
-# it (native: O_DIRECT writes; --python: reads), a daemon bug of its own, not this test's.
-echo {MAX_SECTORS_KB} >/sys/block/vda/queue/max_sectors_kb || summary setup-max_sectors_kb
 odd="{" ".join(map(str, SLOT_SETS[0]))}"
 even="{" ".join(map(str, SLOT_SETS[1]))}"
 # Region $2 ("offset size" in MiB) in generation $1: the expected bytes, never stored.
