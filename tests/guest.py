@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import re
 import shlex
@@ -233,28 +234,30 @@ class Guest:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 120.0) -> re.Match[str]:
-        """Wait until the console shows ``pattern`` (plain text or a regex); return the match.
+    def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float = 120.0, *, count: int = 1
+    ) -> re.Match[str]:
+        """Wait until the console shows ``pattern`` (plain text or a regex) ``count`` times;
+        return the last of those matches.
 
         Raises AssertionError with the console tail if QEMU exits first or time runs out.
         """
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
+        shown = f"{regex.pattern!r}" + (f" {count} times" if count != 1 else "")
         deadline = time.monotonic() + timeout
         while True:
-            found = regex.search(self.output)
-            if found:
-                return found
-            if not self.alive():
-                found = regex.search(self.output)
-                if found:
-                    return found
+            exited = not self.alive()  # read the console after: QEMU's last words count
+            found = list(itertools.islice(regex.finditer(self.output), count))
+            if len(found) == count:
+                return found[-1]
+            if exited:
                 raise AssertionError(
                     f"QEMU exited (status {self.proc.returncode}) before the console showed "
-                    f"{regex.pattern!r}\n  console tail:\n{_tail(self.output)}"
+                    f"{shown}\n  console tail:\n{_tail(self.output)}"
                 )
             if time.monotonic() >= deadline:
                 raise AssertionError(
-                    f"console did not show {regex.pattern!r} within {timeout:.0f}s\n"
+                    f"console did not show {shown} within {timeout:.0f}s\n"
                     f"  console tail:\n{_tail(self.output)}"
                 )
             time.sleep(0.05)
@@ -357,6 +360,36 @@ def vhost_user_blk_args(
     return ["-chardev", chardev, "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={queues}"]
 
 
+def boot_args(
+    *, initrd: Path, append: Sequence[str], memory_mb: int, smp: int, qmp_path: Path
+) -> list[str]:
+    """QEMU's command line for the guest kernel with ``initrd``, without any device: TCG,
+    RAM from a shared memfd, the serial console on stdout (:class:`Guest` sends it to a
+    file), QMP on ``qmp_path``. :func:`start_guest` adds its 9p shares; a migrating guest
+    (``tests/migration.py``) cannot have them and brings its own initramfs segment."""
+    return [
+        str(qemu_binary()),
+        "-accel",
+        "tcg",
+        *shared_memory_args(memory_mb),
+        "-smp",
+        str(smp),
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(guest_image().vmlinuz),
+        "-initrd",
+        str(initrd),
+        "-append",
+        " ".join(append),
+        "-qmp",
+        f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
+    ]
+
+
 def start_guest(
     script: str,
     *,
@@ -376,7 +409,6 @@ def start_guest(
     removed when the :class:`Guest` closes.
     """
     image = guest_image()
-    qemu = qemu_binary()
     cleanup: list[Path] = []
     if run_dir is None:
         RUNS_DIR.mkdir(parents=True, exist_ok=True)
@@ -411,29 +443,13 @@ def start_guest(
         *kernel_args,
     ]
     argv = [
-        str(qemu),
-        "-accel",
-        "tcg",
-        *shared_memory_args(memory_mb),
-        "-smp",
-        str(smp),
-        "-nographic",
-        "-nodefaults",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-kernel",
-        str(image.vmlinuz),
-        "-initrd",
-        str(image.initrd),
-        "-append",
-        " ".join(append),
+        *boot_args(
+            initrd=image.initrd, append=append, memory_mb=memory_mb, smp=smp, qmp_path=qmp_path
+        ),
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
         f"local,path={_qemu_escape(run_dir)},mount_tag=pvrun,security_model=none,multidevs=remap",
-        "-qmp",
-        f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
         *qemu_args,
     ]
     return Guest(argv, run_dir, console_path, qmp_path, cleanup)

@@ -253,14 +253,19 @@ def qemu_storage_daemon_blk(
     writable: bool = True,
     num_queues: int = 1,
     *,
+    locking: bool = True,
     timeout: float = START_TIMEOUT,
 ) -> Iterator[Peer]:
-    """qemu-storage-daemon exporting ``image_path`` as vhost-user-blk on ``socket_path``."""
+    """qemu-storage-daemon exporting ``image_path`` as vhost-user-blk on ``socket_path``.
+
+    ``locking=False`` (``locking=off``) lets a second daemon export the same image, as
+    the source and destination back-ends of a live migration must."""
     binary = find_binary("qemu-storage-daemon")
     argv = [
         str(binary),
         "--blockdev",
-        f"driver=file,node-name=f0,filename={_qemu_escape(image_path)}",
+        f"driver=file,node-name=f0,filename={_qemu_escape(image_path)}"
+        + ("" if locking else ",locking=off"),
         "--export",
         "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
         f"addr.path={_qemu_escape(socket_path)},writable={'on' if writable else 'off'},"
