@@ -64,12 +64,16 @@ demo: setup
 # qemu-storage-daemon, the pure-Python client, and the floor.c socketpair floor, all in
 # one run; then 4 KiB blk IOPS against qemu-storage-daemon, and descriptor-chain throughput
 # (Python API and the Rust example, each beside its memcpy floor); then, in the test guest,
-# vhost-net TX and vDPA blk reads beside tap write() and vhost-user. See benches/README.md.
+# vhost-net TX and vDPA blk reads beside tap write() and vhost-user; then dirty logging's
+# cost (off/on, beside qemu-storage-daemon) and QEMU live-migration times on serve blk
+# against qemu-storage-daemon. See benches/README.md.
 bench: setup
 	$(PY) benches/bench_roundtrip.py --n $(BENCH_N) --batches $(BENCH_BATCHES)
 	$(PY) benches/bench_blk.py --runs $(BENCH_RUNS)
 	$(PY) benches/bench_vring.py --runs $(BENCH_RUNS)
 	$(PY) benches/bench_kern.py
+	$(PY) benches/bench_dirty_log.py --runs 3
+	$(PY) benches/bench_migration.py --runs 3
 
 wheel: tools
 	$(MATURIN) build --release
