@@ -292,6 +292,7 @@ class Daemon:
 
     @property
     def running(self) -> bool:
+        """Whether the daemon is serving (or starting): its socket is in use until then."""
         return self._native.running
 
     @property
@@ -301,6 +302,7 @@ class Daemon:
 
     @property
     def sessions_ended(self) -> int:
+        """Front-end sessions over so far; one fewer than started while one is served."""
         return self._native.sessions_ended
 
     @property

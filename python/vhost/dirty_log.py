@@ -144,6 +144,7 @@ class DirtyLog:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` ran; every other call then raises ``ClosedError``."""
         return self._native.closed
 
     def close(self) -> None:

@@ -200,29 +200,19 @@ def run_blk(args: argparse.Namespace) -> int:
         "--force-share needs --readonly (a writer cannot share the image safely)",
     )
     device: Device | BlkDevice
+    # Both devices take the same arguments; only the data path differs.
+    device_class = PythonBlkDevice if args.python else BlkDevice
     try:
-        if args.python:
-            device = PythonBlkDevice(
-                args.image,
-                num_queues=args.queues,
-                queue_size=args.queue_size,
-                readonly=args.readonly,
-                serial=args.serial,
-                lock=not args.no_lock,
-                force_share=args.force_share,
-            )
-            sectors = device.capacity
-        else:
-            device = BlkDevice(
-                args.image,
-                num_queues=args.queues,
-                queue_size=args.queue_size,
-                readonly=args.readonly,
-                serial=args.serial,
-                lock=not args.no_lock,
-                force_share=args.force_share,
-            )
-            sectors = device.capacity
+        device = device_class(
+            args.image,
+            num_queues=args.queues,
+            queue_size=args.queue_size,
+            readonly=args.readonly,
+            serial=args.serial,
+            lock=not args.no_lock,
+            force_share=args.force_share,
+        )
+        sectors = device.capacity
     except OSError as exc:
         raise _image_failure(args, exc) from None
     kind = "python" if args.python else "native"
