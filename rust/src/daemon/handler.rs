@@ -22,6 +22,7 @@ use crate::user::{BackendHandler, Error, Result};
 use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
+use super::postcopy::Postcopy;
 use super::queue::{lock, spawn_worker, QueueSlot};
 
 /// Protocol features every daemon offers.
@@ -32,7 +33,8 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::STATUS
     | pf::CONFIGURE_MEM_SLOTS
     | pf::INFLIGHT_SHMFD
-    | pf::LOG_SHMFD;
+    | pf::LOG_SHMFD
+    | pf::PAGEFAULT;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -55,6 +57,8 @@ pub struct DaemonHandler {
     /// The dirty log the front-end handed over (SET_LOG_BASE); the queues write to it only
     /// while `VHOST_F_LOG_ALL` is acked.
     log: Option<Arc<DirtyLog>>,
+    /// The userfaultfd and its registrations, from POSTCOPY_ADVISE to POSTCOPY_END.
+    postcopy: Option<Postcopy>,
     hint: Option<&'static str>,
 }
 
@@ -99,6 +103,7 @@ impl DaemonHandler {
             status: 0,
             inflight: None,
             log: None,
+            postcopy: None,
             hint: None,
             device,
         };
@@ -191,6 +196,9 @@ impl DaemonHandler {
 
 impl Drop for DaemonHandler {
     fn drop(&mut self) {
+        // First wake any worker asleep on a page fault the front-end will now never
+        // resolve, or joining it would wait forever.
+        self.postcopy = None;
         self.stop_workers();
         for s in &self.slots {
             let mut st = lock(&s.state);
@@ -255,11 +263,18 @@ impl BackendHandler for DaemonHandler {
     }
 
     fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
+        // Registered before any worker can reach the new mappings.
+        if let Some(p) = self.postcopy.as_mut() {
+            p.track(mem, "SET_MEM_TABLE")?;
+        }
         self.set_memory(mem);
         Ok(())
     }
 
     fn add_mem_region(&mut self, mem: &GuestMemory, _region: &RegionInfo) -> Result<()> {
+        if let Some(p) = self.postcopy.as_mut() {
+            p.track(mem, "ADD_MEM_REG")?;
+        }
         self.set_memory(mem);
         Ok(())
     }
@@ -409,5 +424,34 @@ impl BackendHandler for DaemonHandler {
 
     fn get_status(&mut self) -> Result<u8> {
         Ok(self.status)
+    }
+
+    fn postcopy_advise(&mut self) -> Result<OwnedFd> {
+        if self.postcopy.is_some() {
+            return Err(Error::InvalidParam(
+                "POSTCOPY_ADVISE: postcopy was already advised (no POSTCOPY_END since)".into(),
+            ));
+        }
+        let (state, theirs) = Postcopy::advise()?;
+        self.postcopy = Some(state);
+        Ok(theirs)
+    }
+
+    fn postcopy_listen(&mut self) -> Result<()> {
+        let mem = self.mem.clone();
+        self.postcopy
+            .as_mut()
+            .ok_or_else(|| Error::InvalidParam("POSTCOPY_LISTEN before POSTCOPY_ADVISE".into()))?
+            .listen(&mem)
+    }
+
+    fn postcopy_end(&mut self) -> Result<()> {
+        let mut state = self
+            .postcopy
+            .take()
+            .ok_or_else(|| Error::InvalidParam("POSTCOPY_END without POSTCOPY_ADVISE".into()))?;
+        state
+            .unregister_all()
+            .map_err(|e| Error::Handler(format!("POSTCOPY_END: unregister guest memory: {e}")))
     }
 }

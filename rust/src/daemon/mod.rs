@@ -20,6 +20,7 @@ mod device;
 mod events;
 mod handler;
 mod inflight;
+mod postcopy;
 mod queue;
 mod server;
 #[cfg(test)]

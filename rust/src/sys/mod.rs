@@ -14,6 +14,7 @@ pub mod mmap;
 pub mod poll;
 pub mod scm;
 pub mod socket;
+pub mod userfaultfd;
 
 pub use eventfd::EventFd;
 pub use memfd::{dup_cloexec, file_size, memfd_create};
