@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pytest
 
 import test_daemon_dirty_log
 from daemon_util import ServeProc, wait_for
-from vhost import EventFd, GuestMemory, ProtocolFeature
+from vhost import EventFd, GuestMemory, MemoryRegion, ProtocolFeature
 from vhost.devices.blk import BlkDriver
 from vhost.errors import RequestRefusedError, VhostError
 from vhost.postcopy import PAGE_SIZE, FaultResolver, PostcopyRegion
@@ -204,6 +205,32 @@ def test_postcopy_end_unregisters_and_out_of_order_requests_are_refused(
         rig.close()
     assert wait_for(lambda: uffd_fds(serve.pid) == 0, timeout=10.0), serve.fd_targets()
     assert wait_for(lambda: "POSTCOPY_ADVISE: postcopy was already advised" in serve.stderr())
+
+
+def test_memory_that_cannot_be_registered_is_refused_by_name(serve: ServeProc) -> None:
+    """Guest memory in a file on a disk filesystem (not shared memory) cannot be
+    registered in missing mode: POSTCOPY_LISTEN is refused (a NACK, the session goes on)
+    and the daemon says which memory and why; nothing stays registered, and END then
+    closes the userfaultfd."""
+    fe = Frontend.connect(serve.socket_path)
+    # The checkout's filesystem, not tmpfs (files under /tmp may be shared memory).
+    with tempfile.TemporaryFile(dir=Path(__file__).parent) as disk_file:
+        disk_file.truncate(MEMORY)
+        try:
+            fe.negotiate(event_idx=False)
+            fe.set_mem_table([MemoryRegion(0, MEMORY, 0x7F00_0000_0000, 0, disk_file.fileno())])
+            uffd = fe.postcopy_advise()
+            with pytest.raises(RequestRefusedError, match="POSTCOPY_LISTEN"):
+                fe.postcopy_listen()
+            fe.postcopy_end()
+            assert uffd_fds(serve.pid) == 0
+            uffd.close()
+        finally:
+            fe.close()
+    # The session's end reports what it refused, with the reason.
+    why = "register guest memory 0x0..0x100000 with the userfaultfd"
+    assert wait_for(lambda: why in serve.stderr()), serve.stderr()
+    assert "postcopy needs shared memory" in serve.stderr()
 
 
 def test_add_mem_reg_in_postcopy_answers_with_the_daemon_base(serve: ServeProc) -> None:

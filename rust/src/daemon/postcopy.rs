@@ -57,7 +57,10 @@ impl Postcopy {
             ));
         }
         self.listening = true;
-        self.track(mem, "POSTCOPY_LISTEN")
+        // All or nothing: a refused LISTEN leaves nothing registered and postcopy advised.
+        self.track(mem, "POSTCOPY_LISTEN").inspect_err(|_| {
+            let _ = self.unregister_all();
+        })
     }
 
     /// Registers the regions of `mem` not registered yet (while listening); `request`
