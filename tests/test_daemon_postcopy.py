@@ -272,24 +272,33 @@ KILLED_FRONTEND = textwrap.dedent(
     rig = PostcopyRig({sock!r})
     rig.submit_write(32, MISSING, 4096)
     fault = rig.resolver.next_fault(timeout=10.0)
+    if {pending!r} and fault is not None:
+        # GET_VRING_BASE (11): the daemon needs the queue, whose worker sleeps on the fault.
+        rig.fe.native.send_raw(11, 1, bytes(8))
     print("faulted" if fault is not None else "no fault", flush=True)
     sys.stdin.read()
     """
 )
 
 
-def test_a_front_end_killed_mid_postcopy_leaves_nothing_blocked(serve: ServeProc) -> None:
+@pytest.mark.parametrize("pending", [False, True], ids=["idle", "get-vring-base-pending"])
+def test_a_front_end_killed_mid_postcopy_leaves_nothing_blocked(
+    serve: ServeProc, pending: bool
+) -> None:
     """A front-end is SIGKILLed while the daemon's worker waits on a page it will never
-    send. The daemon notices the closed session and unregisters its memory before it stops
-    the workers, which wakes the worker (it gets a zero page: the request's data never
-    came, and the daemon writes what the memory holds). The session ends, the daemon holds
-    no userfaultfd and no more fds than before, and the next front-end is served."""
+    send: with the session idle, or with a GET_VRING_BASE the session thread cannot answer
+    before the worker's batch ends. The daemon sees the hang-up and unregisters its memory,
+    which wakes the worker (it gets a zero page: the request's data never came, and the
+    daemon writes what the memory holds). The session ends, the daemon holds no
+    userfaultfd and no more fds than before, and the next front-end is served."""
     baseline = serve.idle_fds()
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            KILLED_FRONTEND.format(tests=str(Path(__file__).parent), sock=str(serve.socket_path)),
+            KILLED_FRONTEND.format(
+                tests=str(Path(__file__).parent), sock=str(serve.socket_path), pending=pending
+            ),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -59,6 +59,8 @@ pub struct DaemonHandler {
     log: Option<Arc<DirtyLog>>,
     /// The userfaultfd and its registrations, from POSTCOPY_ADVISE to POSTCOPY_END.
     postcopy: Option<Postcopy>,
+    /// The session's socket, watched during postcopy for the front-end hanging up.
+    peer: Option<OwnedFd>,
     hint: Option<&'static str>,
 }
 
@@ -104,6 +106,7 @@ impl DaemonHandler {
             inflight: None,
             log: None,
             postcopy: None,
+            peer: None,
             hint: None,
             device,
         };
@@ -115,6 +118,13 @@ impl DaemonHandler {
             handler.slots.push(slot);
         }
         Ok(handler)
+    }
+
+    /// Gives the handler a handle on its session's socket, so that postcopy can wake
+    /// workers asleep on a fault as soon as the front-end hangs up (see
+    /// `daemon::postcopy`), even while the session thread waits for such a worker.
+    pub fn watch_peer(&mut self, sock: OwnedFd) {
+        self.peer = Some(sock);
     }
 
     /// Live counters of the descriptor chains completed, per queue.
@@ -432,7 +442,13 @@ impl BackendHandler for DaemonHandler {
                 "POSTCOPY_ADVISE: postcopy was already advised (no POSTCOPY_END since)".into(),
             ));
         }
-        let (state, theirs) = Postcopy::advise()?;
+        let peer = match &self.peer {
+            Some(sock) => Some(sock.try_clone().map_err(|e| {
+                Error::Handler(format!("POSTCOPY_ADVISE: dup the session socket: {e}"))
+            })?),
+            None => None,
+        };
+        let (state, theirs) = Postcopy::advise(peer)?;
         self.postcopy = Some(state);
         Ok(theirs)
     }
@@ -446,12 +462,12 @@ impl BackendHandler for DaemonHandler {
     }
 
     fn postcopy_end(&mut self) -> Result<()> {
-        let mut state = self
+        let state = self
             .postcopy
             .take()
             .ok_or_else(|| Error::InvalidParam("POSTCOPY_END without POSTCOPY_ADVISE".into()))?;
         state
-            .unregister_all()
+            .end()
             .map_err(|e| Error::Handler(format!("POSTCOPY_END: unregister guest memory: {e}")))
     }
 }
