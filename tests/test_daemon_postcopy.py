@@ -30,7 +30,7 @@ import pytest
 
 import test_daemon_dirty_log
 from daemon_util import ServeProc, wait_for
-from vhost import EventFd, GuestMemory, MemoryRegion, ProtocolFeature
+from vhost import EventFd, FrontendRequest, GuestMemory, MemoryRegion, ProtocolFeature
 from vhost.devices.blk import BlkDriver
 from vhost.errors import RequestRefusedError, VhostError
 from vhost.postcopy import PAGE_SIZE, FaultResolver, PostcopyRegion
@@ -259,9 +259,41 @@ def test_add_mem_reg_in_postcopy_answers_with_the_daemon_base(serve: ServeProc) 
         assert rig.resolver.copy(gpa + PAGE_SIZE, page)
         assert rig.complete(head) == 0
         assert image_of(serve).read_bytes()[24 * SECTOR : 24 * SECTOR + PAGE_SIZE] == page
+        # Removing a region, QEMU acks the batch with an 8-byte REM_MEM_REG: consumed too
+        # (a malformed REM_MEM_REG would close the connection).
+        rig.fe.remove_mem_region(new)
+        assert [r.guest_phys_addr for r in rig.fe.postcopy_regions()] == [0]
+        rig.fe.native.send_raw(int(FrontendRequest.REM_MEM_REG), 1, struct.pack("<Q", 0))
+        assert rig.fe.get_features()
         rig.fe.postcopy_end()
     finally:
         rig.close()
+
+
+def test_a_non_zero_region_ack_closes_the_session(serve: ServeProc) -> None:
+    """QEMU's ack of a postcopy ADD_MEM_REG batch is a u64 0; any other value is a broken
+    peer: the session closes (the daemon names it) instead of taking it for a request."""
+    rig = PostcopyRig(serve.socket_path, hot=(0x1000_0000, 16 * PAGE_SIZE))
+    try:
+        new = regions_of(rig.ram)[1]
+        body = struct.pack(
+            "<QQQQQ", 0, new.guest_phys_addr, new.memory_size, new.userspace_addr, 0
+        )
+        add = int(FrontendRequest.ADD_MEM_REG)
+        reply = rig.fe.native.send_raw(add, 1, body, [new.fd], expect_reply=True)
+        assert reply is not None
+        code, _flags, answer, fds = reply
+        assert (code, len(answer), fds) == (add, 40, [])
+        assert struct.unpack_from("<Q", answer, 8)[0] == new.guest_phys_addr
+        daemon_base = struct.unpack_from("<Q", answer, 24)[0]
+        assert daemon_base != 0 and daemon_base % PAGE_SIZE == 0
+        rig.fe.native.send_raw(add, 1, struct.pack("<Q", 1))
+        with pytest.raises(VhostError):
+            rig.fe.get_features()
+    finally:
+        rig.close()
+    why = "the front-end's postcopy memory-region ack is not 0"
+    assert wait_for(lambda: why in serve.stderr()), serve.stderr()
 
 
 KILLED_FRONTEND = textwrap.dedent(

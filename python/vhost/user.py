@@ -10,7 +10,9 @@
   (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
 - Live migration: :meth:`Frontend.start_dirty_log` makes any back-end with ``LOG_SHMFD``
   and ``VHOST_F_LOG_ALL`` record its writes to guest memory in a :class:`vhost.DirtyLog`,
-  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`.
+  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`. Postcopy:
+  :meth:`Frontend.postcopy_advise` returns a back-end's userfaultfd, and
+  :class:`vhost.postcopy.FaultResolver` resolves the back-end's page faults on it.
 """
 
 from __future__ import annotations
