@@ -276,9 +276,7 @@ def test_a_non_zero_region_ack_closes_the_session(serve: ServeProc) -> None:
     rig = PostcopyRig(serve.socket_path, hot=(0x1000_0000, 16 * PAGE_SIZE))
     try:
         new = regions_of(rig.ram)[1]
-        body = struct.pack(
-            "<QQQQQ", 0, new.guest_phys_addr, new.memory_size, new.userspace_addr, 0
-        )
+        body = struct.pack("<QQQQQ", 0, new.guest_phys_addr, new.memory_size, new.userspace_addr, 0)
         add = int(FrontendRequest.ADD_MEM_REG)
         reply = rig.fe.native.send_raw(add, 1, body, [new.fd], expect_reply=True)
         assert reply is not None
@@ -360,3 +358,40 @@ def test_a_front_end_killed_mid_postcopy_leaves_nothing_blocked(
         assert driver.read(40 * SECTOR, PAGE_SIZE) == data
     assert image.read_bytes()[40 * SECTOR : 40 * SECTOR + PAGE_SIZE] == data
     assert serve.settle_fds(baseline, timeout=10.0) == baseline, serve.fd_targets()
+
+
+def test_sigterm_stops_serve_blk_while_a_worker_waits_on_a_fault(tmp_sock_dir: Path) -> None:
+    """SIGTERM while the front-end is alive, a worker sleeps on a fault and the session
+    thread waits for that worker (a GET_VRING_BASE pending): ``serve blk`` still stops
+    promptly with status 0 (the stop tears postcopy down, which wakes the worker), and
+    the front-end sees its connection close."""
+    image = tmp_sock_dir / "disk.img"
+    image.write_bytes(bytes(MEMORY))
+    serve = ServeProc(
+        ["blk", "--image", str(image)], tmp_sock_dir / "blk.sock", tmp_sock_dir / "s.log"
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_FRONTEND.format(
+                tests=str(Path(__file__).parent), sock=str(serve.socket_path), pending=True
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == b"faulted\n", (line, child.stderr.read() if child.stderr else b"")
+        assert serve.terminate(signal.SIGTERM, timeout=10.0) == 0, serve.stderr()
+        assert uffd_fds(child.pid) > 0, "the front-end still holds its handles"
+    finally:
+        child.kill()
+        child.wait(10)
+        for f in (child.stdin, child.stdout, child.stderr):
+            if f is not None:
+                f.close()
+        serve.close()

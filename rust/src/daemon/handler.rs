@@ -59,8 +59,8 @@ pub struct DaemonHandler {
     log: Option<Arc<DirtyLog>>,
     /// The userfaultfd and its registrations, from POSTCOPY_ADVISE to POSTCOPY_END.
     postcopy: Option<Postcopy>,
-    /// The session's socket, watched during postcopy for the front-end hanging up.
-    peer: Option<OwnedFd>,
+    /// The session's socket and the daemon's stop latch, watched during postcopy.
+    peer: Option<(OwnedFd, Arc<EventFd>)>,
     hint: Option<&'static str>,
 }
 
@@ -120,11 +120,12 @@ impl DaemonHandler {
         Ok(handler)
     }
 
-    /// Gives the handler a handle on its session's socket, so that postcopy can wake
-    /// workers asleep on a fault as soon as the front-end hangs up (see
-    /// `daemon::postcopy`), even while the session thread waits for such a worker.
-    pub fn watch_peer(&mut self, sock: OwnedFd) {
-        self.peer = Some(sock);
+    /// Gives the handler a handle on its session's socket and the daemon's stop latch,
+    /// so that postcopy can wake workers asleep on a fault as soon as the front-end hangs
+    /// up or the daemon is stopped (see `daemon::postcopy`), even while the session thread
+    /// waits for such a worker.
+    pub fn watch_peer(&mut self, sock: OwnedFd, stop: Arc<EventFd>) {
+        self.peer = Some((sock, stop));
     }
 
     /// Live counters of the descriptor chains completed, per queue.
@@ -443,9 +444,12 @@ impl BackendHandler for DaemonHandler {
             ));
         }
         let peer = match &self.peer {
-            Some(sock) => Some(sock.try_clone().map_err(|e| {
-                Error::Handler(format!("POSTCOPY_ADVISE: dup the session socket: {e}"))
-            })?),
+            Some((sock, stop)) => Some((
+                sock.try_clone().map_err(|e| {
+                    Error::Handler(format!("POSTCOPY_ADVISE: dup the session socket: {e}"))
+                })?,
+                stop.clone(),
+            )),
             None => None,
         };
         let (state, theirs) = Postcopy::advise(peer)?;

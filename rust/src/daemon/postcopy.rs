@@ -16,11 +16,12 @@
 //! front-end's own handle, gone with a dead front-end, is not what wakes them: ours keeps
 //! the object alive. So:
 //! - the daemon tears postcopy down before it stops its workers when a session ends;
-//! - a guard thread watches the front-end's socket from POSTCOPY_ADVISE on and tears
-//!   postcopy down as soon as the front-end hangs up. The session thread alone would not
-//!   always see it: a control request that needs a queue (GET_VRING_BASE, a new memory
-//!   table) waits for that queue's batch in progress, and a batch asleep on a fault only
-//!   ends when the fault does.
+//! - a guard thread watches the front-end's socket and the daemon's stop latch from
+//!   POSTCOPY_ADVISE on, and tears postcopy down as soon as the front-end hangs up or
+//!   the daemon is stopped. The session thread alone would not always see either: a
+//!   control request that needs a queue (GET_VRING_BASE, a new memory table) waits for
+//!   that queue's batch in progress, and a batch asleep on a fault only ends when the
+//!   fault does.
 //!
 //! While the front-end lives, a fault waits as long as the front-end takes to resolve it
 //! (QEMU resolves faults on a thread of their own); there is no timeout, since any
@@ -69,7 +70,8 @@ fn lock(m: &Mutex<Registrations>) -> MutexGuard<'_, Registrations> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Tears postcopy down when the front-end's socket hangs up (see the module docs).
+/// Tears postcopy down when the front-end's socket hangs up or the daemon's stop latch
+/// is set (see the module docs).
 #[derive(Debug)]
 struct Guard {
     stop: Arc<EventFd>,
@@ -77,7 +79,11 @@ struct Guard {
 }
 
 impl Guard {
-    fn spawn(peer: OwnedFd, state: Arc<Mutex<Registrations>>) -> std::io::Result<Self> {
+    fn spawn(
+        peer: OwnedFd,
+        daemon_stop: Arc<EventFd>,
+        state: Arc<Mutex<Registrations>>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(EventFd::new(true)?);
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -91,6 +97,11 @@ impl Guard {
                     },
                     libc::pollfd {
                         fd: stop2.as_fd().as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: daemon_stop.as_fd().as_raw_fd(),
                         events: libc::POLLIN,
                         revents: 0,
                     },
@@ -131,8 +142,9 @@ pub(crate) struct Postcopy {
 
 impl Postcopy {
     /// POSTCOPY_ADVISE: a userfaultfd for shared memory, and the handle for the front-end.
-    /// `peer` (a handle on the session's socket) is watched for a hang-up, if given.
-    pub(crate) fn advise(peer: Option<OwnedFd>) -> Result<(Self, OwnedFd)> {
+    /// `peer` (a handle on the session's socket, and the daemon's stop latch) is watched
+    /// for a hang-up or a stop, if given.
+    pub(crate) fn advise(peer: Option<(OwnedFd, Arc<EventFd>)>) -> Result<(Self, OwnedFd)> {
         let uffd = Userfaultfd::new(UFFD_FEATURE_MISSING_SHMEM)
             .map_err(|e| Error::Handler(format!("POSTCOPY_ADVISE: {e}")))?;
         let theirs = uffd
@@ -145,7 +157,7 @@ impl Postcopy {
             registered: Vec::new(),
         }));
         let guard = peer
-            .map(|fd| Guard::spawn(fd, state.clone()))
+            .map(|(fd, stop)| Guard::spawn(fd, stop, state.clone()))
             .transpose()
             .map_err(|e| Error::Handler(format!("POSTCOPY_ADVISE: start the guard thread: {e}")))?;
         Ok((Postcopy { state, guard }, theirs))

@@ -231,7 +231,7 @@ impl Daemon {
         let mut session_io = BackendSession::new(stream);
         session_io.require_sealed_memory(self.sealed_memory_only);
         if let Ok(sock) = session_io.socket().try_clone() {
-            handler.watch_peer(sock.into());
+            handler.watch_peer(sock.into(), self.stop.clone());
         }
         let outcome = loop {
             match poll_many(&[session_io.socket().as_fd(), self.stop.as_fd()], -1) {
