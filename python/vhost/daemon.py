@@ -42,18 +42,20 @@ the holder named.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from types import FrameType, TracebackType
+from types import FrameType, MappingProxyType, TracebackType
 from typing import ClassVar, Self
 
 from . import _core
-from .errors import NotSupportedError
+from .codes import MAX_SHMEM_REGIONS
+from .errors import InvalidParamError, NotSupportedError
 
 __all__ = [
     "Batch",
@@ -164,6 +166,13 @@ class Device(ABC):
     device_type: ClassVar[int]
     #: Device-specific feature bits (the daemon adds VERSION_1, EVENT_IDX, ...).
     features: int = 0
+    #: vhost-user protocol features (:class:`vhost.codes.ProtocolFeature` masks) offered
+    #: besides the daemon's own (MQ, REPLY_ACK, CONFIG, ...).
+    protocol_features: int = 0
+    #: VIRTIO Shared Memory Regions, shared memory id (0-255) to size in bytes (a
+    #: positive multiple of the page size). Declaring any makes the daemon offer
+    #: ``ProtocolFeature.SHMEM`` and answer ``GET_SHMEM_CONFIG`` with these sizes.
+    shmem_regions: Mapping[int, int] = MappingProxyType({})
     num_queues: int = 1
     max_queue_size: int = 256
 
@@ -177,6 +186,18 @@ class Device(ABC):
 
     def reset(self) -> None:
         """The front-end reset the device or went away; drop per-session state."""
+        return None
+
+    def set_acked_features(self, features: int) -> None:
+        """The front-end acked these virtio features (``SET_FEATURES``): device bits and
+        transport bits such as ``VirtioFeature.RING_EVENT_IDX``. The device should use
+        only what was acked. An exception is reported through :func:`sys.unraisablehook`."""
+        return None
+
+    def set_acked_protocol_features(self, protocol_features: int) -> None:
+        """The front-end acked these protocol features (``SET_PROTOCOL_FEATURES``): the
+        daemon's own and :attr:`protocol_features`. An exception is reported through
+        :func:`sys.unraisablehook`."""
         return None
 
     @abstractmethod
@@ -220,6 +241,8 @@ class Daemon:
         self.device = device
         self.path = os.fspath(path)
         self.client = client
+        if isinstance(device, Device):
+            _check_shmem_regions(device)
         self._native = _core.Daemon(
             device,
             stall_timeout=stall_timeout,
@@ -333,6 +356,19 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.path!r} device={self.device!r} running={self.running}>"
+
+
+def _check_shmem_regions(device: Device) -> None:
+    """Refuses a declaration the protocol cannot carry, naming the device and the region."""
+    for shmid, size in device.shmem_regions.items():
+        where = f"{type(device).__name__}.shmem_regions[{shmid!r}]"
+        if not isinstance(shmid, int) or not 0 <= shmid < MAX_SHMEM_REGIONS:
+            raise InvalidParamError(f"{where}: a shared memory id is 0 to 255")
+        if not isinstance(size, int) or size <= 0 or size >= 1 << 64 or size % mmap.PAGESIZE:
+            raise InvalidParamError(
+                f"{where}: size {size!r} is not a positive multiple of the page size "
+                f"({mmap.PAGESIZE}) below 2**64"
+            )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -19,15 +19,16 @@ import logging
 import os
 import threading
 import uuid as _uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Self, cast
 
 from . import _core
 from .backend import EventFdLike, VhostBackend
-from .codes import ProtocolFeature
+from .codes import MAX_SHMEM_REGIONS, ProtocolFeature
 from .dirty_log import DirtyLog
 from .errors import (
     ClosedError,
@@ -50,6 +51,7 @@ __all__ = [
     "FrontendRequestHandler",
     "InflightInfo",
     "Listener",
+    "ShmemConfig",
 ]
 
 log = logging.getLogger("vhost.user")
@@ -130,6 +132,32 @@ class InflightInfo:
             f"InflightInfo(mmap_size={self.mmap_size:#x}, mmap_offset={self.mmap_offset:#x}, "
             f"num_queues={self.num_queues}, queue_size={self.queue_size}, fd={self.fd!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ShmemConfig:
+    """A device's VIRTIO Shared Memory Regions (``GET_SHMEM_CONFIG``).
+
+    ``regions`` maps each shared memory id in use (0-255) to its size in bytes; a VMM
+    exposes a region of that size to the guest for each, and the back-end maps files
+    into them with ``SHMEM_MAP``. Ids the device does not use are absent (the protocol
+    sends them as size 0). Built from a plain dict, kept read-only.
+    """
+
+    regions: Mapping[int, int]
+
+    def __post_init__(self) -> None:
+        for shmid, size in self.regions.items():
+            if not 0 <= shmid < MAX_SHMEM_REGIONS:
+                raise InvalidParamError(f"shared memory id {shmid} is not in 0..255")
+            if not 0 < size < 1 << 64:
+                raise InvalidParamError(
+                    f"shared memory region {shmid}: size {size} is not a u64 above 0"
+                )
+        object.__setattr__(self, "regions", MappingProxyType(dict(sorted(self.regions.items()))))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.regions.items()))
 
 
 class _ClosedConnection:
@@ -599,6 +627,14 @@ class Frontend(VhostBackend):
     ) -> _core.FileDescriptor | None:
         return self._native.set_device_state_fd(int(direction), int(phase), fd)
 
+    def get_shmem_config(self) -> ShmemConfig:
+        """``GET_SHMEM_CONFIG`` (needs ``ProtocolFeature.SHMEM`` negotiated, else
+        :class:`~vhost.errors.InactiveFeatureError` before anything is sent): the sizes of
+        the back-end's VIRTIO Shared Memory Regions. A malformed reply (wrong size, a count
+        that is not the number of non-zero sizes) raises
+        :class:`~vhost.errors.ProtocolError` and closes the connection."""
+        return ShmemConfig(dict(self._native.get_shmem_config()))
+
     def check_device_state(self) -> None:
         self._native.check_device_state()
 
@@ -774,6 +810,12 @@ class BackendHandler:
 
     def get_shared_object(self, uuid: bytes) -> FdLike:
         raise _refuse("GET_SHARED_OBJECT")
+
+    def get_shmem_config(self) -> Mapping[int, int]:
+        """The device's VIRTIO Shared Memory Regions, shared memory id (0-255) to size in
+        bytes (``ShmemConfig.regions`` fits). Asked only once ``SHMEM`` is negotiated, so
+        offer it in :meth:`get_protocol_features` too. Refused by default."""
+        raise _refuse("GET_SHMEM_CONFIG")
 
     def set_device_state_fd(
         self, direction: int, phase: int, fd: _core.FileDescriptor

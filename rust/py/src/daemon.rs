@@ -21,6 +21,7 @@ use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
+use crate::handler::shmem_pairs;
 use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -362,6 +363,8 @@ struct PythonDevice {
     num_queues: u16,
     max_queue_size: u16,
     features: u64,
+    protocol_features: u64,
+    shmem_regions: Vec<(u8, u64)>,
 }
 
 impl PythonDevice {
@@ -371,8 +374,19 @@ impl PythonDevice {
             num_queues: obj.getattr("num_queues")?.extract()?,
             max_queue_size: obj.getattr("max_queue_size")?.extract()?,
             features: obj.getattr("features")?.extract()?,
+            protocol_features: obj.getattr("protocol_features")?.extract()?,
+            shmem_regions: shmem_pairs(&obj.getattr("shmem_regions")?)?,
             obj: obj.clone().unbind(),
         })
+    }
+
+    /// Calls a hook that only tells the device something; an exception is reported.
+    fn notify(&self, hook: &str, value: u64) {
+        Python::attach(|py| {
+            if let Err(e) = self.obj.call_method1(py, hook, (value,)) {
+                Self::failed(py, &self.obj, e);
+            }
+        });
     }
 
     /// Reports a Python exception the way an unhandled one in a thread would be.
@@ -398,6 +412,22 @@ impl VirtioDevice for PythonDevice {
 
     fn features(&self) -> u64 {
         self.features
+    }
+
+    fn protocol_features(&self) -> u64 {
+        self.protocol_features
+    }
+
+    fn shmem_regions(&self) -> Vec<(u8, u64)> {
+        self.shmem_regions.clone()
+    }
+
+    fn set_acked_features(&self, features: u64) {
+        self.notify("set_acked_features", features);
+    }
+
+    fn set_acked_protocol_features(&self, features: u64) {
+        self.notify("set_acked_protocol_features", features);
     }
 
     fn config(&self) -> Vec<u8> {

@@ -406,6 +406,11 @@ impl PyFrontend {
         Ok(ours.map(FileDescriptor::new))
     }
 
+    /// `(shmid, size)` of each shared memory region, by shmid.
+    fn get_shmem_config(&self, py: Python<'_>) -> PyResult<Vec<(u8, u64)>> {
+        self.call(py, |f| f.get_shmem_config().map(|c| c.regions()))
+    }
+
     fn check_device_state(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |f| f.check_device_state())
     }

@@ -58,6 +58,17 @@ pub trait VirtioDevice: Send + Sync {
     fn protocol_features(&self) -> u64 {
         0
     }
+    /// The front-end acked these protocol features (`SET_PROTOCOL_FEATURES`): what the
+    /// device may now use, e.g. the back-end channel only once `BACKEND_REQ` is acked.
+    fn set_acked_protocol_features(&self, features: u64) {
+        let _ = features;
+    }
+    /// The device's VIRTIO Shared Memory Regions as `(shmid, size in bytes)`, each id
+    /// once. Declaring any makes the daemon offer `SHMEM` and answer `GET_SHMEM_CONFIG`
+    /// (the front-end then sizes the regions it exposes to the guest); none by default.
+    fn shmem_regions(&self) -> Vec<(u8, u64)> {
+        Vec::new()
+    }
     /// The whole device configuration space.
     fn config(&self) -> Vec<u8>;
     fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {

@@ -16,7 +16,7 @@ use crate::sys::EventFd;
 use crate::user::codes::{
     protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
 };
-use crate::user::payload::{InflightDesc, LogDesc};
+use crate::user::payload::{InflightDesc, LogDesc, ShmemConfig};
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
@@ -34,8 +34,10 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::INFLIGHT_SHMFD
     | pf::LOG_SHMFD;
 
-/// Memory slots offered with CONFIGURE_MEM_SLOTS.
-pub const MAX_MEM_SLOTS: u64 = 32;
+/// Memory slots offered with CONFIGURE_MEM_SLOTS: rust-vmm's vhost-user-backend offers
+/// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
+/// sized for it is served; ADD_MEM_REG beyond it is refused (ADVERSARIAL C6).
+pub const MAX_MEM_SLOTS: u64 = 509;
 
 /// Status bit of a driver that has given up on the device; the virtio status byte is
 /// otherwise the front-end's business.
@@ -241,12 +243,22 @@ impl BackendHandler for DaemonHandler {
         if self.device.config().is_empty() {
             offered &= !pf::CONFIG;
         }
+        // SHMEM (GET_SHMEM_CONFIG) only for a device that has shared memory regions.
+        if !self.device.shmem_regions().is_empty() {
+            offered |= pf::SHMEM;
+        }
         Ok(offered)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         self.acked_protocol = features;
+        self.device.set_acked_protocol_features(features);
         Ok(())
+    }
+
+    fn get_shmem_config(&mut self) -> Result<ShmemConfig> {
+        ShmemConfig::from_regions(&self.device.shmem_regions())
+            .map_err(|e| Error::Handler(format!("GET_SHMEM_CONFIG: {e}")))
     }
 
     fn reset_owner(&mut self) -> Result<()> {
