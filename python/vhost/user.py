@@ -272,9 +272,11 @@ class Frontend(VhostBackend):
         self._native.reset_owner()
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
-        """``SET_MEM_TABLE``. While dirty logging is on, memory the log does not cover is
-        refused before it is sent (hand over a larger log with :meth:`start_dirty_log`
-        first, as QEMU resizes its log)."""
+        """``SET_MEM_TABLE``: 1 to :data:`~vhost.codes.MAX_MEM_TABLE_REGIONS` (32) regions,
+        as rust-vmm accepts (QEMU sends at most 8; more regions, up to the back-end's
+        :meth:`get_max_mem_slots`, go one by one with :meth:`add_mem_region`). While dirty
+        logging is on, memory the log does not cover is refused before it is sent (hand
+        over a larger log with :meth:`start_dirty_log` first, as QEMU resizes its log)."""
         ends = {r.guest_phys_addr: r.guest_phys_addr + r.memory_size for r in regions}
         self._check_log_covers(max(ends.values(), default=0), "SET_MEM_TABLE")
         self._native.set_mem_table([_region_tuple(r) for r in regions])
@@ -581,6 +583,9 @@ class Frontend(VhostBackend):
         )
 
     def get_max_mem_slots(self) -> int:
+        """``GET_MAX_MEM_SLOTS`` (needs ``CONFIGURE_MEM_SLOTS``): how many regions the
+        back-end holds at once through :meth:`add_mem_region` (509 for our daemon, as
+        rust-vmm); one more is refused."""
         return self._native.get_max_mem_slots()
 
     def add_mem_region(self, region: MemoryRegion) -> None:
