@@ -354,8 +354,8 @@ impl PyBatch {
 }
 
 /// A Python object with the `vhost.daemon.Device` shape, as a core device. The static
-/// description is read once, so only `config`, `set_config`, `reset` and `process` call
-/// into Python.
+/// description is read once, so only `config`, `set_config`, `reset`, `process` and the
+/// migration pair `save_state`/`load_state` call into Python.
 struct PythonDevice {
     obj: Py<PyAny>,
     device_type: u32,
@@ -427,6 +427,24 @@ impl VirtioDevice for PythonDevice {
                 Self::failed(py, &self.obj, e);
             }
         });
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        Python::attach(|py| {
+            self.obj
+                .call_method0(py, "save_state")
+                .and_then(|s| s.extract::<Vec<u8>>(py))
+                .map_err(|e| DeviceError::Failed(e.to_string()))
+        })
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        Python::attach(|py| {
+            self.obj
+                .call_method1(py, "load_state", (PyBytes::new(py, state),))
+                .map(drop)
+                .map_err(|e| DeviceError::Failed(e.to_string()))
+        })
     }
 
     fn process(
