@@ -35,8 +35,15 @@ from vhost import EventFd, GuestMemory
 from vhost.codes import MigrationPhase, ProtocolFeature, TransferDirection
 from vhost.daemon import Batch, BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from vhost.errors import InvalidParamError, RequestRefusedError
-from vhost.user import Frontend, regions_of
-from vhost.virtio import Virtqueue, place_rings, setup_queue, wait_used
+from vhost.user import (
+    BackendHandler,
+    BackendListener,
+    FileDescriptor,
+    Frontend,
+    regions_of,
+    serve_in_thread,
+)
+from vhost.virtio import VirtioFeature, Virtqueue, place_rings, setup_queue, wait_used
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,6 +207,74 @@ def test_stateless_native_device_round_trips_empty_state(tmp_sock_dir: Path) -> 
             event.reason
         )
         assert fe.save_device_state() == b""  # the session goes on
+
+
+class OwnChannelBackend(BackendHandler):
+    """A back-end (of our Python API) that answers SET_DEVICE_STATE_FD with a pipe end of
+    its own, which the spec allows and which the front-end must then use instead of its
+    own: its state is a byte string, written or read on a thread of its own."""
+
+    def __init__(self, state: bytes) -> None:
+        self.state = state
+        self.worker: threading.Thread | None = None
+        self.kept: list[int] = []
+        self.failed: str | None = None
+
+    def get_features(self) -> int:
+        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+
+    def get_protocol_features(self) -> int:
+        return PROTO
+
+    def set_device_state_fd(self, direction: int, phase: int, fd: FileDescriptor) -> int | None:
+        fd.close()  # the front-end's end: unused, ours is returned instead
+        r, w = os.pipe()
+        if direction == SAVE:
+            mine, theirs = w, r
+
+            def work() -> None:
+                os.write(mine, self.state)
+                os.close(mine)
+
+        else:
+            mine, theirs = r, w
+
+            def work() -> None:
+                got = bytearray()
+                while chunk := os.read(mine, 1 << 16):
+                    got += chunk
+                os.close(mine)
+                self.state = bytes(got)
+
+        self.worker = threading.Thread(target=work, daemon=True)
+        self.worker.start()
+        # The session sends a duplicate of `theirs`; ours closes once the transfer is
+        # checked (a write end kept open here would keep the reader from its end of file).
+        self.kept.append(theirs)
+        return theirs
+
+    def check_device_state(self) -> None:
+        for fd in self.kept:
+            os.close(fd)
+        self.kept.clear()
+        assert self.worker is not None
+        self.worker.join(10.0)
+        if self.worker.is_alive():
+            raise RuntimeError("the state transfer did not finish")
+
+
+def test_front_end_uses_the_channel_a_back_end_returns(tmp_sock_dir: Path) -> None:
+    """When the back-end answers with its own pipe end (no NOFD bit), our front-end reads
+    from or writes into that one, and its own pipe is closed."""
+    be = OwnChannelBackend(b"state of the source")
+    with BackendListener(tmp_sock_dir / "own.sock") as listener:
+        fe = Frontend.connect(listener.path)
+        session = listener.accept(timeout=10.0)
+    with fe, serve_in_thread(session, be):
+        fe.negotiate(protocol_features=PROTO)
+        assert fe.save_device_state() == b"state of the source"
+        fe.load_device_state(b"state for the destination")
+        assert be.state == b"state for the destination"
 
 
 # -- what the daemon refuses --------------------------------------------------------------
