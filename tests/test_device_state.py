@@ -350,6 +350,32 @@ def test_refusals_are_typed_and_leave_the_connection_and_device_as_they_were(
     guest.close()
 
 
+class FailingDevice(CounterDevice):
+    """Cannot save its state: a device bug, or state it cannot serialise."""
+
+    def save_state(self) -> bytes:
+        raise RuntimeError("the counter is locked")
+
+
+def test_a_device_that_fails_to_save(tmp_sock_dir: Path, fd_count: Callable[[], int]) -> None:
+    """The exception becomes a failed CHECK_DEVICE_STATE (its text in the daemon's event),
+    the pipe is closed so the front-end is not left waiting, and the daemon goes on."""
+    with (
+        Daemon(FailingDevice(), tmp_sock_dir / "f.sock") as d,
+        no_leak(fd_count),
+        Frontend.connect(d.path) as fe,
+    ):
+        fe.negotiate(protocol_features=PROTO)
+        with pytest.raises(RequestRefusedError) as err:
+            fe.save_device_state()
+        assert err.value.request == "CHECK_DEVICE_STATE"
+        (event,) = refusals(d)
+        assert "saving the device state: device failed: RuntimeError: the counter is locked" in (
+            str(event.reason)
+        ), event
+        assert fe.get_features()
+
+
 def test_pipe_closed_early_either_way(tmp_sock_dir: Path, fd_count: Callable[[], int]) -> None:
     """The front-end closes its end before the transfer is over: saving gets EPIPE (no
     SIGPIPE), loading gets a truncated state the device refuses; CHECK says so."""

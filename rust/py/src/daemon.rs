@@ -431,10 +431,18 @@ impl VirtioDevice for PythonDevice {
 
     fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
         Python::attach(|py| {
-            self.obj
+            let state = self
+                .obj
                 .call_method0(py, "save_state")
-                .and_then(|s| s.extract::<Vec<u8>>(py))
-                .map_err(|e| DeviceError::Failed(e.to_string()))
+                .map_err(|e| DeviceError::Failed(e.to_string()))?;
+            let state = state.bind(py);
+            // bytes, as typed, in one copy; any other bytes-like item by item.
+            match state.cast::<PyBytes>() {
+                Ok(b) => Ok(b.as_bytes().to_vec()),
+                Err(_) => state
+                    .extract::<Vec<u8>>()
+                    .map_err(|e| DeviceError::Failed(format!("save_state() returned: {e}"))),
+            }
         })
     }
 
