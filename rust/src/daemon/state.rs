@@ -322,4 +322,56 @@ mod tests {
         let got = read_to_end(r.as_fd(), patient(2 << 20)).unwrap();
         assert!(got.len() < 1 << 20);
     }
+
+    /// Our front-end and a daemon over a socketpair, negotiated with DEVICE_STATE.
+    fn session(dev: Arc<Stateful>) -> (crate::user::Frontend, JoinHandle<Result<()>>) {
+        use crate::daemon::{transport, Daemon};
+        use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let daemon = Daemon::new(dev).unwrap();
+        let server = std::thread::spawn(move || daemon.serve_stream(b));
+        let fe = crate::user::Frontend::new(a).unwrap();
+        fe.get_features().unwrap();
+        fe.set_owner().unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        assert_ne!(proto & pf::DEVICE_STATE, 0);
+        fe.set_protocol_features(pf::REPLY_ACK | pf::DEVICE_STATE)
+            .unwrap();
+        fe.set_features(transport::VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
+            .unwrap();
+        (fe, server)
+    }
+
+    #[test]
+    fn a_front_end_moves_state_between_two_daemons() {
+        let src = Arc::new(Stateful(Mutex::new(b"counter=3".to_vec())));
+        let dst = Arc::new(Stateful(Mutex::new(Vec::new())));
+        let (fe, server) = session(src);
+        let state = fe.save_device_state().unwrap();
+        assert_eq!(state, b"counter=3");
+        // CHECK_DEVICE_STATE with no transfer: a failure status, the session goes on.
+        assert!(matches!(
+            fe.check_device_state(),
+            Err(Error::Refused {
+                request: "CHECK_DEVICE_STATE",
+                ..
+            })
+        ));
+        drop(fe);
+        server.join().unwrap().unwrap();
+
+        let (fe, server) = session(dst.clone());
+        fe.load_device_state(&state).unwrap();
+        assert_eq!(*dst.0.lock().unwrap(), b"counter=3");
+        assert!(matches!(
+            fe.load_device_state(b"!garbage"),
+            Err(Error::Refused {
+                request: "CHECK_DEVICE_STATE",
+                ..
+            })
+        ));
+        assert_eq!(*dst.0.lock().unwrap(), b"counter=3");
+        drop(fe);
+        server.join().unwrap().unwrap();
+    }
 }
