@@ -200,6 +200,29 @@ class Device(ABC):
         :func:`sys.unraisablehook`."""
         return None
 
+    def save_state(self) -> bytes:
+        """The device's internal state for live migration (``SET_DEVICE_STATE_FD``,
+        save), called with every ring stopped, on a thread of the daemon with the GIL.
+
+        Whatever the destination's :meth:`load_state` needs for the driver to go on as if
+        nothing happened, beyond the rings and guest memory the VMM migrates itself. The
+        default is a stateless device: ``b""``. An exception fails the front-end's
+        ``CHECK_DEVICE_STATE``, and its text is the daemon's ``refused`` event.
+        """
+        return b""
+
+    def load_state(self, state: bytes) -> None:
+        """Restores what :meth:`save_state` returned on the source, before the rings
+        start. Raise when ``state`` is unusable, and keep the previous state then: the
+        front-end's ``CHECK_DEVICE_STATE`` fails with the exception's text as the daemon's
+        ``refused`` event. The default (stateless) accepts only ``b""``: anything else
+        came from a device with state this one would silently lose.
+        """
+        if state:
+            raise InvalidParamError(
+                f"this device is stateless, but {len(state)} bytes of device state were sent"
+            )
+
     @abstractmethod
     def process(self, queue: int, batch: _core.Batch) -> None:
         """Handle the chains of ``batch``, popped from ``queue``."""

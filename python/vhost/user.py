@@ -10,7 +10,9 @@
   (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
 - Live migration: :meth:`Frontend.start_dirty_log` makes any back-end with ``LOG_SHMFD``
   and ``VHOST_F_LOG_ALL`` record its writes to guest memory in a :class:`vhost.DirtyLog`,
-  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`.
+  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`;
+  :meth:`Frontend.save_device_state` and :meth:`Frontend.load_device_state` carry a
+  back-end's internal state (``DEVICE_STATE``) from the source to the destination.
 """
 
 from __future__ import annotations
@@ -642,6 +644,33 @@ class Frontend(VhostBackend):
 
     def check_device_state(self) -> None:
         self._native.check_device_state()
+
+    def save_device_state(self) -> bytes:
+        """The back-end's whole internal state, for a live migration's source (needs
+        ``DEVICE_STATE``).
+
+        A VMM migrating a device carries the back-end's state in its own stream, so the
+        destination back-end resumes without the driver noticing. This makes the pipe,
+        sends ``SET_DEVICE_STATE_FD`` (save, phase stopped), reads the state to its end
+        (through the back-end's own channel if it returns one) and asks
+        ``CHECK_DEVICE_STATE``, the back-end's only way to say that saving failed
+        (:class:`~vhost.errors.RequestRefusedError`). Stop every ring first
+        (:meth:`get_vring_base`): the spec's only phase is the device stopped. A back-end
+        silent for the reply timeout is :class:`~vhost.errors.VhostTimeoutError`; one
+        writing more than 64 MiB is :class:`~vhost.errors.ProtocolError`.
+        """
+        return self._native.save_device_state()
+
+    def load_device_state(self, state: bytes) -> None:
+        """Loads ``state`` (from :meth:`save_device_state` on the source) into the
+        back-end, for a live migration's destination, before its rings start.
+
+        Sends ``SET_DEVICE_STATE_FD`` (load, phase stopped), writes the state and closes
+        the pipe, then asks ``CHECK_DEVICE_STATE``: a back-end that cannot use the state
+        (garbage, another device's) refuses it there
+        (:class:`~vhost.errors.RequestRefusedError`).
+        """
+        self._native.load_device_state(bytes(state))
 
     def postcopy_advise(self) -> _core.FileDescriptor:
         return self._native.postcopy_advise()

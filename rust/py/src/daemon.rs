@@ -355,8 +355,8 @@ impl PyBatch {
 }
 
 /// A Python object with the `vhost.daemon.Device` shape, as a core device. The static
-/// description is read once, so only `config`, `set_config`, `reset` and `process` call
-/// into Python.
+/// description is read once, so only `config`, `set_config`, `reset`, `process` and the
+/// migration pair `save_state`/`load_state` call into Python.
 struct PythonDevice {
     obj: Py<PyAny>,
     device_type: u32,
@@ -457,6 +457,32 @@ impl VirtioDevice for PythonDevice {
                 Self::failed(py, &self.obj, e);
             }
         });
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        Python::attach(|py| {
+            let state = self
+                .obj
+                .call_method0(py, "save_state")
+                .map_err(|e| DeviceError::Failed(e.to_string()))?;
+            let state = state.bind(py);
+            // bytes, as typed, in one copy; any other bytes-like item by item.
+            match state.cast::<PyBytes>() {
+                Ok(b) => Ok(b.as_bytes().to_vec()),
+                Err(_) => state
+                    .extract::<Vec<u8>>()
+                    .map_err(|e| DeviceError::Failed(format!("save_state() returned: {e}"))),
+            }
+        })
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        Python::attach(|py| {
+            self.obj
+                .call_method1(py, "load_state", (PyBytes::new(py, state),))
+                .map(drop)
+                .map_err(|e| DeviceError::Failed(e.to_string()))
+        })
     }
 
     fn process(

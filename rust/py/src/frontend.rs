@@ -415,6 +415,18 @@ impl PyFrontend {
         self.call(py, |f| f.check_device_state())
     }
 
+    /// The back-end's whole device state (pipe, SET_DEVICE_STATE_FD, read, CHECK).
+    fn save_device_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let state = self.call(py, |f| f.save_device_state())?;
+        Ok(PyBytes::new(py, &state))
+    }
+
+    /// Loads `state` into the back-end (pipe, SET_DEVICE_STATE_FD, write, CHECK).
+    fn load_device_state(&self, py: Python<'_>, state: &[u8]) -> PyResult<()> {
+        let state = state.to_vec();
+        self.call(py, move |f| f.load_device_state(&state))
+    }
+
     fn postcopy_advise(&self, py: Python<'_>) -> PyResult<FileDescriptor> {
         Ok(FileDescriptor::new(self.call(py, |f| f.postcopy_advise())?))
     }

@@ -81,6 +81,27 @@ pub trait VirtioDevice: Send + Sync {
     }
     /// The front-end went away or reset the device.
     fn reset(&self) {}
+    /// The device's internal state for live migration (`SET_DEVICE_STATE_FD`, save):
+    /// whatever the destination's [`load_state`](Self::load_state) needs for the driver
+    /// to go on as if nothing happened, beyond the rings and guest memory the front-end
+    /// migrates itself. Called on a transfer thread with every ring stopped. The default
+    /// is a stateless device: empty state.
+    fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        Ok(Vec::new())
+    }
+    /// Restores what [`save_state`](Self::save_state) produced on the source (`load`),
+    /// before the rings start; on error the device should keep its previous state. The
+    /// default (stateless) accepts only empty state: anything else was saved by a device
+    /// with state this one would silently lose.
+    fn load_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        Err(DeviceError::Invalid(format!(
+            "this device is stateless, but {} bytes of device state were sent",
+            state.len()
+        )))
+    }
     /// Handles one batch popped from `queue`: pushes `(head, bytes written)` into `done`
     /// for each chain completed. Chains left out are completed by the daemon with 0 bytes,
     /// so a device error never strands the driver's buffers.

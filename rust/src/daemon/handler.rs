@@ -16,13 +16,14 @@ use crate::sys::EventFd;
 use crate::user::codes::{
     protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
 };
-use crate::user::payload::{InflightDesc, LogDesc, ShmemConfig};
+use crate::user::payload::{DeviceStateTransfer, InflightDesc, LogDesc, ShmemConfig};
 use crate::user::{BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::queue::{lock, spawn_worker, QueueSlot};
+use super::state::{Limits, StateTransfer};
 
 /// Protocol features every daemon offers.
 pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
@@ -32,7 +33,8 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::STATUS
     | pf::CONFIGURE_MEM_SLOTS
     | pf::INFLIGHT_SHMFD
-    | pf::LOG_SHMFD;
+    | pf::LOG_SHMFD
+    | pf::DEVICE_STATE;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS: rust-vmm's vhost-user-backend offers
 /// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
@@ -58,6 +60,8 @@ pub struct DaemonHandler {
     /// while `VHOST_F_LOG_ALL` is acked.
     log: Option<Arc<DirtyLog>>,
     hint: Option<&'static str>,
+    /// The device-state transfer SET_DEVICE_STATE_FD started, until CHECK_DEVICE_STATE.
+    state_transfer: Option<StateTransfer>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -102,6 +106,7 @@ impl DaemonHandler {
             inflight: None,
             log: None,
             hint: None,
+            state_transfer: None,
             device,
         };
         for i in 0..handler.device.num_queues() {
@@ -193,6 +198,8 @@ impl DaemonHandler {
 
 impl Drop for DaemonHandler {
     fn drop(&mut self) {
+        // A transfer still running is cancelled before the device is reset.
+        self.state_transfer = None;
         self.stop_workers();
         for s in &self.slots {
             let mut st = lock(&s.state);
@@ -421,5 +428,40 @@ impl BackendHandler for DaemonHandler {
 
     fn get_status(&mut self) -> Result<u8> {
         Ok(self.status)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        transfer: &DeviceStateTransfer,
+        fd: OwnedFd,
+    ) -> Result<Option<OwnedFd>> {
+        // The only phase is "stopped": a running ring could change the state mid-save.
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| lock(&s.state).ring.is_some())
+        {
+            return Err(Error::InvalidParam(format!(
+                "SET_DEVICE_STATE_FD: ring {i} is running; stop every ring (GET_VRING_BASE) first"
+            )));
+        }
+        // A transfer never checked is cancelled by the new one.
+        self.state_transfer = None;
+        let t = StateTransfer::start(self.device.clone(), transfer, fd, Limits::default())?;
+        self.state_transfer = Some(t);
+        Ok(None)
+    }
+
+    fn check_device_state(&mut self) -> Result<()> {
+        self.state_transfer
+            .take()
+            .ok_or_else(|| {
+                Error::InvalidParam(
+                    "CHECK_DEVICE_STATE: no device state transfer to check \
+                     (SET_DEVICE_STATE_FD starts one)"
+                        .into(),
+                )
+            })?
+            .finish()
     }
 }

@@ -22,6 +22,7 @@ mod handler;
 mod inflight;
 mod queue;
 mod server;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -30,3 +31,4 @@ pub use events::{DaemonEvent, EventSink, SessionEnd};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
+pub use state::{STATE_STALL_TIMEOUT, STATE_TRANSFER_TIMEOUT};

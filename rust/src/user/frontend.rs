@@ -84,6 +84,11 @@ impl Frontend {
         self.lock().conn.set_timeout(timeout)
     }
 
+    /// The bound on every wait for the back-end (`set_timeout`).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.lock().conn.timeout()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the stream in an unknown state; poison it
         // rather than propagating a panic to every later caller (J7).
