@@ -20,6 +20,7 @@ mod device;
 mod events;
 mod handler;
 mod inflight;
+mod link;
 mod queue;
 mod server;
 #[cfg(test)]
@@ -29,4 +30,5 @@ pub use device::{transport, DeviceError, VirtioDevice};
 pub use events::{DaemonEvent, EventSink, SessionEnd};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
+pub use link::{FrontendLink, LinkError};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
