@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_util import S_OK, SECTOR, T_IN, BlkGuest, MiB, make_image, wait_for
+from daemon_util import S_OK, SECTOR, T_IN, BlkGuest, MiB, ServeProc, make_image, wait_for
 from vhost import FileDescriptor
 from vhost.codes import ProtocolFeature as PF
 from vhost.daemon import Batch, BlkDevice, Daemon, Device, Resized
@@ -129,9 +130,7 @@ def session(
         fe.negotiate(features=features, protocol_features=int(protocol))
         if channel:
             ch = fe.set_backend_req_fd()
-            thread = threading.Thread(
-                target=_serve_channel, args=(ch, front, errors), daemon=True
-            )
+            thread = threading.Thread(target=_serve_channel, args=(ch, front, errors), daemon=True)
             thread.start()
         if memory is not None:
             fe.set_mem_table(regions_of(memory.memory))
@@ -419,3 +418,49 @@ def test_channel_sessions_leak_no_fds(
         one_session()
     assert wait_for(lambda: fd_count() == before, TIMEOUT), (fd_count(), before)
 
+
+# -- serve blk and SIGHUP ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["native", "python"])
+def test_serve_blk_resizes_on_sighup_and_reports_each_outcome(
+    impl: str, tmp_path: Path, tmp_sock_dir: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    make_image(image, IMAGE_SIZE)
+    sock = tmp_sock_dir / "blk.sock"
+    extra = ["--python"] if impl == "python" else []
+    proc = ServeProc(["blk", "--image", str(image), *extra], sock, tmp_path / "serve.log")
+    old = IMAGE_SIZE // SECTOR
+    try:
+        assert wait_for(lambda: proc.catches(signal.SIGHUP), TIMEOUT)
+
+        def hangup(expect: str) -> None:
+            proc.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: expect in proc.stderr(), TIMEOUT), proc.stderr()
+
+        os.truncate(image, 2 * IMAGE_SIZE)
+        hangup(
+            f"resized {image}: {old} -> {2 * old} sectors ({2 * IMAGE_SIZE} bytes); no front-end"
+        )
+        # A front-end without the back-end channel cannot be told; the disk grows anyway.
+        fe = Frontend.connect(sock, timeout=TIMEOUT)
+        try:
+            fe.negotiate(protocol_features=int(BASIC))
+            os.truncate(image, 3 * IMAGE_SIZE)
+            hangup(f"resized {image} to {3 * old} sectors, but the guest was not told: ")
+            assert capacity_of(fe) == 3 * old
+        finally:
+            fe.close()
+        hangup(f"resize {image}: the size is unchanged ({3 * old} sectors)")
+        os.truncate(image, IMAGE_SIZE)
+        hangup(
+            f"error: resize {image}: the new size ({old} sectors) is smaller than the disk "
+            f"({3 * old} sectors); a disk is only grown, never shrunk under a guest; "
+            f"the disk keeps its size ({3 * old} sectors)"
+        )
+        assert proc.alive()
+        assert "Traceback" not in proc.stderr()
+        assert proc.terminate() == 0
+    finally:
+        proc.close()

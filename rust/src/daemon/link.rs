@@ -146,3 +146,131 @@ impl FrontendLink {
             .shmem_unmap(shmid, shm_offset, len)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::thread;
+
+    use super::*;
+    use crate::daemon::{Daemon, DeviceError, VirtioDevice};
+    use crate::memory::GuestMemory;
+    use crate::sys::memfd_create;
+    use crate::user::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
+    use crate::user::payload::ShmemMapPayload;
+    use crate::user::{Frontend, FrontendReqHandler, Result as UserResult};
+    use crate::vring::DescriptorChain;
+
+    /// A device with a shared memory window (it offers SHMEM), keeping its link.
+    #[derive(Default)]
+    struct Window {
+        link: Mutex<Option<FrontendLink>>,
+    }
+
+    impl VirtioDevice for Window {
+        fn device_type(&self) -> u32 {
+            26 // virtio-fs, whose DAX window is shared memory region 0
+        }
+        fn num_queues(&self) -> u16 {
+            1
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn protocol_features(&self) -> u64 {
+            pf::SHMEM
+        }
+        fn config(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn attach_frontend(&self, link: FrontendLink) {
+            *lock(&self.link) = Some(link);
+        }
+        fn process(
+            &self,
+            _: u16,
+            _: &GuestMemory,
+            _: Vec<DescriptorChain>,
+            _: &mut Vec<(u16, u32)>,
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    /// The front-end's side: reads what each mapping's fd holds.
+    struct Mapper(mpsc::Sender<(ShmemMapPayload, Vec<u8>)>);
+
+    impl FrontendReqHandler for Mapper {
+        fn shmem_map(&mut self, map: &ShmemMapPayload, fd: OwnedFd) -> UserResult<u64> {
+            let mut file = std::fs::File::from(fd);
+            file.seek(SeekFrom::Start(map.fd_offset))?;
+            let mut bytes = vec![0u8; map.len as usize];
+            file.read_exact(&mut bytes)?;
+            self.0.send((*map, bytes)).unwrap();
+            Ok(0)
+        }
+        fn shmem_unmap(&mut self, map: &ShmemMapPayload) -> UserResult<u64> {
+            self.0.send((*map, Vec::new())).unwrap();
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_device_maps_and_unmaps_shared_memory_through_its_link() {
+        let device = Arc::new(Window::default());
+        let daemon = Arc::new(Daemon::new(device.clone()).unwrap());
+        let link = lock(&device.link)
+            .clone()
+            .expect("the daemon hands the link over");
+        assert!(matches!(
+            link.shmem_unmap(0, 0, 4096),
+            Err(LinkError::NoFrontend { .. })
+        ));
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = daemon.clone();
+        let server = thread::spawn(move || d.serve_stream(b));
+        let fe = Frontend::new(a).unwrap();
+        fe.get_features().unwrap();
+        fe.set_owner().unwrap();
+        let offered = fe.get_protocol_features().unwrap();
+        let want = pf::BACKEND_REQ | pf::BACKEND_SEND_FD | pf::REPLY_ACK | pf::SHMEM;
+        assert_eq!(offered & want, want);
+        fe.set_protocol_features(want).unwrap();
+        fe.set_features(VHOST_USER_F_PROTOCOL_FEATURES | 1 << 32)
+            .unwrap();
+        let mut channel = fe.set_backend_req_fd().unwrap();
+        fe.get_features().unwrap(); // the channel is attached once this is answered
+        assert!(link.connected() && link.has_channel());
+        let (tx, rx) = mpsc::channel();
+        let front = thread::spawn(move || {
+            let mut mapper = Mapper(tx);
+            for _ in 0..2 {
+                channel.handle_one(&mut mapper).unwrap();
+            }
+        });
+
+        let mut file = std::fs::File::from(memfd_create("window", 8192).unwrap());
+        file.seek(SeekFrom::Start(4096)).unwrap();
+        file.write_all(b"mapped by the device").unwrap();
+        link.shmem_map(0, 4096, 0x10000, 20, true, file.as_fd())
+            .unwrap();
+        let (map, bytes) = rx.recv().unwrap();
+        assert_eq!((map.shmid, map.shm_offset, map.len), (0, 0x10000, 20));
+        assert_eq!(bytes, b"mapped by the device");
+        link.shmem_unmap(0, 0x10000, 20).unwrap();
+        let (map, _) = rx.recv().unwrap();
+        assert_eq!((map.shm_offset, map.len), (0x10000, 20));
+        front.join().unwrap();
+
+        drop(fe);
+        server.join().unwrap().unwrap();
+        assert!(!link.connected());
+        assert!(matches!(
+            link.shmem_unmap(0, 0, 4096),
+            Err(LinkError::NoFrontend { .. })
+        ));
+    }
+}
