@@ -227,6 +227,26 @@ def test_explicit_size_grows_the_file_and_shrinking_is_refused(
         assert s.front.got.empty()
 
 
+@pytest.mark.parametrize("make", [BlkDevice, PythonBlkDevice])
+def test_a_readonly_disk_grows_with_its_image_but_never_writes_it(
+    make: Callable[..., BlkDevice | PythonBlkDevice], tmp_path: Path
+) -> None:
+    image = tmp_path / "ro.img"
+    make_image(image, IMAGE_SIZE)
+    device = make(image, readonly=True)
+    old = IMAGE_SIZE // SECTOR
+    with pytest.raises(InvalidParamError, match="served read-only"):
+        device.resize(2 * IMAGE_SIZE)
+    assert image.stat().st_size == IMAGE_SIZE
+    assert device.capacity == old
+    os.truncate(image, 2 * IMAGE_SIZE)
+    # Not served by a daemon: nobody to tell.
+    assert device.resize() == (old, 2 * old, False)
+    assert device.capacity == 2 * old
+    if isinstance(device, PythonBlkDevice):
+        device.close()
+
+
 def test_resize_without_a_frontend_is_read_by_the_next(blk: tuple[Daemon, Path]) -> None:
     daemon, image = blk
     old = IMAGE_SIZE // SECTOR

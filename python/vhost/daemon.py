@@ -203,12 +203,14 @@ class Device(ABC):
         ``shared_object_remove`` and ``shared_object_lookup`` (the dma-buf comes back as a
         :class:`~vhost.FileDescriptor` you own), ``shmem_map`` and ``shmem_unmap``.
 
-        Each request blocks until the front-end took it (without the GIL) and raises
-        :class:`~vhost.errors.DisconnectedError` when no front-end is connected, and
+        Each request blocks until the front-end took it (without the GIL; at most 10 s) and
+        raises :class:`~vhost.errors.DisconnectedError` when no front-end is connected, and
         :class:`~vhost.errors.InactiveFeatureError` when the front-end did not set up the
         channel (``BACKEND_REQ``) or did not ack the feature the request needs (``CONFIG``,
-        ``SHARED_OBJECT``, ``SHMEM``). Call it from :meth:`process` or any thread, never
-        from :meth:`config`/:meth:`set_config` (the front-end may be waiting for those).
+        ``SHARED_OBJECT``, ``SHMEM``). Prefer a thread of your own: from :meth:`process`
+        a request holds its queue meanwhile (a front-end that stops that ring in the
+        meantime waits for it), and from :meth:`config`/:meth:`set_config` it would wait
+        for a front-end that is waiting for the answer.
         """
         if self._frontend is None:
             raise DisconnectedError("no Daemon serves this device, so it has no front-end")

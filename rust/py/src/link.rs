@@ -83,18 +83,23 @@ impl PyFrontendLink {
         self.inner.has_channel()
     }
 
+    /// CONFIG_CHANGE_MSG: the front-end re-reads the config space and tells the driver.
     fn config_changed(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |l| l.config_changed())
     }
 
+    /// SHARED_OBJECT_ADD: registers an object (16-byte UUID) this device exports.
     fn shared_object_add(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<()> {
         self.call(py, |l| l.shared_object_add(uuid))
     }
 
+    /// SHARED_OBJECT_REMOVE: withdraws an object registered with `shared_object_add`.
     fn shared_object_remove(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<()> {
         self.call(py, |l| l.shared_object_remove(uuid))
     }
 
+    /// SHARED_OBJECT_LOOKUP: another device's object, as a `FileDescriptor` the caller
+    /// owns (its dma-buf), or None when the front-end does not know it.
     fn shared_object_lookup(
         &self,
         py: Python<'_>,
@@ -104,6 +109,8 @@ impl PyFrontendLink {
         Ok(fd.map(FileDescriptor::new))
     }
 
+    /// SHMEM_MAP: maps `length` bytes of `fd` (kept by the caller) from `fd_offset` into
+    /// shared memory region `shmid` at `shm_offset`.
     #[pyo3(signature = (shmid, fd_offset, shm_offset, length, fd, *, writable = false))]
     #[allow(clippy::too_many_arguments)]
     fn shmem_map(
@@ -129,6 +136,7 @@ impl PyFrontendLink {
         })
     }
 
+    /// SHMEM_UNMAP: unmaps a range `shmem_map` mapped.
     fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: u64, length: u64) -> PyResult<()> {
         self.call(py, move |l| l.shmem_unmap(shmid, shm_offset, length))
     }

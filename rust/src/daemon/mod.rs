@@ -13,6 +13,11 @@
 //!                                              migration dirty log: vring::RingLog)
 //! ```
 //!
+//! A device talks back to the front-end being served (config-change notifications, shared
+//! objects, shared memory mappings) through the daemon's [`FrontendLink`], which each
+//! session attaches its back-end channel to; with `INBAND_NOTIFICATIONS` a ring without a
+//! call fd is signalled with `VRING_CALL` on that channel.
+//!
 //! Data-plane threads never touch the interpreter: a device written in Python is reached
 //! through a [`VirtioDevice`] adapter in the binding, which takes the GIL per batch.
 
