@@ -484,3 +484,57 @@ def test_serve_blk_resizes_on_sighup_and_reports_each_outcome(
         assert proc.terminate() == 0
     finally:
         proc.close()
+
+
+class SlowAck(Recorder):
+    """Holds each config-change ack until released: a front-end busy elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def config_change(self) -> int | None:
+        self.got.put(("config_change",))
+        self.release.wait(TIMEOUT)
+        self.release.clear()
+        return 0
+
+
+def test_a_sighup_during_a_resize_runs_after_it(tmp_path: Path, tmp_sock_dir: Path) -> None:
+    image = tmp_path / "disk.img"
+    make_image(image, IMAGE_SIZE)
+    sock = tmp_sock_dir / "blk.sock"
+    proc = ServeProc(["blk", "--image", str(image)], sock, tmp_path / "serve.log")
+    old = IMAGE_SIZE // SECTOR
+    front = SlowAck()
+    errors: list[BaseException] = []
+    try:
+        assert wait_for(lambda: proc.catches(signal.SIGHUP), TIMEOUT)
+        fe = Frontend.connect(sock, timeout=TIMEOUT)
+        fe.negotiate(protocol_features=int(CHANNEL))
+        ch = fe.set_backend_req_fd()
+        thread = threading.Thread(target=_serve_channel, args=(ch, front, errors), daemon=True)
+        thread.start()
+        try:
+            fe.get_features()
+            os.truncate(image, 2 * IMAGE_SIZE)
+            proc.proc.send_signal(signal.SIGHUP)
+            assert front.next() == ("config_change",)  # serve blk now waits for the ack
+            os.truncate(image, 3 * IMAGE_SIZE)
+            proc.proc.send_signal(signal.SIGHUP)  # arrives while the first one waits
+            front.release.set()
+            assert front.next() == ("config_change",)
+            front.release.set()
+            assert wait_for(lambda: f"-> {3 * old} sectors" in proc.stderr(), TIMEOUT), (
+                proc.stderr()
+            )
+            assert f"{old} -> {2 * old} sectors" in proc.stderr()
+            assert capacity_of(fe) == 3 * old
+        finally:
+            fe.close()
+            ch.close()
+            thread.join(TIMEOUT)
+        assert errors == []
+        assert proc.terminate() == 0
+    finally:
+        proc.close()

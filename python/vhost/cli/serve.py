@@ -236,7 +236,7 @@ def run_blk(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
     )
-    with _on_signal(signal.SIGHUP, lambda: _resize(daemon, args.image)):
+    with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
         return _serve(
             daemon, f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})", args.verbose
         )
@@ -255,6 +255,31 @@ def _on_signal(signum: signal.Signals, action: Callable[[], None]) -> Iterator[N
         yield
     finally:
         signal.signal(signum, previous)
+
+
+class _Resizer:
+    """The SIGHUP action. A second SIGHUP can arrive while a resize waits for the
+    front-end's ack (the wait runs signal handlers): it is not nested into the first, which
+    holds the device's resize lock, but makes the first run once more when it is done."""
+
+    def __init__(self, daemon: Daemon, image: str) -> None:
+        self.daemon = daemon
+        self.image = image
+        self.busy = False
+        self.again = False
+
+    def __call__(self) -> None:
+        if self.busy:
+            self.again = True
+            return
+        self.busy = True
+        try:
+            self.again = True
+            while self.again:
+                self.again = False
+                _resize(self.daemon, self.image)
+        finally:
+            self.busy = False
 
 
 def _resize(daemon: Daemon, image: str) -> None:
