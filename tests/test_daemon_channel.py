@@ -34,7 +34,16 @@ from vhost.errors import (
     InvalidParamError,
     VhostError,
 )
-from vhost.user import Frontend, FrontendChannel, FrontendRequestHandler, regions_of
+from vhost.user import (
+    BackendChannel,
+    BackendHandler,
+    BackendListener,
+    Frontend,
+    FrontendChannel,
+    FrontendRequestHandler,
+    regions_of,
+    serve_in_thread,
+)
 from vhost.virtio import place_rings, setup_queue
 
 pytestmark = pytest.mark.timeout(120)
@@ -538,3 +547,53 @@ def test_a_sighup_during_a_resize_runs_after_it(tmp_path: Path, tmp_sock_dir: Pa
         assert proc.terminate() == 0
     finally:
         proc.close()
+
+
+class ChannelHolder(BackendHandler):
+    """A plain (non-daemon) Python back-end that keeps the channel it is given."""
+
+    def __init__(self) -> None:
+        self.channel: BackendChannel | None = None
+
+    def get_features(self) -> int:
+        return (1 << 32) | (1 << 30)
+
+    def get_protocol_features(self) -> int:
+        return int(CHANNEL)
+
+    def get_vring_base(self, index: int) -> int:
+        return 0
+
+    def set_backend_channel(self, channel: BackendChannel) -> None:
+        self.channel = channel
+
+
+def test_a_python_backend_channel_gets_the_lookup_fd(tmp_sock_dir: Path) -> None:
+    theirs, unknown = uuid.uuid4().bytes, uuid.uuid4().bytes
+    backend = ChannelHolder()
+    front = Recorder()
+    errors: list[BaseException] = []
+    buf = os.memfd_create("dma-buf")
+    os.write(buf, b"looked up from Python")
+    front.objects[theirs] = buf
+    with BackendListener(tmp_sock_dir / "be.sock") as listener:
+        fe = Frontend.connect(listener.path, timeout=TIMEOUT)
+        be_session = listener.accept(timeout=TIMEOUT)
+    with fe, serve_in_thread(be_session, backend):
+        fe.negotiate(protocol_features=int(CHANNEL))
+        ch = fe.set_backend_req_fd()
+        thread = threading.Thread(target=_serve_channel, args=(ch, front, errors), daemon=True)
+        thread.start()
+        try:
+            fe.get_features()
+            assert backend.channel is not None
+            status, fd = backend.channel.shared_object_lookup_fd(theirs)
+            assert status == 0 and fd is not None
+            with fd:
+                assert os.pread(fd.fileno(), 64, 0) == b"looked up from Python"
+            assert backend.channel.shared_object_lookup_fd(unknown) == (1, None)
+        finally:
+            ch.close()
+            thread.join(TIMEOUT)
+            front.close()
+    assert errors == []
