@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -364,6 +365,76 @@ def test_device_requests_are_refused_clearly(exporter: tuple[Daemon, Exporter]) 
 def test_a_device_without_a_daemon_has_no_frontend() -> None:
     with pytest.raises(DisconnectedError, match="no Daemon serves this device"):
         _ = Exporter().frontend
+
+
+class Window(Device):
+    """A device with a VIRTIO Shared Memory Region (as virtio-fs's DAX window), into which
+    it maps a file through the front-end."""
+
+    device_type = 26
+    shmem_regions = MappingProxyType({0: 1 << 20})
+
+    def process(self, queue: int, batch: Batch) -> None:
+        for chain in batch:
+            batch.complete(chain, 0)
+
+
+@dataclass
+class Mapper(Recorder):
+    """Records SHMEM_MAP/SHMEM_UNMAP and what the mapped fd holds at its offset."""
+
+    def shmem_map(  # noqa: PLR0917 - the handler's signature
+        self,
+        shmid: int,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        flags: int,
+        fd: FileDescriptor,
+    ) -> int | None:
+        content = os.pread(fd.fileno(), length, fd_offset)
+        self.got.put(("shmem_map", shmid, fd_offset, shm_offset, length, flags, content))
+        return 0
+
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int | None:
+        self.got.put(("shmem_unmap", shmid, shm_offset, length))
+        return 0
+
+
+def test_a_python_device_maps_a_file_into_its_shared_memory(tmp_sock_dir: Path) -> None:
+    """SHMEM_MAP from a Python device reaches the front-end with the very file (its
+    bytes at the offset), and the flags say writable only when asked."""
+    device = Window()
+    with Daemon(device, tmp_sock_dir / "win.sock") as daemon:
+        fe = Frontend.connect(daemon.path, timeout=TIMEOUT)
+        front = Mapper()
+        errors: list[BaseException] = []
+        fe.negotiate(features=fe.get_features(), protocol_features=int(CHANNEL | PF.SHMEM))
+        assert fe.acked_protocol_features & PF.SHMEM
+        assert fe.get_shmem_config().regions == {0: 1 << 20}
+        ch = fe.set_backend_req_fd()
+        thread = threading.Thread(target=_serve_channel, args=(ch, front, errors))
+        thread.start()
+        try:
+            memfd = os.memfd_create("file")
+            try:
+                os.pwrite(memfd, b"page two" + bytes(4088), 4096)
+                device.frontend.shmem_map(0, 4096, 8192, 4096, memfd)
+                got = front.next()
+                assert got[:6] == ("shmem_map", 0, 4096, 8192, 4096, 0)
+                assert isinstance(got[6], bytes) and got[6].startswith(b"page two")
+                device.frontend.shmem_map(0, 0, 0, 4096, memfd, writable=True)
+                assert front.next()[5] == 1
+                device.frontend.shmem_unmap(0, 8192, 4096)
+                assert front.next() == ("shmem_unmap", 0, 8192, 4096)
+            finally:
+                os.close(memfd)
+        finally:
+            fe.close()
+            ch.close()
+            thread.join(TIMEOUT)
+            front.close()
+        assert errors == []
 
 
 # -- in-band notifications ----------------------------------------------------------------
