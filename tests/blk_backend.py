@@ -136,7 +136,7 @@ class BlkBackend(BackendHandler):
             event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
             indirect=bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
         )
-        queue.next_avail = self.base
+        queue.base = self.base
         self.queue = queue
         self.stop_event = threading.Event()
         self.worker = threading.Thread(
@@ -146,7 +146,7 @@ class BlkBackend(BackendHandler):
 
     def get_vring_base(self, index: int) -> int:
         self.stop()
-        return self.queue.next_avail if self.queue is not None else self.base
+        return self.queue.base if self.queue is not None else self.base
 
     def stop(self) -> None:
         """Stops the worker (idempotent)."""

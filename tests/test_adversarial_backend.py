@@ -322,11 +322,19 @@ FATAL: dict[str, Fatal] = {
     ),
     # C1/C2/C4/C5: memory tables (no ack asked: the failure closes the connection).
     "C1-zero-regions": Fatal(MSG(Req.SET_MEM_TABLE, hostile.mem_table([])), VhostError),
-    "C1-nine-regions": Fatal(
+    # 33 regions (one past rust-vmm's 32) with 32 fds: refused for the count.
+    "C1-33-regions": Fatal(
         MSG(Req.SET_MEM_TABLE,
-            hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(9)])),
-        VhostError,
-        fds=memfds(9),
+            hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(33)])),
+        InvalidParamError,
+        fds=memfds(32),
+    ),
+    # ... and with its 33 fds: more than one message may carry (B2), refused as such.
+    "C1-33-regions-33-fds": Fatal(
+        MSG(Req.SET_MEM_TABLE,
+            hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(33)])),
+        ProtocolError,
+        fds=memfds(33),
     ),
     "C1-count-says-two-one-sent": Fatal(
         MSG(Req.SET_MEM_TABLE, hostile.mem_table([region(0, MiB)], count=2)),
@@ -718,6 +726,28 @@ def test_malformed_request_with_own_reply_gets_no_nack(listener: BackendListener
             os.close(fd)
         assert hostile.recv_message(s) is None
     assert isinstance(st.join(), ProtocolError)
+    check_clean(listener, base)
+
+
+@pytest.mark.parametrize("n", [9, 32])
+def test_c1_mem_tables_up_to_32_regions_are_accepted(listener: BackendListener, n: int) -> None:
+    """Past QEMU's 8 and up to rust-vmm's 32 regions, one SET_MEM_TABLE is mapped whole."""
+    base = hostile.fd_count()
+    maps = hostile.maps_count()
+    dev = Device()
+    st = start(listener, dev)
+    with hostile.connect(listener.path) as s:
+        negotiate(s, NACK_PROTO)
+        fds = memfds(n)()
+        try:
+            table = hostile.mem_table([region(i * MiB, MiB, UADDR + i * MiB) for i in range(n)])
+            assert ask(s, MSG(Req.SET_MEM_TABLE, table, flags=ACKED), fds).u64 == 0
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert hostile.maps_count() >= maps + n
+        still_answers(s)
+    assert st.join() is None
     check_clean(listener, base)
 
 

@@ -185,6 +185,8 @@ def test_header_constants() -> None:
     assert codes.MAX_CONFIG_SIZE == 256
     assert codes.MAX_MSG_SIZE == 4096
     assert codes.MEMORY_BASELINE_NREGIONS == 8
+    assert codes.MAX_MEM_TABLE_REGIONS == 32
+    assert codes.MAX_SHMEM_REGIONS == 256
     assert codes.VHOST_LOG_PAGE == 4096
 
 

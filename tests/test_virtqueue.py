@@ -481,18 +481,26 @@ def test_set_memory_rebinds(mem: GuestMemory) -> None:
     assert len(dq.pop_batch()) == 1
 
 
-def test_next_avail_is_the_vring_base(mem: GuestMemory) -> None:
+def test_base_is_the_vring_base(mem: GuestMemory) -> None:
     _, dq = pair(mem, 4, packed=False)
-    dq.next_avail = 7
-    assert (dq.next_avail, dq.next_used) == (7, 7)
+    # Restoring a split base re-reads the used index from the ring (the driver saw
+    # none completed), as the native daemon does: used does not follow avail.
+    dq.base = 7
+    assert (dq.base, dq.next_avail, dq.next_used) == (7, 7, 0)
     with pytest.raises(InvalidParamError):
-        dq.next_avail = 1 << 16
+        dq.base = 1 << 16
+    with pytest.raises(InvalidParamError):
+        dq.base = -1
     _, pdq = pair(mem, 4, packed=True)
-    assert pdq.next_avail == 1 << 15  # slot 0, wrap counter 1
-    pdq.next_avail = 2
-    assert (pdq.next_avail, pdq.next_used) == (2, 2)
+    # Fresh packed ring: avail and used at slot 0 with wrap counters 1.
+    assert pdq.base == 0x8000_8000
+    assert (pdq.next_avail, pdq.next_used) == (1 << 15, 1 << 15)
+    pdq.base = 2  # the avail half only: used follows avail
+    assert (pdq.base, pdq.next_avail, pdq.next_used) == (0x0002_0002, 2, 2)
+    pdq.base = 3 | (1 << 15) | (1 << 16)  # avail slot 3 wrap 1, used slot 1 wrap 0
+    assert (pdq.next_avail, pdq.next_used) == (3 | 1 << 15, 1)
     with pytest.raises(InvalidParamError):
-        pdq.next_avail = 5  # slot beyond the ring
+        pdq.base = 5  # slot beyond the ring
 
 
 @pytest.mark.parametrize("packed", FORMATS)
@@ -655,7 +663,7 @@ class RingDevice(BackendHandler):
             packed=bool(self.features & VirtioFeature.RING_PACKED),
             event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
         )
-        queue.next_avail = self.base
+        queue.base = self.base
         self.worker = threading.Thread(target=self.run, args=(queue, fd), daemon=True)
         self.worker.start()
 

@@ -163,8 +163,8 @@ class VhostBackend(abc.ABC):
         ``VHOST_SET_MEM_TABLE`` / vhost-user ``SET_MEM_TABLE``. Every later address (ring
         addresses, descriptors) is translated through these regions. The table must not be
         empty, regions must not overlap (:func:`vhost.types.check_memory_table`), and a
-        family may limit the count (8 for baseline vhost-user, the ``max_mem_regions``
-        module parameter for the kernel): too many raise
+        family may limit the count (32 for vhost-user here, as rust-vmm, where QEMU sends
+        at most 8; the ``max_mem_regions`` module parameter for the kernel): too many raise
         :class:`~vhost.errors.InvalidParamError`. vhost-user needs each region's ``fd``;
         kernel vhost uses ``userspace_addr`` in this process and ignores it.
         """

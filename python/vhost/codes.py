@@ -22,7 +22,9 @@ import enum
 
 __all__ = [
     "MAX_CONFIG_SIZE",
+    "MAX_MEM_TABLE_REGIONS",
     "MAX_MSG_SIZE",
+    "MAX_SHMEM_REGIONS",
     "MEMORY_BASELINE_NREGIONS",
     "VERSION",
     "VERSION_MASK",
@@ -196,7 +198,15 @@ MAX_MSG_SIZE: int = 0x1000
 """Largest message body this package accepts, as in rust-vmm (the spec sets no limit)."""
 
 MEMORY_BASELINE_NREGIONS: int = 8
-"""Most regions in one ``SET_MEM_TABLE`` in the baseline protocol (and most fds in it)."""
+"""Most regions in one ``SET_MEM_TABLE`` in the baseline protocol (QEMU never sends more)."""
+
+MAX_MEM_TABLE_REGIONS: int = 32
+"""Most regions in one ``SET_MEM_TABLE`` this package sends and accepts, as rust-vmm (one fd
+each, and 32 is also the most fds one message may carry); more need ``ADD_MEM_REG``."""
+
+MAX_SHMEM_REGIONS: int = 256
+"""Most VIRTIO Shared Memory Regions a device can have (``shmid`` is one byte); the size of
+the array in the ``GET_SHMEM_CONFIG`` reply."""
 
 VHOST_LOG_PAGE: int = 0x1000
 """Bytes of guest memory covered by one bit of the dirty log."""

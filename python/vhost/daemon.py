@@ -38,22 +38,30 @@ qemu-storage-daemon, QEMU) then refuses too; readers share with readers.
 ``lock=False`` takes no locks. A lock held elsewhere is a
 :class:`~vhost.errors.VhostOSError` with errno ``EBUSY``, the image as ``filename`` and
 the holder named.
+
+A device talks back to its front-end through :class:`FrontendLink` (``Device.frontend``
+for a Python device, :attr:`Daemon.frontend` for any): a config-change notification,
+shared objects, shared memory mappings, all on the back-end channel the front-end set up
+(``BACKEND_REQ``). :meth:`Daemon.resize` grows a served disk and tells the front-end, so
+a guest sees the new capacity without a reboot.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from types import FrameType, TracebackType
-from typing import ClassVar, Self
+from types import FrameType, MappingProxyType, TracebackType
+from typing import ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
 from . import _core
-from .errors import NotSupportedError
+from .codes import MAX_SHMEM_REGIONS
+from .errors import DisconnectedError, InvalidParamError, NotSupportedError
 
 __all__ = [
     "Batch",
@@ -63,7 +71,9 @@ __all__ = [
     "DescriptorChain",
     "Device",
     "EventKind",
+    "FrontendLink",
     "ImageFile",
+    "Resized",
     "SessionEnd",
 ]
 
@@ -71,6 +81,25 @@ Batch = _core.Batch
 BlkDevice = _core.BlkDevice
 DescriptorChain = _core.DescriptorChain
 ImageFile = _core.ImageFile
+FrontendLink = _core.FrontendLink
+
+
+class Resized(NamedTuple):
+    """What :meth:`Daemon.resize` did, in 512-byte sectors."""
+
+    old: int
+    new: int
+    #: Whether the front-end being served was told (``CONFIG_CHANGE_MSG``) and took it;
+    #: False when no front-end was connected or the size did not change.
+    notified: bool
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """A device whose capacity can grow while it is served (:class:`BlkDevice`,
+    :class:`vhost.devices.blkdev.PythonBlkDevice`)."""
+
+    def resize(self, size: int | None = None) -> tuple[int, int, bool]: ...
 
 
 class EventKind(StrEnum):
@@ -164,8 +193,37 @@ class Device(ABC):
     device_type: ClassVar[int]
     #: Device-specific feature bits (the daemon adds VERSION_1, EVENT_IDX, ...).
     features: int = 0
+    #: vhost-user protocol features (:class:`vhost.codes.ProtocolFeature` masks) offered
+    #: besides the daemon's own (MQ, REPLY_ACK, CONFIG, ...).
+    protocol_features: int = 0
+    #: VIRTIO Shared Memory Regions, shared memory id (0-255) to size in bytes (a
+    #: positive multiple of the page size). Declaring any makes the daemon offer
+    #: ``ProtocolFeature.SHMEM`` and answer ``GET_SHMEM_CONFIG`` with these sizes.
+    shmem_regions: Mapping[int, int] = MappingProxyType({})
     num_queues: int = 1
     max_queue_size: int = 256
+    #: Set by the :class:`Daemon` made for this device (see :attr:`frontend`).
+    _frontend: _core.FrontendLink | None = None
+
+    @property
+    def frontend(self) -> _core.FrontendLink:
+        """The front-end being served, for the requests a device sends it on the back-end
+        channel: ``config_changed()`` after :meth:`config` changed, ``shared_object_add``,
+        ``shared_object_remove`` and ``shared_object_lookup`` (the dma-buf comes back as a
+        :class:`~vhost.FileDescriptor` you own), ``shmem_map`` and ``shmem_unmap``.
+
+        Each request blocks until the front-end took it (without the GIL; at most 10 s) and
+        raises :class:`~vhost.errors.DisconnectedError` when no front-end is connected, and
+        :class:`~vhost.errors.InactiveFeatureError` when the front-end did not set up the
+        channel (``BACKEND_REQ``) or did not ack the feature the request needs (``CONFIG``,
+        ``SHARED_OBJECT``, ``SHMEM``). Prefer a thread of your own: from :meth:`process`
+        a request holds its queue meanwhile (a front-end that stops that ring in the
+        meantime waits for it), and from :meth:`config`/:meth:`set_config` it would wait
+        for a front-end that is waiting for the answer.
+        """
+        if self._frontend is None:
+            raise DisconnectedError("no Daemon serves this device, so it has no front-end")
+        return self._frontend
 
     def config(self) -> bytes:
         """The device configuration space (empty if the device has none)."""
@@ -178,6 +236,41 @@ class Device(ABC):
     def reset(self) -> None:
         """The front-end reset the device or went away; drop per-session state."""
         return None
+
+    def set_acked_features(self, features: int) -> None:
+        """The front-end acked these virtio features (``SET_FEATURES``): device bits and
+        transport bits such as ``VirtioFeature.RING_EVENT_IDX``. The device should use
+        only what was acked. An exception is reported through :func:`sys.unraisablehook`."""
+        return None
+
+    def set_acked_protocol_features(self, protocol_features: int) -> None:
+        """The front-end acked these protocol features (``SET_PROTOCOL_FEATURES``): the
+        daemon's own and :attr:`protocol_features`. An exception is reported through
+        :func:`sys.unraisablehook`."""
+        return None
+
+    def save_state(self) -> bytes:
+        """The device's internal state for live migration (``SET_DEVICE_STATE_FD``,
+        save), called with every ring stopped, on a thread of the daemon with the GIL.
+
+        Whatever the destination's :meth:`load_state` needs for the driver to go on as if
+        nothing happened, beyond the rings and guest memory the VMM migrates itself. The
+        default is a stateless device: ``b""``. An exception fails the front-end's
+        ``CHECK_DEVICE_STATE``, and its text is the daemon's ``refused`` event.
+        """
+        return b""
+
+    def load_state(self, state: bytes) -> None:
+        """Restores what :meth:`save_state` returned on the source, before the rings
+        start. Raise when ``state`` is unusable, and keep the previous state then: the
+        front-end's ``CHECK_DEVICE_STATE`` fails with the exception's text as the daemon's
+        ``refused`` event. The default (stateless) accepts only ``b""``: anything else
+        came from a device with state this one would silently lose.
+        """
+        if state:
+            raise InvalidParamError(
+                f"this device is stateless, but {len(state)} bytes of device state were sent"
+            )
 
     @abstractmethod
     def process(self, queue: int, batch: _core.Batch) -> None:
@@ -220,12 +313,16 @@ class Daemon:
         self.device = device
         self.path = os.fspath(path)
         self.client = client
+        if isinstance(device, Device):
+            _check_shmem_regions(device)
         self._native = _core.Daemon(
             device,
             stall_timeout=stall_timeout,
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
         )
+        if isinstance(device, Device):
+            device._frontend = self._native.frontend
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""
@@ -278,6 +375,36 @@ class Daemon:
             if on_event is not None:
                 for event in self.next_events():
                     on_event(event)
+
+    @property
+    def frontend(self) -> FrontendLink:
+        """The front-end being served, for requests on its back-end channel (see
+        :attr:`Device.frontend`); the same link across sessions and restarts."""
+        return self._native.frontend
+
+    def notify_config_changed(self) -> None:
+        """Tells the front-end being served that the device's configuration space changed
+        (``CONFIG_CHANGE_MSG``): it reads it again and interrupts the guest's driver.
+        Raises :class:`~vhost.errors.DisconnectedError` with no front-end connected, and
+        :class:`~vhost.errors.InactiveFeatureError` when it did not negotiate ``BACKEND_REQ``
+        and ``CONFIG``."""
+        self._native.frontend.config_changed()
+
+    def resize(self, size: int | None = None) -> Resized:
+        """Grows the served disk while a guest runs, and tells the front-end.
+
+        ``size`` None takes the image's size now (grow the file first, e.g. ``truncate -s
+        +1G``); a size in bytes (a multiple of 512) grows the file to it. Shrinking is
+        refused (:class:`~vhost.errors.InvalidParamError`): the sectors past the new end
+        would vanish from under the guest's file systems. Every request and every config
+        read sees either the old capacity or the new one. With no front-end connected the
+        new size is simply what the next one reads (``notified`` False); a front-end that
+        cannot be told (no back-end channel) raises
+        :class:`~vhost.errors.InactiveFeatureError`, the disk being resized already.
+        """
+        if not isinstance(self.device, Resizable):
+            raise NotSupportedError(f"{type(self.device).__name__} cannot be resized")
+        return Resized(*self.device.resize(size))
 
     def next_events(self, timeout: float | None = 0.0) -> list[DaemonEvent]:
         """The events since the last call, waiting up to ``timeout`` seconds (None:
@@ -333,6 +460,19 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.path!r} device={self.device!r} running={self.running}>"
+
+
+def _check_shmem_regions(device: Device) -> None:
+    """Refuses a declaration the protocol cannot carry, naming the device and the region."""
+    for shmid, size in device.shmem_regions.items():
+        where = f"{type(device).__name__}.shmem_regions[{shmid!r}]"
+        if not isinstance(shmid, int) or not 0 <= shmid < MAX_SHMEM_REGIONS:
+            raise InvalidParamError(f"{where}: a shared memory id is 0 to 255")
+        if not isinstance(size, int) or size <= 0 or size >= 1 << 64 or size % mmap.PAGESIZE:
+            raise InvalidParamError(
+                f"{where}: size {size!r} is not a positive multiple of the page size "
+                f"({mmap.PAGESIZE}) below 2**64"
+            )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

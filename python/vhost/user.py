@@ -10,8 +10,10 @@
   (the seed's ``VhostUserMasterReqHandler``); :class:`BackendChannel` sends them.
 - Live migration: :meth:`Frontend.start_dirty_log` makes any back-end with ``LOG_SHMFD``
   and ``VHOST_F_LOG_ALL`` record its writes to guest memory in a :class:`vhost.DirtyLog`,
-  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`. Postcopy:
-  :meth:`Frontend.postcopy_advise` returns a back-end's userfaultfd, and
+  which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`;
+  :meth:`Frontend.save_device_state` and :meth:`Frontend.load_device_state` carry a
+  back-end's internal state (``DEVICE_STATE``) from the source to the destination.
+  Postcopy: :meth:`Frontend.postcopy_advise` returns a back-end's userfaultfd, and
   :class:`vhost.postcopy.FaultResolver` resolves the back-end's page faults on it.
 """
 
@@ -21,15 +23,16 @@ import logging
 import os
 import threading
 import uuid as _uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Self, cast
 
 from . import _core
 from .backend import EventFdLike, VhostBackend
-from .codes import ProtocolFeature
+from .codes import MAX_SHMEM_REGIONS, ProtocolFeature
 from .dirty_log import DirtyLog
 from .errors import (
     ClosedError,
@@ -53,6 +56,7 @@ __all__ = [
     "FrontendRequestHandler",
     "InflightInfo",
     "Listener",
+    "ShmemConfig",
 ]
 
 log = logging.getLogger("vhost.user")
@@ -133,6 +137,32 @@ class InflightInfo:
             f"InflightInfo(mmap_size={self.mmap_size:#x}, mmap_offset={self.mmap_offset:#x}, "
             f"num_queues={self.num_queues}, queue_size={self.queue_size}, fd={self.fd!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ShmemConfig:
+    """A device's VIRTIO Shared Memory Regions (``GET_SHMEM_CONFIG``).
+
+    ``regions`` maps each shared memory id in use (0-255) to its size in bytes; a VMM
+    exposes a region of that size to the guest for each, and the back-end maps files
+    into them with ``SHMEM_MAP``. Ids the device does not use are absent (the protocol
+    sends them as size 0). Built from a plain dict, kept read-only.
+    """
+
+    regions: Mapping[int, int]
+
+    def __post_init__(self) -> None:
+        for shmid, size in self.regions.items():
+            if not 0 <= shmid < MAX_SHMEM_REGIONS:
+                raise InvalidParamError(f"shared memory id {shmid} is not in 0..255")
+            if not 0 < size < 1 << 64:
+                raise InvalidParamError(
+                    f"shared memory region {shmid}: size {size} is not a u64 above 0"
+                )
+        object.__setattr__(self, "regions", MappingProxyType(dict(sorted(self.regions.items()))))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.regions.items()))
 
 
 class _ClosedConnection:
@@ -247,9 +277,11 @@ class Frontend(VhostBackend):
         self._native.reset_owner()
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
-        """``SET_MEM_TABLE``. While dirty logging is on, memory the log does not cover is
-        refused before it is sent (hand over a larger log with :meth:`start_dirty_log`
-        first, as QEMU resizes its log)."""
+        """``SET_MEM_TABLE``: 1 to :data:`~vhost.codes.MAX_MEM_TABLE_REGIONS` (32) regions,
+        as rust-vmm accepts (QEMU sends at most 8; more regions, up to the back-end's
+        :meth:`get_max_mem_slots`, go one by one with :meth:`add_mem_region`). While dirty
+        logging is on, memory the log does not cover is refused before it is sent (hand
+        over a larger log with :meth:`start_dirty_log` first, as QEMU resizes its log)."""
         ends = {r.guest_phys_addr: r.guest_phys_addr + r.memory_size for r in regions}
         self._check_log_covers(max(ends.values(), default=0), "SET_MEM_TABLE")
         self._native.set_mem_table([_region_tuple(r) for r in regions])
@@ -556,6 +588,9 @@ class Frontend(VhostBackend):
         )
 
     def get_max_mem_slots(self) -> int:
+        """``GET_MAX_MEM_SLOTS`` (needs ``CONFIGURE_MEM_SLOTS``): how many regions the
+        back-end holds at once through :meth:`add_mem_region` (509 for our daemon, as
+        rust-vmm); one more is refused."""
         return self._native.get_max_mem_slots()
 
     def add_mem_region(self, region: MemoryRegion) -> None:
@@ -602,8 +637,43 @@ class Frontend(VhostBackend):
     ) -> _core.FileDescriptor | None:
         return self._native.set_device_state_fd(int(direction), int(phase), fd)
 
+    def get_shmem_config(self) -> ShmemConfig:
+        """``GET_SHMEM_CONFIG`` (needs ``ProtocolFeature.SHMEM`` negotiated, else
+        :class:`~vhost.errors.InactiveFeatureError` before anything is sent): the sizes of
+        the back-end's VIRTIO Shared Memory Regions. A malformed reply (wrong size, a count
+        that is not the number of non-zero sizes) raises
+        :class:`~vhost.errors.ProtocolError` and closes the connection."""
+        return ShmemConfig(dict(self._native.get_shmem_config()))
+
     def check_device_state(self) -> None:
         self._native.check_device_state()
+
+    def save_device_state(self) -> bytes:
+        """The back-end's whole internal state, for a live migration's source (needs
+        ``DEVICE_STATE``).
+
+        A VMM migrating a device carries the back-end's state in its own stream, so the
+        destination back-end resumes without the driver noticing. This makes the pipe,
+        sends ``SET_DEVICE_STATE_FD`` (save, phase stopped), reads the state to its end
+        (through the back-end's own channel if it returns one) and asks
+        ``CHECK_DEVICE_STATE``, the back-end's only way to say that saving failed
+        (:class:`~vhost.errors.RequestRefusedError`). Stop every ring first
+        (:meth:`get_vring_base`): the spec's only phase is the device stopped. A back-end
+        silent for the reply timeout is :class:`~vhost.errors.VhostTimeoutError`; one
+        writing more than 64 MiB is :class:`~vhost.errors.ProtocolError`.
+        """
+        return self._native.save_device_state()
+
+    def load_device_state(self, state: bytes) -> None:
+        """Loads ``state`` (from :meth:`save_device_state` on the source) into the
+        back-end, for a live migration's destination, before its rings start.
+
+        Sends ``SET_DEVICE_STATE_FD`` (load, phase stopped), writes the state and closes
+        the pipe, then asks ``CHECK_DEVICE_STATE``: a back-end that cannot use the state
+        (garbage, another device's) refuses it there
+        (:class:`~vhost.errors.RequestRefusedError`).
+        """
+        self._native.load_device_state(bytes(state))
 
     def postcopy_advise(self) -> _core.FileDescriptor:
         """``POSTCOPY_ADVISE`` (needs ``ProtocolFeature.PAGEFAULT``): the back-end opens a
@@ -794,6 +864,12 @@ class BackendHandler:
     def get_shared_object(self, uuid: bytes) -> FdLike:
         raise _refuse("GET_SHARED_OBJECT")
 
+    def get_shmem_config(self) -> Mapping[int, int]:
+        """The device's VIRTIO Shared Memory Regions, shared memory id (0-255) to size in
+        bytes (``ShmemConfig.regions`` fits). Asked only once ``SHMEM`` is negotiated, so
+        offer it in :meth:`get_protocol_features` too. Refused by default."""
+        raise _refuse("GET_SHMEM_CONFIG")
+
     def set_device_state_fd(
         self, direction: int, phase: int, fd: _core.FileDescriptor
     ) -> FdLike | None:
@@ -854,7 +930,10 @@ class FrontendRequestHandler:
     def shared_object_remove(self, uuid: bytes) -> int | None:
         raise _refuse("SHARED_OBJECT_REMOVE")
 
-    def shared_object_lookup(self, uuid: bytes) -> int | None:
+    def shared_object_lookup(self, uuid: bytes) -> int | tuple[int, FdLike | None] | None:
+        """0 (or None) when the object is known, another value when not; return
+        ``(0, fd)`` to send its dma-buf fd with the answer (the fd is duplicated: it stays
+        yours)."""
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
     def shmem_map(  # noqa: PLR0917 - one argument per field of the request

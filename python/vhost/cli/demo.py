@@ -96,7 +96,7 @@ class UpperCaseDevice(BackendHandler):
         self.stop.set()
         if self.worker is not None:
             self.worker.join(5)
-        return self.queue.next_avail if self.queue is not None else 0
+        return self.queue.base if self.queue is not None else 0
 
     def _serve(self, kick: _core.EventFd) -> None:
         queue, call = self.queue, self.call

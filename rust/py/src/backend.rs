@@ -12,7 +12,9 @@ use vhost_core::backend::VringAddrs;
 use vhost_core::memory::{GuestMemory, RegionInfo};
 use vhost_core::user::backend::{BackendHandler, BackendSession};
 use vhost_core::user::channel::BackendChannel;
-use vhost_core::user::payload::{DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc};
+use vhost_core::user::payload::{
+    DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, ShmemConfig,
+};
 use vhost_core::user::{Error, Listener};
 
 use crate::channel::PyBackendChannel;
@@ -20,7 +22,7 @@ use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
 use crate::fd::{dup_of, FileDescriptor};
 use crate::frontend::PyFrontend;
-use crate::handler::{unit, PyCallState};
+use crate::handler::{shmem_pairs, unit, PyCallState};
 use crate::memory::PyGuestMemory;
 use crate::wait;
 use vhost_core::sys::socket::accept_within;
@@ -265,6 +267,13 @@ impl BackendHandler for PyBackendHandler {
             move |py| t(py, (PyBytes::new(py, &uuid),)),
             owned_fd,
         )
+    }
+    fn get_shmem_config(&mut self) -> R<ShmemConfig> {
+        let pairs = self
+            .state
+            .call(&self.obj, "get_shmem_config", |py| t(py, ()), shmem_pairs)?;
+        ShmemConfig::from_regions(&pairs)
+            .map_err(|e| Error::Handler(format!("get_shmem_config: {e}")))
     }
     fn set_device_state_fd(&mut self, tr: &DeviceStateTransfer, fd: OwnedFd) -> R<Option<OwnedFd>> {
         let (dir, phase) = (tr.direction, tr.phase);

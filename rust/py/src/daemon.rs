@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vhost_core::daemon::{Daemon, DaemonEvent, DaemonStats, DeviceError, Stopper, VirtioDevice};
+use vhost_core::daemon::{
+    Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
+};
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::sys::PathError;
@@ -21,6 +23,8 @@ use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
+use crate::handler::shmem_pairs;
+use crate::link::{resize_error, PyFrontendLink};
 use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,6 +89,15 @@ impl PyBlkDevice {
     #[getter]
     fn capacity(&self) -> u64 {
         self.inner.capacity()
+    }
+
+    /// Grows the disk to the image's size now (`size` None) or to `size` bytes (growing
+    /// the file), and tells the front-end; returns `(old, new, notified)` in sectors.
+    #[pyo3(signature = (size = None))]
+    fn resize(&self, py: Python<'_>, size: Option<u64>) -> PyResult<(u64, u64, bool)> {
+        let inner = self.inner.clone();
+        let r = crate::wait::blocking(py, move || inner.resize(size))?.map_err(resize_error)?;
+        Ok((r.old, r.new, r.notified))
     }
 
     #[getter]
@@ -354,14 +367,16 @@ impl PyBatch {
 }
 
 /// A Python object with the `vhost.daemon.Device` shape, as a core device. The static
-/// description is read once, so only `config`, `set_config`, `reset` and `process` call
-/// into Python.
+/// description is read once, so only `config`, `set_config`, `reset`, `process` and the
+/// migration pair `save_state`/`load_state` call into Python.
 struct PythonDevice {
     obj: Py<PyAny>,
     device_type: u32,
     num_queues: u16,
     max_queue_size: u16,
     features: u64,
+    protocol_features: u64,
+    shmem_regions: Vec<(u8, u64)>,
 }
 
 impl PythonDevice {
@@ -371,8 +386,19 @@ impl PythonDevice {
             num_queues: obj.getattr("num_queues")?.extract()?,
             max_queue_size: obj.getattr("max_queue_size")?.extract()?,
             features: obj.getattr("features")?.extract()?,
+            protocol_features: obj.getattr("protocol_features")?.extract()?,
+            shmem_regions: shmem_pairs(&obj.getattr("shmem_regions")?)?,
             obj: obj.clone().unbind(),
         })
+    }
+
+    /// Calls a hook that only tells the device something; an exception is reported.
+    fn notify(&self, hook: &str, value: u64) {
+        Python::attach(|py| {
+            if let Err(e) = self.obj.call_method1(py, hook, (value,)) {
+                Self::failed(py, &self.obj, e);
+            }
+        });
     }
 
     /// Reports a Python exception the way an unhandled one in a thread would be.
@@ -398,6 +424,22 @@ impl VirtioDevice for PythonDevice {
 
     fn features(&self) -> u64 {
         self.features
+    }
+
+    fn protocol_features(&self) -> u64 {
+        self.protocol_features
+    }
+
+    fn shmem_regions(&self) -> Vec<(u8, u64)> {
+        self.shmem_regions.clone()
+    }
+
+    fn set_acked_features(&self, features: u64) {
+        self.notify("set_acked_features", features);
+    }
+
+    fn set_acked_protocol_features(&self, features: u64) {
+        self.notify("set_acked_protocol_features", features);
     }
 
     fn config(&self) -> Vec<u8> {
@@ -427,6 +469,32 @@ impl VirtioDevice for PythonDevice {
                 Self::failed(py, &self.obj, e);
             }
         });
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        Python::attach(|py| {
+            let state = self
+                .obj
+                .call_method0(py, "save_state")
+                .map_err(|e| DeviceError::Failed(e.to_string()))?;
+            let state = state.bind(py);
+            // bytes, as typed, in one copy; any other bytes-like item by item.
+            match state.cast::<PyBytes>() {
+                Ok(b) => Ok(b.as_bytes().to_vec()),
+                Err(_) => state
+                    .extract::<Vec<u8>>()
+                    .map_err(|e| DeviceError::Failed(format!("save_state() returned: {e}"))),
+            }
+        })
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        Python::attach(|py| {
+            self.obj
+                .call_method1(py, "load_state", (PyBytes::new(py, state),))
+                .map(drop)
+                .map_err(|e| DeviceError::Failed(e.to_string()))
+        })
     }
 
     fn process(
@@ -595,6 +663,8 @@ pub struct PyDaemon {
     events: Arc<EventQueue>,
     /// A `start` is binding its socket.
     starting: AtomicBool,
+    /// The device's way to the front-end, kept across restarts.
+    link: FrontendLink,
 }
 
 #[pymethods]
@@ -622,7 +692,10 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
+        let link = FrontendLink::new();
+        device.attach_frontend(link.clone());
         Ok(PyDaemon {
+            link,
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
             poll: Duration::from_micros(poll_us),
@@ -722,6 +795,13 @@ impl PyDaemon {
         }
     }
 
+    /// The link to the front-end being served (config changes, shared objects, shared
+    /// memory), valid across sessions and restarts.
+    #[getter]
+    fn frontend(&self) -> PyFrontendLink {
+        PyFrontendLink::new(self.link.clone())
+    }
+
     /// Events dropped because nobody collected them (the queue keeps the latest 1024).
     #[getter]
     fn events_dropped(&self) -> u64 {
@@ -784,7 +864,8 @@ impl PyDaemon {
             .map_err(io_error)?
             .with_stall_timeout(self.stall_timeout)
             .with_poll(self.poll)
-            .with_sealed_memory_only(self.sealed_memory_only);
+            .with_sealed_memory_only(self.sealed_memory_only)
+            .with_frontend_link(self.link.clone());
         let events = self.events.clone();
         let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
         let listener = if client {

@@ -76,6 +76,7 @@ pub fn vring_error(err: VringError) -> PyErr {
 pub fn vring_caller_error(err: VringError) -> PyErr {
     match err {
         VringError::InvalidHead { .. }
+        | VringError::InvalidBase(_)
         | VringError::InvalidUsed { .. }
         | VringError::LengthOverflow { .. } => invalid_param(err.to_string()),
         _ => vring_error(err),

@@ -406,8 +406,25 @@ impl PyFrontend {
         Ok(ours.map(FileDescriptor::new))
     }
 
+    /// `(shmid, size)` of each shared memory region, by shmid.
+    fn get_shmem_config(&self, py: Python<'_>) -> PyResult<Vec<(u8, u64)>> {
+        self.call(py, |f| f.get_shmem_config().map(|c| c.regions()))
+    }
+
     fn check_device_state(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |f| f.check_device_state())
+    }
+
+    /// The back-end's whole device state (pipe, SET_DEVICE_STATE_FD, read, CHECK).
+    fn save_device_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let state = self.call(py, |f| f.save_device_state())?;
+        Ok(PyBytes::new(py, &state))
+    }
+
+    /// Loads `state` into the back-end (pipe, SET_DEVICE_STATE_FD, write, CHECK).
+    fn load_device_state(&self, py: Python<'_>, state: &[u8]) -> PyResult<()> {
+        let state = state.to_vec();
+        self.call(py, move |f| f.load_device_state(&state))
     }
 
     fn postcopy_advise(&self, py: Python<'_>) -> PyResult<FileDescriptor> {

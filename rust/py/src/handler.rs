@@ -76,3 +76,11 @@ pub fn u64_or_zero(v: &Bound<'_, PyAny>) -> PyResult<u64> {
         v.extract()
     }
 }
+
+/// `(shmid, size)` pairs from a Python mapping of shared memory region id to size.
+pub fn shmem_pairs(v: &Bound<'_, PyAny>) -> PyResult<Vec<(u8, u64)>> {
+    v.call_method0("items")?
+        .try_iter()?
+        .map(|item| item?.extract::<(u8, u64)>())
+        .collect()
+}

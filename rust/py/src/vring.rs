@@ -1,5 +1,5 @@
-//! Virtqueues for Python: `DeviceQueue` (the device side, over `SplitDevice` /
-//! `PackedDevice`) and `Virtqueue` (the driver side, over `SplitDriver` / `PackedDriver`).
+//! Virtqueues for Python: `DeviceQueue` (the device side, over the core's `DeviceQueue`)
+//! and `Virtqueue` (the driver side, over `SplitDriver` / `PackedDriver`).
 //!
 //! Each queue owns a snapshot of the guest memory it was built with (so the mappings stay
 //! alive) and its ring state behind a mutex. The mutex is never held while the GIL is being
@@ -14,8 +14,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::vring::{
-    DescriptorChain as CoreChain, PackedDevice, PackedDriver, RingLayout, SplitDevice, SplitDriver,
-    VringError,
+    DescriptorChain as CoreChain, DeviceQueue as CoreDeviceQueue, PackedDriver, RingLayout,
+    SplitDriver,
 };
 
 use crate::errors::{invalid_param, vring_caller_error, IntoPyResult};
@@ -100,30 +100,9 @@ impl PyDescriptorChain {
 // Device side
 // ------------------------------------------------------------------------------------------
 
-enum DeviceRing {
-    Split(SplitDevice),
-    Packed(PackedDevice),
-}
-
 struct DeviceInner {
     mem: CoreMemory,
-    ring: DeviceRing,
-}
-
-impl DeviceInner {
-    fn pop_batch(&mut self, max: usize) -> Result<Vec<CoreChain>, VringError> {
-        match &mut self.ring {
-            DeviceRing::Split(q) => q.pop_batch(&self.mem, max),
-            DeviceRing::Packed(q) => q.pop_batch(&self.mem, max),
-        }
-    }
-
-    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<(), VringError> {
-        match &mut self.ring {
-            DeviceRing::Split(q) => q.add_used_batch(&self.mem, used),
-            DeviceRing::Packed(q) => q.add_used_batch(&self.mem, used),
-        }
-    }
+    ring: CoreDeviceQueue,
 }
 
 /// The device side of a virtqueue (a back-end consuming a ring).
@@ -143,11 +122,7 @@ impl PyDeviceQueue {
         indirect: bool,
     ) -> PyResult<Self> {
         layout.check_memory(&mem).py_err()?;
-        let ring = if layout.is_packed() {
-            DeviceRing::Packed(PackedDevice::new(layout, event_idx, indirect).py_err()?)
-        } else {
-            DeviceRing::Split(SplitDevice::new(layout, event_idx, indirect).py_err()?)
-        };
+        let ring = CoreDeviceQueue::new(layout, event_idx, indirect).py_err()?;
         Ok(PyDeviceQueue {
             inner: Mutex::new(DeviceInner { mem, ring }),
             layout,
@@ -162,9 +137,13 @@ impl PyDeviceQueue {
             .map(|(h, l)| Ok((to_u16(h, "head")?, to_u32(l, "length")?)))
             .collect::<PyResult<Vec<_>>>()?;
         let r = if used.len() > DETACH_BATCH {
-            py.detach(|| lock(&self.inner).add_used_batch(&used))
+            py.detach(|| {
+                let DeviceInner { mem, ring } = &mut *lock(&self.inner);
+                ring.add_used_batch(mem, &used)
+            })
         } else {
-            lock(&self.inner).add_used_batch(&used)
+            let DeviceInner { mem, ring } = &mut *lock(&self.inner);
+            ring.add_used_batch(mem, &used)
         };
         r.map_err(vring_caller_error)
     }
@@ -225,9 +204,13 @@ impl PyDeviceQueue {
     #[pyo3(signature = (max = 64))]
     fn pop_batch(&self, py: Python<'_>, max: usize) -> PyResult<Vec<PyDescriptorChain>> {
         let chains = if max > DETACH_BATCH {
-            py.detach(|| lock(&self.inner).pop_batch(max))
+            py.detach(|| {
+                let DeviceInner { mem, ring } = &mut *lock(&self.inner);
+                ring.pop_batch(mem, max)
+            })
         } else {
-            lock(&self.inner).pop_batch(max)
+            let DeviceInner { mem, ring } = &mut *lock(&self.inner);
+            ring.pop_batch(mem, max)
         }
         .py_err()?;
         Ok(chains
@@ -278,11 +261,7 @@ impl PyDeviceQueue {
     fn needs_notification(&self) -> PyResult<bool> {
         let mut inner = lock(&self.inner);
         let DeviceInner { mem, ring } = &mut *inner;
-        match ring {
-            DeviceRing::Split(q) => q.needs_notification(mem),
-            DeviceRing::Packed(q) => q.needs_notification(mem),
-        }
-        .py_err()
+        ring.needs_notification(mem).py_err()
     }
 
     /// Enables or disables kicks; after enabling, returns whether buffers are already
@@ -290,62 +269,44 @@ impl PyDeviceQueue {
     fn set_notification(&self, enable: bool) -> PyResult<bool> {
         let mut inner = lock(&self.inner);
         let DeviceInner { mem, ring } = &mut *inner;
-        match ring {
-            DeviceRing::Split(q) => q.set_notification(mem, enable),
-            DeviceRing::Packed(q) => q.set_notification(mem, enable),
-        }
-        .py_err()
+        ring.set_notification(mem, enable).py_err()
     }
 
-    /// The next avail index to process (the GET_VRING_BASE value; packed: slot in bits
-    /// 0-14, wrap counter in bit 15). Setting it (SET_VRING_BASE) also sets where the next
-    /// used element goes; a packed value above 16 bits carries the used position in bits
-    /// 16-31.
+    /// The ring base in vhost-user's encoding, what GET_VRING_BASE answers and
+    /// SET_VRING_BASE restores: split, the next avail index; packed, the next avail slot in
+    /// bits 0-14 with its wrap counter in bit 15 and the next used slot in bits 16-30 with
+    /// its wrap counter in bit 31 (a value of 16 bits means used = avail). Restoring a
+    /// split base re-reads the used index from the ring, as the native daemon does, so a
+    /// Python back-end and the daemon resume a ring alike.
     #[getter]
-    fn get_next_avail(&self) -> u32 {
-        match &lock(&self.inner).ring {
-            DeviceRing::Split(q) => u32::from(q.next_avail()),
-            DeviceRing::Packed(q) => packed_pos(q.next_avail()),
-        }
+    fn get_base(&self) -> u32 {
+        lock(&self.inner).ring.base()
     }
 
     #[setter]
-    fn set_next_avail(&self, value: i64) -> PyResult<()> {
-        let mut inner = lock(&self.inner);
-        match &mut inner.ring {
-            DeviceRing::Split(q) => {
-                let v = to_u16(value, "next_avail")?;
-                q.set_next_avail(v);
-                q.set_next_used(v);
-                Ok(())
-            }
-            DeviceRing::Packed(q) => {
-                let v = to_u32(value, "next_avail")?;
-                let avail = (v & 0xffff) as u16;
-                let used = if v > 0xffff { (v >> 16) as u16 } else { avail };
-                q.set_next_avail(avail & 0x7fff, avail & 0x8000 != 0)
-                    .and_then(|()| q.set_next_used(used & 0x7fff, used & 0x8000 != 0))
-                    .map_err(vring_caller_error)
-            }
-        }
+    fn set_base(&self, value: i64) -> PyResult<()> {
+        let base = to_u32(value, "base")?;
+        let DeviceInner { mem, ring } = &mut *lock(&self.inner);
+        ring.restore(mem, base).map_err(vring_caller_error)
+    }
+
+    /// The next avail position to process (packed: slot in bits 0-14, wrap counter in
+    /// bit 15); the low half of :attr:`base`.
+    #[getter]
+    fn next_avail(&self) -> u32 {
+        lock(&self.inner).ring.base() & 0xffff
     }
 
     /// Where the next used element goes (packed: slot in bits 0-14, wrap counter in bit 15).
     #[getter]
     fn next_used(&self) -> u32 {
-        match &lock(&self.inner).ring {
-            DeviceRing::Split(q) => u32::from(q.next_used()),
-            DeviceRing::Packed(q) => packed_pos(q.next_used()),
-        }
+        lock(&self.inner).ring.next_used_position()
     }
 
     /// True after the ring was found corrupt: every data-path call raises `QueueError`.
     #[getter]
     fn broken(&self) -> bool {
-        match &lock(&self.inner).ring {
-            DeviceRing::Split(q) => q.is_broken(),
-            DeviceRing::Packed(q) => q.is_broken(),
-        }
+        lock(&self.inner).ring.is_broken()
     }
 
     #[getter]
@@ -464,10 +425,6 @@ fn walk_segments<E>(
         skip = 0;
     }
     Ok(())
-}
-
-fn packed_pos((idx, wrap): (u16, bool)) -> u32 {
-    u32::from(idx) | (u32::from(wrap) << 15)
 }
 
 // ------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ use crate::memory::dirty_log::DirtyLogError;
 use crate::memory::GuestMemory;
 use crate::vring::{DescriptorChain, VringError};
 
+use super::link::FrontendLink;
+
 /// virtio transport features every daemon device gets unless it masks them out
 /// ([`VirtioDevice::transport_features`]).
 pub mod transport {
@@ -58,6 +60,17 @@ pub trait VirtioDevice: Send + Sync {
     fn protocol_features(&self) -> u64 {
         0
     }
+    /// The front-end acked these protocol features (`SET_PROTOCOL_FEATURES`): what the
+    /// device may now use, e.g. the back-end channel only once `BACKEND_REQ` is acked.
+    fn set_acked_protocol_features(&self, features: u64) {
+        let _ = features;
+    }
+    /// The device's VIRTIO Shared Memory Regions as `(shmid, size in bytes)`, each id
+    /// once. Declaring any makes the daemon offer `SHMEM` and answer `GET_SHMEM_CONFIG`
+    /// (the front-end then sizes the regions it exposes to the guest); none by default.
+    fn shmem_regions(&self) -> Vec<(u8, u64)> {
+        Vec::new()
+    }
     /// The whole device configuration space.
     fn config(&self) -> Vec<u8>;
     fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
@@ -70,6 +83,33 @@ pub trait VirtioDevice: Send + Sync {
     }
     /// The front-end went away or reset the device.
     fn reset(&self) {}
+    /// The device's internal state for live migration (`SET_DEVICE_STATE_FD`, save):
+    /// whatever the destination's [`load_state`](Self::load_state) needs for the driver
+    /// to go on as if nothing happened, beyond the rings and guest memory the front-end
+    /// migrates itself. Called on a transfer thread with every ring stopped. The default
+    /// is a stateless device: empty state.
+    fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        Ok(Vec::new())
+    }
+    /// Restores what [`save_state`](Self::save_state) produced on the source (`load`),
+    /// before the rings start; on error the device should keep its previous state. The
+    /// default (stateless) accepts only empty state: anything else was saved by a device
+    /// with state this one would silently lose.
+    fn load_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        Err(DeviceError::Invalid(format!(
+            "this device is stateless, but {} bytes of device state were sent",
+            state.len()
+        )))
+    }
+    /// The daemon's link to whichever front-end it serves, given once when the daemon is
+    /// made: keep it to send config-change notifications, shared objects and shared
+    /// memory mappings (see [`FrontendLink`]). Devices that never talk back ignore it.
+    fn attach_frontend(&self, link: FrontendLink) {
+        let _ = link;
+    }
     /// Handles one batch popped from `queue`: pushes `(head, bytes written)` into `done`
     /// for each chain completed. Chains left out are completed by the daemon with 0 bytes,
     /// so a device error never strands the driver's buffers.

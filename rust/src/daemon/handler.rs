@@ -16,14 +16,16 @@ use crate::sys::EventFd;
 use crate::user::codes::{
     protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
 };
-use crate::user::payload::{InflightDesc, LogDesc};
-use crate::user::{BackendHandler, Error, Result};
+use crate::user::payload::{DeviceStateTransfer, InflightDesc, LogDesc, ShmemConfig};
+use crate::user::{BackendChannel, BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
+use super::link::FrontendLink;
 use super::postcopy::Postcopy;
 use super::queue::{lock, spawn_worker, QueueSlot};
+use super::state::{Limits, StateTransfer};
 
 /// Protocol features every daemon offers.
 pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
@@ -34,10 +36,19 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::CONFIGURE_MEM_SLOTS
     | pf::INFLIGHT_SHMFD
     | pf::LOG_SHMFD
+    | pf::DEVICE_STATE
+    // The back-end channel, for devices (FrontendLink) and in-band notifications.
+    | pf::BACKEND_REQ
+    | pf::BACKEND_SEND_FD
+    | pf::SHARED_OBJECT
+    | pf::INBAND_NOTIFICATIONS
+    // Postcopy: guest memory registered with a userfaultfd (daemon::postcopy).
     | pf::PAGEFAULT;
 
-/// Memory slots offered with CONFIGURE_MEM_SLOTS.
-pub const MAX_MEM_SLOTS: u64 = 32;
+/// Memory slots offered with CONFIGURE_MEM_SLOTS: rust-vmm's vhost-user-backend offers
+/// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
+/// sized for it is served; ADD_MEM_REG beyond it is refused (ADVERSARIAL C6).
+pub const MAX_MEM_SLOTS: u64 = 509;
 
 /// Status bit of a driver that has given up on the device; the virtio status byte is
 /// otherwise the front-end's business.
@@ -62,6 +73,11 @@ pub struct DaemonHandler {
     /// The session's socket and the daemon's stop latch, watched during postcopy.
     peer: Option<(OwnedFd, Arc<EventFd>)>,
     hint: Option<&'static str>,
+    /// The device-state transfer SET_DEVICE_STATE_FD started, until CHECK_DEVICE_STATE.
+    state_transfer: Option<StateTransfer>,
+    /// Where the device reaches this session's front-end: the back-end channel is attached
+    /// to it when it arrives and detached when the session ends.
+    link: FrontendLink,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -108,6 +124,8 @@ impl DaemonHandler {
             postcopy: None,
             peer: None,
             hint: None,
+            state_transfer: None,
+            link: FrontendLink::new(),
             device,
         };
         for i in 0..handler.device.num_queues() {
@@ -126,6 +144,14 @@ impl DaemonHandler {
     /// waits for such a worker.
     pub fn watch_peer(&mut self, sock: OwnedFd, stop: Arc<EventFd>) {
         self.peer = Some((sock, stop));
+    }
+
+    /// Makes `link` this session's: the device's requests to the front-end go to the
+    /// channel this session receives, until it ends.
+    pub(crate) fn with_link(mut self, link: FrontendLink) -> Self {
+        link.session_started();
+        self.link = link;
+        self
     }
 
     /// Live counters of the descriptor chains completed, per queue.
@@ -210,12 +236,16 @@ impl Drop for DaemonHandler {
         // First wake any worker asleep on a page fault the front-end will now never
         // resolve, or joining it would wait forever.
         self.postcopy = None;
+        // A transfer still running is cancelled before the device is reset.
+        self.state_transfer = None;
+        self.link.session_ended();
         self.stop_workers();
         for s in &self.slots {
             let mut st = lock(&s.state);
             st.stop();
             st.call = None;
             st.err = None;
+            st.inband = None;
             st.mem = GuestMemory::default();
         }
         self.device.reset();
@@ -260,12 +290,22 @@ impl BackendHandler for DaemonHandler {
         if self.device.config().is_empty() {
             offered &= !pf::CONFIG;
         }
+        // SHMEM (GET_SHMEM_CONFIG) only for a device that has shared memory regions.
+        if !self.device.shmem_regions().is_empty() {
+            offered |= pf::SHMEM;
+        }
         Ok(offered)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         self.acked_protocol = features;
+        self.device.set_acked_protocol_features(features);
         Ok(())
+    }
+
+    fn get_shmem_config(&mut self) -> Result<ShmemConfig> {
+        ShmemConfig::from_regions(&self.device.shmem_regions())
+            .map_err(|e| Error::Handler(format!("GET_SHMEM_CONFIG: {e}")))
     }
 
     fn reset_owner(&mut self) -> Result<()> {
@@ -407,6 +447,16 @@ impl BackendHandler for DaemonHandler {
         self.device.set_config(offset, data).map_err(device_error)
     }
 
+    fn set_backend_channel(&mut self, channel: Arc<BackendChannel>) -> Result<()> {
+        // With INBAND_NOTIFICATIONS, a ring without a call fd is signalled on the channel.
+        let inband = (self.acked_protocol & pf::INBAND_NOTIFICATIONS != 0).then(|| channel.clone());
+        for s in &self.slots {
+            lock(&s.state).inband = inband.clone();
+        }
+        self.link.attach(channel);
+        Ok(())
+    }
+
     fn get_inflight_fd(&mut self, desc: &InflightDesc) -> Result<(InflightDesc, OwnedFd)> {
         let (area, reply, fd) = InflightArea::create(desc)?;
         self.inflight = Some(Arc::new(area));
@@ -473,5 +523,40 @@ impl BackendHandler for DaemonHandler {
         state
             .end()
             .map_err(|e| Error::Handler(format!("POSTCOPY_END: unregister guest memory: {e}")))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        transfer: &DeviceStateTransfer,
+        fd: OwnedFd,
+    ) -> Result<Option<OwnedFd>> {
+        // The only phase is "stopped": a running ring could change the state mid-save.
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| lock(&s.state).ring.is_some())
+        {
+            return Err(Error::InvalidParam(format!(
+                "SET_DEVICE_STATE_FD: ring {i} is running; stop every ring (GET_VRING_BASE) first"
+            )));
+        }
+        // A transfer never checked is cancelled by the new one.
+        self.state_transfer = None;
+        let t = StateTransfer::start(self.device.clone(), transfer, fd, Limits::default())?;
+        self.state_transfer = Some(t);
+        Ok(None)
+    }
+
+    fn check_device_state(&mut self) -> Result<()> {
+        self.state_transfer
+            .take()
+            .ok_or_else(|| {
+                Error::InvalidParam(
+                    "CHECK_DEVICE_STATE: no device state transfer to check \
+                     (SET_DEVICE_STATE_FD starts one)"
+                        .into(),
+                )
+            })?
+            .finish()
     }
 }

@@ -56,7 +56,7 @@ pub(crate) fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
         .map_err(|_| invalid_input("negative file size"))
 }
 
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+pub(super) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `st` is writable storage of the right type; fstat fills it on success.
     cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;

@@ -11,6 +11,7 @@ pub mod eventfd;
 pub mod interrupt;
 pub mod memfd;
 pub mod mmap;
+pub mod pipe;
 pub mod poll;
 pub mod scm;
 pub mod socket;

@@ -22,7 +22,7 @@ use super::header::Header;
 use super::message::{has_reply, FrontendRequest};
 use super::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion,
-    SingleMemRegion, U64Payload, VringState,
+    ShmemConfig, SingleMemRegion, U64Payload, VringState,
 };
 use super::{Error, Result};
 use crate::backend::VringAddrs;
@@ -149,6 +149,11 @@ pub trait BackendHandler {
     }
     fn get_shared_object(&mut self, uuid: [u8; 16]) -> Result<OwnedFd> {
         Err(Error::NotSupported("GET_SHARED_OBJECT"))
+    }
+    /// The sizes of the device's VIRTIO Shared Memory Regions, indexed by shmid (0 for an
+    /// id the device does not use); needs `SHMEM` negotiated.
+    fn get_shmem_config(&mut self) -> Result<ShmemConfig> {
+        Err(Error::NotSupported("GET_SHMEM_CONFIG"))
     }
     /// Returns our own pipe end when we prefer it to the one we were given.
     fn set_device_state_fd(
@@ -755,7 +760,10 @@ impl BackendSession {
                 h.iotlb_msg(&msg)?;
                 u64_reply(0)
             }
-            R::GetShmemConfig => return Err(Error::NotSupported("GET_SHMEM_CONFIG")),
+            R::GetShmemConfig => Outgoing {
+                body: h.get_shmem_config()?.to_bytes(),
+                ..Outgoing::default()
+            },
             R::GetConfig(ConfigPayload {
                 offset,
                 size,

@@ -16,9 +16,16 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio feature bit 26 (`VHOST_F_LOG_ALL`): the front-end wants dirty-page logging.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
-/// Most regions a `SET_MEM_TABLE` may carry (`VHOST_MEMORY_BASELINE_NREGIONS` in QEMU).
-/// More regions need `CONFIGURE_MEM_SLOTS` and `ADD_MEM_REG`.
+/// Most regions a `SET_MEM_TABLE` carries in the baseline protocol
+/// (`VHOST_MEMORY_BASELINE_NREGIONS` in QEMU, which never sends more). More regions need
+/// `CONFIGURE_MEM_SLOTS` and `ADD_MEM_REG`.
 pub const MAX_MEM_REGIONS_BASELINE: usize = 8;
+
+/// Most regions one `SET_MEM_TABLE` may carry here, on both sides: rust-vmm's limit, so a
+/// front-end built on it that sends more than QEMU's 8 is served. One fd per region
+/// travels in one message, so it cannot exceed the fds a message may carry.
+pub const MAX_MEM_TABLE_REGIONS: usize = 32;
+const _: () = assert!(MAX_MEM_TABLE_REGIONS <= crate::sys::MAX_FDS);
 
 /// Largest device config space a `GET_CONFIG` / `SET_CONFIG` can address: QEMU's
 /// `VhostUserConfig` carries at most 256 bytes (`VHOST_USER_MAX_CONFIG_SIZE`).

@@ -73,6 +73,11 @@ impl Connection {
         Ok(())
     }
 
+    /// The bound set by `set_timeout`.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
+
     /// A blocked send or receive returned after one socket-timeout slice without progress
     /// (`since`: when this operation first stalled, kept across calls). `Timeout` once the
     /// stall reaches the bound, `Interrupted` when the interrupt check says so.

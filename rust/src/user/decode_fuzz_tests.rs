@@ -98,3 +98,49 @@ fn backend_requests_never_panic_and_round_trip() {
         "only {decoded} bodies decoded: generator too weak"
     );
 }
+
+/// The `GET_SHMEM_CONFIG` reply a hostile back-end sends: any body decodes to a config or
+/// an error, never a panic, and a decoded config re-encodes to the same bytes (padding
+/// aside): the count is always the number of non-zero sizes.
+#[test]
+fn shmem_config_replies_never_panic_and_round_trip() {
+    use super::payload::ShmemConfig;
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    let sizes = [
+        ShmemConfig::SIZE,
+        ShmemConfig::SIZE - 8,
+        ShmemConfig::SIZE + 8,
+    ];
+    let mut decoded = 0;
+    for round in 0..5_000 {
+        let mut b = body(&mut rng, &sizes);
+        if b.len() == ShmemConfig::SIZE && rng.below(2) == 0 {
+            // Zero some sizes, then make the count honest half of the time.
+            for chunk in b[8..].chunks_mut(8) {
+                if rng.below(2) == 0 {
+                    chunk.fill(0);
+                }
+            }
+            let used = b[8..]
+                .chunks(8)
+                .filter(|c| c.iter().any(|&x| x != 0))
+                .count();
+            b[..4].copy_from_slice(&(used as u32).to_ne_bytes());
+        }
+        if let Ok(cfg) = ShmemConfig::from_bytes(&b) {
+            decoded += 1;
+            let again = cfg.to_bytes();
+            assert_eq!(again[..4], b[..4], "round {round}: count");
+            assert_eq!(again[8..], b[8..], "round {round}: sizes");
+            assert_eq!(
+                ShmemConfig::from_regions(&cfg.regions()).unwrap(),
+                cfg,
+                "round {round}"
+            );
+        }
+    }
+    assert!(
+        decoded > 500,
+        "only {decoded} replies decoded: generator too weak"
+    );
+}

@@ -19,7 +19,8 @@ use super::header::Header;
 use super::message::{has_reply, reply_allows_fd};
 use super::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion, MemTable,
-    SharedObjectUuid, SingleMemRegion, U64Payload, VringAddrPayload, VringFdPayload, VringState,
+    SharedObjectUuid, ShmemConfig, SingleMemRegion, U64Payload, VringAddrPayload, VringFdPayload,
+    VringState,
 };
 use super::postcopy::PostcopyRegion;
 use super::{Error, Result};
@@ -85,6 +86,11 @@ impl Frontend {
 
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         self.lock().conn.set_timeout(timeout)
+    }
+
+    /// The bound on every wait for the back-end (`set_timeout`).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.lock().conn.timeout()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -778,6 +784,18 @@ impl Frontend {
         }
     }
 
+    /// The sizes of the back-end's VIRTIO Shared Memory Regions (`GET_SHMEM_CONFIG`, needs
+    /// `SHMEM`). A reply of the wrong size, or whose count is not the number of non-zero
+    /// sizes, is the back-end's fault ([`Error::InvalidReply`]) and closes the connection.
+    pub fn get_shmem_config(&self) -> Result<ShmemConfig> {
+        let r = self.reply(FrontendReq::GetShmemConfig, &[], &[])?;
+        self.parsed(
+            FrontendReq::GetShmemConfig,
+            &r.body,
+            ShmemConfig::from_bytes,
+        )
+    }
+
     pub fn check_device_state(&self) -> Result<()> {
         let status = self.get_u64(FrontendReq::CheckDeviceState)?;
         if status != 0 {
@@ -911,6 +929,7 @@ fn expected_reply_size(req: FrontendReq, request_body: usize) -> usize {
         FrontendReq::GetConfig | FrontendReq::CreateCryptoSession => request_body,
         FrontendReq::GetInflightFd => InflightDesc::SIZE,
         FrontendReq::PostcopyAdvise => 0,
+        FrontendReq::GetShmemConfig => ShmemConfig::SIZE,
         _ => U64Payload::SIZE,
     }
 }

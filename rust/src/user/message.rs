@@ -1109,14 +1109,24 @@ mod tests {
             FrontendRequest::decode(FrontendReq::SetMemTable, &zero, vec![]),
             Err(Error::InvalidParam(_))
         ));
-        let nine = MemTable {
-            regions: (0..9u64)
-                .map(|i| region(i << 32, 0x7000_0000_0000 + (i << 32)))
-                .collect(),
+        let table = |n: u64| {
+            MemTable {
+                regions: (0..n)
+                    .map(|i| region(i << 32, 0x7000_0000_0000 + (i << 32)))
+                    .collect(),
+            }
+            .to_bytes()
+        };
+        // Past QEMU's 8 and up to rust-vmm's 32, with one fd each.
+        for n in [9, 16, 32] {
+            let r = FrontendRequest::decode(FrontendReq::SetMemTable, &table(n), fds(n as usize));
+            assert!(
+                matches!(r, Ok(FrontendRequest::SetMemTable { ref fds, .. }) if fds.len() == n as usize),
+                "{n} regions: {r:?}"
+            );
         }
-        .to_bytes();
         assert!(matches!(
-            FrontendRequest::decode(FrontendReq::SetMemTable, &nine, fds(9)),
+            FrontendRequest::decode(FrontendReq::SetMemTable, &table(33), fds(32)),
             Err(Error::InvalidParam(_))
         ));
     }

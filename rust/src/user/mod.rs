@@ -5,6 +5,7 @@ pub mod backend;
 pub mod channel;
 pub mod codes;
 pub mod connection;
+pub mod device_state;
 pub mod error;
 pub mod frontend;
 pub mod header;
@@ -15,6 +16,7 @@ pub mod postcopy;
 
 pub use backend::{BackendHandler, BackendSession};
 pub use channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
+pub use device_state::MAX_DEVICE_STATE;
 pub use error::{Error, Result};
 pub use frontend::Frontend;
 pub use listener::Listener;

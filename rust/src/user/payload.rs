@@ -18,7 +18,7 @@
 //! - `ShmemMapPayload` is 40 bytes (`VhostUserMMap`: u8 shmid, 7 padding, four u64).
 //! - `ShmemConfig` is 2056 bytes (`VhostUserShMemConfig`: u32 count, u32 padding, 256 u64).
 
-use super::codes::{MAX_CONFIG_SIZE, MAX_MEM_REGIONS_BASELINE};
+use super::codes::{MAX_CONFIG_SIZE, MAX_MEM_TABLE_REGIONS};
 use super::header::MAX_BODY_SIZE;
 use super::{Error, Result};
 use crate::backend::VringAddrs;
@@ -282,8 +282,8 @@ pub struct MemTable {
 impl MemTable {
     /// Count and padding.
     pub const HEADER_SIZE: usize = 8;
-    /// With [`MAX_MEM_REGIONS_BASELINE`] regions.
-    pub const MAX_SIZE: usize = Self::HEADER_SIZE + MAX_MEM_REGIONS_BASELINE * MemRegion::SIZE;
+    /// With [`MAX_MEM_TABLE_REGIONS`] regions (1032 bytes, within `MAX_BODY_SIZE`).
+    pub const MAX_SIZE: usize = Self::HEADER_SIZE + MAX_MEM_TABLE_REGIONS * MemRegion::SIZE;
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.regions.len();
@@ -296,8 +296,8 @@ impl MemTable {
         w.done()
     }
 
-    /// Count 1..=8 (C1), exact size, every region valid (C2), no two regions overlapping
-    /// in guest-physical or in front-end virtual space (C4).
+    /// Count 1..=[`MAX_MEM_TABLE_REGIONS`] (C1), exact size, every region valid (C2), no
+    /// two regions overlapping in guest-physical or in front-end virtual space (C4).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "memory table";
         if b.len() < Self::HEADER_SIZE {
@@ -306,10 +306,10 @@ impl MemTable {
         let mut r = Reader { rest: b };
         let n = r.u32() as usize;
         r.skip(4);
-        if n == 0 || n > MAX_MEM_REGIONS_BASELINE {
+        if n == 0 || n > MAX_MEM_TABLE_REGIONS {
             return Err(invalid(
                 WHAT,
-                format_args!("{n} regions, expected 1..={MAX_MEM_REGIONS_BASELINE}"),
+                format_args!("{n} regions, expected 1..={MAX_MEM_TABLE_REGIONS}"),
             ));
         }
         let want = Self::HEADER_SIZE + n * MemRegion::SIZE;
@@ -326,10 +326,10 @@ impl MemTable {
     /// The rules of `from_bytes` applied to a table built locally.
     pub fn check(&self) -> Result<()> {
         let n = self.regions.len();
-        if n == 0 || n > MAX_MEM_REGIONS_BASELINE {
+        if n == 0 || n > MAX_MEM_TABLE_REGIONS {
             return Err(invalid(
                 "memory table",
-                format_args!("{n} regions, expected 1..={MAX_MEM_REGIONS_BASELINE}"),
+                format_args!("{n} regions, expected 1..={MAX_MEM_TABLE_REGIONS}"),
             ));
         }
         for region in &self.regions {
@@ -348,6 +348,8 @@ impl MemTable {
         Ok(())
     }
 }
+
+const _: () = assert!(MemTable::MAX_SIZE <= MAX_BODY_SIZE);
 
 /// The `ADD_MEM_REG` / `REM_MEM_REG` body: u64 padding, then one region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -793,21 +795,15 @@ impl DeviceStateTransfer {
             .done()
     }
 
-    /// Rejects directions other than save/load and phases other than stopped.
+    /// Any direction and phase decode: the spec foresees more phases, and a back-end
+    /// answers one it does not support with a failure status (as virtiofsd does) rather
+    /// than a closed connection, so the values are the handler's to refuse.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        const WHAT: &str = "device state transfer";
-        let mut r = exact(WHAT, b, Self::SIZE)?;
-        let t = DeviceStateTransfer {
+        let mut r = exact("device state transfer", b, Self::SIZE)?;
+        Ok(DeviceStateTransfer {
             direction: r.u32(),
             phase: r.u32(),
-        };
-        if t.direction > Self::DIRECTION_LOAD {
-            return Err(invalid(WHAT, format_args!("direction {}", t.direction)));
-        }
-        if t.phase != Self::PHASE_STOPPED {
-            return Err(invalid(WHAT, format_args!("phase {}", t.phase)));
-        }
-        Ok(t)
+        })
     }
 }
 
@@ -935,6 +931,38 @@ impl Default for ShmemConfig {
 
 impl ShmemConfig {
     pub const SIZE: usize = 8 + 8 * MAX_SHMEM_REGIONS;
+
+    /// The config of a device with these `(shmid, size)` regions: each id at most once
+    /// and no size 0 (the wire format's "no region"), else `InvalidParam`.
+    pub fn from_regions(regions: &[(u8, u64)]) -> Result<Self> {
+        let mut cfg = ShmemConfig::default();
+        for &(shmid, size) in regions {
+            let slot = &mut cfg.sizes[usize::from(shmid)];
+            if size == 0 || *slot != 0 {
+                return Err(invalid(
+                    "shared memory config",
+                    format_args!(
+                        "region {shmid} {}",
+                        if size == 0 {
+                            "has size 0"
+                        } else {
+                            "is declared twice"
+                        }
+                    ),
+                ));
+            }
+            *slot = size;
+        }
+        Ok(cfg)
+    }
+
+    /// The regions in use as `(shmid, size)`, by shmid.
+    pub fn regions(&self) -> Vec<(u8, u64)> {
+        (0..=u8::MAX)
+            .zip(self.sizes)
+            .filter(|&(_, size)| size != 0)
+            .collect()
+    }
 
     /// Number of regions in use (non-zero size).
     pub fn nregions(&self) -> u32 {
@@ -1161,25 +1189,32 @@ mod tests {
             MemTable::from_bytes(&b),
             Err(Error::InvalidParam(_))
         ));
-        // 9 regions, well-formed otherwise.
-        let regions: Vec<_> = (0..9)
+        // 33 regions, well-formed otherwise: one past rust-vmm's limit.
+        let regions: Vec<_> = (0..33)
             .map(|i| region(i << 32, 0x1000, 0x7f00_0000_0000 + (i << 32)))
             .collect();
         let b = MemTable {
             regions: regions.clone(),
         }
         .to_bytes();
-        assert!(matches!(
-            MemTable::from_bytes(&b),
-            Err(Error::InvalidParam(_))
-        ));
-        // 8 is the limit.
+        match MemTable::from_bytes(&b) {
+            Err(Error::InvalidParam(msg)) => assert!(msg.contains("33 regions"), "{msg}"),
+            other => panic!("33 regions accepted: {other:?}"),
+        }
+        // Everything from 1 to 32 is accepted, past QEMU's 8; 32 is the largest body.
+        for n in 1..=32 {
+            let b = MemTable {
+                regions: regions[..n].to_vec(),
+            }
+            .to_bytes();
+            assert_eq!(MemTable::from_bytes(&b).unwrap().regions.len(), n);
+        }
         let b = MemTable {
-            regions: regions[..8].to_vec(),
+            regions: regions[..32].to_vec(),
         }
         .to_bytes();
-        assert_eq!(MemTable::from_bytes(&b).unwrap().regions.len(), 8);
         assert_eq!(b.len(), MemTable::MAX_SIZE);
+        assert_eq!(MemTable::MAX_SIZE, 8 + 32 * 32);
         // Count 0xFFFF_FFFF in an 8-byte body.
         let mut b = vec![0xFF; 4];
         b.extend_from_slice(&[0; 4]);
@@ -1640,12 +1675,10 @@ mod tests {
         sizes_rejected(DeviceStateTransfer::SIZE, |b| {
             DeviceStateTransfer::from_bytes(b).map(|_| ())
         });
+        // Unknown values are the handler's to refuse with a status.
         for (direction, phase) in [(2, 0), (0, 1), (u32::MAX, u32::MAX)] {
             let t = DeviceStateTransfer { direction, phase };
-            assert!(matches!(
-                DeviceStateTransfer::from_bytes(&t.to_bytes()),
-                Err(Error::InvalidParam(_))
-            ));
+            assert_eq!(DeviceStateTransfer::from_bytes(&t.to_bytes()).unwrap(), t);
         }
     }
 
@@ -1744,6 +1777,14 @@ mod tests {
         ));
         bad[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
         assert!(ShmemConfig::from_bytes(&bad).is_err());
+        // Built from a device's (shmid, size) list, and back.
+        let built = ShmemConfig::from_regions(&[(5, 0x1000), (1, 0x20_0000)]).unwrap();
+        assert_eq!(built, cfg);
+        assert_eq!(built.regions(), vec![(1, 0x20_0000), (5, 0x1000)]);
+        let full: Vec<_> = (0..=u8::MAX).map(|i| (i, 0x1000)).collect();
+        assert_eq!(ShmemConfig::from_regions(&full).unwrap().nregions(), 256);
+        assert!(ShmemConfig::from_regions(&[(3, 0)]).is_err());
+        assert!(ShmemConfig::from_regions(&[(3, 0x1000), (3, 0x2000)]).is_err());
     }
 
     #[test]

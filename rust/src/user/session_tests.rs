@@ -10,6 +10,7 @@ use std::thread;
 use super::backend::{BackendHandler, BackendSession};
 use super::codes::{protocol_features as pf, VHOST_USER_F_PROTOCOL_FEATURES};
 use super::frontend::Frontend;
+use super::payload::ShmemConfig;
 use super::{Error, Result};
 use crate::backend::VringAddrs;
 use crate::memory::GuestMemory;
@@ -74,6 +75,10 @@ impl BackendHandler for Recorder {
     }
     fn get_config(&mut self, offset: u32, size: u32, _flags: u32) -> Result<Vec<u8>> {
         Ok((offset..offset + size).map(|b| b as u8).collect())
+    }
+    fn get_shmem_config(&mut self) -> Result<ShmemConfig> {
+        self.log("shmem".into());
+        ShmemConfig::from_regions(&[(0, 1 << 21), (7, 0x1000)])
     }
 }
 
@@ -211,4 +216,33 @@ fn ring_outside_memory_is_rejected() {
     assert_eq!(calls.iter().filter(|c| c.starts_with("addr")).count(), 1);
     drop(fe);
     server.join().unwrap().unwrap();
+}
+
+#[test]
+fn shmem_config_crosses_and_is_gated() {
+    // Not negotiated: refused by our front-end before sending, the session unaffected.
+    let (fe, seen, server) = start(pf::REPLY_ACK | pf::SHMEM);
+    negotiate(&fe, pf::REPLY_ACK);
+    assert!(matches!(
+        fe.get_shmem_config(),
+        Err(Error::InactiveFeature {
+            feature: "SHMEM",
+            ..
+        })
+    ));
+    assert!(!fe.is_broken());
+    drop(fe);
+    server.join().unwrap().unwrap();
+    assert!(!seen.lock().unwrap().calls.contains(&"shmem".to_string()));
+
+    // Negotiated: the handler's sizes arrive by shmid.
+    let (fe, seen, server) = start(pf::REPLY_ACK | pf::SHMEM);
+    negotiate(&fe, pf::REPLY_ACK | pf::SHMEM);
+    let cfg = fe.get_shmem_config().unwrap();
+    assert_eq!(cfg.regions(), vec![(0, 1 << 21), (7, 0x1000)]);
+    assert_eq!(cfg.nregions(), 2);
+    fe.get_features().unwrap();
+    drop(fe);
+    server.join().unwrap().unwrap();
+    assert!(seen.lock().unwrap().calls.contains(&"shmem".to_string()));
 }

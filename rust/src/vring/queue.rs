@@ -101,6 +101,18 @@ impl DeviceQueue {
         }
     }
 
+    /// Where the next used element goes, in the encoding of one half of a ring base
+    /// (split: the used index; packed: the slot in bits 0-14, its wrap counter in bit 15).
+    pub fn next_used_position(&self) -> u32 {
+        match self {
+            DeviceQueue::Split(q) => u32::from(q.next_used()),
+            DeviceQueue::Packed(q) => {
+                let (used, wrap) = q.next_used();
+                packed_half(used, wrap)
+            }
+        }
+    }
+
     /// See [`SplitDevice::resubmit`]; a packed ring is given its buffers' ring descriptors
     /// instead ([`PackedDevice::resubmit`]), so here it has nothing to take back.
     pub fn resubmit(&mut self, mem: &GuestMemory, heads: &[u16]) -> Result<Vec<DescriptorChain>> {
