@@ -318,8 +318,9 @@ def test_a_front_end_killed_mid_postcopy_leaves_nothing_blocked(
     """A front-end is SIGKILLed while the daemon's worker waits on a page it will never
     send: with the session idle, or with a GET_VRING_BASE the session thread cannot answer
     before the worker's batch ends. The daemon sees the hang-up and unregisters its memory,
-    which wakes the worker (it gets a zero page: the request's data never came, and the
-    daemon writes what the memory holds). The session ends, the daemon holds no
+    which wakes the worker (the page then reads as zeros: the native device fails the
+    request rather than write them, a Python one writes what the memory holds). The
+    session ends, the daemon holds no
     userfaultfd and no more fds than before, and the next front-end is served."""
     baseline = serve.idle_fds()
     child = subprocess.Popen(

@@ -31,9 +31,11 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
+    "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
 ]
 
 __version__: Final[str]
+DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
 
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
@@ -550,6 +552,7 @@ class Daemon:
         stall_timeout: float = 5.0,
         poll_us: int = 0,
         require_sealed_memory: bool = False,
+        postcopy_fault_timeout: float | None = ...,
     ) -> Self: ...
     def start(self, path: str | os.PathLike[str], *, client: bool = False) -> None: ...
     def stop(self) -> None: ...

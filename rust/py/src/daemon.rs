@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use vhost_core::daemon::{
     Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
+    DEFAULT_POSTCOPY_FAULT_TIMEOUT,
 };
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
@@ -651,6 +652,7 @@ struct Running {
 pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
     stall_timeout: Duration,
+    postcopy_fault_timeout: Option<Duration>,
     poll: Duration,
     sealed_memory_only: bool,
     stats: Mutex<Option<Arc<DaemonStats>>>,
@@ -671,12 +673,20 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0, require_sealed_memory = false))]
+    #[pyo3(signature = (
+        device,
+        *,
+        stall_timeout = 5.0,
+        poll_us = 0,
+        require_sealed_memory = false,
+        postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
+    ))]
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
         poll_us: i64,
         require_sealed_memory: bool,
+        postcopy_fault_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
@@ -692,12 +702,18 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
+        if postcopy_fault_timeout.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+            return Err(invalid_param(
+                "postcopy_fault_timeout must be a positive number of seconds, or None",
+            ));
+        }
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
         Ok(PyDaemon {
             link,
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
+            postcopy_fault_timeout: postcopy_fault_timeout.map(Duration::from_secs_f64),
             poll: Duration::from_micros(poll_us),
             sealed_memory_only: require_sealed_memory,
             stats: Mutex::new(None),
@@ -863,6 +879,7 @@ impl PyDaemon {
         let daemon = Daemon::new(self.device.clone())
             .map_err(io_error)?
             .with_stall_timeout(self.stall_timeout)
+            .with_postcopy_fault_timeout(self.postcopy_fault_timeout)
             .with_poll(self.poll)
             .with_sealed_memory_only(self.sealed_memory_only)
             .with_frontend_link(self.link.clone());

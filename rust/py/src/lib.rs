@@ -46,5 +46,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
+        vhost_core::daemon::DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64(),
+    )?;
     Ok(())
 }

@@ -23,7 +23,7 @@ use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::link::FrontendLink;
-use super::postcopy::Postcopy;
+use super::postcopy::{FaultBound, Postcopy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
 use super::queue::{lock, spawn_worker, QueueSlot};
 use super::state::{Limits, StateTransfer};
 
@@ -72,6 +72,8 @@ pub struct DaemonHandler {
     postcopy: Option<Postcopy>,
     /// The session's socket and the daemon's stop latch, watched during postcopy.
     peer: Option<(OwnedFd, Arc<EventFd>)>,
+    /// How long a batch may wait on a postcopy fault (`None`: as long as the front-end lives).
+    postcopy_fault_timeout: Option<Duration>,
     hint: Option<&'static str>,
     /// The device-state transfer SET_DEVICE_STATE_FD started, until CHECK_DEVICE_STATE.
     state_transfer: Option<StateTransfer>,
@@ -123,6 +125,7 @@ impl DaemonHandler {
             log: None,
             postcopy: None,
             peer: None,
+            postcopy_fault_timeout: Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT),
             hint: None,
             state_transfer: None,
             link: FrontendLink::new(),
@@ -144,6 +147,17 @@ impl DaemonHandler {
     /// waits for such a worker.
     pub fn watch_peer(&mut self, sock: OwnedFd, stop: Arc<EventFd>) {
         self.peer = Some((sock, stop));
+    }
+
+    /// Bounds how long a queue's batch may wait on a postcopy fault before the session
+    /// fails (see `daemon::postcopy`); `None` waits as long as the front-end lives.
+    pub fn set_postcopy_fault_timeout(&mut self, timeout: Option<Duration>) {
+        self.postcopy_fault_timeout = timeout;
+    }
+
+    /// Why postcopy failed the session, if it did (a fault not resolved within the bound).
+    pub fn postcopy_failure(&self) -> Option<String> {
+        self.postcopy.as_ref().and_then(Postcopy::failure)
     }
 
     /// Makes `link` this session's: the device's requests to the front-end go to the
@@ -502,7 +516,11 @@ impl BackendHandler for DaemonHandler {
             )),
             None => None,
         };
-        let (state, theirs) = Postcopy::advise(peer)?;
+        let bound = FaultBound {
+            watches: self.slots.iter().map(|s| s.watch.clone()).collect(),
+            timeout: self.postcopy_fault_timeout,
+        };
+        let (state, theirs) = Postcopy::advise(peer, bound)?;
         self.postcopy = Some(state);
         Ok(theirs)
     }
