@@ -8,6 +8,7 @@ from typing import Any, Final, Protocol, Self, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
     "BackendChannel",
     "BackendSession",
     "Batch",
@@ -31,7 +32,6 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
-    "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
 ]
 
 __version__: Final[str]

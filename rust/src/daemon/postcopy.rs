@@ -435,3 +435,120 @@ impl Drop for Postcopy {
         st.abandon();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn watches(n: usize) -> Vec<Arc<BatchWatch>> {
+        (0..n).map(|_| Arc::new(BatchWatch::default())).collect()
+    }
+
+    #[test]
+    fn the_guard_looks_a_few_times_per_bound_within_limits() {
+        assert_eq!(tick(Duration::from_secs(1)), Duration::from_millis(250));
+        assert_eq!(tick(Duration::from_millis(1)), Duration::from_millis(10));
+        assert_eq!(tick(Duration::from_secs(3600)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn only_a_batch_older_than_the_bound_is_overdue() {
+        let w = watches(3);
+        let bound = FaultBound {
+            watches: w.clone(),
+            timeout: Some(Duration::from_secs(1)),
+        };
+        let now = now_stamp() + 10_000_000_000;
+        assert_eq!(bound.overdue(now), None, "idle queues are never overdue");
+        w[0].started.store(now - 500_000_000, Ordering::Relaxed);
+        assert_eq!(bound.overdue(now), None, "half the bound");
+        w[2].started.store(now - 2_000_000_000, Ordering::Relaxed);
+        assert_eq!(bound.overdue(now), Some(2), "named by queue index");
+        w[2].end();
+        assert_eq!(bound.overdue(now), None);
+        w[1].started.store(1, Ordering::Relaxed);
+        let unbounded = FaultBound {
+            watches: w,
+            timeout: None,
+        };
+        assert_eq!(unbounded.overdue(now), None, "no bound: a fault may wait");
+    }
+
+    #[test]
+    fn the_policy_is_per_worker_thread() {
+        let w = Arc::new(BatchWatch::default());
+        let w2 = w.clone();
+        assert_eq!(FaultPolicy::current(), FaultPolicy::Off);
+        let seen = std::thread::spawn(move || {
+            w2.enter();
+            let off = FaultPolicy::current();
+            w2.set_phase(PHASE_LISTENING);
+            let listening = FaultPolicy::current();
+            w2.set_phase(PHASE_FAILED);
+            (off, listening, FaultPolicy::current(), w2.failed())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            seen,
+            (
+                FaultPolicy::Off,
+                FaultPolicy::Listening,
+                FaultPolicy::Failed,
+                true
+            )
+        );
+        assert_eq!(FaultPolicy::current(), FaultPolicy::Off, "not a worker");
+    }
+
+    #[test]
+    fn a_batch_stuck_past_the_bound_fails_the_session_and_hangs_up() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let stop = Arc::new(EventFd::new(true).unwrap());
+        let w = watches(2);
+        let bound = FaultBound {
+            watches: w.clone(),
+            timeout: Some(Duration::from_millis(40)),
+        };
+        let (mut pc, _their_uffd) = Postcopy::advise(Some((ours.into(), stop)), bound).unwrap();
+        pc.listen(&GuestMemory::default()).unwrap();
+        assert!(w
+            .iter()
+            .all(|w| w.phase.load(Ordering::SeqCst) == PHASE_LISTENING));
+        w[1].begin();
+        // The guard shuts the session's socket down: the peer reads end-of-file.
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(theirs.read(&mut [0u8; 1]).unwrap(), 0);
+        let why = pc.failure().expect("the guard says why");
+        assert!(
+            why.starts_with("queue 1: postcopy fault not resolved within 0.04 s"),
+            "{why}"
+        );
+        assert!(w.iter().all(|w| w.failed()), "every queue stops");
+        assert!(pc.end().is_ok());
+    }
+
+    #[test]
+    fn an_idle_listening_session_is_left_alone() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let stop = Arc::new(EventFd::new(true).unwrap());
+        let w = watches(1);
+        let bound = FaultBound {
+            watches: w.clone(),
+            timeout: Some(Duration::from_millis(20)),
+        };
+        let (mut pc, _their_uffd) = Postcopy::advise(Some((ours.into(), stop)), bound).unwrap();
+        pc.listen(&GuestMemory::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(pc.failure(), None);
+        assert!(!w[0].failed());
+        assert!(pc.end().is_ok());
+        assert_eq!(w[0].phase.load(Ordering::SeqCst), PHASE_OFF);
+        drop(theirs);
+    }
+}
