@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod backend;
 mod blkload;
 mod channel;
+mod convert;
 mod daemon;
 mod dirty_log;
 mod errors;
