@@ -7,11 +7,23 @@ use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use vhost_core::backend::VhostBackend;
 use vhost_core::vdpa::VhostVdpa;
 
+use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
 use crate::errors::closed;
 use crate::fd::{borrow, opt_fd};
 use crate::kern::{KernResult, PyKernelDevice};
+
+impl PyVhostBackend for PyVdpaDevice {
+    fn with_backend<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&dyn VhostBackend) -> vhost_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        call_shared(py, self.get(), f)
+    }
+}
 
 #[pyclass(module = "vhost._core", name = "VdpaDevice", frozen)]
 pub struct PyVdpaDevice {
@@ -37,8 +49,7 @@ impl PyVdpaDevice {
     }
 }
 
-#[pymethods]
-impl PyVdpaDevice {
+vhost_backend_pymethods!(PyVdpaDevice {
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let dev = py.detach(|| VhostVdpa::open(&path)).kern()?;
@@ -84,9 +95,9 @@ impl PyVdpaDevice {
         &self,
         py: Python<'py>,
         offset: u32,
-        length: u32,
+        size: u32,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.call(py, |v| v.get_config(offset, length))?;
+        let data = self.call(py, |v| v.get_config(offset, size))?;
         Ok(PyBytes::new(py, &data))
     }
 
@@ -185,4 +196,4 @@ impl PyVdpaDevice {
             Err(_) => "<VdpaDevice closed>".into(),
         }
     }
-}
+});
