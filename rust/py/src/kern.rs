@@ -1,6 +1,7 @@
 //! `KernelDevice` for Python: the generic vhost ioctls plus vhost-net and vhost-vsock,
 //! over `vhost_core::kern`. Each method copies its inputs, releases the GIL for the
-//! syscall, and converts a `kern::Error` with [`kern_error`].
+//! syscall, and converts a `kern::Error` with [`crate::errors::kern_error`]; the shared
+//! `VhostBackend` methods come from [`crate::backend_methods`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -11,21 +12,11 @@ use vhost_core::backend::VhostBackend;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
-use crate::errors::{closed, kern_error};
+use crate::errors::{closed, IntoPyResult};
 use crate::fd::{borrow, dup_of, opt_fd};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
-
-pub trait KernResult<T> {
-    fn kern(self) -> PyResult<T>;
-}
-
-impl<T> KernResult<T> for Result<T, KernError> {
-    fn kern(self) -> PyResult<T> {
-        self.map_err(kern_error)
-    }
-}
 
 /// Seconds (None: forever) as poll(2) milliseconds.
 pub fn timeout_ms(timeout: Option<f64>) -> PyResult<i32> {
@@ -74,7 +65,7 @@ impl PyKernelDevice {
         f: impl FnOnce(&VhostDevice) -> Result<T, KernError> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        crate::wait::blocking(py, || f(&dev))?.kern()
+        crate::wait::call(py, || f(&dev))
     }
 }
 
@@ -82,7 +73,7 @@ vhost_backend_pymethods!(PyKernelDevice {
     /// Opens a vhost character device and checks that it is one (ENOTTY otherwise).
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let dev = py.detach(|| VhostDevice::open(&path)).kern()?;
+        let dev = py.detach(|| VhostDevice::open(&path)).py_err()?;
         Ok(Self::from_arc(Arc::new(dev)))
     }
 
@@ -90,7 +81,7 @@ vhost_backend_pymethods!(PyKernelDevice {
     #[staticmethod]
     fn from_fd(fd: &Bound<'_, PyAny>) -> PyResult<Self> {
         let owned = dup_of(fd)?;
-        let dev = VhostDevice::from_fd(owned).kern()?;
+        let dev = VhostDevice::from_fd(owned).py_err()?;
         Ok(Self::from_arc(Arc::new(dev)))
     }
 

@@ -12,8 +12,9 @@ use vhost_core::vdpa::VhostVdpa;
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
 use crate::errors::closed;
+use crate::errors::IntoPyResult;
 use crate::fd::{borrow, opt_fd};
-use crate::kern::{KernResult, PyKernelDevice};
+use crate::kern::PyKernelDevice;
 
 impl PyVhostBackend for PyVdpaDevice {
     fn with_backend<T: Send>(
@@ -45,14 +46,14 @@ impl PyVdpaDevice {
         f: impl FnOnce(&VhostVdpa) -> vhost_core::kern::Result<T> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        crate::wait::blocking(py, || f(&dev))?.kern()
+        crate::wait::call(py, || f(&dev))
     }
 }
 
 vhost_backend_pymethods!(PyVdpaDevice {
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let dev = py.detach(|| VhostVdpa::open(&path)).kern()?;
+        let dev = py.detach(|| VhostVdpa::open(&path)).py_err()?;
         Ok(PyVdpaDevice {
             inner: RwLock::new(Some(Arc::new(dev))),
         })
