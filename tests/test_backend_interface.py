@@ -95,6 +95,7 @@ def test_common_optional_methods_have_one_name_and_shape() -> None:
         assert _params(cls, "set_status") == ["self", "status"]
     for cls in (Frontend, VhostVdpa):
         assert _params(cls, "set_vring_enable") == ["self", "index", "enable"]
+        assert _params(cls, "reset_device") == ["self"]
     for kind in (Frontend, KernelBackend):
         assert _params(kind, "set_vring_endian") == ["self", "index", "big_endian"]
 

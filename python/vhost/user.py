@@ -524,9 +524,13 @@ class Frontend(_NativeBackend):
         self._native.vring_kick(index)
 
     def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
+        """``GET_CONFIG`` (needs ``CONFIG``): ``size`` bytes of the device config space
+        from ``offset``, as :meth:`vhost.vdpa.VhostVdpa.get_config`; ``flags`` is the
+        request's (``VHOST_SET_CONFIG_TYPE_*``)."""
         return self._native.get_config(offset, size, flags)
 
-    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+    def set_config(self, offset: int, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """``SET_CONFIG`` (needs ``CONFIG``): writes ``data`` at ``offset``."""
         self._native.set_config(offset, bytes(data), flags)
 
     def set_backend_req_fd(self) -> FrontendChannel:

@@ -96,8 +96,9 @@ class VhostVdpa(KernelBackend):
         (the kernel answers ``EINVAL``)."""
         self.vdpa.set_status(_uint8("status", int(status)))
 
-    def reset(self) -> None:
-        """Status 0: the device forgets features and queues."""
+    def reset_device(self) -> None:
+        """Status 0: the device forgets features and queues (the name of vhost-user's
+        :meth:`vhost.user.Frontend.reset_device`)."""
         self.set_status(0)
 
     def get_config(self, offset: int, size: int) -> bytes:
