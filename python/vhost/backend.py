@@ -115,10 +115,15 @@ def _uint(name: str, value: int, limit: int) -> int:
 
 
 def _u32(name: str, value: int) -> int:
+    # The common case first, without a call: a plain int in range (on every request).
+    if type(value) is int and 0 <= value <= _U32:
+        return value
     return _uint(name, value, _U32)
 
 
 def _u64(name: str, value: int) -> int:
+    if type(value) is int and 0 <= value <= _U64:
+        return value
     return _uint(name, value, _U64)
 
 
