@@ -141,6 +141,10 @@ class VhostBackend(abc.ABC):
     :class:`~vhost.errors.InvalidQueueError` for a queue index the device does not have,
     and :class:`~vhost.errors.ClosedError` after :meth:`close`.
 
+    This is the typed face of the core's ``vhost_core::backend::VhostBackend`` trait, which
+    ``vhost.user.Frontend``, ``vhost.kern.KernelBackend`` and ``vhost.vdpa.VhostVdpa``
+    reach through the same fourteen native methods.
+
     A back-end owns its device fd or connection and releases it in :meth:`close`; it is a
     context manager that closes on exit. Subclasses put their release in
     :meth:`_release`, which :meth:`close` calls exactly once.
