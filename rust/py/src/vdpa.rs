@@ -1,5 +1,7 @@
-//! `VdpaDevice` for Python: the vDPA requests of `vhost_core::vdpa`. The generic vhost
-//! requests go through `device()`, a `KernelDevice` on the same fd.
+//! `VdpaDevice` for Python: the vDPA requests of `vhost_core::vdpa`, and the shared
+//! `VhostBackend` methods (from [`crate::backend_methods`]; `set_mem_table` maps the regions
+//! at IOVA = guest address). The other kernel vhost requests (backend features, IOTLB
+//! reads) go through `device()`, a `KernelDevice` on the same fd.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;

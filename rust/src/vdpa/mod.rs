@@ -22,7 +22,8 @@ use mappings::Mappings;
 /// bytes; this only bounds the buffer allocated for the ioctl).
 pub const MAX_CONFIG_LEN: u32 = 1 << 16;
 
-/// A vhost-vdpa device. The generic requests go through [`device`](Self::device).
+/// A vhost-vdpa device. The shared requests are its [`VhostBackend`] implementation; the
+/// other kernel vhost requests go through [`device`](Self::device).
 #[derive(Debug)]
 pub struct VhostVdpa {
     dev: Arc<VhostDevice>,
