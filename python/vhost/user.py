@@ -13,6 +13,8 @@
   which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`;
   :meth:`Frontend.save_device_state` and :meth:`Frontend.load_device_state` carry a
   back-end's internal state (``DEVICE_STATE``) from the source to the destination.
+  Postcopy: :meth:`Frontend.postcopy_advise` returns a back-end's userfaultfd, and
+  :class:`vhost.postcopy.FaultResolver` resolves the back-end's page faults on it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .errors import (
     InvalidQueueError,
     NotSupportedError,
 )
+from .postcopy import PostcopyRegion
 from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
 from .virtio import DeviceStatus, VirtioFeature
 
@@ -638,13 +641,29 @@ class Frontend(_NativeBackend):
         self._native.load_device_state(bytes(state))
 
     def postcopy_advise(self) -> _core.FileDescriptor:
+        """``POSTCOPY_ADVISE`` (needs ``ProtocolFeature.PAGEFAULT``): the back-end opens a
+        userfaultfd and returns it; resolve its faults with
+        :class:`vhost.postcopy.FaultResolver`."""
         return self._native.postcopy_advise()
 
     def postcopy_listen(self) -> None:
+        """``POSTCOPY_LISTEN``: the back-end registers its guest memory with the
+        userfaultfd, so a device touching a missing page waits for it. Memory tables sent
+        from now on take postcopy's form (the back-end answers with its mapping bases:
+        :meth:`postcopy_regions`)."""
         self._native.postcopy_listen()
 
     def postcopy_end(self) -> None:
+        """``POSTCOPY_END``: the back-end unregisters its memory (waking any waiter) and
+        closes its userfaultfd; a non-zero status raises
+        :class:`~vhost.errors.RequestRefusedError`."""
         self._native.postcopy_end()
+
+    def postcopy_regions(self) -> list[PostcopyRegion]:
+        """Where the back-end mapped each region, from its answers to ``SET_MEM_TABLE``
+        and ``ADD_MEM_REG`` sent while postcopy listens (empty otherwise): what a
+        :class:`vhost.postcopy.FaultResolver` translates fault addresses with."""
+        return [PostcopyRegion(*r) for r in self._native.postcopy_regions()]
 
     def create_crypto_session(self, params: bytes) -> bytes:
         return self._native.create_crypto_session(bytes(params))

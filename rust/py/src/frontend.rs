@@ -336,6 +336,12 @@ vhost_backend_pymethods!(PyFrontend {
         self.call(py, |f| f.postcopy_end())
     }
 
+    fn postcopy_regions(&self, py: Python<'_>) -> Vec<crate::postcopy::RegionTuple> {
+        let inner = &*self.inner;
+        let regions = py.detach(|| inner.postcopy_regions());
+        regions.iter().map(crate::postcopy::region_tuple).collect()
+    }
+
     fn create_crypto_session<'py>(
         &self,
         py: Python<'py>,

@@ -17,6 +17,7 @@ mod handler;
 mod kern;
 mod link;
 mod memory;
+mod postcopy;
 mod vdpa;
 mod vring;
 mod wait;
@@ -28,6 +29,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<memory::GuestView>()?;
     m.add_class::<dirty_log::PyDirtyLog>()?;
+    m.add_class::<postcopy::PyFaultResolver>()?;
     m.add_class::<frontend::PyFrontend>()?;
     m.add_class::<channel::PyFrontendChannel>()?;
     m.add_class::<channel::PyBackendChannel>()?;

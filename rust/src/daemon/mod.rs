@@ -26,6 +26,7 @@ mod events;
 mod handler;
 mod inflight;
 mod link;
+mod postcopy;
 mod queue;
 mod server;
 mod state;

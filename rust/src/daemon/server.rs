@@ -250,6 +250,9 @@ impl Daemon {
         *lock(&self.stats.completed) = handler.completion_counters();
         let mut session_io = BackendSession::new(stream);
         session_io.require_sealed_memory(self.sealed_memory_only);
+        if let Ok(sock) = session_io.socket().try_clone() {
+            handler.watch_peer(sock.into(), self.stop.clone());
+        }
         let outcome = loop {
             match poll_many(&[session_io.socket().as_fd(), self.stop.as_fd()], -1) {
                 Ok(ready) if ready[1] => break (Ok(()), SessionEnd::Stopped, None),
