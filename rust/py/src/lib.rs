@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod backend;
+mod backend_methods;
 mod blkload;
 mod channel;
 mod convert;
