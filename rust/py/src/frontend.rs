@@ -4,7 +4,6 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -66,19 +65,13 @@ impl PyVhostBackend for PyFrontend {
     }
 }
 
-pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
-    seconds
-        .map(|s| Duration::try_from_secs_f64(s).map_err(|_| invalid_param("timeout must be >= 0")))
-        .transpose()
-}
-
 vhost_backend_pymethods!(PyFrontend {
     /// Client mode: connects to a back-end listening at `path`. `timeout` bounds the
     /// connect itself (a back-end whose listen backlog is full) and then every reply.
     #[staticmethod]
     #[pyo3(signature = (path, timeout = Some(10.0)), text_signature = "(path, timeout=10.0)")]
     fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<Self> {
-        let t = timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         let sock = wait::call(py, || connect_unix(&path, t))?;
         let fe = Frontend::new(sock).py_err()?;
         fe.set_timeout(t).py_err()?;
@@ -91,13 +84,13 @@ vhost_backend_pymethods!(PyFrontend {
     fn from_socket(sock: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<Self> {
         let fd = crate::fd::dup_of(sock)?;
         let fe = Frontend::new(std::os::unix::net::UnixStream::from(fd)).py_err()?;
-        fe.set_timeout(timeout_of(timeout)?).py_err()?;
+        fe.set_timeout(crate::convert::timeout("timeout", timeout)?).py_err()?;
         Ok(Self::from_core(fe))
     }
 
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        let t = timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         self.call(py, |f| f.set_timeout(t))
     }
 

@@ -20,11 +20,10 @@ pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
 
 /// Seconds (None: forever) as poll(2) milliseconds.
 pub fn timeout_ms(timeout: Option<f64>) -> PyResult<i32> {
-    match timeout {
-        None => Ok(-1),
-        Some(t) if t >= 0.0 && t.is_finite() => Ok((t * 1000.0).ceil().min(i32::MAX as f64) as i32),
-        Some(_) => Err(crate::errors::invalid_param("timeout must be >= 0")),
-    }
+    Ok(match crate::convert::timeout("timeout", timeout)? {
+        None => -1,
+        Some(d) => i32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+    })
 }
 
 impl PyVhostBackend for PyKernelDevice {
