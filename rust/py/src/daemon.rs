@@ -23,6 +23,7 @@ use vhost_core::sys::PathError;
 use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
+use crate::convert;
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::handler::shmem_pairs;
 use crate::link::{resize_error, PyFrontendLink};
@@ -758,7 +759,7 @@ impl PyDaemon {
         let Some(r) = lock(&self.running).take() else {
             return self.wait_for_other_waiter(py, timeout);
         };
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         let mut r = r;
         let got = loop {
             // Wait in slices, so that Ctrl-C (a Python signal handler) can run (J7).
@@ -797,7 +798,7 @@ impl PyDaemon {
     /// the first, returning to Python between slices so Ctrl-C works.
     #[pyo3(signature = (timeout = 0.0))]
     fn next_events(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<EventTuple>> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         loop {
             let slice = deadline.map_or(WAIT_SLICE, |d| {
                 d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
@@ -930,7 +931,7 @@ impl PyDaemon {
     /// `wait` while another thread waits on the serving thread (and owns its handle):
     /// watch the thread's finished flag instead.
     fn wait_for_other_waiter(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         while self.serving() {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);

@@ -4,8 +4,10 @@
 use pyo3::prelude::*;
 
 mod backend;
+mod backend_methods;
 mod blkload;
 mod channel;
+mod convert;
 mod daemon;
 mod dirty_log;
 mod errors;

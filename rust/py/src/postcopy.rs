@@ -11,7 +11,6 @@ use vhost_core::user::postcopy::{FaultResolver, PageFault, PostcopyRegion};
 
 use crate::errors::{closed, invalid_param, IntoPyResult};
 use crate::fd::dup_of;
-use crate::frontend::timeout_of;
 use crate::wait;
 
 /// `(guest_phys_addr, memory_size, backend_addr)` of one region.
@@ -77,7 +76,7 @@ impl PyFaultResolver {
 
     #[pyo3(signature = (timeout = None))]
     fn next_fault(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<FaultTuple>> {
-        let t = timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         let r = self.get()?;
         let fault = wait::call(py, || r.next_fault(t))?;
         Ok(fault.map(fault_tuple))

@@ -24,7 +24,7 @@ use super::payload::{
 };
 use super::postcopy::PostcopyRegion;
 use super::{Error, Result};
-use crate::backend::VringAddrs;
+use crate::backend::{vhost_backend_by_inherent, LogRegion, MemoryRegion, VringAddrs};
 use crate::memory::RegionInfo;
 
 /// A raw reply as [`Frontend::send_raw`] returns it: header, body and the fds it carried.
@@ -933,3 +933,48 @@ fn expected_reply_size(req: FrontendReq, request_body: usize) -> usize {
         _ => U64Payload::SIZE,
     }
 }
+
+vhost_backend_by_inherent!(
+    /// The vhost-user `VhostBackend`: each method is the request of the same name. Memory
+    /// regions and the dirty log travel as fds, so a region without one, a log without a
+    /// shared-memory region (or with a base other than 0) and `set_log_fd(None)` are refused
+    /// before anything is sent.
+    Frontend {
+    fn set_mem_table(&self, regions: &[MemoryRegion<'_>]) -> crate::Result<()> {
+        let table = regions
+            .iter()
+            .map(|r| match r.fd {
+                Some(fd) => Ok((r.info, fd)),
+                None => Err(Error::InvalidParam(format!(
+                    "SET_MEM_TABLE: the region at guest address {:#x} has no fd",
+                    r.info.guest_phys_addr
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Frontend::set_mem_table(self, &table)?)
+    }
+    fn set_log_base(&self, base: u64, region: Option<LogRegion<'_>>) -> crate::Result<()> {
+        let Some(log) = region else {
+            return Err(Error::InvalidParam(
+                "vhost-user logs through shared memory (LOG_SHMFD): pass a log region".into(),
+            )
+            .into());
+        };
+        if base != 0 {
+            return Err(Error::InvalidParam(
+                "vhost-user log base must be 0; the region's mmap_offset says where".into(),
+            )
+            .into());
+        }
+        Ok(Frontend::set_log_base(
+            self,
+            log.mmap_size,
+            log.mmap_offset,
+            log.fd,
+        )?)
+    }
+    fn set_log_fd(&self, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        let fd = fd.ok_or_else(|| Error::InvalidParam("SET_LOG_FD needs an fd".into()))?;
+        Ok(Frontend::set_log_fd(self, fd)?)
+    }
+});
