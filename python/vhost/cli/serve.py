@@ -183,8 +183,8 @@ def _check_common(args: argparse.Namespace) -> None:
     _check(args.poll_us <= 10**9, f"--poll-us {args.poll_us} is more than 1000 seconds")
     t = args.postcopy_fault_timeout
     _check(
-        math.isfinite(t) and t >= 0,
-        f"--postcopy-fault-timeout must be 0 or more seconds, not {t}",
+        math.isfinite(t) and 0 <= t <= 10**6,
+        f"--postcopy-fault-timeout must be between 0 and 1000000 seconds, not {t}",
     )
     if args.client:
         _check_client_path(args.socket)

@@ -703,18 +703,21 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
-        if postcopy_fault_timeout.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return Err(invalid_param(
-                "postcopy_fault_timeout must be a positive number of seconds, or None",
-            ));
-        }
+        let postcopy_fault_timeout = postcopy_fault_timeout
+            .map(|t| match Duration::try_from_secs_f64(t) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                _ => Err(invalid_param(format!(
+                    "postcopy_fault_timeout must be a positive, finite number of seconds (or None), not {t}"
+                ))),
+            })
+            .transpose()?;
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
         Ok(PyDaemon {
             link,
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
-            postcopy_fault_timeout: postcopy_fault_timeout.map(Duration::from_secs_f64),
+            postcopy_fault_timeout,
             poll: Duration::from_micros(poll_us),
             sealed_memory_only: require_sealed_memory,
             stats: Mutex::new(None),
