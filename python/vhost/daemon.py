@@ -304,7 +304,7 @@ class Daemon:
     than that is taken as a fault the front-end will never resolve, and the session ends
     ``failed``, naming the queue. The native blk device fails the waiting request with
     IOERR and writes nothing; a Python device is woken with the missing page reading as
-    zeros. ``None`` waits as long as the front-end is connected.
+    zeros. ``None`` (or ``math.inf``) waits as long as the front-end is connected.
     """
 
     def __init__(

@@ -703,14 +703,13 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
-        let postcopy_fault_timeout = postcopy_fault_timeout
-            .map(|t| match Duration::try_from_secs_f64(t) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                _ => Err(invalid_param(format!(
-                    "postcopy_fault_timeout must be a positive, finite number of seconds (or None), not {t}"
-                ))),
-            })
-            .transpose()?;
+        let postcopy_fault_timeout =
+            crate::convert::timeout("postcopy_fault_timeout", postcopy_fault_timeout)?;
+        if postcopy_fault_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(invalid_param(
+                "postcopy_fault_timeout must be more than 0 seconds (None: no bound)",
+            ));
+        }
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
         Ok(PyDaemon {
