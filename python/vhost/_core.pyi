@@ -181,6 +181,12 @@ class Frontend(_VhostBackend):
     def acked_features(self) -> int: ...
     @property
     def acked_protocol_features(self) -> int: ...
+    @property
+    def offered_features(self) -> int | None:
+        """The back-end's last GET_FEATURES reply; None until asked."""
+    @property
+    def offered_protocol_features(self) -> int | None:
+        """The back-end's last GET_PROTOCOL_FEATURES reply; None until asked."""
     def add_mem_region(self, region: _Region) -> None: ...
     def remove_mem_region(
         self, guest_phys_addr: int, memory_size: int, userspace_addr: int, mmap_offset: int

@@ -240,6 +240,20 @@ class Frontend(_NativeBackend):
     def acked_protocol_features(self) -> ProtocolFeature:
         return ProtocolFeature(self._native.acked_protocol_features)
 
+    @property
+    def offered_features(self) -> int | None:
+        """What the back-end offered in its last ``GET_FEATURES`` reply (``None`` until
+        asked): :meth:`negotiate` asks once, and a caller reporting the offer reads it
+        here instead of asking again."""
+        return self._native.offered_features
+
+    @property
+    def offered_protocol_features(self) -> ProtocolFeature | None:
+        """What the back-end offered in its last ``GET_PROTOCOL_FEATURES`` reply
+        (``None`` until asked, or when it offers no protocol features)."""
+        proto = self._native.offered_protocol_features
+        return None if proto is None else ProtocolFeature(proto)
+
     def close(self) -> None:
         """Shuts the connection down and closes its socket; later calls raise
         :class:`~vhost.errors.ClosedError`."""

@@ -147,16 +147,28 @@ def collect(socket_path: str, device: str | None = None, timeout: float = 5.0) -
         return collect_from(fe, device)
 
 
+#: The protocol features ``probe`` acks: those that let it ask its questions (queue
+#: count, memory slots, config space) and nothing a ring would need.
+PROBE_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.REPLY_ACK
+)
+
+
 def collect_from(fe: Frontend, device: str | None = None) -> dict[str, Any]:
-    """Negotiates with the back-end ``fe`` is connected to and returns what it reported
+    """Negotiates with the back-end ``fe`` is connected to (:meth:`Frontend.negotiate`,
+    acking :data:`PROBE_PROTOCOL_FEATURES`) and returns what it offered and reported
     (``--device``, or the type the evidence names, decodes the config space)."""
-    features = fe.get_features()
-    fe.set_owner()
+    _, wanted = fe.negotiate(protocol_features=PROBE_PROTOCOL_FEATURES)
+    features = fe.offered_features or 0
+    proto = fe.offered_protocol_features or ProtocolFeature(0)
     result: dict[str, Any] = {
         "features": features,
         "feature_names": _flag_names(VirtioFeature, features),
-        "protocol_features": 0,
-        "protocol_feature_names": [],
+        "protocol_features": int(proto),
+        "protocol_feature_names": _flag_names(ProtocolFeature, int(proto)),
         "queue_num": 1,
         "max_mem_slots": None,
         "config": "",
@@ -164,20 +176,6 @@ def collect_from(fe: Frontend, device: str | None = None) -> dict[str, Any]:
         "device_evidence": [],
         "warnings": [],
     }
-    if not features & VirtioFeature.PROTOCOL_FEATURES:
-        _device(features, device, result)
-        return result
-    proto = fe.get_protocol_features()
-    result["protocol_features"] = int(proto)
-    result["protocol_feature_names"] = _flag_names(ProtocolFeature, int(proto))
-    # Ack everything we know how to use for the questions below.
-    wanted = proto & (
-        ProtocolFeature.MQ
-        | ProtocolFeature.CONFIG
-        | ProtocolFeature.CONFIGURE_MEM_SLOTS
-        | ProtocolFeature.REPLY_ACK
-    )
-    fe.set_protocol_features(wanted)
     if wanted & ProtocolFeature.MQ:
         result["queue_num"] = fe.get_queue_num()
     if wanted & ProtocolFeature.CONFIGURE_MEM_SLOTS:

@@ -118,6 +118,18 @@ vhost_backend_pymethods!(PyFrontend {
         py.detach(|| inner.acked_protocol_features())
     }
 
+    #[getter]
+    fn offered_features(&self, py: Python<'_>) -> Option<u64> {
+        let inner = &*self.inner;
+        py.detach(|| inner.offered_features())
+    }
+
+    #[getter]
+    fn offered_protocol_features(&self, py: Python<'_>) -> Option<u64> {
+        let inner = &*self.inner;
+        py.detach(|| inner.offered_protocol_features())
+    }
+
     fn add_mem_region(
         &self,
         py: Python<'_>,

@@ -123,6 +123,17 @@ impl Frontend {
         self.lock().neg.acked_protocol
     }
 
+    /// What the back-end offered in its last GET_FEATURES reply (None until asked), kept
+    /// so that a caller reporting the offer (`probe`) need not ask twice.
+    pub fn offered_features(&self) -> Option<u64> {
+        self.lock().neg.offered_features
+    }
+
+    /// What the back-end offered in its last GET_PROTOCOL_FEATURES reply (None until asked).
+    pub fn offered_protocol_features(&self) -> Option<u64> {
+        self.lock().neg.offered_protocol
+    }
+
     // ---- the generic exchange -------------------------------------------------------
 
     fn check_gate(neg: &Negotiated, req: FrontendReq) -> Result<()> {
