@@ -261,16 +261,10 @@ class Frontend(_NativeBackend):
             return
         self._closed = True
         native, self._native = self._native, cast(_core.Frontend, _ClosedConnection())
-        # Shut the socket down first, so the peer sees the disconnect at once even if
-        # another thread still holds the native object; dropping our reference closes
-        # the fd.
-        try:
-            import socket  # noqa: PLC0415 - only needed on close
-
-            with socket.socket(fileno=os.dup(native.fileno())) as s:
-                s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        # Shut the socket down first (the core does it without the lock a thread waiting
+        # for a reply holds), so the peer sees the disconnect at once even if another
+        # thread still holds the native object; dropping our reference closes the fd.
+        native.shutdown()
         del native
 
     # -- VhostBackend (beyond the shared calls: the dirty log's bookkeeping) --------

@@ -1,7 +1,7 @@
 //! The back-end session for Python: the core validates and dispatches; a Python handler
 //! object answers. recv and send run without the GIL; the handler runs with it.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ use crate::handler::{shmem_pairs, unit, PyCallState};
 use crate::memory::PyGuestMemory;
 use crate::wait;
 use vhost_core::sys::socket::accept_within;
-use vhost_core::sys::{connect_unix, PathError};
+use vhost_core::sys::{connect_unix, PathError, Waker};
 
 struct PyBackendHandler {
     obj: Py<PyAny>,
@@ -322,15 +322,21 @@ impl BackendHandler for PyBackendHandler {
 pub struct PyBackendSession {
     inner: Mutex<Option<BackendSession>>,
     fd: RawFd,
+    /// Wakes a thread blocked in `serve` (which holds `inner`) when another closes.
+    waker: Waker,
     memory: Py<PyGuestMemory>,
 }
 
 impl PyBackendSession {
     pub fn new(py: Python<'_>, session: BackendSession) -> PyResult<Self> {
         let fd = session.socket().as_raw_fd();
+        // SAFETY: the socket is the session's, which `inner` keeps open until it is
+        // taken, and every take retires the waker first.
+        let waker = unsafe { Waker::new(session.socket().as_fd()) };
         Ok(PyBackendSession {
             inner: Mutex::new(Some(session)),
             fd,
+            waker,
             memory: Py::new(py, PyGuestMemory::from_core(GuestMemory::default()))?,
         })
     }
@@ -466,20 +472,17 @@ impl PyBackendSession {
                 }
             },
         };
+        self.waker.retire();
         guard.take();
         result
     }
 
-    /// Closes the connection; a thread blocked in `serve` wakes up and returns.
+    /// Closes the connection; a thread blocked in `serve` wakes up, returns and drops it.
     fn close(&self) {
-        match self.inner.try_lock() {
-            Ok(mut g) => {
-                g.take();
-            }
-            Err(_) => {
-                // SAFETY: shutdown of our own socket, which stays open until serve drops it.
-                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-            }
+        self.waker.wake();
+        if let Ok(mut g) = self.inner.try_lock() {
+            self.waker.retire();
+            g.take();
         }
     }
 
@@ -507,8 +510,10 @@ impl PyBackendSession {
 pub struct PyListener {
     inner: Mutex<Option<Listener>>,
     path: PathBuf,
-    /// The listening fd, for waking a thread blocked in accept (see `close`).
+    /// The listening fd, for `fileno()` while another thread waits in accept.
     fd: RawFd,
+    /// Wakes a thread blocked in accept (which holds `inner`) when another closes.
+    waker: Waker,
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -541,10 +546,14 @@ impl PyListener {
             .detach(|| Listener::bind(&path, replace_stale))
             .map_err(|e| path_error(PathError::new("bind", &path, &e)))?;
         let fd = l.listener().as_raw_fd();
+        // SAFETY: the socket is the listener's, which `inner` keeps open until it is
+        // taken, and every take retires the waker first.
+        let waker = unsafe { Waker::new(l.listener().as_fd()) };
         Ok(PyListener {
             inner: Mutex::new(Some(l)),
             path,
             fd,
+            waker,
             closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -594,22 +603,20 @@ impl PyListener {
     fn close(&self, py: Python<'_>) {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        match self.inner.try_lock() {
-            Ok(mut g) => {
-                g.take();
-            }
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                p.into_inner().take();
-            }
+        // Shut down first: a thread in accept wakes, and no connection queues on a
+        // listener being closed.
+        self.waker.wake();
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another thread is in accept with the GIL released, woken above: take the
+            // listener once it lets go, without holding the GIL meanwhile.
             Err(std::sync::TryLockError::WouldBlock) => {
-                // Another thread is in accept with the GIL released. Shut the socket down
-                // to wake it (the fd stays open until the listener is dropped below), then
-                // take the listener once it lets go, without holding the GIL meanwhile.
-                // SAFETY: shutdown of our own listening socket, still owned by `inner`.
-                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-                crate::handler::lock_detached(py, &self.inner).take();
+                crate::handler::lock_detached(py, &self.inner)
             }
-        }
+        };
+        self.waker.retire();
+        g.take();
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -1,6 +1,6 @@
 //! Both ends of the back-end request channel for Python.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
@@ -14,6 +14,7 @@ use crate::errors::{closed, IntoPyResult};
 use crate::fd::{borrow, dup_of, raw_fd_of, FileDescriptor};
 use crate::handler::{u64_or_zero, PyCallState};
 use crate::wait;
+use vhost_core::sys::Waker;
 
 /// Front-end side: receives the back-end's requests and hands them to a Python
 /// `FrontendRequestHandler`.
@@ -21,14 +22,20 @@ use crate::wait;
 pub struct PyFrontendChannel {
     inner: Mutex<Option<FrontendChannel>>,
     fd: RawFd,
+    /// Wakes a thread blocked in `process_one` (which holds `inner`) when another closes.
+    waker: Waker,
 }
 
 impl PyFrontendChannel {
     pub fn new(ch: FrontendChannel) -> Self {
         let fd = ch.socket().as_raw_fd();
+        // SAFETY: the socket is the channel's, which `inner` keeps open until it is
+        // taken, and every take retires the waker first.
+        let waker = unsafe { Waker::new(ch.socket().as_fd()) };
         PyFrontendChannel {
             inner: Mutex::new(Some(ch)),
             fd,
+            waker,
         }
     }
 }
@@ -213,13 +220,12 @@ impl PyFrontendChannel {
         }
     }
 
+    /// Closes the channel; a thread blocked in `process_one` wakes up.
     fn close(&self) {
+        self.waker.wake();
         if let Ok(mut g) = self.inner.try_lock() {
+            self.waker.retire();
             g.take();
-        } else {
-            // A thread is blocked in process_one: wake it; it drops the channel on return.
-            // SAFETY: shutdown on our own socket fd, which stays open until the drop.
-            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         }
     }
 

@@ -26,9 +26,8 @@ type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
 #[pyclass(module = "vhost._core", name = "Frontend", frozen)]
 pub struct PyFrontend {
     inner: Arc<Frontend>,
-    /// The socket fd, read without the connection's lock: a thread waiting for a reply
-    /// holds that lock (GIL released), and `fileno()` is how another thread shuts the
-    /// socket down to wake it (`vhost.user.Frontend.close`).
+    /// The socket fd, read without the connection's lock (a thread waiting for a reply
+    /// holds that lock, GIL released): `fileno()` and the repr.
     fd: RawFd,
 }
 
@@ -96,6 +95,12 @@ vhost_backend_pymethods!(PyFrontend {
 
     fn fileno(&self) -> RawFd {
         self.fd
+    }
+
+    /// Shuts the socket down from any thread, without the connection's lock: a thread
+    /// waiting for a reply wakes up, the back-end sees the disconnect now.
+    fn shutdown(&self) {
+        self.inner.shutdown();
     }
 
     // The getters wait for the connection's lock with the GIL released: another thread

@@ -301,9 +301,7 @@ fn guard(peer: &OwnedFd, own_stop: &EventFd, daemon_stop: &EventFd, state: &Mute
         drop(st);
         // Ends the session: the session thread sees the connection close and reports the
         // failure; its teardown does the rest, as for a hang-up.
-        // SAFETY: shutdown on a socket fd this thread owns (a dup of the session's);
-        // no memory is passed.
-        unsafe { libc::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR) };
+        crate::sys::shut_down(peer.as_fd());
         return;
     }
 }

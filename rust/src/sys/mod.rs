@@ -22,7 +22,7 @@ pub use memfd::{dup_cloexec, file_size, memfd_create};
 pub use mmap::Mapping;
 pub use poll::poll_many;
 pub use scm::{poll_readable, recv_with_fds, send_all, send_with_fds, Received, MAX_FDS};
-pub use socket::{connect_unix, PathError};
+pub use socket::{connect_unix, shut_down, PathError, Waker};
 
 use std::io;
 

@@ -141,6 +141,59 @@ fn set_timeout_opt(fd: BorrowedFd<'_>, opt: libc::c_int, t: Option<Duration>) ->
     .map(|_| ())
 }
 
+/// Shuts `sock` down both ways: a thread blocked reading, writing or accepting on it wakes
+/// up (end of file, `EPIPE`, `EINVAL`), and the peer sees the connection close now, whoever
+/// still holds an fd of it. Errors (the socket already shut down, not connected) are
+/// ignored: the only aim is that nobody waits on this socket any longer.
+pub fn shut_down(sock: BorrowedFd<'_>) {
+    // SAFETY: shutdown(2) on a valid borrowed fd; no memory is passed.
+    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Wakes whatever thread is blocked on a socket whose owner sits behind a lock that thread
+/// holds (a `serve`, an `accept`, a wait for a reply), by shutting the socket down
+/// ([`shut_down`]) from another thread. It keeps the socket's fd number, not a duplicate
+/// (a duplicate would keep the connection, or a listening path, alive after its owner
+/// closed it); the owner calls [`Waker::retire`] before it closes the socket, and a wake
+/// racing with that either shuts the still-open socket down or does nothing.
+#[derive(Debug)]
+pub struct Waker {
+    sock: std::sync::Mutex<Option<std::os::fd::RawFd>>,
+}
+
+impl Waker {
+    /// A waker for the socket `sock`.
+    ///
+    /// # Safety
+    ///
+    /// `sock` must stay open until [`Waker::retire`] is called or the waker is dropped.
+    pub unsafe fn new(sock: BorrowedFd<'_>) -> Self {
+        Waker {
+            sock: std::sync::Mutex::new(Some(sock.as_raw_fd())),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<std::os::fd::RawFd>> {
+        // Held only to shut down or retire, which cannot panic: never poisoned.
+        self.sock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Shuts the socket down ([`shut_down`]); does nothing once retired.
+    pub fn wake(&self) {
+        let slot = self.slot();
+        if let Some(fd) = *slot {
+            // SAFETY: the fd is open until `retire`, which waits for this lock (the
+            // contract of `new`).
+            shut_down(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+
+    /// Forgets the socket: its owner is about to close it. Later wakes do nothing.
+    pub fn retire(&self) {
+        self.slot().take();
+    }
+}
+
 /// Sets SO_RCVTIMEO and SO_SNDTIMEO to `t` (zero is a microsecond, unlike std's setters,
 /// which refuse it).
 pub fn set_timeouts(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {

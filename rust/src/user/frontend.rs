@@ -26,6 +26,7 @@ use super::postcopy::PostcopyRegion;
 use super::{Error, Result};
 use crate::backend::{vhost_backend_by_inherent, LogRegion, MemoryRegion, VringAddrs};
 use crate::memory::RegionInfo;
+use crate::sys::socket::Waker;
 
 /// A raw reply as [`Frontend::send_raw`] returns it: header, body and the fds it carried.
 pub type RawReply = (Header, Vec<u8>, Vec<OwnedFd>);
@@ -64,13 +65,19 @@ pub struct Reply {
 #[derive(Debug)]
 pub struct Frontend {
     state: Mutex<State>,
+    /// Shuts the socket down without the lock a thread waiting for a reply holds.
+    waker: Waker,
 }
 
 impl Frontend {
     pub fn new(sock: UnixStream) -> Result<Self> {
+        // SAFETY: the socket moves into `conn`, which keeps it open as long as `self`,
+        // and so as long as the waker.
+        let waker = unsafe { Waker::new(sock.as_fd()) };
         let conn = Connection::new(sock);
         conn.set_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(Frontend {
+            waker,
             state: Mutex::new(State {
                 conn,
                 neg: Negotiated::default(),
@@ -109,6 +116,13 @@ impl Frontend {
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.lock().conn.socket().as_raw_fd()
+    }
+
+    /// Shuts the connection's socket down from any thread, without waiting for the lock:
+    /// a thread waiting for a reply wakes up with an error, the back-end sees the
+    /// disconnect now, and later requests fail.
+    pub fn shutdown(&self) {
+        self.waker.wake();
     }
 
     pub fn is_broken(&self) -> bool {
