@@ -107,7 +107,8 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_FEATURES`.
-            fn set_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+            fn set_features(&self, py: Python<'_>, features: $crate::convert::U64) -> PyResult<()> {
+                let features = features.0;
                 self.with_backend(py, |b| b.set_features(features))
             }
 
@@ -140,9 +141,10 @@ macro_rules! vhost_backend_pymethods {
             fn set_log_base(
                 &self,
                 py: Python<'_>,
-                base: u64,
+                base: $crate::convert::U64,
                 region: Option<(u64, u64, Bound<'_, PyAny>)>,
             ) -> PyResult<()> {
+                let base = base.0;
                 let region = $crate::backend_methods::log_region(region)?;
                 self.with_backend(py, move |b| {
                     b.set_log_base(base, $crate::backend_methods::log_of(region))
@@ -157,23 +159,28 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_VRING_NUM`.
-            fn set_vring_num(&self, py: Python<'_>, index: u32, num: u32) -> PyResult<()> {
+            fn set_vring_num(&self, py: Python<'_>, index: $crate::convert::U32, num: $crate::convert::U32) -> PyResult<()> {
+                let (index, num) = (index.0, num.0);
                 self.with_backend(py, |b| b.set_vring_num(index, num))
             }
 
             /// `SET_VRING_ADDR`.
-            #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
+            #[pyo3(
+                signature = (index, desc, used, avail, flags = $crate::convert::U32(0), log = $crate::convert::U64(0)),
+                text_signature = "(self, index, desc, used, avail, flags=0, log=0)"
+            )]
             #[allow(clippy::too_many_arguments)] // mirrors the Python signature
             fn set_vring_addr(
                 &self,
                 py: Python<'_>,
-                index: u32,
-                desc: u64,
-                used: u64,
-                avail: u64,
-                flags: u32,
-                log: u64,
+                index: $crate::convert::U32,
+                desc: $crate::convert::U64,
+                used: $crate::convert::U64,
+                avail: $crate::convert::U64,
+                flags: $crate::convert::U32,
+                log: $crate::convert::U64,
             ) -> PyResult<()> {
+                let (index, desc, used, avail, flags, log) = (index.0, desc.0, used.0, avail.0, flags.0, log.0);
                 let addrs = vhost_core::backend::VringAddrs {
                     index,
                     flags,
@@ -186,12 +193,14 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_VRING_BASE`.
-            fn set_vring_base(&self, py: Python<'_>, index: u32, base: u32) -> PyResult<()> {
+            fn set_vring_base(&self, py: Python<'_>, index: $crate::convert::U32, base: $crate::convert::U32) -> PyResult<()> {
+                let (index, base) = (index.0, base.0);
                 self.with_backend(py, |b| b.set_vring_base(index, base))
             }
 
             /// `GET_VRING_BASE`: stops the ring.
-            fn get_vring_base(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+            fn get_vring_base(&self, py: Python<'_>, index: $crate::convert::U32) -> PyResult<u32> {
+                let index = index.0;
                 self.with_backend(py, |b| b.get_vring_base(index))
             }
 
@@ -202,9 +211,10 @@ macro_rules! vhost_backend_pymethods {
                 fn $vring_fd(
                     &self,
                     py: Python<'_>,
-                    index: u32,
+                    index: $crate::convert::U32,
                     fd: Option<&Bound<'_, PyAny>>,
                 ) -> PyResult<()> {
+                    let index = index.0;
                     let fd = $crate::fd::opt_fd(fd)?;
                     self.with_backend(py, move |b| b.$vring_fd(index, fd.map($crate::fd::borrow)))
                 }

@@ -4,6 +4,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
+
+use crate::convert::{U32, U64};
 use pyo3::types::{PyBytes, PyTuple};
 use vhost_core::user::channel::{BackendChannel, FrontendChannel, FrontendReqHandler};
 use vhost_core::user::message::BackendRequest;
@@ -269,10 +271,12 @@ impl PyBackendChannel {
     fn config_change(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |c| c.config_change())
     }
-    fn vring_call(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+    fn vring_call(&self, py: Python<'_>, index: U32) -> PyResult<()> {
+        let index = index.0;
         self.call(py, |c| c.vring_call(index))
     }
-    fn vring_err(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+    fn vring_err(&self, py: Python<'_>, index: U32) -> PyResult<()> {
+        let index = index.0;
         self.call(py, |c| c.vring_err(index))
     }
     fn shared_object_add(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<()> {
@@ -297,12 +301,13 @@ impl PyBackendChannel {
     fn iotlb_msg(
         &self,
         py: Python<'_>,
-        iova: u64,
-        size: u64,
-        uaddr: u64,
+        iova: U64,
+        size: U64,
+        uaddr: U64,
         perm: u8,
         kind: u8,
     ) -> PyResult<()> {
+        let (iova, size, uaddr) = (iova.0, size.0, uaddr.0);
         let m = IotlbPayload {
             iova,
             size,
@@ -317,10 +322,11 @@ impl PyBackendChannel {
         &self,
         py: Python<'_>,
         index: u8,
-        size: u64,
-        offset: u64,
+        size: U64,
+        offset: U64,
         fd: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let (size, offset) = (size.0, offset.0);
         let fd = fd.map(raw_fd_of).transpose()?;
         self.call(py, move |c| {
             c.vring_host_notifier(index, size, offset, fd.map(borrow))
@@ -332,18 +338,20 @@ impl PyBackendChannel {
         &self,
         py: Python<'_>,
         shmid: u8,
-        fd_offset: u64,
-        shm_offset: u64,
-        length: u64,
+        fd_offset: U64,
+        shm_offset: U64,
+        length: U64,
         writable: bool,
         fd: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let (fd_offset, shm_offset, length) = (fd_offset.0, shm_offset.0, length.0);
         let fd = raw_fd_of(fd)?;
         self.call(py, move |c| {
             c.shmem_map(shmid, fd_offset, shm_offset, length, writable, borrow(fd))
         })
     }
-    fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: u64, length: u64) -> PyResult<()> {
+    fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: U64, length: U64) -> PyResult<()> {
+        let (shm_offset, length) = (shm_offset.0, length.0);
         self.call(py, move |c| c.shmem_unmap(shmid, shm_offset, length))
     }
     #[pyo3(signature = (timeout))]

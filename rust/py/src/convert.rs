@@ -36,3 +36,54 @@ pub fn seconds(what: &str, s: f64) -> PyResult<Duration> {
         None => Err(invalid_param(format!("{what} must be finite, not {s}"))),
     }
 }
+
+/// Defines a newtype for an unsigned integer argument: a Python `int` in range is the
+/// value; a negative or too large one is the caller's `InvalidParamError` naming the value
+/// and the range (not PyO3's `OverflowError`); a `bool` or a non-integer is a `TypeError`.
+/// PyO3 adds the argument's name as a note ("while processing 'index'").
+macro_rules! uint_arg {
+    ($(#[$doc:meta])* $name:ident($t:ty)) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name(pub $t);
+
+        impl<'a, 'py> FromPyObject<'a, 'py> for $name {
+            type Error = PyErr;
+
+            fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+                if obj.is_instance_of::<pyo3::types::PyBool>() {
+                    return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                        "expected an int in 0..={}, not a bool ({})",
+                        <$t>::MAX,
+                        obj.to_string()
+                    )));
+                }
+                match obj.extract::<$t>() {
+                    Ok(v) => Ok($name(v)),
+                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
+                        Err(invalid_param(format!(
+                            "{} is out of range: the argument takes 0..={} ({} bits)",
+                            obj.to_string(),
+                            <$t>::MAX,
+                            <$t>::BITS
+                        )))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    };
+}
+
+uint_arg!(
+    /// A `u16` argument (a ring size, a queue count).
+    U16(u16)
+);
+uint_arg!(
+    /// A `u32` argument (a queue index, a ring size, a config offset).
+    U32(u32)
+);
+uint_arg!(
+    /// A `u64` argument (an address, a size, a feature mask).
+    U64(u64)
+);

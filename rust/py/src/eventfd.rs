@@ -4,6 +4,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
+
+use crate::convert::U64;
 use vhost_core::sys::eventfd::EventFd as CoreEventFd;
 
 use crate::errors::{closed, IntoPyResult};
@@ -45,8 +47,9 @@ impl PyEventFd {
     }
 
     /// Adds `value` to the counter, waking a reader.
-    #[pyo3(signature = (value = 1))]
-    fn write(&self, py: Python<'_>, value: u64) -> PyResult<()> {
+    #[pyo3(signature = (value = U64(1)), text_signature = "(self, value=1)")]
+    fn write(&self, py: Python<'_>, value: U64) -> PyResult<()> {
+        let value = value.0;
         let efd = self.get()?;
         py.detach(|| efd.write(value)).py_err()
     }

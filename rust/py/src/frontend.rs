@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
+
+use crate::convert::{U16, U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::backend::VhostBackend;
 use vhost_core::memory::RegionInfo;
@@ -148,11 +150,12 @@ vhost_backend_pymethods!(PyFrontend {
     fn remove_mem_region(
         &self,
         py: Python<'_>,
-        guest_phys_addr: u64,
-        memory_size: u64,
-        userspace_addr: u64,
-        mmap_offset: u64,
+        guest_phys_addr: U64,
+        memory_size: U64,
+        userspace_addr: U64,
+        mmap_offset: U64,
     ) -> PyResult<()> {
+        let (guest_phys_addr, memory_size, userspace_addr, mmap_offset) = (guest_phys_addr.0, memory_size.0, userspace_addr.0, mmap_offset.0);
         let info = RegionInfo {
             guest_phys_addr,
             memory_size,
@@ -166,7 +169,8 @@ vhost_backend_pymethods!(PyFrontend {
         self.call(py, |f| f.get_protocol_features())
     }
 
-    fn set_protocol_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+    fn set_protocol_features(&self, py: Python<'_>, features: U64) -> PyResult<()> {
+        let features = features.0;
         self.call(py, |f| f.set_protocol_features(features))
     }
 
@@ -174,32 +178,37 @@ vhost_backend_pymethods!(PyFrontend {
         self.call(py, |f| f.get_queue_num())
     }
 
-    fn set_vring_enable(&self, py: Python<'_>, index: u32, enable: bool) -> PyResult<()> {
+    fn set_vring_enable(&self, py: Python<'_>, index: U32, enable: bool) -> PyResult<()> {
+        let index = index.0;
         self.call(py, |f| f.set_vring_enable(index, enable))
     }
 
-    fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
+    fn set_vring_endian(&self, py: Python<'_>, index: U32, big_endian: bool) -> PyResult<()> {
+        let index = index.0;
         self.call(py, |f| f.set_vring_endian(index, big_endian))
     }
 
-    fn vring_kick(&self, py: Python<'_>, index: u32) -> PyResult<()> {
+    fn vring_kick(&self, py: Python<'_>, index: U32) -> PyResult<()> {
+        let index = index.0;
         self.call(py, |f| f.vring_kick(index))
     }
 
-    #[pyo3(signature = (offset, size, flags = 0))]
+    #[pyo3(signature = (offset, size, flags = U32(0)), text_signature = "(self, offset, size, flags=0)")]
     fn get_config<'py>(
         &self,
         py: Python<'py>,
-        offset: u32,
-        size: u32,
-        flags: u32,
+        offset: U32,
+        size: U32,
+        flags: U32,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        let (offset, size, flags) = (offset.0, size.0, flags.0);
         let data = self.call(py, |f| f.get_config(offset, size, flags))?;
         Ok(PyBytes::new(py, &data))
     }
 
-    #[pyo3(signature = (offset, data, flags = 0))]
-    fn set_config(&self, py: Python<'_>, offset: u32, data: Vec<u8>, flags: u32) -> PyResult<()> {
+    #[pyo3(signature = (offset, data, flags = U32(0)), text_signature = "(self, offset, data, flags=0)")]
+    fn set_config(&self, py: Python<'_>, offset: U32, data: Vec<u8>, flags: U32) -> PyResult<()> {
+        let (offset, flags) = (offset.0, flags.0);
         self.call(py, move |f| f.set_config(offset, &data, flags))
     }
 
@@ -213,9 +222,10 @@ vhost_backend_pymethods!(PyFrontend {
     fn get_inflight_fd(
         &self,
         py: Python<'_>,
-        num_queues: u16,
-        queue_size: u16,
+        num_queues: U16,
+        queue_size: U16,
     ) -> PyResult<(u64, u64, u16, u16, FileDescriptor)> {
+        let (num_queues, queue_size) = (num_queues.0, queue_size.0);
         let (d, fd) = self.call(py, |f| f.get_inflight_fd(num_queues, queue_size))?;
         Ok((
             d.mmap_size,
@@ -229,12 +239,13 @@ vhost_backend_pymethods!(PyFrontend {
     fn set_inflight_fd(
         &self,
         py: Python<'_>,
-        mmap_size: u64,
-        mmap_offset: u64,
-        num_queues: u16,
-        queue_size: u16,
+        mmap_size: U64,
+        mmap_offset: U64,
+        num_queues: U16,
+        queue_size: U16,
         fd: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let (mmap_size, mmap_offset, num_queues, queue_size) = (mmap_size.0, mmap_offset.0, num_queues.0, queue_size.0);
         let fd = raw_fd_of(fd)?;
         let desc = InflightDesc {
             mmap_size,
@@ -261,7 +272,8 @@ vhost_backend_pymethods!(PyFrontend {
         self.call(py, |f| f.get_status())
     }
 
-    fn net_set_mtu(&self, py: Python<'_>, mtu: u64) -> PyResult<()> {
+    fn net_set_mtu(&self, py: Python<'_>, mtu: U64) -> PyResult<()> {
+        let mtu = mtu.0;
         self.call(py, |f| f.net_set_mtu(mtu))
     }
 
@@ -277,12 +289,13 @@ vhost_backend_pymethods!(PyFrontend {
     fn iotlb_msg(
         &self,
         py: Python<'_>,
-        iova: u64,
-        size: u64,
-        uaddr: u64,
+        iova: U64,
+        size: U64,
+        uaddr: U64,
         perm: u8,
         kind: u8,
     ) -> PyResult<()> {
+        let (iova, size, uaddr) = (iova.0, size.0, uaddr.0);
         let msg = IotlbPayload {
             iova,
             size,
@@ -302,10 +315,11 @@ vhost_backend_pymethods!(PyFrontend {
     fn set_device_state_fd(
         &self,
         py: Python<'_>,
-        direction: u32,
-        phase: u32,
+        direction: U32,
+        phase: U32,
         fd: &Bound<'_, PyAny>,
     ) -> PyResult<Option<FileDescriptor>> {
+        let (direction, phase) = (direction.0, phase.0);
         let fd = raw_fd_of(fd)?;
         let ours = self.call(py, move |f| {
             f.set_device_state_fd(direction, phase, borrow(fd))
@@ -361,7 +375,8 @@ vhost_backend_pymethods!(PyFrontend {
         Ok(PyBytes::new(py, &out))
     }
 
-    fn close_crypto_session(&self, py: Python<'_>, session_id: u64) -> PyResult<()> {
+    fn close_crypto_session(&self, py: Python<'_>, session_id: U64) -> PyResult<()> {
+        let session_id = session_id.0;
         self.call(py, |f| f.close_crypto_session(session_id))
     }
 
@@ -372,13 +387,14 @@ vhost_backend_pymethods!(PyFrontend {
     fn send_raw(
         &self,
         py: Python<'_>,
-        code: u32,
-        flags: u32,
+        code: U32,
+        flags: U32,
         body: Vec<u8>,
         fds: Vec<Bound<'_, PyAny>>,
         size: Option<u32>,
         expect_reply: bool,
     ) -> PyResult<Option<RawReply>> {
+        let (code, flags) = (code.0, flags.0);
         let raw: Vec<RawFd> = fds.iter().map(raw_fd_of).collect::<PyResult<_>>()?;
         let header = Header {
             code,

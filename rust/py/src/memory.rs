@@ -8,6 +8,8 @@ use std::sync::{Arc, RwLock};
 use pyo3::buffer::PyBuffer;
 use pyo3::ffi;
 use pyo3::prelude::*;
+
+use crate::convert::U64;
 use pyo3::types::{PyBytes, PyMemoryView};
 use vhost_core::memory::{GuestMemory as CoreMemory, GuestRegion};
 
@@ -69,7 +71,8 @@ impl PyGuestMemory {
     }
 
     /// Copies `length` bytes at guest address `gpa` (may span contiguous regions).
-    fn read<'py>(&self, py: Python<'py>, gpa: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(&self, py: Python<'py>, gpa: U64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let gpa = gpa.0;
         let mem = self.snapshot();
         // Bound the length by what is mapped before allocating: a huge length must be an
         // error, not an allocation failure that aborts the process.
@@ -86,7 +89,8 @@ impl PyGuestMemory {
     }
 
     /// Copies into a writable buffer, without an intermediate bytes object.
-    fn read_into(&self, py: Python<'_>, gpa: u64, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn read_into(&self, py: Python<'_>, gpa: U64, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let gpa = gpa.0;
         let buf = PyBuffer::<u8>::get(buffer)?;
         if buf.readonly() || !buf.is_c_contiguous() {
             return Err(invalid_param(
@@ -107,7 +111,8 @@ impl PyGuestMemory {
     }
 
     /// Copies any bytes-like object to guest address `gpa`.
-    fn write(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn write(&self, py: Python<'_>, gpa: U64, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let gpa = gpa.0;
         let buf = PyBuffer::<u8>::get(data)?;
         if !buf.is_c_contiguous() {
             return Err(invalid_param("write needs a contiguous buffer"));
@@ -129,9 +134,10 @@ impl PyGuestMemory {
     fn view<'py>(
         &self,
         py: Python<'py>,
-        gpa: u64,
-        length: u64,
+        gpa: U64,
+        length: U64,
     ) -> PyResult<Bound<'py, PyMemoryView>> {
+        let (gpa, length) = (gpa.0, length.0);
         let mem = self.snapshot();
         let ptr = mem.translate(gpa, length).py_err()?;
         let len = usize::try_from(length).map_err(|_| invalid_param("length too large"))?;
@@ -147,12 +153,14 @@ impl PyGuestMemory {
     }
 
     /// Guest physical address of a front-end virtual address.
-    fn user_to_gpa(&self, uaddr: u64) -> PyResult<u64> {
+    fn user_to_gpa(&self, uaddr: U64) -> PyResult<u64> {
+        let uaddr = uaddr.0;
         self.snapshot().user_to_gpa(uaddr).py_err()
     }
 
     /// Checks that [gpa, gpa+length) lies inside one region.
-    fn contains(&self, gpa: u64, length: u64) -> bool {
+    fn contains(&self, gpa: U64, length: U64) -> bool {
+        let (gpa, length) = (gpa.0, length.0);
         self.snapshot().translate(gpa, length).is_ok()
     }
 

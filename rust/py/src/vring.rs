@@ -11,6 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
+
+use crate::convert::{U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::vring::{
@@ -159,14 +161,15 @@ impl PyDeviceQueue {
     #[allow(clippy::too_many_arguments)]
     fn new(
         memory: PyRef<'_, PyGuestMemory>,
-        size: u32,
-        desc: u64,
-        avail: u64,
-        used: u64,
+        size: U32,
+        desc: U64,
+        avail: U64,
+        used: U64,
         packed: bool,
         event_idx: bool,
         indirect: bool,
     ) -> PyResult<Self> {
+        let (size, desc, avail, used) = (size.0, desc.0, avail.0, used.0);
         let l = layout(packed, size, desc, avail, used)?;
         Self::build(memory.snapshot(), l, event_idx, indirect)
     }
@@ -178,14 +181,15 @@ impl PyDeviceQueue {
     #[allow(clippy::too_many_arguments)]
     fn from_user(
         memory: PyRef<'_, PyGuestMemory>,
-        size: u32,
-        desc: u64,
-        avail: u64,
-        used: u64,
+        size: U32,
+        desc: U64,
+        avail: U64,
+        used: U64,
         packed: bool,
         event_idx: bool,
         indirect: bool,
     ) -> PyResult<Self> {
+        let (size, desc, avail, used) = (size.0, desc.0, avail.0, used.0);
         let mem = memory.snapshot();
         let l = RingLayout::from_user(&mem, packed, size, desc, avail, used).py_err()?;
         Self::build(mem, l, event_idx, indirect)
@@ -467,13 +471,14 @@ impl PyVirtqueue {
     #[pyo3(signature = (memory, size, desc, avail, used, *, packed = false, event_idx = false))]
     fn new(
         memory: PyRef<'_, PyGuestMemory>,
-        size: u32,
-        desc: u64,
-        avail: u64,
-        used: u64,
+        size: U32,
+        desc: U64,
+        avail: U64,
+        used: U64,
         packed: bool,
         event_idx: bool,
     ) -> PyResult<Self> {
+        let (size, desc, avail, used) = (size.0, desc.0, avail.0, used.0);
         let mem = memory.snapshot();
         let l = layout(packed, size, desc, avail, used)?;
         l.check_memory(&mem).py_err()?;

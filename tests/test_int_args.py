@@ -1,0 +1,82 @@
+"""Every integer argument of the native classes goes through one conversion: a negative
+or too large value is the caller's ``InvalidParamError`` naming the value and the range it
+must be in (PyO3 raised ``OverflowError`` before, issue 11), and nothing reaches the peer.
+Peer: our own native virtio-blk daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vhost import EventFd, GuestMemory, _core
+from vhost.daemon import BlkDevice, Daemon
+from vhost.errors import InvalidParamError
+from vhost.user import Frontend
+
+BAD = [-1, 1 << 32, 1 << 64]
+
+
+@pytest.fixture
+def fe(tmp_sock_dir: Path) -> Iterator[Frontend]:
+    sock = tmp_sock_dir / "blk.sock"
+    with Daemon(BlkDevice.ram(1 << 20), sock), Frontend.connect(sock, timeout=5.0) as fe:
+        fe.negotiate()
+        yield fe
+
+
+def _refused(call: Callable[[int], object], value: int, bits: int) -> None:
+    with pytest.raises(InvalidParamError) as info:
+        call(value)
+    message = str(info.value)
+    assert str(value) in message
+    assert f"0..={(1 << bits) - 1}" in message
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_frontend_index_offset_and_size_arguments(fe: Frontend, value: int) -> None:
+    calls: list[tuple[Callable[[int], object], int]] = [
+        (lambda v: fe.set_vring_enable(v, True), 32),
+        (lambda v: fe.get_config(v, 4), 32),
+        (lambda v: fe.get_config(0, v), 32),
+        (fe.vring_kick, 32),
+        (fe.net_set_mtu, 64),
+    ]
+    for call, bits in calls:
+        if not 0 <= value < 1 << bits:
+            _refused(call, value, bits)
+    # Nothing was sent: the connection still answers.
+    assert fe.get_features()
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_shared_vhost_methods_through_the_glue(fe: Frontend, value: int) -> None:
+    native = fe._native  # the glue itself, below the facade's own checks
+    _refused(lambda v: native.set_vring_num(v, 8), value, 32)
+    _refused(native.get_vring_base, value, 32)
+    if value < 0 or value >= 1 << 64:
+        _refused(native.set_features, value, 64)
+    assert fe.get_features()
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 64])
+def test_guest_memory_and_eventfd(value: int) -> None:
+    memory = GuestMemory.allocate([(0, 1 << 16)])
+    _refused(lambda v: memory.read(v, 4), value, 64)
+    _refused(lambda v: memory.write(v, b"x"), value, 64)
+    _refused(lambda v: memory.contains(0, v), value, 64)
+    with EventFd() as ev:
+        _refused(ev.write, value, 64)
+        with pytest.raises(TypeError):
+            ev.write(True)  # a bool is not a count
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_ring_constructors(value: int) -> None:
+    memory = GuestMemory.allocate([(0, 1 << 16)])
+    _refused(lambda v: _core.DeviceQueue(memory, v, 0, 0x1000, 0x2000), value, 32)
+    _refused(lambda v: _core.Virtqueue(memory, v, 0, 0x1000, 0x2000), value, 32)
+    if value < 0 or value >= 1 << 64:
+        _refused(lambda v: _core.DeviceQueue(memory, 8, v, 0x1000, 0x2000), value, 64)
+        _refused(lambda v: _core.Virtqueue(memory, 8, 0, v, 0x2000), value, 64)
