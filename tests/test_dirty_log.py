@@ -362,9 +362,9 @@ def test_start_dirty_log_refuses_a_queue_without_log_addr(
             queue_max_size=64,
             queue_size=64,
             flags=0,
-            desc_table_addr=ram.regions()[0][2] + DESC,
-            used_ring_addr=ram.regions()[0][2] + USED,
-            avail_ring_addr=ram.regions()[0][2] + AVAIL,
+            desc_table_addr=ram.regions()[0].userspace_addr + DESC,
+            used_ring_addr=ram.regions()[0].userspace_addr + USED,
+            avail_ring_addr=ram.regions()[0].userspace_addr + AVAIL,
         ),
     )
     with DirtyLog.allocate(ram) as log, pytest.raises(InvalidQueueError, match="queue 0"):

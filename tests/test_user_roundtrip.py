@@ -398,7 +398,7 @@ def test_set_mem_table_shares_memory_both_ways(link: Link) -> None:
     fe.set_mem_table(regions_of(ram))
     sync(fe)
     (seen,) = be.last("set_mem_table")
-    assert [(gpa, size) for gpa, size, *_ in seen] == RAM_LAYOUT
+    assert [(r.guest_phys_addr, r.memory_size) for r in seen] == RAM_LAYOUT
     assert be.memory is not None
     assert be.memory.read(0x1000, 24) == b"written by the front-end"
     assert be.memory.read(0x100020, 13) == b"second region"

@@ -79,7 +79,8 @@ def test_ring_sizes_and_placement() -> None:
 
 
 def test_gpa_to_user(mem: GuestMemory) -> None:
-    ((gpa, size, uaddr, _, _),) = mem.regions()
+    (region,) = mem.regions()
+    gpa, size, uaddr = region.guest_phys_addr, region.memory_size, region.userspace_addr
     assert gpa_to_user(mem, 0x1234) == uaddr + 0x1234
     assert mem.user_to_gpa(gpa_to_user(mem, 0x1234)) == 0x1234
     with pytest.raises(InvalidMemoryError):
@@ -424,7 +425,7 @@ def test_rings_outside_memory(mem: GuestMemory, packed: bool) -> None:
         DeviceQueue(mem, size, desc, avail, used, packed=packed)
     with pytest.raises(InvalidMemoryError):
         Virtqueue(mem, size, desc, avail, used, packed=packed)
-    uaddr = mem.regions()[0][2]
+    uaddr = mem.regions()[0].userspace_addr
     with pytest.raises(InvalidMemoryError):
         DeviceQueue.from_user(mem, size, uaddr + MEM_SIZE, uaddr, uaddr + 0x800, packed=packed)
 

@@ -7,6 +7,8 @@ from typing import Any, Final, Protocol, Self, final
 
 from typing_extensions import Buffer
 
+from .types import MemoryRegion
+
 __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
     "BackendChannel",
@@ -107,7 +109,8 @@ class GuestMemory:
     def allocate(layout: Sequence[tuple[int, int]]) -> GuestMemory: ...
     @staticmethod
     def empty() -> GuestMemory: ...
-    def regions(self) -> list[tuple[int, int, int, int, int]]: ...
+    def regions(self) -> list[MemoryRegion]:
+        """The regions, each with its fd (borrowed: it lives as long as this memory)."""
     @property
     def total_size(self) -> int: ...
     def __len__(self) -> int: ...

@@ -98,16 +98,7 @@ _KNOWN_PROTO = {int(m) for m in ProtocolFeature}
 
 def regions_of(memory: GuestMemory) -> list[MemoryRegion]:
     """The shareable regions of guest memory allocated on this side."""
-    return [
-        MemoryRegion(
-            guest_phys_addr=gpa,
-            memory_size=size,
-            userspace_addr=uaddr,
-            mmap_offset=offset,
-            fd=fd,
-        )
-        for gpa, size, uaddr, offset, fd in memory.regions()
-    ]
+    return memory.regions()
 
 
 class InflightInfo:

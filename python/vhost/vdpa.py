@@ -214,12 +214,12 @@ class VhostVdpa(KernelBackend):
 
     def map_memory(self, memory: _core.GuestMemory, readonly: bool = False) -> None:
         """Map every region of ``memory`` at IOVA = guest physical address."""
-        for gpa, size, uaddr, _offset, _fd in memory.regions():
-            self.dma_map(gpa, size, uaddr, readonly)
+        for r in memory.regions():
+            self.dma_map(r.guest_phys_addr, r.memory_size, r.userspace_addr, readonly)
 
     def unmap_memory(self, memory: _core.GuestMemory) -> None:
-        for gpa, size, _uaddr, _offset, _fd in memory.regions():
-            self.dma_unmap(gpa, size)
+        for r in memory.regions():
+            self.dma_unmap(r.guest_phys_addr, r.memory_size)
 
     def __repr__(self) -> str:
         if self._closed:

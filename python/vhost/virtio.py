@@ -291,9 +291,9 @@ def place_rings(base_gpa: int, size: int, packed: bool = False) -> tuple[int, in
 def gpa_to_user(memory: _core.GuestMemory, gpa: int) -> int:
     """The front-end virtual address of guest address ``gpa`` in ``memory`` (the address to
     send in ``SET_VRING_ADDR``)."""
-    for guest_phys_addr, size, userspace_addr, _offset, _fd in memory.regions():
-        if guest_phys_addr <= gpa < guest_phys_addr + size:
-            return userspace_addr + (gpa - guest_phys_addr)
+    for r in memory.regions():
+        if r.guest_phys_addr <= gpa < r.guest_end:
+            return r.userspace_addr + (gpa - r.guest_phys_addr)
     raise InvalidMemoryError(f"guest address {gpa:#x} is not in guest memory", gpa)
 
 

@@ -200,7 +200,7 @@ def iotlb_miss_update_invalidate() -> None:
                 | VHOST_NET_F_VIRTIO_NET_HDR
             )
             net.set_features(want)
-            uaddr = memory.regions()[0][2]
+            uaddr = memory.regions()[0].userspace_addr
             # The kernel checks rings against a memory table even when it translates
             # through the IOTLB (no table: EFAULT on attach).
             net.set_mem_table([MemoryRegion(0, MEM, uaddr)])
@@ -309,8 +309,13 @@ def dirty_log() -> None:
         kick, call, log_fd = EventFd(), EventFd(), EventFd(nonblock=True)
         try:
             net.set_owner()
-            net.set_mem_table([MemoryRegion(g, s, u) for g, s, u, _o, _f in memory.regions()])
-            net.set_log_base(log.regions()[0][2])
+            net.set_mem_table(
+                [
+                    MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+                    for r in memory.regions()
+                ]
+            )
+            net.set_log_base(log.regions()[0].userspace_addr)
             net.set_log_fd(log_fd)
             want = int(VirtioFeature.VERSION_1 | VirtioFeature.LOG_ALL) | VHOST_NET_F_VIRTIO_NET_HDR
             net.set_features(want)

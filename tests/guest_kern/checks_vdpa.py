@@ -212,7 +212,7 @@ def _adversarial(peer: VdusePeer) -> None:
             bad_iova = last + 1 if last < (1 << 64) - 1 - 4096 else (1 << 64) - 4096
             # Shared file-backed memory: VDUSE maps by file (anonymous memory is skipped).
             scratch = GuestMemory.allocate([(0, 1 << 16)])
-            addr = scratch.regions()[0][2]
+            addr = scratch.regions()[0].userspace_addr
             info["map_outside_range"] = errno_of(lambda: dev.dma_map(bad_iova, 8192, addr))
             assert info["map_outside_range"] in ("EFAULT", "EINVAL"), info
             # An IOTLB update of size 0.

@@ -63,7 +63,12 @@ class VsockDriver:
         assert self.dev.get_features() & want, "vhost-vsock does not offer VERSION_1"
         self.dev.set_features(want)
         self.memory = GuestMemory.allocate([(0, 4 << 20)])
-        self.dev.set_mem_table([MemoryRegion(g, s, u) for g, s, u, _o, _f in self.memory.regions()])
+        self.dev.set_mem_table(
+            [
+                MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+                for r in self.memory.regions()
+            ]
+        )
         self.rx = Virtqueue(self.memory, QSIZE, *place_rings(RX_RING, QSIZE))
         self.tx = Virtqueue(self.memory, QSIZE, *place_rings(TX_RING, QSIZE))
         self.kicks, self.calls = (EventFd(), EventFd()), (EventFd(), EventFd())

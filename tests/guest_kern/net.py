@@ -82,7 +82,12 @@ class NetRig:
         assert offered & want == want, f"vhost-net offers {offered:#x}"
         net.set_features(want)
         memory = GuestMemory.allocate([(0, MEM)])
-        net.set_mem_table([MemoryRegion(g, s, u) for g, s, u, _o, _f in memory.regions()])
+        net.set_mem_table(
+            [
+                MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+                for r in memory.regions()
+            ]
+        )
         rx = Virtqueue(memory, QSIZE, *place_rings(RX_RING, QSIZE), event_idx=event_idx)
         tx = Virtqueue(memory, QSIZE, *place_rings(TX_RING, QSIZE), event_idx=event_idx)
         kicks, calls = (EventFd(), EventFd()), (EventFd(), EventFd())

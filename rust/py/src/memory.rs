@@ -57,8 +57,14 @@ impl PyGuestMemory {
         Self::from_core(CoreMemory::default())
     }
 
-    fn regions(&self) -> Vec<RegionTuple> {
-        self.snapshot().regions().iter().map(region_tuple).collect()
+    /// The regions, as `vhost.types.MemoryRegion` (fd borrowed from this memory).
+    fn regions<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let class = MEMORY_REGION.import(py, "vhost.types", "MemoryRegion")?;
+        self.snapshot()
+            .regions()
+            .iter()
+            .map(|r| class.call1(region_tuple(r)))
+            .collect()
     }
 
     #[getter]
@@ -173,6 +179,10 @@ impl PyGuestMemory {
         )
     }
 }
+
+/// The facade's region type, which `regions()` returns (one type for a region everywhere).
+static MEMORY_REGION: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> =
+    pyo3::sync::PyOnceLock::new();
 
 fn region_tuple(r: &Arc<GuestRegion>) -> RegionTuple {
     let info = r.info();
