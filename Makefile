@@ -55,7 +55,7 @@ rust-test:
 pytest:
 	$(PYTEST) $(PYTEST_ARGS)
 
-# Every cargo-fuzz target for FUZZ_SECONDS (default 15) each, from the committed seeds;
+# Every cargo-fuzz target for FUZZ_SECONDS (default 10) each, from the committed seeds;
 # fails on any crash, naming the target and the input (scripts/fuzz.sh, fuzz/README.md).
 fuzz: tools
 	bash scripts/fuzz.sh

@@ -4,7 +4,7 @@
 # corpus. Any crash, failed invariant, leak or hang fails the run, naming the target and
 # the input that did it.
 #
-#   bash scripts/fuzz.sh                 # every target, FUZZ_SECONDS (default 15) each
+#   bash scripts/fuzz.sh                 # every target, FUZZ_SECONDS (default 10) each
 #   bash scripts/fuzz.sh split_ring ...  # only these targets
 #   bash scripts/fuzz.sh seeds           # rewrite fuzz/corpus/*/seed-* from fuzz/src/seeds.rs
 #
@@ -20,7 +20,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export PATH="$HOME/.cache/pyvhost/cargo-fuzz/bin:$PATH"
-SECONDS_EACH=${FUZZ_SECONDS:-15}
+SECONDS_EACH=${FUZZ_SECONDS:-10}
 ARTIFACTS=${FUZZ_ARTIFACTS:-$ROOT/target/fuzz-artifacts}
 log() { printf '== fuzz: %s\n' "$*"; }
 

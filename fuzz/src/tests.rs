@@ -24,6 +24,7 @@ fn corpus_dir(target: &str) -> PathBuf {
 /// `PYVHOST_WRITE_SEEDS=1` rewrites the seed files (`scripts/fuzz.sh seeds`).
 #[test]
 fn corpus_is_generated() {
+    let _serial = serial();
     let write = std::env::var_os("PYVHOST_WRITE_SEEDS").is_some();
     for (target, inputs) in seeds() {
         let dir = corpus_dir(target);
@@ -97,6 +98,7 @@ fn daemon_seeds_are_served() {
 #[test]
 #[ignore = "needs PYVHOST_FUZZ_REPLAY=<target>:<file>"]
 fn replay() {
+    let _serial = serial();
     let spec = std::env::var("PYVHOST_FUZZ_REPLAY").expect("PYVHOST_FUZZ_REPLAY=<target>:<file>");
     let (target, file) = spec.split_once(':').expect("<target>:<file>");
     let run = TARGETS
