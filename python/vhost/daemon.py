@@ -38,6 +38,12 @@ qemu-storage-daemon, QEMU) then refuses too; readers share with readers.
 ``lock=False`` takes no locks. A lock held elsewhere is a
 :class:`~vhost.errors.VhostOSError` with errno ``EBUSY``, the image as ``filename`` and
 the holder named.
+
+A device talks back to its front-end through :class:`FrontendLink` (``Device.frontend``
+for a Python device, :attr:`Daemon.frontend` for any): a config-change notification,
+shared objects, shared memory mappings, all on the back-end channel the front-end set up
+(``BACKEND_REQ``). :meth:`Daemon.resize` grows a served disk and tells the front-end, so
+a guest sees the new capacity without a reboot.
 """
 
 from __future__ import annotations
@@ -51,11 +57,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import FrameType, MappingProxyType, TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
 from . import _core
 from .codes import MAX_SHMEM_REGIONS
-from .errors import InvalidParamError, NotSupportedError
+from .errors import DisconnectedError, InvalidParamError, NotSupportedError
 
 __all__ = [
     "Batch",
@@ -65,7 +71,9 @@ __all__ = [
     "DescriptorChain",
     "Device",
     "EventKind",
+    "FrontendLink",
     "ImageFile",
+    "Resized",
     "SessionEnd",
 ]
 
@@ -73,6 +81,25 @@ Batch = _core.Batch
 BlkDevice = _core.BlkDevice
 DescriptorChain = _core.DescriptorChain
 ImageFile = _core.ImageFile
+FrontendLink = _core.FrontendLink
+
+
+class Resized(NamedTuple):
+    """What :meth:`Daemon.resize` did, in 512-byte sectors."""
+
+    old: int
+    new: int
+    #: Whether the front-end being served was told (``CONFIG_CHANGE_MSG``) and took it;
+    #: False when no front-end was connected or the size did not change.
+    notified: bool
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """A device whose capacity can grow while it is served (:class:`BlkDevice`,
+    :class:`vhost.devices.blkdev.PythonBlkDevice`)."""
+
+    def resize(self, size: int | None = None) -> tuple[int, int, bool]: ...
 
 
 class EventKind(StrEnum):
@@ -175,6 +202,28 @@ class Device(ABC):
     shmem_regions: Mapping[int, int] = MappingProxyType({})
     num_queues: int = 1
     max_queue_size: int = 256
+    #: Set by the :class:`Daemon` made for this device (see :attr:`frontend`).
+    _frontend: _core.FrontendLink | None = None
+
+    @property
+    def frontend(self) -> _core.FrontendLink:
+        """The front-end being served, for the requests a device sends it on the back-end
+        channel: ``config_changed()`` after :meth:`config` changed, ``shared_object_add``,
+        ``shared_object_remove`` and ``shared_object_lookup`` (the dma-buf comes back as a
+        :class:`~vhost.FileDescriptor` you own), ``shmem_map`` and ``shmem_unmap``.
+
+        Each request blocks until the front-end took it (without the GIL; at most 10 s) and
+        raises :class:`~vhost.errors.DisconnectedError` when no front-end is connected, and
+        :class:`~vhost.errors.InactiveFeatureError` when the front-end did not set up the
+        channel (``BACKEND_REQ``) or did not ack the feature the request needs (``CONFIG``,
+        ``SHARED_OBJECT``, ``SHMEM``). Prefer a thread of your own: from :meth:`process`
+        a request holds its queue meanwhile (a front-end that stops that ring in the
+        meantime waits for it), and from :meth:`config`/:meth:`set_config` it would wait
+        for a front-end that is waiting for the answer.
+        """
+        if self._frontend is None:
+            raise DisconnectedError("no Daemon serves this device, so it has no front-end")
+        return self._frontend
 
     def config(self) -> bytes:
         """The device configuration space (empty if the device has none)."""
@@ -272,6 +321,8 @@ class Daemon:
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
         )
+        if isinstance(device, Device):
+            device._frontend = self._native.frontend
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""
@@ -324,6 +375,36 @@ class Daemon:
             if on_event is not None:
                 for event in self.next_events():
                     on_event(event)
+
+    @property
+    def frontend(self) -> FrontendLink:
+        """The front-end being served, for requests on its back-end channel (see
+        :attr:`Device.frontend`); the same link across sessions and restarts."""
+        return self._native.frontend
+
+    def notify_config_changed(self) -> None:
+        """Tells the front-end being served that the device's configuration space changed
+        (``CONFIG_CHANGE_MSG``): it reads it again and interrupts the guest's driver.
+        Raises :class:`~vhost.errors.DisconnectedError` with no front-end connected, and
+        :class:`~vhost.errors.InactiveFeatureError` when it did not negotiate ``BACKEND_REQ``
+        and ``CONFIG``."""
+        self._native.frontend.config_changed()
+
+    def resize(self, size: int | None = None) -> Resized:
+        """Grows the served disk while a guest runs, and tells the front-end.
+
+        ``size`` None takes the image's size now (grow the file first, e.g. ``truncate -s
+        +1G``); a size in bytes (a multiple of 512) grows the file to it. Shrinking is
+        refused (:class:`~vhost.errors.InvalidParamError`): the sectors past the new end
+        would vanish from under the guest's file systems. Every request and every config
+        read sees either the old capacity or the new one. With no front-end connected the
+        new size is simply what the next one reads (``notified`` False); a front-end that
+        cannot be told (no back-end channel) raises
+        :class:`~vhost.errors.InactiveFeatureError`, the disk being resized already.
+        """
+        if not isinstance(self.device, Resizable):
+            raise NotSupportedError(f"{type(self.device).__name__} cannot be resized")
+        return Resized(*self.device.resize(size))
 
     def next_events(self, timeout: float | None = 0.0) -> list[DaemonEvent]:
         """The events since the last call, waiting up to ``timeout`` seconds (None:

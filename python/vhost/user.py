@@ -911,7 +911,10 @@ class FrontendRequestHandler:
     def shared_object_remove(self, uuid: bytes) -> int | None:
         raise _refuse("SHARED_OBJECT_REMOVE")
 
-    def shared_object_lookup(self, uuid: bytes) -> int | None:
+    def shared_object_lookup(self, uuid: bytes) -> int | tuple[int, FdLike | None] | None:
+        """0 (or None) when the object is known, another value when not; return
+        ``(0, fd)`` to send its dma-buf fd with the answer (the fd is duplicated: it stays
+        yours)."""
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
     def shmem_map(  # noqa: PLR0917 - one argument per field of the request

@@ -10,6 +10,8 @@ listening on SOCK instead of listening (waiting until one does).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server cleanly, with exit status 0: that is a
 server's normal stop (what systemd expects), not the 130 other commands exit with.
+SIGHUP makes ``serve blk`` re-read its image's size and grow the disk to it, telling the
+front-end, so a guest sees the new capacity without a reboot.
 
 A session that ends on an error, or after a refused request, is reported in one line on
 stderr with the reason; ``--verbose`` reports every session and refusal as it happens.
@@ -20,8 +22,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import stat
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
@@ -62,6 +68,12 @@ refused while another program writes the image, and keeps writers out while it
 runs. --readonly shares the image with other readers; --readonly --force-share
 reads it whatever others do (QEMU's force-share=on); --no-lock takes no locks
 (QEMU's locking=off), for those who coordinate access themselves.
+
+Resize: grow the image file (truncate -s +1G FILE) and send SIGHUP: serve
+blk re-reads the image's size, grows the disk and tells the front-end
+(CONFIG_CHANGE_MSG), and the guest sees the new capacity without a reboot. It
+prints the new size on stderr. A smaller image is refused (a disk is never
+shrunk under a guest); the disk keeps its size.
 
 {STOPPING}"""
 
@@ -217,17 +229,78 @@ def run_blk(args: argparse.Namespace) -> int:
         raise _image_failure(args, exc) from None
     kind = "python" if args.python else "native"
     mode = " read-only" if args.readonly else ""
-    return _serve(
-        Daemon(
-            device,
-            args.socket,
-            client=args.client,
-            poll_us=args.poll_us,
-            require_sealed_memory=args.require_sealed_memory,
-        ),
-        f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})",
-        args.verbose,
+    daemon = Daemon(
+        device,
+        args.socket,
+        client=args.client,
+        poll_us=args.poll_us,
+        require_sealed_memory=args.require_sealed_memory,
     )
+    with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
+        return _serve(
+            daemon, f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})", args.verbose
+        )
+
+
+@contextmanager
+def _on_signal(signum: signal.Signals, action: Callable[[], None]) -> Iterator[None]:
+    """Runs ``action`` (in the main thread, between two waits of the daemon) on each
+    ``signum`` while the block runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        action()
+
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+class _Resizer:
+    """The SIGHUP action. A second SIGHUP can arrive while a resize waits for the
+    front-end's ack (the wait runs signal handlers): it is not nested into the first, which
+    holds the device's resize lock, but makes the first run once more when it is done."""
+
+    def __init__(self, daemon: Daemon, image: str) -> None:
+        self.daemon = daemon
+        self.image = image
+        self.busy = False
+        self.again = False
+
+    def __call__(self) -> None:
+        if self.busy:
+            self.again = True
+            return
+        self.busy = True
+        try:
+            self.again = True
+            while self.again:
+                self.again = False
+                _resize(self.daemon, self.image)
+        finally:
+            self.busy = False
+
+
+def _resize(daemon: Daemon, image: str) -> None:
+    """SIGHUP: grows the disk to the image's size now and tells the front-end; one line
+    on stderr either way (a failure never stops the server)."""
+    device = daemon.device
+    before = device.capacity if isinstance(device, BlkDevice | PythonBlkDevice) else None
+    try:
+        old, new, notified = daemon.resize()
+    except (VhostError, OSError) as exc:
+        after = device.capacity if isinstance(device, BlkDevice | PythonBlkDevice) else None
+        if after != before:
+            _say(f"resized {image} to {after} sectors, but the guest was not told: {exc}")
+        else:
+            _say(f"error: resize {image}: {exc}; the disk keeps its size ({before} sectors)")
+        return
+    if new == old:
+        _say(f"resize {image}: the size is unchanged ({new} sectors)")
+        return
+    told = "the front-end was notified" if notified else "no front-end is connected"
+    _say(f"resized {image}: {old} -> {new} sectors ({new * 512} bytes); {told}")
 
 
 def _image_failure(args: argparse.Namespace, exc: OSError) -> CliError:

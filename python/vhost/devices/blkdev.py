@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from .. import _core
 from ..daemon import Device, ImageFile
-from ..errors import InvalidParamError
+from ..errors import DisconnectedError, InvalidParamError
 
 __all__ = ["PythonBlkDevice"]
 
@@ -59,10 +60,40 @@ class PythonBlkDevice(Device):
         self.max_queue_size = queue_size
         self.serial = serial.encode().ljust(20, b"\x00")
         self.features = _F_SEG_MAX | _F_BLK_SIZE | _F_FLUSH | _F_MQ | (_F_RO if readonly else 0)
+        self._resizing = threading.Lock()
 
     def close(self) -> None:
         """Closes the image, releasing its locks."""
         self.image.close()
+
+    def resize(self, size: int | None = None) -> tuple[int, int, bool]:
+        """Grows the disk as the native :meth:`vhost.daemon.BlkDevice.resize` does: to the
+        image's size now (``size`` None) or to ``size`` bytes (growing the file), never
+        smaller; then tells the front-end. Returns ``(old, new, notified)`` in sectors."""
+        with self._resizing:
+            old = self.capacity
+            if size is not None and size % _SECTOR:
+                raise InvalidParamError(f"{size} bytes is not a multiple of 512")
+            new = (os.lseek(self.fd, 0, os.SEEK_END) if size is None else size) // _SECTOR
+            if new < old:
+                raise InvalidParamError(
+                    f"the new size ({new} sectors) is smaller than the disk ({old} sectors); "
+                    "a disk is only grown, never shrunk under a guest"
+                )
+            if new == old:
+                return old, new, False
+            if size is not None and os.lseek(self.fd, 0, os.SEEK_END) < size:
+                if self.readonly:
+                    raise InvalidParamError(
+                        f"cannot grow the image file to {size} bytes: the disk is served read-only"
+                    )
+                os.ftruncate(self.fd, size)
+            self.capacity = new
+            try:
+                self.frontend.config_changed()
+            except DisconnectedError:
+                return old, new, False
+            return old, new, True
 
     def config(self) -> bytes:
         cfg = bytearray(60)

@@ -11,7 +11,7 @@ use vhost_core::user::payload::{IotlbPayload, ShmemMapPayload, VringArea};
 use vhost_core::user::Error;
 
 use crate::errors::{closed, IntoPyResult};
-use crate::fd::{borrow, raw_fd_of, FileDescriptor};
+use crate::fd::{borrow, dup_of, raw_fd_of, FileDescriptor};
 use crate::handler::{u64_or_zero, PyCallState};
 use crate::wait;
 
@@ -101,11 +101,14 @@ impl FrontendReqHandler for PyFrontendHandler {
         )
     }
     fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64, Error> {
+        self.shared_object_lookup_fd(uuid).map(|(status, _)| status)
+    }
+    fn shared_object_lookup_fd(&mut self, uuid: [u8; 16]) -> Result<(u64, Option<OwnedFd>), Error> {
         self.state.call(
             &self.obj,
             "shared_object_lookup",
             move |py| tuple(py, (PyBytes::new(py, &uuid),)),
-            u64_or_zero,
+            status_and_fd,
         )
     }
     fn shmem_map(&mut self, m: &ShmemMapPayload, fd: OwnedFd) -> Result<u64, Error> {
@@ -145,6 +148,20 @@ impl FrontendReqHandler for PyFrontendHandler {
             u64_or_zero,
         )
     }
+}
+
+/// A lookup's answer: a status (None: 0), or `(status, fd)` with the dma-buf to send back;
+/// the fd is duplicated, so the handler keeps its own.
+fn status_and_fd(v: &Bound<'_, PyAny>) -> PyResult<(u64, Option<OwnedFd>)> {
+    if let Ok((status, fd)) = v.extract::<(u64, Bound<'_, PyAny>)>() {
+        let fd = if fd.is_none() {
+            None
+        } else {
+            Some(dup_of(&fd)?)
+        };
+        return Ok((status, fd));
+    }
+    Ok((u64_or_zero(v)?, None))
 }
 
 #[pymethods]
@@ -260,6 +277,16 @@ impl PyBackendChannel {
     }
     fn shared_object_lookup(&self, py: Python<'_>, uuid: [u8; 16]) -> PyResult<u64> {
         self.call(py, |c| c.shared_object_lookup(uuid))
+    }
+    /// The lookup's status and, when the front-end found the object, its dma-buf fd
+    /// (owned by the caller).
+    fn shared_object_lookup_fd(
+        &self,
+        py: Python<'_>,
+        uuid: [u8; 16],
+    ) -> PyResult<(u64, Option<FileDescriptor>)> {
+        let (status, fd) = self.call(py, |c| c.shared_object_lookup_fd(uuid))?;
+        Ok((status, fd.map(FileDescriptor::new)))
     }
     fn iotlb_msg(
         &self,

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vhost_core::daemon::{Daemon, DaemonEvent, DaemonStats, DeviceError, Stopper, VirtioDevice};
+use vhost_core::daemon::{
+    Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
+};
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::sys::PathError;
@@ -22,6 +24,7 @@ use vhost_core::vring::DescriptorChain as CoreChain;
 
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::handler::shmem_pairs;
+use crate::link::{resize_error, PyFrontendLink};
 use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +89,15 @@ impl PyBlkDevice {
     #[getter]
     fn capacity(&self) -> u64 {
         self.inner.capacity()
+    }
+
+    /// Grows the disk to the image's size now (`size` None) or to `size` bytes (growing
+    /// the file), and tells the front-end; returns `(old, new, notified)` in sectors.
+    #[pyo3(signature = (size = None))]
+    fn resize(&self, py: Python<'_>, size: Option<u64>) -> PyResult<(u64, u64, bool)> {
+        let inner = self.inner.clone();
+        let r = crate::wait::blocking(py, move || inner.resize(size))?.map_err(resize_error)?;
+        Ok((r.old, r.new, r.notified))
     }
 
     #[getter]
@@ -651,6 +663,8 @@ pub struct PyDaemon {
     events: Arc<EventQueue>,
     /// A `start` is binding its socket.
     starting: AtomicBool,
+    /// The device's way to the front-end, kept across restarts.
+    link: FrontendLink,
 }
 
 #[pymethods]
@@ -678,7 +692,10 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
+        let link = FrontendLink::new();
+        device.attach_frontend(link.clone());
         Ok(PyDaemon {
+            link,
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
             poll: Duration::from_micros(poll_us),
@@ -778,6 +795,13 @@ impl PyDaemon {
         }
     }
 
+    /// The link to the front-end being served (config changes, shared objects, shared
+    /// memory), valid across sessions and restarts.
+    #[getter]
+    fn frontend(&self) -> PyFrontendLink {
+        PyFrontendLink::new(self.link.clone())
+    }
+
     /// Events dropped because nobody collected them (the queue keeps the latest 1024).
     #[getter]
     fn events_dropped(&self) -> u64 {
@@ -840,7 +864,8 @@ impl PyDaemon {
             .map_err(io_error)?
             .with_stall_timeout(self.stall_timeout)
             .with_poll(self.poll)
-            .with_sealed_memory_only(self.sealed_memory_only);
+            .with_sealed_memory_only(self.sealed_memory_only)
+            .with_frontend_link(self.link.clone());
         let events = self.events.clone();
         let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
         let listener = if client {

@@ -14,6 +14,7 @@ mod fd;
 mod frontend;
 mod handler;
 mod kern;
+mod link;
 mod memory;
 mod vdpa;
 mod vring;
@@ -39,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<daemon::PyImageFile>()?;
     m.add_class::<daemon::PyBatch>()?;
     m.add_class::<daemon::PyDaemon>()?;
+    m.add_class::<link::PyFrontendLink>()?;
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

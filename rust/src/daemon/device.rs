@@ -6,6 +6,8 @@ use crate::memory::dirty_log::DirtyLogError;
 use crate::memory::GuestMemory;
 use crate::vring::{DescriptorChain, VringError};
 
+use super::link::FrontendLink;
+
 /// virtio transport features every daemon device gets unless it masks them out
 /// ([`VirtioDevice::transport_features`]).
 pub mod transport {
@@ -101,6 +103,12 @@ pub trait VirtioDevice: Send + Sync {
             "this device is stateless, but {} bytes of device state were sent",
             state.len()
         )))
+    }
+    /// The daemon's link to whichever front-end it serves, given once when the daemon is
+    /// made: keep it to send config-change notifications, shared objects and shared
+    /// memory mappings (see [`FrontendLink`]). Devices that never talk back ignore it.
+    fn attach_frontend(&self, link: FrontendLink) {
+        let _ = link;
     }
     /// Handles one batch popped from `queue`: pushes `(head, bytes written)` into `done`
     /// for each chain completed. Chains left out are completed by the daemon with 0 bytes,

@@ -17,11 +17,12 @@ use crate::user::codes::{
     protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use crate::user::payload::{DeviceStateTransfer, InflightDesc, LogDesc, ShmemConfig};
-use crate::user::{BackendHandler, Error, Result};
+use crate::user::{BackendChannel, BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
+use super::link::FrontendLink;
 use super::queue::{lock, spawn_worker, QueueSlot};
 use super::state::{Limits, StateTransfer};
 
@@ -34,7 +35,12 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::CONFIGURE_MEM_SLOTS
     | pf::INFLIGHT_SHMFD
     | pf::LOG_SHMFD
-    | pf::DEVICE_STATE;
+    | pf::DEVICE_STATE
+    // The back-end channel, for devices (FrontendLink) and in-band notifications.
+    | pf::BACKEND_REQ
+    | pf::BACKEND_SEND_FD
+    | pf::SHARED_OBJECT
+    | pf::INBAND_NOTIFICATIONS;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS: rust-vmm's vhost-user-backend offers
 /// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
@@ -62,6 +68,9 @@ pub struct DaemonHandler {
     hint: Option<&'static str>,
     /// The device-state transfer SET_DEVICE_STATE_FD started, until CHECK_DEVICE_STATE.
     state_transfer: Option<StateTransfer>,
+    /// Where the device reaches this session's front-end: the back-end channel is attached
+    /// to it when it arrives and detached when the session ends.
+    link: FrontendLink,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -107,6 +116,7 @@ impl DaemonHandler {
             log: None,
             hint: None,
             state_transfer: None,
+            link: FrontendLink::new(),
             device,
         };
         for i in 0..handler.device.num_queues() {
@@ -117,6 +127,14 @@ impl DaemonHandler {
             handler.slots.push(slot);
         }
         Ok(handler)
+    }
+
+    /// Makes `link` this session's: the device's requests to the front-end go to the
+    /// channel this session receives, until it ends.
+    pub(crate) fn with_link(mut self, link: FrontendLink) -> Self {
+        link.session_started();
+        self.link = link;
+        self
     }
 
     /// Live counters of the descriptor chains completed, per queue.
@@ -200,12 +218,14 @@ impl Drop for DaemonHandler {
     fn drop(&mut self) {
         // A transfer still running is cancelled before the device is reset.
         self.state_transfer = None;
+        self.link.session_ended();
         self.stop_workers();
         for s in &self.slots {
             let mut st = lock(&s.state);
             st.stop();
             st.call = None;
             st.err = None;
+            st.inband = None;
             st.mem = GuestMemory::default();
         }
         self.device.reset();
@@ -398,6 +418,16 @@ impl BackendHandler for DaemonHandler {
 
     fn set_config(&mut self, offset: u32, data: &[u8], _flags: u32) -> Result<()> {
         self.device.set_config(offset, data).map_err(device_error)
+    }
+
+    fn set_backend_channel(&mut self, channel: Arc<BackendChannel>) -> Result<()> {
+        // With INBAND_NOTIFICATIONS, a ring without a call fd is signalled on the channel.
+        let inband = (self.acked_protocol & pf::INBAND_NOTIFICATIONS != 0).then(|| channel.clone());
+        for s in &self.slots {
+            lock(&s.state).inband = inband.clone();
+        }
+        self.link.attach(channel);
+        Ok(())
     }
 
     fn get_inflight_fd(&mut self, desc: &InflightDesc) -> Result<(InflightDesc, OwnedFd)> {

@@ -13,6 +13,11 @@
 //!                                              migration dirty log: vring::RingLog)
 //! ```
 //!
+//! A device talks back to the front-end being served (config-change notifications, shared
+//! objects, shared memory mappings) through the daemon's [`FrontendLink`], which each
+//! session attaches its back-end channel to; with `INBAND_NOTIFICATIONS` a ring without a
+//! call fd is signalled with `VRING_CALL` on that channel.
+//!
 //! Data-plane threads never touch the interpreter: a device written in Python is reached
 //! through a [`VirtioDevice`] adapter in the binding, which takes the GIL per batch.
 
@@ -20,6 +25,7 @@ mod device;
 mod events;
 mod handler;
 mod inflight;
+mod link;
 mod queue;
 mod server;
 mod state;
@@ -30,5 +36,6 @@ pub use device::{transport, DeviceError, VirtioDevice};
 pub use events::{DaemonEvent, EventSink, SessionEnd};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
+pub use link::{FrontendLink, LinkError};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
 pub use state::{STATE_STALL_TIMEOUT, STATE_TRANSFER_TIMEOUT};

@@ -19,6 +19,7 @@ use crate::backend::{VringAddrs, VRING_ADDR_F_LOG};
 use crate::memory::dirty_log::{DirtyLog, DirtyLogError};
 use crate::memory::GuestMemory;
 use crate::sys::{poll_many, EventFd};
+use crate::user::BackendChannel;
 use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment};
 
 use super::device::{DeviceError, VirtioDevice};
@@ -61,6 +62,9 @@ pub(crate) struct QueueState {
     /// write into guest memory is marked in it. `None` (logging off) costs the data path
     /// one check per batch.
     pub(crate) log: Option<Arc<DirtyLog>>,
+    /// The back-end channel, when INBAND_NOTIFICATIONS is acked: a ring without a call
+    /// (or err) fd is signalled with VRING_CALL (VRING_ERR) on it instead.
+    pub(crate) inband: Option<Arc<BackendChannel>>,
 }
 
 /// A ring's logging target: the log, and the used ring's log address when the front-end set
@@ -138,6 +142,8 @@ impl QueueState {
     fn fail(&mut self, queue: u16, why: String) {
         if let Some(err) = &self.err {
             let _ = err.write(1);
+        } else if let Some(channel) = &self.inband {
+            let _ = channel.signal_error(u32::from(queue));
         }
         if let Some(r) = &self.reporter {
             (r.sink)(DaemonEvent::QueueFailed {
@@ -379,6 +385,8 @@ fn one_batch(
     if ring.needs_notification(mem)? {
         if let Some(call) = &st.call {
             let _ = call.write(1);
+        } else if let Some(channel) = &st.inband {
+            let _ = channel.signal_used(u32::from(slot.index));
         }
     }
     if let Err(e) = outcome {

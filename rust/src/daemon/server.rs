@@ -15,6 +15,7 @@ use crate::user::{BackendSession, Error, Listener, Result};
 use super::device::VirtioDevice;
 use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd};
 use super::handler::DaemonHandler;
+use super::link::FrontendLink;
 use super::queue::lock;
 
 /// How long one message may take from its first byte to its last (header, body and fds)
@@ -67,6 +68,8 @@ pub struct Daemon {
     poll: Duration,
     sealed_memory_only: bool,
     events: Option<EventSink>,
+    /// The device's way to the front-end being served (see [`FrontendLink`]).
+    link: FrontendLink,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -91,7 +94,10 @@ impl Stopper {
 
 impl Daemon {
     pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
+        let link = FrontendLink::new();
+        device.attach_frontend(link.clone());
         Ok(Daemon {
+            link,
             device,
             stop: Arc::new(EventFd::new(true)?),
             stats: Arc::new(DaemonStats::default()),
@@ -134,6 +140,20 @@ impl Daemon {
     pub fn with_stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
         self
+    }
+
+    /// Serves through `link` instead of the daemon's own, and hands it to the device: one
+    /// link can outlive several daemons of the same device (a restarted one).
+    pub fn with_frontend_link(mut self, link: FrontendLink) -> Self {
+        self.device.attach_frontend(link.clone());
+        self.link = link;
+        self
+    }
+
+    /// The link to the front-end being served: for config-change notifications from
+    /// outside the device (a resize), and everything else the device may send.
+    pub fn frontend_link(&self) -> &FrontendLink {
+        &self.link
     }
 
     pub fn stopper(&self) -> Stopper {
@@ -221,7 +241,7 @@ impl Daemon {
         });
         let mut handler =
             match DaemonHandler::with_reporter(self.device.clone(), self.poll, reporter) {
-                Ok(h) => h,
+                Ok(h) => h.with_link(self.link.clone()),
                 Err(e) => {
                     let end = SessionEnd::Failed(format!("cannot start the queue workers: {e}"));
                     return (Err(e.into()), end, None);

@@ -7,13 +7,15 @@
 //! the queue.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::image::{Image, ImageError, Locking};
-use crate::daemon::{DeviceError, VirtioDevice};
+use crate::daemon::{DeviceError, FrontendLink, LinkError, VirtioDevice};
 use crate::memory::GuestMemory;
 use crate::sys::memfd_create;
 use crate::vring::{DescriptorChain, Segment};
@@ -82,10 +84,64 @@ impl Default for BlkConfig {
 #[derive(Debug)]
 pub struct BlkDevice {
     image: File,
-    capacity: u64,
+    /// In sectors. Read once per request and per GET_CONFIG, so each sees one whole value
+    /// while a resize changes it; only [`resize`](BlkDevice::resize) stores it.
+    capacity: AtomicU64,
     cfg: BlkConfig,
     /// A RAM image has nothing to flush.
     sync_on_flush: bool,
+    /// One resize at a time (grow the file, then publish the capacity).
+    resizing: Mutex<()>,
+    /// The front-end a resize is announced to (set by the daemon).
+    frontend: Mutex<Option<FrontendLink>>,
+}
+
+/// What [`BlkDevice::resize`] did, in 512-byte sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    pub old: u64,
+    pub new: u64,
+    /// Whether the front-end being served was told (CONFIG_CHANGE_MSG) and took it; when
+    /// `old == new` nothing is sent and this is false.
+    pub notified: bool,
+}
+
+/// Why a disk was not resized (the capacity is then unchanged).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The new size is smaller than the disk: a running guest would lose the sectors past
+    /// the new end from under its file systems, so a disk only grows.
+    #[error(
+        "the new size ({new} sectors) is smaller than the disk ({old} sectors); \
+         a disk is only grown, never shrunk under a guest"
+    )]
+    Shrink { old: u64, new: u64 },
+    /// An explicit size that is not whole sectors.
+    #[error("{0} bytes is not a multiple of 512")]
+    Unaligned(u64),
+    /// An explicit size larger than the image of a read-only disk, which is never written.
+    #[error("cannot grow the image file to {0} bytes: the disk is served read-only")]
+    ReadOnly(u64),
+    /// Growing the file to an explicit size needs a writable regular file (or a RAM disk).
+    #[error("cannot grow the image file to {bytes} bytes: {source}")]
+    Grow { bytes: u64, source: io::Error },
+    /// The image's size could not be read.
+    #[error("cannot read the image's size: {0}")]
+    Size(io::Error),
+    /// The disk was resized but the front-end could not be told: it sees the new size
+    /// only once it reads the config space again (a device reset, a new session).
+    #[error("resized from {old} to {new} sectors, but the front-end was not told: {source}")]
+    Notify {
+        old: u64,
+        new: u64,
+        source: LinkError,
+    },
+}
+
+/// The size of an image file or block device, in bytes (`st_size` is 0 for a device).
+fn image_size(image: &File) -> io::Result<u64> {
+    let mut f = image;
+    f.seek(SeekFrom::End(0))
 }
 
 impl BlkDevice {
@@ -103,12 +159,14 @@ impl BlkDevice {
                 "the serial is at most 20 bytes",
             ));
         }
-        let capacity = image.metadata()?.len() / SECTOR;
+        let capacity = image_size(&image)? / SECTOR;
         Ok(BlkDevice {
             image,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             cfg,
             sync_on_flush: true,
+            resizing: Mutex::new(()),
+            frontend: Mutex::new(None),
         })
     }
 
@@ -131,7 +189,67 @@ impl BlkDevice {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Grows the disk while it is served and tells the front-end (CONFIG_CHANGE_MSG), so a
+    /// guest sees the new capacity without a reboot. `bytes` None takes the image's size
+    /// now (after it was grown on the host: `truncate -s +1G`, `qemu-img resize`, a grown
+    /// block device); `Some` grows the file (or RAM disk) to that size first. The size is
+    /// rounded down to whole sectors. Shrinking is refused: the sectors past the new end
+    /// would vanish under the guest's file systems. Requests see either the old capacity
+    /// or the new one, never a mix; a resize with no front-end connected, or one that did
+    /// not set up the back-end channel, is kept for the next GET_CONFIG and reported as
+    /// [`ResizeError::Notify`] in the second case.
+    pub fn resize(&self, bytes: Option<u64>) -> Result<Resized, ResizeError> {
+        let _one = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.capacity();
+        let new = match bytes {
+            None => image_size(&self.image).map_err(ResizeError::Size)? / SECTOR,
+            Some(b) if b % SECTOR != 0 => return Err(ResizeError::Unaligned(b)),
+            Some(b) => b / SECTOR,
+        };
+        if new < old {
+            return Err(ResizeError::Shrink { old, new });
+        }
+        if new == old {
+            return Ok(Resized {
+                old,
+                new,
+                notified: false,
+            });
+        }
+        if let Some(b) = bytes {
+            self.grow_file(b)?;
+        }
+        self.capacity.store(new, Ordering::Release);
+        let link = self
+            .frontend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let notified = match link {
+            None => false,
+            Some(link) => match link.config_changed() {
+                Ok(()) => true,
+                Err(LinkError::NoFrontend { .. }) => false,
+                Err(source) => return Err(ResizeError::Notify { old, new, source }),
+            },
+        };
+        Ok(Resized { old, new, notified })
+    }
+
+    /// Makes the image file `bytes` long (never shorter), for an explicit resize.
+    fn grow_file(&self, bytes: u64) -> Result<(), ResizeError> {
+        if image_size(&self.image).map_err(ResizeError::Size)? >= bytes {
+            return Ok(());
+        }
+        if self.cfg.readonly {
+            return Err(ResizeError::ReadOnly(bytes));
+        }
+        self.image
+            .set_len(bytes)
+            .map_err(|source| ResizeError::Grow { bytes, source })
     }
 
     pub fn image(&self) -> &File {
@@ -204,7 +322,7 @@ impl BlkDevice {
             return Err(status::IOERR);
         }
         let end = sector.checked_add(len / SECTOR).ok_or(status::IOERR)?;
-        if end > self.capacity {
+        if end > self.capacity() {
             return Err(status::IOERR);
         }
         Ok(sector * SECTOR)
@@ -471,7 +589,11 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn config(&self) -> Vec<u8> {
-        config_space(self.capacity, &self.cfg)
+        config_space(self.capacity(), &self.cfg)
+    }
+
+    fn attach_frontend(&self, link: FrontendLink) {
+        *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
     }
 
     fn process(

@@ -71,6 +71,18 @@ impl BackendChannel {
         }
     }
 
+    /// Refuses, before anything is sent, a request the front-end did not ack the
+    /// protocol feature of.
+    fn check_feature(&self, code: BackendReq) -> Result<()> {
+        match required_feature(code) {
+            Some((bit, name)) if self.acked_protocol & bit == 0 => Err(Error::InactiveFeature {
+                request: code.name(),
+                feature: name,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Sends `request`; with REPLY_ACK negotiated (or when the request has a reply of its
     /// own) waits for the front-end's u64 answer and returns it.
     pub fn send(&self, request: &BackendRequest, fds: &[BorrowedFd<'_>]) -> Result<u64> {
@@ -85,14 +97,7 @@ impl BackendChannel {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(u64, Option<OwnedFd>)> {
         let code = request.kind();
-        if let Some((bit, name)) = required_feature(code) {
-            if self.acked_protocol & bit == 0 {
-                return Err(Error::InactiveFeature {
-                    request: code.name(),
-                    feature: name,
-                });
-            }
-        }
+        self.check_feature(code)?;
         let inherent = code == BackendReq::SharedObjectLookup;
         let want_reply = inherent || self.acked_protocol & pf::REPLY_ACK != 0;
         let body = request.encode_body();
@@ -147,6 +152,27 @@ impl BackendChannel {
     pub fn vring_err(&self, index: u32) -> Result<()> {
         self.send(&BackendRequest::VringErr(VringState { index, num: 0 }), &[])
             .map(|_| ())
+    }
+
+    /// VRING_CALL without asking for an ack, whatever REPLY_ACK says: the in-band form of
+    /// a call eventfd write, for a queue worker that must not wait on the front-end while
+    /// it holds its ring (the spec lets the sender set NEED_REPLY per message).
+    pub fn signal_used(&self, index: u32) -> Result<()> {
+        self.post(&BackendRequest::VringCall(VringState { index, num: 0 }))
+    }
+
+    /// VRING_ERR without asking for an ack (see [`signal_used`](Self::signal_used)).
+    pub fn signal_error(&self, index: u32) -> Result<()> {
+        self.post(&BackendRequest::VringErr(VringState { index, num: 0 }))
+    }
+
+    /// Sends a request that carries no fd and wants no answer.
+    fn post(&self, request: &BackendRequest) -> Result<()> {
+        let code = request.kind();
+        self.check_feature(code)?;
+        let body = request.encode_body();
+        let header = Header::request(code.code(), body.len() as u32, false);
+        self.lock().send(&header, &body, &[])
     }
 
     pub fn shared_object_add(&self, uuid: [u8; 16]) -> Result<()> {
