@@ -42,12 +42,16 @@ pub fn run_session(data: &[u8]) -> Option<String> {
         let memory = memfd_create("fuzz-guest", GUEST_MEMORY).expect("memfd");
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         std::thread::scope(|s| {
-            s.spawn(|| {
+            let peer = s.spawn(|| {
                 stream::send(&theirs, data, memory.as_fd());
                 let _ = theirs.shutdown(Shutdown::Write);
                 stream::drain(&theirs);
             });
             let _ = daemon.serve_stream(ours);
+            // Joined explicitly (pthread_join): the scope alone only waits for the closure,
+            // and a thread still exiting holds its thread-local destructor list, which the
+            // leak checker reports.
+            peer.join().expect("the peer thread");
         });
         let stats = daemon.stats();
         assert_eq!(stats.sessions_ended.load(Ordering::SeqCst), 1);

@@ -93,7 +93,8 @@ fn daemon_seeds_are_served() {
     }
 }
 
-/// Replays one input on stable, without libFuzzer:
+/// Replays one input on stable, without libFuzzer (give an absolute path: the test runs
+/// in `fuzz/`):
 /// `PYVHOST_FUZZ_REPLAY=<target>:<file> cargo test --manifest-path fuzz/Cargo.toml replay -- --ignored --nocapture`.
 #[test]
 #[ignore = "needs PYVHOST_FUZZ_REPLAY=<target>:<file>"]
