@@ -256,6 +256,12 @@ class MigrationReport:
     """Of those, printed while the migration ran."""
     destination_lines: int
     """Iteration lines wholly on the destination's console (printed after switch-over)."""
+    statuses: tuple[str, ...] = ()
+    """The migration states ``query-migrate`` went through, in order (``postcopy-active``
+    when a postcopy switch-over happened)."""
+    postcopy_requests: int = 0
+    """Pages the destination asked the source for during postcopy (QEMU's
+    ``ram.postcopy-requests``)."""
 
     def summary(self) -> str:
         return (
@@ -264,7 +270,8 @@ class MigrationReport:
             f"{self.ram_transferred / (1 << 20):.1f} MiB sent in {self.dirty_sync_count} "
             f"dirty syncs; workload: {self.iterations} iterations all passed, "
             f"{self.source_lines} on the source ({self.during_migration} during the "
-            f"migration), {self.destination_lines} on the destination"
+            f"migration), {self.destination_lines} on the destination; states "
+            f"{' -> '.join(self.statuses)}, {self.postcopy_requests} postcopy page requests"
         )
 
 
@@ -292,9 +299,21 @@ def _qmp(vm: guest.Guest) -> peers.Qmp:
 
 
 def _migrate(
-    source: guest.Guest, dest: guest.Guest, uri: str, bandwidth: int | None
-) -> dict[str, Any]:
-    """``migrate`` on the source, then ``query-migrate`` until ``completed``: its answer."""
+    source: guest.Guest,
+    dest: guest.Guest,
+    uri: str,
+    bandwidth: int | None,
+    postcopy: bool = False,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``migrate`` on the source, then ``query-migrate`` until ``completed``: its answer,
+    and the states it went through.
+    With ``postcopy``, the ``postcopy-ram`` capability is set on both QEMUs first and
+    ``migrate-start-postcopy`` is sent as soon as the precopy is under way."""
+    if postcopy:
+        for vm in (dest, source):
+            with _qmp(vm) as qmp:
+                caps = [{"capability": "postcopy-ram", "state": True}]
+                qmp.command("migrate-set-capabilities", capabilities=caps)
     with _qmp(source) as qmp:
         if bandwidth is not None:
             qmp.command("migrate-set-parameters", **{"max-bandwidth": bandwidth})
@@ -303,11 +322,21 @@ def _migrate(
         except peers.QmpError as exc:
             raise MigrationRefused(str(exc), _tails(source, dest)) from exc
         deadline = time.monotonic() + MIGRATE_TIMEOUT
+        switched = not postcopy
+        statuses: list[str] = []
         while True:
             info: dict[str, Any] = qmp.command("query-migrate")
             status = info.get("status")
+            if status and (not statuses or statuses[-1] != status):
+                statuses.append(status)
+            if not switched and status == "active":
+                try:
+                    qmp.command("migrate-start-postcopy")
+                except peers.QmpError as exc:
+                    raise MigrationRefused(str(exc), _tails(source, dest)) from exc
+                switched = True
             if status == "completed":
-                return info
+                return info, tuple(statuses)
             if status in ("failed", "cancelled") or time.monotonic() >= deadline:
                 why = info.get("error-desc", "no error-desc")
                 late = "" if status in ("failed", "cancelled") else f" {MIGRATE_TIMEOUT:.0f}s in"
@@ -375,6 +404,7 @@ def migrate_mid_io(
     *,
     memory_mb: int = MEMORY_MB,
     bandwidth: int | None = MIGRATE_BANDWIDTH,
+    postcopy: bool = False,
 ) -> MigrationReport:
     """Boot the workload on ``source_socket``'s back-end, live-migrate it to a QEMU on
     ``dest_socket``'s back-end (both serve ``image``, at least :data:`IMAGE_BYTES`), stop
@@ -384,7 +414,8 @@ def migrate_mid_io(
     and the QMP and migration sockets. ``bandwidth`` caps the migration (bytes/s, see
     :data:`MIGRATE_BANDWIDTH`; None: QEMU's default). Raises :class:`MigrationRefused`
     when QEMU will not migrate, AssertionError (with both consoles) for anything else
-    that goes wrong.
+    that goes wrong. ``postcopy`` switches the migration to postcopy once it runs (see
+    :func:`_migrate`).
     """
     if image.stat().st_size < IMAGE_BYTES:
         raise ValueError(f"image {image} is smaller than {IMAGE_BYTES} bytes")
@@ -414,7 +445,7 @@ def migrate_mid_io(
         if state != "inmigrate":
             raise AssertionError(f"destination QEMU is {state!r}, not 'inmigrate'")
         before = len(_console(source))
-        info = _migrate(source, dest, mig_uri, bandwidth)
+        info, statuses = _migrate(source, dest, mig_uri, bandwidth, postcopy)
         ram: dict[str, Any] = info.get("ram", {})
 
         dest.wait_for(ITER_RE, DEST_TIMEOUT, count=MIN_DEST_LINES)
@@ -441,6 +472,8 @@ def migrate_mid_io(
             source_lines=len(ITER_RE.findall(_text(src_raw))),
             during_migration=len(ITER_RE.findall(_text(src_raw[before:]))),
             destination_lines=len(ITER_RE.findall(_text(dst_raw))),
+            statuses=statuses,
+            postcopy_requests=int(ram.get("postcopy-requests", 0)),
         )
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
 

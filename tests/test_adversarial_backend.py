@@ -1086,6 +1086,7 @@ from vhost.user import BackendHandler, BackendListener, Frontend, FrontendReques
 channels = []
 class Dev(BackendHandler):
     def get_features(self): return (1 << 30) | (1 << 32)
+    def get_vring_base(self, index): return 0
     def get_protocol_features(self): return (1 << 9) | (1 << 5)
     def set_backend_channel(self, c): channels.append(c)
 l = BackendListener(PATH)
@@ -1132,6 +1133,7 @@ import threading, time
 from vhost.user import BackendHandler, BackendListener, Frontend
 class Dev(BackendHandler):
     def get_features(self): return 1 << 32
+    def get_vring_base(self, index): return 0
 l = BackendListener(PATH)
 fe = Frontend.connect(PATH)
 s = l.accept()

@@ -105,6 +105,14 @@ def test_socket_paths_too_long_or_in_a_missing_directory(tmp_sock_dir: Path) -> 
         (["--queue-size", "2"], "--queue-size must be between 3 and 32768, not 2"),
         (["--queue-size", "65536"], "--queue-size must be between 3 and 32768, not 65536"),
         (["--force-share"], "--force-share needs --readonly"),
+        (
+            ["--postcopy-fault-timeout", "-1"],
+            "--postcopy-fault-timeout must be between 0 and 1000000 seconds, not -1.0",
+        ),
+        (
+            ["--postcopy-fault-timeout", "nan"],
+            "--postcopy-fault-timeout must be between 0 and 1000000 seconds, not nan",
+        ),
     ],
     ids=[
         "poll-negative",
@@ -114,6 +122,8 @@ def test_socket_paths_too_long_or_in_a_missing_directory(tmp_sock_dir: Path) -> 
         "tiny-ring",
         "huge-ring",
         "force-share-writable",
+        "postcopy-bound-negative",
+        "postcopy-bound-nan",
     ],
 )
 def test_bad_arguments(tmp_sock_dir: Path, image: Path, args: list[str], message: str) -> None:

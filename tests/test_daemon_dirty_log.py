@@ -225,7 +225,7 @@ def test_hostile_logs_are_refused_without_leaks_c9(
         fd = hostile_fd(kind, file_size)
         try:
             with pytest.raises(VhostError):
-                rig.fe._native.set_log_base(mmap_size, mmap_offset, fd)
+                rig.fe._native.set_log_base(0, (mmap_size, mmap_offset, fd))
         finally:
             os.close(fd)
             rig.close()
@@ -258,7 +258,7 @@ def test_unsealed_log_refused_when_sealed_memory_is_required(tmp_sock_dir: Path)
         fd = hostile_fd("memfd", PAGE)
         try:
             with pytest.raises(VhostError):
-                rig.fe._native.set_log_base(PAGE, 0, fd)
+                rig.fe._native.set_log_base(0, (PAGE, 0, fd))
         finally:
             os.close(fd)
             rig.close()

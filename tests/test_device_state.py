@@ -226,6 +226,9 @@ class OwnChannelBackend(BackendHandler):
     def get_protocol_features(self) -> int:
         return PROTO
 
+    def get_vring_base(self, index: int) -> int:
+        return 0  # no ring ever starts on this device
+
     def set_device_state_fd(self, direction: int, phase: int, fd: FileDescriptor) -> int | None:
         fd.close()  # the front-end's end: unused, ours is returned instead
         r, w = os.pipe()

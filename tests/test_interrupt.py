@@ -33,6 +33,11 @@ from vhost.user import (
     BackendHandler, BackendListener, Frontend, FrontendRequestHandler, Listener,
 )
 PATH = {path!r}
+class Device(BackendHandler):
+    def get_features(self):
+        return 1 << 32
+    def get_vring_base(self, index):
+        return 0
 def fds():
     return len(os.listdir("/proc/self/fd"))
 """
@@ -184,7 +189,7 @@ def test_serve_forever_is_interrupted_while_waiting_for_a_front_end(
 ) -> None:
     run_interrupted(
         "listener = BackendListener(PATH)",
-        "listener.serve_forever(BackendHandler)",
+        "listener.serve_forever(Device)",
         """
         client = socket.socket(socket.AF_UNIX)
         client.connect(PATH)
@@ -211,7 +216,7 @@ def test_serve_forever_is_interrupted_while_serving_a_silent_front_end(
             client.connect(PATH)
         threading.Thread(target=connect_later, daemon=True).start()
         """,
-        "listener.serve_forever(BackendHandler)",
+        "listener.serve_forever(Device)",
         """
         # The session was closed: the front-end sees EOF.
         client.settimeout(5)
@@ -232,7 +237,7 @@ def test_backend_session_serve_is_interrupted_and_closes_the_session(
         client.connect(PATH)
         session = listener.accept(timeout=5)
         """,
-        "session.serve(BackendHandler())",
+        "session.serve(Device())",
         """
         assert session.closed
         client.settimeout(5)
@@ -407,6 +412,9 @@ def test_ctrl_c_inside_a_handler_ends_serve(tmp_sock_dir: Path) -> None:
     class Interrupted(BackendHandler):
         def get_features(self) -> int:
             raise KeyboardInterrupt
+
+        def get_vring_base(self, index: int) -> int:
+            return 0
 
     path = tmp_sock_dir / "s.sock"
     outcome: list[BaseException | None] = []

@@ -128,12 +128,12 @@ def _add_use_remove(
     print(f"\n{MAX_SLOTS} ADD_MEM_REG in {elapsed:.3f} s")
     assert memfd_fds(proc) == MAX_SLOTS
     assert memfd_maps(proc.pid) == MAX_SLOTS
-    assert proc.fd_count() == fds0 + MAX_SLOTS
+    assert proc.settle_fds(fds0 + MAX_SLOTS) == fds0 + MAX_SLOTS, proc.fd_targets()
 
     # The 510th: refused (NACK, the session goes on), no fd or mapping kept.
     with pytest.raises(RequestRefusedError, match="ADD_MEM_REG"):
         fe.add_mem_region(regions[MAX_SLOTS])
-    assert proc.fd_count() == fds0 + MAX_SLOTS
+    assert proc.settle_fds(fds0 + MAX_SLOTS) == fds0 + MAX_SLOTS, proc.fd_targets()
     assert memfd_maps(proc.pid) == MAX_SLOTS
 
     # A ring placed in the last region added.
@@ -152,7 +152,8 @@ def _add_use_remove(
     print(f"{MAX_SLOTS} REM_MEM_REG in {elapsed:.3f} s")
     assert wait_for(lambda: memfd_maps(proc.pid) == 0), memfd_maps(proc.pid)
     assert memfd_fds(proc) == 0
-    assert proc.fd_count() == fds0 + 2  # only the stopped ring's kick and call remain
+    # Only the stopped ring's kick and call remain.
+    assert proc.settle_fds(fds0 + 2) == fds0 + 2, proc.fd_targets()
     # Room again: one more region is accepted after the removals.
     fe.add_mem_region(regions[MAX_SLOTS])
     assert memfd_fds(proc) == 1

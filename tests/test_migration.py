@@ -117,3 +117,29 @@ def test_migration_serve_blk(
         report = migration.migrate_mid_io(image, a.socket_path, b.socket_path, tmp_sock_dir)
         assert a.alive() and b.alive(), f"a daemon died:\n{a.stderr()}\n{b.stderr()}"
     _report(report, record_property)
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_postcopy_migration_serve_blk(
+    engine: str, tmp_sock_dir: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """The same migration switched to postcopy (``postcopy-ram`` on both QEMUs,
+    ``migrate-start-postcopy`` as soon as the precopy runs): the destination's
+    ``serve blk`` gets POSTCOPY_ADVISE, LISTEN, the memory region in postcopy's form
+    (ADD_MEM_REG answered with its base, then QEMU's ack) and END, and registers guest
+    memory with its userfaultfd in between, so its device waits for pages QEMU has not
+    received yet while the guest runs its checks on the destination. Before the daemon
+    offered PAGEFAULT, ``migrate`` failed (QEMU's vhost-user postcopy probe refuses a
+    back-end without it)."""
+    image = make_image(tmp_sock_dir / "disk.img", migration.IMAGE_BYTES)
+    with (
+        _serve_blk(image, tmp_sock_dir / "a.sock", engine) as a,
+        _serve_blk(image, tmp_sock_dir / "b.sock", engine) as b,
+    ):
+        report = migration.migrate_mid_io(
+            image, a.socket_path, b.socket_path, tmp_sock_dir, postcopy=True
+        )
+        assert a.alive() and b.alive(), f"a daemon died:\n{a.stderr()}\n{b.stderr()}"
+    _report(report, record_property)
+    assert "postcopy-active" in report.statuses, report.summary()
+    assert report.postcopy_requests > 0, report.summary()

@@ -44,6 +44,7 @@ from vhost.user import (
     regions_of,
     serve_in_thread,
 )
+from vhost.virtio import DeviceStatus
 
 VERSION_1 = 1 << 32
 PROTOCOL_FEATURES = 1 << 30
@@ -551,7 +552,7 @@ def test_iotlb_msg(link: Link) -> None:
     msg = IotlbMessage(
         iova=0x1000, size=0x2000, uaddr=0x7F0000, perm=IotlbAccess.RW, type=IotlbType.UPDATE
     )
-    fe.iotlb_msg(msg)  # IOTLB_MSG always has a reply: the handler has run
+    fe.send_iotlb_msg(msg)  # IOTLB_MSG always has a reply: the handler has run
     assert be.last("iotlb_msg") == (0x1000, 0x2000, 0x7F0000, 3, 2)
 
 
@@ -628,7 +629,9 @@ def test_gpu_set_socket(link: Link) -> None:
 def test_reset_device_and_status(link: Link) -> None:
     fe, be = link.fe, link.be
     fe.set_status(0x0F)
-    assert fe.get_status() == 0x0F
+    status = fe.get_status()
+    # The same IntFlag as vhost.vdpa.VhostVdpa.get_status.
+    assert isinstance(status, DeviceStatus) and status == 0x0F
     assert be.last("set_status") == (0x0F,)
     assert be.last("get_status") == ()
     fe.reset_device()
@@ -723,6 +726,9 @@ def test_reply_ack_not_supported_default_is_nacked(tmp_sock_dir: Path) -> None:
         def get_features(self) -> int:
             return FEATURES
 
+        def get_vring_base(self, index: int) -> int:
+            return 0
+
         def get_protocol_features(self) -> int:
             return int(PF.REPLY_ACK | PF.MTU | PF.RARP)
 
@@ -743,7 +749,7 @@ STATUS_REFUSABLE: list[tuple[str, Callable[[Frontend], object]]] = [
     ("postcopy_end", lambda fe: fe.postcopy_end()),
     (
         "iotlb_msg",
-        lambda fe: fe.iotlb_msg(
+        lambda fe: fe.send_iotlb_msg(
             IotlbMessage(iova=0, size=4096, uaddr=0, perm=IotlbAccess.RO, type=IotlbType.UPDATE)
         ),
     ),

@@ -57,7 +57,12 @@ from .types import DirtyLogRegion, MemoryRegion, VringConfig
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ._core import _VhostBackend
+
 __all__ = ["EventFdLike", "VhostBackend", "as_fd"]
+
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
 
 _BackendT = TypeVar("_BackendT", bound="VhostBackend")
 
@@ -98,6 +103,30 @@ def _fileno(obj: object) -> int:
     return number
 
 
+def _uint(name: str, value: int, limit: int) -> int:
+    """``value`` checked to be an int in 0..``limit``: a bad argument is the caller's
+    :class:`~vhost.errors.InvalidParamError` (``TypeError`` for a non-int), never the
+    native glue's ``OverflowError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= limit:
+        raise InvalidParamError(f"{name} = {value} does not fit in {limit.bit_length()} bits")
+    return value
+
+
+def _u32(name: str, value: int) -> int:
+    # The common case first, without a call: a plain int in range (on every request).
+    if type(value) is int and 0 <= value <= _U32:
+        return value
+    return _uint(name, value, _U32)
+
+
+def _u64(name: str, value: int) -> int:
+    if type(value) is int and 0 <= value <= _U64:
+        return value
+    return _uint(name, value, _U64)
+
+
 class VhostBackend(abc.ABC):
     """A vhost back-end: the control plane of a virtio data plane that runs elsewhere.
 
@@ -111,6 +140,10 @@ class VhostBackend(abc.ABC):
     :class:`~vhost.errors.ProtocolError` and friends on a vhost-user connection,
     :class:`~vhost.errors.InvalidQueueError` for a queue index the device does not have,
     and :class:`~vhost.errors.ClosedError` after :meth:`close`.
+
+    This is the typed face of the core's ``vhost_core::backend::VhostBackend`` trait, which
+    ``vhost.user.Frontend``, ``vhost.kern.KernelBackend`` and ``vhost.vdpa.VhostVdpa``
+    reach through the same fourteen native methods.
 
     A back-end owns its device fd or connection and releases it in :meth:`close`; it is a
     context manager that closes on exit. Subclasses put their release in
@@ -290,3 +323,74 @@ class VhostBackend(abc.ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _NativeBackend(VhostBackend):
+    """:class:`VhostBackend` over a native object that implements it (the core's
+    ``VhostBackend`` trait): each method checks its integers and makes the one native
+    call. The families only override what they add (vhost-user's dirty-log bookkeeping,
+    the kernel's memory-table check)."""
+
+    @property
+    @abc.abstractmethod
+    def _vhost(self) -> _VhostBackend:
+        """The native object for the shared calls; raises ClosedError once closed."""
+
+    def get_features(self) -> int:
+        return self._vhost.get_features()
+
+    def set_features(self, features: int) -> None:
+        self._vhost.set_features(_u64("features", int(features)))
+
+    def set_owner(self) -> None:
+        self._vhost.set_owner()
+
+    def reset_owner(self) -> None:
+        self._vhost.reset_owner()
+
+    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        self._vhost.set_mem_table([_region_tuple(r) for r in regions])
+
+    def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
+        log = None if region is None else (region.mmap_size, region.mmap_offset, region.fd)
+        self._vhost.set_log_base(_u64("base", base), log)
+
+    def set_log_fd(self, fd: int | EventFdLike | None) -> None:
+        self._vhost.set_log_fd(fd)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._vhost.set_vring_num(_u32("index", index), _u32("num", num))
+
+    def _vring_addr_flags(self, index: int, config: VringConfig) -> int:
+        """The ``flags`` sent with ``config`` (vhost-user adds ``LOG`` while logging)."""
+        return config.flags
+
+    def set_vring_addr(self, index: int, config: VringConfig) -> None:
+        self._vhost.set_vring_addr(
+            _u32("index", index),
+            config.desc_table_addr,
+            config.used_ring_addr,
+            config.avail_ring_addr,
+            self._vring_addr_flags(index, config),
+            config.log_addr or 0,
+        )
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._vhost.set_vring_base(_u32("index", index), _u32("base", base))
+
+    def get_vring_base(self, index: int) -> int:
+        return self._vhost.get_vring_base(_u32("index", index))
+
+    def set_vring_call(self, index: int, fd: int | EventFdLike | None) -> None:
+        self._vhost.set_vring_call(_u32("index", index), fd)
+
+    def set_vring_kick(self, index: int, fd: int | EventFdLike | None) -> None:
+        self._vhost.set_vring_kick(_u32("index", index), fd)
+
+    def set_vring_err(self, index: int, fd: int | EventFdLike | None) -> None:
+        self._vhost.set_vring_err(_u32("index", index), fd)
+
+
+def _region_tuple(r: MemoryRegion) -> tuple[int, int, int, int, int]:
+    """A region as the native ``set_mem_table``/``add_mem_region`` take it."""
+    return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, r.fd)

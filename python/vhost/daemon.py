@@ -298,6 +298,13 @@ class Daemon:
     it, a front-end that truncates its memory file under the daemon kills it with SIGBUS,
     which no user-space check can prevent. File-backed guest RAM cannot be sealed, so the
     policy is opt-in.
+
+    ``postcopy_fault_timeout`` bounds how long a queue's request may wait on guest memory
+    while postcopy listens (a page the front-end has not copied in yet): a wait longer
+    than that is taken as a fault the front-end will never resolve, and the session ends
+    ``failed``, naming the queue. The native blk device fails the waiting request with
+    IOERR and writes nothing; a Python device is woken with the missing page reading as
+    zeros. ``None`` (or ``math.inf``) waits as long as the front-end is connected.
     """
 
     def __init__(
@@ -309,6 +316,7 @@ class Daemon:
         stall_timeout: float = 5.0,
         poll_us: int = 0,
         require_sealed_memory: bool = False,
+        postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
@@ -320,6 +328,7 @@ class Daemon:
             stall_timeout=stall_timeout,
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
+            postcopy_fault_timeout=postcopy_fault_timeout,
         )
         if isinstance(device, Device):
             device._frontend = self._native.frontend

@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from typing import ClassVar, Self
 
 from . import _core
-from .backend import EventFdLike, VhostBackend, as_fd
+from .backend import EventFdLike, _NativeBackend, _u32, _u64, as_fd
 from .errors import InvalidParamError
-from .types import DirtyLogRegion, IotlbAccess, IotlbMessage, IotlbType, MemoryRegion, VringConfig
+from .types import IotlbAccess, IotlbMessage, IotlbType, MemoryRegion
 from .types import check_memory_table as _check_memory_table
 
 __all__ = [
@@ -73,26 +73,6 @@ class BackendFeature(enum.IntFlag):
     """IOTLB mappings survive a device reset."""
 
 
-_U32 = (1 << 32) - 1
-_U64 = (1 << 64) - 1
-
-
-def _uint(name: str, value: int, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise InvalidParamError(f"{name} = {value} does not fit in {limit.bit_length()} bits")
-    return value
-
-
-def _u32(name: str, value: int) -> int:
-    return _uint(name, value, _U32)
-
-
-def _u64(name: str, value: int) -> int:
-    return _uint(name, value, _U64)
-
-
 class IotlbBackend(abc.ABC):
     """A device with an IOTLB driven by messages (the seed's ``VhostIotlbBackend``).
 
@@ -111,7 +91,7 @@ class IotlbBackend(abc.ABC):
         device; ``None`` when none came."""
 
 
-class KernelBackend(VhostBackend, IotlbBackend):
+class KernelBackend(_NativeBackend, IotlbBackend):
     """A vhost character device: every call is one ioctl on its fd.
 
     ``KernelBackend(path)`` opens ``path`` (or the class's :attr:`DEFAULT_PATH`) and
@@ -155,19 +135,9 @@ class KernelBackend(VhostBackend, IotlbBackend):
     def _release(self) -> None:
         self._native.close()
 
-    # -- VhostBackend ------------------------------------------------------------------
-
-    def get_features(self) -> int:
-        return self.native.get_features()
-
-    def set_features(self, features: int) -> None:
-        self.native.set_features(_u64("features", int(features)))
-
-    def set_owner(self) -> None:
-        self.native.set_owner()
-
-    def reset_owner(self) -> None:
-        self.native.reset_owner()
+    @property
+    def _vhost(self) -> _core._VhostBackend:
+        return self.native
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
         """``VHOST_SET_MEM_TABLE``: guest addresses to addresses in this process.
@@ -177,48 +147,7 @@ class KernelBackend(VhostBackend, IotlbBackend):
         64 by default: ``E2BIG`` beyond).
         """
         _check_memory_table(regions)
-        self.native.set_mem_table(
-            [(r.guest_phys_addr, r.memory_size, r.userspace_addr) for r in regions]
-        )
-
-    def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
-        """``VHOST_SET_LOG_BASE``: ``base`` is the dirty log's address in this process."""
-        if region is not None:
-            raise InvalidParamError(
-                "kernel vhost logs to an address in this process: pass base, not a region"
-            )
-        self.native.set_log_base(_u64("base", base))
-
-    def set_log_fd(self, fd: FdLike | None) -> None:
-        self.native.set_log_fd(fd)
-
-    def set_vring_num(self, index: int, num: int) -> None:
-        self.native.set_vring_num(_u32("index", index), _u32("num", num))
-
-    def set_vring_addr(self, index: int, config: VringConfig) -> None:
-        self.native.set_vring_addr(
-            _u32("index", index),
-            config.desc_table_addr,
-            config.used_ring_addr,
-            config.avail_ring_addr,
-            config.flags,
-            config.log_addr or 0,
-        )
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        self.native.set_vring_base(_u32("index", index), _u32("base", base))
-
-    def get_vring_base(self, index: int) -> int:
-        return self.native.get_vring_base(_u32("index", index))
-
-    def set_vring_call(self, index: int, fd: FdLike | None) -> None:
-        self.native.set_vring_call(_u32("index", index), fd)
-
-    def set_vring_kick(self, index: int, fd: FdLike | None) -> None:
-        self.native.set_vring_kick(_u32("index", index), fd)
-
-    def set_vring_err(self, index: int, fd: FdLike | None) -> None:
-        self.native.set_vring_err(_u32("index", index), fd)
+        super().set_mem_table(regions)
 
     # -- beyond the base interface -----------------------------------------------------
 

@@ -13,10 +13,13 @@
   which the front-end reads and clears with :meth:`~vhost.DirtyLog.take`;
   :meth:`Frontend.save_device_state` and :meth:`Frontend.load_device_state` carry a
   back-end's internal state (``DEVICE_STATE``) from the source to the destination.
+  Postcopy: :meth:`Frontend.postcopy_advise` returns a back-end's userfaultfd, and
+  :class:`vhost.postcopy.FaultResolver` resolves the back-end's page faults on it.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import threading
@@ -29,7 +32,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self, cast
 
 from . import _core
-from .backend import EventFdLike, VhostBackend
+from .backend import EventFdLike, _NativeBackend, _region_tuple
 from .codes import MAX_SHMEM_REGIONS, ProtocolFeature
 from .dirty_log import DirtyLog
 from .errors import (
@@ -40,8 +43,9 @@ from .errors import (
     InvalidQueueError,
     NotSupportedError,
 )
-from .types import DirtyLogRegion, IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
-from .virtio import VirtioFeature
+from .postcopy import PostcopyRegion
+from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
+from .virtio import DeviceStatus, VirtioFeature
 
 __all__ = [
     "BackendChannel",
@@ -67,10 +71,6 @@ GuestMemory = _core.GuestMemory
 EventFd = _core.EventFd
 
 FdLike = int | EventFdLike
-
-
-def _region_tuple(r: MemoryRegion) -> tuple[int, int, int, int, int]:
-    return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, r.fd)
 
 
 _VERSION_1 = int(VirtioFeature.VERSION_1)
@@ -169,7 +169,7 @@ class _ClosedConnection:
         raise ClosedError("the vhost-user front-end connection is closed")
 
 
-class Frontend(VhostBackend):
+class Frontend(_NativeBackend):
     """A vhost-user front-end connection; every method is one request.
 
     Calls that need a protocol feature raise :class:`~vhost.errors.InactiveFeatureError`
@@ -259,19 +259,11 @@ class Frontend(VhostBackend):
             pass
         del native
 
-    # -- VhostBackend ------------------------------------------------------------------
+    # -- VhostBackend (beyond the shared calls: the dirty log's bookkeeping) --------
 
-    def get_features(self) -> int:
-        return self._native.get_features()
-
-    def set_features(self, features: int) -> None:
-        self._native.set_features(int(features))
-
-    def set_owner(self) -> None:
-        self._native.set_owner()
-
-    def reset_owner(self) -> None:
-        self._native.reset_owner()
+    @property
+    def _vhost(self) -> _core.Frontend:
+        return self._native
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
         """``SET_MEM_TABLE``: 1 to :data:`~vhost.codes.MAX_MEM_TABLE_REGIONS` (32) regions,
@@ -281,60 +273,28 @@ class Frontend(VhostBackend):
         over a larger log with :meth:`start_dirty_log` first, as QEMU resizes its log)."""
         ends = {r.guest_phys_addr: r.guest_phys_addr + r.memory_size for r in regions}
         self._check_log_covers(max(ends.values(), default=0), "SET_MEM_TABLE")
-        self._native.set_mem_table([_region_tuple(r) for r in regions])
+        super().set_mem_table(regions)
         self._region_ends = ends
 
-    def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
-        if region is None:
-            raise InvalidParamError(
-                "vhost-user logs through shared memory (LOG_SHMFD): pass a DirtyLogRegion"
-            )
-        if base != 0:
-            raise InvalidParamError("vhost-user log base must be 0; use region.mmap_offset")
-        self._native.set_log_base(region.mmap_size, region.mmap_offset, region.fd)
-
-    def set_log_fd(self, fd: FdLike) -> None:
-        self._native.set_log_fd(fd)
-
-    def set_vring_num(self, index: int, num: int) -> None:
-        self._native.set_vring_num(index, num)
+    def _vring_addr_flags(self, index: int, config: VringConfig) -> int:
+        if self._dirty_log is not None and config.log_addr is not None:
+            return config.flags | int(VringAddrFlag.LOG)
+        return config.flags
 
     def set_vring_addr(self, index: int, config: VringConfig) -> None:
         """``SET_VRING_ADDR``. While dirty logging is on (:meth:`start_dirty_log`), a
         config with a ``log_addr`` is sent with ``VHOST_VRING_F_LOG`` set, as QEMU does,
         so the back-end logs its used-ring writes; the config is remembered so that
         starting or stopping the log re-sends it."""
-        flags = config.flags
-        if self._dirty_log is not None and config.log_addr is not None:
-            flags |= int(VringAddrFlag.LOG)
-        self._native.set_vring_addr(
-            index,
-            config.desc_table_addr,
-            config.used_ring_addr,
-            config.avail_ring_addr,
-            flags,
-            config.log_addr or 0,
-        )
+        super().set_vring_addr(index, config)
         self._vring_configs[index] = config
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        self._native.set_vring_base(index, base)
 
     def get_vring_base(self, index: int) -> int:
         """``GET_VRING_BASE``: stops the ring (it is no longer re-sent by
         :meth:`start_dirty_log`) and returns its next available index."""
-        base = self._native.get_vring_base(index)
+        base = super().get_vring_base(index)
         self._vring_configs.pop(index, None)
         return base
-
-    def set_vring_call(self, index: int, fd: FdLike | None) -> None:
-        self._native.set_vring_call(index, fd)
-
-    def set_vring_kick(self, index: int, fd: FdLike | None) -> None:
-        self._native.set_vring_kick(index, fd)
-
-    def set_vring_err(self, index: int, fd: FdLike | None) -> None:
-        self._native.set_vring_err(index, fd)
 
     # -- beyond the base interface ------------------------------------------------------
 
@@ -567,9 +527,13 @@ class Frontend(VhostBackend):
         self._native.vring_kick(index)
 
     def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
+        """``GET_CONFIG`` (needs ``CONFIG``): ``size`` bytes of the device config space
+        from ``offset``, as :meth:`vhost.vdpa.VhostVdpa.get_config`; ``flags`` is the
+        request's (``VHOST_SET_CONFIG_TYPE_*``)."""
         return self._native.get_config(offset, size, flags)
 
-    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+    def set_config(self, offset: int, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """``SET_CONFIG`` (needs ``CONFIG``): writes ``data`` at ``offset``."""
         self._native.set_config(offset, bytes(data), flags)
 
     def set_backend_req_fd(self) -> FrontendChannel:
@@ -609,8 +573,9 @@ class Frontend(VhostBackend):
     def set_status(self, status: int) -> None:
         self._native.set_status(int(status))
 
-    def get_status(self) -> int:
-        return self._native.get_status()
+    def get_status(self) -> DeviceStatus:
+        """``GET_STATUS`` (needs ``STATUS``): the device status, as vDPA's."""
+        return DeviceStatus(self._native.get_status())
 
     def net_set_mtu(self, mtu: int) -> None:
         self._native.net_set_mtu(mtu)
@@ -623,7 +588,10 @@ class Frontend(VhostBackend):
     def gpu_set_socket(self, fd: FdLike) -> None:
         self._native.gpu_set_socket(fd)
 
-    def iotlb_msg(self, msg: IotlbMessage) -> None:
+    def send_iotlb_msg(self, msg: IotlbMessage) -> None:
+        """``IOTLB_MSG`` (needs ``VIRTIO_F_IOMMU_PLATFORM``): one IOTLB update or
+        invalidation, answered once the back-end has applied it. The name and argument
+        are the kernel's (:meth:`vhost.kern.IotlbBackend.send_iotlb_msg`)."""
         self._native.iotlb_msg(msg.iova, msg.size, msg.uaddr, int(msg.perm), int(msg.type))
 
     def get_shared_object(self, uuid: _uuid.UUID) -> _core.FileDescriptor:
@@ -673,13 +641,29 @@ class Frontend(VhostBackend):
         self._native.load_device_state(bytes(state))
 
     def postcopy_advise(self) -> _core.FileDescriptor:
+        """``POSTCOPY_ADVISE`` (needs ``ProtocolFeature.PAGEFAULT``): the back-end opens a
+        userfaultfd and returns it; resolve its faults with
+        :class:`vhost.postcopy.FaultResolver`."""
         return self._native.postcopy_advise()
 
     def postcopy_listen(self) -> None:
+        """``POSTCOPY_LISTEN``: the back-end registers its guest memory with the
+        userfaultfd, so a device touching a missing page waits for it. Memory tables sent
+        from now on take postcopy's form (the back-end answers with its mapping bases:
+        :meth:`postcopy_regions`)."""
         self._native.postcopy_listen()
 
     def postcopy_end(self) -> None:
+        """``POSTCOPY_END``: the back-end unregisters its memory (waking any waiter) and
+        closes its userfaultfd; a non-zero status raises
+        :class:`~vhost.errors.RequestRefusedError`."""
         self._native.postcopy_end()
+
+    def postcopy_regions(self) -> list[PostcopyRegion]:
+        """Where the back-end mapped each region, from its answers to ``SET_MEM_TABLE``
+        and ``ADD_MEM_REG`` sent while postcopy listens (empty otherwise): what a
+        :class:`vhost.postcopy.FaultResolver` translates fault addresses with."""
+        return [PostcopyRegion(*r) for r in self._native.postcopy_regions()]
 
     def create_crypto_session(self, params: bytes) -> bytes:
         return self._native.create_crypto_session(bytes(params))
@@ -697,10 +681,12 @@ def _refuse(request: str) -> NotSupportedError:
     return NotSupportedError(f"this back-end does not implement {request}", request)
 
 
-class BackendHandler:
+class BackendHandler(abc.ABC):
     """The device side: one method per front-end request.
 
-    Subclass it and override what your device supports. The session calls a method only
+    Subclass it and override what your device supports; :meth:`get_features` and
+    :meth:`get_vring_base` are abstract (as in the core's handler trait): every front-end
+    asks the first, and stopping a ring needs the second. The session calls a method only
     after validating the message: ring indexes are below :attr:`max_queues`, ring sizes
     are valid, features were offered, gated requests were negotiated. Defaults accept the
     bookkeeping requests and refuse the rest with :class:`~vhost.errors.NotSupportedError`
@@ -718,8 +704,10 @@ class BackendHandler:
 
     # -- negotiation ---------------------------------------------------------------------
 
+    @abc.abstractmethod
     def get_features(self) -> int:
-        raise _refuse("GET_FEATURES")
+        """``GET_FEATURES``: the virtio feature bits the device offers (with
+        ``VHOST_USER_F_PROTOCOL_FEATURES``, bit 30, to negotiate protocol features)."""
 
     def set_features(self, features: int) -> None:
         pass
@@ -776,8 +764,10 @@ class BackendHandler:
     def set_vring_base(self, index: int, base: int) -> None:
         pass
 
+    @abc.abstractmethod
     def get_vring_base(self, index: int) -> int:
-        raise _refuse("GET_VRING_BASE")
+        """``GET_VRING_BASE``: stop ring ``index`` and return where it stopped (the next
+        available index for a split ring; see :meth:`vhost.VhostBackend.set_vring_base`)."""
 
     def set_vring_kick(self, index: int, fd: _core.EventFd | None) -> None:
         pass
@@ -967,10 +957,13 @@ class BackendListener:
     ) -> None:
         """Serves one front-end after another until interrupted: Ctrl-C raises
         ``KeyboardInterrupt`` promptly, whether waiting for a front-end or serving one (whose
-        session is closed)."""
+        session is closed). Each front-end gets ``handler``, or a new ``make_handler()``;
+        one of the two is required."""
+        if handler is None and make_handler is None:
+            raise InvalidParamError("serve_forever needs a handler or a make_handler class")
         while True:
             session = self.accept()
-            h = handler if handler is not None else (make_handler or BackendHandler)()
+            h = handler if handler is not None else cast(type[BackendHandler], make_handler)()
             try:
                 session.serve(h)
             except Exception as exc:  # one bad front-end must not stop us

@@ -27,14 +27,12 @@ The status handshake, as a virtio driver does it::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import NamedTuple, Self
 
 from . import _core
+from .backend import _u32, _u64
 from .errors import InvalidParamError
-from .kern import FdLike, KernelBackend, _u32, _u64
-from .types import MemoryRegion
-from .types import check_memory_table as _check_memory_table
+from .kern import FdLike, KernelBackend
 from .virtio import DeviceStatus
 
 __all__ = ["IovaRange", "VhostVdpa"]
@@ -53,7 +51,7 @@ class VhostVdpa(KernelBackend):
     Opening resets the device. Ring addresses given to ``set_vring_addr`` are IOVAs (use
     :meth:`setup_queue`, not :func:`vhost.virtio.setup_queue`, which passes this process's
     addresses as kernel vhost wants). :meth:`set_mem_table` maps the regions with
-    :meth:`dma_map` (IOVA = guest address) after unmapping what it mapped before;
+    :meth:`dma_map` (IOVA = guest address) after unmapping every earlier mapping;
     ``set_log_base``/``set_log_fd`` are not supported by vhost-vdpa (``ENOTTY``).
     """
 
@@ -74,6 +72,12 @@ class VhostVdpa(KernelBackend):
         self._check_open()
         return self._vdpa
 
+    @property
+    def _vhost(self) -> _core.VdpaDevice:
+        # The shared requests go to the vDPA device, whose memory table is DMA mappings
+        # (IOVA = guest address) made by the core after unmapping the previous ones.
+        return self.vdpa
+
     def _release(self) -> None:
         self._vdpa.close()
         super()._release()
@@ -92,15 +96,16 @@ class VhostVdpa(KernelBackend):
         (the kernel answers ``EINVAL``)."""
         self.vdpa.set_status(_uint8("status", int(status)))
 
-    def reset(self) -> None:
-        """Status 0: the device forgets features and queues."""
+    def reset_device(self) -> None:
+        """Status 0: the device forgets features and queues (the name of vhost-user's
+        :meth:`vhost.user.Frontend.reset_device`)."""
         self.set_status(0)
 
-    def get_config(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the device config space from ``offset``. A range that
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device config space from ``offset``. A range that
         overflows u32 is :class:`~vhost.errors.InvalidParamError`; one beyond the config
         space is the kernel's ``EINVAL``."""
-        return self.vdpa.get_config(_u32("offset", offset), _u32("length", length))
+        return self.vdpa.get_config(_u32("offset", offset), _u32("size", size))
 
     def set_config(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.vdpa.set_config(_u32("offset", offset), bytes(data))
@@ -215,15 +220,6 @@ class VhostVdpa(KernelBackend):
     def unmap_memory(self, memory: _core.GuestMemory) -> None:
         for gpa, size, _uaddr, _offset, _fd in memory.regions():
             self.dma_unmap(gpa, size)
-
-    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
-        """vhost-vdpa has no memory table: unmap what this method mapped before, then
-        :meth:`dma_map` each region at IOVA = ``guest_phys_addr``."""
-        _check_memory_table(regions)
-        for asid, iova, size in self.mappings():
-            self.dma_unmap(iova, size, asid=asid)
-        for r in regions:
-            self.dma_map(r.guest_phys_addr, r.memory_size, r.userspace_addr)
 
     def __repr__(self) -> str:
         if self._closed:

@@ -18,3 +18,19 @@ pub mod sys;
 pub mod user;
 pub mod vdpa;
 pub mod vring;
+
+/// The error of the [`backend::VhostBackend`] interface: the failing family's own error,
+/// kept whole (each layer keeps its enum; this only joins them so one trait can return one
+/// `Result`). vDPA fails with the kernel layer's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A vhost-user request failed.
+    #[error(transparent)]
+    User(#[from] user::Error),
+    /// A kernel vhost or vDPA request failed.
+    #[error(transparent)]
+    Kern(#[from] kern::Error),
+}
+
+/// The result of a [`backend::VhostBackend`] call.
+pub type Result<T> = std::result::Result<T, Error>;

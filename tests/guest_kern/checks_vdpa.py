@@ -152,7 +152,7 @@ def _blk_checks(peer: VdusePeer, original: bytes) -> None:
             blk.dev.unmap_memory(blk.memory)
             info["mappings_after_unmap"] = len(blk.dev.mappings())
             assert info["mappings_after_unmap"] == 0
-            blk.dev.reset()
+            blk.dev.reset_device()
             info["status_after_reset"] = int(blk.dev.get_status())
             assert info["status_after_reset"] == 0
     finally:

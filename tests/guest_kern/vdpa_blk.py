@@ -190,7 +190,7 @@ class VdpaBlk:
         """Unmap, reset, close: the order a driver tears down in."""
         try:
             self.dev.unmap_memory(self.memory)
-            self.dev.reset()
+            self.dev.reset_device()
         finally:
             self.dev.close()
             self.kick.close()

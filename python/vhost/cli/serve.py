@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import stat
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from .. import _core
 from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
@@ -150,6 +152,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="keep polling each ring this long after the last request before sleeping",
     )
     p.add_argument(
+        "--postcopy-fault-timeout",
+        type=float,
+        default=_core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="fail the session when a request waits longer than this on a postcopy page "
+        "the front-end never copies in (0: wait as long as it is connected; default "
+        "%(default)s)",
+    )
+    p.add_argument(
         "--require-sealed-memory",
         action="store_true",
         help="refuse guest memory not sealed against shrinking (no SIGBUS from truncation)",
@@ -170,6 +181,11 @@ def _check(ok: bool, message: str) -> None:
 def _check_common(args: argparse.Namespace) -> None:
     _check(args.poll_us >= 0, f"--poll-us must be 0 or more microseconds, not {args.poll_us}")
     _check(args.poll_us <= 10**9, f"--poll-us {args.poll_us} is more than 1000 seconds")
+    t = args.postcopy_fault_timeout
+    _check(
+        math.isfinite(t) and 0 <= t <= 10**6,
+        f"--postcopy-fault-timeout must be between 0 and 1000000 seconds, not {t}",
+    )
     if args.client:
         _check_client_path(args.socket)
 
@@ -235,6 +251,7 @@ def run_blk(args: argparse.Namespace) -> int:
         client=args.client,
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
+        postcopy_fault_timeout=args.postcopy_fault_timeout or None,
     )
     with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
         return _serve(
@@ -324,6 +341,7 @@ def run_rng(args: argparse.Namespace) -> int:
         client=args.client,
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
+        postcopy_fault_timeout=args.postcopy_fault_timeout or None,
     )
     return _serve(daemon, "rng (python)", args.verbose)
 

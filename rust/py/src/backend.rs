@@ -516,7 +516,7 @@ impl PyListener {
     /// Waits for a peer, interruptible by Ctrl-C (the listener stays open and accepts
     /// again afterwards).
     fn accept_stream(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<UnixStream> {
-        let t = crate::frontend::timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         let guard = crate::handler::lock_detached(py, &self.inner);
         let l = guard.as_ref().ok_or_else(|| closed("Listener"))?;
         let accepted = wait::blocking(py, || accept_within(l.listener(), t))?;
@@ -583,7 +583,7 @@ impl PyListener {
         timeout: Option<f64>,
         reply_timeout: Option<f64>,
     ) -> PyResult<PyFrontend> {
-        let reply_timeout = crate::frontend::timeout_of(reply_timeout)?;
+        let reply_timeout = crate::convert::timeout("reply_timeout", reply_timeout)?;
         let s = self.accept_stream(py, timeout)?;
         let fe = vhost_core::user::Frontend::new(s).py_err()?;
         fe.set_timeout(reply_timeout).py_err()?;

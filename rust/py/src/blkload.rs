@@ -3,7 +3,6 @@
 //! released, and comes back as one dict.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -13,6 +12,7 @@ use vhost_core::blkload::{
 use vhost_core::sys::EventFd as CoreEventFd;
 use vhost_core::vring::RingLayout;
 
+use crate::convert;
 use crate::errors::{invalid_param, io_error, memory_error, vring_error, IntoPyResult};
 use crate::fd::dup_of;
 use crate::memory::PyGuestMemory;
@@ -43,14 +43,6 @@ fn load_error(err: LoadError) -> PyErr {
         e @ LoadError::Timeout { .. } => vhost_error("VhostTimeoutError", e.to_string()),
         e @ LoadError::Disconnected { .. } => vhost_error("DisconnectedError", e.to_string()),
     }
-}
-
-fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s).map_err(|_| {
-        invalid_param(format!(
-            "{what} must be a non-negative number of seconds: {s}"
-        ))
-    })
 }
 
 /// Drives one virtio-blk queue at a fixed depth, natively. See `vhost.cli.bench`.
@@ -155,11 +147,13 @@ impl PyBlkLoad {
             iodepth,
             offset,
             size,
-            duration: seconds.map(|s| self::seconds("seconds", s)).transpose()?,
+            duration: seconds
+                .map(|s| convert::seconds("seconds", s))
+                .transpose()?,
             max_ios: ios,
             seed,
-            busy_poll: self::seconds("busy_poll", busy_poll)?,
-            timeout: self::seconds("timeout", timeout)?,
+            busy_poll: convert::seconds("busy_poll", busy_poll)?,
+            timeout: convert::seconds("timeout", timeout)?,
             write_generation: None,
             check: None,
             track_writes: false,

@@ -194,7 +194,7 @@ impl PyFrontendChannel {
     /// `None` waits forever. (The wait for the next request has no bound.)
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        let t = crate::frontend::timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         let guard = crate::handler::lock_detached(py, &self.inner);
         let ch = guard.as_ref().ok_or_else(|| closed("FrontendChannel"))?;
         ch.set_timeout(t).py_err()
@@ -342,7 +342,7 @@ impl PyBackendChannel {
     }
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
-        let t = crate::frontend::timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         self.inner.set_timeout(t).py_err()
     }
 }

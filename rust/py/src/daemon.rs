@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use vhost_core::daemon::{
     Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
+    DEFAULT_POSTCOPY_FAULT_TIMEOUT,
 };
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
@@ -22,6 +23,7 @@ use vhost_core::sys::PathError;
 use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
+use crate::convert;
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::handler::shmem_pairs;
 use crate::link::{resize_error, PyFrontendLink};
@@ -651,6 +653,7 @@ struct Running {
 pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
     stall_timeout: Duration,
+    postcopy_fault_timeout: Option<Duration>,
     poll: Duration,
     sealed_memory_only: bool,
     stats: Mutex<Option<Arc<DaemonStats>>>,
@@ -671,12 +674,20 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (device, *, stall_timeout = 5.0, poll_us = 0, require_sealed_memory = false))]
+    #[pyo3(signature = (
+        device,
+        *,
+        stall_timeout = 5.0,
+        poll_us = 0,
+        require_sealed_memory = false,
+        postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
+    ))]
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
         poll_us: i64,
         require_sealed_memory: bool,
+        postcopy_fault_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
@@ -692,12 +703,20 @@ impl PyDaemon {
                 "stall_timeout must be a positive number of seconds",
             ));
         }
+        let postcopy_fault_timeout =
+            crate::convert::timeout("postcopy_fault_timeout", postcopy_fault_timeout)?;
+        if postcopy_fault_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(invalid_param(
+                "postcopy_fault_timeout must be more than 0 seconds (None: no bound)",
+            ));
+        }
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
         Ok(PyDaemon {
             link,
             device,
             stall_timeout: Duration::from_secs_f64(stall_timeout),
+            postcopy_fault_timeout,
             poll: Duration::from_micros(poll_us),
             sealed_memory_only: require_sealed_memory,
             stats: Mutex::new(None),
@@ -742,7 +761,7 @@ impl PyDaemon {
         let Some(r) = lock(&self.running).take() else {
             return self.wait_for_other_waiter(py, timeout);
         };
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         let mut r = r;
         let got = loop {
             // Wait in slices, so that Ctrl-C (a Python signal handler) can run (J7).
@@ -781,7 +800,7 @@ impl PyDaemon {
     /// the first, returning to Python between slices so Ctrl-C works.
     #[pyo3(signature = (timeout = 0.0))]
     fn next_events(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<EventTuple>> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         loop {
             let slice = deadline.map_or(WAIT_SLICE, |d| {
                 d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
@@ -863,6 +882,7 @@ impl PyDaemon {
         let daemon = Daemon::new(self.device.clone())
             .map_err(io_error)?
             .with_stall_timeout(self.stall_timeout)
+            .with_postcopy_fault_timeout(self.postcopy_fault_timeout)
             .with_poll(self.poll)
             .with_sealed_memory_only(self.sealed_memory_only)
             .with_frontend_link(self.link.clone());
@@ -913,7 +933,7 @@ impl PyDaemon {
     /// `wait` while another thread waits on the serving thread (and owns its handle):
     /// watch the thread's finished flag instead.
     fn wait_for_other_waiter(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = convert::deadline("timeout", timeout)?;
         while self.serving() {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);

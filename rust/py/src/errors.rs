@@ -148,6 +148,15 @@ pub fn closed(what: &str) -> PyErr {
     Python::attach(|py| raise(py, "ClosedError", (msg,)))
 }
 
+/// The one conversion of the `VhostBackend` interface's error: each family's error keeps
+/// its own conversion ([`user_error`], [`kern_error`]).
+pub fn core_error(err: vhost_core::Error) -> PyErr {
+    match err {
+        vhost_core::Error::User(e) => user_error(e),
+        vhost_core::Error::Kern(e) => kern_error(e),
+    }
+}
+
 /// Extension so call sites read `core_call().py_err()?`.
 pub trait IntoPyResult<T> {
     fn py_err(self) -> PyResult<T>;
@@ -156,6 +165,18 @@ pub trait IntoPyResult<T> {
 impl<T> IntoPyResult<T> for Result<T, UserError> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(user_error)
+    }
+}
+
+impl<T> IntoPyResult<T> for vhost_core::Result<T> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(core_error)
+    }
+}
+
+impl<T> IntoPyResult<T> for Result<T, KernError> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(kern_error)
     }
 }
 

@@ -69,7 +69,7 @@ impl PyEventFd {
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let efd = self.get()?;
-        let t = crate::frontend::timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         wait::call(py, || efd.wait(t))
     }
 

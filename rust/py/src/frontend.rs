@@ -4,19 +4,19 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vhost_core::backend::VringAddrs;
+use vhost_core::backend::VhostBackend;
 use vhost_core::memory::RegionInfo;
 use vhost_core::user::header::Header;
 use vhost_core::user::payload::{InflightDesc, IotlbPayload};
 use vhost_core::user::Frontend;
 
+use crate::backend_methods::{region_list, vhost_backend_pymethods, PyVhostBackend};
 use crate::channel::PyFrontendChannel;
 use crate::errors::{invalid_param, IntoPyResult};
-use crate::fd::{borrow, opt_fd, raw_fd_of, FileDescriptor};
+use crate::fd::{borrow, raw_fd_of, FileDescriptor};
 use crate::wait;
 use vhost_core::sys::connect_unix;
 
@@ -54,20 +54,24 @@ impl PyFrontend {
     }
 }
 
-pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
-    seconds
-        .map(|s| Duration::try_from_secs_f64(s).map_err(|_| invalid_param("timeout must be >= 0")))
-        .transpose()
+impl PyVhostBackend for PyFrontend {
+    fn with_backend<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&dyn VhostBackend) -> vhost_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        let inner = &*self.inner;
+        wait::call(py, || f(inner))
+    }
 }
 
-#[pymethods]
-impl PyFrontend {
+vhost_backend_pymethods!(PyFrontend {
     /// Client mode: connects to a back-end listening at `path`. `timeout` bounds the
     /// connect itself (a back-end whose listen backlog is full) and then every reply.
     #[staticmethod]
     #[pyo3(signature = (path, timeout = Some(10.0)), text_signature = "(path, timeout=10.0)")]
     fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<Self> {
-        let t = timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         let sock = wait::call(py, || connect_unix(&path, t))?;
         let fe = Frontend::new(sock).py_err()?;
         fe.set_timeout(t).py_err()?;
@@ -80,13 +84,13 @@ impl PyFrontend {
     fn from_socket(sock: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<Self> {
         let fd = crate::fd::dup_of(sock)?;
         let fe = Frontend::new(std::os::unix::net::UnixStream::from(fd)).py_err()?;
-        fe.set_timeout(timeout_of(timeout)?).py_err()?;
+        fe.set_timeout(crate::convert::timeout("timeout", timeout)?).py_err()?;
         Ok(Self::from_core(fe))
     }
 
     #[pyo3(signature = (timeout))]
     fn set_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        let t = timeout_of(timeout)?;
+        let t = crate::convert::timeout("timeout", timeout)?;
         self.call(py, |f| f.set_timeout(t))
     }
 
@@ -114,41 +118,13 @@ impl PyFrontend {
         py.detach(|| inner.acked_protocol_features())
     }
 
-    fn get_features(&self, py: Python<'_>) -> PyResult<u64> {
-        self.call(py, |f| f.get_features())
-    }
-
-    fn set_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
-        self.call(py, |f| f.set_features(features))
-    }
-
-    fn set_owner(&self, py: Python<'_>) -> PyResult<()> {
-        self.call(py, |f| f.set_owner())
-    }
-
-    fn reset_owner(&self, py: Python<'_>) -> PyResult<()> {
-        self.call(py, |f| f.reset_owner())
-    }
-
-    /// `regions`: (guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd) tuples.
-    fn set_mem_table(
-        &self,
-        py: Python<'_>,
-        regions: Vec<(u64, u64, u64, u64, Bound<'_, PyAny>)>,
-    ) -> PyResult<()> {
-        let table = region_list(&regions)?;
-        self.call(py, move |f| {
-            let borrowed: Vec<_> = table.iter().map(|(i, fd)| (*i, borrow(*fd))).collect();
-            f.set_mem_table(&borrowed)
-        })
-    }
-
     fn add_mem_region(
         &self,
         py: Python<'_>,
         region: (u64, u64, u64, u64, Bound<'_, PyAny>),
     ) -> PyResult<()> {
         let (info, fd) = region_list(std::slice::from_ref(&region))?.remove(0);
+        let fd = fd.ok_or_else(|| invalid_param("ADD_MEM_REG: the region has no fd"))?;
         self.call(py, move |f| f.add_mem_region(&info, borrow(fd)))
     }
 
@@ -167,92 +143,6 @@ impl PyFrontend {
             mmap_offset,
         };
         self.call(py, move |f| f.remove_mem_region(&info))
-    }
-
-    fn set_log_base(
-        &self,
-        py: Python<'_>,
-        mmap_size: u64,
-        mmap_offset: u64,
-        fd: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let fd = raw_fd_of(fd)?;
-        self.call(py, move |f| {
-            f.set_log_base(mmap_size, mmap_offset, borrow(fd))
-        })
-    }
-
-    fn set_log_fd(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
-        let fd = raw_fd_of(fd)?;
-        self.call(py, move |f| f.set_log_fd(borrow(fd)))
-    }
-
-    fn set_vring_num(&self, py: Python<'_>, index: u32, num: u32) -> PyResult<()> {
-        self.call(py, |f| f.set_vring_num(index, num))
-    }
-
-    #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
-    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    fn set_vring_addr(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        desc: u64,
-        used: u64,
-        avail: u64,
-        flags: u32,
-        log: u64,
-    ) -> PyResult<()> {
-        let addrs = VringAddrs {
-            index,
-            flags,
-            desc,
-            used,
-            avail,
-            log,
-        };
-        self.call(py, move |f| f.set_vring_addr(&addrs))
-    }
-
-    fn set_vring_base(&self, py: Python<'_>, index: u32, base: u32) -> PyResult<()> {
-        self.call(py, |f| f.set_vring_base(index, base))
-    }
-
-    fn get_vring_base(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
-        self.call(py, |f| f.get_vring_base(index))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_kick(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |f| f.set_vring_kick(index, fd.map(borrow)))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_call(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |f| f.set_vring_call(index, fd.map(borrow)))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_err(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |f| f.set_vring_err(index, fd.map(borrow)))
     }
 
     fn get_protocol_features(&self, py: Python<'_>) -> PyResult<u64> {
@@ -439,6 +329,12 @@ impl PyFrontend {
         self.call(py, |f| f.postcopy_end())
     }
 
+    fn postcopy_regions(&self, py: Python<'_>) -> Vec<crate::postcopy::RegionTuple> {
+        let inner = &*self.inner;
+        let regions = py.detach(|| inner.postcopy_regions());
+        regions.iter().map(crate::postcopy::region_tuple).collect()
+    }
+
     fn create_crypto_session<'py>(
         &self,
         py: Python<'py>,
@@ -489,23 +385,4 @@ impl PyFrontend {
     fn __repr__(&self) -> String {
         format!("<Frontend fd={}>", self.fd)
     }
-}
-
-type RegionArg<'py> = (u64, u64, u64, u64, Bound<'py, PyAny>);
-
-fn region_list(regions: &[RegionArg<'_>]) -> PyResult<Vec<(RegionInfo, RawFd)>> {
-    regions
-        .iter()
-        .map(|(gpa, size, uaddr, off, fd)| {
-            Ok((
-                RegionInfo {
-                    guest_phys_addr: *gpa,
-                    memory_size: *size,
-                    userspace_addr: *uaddr,
-                    mmap_offset: *off,
-                },
-                raw_fd_of(fd)?,
-            ))
-        })
-        .collect()
-}
+});

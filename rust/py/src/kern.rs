@@ -1,38 +1,38 @@
 //! `KernelDevice` for Python: the generic vhost ioctls plus vhost-net and vhost-vsock,
 //! over `vhost_core::kern`. Each method copies its inputs, releases the GIL for the
-//! syscall, and converts a `kern::Error` with [`kern_error`].
+//! syscall, and converts a `kern::Error` with [`crate::errors::kern_error`]; the shared
+//! `VhostBackend` methods come from [`crate::backend_methods`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
-use vhost_core::backend::VringAddrs;
-use vhost_core::kern::abi::MemoryRegion;
+use vhost_core::backend::VhostBackend;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
-use crate::errors::{closed, kern_error};
+use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
+use crate::errors::{closed, IntoPyResult};
 use crate::fd::{borrow, dup_of, opt_fd};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
 
-pub trait KernResult<T> {
-    fn kern(self) -> PyResult<T>;
-}
-
-impl<T> KernResult<T> for Result<T, KernError> {
-    fn kern(self) -> PyResult<T> {
-        self.map_err(kern_error)
-    }
-}
-
 /// Seconds (None: forever) as poll(2) milliseconds.
 pub fn timeout_ms(timeout: Option<f64>) -> PyResult<i32> {
-    match timeout {
-        None => Ok(-1),
-        Some(t) if t >= 0.0 && t.is_finite() => Ok((t * 1000.0).ceil().min(i32::MAX as f64) as i32),
-        Some(_) => Err(crate::errors::invalid_param("timeout must be >= 0")),
+    Ok(match crate::convert::timeout("timeout", timeout)? {
+        None => -1,
+        Some(d) => i32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+    })
+}
+
+impl PyVhostBackend for PyKernelDevice {
+    fn with_backend<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&dyn VhostBackend) -> vhost_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        call_shared(py, self.get(), f)
     }
 }
 
@@ -64,16 +64,15 @@ impl PyKernelDevice {
         f: impl FnOnce(&VhostDevice) -> Result<T, KernError> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        crate::wait::blocking(py, || f(&dev))?.kern()
+        crate::wait::call(py, || f(&dev))
     }
 }
 
-#[pymethods]
-impl PyKernelDevice {
+vhost_backend_pymethods!(PyKernelDevice {
     /// Opens a vhost character device and checks that it is one (ENOTTY otherwise).
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let dev = py.detach(|| VhostDevice::open(&path)).kern()?;
+        let dev = py.detach(|| VhostDevice::open(&path)).py_err()?;
         Ok(Self::from_arc(Arc::new(dev)))
     }
 
@@ -81,7 +80,7 @@ impl PyKernelDevice {
     #[staticmethod]
     fn from_fd(fd: &Bound<'_, PyAny>) -> PyResult<Self> {
         let owned = dup_of(fd)?;
-        let dev = VhostDevice::from_fd(owned).kern()?;
+        let dev = VhostDevice::from_fd(owned).py_err()?;
         Ok(Self::from_arc(Arc::new(dev)))
     }
 
@@ -114,87 +113,12 @@ impl PyKernelDevice {
         self.close();
     }
 
-    fn get_features(&self, py: Python<'_>) -> PyResult<u64> {
-        self.call(py, |d| d.get_features())
-    }
-
-    fn set_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
-        self.call(py, |d| d.set_features(features))
-    }
-
-    fn set_owner(&self, py: Python<'_>) -> PyResult<()> {
-        self.call(py, |d| d.set_owner())
-    }
-
-    fn reset_owner(&self, py: Python<'_>) -> PyResult<()> {
-        self.call(py, |d| d.reset_owner())
-    }
-
     fn get_backend_features(&self, py: Python<'_>) -> PyResult<u64> {
         self.call(py, |d| d.get_backend_features())
     }
 
     fn set_backend_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
         self.call(py, |d| d.set_backend_features(features))
-    }
-
-    /// `regions`: (guest_phys_addr, memory_size, userspace_addr) tuples.
-    fn set_mem_table(&self, py: Python<'_>, regions: Vec<(u64, u64, u64)>) -> PyResult<()> {
-        let table: Vec<MemoryRegion> = regions
-            .into_iter()
-            .map(|(g, s, u)| MemoryRegion {
-                guest_phys_addr: g,
-                memory_size: s,
-                userspace_addr: u,
-                flags_padding: 0,
-            })
-            .collect();
-        self.call(py, move |d| d.set_mem_table(&table))
-    }
-
-    fn set_log_base(&self, py: Python<'_>, base: u64) -> PyResult<()> {
-        self.call(py, |d| d.set_log_base(base))
-    }
-
-    #[pyo3(signature = (fd))]
-    fn set_log_fd(&self, py: Python<'_>, fd: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |d| d.set_log_fd(fd.map(borrow)))
-    }
-
-    fn set_vring_num(&self, py: Python<'_>, index: u32, num: u32) -> PyResult<()> {
-        self.call(py, |d| d.set_vring_num(index, num))
-    }
-
-    #[pyo3(signature = (index, desc, used, avail, flags = 0, log = 0))]
-    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    fn set_vring_addr(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        desc: u64,
-        used: u64,
-        avail: u64,
-        flags: u32,
-        log: u64,
-    ) -> PyResult<()> {
-        let addrs = VringAddrs {
-            index,
-            flags,
-            desc,
-            used,
-            avail,
-            log,
-        };
-        self.call(py, move |d| d.set_vring_addr(&addrs))
-    }
-
-    fn set_vring_base(&self, py: Python<'_>, index: u32, base: u32) -> PyResult<()> {
-        self.call(py, |d| d.set_vring_base(index, base))
-    }
-
-    fn get_vring_base(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
-        self.call(py, |d| d.get_vring_base(index))
     }
 
     fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
@@ -211,39 +135,6 @@ impl PyKernelDevice {
 
     fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
         self.call(py, |d| d.get_vring_busyloop_timeout(index))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_kick(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |d| d.set_vring_kick(index, fd.map(borrow)))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_call(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |d| d.set_vring_call(index, fd.map(borrow)))
-    }
-
-    #[pyo3(signature = (index, fd))]
-    fn set_vring_err(
-        &self,
-        py: Python<'_>,
-        index: u32,
-        fd: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let fd = opt_fd(fd)?;
-        self.call(py, move |d| d.set_vring_err(index, fd.map(borrow)))
     }
 
     #[pyo3(signature = (index, fd))]
@@ -302,4 +193,4 @@ impl PyKernelDevice {
             Err(_) => "<KernelDevice closed>".into(),
         }
     }
-}
+});

@@ -4,8 +4,10 @@
 use pyo3::prelude::*;
 
 mod backend;
+mod backend_methods;
 mod blkload;
 mod channel;
+mod convert;
 mod daemon;
 mod dirty_log;
 mod errors;
@@ -16,6 +18,7 @@ mod handler;
 mod kern;
 mod link;
 mod memory;
+mod postcopy;
 mod vdpa;
 mod vring;
 mod wait;
@@ -27,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<memory::GuestView>()?;
     m.add_class::<dirty_log::PyDirtyLog>()?;
+    m.add_class::<postcopy::PyFaultResolver>()?;
     m.add_class::<frontend::PyFrontend>()?;
     m.add_class::<channel::PyFrontendChannel>()?;
     m.add_class::<channel::PyBackendChannel>()?;
@@ -44,5 +48,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
+        vhost_core::daemon::DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64(),
+    )?;
     Ok(())
 }

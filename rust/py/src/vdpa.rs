@@ -1,5 +1,7 @@
-//! `VdpaDevice` for Python: the vDPA requests of `vhost_core::vdpa`. The generic vhost
-//! requests go through `device()`, a `KernelDevice` on the same fd.
+//! `VdpaDevice` for Python: the vDPA requests of `vhost_core::vdpa`, and the shared
+//! `VhostBackend` methods (from [`crate::backend_methods`]; `set_mem_table` maps the regions
+//! at IOVA = guest address). The other kernel vhost requests (backend features, IOTLB
+//! reads) go through `device()`, a `KernelDevice` on the same fd.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -7,11 +9,24 @@ use std::sync::{Arc, RwLock};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use vhost_core::backend::VhostBackend;
 use vhost_core::vdpa::VhostVdpa;
 
+use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
 use crate::errors::closed;
+use crate::errors::IntoPyResult;
 use crate::fd::{borrow, opt_fd};
-use crate::kern::{KernResult, PyKernelDevice};
+use crate::kern::PyKernelDevice;
+
+impl PyVhostBackend for PyVdpaDevice {
+    fn with_backend<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&dyn VhostBackend) -> vhost_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        call_shared(py, self.get(), f)
+    }
+}
 
 #[pyclass(module = "vhost._core", name = "VdpaDevice", frozen)]
 pub struct PyVdpaDevice {
@@ -33,15 +48,14 @@ impl PyVdpaDevice {
         f: impl FnOnce(&VhostVdpa) -> vhost_core::kern::Result<T> + Send,
     ) -> PyResult<T> {
         let dev = self.get()?;
-        crate::wait::blocking(py, || f(&dev))?.kern()
+        crate::wait::call(py, || f(&dev))
     }
 }
 
-#[pymethods]
-impl PyVdpaDevice {
+vhost_backend_pymethods!(PyVdpaDevice {
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let dev = py.detach(|| VhostVdpa::open(&path)).kern()?;
+        let dev = py.detach(|| VhostVdpa::open(&path)).py_err()?;
         Ok(PyVdpaDevice {
             inner: RwLock::new(Some(Arc::new(dev))),
         })
@@ -84,9 +98,9 @@ impl PyVdpaDevice {
         &self,
         py: Python<'py>,
         offset: u32,
-        length: u32,
+        size: u32,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.call(py, |v| v.get_config(offset, length))?;
+        let data = self.call(py, |v| v.get_config(offset, size))?;
         Ok(PyBytes::new(py, &data))
     }
 
@@ -185,4 +199,4 @@ impl PyVdpaDevice {
             Err(_) => "<VdpaDevice closed>".into(),
         }
     }
-}
+});

@@ -23,6 +23,7 @@ use super::device::{transport, DeviceError, VirtioDevice};
 use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::link::FrontendLink;
+use super::postcopy::{FaultBound, Postcopy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
 use super::queue::{lock, spawn_worker, QueueSlot};
 use super::state::{Limits, StateTransfer};
 
@@ -40,7 +41,9 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
     | pf::BACKEND_REQ
     | pf::BACKEND_SEND_FD
     | pf::SHARED_OBJECT
-    | pf::INBAND_NOTIFICATIONS;
+    | pf::INBAND_NOTIFICATIONS
+    // Postcopy: guest memory registered with a userfaultfd (daemon::postcopy).
+    | pf::PAGEFAULT;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS: rust-vmm's vhost-user-backend offers
 /// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
@@ -65,6 +68,12 @@ pub struct DaemonHandler {
     /// The dirty log the front-end handed over (SET_LOG_BASE); the queues write to it only
     /// while `VHOST_F_LOG_ALL` is acked.
     log: Option<Arc<DirtyLog>>,
+    /// The userfaultfd and its registrations, from POSTCOPY_ADVISE to POSTCOPY_END.
+    postcopy: Option<Postcopy>,
+    /// The session's socket and the daemon's stop latch, watched during postcopy.
+    peer: Option<(OwnedFd, Arc<EventFd>)>,
+    /// How long a batch may wait on a postcopy fault (`None`: as long as the front-end lives).
+    postcopy_fault_timeout: Option<Duration>,
     hint: Option<&'static str>,
     /// The device-state transfer SET_DEVICE_STATE_FD started, until CHECK_DEVICE_STATE.
     state_transfer: Option<StateTransfer>,
@@ -114,6 +123,9 @@ impl DaemonHandler {
             status: 0,
             inflight: None,
             log: None,
+            postcopy: None,
+            peer: None,
+            postcopy_fault_timeout: Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT),
             hint: None,
             state_transfer: None,
             link: FrontendLink::new(),
@@ -127,6 +139,25 @@ impl DaemonHandler {
             handler.slots.push(slot);
         }
         Ok(handler)
+    }
+
+    /// Gives the handler a handle on its session's socket and the daemon's stop latch,
+    /// so that postcopy can wake workers asleep on a fault as soon as the front-end hangs
+    /// up or the daemon is stopped (see `daemon::postcopy`), even while the session thread
+    /// waits for such a worker.
+    pub fn watch_peer(&mut self, sock: OwnedFd, stop: Arc<EventFd>) {
+        self.peer = Some((sock, stop));
+    }
+
+    /// Bounds how long a queue's batch may wait on a postcopy fault before the session
+    /// fails (see `daemon::postcopy`); `None` waits as long as the front-end lives.
+    pub fn set_postcopy_fault_timeout(&mut self, timeout: Option<Duration>) {
+        self.postcopy_fault_timeout = timeout;
+    }
+
+    /// Why postcopy failed the session, if it did (a fault not resolved within the bound).
+    pub fn postcopy_failure(&self) -> Option<String> {
+        self.postcopy.as_ref().and_then(Postcopy::failure)
     }
 
     /// Makes `link` this session's: the device's requests to the front-end go to the
@@ -216,6 +247,9 @@ impl DaemonHandler {
 
 impl Drop for DaemonHandler {
     fn drop(&mut self) {
+        // First wake any worker asleep on a page fault the front-end will now never
+        // resolve, or joining it would wait forever.
+        self.postcopy = None;
         // A transfer still running is cancelled before the device is reset.
         self.state_transfer = None;
         self.link.session_ended();
@@ -294,11 +328,18 @@ impl BackendHandler for DaemonHandler {
     }
 
     fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
+        // Registered before any worker can reach the new mappings.
+        if let Some(p) = self.postcopy.as_mut() {
+            p.track(mem, "SET_MEM_TABLE")?;
+        }
         self.set_memory(mem);
         Ok(())
     }
 
     fn add_mem_region(&mut self, mem: &GuestMemory, _region: &RegionInfo) -> Result<()> {
+        if let Some(p) = self.postcopy.as_mut() {
+            p.track(mem, "ADD_MEM_REG")?;
+        }
         self.set_memory(mem);
         Ok(())
     }
@@ -458,6 +499,48 @@ impl BackendHandler for DaemonHandler {
 
     fn get_status(&mut self) -> Result<u8> {
         Ok(self.status)
+    }
+
+    fn postcopy_advise(&mut self) -> Result<OwnedFd> {
+        if self.postcopy.is_some() {
+            return Err(Error::InvalidParam(
+                "POSTCOPY_ADVISE: postcopy was already advised (no POSTCOPY_END since)".into(),
+            ));
+        }
+        let peer = match &self.peer {
+            Some((sock, stop)) => Some((
+                sock.try_clone().map_err(|e| {
+                    Error::Handler(format!("POSTCOPY_ADVISE: dup the session socket: {e}"))
+                })?,
+                stop.clone(),
+            )),
+            None => None,
+        };
+        let bound = FaultBound {
+            watches: self.slots.iter().map(|s| s.watch.clone()).collect(),
+            timeout: self.postcopy_fault_timeout,
+        };
+        let (state, theirs) = Postcopy::advise(peer, bound)?;
+        self.postcopy = Some(state);
+        Ok(theirs)
+    }
+
+    fn postcopy_listen(&mut self) -> Result<()> {
+        let mem = self.mem.clone();
+        self.postcopy
+            .as_mut()
+            .ok_or_else(|| Error::InvalidParam("POSTCOPY_LISTEN before POSTCOPY_ADVISE".into()))?
+            .listen(&mem)
+    }
+
+    fn postcopy_end(&mut self) -> Result<()> {
+        let state = self
+            .postcopy
+            .take()
+            .ok_or_else(|| Error::InvalidParam("POSTCOPY_END without POSTCOPY_ADVISE".into()))?;
+        state
+            .end()
+            .map_err(|e| Error::Handler(format!("POSTCOPY_END: unregister guest memory: {e}")))
     }
 
     fn set_device_state_fd(

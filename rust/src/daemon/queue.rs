@@ -25,6 +25,7 @@ use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment};
 use super::device::{DeviceError, VirtioDevice};
 use super::events::{DaemonEvent, QueueReporter};
 use super::inflight::{InflightError, InflightQueue};
+use super::postcopy::BatchWatch;
 
 /// A lock that survives a panic in the thread that held it: the state is plain data that
 /// every user re-validates, so poisoning would only turn one failure into many (J7).
@@ -165,6 +166,8 @@ pub(crate) struct QueueSlot {
     stop: AtomicBool,
     /// Chains completed; shared with [`DaemonStats`](super::DaemonStats).
     pub(crate) completed: Arc<AtomicU64>,
+    /// When the batch in progress started, for postcopy's fault bound.
+    pub(crate) watch: Arc<BatchWatch>,
 }
 
 impl QueueSlot {
@@ -178,6 +181,7 @@ impl QueueSlot {
             wake: EventFd::new(true)?,
             stop: AtomicBool::new(false),
             completed: Arc::new(AtomicU64::new(0)),
+            watch: Arc::new(BatchWatch::default()),
         })
     }
 
@@ -200,7 +204,10 @@ pub(crate) fn spawn_worker(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vhost-q{}", slot.index))
-        .spawn(move || worker(&slot, &*device, poll))
+        .spawn(move || {
+            slot.watch.enter();
+            worker(&slot, &*device, poll)
+        })
 }
 
 fn worker(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
@@ -249,7 +256,8 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     loop {
         let mut guard = lock(&slot.state);
         let st = &mut *guard;
-        if !st.runnable() {
+        // A failed postcopy stops the queue: its memory may read as zeros now.
+        if !st.runnable() || slot.watch.failed() {
             return;
         }
         if kicks_on {
@@ -261,7 +269,10 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             }
             kicks_on = false;
         }
-        match one_batch(slot, device, st, &mut done) {
+        slot.watch.begin();
+        let batch = one_batch(slot, device, st, &mut done);
+        slot.watch.end();
+        match batch {
             Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
             Ok(true) => {
                 idle_since = None;

@@ -16,6 +16,7 @@ use super::device::VirtioDevice;
 use super::events::{DaemonEvent, EventSink, QueueReporter, SessionEnd};
 use super::handler::DaemonHandler;
 use super::link::FrontendLink;
+use super::postcopy::DEFAULT_POSTCOPY_FAULT_TIMEOUT;
 use super::queue::lock;
 
 /// How long one message may take from its first byte to its last (header, body and fds)
@@ -65,6 +66,7 @@ pub struct Daemon {
     stop: Arc<EventFd>,
     stats: Arc<DaemonStats>,
     stall_timeout: Duration,
+    postcopy_fault_timeout: Option<Duration>,
     poll: Duration,
     sealed_memory_only: bool,
     events: Option<EventSink>,
@@ -102,6 +104,7 @@ impl Daemon {
             stop: Arc::new(EventFd::new(true)?),
             stats: Arc::new(DaemonStats::default()),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            postcopy_fault_timeout: Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT),
             poll: Duration::ZERO,
             sealed_memory_only: false,
             events: None,
@@ -139,6 +142,15 @@ impl Daemon {
     /// [`DEFAULT_STALL_TIMEOUT`]); the reply's send is bounded the same way.
     pub fn with_stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
+        self
+    }
+
+    /// Bounds how long a queue's batch may wait on a postcopy page fault (default
+    /// [`DEFAULT_POSTCOPY_FAULT_TIMEOUT`]; `None`: as long as the front-end lives). A
+    /// fault older than that is taken as never to be resolved: the session fails, naming
+    /// the queue (ADVERSARIAL K6; see `daemon::postcopy` for what the device then sees).
+    pub fn with_postcopy_fault_timeout(mut self, t: Option<Duration>) -> Self {
+        self.postcopy_fault_timeout = t;
         self
     }
 
@@ -247,10 +259,14 @@ impl Daemon {
                     return (Err(e.into()), end, None);
                 }
             };
+        handler.set_postcopy_fault_timeout(self.postcopy_fault_timeout);
         *lock(&self.stats.completed) = handler.completion_counters();
         let mut session_io = BackendSession::new(stream);
         session_io.require_sealed_memory(self.sealed_memory_only);
-        let outcome = loop {
+        if let Ok(sock) = session_io.socket().try_clone() {
+            handler.watch_peer(sock.into(), self.stop.clone());
+        }
+        let mut outcome = loop {
             match poll_many(&[session_io.socket().as_fd(), self.stop.as_fd()], -1) {
                 Ok(ready) if ready[1] => break (Ok(()), SessionEnd::Stopped, None),
                 Ok(_) => {}
@@ -290,6 +306,14 @@ impl Daemon {
                 }
             }
         };
+        // The guard ended the session (it shut the socket down): that is the failure.
+        if let Some(why) = handler.postcopy_failure() {
+            outcome = (
+                Err(Error::Handler(why.clone())),
+                SessionEnd::Failed(why),
+                None,
+            );
+        }
         // Workers stop and the session's fds and mappings go here, before the next accept.
         drop(handler);
         drop(session_io);

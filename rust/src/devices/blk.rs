@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::image::{Image, ImageError, Locking};
-use crate::daemon::{DeviceError, FrontendLink, LinkError, VirtioDevice};
+use crate::daemon::{DeviceError, FaultPolicy, FrontendLink, LinkError, VirtioDevice};
 use crate::memory::GuestMemory;
 use crate::sys::memfd_create;
 use crate::vring::{DescriptorChain, Segment};
@@ -336,6 +336,7 @@ impl BlkDevice {
         len: u32,
     ) -> Result<(), u8> {
         let iov = data_iovecs(mem, chain.writable(), 0, len).map_err(|_| status::IOERR)?;
+        settle_postcopy(&iov)?;
         io_vectored(&self.image, &iov, off, false)
     }
 
@@ -348,6 +349,7 @@ impl BlkDevice {
     ) -> Result<(), u8> {
         let iov =
             data_iovecs(mem, chain.readable(), HEADER as u32, len).map_err(|_| status::IOERR)?;
+        settle_postcopy(&iov)?;
         io_vectored(&self.image, &iov, off, true)
     }
 
@@ -457,6 +459,37 @@ fn data_iovecs<'a>(
         skip = 0;
     }
     Ok(iov)
+}
+
+/// Postcopy (`daemon::postcopy`): while it listens, a data page may not have arrived yet.
+/// The pages are touched here, in user mode, before the kernel copies them (a fault is
+/// taken here and waits for the front-end); then, if postcopy failed meanwhile (a fault
+/// not resolved within the session's bound, or the front-end gone), the memory was
+/// unregistered and a page that never came reads as zeros: the request fails with
+/// `IOERR` instead, and nothing reaches the image or the buffers.
+fn settle_postcopy(iov: &[libc::iovec]) -> Result<(), u8> {
+    match FaultPolicy::current() {
+        FaultPolicy::Off => return Ok(()),
+        FaultPolicy::Failed => return Err(status::IOERR),
+        FaultPolicy::Listening => {}
+    }
+    const PAGE: usize = 4096;
+    for v in iov {
+        let start = v.iov_base as usize;
+        let end = start + v.iov_len;
+        let mut at = start;
+        while at < end {
+            // SAFETY: `at` lies within an iovec that points into a live guest mapping
+            // (data_iovecs built it from the chain, and the caller's GuestMemory keeps it
+            // mapped); a volatile one-byte read of shared memory, whatever its value.
+            unsafe { std::ptr::read_volatile(at as *const u8) };
+            at = (at & !(PAGE - 1)) + PAGE;
+        }
+    }
+    match FaultPolicy::current() {
+        FaultPolicy::Failed => Err(status::IOERR),
+        _ => Ok(()),
+    }
 }
 
 /// preadv/pwritev of the whole vector at `off`, continuing after short transfers. A read

@@ -7,10 +7,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::abi::{self, MemoryRegion, VringAddr, VringFile, VringState};
+use super::abi::{self, VringAddr, VringFile, VringState};
 use super::error::{Error, Result};
 use super::iotlb::{IotlbMessage, MSG_SIZE};
-use crate::backend::VringAddrs;
+use crate::backend::{vhost_backend_by_inherent, LogRegion, MemoryRegion, VringAddrs};
 
 /// The kernel's limit on `VHOST_SET_MEM_TABLE` is the `max_mem_regions` module parameter
 /// (64 by default); this bound only keeps the buffer we build sane.
@@ -185,9 +185,10 @@ impl VhostDevice {
     // ---- memory and logging --------------------------------------------------------------
 
     /// `VHOST_SET_MEM_TABLE`: each region's `userspace_addr` is an address in this
-    /// process, where the kernel reads and writes guest memory on our behalf. An empty
-    /// table is refused here (the kernel would accept it and then fault on every access).
-    pub fn set_mem_table(&self, regions: &[MemoryRegion]) -> Result<()> {
+    /// process, where the kernel reads and writes guest memory on our behalf (the fd and
+    /// `mmap_offset` are not used). An empty table is refused here (the kernel would
+    /// accept it and then fault on every access).
+    pub fn set_mem_table(&self, regions: &[MemoryRegion<'_>]) -> Result<()> {
         if regions.is_empty() {
             return Err(Error::InvalidParam("the memory table is empty".into()));
         }
@@ -202,7 +203,7 @@ impl VhostDevice {
         let mut head = [0u8; 8];
         head[..4].copy_from_slice(&(regions.len() as u32).to_ne_bytes());
         buf.push(u64::from_ne_bytes(head));
-        for r in regions {
+        for MemoryRegion { info: r, .. } in regions {
             buf.extend_from_slice(&[r.guest_phys_addr, r.memory_size, r.userspace_addr, 0]);
         }
         self.ioctl(
@@ -355,6 +356,27 @@ impl VhostDevice {
         IotlbMessage::decode(&buf[..n as usize]).map(Some)
     }
 }
+
+vhost_backend_by_inherent!(
+    /// The kernel's `VhostBackend`: each method is the inherent ioctl of the same name. The
+    /// dirty log is an address in this process, so a shared-memory `region` is refused.
+    VhostDevice {
+    fn set_mem_table(&self, regions: &[MemoryRegion<'_>]) -> crate::Result<()> {
+        Ok(VhostDevice::set_mem_table(self, regions)?)
+    }
+    fn set_log_base(&self, base: u64, region: Option<LogRegion<'_>>) -> crate::Result<()> {
+        if region.is_some() {
+            return Err(Error::InvalidParam(
+                "kernel vhost logs to an address in this process: pass base, not a region".into(),
+            )
+            .into());
+        }
+        Ok(VhostDevice::set_log_base(self, base)?)
+    }
+    fn set_log_fd(&self, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        Ok(VhostDevice::set_log_fd(self, fd)?)
+    }
+});
 
 impl AsFd for VhostDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -15,6 +15,7 @@ pub mod pipe;
 pub mod poll;
 pub mod scm;
 pub mod socket;
+pub mod userfaultfd;
 
 pub use eventfd::EventFd;
 pub use memfd::{dup_cloexec, file_size, memfd_create};

@@ -22,7 +22,7 @@ use super::header::Header;
 use super::message::{has_reply, FrontendRequest};
 use super::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion,
-    ShmemConfig, U64Payload, VringState,
+    ShmemConfig, SingleMemRegion, U64Payload, VringState,
 };
 use super::{Error, Result};
 use crate::backend::VringAddrs;
@@ -218,6 +218,9 @@ struct SessionState {
     postcopy_listening: bool,
     /// The front-end's ack of a postcopy SET_MEM_TABLE answer is due next.
     postcopy_ack_due: bool,
+    /// A postcopy ADD_MEM_REG/REM_MEM_REG was answered: QEMU acks a whole batch of them
+    /// once, after the last, with an 8-byte message of the same code, which may come next.
+    postcopy_regions_ack_may_follow: bool,
     /// Refuse memory whose fd is not sealed against shrinking (J8 policy).
     sealed_memory_only: bool,
 }
@@ -279,7 +282,12 @@ impl BackendSession {
         if self.state.postcopy_ack_due {
             self.recv_postcopy_ack()?;
         }
-        let msg = self.conn.recv(Header::check_request)?;
+        let mut msg = self.conn.recv(Header::check_request)?;
+        if std::mem::take(&mut self.state.postcopy_regions_ack_may_follow)
+            && self.is_postcopy_regions_ack(&msg)?
+        {
+            msg = self.conn.recv(Header::check_request)?;
+        }
         let header = msg.header;
         let decoded = match FrontendReq::from_code(header.code) {
             None => Err(Error::UnknownRequest(header.code)),
@@ -320,6 +328,27 @@ impl BackendSession {
         Ok(())
     }
 
+    /// Whether `msg` is the front-end's ack of postcopy ADD_MEM_REG answers (QEMU's
+    /// `vhost_user_add_remove_regions`): the region messages' code with a u64 body, which
+    /// must be 0. A region message proper is 40 bytes, so the two cannot be confused.
+    fn is_postcopy_regions_ack(&mut self, msg: &super::connection::Message) -> Result<bool> {
+        let code = msg.header.code;
+        let region_code =
+            code == FrontendReq::AddMemReg.code() || code == FrontendReq::RemMemReg.code();
+        if !region_code || msg.body.len() != U64Payload::SIZE || !msg.fds.is_empty() {
+            return Ok(false);
+        }
+        match U64Payload::from_bytes(&msg.body) {
+            Ok(U64Payload(0)) => Ok(true),
+            _ => {
+                self.conn.poison();
+                Err(Error::InvalidParam(
+                    "the front-end's postcopy memory-region ack is not 0".into(),
+                ))
+            }
+        }
+    }
+
     /// Checks the session rules, runs the handler, and builds the reply. A handler error
     /// on a request that asked for an ack becomes exactly one NACK and leaves the
     /// connection usable (A8); any other error poisons it, since a request that expects a
@@ -328,8 +357,10 @@ impl BackendSession {
         let Incoming { header, request } = incoming;
         let code = request.kind();
         // In postcopy, SET_MEM_TABLE has a reply of its own (our mapping addresses).
-        let inherent =
-            has_reply(code) || (code == FrontendReq::SetMemTable && self.state.postcopy_listening);
+        // So does ADD_MEM_REG (the region, with our address for it).
+        let inherent = has_reply(code)
+            || (matches!(code, FrontendReq::SetMemTable | FrontendReq::AddMemReg)
+                && self.state.postcopy_listening);
         // QEMU asks for an ack on POSTCOPY_LISTEN even without REPLY_ACK, and waits.
         let ack = !inherent
             && header.needs_reply()
@@ -588,10 +619,20 @@ impl BackendSession {
                 }
                 let info = region_info(&region);
                 let mapped = Arc::new(GuestRegion::map(info, fd, self.state.sealed_memory_only)?);
-                let mem = self.memory.with_region(mapped)?;
+                let mem = self.memory.with_region(mapped.clone())?;
                 h.add_mem_region(&mem, &info)?;
                 self.memory = mem;
-                none
+                if !self.state.postcopy_listening {
+                    return Ok(none);
+                }
+                // Postcopy: the region back, with where we mapped it; an ack may follow.
+                self.state.postcopy_regions_ack_may_follow = true;
+                let mut reply = region;
+                reply.userspace_addr = mapped.as_ptr() as u64;
+                Outgoing {
+                    body: SingleMemRegion { region: reply }.to_bytes(),
+                    ..Outgoing::default()
+                }
             }
             R::RemMemReg(region) => {
                 let info = region_info(&region);
@@ -600,6 +641,8 @@ impl BackendSession {
                     .without_region(info.guest_phys_addr, info.memory_size)?;
                 h.remove_mem_region(&mem, &info)?;
                 self.memory = mem;
+                // QEMU acks a postcopy batch of region changes even when it only removed.
+                self.state.postcopy_regions_ack_may_follow = self.state.postcopy_listening;
                 none
             }
             R::GetMaxMemSlots => u64_reply(h.get_max_mem_slots()?),

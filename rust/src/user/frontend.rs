@@ -22,8 +22,9 @@ use super::payload::{
     SharedObjectUuid, ShmemConfig, SingleMemRegion, U64Payload, VringAddrPayload, VringFdPayload,
     VringState,
 };
+use super::postcopy::PostcopyRegion;
 use super::{Error, Result};
-use crate::backend::VringAddrs;
+use crate::backend::{vhost_backend_by_inherent, LogRegion, MemoryRegion, VringAddrs};
 use crate::memory::RegionInfo;
 
 /// A raw reply as [`Frontend::send_raw`] returns it: header, body and the fds it carried.
@@ -49,6 +50,8 @@ struct Negotiated {
 struct State {
     conn: Connection,
     neg: Negotiated,
+    /// The back-end's mapping bases from its postcopy SET_MEM_TABLE / ADD_MEM_REG replies.
+    postcopy_regions: Vec<PostcopyRegion>,
 }
 
 /// A reply with its fds (most replies carry none).
@@ -71,6 +74,7 @@ impl Frontend {
             state: Mutex::new(State {
                 conn,
                 neg: Negotiated::default(),
+                postcopy_regions: Vec::new(),
             }),
         })
     }
@@ -313,7 +317,7 @@ impl Frontend {
         MemTable::from_bytes(&body)?;
         let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|(_, fd)| *fd).collect();
         if self.lock().neg.postcopy_listening {
-            return self.set_mem_table_postcopy(&table, &body, &fds).map(|_| ());
+            return self.set_mem_table_postcopy(&table, &body, &fds);
         }
         self.send_only(FrontendReq::SetMemTable, &body, &fds)
     }
@@ -322,13 +326,14 @@ impl Frontend {
     /// without NEED_REPLY; the back-end answers with the same table carrying the
     /// addresses at which it mapped each region (for the front-end's fault handling);
     /// the front-end then acks with a SET_MEM_TABLE message holding a u64 0, after which
-    /// the back-end may start faulting. Returns the back-end's region addresses.
+    /// the back-end may start faulting. The back-end's region addresses are kept for
+    /// [`postcopy_regions`](Self::postcopy_regions).
     fn set_mem_table_postcopy(
         &self,
         table: &MemTable,
         body: &[u8],
         fds: &[BorrowedFd<'_>],
-    ) -> Result<Vec<u64>> {
+    ) -> Result<()> {
         let code = FrontendReq::SetMemTable.code();
         let mut st = self.lock();
         Self::check_gate(&st.neg, FrontendReq::SetMemTable)?;
@@ -365,7 +370,59 @@ impl Frontend {
         let ack = U64Payload(0).to_bytes();
         st.conn
             .send(&Header::request(code, ack.len() as u32, false), &ack, &[])?;
-        Ok(reply.regions.iter().map(|r| r.userspace_addr).collect())
+        st.postcopy_regions = reply.regions.iter().map(postcopy_region).collect();
+        Ok(())
+    }
+
+    /// ADD_MEM_REG while postcopy is listening, as QEMU does it: no NEED_REPLY; the
+    /// back-end answers with the region carrying its own address for it; then the ack
+    /// (the same code, a u64 0).
+    fn add_mem_region_postcopy(
+        &self,
+        info: &RegionInfo,
+        body: &[u8],
+        fd: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let req = FrontendReq::AddMemReg;
+        let mut st = self.lock();
+        Self::check_gate(&st.neg, req)?;
+        st.conn.send(
+            &Header::request(req.code(), body.len() as u32, false),
+            body,
+            &[fd],
+        )?;
+        let msg = st
+            .conn
+            .recv(|h| h.check_reply_to(req.code()))
+            .map_err(|e| peer_fault(req, e))?;
+        let reply = SingleMemRegion::from_bytes(&msg.body).map_err(|e| {
+            st.conn.poison();
+            peer_fault(req, e)
+        })?;
+        if !msg.fds.is_empty() || reply.region.guest_phys_addr != info.guest_phys_addr {
+            st.conn.poison();
+            return Err(Error::ReplyMismatch(format!(
+                "postcopy ADD_MEM_REG reply for guest {:#x} ({} fds) answers guest {:#x}",
+                info.guest_phys_addr,
+                msg.fds.len(),
+                reply.region.guest_phys_addr
+            )));
+        }
+        let ack = U64Payload(0).to_bytes();
+        st.conn.send(
+            &Header::request(req.code(), ack.len() as u32, false),
+            &ack,
+            &[],
+        )?;
+        st.postcopy_regions.push(postcopy_region(&reply.region));
+        Ok(())
+    }
+
+    /// Where the back-end mapped each region, from its postcopy replies to SET_MEM_TABLE
+    /// and ADD_MEM_REG since POSTCOPY_LISTEN (empty outside postcopy): what a
+    /// [`FaultResolver`](super::postcopy::FaultResolver) needs to place faults.
+    pub fn postcopy_regions(&self) -> Vec<PostcopyRegion> {
+        self.lock().postcopy_regions.clone()
     }
 
     /// SET_LOG_BASE with the shared-memory log (LOG_SHMFD); the reply is an ack.
@@ -602,6 +659,9 @@ impl Frontend {
         }
         .to_bytes();
         SingleMemRegion::from_bytes(&body)?;
+        if self.lock().neg.postcopy_listening {
+            return self.add_mem_region_postcopy(info, &body, fd);
+        }
         self.send_only(FrontendReq::AddMemReg, &body, &[fd])
     }
 
@@ -610,7 +670,13 @@ impl Frontend {
             region: mem_region(info),
         }
         .to_bytes();
-        self.send_only(FrontendReq::RemMemReg, &body, &[])
+        self.send_only(FrontendReq::RemMemReg, &body, &[])?;
+        let mut st = self.lock();
+        if st.neg.postcopy_listening {
+            st.postcopy_regions
+                .retain(|r| r.guest_phys_addr != info.guest_phys_addr);
+        }
+        Ok(())
     }
 
     pub fn reset_device(&self) -> Result<()> {
@@ -759,7 +825,11 @@ impl Frontend {
 
     pub fn postcopy_end(&self) -> Result<()> {
         // The back-end leaves postcopy whatever its status says.
-        self.lock().neg.postcopy_listening = false;
+        {
+            let mut st = self.lock();
+            st.neg.postcopy_listening = false;
+            st.postcopy_regions.clear();
+        }
         self.status_reply(FrontendReq::PostcopyEnd)
     }
 
@@ -834,6 +904,14 @@ fn describe_file_type(t: std::fs::FileType) -> &'static str {
     }
 }
 
+fn postcopy_region(r: &MemRegion) -> PostcopyRegion {
+    PostcopyRegion {
+        guest_phys_addr: r.guest_phys_addr,
+        memory_size: r.memory_size,
+        backend_addr: r.userspace_addr,
+    }
+}
+
 fn mem_region(info: &RegionInfo) -> MemRegion {
     MemRegion {
         guest_phys_addr: info.guest_phys_addr,
@@ -855,3 +933,48 @@ fn expected_reply_size(req: FrontendReq, request_body: usize) -> usize {
         _ => U64Payload::SIZE,
     }
 }
+
+vhost_backend_by_inherent!(
+    /// The vhost-user `VhostBackend`: each method is the request of the same name. Memory
+    /// regions and the dirty log travel as fds, so a region without one, a log without a
+    /// shared-memory region (or with a base other than 0) and `set_log_fd(None)` are refused
+    /// before anything is sent.
+    Frontend {
+    fn set_mem_table(&self, regions: &[MemoryRegion<'_>]) -> crate::Result<()> {
+        let table = regions
+            .iter()
+            .map(|r| match r.fd {
+                Some(fd) => Ok((r.info, fd)),
+                None => Err(Error::InvalidParam(format!(
+                    "SET_MEM_TABLE: the region at guest address {:#x} has no fd",
+                    r.info.guest_phys_addr
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Frontend::set_mem_table(self, &table)?)
+    }
+    fn set_log_base(&self, base: u64, region: Option<LogRegion<'_>>) -> crate::Result<()> {
+        let Some(log) = region else {
+            return Err(Error::InvalidParam(
+                "vhost-user logs through shared memory (LOG_SHMFD): pass a log region".into(),
+            )
+            .into());
+        };
+        if base != 0 {
+            return Err(Error::InvalidParam(
+                "vhost-user log base must be 0; the region's mmap_offset says where".into(),
+            )
+            .into());
+        }
+        Ok(Frontend::set_log_base(
+            self,
+            log.mmap_size,
+            log.mmap_offset,
+            log.fd,
+        )?)
+    }
+    fn set_log_fd(&self, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        let fd = fd.ok_or_else(|| Error::InvalidParam("SET_LOG_FD needs an fd".into()))?;
+        Ok(Frontend::set_log_fd(self, fd)?)
+    }
+});

@@ -12,6 +12,7 @@ pub mod header;
 pub mod listener;
 pub mod message;
 pub mod payload;
+pub mod postcopy;
 
 pub use backend::{BackendHandler, BackendSession};
 pub use channel::{BackendChannel, FrontendChannel, FrontendReqHandler};

@@ -13,6 +13,7 @@ use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::backend::{LogRegion, MemoryRegion, VhostBackend, VringAddrs};
 use crate::kern::abi::{self, IovaRange, VdpaConfigHeader};
 use crate::kern::{Error, IotlbMessage, Result, VhostDevice};
 use mappings::Mappings;
@@ -21,7 +22,8 @@ use mappings::Mappings;
 /// bytes; this only bounds the buffer allocated for the ioctl).
 pub const MAX_CONFIG_LEN: u32 = 1 << 16;
 
-/// A vhost-vdpa device. The generic requests go through [`device`](Self::device).
+/// A vhost-vdpa device. The shared requests are its [`VhostBackend`] implementation; the
+/// other kernel vhost requests go through [`device`](Self::device).
 #[derive(Debug)]
 pub struct VhostVdpa {
     dev: Arc<VhostDevice>,
@@ -87,14 +89,14 @@ impl VhostVdpa {
         Ok(buf)
     }
 
-    /// `len` bytes of the device config space from `offset`.
-    pub fn get_config(&self, offset: u32, len: u32) -> Result<Vec<u8>> {
-        let mut buf = Self::config_buffer(offset, len)?;
+    /// `size` bytes of the device config space from `offset`.
+    pub fn get_config(&self, offset: u32, size: u32) -> Result<Vec<u8>> {
+        let mut buf = Self::config_buffer(offset, size)?;
         let op = "VHOST_VDPA_GET_CONFIG";
         self.dev
             .ioctl_words(op, abi::VHOST_VDPA_GET_CONFIG, &mut buf)?;
         let bytes: Vec<u8> = buf[1..].iter().flat_map(|w| w.to_ne_bytes()).collect();
-        Ok(bytes[..len as usize].to_vec())
+        Ok(bytes[..size as usize].to_vec())
     }
 
     pub fn set_config(&self, offset: u32, data: &[u8]) -> Result<()> {
@@ -244,6 +246,66 @@ impl VhostVdpa {
     /// The `dma_map` mappings now in place: `(asid, iova, size)`.
     pub fn mappings(&self) -> Vec<(u32, u64, u64)> {
         self.maps.lock().unwrap_or_else(|p| p.into_inner()).list()
+    }
+}
+
+/// vDPA's `VhostBackend`: the generic requests are the kernel device's; the memory
+/// table, which vhost-vdpa does not have, is DMA mappings at IOVA = guest address.
+impl VhostBackend for VhostVdpa {
+    fn get_features(&self) -> crate::Result<u64> {
+        VhostBackend::get_features(&*self.dev)
+    }
+    fn set_features(&self, features: u64) -> crate::Result<()> {
+        VhostBackend::set_features(&*self.dev, features)
+    }
+    fn set_owner(&self) -> crate::Result<()> {
+        VhostBackend::set_owner(&*self.dev)
+    }
+    fn reset_owner(&self) -> crate::Result<()> {
+        VhostBackend::reset_owner(&*self.dev)
+    }
+    /// Unmaps every mapping made through [`dma_map`](VhostVdpa::dma_map) (by this method
+    /// or not), then maps each region's `userspace_addr` at IOVA = `guest_phys_addr`, so
+    /// guest addresses in rings and descriptors are what the device reads. An empty table
+    /// is refused first, as the kernel device refuses it.
+    fn set_mem_table(&self, regions: &[MemoryRegion<'_>]) -> crate::Result<()> {
+        if regions.is_empty() {
+            return Err(Error::InvalidParam("the memory table is empty".into()).into());
+        }
+        for (asid, iova, size) in self.mappings() {
+            self.dma_unmap(iova, size, asid)?;
+        }
+        for MemoryRegion { info: r, .. } in regions {
+            self.dma_map(r.guest_phys_addr, r.memory_size, r.userspace_addr, false, 0)?;
+        }
+        Ok(())
+    }
+    fn set_log_base(&self, base: u64, region: Option<LogRegion<'_>>) -> crate::Result<()> {
+        VhostBackend::set_log_base(&*self.dev, base, region)
+    }
+    fn set_log_fd(&self, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        VhostBackend::set_log_fd(&*self.dev, fd)
+    }
+    fn set_vring_num(&self, index: u32, num: u32) -> crate::Result<()> {
+        VhostBackend::set_vring_num(&*self.dev, index, num)
+    }
+    fn set_vring_addr(&self, addrs: &VringAddrs) -> crate::Result<()> {
+        VhostBackend::set_vring_addr(&*self.dev, addrs)
+    }
+    fn set_vring_base(&self, index: u32, base: u32) -> crate::Result<()> {
+        VhostBackend::set_vring_base(&*self.dev, index, base)
+    }
+    fn get_vring_base(&self, index: u32) -> crate::Result<u32> {
+        VhostBackend::get_vring_base(&*self.dev, index)
+    }
+    fn set_vring_kick(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        VhostBackend::set_vring_kick(&*self.dev, index, fd)
+    }
+    fn set_vring_call(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        VhostBackend::set_vring_call(&*self.dev, index, fd)
+    }
+    fn set_vring_err(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> crate::Result<()> {
+        VhostBackend::set_vring_err(&*self.dev, index, fd)
     }
 }
 
