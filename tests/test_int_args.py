@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vhost import EventFd, GuestMemory, _core
-from vhost.daemon import BlkDevice, Daemon
+from vhost.daemon import BlkDevice, Daemon, Device
 from vhost.errors import InvalidParamError
 from vhost.user import Frontend
 
@@ -80,3 +80,21 @@ def test_ring_constructors(value: int) -> None:
     if value < 0 or value >= 1 << 64:
         _refused(lambda v: _core.DeviceQueue(memory, 8, v, 0x1000, 0x2000), value, 64)
         _refused(lambda v: _core.Virtqueue(memory, 8, 0, v, 0x2000), value, 64)
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 16])
+def test_daemon_devices(tmp_sock_dir: Path, value: int) -> None:
+    _refused(lambda v: BlkDevice.ram(1 << 20, num_queues=v), value, 16)
+    _refused(lambda v: BlkDevice.ram(1 << 20, queue_size=v), value, 16)
+
+    class Odd(Device):
+        """A Python device whose static description does not fit the protocol."""
+
+        device_type = 4
+        num_queues = value
+
+        def process(self, queue: int, batch: _core.Batch) -> None:
+            raise AssertionError("never started")
+
+    with pytest.raises(InvalidParamError, match=rf"Odd\.num_queues: {value} is out of range"):
+        Daemon(Odd(), tmp_sock_dir / "odd.sock")

@@ -18,6 +18,7 @@ use vhost_core::user::payload::{
 use vhost_core::user::{Error, Listener};
 
 use crate::channel::PyBackendChannel;
+use crate::convert::U32;
 use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
 use crate::fd::{dup_of, FileDescriptor};
@@ -342,11 +343,12 @@ impl PyBackendSession {
     }
 
     fn adapter(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<PyBackendHandler> {
-        let max_queues: u32 = handler.getattr("max_queues")?.extract()?;
-        let max_queue_size: u32 = handler
-            .getattr("max_queue_size")
-            .and_then(|v| v.extract())
-            .unwrap_or(vhost_core::user::backend::MAX_QUEUE_SIZE);
+        let max_queues = U32::attr(handler, "max_queues")?;
+        let max_queue_size = if handler.hasattr("max_queue_size")? {
+            U32::attr(handler, "max_queue_size")?
+        } else {
+            vhost_core::user::backend::MAX_QUEUE_SIZE
+        };
         if max_queues == 0 {
             return Err(invalid_param("handler.max_queues must be at least 1"));
         }

@@ -62,7 +62,7 @@ macro_rules! uint_arg {
                     Ok(v) => Ok($name(v)),
                     Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
                         Err(invalid_param(format!(
-                            "{} is out of range: the argument takes 0..={} ({} bits)",
+                            "{} is out of range 0..={} (an unsigned {}-bit integer)",
                             obj.to_string(),
                             <$t>::MAX,
                             <$t>::BITS
@@ -70,6 +70,18 @@ macro_rules! uint_arg {
                     }
                     Err(e) => Err(e),
                 }
+            }
+        }
+
+        impl $name {
+            /// The attribute `name` of `obj` (a device's or handler's static description),
+            /// converted as an argument is, the error naming `Type.name`.
+            pub fn attr(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<$t> {
+                let py = obj.py();
+                obj.getattr(name)?.extract::<$name>().map(|v| v.0).map_err(|e| {
+                    let owner = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+                    PyErr::from_type(e.get_type(py), format!("{owner}.{name}: {}", e.value(py)))
+                })
             }
         }
     };

@@ -12,6 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
+
+use crate::convert::{U16, U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::daemon::{
     Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
@@ -48,18 +50,22 @@ impl PyBlkDevice {
     /// Serves the raw image file at `path` (opened read-only when `readonly`), checked and
     /// locked as `vhost_core::devices::Image` does.
     #[new]
-    #[pyo3(signature = (path, *, num_queues = 1, queue_size = 256, readonly = false, serial = None, lock = true, force_share = false))]
+    #[pyo3(
+        signature = (path, *, num_queues = U16(1), queue_size = U16(256), readonly = false, serial = None, lock = true, force_share = false),
+        text_signature = "(path, *, num_queues=1, queue_size=256, readonly=False, serial=None, lock=True, force_share=False)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        num_queues: u16,
-        queue_size: u16,
+        num_queues: U16,
+        queue_size: U16,
         readonly: bool,
         serial: Option<String>,
         lock: bool,
         force_share: bool,
     ) -> PyResult<Self> {
+        let (num_queues, queue_size) = (num_queues.0, queue_size.0);
         let cfg = config(num_queues, queue_size, readonly, serial)?;
         let locking = locking(lock, force_share);
         let inner = py
@@ -72,14 +78,18 @@ impl PyBlkDevice {
 
     /// A zero-filled RAM disk of `size` bytes.
     #[staticmethod]
-    #[pyo3(signature = (size, *, num_queues = 1, queue_size = 256, readonly = false, serial = None))]
+    #[pyo3(
+        signature = (size, *, num_queues = U16(1), queue_size = U16(256), readonly = false, serial = None),
+        text_signature = "(size, *, num_queues=1, queue_size=256, readonly=False, serial=None)"
+    )]
     fn ram(
-        size: u64,
-        num_queues: u16,
-        queue_size: u16,
+        size: U64,
+        num_queues: U16,
+        queue_size: U16,
         readonly: bool,
         serial: Option<String>,
     ) -> PyResult<Self> {
+        let (size, num_queues, queue_size) = (size.0, num_queues.0, queue_size.0);
         let cfg = config(num_queues, queue_size, readonly, serial)?;
         let inner = BlkDevice::ram(size, cfg).map_err(io_error)?;
         Ok(PyBlkDevice {
@@ -327,7 +337,8 @@ impl PyBatch {
     }
 
     /// Returns `chain` to the driver with `written` bytes written into it.
-    fn complete(&self, chain: PyRef<'_, PyDescriptorChain>, written: u32) -> PyResult<()> {
+    fn complete(&self, chain: PyRef<'_, PyDescriptorChain>, written: U32) -> PyResult<()> {
+        let written = written.0;
         self.check_chain(&chain)?;
         if written > chain.writable_len {
             return Err(invalid_param(format!(
@@ -384,11 +395,11 @@ struct PythonDevice {
 impl PythonDevice {
     fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         Ok(PythonDevice {
-            device_type: obj.getattr("device_type")?.extract()?,
-            num_queues: obj.getattr("num_queues")?.extract()?,
-            max_queue_size: obj.getattr("max_queue_size")?.extract()?,
-            features: obj.getattr("features")?.extract()?,
-            protocol_features: obj.getattr("protocol_features")?.extract()?,
+            device_type: U32::attr(obj, "device_type")?,
+            num_queues: U16::attr(obj, "num_queues")?,
+            max_queue_size: U16::attr(obj, "max_queue_size")?,
+            features: U64::attr(obj, "features")?,
+            protocol_features: U64::attr(obj, "protocol_features")?,
             shmem_regions: shmem_pairs(&obj.getattr("shmem_regions")?)?,
             obj: obj.clone().unbind(),
         })
