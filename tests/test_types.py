@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import uuid
 from collections.abc import Sequence
 
 import pytest
@@ -14,25 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhost.backend import EventFdLike, VhostBackend, as_fd
-from vhost.codes import MigrationPhase, TransferDirection
 from vhost.errors import ClosedError, InvalidMemoryError, InvalidParamError
 from vhost.types import (
     MAX_QUEUE_SIZE,
     U64_MAX,
-    ConfigFlags,
-    ConfigSpace,
-    DeviceStateTransfer,
     DirtyLogRegion,
-    InflightRegion,
     IotlbAccess,
     IotlbMessage,
     IotlbType,
     MemoryRegion,
-    SharedObject,
-    VringAddr,
     VringAddrFlag,
     VringConfig,
-    VringState,
     check_memory_table,
     dirty_log_size,
 )
@@ -107,13 +98,6 @@ def test_vring_config_packed_rules() -> None:
         _vring(queue_max_size=MAX_QUEUE_SIZE, queue_size=1000)
 
 
-def test_vring_config_log_flag_with_address() -> None:
-    config = _vring(flags=VringAddrFlag.LOG, log_addr=0x4000)
-    addr = config.to_vring_addr(3)
-    assert addr == VringAddr(3, 1, 0x10000, 0x12000, 0x11000, 0x4000)
-    assert _vring().to_vring_addr(0).log == 0
-
-
 def test_vring_config_type_errors() -> None:
     with pytest.raises(TypeError):
         _vring(queue_size="256")
@@ -141,31 +125,6 @@ def test_values_are_frozen_and_slotted() -> None:
 # ---------------------------------------------------------------------------------------
 # VringState, VringAddr
 # ---------------------------------------------------------------------------------------
-
-
-def test_vring_state() -> None:
-    assert VringState(0, 256).num == 256
-    VringState(0xFFFFFFFF, 0xFFFFFFFF)
-    with pytest.raises(InvalidParamError, match="u32"):
-        VringState(1 << 32, 0)
-    with pytest.raises(InvalidParamError, match="u32"):
-        VringState(0, -1)
-    assert repr(VringState(1, 2)) == "VringState(index=1, num=2)"
-
-
-def test_vring_addr_rules() -> None:
-    VringAddr(0, 0, 0x1000, 0x2000, 0x3000, 0)
-    with pytest.raises(InvalidParamError, match="unknown bits"):
-        VringAddr(0, 0x4, 0x1000, 0x2000, 0x3000, 0)
-    with pytest.raises(InvalidParamError, match="16 bytes"):
-        VringAddr(0, 0, 0x1008, 0x2000, 0x3000, 0)
-    with pytest.raises(InvalidParamError, match="4 bytes"):
-        VringAddr(0, 0, 0x1000, 0x2002, 0x3000, 0)
-    with pytest.raises(InvalidParamError, match="2 bytes"):
-        VringAddr(0, 0, 0x1000, 0x2000, 0x3001, 0)
-    with pytest.raises(InvalidParamError, match="u32"):
-        VringAddr(1 << 32, 0, 0x1000, 0x2000, 0x3000, 0)
-    assert "desc=0x1000" in repr(VringAddr(0, 0, 0x1000, 0x2000, 0x3000, 0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,23 +234,6 @@ def test_dirty_log_region() -> None:
         DirtyLogRegion(0x1000, U64_MAX - 0x10, 9)
     with pytest.raises(InvalidParamError, match="file descriptor"):
         DirtyLogRegion(0x1000, 0, -1)
-
-
-def test_inflight_region() -> None:
-    request = InflightRegion(0, 0, 4, 128)
-    assert request.fd == -1
-    InflightRegion(0x10000, 0, 0xFFFF, MAX_QUEUE_SIZE, 11)
-    with pytest.raises(InvalidParamError, match="num_queues is 0"):
-        InflightRegion(0, 0, 0, 128)
-    with pytest.raises(InvalidParamError, match="queue_size"):
-        InflightRegion(0, 0, 1, 0)
-    with pytest.raises(InvalidParamError, match="queue_size"):
-        InflightRegion(0, 0, 1, MAX_QUEUE_SIZE + 1)
-    with pytest.raises(InvalidParamError, match="u16"):
-        InflightRegion(0, 0, 1 << 16, 128)
-    with pytest.raises(InvalidParamError, match="overflows"):
-        InflightRegion(0x2000, U64_MAX - 0x1000, 1, 128)
-    assert "mmap_size=0x10000" in repr(InflightRegion(0x10000, 0, 1, 128, 3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,91 +372,6 @@ def test_iotlb_unpack_of_random_bytes_never_crashes(raw: bytes) -> None:
 # ---------------------------------------------------------------------------------------
 # Device state, shared objects, config space
 # ---------------------------------------------------------------------------------------
-
-
-def test_device_state_transfer() -> None:
-    transfer = DeviceStateTransfer(TransferDirection.LOAD)
-    assert transfer.phase is MigrationPhase.STOPPED
-    coerced = DeviceStateTransfer(0, 0)  # type: ignore[arg-type]
-    assert coerced.direction is TransferDirection.SAVE
-    with pytest.raises(InvalidParamError, match="TransferDirection"):
-        DeviceStateTransfer(2)  # type: ignore[arg-type]
-    with pytest.raises(InvalidParamError, match="MigrationPhase"):
-        DeviceStateTransfer(TransferDirection.SAVE, 1)  # type: ignore[arg-type]
-    assert repr(transfer) == (
-        "DeviceStateTransfer(direction=TransferDirection.LOAD, phase=MigrationPhase.STOPPED)"
-    )
-
-
-def test_shared_object_wire_form_is_big_endian() -> None:
-    value = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
-    shared = SharedObject(value)
-    assert shared.to_bytes() == bytes.fromhex("00112233445566778899aabbccddeeff")
-    assert SharedObject.from_bytes(shared.to_bytes()) == shared
-    assert repr(shared) == "SharedObject(uuid=UUID('00112233-4455-6677-8899-aabbccddeeff'))"
-
-
-def test_shared_object_rejects() -> None:
-    with pytest.raises(InvalidParamError):
-        SharedObject(uuid.UUID(int=0))
-    with pytest.raises(InvalidParamError):
-        SharedObject(uuid.UUID(int=(1 << 128) - 1))
-    with pytest.raises(InvalidParamError, match="16 bytes"):
-        SharedObject.from_bytes(bytes(15))
-    with pytest.raises(TypeError):
-        SharedObject("00112233-4455-6677-8899-aabbccddeeff")  # type: ignore[arg-type]
-
-
-def test_config_space_window() -> None:
-    window = ConfigSpace(0x10, bytearray(b"\x01\x02"))  # type: ignore[arg-type]
-    assert isinstance(window.data, bytes)
-    assert (window.size, window.end) == (2, 0x12)
-    assert window.flags is ConfigFlags.WRITABLE
-    assert repr(window) == "ConfigSpace(offset=0x10, data='0102', flags=ConfigFlags.WRITABLE)"
-    assert ConfigSpace(0, b"x", 1).flags is ConfigFlags.LIVE_MIGRATION  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("offset", "data", "fragment"),
-    [
-        (0, b"", "between 1 and 256"),
-        (0, bytes(257), "between 1 and 256"),
-        (255, b"ab", "goes past"),
-        (0xFFFF_FFFF, b"a", "goes past"),
-        (1 << 32, b"a", "u32"),
-    ],
-)
-def test_config_space_rejects(offset: int, data: bytes, fragment: str) -> None:
-    with pytest.raises(InvalidParamError, match=fragment):
-        ConfigSpace(offset, data)
-
-
-def test_config_space_flags_and_types() -> None:
-    with pytest.raises(InvalidParamError, match="ConfigFlags"):
-        ConfigSpace(0, b"a", 2)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        ConfigSpace(0, "text")  # type: ignore[arg-type]
-
-
-def test_config_space_read_from_zero_fills() -> None:
-    device_config = bytes(range(1, 25))
-    inside = ConfigSpace.read_from(device_config, 4, 4)
-    assert inside.data == b"\x05\x06\x07\x08"
-    tail = ConfigSpace.read_from(device_config, 20, 8)
-    assert tail.data == b"\x15\x16\x17\x18" + bytes(4)
-    beyond = ConfigSpace.read_from(device_config, 100, 4)
-    assert beyond.data == bytes(4)
-    with pytest.raises(InvalidParamError):
-        ConfigSpace.read_from(device_config, 0, 0)
-    with pytest.raises(InvalidParamError):
-        ConfigSpace.read_from(device_config, 0, 1 << 32)
-
-
-def test_config_space_apply_to() -> None:
-    device_config = bytes(8)
-    assert ConfigSpace(2, b"\xff\xee").apply_to(device_config) == b"\0\0\xff\xee\0\0\0\0"
-    with pytest.raises(InvalidParamError, match="goes past"):
-        ConfigSpace(7, b"\xff\xee").apply_to(device_config)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,11 +26,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from .codes import MAX_CONFIG_SIZE, VHOST_LOG_PAGE, MigrationPhase, TransferDirection
+from .codes import VHOST_LOG_PAGE
 from .errors import InvalidMemoryError, InvalidParamError
 
 if TYPE_CHECKING:
@@ -41,20 +40,13 @@ __all__ = [
     "U16_MAX",
     "U32_MAX",
     "U64_MAX",
-    "ConfigFlags",
-    "ConfigSpace",
-    "DeviceStateTransfer",
     "DirtyLogRegion",
-    "InflightRegion",
     "IotlbAccess",
     "IotlbMessage",
     "IotlbType",
     "MemoryRegion",
-    "SharedObject",
-    "VringAddr",
     "VringAddrFlag",
     "VringConfig",
-    "VringState",
     "check_memory_table",
     "dirty_log_size",
 ]
@@ -235,75 +227,10 @@ class VringConfig:
         """Bytes of the used ring (split, with ``avail_event``) or device event area."""
         return 4 if self.packed else 6 + 8 * self.queue_size
 
-    def to_vring_addr(self, index: int) -> VringAddr:
-        """The ``SET_VRING_ADDR`` payload for queue ``index`` (``log`` is 0 when unset)."""
-        return VringAddr(
-            index=index,
-            flags=self.flags,
-            desc=self.desc_table_addr,
-            used=self.used_ring_addr,
-            avail=self.avail_ring_addr,
-            log=0 if self.log_addr is None else self.log_addr,
-        )
-
     def __repr__(self) -> str:
         return _repr(
             self, ("flags", "desc_table_addr", "used_ring_addr", "avail_ring_addr", "log_addr")
         )
-
-
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class VringState:
-    """A queue index and a number (``struct vhost_vring_state``): a size, a base, a flag.
-
-    Both are u32. What ``num`` means depends on the request (``SET_VRING_NUM``: the size;
-    ``SET_VRING_BASE``: the next available index; ``SET_VRING_ENABLE``: 0 or 1).
-    """
-
-    index: int
-    num: int
-
-    def __post_init__(self) -> None:
-        _check_uint("VringState", "index", self.index, 32)
-        _check_uint("VringState", "num", self.num, 32)
-
-    def __repr__(self) -> str:
-        return _repr(self, ())
-
-
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class VringAddr:
-    """The ``SET_VRING_ADDR`` payload (``struct vhost_vring_addr``) as it travels.
-
-    ``index`` and ``flags`` are u32, the addresses u64. Checked: ``flags`` holds only
-    :class:`VringAddrFlag` bits; ``desc`` is 16-, ``used`` 4- and ``avail`` 2-byte aligned
-    (the rules every ring layout satisfies). Size-dependent checks need the queue size and
-    belong to :class:`VringConfig`.
-    """
-
-    index: int
-    flags: int
-    desc: int
-    used: int
-    avail: int
-    log: int
-
-    def __post_init__(self) -> None:
-        owner = "VringAddr"
-        _check_uint(owner, "index", self.index, 32)
-        flags = _check_uint(owner, "flags", self.flags, 32)
-        if flags & ~int(VringAddrFlag.LOG):
-            raise InvalidParamError(f"{owner}.flags = {flags:#x} has unknown bits")
-        desc = _check_uint(owner, "desc", self.desc, 64)
-        used = _check_uint(owner, "used", self.used, 64)
-        avail = _check_uint(owner, "avail", self.avail, 64)
-        _check_uint(owner, "log", self.log, 64)
-        _check_aligned(owner, "desc", desc, _DESC_ALIGN)
-        _check_aligned(owner, "used", used, _SPLIT_USED_ALIGN)
-        _check_aligned(owner, "avail", avail, _SPLIT_AVAIL_ALIGN)
-
-    def __repr__(self) -> str:
-        return _repr(self, ("flags", "desc", "used", "avail", "log"))
 
 
 # --------------------------------------------------------------------------------------
@@ -426,40 +353,6 @@ class DirtyLogRegion:
         _check_fd(owner, self.fd, optional=False)
         if size == 0:
             raise InvalidParamError(f"{owner}.mmap_size is 0")
-        _check_range(owner, "mmap_offset", offset, size)
-
-    def __repr__(self) -> str:
-        return _repr(self, ("mmap_size", "mmap_offset"))
-
-
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class InflightRegion:
-    """The shared buffer that tracks in-flight requests (``GET/SET_INFLIGHT_FD``).
-
-    ``num_queues`` and ``queue_size`` are u16 (the size at most 32768). The front-end's
-    ``GET_INFLIGHT_FD`` request carries no file and a zero size and offset: ``fd`` is then
-    -1. Otherwise ``fd`` is borrowed (see :class:`MemoryRegion`).
-    """
-
-    mmap_size: int
-    mmap_offset: int
-    num_queues: int
-    queue_size: int
-    fd: int = -1
-
-    def __post_init__(self) -> None:
-        owner = "InflightRegion"
-        size = _check_uint(owner, "mmap_size", self.mmap_size, 64)
-        offset = _check_uint(owner, "mmap_offset", self.mmap_offset, 64)
-        queues = _check_uint(owner, "num_queues", self.num_queues, 16)
-        queue_size = _check_uint(owner, "queue_size", self.queue_size, 16)
-        _check_fd(owner, self.fd, optional=True)
-        if queues == 0:
-            raise InvalidParamError(f"{owner}.num_queues is 0")
-        if not 1 <= queue_size <= MAX_QUEUE_SIZE:
-            raise InvalidParamError(
-                f"{owner}.queue_size = {queue_size} is not between 1 and {MAX_QUEUE_SIZE}"
-            )
         _check_range(owner, "mmap_offset", offset, size)
 
     def __repr__(self) -> str:
@@ -638,153 +531,3 @@ class IotlbMessage:
 # --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class DeviceStateTransfer:
-    """The parameters of ``SET_DEVICE_STATE_FD``: which way the state goes, and when.
-
-    Plain ints are accepted and converted to the enums; unknown values raise
-    :class:`~vhost.errors.InvalidParamError`.
-    """
-
-    direction: TransferDirection
-    phase: MigrationPhase = MigrationPhase.STOPPED
-
-    def __post_init__(self) -> None:
-        _check_enum("DeviceStateTransfer", "direction", self.direction, TransferDirection)
-        _check_enum("DeviceStateTransfer", "phase", self.phase, MigrationPhase)
-        object.__setattr__(self, "direction", TransferDirection(self.direction))
-        object.__setattr__(self, "phase", MigrationPhase(self.phase))
-
-    def __repr__(self) -> str:
-        return _repr(self, ())
-
-
-_NIL_UUID = uuid.UUID(int=0)
-_MAX_UUID = uuid.UUID(int=(1 << 128) - 1)
-
-
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class SharedObject:
-    """A virtio shared object (a dma-buf exported by a back-end), named by a UUID.
-
-    The payload of ``GET_SHARED_OBJECT`` and of the back-end's ``SHARED_OBJECT_*``
-    requests. The nil and the max UUID name nothing and are rejected.
-    """
-
-    uuid: uuid.UUID
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.uuid, uuid.UUID):
-            raise TypeError(
-                f"SharedObject.uuid must be a uuid.UUID, not {type(self.uuid).__name__}"
-            )
-        if self.uuid in (_NIL_UUID, _MAX_UUID):
-            raise InvalidParamError(f"SharedObject.uuid {self.uuid} names no object")
-
-    def to_bytes(self) -> bytes:
-        """The 16 bytes on the wire (RFC 4122 order: the first three fields big-endian)."""
-        return self.uuid.bytes
-
-    @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> SharedObject:
-        """Decode the 16-byte wire form; other lengths raise ``InvalidParamError``."""
-        if len(data) != 16:
-            raise InvalidParamError(f"a shared object UUID is 16 bytes, got {len(data)}")
-        return cls(uuid.UUID(bytes=bytes(data)))
-
-    def __repr__(self) -> str:
-        return f"SharedObject(uuid=UUID('{self.uuid}'))"
-
-
-class ConfigFlags(enum.IntEnum):
-    """The ``flags`` value of ``GET_CONFIG`` / ``SET_CONFIG``.
-
-    The specification defines values, not bits: 0 for an ordinary write of the writable
-    fields, 1 for a write made during live migration, which may also set read-only
-    fields. (rust-vmm's ``vhost`` crate reads these as the bit masks 1 and 2.)
-    """
-
-    WRITABLE = 0
-    LIVE_MIGRATION = 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True, repr=False)
-class ConfigSpace:
-    """A window of a device's config space: ``data`` at ``offset`` (``GET/SET_CONFIG``).
-
-    Checked: ``offset`` is a u32, ``data`` is 1 to :data:`~vhost.codes.MAX_CONFIG_SIZE`
-    (256) bytes, and the window ends within those 256 bytes, the largest config space a
-    vhost-user front-end (QEMU) exchanges. ``data`` may be any bytes-like object; it is
-    copied into ``bytes``.
-    """
-
-    offset: int
-    data: bytes
-    flags: ConfigFlags = ConfigFlags.WRITABLE
-
-    def __post_init__(self) -> None:
-        owner = "ConfigSpace"
-        offset = _check_uint(owner, "offset", self.offset, 32)
-        if not isinstance(self.data, bytes | bytearray | memoryview):
-            raise TypeError(f"{owner}.data must be bytes-like, not {type(self.data).__name__}")
-        data = bytes(self.data)
-        object.__setattr__(self, "data", data)
-        _check_enum(owner, "flags", self.flags, ConfigFlags)
-        object.__setattr__(self, "flags", ConfigFlags(self.flags))
-        if not 1 <= len(data) <= MAX_CONFIG_SIZE:
-            raise InvalidParamError(
-                f"{owner}: {len(data)} bytes is not between 1 and {MAX_CONFIG_SIZE}"
-            )
-        if offset + len(data) > MAX_CONFIG_SIZE:
-            raise InvalidParamError(
-                f"{owner}: offset {offset:#x} + {len(data)} bytes goes past {MAX_CONFIG_SIZE:#x}"
-            )
-
-    @property
-    def size(self) -> int:
-        """Bytes in the window."""
-        return len(self.data)
-
-    @property
-    def end(self) -> int:
-        """The offset just after the window."""
-        return self.offset + len(self.data)
-
-    @classmethod
-    def read_from(
-        cls,
-        config: bytes | bytearray | memoryview,
-        offset: int,
-        size: int,
-        flags: ConfigFlags = ConfigFlags.WRITABLE,
-    ) -> ConfigSpace:
-        """The window ``[offset, offset + size)`` of a device's whole config space.
-
-        Bytes past the end of ``config`` read as zero, so a reply never carries stale
-        memory. The window itself is checked like any :class:`ConfigSpace`.
-        """
-        start = _check_uint("ConfigSpace", "offset", offset, 32)
-        length = _check_uint("ConfigSpace", "size", size, 32)
-        if length > MAX_CONFIG_SIZE:
-            raise InvalidParamError(f"ConfigSpace: {length} bytes is more than {MAX_CONFIG_SIZE}")
-        window = bytes(config[start : start + length])
-        return cls(start, window + bytes(length - len(window)), flags)
-
-    def apply_to(self, config: bytes | bytearray | memoryview) -> bytes:
-        """A copy of ``config`` with this window written into it.
-
-        Raises :class:`~vhost.errors.InvalidParamError` if the window goes past the end of
-        ``config``: a write cannot grow a device's config space.
-        """
-        if self.end > len(config):
-            raise InvalidParamError(
-                f"ConfigSpace: window {self.offset:#x}..{self.end:#x} goes past the "
-                f"{len(config)}-byte config space"
-            )
-        updated = bytearray(config)
-        updated[self.offset : self.end] = self.data
-        return bytes(updated)
-
-    def __repr__(self) -> str:
-        flags = f"ConfigFlags.{self.flags.name}"
-        return f"ConfigSpace(offset={self.offset:#x}, data={self.data.hex()!r}, flags={flags})"
