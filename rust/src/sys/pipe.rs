@@ -178,8 +178,8 @@ pub fn read_to_end(fd: BorrowedFd<'_>, bounds: Bounds<'_>) -> Result<Vec<u8>, St
     let mut out = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: `chunk` is a writable buffer of `chunk.len()` bytes; `fd` is open.
         let n = retry_eintr(|| {
+            // SAFETY: `chunk` is a writable buffer of `chunk.len()` bytes; `fd` is open.
             cvt_size(unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) })
         });
         match n {
@@ -219,8 +219,8 @@ pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], bounds: Bounds<'_>) -> Result<
 /// One write that reports a missing reader as `EPIPE` and never raises `SIGPIPE`.
 fn write_nosignal(fd: BorrowedFd<'_>, buf: &[u8], socket: bool) -> io::Result<usize> {
     if socket {
-        // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
         return retry_eintr(|| {
+            // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
             cvt_size(unsafe {
                 libc::send(
                     fd.as_raw_fd(),
