@@ -22,7 +22,9 @@ use super::{cvt, cvt_size, retry_eintr};
 /// Which way a stream end is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Way {
+    /// The end is read until end of file.
     Read,
+    /// The end is written until everything is out.
     Write,
 }
 
@@ -50,6 +52,7 @@ pub enum StreamError {
     /// The reading end was closed before everything was written.
     #[error("the reading end was closed after {0} bytes")]
     ReaderGone(usize),
+    /// A read, write, poll or fcntl on the stream failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
