@@ -164,14 +164,17 @@ impl BlkLoad {
             .min(u32::from(u16::MAX)) as u16
     }
 
+    /// Bytes of each slot's data window: the largest request `block_size` a run can use.
     pub fn window(&self) -> u32 {
         self.window
     }
 
+    /// Request slots: the most requests a run can have in flight.
     pub fn slots(&self) -> usize {
         self.buffers.len()
     }
 
+    /// The ring's size, the other bound on the queue depth.
     pub fn queue_size(&self) -> u16 {
         self.ring.size()
     }
