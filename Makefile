@@ -37,9 +37,7 @@ build:
 
 lint:
 	cargo fmt --all --check
-	# -A missing_docs: public core items still without a doc comment (issue 11) stay a
-	# warning in plain cargo builds, not an error here, until there are none left.
-	cargo clippy --workspace --all-targets -- -D warnings -A missing_docs
+	cargo clippy --workspace --all-targets -- -D warnings
 	$(RUFF) check python tests benches
 
 # benches/ too: the tests import benches/pyclient.py.
