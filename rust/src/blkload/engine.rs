@@ -20,8 +20,8 @@ const NO_SLOT: u32 = u32::MAX;
 /// on the call eventfd, so a silent device does not delay that question).
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// Asked every [`CHECK_EVERY`] during a run; true stops it with [`LoadError::Interrupted`]
-/// (the Python glue checks for signals here: Ctrl-C).
+/// Asked every 100 ms (`CHECK_EVERY`) during a run; true stops it with
+/// [`LoadError::Interrupted`] (the Python glue checks for signals here: Ctrl-C).
 pub type InterruptHook = Box<dyn FnMut() -> bool + Send>;
 
 struct Hook(Option<InterruptHook>);

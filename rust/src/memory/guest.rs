@@ -131,8 +131,8 @@ impl GuestMemory {
         Self::pointer_into(region, offset, len).ok_or_else(out)
     }
 
-    /// Translates a front-end user address (how vhost-user names ring addresses) to a guest-physical
-    /// one.
+    /// Translates a front-end user address (how vhost-user names ring addresses) to a
+    /// guest-physical one.
     pub fn user_to_gpa(&self, uaddr: u64) -> Result<u64, MemoryError> {
         let region = self.find_user(uaddr).ok_or(MemoryError::OutOfRange {
             addr: uaddr,

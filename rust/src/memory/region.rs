@@ -14,7 +14,8 @@ pub struct RegionInfo {
     pub guest_phys_addr: u64,
     /// Its size in bytes.
     pub memory_size: u64,
-    /// Where the front-end mapped it: what vhost-user ring addresses use (VHOST_USER_SET_VRING_ADDR).
+    /// Where the front-end mapped it: what vhost-user ring addresses use
+    /// (VHOST_USER_SET_VRING_ADDR).
     pub userspace_addr: u64,
     /// Where the region starts in its fd.
     pub mmap_offset: u64,
