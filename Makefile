@@ -23,7 +23,7 @@ BENCH_RUNS  ?= 5
 # One interpreter for PyO3 everywhere, so maturin and cargo share build artifacts.
 export PYO3_PYTHON := $(PY)
 
-.PHONY: setup tools build lint typecheck rust-test pytest test demo bench wheel clean
+.PHONY: setup tools build lint typecheck rust-test pytest fuzz test demo bench wheel clean
 
 setup:
 	bash scripts/setup.sh
@@ -58,7 +58,12 @@ rust-test:
 pytest:
 	$(PYTEST) $(PYTEST_ARGS)
 
-test: setup lint rust-test typecheck pytest
+# Every cargo-fuzz target for FUZZ_SECONDS (default 10) each, from the committed seeds;
+# fails on any crash, naming the target and the input (scripts/fuzz.sh, fuzz/README.md).
+fuzz: tools
+	bash scripts/fuzz.sh
+
+test: setup lint rust-test typecheck pytest fuzz
 
 demo: setup
 	$(PY) -m vhost demo

@@ -10,12 +10,16 @@
 #      libseccomp-dev, libcap-ng-dev and gcc for the virtiofsd build.
 #   2. virtiofsd (Rust, crates.io) into ~/.cache/pyvhost/virtiofsd, only if its
 #      binary is missing. It is a test peer only; none of its code is committed.
+#   2c. cargo-fuzz (crates.io) into ~/.cache/pyvhost/cargo-fuzz, only if missing: the
+#      driver of scripts/fuzz.sh, which `make test` runs (the nightly toolchain it
+#      uses is preinstalled on the project's machines).
 #   3. .venv in the checkout with the Python dev tools.
 #   4. `maturin develop --release` into .venv (skipped with --no-build).
 # Peers are installed before the build, so a broken build still leaves them.
 set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0   # builds with rustc 1.95 (checked); bump deliberately
+CARGO_FUZZ_VERSION=0.13.2  # builds with rustc 1.95 in about a minute (checked)
 PY_DEV_TOOLS=(
     "maturin>=1.7,<2"
     "pytest>=8"
@@ -113,6 +117,20 @@ if ! bash "$ROOT/scripts/build_guest.sh"; then
     exit 1
 fi
 
+# --- 2c. cargo-fuzz -----------------------------------------------------------------
+FUZZ_ROOT="$HOME/.cache/pyvhost/cargo-fuzz"
+if [[ "$("$FUZZ_ROOT/bin/cargo-fuzz" --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]]; then
+    log "building cargo-fuzz $CARGO_FUZZ_VERSION from crates.io (about a minute)"
+    start=$SECONDS
+    CARGO_TARGET_DIR="$HOME/.cache/pyvhost/cargo-fuzz-target" \
+        cargo install --locked --force cargo-fuzz --version "$CARGO_FUZZ_VERSION" --root "$FUZZ_ROOT"
+    rm -rf "$HOME/.cache/pyvhost/cargo-fuzz-target"
+    log "cargo-fuzz built in $((SECONDS - start)) s"
+fi
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    log "WARNING: no nightly toolchain: scripts/fuzz.sh needs one (rustup toolchain install nightly)"
+fi
+
 # --- 3. Python virtual environment ---------------------------------------------
 VENV="$ROOT/.venv"
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -144,5 +162,6 @@ log "versions:"
 echo "  $(ver qemu-system-x86_64)"
 echo "  qemu-storage-daemon: $(ver qemu-storage-daemon)"
 echo "  $(ver "$VFSD") [$VFSD]"
+echo "  $(ver "$FUZZ_ROOT/bin/cargo-fuzz") [$FUZZ_ROOT]"
 echo "  $(ver "$VENV/bin/python") [.venv]"
 exit "$build_rc"

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -799,7 +800,9 @@ def test_g2_device_returns_fewer_config_bytes(listener: BackendListener) -> None
 # -- hostile arguments from Python: typed errors, never a panic or an abort -------------
 
 
-@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")], ids=["neg", "nan", "inf"])
+@pytest.mark.parametrize(
+    "timeout", [-1.0, float("nan"), float("-inf")], ids=["neg", "nan", "neg-inf"]
+)
 def test_listener_rejects_bad_timeouts(listener: BackendListener, timeout: float) -> None:
     base = hostile.fd_count()
     with pytest.raises(InvalidParamError):
@@ -811,6 +814,19 @@ def test_listener_rejects_bad_timeouts(listener: BackendListener, timeout: float
     finally:
         native.close()
     check_clean(listener, base)
+
+
+def test_listener_waits_for_ever_on_an_infinite_timeout(listener: BackendListener) -> None:
+    """``math.inf`` is "no bound", as ``None`` is (one timeout conversion everywhere)."""
+    client = socket.socket(socket.AF_UNIX)
+    timer = threading.Timer(0.2, client.connect, args=(str(listener.path),))
+    timer.start()
+    try:
+        session = listener.accept(float("inf"))
+        session.close()
+    finally:
+        timer.join()
+        client.close()
 
 
 @pytest.mark.parametrize("length", [2**62, 2**64 - 1, (1 << 20) + 1])

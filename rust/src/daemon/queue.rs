@@ -217,6 +217,12 @@ fn worker(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             Some(k) => poll_many(&[slot.wake.as_fd(), k.as_fd()], -1),
             None => poll_many(&[slot.wake.as_fd()], -1),
         };
+        // The wake-up is consumed before the stop flag is read: read after it, it could
+        // swallow the wake-up of a stop requested in between, and the worker would sleep
+        // in the next poll for ever (found by fuzz/daemon_session).
+        if ready.as_ref().is_ok_and(|r| r[0]) {
+            let _ = slot.wake.read();
+        }
         if slot.stop.load(Ordering::SeqCst) {
             return;
         }
@@ -224,9 +230,6 @@ fn worker(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             // poll itself failed (ENOMEM): nothing sensible to do but try again.
             continue;
         };
-        if ready[0] {
-            let _ = slot.wake.read();
-        }
         if let (Some(k), Some(true)) = (&kick, ready.get(1)) {
             if let Err(e) = k.read() {
                 // Not an eventfd, or hung up: stop listening to it instead of spinning.
@@ -402,4 +405,69 @@ fn one_batch(
     }
     log_result?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vring::DescriptorChain;
+
+    struct Idle;
+
+    impl VirtioDevice for Idle {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn num_queues(&self) -> u16 {
+            1
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn config(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn process(
+            &self,
+            _queue: u16,
+            _mem: &GuestMemory,
+            _chains: Vec<DescriptorChain>,
+            _done: &mut Vec<(u16, u32)>,
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    /// A stop requested while the worker is between waking up and reading its wake-up
+    /// eventfd is not lost: the worker used to check the flag first and then consume the
+    /// stop's wake-up with the earlier one, and sleep for ever in the next poll, so the
+    /// session's end (which joins it) hung. Found by fuzz/daemon_session. The stop lands
+    /// at a different delay after a wake-up in each round, sweeping the worker's wake-up
+    /// latency; each join is bounded.
+    #[test]
+    fn a_stop_right_after_a_wake_up_is_not_lost() {
+        let device: Arc<dyn VirtioDevice> = Arc::new(Idle);
+        for round in 0..1500u32 {
+            let slot = Arc::new(QueueSlot::new(0, None).unwrap());
+            let worker = spawn_worker(slot.clone(), device.clone(), Duration::ZERO).unwrap();
+            // Asleep in its poll, as between two requests.
+            std::thread::sleep(Duration::from_micros(200));
+            slot.wake();
+            let delay = Duration::from_nanos(u64::from(round % 300) * 300);
+            let spin = Instant::now();
+            while spin.elapsed() < delay {
+                std::hint::spin_loop();
+            }
+            slot.request_stop();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !worker.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the worker missed its stop"
+                );
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            worker.join().unwrap();
+        }
+    }
 }

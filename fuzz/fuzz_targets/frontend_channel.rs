@@ -1,0 +1,5 @@
+//! Fuzz target `frontend_channel`: see [`pyvhost_fuzz::frontend_channel`] for what it feeds the core and which
+//! invariants it asserts.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pyvhost_fuzz::frontend_channel::run(data));
