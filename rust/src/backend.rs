@@ -56,8 +56,8 @@ impl VringAddrs {
 pub struct MemoryRegion<'a> {
     /// The region's addresses, size and offset in `fd`.
     pub info: RegionInfo,
-    /// The fd to map; `None` where the family maps nothing itself (kernel vhost reads this
-    /// process's memory at `userspace_addr`).
+    /// The file behind the region: vhost-user sends it (a region without one is refused);
+    /// kernel vhost and vDPA use `userspace_addr` instead.
     pub fd: Option<BorrowedFd<'a>>,
 }
 
