@@ -112,8 +112,9 @@ def test_policy_refuses_an_unsealed_inflight_area_and_survives(
         refused = hostile_inflight_session(sock, unsealed_area)
         assert "SET_INFLIGHT_FD" in refused, refused
         assert serve.alive(), f"daemon died ({serve.proc.returncode}): {serve.stderr()}"
+        # serve prints events as its loop polls for them: wait for the line.
+        assert wait_for(lambda: "F_SEAL_SHRINK" in serve.stderr(), 10.0), serve.stderr()
         assert "SET_INFLIGHT_FD" in serve.stderr(), serve.stderr()
-        assert "F_SEAL_SHRINK" in serve.stderr(), serve.stderr()
         # Nothing of the refused session stays: no fd, no mapping of the area.
         assert serve.settle_fds(fds) == fds, serve.fd_targets()
         assert wait_for(lambda: memfd_maps(serve.pid) == maps), memfd_maps(serve.pid)
