@@ -155,6 +155,9 @@ def _stop(peer: Peer, timeout: float = STOP_TIMEOUT) -> None:
             continue
     else:
         proc.wait()
+    if proc.stdin is not None:  # the keep_stdin pipe; left open it is a ResourceWarning
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
     peer.returncode = proc.returncode
     with contextlib.suppress(FileNotFoundError):
         peer.socket_path.unlink()

@@ -221,6 +221,6 @@ def test_client_stops_while_the_front_end_backlog_is_full(tmp_sock_dir: Path, im
             assert time.monotonic() - start < 3
         finally:
             proc.kill()
-            proc.wait()
+            proc.communicate()  # reaps it and closes both pipes (else a ResourceWarning)
     finally:
         stuck.close()

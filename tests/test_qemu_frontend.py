@@ -317,6 +317,8 @@ def test_qemu_rejects_too_few_backend_queues(served_factory: Any) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         reader.join(10)
+        assert proc.stderr is not None
+        proc.stderr.close()  # else a ResourceWarning
     assert served.accepted.is_set()
     assert "get_queue_num" in device.names()
     # it gave up before reading the config space

@@ -11,11 +11,17 @@ use crate::Result as BackendResult;
 /// (vhost-user) or as guest physical addresses (vDPA with IOTLB).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VringAddrs {
+    /// The queue's index.
     pub index: u32,
+    /// `VHOST_VRING_F_LOG` or 0: whether used-ring writes are logged.
     pub flags: u32,
+    /// Address of the descriptor table (split) or ring (packed).
     pub desc: u64,
+    /// Address of the used ring (split) or device event area (packed).
     pub used: u64,
+    /// Address of the avail ring (split) or driver event area (packed).
     pub avail: u64,
+    /// Guest-physical address of the used ring for dirty logging (used when `flags` asks).
     pub log: u64,
 }
 
@@ -48,7 +54,10 @@ impl VringAddrs {
 /// `userspace_addr` and ignores it; vDPA maps `userspace_addr` at IOVA = guest address.
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryRegion<'a> {
+    /// The region's addresses, size and offset in `fd`.
     pub info: RegionInfo,
+    /// The file behind the region: vhost-user sends it (a region without one is refused);
+    /// kernel vhost and vDPA use `userspace_addr` instead.
     pub fd: Option<BorrowedFd<'a>>,
 }
 
@@ -56,8 +65,11 @@ pub struct MemoryRegion<'a> {
 /// of `fd`. Kernel vhost takes an address in this process instead (`set_log_base`'s base).
 #[derive(Clone, Copy, Debug)]
 pub struct LogRegion<'a> {
+    /// The log's size in bytes.
     pub mmap_size: u64,
+    /// Where the log starts in `fd`.
     pub mmap_offset: u64,
+    /// The memfd the back-end maps to mark pages.
     pub fd: BorrowedFd<'a>,
 }
 

@@ -20,8 +20,8 @@ const NO_SLOT: u32 = u32::MAX;
 /// on the call eventfd, so a silent device does not delay that question).
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// Asked every [`CHECK_EVERY`] during a run; true stops it with [`LoadError::Interrupted`]
-/// (the Python glue checks for signals here: Ctrl-C).
+/// Asked every 100 ms (`CHECK_EVERY`) during a run; true stops it with
+/// [`LoadError::Interrupted`] (the Python glue checks for signals here: Ctrl-C).
 pub type InterruptHook = Box<dyn FnMut() -> bool + Send>;
 
 struct Hook(Option<InterruptHook>);
@@ -164,14 +164,17 @@ impl BlkLoad {
             .min(u32::from(u16::MAX)) as u16
     }
 
+    /// Bytes of each slot's data window: the largest request `block_size` a run can use.
     pub fn window(&self) -> u32 {
         self.window
     }
 
+    /// Request slots: the most requests a run can have in flight.
     pub fn slots(&self) -> usize {
         self.buffers.len()
     }
 
+    /// The ring's size, the other bound on the queue depth.
     pub fn queue_size(&self) -> u16 {
         self.ring.size()
     }

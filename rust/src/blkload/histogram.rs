@@ -7,6 +7,7 @@ const SUB: u64 = 1 << SUB_BITS;
 /// Values below 2*SUB ns are exact; above, 64 - SUB_BITS octaves of SUB buckets each.
 const BUCKETS: usize = (2 * SUB + (64 - SUB_BITS as u64 - 1) * SUB) as usize;
 
+/// Request latencies in nanoseconds, recorded without allocating (see the module doc).
 #[derive(Clone, Debug)]
 pub struct Histogram {
     counts: Vec<u64>,
@@ -51,6 +52,7 @@ fn upper(i: usize) -> u64 {
 }
 
 impl Histogram {
+    /// Counts one latency of `ns` nanoseconds.
     pub fn record(&mut self, ns: u64) {
         self.counts[index(ns)] += 1;
         self.total += 1;
@@ -59,14 +61,17 @@ impl Histogram {
         self.min = self.min.min(ns);
     }
 
+    /// Latencies recorded.
     pub fn count(&self) -> u64 {
         self.total
     }
 
+    /// The largest latency recorded (exact, not bucketed).
     pub fn max(&self) -> u64 {
         self.max
     }
 
+    /// The smallest latency recorded (exact), 0 when there is none.
     pub fn min(&self) -> u64 {
         if self.total == 0 {
             0
@@ -75,6 +80,7 @@ impl Histogram {
         }
     }
 
+    /// The exact mean in nanoseconds, 0 when nothing was recorded.
     pub fn mean(&self) -> f64 {
         if self.total == 0 {
             0.0

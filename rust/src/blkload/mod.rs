@@ -35,9 +35,13 @@ pub const SECTOR: u64 = 512;
 /// The access pattern of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rw {
+    /// Sequential reads.
     Read,
+    /// Sequential writes.
     Write,
+    /// Reads at random offsets (from `Job::seed`).
     RandRead,
+    /// Writes at random offsets (from `Job::seed`).
     RandWrite,
 }
 
@@ -53,6 +57,7 @@ impl Rw {
         }
     }
 
+    /// The fio name of the pattern (`"randread"`), for reports and the command line.
     pub fn name(self) -> &'static str {
         match self {
             Rw::Read => "read",
@@ -62,14 +67,17 @@ impl Rw {
         }
     }
 
+    /// Whether requests are writes (so the image must be writable).
     pub fn is_write(self) -> bool {
         matches!(self, Rw::Write | Rw::RandWrite)
     }
 
+    /// Whether requests are reads (so they can be checked against a pattern).
     pub fn is_read(self) -> bool {
         !self.is_write()
     }
 
+    /// Whether offsets are random rather than sequential.
     pub fn is_random(self) -> bool {
         matches!(self, Rw::RandRead | Rw::RandWrite)
     }
@@ -79,7 +87,9 @@ impl Rw {
 /// status byte right after it (17 bytes at `meta`), and the data window at `data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buffers {
+    /// Guest-physical address of the request header and status byte.
     pub meta: u64,
+    /// Guest-physical address of the data window.
     pub data: u64,
 }
 
@@ -92,6 +102,7 @@ pub struct SectorSet {
 }
 
 impl SectorSet {
+    /// An empty set of `sectors` sectors from `first` on.
     pub fn new(first: u64, sectors: u64) -> Self {
         Self {
             first,
@@ -106,6 +117,7 @@ impl SectorSet {
         (word < self.bits.len()).then_some((word, 1u64 << (rel % 64)))
     }
 
+    /// Adds `sector`; one outside the region is ignored.
     pub fn insert(&mut self, sector: u64) {
         if let Some((w, bit)) = self.slot(sector) {
             if self.bits[w] & bit == 0 {
@@ -115,6 +127,7 @@ impl SectorSet {
         }
     }
 
+    /// Whether `sector` is in the set (false outside the region).
     pub fn contains(&self, sector: u64) -> bool {
         self.slot(sector)
             .is_some_and(|(w, bit)| self.bits[w] & bit != 0)
@@ -125,6 +138,7 @@ impl SectorSet {
         self.count
     }
 
+    /// True when no sector was inserted.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -134,7 +148,9 @@ impl SectorSet {
 /// of `newer`, which hold its generation.
 #[derive(Clone, Debug)]
 pub struct Expect {
+    /// The generation every sector holds unless it is in `newer`.
     pub base: u32,
+    /// A later generation and the sectors that hold it.
     pub newer: Option<(u32, SectorSet)>,
 }
 
@@ -152,12 +168,19 @@ impl Expect {
 /// (whichever first; at least one of them must be set).
 #[derive(Clone, Debug)]
 pub struct Job {
+    /// The access pattern.
     pub rw: Rw,
+    /// Bytes per request (a multiple of 512).
     pub block_size: u32,
+    /// Requests kept in flight.
     pub iodepth: u16,
+    /// Start of the region, in bytes from the start of the disk.
     pub offset: u64,
+    /// Length of the region in bytes.
     pub size: u64,
+    /// Stop after this long.
     pub duration: Option<Duration>,
+    /// Stop after this many requests.
     pub max_ios: Option<u64>,
     /// Seed of the random offsets (xorshift64*): the same seed gives the same sequence.
     pub seed: u64,
@@ -176,8 +199,11 @@ pub struct Job {
 /// A request the device completed with a status other than OK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoFailure {
+    /// Whether the request was a write.
     pub write: bool,
+    /// Its byte offset on the disk.
     pub offset: u64,
+    /// The status the device wrote (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP).
     pub status: u8,
 }
 
@@ -186,6 +212,7 @@ pub struct IoFailure {
 pub struct Report {
     /// Requests completed.
     pub ios: u64,
+    /// Bytes moved by the completed requests.
     pub bytes: u64,
     /// From the first submission to the last completion.
     pub elapsed: Duration,
@@ -199,9 +226,11 @@ pub struct Report {
     pub wakeups: u64,
     /// Requests completed with a status other than OK, and the first of them.
     pub io_errors: u64,
+    /// The first failing request, to name it.
     pub first_io_error: Option<IoFailure>,
     /// Sectors read and checked against the pattern, and those that did not match.
     pub checked_sectors: u64,
+    /// Sectors that did not hold the expected pattern.
     pub bad_sectors: u64,
     /// Byte offset of the first sector that did not match.
     pub first_bad_offset: Option<u64>,
@@ -210,6 +239,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// Requests completed per second of `elapsed`, 0 for an empty run.
     pub fn iops(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {
@@ -219,6 +249,7 @@ impl Report {
         }
     }
 
+    /// Bytes moved per second of `elapsed`, 0 for an empty run.
     pub fn bandwidth(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {
@@ -235,18 +266,30 @@ pub enum LoadError {
     /// A job or buffer layout the loop cannot run (checked before anything is sent).
     #[error("{0}")]
     InvalidParam(String),
+    /// A ring refused a buffer or returned a bad used element.
     #[error(transparent)]
     Vring(#[from] VringError),
+    /// A buffer is not backed by the shared memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// An eventfd read or write failed.
     #[error("eventfd: {0}")]
     Io(#[from] std::io::Error),
+    /// No request completed within the job's timeout: the back-end is stuck.
     #[error("the device completed none of {in_flight} request(s) in flight within {timeout:?}")]
-    Timeout { in_flight: u16, timeout: Duration },
+    Timeout {
+        /// Requests in flight when the bound passed.
+        in_flight: u16,
+        /// The bound: no completion for this long.
+        timeout: Duration,
+    },
     /// The back-end closed its vhost-user socket (it exited or dropped the connection)
     /// while requests were in flight.
     #[error("the back-end closed the connection ({in_flight} request(s) in flight)")]
-    Disconnected { in_flight: u16 },
+    Disconnected {
+        /// Requests in flight when it closed.
+        in_flight: u16,
+    },
     /// The interrupt hook asked to stop (requests may still be in flight: the next run
     /// refuses to start).
     #[error("the run was interrupted")]

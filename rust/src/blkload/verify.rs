@@ -12,6 +12,7 @@ pub struct VerifiedReport {
     pub timed: Report,
     /// The sequential read-back of the whole region.
     pub check: Report,
+    /// The generation the region was filled with.
     pub generation: u32,
     /// Distinct sectors the timed job wrote (they now hold `generation + 1`).
     pub written_sectors: u64,

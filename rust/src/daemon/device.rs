@@ -11,22 +11,31 @@ use super::link::FrontendLink;
 /// virtio transport features every daemon device gets unless it masks them out
 /// ([`VirtioDevice::transport_features`]).
 pub mod transport {
+    /// VIRTIO_F_INDIRECT_DESC: indirect descriptor tables.
     pub const INDIRECT_DESC: u64 = 1 << 28;
+    /// VIRTIO_RING_F_EVENT_IDX: notification suppression by index.
     pub const EVENT_IDX: u64 = 1 << 29;
+    /// VIRTIO_F_VERSION_1: a modern (non-legacy) device.
     pub const VERSION_1: u64 = 1 << 32;
+    /// VIRTIO_F_RING_PACKED: the packed ring format.
     pub const RING_PACKED: u64 = 1 << 34;
+    /// What a device offers unless it masks some out: all four, the daemon's rings handle each.
     pub const DEFAULT: u64 = INDIRECT_DESC | EVENT_IDX | VERSION_1 | RING_PACKED;
 }
 
 /// Why a device could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// The device does not implement this request (named).
     #[error("{0} is not supported by this device")]
     Unsupported(&'static str),
+    /// The request's arguments are wrong for this device (what and why, in words).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A queue refused the ring (corrupt, full or broken).
     #[error(transparent)]
     Queue(#[from] VringError),
+    /// The device's backing I/O failed.
     #[error(transparent)]
     Io(#[from] io::Error),
     /// A write could not be marked in the migration dirty log (it does not cover the
@@ -46,7 +55,9 @@ pub enum DeviceError {
 pub trait VirtioDevice: Send + Sync {
     /// virtio device id (2 = block, 4 = entropy source, ...).
     fn device_type(&self) -> u32;
+    /// How many queues the device has; the front-end may not use more.
     fn num_queues(&self) -> u16;
+    /// The largest queue size the device takes (1024 unless the device says otherwise).
     fn max_queue_size(&self) -> u16 {
         1024
     }
@@ -73,6 +84,7 @@ pub trait VirtioDevice: Send + Sync {
     }
     /// The whole device configuration space.
     fn config(&self) -> Vec<u8>;
+    /// SET_CONFIG at `offset`: refused unless the device has writable config fields.
     fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
         let _ = (offset, data);
         Err(DeviceError::Unsupported("SET_CONFIG"))

@@ -53,24 +53,35 @@ impl std::fmt::Display for SessionEnd {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DaemonEvent {
     /// A front-end connected and is being served.
-    SessionStarted { session: u64 },
+    SessionStarted {
+        /// Which session, so events of one front-end can be told from the next one's.
+        session: u64,
+    },
     /// A request was refused (a NACK, or a failure status); the session goes on.
     Refused {
+        /// Which session.
         session: u64,
+        /// The request's name (`"SET_VRING_ADDR"`).
         request: &'static str,
+        /// Why, in words.
         reason: String,
         /// What the front-end's user probably has to change, when the daemon can tell.
         hint: Option<&'static str>,
     },
     /// A queue stopped on a corrupt ring or a failing device; the session goes on.
     QueueFailed {
+        /// Which session.
         session: u64,
+        /// The queue's index.
         queue: u16,
+        /// Why, in words.
         reason: String,
     },
     /// The session is over; its workers, fds and mappings are released.
     SessionEnded {
+        /// Which session.
         session: u64,
+        /// How it ended.
         end: SessionEnd,
         /// As for [`DaemonEvent::Refused`], when the request that ended it tells.
         hint: Option<&'static str>,

@@ -20,17 +20,26 @@ use super::queue::lock;
 pub enum LinkError {
     /// No front-end is being served right now.
     #[error("{request}: no front-end is connected")]
-    NoFrontend { request: &'static str },
+    NoFrontend {
+        /// The request that needed a front-end.
+        request: &'static str,
+    },
     /// A front-end is connected but gave no back-end channel: it did not ack
     /// `BACKEND_REQ` or never sent `SET_BACKEND_REQ_FD`.
     #[error(
         "{request}: the front-end did not set up the back-end channel \
          (BACKEND_REQ was not negotiated, or no SET_BACKEND_REQ_FD)"
     )]
-    NoChannel { request: &'static str },
+    NoChannel {
+        /// The request that needed the channel.
+        request: &'static str,
+    },
     /// The front-end answered a lookup with success but sent no fd with it.
     #[error("{request}: the front-end found the object but sent no fd")]
-    NoFd { request: &'static str },
+    NoFd {
+        /// The request whose reply lacked the fd.
+        request: &'static str,
+    },
     /// The request itself failed on the channel: a protocol feature the front-end did not
     /// ack (`InactiveFeature`), a refusal, a timeout, a broken channel.
     #[error(transparent)]
@@ -54,6 +63,7 @@ pub struct FrontendLink {
 }
 
 impl FrontendLink {
+    /// A link with no front-end: the daemon fills it when a session starts.
     pub fn new() -> Self {
         Self::default()
     }

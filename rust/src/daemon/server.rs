@@ -33,8 +33,11 @@ fn latched(stop: &EventFd) -> bool {
 /// Counters a supervisor (or a test) reads while the daemon runs.
 #[derive(Debug, Default)]
 pub struct DaemonStats {
+    /// Front-ends accepted since the daemon started.
     pub sessions_started: AtomicU64,
+    /// Sessions over, for whatever reason.
     pub sessions_ended: AtomicU64,
+    /// True while a front-end is being served.
     pub active: AtomicBool,
     last_error: Mutex<Option<String>>,
     completed: Mutex<Vec<Arc<AtomicU64>>>,
@@ -88,6 +91,7 @@ impl std::fmt::Debug for Daemon {
 pub struct Stopper(Arc<EventFd>);
 
 impl Stopper {
+    /// Asks the daemon to stop; safe from any thread, and again after it stopped.
     pub fn stop(&self) {
         // The latch is never read: once written it stays readable for every poller.
         let _ = self.0.write(1);
@@ -95,6 +99,7 @@ impl Stopper {
 }
 
 impl Daemon {
+    /// A daemon for `device`; it serves nothing until [`serve`](Self::serve) is called.
     pub fn new(device: Arc<dyn VirtioDevice>) -> std::io::Result<Self> {
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
@@ -168,18 +173,22 @@ impl Daemon {
         &self.link
     }
 
+    /// A handle another thread keeps to stop the daemon.
     pub fn stopper(&self) -> Stopper {
         Stopper(self.stop.clone())
     }
 
+    /// The counters, shared with the running daemon.
     pub fn stats(&self) -> Arc<DaemonStats> {
         self.stats.clone()
     }
 
+    /// The device it serves, for the caller that built it through a trait object.
     pub fn device(&self) -> &Arc<dyn VirtioDevice> {
         &self.device
     }
 
+    /// True once a [`Stopper`] asked the daemon to stop.
     pub fn is_stopped(&self) -> bool {
         latched(&self.stop)
     }

@@ -20,7 +20,10 @@ use crate::memory::GuestMemory;
 use crate::sys::memfd_create;
 use crate::vring::{DescriptorChain, Segment};
 
+/// Bytes in a sector: the unit of request offsets and of the capacity field, whatever the
+/// image's block size.
 pub const SECTOR: u64 = 512;
+/// virtio device id of a block device.
 pub const DEVICE_ID: u32 = 2;
 
 /// Request types (virtio 1.2, 5.2.6).
@@ -42,12 +45,19 @@ mod status {
 
 /// Feature bits.
 pub mod feature {
+    /// VIRTIO_BLK_F_SEG_MAX: the config's `seg_max` is valid.
     pub const SEG_MAX: u64 = 1 << 2;
+    /// VIRTIO_BLK_F_RO: the disk is read-only.
     pub const RO: u64 = 1 << 5;
+    /// VIRTIO_BLK_F_BLK_SIZE: the config's `blk_size` is valid.
     pub const BLK_SIZE: u64 = 1 << 6;
+    /// VIRTIO_BLK_F_FLUSH: the FLUSH request is honoured.
     pub const FLUSH: u64 = 1 << 9;
+    /// VIRTIO_BLK_F_MQ: the config's `num_queues` is valid.
     pub const MQ: u64 = 1 << 12;
+    /// VIRTIO_BLK_F_DISCARD: the DISCARD request is honoured.
     pub const DISCARD: u64 = 1 << 13;
+    /// VIRTIO_BLK_F_WRITE_ZEROES: the WRITE_ZEROES request is honoured.
     pub const WRITE_ZEROES: u64 = 1 << 14;
 }
 
@@ -63,8 +73,11 @@ const MAX_DISCARD_SEGS: u32 = 16;
 /// How the device presents itself.
 #[derive(Clone, Debug)]
 pub struct BlkConfig {
+    /// Request queues offered (the config's `num_queues`).
     pub num_queues: u16,
+    /// The largest queue size the front-end may set.
     pub queue_size: u16,
+    /// Refuse writes and offer VIRTIO_BLK_F_RO.
     pub readonly: bool,
     /// The serial number GET_ID returns (at most 20 bytes).
     pub serial: String,
@@ -81,6 +94,8 @@ impl Default for BlkConfig {
     }
 }
 
+/// The native virtio-blk device over a raw image: what `serve blk` runs, with no Python on the
+/// request path.
 #[derive(Debug)]
 pub struct BlkDevice {
     image: File,
@@ -99,7 +114,9 @@ pub struct BlkDevice {
 /// What [`BlkDevice::resize`] did, in 512-byte sectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resized {
+    /// Capacity before.
     pub old: u64,
+    /// Capacity after.
     pub new: u64,
     /// Whether the front-end being served was told (CONFIG_CHANGE_MSG) and took it; when
     /// `old == new` nothing is sent and this is false.
@@ -115,7 +132,12 @@ pub enum ResizeError {
         "the new size ({new} sectors) is smaller than the disk ({old} sectors); \
          a disk is only grown, never shrunk under a guest"
     )]
-    Shrink { old: u64, new: u64 },
+    Shrink {
+        /// Capacity now.
+        old: u64,
+        /// The smaller capacity asked for.
+        new: u64,
+    },
     /// An explicit size that is not whole sectors.
     #[error("{0} bytes is not a multiple of 512")]
     Unaligned(u64),
@@ -124,7 +146,12 @@ pub enum ResizeError {
     ReadOnly(u64),
     /// Growing the file to an explicit size needs a writable regular file (or a RAM disk).
     #[error("cannot grow the image file to {bytes} bytes: {source}")]
-    Grow { bytes: u64, source: io::Error },
+    Grow {
+        /// The size asked for.
+        bytes: u64,
+        /// Why the file could not grow.
+        source: io::Error,
+    },
     /// The image's size could not be read.
     #[error("cannot read the image's size: {0}")]
     Size(io::Error),
@@ -132,8 +159,11 @@ pub enum ResizeError {
     /// only once it reads the config space again (a device reset, a new session).
     #[error("resized from {old} to {new} sectors, but the front-end was not told: {source}")]
     Notify {
+        /// Capacity before.
         old: u64,
+        /// Capacity after (in effect for requests already).
         new: u64,
+        /// Why the front-end could not be told.
         source: LinkError,
     },
 }
@@ -252,6 +282,7 @@ impl BlkDevice {
             .map_err(|source| ResizeError::Grow { bytes, source })
     }
 
+    /// The image file requests are served from.
     pub fn image(&self) -> &File {
         &self.image
     }

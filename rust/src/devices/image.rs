@@ -58,7 +58,12 @@ const PYVHOST_BYTE: u64 = 0x7076_6800;
 pub enum ImageError {
     /// The file could not be opened (or sized).
     #[error("open image {}: {source}", path.display())]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The path given.
+        path: PathBuf,
+        /// The error from open or fstat.
+        source: io::Error,
+    },
     /// The file starts with the signature of an image format other than raw.
     #[error(
         "open image {}: a {format} image, not a raw disk; only raw images are served \
@@ -66,13 +71,23 @@ pub enum ImageError {
         path.display(),
         path.display()
     )]
-    Format { path: PathBuf, format: &'static str },
+    Format {
+        /// The path given.
+        path: PathBuf,
+        /// The format its signature names (qcow2, vmdk, ...).
+        format: &'static str,
+    },
     /// Neither a regular file nor a block device.
     #[error(
         "open image {}: {kind}, not a regular file or a block device",
         path.display()
     )]
-    NotADisk { path: PathBuf, kind: &'static str },
+    NotADisk {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead (a directory, a FIFO, ...).
+        kind: &'static str,
+    },
     /// A zero-byte file.
     #[error(
         "open image {}: the file is empty; a disk needs at least one 512-byte sector \
@@ -80,7 +95,10 @@ pub enum ImageError {
         path.display(),
         path.display()
     )]
-    Empty { path: PathBuf },
+    Empty {
+        /// The path given.
+        path: PathBuf,
+    },
     /// A size that is not whole sectors.
     #[error(
         "open image {}: {size} bytes is not a multiple of the 512-byte sector \
@@ -88,10 +106,16 @@ pub enum ImageError {
         path.display(),
         path.display()
     )]
-    Size { path: PathBuf, size: u64 },
+    Size {
+        /// The path given.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// Another program holds the image in a way ours conflicts with.
     #[error("lock image {}: in use by {holder}, which {what}", path.display())]
     Locked {
+        /// The path given.
         path: PathBuf,
         /// Who holds it: "qemu-storage-daemon (pid 1234)", "pyvhost (pid 99)", ...
         holder: String,
@@ -101,10 +125,14 @@ pub enum ImageError {
     },
     /// Force-share is for readers only (QEMU refuses it on a writable node too).
     #[error("open image {}: force-share needs a read-only image", path.display())]
-    ForceShareWritable { path: PathBuf },
+    ForceShareWritable {
+        /// The path given.
+        path: PathBuf,
+    },
 }
 
 impl ImageError {
+    /// The path every variant names, for a caller that reports it apart from the reason.
     pub fn path(&self) -> &Path {
         match self {
             ImageError::Open { path, .. }
@@ -186,10 +214,12 @@ impl Image {
         self.size
     }
 
+    /// The open image, for reads and writes.
     pub fn file(&self) -> &File {
         &self.file
     }
 
+    /// The open image, owned: the device keeps it (and its lock) for its lifetime.
     pub fn into_file(self) -> File {
         self.file
     }

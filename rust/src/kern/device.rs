@@ -151,22 +151,28 @@ impl VhostDevice {
 
     // ---- features and ownership ---------------------------------------------------------
 
+    /// `VHOST_GET_FEATURES`: the virtio features the kernel device offers.
     pub fn get_features(&self) -> Result<u64> {
         self.get_u64("VHOST_GET_FEATURES", abi::VHOST_GET_FEATURES)
     }
 
+    /// `VHOST_SET_FEATURES`: the subset acked, before the rings are set up.
     pub fn set_features(&self, features: u64) -> Result<()> {
         self.set_u64("VHOST_SET_FEATURES", abi::VHOST_SET_FEATURES, features)
     }
 
+    /// `VHOST_SET_OWNER`: binds the device to this process (its memory and its worker thread);
+    /// the memory and ring ioctls need it first.
     pub fn set_owner(&self) -> Result<()> {
         self.ioctl_none("VHOST_SET_OWNER", abi::VHOST_SET_OWNER)
     }
 
+    /// `VHOST_RESET_OWNER`: releases the device so another owner (or this one, afresh) can take it.
     pub fn reset_owner(&self) -> Result<()> {
         self.ioctl_none("VHOST_RESET_OWNER", abi::VHOST_RESET_OWNER)
     }
 
+    /// `VHOST_GET_BACKEND_FEATURES`: vhost's own features (IOTLB message v2, batching, ...).
     pub fn get_backend_features(&self) -> Result<u64> {
         self.get_u64(
             "VHOST_GET_BACKEND_FEATURES",
@@ -174,6 +180,7 @@ impl VhostDevice {
         )
     }
 
+    /// `VHOST_SET_BACKEND_FEATURES`: the subset of those to use.
     pub fn set_backend_features(&self, features: u64) -> Result<()> {
         self.set_u64(
             "VHOST_SET_BACKEND_FEATURES",
@@ -226,6 +233,7 @@ impl VhostDevice {
 
     // ---- virtqueues ----------------------------------------------------------------------
 
+    /// `VHOST_SET_VRING_NUM`: the queue's size.
     pub fn set_vring_num(&self, index: u32, num: u32) -> Result<()> {
         self.state("VHOST_SET_VRING_NUM", abi::VHOST_SET_VRING_NUM, index, num)
             .map(drop)
@@ -249,6 +257,7 @@ impl VhostDevice {
             .map(drop)
     }
 
+    /// `VHOST_SET_VRING_BASE`: where the device resumes the ring (next avail index).
     pub fn set_vring_base(&self, index: u32, base: u32) -> Result<()> {
         self.state(
             "VHOST_SET_VRING_BASE",
@@ -259,6 +268,8 @@ impl VhostDevice {
         .map(drop)
     }
 
+    /// `VHOST_GET_VRING_BASE`: the device's next avail index; stop the device first for a
+    /// value that stays true (migration, reconnect).
     pub fn get_vring_base(&self, index: u32) -> Result<u32> {
         self.state("VHOST_GET_VRING_BASE", abi::VHOST_GET_VRING_BASE, index, 0)
     }
@@ -271,30 +282,38 @@ impl VhostDevice {
             .map(drop)
     }
 
+    /// `VHOST_GET_VRING_ENDIAN`: whether a legacy ring is big-endian (kernels built with
+    /// cross-endian support only).
     pub fn get_vring_endian(&self, index: u32) -> Result<bool> {
         let op = "VHOST_GET_VRING_ENDIAN";
         Ok(self.state(op, abi::VHOST_GET_VRING_ENDIAN, index, 0)? != 0)
     }
 
+    /// `VHOST_SET_VRING_BUSYLOOP_TIMEOUT`: how long the worker polls before sleeping.
     pub fn set_vring_busyloop_timeout(&self, index: u32, usecs: u32) -> Result<()> {
         let op = "VHOST_SET_VRING_BUSYLOOP_TIMEOUT";
         self.state(op, abi::VHOST_SET_VRING_BUSYLOOP_TIMEOUT, index, usecs)
             .map(drop)
     }
 
+    /// `VHOST_GET_VRING_BUSYLOOP_TIMEOUT`: the current busy-poll bound, in microseconds.
     pub fn get_vring_busyloop_timeout(&self, index: u32) -> Result<u32> {
         let op = "VHOST_GET_VRING_BUSYLOOP_TIMEOUT";
         self.state(op, abi::VHOST_GET_VRING_BUSYLOOP_TIMEOUT, index, 0)
     }
 
+    /// `VHOST_SET_VRING_KICK`: the eventfd the driver signals; `None` detaches it.
     pub fn set_vring_kick(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.file("VHOST_SET_VRING_KICK", abi::VHOST_SET_VRING_KICK, index, fd)
     }
 
+    /// `VHOST_SET_VRING_CALL`: the eventfd the device signals on used buffers; `None` detaches it.
     pub fn set_vring_call(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.file("VHOST_SET_VRING_CALL", abi::VHOST_SET_VRING_CALL, index, fd)
     }
 
+    /// `VHOST_SET_VRING_ERR`: the eventfd the device signals when the ring is broken; `None`
+    /// detaches it.
     pub fn set_vring_err(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.file("VHOST_SET_VRING_ERR", abi::VHOST_SET_VRING_ERR, index, fd)
     }

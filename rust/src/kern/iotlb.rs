@@ -14,15 +14,22 @@ pub const MSG_SIZE: usize = std::mem::size_of::<MsgV2>();
 /// `VHOST_ACCESS_*` values of `linux/vhost_types.h`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IotlbMessage {
+    /// I/O virtual address: what the device uses.
     pub iova: u64,
+    /// Length of the range in bytes.
     pub size: u64,
+    /// Address in this process the range maps to (updates only).
     pub uaddr: u64,
+    /// `VHOST_ACCESS_*`: what the device may do there (updates only).
     pub perm: u8,
+    /// `VHOST_IOTLB_*`: update, invalidate, miss or the batch markers.
     pub kind: u8,
+    /// Address space id (vDPA with `VHOST_BACKEND_F_IOTLB_ASID`; 0 otherwise).
     pub asid: u32,
 }
 
 impl IotlbMessage {
+    /// An update: map `size` bytes at `iova` to `uaddr` with `perm`.
     pub fn update(iova: u64, size: u64, uaddr: u64, perm: u8, asid: u32) -> Self {
         IotlbMessage {
             iova,
@@ -34,6 +41,7 @@ impl IotlbMessage {
         }
     }
 
+    /// An invalidation: unmap `size` bytes at `iova`.
     pub fn invalidate(iova: u64, size: u64, asid: u32) -> Self {
         IotlbMessage {
             iova,

@@ -42,16 +42,25 @@ pub enum DirtyLogError {
     ZeroSize,
     /// `mmap_offset + mmap_size` does not fit in u64 (ADVERSARIAL C9, CVE-2020-10722 class).
     #[error("dirty log mmap_offset {offset:#x} + mmap_size {size:#x} overflows")]
-    Overflow { offset: u64, size: u64 },
+    Overflow {
+        /// The log's offset in its fd.
+        offset: u64,
+        /// The log's size in bytes.
+        size: u64,
+    },
     /// The log has fewer bits than guest memory has pages (ADVERSARIAL C9, K2).
     #[error(
         "dirty log of {size:#x} bytes covers guest addresses below {covers:#x}, but guest \
          memory ends at {guest_end:#x} ({needed:#x} bytes needed)"
     )]
     TooSmall {
+        /// The log's size in bytes.
         size: u64,
+        /// Bytes the log needs to cover all of guest memory.
         needed: u64,
+        /// The end of what the log covers (one bit per 4 KiB page).
         covers: u64,
+        /// The end of guest memory.
         guest_end: u64,
     },
     /// The backing file is smaller than the log it should hold: touching the tail would
@@ -61,8 +70,11 @@ pub enum DirtyLogError {
          mmap_size {size:#x}"
     )]
     FileTooSmall {
+        /// The log's offset in its fd.
         offset: u64,
+        /// The log's size in bytes.
         size: u64,
+        /// The file's size.
         file_size: u64,
     },
     /// Sealed memory is required and the log's fd lacks `F_SEAL_SHRINK` (ADVERSARIAL J8).
@@ -82,13 +94,22 @@ pub enum DirtyLogError {
         "write of {len:#x} bytes at guest address {gpa:#x} is past the end of the dirty log \
          (it covers guest addresses below {covers:#x})"
     )]
-    OutOfRange { gpa: u64, len: u64, covers: u64 },
+    OutOfRange {
+        /// The first guest address written.
+        gpa: u64,
+        /// Bytes written.
+        len: u64,
+        /// The end of what the log covers.
+        covers: u64,
+    },
 }
 
 /// A run of dirty pages, `[start, end)` in guest-physical addresses (page aligned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DirtyRange {
+    /// First dirty byte's page (inclusive).
     pub start: u64,
+    /// End of the last dirty page (exclusive).
     pub end: u64,
 }
 

@@ -66,6 +66,8 @@ impl GuestMemory {
         Self::new(regions)
     }
 
+    /// A new table with `region` added, checked like a fresh one (no overlap, slot limit):
+    /// VHOST_USER_ADD_MEM_REG builds the next table from the current one.
     pub fn with_region(&self, region: Arc<GuestRegion>) -> Result<Self, MemoryError> {
         let mut regions = self.regions.clone();
         regions.push(region);
@@ -95,10 +97,12 @@ impl GuestMemory {
         Ok((Self { regions }, removed))
     }
 
+    /// The regions, sorted by guest-physical address.
     pub fn regions(&self) -> &[Arc<GuestRegion>] {
         &self.regions
     }
 
+    /// True before the front-end has sent any memory table.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
     }
@@ -127,6 +131,8 @@ impl GuestMemory {
         Self::pointer_into(region, offset, len).ok_or_else(out)
     }
 
+    /// Translates a front-end user address (how vhost-user names ring addresses) to a
+    /// guest-physical one.
     pub fn user_to_gpa(&self, uaddr: u64) -> Result<u64, MemoryError> {
         let region = self.find_user(uaddr).ok_or(MemoryError::OutOfRange {
             addr: uaddr,

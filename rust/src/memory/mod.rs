@@ -35,6 +35,8 @@ impl std::fmt::Display for AddressSpace {
     }
 }
 
+/// Everything the memory layer refuses. Each error comes from a region table, an fd or an
+/// address the peer sent, so the variants name the address space and values it got wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// A region of size 0 (it would alias its neighbour's start address).
@@ -43,25 +45,39 @@ pub enum MemoryError {
     /// start + size does not fit in u64 (CVE-2020-10722 class).
     #[error("{space} {start:#x} + size {size:#x} overflows")]
     Overflow {
+        /// Which address space overflowed.
         space: AddressSpace,
+        /// The region's start in that space.
         start: u64,
+        /// The region's size.
         size: u64,
     },
     /// Two regions share addresses, which would make translation ambiguous.
     #[error("regions overlap in {space}: {first:#x} and {second:#x}")]
     Overlap {
+        /// Which address space the overlap is in.
         space: AddressSpace,
+        /// Start of one of the two regions.
         first: u64,
+        /// Start of the other.
         second: u64,
     },
     /// [addr, addr+len) is not inside one region (or, for copies, not fully backed).
     #[error("address range {addr:#x}+{len:#x} is not backed by guest memory")]
-    OutOfRange { addr: u64, len: u64 },
+    OutOfRange {
+        /// The first address of the access.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// The backing file is smaller than the region claims: touching the tail would SIGBUS.
     #[error("file of {file_size:#x} bytes is too small for offset {offset:#x} + size {size:#x}")]
     FileTooSmall {
+        /// The region's offset in the fd.
         offset: u64,
+        /// The region's size.
         size: u64,
+        /// The file's size.
         file_size: u64,
     },
     /// The fd of a region is not sealed against shrinking, and sealed memory is required:
@@ -70,17 +86,24 @@ pub enum MemoryError {
         "memory fd is not sealed against shrinking (F_SEAL_SHRINK) and sealed memory is required"
     )]
     Unsealed,
+    /// More regions than the table can hold (the protocol's slot count or the caller's cap).
     #[error("too many memory regions (maximum {max})")]
-    TooManyRegions { max: usize },
+    TooManyRegions {
+        /// The most regions the protocol or the caller allows.
+        max: usize,
+    },
     /// A removal named a region that is not there exactly (absent or only partly matching).
     #[error("no region at {guest_phys_addr:#x} with size {memory_size:#x}")]
     NoSuchRegion {
+        /// The start the removal named.
         guest_phys_addr: u64,
+        /// The size the removal named.
         memory_size: u64,
     },
     /// mmap refused the fd: e.g. ENODEV for an eventfd or socket, EACCES for a read-only fd.
     #[error("cannot map region: {0}")]
     Map(io::Error),
+    /// A system call on a region's fd failed (fstat, seals).
     #[error(transparent)]
     Io(#[from] io::Error),
 }

@@ -10,9 +10,14 @@ use crate::sys::{memfd_create, Mapping};
 /// A region as the vhost-user protocol describes it (`VhostUserMemoryRegion`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RegionInfo {
+    /// Where the region starts for the guest: what ring and buffer addresses use.
     pub guest_phys_addr: u64,
+    /// Its size in bytes.
     pub memory_size: u64,
+    /// Where the front-end mapped it: what vhost-user ring addresses use
+    /// (VHOST_USER_SET_VRING_ADDR).
     pub userspace_addr: u64,
+    /// Where the region starts in its fd.
     pub mmap_offset: u64,
 }
 
@@ -123,10 +128,12 @@ impl GuestRegion {
         Ok(Self { info, fd, mapping })
     }
 
+    /// The region as the front-end described it.
     pub fn info(&self) -> RegionInfo {
         self.info
     }
 
+    /// The fd the region is mapped from, to pass on (a kernel or vDPA device, SCM_RIGHTS).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -136,6 +143,7 @@ impl GuestRegion {
         self.mapping.as_ptr()
     }
 
+    /// Its size in bytes.
     pub fn len(&self) -> u64 {
         self.info.memory_size
     }

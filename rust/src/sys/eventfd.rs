@@ -16,6 +16,7 @@ pub struct EventFd {
 }
 
 impl EventFd {
+    /// A close-on-exec eventfd starting at 0; `nonblock` for one polled in an event loop.
     pub fn new(nonblock: bool) -> io::Result<Self> {
         let mut flags = libc::EFD_CLOEXEC;
         if nonblock {

@@ -137,6 +137,7 @@ impl Mapping {
         self.base.wrapping_add(self.delta)
     }
 
+    /// Bytes usable from [`as_ptr`](Self::as_ptr).
     pub fn len(&self) -> usize {
         self.len
     }

@@ -22,7 +22,9 @@ use super::{cvt, cvt_size, retry_eintr};
 /// Which way a stream end is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Way {
+    /// The end is read until end of file.
     Read,
+    /// The end is written until everything is out.
     Write,
 }
 
@@ -50,6 +52,7 @@ pub enum StreamError {
     /// The reading end was closed before everything was written.
     #[error("the reading end was closed after {0} bytes")]
     ReaderGone(usize),
+    /// A read, write, poll or fcntl on the stream failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -178,8 +181,8 @@ pub fn read_to_end(fd: BorrowedFd<'_>, bounds: Bounds<'_>) -> Result<Vec<u8>, St
     let mut out = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: `chunk` is a writable buffer of `chunk.len()` bytes; `fd` is open.
         let n = retry_eintr(|| {
+            // SAFETY: `chunk` is a writable buffer of `chunk.len()` bytes; `fd` is open.
             cvt_size(unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) })
         });
         match n {
@@ -219,8 +222,8 @@ pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], bounds: Bounds<'_>) -> Result<
 /// One write that reports a missing reader as `EPIPE` and never raises `SIGPIPE`.
 fn write_nosignal(fd: BorrowedFd<'_>, buf: &[u8], socket: bool) -> io::Result<usize> {
     if socket {
-        // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
         return retry_eintr(|| {
+            // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
             cvt_size(unsafe {
                 libc::send(
                     fd.as_raw_fd(),

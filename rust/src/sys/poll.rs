@@ -4,7 +4,7 @@
 //! the front-end replaces a kick fd.
 //!
 //! Every wait here goes in slices when an interrupt check is installed (see
-//! [`interrupt`](super::interrupt)), so Ctrl-C is seen within one slice.
+//! [`super::interrupt`]), so Ctrl-C is seen within one slice.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

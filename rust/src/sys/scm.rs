@@ -97,7 +97,9 @@ pub fn send_plain(sock: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
 /// One received message: `len` data bytes and the fds that came with them.
 #[derive(Debug)]
 pub struct Received {
+    /// Data bytes received into the caller's buffer; 0 means end of file.
     pub len: usize,
+    /// The fds that came with them, already close-on-exec and owned.
     pub fds: Vec<OwnedFd>,
 }
 

@@ -22,9 +22,13 @@ use super::{cvt, interrupt};
 /// path longer than a socket address holds) and the reason in words.
 #[derive(Debug)]
 pub struct PathError {
+    /// What was tried, in words (`"connect to"`, `"bind"`).
     pub op: &'static str,
+    /// The socket path.
     pub path: PathBuf,
+    /// The errno, so callers can tell a missing peer from a timeout.
     pub errno: i32,
+    /// The reason in words (strerror or our own).
     pub reason: String,
 }
 

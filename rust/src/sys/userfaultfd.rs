@@ -53,8 +53,11 @@ const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UffdioApi {
+    /// UFFD_API: the ABI version asked for.
     pub api: u64,
+    /// Features asked for; the kernel writes back those it has.
     pub features: u64,
+    /// Written by the kernel: the ioctls the fd supports.
     pub ioctls: u64,
 }
 
@@ -62,7 +65,9 @@ pub struct UffdioApi {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UffdioRange {
+    /// Start of the range (page aligned).
     pub start: u64,
+    /// Length in bytes (a multiple of the page size).
     pub len: u64,
 }
 
@@ -70,8 +75,11 @@ pub struct UffdioRange {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UffdioRegister {
+    /// The range to watch for missing-page faults.
     pub range: UffdioRange,
+    /// UFFDIO_REGISTER_MODE_* bits.
     pub mode: u64,
+    /// Written by the kernel: the ioctls the range supports.
     pub ioctls: u64,
 }
 
@@ -79,10 +87,15 @@ pub struct UffdioRegister {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UffdioCopy {
+    /// Address in the registered range to fill.
     pub dst: u64,
+    /// Address in this process to copy from.
     pub src: u64,
+    /// Bytes to copy.
     pub len: u64,
+    /// UFFDIO_COPY_MODE_* bits (0 wakes the faulting thread).
     pub mode: u64,
+    /// Written by the kernel: bytes copied, or a negative errno.
     pub copy: i64,
 }
 
@@ -90,8 +103,11 @@ pub struct UffdioCopy {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UffdioZeropage {
+    /// The range to fill with zeroes.
     pub range: UffdioRange,
+    /// UFFDIO_ZEROPAGE_MODE_* bits.
     pub mode: u64,
+    /// Written by the kernel: bytes zeroed, or a negative errno.
     pub zeropage: i64,
 }
 
@@ -121,7 +137,9 @@ pub const USERFAULTFD_IOC_NEW: u64 = 0xaa00;
 /// whether the access was a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultEvent {
+    /// The faulting address (not page aligned).
     pub address: u64,
+    /// Whether the access was a write (UFFD_PAGEFAULT_FLAG_WRITE).
     pub write: bool,
 }
 

@@ -45,19 +45,25 @@ pub trait BackendHandler {
         MAX_QUEUE_SIZE
     }
 
+    /// GET_FEATURES: the virtio and vhost-user features offered (required: there is no default).
     fn get_features(&mut self) -> Result<u64>;
+    /// SET_FEATURES: the subset the front-end acked (already checked to be offered).
     fn set_features(&mut self, features: u64) -> Result<()> {
         Ok(())
     }
+    /// GET_PROTOCOL_FEATURES: the protocol features offered, if PROTOCOL_FEATURES is.
     fn get_protocol_features(&mut self) -> Result<u64> {
         Err(Error::NotSupported("GET_PROTOCOL_FEATURES"))
     }
+    /// SET_PROTOCOL_FEATURES: the subset acked.
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         Ok(())
     }
+    /// SET_OWNER: a new session begins.
     fn set_owner(&mut self) -> Result<()> {
         Ok(())
     }
+    /// RESET_OWNER: deprecated; accepted and ignored by default.
     fn reset_owner(&mut self) -> Result<()> {
         Ok(())
     }
@@ -65,88 +71,118 @@ pub trait BackendHandler {
     fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
         Ok(())
     }
+    /// ADD_MEM_REG: `mem` is the new snapshot, `region` the one added.
     fn add_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> Result<()> {
         Ok(())
     }
+    /// REM_MEM_REG: `mem` is the new snapshot, `region` the one removed.
     fn remove_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> Result<()> {
         Ok(())
     }
+    /// GET_MAX_MEM_SLOTS: how many regions the device can map (CONFIGURE_MEM_SLOTS).
     fn get_max_mem_slots(&mut self) -> Result<u64> {
         Err(Error::NotSupported("GET_MAX_MEM_SLOTS"))
     }
+    /// SET_LOG_BASE: the dirty log to mark from now on (`log` says where in `fd`).
     fn set_log_base(&mut self, log: &LogDesc, fd: OwnedFd) -> Result<()> {
         Err(Error::NotSupported("SET_LOG_BASE"))
     }
+    /// SET_LOG_FD: the dirty log's eventfd.
     fn set_log_fd(&mut self, fd: OwnedFd) -> Result<()> {
         Err(Error::NotSupported("SET_LOG_FD"))
     }
+    /// SET_VRING_NUM: queue `index`'s size (already checked against `max_queue_size`).
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_ADDR: the ring's addresses, in the front-end's address space.
     fn set_vring_addr(&mut self, addrs: &VringAddrs) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_BASE: where queue `index` resumes.
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
         Ok(())
     }
+    /// GET_VRING_BASE: stops queue `index` and returns where it stopped (required: a device
+    /// must be able to say so for reconnect and migration).
     fn get_vring_base(&mut self, index: u32) -> Result<u32>;
+    /// SET_VRING_KICK: the eventfd the driver signals; `None` for polling mode (NOFD).
     fn set_vring_kick(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_CALL: the eventfd to signal on used buffers; `None` for in-band calls.
     fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_ERR: the eventfd to signal on a broken ring.
     fn set_vring_err(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_ENABLE: start or stop processing queue `index`.
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
         Ok(())
     }
+    /// SET_VRING_ENDIAN: the byte order of a legacy ring.
     fn set_vring_endian(&mut self, index: u32, big_endian: bool) -> Result<()> {
         Err(Error::NotSupported("SET_VRING_ENDIAN"))
     }
+    /// VRING_KICK: the in-band kick of queue `index` (INBAND_NOTIFICATIONS).
     fn vring_kick(&mut self, index: u32) -> Result<()> {
         Err(Error::NotSupported("VRING_KICK"))
     }
+    /// GET_QUEUE_NUM: the queues the device has (`max_queues` by default).
     fn get_queue_num(&mut self) -> Result<u64> {
         Ok(u64::from(self.max_queues()))
     }
+    /// GET_CONFIG: `size` bytes of config space at `offset` (CONFIG protocol feature).
     fn get_config(&mut self, offset: u32, size: u32, flags: u32) -> Result<Vec<u8>> {
         Err(Error::NotSupported("GET_CONFIG"))
     }
+    /// SET_CONFIG: writes `data` at `offset` of config space.
     fn set_config(&mut self, offset: u32, data: &[u8], flags: u32) -> Result<()> {
         Err(Error::NotSupported("SET_CONFIG"))
     }
+    /// SET_BACKEND_REQ_FD: the channel for requests to the front-end (BACKEND_REQ).
     fn set_backend_channel(&mut self, channel: Arc<BackendChannel>) -> Result<()> {
         Ok(())
     }
+    /// GET_INFLIGHT_FD: an inflight area of the size `desc` asks, and its fd.
     fn get_inflight_fd(&mut self, desc: &InflightDesc) -> Result<(InflightDesc, OwnedFd)> {
         Err(Error::NotSupported("GET_INFLIGHT_FD"))
     }
+    /// SET_INFLIGHT_FD: the inflight area of the previous connection, to resubmit from.
     fn set_inflight_fd(&mut self, desc: &InflightDesc, fd: OwnedFd) -> Result<()> {
         Err(Error::NotSupported("SET_INFLIGHT_FD"))
     }
+    /// SEND_RARP: announce `mac` after a migration (net devices).
     fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
         Err(Error::NotSupported("SEND_RARP"))
     }
+    /// NET_SET_MTU: the MTU the guest driver set (net devices).
     fn net_set_mtu(&mut self, mtu: u64) -> Result<()> {
         Err(Error::NotSupported("NET_SET_MTU"))
     }
+    /// IOTLB_MSG: a translation update or invalidation (IOMMU platform feature).
     fn iotlb_msg(&mut self, msg: &IotlbPayload) -> Result<()> {
         Err(Error::NotSupported("IOTLB_MSG"))
     }
+    /// RESET_DEVICE: reset the device, keeping the session.
     fn reset_device(&mut self) -> Result<()> {
         Ok(())
     }
+    /// SET_STATUS: the virtio device status byte.
     fn set_status(&mut self, status: u8) -> Result<()> {
         Ok(())
     }
+    /// GET_STATUS: the device status byte.
     fn get_status(&mut self) -> Result<u8> {
         Err(Error::NotSupported("GET_STATUS"))
     }
+    /// GPU_SET_SOCKET: the socket of the GPU protocol (vhost-user-gpu).
     fn gpu_set_socket(&mut self, fd: OwnedFd) -> Result<()> {
         Err(Error::NotSupported("GPU_SET_SOCKET"))
     }
+    /// GET_SHARED_OBJECT: the dma-buf exported under `uuid`.
     fn get_shared_object(&mut self, uuid: [u8; 16]) -> Result<OwnedFd> {
         Err(Error::NotSupported("GET_SHARED_OBJECT"))
     }
@@ -163,21 +199,28 @@ pub trait BackendHandler {
     ) -> Result<Option<OwnedFd>> {
         Err(Error::NotSupported("SET_DEVICE_STATE_FD"))
     }
+    /// CHECK_DEVICE_STATE: whether the last state transfer succeeded.
     fn check_device_state(&mut self) -> Result<()> {
         Err(Error::NotSupported("CHECK_DEVICE_STATE"))
     }
+    /// POSTCOPY_ADVISE: a userfaultfd over the device's mappings, for the front-end to resolve
+    /// faults through.
     fn postcopy_advise(&mut self) -> Result<OwnedFd> {
         Err(Error::NotSupported("POSTCOPY_ADVISE"))
     }
+    /// POSTCOPY_LISTEN: from here on memory may fault until POSTCOPY_END.
     fn postcopy_listen(&mut self) -> Result<()> {
         Err(Error::NotSupported("POSTCOPY_LISTEN"))
     }
+    /// POSTCOPY_END: postcopy is over.
     fn postcopy_end(&mut self) -> Result<()> {
         Err(Error::NotSupported("POSTCOPY_END"))
     }
+    /// CREATE_CRYPTO_SESSION: opaque parameters in, opaque session description out.
     fn create_crypto_session(&mut self, params: &[u8]) -> Result<Vec<u8>> {
         Err(Error::NotSupported("CREATE_CRYPTO_SESSION"))
     }
+    /// CLOSE_CRYPTO_SESSION: ends a crypto session.
     fn close_crypto_session(&mut self, session_id: u64) -> Result<()> {
         Err(Error::NotSupported("CLOSE_CRYPTO_SESSION"))
     }
@@ -186,8 +229,11 @@ pub trait BackendHandler {
 /// What the session sends back for one request.
 #[derive(Debug, Default)]
 pub struct Outgoing {
+    /// The reply header; `None` sends nothing.
     pub header: Option<Header>,
+    /// The reply's body.
     pub body: Vec<u8>,
+    /// The fd to send with it (GET_INFLIGHT_FD, POSTCOPY_ADVISE, ...).
     pub fd: Option<OwnedFd>,
 }
 
@@ -195,14 +241,18 @@ pub struct Outgoing {
 /// handler or a session rule failed. `error` with a reply is a NACK already built.
 #[derive(Debug, Default)]
 pub struct Handled {
+    /// What to send (possibly nothing).
     pub reply: Outgoing,
+    /// Why the request failed, for the caller to log or end the session on.
     pub error: Option<Error>,
 }
 
 /// A request that passed every check, ready for a handler.
 #[derive(Debug)]
 pub struct Incoming {
+    /// The header, to build the reply from.
     pub header: Header,
+    /// The decoded request.
     pub request: FrontendRequest,
 }
 
@@ -225,6 +275,10 @@ struct SessionState {
     sealed_memory_only: bool,
 }
 
+/// The back-end's side of one vhost-user connection: reads, validates and dispatches
+/// requests to a [`BackendHandler`], keeping the session's state (features, memory table,
+/// queue sizes) so each request is checked against what was negotiated before a handler
+/// sees it.
 #[derive(Debug)]
 pub struct BackendSession {
     conn: Connection,
@@ -233,6 +287,7 @@ pub struct BackendSession {
 }
 
 impl BackendSession {
+    /// A session over `sock`, already connected to the front-end.
     pub fn new(sock: UnixStream) -> Self {
         BackendSession {
             conn: Connection::new(sock),
@@ -246,6 +301,7 @@ impl BackendSession {
         Ok(Self::new(UnixStream::connect(path)?))
     }
 
+    /// The mapped memory table, for the handler's rings.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
@@ -260,18 +316,22 @@ impl BackendSession {
         self.state.sealed_memory_only = on;
     }
 
+    /// The features the front-end acked.
     pub fn acked_features(&self) -> u64 {
         self.state.acked_features
     }
 
+    /// The protocol features the front-end acked.
     pub fn acked_protocol_features(&self) -> u64 {
         self.state.acked_protocol
     }
 
+    /// The socket, for polling it beside other fds.
     pub fn socket(&self) -> &UnixStream {
         self.conn.socket()
     }
 
+    /// True after an error that left the stream out of step.
     pub fn is_broken(&self) -> bool {
         self.conn.is_broken()
     }
@@ -403,6 +463,7 @@ impl BackendSession {
         }
     }
 
+    /// Sends what the handler answered (nothing when it has no header).
     pub fn send_reply(&mut self, out: Outgoing) -> Result<()> {
         let Some(header) = out.header else {
             return Ok(());

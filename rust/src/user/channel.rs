@@ -46,6 +46,9 @@ pub struct BackendChannel {
 }
 
 impl BackendChannel {
+    /// The back-end's end of the channel the front-end gave with SET_BACKEND_REQ_FD; each request
+    /// is checked against `acked_protocol` before it is sent. Sends are bounded by
+    /// `DEFAULT_TIMEOUT` until [`set_timeout`](Self::set_timeout).
     pub fn new(sock: UnixStream, acked_protocol: u64) -> Self {
         let conn = Connection::new(sock);
         // A front-end that never answers must not wedge a device thread forever.
@@ -56,6 +59,7 @@ impl BackendChannel {
         }
     }
 
+    /// Bounds each send and each ack wait; `None` waits forever.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         self.lock().set_timeout(timeout)
     }
@@ -137,10 +141,12 @@ impl BackendChannel {
         Ok((status, msg.fds.pop()))
     }
 
+    /// CONFIG_CHANGE_MSG: the config space changed (a resize); the driver re-reads it.
     pub fn config_change(&self) -> Result<()> {
         self.send(&BackendRequest::ConfigChange, &[]).map(|_| ())
     }
 
+    /// VRING_CALL: the in-band call of queue `index`, acked when REPLY_ACK is on.
     pub fn vring_call(&self, index: u32) -> Result<()> {
         self.send(
             &BackendRequest::VringCall(VringState { index, num: 0 }),
@@ -149,6 +155,7 @@ impl BackendChannel {
         .map(|_| ())
     }
 
+    /// VRING_ERR: queue `index` hit an error, acked when REPLY_ACK is on.
     pub fn vring_err(&self, index: u32) -> Result<()> {
         self.send(&BackendRequest::VringErr(VringState { index, num: 0 }), &[])
             .map(|_| ())
@@ -175,6 +182,7 @@ impl BackendChannel {
         self.lock().send(&header, &body, &[])
     }
 
+    /// SHARED_OBJECT_ADD: announces an object the back-end exports under `uuid`.
     pub fn shared_object_add(&self, uuid: [u8; 16]) -> Result<()> {
         self.send(
             &BackendRequest::SharedObjectAdd(SharedObjectUuid(uuid)),
@@ -183,6 +191,7 @@ impl BackendChannel {
         .map(|_| ())
     }
 
+    /// SHARED_OBJECT_REMOVE: withdraws it.
     pub fn shared_object_remove(&self, uuid: [u8; 16]) -> Result<()> {
         self.send(
             &BackendRequest::SharedObjectRemove(SharedObjectUuid(uuid)),
@@ -205,6 +214,7 @@ impl BackendChannel {
         )
     }
 
+    /// IOTLB_MSG: a translation miss (or access failure) the front-end must answer with an update.
     pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
         self.send(&BackendRequest::IotlbMsg(*msg), &[]).map(|_| ())
     }
@@ -254,6 +264,8 @@ impl BackendChannel {
         self.send(&BackendRequest::ShmemUnmap(map), &[]).map(|_| ())
     }
 
+    /// VRING_HOST_NOTIFIER_MSG: `size` bytes at `offset` of `fd` are queue `index`'s doorbell
+    /// page; `None` withdraws it.
     pub fn vring_host_notifier(
         &self,
         index: u8,
@@ -276,33 +288,43 @@ impl BackendChannel {
 /// One method per back-end request; defaults refuse (the front-end answers a NACK).
 #[allow(unused_variables)]
 pub trait FrontendReqHandler {
+    /// CONFIG_CHANGE_MSG; the result is the REPLY_ACK status (0 = success).
     fn config_change(&mut self) -> Result<u64> {
         Err(Error::NotSupported("CONFIG_CHANGE_MSG"))
     }
+    /// VRING_HOST_NOTIFIER_MSG, with the doorbell page's fd unless `area` says none.
     fn vring_host_notifier(&mut self, area: &VringArea, fd: Option<OwnedFd>) -> Result<u64> {
         Err(Error::NotSupported("VRING_HOST_NOTIFIER_MSG"))
     }
+    /// VRING_CALL: the in-band call of queue `index`.
     fn vring_call(&mut self, index: u32) -> Result<u64> {
         Err(Error::NotSupported("VRING_CALL"))
     }
+    /// VRING_ERR: queue `index` hit an error.
     fn vring_err(&mut self, index: u32) -> Result<u64> {
         Err(Error::NotSupported("VRING_ERR"))
     }
+    /// IOTLB_MSG: a miss or access failure to answer.
     fn iotlb_msg(&mut self, msg: &IotlbPayload) -> Result<u64> {
         Err(Error::NotSupported("IOTLB_MSG"))
     }
+    /// SHARED_OBJECT_ADD: the back-end exports an object under `uuid`.
     fn shared_object_add(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_ADD"))
     }
+    /// SHARED_OBJECT_REMOVE: the back-end withdraws the object `uuid`.
     fn shared_object_remove(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_REMOVE"))
     }
+    /// SHMEM_MAP: map `fd` into a shared memory region as `map` says.
     fn shmem_map(&mut self, map: &ShmemMapPayload, fd: OwnedFd) -> Result<u64> {
         Err(Error::NotSupported("SHMEM_MAP"))
     }
+    /// SHMEM_UNMAP: undo a SHMEM_MAP of the same range.
     fn shmem_unmap(&mut self, map: &ShmemMapPayload) -> Result<u64> {
         Err(Error::NotSupported("SHMEM_UNMAP"))
     }
+    /// SHARED_OBJECT_LOOKUP of `uuid`: the status only (the next method also sends the fd).
     fn shared_object_lookup(&mut self, uuid: [u8; 16]) -> Result<u64> {
         Err(Error::NotSupported("SHARED_OBJECT_LOOKUP"))
     }
@@ -327,7 +349,9 @@ pub struct FrontendChannel {
 /// A received back-end request, validated, with the header needed to answer it.
 #[derive(Debug)]
 pub struct ChannelIncoming {
+    /// The header, to answer REPLY_ACK.
     pub header: Header,
+    /// The decoded request.
     pub request: BackendRequest,
 }
 
@@ -360,10 +384,12 @@ impl FrontendChannel {
         self.conn.set_timeout(timeout)
     }
 
+    /// The socket, for polling it beside other fds.
     pub fn socket(&self) -> &UnixStream {
         self.conn.socket()
     }
 
+    /// True after an error that left the stream out of step.
     pub fn is_broken(&self) -> bool {
         self.conn.is_broken()
     }

@@ -38,49 +38,91 @@ pub const MAX_BACKEND_REQ_FDS: usize = 8;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FrontendReq {
+    /// The virtio features the back-end offers.
     GetFeatures = 1,
+    /// The features the front-end acks.
     SetFeatures = 2,
+    /// Starts a session: the sender owns the back-end.
     SetOwner = 3,
+    /// Deprecated by the spec; a back-end may ignore it.
     ResetOwner = 4,
+    /// The guest's memory table, one fd per region.
     SetMemTable = 5,
+    /// Where the dirty log is (LOG_SHMFD).
     SetLogBase = 6,
+    /// The eventfd of the dirty log (LOG_SHMFD).
     SetLogFd = 7,
+    /// A queue's size.
     SetVringNum = 8,
+    /// A queue's ring addresses.
     SetVringAddr = 9,
+    /// Where a queue resumes.
     SetVringBase = 10,
+    /// Stops a queue and asks where it stopped.
     GetVringBase = 11,
+    /// The eventfd the driver kicks a queue with.
     SetVringKick = 12,
+    /// The eventfd the back-end signals a queue's used buffers on.
     SetVringCall = 13,
+    /// The eventfd the back-end signals a broken queue on.
     SetVringErr = 14,
+    /// The protocol features the back-end offers.
     GetProtocolFeatures = 15,
+    /// The protocol features the front-end acks.
     SetProtocolFeatures = 16,
+    /// How many queues the back-end has (MQ).
     GetQueueNum = 17,
+    /// Starts or stops a queue (PROTOCOL_FEATURES rings start disabled).
     SetVringEnable = 18,
+    /// Announce the guest's MAC after a migration (RARP).
     SendRarp = 19,
+    /// The MTU the guest driver set (MTU).
     NetSetMtu = 20,
     /// Formerly `SET_SLAVE_REQ_FD`.
     SetBackendReqFd = 21,
+    /// A device IOTLB update or invalidation (IOMMU platform).
     IotlbMsg = 22,
+    /// A legacy ring's byte order (CROSS_ENDIAN).
     SetVringEndian = 23,
+    /// Reads device config space (CONFIG).
     GetConfig = 24,
+    /// Writes device config space (CONFIG).
     SetConfig = 25,
+    /// Opens a crypto session (CRYPTO_SESSION).
     CreateCryptoSession = 26,
+    /// Closes a crypto session (CRYPTO_SESSION).
     CloseCryptoSession = 27,
+    /// Asks for a userfaultfd over the back-end's mappings (PAGEFAULT).
     PostcopyAdvise = 28,
+    /// Postcopy begins: memory may fault from now on (PAGEFAULT).
     PostcopyListen = 29,
+    /// Postcopy is over (PAGEFAULT).
     PostcopyEnd = 30,
+    /// Asks for a shared area that records in-flight requests (INFLIGHT_SHMFD).
     GetInflightFd = 31,
+    /// Hands the in-flight area back after a reconnect (INFLIGHT_SHMFD).
     SetInflightFd = 32,
+    /// The socket of the GPU protocol (vhost-user-gpu).
     GpuSetSocket = 33,
+    /// Resets the device, keeping the session (RESET_DEVICE).
     ResetDevice = 34,
+    /// The in-band kick of a queue (INBAND_NOTIFICATIONS).
     VringKick = 35,
+    /// How many regions the back-end can map (CONFIGURE_MEM_SLOTS).
     GetMaxMemSlots = 36,
+    /// Adds one memory region (CONFIGURE_MEM_SLOTS).
     AddMemReg = 37,
+    /// Removes one memory region (CONFIGURE_MEM_SLOTS).
     RemMemReg = 38,
+    /// The virtio device status byte (STATUS).
     SetStatus = 39,
+    /// Asks for the virtio device status byte (STATUS).
     GetStatus = 40,
+    /// Asks for the dma-buf exported under a UUID (SHARED_OBJECT).
     GetSharedObject = 41,
+    /// Starts a device state transfer over a pipe (DEVICE_STATE).
     SetDeviceStateFd = 42,
+    /// Whether the last state transfer succeeded (DEVICE_STATE).
     CheckDeviceState = 43,
     /// Reply: the sizes of the device's VIRTIO Shared Memory Regions (`SHMEM`).
     GetShmemConfig = 44,
@@ -315,13 +357,21 @@ impl FrontendReq {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendReq {
+    /// A translation miss or access failure (IOMMU platform).
     IotlbMsg = 1,
+    /// The config space changed; the driver re-reads it (CONFIG).
     ConfigChangeMsg = 2,
+    /// A queue's doorbell page to map into the guest (HOST_NOTIFIER).
     VringHostNotifierMsg = 3,
+    /// The in-band call of a queue (INBAND_NOTIFICATIONS).
     VringCall = 4,
+    /// The in-band error of a queue (INBAND_NOTIFICATIONS).
     VringErr = 5,
+    /// Exports an object under a UUID (SHARED_OBJECT).
     SharedObjectAdd = 6,
+    /// Withdraws an exported object (SHARED_OBJECT).
     SharedObjectRemove = 7,
+    /// Asks the front-end for an object exported under a UUID (SHARED_OBJECT).
     SharedObjectLookup = 8,
     /// Map an fd into a VIRTIO Shared Memory Region (`SHMEM`).
     ShmemMap = 9,
@@ -407,30 +457,46 @@ impl BackendReq {
 
 /// Protocol feature bits (`VHOST_USER_PROTOCOL_F_*`), as masks.
 pub mod protocol_features {
+    /// The back-end has more than one queue and answers GET_QUEUE_NUM.
     pub const MQ: u64 = 1 << 0;
+    /// Dirty logging into shared memory (SET_LOG_BASE, SET_LOG_FD).
     pub const LOG_SHMFD: u64 = 1 << 1;
+    /// SEND_RARP after a migration.
     pub const RARP: u64 = 1 << 2;
+    /// A request may ask for a status reply (NEED_REPLY), so failures are not silent.
     pub const REPLY_ACK: u64 = 1 << 3;
     /// `VHOST_USER_PROTOCOL_F_MTU` (`NET_MTU` in QEMU's source).
     pub const MTU: u64 = 1 << 4;
     /// Formerly `SLAVE_REQ`.
     pub const BACKEND_REQ: u64 = 1 << 5;
+    /// SET_VRING_ENDIAN for legacy rings.
     pub const CROSS_ENDIAN: u64 = 1 << 6;
+    /// CREATE_CRYPTO_SESSION and CLOSE_CRYPTO_SESSION.
     pub const CRYPTO_SESSION: u64 = 1 << 7;
+    /// Postcopy migration (POSTCOPY_ADVISE, LISTEN, END).
     pub const PAGEFAULT: u64 = 1 << 8;
+    /// GET_CONFIG and SET_CONFIG, and CONFIG_CHANGE_MSG on the back-end channel.
     pub const CONFIG: u64 = 1 << 9;
     /// Formerly `SLAVE_SEND_FD`.
     pub const BACKEND_SEND_FD: u64 = 1 << 10;
+    /// VRING_HOST_NOTIFIER_MSG: the back-end hands doorbell pages to the front-end.
     pub const HOST_NOTIFIER: u64 = 1 << 11;
+    /// GET_INFLIGHT_FD and SET_INFLIGHT_FD, so a restarted back-end loses no request.
     pub const INFLIGHT_SHMFD: u64 = 1 << 12;
+    /// RESET_DEVICE.
     pub const RESET_DEVICE: u64 = 1 << 13;
+    /// VRING_KICK, VRING_CALL and VRING_ERR as messages instead of eventfds.
     pub const INBAND_NOTIFICATIONS: u64 = 1 << 14;
+    /// GET_MAX_MEM_SLOTS, ADD_MEM_REG and REM_MEM_REG.
     pub const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
+    /// SET_STATUS and GET_STATUS.
     pub const STATUS: u64 = 1 << 16;
     /// Changes the memory region layout (two extra u32 per region). This crate's
     /// decoders only know the plain 32-byte region, so never offer this bit.
     pub const XEN_MMAP: u64 = 1 << 17;
+    /// GET_SHARED_OBJECT and the SHARED_OBJECT_* back-end requests.
     pub const SHARED_OBJECT: u64 = 1 << 18;
+    /// SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE: device state migrates through a pipe.
     pub const DEVICE_STATE: u64 = 1 << 19;
     /// `GET_VRING_BASE` may leave in-flight requests recorded in the inflight area
     /// instead of completing them.

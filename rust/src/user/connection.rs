@@ -19,8 +19,11 @@ use crate::sys::{interrupt, scm, socket};
 /// A received message: a header already checked by the caller's rule, its body, its fds.
 #[derive(Debug)]
 pub struct Message {
+    /// The header, checked by the caller's rule for the side it came from.
     pub header: Header,
+    /// The body: exactly `header.size` bytes.
     pub body: Vec<u8>,
+    /// The fds that came with it, owned: dropped (closed) unless the handler keeps them.
     pub fds: Vec<OwnedFd>,
 }
 
@@ -29,6 +32,8 @@ const STACK_FIRST_READ: usize = 64;
 /// Messages without fds up to this size are sent from one stack buffer with `send`.
 const STACK_SEND: usize = 256;
 
+/// One vhost-user socket, either side: framing, fds, bounded waits, and a broken flag so that
+/// after a framing error nothing more is read from a stream we no longer understand.
 #[derive(Debug)]
 pub struct Connection {
     sock: UnixStream,
@@ -111,10 +116,12 @@ impl Connection {
         }
     }
 
+    /// The socket, for polling it beside other fds.
     pub fn socket(&self) -> &UnixStream {
         &self.sock
     }
 
+    /// True after an error that left the stream out of step: every later call fails (`Closed`).
     pub fn is_broken(&self) -> bool {
         self.broken
     }

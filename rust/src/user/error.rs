@@ -5,6 +5,8 @@ use std::io;
 
 use crate::memory::MemoryError;
 
+/// Everything the vhost-user layer refuses, on either side: each names the request (and
+/// queue, where one is involved) so a failure can be traced to the message that caused it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The peer closed the connection cleanly, on a message boundary.
@@ -25,15 +27,21 @@ pub enum Error {
     /// The body size does not match what the request's layout requires.
     #[error("{request}: body is {got} bytes, expected {expected}")]
     InvalidSize {
+        /// The request's name.
         request: &'static str,
+        /// The size or sizes its layout allows.
         expected: String,
+        /// The size received.
         got: usize,
     },
     /// The number of fds attached to a message is wrong for its request.
     #[error("{request}: {got} file descriptors attached, expected {expected}")]
     FdCount {
+        /// The request's name.
         request: &'static str,
+        /// The count its fd rule allows.
         expected: &'static str,
+        /// The count received.
         got: usize,
     },
     /// More fds arrived than the receive buffer holds (MSG_CTRUNC): all were closed.
@@ -45,7 +53,9 @@ pub enum Error {
     /// The request needs a (protocol) feature that was not negotiated.
     #[error("{request} needs {feature}, which was not negotiated")]
     InactiveFeature {
+        /// The request's name.
         request: &'static str,
+        /// The feature it needs.
         feature: &'static str,
     },
     /// The receiving side does not implement this request.
@@ -53,7 +63,12 @@ pub enum Error {
     NotSupported(&'static str),
     /// The peer answered a REPLY_ACK with a non-zero status.
     #[error("{request} was refused by the peer (status {status})")]
-    Refused { request: &'static str, status: u64 },
+    Refused {
+        /// The request's name.
+        request: &'static str,
+        /// The status the peer sent.
+        status: u64,
+    },
     /// A reply that does not answer the request it follows.
     #[error("reply mismatch: {0}")]
     ReplyMismatch(String),
@@ -62,7 +77,9 @@ pub enum Error {
     /// that is not a mappable file of the size it claims, fds riding on a reply's body.
     #[error("invalid {request} reply: {reason}")]
     InvalidReply {
+        /// The request's name.
         request: &'static str,
+        /// What is wrong with it, in words.
         reason: String,
     },
     /// A request handler failed; its message is sent back as a NACK where possible.
@@ -79,15 +96,20 @@ pub enum Error {
         if *first { FIRST_REPLY_HINT } else { "" }
     )]
     ReplyTimeout {
+        /// The request's name.
         request: &'static str,
+        /// The bound that passed.
         after: std::time::Duration,
+        /// Nothing at all had arrived on the connection yet.
         first: bool,
     },
     /// The connection had a protocol error earlier and is closed for good.
     #[error("connection is closed after an earlier error")]
     Closed,
+    /// A region or address the message named is not usable guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The socket failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -99,4 +121,5 @@ const FIRST_REPLY_HINT: &str =
      front-end at a time (like `python -m vhost serve blk`) answers the next front-end only \
      when the current one disconnects";
 
+/// Shorthand for the layer's results.
 pub type Result<T> = std::result::Result<T, Error>;

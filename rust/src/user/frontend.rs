@@ -58,10 +58,16 @@ struct State {
 /// A reply with its fds (most replies carry none).
 #[derive(Debug)]
 pub struct Reply {
+    /// The reply's body, checked for size by the caller's request.
     pub body: Vec<u8>,
+    /// The fd that came with it (GET_INFLIGHT_FD, SHARED_OBJECT_LOOKUP).
     pub fd: Option<OwnedFd>,
 }
 
+/// The vhost-user front-end (what QEMU is to a back-end): one method per request, each
+/// checked against the negotiated features before it is sent, every wait bounded, and
+/// the connection closed for good after a protocol error. One lock serialises requests, so
+/// threads may share it.
 #[derive(Debug)]
 pub struct Frontend {
     state: Mutex<State>,
@@ -70,6 +76,8 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// Server mode: `sock` is a connection the back-end made to our listener. Waits are
+    /// bounded by `DEFAULT_TIMEOUT` until [`set_timeout`](Self::set_timeout).
     pub fn new(sock: UnixStream) -> Result<Self> {
         // SAFETY: the socket moves into `conn`, which keeps it open as long as `self`,
         // and so as long as the waker.
@@ -91,6 +99,7 @@ impl Frontend {
         Self::new(UnixStream::connect(path)?)
     }
 
+    /// Bounds every wait for the back-end; `None` waits forever.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         self.lock().conn.set_timeout(timeout)
     }
@@ -113,6 +122,7 @@ impl Frontend {
         }
     }
 
+    /// The socket's fd, for polling it beside other fds (readable: the back-end went away).
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.lock().conn.socket().as_raw_fd()
@@ -125,14 +135,17 @@ impl Frontend {
         self.waker.wake();
     }
 
+    /// True after a protocol error: every later request fails with `Closed`.
     pub fn is_broken(&self) -> bool {
         self.lock().conn.is_broken()
     }
 
+    /// The features acked with SET_FEATURES, which decide which requests may be sent.
     pub fn acked_features(&self) -> u64 {
         self.lock().neg.acked_features
     }
 
+    /// The protocol features acked with SET_PROTOCOL_FEATURES.
     pub fn acked_protocol_features(&self) -> u64 {
         self.lock().neg.acked_protocol
     }
@@ -312,22 +325,26 @@ impl Frontend {
 
     // ---- the VhostBackend interface ---------------------------------------------------
 
+    /// GET_FEATURES: the virtio and vhost-user features the back-end offers.
     pub fn get_features(&self) -> Result<u64> {
         self.get_u64_then(FrontendReq::GetFeatures, |neg, f| {
             neg.offered_features = Some(f);
         })
     }
 
+    /// SET_FEATURES: the subset acked; remembered so later requests are gated on it.
     pub fn set_features(&self, features: u64) -> Result<()> {
         self.set_u64(FrontendReq::SetFeatures, features)?;
         self.lock().neg.acked_features = features;
         Ok(())
     }
 
+    /// SET_OWNER: the first request of a session.
     pub fn set_owner(&self) -> Result<()> {
         self.send_only(FrontendReq::SetOwner, &[], &[])
     }
 
+    /// RESET_OWNER: deprecated by the spec; sent as is for back-ends that still take it.
     pub fn reset_owner(&self) -> Result<()> {
         self.send_only(FrontendReq::ResetOwner, &[], &[])
     }
@@ -463,20 +480,25 @@ impl Frontend {
             .map(|_| ())
     }
 
+    /// SET_LOG_FD: the eventfd of the dirty log (LOG_SHMFD protocol feature).
     pub fn set_log_fd(&self, fd: BorrowedFd<'_>) -> Result<()> {
         self.send_only(FrontendReq::SetLogFd, &[], &[fd])
     }
 
+    /// SET_VRING_NUM: queue `index`'s size.
     pub fn set_vring_num(&self, index: u32, num: u32) -> Result<()> {
         self.vring_state(FrontendReq::SetVringNum, index, num)
     }
 
+    /// SET_VRING_ADDR, after the spec's alignment rules are checked here (a back-end may
+    /// answer a misaligned ring with nothing but a closed socket).
     pub fn set_vring_addr(&self, addrs: &VringAddrs) -> Result<()> {
         addrs.check().map_err(|e| Error::InvalidParam(e.into()))?;
         let body = VringAddrPayload(*addrs).to_bytes();
         self.send_only(FrontendReq::SetVringAddr, &body, &[])
     }
 
+    /// SET_VRING_BASE: where queue `index` resumes.
     pub fn set_vring_base(&self, index: u32, base: u32) -> Result<()> {
         self.vring_state(FrontendReq::SetVringBase, index, base)
     }
@@ -496,20 +518,25 @@ impl Frontend {
         Ok(state.num)
     }
 
+    /// SET_VRING_KICK: the eventfd the driver signals; `None` for polling mode (NOFD).
     pub fn set_vring_kick(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.vring_fd(FrontendReq::SetVringKick, index, fd)
     }
 
+    /// SET_VRING_CALL: the eventfd the back-end signals on used buffers; `None` sends NOFD
+    /// (in-band calls, or no calls).
     pub fn set_vring_call(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.vring_fd(FrontendReq::SetVringCall, index, fd)
     }
 
+    /// SET_VRING_ERR: the eventfd the back-end signals on a broken ring; `None` detaches it.
     pub fn set_vring_err(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         self.vring_fd(FrontendReq::SetVringErr, index, fd)
     }
 
     // ---- beyond the base interface ------------------------------------------------------
 
+    /// GET_PROTOCOL_FEATURES (needs the PROTOCOL_FEATURES feature bit offered).
     pub fn get_protocol_features(&self) -> Result<u64> {
         self.get_u64_then(FrontendReq::GetProtocolFeatures, |neg, f| {
             neg.offered_protocol = Some(f);
@@ -531,14 +558,17 @@ impl Frontend {
         Ok(())
     }
 
+    /// GET_QUEUE_NUM: how many queues the back-end has (needs the MQ protocol feature).
     pub fn get_queue_num(&self) -> Result<u64> {
         self.get_u64(FrontendReq::GetQueueNum)
     }
 
+    /// SET_VRING_ENABLE: starts or stops queue `index` without tearing it down.
     pub fn set_vring_enable(&self, index: u32, enable: bool) -> Result<()> {
         self.vring_state(FrontendReq::SetVringEnable, index, u32::from(enable))
     }
 
+    /// SET_VRING_ENDIAN: the byte order of a legacy ring (CROSS_ENDIAN protocol feature).
     pub fn set_vring_endian(&self, index: u32, big_endian: bool) -> Result<()> {
         self.vring_state(FrontendReq::SetVringEndian, index, u32::from(big_endian))
     }
@@ -570,6 +600,8 @@ impl Frontend {
         Ok(reply.data)
     }
 
+    /// SET_CONFIG: writes `data` at `offset` of the device config space (CONFIG protocol
+    /// feature); `flags` is the spec's (1 = migration).
     pub fn set_config(&self, offset: u32, data: &[u8], flags: u32) -> Result<()> {
         let size = u32::try_from(data.len())
             .map_err(|_| Error::InvalidParam("config data too large".into()))?;
@@ -670,14 +702,18 @@ impl Frontend {
         Ok((desc, OwnedFd::from(file)))
     }
 
+    /// SET_INFLIGHT_FD: hands the inflight area back after a reconnect so the back-end can
+    /// resubmit what it had in flight.
     pub fn set_inflight_fd(&self, desc: &InflightDesc, fd: BorrowedFd<'_>) -> Result<()> {
         self.send_only(FrontendReq::SetInflightFd, &desc.to_bytes(), &[fd])
     }
 
+    /// GET_MAX_MEM_SLOTS: how many regions ADD_MEM_REG may hold (CONFIGURE_MEM_SLOTS).
     pub fn get_max_mem_slots(&self) -> Result<u64> {
         self.get_u64(FrontendReq::GetMaxMemSlots)
     }
 
+    /// ADD_MEM_REG: one region more, mapped from `fd`.
     pub fn add_mem_region(&self, info: &RegionInfo, fd: BorrowedFd<'_>) -> Result<()> {
         let body = SingleMemRegion {
             region: mem_region(info),
@@ -690,6 +726,7 @@ impl Frontend {
         self.send_only(FrontendReq::AddMemReg, &body, &[fd])
     }
 
+    /// REM_MEM_REG: removes the region exactly as it was added.
     pub fn remove_mem_region(&self, info: &RegionInfo) -> Result<()> {
         let body = SingleMemRegion {
             region: mem_region(info),
@@ -704,14 +741,17 @@ impl Frontend {
         Ok(())
     }
 
+    /// RESET_DEVICE: resets the device but keeps the session (RESET_DEVICE protocol feature).
     pub fn reset_device(&self) -> Result<()> {
         self.send_only(FrontendReq::ResetDevice, &[], &[])
     }
 
+    /// SET_STATUS: the virtio device status byte (STATUS protocol feature).
     pub fn set_status(&self, status: u8) -> Result<()> {
         self.set_u64(FrontendReq::SetStatus, u64::from(status))
     }
 
+    /// GET_STATUS: the back-end's device status byte; a value above 8 bits closes the connection.
     pub fn get_status(&self) -> Result<u8> {
         let v = self.get_u64(FrontendReq::GetStatus)?;
         u8::try_from(v).map_err(|_| {
@@ -720,20 +760,26 @@ impl Frontend {
         })
     }
 
+    /// NET_SET_MTU: the MTU the guest driver set (NET_MTU protocol feature).
     pub fn net_set_mtu(&self, mtu: u64) -> Result<()> {
         self.set_u64(FrontendReq::NetSetMtu, mtu)
     }
 
+    /// SEND_RARP: asks a net back-end to announce `mac` after a migration (RARP protocol
+    /// feature).
     pub fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
         let mut word = [0u8; 8];
         word[..6].copy_from_slice(&mac);
         self.set_u64(FrontendReq::SendRarp, u64::from_ne_bytes(word))
     }
 
+    /// GPU_SET_SOCKET: the socket of the GPU protocol, for a vhost-user-gpu back-end.
     pub fn gpu_set_socket(&self, fd: BorrowedFd<'_>) -> Result<()> {
         self.send_only(FrontendReq::GpuSetSocket, &[], &[fd])
     }
 
+    /// IOTLB_MSG: a translation update or invalidation (IOMMU platform feature); waits for
+    /// the back-end's status.
     pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
         let r = self.reply(FrontendReq::IotlbMsg, &msg.to_bytes(), &[])?;
         let status = self.parsed(FrontendReq::IotlbMsg, &r.body, |b| {
@@ -821,6 +867,7 @@ impl Frontend {
         )
     }
 
+    /// CHECK_DEVICE_STATE: whether the back-end's state transfer succeeded (refused otherwise).
     pub fn check_device_state(&self) -> Result<()> {
         let status = self.get_u64(FrontendReq::CheckDeviceState)?;
         if status != 0 {
@@ -842,12 +889,14 @@ impl Frontend {
         })
     }
 
+    /// POSTCOPY_LISTEN: from here on SET_MEM_TABLE takes the postcopy form.
     pub fn postcopy_listen(&self) -> Result<()> {
         self.send_only(FrontendReq::PostcopyListen, &[], &[])?;
         self.lock().neg.postcopy_listening = true;
         Ok(())
     }
 
+    /// POSTCOPY_END: postcopy is over; the back-end's status is returned as a refusal if not 0.
     pub fn postcopy_end(&self) -> Result<()> {
         // The back-end leaves postcopy whatever its status says.
         {
@@ -876,6 +925,7 @@ impl Frontend {
             .body)
     }
 
+    /// CLOSE_CRYPTO_SESSION: ends a session of a vhost-user crypto back-end.
     pub fn close_crypto_session(&self, session_id: u64) -> Result<()> {
         self.set_u64(FrontendReq::CloseCryptoSession, session_id)
     }

@@ -26,10 +26,14 @@ pub mod flags {
     pub const KNOWN: u32 = VERSION_MASK | REPLY | NEED_REPLY;
 }
 
+/// The 12-byte header of every vhost-user message (`VhostUserMsg` without its body).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The request code (front-end or back-end table, by direction).
     pub code: u32,
+    /// Version (bits 0-1), REPLY (bit 2) and NEED_REPLY (bit 3).
     pub flags: u32,
+    /// Body bytes that follow.
     pub size: u32,
 }
 
@@ -57,6 +61,7 @@ impl Header {
         }
     }
 
+    /// The header as sent, in native byte order (the protocol runs on one host).
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
         b[0..4].copy_from_slice(&self.code.to_ne_bytes());
@@ -65,6 +70,7 @@ impl Header {
         b
     }
 
+    /// Reads a header as received; checks are the caller's (by direction and request).
     pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Self {
         let word = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         Header {
@@ -74,10 +80,12 @@ impl Header {
         }
     }
 
+    /// Whether the sender asked for a REPLY_ACK status.
     pub fn needs_reply(&self) -> bool {
         self.flags & flags::NEED_REPLY != 0
     }
 
+    /// Whether this is a reply rather than a request.
     pub fn is_reply(&self) -> bool {
         self.flags & flags::REPLY != 0
     }

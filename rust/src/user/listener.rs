@@ -74,10 +74,12 @@ impl Listener {
         })
     }
 
+    /// The socket path bound, to report and to remove when dropped.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The listening socket, for accept and for polling.
     pub fn listener(&self) -> &UnixListener {
         &self.inner
     }

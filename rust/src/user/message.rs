@@ -21,83 +21,134 @@ use crate::backend::VringAddrs;
 /// A request from the front-end, decoded and validated.
 #[derive(Debug)]
 pub enum FrontendRequest {
+    /// See [`FrontendReq::GetFeatures`].
     GetFeatures,
+    /// The features acked.
     SetFeatures(u64),
+    /// See [`FrontendReq::SetOwner`].
     SetOwner,
+    /// See [`FrontendReq::ResetOwner`].
     ResetOwner,
     /// One fd per region, in region order.
     SetMemTable {
+        /// The regions as sent.
         table: MemTable,
+        /// Their fds, in region order.
         fds: Vec<OwnedFd>,
     },
+    /// See [`FrontendReq::SetLogBase`].
     SetLogBase {
+        /// Size and offset of the log in `fd`.
         log: LogDesc,
+        /// The log's memfd.
         fd: OwnedFd,
     },
+    /// The log's eventfd.
     SetLogFd(OwnedFd),
+    /// Queue index and size.
     SetVringNum(VringState),
+    /// The ring's addresses.
     SetVringAddr(VringAddrs),
+    /// Queue index and where it resumes.
     SetVringBase(VringState),
+    /// The queue index (`num` is ignored).
     GetVringBase(VringState),
     /// `fd` is `None` exactly when the NOFD flag was set (poll instead).
     SetVringKick {
+        /// The queue index.
         index: u8,
+        /// The eventfd.
         fd: Option<OwnedFd>,
     },
+    /// See [`FrontendReq::SetVringCall`]; `fd` is `None` exactly when NOFD was set.
     SetVringCall {
+        /// The queue index.
         index: u8,
+        /// The eventfd.
         fd: Option<OwnedFd>,
     },
+    /// See [`FrontendReq::SetVringErr`]; `fd` is `None` exactly when NOFD was set.
     SetVringErr {
+        /// The queue index.
         index: u8,
+        /// The eventfd.
         fd: Option<OwnedFd>,
     },
+    /// See [`FrontendReq::GetProtocolFeatures`].
     GetProtocolFeatures,
+    /// The protocol features acked.
     SetProtocolFeatures(u64),
+    /// See [`FrontendReq::GetQueueNum`].
     GetQueueNum,
     /// `num` is 0 or 1.
     SetVringEnable(VringState),
     /// The guest's MAC address.
     SendRarp([u8; 6]),
+    /// The MTU the guest driver set.
     NetSetMtu(u64),
+    /// The back-end channel's socket.
     SetBackendReqFd(OwnedFd),
     /// Type `UPDATE` or `INVALIDATE`.
     IotlbMsg(IotlbPayload),
     /// `num` is 0 (little endian) or 1 (big endian).
     SetVringEndian(VringState),
+    /// Offset, size and flags of the read.
     GetConfig(ConfigPayload),
+    /// Offset and the bytes to write.
     SetConfig(ConfigPayload),
+    /// The opaque session parameters.
     CreateCryptoSession(Vec<u8>),
+    /// The session to close.
     CloseCryptoSession(u64),
+    /// See [`FrontendReq::PostcopyAdvise`].
     PostcopyAdvise,
+    /// See [`FrontendReq::PostcopyListen`].
     PostcopyListen,
+    /// See [`FrontendReq::PostcopyEnd`].
     PostcopyEnd,
     /// Non-zero queue count and size; the mmap fields are unused.
     GetInflightFd(InflightDesc),
+    /// See [`FrontendReq::SetInflightFd`].
     SetInflightFd {
+        /// The area's size and queue layout.
         desc: InflightDesc,
+        /// The area's memfd.
         fd: OwnedFd,
     },
+    /// The GPU protocol socket.
     GpuSetSocket(OwnedFd),
+    /// See [`FrontendReq::ResetDevice`].
     ResetDevice,
     /// `num` is 0.
     VringKick(VringState),
+    /// See [`FrontendReq::GetMaxMemSlots`].
     GetMaxMemSlots,
+    /// See [`FrontendReq::AddMemReg`].
     AddMemReg {
+        /// The region to add.
         region: MemRegion,
+        /// Its fd.
         fd: OwnedFd,
     },
     /// The spec lets a back-end accept (and must then close) one stray fd here, for
     /// front-ends that used to send it; `decode` does exactly that.
     RemMemReg(MemRegion),
+    /// The virtio device status byte (a u64 on the wire).
     SetStatus(u64),
+    /// See [`FrontendReq::GetStatus`].
     GetStatus,
+    /// The UUID of the object.
     GetSharedObject(SharedObjectUuid),
+    /// See [`FrontendReq::SetDeviceStateFd`].
     SetDeviceStateFd {
+        /// Direction (save or load) and phase.
         transfer: DeviceStateTransfer,
+        /// The pipe end to read or write the state through.
         fd: OwnedFd,
     },
+    /// See [`FrontendReq::CheckDeviceState`].
     CheckDeviceState,
+    /// See [`FrontendReq::GetShmemConfig`].
     GetShmemConfig,
 }
 
@@ -106,23 +157,33 @@ pub enum FrontendRequest {
 pub enum BackendRequest {
     /// Type `MISS` or `ACCESS_FAIL`.
     IotlbMsg(IotlbPayload),
+    /// See [`BackendReq::ConfigChangeMsg`].
     ConfigChange,
     /// `fd` is `None` exactly when `area.nofd` is set (deregister the notifier).
     VringHostNotifier {
+        /// Queue index, offset and size of the doorbell page.
         area: VringArea,
+        /// The page's fd.
         fd: Option<OwnedFd>,
     },
     /// `num` is 0.
     VringCall(VringState),
     /// `num` is 0.
     VringErr(VringState),
+    /// The UUID of the object.
     SharedObjectAdd(SharedObjectUuid),
+    /// The UUID of the object.
     SharedObjectRemove(SharedObjectUuid),
+    /// The UUID of the object.
     SharedObjectLookup(SharedObjectUuid),
+    /// See [`BackendReq::ShmemMap`].
     ShmemMap {
+        /// Which region, where, how much, and with what access.
         map: ShmemMapPayload,
+        /// The fd to map.
         fd: OwnedFd,
     },
+    /// The range to unmap.
     ShmemUnmap(ShmemMapPayload),
 }
 
@@ -258,6 +319,7 @@ fn vring_fd_bytes(index: u8, fd: &Option<OwnedFd>) -> Vec<u8> {
 }
 
 impl FrontendRequest {
+    /// The request's code, to name it in errors and check its feature gate.
     pub fn kind(&self) -> FrontendReq {
         use FrontendReq as K;
         use FrontendRequest as R;
@@ -548,6 +610,7 @@ impl FrontendRequest {
 }
 
 impl BackendRequest {
+    /// The request's code, to name it in errors and check its feature gate.
     pub fn kind(&self) -> BackendReq {
         use BackendReq as K;
         use BackendRequest as R;

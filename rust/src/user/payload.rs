@@ -119,12 +119,15 @@ fn end_of(start: u64, len: u64) -> Option<u64> {
 pub struct U64Payload(pub u64);
 
 impl U64Payload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE).u64(self.0).done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("u64", b, Self::SIZE)?;
         Ok(U64Payload(r.u64()))
@@ -134,13 +137,17 @@ impl U64Payload {
 /// `struct vhost_vring_state`: a ring index and a number (size, base, enable, endian).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VringState {
+    /// The queue index.
     pub index: u32,
+    /// Size, base, enable flag or endianness, by request.
     pub num: u32,
 }
 
 impl VringState {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u32(self.index)
@@ -148,6 +155,7 @@ impl VringState {
             .done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("vring state", b, Self::SIZE)?;
         Ok(VringState {
@@ -163,8 +171,10 @@ impl VringState {
 pub struct VringAddrPayload(pub VringAddrs);
 
 impl VringAddrPayload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 40;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         let a = &self.0;
         Writer::with_capacity(Self::SIZE)
@@ -197,13 +207,18 @@ impl VringAddrPayload {
 /// of the region in its fd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemRegion {
+    /// Where the region starts for the guest.
     pub guest_phys_addr: u64,
+    /// Its size in bytes.
     pub memory_size: u64,
+    /// Where the front-end mapped it (ring addresses are given in this space).
     pub userspace_addr: u64,
+    /// Where it starts in its fd.
     pub mmap_offset: u64,
 }
 
 impl MemRegion {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 32;
 
     fn write(&self, w: Writer) -> Writer {
@@ -222,6 +237,7 @@ impl MemRegion {
         }
     }
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.write(Writer::with_capacity(Self::SIZE)).done()
     }
@@ -276,6 +292,7 @@ impl MemRegion {
 /// length: exactly `HEADER_SIZE + count * MemRegion::SIZE` bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemTable {
+    /// The regions, in the order their fds came.
     pub regions: Vec<MemRegion>,
 }
 
@@ -285,6 +302,7 @@ impl MemTable {
     /// With [`MAX_MEM_TABLE_REGIONS`] regions (1032 bytes, within `MAX_BODY_SIZE`).
     pub const MAX_SIZE: usize = Self::HEADER_SIZE + MAX_MEM_TABLE_REGIONS * MemRegion::SIZE;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.regions.len();
         let mut w = Writer::with_capacity(Self::HEADER_SIZE + n * MemRegion::SIZE)
@@ -354,18 +372,22 @@ const _: () = assert!(MemTable::MAX_SIZE <= MAX_BODY_SIZE);
 /// The `ADD_MEM_REG` / `REM_MEM_REG` body: u64 padding, then one region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SingleMemRegion {
+    /// The region added or removed.
     pub region: MemRegion,
 }
 
 impl SingleMemRegion {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8 + MemRegion::SIZE;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.region
             .write(Writer::with_capacity(Self::SIZE).u64(0))
             .done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("single memory region", b, Self::SIZE)?;
         r.skip(8);
@@ -378,13 +400,17 @@ impl SingleMemRegion {
 /// The `SET_LOG_BASE` body: size and offset of the dirty log in the attached fd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogDesc {
+    /// The log's size in bytes.
     pub mmap_size: u64,
+    /// Where the log starts in the fd.
     pub mmap_offset: u64,
 }
 
 impl LogDesc {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 16;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u64(self.mmap_size)
@@ -416,15 +442,21 @@ impl LogDesc {
 /// is rejected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InflightDesc {
+    /// The area's size in bytes (unused in a GET_INFLIGHT_FD request).
     pub mmap_size: u64,
+    /// Where the area starts in the fd.
     pub mmap_offset: u64,
+    /// Queues the area covers.
     pub num_queues: u16,
+    /// The size of each queue.
     pub queue_size: u16,
 }
 
 impl InflightDesc {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 24;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u64(self.mmap_size)
@@ -511,17 +543,23 @@ pub mod config_flags {
 /// and is left to the caller.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfigPayload {
+    /// Where in config space the access starts.
     pub offset: u32,
+    /// Bytes accessed.
     pub size: u32,
+    /// `VHOST_SET_CONFIG_TYPE_*` (0 = front-end, 1 = migration).
     pub flags: u32,
+    /// The bytes written, or read in a reply (`size` bytes).
     pub data: Vec<u8>,
 }
 
 impl ConfigPayload {
     /// Offset, size and flags.
     pub const HEADER_SIZE: usize = 12;
+    /// The largest body: the header and a full config space.
     pub const MAX_SIZE: usize = Self::HEADER_SIZE + MAX_CONFIG_SIZE as usize;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::HEADER_SIZE + self.data.len())
             .u32(self.offset)
@@ -531,6 +569,8 @@ impl ConfigPayload {
             .done()
     }
 
+    /// Decodes a received body: a 12-byte header then exactly `size` bytes, at most
+    /// `MAX_CONFIG_SIZE`.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "config space";
         if b.len() < Self::HEADER_SIZE {
@@ -598,9 +638,13 @@ pub mod iotlb {
     /// Back-end to front-end: access denied.
     pub const ACCESS_FAIL: u8 = 4;
 
+    /// No access.
     pub const PERM_NONE: u8 = 0;
+    /// Read-only access.
     pub const PERM_RO: u8 = 1;
+    /// Write-only access.
     pub const PERM_WO: u8 = 2;
+    /// Read and write access.
     pub const PERM_RW: u8 = 3;
 }
 
@@ -612,16 +656,23 @@ pub mod iotlb {
 /// Which types may travel in which direction is checked by the message decoders.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IotlbPayload {
+    /// I/O virtual address, what the device uses.
     pub iova: u64,
+    /// Length of the range in bytes.
     pub size: u64,
+    /// Front-end address the range maps to (updates only).
     pub uaddr: u64,
+    /// `PERM_*`: what the device may do there.
     pub perm: u8,
+    /// `UPDATE`, `INVALIDATE`, `MISS` or `ACCESS_FAIL`.
     pub kind: u8,
 }
 
 impl IotlbPayload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 32;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u64(self.iova)
@@ -633,6 +684,7 @@ impl IotlbPayload {
             .done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "IOTLB message";
         let mut r = exact(WHAT, b, Self::SIZE)?;
@@ -689,17 +741,22 @@ fn join_vring_u64(index: u8, nofd: bool) -> u64 {
 /// instead, which would act on ring 1 for `0x1_0000_0001`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VringFdPayload {
+    /// The queue index (bits 0-7).
     pub index: u8,
+    /// Bit 8: no fd comes with the message (polling, in-band notifications or detach).
     pub nofd: bool,
 }
 
 impl VringFdPayload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         U64Payload(join_vring_u64(self.index, self.nofd)).to_bytes()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("vring fd", b, Self::SIZE)?;
         let (index, nofd) = split_vring_u64("vring fd", r.u64())?;
@@ -715,15 +772,21 @@ impl VringFdPayload {
 /// is left to the front-end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VringArea {
+    /// The queue index (bits 0-7).
     pub index: u8,
+    /// Bit 8: no fd comes with the message (the notifier is withdrawn).
     pub nofd: bool,
+    /// Size of the doorbell area in the fd.
     pub size: u64,
+    /// Where it starts in the fd.
     pub offset: u64,
 }
 
 impl VringArea {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 24;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u64(join_vring_u64(self.index, self.nofd))
@@ -732,6 +795,7 @@ impl VringArea {
             .done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "vring area";
         let mut r = exact(WHAT, b, Self::SIZE)?;
@@ -760,12 +824,15 @@ impl VringArea {
 pub struct SharedObjectUuid(pub [u8; 16]);
 
 impl SharedObjectUuid {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 16;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.0.to_vec()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("shared object", b, Self::SIZE)?;
         Ok(SharedObjectUuid(r.take()))
@@ -775,11 +842,14 @@ impl SharedObjectUuid {
 /// Device state transfer parameters (`SET_DEVICE_STATE_FD`): direction and phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceStateTransfer {
+    /// `DIRECTION_SAVE` or `DIRECTION_LOAD`.
     pub direction: u32,
+    /// `PHASE_STOPPED`, the only phase defined.
     pub phase: u32,
 }
 
 impl DeviceStateTransfer {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
     /// Back-end to front-end (migration source).
     pub const DIRECTION_SAVE: u32 = 0;
@@ -788,6 +858,7 @@ impl DeviceStateTransfer {
     /// The VM and the device are stopped; the only phase defined.
     pub const PHASE_STOPPED: u32 = 0;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u32(self.direction)
@@ -812,17 +883,22 @@ impl DeviceStateTransfer {
 /// (the spec forbids it); pass whether the reply carried an fd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceStateReply {
+    /// 0 on success.
     pub status: u8,
+    /// The back-end sent no fd (the front-end's pipe is used).
     pub nofd: bool,
 }
 
 impl DeviceStateReply {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         U64Payload(join_vring_u64(self.status, self.nofd)).to_bytes()
     }
 
+    /// Decodes a received reply; `has_fd` says whether an fd came with it.
     pub fn from_bytes(b: &[u8], has_fd: bool) -> Result<Self> {
         const WHAT: &str = "device state reply";
         let mut r = exact(WHAT, b, Self::SIZE)?;
@@ -856,16 +932,23 @@ pub const SHMEM_MAP_FLAG_RW: u64 = 1;
 /// shared memory configuration and are the front-end's to check.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShmemMapPayload {
+    /// Which shared memory region.
     pub shmid: u8,
+    /// Where the mapping starts in the fd.
     pub fd_offset: u64,
+    /// Where it goes in the region.
     pub shm_offset: u64,
+    /// Length of the mapping in bytes.
     pub len: u64,
+    /// `SHMEM_MAP_FLAG_RW` or 0 (read-only).
     pub flags: u64,
 }
 
 impl ShmemMapPayload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 40;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .u8(self.shmid)
@@ -877,6 +960,7 @@ impl ShmemMapPayload {
             .done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "shared memory mapping";
         let mut r = exact(WHAT, b, Self::SIZE)?;
@@ -904,6 +988,7 @@ impl ShmemMapPayload {
         Ok(m)
     }
 
+    /// Whether the mapping may be written (`SHMEM_MAP_FLAG_RW`).
     pub fn writable(&self) -> bool {
         self.flags & SHMEM_MAP_FLAG_RW != 0
     }
@@ -918,6 +1003,7 @@ pub const MAX_SHMEM_REGIONS: usize = 256;
 /// the page size" needs the page size and is the caller's check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShmemConfig {
+    /// Size of each region by shmid; 0 means no region.
     pub sizes: [u64; MAX_SHMEM_REGIONS],
 }
 
@@ -930,6 +1016,7 @@ impl Default for ShmemConfig {
 }
 
 impl ShmemConfig {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8 + 8 * MAX_SHMEM_REGIONS;
 
     /// The config of a device with these `(shmid, size)` regions: each id at most once
@@ -969,6 +1056,7 @@ impl ShmemConfig {
         self.sizes.iter().filter(|&&s| s != 0).count() as u32
     }
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(Self::SIZE)
             .u32(self.nregions())
@@ -979,6 +1067,7 @@ impl ShmemConfig {
         w.done()
     }
 
+    /// Decodes a received body; any other size is refused, naming the payload.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         const WHAT: &str = "shared memory config";
         let mut r = exact(WHAT, b, Self::SIZE)?;
@@ -1003,8 +1092,10 @@ impl ShmemConfig {
 pub struct RarpPayload(pub [u8; 6]);
 
 impl RarpPayload {
+    /// The body's exact size on the wire.
     pub const SIZE: usize = 8;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         Writer::with_capacity(Self::SIZE)
             .bytes(&self.0)
@@ -1026,12 +1117,15 @@ impl RarpPayload {
 pub struct CryptoSessionPayload(pub Vec<u8>);
 
 impl CryptoSessionPayload {
+    /// The largest body the protocol carries.
     pub const MAX_SIZE: usize = MAX_BODY_SIZE;
 
+    /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.0.clone()
     }
 
+    /// Decodes a received body: 1 to 4096 opaque bytes.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         if b.is_empty() || b.len() > Self::MAX_SIZE {
             return Err(size_error("crypto session", "1..=4096", b.len()));

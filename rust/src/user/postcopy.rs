@@ -25,7 +25,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// SET_MEM_TABLE or ADD_MEM_REG says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PostcopyRegion {
+    /// Where the region starts for the guest.
     pub guest_phys_addr: u64,
+    /// Its size in bytes.
     pub memory_size: u64,
     /// The back-end's address of `guest_phys_addr`.
     pub backend_addr: u64,
@@ -87,6 +89,7 @@ impl FaultResolver {
         *self.lock() = regions;
     }
 
+    /// The mapping bases now in use.
     pub fn regions(&self) -> Vec<PostcopyRegion> {
         self.lock().clone()
     }

@@ -36,6 +36,7 @@ impl VhostVdpa {
         Ok(Self::new(Arc::new(VhostDevice::open(path)?)))
     }
 
+    /// Wraps an open device; the vDPA calls share its fd with the common vhost ones.
     pub fn new(dev: Arc<VhostDevice>) -> Self {
         VhostVdpa {
             dev,
@@ -43,15 +44,18 @@ impl VhostVdpa {
         }
     }
 
+    /// The common vhost ioctls (features, owner, rings) on the same fd.
     pub fn device(&self) -> &Arc<VhostDevice> {
         &self.dev
     }
 
+    /// `VHOST_VDPA_GET_DEVICE_ID`: the virtio device type behind the fd (2 = block, ...).
     pub fn get_device_id(&self) -> Result<u32> {
         self.dev
             .get_u32("VHOST_VDPA_GET_DEVICE_ID", abi::VHOST_VDPA_GET_DEVICE_ID)
     }
 
+    /// `VHOST_VDPA_GET_STATUS`: the virtio device status byte.
     pub fn get_status(&self) -> Result<u8> {
         let mut s = 0u8;
         let op = "VHOST_VDPA_GET_STATUS";
@@ -99,6 +103,7 @@ impl VhostVdpa {
         Ok(bytes[..size as usize].to_vec())
     }
 
+    /// `VHOST_VDPA_SET_CONFIG`: writes `data` at `offset` of the config space.
     pub fn set_config(&self, offset: u32, data: &[u8]) -> Result<()> {
         let len = u32::try_from(data.len())
             .map_err(|_| Error::InvalidParam("config data longer than u32".into()))?;
@@ -113,6 +118,7 @@ impl VhostVdpa {
             .ioctl_words(op, abi::VHOST_VDPA_SET_CONFIG, &mut buf)
     }
 
+    /// `VHOST_VDPA_SET_VRING_ENABLE`: a queue must be enabled before the device uses it.
     pub fn set_vring_enable(&self, index: u32, enable: bool) -> Result<()> {
         let op = "VHOST_VDPA_SET_VRING_ENABLE";
         let req = abi::VHOST_VDPA_SET_VRING_ENABLE;
@@ -150,21 +156,25 @@ impl VhostVdpa {
         Ok((r.first, r.last))
     }
 
+    /// `VHOST_VDPA_GET_CONFIG_SIZE`: how much config space `get_config` can read.
     pub fn get_config_size(&self) -> Result<u32> {
         let op = "VHOST_VDPA_GET_CONFIG_SIZE";
         self.dev.get_u32(op, abi::VHOST_VDPA_GET_CONFIG_SIZE)
     }
 
+    /// `VHOST_VDPA_GET_VQS_COUNT`: how many queues the device has.
     pub fn get_vqs_count(&self) -> Result<u32> {
         let op = "VHOST_VDPA_GET_VQS_COUNT";
         self.dev.get_u32(op, abi::VHOST_VDPA_GET_VQS_COUNT)
     }
 
+    /// `VHOST_VDPA_GET_GROUP_NUM`: how many virtqueue groups (for address space assignment).
     pub fn get_group_num(&self) -> Result<u32> {
         let op = "VHOST_VDPA_GET_GROUP_NUM";
         self.dev.get_u32(op, abi::VHOST_VDPA_GET_GROUP_NUM)
     }
 
+    /// `VHOST_VDPA_GET_AS_NUM`: how many address spaces the device supports.
     pub fn get_as_num(&self) -> Result<u32> {
         let op = "VHOST_VDPA_GET_AS_NUM";
         self.dev.get_u32(op, abi::VHOST_VDPA_GET_AS_NUM)

@@ -8,8 +8,11 @@ use super::{check_range, Result, VringError, DESC_SIZE};
 /// (possibly across GPA-contiguous regions) when the chain is popped; `len` is never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// Guest-physical address; the whole piece is checked to be backed when popped.
     pub addr: u64,
+    /// In bytes; never 0.
     pub len: u32,
+    /// True for a buffer the device writes (VIRTQ_DESC_F_WRITE).
     pub writable: bool,
 }
 
@@ -17,7 +20,9 @@ pub struct Segment {
 /// readable ones first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DescriptorChain {
+    /// What `add_used` must name to hand the buffer back.
     pub head: u16,
+    /// Readable segments first: the walker rejects a readable one after a writable one (E10).
     pub segments: Vec<Segment>,
     /// Ring descriptors the chain occupied (1 for an indirect buffer); packed rings advance
     /// by this much.
@@ -25,10 +30,12 @@ pub struct DescriptorChain {
 }
 
 impl DescriptorChain {
+    /// The segments the device reads from (the request), in chain order.
     pub fn readable(&self) -> impl Iterator<Item = &Segment> {
         self.segments.iter().filter(|s| !s.writable)
     }
 
+    /// The segments the device writes into (the reply), in chain order.
     pub fn writable(&self) -> impl Iterator<Item = &Segment> {
         self.segments.iter().filter(|s| s.writable)
     }

@@ -19,8 +19,11 @@ pub enum VringError {
     /// A ring area is not aligned as the spec requires (D3).
     #[error("{area} address {addr:#x} is not {align}-byte aligned")]
     Misaligned {
+        /// Which area ("descriptor table", "avail ring", ...), so the peer's bug is found.
         area: &'static str,
+        /// The address the peer gave.
         addr: u64,
+        /// The alignment the spec asks of that area.
         align: u64,
     },
     /// A ring area, descriptor buffer or indirect table is not backed by guest memory, or
@@ -29,7 +32,10 @@ pub enum VringError {
     Memory(#[from] MemoryError),
     /// A chain revisits a descriptor: more steps than there are descriptors (E1, E4).
     #[error("descriptor loop in chain starting at {head}")]
-    DescriptorLoop { head: u16 },
+    DescriptorLoop {
+        /// The chain's head, to name the offending buffer.
+        head: u16,
+    },
     /// An indirect table contains an INDIRECT descriptor (E5).
     #[error("indirect descriptor inside an indirect table")]
     NestedIndirect,
@@ -41,51 +47,99 @@ pub enum VringError {
     IndirectNotNegotiated,
     /// Indirect table length 0 or not a multiple of 16 (E5, F4).
     #[error("indirect table length {len} is 0 or not a multiple of 16")]
-    IndirectInvalid { len: u32 },
+    IndirectInvalid {
+        /// The table length the driver wrote.
+        len: u32,
+    },
     /// A chain (counting indirect entries) has more descriptors than the queue size (E5, F3).
     #[error("chain starting at {head} is longer than the queue size {max}")]
-    ChainTooLong { head: u16, max: u16 },
+    ChainTooLong {
+        /// The chain's head.
+        head: u16,
+        /// The queue size, the most descriptors a chain may have.
+        max: u16,
+    },
     /// The chain's total length does not fit in u32 (E8).
     #[error("total length of chain starting at {head} exceeds u32::MAX")]
-    LengthOverflow { head: u16 },
+    LengthOverflow {
+        /// The chain's head.
+        head: u16,
+    },
     /// A device-readable descriptor follows a device-writable one (E10: rejected).
     #[error("readable descriptor after a writable one in chain starting at {head}")]
-    ReadableAfterWritable { head: u16 },
+    ReadableAfterWritable {
+        /// The chain's head.
+        head: u16,
+    },
     /// A descriptor index or buffer id is not below the queue size (E2, F1, E11).
     #[error("head or buffer id {head} is out of range for queue size {size}")]
-    InvalidHead { head: u32, size: u16 },
+    InvalidHead {
+        /// The index or id the peer wrote (u32: a used element's id is 32 bits wide).
+        head: u32,
+        /// The queue size it had to be below.
+        size: u16,
+    },
     /// The driver offered a head (split) or buffer id (packed) that is still in flight (E7, F1).
     #[error("head or buffer id {head} offered again while still in flight")]
-    HeadInFlight { head: u16 },
+    HeadInFlight {
+        /// The head or buffer id offered twice.
+        head: u16,
+    },
     /// avail.idx moved by more than the queue size since we last looked (E6).
     #[error("avail index {avail} is more than queue size {size} ahead of {next}")]
-    InvalidAvailIndex { avail: u16, next: u16, size: u16 },
+    InvalidAvailIndex {
+        /// The avail.idx the driver wrote.
+        avail: u16,
+        /// The next avail entry we would have read.
+        next: u16,
+        /// The queue size, the most it may move.
+        size: u16,
+    },
     /// used.idx moved by more than the number of buffers in flight (driver side).
     #[error("used index {used} is inconsistent with {last} and {in_flight} buffers in flight")]
     InvalidUsedIndex {
+        /// The used.idx the device wrote.
         used: u16,
+        /// The used index we had consumed up to.
         last: u16,
+        /// Buffers we had handed to the device, the most used.idx may move.
         in_flight: u16,
     },
     /// A used element names a buffer not in flight or reports more bytes than the buffer
     /// could take (E11; on the device side this is a caller error and is not sticky).
     #[error("invalid used element id {id} len {len}: {reason}")]
     InvalidUsed {
+        /// The element's id.
         id: u32,
+        /// The element's length.
         len: u32,
+        /// Which rule it broke.
         reason: &'static str,
     },
     /// Packed: a descriptor in the middle of a chain is not available (F2) or the ring
     /// holds a chain the driver never finished.
     #[error("packed chain starting at slot {slot} is incomplete")]
-    IncompleteChain { slot: u16 },
+    IncompleteChain {
+        /// The ring slot the chain starts at.
+        slot: u16,
+    },
     /// Packed: the driver made more descriptors available than the ring has room for
     /// beside those already in flight.
     #[error("driver overran the ring: {in_flight} descriptors in flight, queue size {size}")]
-    Overrun { in_flight: u32, size: u16 },
+    Overrun {
+        /// Descriptors in flight counting the new ones.
+        in_flight: u32,
+        /// The queue size they had to fit in.
+        size: u16,
+    },
     /// Driver side: not enough free descriptors (or ids) for the buffer.
     #[error("queue full: {needed} descriptors needed, {free} free")]
-    QueueFull { needed: usize, free: usize },
+    QueueFull {
+        /// Descriptors (or ids) the buffer needs.
+        needed: usize,
+        /// Descriptors (or ids) free now.
+        free: usize,
+    },
     /// Driver side: a buffer with no segments.
     #[error("a buffer needs at least one segment")]
     EmptyChain,

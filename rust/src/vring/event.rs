@@ -24,10 +24,14 @@ pub enum EventFlags {
 }
 
 impl EventFlags {
+    /// The raw flags value of [`EventFlags::Enable`].
     pub const ENABLE: u16 = 0;
+    /// The raw flags value of [`EventFlags::Disable`].
     pub const DISABLE: u16 = 1;
+    /// The raw flags value of [`EventFlags::Desc`].
     pub const DESC: u16 = 2;
 
+    /// Decodes the two flag bits; the reserved value is kept, not refused, so the caller decides.
     pub fn from_bits(flags: u16) -> Self {
         match flags & 3 {
             0 => EventFlags::Enable,
@@ -37,6 +41,7 @@ impl EventFlags {
         }
     }
 
+    /// The raw value to write back into the ring.
     pub fn bits(self) -> u16 {
         match self {
             EventFlags::Enable => 0,
@@ -51,11 +56,14 @@ impl EventFlags {
 /// offset (bits 0-14) with a wrap counter (bit 15), and flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventSuppress {
+    /// Ring offset (bits 0-14) and wrap counter (bit 15) of the descriptor to notify at.
     pub off_wrap: u16,
+    /// When to notify.
     pub flags: EventFlags,
 }
 
 impl EventSuppress {
+    /// Reads the structure the peer wrote at `addr`, checking it is backed by guest memory.
     pub fn read(mem: &GuestMemory, addr: u64) -> Result<Self> {
         let off_wrap = mem.read_u16(addr)?;
         let flags = EventFlags::from_bits(mem.read_u16(addr.wrapping_add(2))?);
@@ -70,10 +78,12 @@ impl EventSuppress {
         Ok(())
     }
 
+    /// The ring offset half of `off_wrap`.
     pub fn offset(&self) -> u16 {
         self.off_wrap & 0x7fff
     }
 
+    /// The wrap counter half of `off_wrap`.
     pub fn wrap(&self) -> bool {
         self.off_wrap & 0x8000 != 0
     }

@@ -21,6 +21,7 @@ use super::{DeviceQueue, Segment, DESC_SIZE};
 /// Where one ring's device-side writes are logged.
 #[derive(Clone, Copy, Debug)]
 pub struct RingLog<'a> {
+    /// The bitmap the front-end shared with SET_LOG_BASE.
     pub log: &'a DirtyLog,
     /// The used ring's guest-physical log address when the front-end asked for the ring to
     /// be logged (`VHOST_VRING_F_LOG`); `None` logs buffers only, as the kernel does.

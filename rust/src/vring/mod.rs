@@ -165,10 +165,12 @@ impl RingLayout {
         })
     }
 
+    /// Descriptors in the ring (checked against the format's limit when the layout is made).
     pub fn size(&self) -> u16 {
         self.size
     }
 
+    /// Guest-physical address of the descriptor table (split) or ring (packed).
     pub fn desc(&self) -> u64 {
         self.desc
     }
@@ -183,6 +185,7 @@ impl RingLayout {
         self.used_or_device
     }
 
+    /// Which format the three areas are laid out for.
     pub fn is_packed(&self) -> bool {
         self.packed
     }

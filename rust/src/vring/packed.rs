@@ -123,6 +123,8 @@ pub struct PackedDevice {
 }
 
 impl PackedDevice {
+    /// A device view of the ring at `layout`, starting where a fresh ring starts (slot 0, wrap
+    /// counters set); `event_idx` and `indirect` are the negotiated features it enforces.
     pub fn new(layout: RingLayout, event_idx: bool, indirect: bool) -> Result<Self> {
         let r = Ring::new(&layout)?;
         Ok(Self {
@@ -141,6 +143,7 @@ impl PackedDevice {
         })
     }
 
+    /// The ring's size, the bound every slot and buffer id is checked against.
     pub fn size(&self) -> u16 {
         self.r.size
     }
@@ -164,10 +167,13 @@ impl PackedDevice {
         Ok(())
     }
 
+    /// Next slot to write a used descriptor to and the device wrap counter there (the used half of
+    /// the packed base).
     pub fn next_used(&self) -> (u16, bool) {
         (self.next_used, self.used_wrap)
     }
 
+    /// Restores the used half of the base; the slot must be below the queue size.
     pub fn set_next_used(&mut self, idx: u16, wrap: bool) -> Result<()> {
         self.check_slot(idx)?;
         self.next_used = idx;
@@ -185,6 +191,7 @@ impl PackedDevice {
         Ok(())
     }
 
+    /// True once an error from shared memory has stopped the queue (see [`VringError::Broken`]).
     pub fn is_broken(&self) -> bool {
         self.health.is_broken()
     }
@@ -538,6 +545,8 @@ pub struct PackedDriver {
 }
 
 impl PackedDriver {
+    /// A driver view of the ring at `layout`, with every buffer id free; call `init` before the
+    /// peer sees it.
     pub fn new(layout: RingLayout, event_idx: bool) -> Result<Self> {
         let r = Ring::new(&layout)?;
         Ok(Self {
@@ -569,18 +578,22 @@ impl PackedDriver {
         Ok(())
     }
 
+    /// The ring's size.
     pub fn size(&self) -> u16 {
         self.r.size
     }
 
+    /// Descriptors free for new buffers: what `QueueFull` is measured against.
     pub fn num_free(&self) -> usize {
         usize::from(self.free_descs)
     }
 
+    /// Buffers handed to the device and not yet used.
     pub fn in_flight(&self) -> u16 {
         self.in_flight_count
     }
 
+    /// True once an error from shared memory has stopped the queue (see [`VringError::Broken`]).
     pub fn is_broken(&self) -> bool {
         self.health.is_broken()
     }

@@ -8,7 +8,9 @@ use super::{DescriptorChain, PackedDevice, Result, RingLayout, SplitDevice, Vrin
 /// A device-side virtqueue, split or packed.
 #[derive(Debug)]
 pub enum DeviceQueue {
+    /// A split ring (the default format).
     Split(SplitDevice),
+    /// A packed ring (VIRTIO_F_RING_PACKED).
     Packed(PackedDevice),
 }
 
@@ -23,6 +25,7 @@ impl DeviceQueue {
         })
     }
 
+    /// The ring's size.
     pub fn size(&self) -> u16 {
         match self {
             DeviceQueue::Split(q) => q.size(),
@@ -30,10 +33,12 @@ impl DeviceQueue {
         }
     }
 
+    /// Which format the queue was built for, so callers can pick the matching base encoding.
     pub fn is_packed(&self) -> bool {
         matches!(self, DeviceQueue::Packed(_))
     }
 
+    /// True once an error from shared memory has stopped the queue (see [`VringError::Broken`]).
     pub fn is_broken(&self) -> bool {
         match self {
             DeviceQueue::Split(q) => q.is_broken(),
@@ -41,6 +46,7 @@ impl DeviceQueue {
         }
     }
 
+    /// Pops up to `max` chains the driver has made available, each walked and checked.
     pub fn pop_batch(&mut self, mem: &GuestMemory, max: usize) -> Result<Vec<DescriptorChain>> {
         match self {
             DeviceQueue::Split(q) => q.pop_batch(mem, max),
@@ -63,6 +69,7 @@ impl DeviceQueue {
         }
     }
 
+    /// Hands buffers back as (head, bytes written) pairs, in one used-index update.
     pub fn add_used_batch(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
         match self {
             DeviceQueue::Split(q) => q.add_used_batch(mem, used),
@@ -70,6 +77,8 @@ impl DeviceQueue {
         }
     }
 
+    /// Whether the driver asked to be notified of the buffers used since the last decision
+    /// (EVENT_IDX or the flags); call it once per batch, after `add_used_batch`.
     pub fn needs_notification(&mut self, mem: &GuestMemory) -> Result<bool> {
         match self {
             DeviceQueue::Split(q) => q.needs_notification(mem),

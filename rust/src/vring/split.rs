@@ -105,6 +105,7 @@ impl SplitDevice {
         })
     }
 
+    /// The ring's size.
     pub fn size(&self) -> u16 {
         self.a.size
     }
@@ -123,6 +124,7 @@ impl SplitDevice {
         self.next_avail = idx;
     }
 
+    /// Where the next used element goes (the used half of the base after a reconnect).
     pub fn next_used(&self) -> u16 {
         self.next_used
     }
@@ -141,6 +143,7 @@ impl SplitDevice {
         Ok(())
     }
 
+    /// True once an error from shared memory has stopped the queue (see [`VringError::Broken`]).
     pub fn is_broken(&self) -> bool {
         self.health.is_broken()
     }
@@ -438,6 +441,8 @@ pub struct SplitDriver {
 }
 
 impl SplitDriver {
+    /// A driver view of the ring at `layout`, every descriptor free; call `init` before the peer
+    /// sees it.
     pub fn new(layout: RingLayout, event_idx: bool) -> Result<Self> {
         let a = Addrs::new(&layout)?;
         Ok(Self {
@@ -468,6 +473,7 @@ impl SplitDriver {
         Ok(())
     }
 
+    /// The ring's size.
     pub fn size(&self) -> u16 {
         self.a.size
     }
@@ -482,6 +488,7 @@ impl SplitDriver {
         self.in_flight_count
     }
 
+    /// True once an error from shared memory has stopped the queue (see [`VringError::Broken`]).
     pub fn is_broken(&self) -> bool {
         self.health.is_broken()
     }
