@@ -303,8 +303,9 @@ class Daemon:
     while postcopy listens (a page the front-end has not copied in yet): a wait longer
     than that is taken as a fault the front-end will never resolve, and the session ends
     ``failed``, naming the queue. The native blk device fails the waiting request with
-    IOERR and writes nothing; a Python device is woken with the missing page reading as
-    zeros. ``None`` (or ``math.inf``) waits as long as the front-end is connected.
+    IOERR and writes nothing; a Python device's :meth:`Batch.read` raises
+    :class:`~vhost.errors.QueueError` instead of returning the zeros a page that never
+    came reads as (``PythonBlkDevice`` answers IOERR). ``None`` (or ``math.inf``) waits as long as the front-end is connected.
     """
 
     def __init__(

@@ -15,7 +15,7 @@ import threading
 
 from .. import _core
 from ..daemon import Device, ImageFile
-from ..errors import DisconnectedError, InvalidParamError
+from ..errors import DisconnectedError, InvalidParamError, QueueError
 
 __all__ = ["PythonBlkDevice"]
 
@@ -111,7 +111,12 @@ class PythonBlkDevice(Device):
             if data_in < 0:
                 batch.complete(chain, 0)
                 continue
-            status, written = self._execute(batch, chain, data_in)
+            try:
+                status, written = self._execute(batch, chain, data_in)
+            except QueueError:
+                # What was read is not the guest's (postcopy failed under the read): the
+                # request fails, as on the native device, and nothing reaches the image.
+                status, written = _IOERR, 0
             batch.write(chain, status, data_in)
             batch.complete(chain, written + 1)
 

@@ -319,7 +319,9 @@ impl PyBatch {
         offset: usize,
         length: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        read_from_chain(py, &self.mem, &chain, offset, length)
+        let data = read_from_chain(py, &self.mem, &chain, offset, length)?;
+        vhost_core::daemon::check_read_settled().map_err(|why| raise(py, "QueueError", (why,)))?;
+        Ok(data)
     }
 
     /// Writes `data` into the chain's writable bytes from `offset`; returns what fit.

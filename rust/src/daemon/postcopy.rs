@@ -103,6 +103,19 @@ impl FaultPolicy {
     }
 }
 
+/// Whether guest memory that the calling queue worker just read can be trusted: after
+/// postcopy failed, a page that never came was unregistered and read as zeros, so a
+/// device that cannot see the fault itself (one written in Python, whose copies fault in
+/// user mode) must drop what it read rather than act on it.
+pub fn check_read_settled() -> std::result::Result<(), String> {
+    match FaultPolicy::current() {
+        FaultPolicy::Failed => Err("postcopy failed on this queue (a page the device read \
+                                    never arrived): the data read is not the guest's"
+            .into()),
+        _ => Ok(()),
+    }
+}
+
 /// Nanoseconds since the first call in this process, plus one (0 means "idle").
 fn now_stamp() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
