@@ -63,7 +63,7 @@ pytest:
 fuzz: tools
 	bash scripts/fuzz.sh
 
-test: setup lint rust-test typecheck pytest fuzz
+test: setup lint rust-test typecheck fuzz pytest
 
 demo: setup
 	$(PY) -m vhost demo
