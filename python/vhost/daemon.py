@@ -305,7 +305,8 @@ class Daemon:
     ``failed``, naming the queue. The native blk device fails the waiting request with
     IOERR and writes nothing; a Python device's :meth:`Batch.read` raises
     :class:`~vhost.errors.QueueError` instead of returning the zeros a page that never
-    came reads as (``PythonBlkDevice`` answers IOERR). ``None`` (or ``math.inf``) waits as long as the front-end is connected.
+    came reads as (``PythonBlkDevice`` answers IOERR). ``None`` (or ``math.inf``) waits
+    as long as the front-end is connected.
     """
 
     def __init__(
