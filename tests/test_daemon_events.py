@@ -185,6 +185,8 @@ def test_qemu_without_shared_memory_is_explained(tmp_sock_dir: Path, image: Path
     failed"; serve (without -v) says why and how to fix it. SeaBIOS drives the disk, so
     no guest kernel is needed."""
     proc = ServeProc(["blk", "--image", str(image)], tmp_sock_dir / "s", tmp_sock_dir / "log")
+    log_path = tmp_sock_dir / "qemu.log"
+    qemu_log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
     qemu = subprocess.Popen(
         [
             str(find_binary("qemu-system-x86_64")),
@@ -193,13 +195,21 @@ def test_qemu_without_shared_memory_is_explained(tmp_sock_dir: Path, image: Path
             "-chardev", f"socket,id=c0,path={proc.socket_path}",
             "-device", "vhost-user-blk-pci,chardev=c0",
         ],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        stdout=qemu_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
+
+    def qemu_said() -> str:
+        return log_path.read_text(errors="replace")
+
     try:
         assert wait_for(lambda: "ended" in proc.stderr(), 60), proc.stderr()
+        # QEMU may print its failure after the daemon has logged the session's end.
+        wait_for(lambda: "vhost start failed" in qemu_said(), 30)
     finally:
         qemu.kill()
-        qemu_out = qemu.communicate(timeout=30)[0].decode(errors="replace")
+        qemu.wait(30)
+        qemu_log.close()
+        qemu_out = qemu_said()
         err = proc.stderr()
         proc.close()
     assert "vhost start failed" in qemu_out, qemu_out

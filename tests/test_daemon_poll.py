@@ -47,6 +47,15 @@ def test_a_polling_worker_needs_no_kick(poll_us: int, tmp_sock_dir: Path) -> Non
         assert call.wait(5.0)
         call.read()
         assert len(vq.poll_used()) == 1
+        if not poll_us:
+            # A worker that does not poll turns kicks back on (avail_event = the next
+            # avail index) after signalling its batch; under load the next request could
+            # otherwise race that, and be picked up by the worker's re-check unkicked.
+            avail_event = used + 4 + 8 * QUEUE
+            deadline = time.monotonic() + 5
+            while struct.unpack("<H", mem.read(avail_event, 2))[0] != 1:
+                assert time.monotonic() < deadline, "the worker never turned kicks back on"
+                time.sleep(0.001)
         # The next request: a polling worker has kicks off and picks it up by itself.
         read_request(vq, mem, 1)
         vq.publish()
