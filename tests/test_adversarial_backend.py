@@ -824,6 +824,10 @@ def test_listener_waits_for_ever_on_an_infinite_timeout(listener: BackendListene
     try:
         session = listener.accept(float("inf"))
         session.close()
+        timer.join()
+        # The session accepted was the client's connection: closing it reaches the client.
+        client.settimeout(5)
+        assert client.recv(1) == b""
     finally:
         timer.join()
         client.close()

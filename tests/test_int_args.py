@@ -75,6 +75,8 @@ def test_guest_memory_and_eventfd(value: int) -> None:
 @pytest.mark.parametrize("value", BAD)
 def test_ring_constructors(value: int) -> None:
     memory = GuestMemory.allocate([(0, 1 << 16)])
+    # The same arguments with a size that fits build a queue: only the bad value is refused.
+    assert _core.DeviceQueue(memory, 8, 0, 0x1000, 0x2000).size == 8
     _refused(lambda v: _core.DeviceQueue(memory, v, 0, 0x1000, 0x2000), value, 32)
     _refused(lambda v: _core.Virtqueue(memory, v, 0, 0x1000, 0x2000), value, 32)
     if value < 0 or value >= 1 << 64:

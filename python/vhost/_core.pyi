@@ -69,6 +69,8 @@ class _VhostBackend:
 
 @final
 class FileDescriptor:
+    """An fd the package owns and closes, so a received fd (a dma-buf, a userfaultfd) is never leaked or closed twice."""
+
     def fileno(self) -> int: ...
     def detach(self) -> int: ...
     def close(self) -> None: ...
@@ -85,6 +87,8 @@ class FileDescriptor:
 
 @final
 class EventFd:
+    """A Linux eventfd: the kick and call signals of a virtqueue, passed to peers by SCM_RIGHTS."""
+
     def __new__(cls, nonblock: bool = False) -> Self: ...
     def fileno(self) -> int: ...
     def write(self, value: int = 1) -> None: ...
@@ -105,6 +109,8 @@ class EventFd:
 
 @final
 class GuestMemory:
+    """Guest RAM as this process maps it (memfd-backed, shareable with a back-end), with checked guest-address access."""
+
     @staticmethod
     def allocate(layout: Sequence[tuple[int, int]]) -> GuestMemory: ...
     @staticmethod
@@ -172,6 +178,8 @@ class DirtyLog:
 
 @final
 class Frontend(_VhostBackend):
+    """The native vhost-user front-end; :class:`vhost.user.Frontend` adds types and context management."""
+
     @staticmethod
     def connect(path: str | os.PathLike[str], timeout: float | None = 10.0) -> Frontend: ...
     @staticmethod
@@ -243,6 +251,8 @@ class Frontend(_VhostBackend):
 
 @final
 class FrontendChannel:
+    """The front-end's end of the back-end channel, where a back-end's own requests arrive."""
+
     def fileno(self) -> int: ...
     def process_one(self, handler: Any) -> None: ...
     def set_timeout(self, timeout: float | None) -> None: ...
@@ -260,6 +270,8 @@ class FrontendChannel:
 
 @final
 class BackendChannel:
+    """The back-end's end of the back-end channel, for requests a back-end sends its front-end."""
+
     def config_change(self) -> None: ...
     def vring_call(self, index: int) -> None: ...
     def vring_err(self, index: int) -> None: ...
