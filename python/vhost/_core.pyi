@@ -69,7 +69,8 @@ class _VhostBackend:
 
 @final
 class FileDescriptor:
-    """An fd the package owns and closes, so a received fd (a dma-buf, a userfaultfd) is never leaked or closed twice."""
+    """An fd the package owns and closes, so a received fd (a dma-buf, a userfaultfd) is
+    never leaked or closed twice."""
 
     def fileno(self) -> int: ...
     def detach(self) -> int: ...
@@ -109,7 +110,8 @@ class EventFd:
 
 @final
 class GuestMemory:
-    """Guest RAM as this process maps it (memfd-backed, shareable with a back-end), with checked guest-address access."""
+    """Guest RAM as this process maps it (memfd-backed, shareable with a back-end), with
+    checked guest-address access."""
 
     @staticmethod
     def allocate(layout: Sequence[tuple[int, int]]) -> GuestMemory: ...
@@ -178,7 +180,8 @@ class DirtyLog:
 
 @final
 class Frontend(_VhostBackend):
-    """The native vhost-user front-end; :class:`vhost.user.Frontend` adds types and context management."""
+    """The native vhost-user front-end; :class:`vhost.user.Frontend` adds types and
+    context management."""
 
     @staticmethod
     def connect(path: str | os.PathLike[str], timeout: float | None = 10.0) -> Frontend: ...
