@@ -42,8 +42,14 @@ pub fn send_with_fds(
             "file descriptors need at least one data byte",
         ));
     }
-    // Only set-up messages carry fds, so the control buffer may live on the heap.
-    let mut space = vec![MaybeUninit::uninit(); cmsg_space!(ScmRights(fds.len()))];
+    // Only set-up messages carry fds, so the control buffer may live on the heap (and
+    // a message without fds allocates none).
+    let len = if fds.is_empty() {
+        0
+    } else {
+        cmsg_space!(ScmRights(fds.len()))
+    };
+    let mut space = vec![MaybeUninit::uninit(); len];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(invalid_input("too many file descriptors"));
