@@ -3,7 +3,7 @@
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, final
+from typing import Any, ClassVar, Final, Protocol, Self, final
 
 from typing_extensions import Buffer
 
@@ -203,6 +203,20 @@ class Frontend(_VhostBackend):
     @property
     def offered_protocol_features(self) -> int | None:
         """The back-end's last GET_PROTOCOL_FEATURES reply; None until asked."""
+    IMPLEMENTED_PROTOCOL_FEATURES: ClassVar[int]
+    """The protocol features this front-end implements (``negotiate`` acks no other)."""
+    DEFAULT_PROTOCOL_FEATURES: ClassVar[int]
+    """The protocol features ``negotiate`` acks when not told which."""
+    def negotiate(
+        self,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        packed: bool = False,
+        event_idx: bool = True,
+        log_all: bool = False,
+    ) -> tuple[int, int]:
+        """GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES as the core decides;
+        returns ``(features, protocol features)`` acked."""
     def add_mem_region(self, region: _Region) -> None: ...
     def remove_mem_region(
         self, guest_phys_addr: int, memory_size: int, userspace_addr: int, mmap_offset: int

@@ -35,7 +35,8 @@ pub fn user_error(err: UserError) -> PyErr {
             UserError::InactiveFeature { request, feature } => {
                 raise(py, "InactiveFeatureError", (request, feature, msg))
             }
-            UserError::NotSupported(_) => raise(py, "NotSupportedError", (msg,)),
+            UserError::NotSupported(request) => raise(py, "NotSupportedError", (msg, request)),
+            UserError::NotOffered { request, .. } => raise(py, "NotSupportedError", (msg, request)),
             UserError::Refused { request, status } => {
                 raise(py, "RequestRefusedError", (request, status, msg))
             }

@@ -45,6 +45,23 @@ pub use split::{SplitDevice, SplitDriver};
 
 use crate::memory::{GuestMemory, MemoryError};
 
+/// The virtio transport feature bits that change how a ring works: the rings of this
+/// module implement each of them, on both sides, and a peer may use one only when it was
+/// negotiated (a front-end's `negotiate` acks exactly these transport bits).
+pub mod features {
+    /// VIRTIO_F_INDIRECT_DESC (bit 28): indirect descriptor tables.
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    /// VIRTIO_RING_F_EVENT_IDX (bit 29): notification suppression by index.
+    pub const EVENT_IDX: u64 = 1 << 29;
+    /// VIRTIO_F_VERSION_1 (bit 32): a modern (non-legacy) device.
+    pub const VERSION_1: u64 = 1 << 32;
+    /// VIRTIO_F_RING_PACKED (bit 34): the packed ring format.
+    pub const RING_PACKED: u64 = 1 << 34;
+    /// Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and
+    /// 50-63 of the low 64); bits 24-49 belong to the transport.
+    pub const DEVICE_BITS: u64 = ((1 << 24) - 1) | !((1 << 50) - 1);
+}
+
 /// Largest queue size of either format (virtio 1.x).
 pub const MAX_QUEUE_SIZE: u32 = 32768;
 
