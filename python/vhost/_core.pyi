@@ -34,10 +34,18 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
+    "place_rings",
+    "ring_sizes",
 ]
 
 __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
+
+def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Bytes of the three areas of a ring of ``size`` entries (the core's layout)."""
+
+def place_rings(base_gpa: int, size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Guest addresses ``(desc, avail, used)`` of a ring placed from ``base_gpa``."""
 
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
@@ -127,6 +135,8 @@ class GuestMemory:
     def write(self, gpa: int, data: Buffer) -> int: ...
     def view(self, gpa: int, length: int) -> memoryview: ...
     def user_to_gpa(self, uaddr: int) -> int: ...
+    def gpa_to_user(self, gpa: int) -> int:
+        """The front-end virtual address that maps guest address ``gpa``."""
     def contains(self, gpa: int, length: int) -> bool: ...
 
 @final

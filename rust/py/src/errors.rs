@@ -84,8 +84,13 @@ pub fn vring_caller_error(err: VringError) -> PyErr {
     }
 }
 
+/// A guest-memory error is `InvalidMemoryError`, with the address when it names one.
 pub fn memory_error(err: MemoryError) -> PyErr {
-    Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(),)))
+    let address = match err {
+        MemoryError::OutOfRange { addr, .. } | MemoryError::Unmapped { addr, .. } => Some(addr),
+        _ => None,
+    };
+    Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(), address)))
 }
 
 /// An OS error becomes `KernelError` (a subclass of both `VhostError` and `OSError`).

@@ -17,10 +17,10 @@ use pyo3::types::PyBytes;
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::vring::{
     DescriptorChain as CoreChain, DeviceQueue as CoreDeviceQueue, PackedDriver, RingLayout,
-    SplitDriver,
+    SplitDriver, VringError,
 };
 
-use crate::errors::{invalid_param, vring_caller_error, IntoPyResult};
+use crate::errors::{invalid_param, vring_caller_error, vring_error, IntoPyResult};
 use crate::memory::PyGuestMemory;
 
 /// Batches larger than this run with the GIL released.
@@ -32,12 +32,33 @@ const DETACH_BYTES: usize = 64 * 1024;
 type SegmentTuple = (u64, u32, bool);
 
 fn layout(packed: bool, size: u32, desc: u64, avail: u64, used: u64) -> PyResult<RingLayout> {
-    if packed {
-        RingLayout::packed(size, desc, avail, used)
-    } else {
-        RingLayout::split(size, desc, avail, used)
-    }
-    .py_err()
+    RingLayout::new(packed, size, desc, avail, used).py_err()
+}
+
+/// A ring's size given as an argument: a size the format refuses is the caller's
+/// `InvalidParamError`; anything else converts as usual.
+fn size_arg<T>(r: vhost_core::vring::Result<T>) -> PyResult<T> {
+    r.map_err(|e| match e {
+        VringError::InvalidSize(_) => invalid_param(e.to_string()),
+        e => vring_error(e),
+    })
+}
+
+/// Bytes of the three areas of a ring of `size` entries (`RingLayout::area_sizes`).
+#[pyfunction]
+#[pyo3(signature = (size, packed = false))]
+pub fn ring_sizes(size: U32, packed: bool) -> PyResult<(u64, u64, u64)> {
+    let [desc, avail, used] = size_arg(RingLayout::area_sizes(size.0, packed))?;
+    Ok((desc, avail, used))
+}
+
+/// Guest addresses `(desc, avail, used)` of a ring placed from `base_gpa` rounded up to
+/// 16 (`RingLayout::place`).
+#[pyfunction]
+#[pyo3(signature = (base_gpa, size, packed = false))]
+pub fn place_rings(base_gpa: U64, size: U32, packed: bool) -> PyResult<(u64, u64, u64)> {
+    let l = size_arg(RingLayout::place(size.0, base_gpa.0, packed))?;
+    Ok((l.desc(), l.avail_or_driver(), l.used_or_device()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
