@@ -101,7 +101,7 @@ def test_ring_placement_is_the_cores_and_refuses_what_does_not_fit(mem: GuestMem
         place_rings((1 << 64) - 16, 64)
     with pytest.raises(InvalidParamError, match="out of range"):
         place_rings(-1, 64)
-    with pytest.raises(InvalidParamError, match="invalid queue size 3: .* power of two"):
+    with pytest.raises(InvalidParamError, match=r"invalid queue size 3: .* power of two"):
         ring_sizes(3)
     (region,) = mem.regions()
     assert mem.gpa_to_user(0x10) == region.userspace_addr + 0x10
