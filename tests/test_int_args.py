@@ -129,10 +129,25 @@ def test_the_facade_refusal_names_method_and_argument(fe: Frontend, value: int) 
         with pytest.raises(InvalidParamError) as info:
             call(value)
         assert str(info.value).startswith(f"{what}: {value} is out of range 0..=4294967295")
-    for what, call in {
+    u64_calls: dict[str, Callable[[int], object]] = {
         "set_features: features": fe.set_features,
         "set_log_base: base": fe.set_log_base,
-    }.items():
+    }
+    for what, u64_call in u64_calls.items():
         with pytest.raises(InvalidParamError, match=f"^{what}: -1 is out of range"):
-            call(-1)
+            u64_call(-1)
     assert fe.get_features()  # nothing was sent
+
+
+def test_device_queue_arguments_name_the_call() -> None:
+    """The device queue's integers go through the same conversion (its own copy with other
+    messages is gone), naming the call and the argument."""
+    memory = GuestMemory.allocate([(0, 1 << 16)])
+    dq = _core.DeviceQueue(memory, 8, 0, 0x1000, 0x2000)
+    with pytest.raises(InvalidParamError, match=r"^add_used: head: 65536 is out of range"):
+        dq.add_used(1 << 16, 0)
+    with pytest.raises(InvalidParamError, match=r"^add_used_batch: length: -1 is out of range"):
+        dq.add_used_batch([(0, 0), (1, -1)])
+    with pytest.raises(InvalidParamError, match=r"^DeviceQueue.base: -1 is out of range"):
+        dq.base = -1
+    assert dq.base == 0  # nothing was changed
