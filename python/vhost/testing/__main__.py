@@ -39,8 +39,7 @@ def _device(text: str) -> Device:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vhost.testing",
-        description="A Linux guest under QEMU for testing vhost-user back-ends "
-        "(docs/testing.md).",
+        description="A Linux guest under QEMU for testing vhost-user back-ends (docs/testing.md).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -33,12 +33,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from .errors import CommandFailed, GuestFailed, GuestSetupError
 from .image import GuestImage, ensure_image
-from .qemu import Accel, Device, choose_accel, devices_args, find_qemu, qemu_escape
-from .qemu import shared_memory_args as shared_memory_args
+from .qemu import (
+    Accel,
+    Device,
+    choose_accel,
+    devices_args,
+    find_qemu,
+    qemu_escape,
+    shared_memory_args,
+)
 
 __all__ = [
     "CommandResult",
@@ -431,7 +438,7 @@ class Guest:
         self._remove_files()
         return result
 
-    def __enter__(self) -> Guest:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -449,9 +456,7 @@ class Guest:
 def _check_path(path: Path, what: str) -> None:
     text = os.fspath(path)
     if not path.is_absolute() or re.search(r'[\s"]', text):
-        raise GuestSetupError(
-            f"{what} must be an absolute path without spaces or quotes: {text!r}"
-        )
+        raise GuestSetupError(f"{what} must be an absolute path without spaces or quotes: {text!r}")
 
 
 def _socket_path(directory: Path, name: str, cleanup: list[Path]) -> Path:
