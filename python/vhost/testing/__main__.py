@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from .errors import GuestError
-from .image import build_image, ensure_image, image_dir
+from .image import build_image, ensure_image
 from .machine import boot
 from .qemu import Device, DeviceKind
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log = build_image(force=args.force)
             sys.stdout.write(log)
             image = ensure_image()
-            print(f"image: {image.vmlinuz} {image.initrd} (kernel {image.kver}) in {image_dir()}")
+            print(f"image: {image.vmlinuz.parent} (kernel {image.kver})")
             return 0
         command = args.argv[0] if len(args.argv) == 1 else shlex.join(args.argv)
         with boot(*args.device, mode=args.mode, accel=args.accel, qemu=args.qemu) as guest:

@@ -5,14 +5,17 @@
 #
 #   bash build_image.sh [--force]
 #
-# Outputs, in ${PYVHOST_GUEST_DIR:-~/.cache/pyvhost/guest}:
+# Outputs, in ${PYVHOST_GUEST_DIR:-~/.cache/pyvhost/guest}/image-HASH, HASH being the
+# first 16 hex digits of this script's SHA-256 (so checkouts of different versions
+# share the cache without rebuilding over each other's image):
 #   vmlinuz    Debian's bookworm-backports 6.12 kernel (it has vhost_net, vhost_vsock,
 #              vhost_vdpa and vduse as modules; bookworm's 6.1 has no vDPA at all)
 #   initrd.gz  busybox-static, the modules below with their dependencies, and /init
 #   KVER       the kernel release (uname -r in the guest)
 #   STAMP      hash of this script + the kernel package version
 # Nothing is done when STAMP matches (the script's hash is in it, so editing the
-# module list or /init rebuilds). The kernel .deb is kept in deb/ for rebuilds.
+# module list or /init builds a new image). The kernel .deb is kept in the cache's
+# deb/ for rebuilds.
 #
 # Needs: apt (bookworm-backports in the sources: scripts/setup.sh adds it), dpkg,
 # busybox-static, cpio, kmod (depmod/modprobe), xz-utils, gzip.
@@ -30,7 +33,7 @@ MODULES=(
     vdpa vhost_vdpa vduse
 )
 
-OUT=${PYVHOST_GUEST_DIR:-$HOME/.cache/pyvhost/guest}
+CACHE=${PYVHOST_GUEST_DIR:-$HOME/.cache/pyvhost/guest}
 FORCE=0
 for arg in "$@"; do
     case "$arg" in
@@ -43,6 +46,7 @@ log() { printf '== build_guest: %s\n' "$*"; }
 die() { printf '== build_guest: ERROR: %s\n' "$*" >&2; exit 1; }
 
 SELF_HASH=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+OUT=$CACHE/image-${SELF_HASH:0:16}
 
 up_to_date() {
     [[ -s "$OUT/vmlinuz" && -s "$OUT/initrd.gz" && -s "$OUT/KVER" && -f "$OUT/STAMP" ]] &&
@@ -95,17 +99,17 @@ PKG=$(apt-cache depends "linux-image-amd64=$META_VERSION" |
 log "kernel package: $PKG (linux-image-amd64 $META_VERSION)"
 
 # --- 2. download (kept between builds) ---------------------------------------------
-mkdir -p "$OUT/deb"
-DEB=$(find "$OUT/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
+mkdir -p "$CACHE/deb"
+DEB=$(find "$CACHE/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
 if [[ -z "$DEB" ]]; then
     log "apt-get download $PKG"
     sandbox=()
     [[ $(id -u) -eq 0 ]] && sandbox=(-o APT::Sandbox::User=root)
-    (cd "$OUT/deb" && apt-get download -q "${sandbox[@]}" "$PKG")
-    DEB=$(find "$OUT/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
-    [[ -n "$DEB" ]] || die "apt-get download $PKG left no .deb in $OUT/deb"
+    (cd "$CACHE/deb" && apt-get download -q "${sandbox[@]}" "$PKG")
+    DEB=$(find "$CACHE/deb" -maxdepth 1 -name "${PKG}_*.deb" | sort -V | tail -n1)
+    [[ -n "$DEB" ]] || die "apt-get download $PKG left no .deb in $CACHE/deb"
     # Only the newest kernel is worth keeping.
-    find "$OUT/deb" -maxdepth 1 -name '*.deb' ! -path "$DEB" -print -delete
+    find "$CACHE/deb" -maxdepth 1 -name '*.deb' ! -path "$DEB" -print -delete
 fi
 PKG_VERSION=$(dpkg-deb -f "$DEB" Version)
 log "using $(basename "$DEB")"

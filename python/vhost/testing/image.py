@@ -8,7 +8,10 @@ with no compiler and no network access beyond ``apt-get download`` of the kernel
 :func:`ensure_image` runs it when the cache is missing or was built by another version of
 the script, and raises :class:`GuestSetupError` saying what to install when it cannot.
 
-The cache is ``$PYVHOST_GUEST_DIR``, by default ``~/.cache/pyvhost/guest``.
+The cache is ``$PYVHOST_GUEST_DIR``, by default ``~/.cache/pyvhost/guest``; each
+version of the builder writes its image in its own ``image-HASH`` folder there (HASH
+from the script's SHA-256), so installs of different versions do not rebuild over each
+other, and the kernel package it downloads is kept in ``deb/`` for the next build.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from .errors import GuestSetupError
 
-__all__ = ["BUILD_SCRIPT", "GuestImage", "build_image", "ensure_image", "image_dir"]
+__all__ = ["BUILD_SCRIPT", "GuestImage", "build_image", "ensure_image", "image_dir", "image_path"]
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build_image.sh"
 """The builder shipped in the package (``bash BUILD_SCRIPT [--force]``)."""
@@ -63,8 +66,13 @@ class GuestImage:
         return cls(vmlinuz, initrd, kver.read_text().strip())
 
 
-def _script_stamp() -> str:
-    return "script " + hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()
+def _script_hash() -> str:
+    return hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()
+
+
+def image_path(cache: Path | None = None) -> Path:
+    """The folder of this version's image in ``cache`` (default :func:`image_dir`)."""
+    return (cache or image_dir()) / f"image-{_script_hash()[:16]}"
 
 
 def _up_to_date(directory: Path) -> bool:
@@ -74,11 +82,14 @@ def _up_to_date(directory: Path) -> bool:
     except (OSError, IndexError):
         return False
     files = (directory / "vmlinuz", directory / "initrd.gz", directory / "KVER")
-    return first == _script_stamp() and all(p.is_file() and p.stat().st_size for p in files)
+    return first == f"script {_script_hash()}" and all(
+        p.is_file() and p.stat().st_size for p in files
+    )
 
 
 def build_image(directory: Path | None = None, *, force: bool = False) -> str:
-    """Run the builder into ``directory`` (default :func:`image_dir`); return its log.
+    """Run the builder with the cache ``directory`` (default :func:`image_dir`); return
+    its log.
 
     Quick when the cache is current (unless ``force``). Raises :class:`GuestSetupError`
     with the builder's own error lines (which name the missing tool or package and how
@@ -114,8 +125,9 @@ def build_image(directory: Path | None = None, *, force: bool = False) -> str:
 
 
 def ensure_image(directory: Path | None = None) -> GuestImage:
-    """The cached image, built first when missing or stale (about 20 s, once)."""
+    """The image in the cache ``directory`` (default :func:`image_dir`), built first
+    when missing or stale (about 20 s, once)."""
     directory = directory or image_dir()
-    if not _up_to_date(directory):
+    if not _up_to_date(image_path(directory)):
         build_image(directory)
-    return GuestImage.load(directory)
+    return GuestImage.load(image_path(directory))

@@ -9,8 +9,10 @@ import errno
 import fcntl
 import functools
 import os
+import select
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ QEMU_INSTALL_HINT = (
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_API_VERSION = 12
 KVM_PROBE_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
 
 
 def find_qemu(qemu: str | os.PathLike[str] | None = None) -> Path:
@@ -111,6 +114,31 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def _probe_boots(argv: list[str]) -> bool:
+    """Run the probe QEMU: True when it powers off cleanly; False as soon as it reports
+    a KVM internal error (it would pause there), exits otherwise, or times out."""
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdout is not None
+        output = b""
+        deadline = time.monotonic() + KVM_PROBE_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+                chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+                output += chunk
+                if b"KVM internal error" in output:
+                    return False
+                if ready and not chunk:  # end of output: QEMU exited
+                    return proc.wait(STOP_TIMEOUT) == 0
+            return False
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @functools.cache
 def _kvm_boots(qemu: Path, image: GuestImage) -> bool:
     # Nested or emulated KVM may open fine and still fail on the first unusual
@@ -128,17 +156,7 @@ def _kvm_boots(qemu: Path, image: GuestImage) -> bool:
         "-serial", "stdio", "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
         "-append", "console=ttyS0 quiet panic=-1 rdinit=/bin/poweroff -- -f",
     ]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=KVM_PROBE_TIMEOUT,
-            check=False,
-        )
-        ok = proc.returncode == 0 and b"KVM internal error" not in proc.stdout
-    except subprocess.TimeoutExpired:
-        ok = False  # paused on an internal error (subprocess.run killed it)
+    ok = _probe_boots(argv)
     with contextlib.suppress(OSError):
         cache.write_text(f"{key}\n{'yes' if ok else 'no'}")
     return ok
