@@ -63,7 +63,9 @@ Mode = Literal["busybox", "host"]
 """What guest commands run on: the busybox initramfs, or the host's root (read-only)."""
 
 START_MARK = "PYVHOST-GUEST-START"
+"""Console marker: the guest's ``/init`` is about to run the script or take commands."""
 SETUP_FAILED_MARK = "PYVHOST-GUEST-SETUP-FAILED"
+"""Console marker: ``/init`` could not set up (the reason follows it)."""
 _END_RE = re.compile(r"PYVHOST-GUEST-END status=(\d+)")
 _START_RE = re.compile(r"PYVHOST-GUEST-START mode=\w+[^\n]*\n")
 
@@ -74,7 +76,9 @@ SCRIPT_TIMEOUT = 300.0
 COMMAND_TIMEOUT = 120.0
 """Seconds :meth:`Guest.run` waits for one command."""
 STOP_TIMEOUT = 10.0
+"""Seconds a guest (or QEMU after a signal) gets to stop before SIGKILL."""
 TAIL_LINES = 60
+"""Console lines error messages show."""
 _SUN_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
 
@@ -92,10 +96,13 @@ class CommandResult:
     """What one command run in the guest (:meth:`Guest.run`) left."""
 
     command: str
+    """The command as given to :meth:`Guest.run`."""
     status: int
     """The command's exit status in the guest."""
     stdout_bytes: bytes
+    """Standard output, byte for byte."""
     stderr_bytes: bytes
+    """Standard error, byte for byte."""
 
     @property
     def stdout(self) -> str:
@@ -119,8 +126,11 @@ class GuestResult:
     returncode: int | None
     """QEMU's exit status (0 after the guest's ``poweroff``; negative when killed)."""
     timed_out: bool
+    """True when :meth:`Guest.wait` ran out of time and killed QEMU."""
     elapsed: float
+    """Seconds from QEMU's start to its end."""
     argv: tuple[str, ...]
+    """QEMU's command line."""
 
     @property
     def started(self) -> bool:

@@ -41,6 +41,7 @@ DeviceKind = Literal["blk", "rng", "net", "fs", "vsock"]
 """The vhost-user device types :class:`Device` knows how to attach."""
 
 QEMU_NAME = "qemu-system-x86_64"
+"""The QEMU binary looked for on ``$PATH`` (the guest is x86-64)."""
 QEMU_INSTALL_HINT = (
     "install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86; Fedora: dnf install "
     "qemu-system-x86-core) or name the binary with $PYVHOST_QEMU"
@@ -50,6 +51,7 @@ QEMU_INSTALL_HINT = (
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_API_VERSION = 12
 KVM_PROBE_TIMEOUT = 30.0
+"""Seconds the KVM probe boot may take before KVM counts as unusable."""
 STOP_TIMEOUT = 10.0
 
 
