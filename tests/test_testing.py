@@ -1,6 +1,8 @@
 """``vhost.testing``, the public guest rig (issue 12): commands and their data, the
-devices back-ends attach with, the pytest plugin's failure report, and the error paths
-(missing QEMU, missing kernel, missing build tool), without tracebacks from the CLI.
+devices back-ends attach with (blk on qemu-storage-daemon, fs on virtiofsd, net on DPDK
+testpmd, each checked by the data the guest's driver moves; rng in
+test_testing_docs.py), the pytest plugin's failure report, and the error paths (missing
+QEMU, missing kernel, missing build tool), without tracebacks from the CLI.
 
 Each guest test boots the real 6.12 guest (TCG here: 10-20 s each).
 """
@@ -11,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -128,6 +131,41 @@ def test_fs_device_shows_the_hosts_files(tmp_sock_dir: Path, tmp_path: Path) -> 
         assert guest.run("cat /mnt/fs/from-host.txt").stdout == f"host-{token}\n"
         guest.run(f"echo guest-{token} > /mnt/fs/from-guest.txt && sync")
     assert (shared / "from-guest.txt").read_text() == f"guest-{token}\n"
+
+
+# Sends one broadcast frame with a token on eth0 and prints the first frame that comes
+# back in (testpmd's io forwarding returns every frame on the port it came from).
+ECHO_FRAME = """
+import socket, sys
+ETHERTYPE = 0x88B5  # IEEE local experimental
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+sock.bind(("eth0", 0))
+mac = bytes.fromhex(open("/sys/class/net/eth0/address").read().strip().replace(":", ""))
+sock.send(b"\\xff" * 6 + mac + ETHERTYPE.to_bytes(2, "big") + sys.argv[1].encode().ljust(46, b"."))
+sock.settimeout(20)
+while True:
+    frame, addr = sock.recvfrom(2048)
+    if addr[2] != socket.PACKET_OUTGOING:  # our own send, seen by the packet socket
+        print(addr[2], frame.hex())
+        break
+"""
+
+
+def test_net_device_carries_a_frame_through_testpmd(tmp_sock_dir: Path) -> None:
+    sock = tmp_sock_dir / "net.sock"
+    token = secrets.token_hex(8)
+    with (
+        peers.dpdk_testpmd_net(sock) as testpmd,
+        boot(Device("net", sock), mode="host", files={"echo.py": ECHO_FRAME}) as guest,
+    ):
+        mac = guest.run("cat /sys/class/net/eth0/address").stdout.strip()
+        guest.run("ip link set eth0 up")
+        out = guest.run(f"python3 echo.py {token}", timeout=60).stdout.split()
+        assert testpmd.alive(), testpmd.output()
+    frame = bytes.fromhex(out[1])
+    assert int(out[0]) == socket.PACKET_BROADCAST
+    assert frame[:6] == b"\xff" * 6 and frame[6:12].hex(":") == mac
+    assert frame[14 : 14 + 16] == token.encode()  # the guest's payload came back whole
 
 
 def test_device_arguments_name_the_socket_and_keep_ids_apart() -> None:
