@@ -260,6 +260,18 @@ def test_cli_reports_a_missing_qemu_in_one_line() -> None:
     assert "Traceback" not in usage.stderr
 
 
+def test_a_guest_that_does_not_come_up_shows_why(tmp_path: Path) -> None:
+    # QEMU refuses its command line: its own message is in the error.
+    with pytest.raises(GuestFailed, match=r"QEMU exited \(status 1\) before") as err:
+        boot(qemu_args=["-device", "no-such-device"], runs_parent=tmp_path)
+    assert "'no-such-device' is not a valid device model name" in str(err.value)
+    # The guest's /init cannot set up: its reason is in the error.
+    with pytest.raises(GuestFailed, match=r"QEMU exited \(status 0\) before") as err:
+        boot(kernel_args=["pyvhost.mode=bogus"], runs_parent=tmp_path)
+    assert "PYVHOST-GUEST-SETUP-FAILED: unknown pyvhost.mode=bogus" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_kernel_is_named(tmp_path: Path) -> None:
     real = ensure_image()
     missing = tmp_path / "vmlinuz"
