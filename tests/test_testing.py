@@ -249,11 +249,19 @@ def test_missing_qemu_is_named_with_how_to_install_it(
         boot(runs_parent=tmp_path)
 
 
-def test_cli_reports_a_missing_qemu_in_one_line() -> None:
+def test_cli_reports_a_missing_qemu_or_back_end_without_traceback() -> None:
     out = _cli("run", "--qemu", "/nonexistent/qemu", "--device", "rng:/tmp/x.sock", "--", "true")
     assert out.returncode == 1
     assert out.stderr.startswith("error: QEMU binary qemu=/nonexistent/qemu not found"), out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    # A back-end that is not listening: QEMU's own words name the socket.
+    absent = _cli("run", "--device", "blk:/nonexistent/blk.sock", "--", "true")
+    assert absent.returncode == 1
+    assert absent.stderr.startswith(
+        "error: QEMU exited (status 1) before the console showed the guest ready for commands"
+    ), absent.stderr
+    assert "Failed to connect to '/nonexistent/blk.sock'" in absent.stderr
+    assert "Traceback" not in absent.stderr
     usage = _cli("run", "--device", "gpu:/tmp/x.sock", "--", "true")
     assert usage.returncode == 2
     assert "unknown device kind 'gpu' in 'gpu:/tmp/x.sock'" in usage.stderr

@@ -265,16 +265,22 @@ class Guest:
         return "\n".join(parts)
 
     def wait_for(
-        self, pattern: str | re.Pattern[str], timeout: float = 120.0, *, count: int = 1
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float = 120.0,
+        *,
+        count: int = 1,
+        description: str | None = None,
     ) -> re.Match[str]:
         """Wait until the console shows ``pattern`` (plain text or a regex) ``count`` times;
-        return the last of those matches.
+        return the last of those matches. ``description`` names what is awaited in errors
+        (default: the pattern).
 
         Raises :class:`GuestFailed` with the console tail if QEMU exits first or time
         runs out.
         """
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
-        shown = f"{regex.pattern!r}" + (f" {count} times" if count != 1 else "")
+        shown = description or f"{regex.pattern!r}" + (f" {count} times" if count != 1 else "")
         deadline = time.monotonic() + timeout
         while True:
             exited = not self.alive()  # read the console after: QEMU's last words count
@@ -298,7 +304,7 @@ class Guest:
     def _connect_agent(self, timeout: float) -> None:
         if self.agent_path is None:
             raise GuestSetupError("this guest runs a script; boot() a guest to run commands")
-        self.wait_for(_START_RE, timeout)
+        self.wait_for(_START_RE, timeout, description="the guest ready for commands")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(os.fspath(self.agent_path))
