@@ -31,10 +31,11 @@ pub fn deadline(what: &str, seconds: Option<f64>) -> PyResult<Option<Instant>> {
 /// A finite number of seconds for a setting that cannot be "for ever" (a poll period, a
 /// run's length).
 pub fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    match timeout(what, Some(s))? {
-        Some(d) => Ok(d),
-        None => Err(invalid_param(format!("{what} must be finite, not {s}"))),
-    }
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        invalid_param(format!(
+            "{what} must be a finite number of seconds from 0, not {s}"
+        ))
+    })
 }
 
 /// Defines a newtype for an unsigned integer argument: a Python `int` in range is the

@@ -13,15 +13,15 @@ use pyo3::prelude::*;
 use crate::convert::{U16, U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::daemon::{
-    Daemon, DaemonEvent, DaemonRunner, DaemonStats, DeviceError, EventQueue, FrontendLink, Mode,
-    StartError, VirtioDevice, DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+    Daemon, DaemonEvent, DaemonRunner, DaemonSettings, DaemonStats, DeviceError, EventQueue,
+    FrontendLink, Mode, StartError, VirtioDevice, DEFAULT_POSTCOPY_FAULT_TIMEOUT,
 };
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::sys::PathError;
 use vhost_core::vring::DescriptorChain as CoreChain;
 
-use crate::convert;
+use crate::convert::{self, uint_args};
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::handler::shmem_pairs;
 use crate::link::{resize_error, PyFrontendLink};
@@ -637,18 +637,21 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (
-        device,
-        *,
-        stall_timeout = 5.0,
-        poll_us = 0,
-        require_sealed_memory = false,
-        postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
-    ))]
+    #[pyo3(
+        signature = (
+            device,
+            *,
+            stall_timeout = 5.0,
+            poll_us = None,
+            require_sealed_memory = false,
+            postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
+        ),
+        text_signature = "(device, *, stall_timeout=5.0, poll_us=0, require_sealed_memory=False, postcopy_fault_timeout=...)"
+    )]
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
-        poll_us: i64,
+        poll_us: Option<&Bound<'_, PyAny>>,
         require_sealed_memory: bool,
         postcopy_fault_timeout: Option<f64>,
     ) -> PyResult<Self> {
@@ -656,36 +659,25 @@ impl PyDaemon {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
         };
-        let Ok(poll_us) = u64::try_from(poll_us) else {
-            return Err(invalid_param(format!(
-                "poll_us must be 0 or more microseconds, not {poll_us}"
-            )));
+        uint_args!("Daemon"; poll_us: U64 = 0);
+        let settings = DaemonSettings {
+            stall_timeout: convert::seconds("stall_timeout", stall_timeout)?,
+            poll: Duration::from_micros(poll_us),
+            postcopy_fault_timeout: convert::timeout(
+                "postcopy_fault_timeout",
+                postcopy_fault_timeout,
+            )?,
+            sealed_memory_only: require_sealed_memory,
         };
-        if !(stall_timeout.is_finite() && stall_timeout > 0.0) {
-            return Err(invalid_param(
-                "stall_timeout must be a positive number of seconds",
-            ));
-        }
-        let postcopy_fault_timeout =
-            crate::convert::timeout("postcopy_fault_timeout", postcopy_fault_timeout)?;
-        if postcopy_fault_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(invalid_param(
-                "postcopy_fault_timeout must be more than 0 seconds (None: no bound)",
-            ));
-        }
+        settings.check().map_err(user_error)?;
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
         let events = EventQueue::new(MAX_PENDING_EVENTS);
         let recipe = {
             let (device, link, sink) = (device.clone(), link.clone(), events.sink());
-            let stall_timeout = Duration::from_secs_f64(stall_timeout);
-            let poll = Duration::from_micros(poll_us);
             Box::new(move || {
                 Ok(Daemon::new(device.clone())?
-                    .with_stall_timeout(stall_timeout)
-                    .with_postcopy_fault_timeout(postcopy_fault_timeout)
-                    .with_poll(poll)
-                    .with_sealed_memory_only(require_sealed_memory)
+                    .with_settings(&settings)
                     .with_frontend_link(link.clone())
                     .with_events(sink.clone()))
             })

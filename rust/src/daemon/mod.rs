@@ -40,6 +40,6 @@ pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
 pub use link::{FrontendLink, LinkError};
 pub use postcopy::{check_read_settled, FaultPolicy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
-pub use runner::{DaemonRecipe, DaemonRunner, Mode, StartError};
+pub use runner::{DaemonRecipe, DaemonRunner, DaemonSettings, Mode, StartError};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
 pub use state::{STATE_STALL_TIMEOUT, STATE_TRANSFER_TIMEOUT};

@@ -64,6 +64,50 @@ struct State {
     run: Option<Run>,
 }
 
+/// What the user of a daemon (a binding, a command line) sets, checked in one place
+/// before any daemon is built with it ([`Daemon::with_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Bounds each message and reply ([`Daemon::with_stall_timeout`]); more than 0.
+    pub stall_timeout: Duration,
+    /// How long queue workers poll before sleeping ([`Daemon::with_poll`]).
+    pub poll: Duration,
+    /// Bounds a postcopy fault ([`Daemon::with_postcopy_fault_timeout`]); `None`: no
+    /// bound, else more than 0.
+    pub postcopy_fault_timeout: Option<Duration>,
+    /// Accept only sealed guest memory ([`Daemon::with_sealed_memory_only`]).
+    pub sealed_memory_only: bool,
+}
+
+impl DaemonSettings {
+    /// Refuses the settings that cannot work ([`Error::InvalidParam`], naming the
+    /// setting): a zero stall timeout (every message would time out before it began), a
+    /// zero postcopy fault bound (every fault would end the session).
+    pub fn check(&self) -> Result<()> {
+        if self.stall_timeout.is_zero() {
+            return Err(Error::InvalidParam(
+                "stall_timeout must be a positive number of seconds".into(),
+            ));
+        }
+        if self.postcopy_fault_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidParam(
+                "postcopy_fault_timeout must be more than 0 seconds (None: no bound)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Daemon {
+    /// Applies checked `settings` ([`DaemonSettings::check`]).
+    pub fn with_settings(self, settings: &DaemonSettings) -> Self {
+        self.with_stall_timeout(settings.stall_timeout)
+            .with_poll(settings.poll)
+            .with_postcopy_fault_timeout(settings.postcopy_fault_timeout)
+            .with_sealed_memory_only(settings.sealed_memory_only)
+    }
+}
+
 /// Builds the daemon each start serves with (settings, device, event sink).
 pub type DaemonRecipe = Box<dyn Fn() -> io::Result<Daemon> + Send + Sync>;
 

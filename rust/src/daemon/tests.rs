@@ -486,3 +486,36 @@ fn runner_hands_the_error_that_ended_it_to_one_waiter() {
     assert!(!runner.is_running());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The settings a binding takes from its user are checked in the core, each refusal
+/// naming the setting.
+#[test]
+fn daemon_settings_refuse_zero_bounds() {
+    use super::DaemonSettings;
+    use std::time::Duration;
+
+    let good = DaemonSettings {
+        stall_timeout: Duration::from_secs(5),
+        poll: Duration::ZERO,
+        postcopy_fault_timeout: None,
+        sealed_memory_only: false,
+    };
+    good.check().unwrap();
+    let zero_stall = DaemonSettings {
+        stall_timeout: Duration::ZERO,
+        ..good
+    };
+    let zero_fault = DaemonSettings {
+        postcopy_fault_timeout: Some(Duration::ZERO),
+        ..good
+    };
+    for (settings, name) in [
+        (zero_stall, "stall_timeout"),
+        (zero_fault, "postcopy_fault_timeout"),
+    ] {
+        match settings.check() {
+            Err(Error::InvalidParam(m)) => assert!(m.starts_with(name), "{m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
