@@ -239,6 +239,10 @@ def test_native_negotiate_refuses_bad_masks_as_invalid_params(ours: Path) -> Non
             fe.native.negotiate(None, int(PF.GPA_ADDRESSES))
         with pytest.raises(InvalidParamError, match="excludes VIRTIO_F_RING_PACKED"):
             fe.native.negotiate(0, None, packed=True)
-        with pytest.raises(InvalidParamError, match="-1 is out of range"):
+        with pytest.raises(InvalidParamError, match=r"^negotiate: features: -1 is out of range"):
             fe.native.negotiate(-1)
+        with pytest.raises(
+            InvalidParamError, match=r"^negotiate: protocol_features: -4097 is out of range"
+        ):
+            fe.negotiate(protocol_features=~int(PF.INFLIGHT_SHMFD))
         assert fe.get_features()  # nothing was sent before the refusals

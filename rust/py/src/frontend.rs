@@ -113,15 +113,16 @@ vhost_backend_pymethods!(PyFrontend {
     fn negotiate(
         &self,
         py: Python<'_>,
-        features: Option<U64>,
-        protocol_features: Option<U64>,
+        features: Option<&Bound<'_, PyAny>>,
+        protocol_features: Option<&Bound<'_, PyAny>>,
         packed: bool,
         event_idx: bool,
         log_all: bool,
     ) -> PyResult<(u64, u64)> {
+        let mask = |v: Option<&Bound<'_, PyAny>>, what| v.map(|v| U64::named(v, what)).transpose();
         let opts = vhost_core::user::frontend::NegotiateOptions {
-            features: features.map(|f| f.0),
-            protocol_features: protocol_features.map(|f| f.0),
+            features: mask(features, "negotiate: features")?,
+            protocol_features: mask(protocol_features, "negotiate: protocol_features")?,
             packed,
             event_idx,
             log_all,
