@@ -397,7 +397,8 @@ request_table! {
     /// The virtio features the back-end offers.
     GetFeatures = 1, "GET_FEATURES", gate -, reply U64, body (), fds None, (_, _) => [GetFeatures];
     /// The features the front-end acks.
-    SetFeatures = 2, "SET_FEATURES", gate -, reply Ack, body u64, fds None, (b, _) => [SetFeatures(b)];
+    SetFeatures = 2, "SET_FEATURES", gate -, reply Ack, body u64, fds None,
+        (b, _) => [SetFeatures(b)];
     /// Starts a session: the sender owns the back-end.
     SetOwner = 3, "SET_OWNER", gate -, reply Ack, body (), fds None, (_, _) => [SetOwner];
     /// Deprecated by the spec; a back-end may ignore it.
@@ -447,7 +448,8 @@ request_table! {
     SendRarp = 19, "SEND_RARP", gate RARP, reply Ack, body [u8; 6], fds None,
         (b, _) => [SendRarp(b)];
     /// The MTU the guest driver set (MTU).
-    NetSetMtu = 20, "NET_SET_MTU", gate MTU, reply Ack, body u64, fds None, (b, _) => [NetSetMtu(b)];
+    NetSetMtu = 20, "NET_SET_MTU", gate MTU, reply Ack, body u64, fds None,
+        (b, _) => [NetSetMtu(b)];
     /// Formerly `SET_SLAVE_REQ_FD`.
     SetBackendReqFd = 21, "SET_BACKEND_REQ_FD", gate BACKEND_REQ, reply Ack, body (), fds One,
         (_, f) => [SetBackendReqFd(f)];
@@ -479,11 +481,13 @@ request_table! {
     PostcopyEnd = 30, "POSTCOPY_END", gate PAGEFAULT, reply U64, body (), fds None,
         (_, _) => [PostcopyEnd];
     /// Asks for a shared area that records in-flight requests (INFLIGHT_SHMFD).
-    GetInflightFd = 31, "GET_INFLIGHT_FD", gate INFLIGHT_SHMFD, reply Sized(InflightDesc::SIZE) + fd,
+    GetInflightFd = 31, "GET_INFLIGHT_FD", gate INFLIGHT_SHMFD,
+        reply Sized(InflightDesc::SIZE) + fd,
         body InflightDesc where InflightDesc::check_queues, fds None, (b, _) => [GetInflightFd(b)];
     /// Hands the in-flight area back after a reconnect (INFLIGHT_SHMFD).
     SetInflightFd = 32, "SET_INFLIGHT_FD", gate INFLIGHT_SHMFD, reply Ack,
-        body InflightDesc where inflight_area, fds One, (b, f) => [SetInflightFd { desc: b, fd: f }];
+        body InflightDesc where inflight_area, fds One,
+        (b, f) => [SetInflightFd { desc: b, fd: f }];
     /// The socket of the GPU protocol (vhost-user-gpu).
     GpuSetSocket = 33, "GPU_SET_SOCKET", gate -, reply Ack, body (), fds One,
         (_, f) => [GpuSetSocket(f)];
@@ -503,7 +507,8 @@ request_table! {
     RemMemReg = 38, "REM_MEM_REG", gate CONFIGURE_MEM_SLOTS, reply Ack, body MemRegion,
         fds ZeroOrOne, (b, _) => [RemMemReg(b)];
     /// The virtio device status byte (STATUS).
-    SetStatus = 39, "SET_STATUS", gate STATUS, reply Ack, body u64, fds None, (b, _) => [SetStatus(b)];
+    SetStatus = 39, "SET_STATUS", gate STATUS, reply Ack, body u64, fds None,
+        (b, _) => [SetStatus(b)];
     /// Asks for the virtio device status byte (STATUS).
     GetStatus = 40, "GET_STATUS", gate STATUS, reply U64, body (), fds None, (_, _) => [GetStatus];
     /// Asks for the dma-buf exported under a UUID (SHARED_OBJECT).
