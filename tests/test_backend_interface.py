@@ -26,7 +26,7 @@ import pytest
 from vhost import EventFd, GuestMemory, VhostBackend, _core
 from vhost.errors import InvalidParamError
 from vhost.kern import KernelBackend
-from vhost.types import DirtyLogRegion, MemoryRegion, VringConfig
+from vhost.types import DirtyLogRegion, MemoryRegion, VringAddrs, VringConfig
 from vhost.user import BackendHandler, BackendListener, Frontend, regions_of, serve_in_thread
 from vhost.vdpa import VhostVdpa
 from vhost.virtio import DeviceStatus
@@ -142,9 +142,7 @@ class Device(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self.seen.append(("num", index, num))
 
-    def set_vring_addr(  # noqa: PLR0917 - mirrors the request
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
         self.seen.append(("addr", index))
 
     def set_vring_base(self, index: int, base: int) -> None:

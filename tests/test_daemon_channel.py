@@ -389,8 +389,8 @@ class Mapper(Recorder):
         fd_offset: int,
         shm_offset: int,
         length: int,
-        flags: int,
         fd: FileDescriptor,
+        flags: int,
     ) -> int | None:
         content = os.pread(fd.fileno(), length, fd_offset)
         self.got.put(("shmem_map", shmid, fd_offset, shm_offset, length, flags, content))

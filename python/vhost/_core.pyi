@@ -294,8 +294,9 @@ class BackendChannel:
         fd_offset: int,
         shm_offset: int,
         length: int,
-        writable: bool,
         fd: _Fd,
+        *,
+        writable: bool = False,
     ) -> None: ...
     def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None: ...
     def set_timeout(self, timeout: float | None) -> None: ...

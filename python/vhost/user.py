@@ -44,7 +44,7 @@ from .errors import (
     NotSupportedError,
 )
 from .postcopy import PostcopyRegion
-from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
+from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringAddrs, VringConfig
 from .virtio import DeviceStatus, VirtioFeature
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "Frontend",
     "FrontendChannel",
     "FrontendRequestHandler",
+    "InflightArea",
     "InflightInfo",
     "Listener",
     "ShmemConfig",
@@ -125,6 +126,18 @@ class InflightInfo:
             f"InflightInfo(mmap_size={self.mmap_size:#x}, mmap_offset={self.mmap_offset:#x}, "
             f"num_queues={self.num_queues}, queue_size={self.queue_size}, fd={self.fd!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InflightArea:
+    """The inflight-tracking area a back-end hands out, what
+    :meth:`BackendHandler.get_inflight_fd` returns: ``mmap_size`` bytes of ``fd`` from
+    ``mmap_offset``. The session duplicates ``fd`` to send it, so it stays the handler's
+    (keep it: the same area comes back with ``SET_INFLIGHT_FD`` after a reconnect)."""
+
+    mmap_size: int
+    mmap_offset: int
+    fd: FdLike
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,11 +744,13 @@ class BackendHandler(abc.ABC):
     def set_mem_table(self, memory: GuestMemory) -> None:
         """The memory table was replaced; ``memory`` is mapped and ready to use."""
 
-    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
-        """A region (gpa, size, user_addr, mmap_offset) was mapped into ``memory``."""
+    def add_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
+        """``ADD_MEM_REG``: ``region`` was mapped into ``memory`` (its ``fd`` is borrowed
+        from ``memory``: duplicate it to keep it)."""
 
-    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
-        """A region was removed from ``memory`` (views of it stay valid until dropped)."""
+    def remove_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
+        """``REM_MEM_REG``: ``region`` was removed from ``memory`` (its ``fd`` is -1; views
+        of it stay valid until dropped)."""
 
     def get_max_mem_slots(self) -> int:
         raise _refuse("GET_MAX_MEM_SLOTS")
@@ -755,10 +770,9 @@ class BackendHandler(abc.ABC):
     def set_vring_num(self, index: int, num: int) -> None:
         pass
 
-    def set_vring_addr(  # noqa: PLR0917 - mirrors the VhostBackend call, positional
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        pass
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        """``SET_VRING_ADDR``: where ring ``index`` lives, in front-end virtual addresses
+        (translate with :meth:`GuestMemory.user_to_gpa`). Ignored by default."""
 
     def set_vring_base(self, index: int, base: int) -> None:
         pass
@@ -797,17 +811,16 @@ class BackendHandler(abc.ABC):
     def set_backend_channel(self, channel: BackendChannel) -> None:
         """The front-end opened the back-end request channel."""
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, FdLike]:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
+        """``GET_INFLIGHT_FD`` (``INFLIGHT_SHMFD``): allocate the area that tracks requests
+        in flight for ``num_queues`` rings of ``queue_size`` entries, so a restarted
+        back-end can finish them. Refused by default."""
         raise _refuse("GET_INFLIGHT_FD")
 
-    def set_inflight_fd(
-        self,
-        mmap_size: int,
-        mmap_offset: int,
-        num_queues: int,
-        queue_size: int,
-        fd: _core.FileDescriptor,
-    ) -> None:
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        """``SET_INFLIGHT_FD``: the area a previous :meth:`get_inflight_fd` handed out,
+        back after a reconnect (``info.fd`` is yours to keep or close). Refused by
+        default."""
         raise _refuse("SET_INFLIGHT_FD")
 
     def send_rarp(self, mac: bytes) -> None:
@@ -816,7 +829,10 @@ class BackendHandler(abc.ABC):
     def net_set_mtu(self, mtu: int) -> None:
         raise _refuse("NET_SET_MTU")
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> None:
+    def iotlb_msg(self, message: IotlbMessage) -> None:
+        """``IOTLB_MSG`` (``IOMMU_PLATFORM``): the front-end updates or invalidates an
+        IOTLB entry, so ring and buffer addresses are I/O virtual addresses. Refused by
+        default."""
         raise _refuse("IOTLB_MSG")
 
     def reset_device(self) -> None:
@@ -891,7 +907,9 @@ class FrontendRequestHandler:
     def vring_err(self, index: int) -> int | None:
         raise _refuse("VRING_ERR")
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> int | None:
+    def iotlb_msg(self, message: IotlbMessage) -> int | None:
+        """``IOTLB_MSG`` from the back-end: a miss (translate ``message.iova`` and answer
+        with an update on the front-end's own ``iotlb_msg``) or an access failure."""
         raise _refuse("IOTLB_MSG")
 
     def shared_object_add(self, uuid: bytes) -> int | None:
@@ -906,18 +924,19 @@ class FrontendRequestHandler:
         yours)."""
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
-    def shmem_map(  # noqa: PLR0917 - one argument per field of the request
+    def shmem_map(  # noqa: PLR0917 - the order of BackendChannel.shmem_map
         self,
         shmid: int,
         fd_offset: int,
         shm_offset: int,
         length: int,
-        flags: int,
         fd: _core.FileDescriptor,
+        flags: int,
     ) -> int | None:
         """Map ``length`` bytes of ``fd`` at ``fd_offset`` into shared memory region
         ``shmid`` at ``shm_offset`` (SHMEM_MAP; the seed's virtio-fs ``fs_slave_map``,
-        whose DAX window is region 0). ``flags`` bit 0: writable."""
+        whose DAX window is region 0). ``flags`` bit 0: writable. The arguments come in
+        the order :meth:`BackendChannel.shmem_map` takes them."""
         raise _refuse("SHMEM_MAP")
 
     def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int | None:

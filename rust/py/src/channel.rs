@@ -89,7 +89,7 @@ impl FrontendReqHandler for PyFrontendHandler {
         self.state.call(
             &self.obj,
             "iotlb_msg",
-            move |py| tuple(py, (m.iova, m.size, m.uaddr, m.perm, m.kind)),
+            move |py| tuple(py, (crate::backend::iotlb_message(py, &m)?,)),
             u64_or_zero,
         )
     }
@@ -131,8 +131,8 @@ impl FrontendReqHandler for PyFrontendHandler {
                     m.fd_offset,
                     m.shm_offset,
                     m.len,
-                    m.flags,
                     FileDescriptor::new(fd),
+                    m.flags,
                 );
                 tuple(py, args)
             },
@@ -332,7 +332,10 @@ impl PyBackendChannel {
             c.vring_host_notifier(index, size, offset, fd.map(borrow))
         })
     }
-    #[pyo3(signature = (shmid, fd_offset, shm_offset, length, writable, fd))]
+    /// SHMEM_MAP: maps `length` bytes of `fd` (kept by the caller) from `fd_offset` into
+    /// shared memory region `shmid` at `shm_offset`; the order `FrontendLink.shmem_map`
+    /// takes too.
+    #[pyo3(signature = (shmid, fd_offset, shm_offset, length, fd, *, writable = false))]
     #[allow(clippy::too_many_arguments)]
     fn shmem_map(
         &self,
@@ -341,8 +344,8 @@ impl PyBackendChannel {
         fd_offset: U64,
         shm_offset: U64,
         length: U64,
-        writable: bool,
         fd: &Bound<'_, PyAny>,
+        writable: bool,
     ) -> PyResult<()> {
         let (fd_offset, shm_offset, length) = (fd_offset.0, shm_offset.0, length.0);
         let fd = raw_fd_of(fd)?;
