@@ -28,10 +28,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self, cast
 
 from . import _core
+from ._closing import Closing
 from .backend import EventFdLike, _NativeBackend, _region_tuple
 from .codes import MAX_SHMEM_REGIONS, ProtocolFeature
 from .dirty_log import DirtyLog
@@ -947,7 +948,7 @@ class FrontendRequestHandler:
         raise _refuse(name)
 
 
-class BackendListener:
+class BackendListener(Closing):
     """A back-end in server mode: listens at ``path`` and accepts front-ends.
 
     The socket path is unlinked on :meth:`close` (or when the context exits).
@@ -989,17 +990,6 @@ class BackendListener:
 
     def close(self) -> None:
         self._listener.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @contextmanager

@@ -40,10 +40,10 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self
 
 from .. import _core
+from .._closing import Closing
 from ..codes import ProtocolFeature
 from ..errors import (
     ClosedError,
@@ -251,7 +251,7 @@ def _check_sector_multiple(what: str, value: int) -> None:
         raise InvalidParamError(f"{what} must be a non-negative multiple of {SECTOR_SIZE}: {value}")
 
 
-class BlkDriver:
+class BlkDriver(Closing):
     """A virtio-blk driver on queue 0 of a vhost-user-blk back-end.
 
     Use :meth:`connect`. ``slots`` requests can be in flight at once, each with a data
@@ -813,17 +813,6 @@ class BlkDriver:
             self._done.clear()
             del self.queue
             del self.memory
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.capacity} sectors"

@@ -116,3 +116,46 @@ pub fn dup_of(obj: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {
     // SAFETY: `new` is a freshly duplicated fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// A native resource (an fd, a mapping) that Python may close while another thread is
+/// using it: `get` hands out an `Arc` that keeps it open through a call racing a
+/// `close`, and after `close` every `get` is `ClosedError` naming `what`. One place for
+/// what `EventFd`, `FaultResolver`, `DirtyLog`, `KernelDevice` and `VdpaDevice` share.
+pub struct Closable<T> {
+    inner: std::sync::RwLock<Option<std::sync::Arc<T>>>,
+    what: &'static str,
+}
+
+impl<T> Closable<T> {
+    pub fn new(what: &'static str, value: T) -> Self {
+        Self::from_arc(what, std::sync::Arc::new(value))
+    }
+
+    pub fn from_arc(what: &'static str, value: std::sync::Arc<T>) -> Self {
+        Closable {
+            inner: std::sync::RwLock::new(Some(value)),
+            what,
+        }
+    }
+
+    /// The resource, or `ClosedError`.
+    pub fn get(&self) -> PyResult<std::sync::Arc<T>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| closed(self.what))
+    }
+
+    /// Drops this handle's reference: the resource is released once no call uses it.
+    pub fn close(&self) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn closed(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+}
