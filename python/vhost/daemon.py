@@ -99,7 +99,9 @@ class Resizable(Protocol):
     """A device whose capacity can grow while it is served (:class:`BlkDevice`,
     :class:`vhost.devices.blkdev.PythonBlkDevice`)."""
 
-    def resize(self, size: int | None = None) -> tuple[int, int, bool]: ...
+    def resize(self, size: int | None = None) -> tuple[int, int, bool]:
+        """Grows the capacity to the backing's size now (``size`` None) or to ``size`` bytes and
+        tells the front-end; returns ``(old, new, notified)`` in 512-byte sectors."""
 
 
 class EventKind(StrEnum):

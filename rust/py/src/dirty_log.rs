@@ -15,6 +15,7 @@ use crate::memory::PyGuestMemory;
 /// `[start, end)` guest-physical addresses of one run of dirty pages.
 type RangeTuple = (u64, u64);
 
+/// The dirty-page bitmap of live migration (`vhost.dirty_log.DirtyLog` wraps it).
 #[pyclass(module = "vhost._core", name = "DirtyLog", frozen)]
 pub struct PyDirtyLog {
     log: Closable<DirtyLog>,

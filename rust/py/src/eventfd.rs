@@ -12,6 +12,8 @@ use crate::errors::IntoPyResult;
 use crate::fd::Closable;
 use crate::wait;
 
+/// A Linux eventfd: the kick and call signals of a virtqueue, passed to peers by
+/// SCM_RIGHTS.
 #[pyclass(module = "vhost._core", name = "EventFd", frozen)]
 pub struct PyEventFd {
     inner: Closable<CoreEventFd>,

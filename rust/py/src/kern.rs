@@ -36,6 +36,8 @@ impl PyVhostBackend for PyKernelDevice {
     }
 }
 
+/// A kernel vhost device (`/dev/vhost-net`, `/dev/vhost-vsock`...), driven by ioctls;
+/// `vhost.kern.KernelBackend` wraps it.
 #[pyclass(module = "vhost._core", name = "KernelDevice", frozen)]
 pub struct PyKernelDevice {
     inner: Closable<VhostDevice>,

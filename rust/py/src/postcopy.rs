@@ -34,6 +34,7 @@ fn fault_tuple(f: PageFault) -> FaultTuple {
     (f.guest_phys_addr, f.backend_addr, f.write)
 }
 
+/// A back-end's userfaultfd, front-end side (`vhost.postcopy.FaultResolver` wraps it).
 #[pyclass(module = "vhost._core", name = "FaultResolver", frozen)]
 pub struct PyFaultResolver {
     inner: Closable<FaultResolver>,

@@ -27,6 +27,8 @@ impl PyVhostBackend for PyVdpaDevice {
     }
 }
 
+/// A vDPA device (`/dev/vhost-vdpa-N`): the vhost interface plus config space, status
+/// and DMA mapping; `vhost.vdpa.VhostVdpa` wraps it.
 #[pyclass(module = "vhost._core", name = "VdpaDevice", frozen)]
 pub struct PyVdpaDevice {
     inner: Closable<VhostVdpa>,
@@ -48,6 +50,7 @@ impl PyVdpaDevice {
 }
 
 vhost_backend_pymethods!(PyVdpaDevice {
+    /// Opens a vhost-vdpa character device; a missing path raises an error naming it.
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let dev = py.detach(|| VhostVdpa::open(&path)).py_err()?;
