@@ -427,6 +427,9 @@ def test_a_python_device_maps_a_file_into_its_shared_memory(tmp_sock_dir: Path) 
                 assert front.next()[5] == 1
                 device.frontend.shmem_unmap(0, 8192, 4096)
                 assert front.next() == ("shmem_unmap", 0, 8192, 4096)
+                # a bad offset is the caller's InvalidParamError, as on BackendChannel
+                with pytest.raises(InvalidParamError, match="fd_offset"):
+                    device.frontend.shmem_map(0, -1, 0, 4096, memfd)
             finally:
                 os.close(memfd)
         finally:

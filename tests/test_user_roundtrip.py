@@ -28,6 +28,7 @@ from vhost.codes import MigrationPhase, ProtocolFeature, TransferDirection
 from vhost.errors import (
     ClosedError,
     InactiveFeatureError,
+    InvalidParamError,
     NotSupportedError,
     RequestRefusedError,
     VhostError,
@@ -997,11 +998,16 @@ def test_channel_every_backend_request(channel_link: ChannelLink) -> None:
     front.lookup_answer = 5  # not found: the answer comes back as it is
     assert c.shared_object_lookup(u) == 5
     front.next()
-    c.iotlb_msg(0x1000, 0x2000, 0x3000, 1, 1)
+    c.send_iotlb_msg(IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS))
     assert front.next() == (
         "iotlb_msg",
         (IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS),),
     )
+    # vhost-user's layout has no address space: refused before sending, not dropped
+    with pytest.raises(InvalidParamError, match="address space"):
+        c.send_iotlb_msg(
+            IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS, asid=1)
+        )
 
     mfd = memfd_with(b"notifier page")
     try:

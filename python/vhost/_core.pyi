@@ -7,7 +7,7 @@ from typing import Any, Final, Protocol, Self, final
 
 from typing_extensions import Buffer
 
-from .types import MemoryRegion
+from .types import IotlbMessage, MemoryRegion
 
 __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
@@ -479,9 +479,10 @@ class BackendChannel:
         self, uuid: Sequence[int]
     ) -> tuple[int, FileDescriptor | None]:
         """The lookup's status and, when found, the object's dma-buf fd (owned by the caller)."""
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, kind: int) -> None:
-        """``IOTLB_MSG`` from the back-end: a miss (``kind`` 1) asking the front-end to translate
-        ``iova``, or an access failure."""
+    def send_iotlb_msg(self, msg: IotlbMessage) -> None:
+        """``IOTLB_MSG`` from the back-end: a miss asking the front-end to translate
+        ``msg.iova``, or an access failure; the name and argument of
+        ``Frontend.send_iotlb_msg``. A non-zero ``asid`` raises ``InvalidParamError``."""
     def vring_host_notifier(
         self, index: int, size: int, offset: int, fd: _Fd | None = None
     ) -> None:
@@ -798,7 +799,7 @@ class FrontendLink:
     def has_channel(self) -> bool:
         """Whether that front-end set up the back-end channel (``BACKEND_REQ``), which every
         request here needs."""
-    def config_changed(self) -> None:
+    def config_change(self) -> None:
         """``CONFIG_CHANGE_MSG``: the front-end re-reads the config space and tells the driver.
         Without a front-end: ``DisconnectedError``."""
     def shared_object_add(self, uuid: Sequence[int]) -> None:

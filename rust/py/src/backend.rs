@@ -18,7 +18,7 @@ use vhost_core::user::payload::{
 use vhost_core::user::{Error, Listener};
 
 use crate::channel::PyBackendChannel;
-use crate::convert::U32;
+use crate::convert::{U32, U64};
 use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
 use crate::fd::{dup_of, FileDescriptor};
@@ -104,6 +104,24 @@ impl PyBackendHandler {
 /// A `vhost.types.IotlbMessage` for a payload the core decoded (and checked).
 pub fn iotlb_message<'py>(py: Python<'py>, m: &IotlbPayload) -> PyResult<Bound<'py, PyAny>> {
     IOTLB_MESSAGE.build(py, (m.iova, m.size, m.uaddr, m.perm, m.kind))
+}
+
+/// The payload of a `vhost.types.IotlbMessage` (or any object with its fields), which
+/// checked itself; `asid` has no place in the vhost-user layout and must be 0.
+pub fn iotlb_payload_of(msg: &Bound<'_, PyAny>) -> PyResult<IotlbPayload> {
+    let field = |name: &str| msg.getattr(name);
+    if field("asid").map_or(Ok(0), |a| a.extract::<u32>())? != 0 {
+        return Err(invalid_param(
+            "vhost-user IOTLB messages have no address space id (asid must be 0)",
+        ));
+    }
+    Ok(IotlbPayload {
+        iova: field("iova")?.extract::<U64>()?.0,
+        size: field("size")?.extract::<U64>()?.0,
+        uaddr: field("uaddr")?.extract::<U64>()?.0,
+        perm: field("perm")?.extract()?,
+        kind: field("type")?.extract()?,
+    })
 }
 
 fn owned_fd(v: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {

@@ -298,23 +298,11 @@ impl PyBackendChannel {
         let (status, fd) = self.call(py, |c| c.shared_object_lookup_fd(uuid))?;
         Ok((status, fd.map(FileDescriptor::new)))
     }
-    fn iotlb_msg(
-        &self,
-        py: Python<'_>,
-        iova: U64,
-        size: U64,
-        uaddr: U64,
-        perm: u8,
-        kind: u8,
-    ) -> PyResult<()> {
-        let (iova, size, uaddr) = (iova.0, size.0, uaddr.0);
-        let m = IotlbPayload {
-            iova,
-            size,
-            uaddr,
-            perm,
-            kind,
-        };
+    /// IOTLB_MSG to the front-end (a miss or an access failure), from a
+    /// `vhost.types.IotlbMessage`: the name and argument `Frontend.send_iotlb_msg` and
+    /// `KernelBackend.send_iotlb_msg` take.
+    fn send_iotlb_msg(&self, py: Python<'_>, msg: &Bound<'_, PyAny>) -> PyResult<()> {
+        let m = crate::backend::iotlb_payload_of(msg)?;
         self.call(py, move |c| c.iotlb_msg(&m))
     }
     #[pyo3(signature = (index, size, offset, fd = None))]

@@ -85,7 +85,7 @@ impl PyFrontendLink {
     }
 
     /// CONFIG_CHANGE_MSG: the front-end re-reads the config space and tells the driver.
-    fn config_changed(&self, py: Python<'_>) -> PyResult<()> {
+    fn config_change(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |l| l.config_changed())
     }
 
