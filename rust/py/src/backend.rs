@@ -21,7 +21,7 @@ use crate::channel::PyBackendChannel;
 use crate::convert::{U32, U64};
 use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
-use crate::fd::{dup_of, FileDescriptor};
+use crate::fd::{closing_pymethods, dup_of, FileDescriptor};
 use crate::frontend::PyFrontend;
 use crate::handler::{shmem_pairs, unit, FacadeType, PyCallState};
 use crate::memory::PyGuestMemory;
@@ -444,8 +444,7 @@ impl PyBackendSession {
     }
 }
 
-#[pymethods]
-impl PyBackendSession {
+closing_pymethods!(PyBackendSession, close() {
     /// Client mode: connects to a front-end listening at `path` (Ctrl-C interrupts a
     /// connect that waits for a full backlog).
     #[staticmethod]
@@ -533,20 +532,7 @@ impl PyBackendSession {
     fn closed(&self) -> bool {
         self.inner.try_lock().map(|g| g.is_none()).unwrap_or(false)
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-}
+});
 
 /// A listening socket path for whichever side is the server; unlinked on close.
 #[pyclass(module = "vhost._core", name = "Listener", frozen)]
@@ -580,8 +566,7 @@ impl PyListener {
     }
 }
 
-#[pymethods]
-impl PyListener {
+closing_pymethods!(PyListener, close(py) {
     #[new]
     #[pyo3(signature = (path, replace_stale = true))]
     fn new(py: Python<'_>, path: PathBuf, replace_stale: bool) -> PyResult<Self> {
@@ -661,18 +646,4 @@ impl PyListener {
         self.waker.retire();
         g.take();
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        py: Python<'_>,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close(py);
-    }
-}
+});

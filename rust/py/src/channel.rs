@@ -13,7 +13,7 @@ use vhost_core::user::payload::{IotlbPayload, ShmemMapPayload, VringArea};
 use vhost_core::user::Error;
 
 use crate::errors::{closed, IntoPyResult};
-use crate::fd::{borrow, dup_of, raw_fd_of, FileDescriptor};
+use crate::fd::{borrow, closing_pymethods, dup_of, raw_fd_of, FileDescriptor};
 use crate::handler::{u64_or_zero, PyCallState};
 use crate::wait;
 use vhost_core::sys::Waker;
@@ -173,8 +173,7 @@ fn status_and_fd(v: &Bound<'_, PyAny>) -> PyResult<(u64, Option<OwnedFd>)> {
     Ok((u64_or_zero(v)?, None))
 }
 
-#[pymethods]
-impl PyFrontendChannel {
+closing_pymethods!(PyFrontendChannel, close() {
     fn fileno(&self) -> RawFd {
         self.fd
     }
@@ -230,20 +229,7 @@ impl PyFrontendChannel {
             g.take();
         }
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-}
+});
 
 /// Back-end side: sends requests to the front-end.
 #[pyclass(module = "vhost._core", name = "BackendChannel", frozen)]

@@ -9,7 +9,7 @@ use crate::convert::U64;
 use vhost_core::sys::eventfd::EventFd as CoreEventFd;
 
 use crate::errors::IntoPyResult;
-use crate::fd::Closable;
+use crate::fd::{closing_pymethods, Closable};
 use crate::wait;
 
 /// A Linux eventfd: the kick and call signals of a virtqueue, passed to peers by
@@ -31,8 +31,7 @@ impl PyEventFd {
     }
 }
 
-#[pymethods]
-impl PyEventFd {
+closing_pymethods!(PyEventFd, close() {
     #[new]
     #[pyo3(signature = (nonblock = false))]
     fn new(nonblock: bool) -> PyResult<Self> {
@@ -84,23 +83,10 @@ impl PyEventFd {
         self.inner.closed()
     }
 
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-
     fn __repr__(&self) -> String {
         match self.get() {
             Ok(e) => format!("<EventFd {}>", e.as_raw_fd()),
             Err(_) => "<EventFd closed>".into(),
         }
     }
-}
+});
