@@ -135,7 +135,12 @@ def test_handler_callbacks_take_named_types() -> None:
     """The requests that carry a structure hand the handler the type the rest of the
     API uses, not a tuple or a run of positional integers."""
     from vhost.types import IotlbMessage  # noqa: PLC0415
-    from vhost.user import FrontendRequestHandler, InflightArea, InflightInfo  # noqa: PLC0415
+    from vhost.user import (  # noqa: PLC0415
+        FrontendRequestHandler,
+        InflightArea,
+        InflightInfo,
+        SharedObject,
+    )
 
     hints = typing.get_type_hints
     assert hints(BackendHandler.add_mem_region)["region"] is MemoryRegion
@@ -146,6 +151,9 @@ def test_handler_callbacks_take_named_types() -> None:
     assert hints(BackendHandler.set_inflight_fd)["info"] is InflightInfo
     assert hints(BackendHandler.iotlb_msg)["message"] is IotlbMessage
     assert hints(FrontendRequestHandler.iotlb_msg)["message"] is IotlbMessage
+    lookup = hints(FrontendRequestHandler.shared_object_lookup)["return"]
+    assert SharedObject in typing.get_args(lookup)
+    assert not any(typing.get_origin(t) is tuple for t in typing.get_args(lookup))
 
 
 def test_backend_handler_requires_features_and_vring_base() -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "InflightArea",
     "InflightInfo",
     "Listener",
+    "SharedObject",
     "ShmemConfig",
 ]
 
@@ -138,6 +139,15 @@ class InflightArea:
 
     mmap_size: int
     mmap_offset: int
+    fd: FdLike
+
+
+@dataclass(frozen=True, slots=True)
+class SharedObject:
+    """A found object, as :meth:`FrontendRequestHandler.shared_object_lookup` answers
+    when it sends the object's dma-buf ``fd`` with the answer (status 0). The channel
+    duplicates ``fd`` to send it, so it stays the handler's."""
+
     fd: FdLike
 
 
@@ -1028,10 +1038,10 @@ class FrontendRequestHandler:
         """``SHARED_OBJECT_REMOVE``: the back-end withdraws ``uuid``. Refused by default."""
         raise _refuse("SHARED_OBJECT_REMOVE")
 
-    def shared_object_lookup(self, uuid: bytes) -> int | tuple[int, FdLike | None] | None:
-        """0 (or None) when the object is known, another value when not; return
-        ``(0, fd)`` to send its dma-buf fd with the answer (the fd is duplicated: it stays
-        yours)."""
+    def shared_object_lookup(self, uuid: bytes) -> int | SharedObject | None:
+        """``SHARED_OBJECT_LOOKUP``: 0 (or None) when the object is known, another status
+        when not; a :class:`SharedObject` sends its dma-buf with the answer. Refused by
+        default."""
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
     def shmem_map(  # noqa: PLR0917 - the order of BackendChannel.shmem_map

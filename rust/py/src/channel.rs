@@ -159,16 +159,11 @@ impl FrontendReqHandler for PyFrontendHandler {
     }
 }
 
-/// A lookup's answer: a status (None: 0), or `(status, fd)` with the dma-buf to send back;
-/// the fd is duplicated, so the handler keeps its own.
+/// A lookup's answer: a status (None: 0), or a `vhost.user.SharedObject` (status 0) with
+/// the dma-buf to send back; the fd is duplicated, so the handler keeps its own.
 fn status_and_fd(v: &Bound<'_, PyAny>) -> PyResult<(u64, Option<OwnedFd>)> {
-    if let Ok((status, fd)) = v.extract::<(u64, Bound<'_, PyAny>)>() {
-        let fd = if fd.is_none() {
-            None
-        } else {
-            Some(dup_of(&fd)?)
-        };
-        return Ok((status, fd));
+    if v.hasattr("fd")? {
+        return Ok((0, Some(dup_of(&v.getattr("fd")?)?)));
     }
     Ok((u64_or_zero(v)?, None))
 }
