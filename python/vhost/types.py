@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_QUEUE_SIZE",
-    "U16_MAX",
-    "U32_MAX",
     "U64_MAX",
     "DirtyLogRegion",
     "IotlbAccess",
@@ -52,9 +50,8 @@ __all__ = [
     "dirty_log_size",
 ]
 
-U16_MAX = (1 << 16) - 1
-U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
+"""The largest u64: addresses and sizes end at or below it (a range may not wrap)."""
 _I32_MAX = (1 << 31) - 1
 
 MAX_QUEUE_SIZE = 32768
@@ -558,10 +555,3 @@ class IotlbMessage:
 
     def __repr__(self) -> str:
         return _repr(self, ("iova", "size", "uaddr"))
-
-
-# --------------------------------------------------------------------------------------
-# Device state, shared objects, config space
-# --------------------------------------------------------------------------------------
-
-
