@@ -167,7 +167,7 @@ class GuestMemory:
     @staticmethod
     def allocate(layout: Sequence[tuple[int, int]]) -> GuestMemory:
         """Guest RAM for a front-end: one sealed, shareable memfd region per ``(guest_phys_addr,
-        size)`` pair (sizes in bytes, page-aligned). Overlaps raise ``InvalidMemoryError``; a
+        size)`` pair (sizes in bytes). Overlaps raise ``InvalidMemoryError``; a
         failed memfd raises ``KernelError``."""
     @staticmethod
     def empty() -> GuestMemory:
