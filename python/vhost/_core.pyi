@@ -372,14 +372,14 @@ class Frontend(_VhostBackend):
     def get_status(self) -> int:
         """``GET_STATUS`` (needs ``STATUS``): the back-end's device status byte."""
     def net_set_mtu(self, mtu: int) -> None:
-        """``NET_SET_MTU`` (needs ``NET_MTU``): the MTU in bytes for a net back-end."""
+        """``NET_SET_MTU`` (needs ``MTU``): the MTU in bytes for a net back-end."""
     def send_rarp(self, mac: Sequence[int]) -> None:
         """``SEND_RARP`` (needs ``RARP``): asks a net back-end to announce the 6-byte ``mac``
         after migration."""
     def gpu_set_socket(self, fd: _Fd) -> None:
         """``GPU_SET_SOCKET``: hands a GPU back-end the socket of its display protocol."""
     def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, kind: int) -> None:
-        """``IOTLB_MSG`` (needs ``IOMMU_PLATFORM`` and ``BACKEND_REQ``): one IOTLB update or
+        """``IOTLB_MSG`` (for a device with ``VIRTIO_F_ACCESS_PLATFORM``): one IOTLB update or
         invalidation (``vhost.user.Frontend.send_iotlb_msg`` takes an ``IotlbMessage``)."""
     def get_shared_object(self, uuid: Sequence[int]) -> FileDescriptor:
         """``GET_SHARED_OBJECT`` (needs ``SHARED_OBJECT``): the dma-buf of the object with this

@@ -631,7 +631,7 @@ class Frontend(_NativeBackend):
         return DeviceStatus(self._native.get_status())
 
     def net_set_mtu(self, mtu: int) -> None:
-        """``NET_SET_MTU`` (needs ``NET_MTU``): the MTU in bytes a virtio-net back-end should
+        """``NET_SET_MTU`` (needs ``MTU``): the MTU in bytes a virtio-net back-end should
         use."""
         self._native.net_set_mtu(mtu)
 
@@ -917,7 +917,7 @@ class BackendHandler(abc.ABC):
         raise _refuse("SEND_RARP")
 
     def net_set_mtu(self, mtu: int) -> None:
-        """``NET_SET_MTU`` (``NET_MTU``): use ``mtu`` bytes. Refused by default."""
+        """``NET_SET_MTU`` (``MTU``): use ``mtu`` bytes. Refused by default."""
         raise _refuse("NET_SET_MTU")
 
     def iotlb_msg(self, message: IotlbMessage) -> None:
