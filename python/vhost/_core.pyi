@@ -34,10 +34,21 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
+    "protocol_feature_table",
+    "request_table",
 ]
 
 __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
+
+def request_table() -> list[tuple[str, int, str, str | None, str, str, str, bool, str]]:
+    """The core's table of vhost-user requests, one row each, front-end ones first:
+    direction (``"frontend"``/``"backend"``), code, name, gating protocol feature, body
+    type, fd rule, reply rule, whether the reply may carry an fd, documentation. What
+    ``scripts/gen_codes.py`` writes :mod:`vhost.codes` from."""
+
+def protocol_feature_table() -> list[tuple[str, int, str]]:
+    """The core's protocol features: name, mask and documentation, in bit order."""
 
 class _HasFileno(Protocol):
     """Anything with ``fileno()`` (a socket, an :class:`EventFd`, a file): accepted wherever an

@@ -7,6 +7,7 @@ mod backend;
 mod backend_methods;
 mod blkload;
 mod channel;
+mod codes;
 mod convert;
 mod daemon;
 mod dirty_log;
@@ -49,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<link::PyFrontendLink>()?;
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
+    codes::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
