@@ -88,6 +88,8 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_device_id()
 
     def get_status(self) -> DeviceStatus:
+        """The virtio device status, as :class:`~vhost.virtio.DeviceStatus` bits: what a driver
+        checks after setting ``FEATURES_OK``."""
         return DeviceStatus(self.vdpa.get_status())
 
     def set_status(self, status: int) -> None:
@@ -107,9 +109,13 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_config(offset, size)
 
     def set_config(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Writes ``data`` into the device config space at byte ``offset`` (a u32); the kernel
+        refuses a range past :meth:`get_config_size`."""
         self.vdpa.set_config(offset, bytes(data))
 
     def get_config_size(self) -> int:
+        """Bytes of the device config space: the limit of :meth:`get_config` and
+        :meth:`set_config`."""
         return self.vdpa.get_config_size()
 
     def set_config_call(self, fd: FdLike | None) -> None:
@@ -131,6 +137,7 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_vring_size(index)
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
+        """Starts or stops ring ``index`` (after its address and kick are set)."""
         self.vdpa.set_vring_enable(index, enable)
 
     def setup_queue(
@@ -156,12 +163,15 @@ class VhostVdpa(KernelBackend):
     # -- groups and address spaces -------------------------------------------------------
 
     def get_group_num(self) -> int:
+        """How many virtqueue groups the device has (groups share an address space)."""
         return self.vdpa.get_group_num()
 
     def get_as_num(self) -> int:
+        """How many address spaces (ASIDs) the device supports."""
         return self.vdpa.get_as_num()
 
     def get_vring_group(self, index: int) -> int:
+        """The group ring ``index`` belongs to, to bind with :meth:`set_group_asid`."""
         return self.vdpa.get_vring_group(index)
 
     def get_vring_desc_group(self, index: int) -> int:
@@ -169,6 +179,8 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_vring_desc_group(index)
 
     def set_group_asid(self, group: int, asid: int) -> None:
+        """Binds virtqueue ``group`` to address space ``asid``, so its DMA goes through that
+        space's mappings (a shadow virtqueue setup)."""
         self.vdpa.set_group_asid(group, asid)
 
     def suspend(self) -> None:
@@ -183,6 +195,8 @@ class VhostVdpa(KernelBackend):
     # -- DMA -----------------------------------------------------------------------------
 
     def get_iova_range(self) -> IovaRange:
+        """The I/O virtual addresses the device can use (inclusive); :meth:`dma_map` outside it
+        is refused."""
         first, last = self.vdpa.get_iova_range()
         return IovaRange(first, last)
 
@@ -193,13 +207,7 @@ class VhostVdpa(KernelBackend):
         (read-only for it when ``readonly``). The kernel pins the pages and refuses, with
         ``EFAULT``, a range outside :meth:`get_iova_range`, one overlapping a mapping, or
         addresses not mapped here."""
-        self.vdpa.dma_map(
-            iova,
-            size,
-            vaddr,
-            readonly,
-            asid,
-        )
+        self.vdpa.dma_map(iova, size, vaddr, readonly, asid)
 
     def dma_unmap(self, iova: int, size: int, *, asid: int = 0) -> None:
         """Unmap the :meth:`dma_map` mappings inside ``[iova, iova + size)``. A range with
@@ -217,6 +225,8 @@ class VhostVdpa(KernelBackend):
             self.dma_map(r.guest_phys_addr, r.memory_size, r.userspace_addr, readonly)
 
     def unmap_memory(self, memory: _core.GuestMemory) -> None:
+        """Undoes :meth:`map_memory`: unmaps each region of ``memory`` at its guest-physical
+        address."""
         for r in memory.regions():
             self.dma_unmap(r.guest_phys_addr, r.memory_size)
 
