@@ -105,10 +105,11 @@ if [[ ! -x "$VFSD" ]]; then
     log "virtiofsd built in $((SECONDS - start)) s"
 fi
 
-# --- 2b. test guest: 6.12 kernel + busybox initramfs (tests/guest.py) -----------
-# scripts/build_guest.sh does nothing when ~/.cache/pyvhost/guest/STAMP matches
-# (the hash of build_guest.sh and the kernel package); otherwise it downloads
-# the bookworm-backports kernel .deb (kept in the cache) and rebuilds (~20 s).
+# --- 2b. test guest: 6.12 kernel + busybox initramfs (vhost.testing) ------------
+# scripts/build_guest.sh runs the package's builder (python/vhost/testing/build_image.sh),
+# which does nothing when ~/.cache/pyvhost/guest/image-HASH/STAMP matches (HASH: the
+# builder's); otherwise it downloads the bookworm-backports kernel .deb (kept in the
+# cache's deb/) and builds (~20 s). vhost.testing would build it on first use anyway.
 if [[ $(id -u) -eq 0 ]]; then
     ensure_backports_source   # no-op when present; build_guest.sh runs apt-get update if needed
 fi

@@ -5,15 +5,16 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use vhost_core::backend::VhostBackend;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
-use crate::errors::{closed, IntoPyResult};
-use crate::fd::{borrow, dup_of, opt_fd};
+use crate::convert::uint_args;
+use crate::errors::IntoPyResult;
+use crate::fd::{borrow, dup_of, opt_fd, Closable};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
@@ -36,26 +37,24 @@ impl PyVhostBackend for PyKernelDevice {
     }
 }
 
+/// A kernel vhost device (`/dev/vhost-net`, `/dev/vhost-vsock`...), driven by ioctls;
+/// `vhost.kern.KernelBackend` wraps it.
 #[pyclass(module = "vhost._core", name = "KernelDevice", frozen)]
 pub struct PyKernelDevice {
-    inner: RwLock<Option<Arc<VhostDevice>>>,
+    inner: Closable<VhostDevice>,
 }
 
 impl PyKernelDevice {
     pub fn from_arc(dev: Arc<VhostDevice>) -> Self {
         PyKernelDevice {
-            inner: RwLock::new(Some(dev)),
+            inner: Closable::from_arc("vhost device", dev),
         }
     }
 
     /// The device for one call; the Arc keeps the fd open even if another thread closes
     /// this object meanwhile, so a call never reaches a recycled fd number.
     fn get(&self) -> PyResult<Arc<VhostDevice>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("vhost device"))
+        self.inner.get()
     }
 
     fn call<T: Send>(
@@ -89,15 +88,12 @@ vhost_backend_pymethods!(PyKernelDevice {
     }
 
     fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.inner.closed()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -117,23 +113,38 @@ vhost_backend_pymethods!(PyKernelDevice {
         self.call(py, |d| d.get_backend_features())
     }
 
-    fn set_backend_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+    fn set_backend_features(&self, py: Python<'_>, features: &Bound<'_, PyAny>) -> PyResult<()> {
+        uint_args!("set_backend_features"; features: U64);
         self.call(py, |d| d.set_backend_features(features))
     }
 
-    fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
+    fn set_vring_endian(
+        &self,
+        py: Python<'_>,
+        index: &Bound<'_, PyAny>,
+        big_endian: bool,
+    ) -> PyResult<()> {
+        uint_args!("set_vring_endian"; index: U32);
         self.call(py, |d| d.set_vring_endian(index, big_endian))
     }
 
-    fn get_vring_endian(&self, py: Python<'_>, index: u32) -> PyResult<bool> {
+    fn get_vring_endian(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<bool> {
+        uint_args!("get_vring_endian"; index: U32);
         self.call(py, |d| d.get_vring_endian(index))
     }
 
-    fn set_vring_busyloop_timeout(&self, py: Python<'_>, index: u32, usecs: u32) -> PyResult<()> {
+    fn set_vring_busyloop_timeout(
+        &self,
+        py: Python<'_>,
+        index: &Bound<'_, PyAny>,
+        usecs: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        uint_args!("set_vring_busyloop_timeout"; index: U32, usecs: U32);
         self.call(py, |d| d.set_vring_busyloop_timeout(index, usecs))
     }
 
-    fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+    fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+        uint_args!("get_vring_busyloop_timeout"; index: U32);
         self.call(py, |d| d.get_vring_busyloop_timeout(index))
     }
 
@@ -141,14 +152,16 @@ vhost_backend_pymethods!(PyKernelDevice {
     fn net_set_backend(
         &self,
         py: Python<'_>,
-        index: u32,
+        index: &Bound<'_, PyAny>,
         fd: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        uint_args!("net_set_backend"; index: U32);
         let fd = opt_fd(fd)?;
         self.call(py, move |d| net::set_backend(d, index, fd.map(borrow)))
     }
 
-    fn vsock_set_guest_cid(&self, py: Python<'_>, cid: u64) -> PyResult<()> {
+    fn vsock_set_guest_cid(&self, py: Python<'_>, cid: &Bound<'_, PyAny>) -> PyResult<()> {
+        uint_args!("vsock_set_guest_cid"; cid: U64);
         self.call(py, |d| vsock::set_guest_cid(d, cid))
     }
 

@@ -18,6 +18,8 @@ use crate::errors::{invalid_param, IntoPyResult};
 /// (guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd) of one region.
 pub type RegionTuple = (u64, u64, u64, u64, i32);
 
+/// Guest RAM as this process maps it (memfd-backed, shareable with a back-end), with
+/// checked guest-address access.
 #[pyclass(module = "vhost._core", name = "GuestMemory", frozen)]
 pub struct PyGuestMemory {
     snapshot: RwLock<CoreMemory>,
@@ -162,6 +164,11 @@ impl PyGuestMemory {
     fn user_to_gpa(&self, uaddr: U64) -> PyResult<u64> {
         let uaddr = uaddr.0;
         self.snapshot().user_to_gpa(uaddr).py_err()
+    }
+
+    /// Front-end virtual address of a guest physical address (the inverse).
+    fn gpa_to_user(&self, gpa: U64) -> PyResult<u64> {
+        self.snapshot().gpa_to_user(gpa.0).py_err()
     }
 
     /// Checks that [gpa, gpa+length) lies inside one region.
