@@ -41,6 +41,12 @@
 //!   rustix has no public signal-mask API outside its experimental `runtime` module.
 //! - [`interrupt`]: no syscalls.
 //!
+//! Measured cost (a shared 2-CPU machine, the old and new code taking turns): none. An
+//! eventfd write + read costs less through rustix (best block 410-445 ns against 509-570
+//! ns: no libc wrapper around the syscall); a 20-byte send + `recv_with_fds` is the same
+//! within noise (1830-1924 ns against 1863-2073 ns); the round trip
+//! (`benches/bench_roundtrip.py`) and blk IOPS stay within their run-to-run spread.
+//!
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 
 pub mod eventfd;
