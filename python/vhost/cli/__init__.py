@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 from ..errors import VhostError
-from . import bench, blk, demo, probe, serve
+from . import bench, blk, check, demo, probe, serve
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -80,6 +80,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     blk.add_parser(sub)
     serve.add_parser(sub)
     bench.add_parser(sub)
+    check.add_parser(sub)
     return parser
 
 
