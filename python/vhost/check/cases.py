@@ -70,7 +70,18 @@ class Context:
     @contextmanager
     def connection(self) -> Iterator[Conn]:
         """A fresh connection to the back-end, closed afterwards."""
-        conn = Conn(wire.connect(self.path, self.timeout), self)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                sock = wire.connect(self.path, self.timeout)
+                break
+            except BlockingIOError:
+                # The listen queue is full: the back-end has not accepted our last
+                # connections yet. Past the deadline the case is hung.
+                if time.monotonic() > deadline:
+                    raise TimeoutError("nobody accepts (the listen queue is full)") from None
+                time.sleep(0.02)
+        conn = Conn(sock, self)
         try:
             yield conn
         finally:

@@ -77,7 +77,11 @@ class _Target:
                 sock = wire.connect(self.path, self.timeout)
                 break
             except OSError as exc:
-                if not _unreachable(exc) or time.monotonic() > deadline or not self.alive():
+                # EAGAIN: the listen queue is full (a back-end serving one front-end at a
+                # time has not yet accepted the last ones); at the deadline that is a hang.
+                busy = exc.errno == errno.EAGAIN
+                if (not (busy or _unreachable(exc)) or time.monotonic() > deadline
+                        or not self.alive()):
                     raise
                 time.sleep(0.05)
         with sock:
