@@ -44,6 +44,11 @@ class NotApplicable(Exception):
     """The back-end lacks what the case needs; the message says what."""
 
 
+class Died(Exception):
+    """The back-end's process was killed by a signal during the case; the message says
+    by which."""
+
+
 @dataclass
 class Context:
     """What every case may use: where the back-end is and what it offered."""
@@ -56,6 +61,10 @@ class Context:
     """Longest wait for a reply that must come (past it the case is hung)."""
     quiet: float = 0.3
     """How long to wait for a reply that may or may not come."""
+    next_session: Callable[[], None] | None = None
+    """For a back-end that serves one front-end and exits: waits for that exit and starts
+    it again (raising :class:`Died` when a signal killed it), between the connections of
+    a case that needs several."""
 
     def offers(self, proto: int) -> bool:
         """Whether the back-end offers every protocol feature in ``proto``."""
@@ -473,11 +482,13 @@ def desc_outside_memory(ctx: Context) -> str:
 
 def mid_message_disconnect(ctx: Context) -> str:
     """A1: the front-end vanishes inside a header, inside a body, and with fds in flight."""
-    for data, fds in (
+    for n, (data, fds) in enumerate((
         (wire.header(Req.GET_FEATURES)[:5], 0),
         (wire.header(Req.SET_FEATURES, size=8) + b"\0\0", 0),
         (wire.header(Req.SET_MEM_TABLE, size=40) + struct.pack("=II", 1, 0), 1),
-    ):
+    )):
+        if n and ctx.next_session is not None:
+            ctx.next_session()
         with ctx.connection() as c:
             c.send(data, [wire.memfd(MiB) for _ in range(fds)])
             c.sock.shutdown(socket.SHUT_WR)

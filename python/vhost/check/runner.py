@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 
 from ..codes import FrontendRequest as Req
 from . import wire
-from .cases import CONFORMANCE, PROTOCOL_FEATURES_BIT, Case, Context, Failed, NotApplicable
+from .cases import (
+    CONFORMANCE,
+    PROTOCOL_FEATURES_BIT,
+    Case,
+    Context,
+    Died,
+    Failed,
+    NotApplicable,
+)
 from .hostile import hostile_cases
 from .report import CaseResult, Outcome, Report
 
@@ -262,6 +270,8 @@ def _run(target: _Target, cases: list[Case], chosen: set[str], dropped: set[str]
         target.start()
     report = Report(path, features, proto, device)
     ctx = Context(path, features, proto, device, timeout=timeout)
+    if one_session:
+        ctx.next_session = lambda: _next_session(target)
     base_fds = _settled_fds(target, None)
     gone: str | None = None
     for case in cases:
@@ -313,6 +323,8 @@ def _one(target: _Target, ctx: Context, case: Case, one_session: bool) -> CaseRe
         verdict = result(Outcome.PASS, detail)
     except NotApplicable as exc:
         return result(Outcome.SKIP, str(exc))
+    except Died as exc:
+        return result(Outcome.DIED, str(exc))
     except Failed as exc:
         verdict = result(Outcome.FAIL, str(exc))
     except TimeoutError as exc:
@@ -363,3 +375,12 @@ def _wait_exit(target: _Target) -> tuple[bool, str]:
     except subprocess.TimeoutExpired:
         return False, "still running"
     return target.exit_note()
+
+
+def _next_session(target: _Target) -> None:
+    """Between two connections of one case, for a back-end that serves one front-end:
+    wait for its exit and start it again."""
+    signalled, how = _wait_exit(target)
+    if signalled:
+        raise Died(how)
+    target.start()
