@@ -90,6 +90,12 @@ class Context:
                 if time.monotonic() > deadline:
                     raise TimeoutError("nobody accepts (the listen queue is full)") from None
                 time.sleep(0.02)
+            except (FileNotFoundError, ConnectionRefusedError):
+                # Some back-ends (rust-vmm's) make a new listening socket after each
+                # session: give it the same time to come back.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         conn = Conn(sock, self)
         try:
             yield conn
@@ -353,6 +359,10 @@ class Ring:
         self.step(Req.SET_VRING_KICK, wire.vring_word(0), [os.dup(self.kick)])
         if self.c.ctx.features & PROTOCOL_FEATURES_BIT:
             self.step(Req.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+        if not self.flags & NEED_REPLY:
+            # Without acks, a reply is the only sign that the set-up was processed: a
+            # kick before the enable is handled may be dropped (rust-vmm's is).
+            self.c.ask_u64(wire.message(Req.GET_FEATURES))
 
     def desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
         struct.pack_into("=QIHH", self.mem, DESC + 16 * i, addr, length, flags, nxt)
@@ -373,6 +383,7 @@ class Ring:
                 raise TimeoutError(f"the back-end did not use the buffer (used.idx "
                                    f"{self.used_idx()}, want {idx})")
             time.sleep(0.005)
+        # (One kick per request, as a driver does: a lost kick is the back-end's bug.)
 
     def vring_base(self) -> int:
         r = self.c.ask(wire.message(Req.GET_VRING_BASE, VRING_STATE.pack(0, 0)))

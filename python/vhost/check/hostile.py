@@ -224,16 +224,23 @@ HOSTILE: list[Hostile] = [
 def run_hostile(ctx: Context, h: Hostile) -> str:
     """Sends ``h``; the back-end must close, NACK, or answer without a success ack, and
     stay in sync if it keeps the connection."""
-    if h.needs and not ctx.offers(h.needs):
-        ctx.need(h.needs)
-    if h.proto and ctx.protocol_features is None:
+    data, needs, proto = h.data, h.needs, h.proto
+    code, flags, size = wire.HEADER.unpack_from(data)
+    if needs & RA and not ctx.offers(RA):
+        # No REPLY_ACK: send it without NEED_REPLY, and judge by what follows only.
+        flags &= ~NEED_REPLY
+        data = wire.header(code, flags, size) + data[wire.HEADER.size:]
+        needs &= ~RA
+        proto = None if proto is None else proto & ~RA
+    if needs and not ctx.offers(needs):
+        ctx.need(needs)
+    if proto and ctx.protocol_features is None:
         raise NotApplicable("bit 30 (PROTOCOL_FEATURES) is not offered")
-    code, flags, _size = wire.HEADER.unpack_from(h.data)
     with ctx.connection() as c:
-        if h.proto is not None:
-            c.negotiate(h.proto)
+        if proto is not None:
+            c.negotiate(proto)
         try:
-            c.send(h.data, h.fds())
+            c.send(data, h.fds())
         except (ConnectionResetError, BrokenPipeError):
             return "closed the connection"
         try:

@@ -8,6 +8,7 @@ import errno
 import os
 import shlex
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,10 @@ def all_cases() -> list[Case]:
     return CONFORMANCE + hostile_cases()
 
 
+class _Unanswered(Exception):
+    """A fresh connection was closed before the GET_FEATURES reply."""
+
+
 def _unreachable(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES)
 
@@ -76,30 +81,35 @@ class _Target:
             return None
 
     def ask_features(self, wait: float) -> int:
-        """GET_FEATURES on a fresh connection, retrying a refused connect for ``wait``
-        seconds (a back-end serving one front-end at a time may still be closing the last).
-        Raises ``OSError`` (unreachable), ``TimeoutError`` or :class:`Failed`."""
+        """GET_FEATURES on a fresh connection, retrying for ``wait`` seconds a refused
+        connect, a full listen queue, or a connection closed unanswered (a back-end
+        serving one front-end at a time may still be closing the last session, or
+        making a new listening socket, which drops what queued on the old one). Raises
+        ``OSError`` (unreachable), ``TimeoutError`` or :class:`Failed`."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                sock = wire.connect(self.path, self.timeout)
-                break
+                return self._ask_features_once()
             except OSError as exc:
-                # EAGAIN: the listen queue is full (a back-end serving one front-end at a
-                # time has not yet accepted the last ones); at the deadline that is a hang.
                 busy = exc.errno == errno.EAGAIN
                 if (not (busy or _unreachable(exc)) or time.monotonic() > deadline
                         or not self.alive()):
                     raise
-                time.sleep(0.05)
-        with sock:
+            except _Unanswered:
+                if time.monotonic() > deadline or not self.alive():
+                    raise Failed("closed fresh connections without answering "
+                                 "GET_FEATURES") from None
+            time.sleep(0.05)
+
+    def _ask_features_once(self) -> int:
+        with wire.connect(self.path, self.timeout) as sock:
             wire.send(sock, wire.message(Req.GET_FEATURES))
             try:
                 r = wire.recv_message(sock)
             except (ConnectionResetError, BrokenPipeError):
                 r = None
             if r is None:
-                raise Failed("closed a fresh connection without answering GET_FEATURES")
+                raise _Unanswered
             r.close_fds()
             if (r.code, r.flags, len(r.body)) != (Req.GET_FEATURES, wire.VERSION | wire.REPLY, 8):
                 raise Failed("answered GET_FEATURES on a fresh connection wrongly")
@@ -289,7 +299,7 @@ def _run(target: _Target, cases: list[Case], chosen: set[str], dropped: set[str]
                 if target.restart is not None:
                     target.start()
                 base_fds = _settled_fds(target, None)
-            elif base_fds is not None:
+            elif base_fds is not None and result.outcome is not Outcome.SKIP:
                 result.fds = _settled_fds(target, base_fds)
                 if result.fds is not None and result.fds > base_fds and result.outcome.ok:
                     result.outcome = Outcome.FAIL
@@ -304,13 +314,16 @@ def _run(target: _Target, cases: list[Case], chosen: set[str], dropped: set[str]
 
 
 def _settled_fds(target: _Target, expected: int | None) -> int | None:
-    """The back-end's fd count, given up to a second to fall back to ``expected``."""
-    n = target.fds()
+    """The back-end's fd count once steady (the same for 0.2 s; a back-end tearing a
+    session down, or listening again, is between counts), given up to a second (to
+    fall back to ``expected``, when given)."""
     deadline = time.monotonic() + 1.0
-    while n is not None and expected is not None and n > expected \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-        n = target.fds()
+    last, n = None, target.fds()
+    while n is not None and time.monotonic() < deadline:
+        if n == last and (expected is None or n <= expected):
+            break
+        time.sleep(0.2)
+        last, n = n, target.fds()
     return n
 
 
@@ -327,6 +340,9 @@ def _one(target: _Target, ctx: Context, case: Case, one_session: bool) -> CaseRe
         return result(Outcome.DIED, str(exc))
     except Failed as exc:
         verdict = result(Outcome.FAIL, str(exc))
+    except (struct.error, ValueError) as exc:
+        # A reply the checker cannot parse (a short body where a number was due).
+        verdict = result(Outcome.FAIL, f"malformed reply: {exc}")
     except TimeoutError as exc:
         verdict = result(Outcome.HUNG, f"no answer within {ctx.timeout:g} s"
                          + (f" ({exc})" if str(exc) and str(exc) != "timed out" else ""))
