@@ -40,6 +40,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 	$(RUFF) check python tests benches
+	$(PY) scripts/gen_codes.py --check
 
 # benches/ too: the tests import benches/pyclient.py.
 typecheck:

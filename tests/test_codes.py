@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import errno
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from vhost import codes, errors, virtio
+from vhost import _core, codes, errors, virtio
 from vhost.codes import (
     BackendRequest,
     FrontendRequest,
@@ -209,6 +212,58 @@ def test_request_names_of_assigned_codes() -> None:
     assert codes.backend_request_name(2) == "CONFIG_CHANGE_MSG"
     assert codes.backend_request_name(11) == "UNKNOWN(0xb)"
     assert codes.backend_request_name(0) == "UNKNOWN(0x0)"
+
+
+def test_python_codes_are_the_core_table() -> None:
+    """The enums are written from the core's table (``scripts/gen_codes.py``): same names,
+    codes and bits, front-end and back-end, and no member the core does not know."""
+    table = _core.request_table()
+    assert {m.name: int(m) for m in FrontendRequest} == {
+        name: code for direction, code, name, *_ in table if direction == "frontend"
+    }
+    assert {m.name: int(m) for m in BackendRequest} == {
+        name: code for direction, code, name, *_ in table if direction == "backend"
+    }
+    features = {m.name: int(m) for m in ProtocolFeature}
+    assert features == {name: mask for name, mask, _ in _core.protocol_feature_table()}
+
+
+def test_core_table_rows_describe_each_request() -> None:
+    rows = {(row[0], row[2]): row for row in _core.request_table()}
+    assert len(rows) == 45 + 10
+    assert rows[("frontend", "SET_MEM_TABLE")][1:8] == (
+        5,
+        "SET_MEM_TABLE",
+        None,
+        "MemTable",
+        "PerRegion",
+        "Ack",
+        False,
+    )
+    assert rows[("frontend", "GET_INFLIGHT_FD")][3:8] == (
+        "INFLIGHT_SHMFD",
+        "InflightDesc",
+        "None",
+        "Sized(24)",
+        True,
+    )
+    assert rows[("frontend", "SET_VRING_KICK")][5] == "EventUnlessNofd"
+    assert rows[("backend", "SHARED_OBJECT_LOOKUP")][6:8] == ("U64", True)
+    assert all(row[8].strip() for row in rows.values()), "every request is documented"
+
+
+def test_generated_codes_are_current() -> None:
+    """What ``make lint`` runs: a stale ``codes.py`` (the table changed, the script was not
+    run) fails."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_codes.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use vhost_core::user::codes::{
     protocol_features as pf, BackendReq, FrontendReq, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use vhost_core::user::header::Header;
-use vhost_core::user::message::has_reply;
+
 use vhost_core::user::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, MemRegion, MemTable,
     SharedObjectUuid, ShmemConfig, U64Payload, VringAddrPayload, VringFdPayload, VringState,
@@ -22,7 +22,7 @@ use crate::frontend_replies::{
 use crate::stream::{encode, Chunk, FdKind};
 
 fn req(code: FrontendReq, body: Vec<u8>, ack: bool) -> Chunk {
-    let want = ack && !has_reply(code);
+    let want = ack && !code.has_reply();
     Chunk::message(Header::request(code.code(), body.len() as u32, want), body)
 }
 

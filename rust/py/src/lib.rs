@@ -7,6 +7,7 @@ mod backend;
 mod backend_methods;
 mod blkload;
 mod channel;
+mod codes;
 mod convert;
 mod daemon;
 mod dirty_log;
@@ -23,6 +24,8 @@ mod vdpa;
 mod vring;
 mod wait;
 
+/// The native module under the `vhost` package: PyO3 glue over the Rust core, which
+/// converts types and releases the GIL. Use the typed facade (`vhost`, `vhost.user`...).
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fd::FileDescriptor>()?;
@@ -47,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<link::PyFrontendLink>()?;
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
+    codes::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",

@@ -19,7 +19,7 @@ use super::channel::BackendChannel;
 use super::codes::{protocol_features as pf, FrontendReq, VHOST_USER_F_PROTOCOL_FEATURES};
 use super::connection::Connection;
 use super::header::Header;
-use super::message::{has_reply, FrontendRequest};
+use super::message::FrontendRequest;
 use super::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion,
     ShmemConfig, SingleMemRegion, U64Payload, VringState,
@@ -356,7 +356,7 @@ impl BackendSession {
         let request = decoded.inspect_err(|_| {
             // A well-framed request that asked for an ack gets its NACK before the close
             // (ADVERSARIAL default expectation); requests with replies of their own get none.
-            let inherent = FrontendReq::from_code(header.code).is_some_and(has_reply);
+            let inherent = FrontendReq::from_code(header.code).is_some_and(FrontendReq::has_reply);
             if header.needs_reply() && !inherent && self.state.acked_protocol & pf::REPLY_ACK != 0 {
                 let nack = ack_reply(&header, 1);
                 let _ = self.send_reply(nack);
@@ -418,7 +418,7 @@ impl BackendSession {
         let code = request.kind();
         // In postcopy, SET_MEM_TABLE has a reply of its own (our mapping addresses).
         // So does ADD_MEM_REG (the region, with our address for it).
-        let inherent = has_reply(code)
+        let inherent = code.has_reply()
             || (matches!(code, FrontendReq::SetMemTable | FrontendReq::AddMemReg)
                 && self.state.postcopy_listening);
         // QEMU asks for an ack on POSTCOPY_LISTEN even without REPLY_ACK, and waits.
@@ -759,6 +759,8 @@ impl BackendSession {
                     ..Outgoing::default()
                 }
             }
+            // Gated on a feature pf::ALL leaves out, so require_protocol refused it above.
+            R::GetVringBaseSkipDrain(_) => return Err(Error::NotSupported(code.name())),
             R::SetVringKick { index, fd } => {
                 self.check_index(u32::from(index), h)?;
                 h.set_vring_kick(u32::from(index), fd)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::codes::{protocol_features as pf, BackendReq};
 use super::connection::{map_io, Connection};
 use super::header::Header;
-use super::message::{backend_reply_allows_fd, BackendRequest};
+use super::message::BackendRequest;
 use super::payload::{
     IotlbPayload, SharedObjectUuid, ShmemMapPayload, U64Payload, VringArea, VringState,
     SHMEM_MAP_FLAG_RW,
@@ -21,21 +21,14 @@ use super::payload::{
 use super::{Error, Result};
 use crate::sys::scm;
 
-/// Which protocol feature a back-end request needs before a front-end accepts it (H1).
+/// A back-end request to send, with borrowed fds.
+type Outgoing<'a> = BackendRequest<BorrowedFd<'a>>;
+
+/// Which protocol feature a back-end request needs before a front-end accepts it (H1),
+/// with its name: the table's gate.
 fn required_feature(code: BackendReq) -> Option<(u64, &'static str)> {
-    match code {
-        BackendReq::ConfigChangeMsg => Some((pf::CONFIG, "CONFIG")),
-        BackendReq::VringHostNotifierMsg => Some((pf::HOST_NOTIFIER, "HOST_NOTIFIER")),
-        BackendReq::VringCall | BackendReq::VringErr => {
-            Some((pf::INBAND_NOTIFICATIONS, "INBAND_NOTIFICATIONS"))
-        }
-        BackendReq::SharedObjectAdd
-        | BackendReq::SharedObjectRemove
-        | BackendReq::SharedObjectLookup => Some((pf::SHARED_OBJECT, "SHARED_OBJECT")),
-        _ => code
-            .required_protocol_feature()
-            .map(|bit| (bit, pf::name(bit).unwrap_or("?"))),
-    }
+    code.required_protocol_feature()
+        .map(|bit| (bit, pf::name(bit).unwrap_or("a protocol feature")))
 }
 
 /// The back-end's sending end.
@@ -87,31 +80,34 @@ impl BackendChannel {
         }
     }
 
-    /// Sends `request`; with REPLY_ACK negotiated (or when the request has a reply of its
-    /// own) waits for the front-end's u64 answer and returns it.
-    pub fn send(&self, request: &BackendRequest, fds: &[BorrowedFd<'_>]) -> Result<u64> {
-        self.send_for_fd(request, fds).map(|(status, _)| status)
+    /// Sends `request` (checked first with the rules its receiver applies); with
+    /// REPLY_ACK negotiated (or when the request has a reply of its own) waits for the
+    /// front-end's u64 answer and returns it.
+    pub fn send<F: AsFd>(&self, request: &BackendRequest<F>) -> Result<u64> {
+        self.send_for_fd(request).map(|(status, _)| status)
     }
 
     /// Like [`send`](Self::send), and also returns the fd a reply may carry: only the
     /// dma-buf of a successful SHARED_OBJECT_LOOKUP (the spec's "fd and u64").
-    pub fn send_for_fd(
+    pub fn send_for_fd<F: AsFd>(
         &self,
-        request: &BackendRequest,
-        fds: &[BorrowedFd<'_>],
+        request: &BackendRequest<F>,
     ) -> Result<(u64, Option<OwnedFd>)> {
+        // The request's own rules first (a bad argument is the caller's), then the gate.
+        request.check()?;
         let code = request.kind();
         self.check_feature(code)?;
-        let inherent = code == BackendReq::SharedObjectLookup;
+        let inherent = code.has_reply();
         let want_reply = inherent || self.acked_protocol & pf::REPLY_ACK != 0;
         let body = request.encode_body();
         let header = Header::request(code.code(), body.len() as u32, want_reply);
         let mut conn = self.lock();
-        conn.send(&header, &body, fds)?;
+        conn.send(&header, &body, &request.fds())?;
         if !want_reply {
             return Ok((0, None));
         }
-        let mut msg = conn.recv_reply(code.name(), U64Payload::SIZE, !body.is_empty(), |h| {
+        let expected = code.spec().reply.expected_size(body.len());
+        let mut msg = conn.recv_reply(code.name(), expected, !body.is_empty(), |h| {
             h.check_reply_to(code.code())
         })?;
         let status = U64Payload::from_bytes(&msg.body)
@@ -119,7 +115,7 @@ impl BackendChannel {
             .0;
         // A successful lookup carries the dma-buf; no other reply carries an fd, and a
         // failed lookup sends none.
-        let allowed = usize::from(backend_reply_allows_fd(code) && status == 0);
+        let allowed = usize::from(code.reply_allows_fd() && status == 0);
         if msg.fds.len() > allowed {
             conn.poison();
             return Err(Error::FdCount {
@@ -141,24 +137,23 @@ impl BackendChannel {
         Ok((status, msg.fds.pop()))
     }
 
+    fn send_ok(&self, request: &Outgoing<'_>) -> Result<()> {
+        self.send(request).map(|_| ())
+    }
+
     /// CONFIG_CHANGE_MSG: the config space changed (a resize); the driver re-reads it.
     pub fn config_change(&self) -> Result<()> {
-        self.send(&BackendRequest::ConfigChange, &[]).map(|_| ())
+        self.send_ok(&BackendRequest::ConfigChangeMsg)
     }
 
     /// VRING_CALL: the in-band call of queue `index`, acked when REPLY_ACK is on.
     pub fn vring_call(&self, index: u32) -> Result<()> {
-        self.send(
-            &BackendRequest::VringCall(VringState { index, num: 0 }),
-            &[],
-        )
-        .map(|_| ())
+        self.send_ok(&BackendRequest::VringCall(VringState { index, num: 0 }))
     }
 
     /// VRING_ERR: queue `index` hit an error, acked when REPLY_ACK is on.
     pub fn vring_err(&self, index: u32) -> Result<()> {
-        self.send(&BackendRequest::VringErr(VringState { index, num: 0 }), &[])
-            .map(|_| ())
+        self.send_ok(&BackendRequest::VringErr(VringState { index, num: 0 }))
     }
 
     /// VRING_CALL without asking for an ack, whatever REPLY_ACK says: the in-band form of
@@ -173,31 +168,23 @@ impl BackendChannel {
         self.post(&BackendRequest::VringErr(VringState { index, num: 0 }))
     }
 
-    /// Sends a request that carries no fd and wants no answer.
-    fn post(&self, request: &BackendRequest) -> Result<()> {
+    /// Sends a request that wants no answer (the same encoder as `send`).
+    fn post(&self, request: &Outgoing<'_>) -> Result<()> {
         let code = request.kind();
         self.check_feature(code)?;
         let body = request.encode_body();
         let header = Header::request(code.code(), body.len() as u32, false);
-        self.lock().send(&header, &body, &[])
+        self.lock().send(&header, &body, &request.fds())
     }
 
     /// SHARED_OBJECT_ADD: announces an object the back-end exports under `uuid`.
     pub fn shared_object_add(&self, uuid: [u8; 16]) -> Result<()> {
-        self.send(
-            &BackendRequest::SharedObjectAdd(SharedObjectUuid(uuid)),
-            &[],
-        )
-        .map(|_| ())
+        self.send_ok(&BackendRequest::SharedObjectAdd(SharedObjectUuid(uuid)))
     }
 
     /// SHARED_OBJECT_REMOVE: withdraws it.
     pub fn shared_object_remove(&self, uuid: [u8; 16]) -> Result<()> {
-        self.send(
-            &BackendRequest::SharedObjectRemove(SharedObjectUuid(uuid)),
-            &[],
-        )
-        .map(|_| ())
+        self.send_ok(&BackendRequest::SharedObjectRemove(SharedObjectUuid(uuid)))
     }
 
     /// Returns the front-end's answer: 0 when it found the object (its dma-buf fd, if
@@ -208,19 +195,15 @@ impl BackendChannel {
 
     /// The front-end's answer and, when it found the object, the dma-buf fd it sent.
     pub fn shared_object_lookup_fd(&self, uuid: [u8; 16]) -> Result<(u64, Option<OwnedFd>)> {
-        self.send_for_fd(
-            &BackendRequest::SharedObjectLookup(SharedObjectUuid(uuid)),
-            &[],
-        )
+        let request: Outgoing<'_> = BackendRequest::SharedObjectLookup(SharedObjectUuid(uuid));
+        self.send_for_fd(&request)
     }
 
     /// IOTLB_MSG: a translation miss (or access failure) the front-end must answer with an update.
     pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
-        self.send(&BackendRequest::IotlbMsg(*msg), &[]).map(|_| ())
+        self.send_ok(&BackendRequest::IotlbMsg(*msg))
     }
 
-    /// Hands the front-end an area of `fd` to map as the notifier of ring `index`, or
-    /// withdraws it (`fd` None).
     /// Maps `len` bytes of `fd` at `fd_offset` into the device's shared memory region
     /// `shmid` at `shm_offset` (SHMEM_MAP). This is the spec's successor of the seed's
     /// virtio-fs `FS_MAP`: the DAX cache window is shared memory region 0.
@@ -240,14 +223,7 @@ impl BackendChannel {
             len,
             flags: if writable { SHMEM_MAP_FLAG_RW } else { 0 },
         };
-        // Same rules the receiving side applies (H4), before anything is sent.
-        ShmemMapPayload::from_bytes(&map.to_bytes())?;
-        // The request value owns its fd; a duplicate keeps the caller's fd theirs.
-        let request = BackendRequest::ShmemMap {
-            map,
-            fd: fd.try_clone_to_owned()?,
-        };
-        self.send(&request, &[fd]).map(|_| ())
+        self.send_ok(&BackendRequest::ShmemMap { map, fd })
     }
 
     /// Unmaps [shm_offset, shm_offset+len) of region `shmid` (SHMEM_UNMAP; the seed's
@@ -260,8 +236,7 @@ impl BackendChannel {
             len,
             flags: 0,
         };
-        ShmemMapPayload::from_bytes(&map.to_bytes())?;
-        self.send(&BackendRequest::ShmemUnmap(map), &[]).map(|_| ())
+        self.send_ok(&BackendRequest::ShmemUnmap(map))
     }
 
     /// VRING_HOST_NOTIFIER_MSG: `size` bytes at `offset` of `fd` are queue `index`'s doorbell
@@ -279,9 +254,7 @@ impl BackendChannel {
             size,
             offset,
         };
-        let fds: Vec<_> = fd.into_iter().collect();
-        self.send(&BackendRequest::VringHostNotifier { area, fd: None }, &fds)
-            .map(|_| ())
+        self.send_ok(&BackendRequest::VringHostNotifierMsg { area, fd })
     }
 }
 
@@ -444,8 +417,8 @@ impl FrontendChannel {
         let ChannelIncoming { header, request } = incoming;
         let mut reply_fd: Option<OwnedFd> = None;
         let result = match request {
-            R::ConfigChange => handler.config_change(),
-            R::VringHostNotifier { area, fd } => handler.vring_host_notifier(&area, fd),
+            R::ConfigChangeMsg => handler.config_change(),
+            R::VringHostNotifierMsg { area, fd } => handler.vring_host_notifier(&area, fd),
             R::VringCall(s) => handler.vring_call(s.index),
             R::VringErr(s) => handler.vring_err(s.index),
             R::IotlbMsg(m) => handler.iotlb_msg(&m),

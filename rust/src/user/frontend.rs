@@ -16,11 +16,10 @@ use super::channel::FrontendChannel;
 use super::codes::{protocol_features as pf, FrontendReq, VHOST_USER_F_PROTOCOL_FEATURES};
 use super::connection::{Connection, Message};
 use super::header::Header;
-use super::message::{has_reply, reply_allows_fd};
+use super::message::FrontendRequest as R;
 use super::payload::{
     ConfigPayload, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, MemRegion, MemTable,
-    SharedObjectUuid, ShmemConfig, SingleMemRegion, U64Payload, VringAddrPayload, VringFdPayload,
-    VringState,
+    SharedObjectUuid, ShmemConfig, SingleMemRegion, U64Payload, VringState,
 };
 use super::postcopy::PostcopyRegion;
 use super::{Error, Result};
@@ -30,6 +29,10 @@ use crate::sys::socket::Waker;
 
 /// A raw reply as [`Frontend::send_raw`] returns it: header, body and the fds it carried.
 pub type RawReply = (Header, Vec<u8>, Vec<OwnedFd>);
+
+/// A request to send, with borrowed fds: what every method builds and [`Frontend::exchange`]
+/// encodes with the table's encoder (the one `decode` inverts).
+type Outgoing<'a> = R<BorrowedFd<'a>>;
 
 /// How long a front-end waits for a reply unless told otherwise (J3).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,25 +187,28 @@ impl Frontend {
         Ok(())
     }
 
-    /// Sends `req` and returns its reply if it has one; acks are consumed here.
-    fn exchange(
-        &self,
-        req: FrontendReq,
-        body: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<Option<Reply>> {
-        Self::exchange_locked(&mut self.lock(), req, body, fds)
+    /// Sends `request` and returns its reply if it has one; acks are consumed here.
+    fn exchange(&self, request: &Outgoing<'_>) -> Result<Option<Reply>> {
+        Self::exchange_locked(&mut self.lock(), request)
+    }
+
+    /// Checks `request` against the rules its receiver applies and the negotiated
+    /// features, then encodes it: what every request goes through before it is sent.
+    fn prepare(neg: &Negotiated, request: &Outgoing<'_>) -> Result<Vec<u8>> {
+        // The request's own rules first (a bad argument is the caller's), then the gate.
+        request.check()?;
+        Self::check_gate(neg, request.kind())?;
+        Ok(request.encode_body())
     }
 
     /// `exchange` for a caller that already holds the lock.
-    fn exchange_locked(
-        st: &mut State,
-        req: FrontendReq,
-        body: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<Option<Reply>> {
-        Self::check_gate(&st.neg, req)?;
-        let inherent = has_reply(req);
+    fn exchange_locked(st: &mut State, request: &Outgoing<'_>) -> Result<Option<Reply>> {
+        let req = request.kind();
+        let body = Self::prepare(&st.neg, request)?;
+        let body = body.as_slice();
+        let fds = request.fds();
+        let fds = fds.as_slice();
+        let inherent = req.has_reply();
         let want_ack = !inherent && st.neg.acked_protocol & pf::REPLY_ACK != 0;
         let header = Header::request(req.code(), body.len() as u32, want_ack);
         st.conn.send(&header, body, fds)?;
@@ -212,7 +218,7 @@ impl Frontend {
         let expected = if want_ack {
             U64Payload::SIZE
         } else {
-            expected_reply_size(req, body.len())
+            req.spec().reply.expected_size(body.len())
         };
         let msg = st
             .conn
@@ -221,7 +227,7 @@ impl Frontend {
             })
             .map_err(|e| peer_fault(req, e))?;
         let Message { body, mut fds, .. } = msg;
-        if fds.len() > usize::from(inherent && reply_allows_fd(req)) {
+        if fds.len() > usize::from(inherent && req.reply_allows_fd()) {
             st.conn.poison();
             return Err(Error::FdCount {
                 request: req.name(),
@@ -248,16 +254,15 @@ impl Frontend {
         }))
     }
 
-    fn send_only(&self, req: FrontendReq, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
-        self.exchange(req, body, fds).map(|_| ())
+    fn send_only(&self, request: &Outgoing<'_>) -> Result<()> {
+        self.exchange(request).map(|_| ())
     }
 
-    fn reply(&self, req: FrontendReq, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<Reply> {
-        self.exchange(req, body, fds)?
-            .ok_or(Error::ReplyMismatch(format!(
-                "{} expects a reply",
-                req.name()
-            )))
+    fn reply(&self, request: &Outgoing<'_>) -> Result<Reply> {
+        self.exchange(request)?.ok_or(Error::ReplyMismatch(format!(
+            "{} expects a reply",
+            request.kind().name()
+        )))
     }
 
     /// Parses the reply to `req` with `parse`; a malformed reply poisons the connection
@@ -283,20 +288,21 @@ impl Frontend {
         }
     }
 
-    fn get_u64(&self, req: FrontendReq) -> Result<u64> {
-        self.get_u64_then(req, |_, _| {})
+    fn get_u64(&self, request: Outgoing<'_>) -> Result<u64> {
+        self.get_u64_then(request, |_, _| {})
     }
 
     /// A u64 query whose answer updates the negotiated state under the same lock (one
     /// lock per call on the hot path, and no window between reply and bookkeeping).
     fn get_u64_then(
         &self,
-        req: FrontendReq,
+        request: Outgoing<'_>,
         note: impl FnOnce(&mut Negotiated, u64),
     ) -> Result<u64> {
         let mut st = self.lock();
-        let r = Self::exchange_locked(&mut st, req, &[], &[])?
-            .ok_or_else(|| Error::ReplyMismatch(format!("{} expects a reply", req.name())))?;
+        let r = Self::exchange_locked(&mut st, &request)?.ok_or_else(|| {
+            Error::ReplyMismatch(format!("{} expects a reply", request.kind().name()))
+        })?;
         let value = U64Payload::from_bytes(&r.body)
             .inspect_err(|_| st.conn.poison())?
             .0;
@@ -304,87 +310,84 @@ impl Frontend {
         Ok(value)
     }
 
-    fn set_u64(&self, req: FrontendReq, value: u64) -> Result<()> {
-        self.send_only(req, &U64Payload(value).to_bytes(), &[])
+    /// Sends a request without NEED_REPLY and reads the back-end's answer whatever
+    /// REPLY_ACK says: the postcopy forms of SET_MEM_TABLE and ADD_MEM_REG.
+    fn postcopy_exchange(
+        st: &mut State,
+        request: &Outgoing<'_>,
+    ) -> Result<super::connection::Message> {
+        let req = request.kind();
+        let body = Self::prepare(&st.neg, request)?;
+        st.conn.send(
+            &Header::request(req.code(), body.len() as u32, false),
+            &body,
+            &request.fds(),
+        )?;
+        st.conn
+            .recv(|h| h.check_reply_to(req.code()))
+            .map_err(|e| peer_fault(req, e))
     }
 
-    fn vring_state(&self, req: FrontendReq, index: u32, num: u32) -> Result<()> {
-        self.send_only(req, &VringState { index, num }.to_bytes(), &[])
+    /// The front-end's ack of a postcopy region answer: the request's code, a u64 0.
+    fn postcopy_ack(st: &mut State, req: FrontendReq) -> Result<()> {
+        let ack = U64Payload(0).to_bytes();
+        st.conn.send(
+            &Header::request(req.code(), ack.len() as u32, false),
+            &ack,
+            &[],
+        )
     }
 
-    fn vring_fd(&self, req: FrontendReq, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-        let index = u8::try_from(index)
-            .map_err(|_| Error::InvalidParam(format!("vring index {index} exceeds 255")))?;
-        let payload = VringFdPayload {
-            index,
-            nofd: fd.is_none(),
-        };
-        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-        self.send_only(req, &payload.to_bytes(), &fds)
+    fn vring_index(index: u32) -> Result<u8> {
+        u8::try_from(index)
+            .map_err(|_| Error::InvalidParam(format!("vring index {index} exceeds 255")))
     }
 
     // ---- the VhostBackend interface ---------------------------------------------------
 
     /// GET_FEATURES: the virtio and vhost-user features the back-end offers.
     pub fn get_features(&self) -> Result<u64> {
-        self.get_u64_then(FrontendReq::GetFeatures, |neg, f| {
+        self.get_u64_then(R::GetFeatures, |neg, f| {
             neg.offered_features = Some(f);
         })
     }
 
     /// SET_FEATURES: the subset acked; remembered so later requests are gated on it.
     pub fn set_features(&self, features: u64) -> Result<()> {
-        self.set_u64(FrontendReq::SetFeatures, features)?;
+        self.send_only(&R::SetFeatures(features))?;
         self.lock().neg.acked_features = features;
         Ok(())
     }
 
     /// SET_OWNER: the first request of a session.
     pub fn set_owner(&self) -> Result<()> {
-        self.send_only(FrontendReq::SetOwner, &[], &[])
+        self.send_only(&R::SetOwner)
     }
 
     /// RESET_OWNER: deprecated by the spec; sent as is for back-ends that still take it.
     pub fn reset_owner(&self) -> Result<()> {
-        self.send_only(FrontendReq::ResetOwner, &[], &[])
+        self.send_only(&R::ResetOwner)
     }
 
     /// `regions` pairs each region with the fd that backs it.
     pub fn set_mem_table(&self, regions: &[(RegionInfo, BorrowedFd<'_>)]) -> Result<()> {
-        let table = MemTable {
-            regions: regions.iter().map(|(info, _)| mem_region(info)).collect(),
+        let request = R::SetMemTable {
+            table: MemTable {
+                regions: regions.iter().map(|(info, _)| mem_region(info)).collect(),
+            },
+            fds: regions.iter().map(|(_, fd)| *fd).collect(),
         };
-        let body = table.to_bytes();
-        // Validate locally with the same rules the back-end applies (C1, C2, C4).
-        MemTable::from_bytes(&body)?;
-        let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|(_, fd)| *fd).collect();
-        if self.lock().neg.postcopy_listening {
-            return self.set_mem_table_postcopy(&table, &body, &fds);
-        }
-        self.send_only(FrontendReq::SetMemTable, &body, &fds)
-    }
-
-    /// SET_MEM_TABLE while postcopy is listening, as QEMU does it: the request goes
-    /// without NEED_REPLY; the back-end answers with the same table carrying the
-    /// addresses at which it mapped each region (for the front-end's fault handling);
-    /// the front-end then acks with a SET_MEM_TABLE message holding a u64 0, after which
-    /// the back-end may start faulting. The back-end's region addresses are kept for
-    /// [`postcopy_regions`](Self::postcopy_regions).
-    fn set_mem_table_postcopy(
-        &self,
-        table: &MemTable,
-        body: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<()> {
-        let code = FrontendReq::SetMemTable.code();
         let mut st = self.lock();
-        Self::check_gate(&st.neg, FrontendReq::SetMemTable)?;
-        st.conn
-            .send(&Header::request(code, body.len() as u32, false), body, fds)?;
-        let msg = st
-            .conn
-            .recv(|h| h.check_reply_to(code))
-            .map_err(|e| peer_fault(FrontendReq::SetMemTable, e))?;
+        if !st.neg.postcopy_listening {
+            return Self::exchange_locked(&mut st, &request).map(|_| ());
+        }
+        // Postcopy, as QEMU does it: the request goes without NEED_REPLY; the back-end
+        // answers with the same table carrying the addresses at which it mapped each
+        // region (for the front-end's fault handling); the front-end then acks with a
+        // SET_MEM_TABLE message holding a u64 0, after which the back-end may start
+        // faulting. The back-end's addresses are kept for
+        // [`postcopy_regions`](Self::postcopy_regions).
+        let msg = Self::postcopy_exchange(&mut st, &request)?;
         if !msg.fds.is_empty() {
             st.conn.poison();
             return Err(Error::FdCount {
@@ -397,66 +400,19 @@ impl Frontend {
             st.conn.poison();
             peer_fault(FrontendReq::SetMemTable, e)
         })?;
-        let same_layout = reply.regions.len() == table.regions.len()
-            && reply
-                .regions
-                .iter()
-                .zip(&table.regions)
-                .all(|(r, t)| r.guest_phys_addr == t.guest_phys_addr);
+        let same_layout = reply
+            .regions
+            .iter()
+            .map(|r| r.guest_phys_addr)
+            .eq(regions.iter().map(|(info, _)| info.guest_phys_addr));
         if !same_layout {
             st.conn.poison();
             return Err(Error::ReplyMismatch(
                 "postcopy SET_MEM_TABLE reply describes other regions".into(),
             ));
         }
-        let ack = U64Payload(0).to_bytes();
-        st.conn
-            .send(&Header::request(code, ack.len() as u32, false), &ack, &[])?;
+        Self::postcopy_ack(&mut st, FrontendReq::SetMemTable)?;
         st.postcopy_regions = reply.regions.iter().map(postcopy_region).collect();
-        Ok(())
-    }
-
-    /// ADD_MEM_REG while postcopy is listening, as QEMU does it: no NEED_REPLY; the
-    /// back-end answers with the region carrying its own address for it; then the ack
-    /// (the same code, a u64 0).
-    fn add_mem_region_postcopy(
-        &self,
-        info: &RegionInfo,
-        body: &[u8],
-        fd: BorrowedFd<'_>,
-    ) -> Result<()> {
-        let req = FrontendReq::AddMemReg;
-        let mut st = self.lock();
-        Self::check_gate(&st.neg, req)?;
-        st.conn.send(
-            &Header::request(req.code(), body.len() as u32, false),
-            body,
-            &[fd],
-        )?;
-        let msg = st
-            .conn
-            .recv(|h| h.check_reply_to(req.code()))
-            .map_err(|e| peer_fault(req, e))?;
-        let reply = SingleMemRegion::from_bytes(&msg.body).map_err(|e| {
-            st.conn.poison();
-            peer_fault(req, e)
-        })?;
-        if !msg.fds.is_empty() || reply.region.guest_phys_addr != info.guest_phys_addr {
-            st.conn.poison();
-            return Err(Error::ReplyMismatch(format!(
-                "postcopy ADD_MEM_REG reply for guest {:#x} ({} fds) answers guest {:#x}",
-                info.guest_phys_addr,
-                msg.fds.len(),
-                reply.region.guest_phys_addr
-            )));
-        }
-        let ack = U64Payload(0).to_bytes();
-        st.conn.send(
-            &Header::request(req.code(), ack.len() as u32, false),
-            &ack,
-            &[],
-        )?;
-        st.postcopy_regions.push(postcopy_region(&reply.region));
         Ok(())
     }
 
@@ -469,44 +425,40 @@ impl Frontend {
 
     /// SET_LOG_BASE with the shared-memory log (LOG_SHMFD); the reply is an ack.
     pub fn set_log_base(&self, mmap_size: u64, mmap_offset: u64, fd: BorrowedFd<'_>) -> Result<()> {
-        let body = LogDesc {
+        let log = LogDesc {
             mmap_size,
             mmap_offset,
-        }
-        .to_bytes();
+        };
         // The reply only says "done": its u64 is not a status. libvhost-user (and so
         // qemu-storage-daemon) echoes mmap_size in it, and QEMU ignores it.
-        self.reply(FrontendReq::SetLogBase, &body, &[fd])
-            .map(|_| ())
+        self.reply(&R::SetLogBase { log, fd }).map(|_| ())
     }
 
     /// SET_LOG_FD: the eventfd of the dirty log (LOG_SHMFD protocol feature).
     pub fn set_log_fd(&self, fd: BorrowedFd<'_>) -> Result<()> {
-        self.send_only(FrontendReq::SetLogFd, &[], &[fd])
+        self.send_only(&R::SetLogFd(fd))
     }
 
     /// SET_VRING_NUM: queue `index`'s size.
     pub fn set_vring_num(&self, index: u32, num: u32) -> Result<()> {
-        self.vring_state(FrontendReq::SetVringNum, index, num)
+        self.send_only(&R::SetVringNum(VringState { index, num }))
     }
 
     /// SET_VRING_ADDR, after the spec's alignment rules are checked here (a back-end may
     /// answer a misaligned ring with nothing but a closed socket).
     pub fn set_vring_addr(&self, addrs: &VringAddrs) -> Result<()> {
         addrs.check().map_err(|e| Error::InvalidParam(e.into()))?;
-        let body = VringAddrPayload(*addrs).to_bytes();
-        self.send_only(FrontendReq::SetVringAddr, &body, &[])
+        self.send_only(&R::SetVringAddr(*addrs))
     }
 
     /// SET_VRING_BASE: where queue `index` resumes.
     pub fn set_vring_base(&self, index: u32, base: u32) -> Result<()> {
-        self.vring_state(FrontendReq::SetVringBase, index, base)
+        self.send_only(&R::SetVringBase(VringState { index, num: base }))
     }
 
     /// Stops the ring and returns its next available index.
     pub fn get_vring_base(&self, index: u32) -> Result<u32> {
-        let body = VringState { index, num: 0 }.to_bytes();
-        let r = self.reply(FrontendReq::GetVringBase, &body, &[])?;
+        let r = self.reply(&R::GetVringBase(VringState { index, num: 0 }))?;
         let state = self.parsed(FrontendReq::GetVringBase, &r.body, VringState::from_bytes)?;
         if state.index != index {
             self.lock().conn.poison();
@@ -520,25 +472,28 @@ impl Frontend {
 
     /// SET_VRING_KICK: the eventfd the driver signals; `None` for polling mode (NOFD).
     pub fn set_vring_kick(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-        self.vring_fd(FrontendReq::SetVringKick, index, fd)
+        let index = Self::vring_index(index)?;
+        self.send_only(&R::SetVringKick { index, fd })
     }
 
     /// SET_VRING_CALL: the eventfd the back-end signals on used buffers; `None` sends NOFD
     /// (in-band calls, or no calls).
     pub fn set_vring_call(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-        self.vring_fd(FrontendReq::SetVringCall, index, fd)
+        let index = Self::vring_index(index)?;
+        self.send_only(&R::SetVringCall { index, fd })
     }
 
     /// SET_VRING_ERR: the eventfd the back-end signals on a broken ring; `None` detaches it.
     pub fn set_vring_err(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-        self.vring_fd(FrontendReq::SetVringErr, index, fd)
+        let index = Self::vring_index(index)?;
+        self.send_only(&R::SetVringErr { index, fd })
     }
 
     // ---- beyond the base interface ------------------------------------------------------
 
     /// GET_PROTOCOL_FEATURES (needs the PROTOCOL_FEATURES feature bit offered).
     pub fn get_protocol_features(&self) -> Result<u64> {
-        self.get_u64_then(FrontendReq::GetProtocolFeatures, |neg, f| {
+        self.get_u64_then(R::GetProtocolFeatures, |neg, f| {
             neg.offered_protocol = Some(f);
         })
     }
@@ -553,29 +508,35 @@ impl Frontend {
                 )));
             }
         }
-        self.set_u64(FrontendReq::SetProtocolFeatures, features)?;
+        self.send_only(&R::SetProtocolFeatures(features))?;
         self.lock().neg.acked_protocol = features;
         Ok(())
     }
 
     /// GET_QUEUE_NUM: how many queues the back-end has (needs the MQ protocol feature).
     pub fn get_queue_num(&self) -> Result<u64> {
-        self.get_u64(FrontendReq::GetQueueNum)
+        self.get_u64(R::GetQueueNum)
     }
 
     /// SET_VRING_ENABLE: starts or stops queue `index` without tearing it down.
     pub fn set_vring_enable(&self, index: u32, enable: bool) -> Result<()> {
-        self.vring_state(FrontendReq::SetVringEnable, index, u32::from(enable))
+        self.send_only(&R::SetVringEnable(VringState {
+            index,
+            num: u32::from(enable),
+        }))
     }
 
     /// SET_VRING_ENDIAN: the byte order of a legacy ring (CROSS_ENDIAN protocol feature).
     pub fn set_vring_endian(&self, index: u32, big_endian: bool) -> Result<()> {
-        self.vring_state(FrontendReq::SetVringEndian, index, u32::from(big_endian))
+        self.send_only(&R::SetVringEndian(VringState {
+            index,
+            num: u32::from(big_endian),
+        }))
     }
 
     /// In-band kick (VRING_KICK), for back-ends without kick fds.
     pub fn vring_kick(&self, index: u32) -> Result<()> {
-        self.vring_state(FrontendReq::VringKick, index, 0)
+        self.send_only(&R::VringKick(VringState { index, num: 0 }))
     }
 
     /// Reads `size` bytes of the device config space at `offset`.
@@ -586,17 +547,11 @@ impl Frontend {
             flags,
             data: vec![0; size as usize],
         };
-        let body = request.to_bytes();
-        ConfigPayload::from_bytes(&body)?;
-        let r = self.reply(FrontendReq::GetConfig, &body, &[])?;
+        let r = self.reply(&R::GetConfig(request.clone()))?;
         let reply = self.parsed(FrontendReq::GetConfig, &r.body, ConfigPayload::from_bytes)?;
-        if reply.offset != offset || reply.size != size {
+        reply.check_reply_for(&request).inspect_err(|_| {
             self.lock().conn.poison();
-            return Err(Error::ReplyMismatch(format!(
-                "GET_CONFIG asked for {size} bytes at {offset}, got {} at {}",
-                reply.size, reply.offset
-            )));
-        }
+        })?;
         Ok(reply.data)
     }
 
@@ -605,22 +560,19 @@ impl Frontend {
     pub fn set_config(&self, offset: u32, data: &[u8], flags: u32) -> Result<()> {
         let size = u32::try_from(data.len())
             .map_err(|_| Error::InvalidParam("config data too large".into()))?;
-        let body = ConfigPayload {
+        self.send_only(&R::SetConfig(ConfigPayload {
             offset,
             size,
             flags,
             data: data.to_vec(),
-        }
-        .to_bytes();
-        ConfigPayload::from_bytes(&body)?;
-        self.send_only(FrontendReq::SetConfig, &body, &[])
+        }))
     }
 
     /// Creates the back-end request channel: a socketpair whose far end goes to the
     /// back-end; the near end is returned for the caller to serve.
     pub fn set_backend_req_fd(&self) -> Result<FrontendChannel> {
         let (near, far) = UnixStream::pair()?;
-        self.send_only(FrontendReq::SetBackendReqFd, &[], &[far.as_fd()])?;
+        self.send_only(&R::SetBackendReqFd(far.as_fd()))?;
         let acked = self.acked_protocol_features();
         Ok(FrontendChannel::new(near, acked))
     }
@@ -642,8 +594,7 @@ impl Frontend {
             num_queues,
             queue_size,
         };
-        asked.check_queues()?;
-        let r = self.reply(REQ, &asked.to_bytes(), &[])?;
+        let r = self.reply(&R::GetInflightFd(asked))?;
         let desc = self.parsed(REQ, &r.body, InflightDesc::from_bytes)?;
         let fd = r.fd.ok_or_else(|| {
             self.lock().conn.poison();
@@ -705,34 +656,49 @@ impl Frontend {
     /// SET_INFLIGHT_FD: hands the inflight area back after a reconnect so the back-end can
     /// resubmit what it had in flight.
     pub fn set_inflight_fd(&self, desc: &InflightDesc, fd: BorrowedFd<'_>) -> Result<()> {
-        self.send_only(FrontendReq::SetInflightFd, &desc.to_bytes(), &[fd])
+        self.send_only(&R::SetInflightFd { desc: *desc, fd })
     }
 
     /// GET_MAX_MEM_SLOTS: how many regions ADD_MEM_REG may hold (CONFIGURE_MEM_SLOTS).
     pub fn get_max_mem_slots(&self) -> Result<u64> {
-        self.get_u64(FrontendReq::GetMaxMemSlots)
+        self.get_u64(R::GetMaxMemSlots)
     }
 
     /// ADD_MEM_REG: one region more, mapped from `fd`.
     pub fn add_mem_region(&self, info: &RegionInfo, fd: BorrowedFd<'_>) -> Result<()> {
-        let body = SingleMemRegion {
+        let request = R::AddMemReg {
             region: mem_region(info),
+            fd,
+        };
+        let mut st = self.lock();
+        if !st.neg.postcopy_listening {
+            return Self::exchange_locked(&mut st, &request).map(|_| ());
         }
-        .to_bytes();
-        SingleMemRegion::from_bytes(&body)?;
-        if self.lock().neg.postcopy_listening {
-            return self.add_mem_region_postcopy(info, &body, fd);
+        // Postcopy, as QEMU does it: no NEED_REPLY; the back-end answers with the region
+        // carrying its own address for it; then the ack (the same code, a u64 0).
+        let req = FrontendReq::AddMemReg;
+        let msg = Self::postcopy_exchange(&mut st, &request)?;
+        let reply = SingleMemRegion::from_bytes(&msg.body).map_err(|e| {
+            st.conn.poison();
+            peer_fault(req, e)
+        })?;
+        if !msg.fds.is_empty() || reply.region.guest_phys_addr != info.guest_phys_addr {
+            st.conn.poison();
+            return Err(Error::ReplyMismatch(format!(
+                "postcopy ADD_MEM_REG reply for guest {:#x} ({} fds) answers guest {:#x}",
+                info.guest_phys_addr,
+                msg.fds.len(),
+                reply.region.guest_phys_addr
+            )));
         }
-        self.send_only(FrontendReq::AddMemReg, &body, &[fd])
+        Self::postcopy_ack(&mut st, req)?;
+        st.postcopy_regions.push(postcopy_region(&reply.region));
+        Ok(())
     }
 
     /// REM_MEM_REG: removes the region exactly as it was added.
     pub fn remove_mem_region(&self, info: &RegionInfo) -> Result<()> {
-        let body = SingleMemRegion {
-            region: mem_region(info),
-        }
-        .to_bytes();
-        self.send_only(FrontendReq::RemMemReg, &body, &[])?;
+        self.send_only(&R::RemMemReg(mem_region(info)))?;
         let mut st = self.lock();
         if st.neg.postcopy_listening {
             st.postcopy_regions
@@ -743,17 +709,17 @@ impl Frontend {
 
     /// RESET_DEVICE: resets the device but keeps the session (RESET_DEVICE protocol feature).
     pub fn reset_device(&self) -> Result<()> {
-        self.send_only(FrontendReq::ResetDevice, &[], &[])
+        self.send_only(&R::ResetDevice)
     }
 
     /// SET_STATUS: the virtio device status byte (STATUS protocol feature).
     pub fn set_status(&self, status: u8) -> Result<()> {
-        self.set_u64(FrontendReq::SetStatus, u64::from(status))
+        self.send_only(&R::SetStatus(u64::from(status)))
     }
 
     /// GET_STATUS: the back-end's device status byte; a value above 8 bits closes the connection.
     pub fn get_status(&self) -> Result<u8> {
-        let v = self.get_u64(FrontendReq::GetStatus)?;
+        let v = self.get_u64(R::GetStatus)?;
         u8::try_from(v).map_err(|_| {
             self.lock().conn.poison();
             Error::ReplyMismatch(format!("GET_STATUS returned {v:#x}, wider than a byte"))
@@ -762,26 +728,24 @@ impl Frontend {
 
     /// NET_SET_MTU: the MTU the guest driver set (NET_MTU protocol feature).
     pub fn net_set_mtu(&self, mtu: u64) -> Result<()> {
-        self.set_u64(FrontendReq::NetSetMtu, mtu)
+        self.send_only(&R::NetSetMtu(mtu))
     }
 
     /// SEND_RARP: asks a net back-end to announce `mac` after a migration (RARP protocol
     /// feature).
     pub fn send_rarp(&self, mac: [u8; 6]) -> Result<()> {
-        let mut word = [0u8; 8];
-        word[..6].copy_from_slice(&mac);
-        self.set_u64(FrontendReq::SendRarp, u64::from_ne_bytes(word))
+        self.send_only(&R::SendRarp(mac))
     }
 
     /// GPU_SET_SOCKET: the socket of the GPU protocol, for a vhost-user-gpu back-end.
     pub fn gpu_set_socket(&self, fd: BorrowedFd<'_>) -> Result<()> {
-        self.send_only(FrontendReq::GpuSetSocket, &[], &[fd])
+        self.send_only(&R::GpuSetSocket(fd))
     }
 
     /// IOTLB_MSG: a translation update or invalidation (IOMMU platform feature); waits for
     /// the back-end's status.
     pub fn iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
-        let r = self.reply(FrontendReq::IotlbMsg, &msg.to_bytes(), &[])?;
+        let r = self.reply(&R::IotlbMsg(*msg))?;
         let status = self.parsed(FrontendReq::IotlbMsg, &r.body, |b| {
             U64Payload::from_bytes(b).map(|p| p.0)
         })?;
@@ -796,11 +760,7 @@ impl Frontend {
 
     /// Asks the back-end for the dma-buf fd of a shared object.
     pub fn get_shared_object(&self, uuid: [u8; 16]) -> Result<OwnedFd> {
-        let r = self.reply(
-            FrontendReq::GetSharedObject,
-            &SharedObjectUuid(uuid).to_bytes(),
-            &[],
-        )?;
+        let r = self.reply(&R::GetSharedObject(SharedObjectUuid(uuid)))?;
         let status = self.parsed(FrontendReq::GetSharedObject, &r.body, |b| {
             U64Payload::from_bytes(b).map(|p| p.0)
         })?;
@@ -825,8 +785,8 @@ impl Frontend {
         phase: u32,
         fd: BorrowedFd<'_>,
     ) -> Result<Option<OwnedFd>> {
-        let body = DeviceStateTransfer { direction, phase }.to_bytes();
-        let r = self.reply(FrontendReq::SetDeviceStateFd, &body, &[fd])?;
+        let transfer = DeviceStateTransfer { direction, phase };
+        let r = self.reply(&R::SetDeviceStateFd { transfer, fd })?;
         let v = self.parsed(FrontendReq::SetDeviceStateFd, &r.body, |b| {
             U64Payload::from_bytes(b).map(|p| p.0)
         })?;
@@ -859,7 +819,7 @@ impl Frontend {
     /// `SHMEM`). A reply of the wrong size, or whose count is not the number of non-zero
     /// sizes, is the back-end's fault ([`Error::InvalidReply`]) and closes the connection.
     pub fn get_shmem_config(&self) -> Result<ShmemConfig> {
-        let r = self.reply(FrontendReq::GetShmemConfig, &[], &[])?;
+        let r = self.reply(&R::GetShmemConfig)?;
         self.parsed(
             FrontendReq::GetShmemConfig,
             &r.body,
@@ -869,7 +829,7 @@ impl Frontend {
 
     /// CHECK_DEVICE_STATE: whether the back-end's state transfer succeeded (refused otherwise).
     pub fn check_device_state(&self) -> Result<()> {
-        let status = self.get_u64(FrontendReq::CheckDeviceState)?;
+        let status = self.get_u64(R::CheckDeviceState)?;
         if status != 0 {
             return Err(Error::Refused {
                 request: "CHECK_DEVICE_STATE",
@@ -881,7 +841,7 @@ impl Frontend {
 
     /// Returns the userfaultfd the back-end opened for postcopy.
     pub fn postcopy_advise(&self) -> Result<OwnedFd> {
-        let r = self.reply(FrontendReq::PostcopyAdvise, &[], &[])?;
+        let r = self.reply(&R::PostcopyAdvise)?;
         r.fd.ok_or(Error::FdCount {
             request: "POSTCOPY_ADVISE",
             expected: "1 in the reply",
@@ -891,7 +851,7 @@ impl Frontend {
 
     /// POSTCOPY_LISTEN: from here on SET_MEM_TABLE takes the postcopy form.
     pub fn postcopy_listen(&self) -> Result<()> {
-        self.send_only(FrontendReq::PostcopyListen, &[], &[])?;
+        self.send_only(&R::PostcopyListen)?;
         self.lock().neg.postcopy_listening = true;
         Ok(())
     }
@@ -904,11 +864,12 @@ impl Frontend {
             st.neg.postcopy_listening = false;
             st.postcopy_regions.clear();
         }
-        self.status_reply(FrontendReq::PostcopyEnd)
+        self.status_reply(R::PostcopyEnd)
     }
 
-    fn status_reply(&self, req: FrontendReq) -> Result<()> {
-        let status = self.get_u64(req)?;
+    fn status_reply(&self, request: Outgoing<'_>) -> Result<()> {
+        let req = request.kind();
+        let status = self.get_u64(request)?;
         if status != 0 {
             return Err(Error::Refused {
                 request: req.name(),
@@ -920,14 +881,12 @@ impl Frontend {
 
     /// Opaque session parameters in, opaque session description out.
     pub fn create_crypto_session(&self, params: &[u8]) -> Result<Vec<u8>> {
-        Ok(self
-            .reply(FrontendReq::CreateCryptoSession, params, &[])?
-            .body)
+        Ok(self.reply(&R::CreateCryptoSession(params.to_vec()))?.body)
     }
 
     /// CLOSE_CRYPTO_SESSION: ends a session of a vhost-user crypto back-end.
     pub fn close_crypto_session(&self, session_id: u64) -> Result<()> {
-        self.set_u64(FrontendReq::CloseCryptoSession, session_id)
+        self.send_only(&R::CloseCryptoSession(session_id))
     }
 
     /// Sends a raw, possibly malformed request: for test rigs probing a back-end's
@@ -993,19 +952,6 @@ fn mem_region(info: &RegionInfo) -> MemRegion {
         memory_size: info.memory_size,
         userspace_addr: info.userspace_addr,
         mmap_offset: info.mmap_offset,
-    }
-}
-
-/// The body size a well-behaved back-end answers `req` with, so header and body can be
-/// read with one `recvmsg`; a different size is still read correctly, just in two.
-fn expected_reply_size(req: FrontendReq, request_body: usize) -> usize {
-    match req {
-        // The reply has the request's layout: offset, size, flags and the data.
-        FrontendReq::GetConfig | FrontendReq::CreateCryptoSession => request_body,
-        FrontendReq::GetInflightFd => InflightDesc::SIZE,
-        FrontendReq::PostcopyAdvise => 0,
-        FrontendReq::GetShmemConfig => ShmemConfig::SIZE,
-        _ => U64Payload::SIZE,
     }
 }
 

@@ -1,194 +1,24 @@
-//! Decoded requests of both channels, with the fds they carry.
+//! The request values of both channels, with the fds they carry, and what their codec
+//! (generated from the table in [`codes`](super::codes)) is made of: the [`Body`] layouts,
+//! the fd rules and the few value rules a layout alone does not state.
 //!
 //! `decode` gets the body (already bounded by [`Header::check_request`]) and every fd that
 //! arrived with the header. It checks the body layout and the fd count of that request;
 //! any error drops the `Vec<OwnedFd>`, which closes every fd (ADVERSARIAL B1, B3, B4).
-//! `encode_body` is the inverse for the body; fds travel beside it (see `fds`).
+//! `encode_body` and `fds` are the inverse, and what both senders ([`Frontend`],
+//! [`BackendChannel`]) put on the wire.
 //!
 //! [`Header::check_request`]: super::header::Header::check_request
+//! [`Frontend`]: super::frontend::Frontend
+//! [`BackendChannel`]: super::channel::BackendChannel
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use super::codes::{BackendReq, FrontendReq};
-use super::payload::{
-    iotlb, ConfigPayload, CryptoSessionPayload, DeviceStateTransfer, InflightDesc, IotlbPayload,
-    LogDesc, MemRegion, MemTable, RarpPayload, SharedObjectUuid, ShmemMapPayload, SingleMemRegion,
-    U64Payload, VringAddrPayload, VringArea, VringFdPayload, VringState,
-};
+pub use super::codes::{BackendRequest, FrontendRequest};
+pub use super::payload::Body;
+use super::payload::{iotlb, InflightDesc, IotlbPayload, VringState};
 use super::{Error, Result};
-use crate::backend::VringAddrs;
-
-/// A request from the front-end, decoded and validated.
-#[derive(Debug)]
-pub enum FrontendRequest {
-    /// See [`FrontendReq::GetFeatures`].
-    GetFeatures,
-    /// The features acked.
-    SetFeatures(u64),
-    /// See [`FrontendReq::SetOwner`].
-    SetOwner,
-    /// See [`FrontendReq::ResetOwner`].
-    ResetOwner,
-    /// One fd per region, in region order.
-    SetMemTable {
-        /// The regions as sent.
-        table: MemTable,
-        /// Their fds, in region order.
-        fds: Vec<OwnedFd>,
-    },
-    /// See [`FrontendReq::SetLogBase`].
-    SetLogBase {
-        /// Size and offset of the log in `fd`.
-        log: LogDesc,
-        /// The log's memfd.
-        fd: OwnedFd,
-    },
-    /// The log's eventfd.
-    SetLogFd(OwnedFd),
-    /// Queue index and size.
-    SetVringNum(VringState),
-    /// The ring's addresses.
-    SetVringAddr(VringAddrs),
-    /// Queue index and where it resumes.
-    SetVringBase(VringState),
-    /// The queue index (`num` is ignored).
-    GetVringBase(VringState),
-    /// `fd` is `None` exactly when the NOFD flag was set (poll instead).
-    SetVringKick {
-        /// The queue index.
-        index: u8,
-        /// The eventfd.
-        fd: Option<OwnedFd>,
-    },
-    /// See [`FrontendReq::SetVringCall`]; `fd` is `None` exactly when NOFD was set.
-    SetVringCall {
-        /// The queue index.
-        index: u8,
-        /// The eventfd.
-        fd: Option<OwnedFd>,
-    },
-    /// See [`FrontendReq::SetVringErr`]; `fd` is `None` exactly when NOFD was set.
-    SetVringErr {
-        /// The queue index.
-        index: u8,
-        /// The eventfd.
-        fd: Option<OwnedFd>,
-    },
-    /// See [`FrontendReq::GetProtocolFeatures`].
-    GetProtocolFeatures,
-    /// The protocol features acked.
-    SetProtocolFeatures(u64),
-    /// See [`FrontendReq::GetQueueNum`].
-    GetQueueNum,
-    /// `num` is 0 or 1.
-    SetVringEnable(VringState),
-    /// The guest's MAC address.
-    SendRarp([u8; 6]),
-    /// The MTU the guest driver set.
-    NetSetMtu(u64),
-    /// The back-end channel's socket.
-    SetBackendReqFd(OwnedFd),
-    /// Type `UPDATE` or `INVALIDATE`.
-    IotlbMsg(IotlbPayload),
-    /// `num` is 0 (little endian) or 1 (big endian).
-    SetVringEndian(VringState),
-    /// Offset, size and flags of the read.
-    GetConfig(ConfigPayload),
-    /// Offset and the bytes to write.
-    SetConfig(ConfigPayload),
-    /// The opaque session parameters.
-    CreateCryptoSession(Vec<u8>),
-    /// The session to close.
-    CloseCryptoSession(u64),
-    /// See [`FrontendReq::PostcopyAdvise`].
-    PostcopyAdvise,
-    /// See [`FrontendReq::PostcopyListen`].
-    PostcopyListen,
-    /// See [`FrontendReq::PostcopyEnd`].
-    PostcopyEnd,
-    /// Non-zero queue count and size; the mmap fields are unused.
-    GetInflightFd(InflightDesc),
-    /// See [`FrontendReq::SetInflightFd`].
-    SetInflightFd {
-        /// The area's size and queue layout.
-        desc: InflightDesc,
-        /// The area's memfd.
-        fd: OwnedFd,
-    },
-    /// The GPU protocol socket.
-    GpuSetSocket(OwnedFd),
-    /// See [`FrontendReq::ResetDevice`].
-    ResetDevice,
-    /// `num` is 0.
-    VringKick(VringState),
-    /// See [`FrontendReq::GetMaxMemSlots`].
-    GetMaxMemSlots,
-    /// See [`FrontendReq::AddMemReg`].
-    AddMemReg {
-        /// The region to add.
-        region: MemRegion,
-        /// Its fd.
-        fd: OwnedFd,
-    },
-    /// The spec lets a back-end accept (and must then close) one stray fd here, for
-    /// front-ends that used to send it; `decode` does exactly that.
-    RemMemReg(MemRegion),
-    /// The virtio device status byte (a u64 on the wire).
-    SetStatus(u64),
-    /// See [`FrontendReq::GetStatus`].
-    GetStatus,
-    /// The UUID of the object.
-    GetSharedObject(SharedObjectUuid),
-    /// See [`FrontendReq::SetDeviceStateFd`].
-    SetDeviceStateFd {
-        /// Direction (save or load) and phase.
-        transfer: DeviceStateTransfer,
-        /// The pipe end to read or write the state through.
-        fd: OwnedFd,
-    },
-    /// See [`FrontendReq::CheckDeviceState`].
-    CheckDeviceState,
-    /// See [`FrontendReq::GetShmemConfig`].
-    GetShmemConfig,
-}
-
-/// A request from the back-end on the back-end channel, decoded and validated.
-#[derive(Debug)]
-pub enum BackendRequest {
-    /// Type `MISS` or `ACCESS_FAIL`.
-    IotlbMsg(IotlbPayload),
-    /// See [`BackendReq::ConfigChangeMsg`].
-    ConfigChange,
-    /// `fd` is `None` exactly when `area.nofd` is set (deregister the notifier).
-    VringHostNotifier {
-        /// Queue index, offset and size of the doorbell page.
-        area: VringArea,
-        /// The page's fd.
-        fd: Option<OwnedFd>,
-    },
-    /// `num` is 0.
-    VringCall(VringState),
-    /// `num` is 0.
-    VringErr(VringState),
-    /// The UUID of the object.
-    SharedObjectAdd(SharedObjectUuid),
-    /// The UUID of the object.
-    SharedObjectRemove(SharedObjectUuid),
-    /// The UUID of the object.
-    SharedObjectLookup(SharedObjectUuid),
-    /// See [`BackendReq::ShmemMap`].
-    ShmemMap {
-        /// Which region, where, how much, and with what access.
-        map: ShmemMapPayload,
-        /// The fd to map.
-        fd: OwnedFd,
-    },
-    /// The range to unmap.
-    ShmemUnmap(ShmemMapPayload),
-}
 
 /// Puts the request name on size and parameter errors raised by payload parsers.
-fn named(e: Error, name: &'static str) -> Error {
+pub(crate) fn named(e: Error, name: &'static str) -> Error {
     match e {
         Error::InvalidSize { expected, got, .. } => Error::InvalidSize {
             request: name,
@@ -200,75 +30,114 @@ fn named(e: Error, name: &'static str) -> Error {
     }
 }
 
-fn fd_count(name: &'static str, expected: &'static str, fds: &[OwnedFd]) -> Error {
-    Error::FdCount {
-        request: name,
-        expected,
-        got: fds.len(),
-    }
-}
+/// The fd rules of [`FdRule`](super::codes::FdRule): received fds checked and shaped
+/// as the request value holds them, and sent ones checked against the body.
+pub(crate) mod fd_rules {
+    use std::os::fd::OwnedFd;
 
-fn no_fds(name: &'static str, fds: Vec<OwnedFd>) -> Result<()> {
-    if fds.is_empty() {
-        Ok(())
-    } else {
-        Err(fd_count(name, "0", &fds))
-    }
-}
+    use super::super::{Error, Result};
 
-fn one_fd(name: &'static str, mut fds: Vec<OwnedFd>) -> Result<OwnedFd> {
-    match fds.len() {
-        1 => fds.pop().ok_or_else(|| fd_count(name, "1", &[])),
-        _ => Err(fd_count(name, "1", &fds)),
-    }
-}
-
-/// An fd exactly when the NOFD flag is clear (B4).
-fn fd_unless_nofd(name: &'static str, nofd: bool, fds: Vec<OwnedFd>) -> Result<Option<OwnedFd>> {
-    if nofd {
-        if fds.is_empty() {
-            Ok(None)
-        } else {
-            Err(fd_count(name, "0 (NOFD flag set)", &fds))
-        }
-    } else if fds.len() == 1 {
-        Ok(fds.into_iter().next())
-    } else {
-        Err(fd_count(name, "1 (NOFD flag clear)", &fds))
-    }
-}
-
-fn empty(name: &'static str, body: &[u8]) -> Result<()> {
-    if body.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::InvalidSize {
+    fn count(name: &'static str, expected: &'static str, got: usize) -> Error {
+        Error::FdCount {
             request: name,
-            expected: "0".into(),
-            got: body.len(),
-        })
+            expected,
+            got,
+        }
+    }
+
+    pub(crate) fn none(name: &'static str, fds: Vec<OwnedFd>) -> Result<()> {
+        match fds.len() {
+            0 => Ok(()),
+            n => Err(count(name, "0", n)),
+        }
+    }
+
+    pub(crate) fn one(name: &'static str, mut fds: Vec<OwnedFd>) -> Result<OwnedFd> {
+        match (fds.len(), fds.pop()) {
+            (1, Some(fd)) => Ok(fd),
+            (n, _) => Err(count(name, "1", n)),
+        }
+    }
+
+    pub(crate) fn per_region(
+        name: &'static str,
+        regions: usize,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Vec<OwnedFd>> {
+        sent_per_region(name, regions, fds.len())?;
+        Ok(fds)
+    }
+
+    pub(crate) fn sent_per_region(name: &'static str, regions: usize, fds: usize) -> Result<()> {
+        if fds == regions {
+            Ok(())
+        } else {
+            Err(count(name, "one per region", fds))
+        }
+    }
+
+    /// An fd exactly when the NOFD flag is clear (B4).
+    pub(crate) fn unless_nofd(
+        name: &'static str,
+        nofd: bool,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Option<OwnedFd>> {
+        match (nofd, fds.len()) {
+            (true, 0) => Ok(None),
+            (true, n) => Err(count(name, "0 (NOFD flag set)", n)),
+            (false, 1) => Ok(fds.into_iter().next()),
+            (false, n) => Err(count(name, "1 (NOFD flag clear)", n)),
+        }
+    }
+
+    pub(crate) fn sent_unless_nofd(name: &'static str, nofd: Option<bool>, fd: bool) -> Result<()> {
+        match nofd {
+            Some(true) if fd => Err(count(name, "0 (NOFD flag set)", 1)),
+            Some(false) if !fd => Err(count(name, "1 (NOFD flag clear)", 0)),
+            _ => Ok(()),
+        }
+    }
+
+    /// As `unless_nofd`, for fds that are waited on (epoll, poll): a regular file,
+    /// directory or block device would be refused by epoll (EPERM) or read as
+    /// always-ready, so it is rejected here, before a handler or worker sees it (B6).
+    pub(crate) fn event_unless_nofd(
+        name: &'static str,
+        nofd: bool,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Option<OwnedFd>> {
+        let fd = unless_nofd(name, nofd, fds)?;
+        if let Some(fd) = &fd {
+            use std::os::fd::AsRawFd;
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: fstat writes a `stat` into the buffer for a valid fd that we own.
+            if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+                return Err(Error::Io(std::io::Error::last_os_error()));
+            }
+            // SAFETY: fstat succeeded, so the buffer is initialised.
+            let kind = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+            if matches!(kind, libc::S_IFREG | libc::S_IFDIR | libc::S_IFBLK) {
+                return Err(Error::InvalidParam(format!(
+                    "{name}: the fd is a regular file, directory or block device, not an event fd"
+                )));
+            }
+        }
+        Ok(fd)
+    }
+
+    /// The spec lets a back-end accept (and close) one stray fd here, for front-ends
+    /// that used to send it: it is closed right here, unused.
+    pub(crate) fn zero_or_one(name: &'static str, fds: Vec<OwnedFd>) -> Result<()> {
+        match fds.len() {
+            0 | 1 => Ok(()),
+            n => Err(count(name, "0 or 1", n)),
+        }
     }
 }
 
-/// A header-only request with no fds.
-fn bare(name: &'static str, body: &[u8], fds: Vec<OwnedFd>) -> Result<()> {
-    empty(name, body)?;
-    no_fds(name, fds)
-}
-
-fn u64_body(name: &'static str, body: &[u8], fds: Vec<OwnedFd>) -> Result<u64> {
-    no_fds(name, fds)?;
-    Ok(U64Payload::from_bytes(body)?.0)
-}
-
-fn state_body(name: &'static str, body: &[u8], fds: Vec<OwnedFd>) -> Result<VringState> {
-    no_fds(name, fds)?;
-    VringState::from_bytes(body)
-}
-
-fn check_num(state: VringState, allowed: &[u32], what: &str) -> Result<VringState> {
+fn check_num(state: &VringState, allowed: &[u32], what: &str) -> Result<()> {
     if allowed.contains(&state.num) {
-        Ok(state)
+        Ok(())
     } else {
         Err(Error::InvalidParam(format!(
             "{what} {} for ring {}, expected one of {allowed:?}",
@@ -277,524 +146,61 @@ fn check_num(state: VringState, allowed: &[u32], what: &str) -> Result<VringStat
     }
 }
 
-fn vring_fd_body(
-    name: &'static str,
-    body: &[u8],
-    fds: Vec<OwnedFd>,
-) -> Result<(u8, Option<OwnedFd>)> {
-    let p = VringFdPayload::from_bytes(body)?;
-    let fd = fd_unless_nofd(name, p.nofd, fds)?;
-    if let Some(fd) = &fd {
-        check_pollable(name, fd)?;
-    }
-    Ok((p.index, fd))
+/// `SET_VRING_ENABLE`: `num` is 0 or 1.
+pub(crate) fn enable_flag(s: &VringState) -> Result<()> {
+    check_num(s, &[0, 1], "enable")
 }
 
-/// Kick, call and err fds are waited on (epoll, poll): a regular file, directory or block
-/// device would be refused by epoll (EPERM) or read as always-ready, so it is rejected
-/// here, before a handler or worker sees it (ADVERSARIAL B6).
-fn check_pollable(name: &'static str, fd: &OwnedFd) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a `stat` into the buffer for a valid fd that we own.
-    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fstat succeeded, so the buffer is initialised.
-    let kind = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
-    if matches!(kind, libc::S_IFREG | libc::S_IFDIR | libc::S_IFBLK) {
-        return Err(Error::InvalidParam(format!(
-            "{name}: the fd is a regular file, directory or block device, not an event fd"
-        )));
-    }
-    Ok(())
+/// `SET_VRING_ENDIAN`: `num` is 0 (little endian) or 1 (big endian).
+pub(crate) fn endian_flag(s: &VringState) -> Result<()> {
+    check_num(s, &[0, 1], "endianness")
 }
 
-fn vring_fd_bytes(index: u8, fd: &Option<OwnedFd>) -> Vec<u8> {
-    VringFdPayload {
-        index,
-        nofd: fd.is_none(),
-    }
-    .to_bytes()
+/// In-band `VRING_KICK`, `VRING_CALL`, `VRING_ERR`: `num` is reserved (0).
+pub(crate) fn reserved_num(s: &VringState) -> Result<()> {
+    check_num(s, &[0], "reserved num")
 }
 
-impl FrontendRequest {
-    /// The request's code, to name it in errors and check its feature gate.
-    pub fn kind(&self) -> FrontendReq {
-        use FrontendReq as K;
-        use FrontendRequest as R;
-        match self {
-            R::GetFeatures => K::GetFeatures,
-            R::SetFeatures(_) => K::SetFeatures,
-            R::SetOwner => K::SetOwner,
-            R::ResetOwner => K::ResetOwner,
-            R::SetMemTable { .. } => K::SetMemTable,
-            R::SetLogBase { .. } => K::SetLogBase,
-            R::SetLogFd(_) => K::SetLogFd,
-            R::SetVringNum(_) => K::SetVringNum,
-            R::SetVringAddr(_) => K::SetVringAddr,
-            R::SetVringBase(_) => K::SetVringBase,
-            R::GetVringBase(_) => K::GetVringBase,
-            R::SetVringKick { .. } => K::SetVringKick,
-            R::SetVringCall { .. } => K::SetVringCall,
-            R::SetVringErr { .. } => K::SetVringErr,
-            R::GetProtocolFeatures => K::GetProtocolFeatures,
-            R::SetProtocolFeatures(_) => K::SetProtocolFeatures,
-            R::GetQueueNum => K::GetQueueNum,
-            R::SetVringEnable(_) => K::SetVringEnable,
-            R::SendRarp(_) => K::SendRarp,
-            R::NetSetMtu(_) => K::NetSetMtu,
-            R::SetBackendReqFd(_) => K::SetBackendReqFd,
-            R::IotlbMsg(_) => K::IotlbMsg,
-            R::SetVringEndian(_) => K::SetVringEndian,
-            R::GetConfig(_) => K::GetConfig,
-            R::SetConfig(_) => K::SetConfig,
-            R::CreateCryptoSession(_) => K::CreateCryptoSession,
-            R::CloseCryptoSession(_) => K::CloseCryptoSession,
-            R::PostcopyAdvise => K::PostcopyAdvise,
-            R::PostcopyListen => K::PostcopyListen,
-            R::PostcopyEnd => K::PostcopyEnd,
-            R::GetInflightFd(_) => K::GetInflightFd,
-            R::SetInflightFd { .. } => K::SetInflightFd,
-            R::GpuSetSocket(_) => K::GpuSetSocket,
-            R::ResetDevice => K::ResetDevice,
-            R::VringKick(_) => K::VringKick,
-            R::GetMaxMemSlots => K::GetMaxMemSlots,
-            R::AddMemReg { .. } => K::AddMemReg,
-            R::RemMemReg(_) => K::RemMemReg,
-            R::SetStatus(_) => K::SetStatus,
-            R::GetStatus => K::GetStatus,
-            R::GetSharedObject(_) => K::GetSharedObject,
-            R::SetDeviceStateFd { .. } => K::SetDeviceStateFd,
-            R::CheckDeviceState => K::CheckDeviceState,
-            R::GetShmemConfig => K::GetShmemConfig,
-        }
-    }
-
-    /// Decodes a request whose header passed `check_request` (`body.len()` is the
-    /// header's size). Validates the body layout, its field rules and the number of fds;
-    /// on error every fd in `fds` is closed.
-    pub fn decode(code: FrontendReq, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self> {
-        Self::decode_inner(code, body, fds).map_err(|e| named(e, code.name()))
-    }
-
-    fn decode_inner(code: FrontendReq, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self> {
-        use FrontendReq as K;
-        use FrontendRequest as R;
-        let name = code.name();
-        Ok(match code {
-            K::GetFeatures => bare(name, body, fds).map(|_| R::GetFeatures)?,
-            K::SetOwner => bare(name, body, fds).map(|_| R::SetOwner)?,
-            K::ResetOwner => bare(name, body, fds).map(|_| R::ResetOwner)?,
-            K::GetProtocolFeatures => bare(name, body, fds).map(|_| R::GetProtocolFeatures)?,
-            K::GetQueueNum => bare(name, body, fds).map(|_| R::GetQueueNum)?,
-            K::PostcopyAdvise => bare(name, body, fds).map(|_| R::PostcopyAdvise)?,
-            K::PostcopyListen => bare(name, body, fds).map(|_| R::PostcopyListen)?,
-            K::PostcopyEnd => bare(name, body, fds).map(|_| R::PostcopyEnd)?,
-            K::ResetDevice => bare(name, body, fds).map(|_| R::ResetDevice)?,
-            K::GetMaxMemSlots => bare(name, body, fds).map(|_| R::GetMaxMemSlots)?,
-            K::GetStatus => bare(name, body, fds).map(|_| R::GetStatus)?,
-            K::CheckDeviceState => bare(name, body, fds).map(|_| R::CheckDeviceState)?,
-            K::GetShmemConfig => bare(name, body, fds).map(|_| R::GetShmemConfig)?,
-
-            K::SetFeatures => R::SetFeatures(u64_body(name, body, fds)?),
-            K::SetProtocolFeatures => R::SetProtocolFeatures(u64_body(name, body, fds)?),
-            K::NetSetMtu => R::NetSetMtu(u64_body(name, body, fds)?),
-            K::CloseCryptoSession => R::CloseCryptoSession(u64_body(name, body, fds)?),
-            K::SetStatus => R::SetStatus(u64_body(name, body, fds)?),
-
-            K::SetMemTable => {
-                let table = MemTable::from_bytes(body)?;
-                if fds.len() != table.regions.len() {
-                    return Err(fd_count(name, "one per region", &fds));
-                }
-                R::SetMemTable { table, fds }
-            }
-            K::SetLogBase => {
-                let log = LogDesc::from_bytes(body)?;
-                R::SetLogBase {
-                    log,
-                    fd: one_fd(name, fds)?,
-                }
-            }
-            K::SetLogFd => {
-                empty(name, body)?;
-                R::SetLogFd(one_fd(name, fds)?)
-            }
-            K::SetBackendReqFd => {
-                empty(name, body)?;
-                R::SetBackendReqFd(one_fd(name, fds)?)
-            }
-            K::GpuSetSocket => {
-                empty(name, body)?;
-                R::GpuSetSocket(one_fd(name, fds)?)
-            }
-
-            // Queue sizes, bases and indices depend on the device: the back-end checks them.
-            K::SetVringNum => R::SetVringNum(state_body(name, body, fds)?),
-            K::SetVringBase => R::SetVringBase(state_body(name, body, fds)?),
-            // The spec reserves `num` here (must be 0), but a pending change lets it
-            // carry flags with GET_VRING_BASE_INFLIGHT, so it is passed through.
-            K::GetVringBase => R::GetVringBase(state_body(name, body, fds)?),
-            K::SetVringEnable => {
-                R::SetVringEnable(check_num(state_body(name, body, fds)?, &[0, 1], "enable")?)
-            }
-            K::SetVringEndian => R::SetVringEndian(check_num(
-                state_body(name, body, fds)?,
-                &[0, 1],
-                "endianness",
-            )?),
-            K::VringKick => R::VringKick(check_num(
-                state_body(name, body, fds)?,
-                &[0],
-                "reserved num",
-            )?),
-            K::SetVringAddr => {
-                no_fds(name, fds)?;
-                R::SetVringAddr(VringAddrPayload::from_bytes(body)?.0)
-            }
-
-            K::SetVringKick => {
-                let (index, fd) = vring_fd_body(name, body, fds)?;
-                R::SetVringKick { index, fd }
-            }
-            K::SetVringCall => {
-                let (index, fd) = vring_fd_body(name, body, fds)?;
-                R::SetVringCall { index, fd }
-            }
-            K::SetVringErr => {
-                let (index, fd) = vring_fd_body(name, body, fds)?;
-                R::SetVringErr { index, fd }
-            }
-
-            K::SendRarp => {
-                no_fds(name, fds)?;
-                R::SendRarp(RarpPayload::from_bytes(body)?.0)
-            }
-            K::IotlbMsg => {
-                no_fds(name, fds)?;
-                let m = IotlbPayload::from_bytes(body)?;
-                if m.kind != iotlb::UPDATE && m.kind != iotlb::INVALIDATE {
-                    return Err(Error::InvalidParam(format!(
-                        "IOTLB message type {} is not sent by a front-end",
-                        m.kind
-                    )));
-                }
-                R::IotlbMsg(m)
-            }
-            K::GetConfig => {
-                no_fds(name, fds)?;
-                R::GetConfig(ConfigPayload::from_bytes(body)?)
-            }
-            K::SetConfig => {
-                no_fds(name, fds)?;
-                R::SetConfig(ConfigPayload::from_bytes(body)?)
-            }
-            K::CreateCryptoSession => {
-                no_fds(name, fds)?;
-                R::CreateCryptoSession(CryptoSessionPayload::from_bytes(body)?.0)
-            }
-            K::GetInflightFd => {
-                no_fds(name, fds)?;
-                let desc = InflightDesc::from_bytes(body)?;
-                desc.check_queues()?;
-                R::GetInflightFd(desc)
-            }
-            K::SetInflightFd => {
-                let desc = InflightDesc::from_bytes(body)?;
-                desc.check_queues()?;
-                desc.check_mapping()?;
-                R::SetInflightFd {
-                    desc,
-                    fd: one_fd(name, fds)?,
-                }
-            }
-            K::AddMemReg => {
-                let region = SingleMemRegion::from_bytes(body)?.region;
-                R::AddMemReg {
-                    region,
-                    fd: one_fd(name, fds)?,
-                }
-            }
-            K::RemMemReg => {
-                if fds.len() > 1 {
-                    return Err(fd_count(name, "0 or 1", &fds));
-                }
-                // A stray fd is closed right here, unused.
-                drop(fds);
-                R::RemMemReg(SingleMemRegion::from_bytes(body)?.region)
-            }
-            K::GetSharedObject => {
-                no_fds(name, fds)?;
-                R::GetSharedObject(SharedObjectUuid::from_bytes(body)?)
-            }
-            K::SetDeviceStateFd => {
-                let transfer = DeviceStateTransfer::from_bytes(body)?;
-                R::SetDeviceStateFd {
-                    transfer,
-                    fd: one_fd(name, fds)?,
-                }
-            }
-        })
-    }
-
-    /// The body bytes; `decode(self.kind(), &self.encode_body(), fds)` gives the request
-    /// back when the fds match.
-    pub fn encode_body(&self) -> Vec<u8> {
-        use FrontendRequest as R;
-        match self {
-            R::GetFeatures
-            | R::SetOwner
-            | R::ResetOwner
-            | R::SetLogFd(_)
-            | R::GetProtocolFeatures
-            | R::GetQueueNum
-            | R::SetBackendReqFd(_)
-            | R::PostcopyAdvise
-            | R::PostcopyListen
-            | R::PostcopyEnd
-            | R::GpuSetSocket(_)
-            | R::ResetDevice
-            | R::GetMaxMemSlots
-            | R::GetStatus
-            | R::CheckDeviceState
-            | R::GetShmemConfig => Vec::new(),
-            R::SetFeatures(v)
-            | R::SetProtocolFeatures(v)
-            | R::NetSetMtu(v)
-            | R::CloseCryptoSession(v)
-            | R::SetStatus(v) => U64Payload(*v).to_bytes(),
-            R::SetMemTable { table, .. } => table.to_bytes(),
-            R::SetLogBase { log, .. } => log.to_bytes(),
-            R::SetVringNum(s)
-            | R::SetVringBase(s)
-            | R::GetVringBase(s)
-            | R::SetVringEnable(s)
-            | R::SetVringEndian(s)
-            | R::VringKick(s) => s.to_bytes(),
-            R::SetVringAddr(a) => VringAddrPayload(*a).to_bytes(),
-            R::SetVringKick { index, fd }
-            | R::SetVringCall { index, fd }
-            | R::SetVringErr { index, fd } => vring_fd_bytes(*index, fd),
-            R::SendRarp(mac) => RarpPayload(*mac).to_bytes(),
-            R::IotlbMsg(m) => m.to_bytes(),
-            R::GetConfig(c) | R::SetConfig(c) => c.to_bytes(),
-            R::CreateCryptoSession(b) => b.clone(),
-            R::GetInflightFd(d) | R::SetInflightFd { desc: d, .. } => d.to_bytes(),
-            R::AddMemReg { region, .. } | R::RemMemReg(region) => {
-                SingleMemRegion { region: *region }.to_bytes()
-            }
-            R::GetSharedObject(u) => u.to_bytes(),
-            R::SetDeviceStateFd { transfer, .. } => transfer.to_bytes(),
-        }
-    }
-
-    /// The fds this request carries, in wire order.
-    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        use FrontendRequest as R;
-        match self {
-            R::SetMemTable { fds, .. } => fds.iter().map(|f| f.as_fd()).collect(),
-            R::SetLogBase { fd, .. }
-            | R::SetInflightFd { fd, .. }
-            | R::AddMemReg { fd, .. }
-            | R::SetDeviceStateFd { fd, .. }
-            | R::SetLogFd(fd)
-            | R::SetBackendReqFd(fd)
-            | R::GpuSetSocket(fd) => vec![fd.as_fd()],
-            R::SetVringKick { fd, .. } | R::SetVringCall { fd, .. } | R::SetVringErr { fd, .. } => {
-                fd.iter().map(|f| f.as_fd()).collect()
-            }
-            _ => Vec::new(),
-        }
+fn iotlb_kinds(m: &IotlbPayload, kinds: [u8; 2], sender: &str) -> Result<()> {
+    if kinds.contains(&m.kind) {
+        Ok(())
+    } else {
+        Err(Error::InvalidParam(format!(
+            "IOTLB message type {} is not sent by a {sender}",
+            m.kind
+        )))
     }
 }
 
-impl BackendRequest {
-    /// The request's code, to name it in errors and check its feature gate.
-    pub fn kind(&self) -> BackendReq {
-        use BackendReq as K;
-        use BackendRequest as R;
-        match self {
-            R::IotlbMsg(_) => K::IotlbMsg,
-            R::ConfigChange => K::ConfigChangeMsg,
-            R::VringHostNotifier { .. } => K::VringHostNotifierMsg,
-            R::VringCall(_) => K::VringCall,
-            R::VringErr(_) => K::VringErr,
-            R::SharedObjectAdd(_) => K::SharedObjectAdd,
-            R::SharedObjectRemove(_) => K::SharedObjectRemove,
-            R::SharedObjectLookup(_) => K::SharedObjectLookup,
-            R::ShmemMap { .. } => K::ShmemMap,
-            R::ShmemUnmap(_) => K::ShmemUnmap,
-        }
-    }
-
-    /// As [`FrontendRequest::decode`], for the back-end channel.
-    pub fn decode(code: BackendReq, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self> {
-        Self::decode_inner(code, body, fds).map_err(|e| named(e, code.name()))
-    }
-
-    fn decode_inner(code: BackendReq, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self> {
-        use BackendReq as K;
-        use BackendRequest as R;
-        let name = code.name();
-        Ok(match code {
-            K::IotlbMsg => {
-                no_fds(name, fds)?;
-                let m = IotlbPayload::from_bytes(body)?;
-                if m.kind != iotlb::MISS && m.kind != iotlb::ACCESS_FAIL {
-                    return Err(Error::InvalidParam(format!(
-                        "IOTLB message type {} is not sent by a back-end",
-                        m.kind
-                    )));
-                }
-                R::IotlbMsg(m)
-            }
-            K::ConfigChangeMsg => bare(name, body, fds).map(|_| R::ConfigChange)?,
-            K::VringHostNotifierMsg => {
-                let area = VringArea::from_bytes(body)?;
-                let fd = fd_unless_nofd(name, area.nofd, fds)?;
-                R::VringHostNotifier { area, fd }
-            }
-            K::VringCall => R::VringCall(check_num(
-                state_body(name, body, fds)?,
-                &[0],
-                "reserved num",
-            )?),
-            K::VringErr => R::VringErr(check_num(
-                state_body(name, body, fds)?,
-                &[0],
-                "reserved num",
-            )?),
-            K::SharedObjectAdd => {
-                no_fds(name, fds)?;
-                R::SharedObjectAdd(SharedObjectUuid::from_bytes(body)?)
-            }
-            K::SharedObjectRemove => {
-                no_fds(name, fds)?;
-                R::SharedObjectRemove(SharedObjectUuid::from_bytes(body)?)
-            }
-            K::SharedObjectLookup => {
-                no_fds(name, fds)?;
-                R::SharedObjectLookup(SharedObjectUuid::from_bytes(body)?)
-            }
-            K::ShmemMap => {
-                let map = ShmemMapPayload::from_bytes(body)?;
-                R::ShmemMap {
-                    map,
-                    fd: one_fd(name, fds)?,
-                }
-            }
-            K::ShmemUnmap => {
-                no_fds(name, fds)?;
-                R::ShmemUnmap(ShmemMapPayload::from_bytes(body)?)
-            }
-        })
-    }
-
-    /// The body bytes; `decode(self.kind(), &self.encode_body(), fds)` round-trips.
-    pub fn encode_body(&self) -> Vec<u8> {
-        use BackendRequest as R;
-        match self {
-            R::IotlbMsg(m) => m.to_bytes(),
-            R::ConfigChange => Vec::new(),
-            R::VringHostNotifier { area, .. } => area.to_bytes(),
-            R::VringCall(s) | R::VringErr(s) => s.to_bytes(),
-            R::SharedObjectAdd(u) | R::SharedObjectRemove(u) | R::SharedObjectLookup(u) => {
-                u.to_bytes()
-            }
-            R::ShmemMap { map, .. } | R::ShmemUnmap(map) => map.to_bytes(),
-        }
-    }
-
-    /// The fds this request carries.
-    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        match self {
-            BackendRequest::VringHostNotifier { fd: Some(fd), .. }
-            | BackendRequest::ShmemMap { fd, .. } => vec![fd.as_fd()],
-            _ => Vec::new(),
-        }
-    }
+/// A front-end sends IOTLB updates and invalidations.
+pub(crate) fn frontend_iotlb(m: &IotlbPayload) -> Result<()> {
+    iotlb_kinds(m, [iotlb::UPDATE, iotlb::INVALIDATE], "front-end")
 }
 
-/// Whether the back-end answers this request with a reply of its own, whatever
-/// REPLY_ACK says. Everything else gets a reply only as a REPLY_ACK ack (`NEED_REPLY`
-/// set and REPLY_ACK negotiated).
-///
-/// From the spec's per-request "reply payload" entries:
-/// - every `GET_*` request, `GET_VRING_BASE`, `GET_INFLIGHT_FD` and `GET_SHARED_OBJECT`;
-/// - `SET_LOG_BASE` (the spec: "if LOG_SHMFD", which [`FrontendReq::SetLogBase`]
-///   requires anyway);
-/// - `IOTLB_MSG` ("the back-end has to acknowledge"; QEMU also sets `NEED_REPLY`,
-///   and a front-end should too, since some back-ends answer only then);
-/// - `CREATE_CRYPTO_SESSION`, `POSTCOPY_ADVISE` (the userfaultfd), `POSTCOPY_END`;
-/// - `SET_DEVICE_STATE_FD` and `CHECK_DEVICE_STATE`.
-///
-/// Not included: `POSTCOPY_LISTEN` (spec: no reply; QEMU sets `NEED_REPLY` on it even
-/// without REPLY_ACK and waits, so a back-end serving QEMU should answer any request
-/// with `NEED_REPLY`), and `SET_MEM_TABLE` / `ADD_MEM_REG`, which reply only in
-/// postcopy mode, a state the session tracks.
-///
-/// Reply bodies QEMU checks: a u64 for the `GET_*` scalars, `SET_LOG_BASE`, `IOTLB_MSG`,
-/// `POSTCOPY_END`, `SET_DEVICE_STATE_FD` (see `DeviceStateReply`) and
-/// `CHECK_DEVICE_STATE`; a `VringState` for `GET_VRING_BASE`; an `InflightDesc` for
-/// `GET_INFLIGHT_FD`; a `ConfigPayload` of the requested range for `GET_CONFIG`; and an
-/// *empty* body (QEMU rejects any other size) plus the userfaultfd for
-/// `POSTCOPY_ADVISE`.
-pub fn has_reply(code: FrontendReq) -> bool {
-    use FrontendReq as K;
-    matches!(
-        code,
-        K::GetFeatures
-            | K::GetProtocolFeatures
-            | K::GetQueueNum
-            | K::GetVringBase
-            | K::GetConfig
-            | K::GetInflightFd
-            | K::GetMaxMemSlots
-            | K::GetStatus
-            | K::GetSharedObject
-            | K::GetShmemConfig
-            | K::SetLogBase
-            | K::IotlbMsg
-            | K::CreateCryptoSession
-            | K::PostcopyAdvise
-            | K::PostcopyEnd
-            | K::SetDeviceStateFd
-            | K::CheckDeviceState
-    )
+/// A back-end sends IOTLB misses and access failures.
+pub(crate) fn backend_iotlb(m: &IotlbPayload) -> Result<()> {
+    iotlb_kinds(m, [iotlb::MISS, iotlb::ACCESS_FAIL], "back-end")
 }
 
-/// Whether a reply to this request may carry an fd: the inflight area
-/// (`GET_INFLIGHT_FD`), the userfaultfd (`POSTCOPY_ADVISE`), a dma-buf
-/// (`GET_SHARED_OBJECT`), the back-end's end of the state channel
-/// (`SET_DEVICE_STATE_FD`). An fd on any other reply is a protocol error (H2).
-pub fn reply_allows_fd(code: FrontendReq) -> bool {
-    use FrontendReq as K;
-    matches!(
-        code,
-        K::GetInflightFd | K::PostcopyAdvise | K::GetSharedObject | K::SetDeviceStateFd
-    )
-}
-
-/// Whether the front-end always answers this back-end request: only
-/// `SHARED_OBJECT_LOOKUP` (a u64 status and, on success, the dma-buf fd). The others
-/// are answered only as REPLY_ACK acks.
-pub fn backend_has_reply(code: BackendReq) -> bool {
-    code == BackendReq::SharedObjectLookup
-}
-
-/// Whether a front-end reply to this back-end request may carry an fd
-/// (`SHARED_OBJECT_LOOKUP` only).
-pub fn backend_reply_allows_fd(code: BackendReq) -> bool {
-    code == BackendReq::SharedObjectLookup
+/// `SET_INFLIGHT_FD`: a queue geometry and a mapping that fits.
+pub(crate) fn inflight_area(d: &InflightDesc) -> Result<()> {
+    d.check_queues()?;
+    d.check_mapping()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::VringAddrs;
+    use crate::user::codes::{BackendReq, FrontendReq};
+    use crate::user::payload::{
+        ConfigPayload, DeviceStateTransfer, LogDesc, MemRegion, MemTable, SharedObjectUuid,
+        ShmemMapPayload, SingleMemRegion, VringArea,
+    };
     use crate::user::payload::{ShmemConfig, SHMEM_MAP_FLAG_RW};
     use std::fs::File;
     use std::io::Read;
+    use std::os::fd::{BorrowedFd, OwnedFd};
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
@@ -921,6 +327,7 @@ mod tests {
             },
             R::CheckDeviceState,
             R::GetShmemConfig,
+            R::GetVringBaseSkipDrain(state),
         ]
     }
 
@@ -941,8 +348,8 @@ mod tests {
                 perm: iotlb::PERM_RO,
                 kind: iotlb::MISS,
             }),
-            R::ConfigChange,
-            R::VringHostNotifier {
+            R::ConfigChangeMsg,
+            R::VringHostNotifierMsg {
                 area: VringArea {
                     index: 3,
                     nofd: false,
@@ -1429,7 +836,7 @@ mod tests {
             K::SetDeviceStateFd,
             K::CheckDeviceState,
         ] {
-            assert!(has_reply(k), "{k:?}");
+            assert!(k.has_reply(), "{k:?}");
         }
         for k in [
             K::SetFeatures,
@@ -1442,36 +849,36 @@ mod tests {
             K::PostcopyListen,
             K::SetBackendReqFd,
         ] {
-            assert!(!has_reply(k), "{k:?}");
+            assert!(!k.has_reply(), "{k:?}");
         }
         // Every name starting with GET_ has a reply.
         for &k in K::ALL {
             if k.name().starts_with("GET_") {
-                assert!(has_reply(k), "{k:?}");
+                assert!(k.has_reply(), "{k:?}");
             }
-            if reply_allows_fd(k) {
+            if k.reply_allows_fd() {
                 assert!(
-                    has_reply(k),
+                    k.has_reply(),
                     "{k:?} carries an fd in a reply it never sends"
                 );
             }
         }
-        let with_fd: Vec<_> = K::ALL.iter().filter(|&&k| reply_allows_fd(k)).collect();
+        let with_fd: Vec<_> = K::ALL.iter().filter(|&&k| k.reply_allows_fd()).collect();
         assert_eq!(with_fd.len(), 4);
-        assert!(backend_has_reply(BackendReq::SharedObjectLookup));
-        assert!(backend_reply_allows_fd(BackendReq::SharedObjectLookup));
+        assert!(BackendReq::SharedObjectLookup.has_reply());
+        assert!(BackendReq::SharedObjectLookup.reply_allows_fd());
         for &k in BackendReq::ALL {
             if k != BackendReq::SharedObjectLookup {
-                assert!(!backend_has_reply(k) && !backend_reply_allows_fd(k));
+                assert!(!k.has_reply() && !k.reply_allows_fd());
             }
         }
     }
 
     #[test]
     fn body_bytes_are_host_order() {
-        let r = FrontendRequest::SetVringKick { index: 5, fd: None };
+        let r: FrontendRequest = FrontendRequest::SetVringKick { index: 5, fd: None };
         assert_eq!(r.encode_body(), 0x105u64.to_ne_bytes());
-        let r = FrontendRequest::SendRarp([1, 2, 3, 4, 5, 6]);
+        let r: FrontendRequest = FrontendRequest::SendRarp([1, 2, 3, 4, 5, 6]);
         assert_eq!(r.encode_body(), [1, 2, 3, 4, 5, 6, 0, 0]);
     }
 }

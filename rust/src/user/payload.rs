@@ -591,6 +591,19 @@ impl ConfigPayload {
         })
     }
 
+    /// The rules of `from_bytes` applied to a payload built locally: the range and
+    /// flags, and `size` bytes of data.
+    pub fn check(&self) -> Result<()> {
+        Self::check_bounds(self.offset, self.size, self.flags)?;
+        if self.data.len() != self.size as usize {
+            return Err(invalid(
+                "config space",
+                format_args!("{} bytes of data for size {}", self.data.len(), self.size),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_bounds(offset: u32, size: u32, flags: u32) -> Result<()> {
         const WHAT: &str = "config space";
         if size == 0 || size > MAX_CONFIG_SIZE {
@@ -973,6 +986,15 @@ impl ShmemMapPayload {
             len: r.u64(),
             flags: r.u64(),
         };
+        m.check()?;
+        Ok(m)
+    }
+
+    /// The rules of `from_bytes` applied to a mapping built locally (H4): a length, no
+    /// overflowing range, no unknown flag.
+    pub fn check(&self) -> Result<()> {
+        const WHAT: &str = "shared memory mapping";
+        let m = self;
         if m.len == 0 {
             return Err(invalid(WHAT, "length 0"));
         }
@@ -985,7 +1007,7 @@ impl ShmemMapPayload {
         if m.flags & !SHMEM_MAP_FLAG_RW != 0 {
             return Err(invalid(WHAT, format_args!("unknown flags {:#x}", m.flags)));
         }
-        Ok(m)
+        Ok(())
     }
 
     /// Whether the mapping may be written (`SHMEM_MAP_FLAG_RW`).
@@ -1133,6 +1155,170 @@ impl CryptoSessionPayload {
         Ok(CryptoSessionPayload(b.to_vec()))
     }
 }
+
+// ---- the layouts as request bodies ------------------------------------------------
+
+/// A body layout: how a request's value is read from and written to the wire.
+pub trait Body: Sized {
+    /// Reads a received body, with every rule its layout states (sizes, counts,
+    /// reserved bits, overflows).
+    fn parse(b: &[u8]) -> Result<Self>;
+    /// The bytes, as sent.
+    fn bytes(&self) -> Vec<u8>;
+    /// The rules of `parse`, applied to a value built locally before it is sent.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// `parse`, and the body's NOFD flag for layouts that have one (else false).
+    fn parse_nofd(b: &[u8]) -> Result<(Self, bool)> {
+        Ok((Self::parse(b)?, false))
+    }
+    /// `bytes` for a request that carries no fd where its rule allows one (`nofd`).
+    fn bytes_nofd(&self, _nofd: bool) -> Vec<u8> {
+        self.bytes()
+    }
+    /// The NOFD flag when the value holds it itself (a vring area), to check against
+    /// the fd actually sent.
+    fn own_nofd(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// Header-only requests.
+impl Body for () {
+    fn parse(b: &[u8]) -> Result<()> {
+        if b.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidSize {
+                request: "",
+                expected: "0".into(),
+                got: b.len(),
+            })
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+/// One u64: features, MTU, status, session id.
+impl Body for u64 {
+    fn parse(b: &[u8]) -> Result<u64> {
+        Ok(U64Payload::from_bytes(b)?.0)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        U64Payload(*self).to_bytes()
+    }
+}
+
+/// The vring index of `SET_VRING_KICK` / `CALL` / `ERR`: its u64 also holds the NOFD
+/// flag, which the request's fd stands for.
+impl Body for u8 {
+    fn parse(b: &[u8]) -> Result<u8> {
+        Ok(Self::parse_nofd(b)?.0)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.bytes_nofd(false)
+    }
+    fn parse_nofd(b: &[u8]) -> Result<(u8, bool)> {
+        let p = VringFdPayload::from_bytes(b)?;
+        Ok((p.index, p.nofd))
+    }
+    fn bytes_nofd(&self, nofd: bool) -> Vec<u8> {
+        VringFdPayload { index: *self, nofd }.to_bytes()
+    }
+}
+
+/// The guest MAC of `SEND_RARP`.
+impl Body for [u8; 6] {
+    fn parse(b: &[u8]) -> Result<Self> {
+        Ok(RarpPayload::from_bytes(b)?.0)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        RarpPayload(*self).to_bytes()
+    }
+}
+
+/// The opaque parameters of `CREATE_CRYPTO_SESSION`.
+impl Body for Vec<u8> {
+    fn parse(b: &[u8]) -> Result<Self> {
+        Ok(CryptoSessionPayload::from_bytes(b)?.0)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.clone()
+    }
+}
+
+/// `SET_VRING_ADDR`.
+impl Body for VringAddrs {
+    fn parse(b: &[u8]) -> Result<Self> {
+        Ok(VringAddrPayload::from_bytes(b)?.0)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        VringAddrPayload(*self).to_bytes()
+    }
+}
+
+/// `ADD_MEM_REG` / `REM_MEM_REG` (with the layout's padding).
+impl Body for MemRegion {
+    fn parse(b: &[u8]) -> Result<Self> {
+        Ok(SingleMemRegion::from_bytes(b)?.region)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        SingleMemRegion { region: *self }.to_bytes()
+    }
+    fn check(&self) -> Result<()> {
+        MemRegion::check(self)
+    }
+}
+
+/// The doorbell area of `VRING_HOST_NOTIFIER_MSG`, which holds its NOFD flag itself.
+impl Body for VringArea {
+    fn parse(b: &[u8]) -> Result<Self> {
+        VringArea::from_bytes(b)
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.to_bytes()
+    }
+    fn parse_nofd(b: &[u8]) -> Result<(Self, bool)> {
+        let area = VringArea::from_bytes(b)?;
+        Ok((area, area.nofd))
+    }
+    fn own_nofd(&self) -> Option<bool> {
+        Some(self.nofd)
+    }
+}
+
+/// Payload types whose `from_bytes` / `to_bytes` are the layout, with an optional `check`.
+macro_rules! plain_body {
+    ($($t:ty $(=> $check:path)?),+ $(,)?) => {$(
+        #[doc = concat!("`", stringify!($t), "`, as laid out in `payload`.")]
+        impl Body for $t {
+            fn parse(b: &[u8]) -> Result<Self> {
+                <$t>::from_bytes(b)
+            }
+            fn bytes(&self) -> Vec<u8> {
+                self.to_bytes()
+            }
+            $(fn check(&self) -> Result<()> {
+                $check(self)
+            })?
+        }
+    )+};
+}
+
+plain_body!(
+    MemTable => MemTable::check,
+    LogDesc,
+    VringState,
+    IotlbPayload,
+    ConfigPayload => ConfigPayload::check,
+    InflightDesc,
+    SharedObjectUuid,
+    DeviceStateTransfer,
+    ShmemMapPayload => ShmemMapPayload::check,
+);
 
 #[cfg(test)]
 mod tests {
