@@ -220,6 +220,7 @@ CaseFn = Callable[[Context], str]
 
 
 def features_reply(ctx: Context) -> str:
+    """GET_FEATURES: exactly 8 bytes, flags VERSION|REPLY, the same value twice, VERSION_1."""
     with ctx.connection() as c:
         value = c.ask_u64(wire.message(Req.GET_FEATURES))
         if value != ctx.features:
@@ -230,6 +231,7 @@ def features_reply(ctx: Context) -> str:
 
 
 def protocol_features_gate(ctx: Context) -> str:
+    """GET_PROTOCOL_FEATURES after bit 30: exact reply; the offered set is accepted back."""
     if ctx.protocol_features is None:
         raise NotApplicable("bit 30 (PROTOCOL_FEATURES) is not offered")
     with ctx.connection() as c:
@@ -246,6 +248,8 @@ def protocol_features_gate(ctx: Context) -> str:
 
 
 def reply_ack(ctx: Context) -> str:
+    """REPLY_ACK: requests with NEED_REPLY are acked; a request that has a reply gets
+    that reply and no extra ack."""
     ctx.need(PF.REPLY_ACK)
     with ctx.connection() as c:
         c.negotiate(PF.REPLY_ACK)  # SET_FEATURES is sent with NEED_REPLY and must be acked
@@ -260,6 +264,7 @@ def reply_ack(ctx: Context) -> str:
 
 
 def queue_count(ctx: Context) -> str:
+    """GET_QUEUE_NUM (MQ): an exact reply, in range."""
     ctx.need(PF.MQ)
     with ctx.connection() as c:
         c.negotiate(PF.MQ)
@@ -270,6 +275,7 @@ def queue_count(ctx: Context) -> str:
 
 
 def mem_slot_limit(ctx: Context) -> str:
+    """GET_MAX_MEM_SLOTS: that many ADD_MEM_REG succeed, and one more is refused (C6)."""
     ctx.need(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
     size = 64 * 1024
     with ctx.connection() as c:
@@ -298,6 +304,8 @@ def mem_slot_limit(ctx: Context) -> str:
 
 
 def config_bounds(ctx: Context) -> str:
+    """GET_CONFIG: the reply is exactly the window asked; a window past any config space
+    gets no data (G1)."""
     ctx.need(PF.CONFIG)
     with ctx.connection() as c:
         c.negotiate(PF.CONFIG)
@@ -344,6 +352,7 @@ class Ring:
         self.step(Req.SET_MEM_TABLE, wire.mem_table([(0, MEM, UADDR, 0)]), [fd])
 
     def step(self, code: int, body: bytes, fds: Sequence[int] = ()) -> None:
+        """Sends one set-up request, requiring its ack when REPLY_ACK was negotiated."""
         data = wire.message(code, body, flags=self.flags)
         if self.flags & NEED_REPLY:
             self.c.acked(data, fds)
@@ -351,6 +360,7 @@ class Ring:
             self.c.send(data, fds)
 
     def setup(self, base: int = 0) -> None:
+        """Queue 0's set-up in QEMU's order: num, addr, base, call, kick, enable."""
         self.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, RING))
         self.step(Req.SET_VRING_ADDR, wire.vring_addr(
             0, desc=UADDR + DESC, avail=UADDR + AVAIL, used=UADDR + USED))
@@ -365,18 +375,22 @@ class Ring:
             self.c.ask_u64(wire.message(Req.GET_FEATURES))
 
     def desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
+        """Writes descriptor ``i`` of the split ring."""
         struct.pack_into("=QIHH", self.mem, DESC + 16 * i, addr, length, flags, nxt)
 
     def publish(self, head: int, idx: int) -> None:
+        """Puts ``head`` in avail slot ``idx``, moves avail.idx past it, and kicks."""
         struct.pack_into("=H", self.mem, AVAIL + 4 + 2 * (idx % RING), head)
         struct.pack_into("=H", self.mem, AVAIL + 2, (idx + 1) & 0xFFFF)
         os.eventfd_write(self.kick, 1)
 
     def used_idx(self) -> int:
+        """The back-end's used.idx."""
         value: int = struct.unpack_from("=H", self.mem, USED + 2)[0]
         return value
 
     def wait_used(self, idx: int) -> None:
+        """Waits (up to the context timeout) for used.idx to reach ``idx``."""
         deadline = time.monotonic() + self.c.ctx.timeout
         while self.used_idx() != idx:
             if time.monotonic() > deadline:
@@ -386,6 +400,7 @@ class Ring:
         # (One kick per request, as a driver does: a lost kick is the back-end's bug.)
 
     def vring_base(self) -> int:
+        """GET_VRING_BASE for queue 0, checking the reply is for ring 0 and 8 bytes long."""
         r = self.c.ask(wire.message(Req.GET_VRING_BASE, VRING_STATE.pack(0, 0)))
         if len(r.body) != VRING_STATE.size:
             raise Failed(f"the reply to GET_VRING_BASE has {len(r.body)} bytes, not 8")
@@ -395,6 +410,7 @@ class Ring:
         return int(num)
 
     def close(self) -> None:
+        """Unmaps the memory and closes our kick and call eventfds."""
         self.mem.close()
         os.close(self.kick)
         os.close(self.call)
@@ -412,6 +428,7 @@ def ring(ctx: Context) -> Iterator[Ring]:
 
 
 def ring_setup(ctx: Context) -> str:
+    """Ring set-up in QEMU's order, each step acked; GET_VRING_BASE reads the base back."""
     with ring(ctx) as r:
         r.setup(base=0)
         base = r.vring_base()
@@ -437,6 +454,7 @@ def _request(r: Ring, device: str) -> None:
 
 
 def vring_base_after_traffic(ctx: Context) -> str:
+    """GET_VRING_BASE after three requests the back-end used answers 3."""
     device = ctx.device or "?"
     if device not in ("rng", "blk"):
         _request(None, device)  # type: ignore[arg-type]  # raises NotApplicable

@@ -21,6 +21,7 @@ FdMaker = Callable[[], list[int]]
 
 
 def no_fds() -> list[int]:
+    """No fds (the default of :attr:`Hostile.fds`)."""
     return []
 
 
@@ -54,6 +55,7 @@ def pipe_fd() -> list[int]:
 
 
 def region(gpa: int, size: int, uaddr: int = UADDR, offset: int = 0) -> tuple[int, int, int, int]:
+    """A memory region tuple for :func:`vhost.check.wire.mem_table`."""
     return (gpa, size, uaddr, offset)
 
 

@@ -41,6 +41,7 @@ SOCKET; 2 a case failed, died or hung."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers ``check`` on the top-level parser."""
     p = sub.add_parser(
         "check",
         help="conformance and robustness check of any vhost-user back-end",
@@ -70,6 +71,7 @@ def _progress(result: CaseResult) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the checks (or lists them); the exit status is 0 only when all passed."""
     if args.list:
         for case in all_cases():
             print(f"{case.name:<28} {case.ref:<30} {case.what}")
