@@ -203,6 +203,26 @@ def test_cli_refused_connection_is_one_line(tmp_sock_dir: Path) -> None:
     assert str(sock) in line and "refused" in line, line
 
 
+def test_cli_silent_listener_is_one_line_and_status_2(tmp_sock_dir: Path) -> None:
+    """Something listens but never answers (not a vhost-user back-end, or a stuck one)."""
+    sock = tmp_sock_dir / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock))
+        s.listen(4)
+        proc = cli(sock, "--timeout", "0.5")
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert str(sock) in line and "did not answer GET_FEATURES within 0.5 s" in line, line
+
+
+def test_cli_broken_restart_command_is_one_line(tmp_sock_dir: Path) -> None:
+    missing = tmp_sock_dir / "no-such-back-end"
+    proc = cli(tmp_sock_dir / "x.sock", "--restart", f"{missing} --socket x")
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert f"restart command {missing} --socket x" in line and "No such file" in line, line
+
+
 def test_cli_unknown_case_is_usage_error(tmp_sock_dir: Path) -> None:
     proc = cli(tmp_sock_dir / "x.sock", "--only", "no-such-case")
     assert proc.returncode == 1

@@ -34,11 +34,14 @@ DEVICES = ("blk", "rng", "fs", "net", "vsock")
 class CheckError(Exception):
     """The run could not start: no back-end answers on the socket, a case name is unknown,
     or the restart command fails. The message names the path or the name; ``errno`` is
-    the failed connect's, when that was the cause."""
+    the failed connect's, when that was the cause; ``unanswered`` says that the back-end
+    was reached but did not answer (a failed request, not an unusable input)."""
 
-    def __init__(self, message: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, errno: int | None = None, *,
+                 unanswered: bool = False) -> None:
         super().__init__(message)
         self.errno = errno
+        self.unanswered = unanswered
 
 
 def all_cases() -> list[Case]:
@@ -263,11 +266,11 @@ def _run(target: _Target, cases: list[Case], chosen: set[str], dropped: set[str]
         features, proto = _start(target)
     except TimeoutError as exc:
         raise CheckError(f"{path}: the back-end did not answer GET_FEATURES within "
-                         f"{timeout:g} s") from exc
+                         f"{timeout:g} s", unanswered=True) from exc
     except OSError as exc:
         raise CheckError(f"connect to {path}: {exc.strerror or exc}", exc.errno) from exc
     except Failed as exc:
-        raise CheckError(f"{path}: the back-end {exc}") from exc
+        raise CheckError(f"{path}: the back-end {exc}", unanswered=True) from exc
     # Does it serve a second front-end? (virtiofsd and vhost-device-rng exit after one.)
     one_session = False
     try:

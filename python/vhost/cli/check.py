@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ..check import DEVICES, CaseResult, CheckError, Report, all_cases, run_checks
-from .common import EXIT_FAILED, CliError, connect_hint, seconds_arg
+from .common import EXIT_FAILED, EXIT_USAGE, CliError, connect_hint, seconds_arg
 
 DESCRIPTION = """\
 Check a vhost-user back-end as a front-end that breaks the rules on purpose: the
@@ -36,8 +36,9 @@ examples:
   %(prog)s /tmp/blk.sock --only reply-ack --only 253-fds
   %(prog)s --list
 
-exit status: 0 every case passed or was skipped; 1 bad arguments or no back-end on
-SOCKET; 2 a case failed, died or hung."""
+exit status: 0 every case passed or was skipped; 1 bad arguments, no back-end on
+SOCKET, or a restart command that does not start one; 2 a case failed, died or hung,
+or the back-end did not answer GET_FEATURES at the start."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except CheckError as exc:
         hint = connect_hint(args.socket, exc.errno) if exc.errno is not None else None
-        raise CliError(str(exc), hint=hint) from exc
+        status = EXIT_FAILED if exc.unanswered else EXIT_USAGE
+        raise CliError(str(exc), status, hint) from exc
     out: Any = report.to_json() if args.json else report.table()
     print(json.dumps(out, indent=2) if args.json else out)
     return 0 if report.ok else EXIT_FAILED
