@@ -10,6 +10,7 @@ mod channel;
 mod codes;
 mod convert;
 mod daemon;
+mod describe;
 mod dirty_log;
 mod errors;
 mod eventfd;
@@ -49,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
     codes::register(m)?;
+    describe::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
