@@ -112,11 +112,15 @@ def check_handshake(records: list[dict[str, Any]]) -> None:
     requests = [m for m in main if not m["reply"]]
     names = [m["name"] for m in requests]
     assert all(m["sender"] == "frontend" and m["malformed"] is None for m in requests), main
+    # The guest's memory: SET_MEM_TABLE, or ADD_MEM_REG per region when the back-end
+    # offers CONFIGURE_MEM_SLOTS (serve blk does): "MEM" below.
+    memory = [m for m in requests if m["name"] in ("SET_MEM_TABLE", "ADD_MEM_REG")]
+    steps = ["MEM" if m in memory else m["name"] for m in requests]
     assert in_order(
-        names,
+        steps,
         ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "SET_FEATURES",
-         "SET_MEM_TABLE", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
-         "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ENABLE", "GET_VRING_BASE"],
+         "MEM", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
+         "SET_VRING_ENABLE", "GET_VRING_BASE"],
     ), names
     # Replies: matched to their request, from the back-end, with the time it took.
     replies = {m["name"]: m for m in main if m["reply"]}
@@ -126,11 +130,12 @@ def check_handshake(records: list[dict[str, Any]]) -> None:
     assert "PROTOCOL_FEATURES" in features["fields"]["features"]["names"], features
     offered = replies["GET_PROTOCOL_FEATURES"]["fields"]["features"]
     assert "CONFIG" in offered["names"], offered
-    # The memory table: its regions decoded, one fd per region, forwarded.
-    table = next(m for m in requests if m["name"] == "SET_MEM_TABLE")
-    regions = table["fields"]["regions"]
-    assert regions and table["fds"] == len(regions) == table["fields"]["nregions"], table
-    assert all(r["memory_size"] > 0 for r in regions), regions
+    # The memory regions decoded, one fd per region, forwarded.
+    assert memory, names
+    for m in memory:
+        regions = m["fields"]["regions"]
+        assert regions and m["fds"] == len(regions), m
+        assert all(r["memory_size"] > 0 and r["userspace_addr"] for r in regions), regions
     # Every ring QEMU set up: its addresses, its kick and call eventfds, enabled.
     addrs = [m for m in requests if m["name"] == "SET_VRING_ADDR"]
     assert addrs, names
@@ -140,6 +145,9 @@ def check_handshake(records: list[dict[str, Any]]) -> None:
         kicks = [m for m in requests if m["name"] == "SET_VRING_KICK"
                  and m["fields"]["index"] == index]
         assert kicks and kicks[0]["fds"] == 1, kicks
+        calls = [m for m in requests if m["name"] == "SET_VRING_CALL"
+                 and m["fields"]["index"] == index]
+        assert calls and calls[-1]["fds"] == 1, calls
         enables = [m for m in requests if m["name"] == "SET_VRING_ENABLE"
                    and m["fields"]["index"] == index]
         assert any(e["fields"]["enable"] == 1 for e in enables), enables
@@ -197,6 +205,8 @@ def test_guest_boots_through_trace_onto_serve_blk(tmp_path: Path, tmp_sock_dir: 
     channel = messages(records, "backend-channel")
     change = [m for m in channel if m["name"] == "CONFIG_CHANGE_MSG" and not m["reply"]]
     assert change and change[0]["sender"] == "backend", channel
+    acks = [m for m in channel if m["name"] == "CONFIG_CHANGE_MSG" and m["reply"]]
+    assert acks and acks[0]["sender"] == "frontend" and acks[0]["elapsed"] >= 0, channel
     after = names[names.index("SET_BACKEND_REQ_FD"):]
     assert after.count("GET_CONFIG") >= 2, after  # at boot, and after the change
     config = [m for m in messages(records) if m["name"] == "GET_CONFIG" and m["reply"]][-1]
@@ -262,7 +272,7 @@ def test_malformed_message_is_shown_as_hex_and_forwarded(
             if isinstance(record, Event) and record.kind == "disconnect":
                 break
         assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds_before, 10)
-        code, err = served.stop()
+        _, err = served.stop()
     msgs = [r for r in records if isinstance(r, Message)]
     reply = next(m for m in msgs if m.name == "GET_FEATURES" and m.reply)
     assert reply.field("features") == features and reply.elapsed is not None

@@ -11,6 +11,9 @@ from .types import MemoryRegion
 
 __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
+    "HEADER_SIZE",
+    "MAX_BODY_SIZE",
+    "MAX_FDS",
     "BackendChannel",
     "BackendSession",
     "Batch",
@@ -34,6 +37,7 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
+    "describe",
     "protocol_feature_table",
     "request_table",
 ]
@@ -62,7 +66,7 @@ def describe(
     header: bytes,
     body: bytes,
     fds: Sequence[_Fd],
-    request_body: bytes = b"",
+    request_body: bytes = ...,
 ) -> tuple[
     str | None,
     bool,

@@ -34,6 +34,7 @@ peers' own work (``benches/bench_trace.py`` measures it).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -63,10 +64,10 @@ _FLAG_NEED_REPLY = 1 << 3
 _SET_PROTOCOL_FEATURES = 16
 _SET_BACKEND_REQ_FD = 21
 
-Side = Literal["frontend", "backend"]
+_Side = Literal["frontend"] | Literal["backend"]
 """A peer: the front-end (QEMU) or the back-end."""
 
-Channel = Literal["main", "backend-channel"]
+_Channel = Literal["main"] | Literal["backend-channel"]
 """The main socket or the back-end channel of ``SET_BACKEND_REQ_FD``."""
 
 
@@ -144,9 +145,9 @@ class Message:
     """Seconds since the trace started, when the message was read."""
     connection: int
     """Which front-end connection (1, 2... in accept order)."""
-    channel: Channel
+    channel: _Channel
     """The main socket or the back-end channel."""
-    sender: Side
+    sender: _Side
     """Who sent it."""
     name: str | None
     """The request's name (a reply has its request's), None for an unknown code."""
@@ -232,9 +233,9 @@ class Event:
     """Which connection."""
     kind: Literal["connect", "disconnect"]
     """What happened."""
-    channel: Channel
+    channel: _Channel
     """On which channel."""
-    side: Side | None
+    side: _Side | None
     """Who closed (``disconnect``), or None."""
     detail: str = ""
     """The paths connected, or why the relay stopped."""
@@ -282,7 +283,7 @@ class _Connection:
     number: int
     sockets: list[socket.socket] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
-    pending: dict[tuple[Channel, int], deque[_Pending]] = field(default_factory=dict)
+    pending: dict[tuple[_Channel, int], deque[_Pending]] = field(default_factory=dict)
     reply_ack: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -297,10 +298,19 @@ class _Connection:
                 self.closed = True
             sockets = list(self.sockets) if only is None else list(only)
         for s in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+
+
+@dataclass(frozen=True)
+class _Leg:
+    """One direction of one channel: who sends, from which socket to which."""
+
+    conn: _Connection
+    channel: _Channel
+    sender: _Side
+    src: socket.socket
+    dst: socket.socket
 
 
 class Tracer:
@@ -372,17 +382,13 @@ class Tracer:
             return
         self._closed = True
         if self._listener is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._listener.close()
             if self._acceptor is not None:
                 self._acceptor.join()
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.listen_path)
-            except OSError:
-                pass
         with self._lock:
             connections = list(self._connections)
         for c in connections:
@@ -462,33 +468,31 @@ class Tracer:
             self._relay(conn, "main", front, back)
 
     def _relay(
-        self, conn: _Connection, channel: Channel, front: socket.socket, back: socket.socket
+        self, conn: _Connection, channel: _Channel, front: socket.socket, back: socket.socket
     ) -> None:
         """Starts the two relays of a channel: front-end to back-end and back."""
         with conn.lock:
             conn.active += 2
-        for sender, src, dst in (("frontend", front, back), ("backend", back, front)):
+        legs: tuple[tuple[_Side, socket.socket, socket.socket], ...] = (
+            ("frontend", front, back),
+            ("backend", back, front),
+        )
+        for sender, src, dst in legs:
             t = threading.Thread(
                 target=self._pump,
-                args=(conn, channel, sender, src, dst),
+                args=(_Leg(conn, channel, sender, src, dst),),
                 name=f"trace-{conn.number}-{channel}-{sender}",
             )
             t.daemon = True
             conn.threads.append(t)
             t.start()
 
-    def _pump(
-        self,
-        conn: _Connection,
-        channel: Channel,
-        sender: Side,
-        src: socket.socket,
-        dst: socket.socket,
-    ) -> None:
-        """Forwards messages from ``src`` to ``dst`` until either side closes."""
+    def _pump(self, leg: _Leg) -> None:
+        """Forwards messages from ``leg.src`` to ``leg.dst`` until either side closes."""
+        conn, channel, sender, src, dst = leg.conn, leg.channel, leg.sender, leg.src, leg.dst
         detail = ""
         try:
-            while self._forward_one(conn, channel, sender, src, dst):
+            while self._forward_one(leg):
                 pass
         except OSError as exc:
             detail = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -527,46 +531,34 @@ class Tracer:
             got += data
         return True
 
-    def _forward_one(
-        self,
-        conn: _Connection,
-        channel: Channel,
-        sender: Side,
-        src: socket.socket,
-        dst: socket.socket,
-    ) -> bool:
+    def _forward_one(self, leg: _Leg) -> bool:
         fds: list[int] = []
         try:
-            return self._forward_message(conn, channel, sender, src, dst, fds)
+            return self._forward_message(leg, fds)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _forward_message(
-        self,
-        conn: _Connection,
-        channel: Channel,
-        sender: Side,
-        src: socket.socket,
-        dst: socket.socket,
-        fds: list[int],
-    ) -> bool:
+    def _forward_message(self, leg: _Leg, fds: list[int]) -> bool:
+        """Forwards one message and records it; False at end of file. The fds received
+        are added to ``fds`` (the caller closes them)."""
+        conn, channel, sender, src, dst = leg.conn, leg.channel, leg.sender, leg.src, leg.dst
         raw = bytearray()
         if not self._read(src, HEADER_SIZE, raw, fds):
             if raw or fds:
-                self._partial(conn, channel, sender, raw, fds, dst)
+                self._partial(leg, raw, fds)
             return False
         t = self._now()
         code, flags, size = struct.unpack("=III", raw)
         if size > MAX_BODY_SIZE:
-            return self._oversized(conn, channel, sender, bytes(raw), src, dst, fds, t)
+            return self._oversized(leg, bytes(raw), fds, t)
         if not self._read(src, HEADER_SIZE + size, raw, fds):
-            self._partial(conn, channel, sender, raw, fds, dst)
+            self._partial(leg, raw, fds)
             return False
         header, body = bytes(raw[:HEADER_SIZE]), bytes(raw[HEADER_SIZE:])
         reply = bool(flags & _FLAG_REPLY)
         # The back-end channel's requests come from the back-end.
-        requests_from: Side = "frontend" if channel == "main" else "backend"
+        requests_from: _Side = "frontend" if channel == "main" else "backend"
         table = "frontend" if channel == "main" else "backend"
         pending: _Pending | None = None
         if reply:
@@ -646,20 +638,11 @@ class Tracer:
         if sent < len(data):
             dst.sendall(data[sent:])
 
-    def _partial(
-        self,
-        conn: _Connection,
-        channel: Channel,
-        sender: Side,
-        raw: bytearray,
-        fds: list[int],
-        dst: socket.socket,
-    ) -> None:
+    def _partial(self, leg: _Leg, raw: bytearray, fds: list[int]) -> None:
         """The sender closed in the middle of a message: forward what came, record it."""
-        try:
+        conn, channel, sender, dst = leg.conn, leg.channel, leg.sender, leg.dst
+        with contextlib.suppress(OSError):
             self._send(dst, bytes(raw), fds)
-        except OSError:
-            pass
         head = bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
         code, flags, size = struct.unpack("=III", head)
         self._records.put(
@@ -680,19 +663,10 @@ class Tracer:
             )
         )
 
-    def _oversized(
-        self,
-        conn: _Connection,
-        channel: Channel,
-        sender: Side,
-        header: bytes,
-        src: socket.socket,
-        dst: socket.socket,
-        fds: list[int],
-        t: float,
-    ) -> bool:
+    def _oversized(self, leg: _Leg, header: bytes, fds: list[int], t: float) -> bool:
         """A size over the core's bound: record the header, then copy that many bytes
         through in bounded chunks, keeping the framing for what follows."""
+        conn, channel, sender, src, dst = leg.conn, leg.channel, leg.sender, leg.src, leg.dst
         code, flags, size = struct.unpack("=III", header)
         self._records.put(
             Message(

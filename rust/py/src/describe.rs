@@ -31,13 +31,21 @@ fn value(py: Python<'_>, v: &Value) -> PyResult<(&'static str, Py<PyAny>)> {
         Value::Addr(n) => ("addr", n.into_pyobject(py)?.into_any().unbind()),
         Value::Bytes(b) => ("bytes", PyBytes::new(py, b).into_any().unbind()),
         Value::VirtioFeatures(n) => ("virtio_features", n.into_pyobject(py)?.into_any().unbind()),
-        Value::ProtocolFeatures(n) => {
-            ("protocol_features", n.into_pyobject(py)?.into_any().unbind())
-        }
+        Value::ProtocolFeatures(n) => (
+            "protocol_features",
+            n.into_pyobject(py)?.into_any().unbind(),
+        ),
         Value::Regions(r) => {
             let rows: Vec<(u64, u64, u64, u64)> = r
                 .iter()
-                .map(|m| (m.guest_phys_addr, m.memory_size, m.userspace_addr, m.mmap_offset))
+                .map(|m| {
+                    (
+                        m.guest_phys_addr,
+                        m.memory_size,
+                        m.userspace_addr,
+                        m.mmap_offset,
+                    )
+                })
                 .collect();
             ("regions", rows.into_pyobject(py)?.into_any().unbind())
         }
@@ -69,7 +77,10 @@ fn describe(
         }
     };
     let bytes: [u8; HEADER_SIZE] = header.as_slice().try_into().map_err(|_| {
-        invalid_param(format!("a header is {HEADER_SIZE} bytes, got {}", header.len()))
+        invalid_param(format!(
+            "a header is {HEADER_SIZE} bytes, got {}",
+            header.len()
+        ))
     })?;
     let header = Header::from_bytes(&bytes);
     let raw = fds.iter().map(raw_fd_of).collect::<PyResult<Vec<_>>>()?;

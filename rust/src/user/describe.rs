@@ -122,9 +122,7 @@ fn frontend_fields(r: &FrontendRequest) -> Vec<Field> {
             field("mmap_offset", Value::Addr(log.mmap_offset)),
         ],
         R::SetVringNum(s) => state(s, "num"),
-        R::SetVringBase(s) | R::GetVringBase(s) | R::GetVringBaseSkipDrain(s) => {
-            state(s, "num")
-        }
+        R::SetVringBase(s) | R::GetVringBase(s) | R::GetVringBaseSkipDrain(s) => state(s, "num"),
         R::SetVringEnable(s) => state(s, "enable"),
         R::SetVringEndian(s) => state(s, "big_endian"),
         R::VringKick(s) => state(s, "num"),
@@ -223,11 +221,19 @@ fn request_fields(
     match channel {
         Direction::FrontendToBackend => {
             let code = FrontendReq::from_code(header.code).ok_or_else(unknown)?;
-            Ok(frontend_fields(&FrontendRequest::decode(code, body, duplicate(fds)?)?))
+            Ok(frontend_fields(&FrontendRequest::decode(
+                code,
+                body,
+                duplicate(fds)?,
+            )?))
         }
         Direction::BackendToFrontend => {
             let code = BackendReq::from_code(header.code).ok_or_else(unknown)?;
-            Ok(backend_fields(&BackendRequest::decode(code, body, duplicate(fds)?)?))
+            Ok(backend_fields(&BackendRequest::decode(
+                code,
+                body,
+                duplicate(fds)?,
+            )?))
         }
     }
 }
@@ -382,7 +388,10 @@ mod tests {
         let body = features.to_ne_bytes();
         let d = describe(FRONT, &h.reply_to(8), &body, &[], &[]);
         assert!(d.reply, "{d:?}");
-        assert_eq!(d.fields, [field("features", Value::VirtioFeatures(features))]);
+        assert_eq!(
+            d.fields,
+            [field("features", Value::VirtioFeatures(features))]
+        );
     }
 
     #[test]
@@ -423,7 +432,11 @@ mod tests {
         let body: Vec<u8> = [0u32.to_ne_bytes(), 0u32.to_ne_bytes()]
             .concat()
             .into_iter()
-            .chain([0x1000u64, 0x3000, 0x2000, 0].iter().flat_map(|a| a.to_ne_bytes()))
+            .chain(
+                [0x1000u64, 0x3000, 0x2000, 0]
+                    .iter()
+                    .flat_map(|a| a.to_ne_bytes()),
+            )
             .collect();
         let h = request(FrontendReq::SetVringAddr, &body);
         let d = describe(FRONT, &h, &body, &[], &[]);
@@ -442,13 +455,18 @@ mod tests {
         assert!(d.malformed.unwrap().contains("999"));
         let mut h = request(FrontendReq::GetFeatures, &[]);
         h.flags |= 0x100;
-        assert!(describe(FRONT, &h, &[], &[], &[]).malformed.unwrap().contains("reserved"));
+        assert!(describe(FRONT, &h, &[], &[], &[])
+            .malformed
+            .unwrap()
+            .contains("reserved"));
         let h = Header::request(FrontendReq::SetFeatures.code(), 3, false);
         let d = describe(FRONT, &h, &[1, 2, 3], &[], &[]);
         assert!(d.malformed.is_some());
         assert_eq!(hex(&h, &[1, 2, 3]).len(), 2 * (HEADER_SIZE + 3));
         let reply = request(FrontendReq::GetFeatures, &[]).reply_to(4);
-        assert!(describe(FRONT, &reply, &[0; 4], &[], &[]).malformed.is_some());
+        assert!(describe(FRONT, &reply, &[0; 4], &[], &[])
+            .malformed
+            .is_some());
     }
 
     #[test]
@@ -458,7 +476,13 @@ mod tests {
         assert_eq!(d.name, Some("CONFIG_CHANGE_MSG"));
         assert_eq!(d.malformed, None);
         let ack = h.reply_to(8);
-        let d = describe(Direction::BackendToFrontend, &ack, &0u64.to_ne_bytes(), &[], &[]);
+        let d = describe(
+            Direction::BackendToFrontend,
+            &ack,
+            &0u64.to_ne_bytes(),
+            &[],
+            &[],
+        );
         assert_eq!(d.fields, [field("status", Value::Int(0))]);
     }
 
