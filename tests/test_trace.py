@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -379,3 +380,41 @@ def test_describe_comes_from_the_core_table() -> None:
     assert d[0] == "GET_PROTOCOL_FEATURES" and d[1] is True, d
     assert d[4] == [("features", "protocol_features", mask)], d
     assert d[5] is None
+
+
+def test_mirror_layout_for_a_back_end_in_client_mode(tmp_path: Path, tmp_sock_dir: Path) -> None:
+    """``--listen-backend``/``--connect-frontend``: the front-end listens (our Frontend in
+    server mode, as QEMU's server=on), serve blk connects in client mode to the proxy."""
+    image = make_image(tmp_path / "disk.img", OLD_BYTES)
+    front, back = tmp_sock_dir / "front.sock", tmp_sock_dir / "back.sock"
+    accepted: list[Frontend] = []
+    acceptor = threading.Thread(
+        target=lambda: accepted.append(Frontend.accept(front, timeout=30)), daemon=True
+    )
+    acceptor.start()
+    assert wait_for(front.exists, 15)
+    with Tracer(back, front, backend_connects=True) as tracer:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "vhost", "serve", "blk", "--client", "--image", str(image),
+             "--socket", str(back)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=CHECKOUT,
+        )
+        try:
+            acceptor.join(timeout=30)
+            assert accepted, "the back-end never reached the front-end through the proxy"
+            with accepted[0] as fe:
+                features = fe.get_features()
+            _, err = client.communicate(timeout=30)
+        finally:
+            client.kill()
+            client.wait()
+        records = []
+        for record in tracer.records(timeout=15):
+            records.append(record)
+            if isinstance(record, Event) and record.kind == "disconnect":
+                break
+    msgs = [r for r in records if isinstance(r, Message)]
+    request = next(m for m in msgs if m.name == "GET_FEATURES" and not m.reply)
+    reply = next(m for m in msgs if m.name == "GET_FEATURES" and m.reply)
+    assert request.sender == "frontend" and reply.sender == "backend", msgs
+    assert reply.field("features") == features, (reply, err)
