@@ -14,6 +14,7 @@ import threading
 
 from vhost import EventFd, GuestMemory
 from vhost.codes import ProtocolFeature
+from vhost.types import VringAddrs
 from vhost.user import BackendHandler
 from vhost.virtio import BlkFeature, DescriptorChain, DeviceQueue, VirtioFeature
 
@@ -112,10 +113,8 @@ class BlkBackend(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self.num = num
 
-    def set_vring_addr(  # noqa: PLR0917 - mirrors BackendHandler
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        self.addr = (desc, avail, used)
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        self.addr = (addrs.desc_table_addr, addrs.avail_ring_addr, addrs.used_ring_addr)
 
     def set_vring_base(self, index: int, base: int) -> None:
         self.base = base

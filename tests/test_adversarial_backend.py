@@ -41,7 +41,13 @@ from vhost.errors import (
     ProtocolError,
     VhostTimeoutError,
 )
-from vhost.user import BackendHandler, BackendListener, FileDescriptor, Frontend
+from vhost.user import (
+    BackendHandler,
+    BackendListener,
+    Frontend,
+    InflightArea,
+    InflightInfo,
+)
 
 FEATURES = (1 << 32) | (1 << 30)  # VERSION_1 | PROTOCOL_FEATURES
 OFFERED_PROTO = int(
@@ -93,10 +99,8 @@ class Device(BackendHandler):
     def get_max_mem_slots(self) -> int:
         return 2
 
-    def set_inflight_fd(
-        self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: FileDescriptor
-    ) -> None:
-        fd.close()
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        info.fd.close()
 
     def on_request_error(self, error: BaseException) -> None:
         self.errors.append(error)
@@ -891,10 +895,10 @@ class Inflight(BackendHandler):
     def get_vring_base(self, index: int) -> int:
         return 0
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
         self.drop()
         self.mine = memfd(4096)
-        return (4096, 0, self.mine)
+        return InflightArea(4096, 0, self.mine)
 
     def drop(self) -> None:
         if self.mine is not None:

@@ -26,7 +26,7 @@ import pytest
 from vhost import EventFd, GuestMemory, VhostBackend, _core
 from vhost.errors import InvalidParamError
 from vhost.kern import KernelBackend
-from vhost.types import DirtyLogRegion, MemoryRegion, VringConfig
+from vhost.types import DirtyLogRegion, MemoryRegion, VringAddrs, VringConfig
 from vhost.user import BackendHandler, BackendListener, Frontend, regions_of, serve_in_thread
 from vhost.vdpa import VhostVdpa
 from vhost.virtio import DeviceStatus
@@ -100,6 +100,62 @@ def test_common_optional_methods_have_one_name_and_shape() -> None:
         assert _params(kind, "set_vring_endian") == ["self", "index", "big_endian"]
 
 
+def _native_params(method: object) -> list[str]:
+    return list(inspect.signature(method).parameters)  # type: ignore[arg-type]
+
+
+def test_the_link_and_the_channel_take_one_shape() -> None:
+    """A daemon's device (``FrontendLink``) and a Python back-end (``BackendChannel``)
+    send the same back-end requests: one name and one argument order for each."""
+    link, channel = _core.FrontendLink, _core.BackendChannel
+    for name in ("shmem_map", "shmem_unmap", "shared_object_add", "shared_object_remove"):
+        assert _native_params(getattr(link, name)) == _native_params(getattr(channel, name)), name
+    assert _native_params(channel.shmem_map) == [
+        "self",
+        "shmid",
+        "fd_offset",
+        "shm_offset",
+        "length",
+        "fd",
+        "writable",
+    ]
+    writable = inspect.signature(channel.shmem_map).parameters["writable"]
+    assert writable.kind is inspect.Parameter.KEYWORD_ONLY
+    assert writable.default is False
+    # CONFIG_CHANGE_MSG has one name on both sides of the back-end channel
+    assert hasattr(link, "config_change")
+    assert hasattr(channel, "config_change")
+    assert not hasattr(link, "config_changed")
+    # IOTLB messages: the name and argument of the front-end's and the kernel's
+    assert _native_params(channel.send_iotlb_msg) == ["self", "msg"]
+    assert not hasattr(channel, "iotlb_msg")
+
+
+def test_handler_callbacks_take_named_types() -> None:
+    """The requests that carry a structure hand the handler the type the rest of the
+    API uses, not a tuple or a run of positional integers."""
+    from vhost.types import IotlbMessage  # noqa: PLC0415
+    from vhost.user import (  # noqa: PLC0415
+        FrontendRequestHandler,
+        InflightArea,
+        InflightInfo,
+        SharedObject,
+    )
+
+    hints = typing.get_type_hints
+    assert hints(BackendHandler.add_mem_region)["region"] is MemoryRegion
+    assert hints(BackendHandler.remove_mem_region)["region"] is MemoryRegion
+    assert _params(BackendHandler, "set_vring_addr") == ["self", "index", "addrs"]
+    assert hints(BackendHandler.set_vring_addr)["addrs"] is VringAddrs
+    assert hints(BackendHandler.get_inflight_fd)["return"] is InflightArea
+    assert hints(BackendHandler.set_inflight_fd)["info"] is InflightInfo
+    assert hints(BackendHandler.iotlb_msg)["message"] is IotlbMessage
+    assert hints(FrontendRequestHandler.iotlb_msg)["message"] is IotlbMessage
+    lookup = hints(FrontendRequestHandler.shared_object_lookup)["return"]
+    assert SharedObject in typing.get_args(lookup)
+    assert not any(typing.get_origin(t) is tuple for t in typing.get_args(lookup))
+
+
 def test_backend_handler_requires_features_and_vring_base() -> None:
     assert BackendHandler.__abstractmethods__ == {"get_features", "get_vring_base"}
 
@@ -142,9 +198,7 @@ class Device(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self.seen.append(("num", index, num))
 
-    def set_vring_addr(  # noqa: PLR0917 - mirrors the request
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
         self.seen.append(("addr", index))
 
     def set_vring_base(self, index: int, base: int) -> None:

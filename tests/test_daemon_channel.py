@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import pytest
 from daemon_util import S_OK, SECTOR, T_IN, BlkGuest, MiB, ServeProc, make_image, wait_for
 from vhost import FileDescriptor
 from vhost.codes import ProtocolFeature as PF
-from vhost.daemon import Batch, BlkDevice, Daemon, Device, Resized
+from vhost.daemon import Batch, BlkDevice, Daemon, DaemonEvent, Device, Resized
 from vhost.devices.blkdev import PythonBlkDevice
 from vhost.errors import (
     ClosedError,
@@ -42,6 +43,7 @@ from vhost.user import (
     Frontend,
     FrontendChannel,
     FrontendRequestHandler,
+    SharedObject,
     regions_of,
     serve_in_thread,
 )
@@ -92,10 +94,10 @@ class Recorder(FrontendRequestHandler):
         self.got.put(("shared_object_remove", uuid))
         return 0
 
-    def shared_object_lookup(self, uuid: bytes) -> int | tuple[int, int | None] | None:
+    def shared_object_lookup(self, uuid: bytes) -> int | SharedObject | None:
         self.got.put(("shared_object_lookup", uuid))
         fd = self.objects.get(uuid)
-        return (0, fd) if fd is not None else 1
+        return SharedObject(fd) if fd is not None else 1
 
     def close(self) -> None:
         for fd in self.objects.values():
@@ -389,8 +391,8 @@ class Mapper(Recorder):
         fd_offset: int,
         shm_offset: int,
         length: int,
-        flags: int,
         fd: FileDescriptor,
+        flags: int,
     ) -> int | None:
         content = os.pread(fd.fileno(), length, fd_offset)
         self.got.put(("shmem_map", shmid, fd_offset, shm_offset, length, flags, content))
@@ -427,6 +429,9 @@ def test_a_python_device_maps_a_file_into_its_shared_memory(tmp_sock_dir: Path) 
                 assert front.next()[5] == 1
                 device.frontend.shmem_unmap(0, 8192, 4096)
                 assert front.next() == ("shmem_unmap", 0, 8192, 4096)
+                # a bad offset is the caller's InvalidParamError, as on BackendChannel
+                with pytest.raises(InvalidParamError, match="fd_offset"):
+                    device.frontend.shmem_map(0, -1, 0, 4096, memfd)
             finally:
                 os.close(memfd)
         finally:
@@ -488,8 +493,13 @@ def test_inband_vring_err_when_a_queue_fails(ramdisk: Daemon) -> None:
             guest.memory.write(avail + 2, (guest.size + 5).to_bytes(2, "little"))
             guest.kicks[0].write(1)
             assert s.front.next() == ("vring_err", 0)
-            events = ramdisk.next_events(TIMEOUT)
-            assert any(e.kind == "queue-failed" and e.queue == 0 for e in events), events
+            # next_events returns what happened so far once the first event is there
+            # (the session's start may come alone): collect until the failure shows.
+            events: list[DaemonEvent] = []
+            deadline = time.monotonic() + TIMEOUT
+            while not any(e.kind == "queue-failed" and e.queue == 0 for e in events):
+                assert time.monotonic() < deadline, events
+                events += ramdisk.next_events(0.1)
     finally:
         guest.close()
 

@@ -38,7 +38,7 @@ from vhost import (
     ProtocolFeature,
 )
 from vhost.errors import ClosedError, InvalidQueueError
-from vhost.types import VringConfig, dirty_log_size
+from vhost.types import VringAddrs, VringConfig, dirty_log_size
 from vhost.user import BackendHandler, BackendListener, Frontend, regions_of, serve_in_thread
 from vhost.virtio import VirtioFeature, Virtqueue, setup_queue, wait_used
 
@@ -236,10 +236,8 @@ class LoggingDevice(BackendHandler):
         with fd:
             self.log = DirtyLog.adopt(fd, mmap_size, mmap_offset, self.memory)
 
-    def set_vring_addr(  # noqa: PLR0917 - the handler's signature
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        self.addrs.append((index, flags, log))
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        self.addrs.append((index, int(addrs.flags), addrs.log_addr))
 
     def get_vring_base(self, index: int) -> int:
         return 0

@@ -37,13 +37,15 @@ import peers
 from vhost import EventFd
 from vhost.codes import ProtocolFeature
 from vhost.errors import InactiveFeatureError
+from vhost.types import MemoryRegion, VringAddrs
 from vhost.user import (
     BackendChannel,
     BackendHandler,
     BackendListener,
     BackendSession,
-    FileDescriptor,
     GuestMemory,
+    InflightArea,
+    InflightInfo,
 )
 from vhost.virtio import BlkFeature, VirtioFeature
 
@@ -395,11 +397,9 @@ class BootableBlk(BlkDevice):
         self._rec("set_vring_base", index, base)
         self.last_avail = base
 
-    def set_vring_addr(  # noqa: PLR0917 - the handler interface is positional
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
         self._rec("set_vring_addr", index)
-        self.rings = (desc, avail, used)
+        self.rings = (addrs.desc_table_addr, addrs.avail_ring_addr, addrs.used_ring_addr)
 
     def set_vring_call(self, index: int, fd: EventFd | None) -> None:
         self._rec("set_vring_call", index, fd is not None)
@@ -499,11 +499,11 @@ class RichBootableBlk(BootableBlk):
         self._rec("get_max_mem_slots")
         return 8
 
-    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+    def add_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
         self._rec("add_mem_region", region)
         self.memory = memory
 
-    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+    def remove_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
         self._rec("remove_mem_region", region)
         self.memory = memory
 
@@ -522,25 +522,20 @@ class RichBootableBlk(BootableBlk):
         self._rec("set_backend_channel")
         self.channel = channel  # keep it open: QEMU reports an EOF on it otherwise
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
         self._rec("get_inflight_fd", num_queues, queue_size)
         # split-ring layout: per queue a 16-byte header and 16 bytes per descriptor
         size = -(-num_queues * (16 + 16 * queue_size) // 4096) * 4096
         fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         self.inflight.append(fd)
-        return (size, 0, fd)
+        return InflightArea(size, 0, fd)
 
-    def set_inflight_fd(
-        self,
-        mmap_size: int,
-        mmap_offset: int,
-        num_queues: int,
-        queue_size: int,
-        fd: FileDescriptor,
-    ) -> None:
-        self._rec("set_inflight_fd", mmap_size, mmap_offset, num_queues, queue_size)
-        fd.close()
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        self._rec(
+            "set_inflight_fd", info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size
+        )
+        info.fd.close()
 
     def close(self) -> None:
         for fd in self.inflight:

@@ -59,8 +59,8 @@ class Mapper(FrontendRequestHandler):
         fd_offset: int,
         shm_offset: int,
         length: int,
-        flags: int,
         fd: FileDescriptor,
+        flags: int,
     ) -> int | None:
         with fd, mmap.mmap(fd.fileno(), length, offset=fd_offset) as m:
             self.maps.append((shmid, fd_offset, shm_offset, length, flags, bytes(m[:16])))
@@ -125,7 +125,7 @@ def test_shmem_map_carries_the_fd(rig: Rig) -> None:
     fd = _memfd(b"dax window bytes")
     try:
         if rig.device.protocol & SHMEM:
-            ch.shmem_map(0, 4096, 0x2000, 4096, True, fd)
+            ch.shmem_map(0, 4096, 0x2000, 4096, fd, writable=True)
             ch.shmem_unmap(0, 0x2000, 4096)
             assert rig.mapper.maps == [(0, 4096, 0x2000, 4096, 1, b"dax window bytes")]
             assert rig.mapper.unmaps == [(0, 0x2000, 4096)]
@@ -134,7 +134,7 @@ def test_shmem_map_carries_the_fd(rig: Rig) -> None:
                 ch.shmem_unmap(0, 1 << 21, 4096)
         else:
             with pytest.raises(InactiveFeatureError):
-                ch.shmem_map(0, 0, 0, 4096, False, fd)
+                ch.shmem_map(0, 0, 0, 4096, fd)
             assert rig.mapper.maps == []
     finally:
         os.close(fd)
@@ -153,7 +153,7 @@ def test_shmem_map_bounds_checked_before_sending(
     fd = _memfd(b"x")
     try:
         with pytest.raises(InvalidParamError):
-            ch.shmem_map(0, fd_offset, shm_offset, length, False, fd)
+            ch.shmem_map(0, fd_offset, shm_offset, length, fd)
     finally:
         os.close(fd)
     assert rig.mapper.maps == []

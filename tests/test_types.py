@@ -23,6 +23,7 @@ from vhost.types import (
     IotlbType,
     MemoryRegion,
     VringAddrFlag,
+    VringAddrs,
     VringConfig,
     check_memory_table,
     dirty_log_size,
@@ -113,6 +114,22 @@ def test_vring_config_repr_is_hex() -> None:
     assert "used_ring_addr=0x12000" in text
     assert "log_addr=0xabc0" in text
     assert "queue_size=256" in text
+
+
+def test_vring_addrs_checks_its_fields_and_keeps_flags_typed() -> None:
+    """What a back-end handler receives for SET_VRING_ADDR: u64 addresses, u32 flags kept
+    as VringAddrFlag (unknown bits kept, not dropped), hex in its repr."""
+    addrs = VringAddrs(0x10000, 0x12000, 0x11000, flags=1, log_addr=0x5000)
+    assert addrs.flags is VringAddrFlag.LOG
+    assert "desc_table_addr=0x10000" in repr(addrs)
+    assert "log_addr=0x5000" in repr(addrs)
+    assert int(VringAddrs(0, 0, 0, flags=0x3).flags) == 0x3
+    with pytest.raises(InvalidParamError, match=r"VringAddrs\.used_ring_addr"):
+        VringAddrs(0, -1, 0)
+    with pytest.raises(InvalidParamError, match=r"VringAddrs\.flags"):
+        VringAddrs(0, 0, 0, flags=1 << 32)
+    with pytest.raises(InvalidParamError, match=r"VringAddrs\.log_addr"):
+        VringAddrs(0, 0, 0, log_addr=1 << 64)
 
 
 def test_values_are_frozen_and_slotted() -> None:

@@ -28,11 +28,20 @@ from vhost.codes import MigrationPhase, ProtocolFeature, TransferDirection
 from vhost.errors import (
     ClosedError,
     InactiveFeatureError,
+    InvalidParamError,
     NotSupportedError,
     RequestRefusedError,
     VhostError,
 )
-from vhost.types import DirtyLogRegion, IotlbAccess, IotlbMessage, IotlbType, VringConfig
+from vhost.types import (
+    DirtyLogRegion,
+    IotlbAccess,
+    IotlbMessage,
+    IotlbType,
+    MemoryRegion,
+    VringAddrs,
+    VringConfig,
+)
 from vhost.user import (
     BackendChannel,
     BackendHandler,
@@ -41,6 +50,8 @@ from vhost.user import (
     Frontend,
     FrontendChannel,
     FrontendRequestHandler,
+    InflightArea,
+    InflightInfo,
     regions_of,
     serve_in_thread,
 )
@@ -163,11 +174,11 @@ class Recorder(BackendHandler):
         self._rec("set_mem_table", memory.regions())
         self.memory = memory
 
-    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+    def add_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
         self._rec("add_mem_region", region)
         self.memory = memory
 
-    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
+    def remove_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
         self._rec("remove_mem_region", region)
         self.memory = memory
 
@@ -185,10 +196,8 @@ class Recorder(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self._rec("set_vring_num", index, num)
 
-    def set_vring_addr(  # noqa: PLR0917 - the handler interface is positional
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        self._rec("set_vring_addr", index, desc, used, avail, flags, log)
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        self._rec("set_vring_addr", index, addrs)
 
     def set_vring_base(self, index: int, base: int) -> None:
         self._rec("set_vring_base", index, base)
@@ -231,19 +240,12 @@ class Recorder(BackendHandler):
         self._rec("set_backend_channel", channel)
         self.channel = channel
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
         self._rec("get_inflight_fd", num_queues, queue_size)
-        return (8192, 0, self._own(memfd_with(b"inflight area", 8192)))
+        return InflightArea(8192, 0, self._own(memfd_with(b"inflight area", 8192)))
 
-    def set_inflight_fd(
-        self,
-        mmap_size: int,
-        mmap_offset: int,
-        num_queues: int,
-        queue_size: int,
-        fd: FileDescriptor,
-    ) -> None:
-        self._rec("set_inflight_fd", mmap_size, mmap_offset, num_queues, queue_size, fd)
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        self._rec("set_inflight_fd", info)
 
     def send_rarp(self, mac: bytes) -> None:
         self._rec("send_rarp", mac)
@@ -251,8 +253,8 @@ class Recorder(BackendHandler):
     def net_set_mtu(self, mtu: int) -> None:
         self._rec("net_set_mtu", mtu)
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> None:
-        self._rec("iotlb_msg", iova, size, uaddr, perm, type)
+    def iotlb_msg(self, message: IotlbMessage) -> None:
+        self._rec("iotlb_msg", message)
 
     def reset_device(self) -> None:
         self._rec("reset_device")
@@ -419,16 +421,24 @@ def test_add_and_remove_mem_region(link: Link) -> None:
     (region,) = regions_of(extra)
     fe.add_mem_region(region)
     sync(fe)
-    assert be.last("add_mem_region") == (
-        (region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset),
+    (added,) = be.last("add_mem_region")
+    assert isinstance(added, MemoryRegion)
+    assert (added.guest_phys_addr, added.memory_size, added.userspace_addr) == (
+        region.guest_phys_addr,
+        region.memory_size,
+        region.userspace_addr,
     )
+    # its fd is the back-end's mapping of the front-end's file (borrowed from memory)
+    assert inode(added.fd) == inode(region.fd)
     assert be.memory is not None
     assert be.memory.read(0x200100, 11) == b"hot-plugged"
     be.memory.write(0x200200, b"seen")
     assert extra.read(0x200200, 4) == b"seen"
     fe.remove_mem_region(region)
     sync(fe)
-    assert be.last("remove_mem_region")[0][:2] == (0x200000, 0x8000)
+    (removed,) = be.last("remove_mem_region")
+    assert isinstance(removed, MemoryRegion)
+    assert (removed.guest_phys_addr, removed.memory_size, removed.fd) == (0x200000, 0x8000, -1)
     assert not be.memory.contains(0x200000, 1)
     assert be.memory.contains(0, 0x10000)
 
@@ -474,7 +484,12 @@ def test_vring_setup_and_base(link: Link) -> None:
     fe.set_vring_base(1, 7)
     assert fe.get_vring_base(1) == 0x41
     assert be.last("set_vring_num") == (1, 256)
-    assert be.last("set_vring_addr") == (1, uaddr, uaddr + 0x2000, uaddr + 0x1000, 0, 0)
+    assert be.last("set_vring_addr") == (
+        1,
+        VringAddrs(
+            desc_table_addr=uaddr, used_ring_addr=uaddr + 0x2000, avail_ring_addr=uaddr + 0x1000
+        ),
+    )
     assert be.last("set_vring_base") == (1, 7)
     assert be.last("get_vring_base") == (1,)
     fe.set_vring_enable(1, True)
@@ -553,7 +568,7 @@ def test_iotlb_msg(link: Link) -> None:
         iova=0x1000, size=0x2000, uaddr=0x7F0000, perm=IotlbAccess.RW, type=IotlbType.UPDATE
     )
     fe.send_iotlb_msg(msg)  # IOTLB_MSG always has a reply: the handler has run
-    assert be.last("iotlb_msg") == (0x1000, 0x2000, 0x7F0000, 3, 2)
+    assert be.last("iotlb_msg") == (msg,)
 
 
 def test_crypto_sessions(link: Link) -> None:
@@ -608,9 +623,15 @@ def test_inflight_fd(link: Link) -> None:
     assert os.pread(info.fd.fileno(), 13, 0) == b"inflight area"
     fe.set_inflight_fd(info)
     sync(fe)
-    size, offset, nq, qs, fd = be.last("set_inflight_fd")
-    assert (size, offset, nq, qs) == (8192, 0, 2, 256)
-    assert inode(fd.fileno()) == inode(info.fd.fileno())
+    (back,) = be.last("set_inflight_fd")
+    assert isinstance(back, InflightInfo)
+    assert (back.mmap_size, back.mmap_offset, back.num_queues, back.queue_size) == (
+        8192,
+        0,
+        2,
+        256,
+    )
+    assert inode(back.fd.fileno()) == inode(info.fd.fileno())
     info.fd.close()
 
 
@@ -882,8 +903,8 @@ class FrontRecorder(FrontendRequestHandler):
         self._rec("vring_err", index)
         return None
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> int | None:
-        self._rec("iotlb_msg", iova, size, uaddr, perm, type)
+    def iotlb_msg(self, message: IotlbMessage) -> int | None:
+        self._rec("iotlb_msg", message)
         return None
 
     def shared_object_add(self, uuid: bytes) -> int | None:
@@ -977,8 +998,16 @@ def test_channel_every_backend_request(channel_link: ChannelLink) -> None:
     front.lookup_answer = 5  # not found: the answer comes back as it is
     assert c.shared_object_lookup(u) == 5
     front.next()
-    c.iotlb_msg(0x1000, 0x2000, 0x3000, 1, 1)
-    assert front.next() == ("iotlb_msg", (0x1000, 0x2000, 0x3000, 1, 1))
+    c.send_iotlb_msg(IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS))
+    assert front.next() == (
+        "iotlb_msg",
+        (IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS),),
+    )
+    # vhost-user's layout has no address space: refused before sending, not dropped
+    with pytest.raises(InvalidParamError, match="address space"):
+        c.send_iotlb_msg(
+            IotlbMessage(0x1000, 0x2000, 0x3000, IotlbAccess.RO, IotlbType.MISS, asid=1)
+        )
 
     mfd = memfd_with(b"notifier page")
     try:

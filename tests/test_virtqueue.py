@@ -21,6 +21,7 @@ from vhost.errors import (
     QueueFullError,
     VhostError,
 )
+from vhost.types import VringAddrs
 from vhost.user import BackendHandler, BackendListener, Frontend, regions_of, serve_in_thread
 from vhost.virtio import (
     DescriptorChain,
@@ -641,10 +642,8 @@ class RingDevice(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self.num = num
 
-    def set_vring_addr(  # noqa: PLR0917
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        self.addr = (desc, avail, used)
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        self.addr = (addrs.desc_table_addr, addrs.avail_ring_addr, addrs.used_ring_addr)
 
     def set_vring_base(self, index: int, base: int) -> None:
         self.base = base

@@ -40,6 +40,7 @@ from .types import (
     IotlbMessage,
     IotlbType,
     MemoryRegion,
+    VringAddrs,
     VringConfig,
 )
 from .virtio import VirtioFeature
@@ -77,5 +78,6 @@ __all__ = [
     "VhostOSError",
     "VhostTimeoutError",
     "VirtioFeature",
+    "VringAddrs",
     "VringConfig",
 ]

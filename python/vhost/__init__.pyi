@@ -32,6 +32,7 @@ from .types import IotlbAccess as IotlbAccess
 from .types import IotlbMessage as IotlbMessage
 from .types import IotlbType as IotlbType
 from .types import MemoryRegion as MemoryRegion
+from .types import VringAddrs as VringAddrs
 from .types import VringConfig as VringConfig
 from .virtio import VirtioFeature as VirtioFeature
 
@@ -68,5 +69,6 @@ __all__ = [
     "VhostOSError",
     "VhostTimeoutError",
     "VirtioFeature",
+    "VringAddrs",
     "VringConfig",
 ]

@@ -99,7 +99,9 @@ class Resizable(Protocol):
     """A device whose capacity can grow while it is served (:class:`BlkDevice`,
     :class:`vhost.devices.blkdev.PythonBlkDevice`)."""
 
-    def resize(self, size: int | None = None) -> tuple[int, int, bool]: ...
+    def resize(self, size: int | None = None) -> tuple[int, int, bool]:
+        """Grows the capacity to the backing's size now (``size`` None) or to ``size`` bytes and
+        tells the front-end; returns ``(old, new, notified)`` in 512-byte sectors."""
 
 
 class EventKind(StrEnum):
@@ -208,7 +210,7 @@ class Device(ABC):
     @property
     def frontend(self) -> _core.FrontendLink:
         """The front-end being served, for the requests a device sends it on the back-end
-        channel: ``config_changed()`` after :meth:`config` changed, ``shared_object_add``,
+        channel: ``config_change()`` after :meth:`config` changed, ``shared_object_add``,
         ``shared_object_remove`` and ``shared_object_lookup`` (the dma-buf comes back as a
         :class:`~vhost.FileDescriptor` you own), ``shmem_map`` and ``shmem_unmap``.
 
@@ -399,7 +401,7 @@ class Daemon:
         Raises :class:`~vhost.errors.DisconnectedError` with no front-end connected, and
         :class:`~vhost.errors.InactiveFeatureError` when it did not negotiate ``BACKEND_REQ``
         and ``CONFIG``."""
-        self._native.frontend.config_changed()
+        self._native.frontend.config_change()
 
     def resize(self, size: int | None = None) -> Resized:
         """Grows the served disk while a guest runs, and tells the front-end.

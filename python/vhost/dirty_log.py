@@ -22,10 +22,10 @@ atomically: the other side sets or clears bits concurrently):
 from __future__ import annotations
 
 import dataclasses
-from types import TracebackType
 from typing import Self
 
 from . import _core
+from ._closing import NativeHandle
 from .errors import InvalidParamError
 from .types import DirtyLogRegion, _check_uint
 
@@ -49,11 +49,12 @@ class DirtyRange:
         return f"DirtyRange(start={self.start:#x}, end={self.end:#x})"
 
 
-class DirtyLog:
+class DirtyLog(NativeHandle[_core.DirtyLog]):
     """A dirty-page bitmap in shared memory (see the module documentation).
 
     Use it as a context manager, or :meth:`close` it: that unmaps the log and closes its
-    fd. Later calls raise :class:`~vhost.errors.ClosedError`.
+    fd (a back-end keeps its own mapping). Later calls raise
+    :class:`~vhost.errors.ClosedError`.
     """
 
     __slots__ = ("_native",)
@@ -141,26 +142,6 @@ class DirtyLog:
     def dirty_pages(self) -> int:
         """How many pages are dirty now (nothing is cleared)."""
         return self._native.dirty_pages()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` ran; every other call then raises ``ClosedError``."""
-        return self._native.closed
-
-    def close(self) -> None:
-        """Unmaps the log and closes its fd; a back-end keeps its own mapping."""
-        self._native.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return repr(self._native).replace("<DirtyLog", "<vhost.DirtyLog", 1)

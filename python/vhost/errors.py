@@ -126,6 +126,20 @@ class VhostError(Exception):
     Catch this to handle any failure of the package; catch a subclass to handle one kind.
     """
 
+    #: The constructor's arguments in order, by attribute name (``"message"``: the
+    #: message), so a subclass with extra fields pickles and copies whole (an error
+    #: crossing a process boundary keeps its request name, status, address...).
+    _init_args: tuple[str, ...] = ()
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        if not self._init_args:
+            return super().__reduce__()
+        args = tuple(
+            _message(self) if name == "message" else getattr(self, name)
+            for name in self._init_args
+        )
+        return (type(self), args, self.__dict__)
+
 
 class ProtocolError(VhostError):
     """The peer broke the vhost-user protocol.
@@ -139,14 +153,12 @@ class ProtocolError(VhostError):
     ``request`` names the request involved (``"SET_VRING_NUM"``) when it is known.
     """
 
+    _init_args = ("message", "request")
     request: str | None
 
     def __init__(self, message: str, request: str | None = None) -> None:
         super().__init__(message)
         self.request = request
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (_message(self), self.request), self.__dict__)
 
 
 class PartialMessageError(ProtocolError):
@@ -172,6 +184,7 @@ class InactiveFeatureError(VhostError):
     ``feature`` the name of the missing feature.
     """
 
+    _init_args = ("request", "feature", "message")
     request: str
     feature: str
 
@@ -182,9 +195,6 @@ class InactiveFeatureError(VhostError):
         self.request = request
         self.feature = feature
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.request, self.feature, _message(self)), self.__dict__)
-
 
 class NotSupportedError(VhostError):
     """The peer, or the local request handler, does not implement a request.
@@ -192,14 +202,12 @@ class NotSupportedError(VhostError):
     ``request`` names the request when it is known.
     """
 
+    _init_args = ("message", "request")
     request: str | None
 
     def __init__(self, message: str, request: str | None = None) -> None:
         super().__init__(message)
         self.request = request
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (_message(self), self.request), self.__dict__)
 
 
 class RequestRefusedError(VhostError):
@@ -209,6 +217,7 @@ class RequestRefusedError(VhostError):
     is the request name and ``status`` the u64 the peer returned.
     """
 
+    _init_args = ("request", "status", "message")
     request: str
     status: int
 
@@ -218,9 +227,6 @@ class RequestRefusedError(VhostError):
         super().__init__(message)
         self.request = request
         self.status = status
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.request, self.status, _message(self)), self.__dict__)
 
 
 class InvalidParamError(VhostError, ValueError):
@@ -239,14 +245,12 @@ class InvalidMemoryError(VhostError, ValueError):
     the memory it must cover. ``address`` is the offending address when there is one.
     """
 
+    _init_args = ("message", "address")
     address: int | None
 
     def __init__(self, message: str, address: int | None = None) -> None:
         super().__init__(message)
         self.address = address
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (_message(self), self.address), self.__dict__)
 
 
 class InvalidQueueError(VhostError, ValueError):
@@ -257,14 +261,12 @@ class InvalidQueueError(VhostError, ValueError):
     when there is one.
     """
 
+    _init_args = ("message", "index")
     index: int | None
 
     def __init__(self, message: str, index: int | None = None) -> None:
         super().__init__(message)
         self.index = index
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (_message(self), self.index), self.__dict__)
 
 
 class QueueError(VhostError):

@@ -165,6 +165,8 @@ class KernelBackend(_NativeBackend, IotlbBackend):
         self.native.set_vring_endian(_u32("index", index), big_endian)
 
     def get_vring_endian(self, index: int) -> bool:
+        """Whether ring ``index`` is big-endian (``VHOST_GET_VRING_ENDIAN``; legacy cross-endian
+        rings, needs the kernel's ``CONFIG_VHOST_CROSS_ENDIAN_LEGACY``)."""
         return self.native.get_vring_endian(_u32("index", index))
 
     def set_vring_busyloop_timeout(self, index: int, usecs: int) -> None:
@@ -172,6 +174,7 @@ class KernelBackend(_NativeBackend, IotlbBackend):
         self.native.set_vring_busyloop_timeout(_u32("index", index), _u32("usecs", usecs))
 
     def get_vring_busyloop_timeout(self, index: int) -> int:
+        """How long (µs) the kernel worker polls ring ``index`` before sleeping."""
         return self.native.get_vring_busyloop_timeout(_u32("index", index))
 
     # -- IotlbBackend ------------------------------------------------------------------

@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from types import TracebackType
-from typing import Self
 
 from . import _core
+from ._closing import NativeHandle
 from .types import _check_uint
 
 __all__ = ["PAGE_SIZE", "FaultResolver", "PageFault", "PostcopyRegion"]
@@ -84,7 +83,7 @@ def _tuples(regions: Iterable[PostcopyRegion]) -> list[tuple[int, int, int]]:
     return [(r.guest_phys_addr, r.memory_size, r.backend_addr) for r in regions]
 
 
-class FaultResolver:
+class FaultResolver(NativeHandle[_core.FaultResolver]):
     """Reads a back-end's page faults from the userfaultfd that
     :meth:`vhost.user.Frontend.postcopy_advise` returned, and resolves them by
     guest-physical address (see the module documentation).
@@ -153,26 +152,6 @@ class FaultResolver:
     def fileno(self) -> int:
         """This resolver's handle on the userfaultfd (for a poll loop)."""
         return self._native.fileno()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` ran."""
-        return self._native.closed
-
-    def close(self) -> None:
-        """Closes this handle on the userfaultfd; the back-end keeps its own."""
-        self._native.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return repr(self._native).replace("<FaultResolver", "<vhost.FaultResolver", 1)

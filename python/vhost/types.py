@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_QUEUE_SIZE",
-    "U16_MAX",
-    "U32_MAX",
     "U64_MAX",
     "DirtyLogRegion",
     "IotlbAccess",
@@ -46,14 +44,14 @@ __all__ = [
     "IotlbType",
     "MemoryRegion",
     "VringAddrFlag",
+    "VringAddrs",
     "VringConfig",
     "check_memory_table",
     "dirty_log_size",
 ]
 
-U16_MAX = (1 << 16) - 1
-U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
+"""The largest u64: addresses and sizes end at or below it (a range may not wrap)."""
 _I32_MAX = (1 << 31) - 1
 
 MAX_QUEUE_SIZE = 32768
@@ -231,6 +229,39 @@ class VringConfig:
         return _repr(
             self, ("flags", "desc_table_addr", "used_ring_addr", "avail_ring_addr", "log_addr")
         )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class VringAddrs:
+    """The addresses of one ring as a front-end sent them (``SET_VRING_ADDR``), what
+    :meth:`vhost.user.BackendHandler.set_vring_addr` receives.
+
+    Unlike :class:`VringConfig` it carries no ring size (that came with
+    ``SET_VRING_NUM``), so it cannot check the layout; a back-end translates the
+    addresses with :meth:`vhost.user.GuestMemory.user_to_gpa` (they are front-end
+    virtual addresses) or builds a ring on them with
+    :meth:`vhost.virtio.DeviceQueue.from_user`. ``flags`` is kept as a
+    :class:`VringAddrFlag`; ``log_addr`` (the used ring's guest physical address, where
+    dirty logging marks used-ring writes) is what the front-end sent, which front-ends
+    send also without ``LOG``. Checked: the addresses are u64 and ``flags`` a u32.
+    """
+
+    desc_table_addr: int
+    used_ring_addr: int
+    avail_ring_addr: int
+    flags: int = 0
+    log_addr: int = 0
+
+    def __post_init__(self) -> None:
+        owner = "VringAddrs"
+        for name in ("desc_table_addr", "used_ring_addr", "avail_ring_addr", "log_addr"):
+            _check_uint(owner, name, getattr(self, name), 64)
+        object.__setattr__(
+            self, "flags", VringAddrFlag(_check_uint(owner, "flags", self.flags, 32))
+        )
+
+    def __repr__(self) -> str:
+        return _repr(self, ("desc_table_addr", "used_ring_addr", "avail_ring_addr", "log_addr"))
 
 
 # --------------------------------------------------------------------------------------
@@ -524,10 +555,3 @@ class IotlbMessage:
 
     def __repr__(self) -> str:
         return _repr(self, ("iova", "size", "uaddr"))
-
-
-# --------------------------------------------------------------------------------------
-# Device state, shared objects, config space
-# --------------------------------------------------------------------------------------
-
-

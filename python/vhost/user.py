@@ -28,10 +28,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self, cast
 
 from . import _core
+from ._closing import Closing
 from .backend import EventFdLike, _NativeBackend, _region_tuple
 from .codes import MAX_SHMEM_REGIONS, ProtocolFeature
 from .dirty_log import DirtyLog
@@ -44,7 +45,7 @@ from .errors import (
     NotSupportedError,
 )
 from .postcopy import PostcopyRegion
-from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringConfig
+from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringAddrs, VringConfig
 from .virtio import DeviceStatus, VirtioFeature
 
 __all__ = [
@@ -55,8 +56,10 @@ __all__ = [
     "Frontend",
     "FrontendChannel",
     "FrontendRequestHandler",
+    "InflightArea",
     "InflightInfo",
     "Listener",
+    "SharedObject",
     "ShmemConfig",
 ]
 
@@ -125,6 +128,27 @@ class InflightInfo:
             f"InflightInfo(mmap_size={self.mmap_size:#x}, mmap_offset={self.mmap_offset:#x}, "
             f"num_queues={self.num_queues}, queue_size={self.queue_size}, fd={self.fd!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InflightArea:
+    """The inflight-tracking area a back-end hands out, what
+    :meth:`BackendHandler.get_inflight_fd` returns: ``mmap_size`` bytes of ``fd`` from
+    ``mmap_offset``. The session duplicates ``fd`` to send it, so it stays the handler's
+    (keep it: the same area comes back with ``SET_INFLIGHT_FD`` after a reconnect)."""
+
+    mmap_size: int
+    mmap_offset: int
+    fd: FdLike
+
+
+@dataclass(frozen=True, slots=True)
+class SharedObject:
+    """A found object, as :meth:`FrontendRequestHandler.shared_object_lookup` answers
+    when it sends the object's dma-buf ``fd`` with the answer (status 0). The channel
+    duplicates ``fd`` to send it, so it stays the handler's."""
+
+    fd: FdLike
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +236,8 @@ class Frontend(_NativeBackend):
         return self._native
 
     def fileno(self) -> int:
+        """The connection's socket fd, for a poll loop; owned by the connection (closed by
+        :meth:`close`)."""
         return self._native.fileno()
 
     def set_timeout(self, timeout: float | None) -> None:
@@ -225,10 +251,15 @@ class Frontend(_NativeBackend):
 
     @property
     def acked_features(self) -> int:
+        """The virtio feature bits last sent with ``SET_FEATURES`` (0 before): what the back-end
+        was told the driver uses."""
         return self._native.acked_features
 
     @property
     def acked_protocol_features(self) -> ProtocolFeature:
+        """The protocol features last sent with ``SET_PROTOCOL_FEATURES``: every gated request
+        checks them first and raises :class:`~vhost.errors.InactiveFeatureError` without
+        sending when its feature is missing."""
         return ProtocolFeature(self._native.acked_protocol_features)
 
     @property
@@ -298,9 +329,13 @@ class Frontend(_NativeBackend):
     # -- beyond the base interface ------------------------------------------------------
 
     def get_protocol_features(self) -> ProtocolFeature:
+        """``GET_PROTOCOL_FEATURES``: the protocol extensions the back-end supports (asked only
+        when it offers ``VHOST_USER_F_PROTOCOL_FEATURES``, bit 30 of :meth:`get_features`)."""
         return ProtocolFeature(self._native.get_protocol_features())
 
     def set_protocol_features(self, features: int) -> None:
+        """``SET_PROTOCOL_FEATURES``: the extensions this connection uses, a subset of
+        :meth:`get_protocol_features`; gated requests are allowed from then on."""
         self._native.set_protocol_features(int(features))
 
     #: Protocol features this front-end implements: a method or the back-end request
@@ -513,12 +548,18 @@ class Frontend(_NativeBackend):
             self.set_vring_addr(index, config)
 
     def get_queue_num(self) -> int:
+        """``GET_QUEUE_NUM`` (needs ``MQ``): how many queues the back-end has, to size a
+        multi-queue device."""
         return self._native.get_queue_num()
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
+        """``SET_VRING_ENABLE``: starts or pauses ring ``index`` (with ``PROTOCOL_FEATURES``
+        acked, rings start disabled). An index beyond the back-end's queues is refused by it."""
         self._native.set_vring_enable(index, enable)
 
     def set_vring_endian(self, index: int, big_endian: bool) -> None:
+        """``SET_VRING_ENDIAN`` (needs ``CROSS_ENDIAN``): the byte order of legacy (pre-1.0) ring
+        ``index``; modern devices are little-endian."""
         self._native.set_vring_endian(index, big_endian)
 
     def vring_kick(self, index: int) -> None:
@@ -540,9 +581,16 @@ class Frontend(_NativeBackend):
         return self._native.set_backend_req_fd()
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightInfo:
+        """``GET_INFLIGHT_FD`` (needs ``INFLIGHT_SHMFD``): the back-end allocates the area that
+        tracks requests in flight on ``num_queues`` rings of ``queue_size`` entries; keep the
+        returned :class:`InflightInfo` to hand it back with :meth:`set_inflight_fd` after a
+        back-end restart."""
         return InflightInfo(*self._native.get_inflight_fd(num_queues, queue_size))
 
     def set_inflight_fd(self, info: InflightInfo) -> None:
+        """``SET_INFLIGHT_FD``: hands a reconnected back-end the inflight area it gave out
+        before, so it resubmits what was in flight instead of losing it. ``info.fd`` stays the
+        caller's."""
         self._native.set_inflight_fd(
             info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size, info.fd
         )
@@ -561,15 +609,21 @@ class Frontend(_NativeBackend):
         self._region_ends[region.guest_phys_addr] = end
 
     def remove_mem_region(self, region: MemoryRegion) -> None:
+        """``REM_MEM_REG`` (needs ``CONFIGURE_MEM_SLOTS``): the back-end unmaps the region at
+        these addresses (no fd is sent); a region it does not have is refused."""
         self._native.remove_mem_region(
             region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
         )
         self._region_ends.pop(region.guest_phys_addr, None)
 
     def reset_device(self) -> None:
+        """``RESET_DEVICE`` (needs ``RESET_DEVICE``): resets the device to its initial state
+        without dropping the connection, as a driver reset does."""
         self._native.reset_device()
 
     def set_status(self, status: int) -> None:
+        """``SET_STATUS`` (needs ``STATUS``): the virtio device status byte
+        (:class:`~vhost.virtio.DeviceStatus` bits), as a driver writes it."""
         self._native.set_status(int(status))
 
     def get_status(self) -> DeviceStatus:
@@ -577,14 +631,21 @@ class Frontend(_NativeBackend):
         return DeviceStatus(self._native.get_status())
 
     def net_set_mtu(self, mtu: int) -> None:
+        """``NET_SET_MTU`` (needs ``MTU``): the MTU in bytes a virtio-net back-end should
+        use."""
         self._native.net_set_mtu(mtu)
 
     def send_rarp(self, mac: bytes) -> None:
+        """``SEND_RARP`` (needs ``RARP``): asks a net back-end to announce ``mac`` (6 bytes, else
+        :class:`~vhost.errors.InvalidParamError`) after a migration, so switches learn the
+        guest's new port."""
         if len(mac) != 6:
             raise InvalidParamError("a MAC address is 6 bytes")
         self._native.send_rarp(list(mac))
 
     def gpu_set_socket(self, fd: FdLike) -> None:
+        """``GPU_SET_SOCKET``: hands a vhost-user-gpu back-end the socket of its display protocol
+        (borrowed: the back-end gets a duplicate)."""
         self._native.gpu_set_socket(fd)
 
     def send_iotlb_msg(self, msg: IotlbMessage) -> None:
@@ -594,11 +655,17 @@ class Frontend(_NativeBackend):
         self._native.iotlb_msg(msg.iova, msg.size, msg.uaddr, int(msg.perm), int(msg.type))
 
     def get_shared_object(self, uuid: _uuid.UUID) -> _core.FileDescriptor:
+        """``GET_SHARED_OBJECT`` (needs ``SHARED_OBJECT``): the dma-buf a back-end exports under
+        ``uuid``, as a :class:`FileDescriptor` the caller owns."""
         return self._native.get_shared_object(list(uuid.bytes))
 
     def set_device_state_fd(
         self, direction: int, phase: int, fd: FdLike
     ) -> _core.FileDescriptor | None:
+        """``SET_DEVICE_STATE_FD`` (needs ``DEVICE_STATE``): starts a state transfer in
+        ``direction`` (:class:`~vhost.codes.TransferDirection`) at ``phase`` over ``fd``;
+        returns the back-end's own fd when it prefers to use that one.
+        :meth:`save_device_state` and :meth:`load_device_state` do the whole exchange."""
         return self._native.set_device_state_fd(int(direction), int(phase), fd)
 
     def get_shmem_config(self) -> ShmemConfig:
@@ -610,6 +677,8 @@ class Frontend(_NativeBackend):
         return ShmemConfig(dict(self._native.get_shmem_config()))
 
     def check_device_state(self) -> None:
+        """``CHECK_DEVICE_STATE``: asks whether the last state transfer succeeded; a refusal
+        raises :class:`~vhost.errors.RequestRefusedError`."""
         self._native.check_device_state()
 
     def save_device_state(self) -> bytes:
@@ -665,9 +734,12 @@ class Frontend(_NativeBackend):
         return [PostcopyRegion(*r) for r in self._native.postcopy_regions()]
 
     def create_crypto_session(self, params: bytes) -> bytes:
+        """``CREATE_CRYPTO_SESSION`` (needs ``CRYPTO_SESSION``): sends the session parameters of
+        a virtio-crypto back-end and returns its answer (the session id in its layout)."""
         return self._native.create_crypto_session(bytes(params))
 
     def close_crypto_session(self, session_id: int) -> None:
+        """``CLOSE_CRYPTO_SESSION``: closes crypto session ``session_id``."""
         self._native.close_crypto_session(session_id)
 
     def __repr__(self) -> str:
@@ -709,21 +781,29 @@ class BackendHandler(abc.ABC):
         ``VHOST_USER_F_PROTOCOL_FEATURES``, bit 30, to negotiate protocol features)."""
 
     def set_features(self, features: int) -> None:
-        pass
+        """``SET_FEATURES``: the feature bits the driver acked (a subset of :meth:`get_features`;
+        the session checked). Accepted by default."""
 
     def get_protocol_features(self) -> int:
+        """``GET_PROTOCOL_FEATURES``: the protocol extensions the device supports; a device
+        offering bit 30 in :meth:`get_features` must answer. Refused by default."""
         raise _refuse("GET_PROTOCOL_FEATURES")
 
     def set_protocol_features(self, features: int) -> None:
-        pass
+        """``SET_PROTOCOL_FEATURES``: the extensions the front-end uses; the session gates
+        requests on them. Accepted by default."""
 
     def set_owner(self) -> None:
-        pass
+        """``SET_OWNER``: a front-end claims the device; the first request of a session. Accepted
+        by default."""
 
     def reset_owner(self) -> None:
-        pass
+        """``RESET_OWNER``: the front-end gives the device up (deprecated; reset your state).
+        Accepted by default."""
 
     def get_queue_num(self) -> int:
+        """``GET_QUEUE_NUM`` (``MQ``): how many queues the device has; :attr:`max_queues` by
+        default."""
         return self.max_queues
 
     # -- memory ---------------------------------------------------------------------------
@@ -731,13 +811,17 @@ class BackendHandler(abc.ABC):
     def set_mem_table(self, memory: GuestMemory) -> None:
         """The memory table was replaced; ``memory`` is mapped and ready to use."""
 
-    def add_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
-        """A region (gpa, size, user_addr, mmap_offset) was mapped into ``memory``."""
+    def add_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
+        """``ADD_MEM_REG``: ``region`` was mapped into ``memory`` (its ``fd`` is borrowed
+        from ``memory``: duplicate it to keep it)."""
 
-    def remove_mem_region(self, memory: GuestMemory, region: tuple[int, int, int, int]) -> None:
-        """A region was removed from ``memory`` (views of it stay valid until dropped)."""
+    def remove_mem_region(self, memory: GuestMemory, region: MemoryRegion) -> None:
+        """``REM_MEM_REG``: ``region`` was removed from ``memory`` (its ``fd`` is -1; views
+        of it stay valid until dropped)."""
 
     def get_max_mem_slots(self) -> int:
+        """``GET_MAX_MEM_SLOTS`` (``CONFIGURE_MEM_SLOTS``): how many regions the device can map
+        at once. Refused by default."""
         raise _refuse("GET_MAX_MEM_SLOTS")
 
     def set_log_base(self, mmap_size: int, mmap_offset: int, fd: _core.FileDescriptor) -> None:
@@ -748,20 +832,24 @@ class BackendHandler(abc.ABC):
         raise _refuse("SET_LOG_BASE")
 
     def set_log_fd(self, fd: _core.FileDescriptor) -> None:
+        """``SET_LOG_FD``: an eventfd to signal after logging dirty pages (legacy). Refused by
+        default."""
         raise _refuse("SET_LOG_FD")
 
     # -- rings ----------------------------------------------------------------------------
 
     def set_vring_num(self, index: int, num: int) -> None:
-        pass
+        """``SET_VRING_NUM``: ring ``index`` has ``num`` descriptors (checked against
+        :attr:`max_queue_size`). Ignored by default."""
 
-    def set_vring_addr(  # noqa: PLR0917 - mirrors the VhostBackend call, positional
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        pass
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        """``SET_VRING_ADDR``: where ring ``index`` lives, in front-end virtual addresses
+        (translate with :meth:`GuestMemory.user_to_gpa`). Ignored by default."""
 
     def set_vring_base(self, index: int, base: int) -> None:
-        pass
+        """``SET_VRING_BASE``: ring ``index`` starts at ``base`` (the next avail index; packed
+        rings add the wrap counter in bit 15): where a migrated or restarted ring resumes.
+        Ignored by default."""
 
     @abc.abstractmethod
     def get_vring_base(self, index: int) -> int:
@@ -769,69 +857,94 @@ class BackendHandler(abc.ABC):
         available index for a split ring; see :meth:`vhost.VhostBackend.set_vring_base`)."""
 
     def set_vring_kick(self, index: int, fd: _core.EventFd | None) -> None:
-        pass
+        """``SET_VRING_KICK``: the eventfd the driver signals when ring ``index`` has buffers
+        (None: poll the ring); start processing the ring on it. Yours to keep or close.
+        Ignored by default."""
 
     def set_vring_call(self, index: int, fd: _core.EventFd | None) -> None:
-        pass
+        """``SET_VRING_CALL``: the eventfd to signal after returning buffers on ring ``index``
+        (None: no interrupts). Ignored by default."""
 
     def set_vring_err(self, index: int, fd: _core.EventFd | None) -> None:
-        pass
+        """``SET_VRING_ERR``: the eventfd to signal when ring ``index`` breaks. Ignored by
+        default."""
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
-        pass
+        """``SET_VRING_ENABLE``: ring ``index`` may (or may no longer) be processed. Ignored by
+        default."""
 
     def set_vring_endian(self, index: int, big_endian: bool) -> None:
+        """``SET_VRING_ENDIAN`` (``CROSS_ENDIAN``): the byte order of a legacy ring. Refused by
+        default."""
         raise _refuse("SET_VRING_ENDIAN")
 
     def vring_kick(self, index: int) -> None:
+        """``VRING_KICK`` (``INBAND_NOTIFICATIONS``): an in-band kick of ring ``index``. Refused
+        by default."""
         raise _refuse("VRING_KICK")
 
     # -- device ---------------------------------------------------------------------------
 
     def get_config(self, offset: int, size: int, flags: int) -> bytes:
+        """``GET_CONFIG`` (``CONFIG``): ``size`` bytes of the config space from ``offset``;
+        return exactly ``size`` bytes (the front-end refuses a shorter answer). Refused by
+        default."""
         raise _refuse("GET_CONFIG")
 
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """``SET_CONFIG`` (``CONFIG``): the driver writes ``data`` at ``offset`` of the config
+        space. Refused by default."""
         raise _refuse("SET_CONFIG")
 
     def set_backend_channel(self, channel: BackendChannel) -> None:
         """The front-end opened the back-end request channel."""
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, FdLike]:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
+        """``GET_INFLIGHT_FD`` (``INFLIGHT_SHMFD``): allocate the area that tracks requests
+        in flight for ``num_queues`` rings of ``queue_size`` entries, so a restarted
+        back-end can finish them. Refused by default."""
         raise _refuse("GET_INFLIGHT_FD")
 
-    def set_inflight_fd(
-        self,
-        mmap_size: int,
-        mmap_offset: int,
-        num_queues: int,
-        queue_size: int,
-        fd: _core.FileDescriptor,
-    ) -> None:
+    def set_inflight_fd(self, info: InflightInfo) -> None:
+        """``SET_INFLIGHT_FD``: the area a previous :meth:`get_inflight_fd` handed out,
+        back after a reconnect (``info.fd`` is yours to keep or close). Refused by
+        default."""
         raise _refuse("SET_INFLIGHT_FD")
 
     def send_rarp(self, mac: bytes) -> None:
+        """``SEND_RARP`` (``RARP``): announce the 6-byte ``mac`` (a net device, after migration).
+        Refused by default."""
         raise _refuse("SEND_RARP")
 
     def net_set_mtu(self, mtu: int) -> None:
+        """``NET_SET_MTU`` (``MTU``): use ``mtu`` bytes. Refused by default."""
         raise _refuse("NET_SET_MTU")
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> None:
+    def iotlb_msg(self, message: IotlbMessage) -> None:
+        """``IOTLB_MSG`` (``IOMMU_PLATFORM``): the front-end updates or invalidates an
+        IOTLB entry, so ring and buffer addresses are I/O virtual addresses. Refused by
+        default."""
         raise _refuse("IOTLB_MSG")
 
     def reset_device(self) -> None:
-        pass
+        """``RESET_DEVICE``: return to the initial state (stop rings, forget features); the
+        connection stays. Accepted by default."""
 
     def set_status(self, status: int) -> None:
-        pass
+        """``SET_STATUS`` (``STATUS``): the driver's virtio status byte. Ignored by default."""
 
     def get_status(self) -> int:
+        """``GET_STATUS`` (``STATUS``): the device status byte. Refused by default."""
         raise _refuse("GET_STATUS")
 
     def gpu_set_socket(self, fd: _core.FileDescriptor) -> None:
+        """``GPU_SET_SOCKET``: the socket of the vhost-user-gpu display protocol. Refused by
+        default."""
         raise _refuse("GPU_SET_SOCKET")
 
     def get_shared_object(self, uuid: bytes) -> FdLike:
+        """``GET_SHARED_OBJECT`` (``SHARED_OBJECT``): the dma-buf exported under ``uuid``
+        (duplicated to send: it stays yours). Refused by default."""
         raise _refuse("GET_SHARED_OBJECT")
 
     def get_shmem_config(self) -> Mapping[int, int]:
@@ -843,24 +956,36 @@ class BackendHandler(abc.ABC):
     def set_device_state_fd(
         self, direction: int, phase: int, fd: _core.FileDescriptor
     ) -> FdLike | None:
+        """``SET_DEVICE_STATE_FD`` (``DEVICE_STATE``): write (save) or read (load) the device
+        state over ``fd`` in ``direction`` at ``phase``; return another fd to use instead, or
+        None. Refused by default."""
         raise _refuse("SET_DEVICE_STATE_FD")
 
     def check_device_state(self) -> None:
+        """``CHECK_DEVICE_STATE``: raise if the last state transfer failed (the front-end's only
+        way to learn it). Refused by default."""
         raise _refuse("CHECK_DEVICE_STATE")
 
     def postcopy_advise(self) -> FdLike:
+        """``POSTCOPY_ADVISE`` (``PAGEFAULT``): open a userfaultfd and return it. Refused by
+        default."""
         raise _refuse("POSTCOPY_ADVISE")
 
     def postcopy_listen(self) -> None:
+        """``POSTCOPY_LISTEN``: register guest memory with the userfaultfd. Refused by default."""
         raise _refuse("POSTCOPY_LISTEN")
 
     def postcopy_end(self) -> None:
+        """``POSTCOPY_END``: unregister memory and close the userfaultfd. Refused by default."""
         raise _refuse("POSTCOPY_END")
 
     def create_crypto_session(self, params: bytes) -> bytes:
+        """``CREATE_CRYPTO_SESSION`` (``CRYPTO_SESSION``): open a session with ``params`` and
+        return the answer payload. Refused by default."""
         raise _refuse("CREATE_CRYPTO_SESSION")
 
     def close_crypto_session(self, session_id: int) -> None:
+        """``CLOSE_CRYPTO_SESSION``: close session ``session_id``. Refused by default."""
         raise _refuse("CLOSE_CRYPTO_SESSION")
 
     # -- errors ---------------------------------------------------------------------------
@@ -878,46 +1003,60 @@ class FrontendRequestHandler:
     """
 
     def config_change(self) -> int | None:
+        """``CONFIG_CHANGE_MSG``: the device's config space changed; re-read it (``get_config``)
+        and tell the driver. Refused by default."""
         raise _refuse("CONFIG_CHANGE_MSG")
 
     def vring_host_notifier(
         self, index: int, size: int, offset: int, fd: _core.FileDescriptor | None
     ) -> int | None:
+        """``VRING_HOST_NOTIFIER_MSG``: the back-end offers ``size`` bytes of ``fd`` at
+        ``offset`` as ring ``index``'s doorbell, for the guest to kick it directly (None:
+        withdraw it). Refused by default."""
         raise _refuse("VRING_HOST_NOTIFIER_MSG")
 
     def vring_call(self, index: int) -> int | None:
+        """``VRING_CALL``: an in-band interrupt for ring ``index``; inject it into the guest.
+        Refused by default."""
         raise _refuse("VRING_CALL")
 
     def vring_err(self, index: int) -> int | None:
+        """``VRING_ERR``: ring ``index`` failed in the back-end. Refused by default."""
         raise _refuse("VRING_ERR")
 
-    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type: int) -> int | None:
+    def iotlb_msg(self, message: IotlbMessage) -> int | None:
+        """``IOTLB_MSG`` from the back-end: a miss (translate ``message.iova`` and answer
+        with an update on the front-end's own ``iotlb_msg``) or an access failure."""
         raise _refuse("IOTLB_MSG")
 
     def shared_object_add(self, uuid: bytes) -> int | None:
+        """``SHARED_OBJECT_ADD``: the back-end exports an object under ``uuid`` (16 bytes).
+        Refused by default."""
         raise _refuse("SHARED_OBJECT_ADD")
 
     def shared_object_remove(self, uuid: bytes) -> int | None:
+        """``SHARED_OBJECT_REMOVE``: the back-end withdraws ``uuid``. Refused by default."""
         raise _refuse("SHARED_OBJECT_REMOVE")
 
-    def shared_object_lookup(self, uuid: bytes) -> int | tuple[int, FdLike | None] | None:
-        """0 (or None) when the object is known, another value when not; return
-        ``(0, fd)`` to send its dma-buf fd with the answer (the fd is duplicated: it stays
-        yours)."""
+    def shared_object_lookup(self, uuid: bytes) -> int | SharedObject | None:
+        """``SHARED_OBJECT_LOOKUP``: 0 (or None) when the object is known, another status
+        when not; a :class:`SharedObject` sends its dma-buf with the answer. Refused by
+        default."""
         raise _refuse("SHARED_OBJECT_LOOKUP")
 
-    def shmem_map(  # noqa: PLR0917 - one argument per field of the request
+    def shmem_map(  # noqa: PLR0917 - the order of BackendChannel.shmem_map
         self,
         shmid: int,
         fd_offset: int,
         shm_offset: int,
         length: int,
-        flags: int,
         fd: _core.FileDescriptor,
+        flags: int,
     ) -> int | None:
         """Map ``length`` bytes of ``fd`` at ``fd_offset`` into shared memory region
         ``shmid`` at ``shm_offset`` (SHMEM_MAP; the seed's virtio-fs ``fs_slave_map``,
-        whose DAX window is region 0). ``flags`` bit 0: writable."""
+        whose DAX window is region 0). ``flags`` bit 0: writable. The arguments come in
+        the order :meth:`BackendChannel.shmem_map` takes them."""
         raise _refuse("SHMEM_MAP")
 
     def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int | None:
@@ -925,10 +1064,11 @@ class FrontendRequestHandler:
         raise _refuse("SHMEM_UNMAP")
 
     def unknown_request(self, name: str) -> int | None:
+        """A request this package does not decode, by ``name``; refused (a NACK) by default."""
         raise _refuse(name)
 
 
-class BackendListener:
+class BackendListener(Closing):
     """A back-end in server mode: listens at ``path`` and accepts front-ends.
 
     The socket path is unlinked on :meth:`close` (or when the context exits).
@@ -939,9 +1079,11 @@ class BackendListener:
 
     @property
     def path(self) -> Path:
+        """The socket's path (unlinked on :meth:`close`)."""
         return Path(self._listener.path)
 
     def fileno(self) -> int:
+        """The listening fd, for a poll loop that accepts when it is readable."""
         return self._listener.fileno()
 
     def accept(self, timeout: float | None = None) -> BackendSession:
@@ -969,18 +1111,9 @@ class BackendListener:
                 log.warning("front-end session ended with an error: %s", exc)
 
     def close(self) -> None:
+        """Stops listening and unlinks the path; a thread blocked in :meth:`accept` wakes up with
+        :class:`~vhost.errors.ClosedError`."""
         self._listener.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @contextmanager

@@ -89,6 +89,8 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_device_id()
 
     def get_status(self) -> DeviceStatus:
+        """The virtio device status, as :class:`~vhost.virtio.DeviceStatus` bits: what a driver
+        checks after setting ``FEATURES_OK``."""
         return DeviceStatus(self.vdpa.get_status())
 
     def set_status(self, status: int) -> None:
@@ -108,9 +110,13 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_config(_u32("offset", offset), _u32("size", size))
 
     def set_config(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Writes ``data`` into the device config space at byte ``offset`` (a u32); the kernel
+        refuses a range past :meth:`get_config_size`."""
         self.vdpa.set_config(_u32("offset", offset), bytes(data))
 
     def get_config_size(self) -> int:
+        """Bytes of the device config space: the limit of :meth:`get_config` and
+        :meth:`set_config`."""
         return self.vdpa.get_config_size()
 
     def set_config_call(self, fd: FdLike | None) -> None:
@@ -132,6 +138,7 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_vring_size(_u32("index", index))
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
+        """Starts or stops ring ``index`` (after its address and kick are set)."""
         self.vdpa.set_vring_enable(_u32("index", index), enable)
 
     def setup_queue(
@@ -157,12 +164,15 @@ class VhostVdpa(KernelBackend):
     # -- groups and address spaces -------------------------------------------------------
 
     def get_group_num(self) -> int:
+        """How many virtqueue groups the device has (groups share an address space)."""
         return self.vdpa.get_group_num()
 
     def get_as_num(self) -> int:
+        """How many address spaces (ASIDs) the device supports."""
         return self.vdpa.get_as_num()
 
     def get_vring_group(self, index: int) -> int:
+        """The group ring ``index`` belongs to, to bind with :meth:`set_group_asid`."""
         return self.vdpa.get_vring_group(_u32("index", index))
 
     def get_vring_desc_group(self, index: int) -> int:
@@ -170,6 +180,8 @@ class VhostVdpa(KernelBackend):
         return self.vdpa.get_vring_desc_group(_u32("index", index))
 
     def set_group_asid(self, group: int, asid: int) -> None:
+        """Binds virtqueue ``group`` to address space ``asid``, so its DMA goes through that
+        space's mappings (a shadow virtqueue setup)."""
         self.vdpa.set_group_asid(_u32("group", group), _u32("asid", asid))
 
     def suspend(self) -> None:
@@ -184,6 +196,8 @@ class VhostVdpa(KernelBackend):
     # -- DMA -----------------------------------------------------------------------------
 
     def get_iova_range(self) -> IovaRange:
+        """The I/O virtual addresses the device can use (inclusive); :meth:`dma_map` outside it
+        is refused."""
         first, last = self.vdpa.get_iova_range()
         return IovaRange(first, last)
 
@@ -218,6 +232,8 @@ class VhostVdpa(KernelBackend):
             self.dma_map(r.guest_phys_addr, r.memory_size, r.userspace_addr, readonly)
 
     def unmap_memory(self, memory: _core.GuestMemory) -> None:
+        """Undoes :meth:`map_memory`: unmaps each region of ``memory`` at its guest-physical
+        address."""
         for r in memory.regions():
             self.dma_unmap(r.guest_phys_addr, r.memory_size)
 

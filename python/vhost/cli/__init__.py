@@ -65,6 +65,8 @@ def version() -> str:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``python -m vhost`` argument parser with every subcommand, its program name ``prog``
+    (default: how the CLI was started)."""
     ArgumentParser.root = prog = prog or program_name()
     parser = ArgumentParser(
         prog=prog,

@@ -93,6 +93,8 @@ def pattern(offset: int, length: int, generation: int) -> bytes:
 
 
 def add_parser(sub: Any) -> None:
+    """Adds ``bench`` (``bench blk``: a load generator against any vhost-user-blk back-end) and
+    its options to the CLI."""
     p = sub.add_parser(
         "bench",
         help="load generators (bench blk)",
@@ -365,6 +367,9 @@ def _region(args: argparse.Namespace, disk_size: int) -> tuple[int, int]:
 
 
 def run_native(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int) -> dict[str, Any]:
+    """Runs the load with the native loop (:class:`vhost._core.BlkLoad`) on ``[offset, offset +
+    size)`` of ``disk``; returns the counts and latencies. ``--bs`` above the device's largest
+    request is a :class:`CliError`."""
     if args.bs > disk.max_request:
         raise CliError(
             f"--bs {args.bs} exceeds the largest request the device takes ({disk.max_request})"
@@ -459,6 +464,8 @@ def run_python(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
 
 
 def run_blk(args: argparse.Namespace) -> int:
+    """``bench blk``: connects, runs the load and prints (or writes) the report; returns the exit
+    status."""
     _check_args(args)
     # Ctrl-C: the native loop checks for signals every 100 ms and stops (requests in
     # flight are abandoned with the connection); main() reports it (status 130).

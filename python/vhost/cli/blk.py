@@ -82,6 +82,8 @@ def byte_arg(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    """Adds ``blk`` (``info``, ``read``, ``write``: this package as the virtio-blk driver of any
+    back-end) and its options to the CLI."""
     p = sub.add_parser(
         "blk",
         help="be the virtio-blk driver of any vhost-user-blk back-end: info, read, write",
@@ -233,6 +235,7 @@ def hexdump(data: bytes, base: int = 0) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    """``blk info``: prints the disk's capacity, features and limits; returns the exit status."""
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
     with _connect(args, "read the disk's configuration from") as disk, step("query", args.socket):
@@ -274,6 +277,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_read(args: argparse.Namespace) -> int:
+    """``blk read``: reads ``--length`` bytes at ``--offset`` to stdout or a file; returns the
+    exit status."""
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
     _check(args.offset, args.length)
@@ -295,6 +300,7 @@ def run_read(args: argparse.Namespace) -> int:
 
 
 def run_write(args: argparse.Namespace) -> int:
+    """``blk write``: writes a file, stdin or a pattern at ``--offset``; returns the exit status."""
     from ..devices.blk import BlkIOError  # noqa: PLC0415
 
     if args.pattern is not None:

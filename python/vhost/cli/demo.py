@@ -26,6 +26,7 @@ from .. import _core
 from ..codes import ProtocolFeature
 from ..daemon import BlkDevice, Daemon
 from ..devices.blk import BlkDriver
+from ..types import VringAddrs
 from ..user import BackendHandler, BackendListener, Frontend, GuestMemory, regions_of
 from ..virtio import DeviceQueue, VirtioFeature, Virtqueue, place_rings, setup_queue
 from .common import plain
@@ -70,10 +71,10 @@ class UpperCaseDevice(BackendHandler):
     def set_vring_num(self, index: int, num: int) -> None:
         self.ring["num"] = num
 
-    def set_vring_addr(  # noqa: PLR0917 - BackendHandler's signature
-        self, index: int, desc: int, used: int, avail: int, flags: int, log: int
-    ) -> None:
-        self.ring.update(desc=desc, used=used, avail=avail)
+    def set_vring_addr(self, index: int, addrs: VringAddrs) -> None:
+        self.ring.update(
+            desc=addrs.desc_table_addr, used=addrs.used_ring_addr, avail=addrs.avail_ring_addr
+        )
 
     def set_vring_call(self, index: int, fd: _core.EventFd | None) -> None:
         self.call = fd
@@ -118,6 +119,8 @@ class UpperCaseDevice(BackendHandler):
 
 
 def add_parser(sub: Any) -> None:
+    """Adds ``demo`` (data through a virtqueue between a back-end and a front-end of this
+    package) to the CLI."""
     p = sub.add_parser(
         "demo",
         help="move real data through a virtqueue between a back-end and a front-end of ours",
@@ -158,6 +161,8 @@ def run_ramdisk(tmp: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``demo``: runs both demonstrations and prints what moved; returns 0 when both round trips
+    matched."""
     messages: list[str] = args.message or ["hello", "from the front-end", "through a virtqueue"]
     ok = True
     with tempfile.TemporaryDirectory(prefix="vhost-demo-") as tmp:

@@ -121,6 +121,7 @@ def contradiction(features: int, device: str) -> str | None:
 
 
 def add_parser(sub: Any) -> None:
+    """Adds ``probe`` (report what any vhost-user back-end offers) and its options to the CLI."""
     p = sub.add_parser(
         "probe",
         help="report what any vhost-user back-end offers",
@@ -241,6 +242,8 @@ def socket_of(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``probe``: negotiates with the back-end at the socket and prints its features, protocol
+    features and queues (text or JSON); returns the exit status."""
     socket = socket_of(args)
     with connecting(socket):
         fe = Frontend.connect(socket, timeout=args.timeout)

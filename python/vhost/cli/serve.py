@@ -87,6 +87,8 @@ back-end on --socket (QEMU: -device vhost-user-rng-pci).
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``serve`` (``serve blk``, ``serve rng``: run a back-end of this package) and its
+    options to the CLI."""
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "serve",
@@ -213,6 +215,8 @@ def _check_client_path(path: str) -> None:
 
 
 def run_blk(args: argparse.Namespace) -> int:
+    """``serve blk``: serves an image (or RAM disk) as vhost-user-blk until Ctrl-C or SIGTERM;
+    returns the exit status."""
     _check_common(args)
     _check(
         1 <= args.queues <= MAX_QUEUES,
@@ -334,6 +338,8 @@ def _image_failure(args: argparse.Namespace, exc: OSError) -> CliError:
 
 
 def run_rng(args: argparse.Namespace) -> int:
+    """``serve rng``: serves a virtio-rng device until Ctrl-C or SIGTERM; returns the exit
+    status."""
     _check_common(args)
     daemon = Daemon(
         RngDevice(),

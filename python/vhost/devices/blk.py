@@ -40,10 +40,10 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self
 
 from .. import _core
+from .._closing import Closing
 from ..codes import ProtocolFeature
 from ..errors import (
     ClosedError,
@@ -202,14 +202,17 @@ class BlkRequest:
 
     @classmethod
     def read(cls, offset: int, length: int) -> BlkRequest:
+        """An ``IN`` request: read ``length`` bytes at byte ``offset`` (both multiples of 512)."""
         return cls(BlkRequestType.IN, offset, length)
 
     @classmethod
     def write(cls, offset: int, data: bytes | bytearray | memoryview) -> BlkRequest:
+        """An ``OUT`` request: write ``data`` at byte ``offset`` (both multiples of 512)."""
         return cls(BlkRequestType.OUT, offset, len(data), data)
 
     @classmethod
     def flush(cls) -> BlkRequest:
+        """A ``FLUSH`` request: make earlier writes durable (needs ``VIRTIO_BLK_F_FLUSH``)."""
         return cls(BlkRequestType.FLUSH)
 
 
@@ -227,6 +230,7 @@ class BlkCompletion:
 
     @property
     def ok(self) -> bool:
+        """Whether the device answered ``VIRTIO_BLK_S_OK``."""
         return self.status == BlkStatus.OK
 
     def check(self) -> Self:
@@ -251,7 +255,7 @@ def _check_sector_multiple(what: str, value: int) -> None:
         raise InvalidParamError(f"{what} must be a non-negative multiple of {SECTOR_SIZE}: {value}")
 
 
-class BlkDriver:
+class BlkDriver(Closing):
     """A virtio-blk driver on queue 0 of a vhost-user-blk back-end.
 
     Use :meth:`connect`. ``slots`` requests can be in flight at once, each with a data
@@ -423,6 +427,7 @@ class BlkDriver:
 
     @property
     def frontend(self) -> Frontend:
+        """The vhost-user connection under the driver, for requests it does not wrap."""
         return self._fe
 
     @property
@@ -432,10 +437,13 @@ class BlkDriver:
 
     @property
     def offered_features(self) -> int:
+        """The feature bits the back-end offered, before this driver chose its subset
+        (:attr:`features`)."""
         return self._offered
 
     @property
     def protocol_features(self) -> ProtocolFeature:
+        """The protocol features negotiated with the back-end."""
         return self._protocol_features
 
     @property
@@ -457,6 +465,8 @@ class BlkDriver:
 
     @property
     def read_only(self) -> bool:
+        """Whether the device is read-only (``VIRTIO_BLK_F_RO``): writes raise before anything is
+        sent."""
         return bool(self._features & BlkFeature.RO)
 
     @property
@@ -466,17 +476,23 @@ class BlkDriver:
 
     @property
     def segment_size(self) -> int:
+        """Bytes of one data segment: the device's ``size_max`` (or 32 KiB) in whole sectors."""
         return self._segment_size
 
     @property
     def in_flight(self) -> int:
+        """Requests submitted and not yet completed."""
         return len(self._inflight)
 
     @property
     def slots(self) -> int:
+        """How many requests may be in flight at once (each slot has its own header, status byte
+        and data window)."""
         return len(self._slots)
 
     def has_feature(self, feature: int) -> bool:
+        """Whether ``feature`` (a :class:`~vhost.virtio.BlkFeature` bit) was negotiated, to check
+        before a request that needs it."""
         return bool(self._features & feature)
 
     # -- the batched interface ------------------------------------------------------------
@@ -795,6 +811,8 @@ class BlkDriver:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` ran; every other call then raises
+        :class:`~vhost.errors.ClosedError`."""
         return self._closed
 
     def close(self) -> None:
@@ -813,17 +831,6 @@ class BlkDriver:
             self._done.clear()
             del self.queue
             del self.memory
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.capacity} sectors"

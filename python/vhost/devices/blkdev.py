@@ -90,7 +90,7 @@ class PythonBlkDevice(Device):
                 os.ftruncate(self.fd, size)
             self.capacity = new
             try:
-                self.frontend.config_changed()
+                self.frontend.config_change()
             except DisconnectedError:
                 return old, new, False
             return old, new, True

@@ -18,12 +18,12 @@ use vhost_core::user::payload::{
 use vhost_core::user::{Error, Listener};
 
 use crate::channel::PyBackendChannel;
-use crate::convert::U32;
+use crate::convert::{U32, U64};
 use crate::errors::{closed, invalid_param, path_error, IntoPyResult};
 use crate::eventfd::PyEventFd;
-use crate::fd::{dup_of, FileDescriptor};
+use crate::fd::{closing_pymethods, dup_of, FileDescriptor};
 use crate::frontend::PyFrontend;
-use crate::handler::{shmem_pairs, unit, PyCallState};
+use crate::handler::{shmem_pairs, unit, FacadeType, PyCallState};
 use crate::memory::PyGuestMemory;
 use crate::wait;
 use vhost_core::sys::socket::accept_within;
@@ -54,12 +54,32 @@ fn opt_eventfd(fd: Option<OwnedFd>) -> Option<PyEventFd> {
     fd.map(PyEventFd::adopt)
 }
 
-fn region_tuple(r: &RegionInfo) -> (u64, u64, u64, u64) {
-    (
-        r.guest_phys_addr,
-        r.memory_size,
-        r.userspace_addr,
-        r.mmap_offset,
+static MEMORY_REGION: FacadeType = FacadeType::new("vhost.types", "MemoryRegion");
+static VRING_ADDRS: FacadeType = FacadeType::new("vhost.types", "VringAddrs");
+static IOTLB_MESSAGE: FacadeType = FacadeType::new("vhost.types", "IotlbMessage");
+static INFLIGHT_INFO: FacadeType = FacadeType::new("vhost.user", "InflightInfo");
+
+/// A `vhost.types.MemoryRegion` for `r`, with the fd `memory` maps it from (-1 when
+/// `memory` does not hold it: a removed region).
+fn memory_region<'py>(
+    py: Python<'py>,
+    memory: &GuestMemory,
+    r: &RegionInfo,
+) -> PyResult<Bound<'py, PyAny>> {
+    let fd = memory
+        .regions()
+        .iter()
+        .find(|m| m.info() == *r)
+        .map_or(-1, |m| m.fd().as_raw_fd());
+    MEMORY_REGION.build(
+        py,
+        (
+            r.guest_phys_addr,
+            r.memory_size,
+            r.userspace_addr,
+            r.mmap_offset,
+            fd,
+        ),
     )
 }
 
@@ -79,6 +99,29 @@ impl PyBackendHandler {
     ) -> R<()> {
         self.state.call(&self.obj, name, args, unit)
     }
+}
+
+/// A `vhost.types.IotlbMessage` for a payload the core decoded (and checked).
+pub fn iotlb_message<'py>(py: Python<'py>, m: &IotlbPayload) -> PyResult<Bound<'py, PyAny>> {
+    IOTLB_MESSAGE.build(py, (m.iova, m.size, m.uaddr, m.perm, m.kind))
+}
+
+/// The payload of a `vhost.types.IotlbMessage` (or any object with its fields), which
+/// checked itself; `asid` has no place in the vhost-user layout and must be 0.
+pub fn iotlb_payload_of(msg: &Bound<'_, PyAny>) -> PyResult<IotlbPayload> {
+    let field = |name: &str| msg.getattr(name);
+    if field("asid").map_or(Ok(0), |a| a.extract::<u32>())? != 0 {
+        return Err(invalid_param(
+            "vhost-user IOTLB messages have no address space id (asid must be 0)",
+        ));
+    }
+    Ok(IotlbPayload {
+        iova: field("iova")?.extract::<U64>()?.0,
+        size: field("size")?.extract::<U64>()?.0,
+        uaddr: field("uaddr")?.extract::<U64>()?.0,
+        perm: field("perm")?.extract()?,
+        kind: field("type")?.extract()?,
+    })
 }
 
 fn owned_fd(v: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {
@@ -119,13 +162,17 @@ impl BackendHandler for PyBackendHandler {
     }
     fn add_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> R<()> {
         self.set_memory(mem);
-        let (m, r) = (self.mem_obj(), region_tuple(region));
-        self.simple("add_mem_region", move |py| t(py, (m, r)))
+        let m = self.mem_obj();
+        self.simple("add_mem_region", move |py| {
+            t(py, (m, memory_region(py, mem, region)?))
+        })
     }
     fn remove_mem_region(&mut self, mem: &GuestMemory, region: &RegionInfo) -> R<()> {
         self.set_memory(mem);
-        let (m, r) = (self.mem_obj(), region_tuple(region));
-        self.simple("remove_mem_region", move |py| t(py, (m, r)))
+        let m = self.mem_obj();
+        self.simple("remove_mem_region", move |py| {
+            t(py, (m, memory_region(py, mem, region)?))
+        })
     }
     fn get_max_mem_slots(&mut self) -> R<u64> {
         self.state
@@ -146,7 +193,8 @@ impl BackendHandler for PyBackendHandler {
     fn set_vring_addr(&mut self, a: &VringAddrs) -> R<()> {
         let a = *a;
         self.simple("set_vring_addr", move |py| {
-            t(py, (a.index, a.desc, a.used, a.avail, a.flags, a.log))
+            let addrs = VRING_ADDRS.build(py, (a.desc, a.used, a.avail, a.flags, a.log))?;
+            t(py, (a.index, addrs))
         })
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> R<()> {
@@ -208,30 +256,25 @@ impl BackendHandler for PyBackendHandler {
             "get_inflight_fd",
             move |py| t(py, (nq, qs)),
             move |v| {
-                let (size, offset, fd): (u64, u64, Bound<'_, PyAny>) = v.extract()?;
                 let desc = InflightDesc {
-                    mmap_size: size,
-                    mmap_offset: offset,
+                    mmap_size: v.getattr("mmap_size")?.extract()?,
+                    mmap_offset: v.getattr("mmap_offset")?.extract()?,
                     num_queues: nq,
                     queue_size: qs,
                 };
-                Ok((desc, owned_fd(&fd)?))
+                Ok((desc, owned_fd(&v.getattr("fd")?)?))
             },
         )
     }
     fn set_inflight_fd(&mut self, d: &InflightDesc, fd: OwnedFd) -> R<()> {
         let d = *d;
         self.simple("set_inflight_fd", move |py| {
-            t(
+            let fd = FileDescriptor::new(fd);
+            let info = INFLIGHT_INFO.build(
                 py,
-                (
-                    d.mmap_size,
-                    d.mmap_offset,
-                    d.num_queues,
-                    d.queue_size,
-                    FileDescriptor::new(fd),
-                ),
-            )
+                (d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size, fd),
+            )?;
+            t(py, (info,))
         })
     }
     fn send_rarp(&mut self, mac: [u8; 6]) -> R<()> {
@@ -242,9 +285,7 @@ impl BackendHandler for PyBackendHandler {
     }
     fn iotlb_msg(&mut self, m: &IotlbPayload) -> R<()> {
         let m = *m;
-        self.simple("iotlb_msg", move |py| {
-            t(py, (m.iova, m.size, m.uaddr, m.perm, m.kind))
-        })
+        self.simple("iotlb_msg", move |py| t(py, (iotlb_message(py, &m)?,)))
     }
     fn reset_device(&mut self) -> R<()> {
         self.simple("reset_device", |py| t(py, ()))
@@ -403,8 +444,7 @@ impl PyBackendSession {
     }
 }
 
-#[pymethods]
-impl PyBackendSession {
+closing_pymethods!(PyBackendSession, close() {
     /// Client mode: connects to a front-end listening at `path` (Ctrl-C interrupts a
     /// connect that waits for a full backlog).
     #[staticmethod]
@@ -492,20 +532,7 @@ impl PyBackendSession {
     fn closed(&self) -> bool {
         self.inner.try_lock().map(|g| g.is_none()).unwrap_or(false)
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-}
+});
 
 /// A listening socket path for whichever side is the server; unlinked on close.
 #[pyclass(module = "vhost._core", name = "Listener", frozen)]
@@ -539,8 +566,7 @@ impl PyListener {
     }
 }
 
-#[pymethods]
-impl PyListener {
+closing_pymethods!(PyListener, close(py) {
     #[new]
     #[pyo3(signature = (path, replace_stale = true))]
     fn new(py: Python<'_>, path: PathBuf, replace_stale: bool) -> PyResult<Self> {
@@ -620,18 +646,4 @@ impl PyListener {
         self.waker.retire();
         g.take();
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        py: Python<'_>,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close(py);
-    }
-}
+});

@@ -13,7 +13,7 @@ use vhost_core::user::payload::{IotlbPayload, ShmemMapPayload, VringArea};
 use vhost_core::user::Error;
 
 use crate::errors::{closed, IntoPyResult};
-use crate::fd::{borrow, dup_of, raw_fd_of, FileDescriptor};
+use crate::fd::{borrow, closing_pymethods, dup_of, raw_fd_of, FileDescriptor};
 use crate::handler::{u64_or_zero, PyCallState};
 use crate::wait;
 use vhost_core::sys::Waker;
@@ -89,7 +89,7 @@ impl FrontendReqHandler for PyFrontendHandler {
         self.state.call(
             &self.obj,
             "iotlb_msg",
-            move |py| tuple(py, (m.iova, m.size, m.uaddr, m.perm, m.kind)),
+            move |py| tuple(py, (crate::backend::iotlb_message(py, &m)?,)),
             u64_or_zero,
         )
     }
@@ -131,8 +131,8 @@ impl FrontendReqHandler for PyFrontendHandler {
                     m.fd_offset,
                     m.shm_offset,
                     m.len,
-                    m.flags,
                     FileDescriptor::new(fd),
+                    m.flags,
                 );
                 tuple(py, args)
             },
@@ -159,22 +159,16 @@ impl FrontendReqHandler for PyFrontendHandler {
     }
 }
 
-/// A lookup's answer: a status (None: 0), or `(status, fd)` with the dma-buf to send back;
-/// the fd is duplicated, so the handler keeps its own.
+/// A lookup's answer: a status (None: 0), or a `vhost.user.SharedObject` (status 0) with
+/// the dma-buf to send back; the fd is duplicated, so the handler keeps its own.
 fn status_and_fd(v: &Bound<'_, PyAny>) -> PyResult<(u64, Option<OwnedFd>)> {
-    if let Ok((status, fd)) = v.extract::<(u64, Bound<'_, PyAny>)>() {
-        let fd = if fd.is_none() {
-            None
-        } else {
-            Some(dup_of(&fd)?)
-        };
-        return Ok((status, fd));
+    if v.hasattr("fd")? {
+        return Ok((0, Some(dup_of(&v.getattr("fd")?)?)));
     }
     Ok((u64_or_zero(v)?, None))
 }
 
-#[pymethods]
-impl PyFrontendChannel {
+closing_pymethods!(PyFrontendChannel, close() {
     fn fileno(&self) -> RawFd {
         self.fd
     }
@@ -230,20 +224,7 @@ impl PyFrontendChannel {
             g.take();
         }
     }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-}
+});
 
 /// Back-end side: sends requests to the front-end.
 #[pyclass(module = "vhost._core", name = "BackendChannel", frozen)]
@@ -298,23 +279,11 @@ impl PyBackendChannel {
         let (status, fd) = self.call(py, |c| c.shared_object_lookup_fd(uuid))?;
         Ok((status, fd.map(FileDescriptor::new)))
     }
-    fn iotlb_msg(
-        &self,
-        py: Python<'_>,
-        iova: U64,
-        size: U64,
-        uaddr: U64,
-        perm: u8,
-        kind: u8,
-    ) -> PyResult<()> {
-        let (iova, size, uaddr) = (iova.0, size.0, uaddr.0);
-        let m = IotlbPayload {
-            iova,
-            size,
-            uaddr,
-            perm,
-            kind,
-        };
+    /// IOTLB_MSG to the front-end (a miss or an access failure), from a
+    /// `vhost.types.IotlbMessage`: the name and argument `Frontend.send_iotlb_msg` and
+    /// `KernelBackend.send_iotlb_msg` take.
+    fn send_iotlb_msg(&self, py: Python<'_>, msg: &Bound<'_, PyAny>) -> PyResult<()> {
+        let m = crate::backend::iotlb_payload_of(msg)?;
         self.call(py, move |c| c.iotlb_msg(&m))
     }
     #[pyo3(signature = (index, size, offset, fd = None))]
@@ -332,7 +301,10 @@ impl PyBackendChannel {
             c.vring_host_notifier(index, size, offset, fd.map(borrow))
         })
     }
-    #[pyo3(signature = (shmid, fd_offset, shm_offset, length, writable, fd))]
+    /// SHMEM_MAP: maps `length` bytes of `fd` (kept by the caller) from `fd_offset` into
+    /// shared memory region `shmid` at `shm_offset`; the order `FrontendLink.shmem_map`
+    /// takes too.
+    #[pyo3(signature = (shmid, fd_offset, shm_offset, length, fd, *, writable = false))]
     #[allow(clippy::too_many_arguments)]
     fn shmem_map(
         &self,
@@ -341,8 +313,8 @@ impl PyBackendChannel {
         fd_offset: U64,
         shm_offset: U64,
         length: U64,
-        writable: bool,
         fd: &Bound<'_, PyAny>,
+        writable: bool,
     ) -> PyResult<()> {
         let (fd_offset, shm_offset, length) = (fd_offset.0, shm_offset.0, length.0);
         let fd = raw_fd_of(fd)?;

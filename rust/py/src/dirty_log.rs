@@ -3,37 +3,34 @@
 //! around the scans; the layout, the checks and the atomics live in the core.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use vhost_core::memory::dirty_log::{memory_end, DirtyLog, DirtyRange};
 
-use crate::errors::{closed, log_error};
-use crate::fd::dup_of;
+use crate::errors::log_error;
+use crate::fd::{dup_of, Closable};
 use crate::memory::PyGuestMemory;
 
 /// `[start, end)` guest-physical addresses of one run of dirty pages.
 type RangeTuple = (u64, u64);
 
+/// The dirty-page bitmap of live migration (`vhost.dirty_log.DirtyLog` wraps it).
 #[pyclass(module = "vhost._core", name = "DirtyLog", frozen)]
 pub struct PyDirtyLog {
-    log: RwLock<Option<Arc<DirtyLog>>>,
+    log: Closable<DirtyLog>,
 }
 
 impl PyDirtyLog {
     fn new(log: DirtyLog) -> Self {
         Self {
-            log: RwLock::new(Some(Arc::new(log))),
+            log: Closable::new("dirty log", log),
         }
     }
 
     /// The log, or `ClosedError`; the Arc keeps it mapped through a call that races a close.
     fn get(&self) -> PyResult<Arc<DirtyLog>> {
-        self.log
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("dirty log"))
+        self.log.get()
     }
 }
 
@@ -120,12 +117,12 @@ impl PyDirtyLog {
 
     /// Unmaps the log and closes its fd (once no call is still using it).
     fn close(&self) {
-        self.log.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.log.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.log.read().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.log.closed()
     }
 
     fn __repr__(&self) -> String {

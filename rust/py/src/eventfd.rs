@@ -1,44 +1,42 @@
 //! `EventFd`: kick, call and error notifications between the two sides.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 
 use crate::convert::U64;
 use vhost_core::sys::eventfd::EventFd as CoreEventFd;
 
-use crate::errors::{closed, IntoPyResult};
+use crate::errors::IntoPyResult;
+use crate::fd::{closing_pymethods, Closable};
 use crate::wait;
 
+/// A Linux eventfd: the kick and call signals of a virtqueue, passed to peers by
+/// SCM_RIGHTS.
 #[pyclass(module = "vhost._core", name = "EventFd", frozen)]
 pub struct PyEventFd {
-    inner: RwLock<Option<Arc<CoreEventFd>>>,
+    inner: Closable<CoreEventFd>,
 }
 
 impl PyEventFd {
     pub fn adopt(fd: OwnedFd) -> Self {
         PyEventFd {
-            inner: RwLock::new(Some(Arc::new(CoreEventFd::from_fd(fd)))),
+            inner: Closable::new("EventFd", CoreEventFd::from_fd(fd)),
         }
     }
 
     fn get(&self) -> PyResult<Arc<CoreEventFd>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("EventFd"))
+        self.inner.get()
     }
 }
 
-#[pymethods]
-impl PyEventFd {
+closing_pymethods!(PyEventFd, close() {
     #[new]
     #[pyo3(signature = (nonblock = false))]
     fn new(nonblock: bool) -> PyResult<Self> {
         Ok(PyEventFd {
-            inner: RwLock::new(Some(Arc::new(CoreEventFd::new(nonblock).py_err()?))),
+            inner: Closable::new("EventFd", CoreEventFd::new(nonblock).py_err()?),
         })
     }
 
@@ -77,28 +75,12 @@ impl PyEventFd {
     }
 
     fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-    }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
+        self.inner.closed()
     }
 
     fn __repr__(&self) -> String {
@@ -107,4 +89,4 @@ impl PyEventFd {
             Err(_) => "<EventFd closed>".into(),
         }
     }
-}
+});

@@ -23,8 +23,7 @@ impl FileDescriptor {
     }
 }
 
-#[pymethods]
-impl FileDescriptor {
+closing_pymethods!(FileDescriptor, close() {
     fn fileno(&self) -> PyResult<RawFd> {
         match &*self.fd.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(fd) => Ok(fd.as_raw_fd()),
@@ -50,26 +49,13 @@ impl FileDescriptor {
         self.fd.lock().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(
-        &self,
-        _t: Option<Bound<'_, PyAny>>,
-        _v: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
-    ) {
-        self.close();
-    }
-
     fn __repr__(&self) -> String {
         match &*self.fd.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(fd) => format!("<FileDescriptor {}>", fd.as_raw_fd()),
             None => "<FileDescriptor closed>".into(),
         }
     }
-}
+});
 
 /// The fd number of an int or of any object with `fileno()`.
 pub fn raw_fd_of(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
@@ -116,3 +102,81 @@ pub fn dup_of(obj: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {
     // SAFETY: `new` is a freshly duplicated fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// A native resource (an fd, a mapping) that Python may close while another thread is
+/// using it: `get` hands out an `Arc` that keeps it open through a call racing a
+/// `close`, and after `close` every `get` is `ClosedError` naming `what`. One place for
+/// what `EventFd`, `FaultResolver`, `DirtyLog`, `KernelDevice` and `VdpaDevice` share.
+pub struct Closable<T> {
+    inner: std::sync::RwLock<Option<std::sync::Arc<T>>>,
+    what: &'static str,
+}
+
+impl<T> Closable<T> {
+    pub fn new(what: &'static str, value: T) -> Self {
+        Self::from_arc(what, std::sync::Arc::new(value))
+    }
+
+    pub fn from_arc(what: &'static str, value: std::sync::Arc<T>) -> Self {
+        Closable {
+            inner: std::sync::RwLock::new(Some(value)),
+            what,
+        }
+    }
+
+    /// The resource, or `ClosedError`.
+    pub fn get(&self) -> PyResult<std::sync::Arc<T>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| closed(self.what))
+    }
+
+    /// Drops this handle's reference: the resource is released once no call uses it.
+    pub fn close(&self) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn closed(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+}
+
+/// `#[pymethods]` for a class whose objects are context managers: the methods given,
+/// plus `__enter__` (the object itself) and `__exit__` (its `close`, which takes the GIL
+/// token when written `close(py)`), so `with obj:` never leaks what the object holds and
+/// the two methods are written once.
+macro_rules! closing_pymethods {
+    ($class:ty, close() { $($own:tt)* }) => {
+        $crate::fd::closing_pymethods!(@impl $class, |this, _py| this.close(), { $($own)* });
+    };
+    ($class:ty, close(py) { $($own:tt)* }) => {
+        $crate::fd::closing_pymethods!(@impl $class, |this, py| this.close(py), { $($own)* });
+    };
+    (@impl $class:ty, |$this:ident, $py:ident| $close:expr, { $($own:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            $($own)*
+
+            fn __enter__(slf: Py<Self>) -> Py<Self> {
+                slf
+            }
+
+            fn __exit__(
+                &self,
+                $py: Python<'_>,
+                _t: Option<Bound<'_, PyAny>>,
+                _v: Option<Bound<'_, PyAny>>,
+                _tb: Option<Bound<'_, PyAny>>,
+            ) {
+                let $this = self;
+                $close
+            }
+        }
+    };
+}
+pub(crate) use closing_pymethods;

@@ -25,6 +25,8 @@ use vhost_core::sys::connect_unix;
 /// `send_raw`'s reply for Python: (code, flags, body, fds).
 type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
 
+/// The native vhost-user front-end; `vhost.user.Frontend` adds types and context
+/// management.
 #[pyclass(module = "vhost._core", name = "Frontend", frozen)]
 pub struct PyFrontend {
     inner: Arc<Frontend>,

@@ -84,3 +84,37 @@ pub fn shmem_pairs(v: &Bound<'_, PyAny>) -> PyResult<Vec<(u8, u64)>> {
         .map(|item| item?.extract::<(u8, u64)>())
         .collect()
 }
+
+/// A class of the Python facade the glue builds handler arguments of (`vhost.types`,
+/// `vhost.user`), so a handler receives the same named types the rest of the API uses.
+/// Imported on first use, then kept.
+pub struct FacadeType {
+    cell: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>>,
+    module: &'static str,
+    name: &'static str,
+}
+
+impl FacadeType {
+    pub const fn new(module: &'static str, name: &'static str) -> Self {
+        FacadeType {
+            cell: pyo3::sync::PyOnceLock::new(),
+            module,
+            name,
+        }
+    }
+
+    /// `module.name(*args)`.
+    pub fn build<'py>(
+        &self,
+        py: Python<'py>,
+        args: impl IntoPyObject<
+            'py,
+            Target = pyo3::types::PyTuple,
+            Output = Bound<'py, pyo3::types::PyTuple>,
+        >,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.cell
+            .import(py, self.module, self.name)?
+            .call1(args.into_pyobject(py).map_err(Into::into)?)
+    }
+}

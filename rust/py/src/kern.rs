@@ -5,15 +5,15 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use vhost_core::backend::VhostBackend;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
-use crate::errors::{closed, IntoPyResult};
-use crate::fd::{borrow, dup_of, opt_fd};
+use crate::errors::IntoPyResult;
+use crate::fd::{borrow, dup_of, opt_fd, Closable};
 
 /// A decoded IOTLB message for Python: (iova, size, uaddr, perm, type, asid).
 pub type IotlbTuple = (u64, u64, u64, u8, u8, u32);
@@ -36,26 +36,24 @@ impl PyVhostBackend for PyKernelDevice {
     }
 }
 
+/// A kernel vhost device (`/dev/vhost-net`, `/dev/vhost-vsock`...), driven by ioctls;
+/// `vhost.kern.KernelBackend` wraps it.
 #[pyclass(module = "vhost._core", name = "KernelDevice", frozen)]
 pub struct PyKernelDevice {
-    inner: RwLock<Option<Arc<VhostDevice>>>,
+    inner: Closable<VhostDevice>,
 }
 
 impl PyKernelDevice {
     pub fn from_arc(dev: Arc<VhostDevice>) -> Self {
         PyKernelDevice {
-            inner: RwLock::new(Some(dev)),
+            inner: Closable::from_arc("vhost device", dev),
         }
     }
 
     /// The device for one call; the Arc keeps the fd open even if another thread closes
     /// this object meanwhile, so a call never reaches a recycled fd number.
     fn get(&self) -> PyResult<Arc<VhostDevice>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("vhost device"))
+        self.inner.get()
     }
 
     fn call<T: Send>(
@@ -89,15 +87,12 @@ vhost_backend_pymethods!(PyKernelDevice {
     }
 
     fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.inner.closed()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -25,6 +25,8 @@ mod vdpa;
 mod vring;
 mod wait;
 
+/// The native module under the `vhost` package: PyO3 glue over the Rust core, which
+/// converts types and releases the GIL. Use the typed facade (`vhost`, `vhost.user`...).
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fd::FileDescriptor>()?;

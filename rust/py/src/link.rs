@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use vhost_core::daemon::{FrontendLink, LinkError};
 use vhost_core::devices::blk::ResizeError;
 
+use crate::convert::U64;
 use crate::errors::{raise, user_error};
 use crate::fd::{borrow, raw_fd_of, FileDescriptor};
 use crate::wait;
@@ -84,7 +85,7 @@ impl PyFrontendLink {
     }
 
     /// CONFIG_CHANGE_MSG: the front-end re-reads the config space and tells the driver.
-    fn config_changed(&self, py: Python<'_>) -> PyResult<()> {
+    fn config_change(&self, py: Python<'_>) -> PyResult<()> {
         self.call(py, |l| l.config_changed())
     }
 
@@ -117,12 +118,13 @@ impl PyFrontendLink {
         &self,
         py: Python<'_>,
         shmid: u8,
-        fd_offset: u64,
-        shm_offset: u64,
-        length: u64,
+        fd_offset: U64,
+        shm_offset: U64,
+        length: U64,
         fd: &Bound<'_, PyAny>,
         writable: bool,
     ) -> PyResult<()> {
+        let (fd_offset, shm_offset, length) = (fd_offset.0, shm_offset.0, length.0);
         let fd = raw_fd_of(fd)?;
         self.call(py, move |l| {
             l.shmem_map(
@@ -137,7 +139,8 @@ impl PyFrontendLink {
     }
 
     /// SHMEM_UNMAP: unmaps a range `shmem_map` mapped.
-    fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: u64, length: u64) -> PyResult<()> {
+    fn shmem_unmap(&self, py: Python<'_>, shmid: u8, shm_offset: U64, length: U64) -> PyResult<()> {
+        let (shm_offset, length) = (shm_offset.0, length.0);
         self.call(py, move |l| l.shmem_unmap(shmid, shm_offset, length))
     }
 

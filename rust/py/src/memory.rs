@@ -18,6 +18,8 @@ use crate::errors::{invalid_param, IntoPyResult};
 /// (guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd) of one region.
 pub type RegionTuple = (u64, u64, u64, u64, i32);
 
+/// Guest RAM as this process maps it (memfd-backed, shareable with a back-end), with
+/// checked guest-address access.
 #[pyclass(module = "vhost._core", name = "GuestMemory", frozen)]
 pub struct PyGuestMemory {
     snapshot: RwLock<CoreMemory>,

@@ -3,14 +3,14 @@
 //! while waiting for a fault; translation and the ioctls live in the core.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use vhost_core::user::postcopy::{FaultResolver, PageFault, PostcopyRegion};
 
-use crate::errors::{closed, invalid_param, IntoPyResult};
-use crate::fd::dup_of;
+use crate::errors::{invalid_param, IntoPyResult};
+use crate::fd::{dup_of, Closable};
 use crate::wait;
 
 /// `(guest_phys_addr, memory_size, backend_addr)` of one region.
@@ -34,20 +34,17 @@ fn fault_tuple(f: PageFault) -> FaultTuple {
     (f.guest_phys_addr, f.backend_addr, f.write)
 }
 
+/// A back-end's userfaultfd, front-end side (`vhost.postcopy.FaultResolver` wraps it).
 #[pyclass(module = "vhost._core", name = "FaultResolver", frozen)]
 pub struct PyFaultResolver {
-    inner: RwLock<Option<Arc<FaultResolver>>>,
+    inner: Closable<FaultResolver>,
 }
 
 impl PyFaultResolver {
     /// The resolver, or `ClosedError`; the Arc keeps the fd open through a call that
     /// races a close.
     fn get(&self) -> PyResult<Arc<FaultResolver>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("fault resolver"))
+        self.inner.get()
     }
 }
 
@@ -60,7 +57,7 @@ impl PyFaultResolver {
         let fd = dup_of(uffd)?;
         let resolver = FaultResolver::new(fd, regions.into_iter().map(region_of).collect());
         Ok(Self {
-            inner: RwLock::new(Some(Arc::new(resolver))),
+            inner: Closable::new("fault resolver", resolver),
         })
     }
 
@@ -108,15 +105,12 @@ impl PyFaultResolver {
 
     /// Closes this handle on the userfaultfd (once no call is still using it).
     fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.inner.closed()
     }
 
     fn __repr__(&self) -> String {

@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -13,9 +13,8 @@ use vhost_core::backend::VhostBackend;
 use vhost_core::vdpa::VhostVdpa;
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
-use crate::errors::closed;
 use crate::errors::IntoPyResult;
-use crate::fd::{borrow, opt_fd};
+use crate::fd::{borrow, opt_fd, Closable};
 use crate::kern::PyKernelDevice;
 
 impl PyVhostBackend for PyVdpaDevice {
@@ -28,18 +27,16 @@ impl PyVhostBackend for PyVdpaDevice {
     }
 }
 
+/// A vDPA device (`/dev/vhost-vdpa-N`): the vhost interface plus config space, status
+/// and DMA mapping; `vhost.vdpa.VhostVdpa` wraps it.
 #[pyclass(module = "vhost._core", name = "VdpaDevice", frozen)]
 pub struct PyVdpaDevice {
-    inner: RwLock<Option<Arc<VhostVdpa>>>,
+    inner: Closable<VhostVdpa>,
 }
 
 impl PyVdpaDevice {
     fn get(&self) -> PyResult<Arc<VhostVdpa>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| closed("vhost-vdpa device"))
+        self.inner.get()
     }
 
     fn call<T: Send>(
@@ -53,11 +50,12 @@ impl PyVdpaDevice {
 }
 
 vhost_backend_pymethods!(PyVdpaDevice {
+    /// Opens a vhost-vdpa character device; a missing path raises an error naming it.
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let dev = py.detach(|| VhostVdpa::open(&path)).py_err()?;
         Ok(PyVdpaDevice {
-            inner: RwLock::new(Some(Arc::new(dev))),
+            inner: Closable::new("vhost-vdpa device", dev),
         })
     }
 
@@ -71,15 +69,12 @@ vhost_backend_pymethods!(PyVdpaDevice {
     }
 
     fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.close();
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.inner.closed()
     }
 
     fn get_device_id(&self, py: Python<'_>) -> PyResult<u32> {
