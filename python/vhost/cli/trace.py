@@ -53,6 +53,7 @@ class _Stop(Exception):
 
 
 def add_parser(sub: Any) -> None:
+    """Registers ``trace`` with its options, help and examples."""
     p = sub.add_parser(
         "trace",
         help="record every vhost-user message between a front-end and a back-end",
@@ -113,6 +114,8 @@ def _on_term(_signum: int, _frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the proxy, printing every record, until SIGTERM, Ctrl-C or (``--once``) the
+    end of the first connection; a socket that fails is one error line."""
     listen, connect, backend_connects = _paths(args)
     tracer = Tracer(listen, connect, backend_connects=backend_connects)
     previous = signal.signal(signal.SIGTERM, _on_term)
