@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -95,6 +96,22 @@ def trace_proxy(listen: Path, connect: Path, tmp: Path, *args: str) -> Iterator[
         yield proxy
     finally:
         proxy.stop()
+
+
+def stderr_until(served: Any, text: str, timeout: float = 15.0) -> str:
+    """What ``served`` (a ``serve`` subprocess) wrote on stderr until ``text`` appeared
+    (or ``timeout`` passed): it reports a refused session after closing it."""
+    got = b""
+    fd = served.proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    while text.encode() not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            got += chunk
+    return got.decode()
 
 
 def messages(records: list[dict[str, Any]], channel: str = "main") -> list[dict[str, Any]]:
@@ -273,7 +290,7 @@ def test_malformed_message_is_shown_as_hex_and_forwarded(
             if isinstance(record, Event) and record.kind == "disconnect":
                 break
         assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds_before, 10)
-        _, err = served.stop()
+        err = stderr_until(served, "SET_FEATURES")
     msgs = [r for r in records if isinstance(r, Message)]
     reply = next(m for m in msgs if m.name == "GET_FEATURES" and m.reply)
     assert reply.field("features") == features and reply.elapsed is not None
@@ -418,3 +435,35 @@ def test_mirror_layout_for_a_back_end_in_client_mode(tmp_path: Path, tmp_sock_di
     reply = next(m for m in msgs if m.name == "GET_FEATURES" and m.reply)
     assert request.sender == "frontend" and reply.sender == "backend", msgs
     assert reply.field("features") == features, (reply, err)
+
+
+def test_oversized_body_is_recorded_and_copied_through(
+    tmp_path: Path, tmp_sock_dir: Path
+) -> None:
+    """A size over the core's bound (4096) is recorded as malformed and the bytes still
+    reach the back-end, which refuses them itself (serve blk names the size)."""
+    image = make_image(tmp_path / "disk.img", OLD_BYTES)
+    back, front = tmp_sock_dir / "blk.sock", tmp_sock_dir / "trace.sock"
+    size = _core.MAX_BODY_SIZE + 904
+    header = b"".join(v.to_bytes(4, sys.byteorder) for v in (1, 1, size))
+    with (
+        serve(["blk", "--image", str(image), "--verbose"], back) as served,
+        Tracer(front, back) as tracer,
+    ):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(front))
+            s.sendall(header)
+            # serve blk refuses the header and closes: the proxy forwarded it.
+            records = []
+            for record in tracer.records(timeout=15):
+                records.append(record)
+                if isinstance(record, Event) and record.kind == "disconnect":
+                    break
+        err = stderr_until(served, str(size))
+    end = records[-1]
+    assert isinstance(end, Event) and end.side == "backend", records
+    bad = next(r for r in records if isinstance(r, Message))
+    assert isinstance(bad, Message) and bad.size == size, records
+    assert bad.malformed is not None and str(_core.MAX_BODY_SIZE) in bad.malformed, bad
+    assert bad.hex == header.hex(), bad
+    assert str(size) in err, err
