@@ -496,6 +496,8 @@ class Tracer:
                 pass
         except OSError as exc:
             detail = os.strerror(exc.errno) if exc.errno else str(exc)
+        except Exception as exc:  # a relay must end its connection, not hang it
+            detail = f"relay failed: {type(exc).__name__}: {exc}"
         # The main socket closing ends the whole connection (the back-end channel too:
         # a vhost-user session does not survive it); the back-end channel closing ends
         # only its own relays.
