@@ -7,6 +7,7 @@ failed" on QEMU's side) is run with a real QEMU.
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -247,5 +248,16 @@ def test_client_mode_session_failure_is_said_once(tmp_sock_dir: Path) -> None:
 
 def test_daemon_arguments_are_checked(tmp_sock_dir: Path) -> None:
     """A negative poll is the caller's InvalidParamError, not an OverflowError."""
-    with pytest.raises(InvalidParamError, match="poll_us must be 0 or more"):
+    with pytest.raises(InvalidParamError, match=r"^Daemon: poll_us: -5 is out of range"):
         Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "b.sock", poll_us=-5)
+    # The bounds: a number of seconds (the glue's one conversion), more than 0 (the core's
+    # DaemonSettings::check); each refusal names the setting.
+    for kwargs, words in (
+        ({"stall_timeout": 0}, "stall_timeout must be a positive number of seconds"),
+        ({"stall_timeout": -1.0}, "stall_timeout must be a finite number of seconds"),
+        ({"stall_timeout": math.inf}, "stall_timeout must be a finite number of seconds"),
+        ({"postcopy_fault_timeout": 0}, "postcopy_fault_timeout must be more than 0"),
+        ({"postcopy_fault_timeout": -1.0}, "postcopy_fault_timeout must be a number"),
+    ):
+        with pytest.raises(InvalidParamError, match=words):
+            Daemon(BlkDevice.ram(MiB), tmp_sock_dir / "b.sock", **kwargs)

@@ -13,6 +13,7 @@ import pytest
 from vhost import EventFd, GuestMemory, _core
 from vhost.daemon import BlkDevice, Daemon, Device
 from vhost.errors import InvalidParamError
+from vhost.types import VringConfig
 from vhost.user import Frontend
 
 BAD = [-1, 1 << 32, 1 << 64]
@@ -100,3 +101,53 @@ def test_daemon_devices(tmp_sock_dir: Path, value: int) -> None:
 
     with pytest.raises(InvalidParamError, match=rf"Odd\.num_queues: {value} is out of range"):
         Daemon(Odd(), tmp_sock_dir / "odd.sock")
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 32])
+def test_the_facade_refusal_names_method_and_argument(fe: Frontend, value: int) -> None:
+    """The facade checks no integer itself (issue 11): the native call's
+    InvalidParamError names the method, the argument and the value."""
+    config = VringConfig(
+        queue_max_size=8,
+        queue_size=8,
+        flags=0,
+        desc_table_addr=0,
+        used_ring_addr=0x1000,
+        avail_ring_addr=0x800,
+    )
+    calls: dict[str, Callable[[int], object]] = {
+        "set_vring_num: index": lambda v: fe.set_vring_num(v, 8),
+        "set_vring_num: num": lambda v: fe.set_vring_num(0, v),
+        "set_vring_base: base": lambda v: fe.set_vring_base(0, v),
+        "get_vring_base: index": fe.get_vring_base,
+        "set_vring_addr: index": lambda v: fe.set_vring_addr(v, config),
+        "set_vring_kick: index": lambda v: fe.set_vring_kick(v, None),
+        "set_vring_call: index": lambda v: fe.set_vring_call(v, None),
+        "set_vring_err: index": lambda v: fe.set_vring_err(v, None),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InvalidParamError) as info:
+            call(value)
+        assert str(info.value).startswith(f"{what}: {value} is out of range 0..=4294967295")
+    u64_calls: dict[str, Callable[[int], object]] = {
+        "set_features: features": fe.set_features,
+        "set_log_base: base": fe.set_log_base,
+    }
+    for what, u64_call in u64_calls.items():
+        with pytest.raises(InvalidParamError, match=f"^{what}: -1 is out of range"):
+            u64_call(-1)
+    assert fe.get_features()  # nothing was sent
+
+
+def test_device_queue_arguments_name_the_call() -> None:
+    """The device queue's integers go through the same conversion (its own copy with other
+    messages is gone), naming the call and the argument."""
+    memory = GuestMemory.allocate([(0, 1 << 16)])
+    dq = _core.DeviceQueue(memory, 8, 0, 0x1000, 0x2000)
+    with pytest.raises(InvalidParamError, match=r"^add_used: head: 65536 is out of range"):
+        dq.add_used(1 << 16, 0)
+    with pytest.raises(InvalidParamError, match=r"^add_used_batch: length: -1 is out of range"):
+        dq.add_used_batch([(0, 0), (1, -1)])
+    with pytest.raises(InvalidParamError, match=r"^DeviceQueue.base: -1 is out of range"):
+        dq.base = -1
+    assert dq.base == 0  # nothing was changed

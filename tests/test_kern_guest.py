@@ -42,6 +42,17 @@ def test_kernel_errors_carry_the_kernel_errno() -> None:
     assert info["not_owner"] == "EPERM"
 
 
+def test_bad_integers_are_invalid_params_naming_method_and_argument() -> None:
+    """-1 and 2**bits on every integer argument of vhost-net (vhost-vsock's cid: below) raise
+    InvalidParamError("method: argument: value is out of range ...") from the native
+    call (the facade's own checks are gone; the kernel is never asked)."""
+    info = kern_guest().check("adv_int_args")
+    refusals = {k: v for k, v in info.items() if ":" in k}
+    assert len(refusals) == 11
+    assert set(refusals.values()) == {"ok"}, refusals
+    assert int(info["features_after"], 16)
+
+
 def test_no_fd_leaks_in_the_guest() -> None:
     info = kern_guest().check("adv_no_fd_leak")
     assert info["before"] == info["after"]
@@ -60,6 +71,7 @@ def test_vhost_vsock_reserved_and_duplicate_cids_are_refused() -> None:
     for cid in ("0x0", "0x1", "0x2", "0x100000000", "0xffffffffffffffff"):
         assert info[f"cid_{cid}"] == "EINVAL"  # I7
     assert info["duplicate"] == "EADDRINUSE"  # I8
+    assert info["int_args"] == {"vsock_set_guest_cid:cid": "ok"}
 
 
 def test_every_guest_check_passed() -> None:

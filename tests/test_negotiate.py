@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import peers
-from vhost import EventFd, GuestMemory
+from vhost import EventFd, GuestMemory, _core
 from vhost.codes import ProtocolFeature as PF
 from vhost.daemon import BlkDevice, Daemon
 from vhost.errors import (
@@ -188,3 +188,61 @@ def test_wait_used_looks_past_a_call_that_came_for_nothing(ours: Path) -> None:
             assert ram.read(0x12000, 1) == b"\0"
             with pytest.raises(VhostTimeoutError, match="none of the 0 buffers in flight"):
                 wait_used(vq, call, timeout=0.2)
+
+
+# -- one rule, in the core (issue 11) -------------------------------------------------------
+
+
+def test_the_facade_is_the_core_negotiate(ours: Path) -> None:
+    """The facade's constants and results are the native ``Frontend.negotiate``'s: the
+    rule lives in the core, and ``vhost.user`` and ``probe`` only call it."""
+    assert int(Frontend.IMPLEMENTED_PROTOCOL_FEATURES) == (
+        _core.Frontend.IMPLEMENTED_PROTOCOL_FEATURES
+    )
+    assert int(Frontend.DEFAULT_PROTOCOL_FEATURES) == _core.Frontend.DEFAULT_PROTOCOL_FEATURES
+    for kwargs in ({}, {"packed": True, "event_idx": False}):
+        with Frontend.connect(ours, timeout=5.0) as fe:
+            typed = fe.negotiate(**kwargs)
+        with Frontend.connect(ours, timeout=5.0) as raw:
+            native = raw.native.negotiate(**kwargs)
+        assert (typed[0], int(typed[1])) == native
+        assert isinstance(typed[1], PF)
+
+
+def test_a_feature_the_backend_does_not_offer_is_named_with_its_request(
+    tmp_sock_dir: Path,
+) -> None:
+    image = peers.make_image(tmp_sock_dir / "disk.img", 1 << 20)
+    sock = tmp_sock_dir / "qsd.sock"
+    with peers.qemu_storage_daemon_blk(image, sock), Frontend.connect(sock, timeout=5.0) as fe:
+        for kwargs, feature in (
+            ({"packed": True}, "VIRTIO_F_RING_PACKED"),
+            ({"log_all": True}, "VHOST_F_LOG_ALL"),
+        ):
+            offered = fe.get_features()
+            if feature == "VHOST_F_LOG_ALL" and offered & VirtioFeature.LOG_ALL:
+                continue  # this qemu-storage-daemon logs: nothing to refuse
+            # Straight from the glue too: the core names the feature, not the facade.
+            for call in (fe.negotiate, fe.native.negotiate):
+                with pytest.raises(NotSupportedError) as raised:
+                    call(**kwargs)
+                assert raised.value.request == "SET_FEATURES"
+                assert f"does not offer {feature} (offered {offered:#x})" in str(raised.value)
+                del raised
+        assert not fe.broken
+        assert fe.acked_features == 0  # refused before SET_OWNER and SET_FEATURES
+
+
+def test_native_negotiate_refuses_bad_masks_as_invalid_params(ours: Path) -> None:
+    with Frontend.connect(ours, timeout=5.0) as fe:
+        with pytest.raises(InvalidParamError, match="protocol features GPA_ADDRESSES are not"):
+            fe.native.negotiate(None, int(PF.GPA_ADDRESSES))
+        with pytest.raises(InvalidParamError, match="excludes VIRTIO_F_RING_PACKED"):
+            fe.native.negotiate(0, None, packed=True)
+        with pytest.raises(InvalidParamError, match=r"^negotiate: features: -1 is out of range"):
+            fe.native.negotiate(-1)
+        with pytest.raises(
+            InvalidParamError, match=r"^negotiate: protocol_features: -4097 is out of range"
+        ):
+            fe.negotiate(protocol_features=~int(PF.INFLIGHT_SHMFD))
+        assert fe.get_features()  # nothing was sent before the refusals

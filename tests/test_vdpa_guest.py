@@ -51,6 +51,9 @@ def test_vdpa_bad_input_gives_typed_errors_without_leaks() -> None:
     assert info["group_asid_bad_group"] == "ENOBUFS"
     assert info["group_asid_bad_asid"] == "EINVAL"
     assert info["vring_num_beyond_count"] == "ENOBUFS"
+    # -1 and 2**bits: InvalidParamError naming method, argument and value (issue 11).
+    assert len(info["int_args"]) == 11
+    assert set(info["int_args"].values()) == {"ok"}, info["int_args"]
     assert info["vring_enable_beyond_count"] == "ENOBUFS"
     assert info["unmap_unmapped"] == "InvalidMemoryError@0x40000000"
     assert info["map_outside_range"] == "EFAULT"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vhost import EventFd, GuestMemory
+from vhost import EventFd, GuestMemory, _core
 from vhost.errors import (
     InvalidMemoryError,
     InvalidParamError,
@@ -86,6 +86,29 @@ def test_gpa_to_user(mem: GuestMemory) -> None:
     assert mem.user_to_gpa(gpa_to_user(mem, 0x1234)) == 0x1234
     with pytest.raises(InvalidMemoryError):
         gpa_to_user(mem, gpa + size)
+
+
+def test_ring_placement_is_the_cores_and_refuses_what_does_not_fit(mem: GuestMemory) -> None:
+    """The facade's helpers are the core's layout (``RingLayout::place``, ``area_sizes``)
+    and translation (``GuestMemory::gpa_to_user``), so a front-end and a back-end read the
+    same ring in the same place; a ring past the end of the 64-bit space is refused (it
+    used to come back with addresses no u64 holds)."""
+    for packed in (False, True):
+        rings = place_rings(0x1001, 8, packed)
+        assert rings == _core.place_rings(0x1001, 8, packed)
+        vq = Virtqueue(mem, 8, *rings, packed=packed)  # the core accepts what it placed
+        assert (vq.desc, vq.avail, vq.used) == rings
+    with pytest.raises(InvalidMemoryError, match="overflows"):
+        place_rings((1 << 64) - 16, 64)
+    with pytest.raises(InvalidParamError, match="out of range"):
+        place_rings(-1, 64)
+    with pytest.raises(InvalidParamError, match=r"invalid queue size 3: .* power of two"):
+        ring_sizes(3)
+    (region,) = mem.regions()
+    assert mem.gpa_to_user(0x10) == region.userspace_addr + 0x10
+    with pytest.raises(InvalidMemoryError, match="guest physical address 0x") as raised:
+        gpa_to_user(mem, region.guest_end)
+    assert raised.value.address == region.guest_end
 
 
 # --------------------------------------------------------------------------------------

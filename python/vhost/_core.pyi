@@ -3,7 +3,7 @@
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, final
+from typing import Any, ClassVar, Final, Protocol, Self, final
 
 from typing_extensions import Buffer
 
@@ -38,12 +38,20 @@ __all__ = [
     "Virtqueue",
     "__version__",
     "describe",
+    "place_rings",
     "protocol_feature_table",
     "request_table",
+    "ring_sizes",
 ]
 
 __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
+
+def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Bytes of the three areas of a ring of ``size`` entries (the core's layout)."""
+
+def place_rings(base_gpa: int, size: int, packed: bool = False) -> tuple[int, int, int]:
+    """Guest addresses ``(desc, avail, used)`` of a ring placed from ``base_gpa``."""
 
 def request_table() -> list[tuple[str, int, str, str | None, str, str, str, bool, str]]:
     """The core's table of vhost-user requests, one row each, front-end ones first:
@@ -240,6 +248,9 @@ class GuestMemory:
     def contains(self, gpa: int, length: int) -> bool:
         """Whether ``[gpa, gpa + length)`` lies inside one region (no exception, for checks
         before access)."""
+    def gpa_to_user(self, gpa: int) -> int:
+        """The front-end virtual address that maps guest address ``gpa``;
+        ``InvalidMemoryError`` (with the address) when no region maps it."""
 
 @final
 class GuestView:
@@ -363,6 +374,20 @@ class Frontend(_VhostBackend):
     @property
     def offered_protocol_features(self) -> int | None:
         """The back-end's last GET_PROTOCOL_FEATURES reply; None until asked."""
+    IMPLEMENTED_PROTOCOL_FEATURES: ClassVar[int]
+    """The protocol features this front-end implements (``negotiate`` acks no other)."""
+    DEFAULT_PROTOCOL_FEATURES: ClassVar[int]
+    """The protocol features ``negotiate`` acks when not told which."""
+    def negotiate(
+        self,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        packed: bool = False,
+        event_idx: bool = True,
+        log_all: bool = False,
+    ) -> tuple[int, int]:
+        """GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES as the core decides;
+        returns ``(features, protocol features)`` acked."""
     def add_mem_region(self, region: _Region) -> None:
         """``ADD_MEM_REG`` (needs ``CONFIGURE_MEM_SLOTS``): hot-plugs one region
         ``(guest_phys_addr, memory_size, userspace_addr, mmap_offset, fd)``."""

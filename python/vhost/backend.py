@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EventFdLike", "VhostBackend", "as_fd"]
 
-_U32 = (1 << 32) - 1
-_U64 = (1 << 64) - 1
-
 _BackendT = TypeVar("_BackendT", bound="VhostBackend")
 
 
@@ -101,30 +98,6 @@ def _fileno(obj: object) -> int:
     if isinstance(number, bool) or not isinstance(number, int):
         raise TypeError(f"{type(obj).__name__}.fileno() did not return an int")
     return number
-
-
-def _uint(name: str, value: int, limit: int) -> int:
-    """``value`` checked to be an int in 0..``limit``: a bad argument is the caller's
-    :class:`~vhost.errors.InvalidParamError` (``TypeError`` for a non-int), never the
-    native glue's ``OverflowError``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise InvalidParamError(f"{name} = {value} does not fit in {limit.bit_length()} bits")
-    return value
-
-
-def _u32(name: str, value: int) -> int:
-    # The common case first, without a call: a plain int in range (on every request).
-    if type(value) is int and 0 <= value <= _U32:
-        return value
-    return _uint(name, value, _U32)
-
-
-def _u64(name: str, value: int) -> int:
-    if type(value) is int and 0 <= value <= _U64:
-        return value
-    return _uint(name, value, _U64)
 
 
 class VhostBackend(abc.ABC):
@@ -327,9 +300,10 @@ class VhostBackend(abc.ABC):
 
 class _NativeBackend(VhostBackend):
     """:class:`VhostBackend` over a native object that implements it (the core's
-    ``VhostBackend`` trait): each method checks its integers and makes the one native
-    call. The families only override what they add (vhost-user's dirty-log bookkeeping,
-    the kernel's memory-table check)."""
+    ``VhostBackend`` trait): each method makes the one native call. The families only
+    override what they add (vhost-user's dirty-log bookkeeping, the kernel's memory-table
+    check). Integers are checked once, by the native call: a negative or too large one is
+    :class:`~vhost.errors.InvalidParamError` naming the method and the argument."""
 
     @property
     @abc.abstractmethod
@@ -340,7 +314,7 @@ class _NativeBackend(VhostBackend):
         return self._vhost.get_features()
 
     def set_features(self, features: int) -> None:
-        self._vhost.set_features(_u64("features", int(features)))
+        self._vhost.set_features(features)
 
     def set_owner(self) -> None:
         self._vhost.set_owner()
@@ -353,13 +327,13 @@ class _NativeBackend(VhostBackend):
 
     def set_log_base(self, base: int, region: DirtyLogRegion | None = None) -> None:
         log = None if region is None else (region.mmap_size, region.mmap_offset, region.fd)
-        self._vhost.set_log_base(_u64("base", base), log)
+        self._vhost.set_log_base(base, log)
 
     def set_log_fd(self, fd: int | EventFdLike | None) -> None:
         self._vhost.set_log_fd(fd)
 
     def set_vring_num(self, index: int, num: int) -> None:
-        self._vhost.set_vring_num(_u32("index", index), _u32("num", num))
+        self._vhost.set_vring_num(index, num)
 
     def _vring_addr_flags(self, index: int, config: VringConfig) -> int:
         """The ``flags`` sent with ``config`` (vhost-user adds ``LOG`` while logging)."""
@@ -367,7 +341,7 @@ class _NativeBackend(VhostBackend):
 
     def set_vring_addr(self, index: int, config: VringConfig) -> None:
         self._vhost.set_vring_addr(
-            _u32("index", index),
+            index,
             config.desc_table_addr,
             config.used_ring_addr,
             config.avail_ring_addr,
@@ -376,19 +350,19 @@ class _NativeBackend(VhostBackend):
         )
 
     def set_vring_base(self, index: int, base: int) -> None:
-        self._vhost.set_vring_base(_u32("index", index), _u32("base", base))
+        self._vhost.set_vring_base(index, base)
 
     def get_vring_base(self, index: int) -> int:
-        return self._vhost.get_vring_base(_u32("index", index))
+        return self._vhost.get_vring_base(index)
 
     def set_vring_call(self, index: int, fd: int | EventFdLike | None) -> None:
-        self._vhost.set_vring_call(_u32("index", index), fd)
+        self._vhost.set_vring_call(index, fd)
 
     def set_vring_kick(self, index: int, fd: int | EventFdLike | None) -> None:
-        self._vhost.set_vring_kick(_u32("index", index), fd)
+        self._vhost.set_vring_kick(index, fd)
 
     def set_vring_err(self, index: int, fd: int | EventFdLike | None) -> None:
-        self._vhost.set_vring_err(_u32("index", index), fd)
+        self._vhost.set_vring_err(index, fd)
 
 
 def _region_tuple(r: MemoryRegion) -> tuple[int, int, int, int, int]:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import ClassVar, Self
 
 from . import _core
-from .backend import EventFdLike, _NativeBackend, _u32, _u64, as_fd
+from .backend import EventFdLike, _NativeBackend, as_fd
 from .errors import InvalidParamError
 from .types import IotlbAccess, IotlbMessage, IotlbType, MemoryRegion
 from .types import check_memory_table as _check_memory_table
@@ -157,25 +157,25 @@ class KernelBackend(_NativeBackend, IotlbBackend):
 
     def set_backend_features(self, features: int) -> None:
         """``VHOST_SET_BACKEND_FEATURES``: bits the kernel does not offer are ``EOPNOTSUPP``."""
-        self.native.set_backend_features(_u64("features", int(features)))
+        self.native.set_backend_features(features)
 
     def set_vring_endian(self, index: int, big_endian: bool) -> None:
         """``VHOST_SET_VRING_ENDIAN`` (legacy rings; kernels without cross-endian support
         answer ``ENOIOCTLCMD``/``ENOTTY``)."""
-        self.native.set_vring_endian(_u32("index", index), big_endian)
+        self.native.set_vring_endian(index, big_endian)
 
     def get_vring_endian(self, index: int) -> bool:
         """Whether ring ``index`` is big-endian (``VHOST_GET_VRING_ENDIAN``; legacy cross-endian
         rings, needs the kernel's ``CONFIG_VHOST_CROSS_ENDIAN_LEGACY``)."""
-        return self.native.get_vring_endian(_u32("index", index))
+        return self.native.get_vring_endian(index)
 
     def set_vring_busyloop_timeout(self, index: int, usecs: int) -> None:
         """How long the kernel worker polls queue ``index`` before sleeping (µs)."""
-        self.native.set_vring_busyloop_timeout(_u32("index", index), _u32("usecs", usecs))
+        self.native.set_vring_busyloop_timeout(index, usecs)
 
     def get_vring_busyloop_timeout(self, index: int) -> int:
         """How long (µs) the kernel worker polls ring ``index`` before sleeping."""
-        return self.native.get_vring_busyloop_timeout(_u32("index", index))
+        return self.native.get_vring_busyloop_timeout(index)
 
     # -- IotlbBackend ------------------------------------------------------------------
 
@@ -235,7 +235,7 @@ class VhostNet(KernelBackend):
         fd, or detach it with ``None`` (which stops the queue). A file that is neither is
         ``ENOTSOCK``; an index of 2 or more is ``ENOBUFS``. ``fd`` is borrowed: the kernel
         takes its own reference."""
-        self.native.net_set_backend(_u32("index", index), fd)
+        self.native.net_set_backend(index, fd)
 
 
 class VhostVsock(KernelBackend):
@@ -250,7 +250,7 @@ class VhostVsock(KernelBackend):
     def set_guest_cid(self, cid: int) -> None:
         """``VHOST_VSOCK_SET_GUEST_CID``. CIDs 0 to 2 and above ``2**32 - 1`` are
         ``EINVAL``; a CID another device already has is ``EADDRINUSE``."""
-        self.native.vsock_set_guest_cid(_u64("cid", cid))
+        self.native.vsock_set_guest_cid(cid)
 
     def start(self) -> None:
         """``VHOST_VSOCK_SET_RUNNING`` 1: the kernel starts moving packets."""

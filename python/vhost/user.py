@@ -76,27 +76,9 @@ EventFd = _core.EventFd
 FdLike = int | EventFdLike
 
 
-_VERSION_1 = int(VirtioFeature.VERSION_1)
-_INDIRECT_DESC = int(VirtioFeature.RING_INDIRECT_DESC)
-_EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
-_PROTOCOL_FEATURES = int(VirtioFeature.PROTOCOL_FEATURES)
-_RING_PACKED = int(VirtioFeature.RING_PACKED)
 _LOG_ALL = int(VirtioFeature.LOG_ALL)
-# Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and 50-127).
-_DEVICE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
-
-
-def _proto_names(bits: int) -> str:
-    """``"GPA_ADDRESSES|bit 40"``: names of protocol feature bits, known or not."""
-    names = []
-    for bit in range(64):
-        if bits >> bit & 1:
-            member = ProtocolFeature(1 << bit) if 1 << bit in _KNOWN_PROTO else None
-            names.append(member.name if member is not None and member.name else f"bit {bit}")
-    return "|".join(names)
-
-
-_KNOWN_PROTO = {int(m) for m in ProtocolFeature}
+#: A ``features`` mask as the wire takes it: Python's ``~bit`` is negative.
+_U64_MASK = (1 << 64) - 1
 
 
 def regions_of(memory: GuestMemory) -> list[MemoryRegion]:
@@ -343,35 +325,14 @@ class Frontend(_NativeBackend):
     #: memory-region layout), ``GPA_ADDRESSES`` (:func:`~vhost.virtio.setup_queue` and the
     #: memory table send front-end virtual addresses), ``GET_VRING_BASE_INFLIGHT`` and
     #: ``GET_VRING_BASE_SKIP_DRAIN`` (they change what ``GET_VRING_BASE`` means), and every
-    #: bit from 24 up (unassigned when this was written).
-    IMPLEMENTED_PROTOCOL_FEATURES = (
-        ProtocolFeature.MQ
-        | ProtocolFeature.LOG_SHMFD
-        | ProtocolFeature.RARP
-        | ProtocolFeature.REPLY_ACK
-        | ProtocolFeature.MTU
-        | ProtocolFeature.BACKEND_REQ
-        | ProtocolFeature.CROSS_ENDIAN
-        | ProtocolFeature.CRYPTO_SESSION
-        | ProtocolFeature.PAGEFAULT
-        | ProtocolFeature.CONFIG
-        | ProtocolFeature.BACKEND_SEND_FD
-        | ProtocolFeature.HOST_NOTIFIER
-        | ProtocolFeature.INFLIGHT_SHMFD
-        | ProtocolFeature.RESET_DEVICE
-        | ProtocolFeature.INBAND_NOTIFICATIONS
-        | ProtocolFeature.CONFIGURE_MEM_SLOTS
-        | ProtocolFeature.STATUS
-        | ProtocolFeature.SHARED_OBJECT
-        | ProtocolFeature.DEVICE_STATE
-        | ProtocolFeature.SHMEM
-    )
+    #: bit from 24 up (unassigned when this was written). The core's constant.
+    IMPLEMENTED_PROTOCOL_FEATURES = ProtocolFeature(_core.Frontend.IMPLEMENTED_PROTOCOL_FEATURES)
 
     #: What :meth:`negotiate` acks by default: the implemented protocol features that ask
     #: nothing more of the caller. ``INFLIGHT_SHMFD`` is left out: once it is acked, a
     #: back-end expects an inflight area (``GET_INFLIGHT_FD``/``SET_INFLIGHT_FD``) before
     #: its rings start, so only a caller that sets one up should ask for it.
-    DEFAULT_PROTOCOL_FEATURES = IMPLEMENTED_PROTOCOL_FEATURES & ~ProtocolFeature.INFLIGHT_SHMFD
+    DEFAULT_PROTOCOL_FEATURES = ProtocolFeature(_core.Frontend.DEFAULT_PROTOCOL_FEATURES)
 
     def negotiate(
         self,
@@ -385,7 +346,8 @@ class Frontend(_NativeBackend):
         """The usual opening: GET_FEATURES, SET_OWNER, protocol features, SET_FEATURES.
 
         Acks only what this package implements and what the caller's rings allow, so the
-        back-end never runs a ring format or a protocol extension the caller cannot:
+        back-end never runs a ring format or a protocol extension the caller cannot (the
+        rule is the core's ``Frontend::negotiate``, the one every caller uses):
 
         - ``packed`` is the ring format the caller will hand over (:class:`~vhost.virtio.
           Virtqueue`'s ``packed``): ``VIRTIO_F_RING_PACKED`` is acked exactly when it is
@@ -393,8 +355,9 @@ class Frontend(_NativeBackend):
           it, :class:`~vhost.errors.InvalidParamError` if ``features`` excludes it).
         - ``event_idx``: ack ``VIRTIO_F_EVENT_IDX`` when offered (and ``features`` allows
           it); build the ring with ``event_idx=bool(acked & VirtioFeature.EVENT_IDX)``.
-        - ``features`` masks the other bits; ``None`` allows every device-specific bit the
-          back-end offers (bits 0-23 and 50-63: the caller's driver knows its device).
+        - ``features`` masks the other bits (any int: ``~VirtioFeature.X`` works, only the
+          low 64 bits count); ``None`` allows every device-specific bit the back-end
+          offers (bits 0-23 and 50-63: the caller's driver knows its device).
           Of the transport bits (24-49) only those the rings of :mod:`vhost.virtio`
           implement are ever acked: ``VERSION_1``, ``INDIRECT_DESC`` and the two above.
           ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) is acked whenever offered, as QEMU
@@ -411,53 +374,16 @@ class Frontend(_NativeBackend):
           are ever acked; asking for another bit raises
           :class:`~vhost.errors.InvalidParamError` before anything is sent.
 
-        Returns what was acked: ``(features, protocol features)``.
+        The :class:`~vhost.errors.NotSupportedError` names the missing feature and has
+        ``request == "SET_FEATURES"``; it comes after ``GET_FEATURES`` only, so the
+        connection stays usable. Returns what was acked: ``(features, protocol features)``.
         """
-        if protocol_features is None:
-            proto_mask = int(self.DEFAULT_PROTOCOL_FEATURES)
-        else:
-            proto_mask = int(protocol_features)
-            unknown = proto_mask & ~int(self.IMPLEMENTED_PROTOCOL_FEATURES)
-            if unknown:
-                raise InvalidParamError(
-                    f"negotiate: protocol features {_proto_names(unknown)} are not implemented "
-                    "by this front-end (set_protocol_features acks them anyway)"
-                )
-        if packed and features is not None and not features & _RING_PACKED:
-            raise InvalidParamError(
-                "negotiate: packed=True but the features mask excludes VIRTIO_F_RING_PACKED"
-            )
-        offered = self.get_features()
-        if log_all and not offered & _LOG_ALL:
-            raise NotSupportedError(
-                f"negotiate: the back-end does not offer VHOST_F_LOG_ALL (offered {offered:#x})",
-                "SET_FEATURES",
-            )
-        if packed and not offered & _RING_PACKED:
-            raise NotSupportedError(
-                f"negotiate: the back-end does not offer VIRTIO_F_RING_PACKED "
-                f"(offered {offered:#x}); use a split ring (packed=False)",
-                "SET_FEATURES",
-            )
-        self.set_owner()
-        acked_proto = ProtocolFeature(0)
-        if offered & _PROTOCOL_FEATURES:
-            acked_proto = ProtocolFeature(self.get_protocol_features() & proto_mask)
-            self.set_protocol_features(acked_proto)
-        ring_bits = _VERSION_1 | _INDIRECT_DESC
-        if event_idx:
-            ring_bits |= _EVENT_IDX
-        if packed:
-            ring_bits |= _RING_PACKED
-        if log_all:
-            ring_bits |= _LOG_ALL
-        allowed = ring_bits | _DEVICE_BITS
-        if features is not None:
-            # What the keywords asked for is acked whatever the mask says.
-            allowed &= int(features) | (ring_bits & (_RING_PACKED | _LOG_ALL))
-        acked = offered & (allowed | _PROTOCOL_FEATURES)
-        self.set_features(acked)
-        return acked, acked_proto
+        mask = None if features is None else int(features) & _U64_MASK
+        proto = None if protocol_features is None else int(protocol_features)
+        acked, acked_proto = self._native.negotiate(
+            mask, proto, packed=packed, event_idx=event_idx, log_all=log_all
+        )
+        return acked, ProtocolFeature(acked_proto)
 
     # -- dirty logging (live migration) ----------------------------------------------
 

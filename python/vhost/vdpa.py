@@ -30,7 +30,6 @@ import os
 from typing import NamedTuple, Self
 
 from . import _core
-from .backend import _u32, _u64
 from .errors import InvalidParamError
 from .kern import FdLike, KernelBackend
 from .virtio import DeviceStatus
@@ -96,7 +95,7 @@ class VhostVdpa(KernelBackend):
     def set_status(self, status: int) -> None:
         """Set the device status; bits can only be added, except by a reset to 0
         (the kernel answers ``EINVAL``)."""
-        self.vdpa.set_status(_uint8("status", int(status)))
+        self.vdpa.set_status(status)
 
     def reset_device(self) -> None:
         """Status 0: the device forgets features and queues (the name of vhost-user's
@@ -107,12 +106,12 @@ class VhostVdpa(KernelBackend):
         """``size`` bytes of the device config space from ``offset``. A range that
         overflows u32 is :class:`~vhost.errors.InvalidParamError`; one beyond the config
         space is the kernel's ``EINVAL``."""
-        return self.vdpa.get_config(_u32("offset", offset), _u32("size", size))
+        return self.vdpa.get_config(offset, size)
 
     def set_config(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Writes ``data`` into the device config space at byte ``offset`` (a u32); the kernel
         refuses a range past :meth:`get_config_size`."""
-        self.vdpa.set_config(_u32("offset", offset), bytes(data))
+        self.vdpa.set_config(offset, bytes(data))
 
     def get_config_size(self) -> int:
         """Bytes of the device config space: the limit of :meth:`get_config` and
@@ -135,11 +134,11 @@ class VhostVdpa(KernelBackend):
 
     def get_vring_size(self, index: int) -> int:
         """The size the device wants for queue ``index`` (kernels since 6.9)."""
-        return self.vdpa.get_vring_size(_u32("index", index))
+        return self.vdpa.get_vring_size(index)
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """Starts or stops ring ``index`` (after its address and kick are set)."""
-        self.vdpa.set_vring_enable(_u32("index", index), enable)
+        self.vdpa.set_vring_enable(index, enable)
 
     def setup_queue(
         self,
@@ -154,7 +153,7 @@ class VhostVdpa(KernelBackend):
         IOVAs after :meth:`map_memory`), base 0 (split) or the packed wrap bit, call and
         kick eventfds, then enable it."""
         self.set_vring_num(index, queue.size)
-        self.native.set_vring_addr(_u32("index", index), queue.desc, queue.used, queue.avail)
+        self.native.set_vring_addr(index, queue.desc, queue.used, queue.avail)
         self.set_vring_base(index, 1 << 15 if queue.packed else 0)
         self.set_vring_call(index, call)
         self.set_vring_kick(index, kick)
@@ -173,16 +172,16 @@ class VhostVdpa(KernelBackend):
 
     def get_vring_group(self, index: int) -> int:
         """The group ring ``index`` belongs to, to bind with :meth:`set_group_asid`."""
-        return self.vdpa.get_vring_group(_u32("index", index))
+        return self.vdpa.get_vring_group(index)
 
     def get_vring_desc_group(self, index: int) -> int:
         """Needs :attr:`~vhost.kern.BackendFeature.DESC_ASID` acked."""
-        return self.vdpa.get_vring_desc_group(_u32("index", index))
+        return self.vdpa.get_vring_desc_group(index)
 
     def set_group_asid(self, group: int, asid: int) -> None:
         """Binds virtqueue ``group`` to address space ``asid``, so its DMA goes through that
         space's mappings (a shadow virtqueue setup)."""
-        self.vdpa.set_group_asid(_u32("group", group), _u32("asid", asid))
+        self.vdpa.set_group_asid(group, asid)
 
     def suspend(self) -> None:
         """Needs :attr:`~vhost.kern.BackendFeature.SUSPEND` offered (else the kernel
@@ -208,19 +207,13 @@ class VhostVdpa(KernelBackend):
         (read-only for it when ``readonly``). The kernel pins the pages and refuses, with
         ``EFAULT``, a range outside :meth:`get_iova_range`, one overlapping a mapping, or
         addresses not mapped here."""
-        self.vdpa.dma_map(
-            _u64("iova", iova),
-            _u64("size", size),
-            _u64("vaddr", vaddr),
-            readonly,
-            _u32("asid", asid),
-        )
+        self.vdpa.dma_map(iova, size, vaddr, readonly, asid)
 
     def dma_unmap(self, iova: int, size: int, *, asid: int = 0) -> None:
         """Unmap the :meth:`dma_map` mappings inside ``[iova, iova + size)``. A range with
         none is :class:`~vhost.errors.InvalidMemoryError`; one that would split a mapping is
         :class:`~vhost.errors.InvalidParamError`."""
-        self.vdpa.dma_unmap(_u64("iova", iova), _u64("size", size), _u32("asid", asid))
+        self.vdpa.dma_unmap(iova, size, asid)
 
     def mappings(self) -> list[tuple[int, int, int]]:
         """The mappings made by :meth:`dma_map` and not unmapped: ``(asid, iova, size)``."""
@@ -241,9 +234,3 @@ class VhostVdpa(KernelBackend):
         if self._closed:
             return "<vhost.vdpa.VhostVdpa closed>"
         return f"<vhost.vdpa.VhostVdpa fd={self._native.fileno()}>"
-
-
-def _uint8(name: str, value: int) -> int:
-    if not 0 <= value <= 0xFF:
-        raise InvalidParamError(f"{name} = {value} does not fit in 8 bits")
-    return value

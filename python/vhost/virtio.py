@@ -31,7 +31,7 @@ import time
 
 from . import _core
 from .backend import EventFdLike, VhostBackend
-from .errors import InvalidMemoryError, InvalidParamError, InvalidQueueError, VhostTimeoutError
+from .errors import InvalidQueueError, VhostTimeoutError
 from .types import VringAddrFlag, VringConfig
 
 __all__ = [
@@ -254,47 +254,29 @@ DescriptorChain = _core.DescriptorChain
 DeviceQueue = _core.DeviceQueue
 Virtqueue = _core.Virtqueue
 
-_MAX_QUEUE_SIZE = 32768
-_DESC_SIZE = 16
-
-
-def _check_size(size: int, packed: bool) -> None:
-    if not 1 <= size <= _MAX_QUEUE_SIZE:
-        raise InvalidParamError(f"queue size {size} is not between 1 and {_MAX_QUEUE_SIZE}")
-    if not packed and size & (size - 1):
-        raise InvalidParamError(f"queue size {size} is not a power of two (split ring)")
-
 
 def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
     """Bytes of the descriptor table, the avail ring (packed: driver event area) and the used
     ring (packed: device event area) of a queue of ``size`` entries, event index words
-    included."""
-    _check_size(size, packed)
-    if packed:
-        return (_DESC_SIZE * size, 4, 4)
-    return (_DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size)
+    included. A size the format does not allow (0, above 32768, not a power of two for a
+    split ring) raises :class:`~vhost.errors.InvalidParamError`."""
+    return _core.ring_sizes(size, packed)
 
 
 def place_rings(base_gpa: int, size: int, packed: bool = False) -> tuple[int, int, int]:
     """Guest addresses ``(desc, avail, used)`` of a ring laid out contiguously from
     ``base_gpa`` (rounded up to 16), each area aligned as the format requires. The ring
-    takes ``used + ring_sizes(size, packed)[2] - desc`` bytes."""
-    desc_len, avail_len, _ = ring_sizes(size, packed)
-    if base_gpa < 0:
-        raise InvalidParamError(f"base address {base_gpa:#x} is negative")
-    desc = (base_gpa + 15) & ~15
-    avail = desc + desc_len
-    used = (avail + avail_len + 3) & ~3
-    return (desc, avail, used)
+    takes ``used + ring_sizes(size, packed)[2] - desc`` bytes. A bad size or a negative
+    base raises :class:`~vhost.errors.InvalidParamError`; a ring that would run past the
+    end of the 64-bit address space :class:`~vhost.errors.InvalidMemoryError`."""
+    return _core.place_rings(base_gpa, size, packed)
 
 
 def gpa_to_user(memory: _core.GuestMemory, gpa: int) -> int:
     """The front-end virtual address of guest address ``gpa`` in ``memory`` (the address to
-    send in ``SET_VRING_ADDR``)."""
-    for r in memory.regions():
-        if r.guest_phys_addr <= gpa < r.guest_end:
-            return r.userspace_addr + (gpa - r.guest_phys_addr)
-    raise InvalidMemoryError(f"guest address {gpa:#x} is not in guest memory", gpa)
+    send in ``SET_VRING_ADDR``): :meth:`GuestMemory.gpa_to_user`. An address outside every
+    region raises :class:`~vhost.errors.InvalidMemoryError` with ``address`` set."""
+    return memory.gpa_to_user(gpa)
 
 
 def _check_ring_features(index: int, acked: int, packed: bool, event_idx: bool | None) -> None:

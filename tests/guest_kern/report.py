@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vhost import KernelError
+from vhost import InvalidParamError, KernelError
 
 RESULTS: dict[str, dict[str, object]] = {}
 
@@ -48,6 +48,28 @@ def errno_of(call: Callable[[], object]) -> str:
     except KernelError as e:
         return errno.errorcode.get(e.errno or 0, str(e.errno))
     return "no error"
+
+
+def bad_int_refusals(calls: dict[str, tuple[Callable[[int], object], int]]) -> dict[str, str]:
+    """Each ``"method:argument": (call, bits)`` run with -1 and ``2**bits``: ``"ok"`` when
+    both raised an InvalidParamError naming the method, the argument and the value (before
+    anything reached the kernel), else what happened instead."""
+    got = {}
+    for name, (call, bits) in calls.items():
+        method, arg = name.split(":")
+        outcome = "ok"
+        for value in (-1, 1 << bits):
+            try:
+                call(value)
+            except InvalidParamError as e:
+                if not str(e).startswith(f"{method}: {arg}: {value} is out of range"):
+                    outcome = f"message {e}"
+            except Exception as e:  # reported, not raised: the test names the call
+                outcome = f"{type(e).__name__}: {e}"
+            else:
+                outcome = f"accepted {value}"
+        got[name] = outcome
+    return got
 
 
 def fd_count() -> int:

@@ -107,8 +107,8 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_FEATURES`.
-            fn set_features(&self, py: Python<'_>, features: $crate::convert::U64) -> PyResult<()> {
-                let features = features.0;
+            fn set_features(&self, py: Python<'_>, features: &Bound<'_, PyAny>) -> PyResult<()> {
+                $crate::convert::uint_args!("set_features"; features: U64);
                 self.with_backend(py, |b| b.set_features(features))
             }
 
@@ -141,10 +141,10 @@ macro_rules! vhost_backend_pymethods {
             fn set_log_base(
                 &self,
                 py: Python<'_>,
-                base: $crate::convert::U64,
+                base: &Bound<'_, PyAny>,
                 region: Option<(u64, u64, Bound<'_, PyAny>)>,
             ) -> PyResult<()> {
-                let base = base.0;
+                $crate::convert::uint_args!("set_log_base"; base: U64);
                 let region = $crate::backend_methods::log_region(region)?;
                 self.with_backend(py, move |b| {
                     b.set_log_base(base, $crate::backend_methods::log_of(region))
@@ -159,28 +159,31 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_VRING_NUM`.
-            fn set_vring_num(&self, py: Python<'_>, index: $crate::convert::U32, num: $crate::convert::U32) -> PyResult<()> {
-                let (index, num) = (index.0, num.0);
+            fn set_vring_num(&self, py: Python<'_>, index: &Bound<'_, PyAny>, num: &Bound<'_, PyAny>) -> PyResult<()> {
+                $crate::convert::uint_args!("set_vring_num"; index: U32, num: U32);
                 self.with_backend(py, |b| b.set_vring_num(index, num))
             }
 
             /// `SET_VRING_ADDR`.
             #[pyo3(
-                signature = (index, desc, used, avail, flags = $crate::convert::U32(0), log = $crate::convert::U64(0)),
+                signature = (index, desc, used, avail, flags = None, log = None),
                 text_signature = "(self, index, desc, used, avail, flags=0, log=0)"
             )]
             #[allow(clippy::too_many_arguments)] // mirrors the Python signature
             fn set_vring_addr(
                 &self,
                 py: Python<'_>,
-                index: $crate::convert::U32,
-                desc: $crate::convert::U64,
-                used: $crate::convert::U64,
-                avail: $crate::convert::U64,
-                flags: $crate::convert::U32,
-                log: $crate::convert::U64,
+                index: &Bound<'_, PyAny>,
+                desc: &Bound<'_, PyAny>,
+                used: &Bound<'_, PyAny>,
+                avail: &Bound<'_, PyAny>,
+                flags: Option<&Bound<'_, PyAny>>,
+                log: Option<&Bound<'_, PyAny>>,
             ) -> PyResult<()> {
-                let (index, desc, used, avail, flags, log) = (index.0, desc.0, used.0, avail.0, flags.0, log.0);
+                $crate::convert::uint_args!(
+                    "set_vring_addr";
+                    index: U32, desc: U64, used: U64, avail: U64, flags: U32 = 0, log: U64 = 0
+                );
                 let addrs = vhost_core::backend::VringAddrs {
                     index,
                     flags,
@@ -193,14 +196,14 @@ macro_rules! vhost_backend_pymethods {
             }
 
             /// `SET_VRING_BASE`.
-            fn set_vring_base(&self, py: Python<'_>, index: $crate::convert::U32, base: $crate::convert::U32) -> PyResult<()> {
-                let (index, base) = (index.0, base.0);
+            fn set_vring_base(&self, py: Python<'_>, index: &Bound<'_, PyAny>, base: &Bound<'_, PyAny>) -> PyResult<()> {
+                $crate::convert::uint_args!("set_vring_base"; index: U32, base: U32);
                 self.with_backend(py, |b| b.set_vring_base(index, base))
             }
 
             /// `GET_VRING_BASE`: stops the ring.
-            fn get_vring_base(&self, py: Python<'_>, index: $crate::convert::U32) -> PyResult<u32> {
-                let index = index.0;
+            fn get_vring_base(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+                $crate::convert::uint_args!("get_vring_base"; index: U32);
                 self.with_backend(py, |b| b.get_vring_base(index))
             }
 
@@ -211,10 +214,10 @@ macro_rules! vhost_backend_pymethods {
                 fn $vring_fd(
                     &self,
                     py: Python<'_>,
-                    index: $crate::convert::U32,
+                    index: &Bound<'_, PyAny>,
                     fd: Option<&Bound<'_, PyAny>>,
                 ) -> PyResult<()> {
-                    let index = index.0;
+                    $crate::convert::uint_args!(stringify!($vring_fd); index: U32);
                     let fd = $crate::fd::opt_fd(fd)?;
                     self.with_backend(py, move |b| b.$vring_fd(index, fd.map($crate::fd::borrow)))
                 }

@@ -31,10 +31,11 @@ pub fn deadline(what: &str, seconds: Option<f64>) -> PyResult<Option<Instant>> {
 /// A finite number of seconds for a setting that cannot be "for ever" (a poll period, a
 /// run's length).
 pub fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    match timeout(what, Some(s))? {
-        Some(d) => Ok(d),
-        None => Err(invalid_param(format!("{what} must be finite, not {s}"))),
-    }
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        invalid_param(format!(
+            "{what} must be a finite number of seconds from 0, not {s}"
+        ))
+    })
 }
 
 /// Defines a newtype for an unsigned integer argument: a Python `int` in range is the
@@ -76,17 +77,29 @@ macro_rules! uint_arg {
         impl $name {
             /// The attribute `name` of `obj` (a device's or handler's static description),
             /// converted as an argument is, the error naming `Type.name`.
+            #[allow(dead_code)] // not every width is a device attribute
             pub fn attr(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<$t> {
-                let py = obj.py();
-                obj.getattr(name)?.extract::<$name>().map(|v| v.0).map_err(|e| {
-                    let owner = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-                    PyErr::from_type(e.get_type(py), format!("{owner}.{name}: {}", e.value(py)))
+                let owner = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+                let value = obj.getattr(name)?;
+                Self::named(&value, &format!("{owner}.{name}"))
+            }
+
+            /// `value` converted as an argument is, the error starting with `what`
+            /// ("set_vring_num: index"), for the arguments [`uint_args!`] converts.
+            pub fn named(value: &Bound<'_, PyAny>, what: &str) -> PyResult<$t> {
+                let py = value.py();
+                value.extract::<$name>().map(|v| v.0).map_err(|e| {
+                    PyErr::from_type(e.get_type(py), format!("{what}: {}", e.value(py)))
                 })
             }
         }
     };
 }
 
+uint_arg!(
+    /// A `u8` argument (a device status).
+    U8(u8)
+);
 uint_arg!(
     /// A `u16` argument (a ring size, a queue count).
     U16(u16)
@@ -99,3 +112,27 @@ uint_arg!(
     /// A `u64` argument (an address, a size, a feature mask).
     U64(u64)
 );
+
+/// Converts unsigned integer arguments received as `&Bound<PyAny>`, each error naming the
+/// method and the argument (`set_vring_num: index: -1 is out of range 0..=4294967295 ...`),
+/// which a typed parameter cannot (PyO3 only adds the argument's name as a note):
+/// `uint_args!("set_vring_num"; index: U32, num: U32);` rebinds `index` and `num`.
+/// An optional argument (`Option<&Bound<PyAny>>`) takes its default: `asid: U32 = 0`.
+macro_rules! uint_args {
+    ($method:expr; $($arg:ident: $t:ident $(= $default:expr)?),+ $(,)?) => {
+        $(
+            let $arg = $crate::convert::uint_args!(@one $method, $arg, $t $(, $default)?);
+        )+
+    };
+    (@one $method:expr, $arg:ident, $t:ident) => {
+        $crate::convert::$t::named(&$arg, concat!($method, ": ", stringify!($arg)))?
+    };
+    (@one $method:expr, $arg:ident, $t:ident, $default:expr) => {
+        match $arg {
+            Some(v) => $crate::convert::$t::named(&v, concat!($method, ": ", stringify!($arg)))?,
+            None => $default,
+        }
+    };
+}
+
+pub(crate) use uint_args;

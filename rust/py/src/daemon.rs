@@ -2,13 +2,10 @@
 //! thread), the native `BlkDevice`, and the adapter that lets a Python object be a device
 //! (`Batch` is what its `process` method receives).
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -16,16 +13,15 @@ use pyo3::prelude::*;
 use crate::convert::{U16, U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::daemon::{
-    Daemon, DaemonEvent, DaemonStats, DeviceError, FrontendLink, Stopper, VirtioDevice,
-    DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+    Daemon, DaemonEvent, DaemonRunner, DaemonSettings, DaemonStats, DeviceError, EventQueue,
+    FrontendLink, Mode, StartError, VirtioDevice, DEFAULT_POSTCOPY_FAULT_TIMEOUT,
 };
 use vhost_core::devices::{BlkConfig, BlkDevice, Image, ImageError, Locking};
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::sys::PathError;
-use vhost_core::user::{Listener, Result as UserResult};
 use vhost_core::vring::DescriptorChain as CoreChain;
 
-use crate::convert;
+use crate::convert::{self, uint_args};
 use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
 use crate::handler::shmem_pairs;
 use crate::link::{resize_error, PyFrontendLink};
@@ -558,37 +554,6 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// (and counted), so an unwatched daemon's memory stays bounded.
 const MAX_PENDING_EVENTS: usize = 1024;
 
-/// Events of the serving thread and the queue workers, waiting for Python to collect them.
-/// The sink only pushes under a mutex: it never takes the GIL.
-#[derive(Default)]
-struct EventQueue {
-    pending: Mutex<VecDeque<DaemonEvent>>,
-    arrived: Condvar,
-    dropped: AtomicU64,
-}
-
-impl EventQueue {
-    fn push(&self, event: DaemonEvent) {
-        let mut q = lock(&self.pending);
-        if q.len() == MAX_PENDING_EVENTS {
-            q.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        q.push_back(event);
-        self.arrived.notify_all();
-    }
-
-    /// Everything pending, after waiting up to `slice` for the first.
-    fn take(&self, slice: Duration) -> Vec<DaemonEvent> {
-        let q = lock(&self.pending);
-        let (mut q, _) = self
-            .arrived
-            .wait_timeout_while(q, slice, |q| q.is_empty())
-            .unwrap_or_else(|p| p.into_inner());
-        q.drain(..).collect()
-    }
-}
-
 /// `(kind, session, request, queue, end, reason, hint, error)`, the tuple `vhost.daemon`
 /// turns into a `DaemonEvent`.
 type EventTuple = (
@@ -656,29 +621,14 @@ fn event_tuple(e: DaemonEvent) -> EventTuple {
     }
 }
 
-struct Running {
-    finished: Receiver<UserResult<()>>,
-    thread: JoinHandle<()>,
-}
-
-/// Serves one device to vhost-user front-ends on a background thread.
+/// Serves one device to vhost-user front-ends on a background thread (the core's
+/// `DaemonRunner`); this class converts its arguments and errors, and waits in slices so
+/// Ctrl-C is handled.
 #[pyclass(module = "vhost._core", name = "Daemon", frozen)]
 pub struct PyDaemon {
     device: Arc<dyn VirtioDevice>,
-    stall_timeout: Duration,
-    postcopy_fault_timeout: Option<Duration>,
-    poll: Duration,
-    sealed_memory_only: bool,
-    stats: Mutex<Option<Arc<DaemonStats>>>,
-    running: Mutex<Option<Running>>,
-    /// Set by the serving thread as its very last act (its socket is gone by then), so
-    /// another thread can tell it is still serving while one thread waits on it.
-    finished: Mutex<Option<Arc<AtomicBool>>>,
-    stopper: Mutex<Option<Stopper>>,
-    outcome: Mutex<Option<UserResult<()>>>,
+    runner: DaemonRunner,
     events: Arc<EventQueue>,
-    /// A `start` is binding its socket.
-    starting: AtomicBool,
     /// The device's way to the front-end, kept across restarts.
     link: FrontendLink,
 }
@@ -687,18 +637,21 @@ pub struct PyDaemon {
 impl PyDaemon {
     /// `device` is a `BlkDevice` or a Python object shaped like `vhost.daemon.Device`.
     #[new]
-    #[pyo3(signature = (
-        device,
-        *,
-        stall_timeout = 5.0,
-        poll_us = 0,
-        require_sealed_memory = false,
-        postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
-    ))]
+    #[pyo3(
+        signature = (
+            device,
+            *,
+            stall_timeout = 5.0,
+            poll_us = None,
+            require_sealed_memory = false,
+            postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
+        ),
+        text_signature = "(device, *, stall_timeout=5.0, poll_us=0, require_sealed_memory=False, postcopy_fault_timeout=...)"
+    )]
     fn new(
         device: &Bound<'_, PyAny>,
         stall_timeout: f64,
-        poll_us: i64,
+        poll_us: Option<&Bound<'_, PyAny>>,
         require_sealed_memory: bool,
         postcopy_fault_timeout: Option<f64>,
     ) -> PyResult<Self> {
@@ -706,39 +659,34 @@ impl PyDaemon {
             Ok(blk) => blk.get().inner.clone(),
             Err(_) => Arc::new(PythonDevice::new(device)?),
         };
-        let Ok(poll_us) = u64::try_from(poll_us) else {
-            return Err(invalid_param(format!(
-                "poll_us must be 0 or more microseconds, not {poll_us}"
-            )));
+        uint_args!("Daemon"; poll_us: U64 = 0);
+        let settings = DaemonSettings {
+            stall_timeout: convert::seconds("stall_timeout", stall_timeout)?,
+            poll: Duration::from_micros(poll_us),
+            postcopy_fault_timeout: convert::timeout(
+                "postcopy_fault_timeout",
+                postcopy_fault_timeout,
+            )?,
+            sealed_memory_only: require_sealed_memory,
         };
-        if !(stall_timeout.is_finite() && stall_timeout > 0.0) {
-            return Err(invalid_param(
-                "stall_timeout must be a positive number of seconds",
-            ));
-        }
-        let postcopy_fault_timeout =
-            crate::convert::timeout("postcopy_fault_timeout", postcopy_fault_timeout)?;
-        if postcopy_fault_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(invalid_param(
-                "postcopy_fault_timeout must be more than 0 seconds (None: no bound)",
-            ));
-        }
+        settings.check().map_err(user_error)?;
         let link = FrontendLink::new();
         device.attach_frontend(link.clone());
+        let events = EventQueue::new(MAX_PENDING_EVENTS);
+        let recipe = {
+            let (device, link, sink) = (device.clone(), link.clone(), events.sink());
+            Box::new(move || {
+                Ok(Daemon::new(device.clone())?
+                    .with_settings(&settings)
+                    .with_frontend_link(link.clone())
+                    .with_events(sink.clone()))
+            })
+        };
         Ok(PyDaemon {
-            link,
+            runner: DaemonRunner::new(recipe),
             device,
-            stall_timeout: Duration::from_secs_f64(stall_timeout),
-            postcopy_fault_timeout,
-            poll: Duration::from_micros(poll_us),
-            sealed_memory_only: require_sealed_memory,
-            stats: Mutex::new(None),
-            running: Mutex::new(None),
-            finished: Mutex::new(None),
-            stopper: Mutex::new(None),
-            outcome: Mutex::new(None),
-            events: Arc::new(EventQueue::default()),
-            starting: AtomicBool::new(false),
+            events,
+            link,
         })
     }
 
@@ -746,66 +694,40 @@ impl PyDaemon {
     /// `client`, connects to a front-end listening there (one session).
     #[pyo3(signature = (path, *, client = false))]
     fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
-        // The bind runs detached: hold no lock across it (a thread holding the GIL may be
-        // reading `running`), only this flag against a second start meanwhile.
-        {
-            let running = lock(&self.running);
-            if running.is_some() || self.serving() || self.starting.swap(true, Ordering::SeqCst) {
-                return Err(invalid_param("the daemon is already running"));
-            }
-        }
-        let started = self.launch(py, path, client);
-        self.starting.store(false, Ordering::SeqCst);
-        started
+        let mode = if client { Mode::Client } else { Mode::Server };
+        let runner = &self.runner;
+        py.detach(|| runner.start(&path, mode))
+            .map_err(|e| match e {
+                StartError::AlreadyRunning => invalid_param(e.to_string()),
+                StartError::Listen(e) => path_error(e),
+                StartError::Io(e) => io_error(e),
+            })
     }
 
     /// Asks the daemon to stop; `wait` then returns once it has.
     fn stop(&self) {
-        if let Some(s) = lock(&self.stopper).as_ref() {
-            s.stop();
-        }
+        self.runner.stop();
     }
 
     /// Waits up to `timeout` seconds (None: forever) for the daemon to finish; returns
     /// whether it has. A daemon that ended in error raises that error here, once.
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        // Never hold a lock while detached: another thread holding the GIL may want it.
-        let Some(r) = lock(&self.running).take() else {
-            return self.wait_for_other_waiter(py, timeout);
-        };
         let deadline = convert::deadline("timeout", timeout)?;
-        let mut r = r;
-        let got = loop {
+        loop {
             // Wait in slices, so that Ctrl-C (a Python signal handler) can run (J7).
             let slice = deadline.map_or(WAIT_SLICE, |d| {
                 d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
             });
-            let (got, back) = py.detach(move || (r.finished.recv_timeout(slice), r));
-            r = back;
-            match got {
-                Err(RecvTimeoutError::Timeout)
-                    if !deadline.is_some_and(|d| Instant::now() >= d) =>
-                {
-                    if let Err(e) = py.check_signals() {
-                        *lock(&self.running) = Some(r);
-                        return Err(e);
-                    }
-                }
-                other => break other,
+            let runner = &self.runner;
+            if py.detach(|| runner.wait(Some(slice))).map_err(user_error)? {
+                return Ok(true);
             }
-        };
-        let outcome = match got {
-            Ok(o) => o,
-            Err(RecvTimeoutError::Timeout) => {
-                *lock(&self.running) = Some(r);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
             }
-            Err(RecvTimeoutError::Disconnected) => Ok(()),
-        };
-        let _ = py.detach(|| r.thread.join());
-        *lock(&self.outcome) = Some(outcome);
-        self.take_outcome()
+            py.check_signals()?;
+        }
     }
 
     /// The events that happened since the last call, as tuples `(kind, session, request,
@@ -837,14 +759,13 @@ impl PyDaemon {
     /// Events dropped because nobody collected them (the queue keeps the latest 1024).
     #[getter]
     fn events_dropped(&self) -> u64 {
-        self.events.dropped.load(Ordering::Relaxed)
+        self.events.dropped()
     }
 
     /// Whether the daemon is serving (or starting to: its socket may already exist).
     #[getter]
     fn running(&self) -> bool {
-        // A start in progress counts: its socket may already be there.
-        self.starting.load(Ordering::SeqCst) || lock(&self.running).is_some() || self.serving()
+        self.runner.is_running()
     }
 
     /// Front-end sessions accepted so far.
@@ -868,16 +789,13 @@ impl PyDaemon {
     /// The error that ended (or was refused in) the latest session, if any.
     #[getter]
     fn last_error(&self) -> Option<String> {
-        lock(&self.stats).as_ref().and_then(|s| s.last_error())
+        self.runner.stats().and_then(|s| s.last_error())
     }
 
     /// Descriptor chains completed per queue in the current or last session.
     #[getter]
     fn completed(&self) -> Vec<u64> {
-        lock(&self.stats)
-            .as_ref()
-            .map(|s| s.completed())
-            .unwrap_or_default()
+        self.with_stats(|s| s.completed())
     }
 
     fn __repr__(&self) -> String {
@@ -890,94 +808,17 @@ impl PyDaemon {
 }
 
 impl PyDaemon {
-    /// Builds the core daemon, binds its socket (server mode) and starts its thread.
-    fn launch(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
-        let daemon = Daemon::new(self.device.clone())
-            .map_err(io_error)?
-            .with_stall_timeout(self.stall_timeout)
-            .with_postcopy_fault_timeout(self.postcopy_fault_timeout)
-            .with_poll(self.poll)
-            .with_sealed_memory_only(self.sealed_memory_only)
-            .with_frontend_link(self.link.clone());
-        let events = self.events.clone();
-        let daemon = daemon.with_events(Arc::new(move |e| events.push(e)));
-        let listener = if client {
-            None
-        } else {
-            Some(
-                py.detach(|| Listener::bind(&path, true))
-                    .map_err(|e| path_error(PathError::new("listen on", &path, &e)))?,
-            )
-        };
-        let (tx, rx) = mpsc::channel();
-        *lock(&self.stats) = Some(daemon.stats());
-        let stopper = daemon.stopper();
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
-        let thread = std::thread::Builder::new()
-            .name("vhost-daemon".into())
-            .spawn(move || {
-                let r = match &listener {
-                    Some(l) => daemon.serve(l),
-                    None => daemon.connect(&path),
-                };
-                drop(listener);
-                let _ = tx.send(r);
-                done.store(true, Ordering::SeqCst);
-            })
-            .map_err(io_error)?;
-        *lock(&self.finished) = Some(finished);
-        *lock(&self.outcome) = None;
-        *lock(&self.stopper) = Some(stopper);
-        *lock(&self.running) = Some(Running {
-            finished: rx,
-            thread,
-        });
-        Ok(())
-    }
-
-    /// Whether the serving thread of the latest start has not finished yet.
-    fn serving(&self) -> bool {
-        lock(&self.finished)
-            .as_ref()
-            .is_some_and(|f| !f.load(Ordering::SeqCst))
-    }
-
-    /// `wait` while another thread waits on the serving thread (and owns its handle):
-    /// watch the thread's finished flag instead.
-    fn wait_for_other_waiter(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = convert::deadline("timeout", timeout)?;
-        while self.serving() {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
-            }
-            py.detach(|| std::thread::sleep(Duration::from_millis(5)));
-            py.check_signals()?;
-        }
-        self.take_outcome()
-    }
-
     fn with_stats<T: Default>(&self, f: impl FnOnce(&DaemonStats) -> T) -> T {
-        lock(&self.stats).as_deref().map(f).unwrap_or_default()
-    }
-
-    fn take_outcome(&self) -> PyResult<bool> {
-        match lock(&self.outcome).take() {
-            Some(Err(e)) => Err(user_error(e)),
-            _ => Ok(true),
-        }
+        self.runner.stats().as_deref().map(f).unwrap_or_default()
     }
 }
 
 impl Drop for PyDaemon {
     fn drop(&mut self) {
-        if let Some(s) = lock(&self.stopper).as_ref() {
-            s.stop();
-        }
-        if let Some(r) = lock(&self.running).take() {
-            // Join without the GIL: the session's workers (a Python device's `process`,
-            // its `reset` at session end) need it to finish, and a collector holds it.
-            let _ = Python::attach(|py| py.detach(|| r.thread.join()));
-        }
+        // The runner stops and joins its thread when dropped: do it without the GIL, as the
+        // session's workers (a Python device's `process`, its `reset` at session end) need
+        // it to finish.
+        let runner = &self.runner;
+        Python::attach(|py| py.detach(|| runner.shutdown()));
     }
 }

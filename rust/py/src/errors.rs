@@ -35,7 +35,8 @@ pub fn user_error(err: UserError) -> PyErr {
             UserError::InactiveFeature { request, feature } => {
                 raise(py, "InactiveFeatureError", (request, feature, msg))
             }
-            UserError::NotSupported(_) => raise(py, "NotSupportedError", (msg,)),
+            UserError::NotSupported(request) => raise(py, "NotSupportedError", (msg, request)),
+            UserError::NotOffered { request, .. } => raise(py, "NotSupportedError", (msg, request)),
             UserError::Refused { request, status } => {
                 raise(py, "RequestRefusedError", (request, status, msg))
             }
@@ -83,8 +84,13 @@ pub fn vring_caller_error(err: VringError) -> PyErr {
     }
 }
 
+/// A guest-memory error is `InvalidMemoryError`, with the address when it names one.
 pub fn memory_error(err: MemoryError) -> PyErr {
-    Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(),)))
+    let address = match err {
+        MemoryError::OutOfRange { addr, .. } | MemoryError::Unmapped { addr, .. } => Some(addr),
+        _ => None,
+    };
+    Python::attach(|py| raise(py, "InvalidMemoryError", (err.to_string(), address)))
 }
 
 /// An OS error becomes `KernelError` (a subclass of both `VhostError` and `OSError`).

@@ -101,6 +101,37 @@ vhost_backend_pymethods!(PyFrontend {
         self.fd
     }
 
+    /// The protocol features this front-end implements (`negotiate` acks no other).
+    #[classattr]
+    const IMPLEMENTED_PROTOCOL_FEATURES: u64 = vhost_core::user::frontend::IMPLEMENTED_PROTOCOL_FEATURES;
+
+    /// The protocol features `negotiate` acks when not told which.
+    #[classattr]
+    const DEFAULT_PROTOCOL_FEATURES: u64 = vhost_core::user::frontend::DEFAULT_PROTOCOL_FEATURES;
+
+    /// GET_FEATURES, SET_OWNER, the protocol features, SET_FEATURES, as the core's
+    /// `Frontend::negotiate` decides; returns `(features, protocol features)` acked.
+    #[pyo3(signature = (features = None, protocol_features = None, packed = false, event_idx = true, log_all = false))]
+    fn negotiate(
+        &self,
+        py: Python<'_>,
+        features: Option<&Bound<'_, PyAny>>,
+        protocol_features: Option<&Bound<'_, PyAny>>,
+        packed: bool,
+        event_idx: bool,
+        log_all: bool,
+    ) -> PyResult<(u64, u64)> {
+        let mask = |v: Option<&Bound<'_, PyAny>>, what| v.map(|v| U64::named(v, what)).transpose();
+        let opts = vhost_core::user::frontend::NegotiateOptions {
+            features: mask(features, "negotiate: features")?,
+            protocol_features: mask(protocol_features, "negotiate: protocol_features")?,
+            packed,
+            event_idx,
+            log_all,
+        };
+        self.call(py, |f| f.negotiate(&opts))
+    }
+
     /// Shuts the socket down from any thread, without the connection's lock: a thread
     /// waiting for a reply wakes up, the back-end sees the disconnect now.
     fn shutdown(&self) {

@@ -12,6 +12,7 @@ use vhost_core::backend::VhostBackend;
 use vhost_core::kern::{net, vsock, Error as KernError, IotlbMessage, VhostDevice};
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
+use crate::convert::uint_args;
 use crate::errors::IntoPyResult;
 use crate::fd::{borrow, dup_of, opt_fd, Closable};
 
@@ -112,23 +113,38 @@ vhost_backend_pymethods!(PyKernelDevice {
         self.call(py, |d| d.get_backend_features())
     }
 
-    fn set_backend_features(&self, py: Python<'_>, features: u64) -> PyResult<()> {
+    fn set_backend_features(&self, py: Python<'_>, features: &Bound<'_, PyAny>) -> PyResult<()> {
+        uint_args!("set_backend_features"; features: U64);
         self.call(py, |d| d.set_backend_features(features))
     }
 
-    fn set_vring_endian(&self, py: Python<'_>, index: u32, big_endian: bool) -> PyResult<()> {
+    fn set_vring_endian(
+        &self,
+        py: Python<'_>,
+        index: &Bound<'_, PyAny>,
+        big_endian: bool,
+    ) -> PyResult<()> {
+        uint_args!("set_vring_endian"; index: U32);
         self.call(py, |d| d.set_vring_endian(index, big_endian))
     }
 
-    fn get_vring_endian(&self, py: Python<'_>, index: u32) -> PyResult<bool> {
+    fn get_vring_endian(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<bool> {
+        uint_args!("get_vring_endian"; index: U32);
         self.call(py, |d| d.get_vring_endian(index))
     }
 
-    fn set_vring_busyloop_timeout(&self, py: Python<'_>, index: u32, usecs: u32) -> PyResult<()> {
+    fn set_vring_busyloop_timeout(
+        &self,
+        py: Python<'_>,
+        index: &Bound<'_, PyAny>,
+        usecs: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        uint_args!("set_vring_busyloop_timeout"; index: U32, usecs: U32);
         self.call(py, |d| d.set_vring_busyloop_timeout(index, usecs))
     }
 
-    fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+    fn get_vring_busyloop_timeout(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+        uint_args!("get_vring_busyloop_timeout"; index: U32);
         self.call(py, |d| d.get_vring_busyloop_timeout(index))
     }
 
@@ -136,14 +152,16 @@ vhost_backend_pymethods!(PyKernelDevice {
     fn net_set_backend(
         &self,
         py: Python<'_>,
-        index: u32,
+        index: &Bound<'_, PyAny>,
         fd: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        uint_args!("net_set_backend"; index: U32);
         let fd = opt_fd(fd)?;
         self.call(py, move |d| net::set_backend(d, index, fd.map(borrow)))
     }
 
-    fn vsock_set_guest_cid(&self, py: Python<'_>, cid: u64) -> PyResult<()> {
+    fn vsock_set_guest_cid(&self, py: Python<'_>, cid: &Bound<'_, PyAny>) -> PyResult<()> {
+        uint_args!("vsock_set_guest_cid"; cid: U64);
         self.call(py, |d| vsock::set_guest_cid(d, cid))
     }
 

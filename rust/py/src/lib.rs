@@ -51,6 +51,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<link::PyFrontendLink>()?;
     m.add_class::<kern::PyKernelDevice>()?;
     m.add_class::<vdpa::PyVdpaDevice>()?;
+    m.add_function(wrap_pyfunction!(vring::ring_sizes, m)?)?;
+    m.add_function(wrap_pyfunction!(vring::place_rings, m)?)?;
     codes::register(m)?;
     describe::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

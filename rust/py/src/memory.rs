@@ -166,6 +166,11 @@ impl PyGuestMemory {
         self.snapshot().user_to_gpa(uaddr).py_err()
     }
 
+    /// Front-end virtual address of a guest physical address (the inverse).
+    fn gpa_to_user(&self, gpa: U64) -> PyResult<u64> {
+        self.snapshot().gpa_to_user(gpa.0).py_err()
+    }
+
     /// Checks that [gpa, gpa+length) lies inside one region.
     fn contains(&self, gpa: U64, length: U64) -> bool {
         let (gpa, length) = (gpa.0, length.0);

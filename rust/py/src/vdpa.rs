@@ -13,6 +13,7 @@ use vhost_core::backend::VhostBackend;
 use vhost_core::vdpa::VhostVdpa;
 
 use crate::backend_methods::{call_shared, vhost_backend_pymethods, PyVhostBackend};
+use crate::convert::uint_args;
 use crate::errors::IntoPyResult;
 use crate::fd::{borrow, opt_fd, Closable};
 use crate::kern::PyKernelDevice;
@@ -85,25 +86,29 @@ vhost_backend_pymethods!(PyVdpaDevice {
         self.call(py, |v| v.get_status())
     }
 
-    fn set_status(&self, py: Python<'_>, status: u8) -> PyResult<()> {
+    fn set_status(&self, py: Python<'_>, status: &Bound<'_, PyAny>) -> PyResult<()> {
+        uint_args!("set_status"; status: U8);
         self.call(py, |v| v.set_status(status))
     }
 
     fn get_config<'py>(
         &self,
         py: Python<'py>,
-        offset: u32,
-        size: u32,
+        offset: &Bound<'py, PyAny>,
+        size: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        uint_args!("get_config"; offset: U32, size: U32);
         let data = self.call(py, |v| v.get_config(offset, size))?;
         Ok(PyBytes::new(py, &data))
     }
 
-    fn set_config(&self, py: Python<'_>, offset: u32, data: Vec<u8>) -> PyResult<()> {
+    fn set_config(&self, py: Python<'_>, offset: &Bound<'_, PyAny>, data: Vec<u8>) -> PyResult<()> {
+        uint_args!("set_config"; offset: U32);
         self.call(py, move |v| v.set_config(offset, &data))
     }
 
-    fn set_vring_enable(&self, py: Python<'_>, index: u32, enable: bool) -> PyResult<()> {
+    fn set_vring_enable(&self, py: Python<'_>, index: &Bound<'_, PyAny>, enable: bool) -> PyResult<()> {
+        uint_args!("set_vring_enable"; index: U32);
         self.call(py, |v| v.set_vring_enable(index, enable))
     }
 
@@ -111,7 +116,8 @@ vhost_backend_pymethods!(PyVdpaDevice {
         self.call(py, |v| v.get_vring_num())
     }
 
-    fn get_vring_size(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+    fn get_vring_size(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+        uint_args!("get_vring_size"; index: U32);
         self.call(py, |v| v.get_vring_size(index))
     }
 
@@ -141,15 +147,23 @@ vhost_backend_pymethods!(PyVdpaDevice {
         self.call(py, |v| v.get_as_num())
     }
 
-    fn get_vring_group(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+    fn get_vring_group(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+        uint_args!("get_vring_group"; index: U32);
         self.call(py, |v| v.get_vring_group(index))
     }
 
-    fn get_vring_desc_group(&self, py: Python<'_>, index: u32) -> PyResult<u32> {
+    fn get_vring_desc_group(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<u32> {
+        uint_args!("get_vring_desc_group"; index: U32);
         self.call(py, |v| v.get_vring_desc_group(index))
     }
 
-    fn set_group_asid(&self, py: Python<'_>, group: u32, asid: u32) -> PyResult<()> {
+    fn set_group_asid(
+        &self,
+        py: Python<'_>,
+        group: &Bound<'_, PyAny>,
+        asid: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        uint_args!("set_group_asid"; group: U32, asid: U32);
         self.call(py, |v| v.set_group_asid(group, asid))
     }
 
@@ -161,21 +175,35 @@ vhost_backend_pymethods!(PyVdpaDevice {
         self.call(py, |v| v.resume())
     }
 
-    #[pyo3(signature = (iova, size, vaddr, readonly = false, asid = 0))]
+    #[pyo3(
+        signature = (iova, size, vaddr, readonly = false, asid = None),
+        text_signature = "(self, iova, size, vaddr, readonly=False, asid=0)"
+    )]
     fn dma_map(
         &self,
         py: Python<'_>,
-        iova: u64,
-        size: u64,
-        vaddr: u64,
+        iova: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        vaddr: &Bound<'_, PyAny>,
         readonly: bool,
-        asid: u32,
+        asid: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        uint_args!("dma_map"; iova: U64, size: U64, vaddr: U64, asid: U32 = 0);
         self.call(py, |v| v.dma_map(iova, size, vaddr, readonly, asid))
     }
 
-    #[pyo3(signature = (iova, size, asid = 0))]
-    fn dma_unmap(&self, py: Python<'_>, iova: u64, size: u64, asid: u32) -> PyResult<()> {
+    #[pyo3(
+        signature = (iova, size, asid = None),
+        text_signature = "(self, iova, size, asid=0)"
+    )]
+    fn dma_unmap(
+        &self,
+        py: Python<'_>,
+        iova: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        asid: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        uint_args!("dma_unmap"; iova: U64, size: U64, asid: U32 = 0);
         self.call(py, |v| v.dma_unmap(iova, size, asid))
     }
 

@@ -12,15 +12,15 @@ use std::sync::{Mutex, MutexGuard};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 
-use crate::convert::{U32, U64};
+use crate::convert::{uint_args, U32, U64};
 use pyo3::types::PyBytes;
 use vhost_core::memory::GuestMemory as CoreMemory;
 use vhost_core::vring::{
     DescriptorChain as CoreChain, DeviceQueue as CoreDeviceQueue, PackedDriver, RingLayout,
-    SplitDriver,
+    SplitDriver, VringError,
 };
 
-use crate::errors::{invalid_param, vring_caller_error, IntoPyResult};
+use crate::errors::{invalid_param, vring_caller_error, vring_error, IntoPyResult};
 use crate::memory::PyGuestMemory;
 
 /// Batches larger than this run with the GIL released.
@@ -32,24 +32,37 @@ const DETACH_BYTES: usize = 64 * 1024;
 type SegmentTuple = (u64, u32, bool);
 
 fn layout(packed: bool, size: u32, desc: u64, avail: u64, used: u64) -> PyResult<RingLayout> {
-    if packed {
-        RingLayout::packed(size, desc, avail, used)
-    } else {
-        RingLayout::split(size, desc, avail, used)
-    }
-    .py_err()
+    RingLayout::new(packed, size, desc, avail, used).py_err()
+}
+
+/// A ring's size given as an argument: a size the format refuses is the caller's
+/// `InvalidParamError`; anything else converts as usual.
+fn size_arg<T>(r: vhost_core::vring::Result<T>) -> PyResult<T> {
+    r.map_err(|e| match e {
+        VringError::InvalidSize(_) => invalid_param(e.to_string()),
+        e => vring_error(e),
+    })
+}
+
+/// Bytes of the three areas of a ring of `size` entries (`RingLayout::area_sizes`).
+#[pyfunction]
+#[pyo3(signature = (size, packed = false))]
+pub fn ring_sizes(size: U32, packed: bool) -> PyResult<(u64, u64, u64)> {
+    let [desc, avail, used] = size_arg(RingLayout::area_sizes(size.0, packed))?;
+    Ok((desc, avail, used))
+}
+
+/// Guest addresses `(desc, avail, used)` of a ring placed from `base_gpa` rounded up to
+/// 16 (`RingLayout::place`).
+#[pyfunction]
+#[pyo3(signature = (base_gpa, size, packed = false))]
+pub fn place_rings(base_gpa: U64, size: U32, packed: bool) -> PyResult<(u64, u64, u64)> {
+    let l = size_arg(RingLayout::place(size.0, base_gpa.0, packed))?;
+    Ok((l.desc(), l.avail_or_driver(), l.used_or_device()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn to_u16(v: i64, what: &str) -> PyResult<u16> {
-    u16::try_from(v).map_err(|_| invalid_param(format!("{what} {v} is not in 0..=65535")))
-}
-
-fn to_u32(v: i64, what: &str) -> PyResult<u32> {
-    u32::try_from(v).map_err(|_| invalid_param(format!("{what} {v} is not in 0..=4294967295")))
 }
 
 /// A popped buffer: `head` (split: descriptor index; packed: buffer id), its segments
@@ -133,11 +146,7 @@ impl PyDeviceQueue {
         })
     }
 
-    fn add_used_checked(&self, py: Python<'_>, used: Vec<(i64, i64)>) -> PyResult<()> {
-        let used = used
-            .into_iter()
-            .map(|(h, l)| Ok((to_u16(h, "head")?, to_u32(l, "length")?)))
-            .collect::<PyResult<Vec<_>>>()?;
+    fn add_used_checked(&self, py: Python<'_>, used: Vec<(u16, u32)>) -> PyResult<()> {
         let r = if used.len() > DETACH_BATCH {
             py.detach(|| {
                 let DeviceInner { mem, ring } = &mut *lock(&self.inner);
@@ -252,12 +261,29 @@ impl PyDeviceQueue {
     }
 
     /// Returns chain `head` as used, with `length` bytes written into it.
-    fn add_used(&self, py: Python<'_>, head: i64, length: i64) -> PyResult<()> {
+    fn add_used(
+        &self,
+        py: Python<'_>,
+        head: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        uint_args!("add_used"; head: U16, length: U32);
         self.add_used_checked(py, vec![(head, length)])
     }
 
     /// Returns several chains `(head, length)` at once (one index update).
-    fn add_used_batch(&self, py: Python<'_>, used: Vec<(i64, i64)>) -> PyResult<()> {
+    fn add_used_batch(
+        &self,
+        py: Python<'_>,
+        used: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+    ) -> PyResult<()> {
+        let used = used
+            .iter()
+            .map(|(head, length)| {
+                uint_args!("add_used_batch"; head: U16, length: U32);
+                Ok((head, length))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         self.add_used_checked(py, used)
     }
 
@@ -288,8 +314,8 @@ impl PyDeviceQueue {
     }
 
     #[setter]
-    fn set_base(&self, value: i64) -> PyResult<()> {
-        let base = to_u32(value, "base")?;
+    fn set_base(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let base = U32::named(value, "DeviceQueue.base")?;
         let DeviceInner { mem, ring } = &mut *lock(&self.inner);
         ring.restore(mem, base).map_err(vring_caller_error)
     }

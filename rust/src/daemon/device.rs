@@ -11,14 +11,7 @@ use super::link::FrontendLink;
 /// virtio transport features every daemon device gets unless it masks them out
 /// ([`VirtioDevice::transport_features`]).
 pub mod transport {
-    /// VIRTIO_F_INDIRECT_DESC: indirect descriptor tables.
-    pub const INDIRECT_DESC: u64 = 1 << 28;
-    /// VIRTIO_RING_F_EVENT_IDX: notification suppression by index.
-    pub const EVENT_IDX: u64 = 1 << 29;
-    /// VIRTIO_F_VERSION_1: a modern (non-legacy) device.
-    pub const VERSION_1: u64 = 1 << 32;
-    /// VIRTIO_F_RING_PACKED: the packed ring format.
-    pub const RING_PACKED: u64 = 1 << 34;
+    pub use crate::vring::features::{EVENT_IDX, INDIRECT_DESC, RING_PACKED, VERSION_1};
     /// What a device offers unless it masks some out: all four, the daemon's rings handle each.
     pub const DEFAULT: u64 = INDIRECT_DESC | EVENT_IDX | VERSION_1 | RING_PACKED;
 }

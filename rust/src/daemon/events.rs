@@ -5,7 +5,10 @@
 //! Events are rare control-plane moments: the data path reports nothing unless a queue
 //! fails, so a sink costs nothing per request.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Why a front-end session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +94,61 @@ pub enum DaemonEvent {
 /// Receives events on the thread where they happen (the daemon's, or a queue worker's
 /// for [`DaemonEvent::QueueFailed`]): it must be quick and must not block.
 pub type EventSink = Arc<dyn Fn(DaemonEvent) + Send + Sync>;
+
+/// Events waiting for a collector on another thread (a binding's `next_events`), bounded:
+/// beyond `capacity` the oldest are dropped and counted, so an unwatched daemon's memory
+/// stays bounded. Pushing only takes a mutex, never anything of the collector's.
+#[derive(Debug)]
+pub struct EventQueue {
+    pending: Mutex<VecDeque<DaemonEvent>>,
+    arrived: Condvar,
+    dropped: AtomicU64,
+    capacity: usize,
+}
+
+impl EventQueue {
+    /// An empty queue keeping at most `capacity` events.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(EventQueue {
+            pending: Mutex::new(VecDeque::new()),
+            arrived: Condvar::new(),
+            dropped: AtomicU64::new(0),
+            capacity,
+        })
+    }
+
+    /// A sink for [`Daemon::with_events`](super::Daemon::with_events) that fills this queue.
+    pub fn sink(self: &Arc<Self>) -> EventSink {
+        let queue = self.clone();
+        Arc::new(move |e| queue.push(e))
+    }
+
+    /// Adds `event`, dropping the oldest when full.
+    pub fn push(&self, event: DaemonEvent) {
+        let mut q = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= self.capacity {
+            q.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(event);
+        self.arrived.notify_all();
+    }
+
+    /// Everything pending, after waiting up to `timeout` for the first.
+    pub fn take(&self, timeout: Duration) -> Vec<DaemonEvent> {
+        let q = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut q, _) = self
+            .arrived
+            .wait_timeout_while(q, timeout, |q| q.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+
+    /// Events dropped because nobody collected them in time.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
 
 /// A queue worker's way to report its failures with the session they belong to.
 #[derive(Clone)]

@@ -28,16 +28,18 @@ mod inflight;
 mod link;
 mod postcopy;
 mod queue;
+mod runner;
 mod server;
 mod state;
 #[cfg(test)]
 mod tests;
 
 pub use device::{transport, DeviceError, VirtioDevice};
-pub use events::{DaemonEvent, EventSink, SessionEnd};
+pub use events::{DaemonEvent, EventQueue, EventSink, SessionEnd};
 pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
 pub use inflight::{InflightArea, InflightQueue};
 pub use link::{FrontendLink, LinkError};
 pub use postcopy::{check_read_settled, FaultPolicy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
+pub use runner::{DaemonRecipe, DaemonRunner, DaemonSettings, Mode, StartError};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
 pub use state::{STATE_STALL_TIMEOUT, STATE_TRANSFER_TIMEOUT};

@@ -403,3 +403,119 @@ fn events_report_sessions_refusals_and_a_corrupt_ring() {
     );
     assert_eq!(seen.len(), 4, "{seen:?}");
 }
+
+/// The runner serves on its own thread: a front-end negotiates through it (with the core's
+/// `negotiate`), a second start is refused, a bounded wait times out while it serves, a
+/// stop ends it, the socket is gone when `wait` says so, and it starts again.
+#[test]
+fn runner_starts_stops_waits_and_restarts() {
+    use super::{DaemonRunner, Mode, StartError};
+    use crate::user::frontend::NegotiateOptions;
+    use std::time::Duration;
+
+    let dir = std::env::temp_dir().join(format!("vhost-runner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("mirror.sock");
+    let runner = DaemonRunner::new(Box::new(|| Daemon::new(Arc::new(Mirror))));
+    assert!(
+        runner.wait(Some(Duration::ZERO)).unwrap(),
+        "nothing started: nothing to wait for"
+    );
+    for round in 0..2 {
+        runner.start(&sock, Mode::Server).unwrap();
+        assert!(sock.exists(), "round {round}: listening when start returns");
+        assert!(runner.is_running());
+        assert!(matches!(
+            runner.start(&sock, Mode::Server),
+            Err(StartError::AlreadyRunning)
+        ));
+        let fe = Frontend::connect(&sock).unwrap();
+        let (features, _) = fe.negotiate(&NegotiateOptions::default()).unwrap();
+        assert_ne!(features & transport::VERSION_1, 0);
+        assert!(!runner.wait(Some(Duration::from_millis(50))).unwrap());
+        runner.stop();
+        assert!(runner.wait(Some(Duration::from_secs(10))).unwrap());
+        assert!(!runner.is_running());
+        assert!(
+            !sock.exists(),
+            "round {round}: the socket is gone once finished"
+        );
+        assert_eq!(
+            runner
+                .stats()
+                .unwrap()
+                .sessions_started
+                .load(Ordering::SeqCst),
+            1
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A client-mode session that ends in error is handed to one waiter; another waiter, on
+/// another thread, sees the daemon finished.
+#[test]
+fn runner_hands_the_error_that_ended_it_to_one_waiter() {
+    use super::{DaemonRunner, Mode};
+    use crate::user::header::Header;
+    use std::os::unix::net::UnixListener;
+    use std::time::Duration;
+
+    let dir = std::env::temp_dir().join(format!("vhost-runner-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("frontend.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let runner = Arc::new(DaemonRunner::new(Box::new(|| {
+        Daemon::new(Arc::new(Mirror))
+    })));
+    runner.start(&sock, Mode::Client).unwrap();
+    let other = {
+        let runner = runner.clone();
+        thread::spawn(move || runner.wait(Some(Duration::from_secs(10))))
+    };
+    let (stream, _) = listener.accept().unwrap();
+    let fe = Frontend::new(stream).unwrap();
+    // Request code 0 is no request: the daemon ends the session with a protocol error.
+    fe.send_raw(Header::request(0, 0, false), &[], &[], false)
+        .unwrap();
+    let mine = runner.wait(Some(Duration::from_secs(10)));
+    let theirs = other.join().unwrap();
+    let errors = [&mine, &theirs].iter().filter(|r| r.is_err()).count();
+    assert_eq!(errors, 1, "{mine:?} {theirs:?}");
+    assert!([mine, theirs].into_iter().any(|r| matches!(r, Ok(true))));
+    assert!(!runner.is_running());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The settings a binding takes from its user are checked in the core, each refusal
+/// naming the setting.
+#[test]
+fn daemon_settings_refuse_zero_bounds() {
+    use super::DaemonSettings;
+    use std::time::Duration;
+
+    let good = DaemonSettings {
+        stall_timeout: Duration::from_secs(5),
+        poll: Duration::ZERO,
+        postcopy_fault_timeout: None,
+        sealed_memory_only: false,
+    };
+    good.check().unwrap();
+    let zero_stall = DaemonSettings {
+        stall_timeout: Duration::ZERO,
+        ..good
+    };
+    let zero_fault = DaemonSettings {
+        postcopy_fault_timeout: Some(Duration::ZERO),
+        ..good
+    };
+    for (settings, name) in [
+        (zero_stall, "stall_timeout"),
+        (zero_fault, "postcopy_fault_timeout"),
+    ] {
+        match settings.check() {
+            Err(Error::InvalidParam(m)) => assert!(m.starts_with(name), "{m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}

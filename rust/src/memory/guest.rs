@@ -143,6 +143,19 @@ impl GuestMemory {
         Ok(info.guest_phys_addr + (uaddr - info.userspace_addr))
     }
 
+    /// Translates a guest-physical address to the front-end user address that maps it (what
+    /// a front-end sends in SET_VRING_ADDR for a ring it placed in guest memory): the
+    /// inverse of [`user_to_gpa`](Self::user_to_gpa).
+    pub fn gpa_to_user(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let region = self.find_gpa(gpa).ok_or(MemoryError::Unmapped {
+            space: AddressSpace::GuestPhysical,
+            addr: gpa,
+        })?;
+        let info = region.info();
+        // Inside the region, so the sum is below user_end, which was checked not to overflow.
+        Ok(info.userspace_addr + (gpa - info.guest_phys_addr))
+    }
+
     /// Copies, allowing a range that spans regions that are contiguous in GPA; any hole is
     /// OutOfRange and nothing is copied partially-silently (check the whole range first).
     ///
@@ -415,6 +428,30 @@ mod tests {
             .is_err());
         assert!(mem.user_to_gpa(r.userspace_addr + 2 * PAGE).is_err());
         assert!(mem.user_to_gpa(r.userspace_addr.wrapping_sub(1)).is_err());
+    }
+
+    #[test]
+    fn guest_addresses_translate_back_to_user_addresses() {
+        let mem = GuestMemory::allocate(&[(0x10_0000, 2 * PAGE), (0, PAGE)]).unwrap();
+        for gpa in [0, PAGE - 1, 0x10_0000, 0x10_0000 + 2 * PAGE - 1] {
+            let uaddr = mem.gpa_to_user(gpa).unwrap();
+            assert_eq!(mem.user_to_gpa(uaddr).unwrap(), gpa);
+            assert_eq!(
+                mem.translate_user(uaddr, 1).unwrap(),
+                mem.translate(gpa, 1).unwrap()
+            );
+        }
+        for gpa in [PAGE, 0x10_0000 - 1, 0x10_0000 + 2 * PAGE, u64::MAX] {
+            let err = mem.gpa_to_user(gpa).unwrap_err();
+            assert!(
+                matches!(err, MemoryError::Unmapped { addr, space: AddressSpace::GuestPhysical } if addr == gpa),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("guest physical address {gpa:#x} is in no memory region")
+            );
+        }
     }
 
     #[test]

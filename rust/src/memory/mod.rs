@@ -70,6 +70,14 @@ pub enum MemoryError {
         /// Its length in bytes.
         len: u64,
     },
+    /// No region maps this address (a translation between address spaces).
+    #[error("{space} {addr:#x} is in no memory region")]
+    Unmapped {
+        /// The address space `addr` is in.
+        space: AddressSpace,
+        /// The address.
+        addr: u64,
+    },
     /// The backing file is smaller than the region claims: touching the tail would SIGBUS.
     #[error("file of {file_size:#x} bytes is too small for offset {offset:#x} + size {size:#x}")]
     FileTooSmall {

@@ -61,6 +61,20 @@ pub enum Error {
     /// The receiving side does not implement this request.
     #[error("request {0} is not supported")]
     NotSupported(&'static str),
+    /// [`Frontend::negotiate`](super::Frontend::negotiate) was asked to ack a feature the
+    /// back-end does not offer: `request` (SET_FEATURES) cannot carry it. Checked before
+    /// anything but GET_FEATURES is sent, so the connection stays usable.
+    #[error("negotiate: the back-end does not offer {feature} (offered {offered:#x}){hint}")]
+    NotOffered {
+        /// The request that would have acked it.
+        request: &'static str,
+        /// The missing feature's spec name (`VIRTIO_F_RING_PACKED`, `VHOST_F_LOG_ALL`).
+        feature: &'static str,
+        /// Every bit the back-end offered.
+        offered: u64,
+        /// What the caller can do instead ("" when there is nothing to suggest).
+        hint: &'static str,
+    },
     /// The peer answered a REPLY_ACK with a non-zero status.
     #[error("{request} was refused by the peer (status {status})")]
     Refused {

@@ -908,6 +908,136 @@ impl Frontend {
     }
 }
 
+// ---- negotiation --------------------------------------------------------------------
+
+/// Protocol features this front-end implements: a method or the back-end request channel
+/// speaks each one. Not here: `XEN_MMAP` (another memory-region layout), `GPA_ADDRESSES`
+/// (rings and the memory table are given as front-end virtual addresses),
+/// `GET_VRING_BASE_INFLIGHT` and every later bit this crate does not implement (they
+/// change what requests mean).
+pub const IMPLEMENTED_PROTOCOL_FEATURES: u64 =
+    pf::ALL & !(pf::XEN_MMAP | pf::GPA_ADDRESSES | pf::GET_VRING_BASE_INFLIGHT);
+
+/// What [`Frontend::negotiate`] acks unless told otherwise: the implemented protocol
+/// features that ask nothing more of the caller. `INFLIGHT_SHMFD` is left out: once it is
+/// acked, a back-end expects an inflight area (GET_INFLIGHT_FD / SET_INFLIGHT_FD) before
+/// its rings start, so only a caller that sets one up should ask for it.
+pub const DEFAULT_PROTOCOL_FEATURES: u64 = IMPLEMENTED_PROTOCOL_FEATURES & !pf::INFLIGHT_SHMFD;
+
+/// What the caller of [`Frontend::negotiate`] allows and needs: the rings it will hand
+/// over decide the transport bits, the masks narrow the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NegotiateOptions {
+    /// Masks the device-specific bits (0-23, 50-63); `None` allows every one offered.
+    pub features: Option<u64>,
+    /// Masks the protocol features; `None` means [`DEFAULT_PROTOCOL_FEATURES`]. A bit
+    /// outside [`IMPLEMENTED_PROTOCOL_FEATURES`] is refused.
+    pub protocol_features: Option<u64>,
+    /// The rings are packed: `VIRTIO_F_RING_PACKED` is acked exactly when this is set.
+    pub packed: bool,
+    /// Ack `VIRTIO_RING_F_EVENT_IDX` when offered (and `features` allows it).
+    pub event_idx: bool,
+    /// Also ack `VHOST_F_LOG_ALL`, for a front-end taking over in mid-migration.
+    pub log_all: bool,
+}
+
+impl Default for NegotiateOptions {
+    /// Split rings with EVENT_IDX, every offered device bit, the default protocol features.
+    fn default() -> Self {
+        NegotiateOptions {
+            features: None,
+            protocol_features: None,
+            packed: false,
+            event_idx: true,
+            log_all: false,
+        }
+    }
+}
+
+impl Frontend {
+    /// The usual opening: GET_FEATURES, SET_OWNER, GET/SET_PROTOCOL_FEATURES (when the
+    /// back-end offers `VHOST_USER_F_PROTOCOL_FEATURES`), SET_FEATURES. Returns what was
+    /// acked: `(features, protocol features)`.
+    ///
+    /// Acks only what this crate implements and what the caller's rings allow, so the
+    /// back-end never runs a ring format or a protocol extension the caller cannot: of the
+    /// transport bits (24-49) only `VERSION_1`, `INDIRECT_DESC`, `EVENT_IDX` (with
+    /// `event_idx`), `RING_PACKED` (exactly with `packed`) and `LOG_ALL` (with `log_all`)
+    /// are acked, plus `VHOST_USER_F_PROTOCOL_FEATURES` whenever offered, as QEMU does.
+    /// What `packed` and `log_all` ask for is acked whatever `features` says.
+    ///
+    /// Refused before anything is sent ([`Error::InvalidParam`]): protocol features this
+    /// front-end does not implement, `packed` with a `features` mask that excludes it.
+    /// Refused after GET_FEATURES only ([`Error::NotOffered`]): `packed` or `log_all` when
+    /// the back-end does not offer the bit.
+    pub fn negotiate(&self, opts: &NegotiateOptions) -> Result<(u64, u64)> {
+        use super::codes::VHOST_F_LOG_ALL;
+        use crate::vring::features as ring;
+
+        let proto_mask = opts.protocol_features.unwrap_or(DEFAULT_PROTOCOL_FEATURES);
+        let unknown = proto_mask & !IMPLEMENTED_PROTOCOL_FEATURES;
+        if unknown != 0 {
+            return Err(Error::InvalidParam(format!(
+                "negotiate: protocol features {} are not implemented by this front-end \
+                 (set_protocol_features acks them anyway)",
+                protocol_feature_names(unknown)
+            )));
+        }
+        if opts.packed && opts.features.is_some_and(|f| f & ring::RING_PACKED == 0) {
+            return Err(Error::InvalidParam(
+                "negotiate: packed rings were asked for but the features mask excludes \
+                 VIRTIO_F_RING_PACKED"
+                    .into(),
+            ));
+        }
+        let offered = self.get_features()?;
+        let not_offered = |feature, hint| Error::NotOffered {
+            request: FrontendReq::SetFeatures.name(),
+            feature,
+            offered,
+            hint,
+        };
+        if opts.log_all && offered & VHOST_F_LOG_ALL == 0 {
+            return Err(not_offered("VHOST_F_LOG_ALL", ""));
+        }
+        if opts.packed && offered & ring::RING_PACKED == 0 {
+            return Err(not_offered("VIRTIO_F_RING_PACKED", "; use a split ring"));
+        }
+        self.set_owner()?;
+        let mut acked_proto = 0;
+        if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            acked_proto = self.get_protocol_features()? & proto_mask;
+            self.set_protocol_features(acked_proto)?;
+        }
+        let mut ring_bits = ring::VERSION_1 | ring::INDIRECT_DESC;
+        if opts.event_idx {
+            ring_bits |= ring::EVENT_IDX;
+        }
+        let asked = (if opts.packed { ring::RING_PACKED } else { 0 })
+            | (if opts.log_all { VHOST_F_LOG_ALL } else { 0 });
+        let mut allowed = ring_bits | asked | ring::DEVICE_BITS;
+        if let Some(mask) = opts.features {
+            allowed &= mask | asked;
+        }
+        let acked = offered & (allowed | VHOST_USER_F_PROTOCOL_FEATURES);
+        self.set_features(acked)?;
+        Ok((acked, acked_proto))
+    }
+}
+
+/// `"GPA_ADDRESSES|bit 40"`: the names of the protocol feature bits in `bits`.
+fn protocol_feature_names(bits: u64) -> String {
+    (0..64)
+        .map(|i| 1u64 << i)
+        .filter(|bit| bits & bit != 0)
+        .map(|bit| match pf::name(bit) {
+            Some(name) => name.to_string(),
+            None => format!("bit {}", bit.trailing_zeros()),
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
 /// An error met while receiving or decoding the reply to `req`: what would be a bad
 /// argument coming from our caller is a broken protocol coming from the peer.
 fn peer_fault(req: FrontendReq, e: Error) -> Error {

@@ -11,7 +11,7 @@ use crate::memory::MemoryError;
 #[derive(Debug, thiserror::Error)]
 pub enum VringError {
     /// Split: not a power of two in 1..=32768; packed: not in 1..=32768 (ADVERSARIAL D1).
-    #[error("invalid queue size {0}")]
+    #[error("invalid queue size {0}: a ring has 1 to 32768 entries, a power of two when split")]
     InvalidSize(u32),
     /// A SET_VRING_BASE value that does not fit the ring format (a split base above 16 bits).
     #[error("ring base {0:#x} does not fit the ring format")]

@@ -45,6 +45,23 @@ pub use split::{SplitDevice, SplitDriver};
 
 use crate::memory::{GuestMemory, MemoryError};
 
+/// The virtio transport feature bits that change how a ring works: the rings of this
+/// module implement each of them, on both sides, and a peer may use one only when it was
+/// negotiated (a front-end's `negotiate` acks exactly these transport bits).
+pub mod features {
+    /// VIRTIO_F_INDIRECT_DESC (bit 28): indirect descriptor tables.
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    /// VIRTIO_RING_F_EVENT_IDX (bit 29): notification suppression by index.
+    pub const EVENT_IDX: u64 = 1 << 29;
+    /// VIRTIO_F_VERSION_1 (bit 32): a modern (non-legacy) device.
+    pub const VERSION_1: u64 = 1 << 32;
+    /// VIRTIO_F_RING_PACKED (bit 34): the packed ring format.
+    pub const RING_PACKED: u64 = 1 << 34;
+    /// Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and
+    /// 50-63 of the low 64); bits 24-49 belong to the transport.
+    pub const DEVICE_BITS: u64 = ((1 << 24) - 1) | !((1 << 50) - 1);
+}
+
 /// Largest queue size of either format (virtio 1.x).
 pub const MAX_QUEUE_SIZE: u32 = 32768;
 
@@ -82,11 +99,62 @@ pub struct RingLayout {
 }
 
 impl RingLayout {
-    /// A split ring (ADVERSARIAL D1, D3).
-    pub fn split(size: u32, desc: u64, avail: u64, used: u64) -> Result<Self> {
-        if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+    /// `size` checked for the format: 1..=32768, a power of two for a split ring (D1).
+    fn check_size(size: u32, packed: bool) -> Result<()> {
+        if size == 0 || size > MAX_QUEUE_SIZE || !(packed || size.is_power_of_two()) {
             return Err(VringError::InvalidSize(size));
         }
+        Ok(())
+    }
+
+    /// Bytes of the descriptor table (packed: ring), the avail ring (packed: driver event
+    /// area) and the used ring (packed: device event area) of a ring of `size` entries,
+    /// the split ring's event index words included.
+    pub fn area_sizes(size: u32, packed: bool) -> Result<[u64; 3]> {
+        Self::check_size(size, packed)?;
+        Ok(Self::lengths(u64::from(size), packed))
+    }
+
+    fn lengths(n: u64, packed: bool) -> [u64; 3] {
+        if packed {
+            [DESC_SIZE * n, 4, 4]
+        } else {
+            [DESC_SIZE * n, 6 + 2 * n, 6 + 8 * n]
+        }
+    }
+
+    /// A ring laid out contiguously from `base` rounded up to 16 (what a driver that
+    /// places its own rings does): the descriptor table, then the avail ring (driver
+    /// area), then the used ring (device area) at the next 4-byte boundary. A ring that
+    /// would run past the end of the address space is refused.
+    pub fn place(size: u32, base: u64, packed: bool) -> Result<Self> {
+        let [desc_len, avail_len, used_len] = Self::area_sizes(size, packed)?;
+        let overflow = || {
+            VringError::Memory(MemoryError::Overflow {
+                space: crate::memory::AddressSpace::GuestPhysical,
+                start: base,
+                size: desc_len + avail_len + used_len,
+            })
+        };
+        let desc = base.checked_add(15).ok_or_else(overflow)? & !15;
+        let avail = desc.checked_add(desc_len).ok_or_else(overflow)?;
+        let used = avail.checked_add(avail_len + 3).ok_or_else(overflow)? & !3;
+        used.checked_add(used_len).ok_or_else(overflow)?;
+        Self::new(packed, size, desc, avail, used)
+    }
+
+    /// A split or a packed ring ([`split`](Self::split), [`packed`](Self::packed)).
+    pub fn new(packed: bool, size: u32, desc: u64, avail: u64, used: u64) -> Result<Self> {
+        if packed {
+            Self::packed(size, desc, avail, used)
+        } else {
+            Self::split(size, desc, avail, used)
+        }
+    }
+
+    /// A split ring (ADVERSARIAL D1, D3).
+    pub fn split(size: u32, desc: u64, avail: u64, used: u64) -> Result<Self> {
+        Self::check_size(size, false)?;
         Self::aligned(
             size,
             [
@@ -100,9 +168,7 @@ impl RingLayout {
 
     /// A packed ring (any size in 1..=32768).
     pub fn packed(size: u32, desc: u64, driver_event: u64, device_event: u64) -> Result<Self> {
-        if size == 0 || size > MAX_QUEUE_SIZE {
-            return Err(VringError::InvalidSize(size));
-        }
+        Self::check_size(size, true)?;
         Self::aligned(
             size,
             [
@@ -141,11 +207,7 @@ impl RingLayout {
         let desc = mem.user_to_gpa(desc)?;
         let avail = mem.user_to_gpa(avail_or_driver)?;
         let used = mem.user_to_gpa(used_or_device)?;
-        let layout = if packed {
-            Self::packed(size, desc, avail, used)?
-        } else {
-            Self::split(size, desc, avail, used)?
-        };
+        let layout = Self::new(packed, size, desc, avail, used)?;
         layout.check_memory(mem)?;
         Ok(layout)
     }
@@ -193,20 +255,12 @@ impl RingLayout {
     /// (address, length) of the three areas, including the event index words of a split
     /// ring.
     pub fn areas(&self) -> [(u64, u64); 3] {
-        let n = u64::from(self.size);
-        if self.packed {
-            [
-                (self.desc, DESC_SIZE * n),
-                (self.avail_or_driver, 4),
-                (self.used_or_device, 4),
-            ]
-        } else {
-            [
-                (self.desc, DESC_SIZE * n),
-                (self.avail_or_driver, 6 + 2 * n),
-                (self.used_or_device, 6 + 8 * n),
-            ]
-        }
+        let [desc_len, avail_len, used_len] = Self::lengths(u64::from(self.size), self.packed);
+        [
+            (self.desc, desc_len),
+            (self.avail_or_driver, avail_len),
+            (self.used_or_device, used_len),
+        ]
     }
 
     /// Checks that every area lies entirely in guest memory (ADVERSARIAL D4): the whole

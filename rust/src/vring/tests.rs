@@ -47,6 +47,59 @@ macro_rules! assert_err {
 }
 
 #[test]
+fn rings_are_placed_contiguously_from_a_rounded_up_base() {
+    assert_eq!(
+        RingLayout::area_sizes(256, false).unwrap(),
+        [4096, 6 + 512, 6 + 2048]
+    );
+    assert_eq!(RingLayout::area_sizes(3, true).unwrap(), [48, 4, 4]);
+    for (size, packed) in [(3, false), (0, true), (32769, true), (0, false)] {
+        assert!(matches!(
+            RingLayout::area_sizes(size, packed),
+            Err(VringError::InvalidSize(s)) if s == size
+        ));
+        assert_err!(
+            RingLayout::place(size, 0, packed),
+            VringError::InvalidSize(_)
+        );
+    }
+    // An aligned base gives the same ring as split_at/packed_at.
+    for packed in [false, true] {
+        for size in [1, 4, 256, 32768] {
+            let at = if packed {
+                RingLayout::packed_at(size, 0x4000)
+            } else {
+                RingLayout::split_at(size, 0x4000)
+            };
+            assert_eq!(
+                RingLayout::place(size, 0x4000, packed).unwrap(),
+                at.unwrap()
+            );
+        }
+    }
+    let l = RingLayout::place(4, 0x1001, false).unwrap();
+    assert_eq!((l.desc(), l.avail_or_driver()), (0x1010, 0x1010 + 64));
+    assert_eq!(l.used_or_device(), (0x1010 + 64 + 6 + 8 + 3) & !3);
+    let l = RingLayout::place(3, 0x1001, true).unwrap();
+    assert_eq!(
+        (l.desc(), l.avail_or_driver(), l.used_or_device()),
+        (0x1010, 0x1040, 0x1044)
+    );
+    // A ring past the end of the address space is refused, not wrapped around.
+    for base in [u64::MAX, u64::MAX - 15, u64::MAX - 64 * 16] {
+        assert!(matches!(
+            RingLayout::place(64, base, false),
+            Err(VringError::Memory(MemoryError::Overflow { start, .. })) if start == base
+        ));
+    }
+    let last = u64::MAX - (16 * 64 + 4 + 4) + 1;
+    assert_eq!(
+        RingLayout::place(64, last & !15, true).unwrap().desc(),
+        last & !15
+    );
+}
+
+#[test]
 fn layouts_are_validated() {
     for size in [0, 3, 6, 1000, 32769, 65536, u32::MAX] {
         assert_err!(RingLayout::split_at(size, 0), VringError::InvalidSize(_));
