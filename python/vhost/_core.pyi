@@ -11,6 +11,9 @@ from .types import IotlbMessage, MemoryRegion
 
 __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
+    "HEADER_SIZE",
+    "MAX_BODY_SIZE",
+    "MAX_FDS",
     "BackendChannel",
     "BackendSession",
     "Batch",
@@ -34,6 +37,7 @@ __all__ = [
     "VdpaDevice",
     "Virtqueue",
     "__version__",
+    "describe",
     "place_rings",
     "protocol_feature_table",
     "request_table",
@@ -57,6 +61,35 @@ def request_table() -> list[tuple[str, int, str, str | None, str, str, str, bool
 
 def protocol_feature_table() -> list[tuple[str, int, str]]:
     """The core's protocol features: name, mask and documentation, in bit order."""
+
+HEADER_SIZE: Final[int]
+"""Bytes in a vhost-user message header."""
+MAX_BODY_SIZE: Final[int]
+"""Largest body the core accepts in one message."""
+MAX_FDS: Final[int]
+"""Most fds one message may carry."""
+
+def describe(
+    channel: str,
+    header: bytes,
+    body: bytes,
+    fds: Sequence[_Fd],
+    request_body: bytes = ...,
+) -> tuple[
+    str | None,
+    bool,
+    tuple[int, int, int],
+    int,
+    list[tuple[str, str, object]],
+    str | None,
+    str | None,
+]:
+    """What one message of a ``channel`` (``"frontend"``: the main socket,
+    ``"backend"``: the back-end channel) says, by the core's request table: name (None for
+    an unknown code), whether it is a reply, (code, flags, size), fd count, fields as
+    (name, kind, value), and why the core would refuse it with its hex, or None twice.
+    ``request_body`` is the body of the request a reply answers. What :mod:`vhost.trace`
+    prints; the fds are only borrowed."""
 
 class _HasFileno(Protocol):
     """Anything with ``fileno()`` (a socket, an :class:`EventFd`, a file): accepted wherever an

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from ..errors import VhostError
 from . import bench, blk, check, demo, probe, serve
+from . import trace as trace_cmd
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -83,6 +84,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_parser(sub)
     bench.add_parser(sub)
     check.add_parser(sub)
+    trace_cmd.add_parser(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ mod channel;
 mod codes;
 mod convert;
 mod daemon;
+mod describe;
 mod dirty_log;
 mod errors;
 mod eventfd;
@@ -53,6 +54,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vring::ring_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(vring::place_rings, m)?)?;
     codes::register(m)?;
+    describe::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",

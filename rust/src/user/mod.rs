@@ -5,6 +5,7 @@ pub mod backend;
 pub mod channel;
 pub mod codes;
 pub mod connection;
+pub mod describe;
 pub mod device_state;
 pub mod error;
 pub mod frontend;
