@@ -126,8 +126,9 @@ impl<const N: usize> Field for [u8; N] {
 
 /// Declares a fixed layout once: the struct (its doc, derives and field docs), then
 /// `name: "display name"` for size errors, then the fields in wire order, each with
-/// `=> pad(N)` when N bytes of padding follow it. Generates `SIZE` (the fields and the
-/// padding), `to_bytes`, the [`Field`] impl (so the layout can nest in another) and
+/// `=> pad(N)` when N bytes of padding follow it; or a one-field tuple struct,
+/// `pub struct Name: "display name" (type => pad(N));`. Generates `SIZE` (the fields and
+/// the padding), `to_bytes`, the [`Field`] impl (so the layout can nest in another) and
 /// `from_bytes`: exact size, the fields, then the optional `check: path` (a
 /// `fn(&Self) -> Result<()>` holding the payload's rules), preceded by its doc lines.
 macro_rules! wire_struct {
@@ -149,7 +150,24 @@ macro_rules! wire_struct {
                 pub $field: $ty,
             )+
         }
-
+        wire_struct!(@impl $name, $what, [$($field: $ty $(=> $pad)?),+],
+                     [$(#[doc = $from_doc])*], [$($check)?]);
+    };
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident: $what:literal ($ty:ty $(=> pad($pad:literal))?);
+        $(#[doc = $from_doc:literal])*
+        $(check: $check:path)?
+    ) => {
+        $(#[$attr])*
+        pub struct $name(pub $ty);
+        wire_struct!(@impl $name, $what, [0: $ty $(=> $pad)?],
+                     [$(#[doc = $from_doc])*], [$($check)?]);
+    };
+    (
+        @impl $name:ident, $what:literal, [$($field:tt: $ty:ty $(=> $pad:literal)?),+],
+        [$(#[doc = $from_doc:literal])*], [$($check:path)?]
+    ) => {
         impl $name {
             /// The body's exact size on the wire.
             pub const SIZE: usize = 0 $(+ <$ty as Field>::SIZE $(+ $pad)?)+;

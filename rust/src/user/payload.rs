@@ -33,24 +33,10 @@ fn end_of(start: u64, len: u64) -> Option<u64> {
     start.checked_add(len)
 }
 
-/// A single u64 (features, status, MTU, acks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct U64Payload(pub u64);
-
-impl U64Payload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE).u64(self.0).done()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("u64", b, Self::SIZE)?;
-        Ok(U64Payload(r.u64()))
-    }
+wire_struct! {
+    /// A single u64 (features, status, MTU, acks).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct U64Payload: "u64" (u64);
 }
 
 wire_struct! {
@@ -652,25 +638,11 @@ impl VringArea {
     }
 }
 
-/// `VhostUserShared`: a 16-byte UUID whose first three fields are big-endian (copied
-/// as-is; any value is accepted).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SharedObjectUuid(pub [u8; 16]);
-
-impl SharedObjectUuid {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 16;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.0.to_vec()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("shared object", b, Self::SIZE)?;
-        Ok(SharedObjectUuid(r.take()))
-    }
+wire_struct! {
+    /// `VhostUserShared`: a 16-byte UUID whose first three fields are big-endian (copied
+    /// as-is; any value is accepted).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SharedObjectUuid: "shared object" ([u8; 16]);
 }
 
 wire_struct! {
@@ -886,27 +858,11 @@ impl ShmemConfig {
     }
 }
 
-/// The `SEND_RARP` body: a u64 whose first 6 bytes in memory are the guest's MAC.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RarpPayload(pub [u8; 6]);
-
-impl RarpPayload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .bytes(&self.0)
-            .zeros(2)
-            .done()
-    }
-
+wire_struct! {
+    /// The `SEND_RARP` body: a u64 whose first 6 bytes in memory are the guest's MAC.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RarpPayload: "RARP" ([u8; 6] => pad(2));
     /// The two bytes after the MAC are ignored.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("RARP", b, Self::SIZE)?;
-        Ok(RarpPayload(r.take()))
-    }
 }
 
 /// The `CREATE_CRYPTO_SESSION` body and reply: a crypto session description whose
