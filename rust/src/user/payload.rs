@@ -935,16 +935,6 @@ impl Body for () {
     }
 }
 
-/// One u64: features, MTU, status, session id.
-impl Body for u64 {
-    fn parse(b: &[u8]) -> Result<u64> {
-        Ok(U64Payload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        U64Payload(*self).to_bytes()
-    }
-}
-
 /// The vring index of `SET_VRING_KICK` / `CALL` / `ERR`: its u64 also holds the NOFD
 /// flag, which the request's fd stands for.
 impl Body for u8 {
@@ -963,16 +953,6 @@ impl Body for u8 {
     }
 }
 
-/// The guest MAC of `SEND_RARP`.
-impl Body for [u8; 6] {
-    fn parse(b: &[u8]) -> Result<Self> {
-        Ok(RarpPayload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        RarpPayload(*self).to_bytes()
-    }
-}
-
 /// The opaque parameters of `CREATE_CRYPTO_SESSION`.
 impl Body for Vec<u8> {
     fn parse(b: &[u8]) -> Result<Self> {
@@ -980,16 +960,6 @@ impl Body for Vec<u8> {
     }
     fn bytes(&self) -> Vec<u8> {
         self.clone()
-    }
-}
-
-/// `SET_VRING_ADDR`.
-impl Body for VringAddrs {
-    fn parse(b: &[u8]) -> Result<Self> {
-        Ok(VringAddrPayload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        VringAddrPayload(*self).to_bytes()
     }
 }
 
@@ -1022,6 +992,30 @@ impl Body for VringArea {
         Some(self.nofd)
     }
 }
+
+/// Values sent as the one field of a payload tuple struct, which holds the layout.
+macro_rules! wrapped_body {
+    ($($(#[doc = $doc:literal])* $t:ty => $wrapper:ident),+ $(,)?) => {$(
+        $(#[doc = $doc])*
+        impl Body for $t {
+            fn parse(b: &[u8]) -> Result<Self> {
+                Ok($wrapper::from_bytes(b)?.0)
+            }
+            fn bytes(&self) -> Vec<u8> {
+                $wrapper(*self).to_bytes()
+            }
+        }
+    )+};
+}
+
+wrapped_body!(
+    /// One u64: features, MTU, status, session id.
+    u64 => U64Payload,
+    /// The guest MAC of `SEND_RARP`.
+    [u8; 6] => RarpPayload,
+    /// `SET_VRING_ADDR`.
+    VringAddrs => VringAddrPayload,
+);
 
 /// Payload types whose `from_bytes` / `to_bytes` are the layout, with an optional `check`.
 macro_rules! plain_body {
