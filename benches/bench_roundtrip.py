@@ -141,9 +141,22 @@ class Placement:
 # --- peers -------------------------------------------------------------------------------
 
 
+def _listening(path: str) -> bool:
+    """Whether a socket is listening on ``path``: the file exists from ``bind``, but a
+    connect before ``listen`` is refused (qemu-storage-daemon has such a window). Read from
+    /proc/net/unix (flag __SO_ACCEPTCON), so no probe connection uses up a one-shot peer."""
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def _wait_for_socket(proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not _listening(path):
         if proc.poll() is not None:
             raise SystemExit(f"peer {proc.args!r} exited with {proc.returncode}")
         if time.monotonic() > deadline:

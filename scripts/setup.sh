@@ -13,6 +13,8 @@
 #   2c. cargo-fuzz (crates.io) into ~/.cache/pyvhost/cargo-fuzz, only if missing: the
 #      driver of scripts/fuzz.sh, which `make test` runs (the nightly toolchain it
 #      uses is preinstalled on the project's machines).
+#   2d. rust-vmm's vhost-device-rng (crates.io) into ~/.cache/pyvhost/vhost-device-rng,
+#      only if missing: a peer of `vhost check`'s tests (tests/test_check.py).
 #   3. .venv in the checkout with the Python dev tools.
 #   4. `maturin develop --release` into .venv (skipped with --no-build).
 # Peers are installed before the build, so a broken build still leaves them.
@@ -20,6 +22,7 @@ set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0   # builds with rustc 1.95 (checked); bump deliberately
 CARGO_FUZZ_VERSION=0.13.2  # builds with rustc 1.95 in about a minute (checked)
+VHOST_DEVICE_RNG_VERSION=0.1.0  # what `cargo install --locked` took here; builds with rustc 1.95
 PY_DEV_TOOLS=(
     "maturin>=1.7,<2"
     "pytest>=8"
@@ -130,6 +133,18 @@ if [[ "$("$FUZZ_ROOT/bin/cargo-fuzz" --version 2>/dev/null)" != "cargo-fuzz $CAR
 fi
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     log "WARNING: no nightly toolchain: scripts/fuzz.sh needs one (rustup toolchain install nightly)"
+fi
+
+# --- 2d. vhost-device-rng (rust-vmm) ---------------------------------------------
+RNG_ROOT="$HOME/.cache/pyvhost/vhost-device-rng"
+if [[ ! -x "$RNG_ROOT/bin/vhost-device-rng" ]]; then
+    log "building vhost-device-rng $VHOST_DEVICE_RNG_VERSION from crates.io (a few minutes)"
+    start=$SECONDS
+    CARGO_TARGET_DIR="$HOME/.cache/pyvhost/vhost-device-rng-target" \
+        cargo install --locked vhost-device-rng --version "$VHOST_DEVICE_RNG_VERSION" \
+        --root "$RNG_ROOT"
+    rm -rf "$HOME/.cache/pyvhost/vhost-device-rng-target"
+    log "vhost-device-rng built in $((SECONDS - start)) s"
 fi
 
 # --- 3. Python virtual environment ---------------------------------------------

@@ -6,137 +6,81 @@ and to watch how our side reacts (typed error, closed connection, no leaked fd).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from vhost import _core
+from vhost.check.wire import (
+    CONFIG_HEAD,
+    HEADER,
+    NEED_REPLY,
+    NOFD,
+    REGION,
+    REPLY,
+    U64,
+    VERSION,
+    VRING_STATE,
+    Received,
+    config_body,
+    connect,
+    header,
+    mem_table,
+    message,
+    recv_exact,
+    recv_message,
+    sees_eof,
+    send,
+)
 
-HEADER = struct.Struct("=III")
-U64 = struct.Struct("=Q")
-VRING_STATE = struct.Struct("=II")
-REGION = struct.Struct("=QQQQ")
-CONFIG_HEAD = struct.Struct("=III")
-
-VERSION = 0x1
-REPLY = 1 << 2
-NEED_REPLY = 1 << 3
-NOFD = 1 << 8
+# The wire helpers live in vhost.check.wire (vhost check sends the same bytes); the
+# adversarial tests keep importing them from here.
+__all__ = [
+    "CONFIG_HEAD",
+    "HEADER",
+    "NEED_REPLY",
+    "NOFD",
+    "REGION",
+    "REPLY",
+    "U64",
+    "VERSION",
+    "VRING_STATE",
+    "Received",
+    "SessionThread",
+    "config_body",
+    "connect",
+    "fd_count",
+    "header",
+    "maps_count",
+    "mem_table",
+    "message",
+    "open_fd_targets",
+    "recv_exact",
+    "recv_message",
+    "sees_eof",
+    "send",
+    "server_socket",
+    "settle_fds",
+]
 
 
 def fd_count() -> int:
+    """This process's open fds, after a garbage collection: objects an earlier test left
+    in reference cycles (a GuestMemory and its memfd) would otherwise close in the middle
+    of a later test's count."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
 def maps_count() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
-
-
-def header(code: int, flags: int = VERSION, size: int = 0) -> bytes:
-    return HEADER.pack(code & 0xFFFFFFFF, flags & 0xFFFFFFFF, size & 0xFFFFFFFF)
-
-
-def message(code: int, body: bytes = b"", flags: int = VERSION, size: int | None = None) -> bytes:
-    return header(code, flags, len(body) if size is None else size) + body
-
-
-def mem_table(regions: Sequence[tuple[int, int, int, int]], count: int | None = None) -> bytes:
-    n = len(regions) if count is None else count
-    return struct.pack("=II", n, 0) + b"".join(REGION.pack(*r) for r in regions)
-
-
-def config_body(offset: int, size: int, flags: int = 0, data: bytes | None = None) -> bytes:
-    payload = bytes(size) if data is None else data
-    return CONFIG_HEAD.pack(offset, size, flags) + payload
-
-
-def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
-    """Sends `data`, with `fds` riding on the first byte."""
-    if fds:
-        sent = socket.send_fds(sock, [data], list(fds))
-        if sent < len(data):
-            sock.sendall(data[sent:])
-    else:
-        sock.sendall(data)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Exactly n bytes, or None on EOF before them."""
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
-
-
-@dataclass
-class Received:
-    code: int
-    flags: int
-    body: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-    @property
-    def u64(self) -> int:
-        value: int = U64.unpack(self.body)[0]
-        return value
-
-
-def recv_message(sock: socket.socket) -> Received | None:
-    """One message with its fds, or None on EOF."""
-    head, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, 16)
-    if not head:
-        for fd in fds:
-            os.close(fd)
-        return None
-    rest = recv_exact(sock, HEADER.size - len(head)) if len(head) < HEADER.size else b""
-    if rest is None:
-        return None
-    code, flags, size = HEADER.unpack(head + rest)
-    body = recv_exact(sock, size) if size else b""
-    if body is None:
-        return None
-    return Received(code, flags, body, list(fds))
-
-
-def sees_eof(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the peer closed (EOF or reset) within `timeout`; stray data is drained."""
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            data, fds, _f, _a = socket.recv_fds(sock, 4096, 16)
-            for fd in fds:
-                os.close(fd)
-            if not data:
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-    return False
-
-
-def connect(path: Path | str, timeout: float = 5.0) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(os.fspath(path))
-    return s
 
 
 class SessionThread:

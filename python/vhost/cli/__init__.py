@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 from ..errors import VhostError
-from . import bench, blk, demo, probe, serve
+from . import bench, blk, check, demo, probe, serve
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -27,9 +27,9 @@ from .common import (
 )
 
 DESCRIPTION = """\
-Drive and serve virtio devices over vhost-user: probe any back-end, be the virtio-blk
-driver of one (blk, bench), serve one (serve), or watch data move through a virtqueue
-(demo)."""
+Drive and serve virtio devices over vhost-user: probe any back-end, check its
+conformance and robustness (check), be the virtio-blk driver of one (blk, bench), serve
+one (serve), or watch data move through a virtqueue (demo)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -82,6 +82,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     blk.add_parser(sub)
     serve.add_parser(sub)
     bench.add_parser(sub)
+    check.add_parser(sub)
     return parser
 
 

@@ -1,10 +1,13 @@
 //! eventfd(2): the kick and call notifications of every virtqueue.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use super::{cvt, cvt_size, poll, retry_eintr};
+use rustix::event::EventfdFlags;
+use rustix::fs::{fcntl_getfl, OFlags};
+
+use super::{poll, retry_eintr};
 
 /// An eventfd counter. Always close-on-exec; blocking or not as chosen at creation.
 #[derive(Debug)]
@@ -18,23 +21,19 @@ pub struct EventFd {
 impl EventFd {
     /// A close-on-exec eventfd starting at 0; `nonblock` for one polled in an event loop.
     pub fn new(nonblock: bool) -> io::Result<Self> {
-        let mut flags = libc::EFD_CLOEXEC;
+        let mut flags = EventfdFlags::CLOEXEC;
         if nonblock {
-            flags |= libc::EFD_NONBLOCK;
+            flags |= EventfdFlags::NONBLOCK;
         }
-        // SAFETY: eventfd takes no pointers; the result is checked before use.
-        let raw = cvt(unsafe { libc::eventfd(0, flags) })?;
-        // SAFETY: `raw` was just returned by eventfd, so it is open and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = rustix::event::eventfd(0, flags)?;
         Ok(Self { fd, nonblock })
     }
 
     /// Adopts an fd received from a peer. It is not checked to be an eventfd: a wrong type
     /// shows up as an error from `read`/`write` or from epoll registration, never as UB.
     pub fn from_fd(fd: OwnedFd) -> Self {
-        // SAFETY: F_GETFL only queries the open fd. A failure reads as blocking.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-        let nonblock = flags >= 0 && flags & libc::O_NONBLOCK != 0;
+        // A failure (which F_GETFL cannot have on an open fd) reads as blocking.
+        let nonblock = fcntl_getfl(&fd).is_ok_and(|f| f.contains(OFlags::NONBLOCK));
         Self { fd, nonblock }
     }
 
@@ -76,16 +75,7 @@ impl EventFd {
     /// Adds `v` to the counter. `u64::MAX` is refused by the kernel (EINVAL).
     pub fn write(&self, v: u64) -> io::Result<()> {
         let bytes = v.to_ne_bytes();
-        let n = retry_eintr(|| {
-            // SAFETY: `bytes` is a live 8-byte buffer and the fd is open while `self` lives.
-            cvt_size(unsafe {
-                libc::write(
-                    self.fd.as_raw_fd(),
-                    bytes.as_ptr().cast::<libc::c_void>(),
-                    bytes.len(),
-                )
-            })
-        })?;
+        let n = retry_eintr(|| Ok(rustix::io::write(&self.fd, &bytes)?))?;
         check_whole(n)
     }
 
@@ -93,16 +83,7 @@ impl EventFd {
     /// `ErrorKind::WouldBlock` (std maps EAGAIN to it).
     pub fn read(&self) -> io::Result<u64> {
         let mut bytes = [0u8; 8];
-        let n = retry_eintr(|| {
-            // SAFETY: `bytes` is a live, writable 8-byte buffer and the fd is open.
-            cvt_size(unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    bytes.as_mut_ptr().cast::<libc::c_void>(),
-                    bytes.len(),
-                )
-            })
-        })?;
+        let n = retry_eintr(|| Ok(rustix::io::read(&self.fd, &mut bytes)?))?;
         check_whole(n)?;
         Ok(u64::from_ne_bytes(bytes))
     }

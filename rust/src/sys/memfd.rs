@@ -1,12 +1,12 @@
 //! Sealed memfds: the shareable backing of guest RAM, and fstat/dup helpers for fds that
 //! arrive from a peer.
 
-use std::ffi::CString;
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-use super::{cvt, invalid_input, retry_eintr};
+use rustix::fs::{FileType, MemfdFlags, SealFlags, Stat};
+
+use super::{invalid_input, retry_eintr};
 
 /// Creates a close-on-exec memfd of `size` bytes whose size can never change again.
 ///
@@ -14,19 +14,16 @@ use super::{cvt, invalid_input, retry_eintr};
 /// truncate it and make our next access to the mapping SIGBUS (ADVERSARIAL C5/J8).
 /// `F_SEAL_SEAL` stops anyone from lifting the seals later.
 pub fn memfd_create(name: &str, size: u64) -> io::Result<OwnedFd> {
-    let cname = CString::new(name).map_err(|_| invalid_input("memfd name contains a NUL byte"))?;
-    let len = libc::off_t::try_from(size).map_err(|_| invalid_input("memfd size too large"))?;
-    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-    let raw = cvt(unsafe {
-        libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    })?;
-    // SAFETY: `raw` was just returned by memfd_create, so it is open and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate takes no pointers and `fd` is open.
-    retry_eintr(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }))?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS takes an int argument, no pointer; `fd` is open.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    if name.contains('\0') {
+        return Err(invalid_input("memfd name contains a NUL byte"));
+    }
+    // ftruncate's off_t is signed: a larger size is ours to refuse, not the kernel's.
+    if i64::try_from(size).is_err() {
+        return Err(invalid_input("memfd size too large"));
+    }
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    retry_eintr(|| Ok(rustix::fs::ftruncate(&fd, size)?))?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     Ok(fd)
 }
 
@@ -38,17 +35,14 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// A close-on-exec duplicate, so a copy kept for sharing never leaks into a child process.
 pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC takes an int argument, no pointer; `fd` is open for the borrow.
-    let raw = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
-    // SAFETY: `raw` is a fresh duplicate returned by fcntl and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?)
 }
 
 /// `Some(size)` for a regular file (memfds and hugetlbfs files included), `None` for anything
 /// else. Only regular files have a size that bounds what can be mapped without SIGBUS.
 pub(crate) fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     let st = fstat(fd)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Ok(None);
     }
     u64::try_from(st.st_size)
@@ -56,23 +50,18 @@ pub(crate) fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
         .map_err(|_| invalid_input("negative file size"))
 }
 
-pub(super) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `st` is writable storage of the right type; fstat fills it on success.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat returned 0, so it initialised the whole struct.
-    Ok(unsafe { st.assume_init() })
+pub(super) fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    Ok(rustix::fs::fstat(fd)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sys::test_util::is_cloexec;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
-    fn ftruncate(fd: BorrowedFd<'_>, len: i64) -> io::Result<()> {
-        // SAFETY: ftruncate takes no pointers; `fd` is open.
-        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
+    fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::ftruncate(fd, len)?)
     }
 
     #[test]
@@ -88,14 +77,10 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
         assert_eq!(file_size(fd.as_fd()).unwrap(), 8192);
 
-        // SAFETY: F_GET_SEALS takes no argument; `fd` is open.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        assert_eq!(seals & want, want);
+        let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
         // The seals themselves are sealed.
-        // SAFETY: as above, an int argument only.
-        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
-        assert_eq!(r, -1);
+        assert!(rustix::fs::fcntl_add_seals(&fd, SealFlags::WRITE).is_err());
     }
 
     #[test]

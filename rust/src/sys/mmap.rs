@@ -2,8 +2,11 @@
 //! SIGBUS or a wild pointer (ADVERSARIAL B6, C2, C3, C5).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::ptr;
+
+use rustix::fs::SealFlags;
+use rustix::mm::{MapFlags, ProtFlags};
 
 use super::invalid_input;
 use super::memfd::regular_file_size;
@@ -53,10 +56,14 @@ impl Mapping {
                 return Err(invalid_input("mapping extends past the end of the file"));
             }
         }
-        let page = page_size();
+        // `page_size` is read from the auxiliary vector once: no syscall.
+        let page = rustix::param::page_size() as u64;
         let delta = offset % page;
-        let map_offset = libc::off_t::try_from(offset - delta)
-            .map_err(|_| invalid_input("mapping offset too large"))?;
+        let map_offset = offset - delta;
+        // mmap's off_t is signed: a larger offset is ours to refuse, not the kernel's.
+        if i64::try_from(map_offset).is_err() {
+            return Err(invalid_input("mapping offset too large"));
+        }
         let map_len = len
             .checked_add(delta)
             .and_then(|l| usize::try_from(l).ok())
@@ -64,24 +71,24 @@ impl Mapping {
         // Fits: delta < page, and map_len fits a usize.
         let delta = delta as usize;
         let len = map_len - delta;
-        let mut prot = libc::PROT_READ;
+        let mut prot = ProtFlags::READ;
         if writable {
-            prot |= libc::PROT_WRITE;
+            prot |= ProtFlags::WRITE;
         }
         // SAFETY: a NULL hint lets the kernel choose a fresh range, so no existing Rust
-        // object is replaced; the result is checked before being used.
-        let base = mmap_result(unsafe {
-            libc::mmap(
+        // object is replaced; an error comes back as `Err`, never as MAP_FAILED.
+        let base = unsafe {
+            rustix::mm::mmap(
                 ptr::null_mut(),
                 map_len,
                 prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                MapFlags::SHARED,
+                fd,
                 map_offset,
             )
-        })?;
+        }?;
         Ok(Self {
-            base,
+            base: base.cast(),
             map_len,
             delta,
             len,
@@ -112,19 +119,17 @@ impl Mapping {
             return Err(invalid_input("cannot map 0 bytes"));
         }
         // SAFETY: anonymous mapping at a kernel-chosen address; nothing existing is touched
-        // and the result is checked before use.
-        let base = mmap_result(unsafe {
-            libc::mmap(
+        // and an error comes back as `Err`, never as MAP_FAILED.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
                 ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
             )
-        })?;
+        }?;
         Ok(Self {
-            base,
+            base: base.cast(),
             map_len: len,
             delta: 0,
             len,
@@ -145,12 +150,11 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // munmap of a range we mapped cannot fail, and a destructor has nobody to tell.
         // SAFETY: `base`/`map_len` describe exactly the range this object mapped, and no
         // reference into it can outlive `self` (only raw pointers, which are the holder's
         // responsibility: guest memory keeps the Mapping in an Arc while in use).
-        unsafe {
-            libc::munmap(self.base.cast(), self.map_len);
-        }
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.map_len) };
     }
 }
 
@@ -158,9 +162,8 @@ impl Drop for Mapping {
 /// truncate it under a mapping. QEMU seals its `memory-backend-memfd` this way by default;
 /// files that cannot be sealed (not a memfd, or an fd without F_GET_SEALS) are refused.
 pub fn check_shrink_sealed(fd: BorrowedFd<'_>) -> Result<(), FrontEndMapError> {
-    // SAFETY: F_GET_SEALS takes no pointer; `fd` is open for the borrow.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+    // An fd that cannot carry seals (not a memfd) fails F_GET_SEALS with EINVAL: refused.
+    if rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| s.contains(SealFlags::SHRINK)) {
         Ok(())
     } else {
         Err(FrontEndMapError::Unsealed)
@@ -178,21 +181,6 @@ pub enum FrontEndMapError {
     Map(#[from] io::Error),
 }
 
-fn mmap_result(ret: *mut libc::c_void) -> io::Result<*mut u8> {
-    if ret == libc::MAP_FAILED {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret.cast())
-    }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf takes no pointers.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    // _SC_PAGESIZE cannot fail on Linux; fall back to 4 KiB rather than divide by zero.
-    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,10 +188,8 @@ mod tests {
     use crate::sys::{memfd_create, EventFd};
     use std::os::fd::AsFd;
 
-    fn pwrite(fd: BorrowedFd<'_>, data: &[u8], off: i64) {
-        // SAFETY: `data` is a live buffer of the given length.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
-        assert_eq!(n, data.len() as isize);
+    fn pwrite(fd: BorrowedFd<'_>, data: &[u8], off: u64) {
+        assert_eq!(rustix::io::pwrite(fd, data, off).unwrap(), data.len());
     }
 
     #[test]
@@ -283,15 +269,7 @@ mod tests {
         let err = Mapping::map_shared(e.as_fd(), 0, 4096, true).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
 
-        let mut sv = [0; 2];
-        // SAFETY: `sv` has room for the two fds socketpair writes.
-        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) };
-        assert_eq!(r, 0);
-        // SAFETY: socketpair returned two fresh fds that we now own.
-        let (a, b) = unsafe {
-            use std::os::fd::{FromRawFd, OwnedFd};
-            (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1]))
-        };
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let err = Mapping::map_shared(a.as_fd(), 0, 4096, true).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
         drop(b);

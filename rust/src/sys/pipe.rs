@@ -11,13 +11,17 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
+
+use rustix::fs::{fcntl_getfl, fcntl_setfl, FileType, OFlags};
+use rustix::net::SendFlags;
+use rustix::pipe::PipeFlags;
 
 use super::memfd::fstat;
 use super::poll::poll_until;
+use super::retry_eintr;
 use super::socket::seconds;
-use super::{cvt, cvt_size, retry_eintr};
 
 /// Which way a stream end is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,46 +76,39 @@ pub struct Bounds<'a> {
 
 /// A new pipe: `(read end, write end)`, both close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a writable array of two ints, which pipe2 fills on success.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 returned 0, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?)
 }
 
 /// Checks that `fd`, handed over by a peer, is a pipe (FIFO) or a socket open for `way`.
 pub fn check_stream_end(fd: BorrowedFd<'_>, way: Way) -> Result<(), StreamError> {
-    let kind = match fstat(fd)?.st_mode & libc::S_IFMT {
-        libc::S_IFIFO | libc::S_IFSOCK => None,
-        libc::S_IFREG => Some("a regular file"),
-        libc::S_IFDIR => Some("a directory"),
-        libc::S_IFCHR => Some("a character device"),
-        libc::S_IFBLK => Some("a block device"),
+    let kind = match FileType::from_raw_mode(fstat(fd)?.st_mode) {
+        FileType::Fifo | FileType::Socket => None,
+        FileType::RegularFile => Some("a regular file"),
+        FileType::Directory => Some("a directory"),
+        FileType::CharacterDevice => Some("a character device"),
+        FileType::BlockDevice => Some("a block device"),
         // eventfds, memfd-less anonymous inodes, epoll fds...
         _ => Some("an anonymous inode (an eventfd or the like)"),
     };
     if let Some(kind) = kind {
         return Err(StreamError::NotAStream(kind));
     }
-    // SAFETY: F_GETFL only queries the open fd.
-    let mode = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })? & libc::O_ACCMODE;
-    match (way, mode) {
-        (Way::Read, libc::O_WRONLY) => Err(StreamError::WrongWay("reading")),
-        (Way::Write, libc::O_RDONLY) => Err(StreamError::WrongWay("writing")),
-        _ => Ok(()),
+    let mode = fcntl_getfl(fd).map_err(io::Error::from)? & OFlags::RWMODE;
+    if way == Way::Read && mode == OFlags::WRONLY {
+        Err(StreamError::WrongWay("reading"))
+    } else if way == Way::Write && mode == OFlags::RDONLY {
+        Err(StreamError::WrongWay("writing"))
+    } else {
+        Ok(())
     }
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL take an int argument, no pointer; `fd` is open.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
-    Ok(())
+    Ok(fcntl_setfl(fd, fcntl_getfl(fd)? | OFlags::NONBLOCK)?)
 }
 
 fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(fstat(fd)?.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+    Ok(FileType::from_raw_mode(fstat(fd)?.st_mode) == FileType::Socket)
 }
 
 /// Waits until `fd` is ready for `way` within the bounds; what stopped the wait otherwise.
@@ -181,10 +178,7 @@ pub fn read_to_end(fd: BorrowedFd<'_>, bounds: Bounds<'_>) -> Result<Vec<u8>, St
     let mut out = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = retry_eintr(|| {
-            // SAFETY: `chunk` is a writable buffer of `chunk.len()` bytes; `fd` is open.
-            cvt_size(unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) })
-        });
+        let n = retry_eintr(|| Ok(rustix::io::read(fd, &mut chunk[..])?));
         match n {
             Ok(0) => return Ok(out),
             Ok(n) => {
@@ -222,21 +216,10 @@ pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], bounds: Bounds<'_>) -> Result<
 /// One write that reports a missing reader as `EPIPE` and never raises `SIGPIPE`.
 fn write_nosignal(fd: BorrowedFd<'_>, buf: &[u8], socket: bool) -> io::Result<usize> {
     if socket {
-        return retry_eintr(|| {
-            // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
-            cvt_size(unsafe {
-                libc::send(
-                    fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            })
-        });
+        return retry_eintr(|| Ok(rustix::net::send(fd, buf, SendFlags::NOSIGNAL)?));
     }
     let _blocked = SigpipeBlocked::new()?;
-    // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; `fd` is open.
-    retry_eintr(|| cvt_size(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) }))
+    retry_eintr(|| Ok(rustix::io::write(fd, buf)?))
 }
 
 /// SIGPIPE blocked on this thread while it lives; on drop a SIGPIPE that became pending

@@ -1,13 +1,18 @@
 //! Sending and receiving fds over AF_UNIX sockets (`SCM_RIGHTS`), hardened against the
 //! ways a peer abuses it (ADVERSARIAL B2, B8, B9).
 
-use std::io::{self, IoSlice};
-use std::mem::{self, size_of};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::{align_of, MaybeUninit};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use super::{cvt_size, invalid_input, retry_eintr};
+use rustix::cmsg_space;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use super::{invalid_input, retry_eintr};
 
 /// Receive buffer size in fds; more arrive -> MSG_CTRUNC. vhost-user never attaches more
 /// than one fd per region (at most 8, or 32 with rust-vmm's limit), so 32 is plenty.
@@ -16,9 +21,10 @@ pub const MAX_FDS: usize = 32;
 /// The kernel's SCM_MAX_FD: no single message can carry more, so larger buffers are waste.
 const SCM_MAX_FD: usize = 253;
 
-/// Control-buffer words kept on the stack: CMSG_SPACE of MAX_FDS ints (16 + 128 bytes on
-/// 64-bit Linux) with room to spare; larger requests fall back to the heap.
-const STACK_CONTROL_WORDS: usize = 24;
+/// Control-buffer bytes kept on the stack: CMSG_SPACE of MAX_FDS ints (16 + 128 bytes on
+/// 64-bit Linux), plus the slack that aligning the buffer for a cmsghdr may cost; larger
+/// requests fall back to the heap.
+const STACK_CONTROL: usize = cmsg_space!(ScmRights(MAX_FDS)) + align_of::<u64>();
 
 /// Sends `bufs` with `fds` attached (if any). Returns the number of data bytes sent, which
 /// may be short on a stream socket.
@@ -36,62 +42,33 @@ pub fn send_with_fds(
             "file descriptors need at least one data byte",
         ));
     }
-    // SAFETY: msghdr is plain C data for which all-zeroes is a valid (empty) value; zeroing
-    // also covers the padding fields some libcs have.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    // IoSlice is guaranteed ABI-compatible with iovec; sendmsg only reads through it.
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = bufs.len() as _;
-
-    // u64 elements give the control buffer the alignment of cmsghdr.
-    let mut control: Vec<u64> = Vec::new();
-    if !fds.is_empty() {
-        let data_len = u32::try_from(fds.len() * size_of::<RawFd>())
-            .map_err(|_| invalid_input("too many file descriptors"))?;
-        // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
-        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        control = vec![0u64; space.div_ceil(size_of::<u64>())];
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` zeroed, aligned bytes, at least one cmsghdr
-        // plus room for `fds.len()` ints (CMSG_SPACE), so the header and data writes below
-        // stay inside `control`. CMSG_DATA may be unaligned for int, hence write_unaligned.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            debug_assert!(!cmsg.is_null());
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as _;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(fd.as_raw_fd());
-            }
-        }
+    // Only set-up messages carry fds, so the control buffer may live on the heap (and
+    // a message without fds allocates none).
+    let len = if fds.is_empty() {
+        0
+    } else {
+        cmsg_space!(ScmRights(fds.len()))
+    };
+    let mut space = vec![MaybeUninit::uninit(); len];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(invalid_input("too many file descriptors"));
     }
-    let sent = retry_eintr(|| {
-        // SAFETY: `msg` points at `bufs` and `control`, both alive and unchanged for the
-        // call; sendmsg only reads them.
-        cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })
-    });
-    drop(control);
-    sent
+    retry_eintr(|| {
+        Ok(rustix::net::sendmsg(
+            sock,
+            bufs,
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?)
+    })
 }
 
 /// Sends `data` without fds with `send` (MSG_NOSIGNAL, as above). Returns the bytes sent,
 /// which may be short. One buffer and no msghdr make this the cheaper call for the small
 /// messages that make up most of the protocol.
 pub fn send_plain(sock: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
-    retry_eintr(|| {
-        // SAFETY: `data` is readable for its length for the duration of the call.
-        cvt_size(unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        })
-    })
+    retry_eintr(|| Ok(rustix::net::send(sock, data, SendFlags::NOSIGNAL)?))
 }
 
 /// One received message: `len` data bytes and the fds that came with them.
@@ -109,7 +86,8 @@ pub struct Received {
 ///
 /// MSG_CMSG_CLOEXEC makes the fds close-on-exec atomically, with no window in which a
 /// concurrent fork+exec could inherit them (B8). The fds are owned as soon as they are
-/// parsed, so no error path can leak one (B2).
+/// parsed, so no error path can leak one (B2): the control buffer closes any fd that is
+/// not taken out of it when it is dropped.
 ///
 /// `buf` should not be empty: a 0-byte read would be indistinguishable from EOF.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
@@ -117,79 +95,48 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io
     let space = if max_fds == 0 {
         0
     } else {
-        // SAFETY: CMSG_SPACE is pure arithmetic; max_fds * 4 <= 1012 fits a u32.
-        unsafe { libc::CMSG_SPACE((max_fds * size_of::<RawFd>()) as u32) as usize }
+        cmsg_space!(ScmRights(max_fds))
     };
     // The usual control buffer (MAX_FDS fds) lives on the stack: this runs once per
-    // message, and a heap buffer per call was a measurable share of a round trip.
-    let mut stack_control = [0u64; STACK_CONTROL_WORDS];
+    // message, and a heap buffer per call was a measurable share of a round trip. The
+    // slice starts at a cmsghdr boundary and is exactly `space` long, so the kernel is
+    // offered the same room as CMSG_SPACE(max_fds) says.
+    let mut stack_control = [MaybeUninit::<u8>::uninit(); STACK_CONTROL];
     let mut heap_control = Vec::new();
-    let words = space.div_ceil(size_of::<u64>());
-    let control: &mut [u64] = if words <= STACK_CONTROL_WORDS {
-        &mut stack_control[..words]
+    let raw: &mut [MaybeUninit<u8>] = if space + align_of::<u64>() <= STACK_CONTROL {
+        &mut stack_control
     } else {
-        heap_control.resize(words, 0u64);
+        heap_control.resize(space + align_of::<u64>(), MaybeUninit::uninit());
         &mut heap_control
     };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-
-    // SAFETY: all-zeroes is a valid msghdr (see send_with_fds).
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    let len = retry_eintr(|| {
-        // Reset each attempt: recvmsg updates these fields.
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = if space == 0 {
-            ptr::null_mut()
-        } else {
-            control.as_mut_ptr().cast()
-        };
-        msg.msg_controllen = space as _;
-        msg.msg_flags = 0;
-        // SAFETY: `iov` describes `buf`, which is writable for its length, and msg_control
-        // describes `space` writable bytes of `control`; both outlive the call.
-        cvt_size(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })
+    let start = raw.as_ptr().align_offset(align_of::<u64>());
+    let mut control = RecvAncillaryBuffer::new(&mut raw[start..start + space]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = retry_eintr(|| {
+        Ok(rustix::net::recvmsg(
+            sock,
+            &mut iov,
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?)
     })?;
 
     let mut fds = Vec::new();
-    let control_end = (control.as_ptr() as usize).saturating_add(msg.msg_controllen as usize);
-    // SAFETY: `msg` is the header recvmsg just filled in; CMSG_FIRSTHDR/NXTHDR only return
-    // headers that lie inside msg_control[..msg_controllen] (or null), which the kernel wrote.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !cmsg.is_null() {
-        // SAFETY: `cmsg` is non-null and inside the control buffer (see above).
-        let hdr = unsafe { &*cmsg };
-        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_DATA is pointer arithmetic on a valid header.
-            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-            // SAFETY: pure arithmetic.
-            let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
-            let claimed = (hdr.cmsg_len as usize).saturating_sub(header_len);
-            // Never trust cmsg_len beyond what the buffer holds.
-            let available = control_end.saturating_sub(data as usize);
-            let count = claimed.min(available) / size_of::<RawFd>();
-            for i in 0..count {
-                // SAFETY: `i < count` keeps the read inside the control buffer; the kernel
-                // installed each of these fds in our table for us alone, so owning it is
-                // right (and makes sure it is closed on every path).
-                let fd = unsafe { OwnedFd::from_raw_fd(data.add(i).read_unaligned()) };
-                fds.push(fd);
-            }
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+            fds.extend(received);
         }
-        // SAFETY: `msg` and `cmsg` are as above; NXTHDR bounds-checks against msg_controllen.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
-
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > max_fds {
+    if msg.flags.contains(ReturnFlags::CTRUNC) || fds.len() > max_fds {
         // Closing them here is the point: a peer flooding us with fds must not exhaust
         // our table, and a partial set is useless to the protocol layer.
         drop(fds);
         return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
     }
-    Ok(Received { len, fds })
+    Ok(Received {
+        len: msg.bytes,
+        fds,
+    })
 }
 
 /// Sends all of `data`, looping on partial writes; `fds` travel with the first chunk only.
@@ -230,31 +177,17 @@ mod tests {
     use crate::sys::test_util::{is_cloexec, open_fd_count};
     use crate::sys::EventFd;
     use std::os::fd::AsFd;
+    use std::{mem, ptr};
 
     fn socketpair() -> (OwnedFd, OwnedFd) {
-        let mut sv = [0; 2];
-        // SAFETY: `sv` has room for the two fds socketpair writes.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                0,
-                sv.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
-        // SAFETY: socketpair returned two fresh fds that nobody else owns.
-        unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) }
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (a.into(), b.into())
     }
 
     /// (read end, write end), both close-on-exec and non-blocking.
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut p = [0; 2];
-        // SAFETY: `p` has room for the two fds pipe2 writes.
-        let r = unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        assert_eq!(r, 0);
-        // SAFETY: pipe2 returned two fresh fds that nobody else owns.
-        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+        use rustix::pipe::PipeFlags;
+        rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).unwrap()
     }
 
     #[test]
@@ -294,33 +227,57 @@ mod tests {
 
     #[test]
     fn too_many_fds_are_all_closed_with_enobufs() {
-        let (a, b) = socketpair();
-        // Forty copies of a pipe's write end: once every copy is closed, the read end sees
-        // EOF. That proves no copy leaked, whatever other tests do with the fd table.
-        let (rd, wr) = pipe();
-        let copies: Vec<BorrowedFd<'_>> = (0..40).map(|_| wr.as_fd()).collect();
+        // ADVERSARIAL B2: more than our buffer holds, up to the kernel's SCM_MAX_FD.
+        for count in [40, SCM_MAX_FD] {
+            let (a, b) = socketpair();
+            // Copies of a pipe's write end: once every copy is closed, the read end sees
+            // EOF. That proves no copy leaked, whatever other tests do with the fd table.
+            let (rd, wr) = pipe();
+            let copies: Vec<BorrowedFd<'_>> = (0..count).map(|_| wr.as_fd()).collect();
 
-        let mut leak_free = false;
-        for _ in 0..20 {
-            let before = open_fd_count();
-            send_with_fds(a.as_fd(), &[IoSlice::new(b"x")], &copies).unwrap();
-            let mut buf = [0u8; 4];
-            let err = recv_with_fds(b.as_fd(), &mut buf, MAX_FDS).unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS));
-            // Tests run concurrently and open fds too: one clean attempt is enough.
-            if open_fd_count() == before {
-                leak_free = true;
-                break;
+            let mut leak_free = false;
+            for _ in 0..20 {
+                let before = open_fd_count();
+                send_with_fds(a.as_fd(), &[IoSlice::new(b"x")], &copies).unwrap();
+                let mut buf = [0u8; 4];
+                let err = recv_with_fds(b.as_fd(), &mut buf, MAX_FDS).unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS));
+                // Tests run concurrently and open fds too: one clean attempt is enough.
+                if open_fd_count() == before {
+                    leak_free = true;
+                    break;
+                }
             }
-        }
-        assert!(leak_free, "fd count grew after ENOBUFS");
+            assert!(leak_free, "fd count grew after ENOBUFS ({count} fds)");
 
-        drop(copies);
-        drop(wr);
-        let mut byte = 0u8;
-        // SAFETY: `byte` is a writable 1-byte buffer.
-        let n = unsafe { libc::read(rd.as_raw_fd(), ptr::addr_of_mut!(byte).cast(), 1) };
-        assert_eq!(n, 0, "a copy of the pipe's write end is still open");
+            drop(copies);
+            drop(wr);
+            let mut byte = [0u8; 1];
+            let n = rustix::io::read(&rd, &mut byte).unwrap();
+            assert_eq!(
+                n, 0,
+                "a copy of the pipe's write end is still open ({count} fds)"
+            );
+        }
+    }
+
+    #[test]
+    fn a_larger_fd_budget_takes_them_all_and_a_short_read_keeps_them() {
+        // max_fds above MAX_FDS takes the heap control buffer: 40 fds fit it whole.
+        let (a, b) = socketpair();
+        let e = EventFd::new(true).unwrap();
+        let copies: Vec<BorrowedFd<'_>> = (0..40).map(|_| e.as_fd()).collect();
+        send_with_fds(a.as_fd(), &[IoSlice::new(b"0123456789")], &copies).unwrap();
+        // A buffer shorter than the message: the fds come with the first read, whole, and
+        // the rest of the data comes without any.
+        let mut buf = [0u8; 4];
+        let r = recv_with_fds(b.as_fd(), &mut buf, 64).unwrap();
+        assert_eq!((r.len, r.fds.len()), (4, 40));
+        assert!(r.fds.iter().all(|fd| is_cloexec(fd.as_fd())));
+        let r = recv_with_fds(b.as_fd(), &mut buf, 64).unwrap();
+        assert_eq!((r.len, r.fds.len()), (4, 0));
+        let r = recv_with_fds(b.as_fd(), &mut buf, 64).unwrap();
+        assert_eq!((r.len, r.fds.len(), &buf[..2]), (2, 0, &b"89"[..]));
     }
 
     #[test]

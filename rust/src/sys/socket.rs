@@ -8,14 +8,16 @@
 
 use std::fmt;
 use std::io;
-use std::mem;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{cvt, interrupt};
+use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketType};
+
+use super::interrupt;
 
 /// An operation on a socket path that failed: what was tried (`"connect to"`, `"bind"`),
 /// on which path, the errno (`ETIMEDOUT` for a bound that passed, `ENAMETOOLONG` for a
@@ -87,10 +89,7 @@ pub fn reason_of(err: &io::Error) -> String {
 pub const MAX_SOCKET_PATH: usize = 107;
 
 /// The address of `path`, or `ENAMETOOLONG` naming the limit.
-fn sockaddr_of(path: &Path, op: &'static str) -> Result<libc::sockaddr_un, PathError> {
-    // SAFETY: sockaddr_un is plain C data; all-zeroes is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+fn sockaddr_of(path: &Path, op: &'static str) -> Result<SocketAddrUnix, PathError> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() > MAX_SOCKET_PATH || bytes.is_empty() || bytes.contains(&0) {
         let reason = if bytes.len() > MAX_SOCKET_PATH {
@@ -113,36 +112,15 @@ fn sockaddr_of(path: &Path, op: &'static str) -> Result<libc::sockaddr_un, PathE
             reason,
         });
     }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    Ok(addr)
+    // Checked above: short enough and NUL-free, so this cannot fail.
+    SocketAddrUnix::new(path).map_err(|e| PathError::new(op, path, &e.into()))
 }
 
 /// Sets one socket timeout option; `None` is no bound, and a zero bound (which the
 /// kernel would read as "forever") is rounded up to a microsecond.
-fn set_timeout_opt(fd: BorrowedFd<'_>, opt: libc::c_int, t: Option<Duration>) -> io::Result<()> {
-    let tv = match t {
-        None => libc::timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        },
-        Some(d) => libc::timeval {
-            tv_sec: d.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-            tv_usec: d.subsec_micros().max(u32::from(d.as_secs() == 0)) as libc::suseconds_t,
-        },
-    };
-    // SAFETY: `tv` is a live timeval of the size passed; the fd is open for the borrow.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            std::ptr::addr_of!(tv).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
+fn set_timeout_opt(fd: BorrowedFd<'_>, opt: Timeout, t: Option<Duration>) -> io::Result<()> {
+    let t = t.map(|d| d.max(Duration::from_micros(1)));
+    Ok(sockopt::set_socket_timeout(fd, opt, t)?)
 }
 
 /// Shuts `sock` down both ways: a thread blocked reading, writing or accepting on it wakes
@@ -150,8 +128,7 @@ fn set_timeout_opt(fd: BorrowedFd<'_>, opt: libc::c_int, t: Option<Duration>) ->
 /// still holds an fd of it. Errors (the socket already shut down, not connected) are
 /// ignored: the only aim is that nobody waits on this socket any longer.
 pub fn shut_down(sock: BorrowedFd<'_>) {
-    // SAFETY: shutdown(2) on a valid borrowed fd; no memory is passed.
-    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+    let _ = rustix::net::shutdown(sock, Shutdown::Both);
 }
 
 /// Wakes whatever thread is blocked on a socket whose owner sits behind a lock that thread
@@ -201,8 +178,8 @@ impl Waker {
 /// Sets SO_RCVTIMEO and SO_SNDTIMEO to `t` (zero is a microsecond, unlike std's setters,
 /// which refuse it).
 pub fn set_timeouts(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
-    set_timeout_opt(fd, libc::SO_RCVTIMEO, Some(t))?;
-    set_timeout_opt(fd, libc::SO_SNDTIMEO, Some(t))
+    set_timeout_opt(fd, Timeout::Recv, Some(t))?;
+    set_timeout_opt(fd, Timeout::Send, Some(t))
 }
 
 /// Connects a close-on-exec stream socket to `path`, waiting at most `timeout` (`None`:
@@ -212,25 +189,18 @@ pub fn connect_unix(path: &Path, timeout: Option<Duration>) -> Result<UnixStream
     const OP: &str = "connect to";
     let fail = |e: io::Error| PathError::new(OP, path, &e);
     let addr = sockaddr_of(path, OP)?;
-    // SAFETY: socket takes no pointers; the result is checked before use.
-    let raw =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
-            .map_err(fail)?;
-    // SAFETY: `raw` was just returned by socket, so it is open and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| fail(e.into()))?;
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        set_timeout_opt(fd.as_fd(), libc::SO_SNDTIMEO, interrupt::slice(left)).map_err(fail)?;
-        // SAFETY: `addr` is a live sockaddr_un of the size passed; the fd is open.
-        let r = cvt(unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast(),
-                mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        });
-        match r {
+        set_timeout_opt(fd.as_fd(), Timeout::Send, interrupt::slice(left)).map_err(fail)?;
+        match rustix::net::connect(&fd, &addr).map_err(io::Error::from) {
             Ok(_) => break,
             Err(e) => match e.raw_os_error() {
                 // A full backlog: the slice (or the whole bound) passed without a free slot.
@@ -254,7 +224,7 @@ pub fn connect_unix(path: &Path, timeout: Option<Duration>) -> Result<UnixStream
             },
         }
     }
-    set_timeout_opt(fd.as_fd(), libc::SO_SNDTIMEO, None).map_err(fail)?;
+    set_timeout_opt(fd.as_fd(), Timeout::Send, None).map_err(fail)?;
     Ok(UnixStream::from(fd))
 }
 

@@ -26,10 +26,12 @@
 //! pin them.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use super::{cvt, cvt_size, poll, retry_eintr};
+use rustix::mm::UserfaultfdFlags;
+
+use super::{cvt, poll, retry_eintr};
 
 /// `UFFD_API`: the only API version.
 pub const UFFD_API: u64 = 0xAA;
@@ -202,13 +204,15 @@ impl Userfaultfd {
 
     fn open() -> io::Result<OwnedFd> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        // SAFETY: userfaultfd takes only flags; the result is checked before use.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-        if raw >= 0 {
-            // SAFETY: a non-negative result of userfaultfd is a fresh fd owned by nobody else.
-            return Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
-        }
-        let err = io::Error::last_os_error();
+        // SAFETY: the call takes only flags. (rustix marks it unsafe because the fd can
+        // change how this process's memory faults: that power is what this type is for,
+        // and only registered ranges are affected.)
+        let err = match unsafe {
+            rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
+        } {
+            Ok(fd) => return Ok(fd),
+            Err(e) => io::Error::from(e),
+        };
         if err.raw_os_error() != Some(libc::EPERM) {
             return Err(io::Error::new(err.kind(), format!("userfaultfd: {err}")));
         }
@@ -334,16 +338,7 @@ impl Userfaultfd {
                 return Ok(None);
             }
             let mut msg = [0u8; UFFD_MSG_SIZE];
-            let n = retry_eintr(|| {
-                // SAFETY: `msg` is a live, writable buffer of UFFD_MSG_SIZE bytes.
-                cvt_size(unsafe {
-                    libc::read(
-                        self.fd.as_raw_fd(),
-                        msg.as_mut_ptr().cast::<libc::c_void>(),
-                        msg.len(),
-                    )
-                })
-            });
+            let n = retry_eintr(|| Ok(rustix::io::read(&self.fd, &mut msg)?));
             match n {
                 // Another reader took it between the poll and the read.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
