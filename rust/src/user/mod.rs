@@ -10,6 +10,7 @@ pub mod device_state;
 pub mod error;
 pub mod frontend;
 pub mod header;
+mod layout;
 pub mod listener;
 pub mod message;
 pub mod payload;

@@ -20,93 +20,12 @@
 
 use super::codes::{MAX_CONFIG_SIZE, MAX_MEM_TABLE_REGIONS};
 use super::header::MAX_BODY_SIZE;
+use super::layout::{exact, size_error, wire_struct, Field, Reader, Writer};
 use super::{Error, Result};
 use crate::backend::VringAddrs;
 
-fn size_error(what: &'static str, expected: impl ToString, got: usize) -> Error {
-    Error::InvalidSize {
-        request: what,
-        expected: expected.to_string(),
-        got,
-    }
-}
-
-fn exact<'a>(what: &'static str, b: &'a [u8], size: usize) -> Result<Reader<'a>> {
-    if b.len() != size {
-        return Err(size_error(what, size, b.len()));
-    }
-    Ok(Reader { rest: b })
-}
-
 fn invalid(what: &str, msg: impl std::fmt::Display) -> Error {
     Error::InvalidParam(format!("{what}: {msg}"))
-}
-
-/// Reads fields front to back. Callers check the length first; a read past the end
-/// yields zeros instead of panicking.
-struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let n = N.min(self.rest.len());
-        out[..n].copy_from_slice(&self.rest[..n]);
-        self.rest = &self.rest[n..];
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_ne_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_ne_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_ne_bytes(self.take())
-    }
-    fn skip(&mut self, n: usize) {
-        self.rest = self.rest.get(n..).unwrap_or(&[]);
-    }
-}
-
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn with_capacity(n: usize) -> Self {
-        Writer(Vec::with_capacity(n))
-    }
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn bytes(mut self, v: &[u8]) -> Self {
-        self.0.extend_from_slice(v);
-        self
-    }
-    fn zeros(mut self, n: usize) -> Self {
-        self.0.resize(self.0.len() + n, 0);
-        self
-    }
-    fn done(self) -> Vec<u8> {
-        self.0
-    }
 }
 
 /// `start + len` as an exclusive end, or `None` if it does not fit in a u64.
@@ -114,54 +33,20 @@ fn end_of(start: u64, len: u64) -> Option<u64> {
     start.checked_add(len)
 }
 
-/// A single u64 (features, status, MTU, acks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct U64Payload(pub u64);
-
-impl U64Payload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE).u64(self.0).done()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("u64", b, Self::SIZE)?;
-        Ok(U64Payload(r.u64()))
-    }
+wire_struct! {
+    /// A single u64 (features, status, MTU, acks).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct U64Payload: "u64" (u64);
 }
 
-/// `struct vhost_vring_state`: a ring index and a number (size, base, enable, endian).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VringState {
-    /// The queue index.
-    pub index: u32,
-    /// Size, base, enable flag or endianness, by request.
-    pub num: u32,
-}
-
-impl VringState {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u32(self.index)
-            .u32(self.num)
-            .done()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("vring state", b, Self::SIZE)?;
-        Ok(VringState {
-            index: r.u32(),
-            num: r.u32(),
-        })
+wire_struct! {
+    /// `struct vhost_vring_state`: a ring index and a number (size, base, enable, endian).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct VringState: "vring state" {
+        /// The queue index.
+        index: u32,
+        /// Size, base, enable flag or endianness, by request.
+        num: u32,
     }
 }
 
@@ -203,53 +88,25 @@ impl VringAddrPayload {
     }
 }
 
-/// One memory region: guest-physical base, size, front-end virtual base, and the offset
-/// of the region in its fd.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemRegion {
-    /// Where the region starts for the guest.
-    pub guest_phys_addr: u64,
-    /// Its size in bytes.
-    pub memory_size: u64,
-    /// Where the front-end mapped it (ring addresses are given in this space).
-    pub userspace_addr: u64,
-    /// Where it starts in its fd.
-    pub mmap_offset: u64,
+wire_struct! {
+    /// One memory region: guest-physical base, size, front-end virtual base, and the offset
+    /// of the region in its fd.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct MemRegion: "memory region" {
+        /// Where the region starts for the guest.
+        guest_phys_addr: u64,
+        /// Its size in bytes.
+        memory_size: u64,
+        /// Where the front-end mapped it (ring addresses are given in this space).
+        userspace_addr: u64,
+        /// Where it starts in its fd.
+        mmap_offset: u64,
+    }
+    /// Then [`MemRegion::check`].
+    check: MemRegion::check
 }
 
 impl MemRegion {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 32;
-
-    fn write(&self, w: Writer) -> Writer {
-        w.u64(self.guest_phys_addr)
-            .u64(self.memory_size)
-            .u64(self.userspace_addr)
-            .u64(self.mmap_offset)
-    }
-
-    fn read(r: &mut Reader<'_>) -> Self {
-        MemRegion {
-            guest_phys_addr: r.u64(),
-            memory_size: r.u64(),
-            userspace_addr: r.u64(),
-            mmap_offset: r.u64(),
-        }
-    }
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.write(Writer::with_capacity(Self::SIZE)).done()
-    }
-
-    /// Exact size, then [`MemRegion::check`].
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("memory region", b, Self::SIZE)?;
-        let region = Self::read(&mut r);
-        region.check()?;
-        Ok(region)
-    }
-
     /// Size not 0; guest, user and file ranges all end inside the u64 space (C2).
     pub fn check(&self) -> Result<()> {
         if self.memory_size == 0 {
@@ -309,7 +166,7 @@ impl MemTable {
             .u32(u32::try_from(n).unwrap_or(u32::MAX))
             .u32(0);
         for r in &self.regions {
-            w = r.write(w);
+            w = w.field(r);
         }
         w.done()
     }
@@ -335,7 +192,7 @@ impl MemTable {
             return Err(size_error(WHAT, want, b.len()));
         }
         let table = MemTable {
-            regions: (0..n).map(|_| MemRegion::read(&mut r)).collect(),
+            regions: (0..n).map(|_| r.field()).collect(),
         };
         table.check()?;
         Ok(table)
@@ -382,8 +239,9 @@ impl SingleMemRegion {
 
     /// The body as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.region
-            .write(Writer::with_capacity(Self::SIZE).u64(0))
+        Writer::with_capacity(Self::SIZE)
+            .u64(0)
+            .field(&self.region)
             .done()
     }
 
@@ -391,94 +249,60 @@ impl SingleMemRegion {
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = exact("single memory region", b, Self::SIZE)?;
         r.skip(8);
-        let region = MemRegion::read(&mut r);
+        let region: MemRegion = r.field();
         region.check()?;
         Ok(SingleMemRegion { region })
     }
 }
 
-/// The `SET_LOG_BASE` body: size and offset of the dirty log in the attached fd.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LogDesc {
-    /// The log's size in bytes.
-    pub mmap_size: u64,
-    /// Where the log starts in the fd.
-    pub mmap_offset: u64,
+wire_struct! {
+    /// The `SET_LOG_BASE` body: size and offset of the dirty log in the attached fd.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LogDesc: "log description" {
+        /// The log's size in bytes.
+        mmap_size: u64,
+        /// Where the log starts in the fd.
+        mmap_offset: u64,
+    }
+    /// Then the size must not be 0 and offset + size must not overflow (C9).
+    check: LogDesc::rules
 }
 
 impl LogDesc {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 16;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u64(self.mmap_size)
-            .u64(self.mmap_offset)
-            .done()
-    }
-
-    /// Size not 0; offset + size does not overflow (C9).
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("log description", b, Self::SIZE)?;
-        let log = LogDesc {
-            mmap_size: r.u64(),
-            mmap_offset: r.u64(),
-        };
-        if log.mmap_size == 0 {
+    /// The rules of `from_bytes`: size not 0; offset + size does not overflow (C9).
+    fn rules(&self) -> Result<()> {
+        if self.mmap_size == 0 {
             return Err(invalid("log description", "size 0"));
         }
-        if end_of(log.mmap_offset, log.mmap_size).is_none() {
+        if end_of(self.mmap_offset, self.mmap_size).is_none() {
             return Err(invalid("log description", "offset + size overflows"));
         }
-        Ok(log)
+        Ok(())
     }
 }
 
-/// The `GET_INFLIGHT_FD` / `SET_INFLIGHT_FD` body (`VhostUserInflight`).
-///
-/// 24 bytes on the wire: the fields take 20 and QEMU sends `sizeof` of the C struct,
-/// whose alignment adds 4 bytes of tail padding; rust-vmm and DPDK agree. A 20-byte body
-/// is rejected.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InflightDesc {
-    /// The area's size in bytes (unused in a GET_INFLIGHT_FD request).
-    pub mmap_size: u64,
-    /// Where the area starts in the fd.
-    pub mmap_offset: u64,
-    /// Queues the area covers.
-    pub num_queues: u16,
-    /// The size of each queue.
-    pub queue_size: u16,
+wire_struct! {
+    /// The `GET_INFLIGHT_FD` / `SET_INFLIGHT_FD` body (`VhostUserInflight`).
+    ///
+    /// 24 bytes on the wire: the fields take 20 and QEMU sends `sizeof` of the C struct,
+    /// whose alignment adds 4 bytes of tail padding; rust-vmm and DPDK agree. A 20-byte body
+    /// is rejected.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct InflightDesc: "inflight description" {
+        /// The area's size in bytes (unused in a GET_INFLIGHT_FD request).
+        mmap_size: u64,
+        /// Where the area starts in the fd.
+        mmap_offset: u64,
+        /// Queues the area covers.
+        num_queues: u16,
+        /// The size of each queue.
+        queue_size: u16 => pad(4),
+    }
+    /// Exact size only: in a `GET_INFLIGHT_FD` request the mmap fields are unused (0).
+    /// See [`InflightDesc::check_queues`] and [`InflightDesc::check_mapping`].
 }
 
 impl InflightDesc {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 24;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u64(self.mmap_size)
-            .u64(self.mmap_offset)
-            .u16(self.num_queues)
-            .u16(self.queue_size)
-            .zeros(4)
-            .done()
-    }
-
-    /// Exact size only: in a `GET_INFLIGHT_FD` request the mmap fields are unused (0).
-    /// See [`InflightDesc::check_queues`] and [`InflightDesc::check_mapping`].
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("inflight description", b, Self::SIZE)?;
-        Ok(InflightDesc {
-            mmap_size: r.u64(),
-            mmap_offset: r.u64(),
-            num_queues: r.u16(),
-            queue_size: r.u16(),
-        })
-    }
-
     /// At least one queue of at least one entry.
     pub fn check_queues(&self) -> Result<()> {
         if self.num_queues == 0 || self.queue_size == 0 {
@@ -661,53 +485,36 @@ pub mod iotlb {
     pub const PERM_RW: u8 = 3;
 }
 
-/// `struct vhost_iotlb_msg`: iova, size, user address, permission, type; 32 bytes with
-/// the C struct's 6 bytes of tail padding, as QEMU sends it.
-///
-/// Rules: permission 0..=3, type 1..=4; for `UPDATE` and `INVALIDATE` the size must not
-/// be 0 and the last byte of each range (`start + size - 1`) must fit in a u64 (H4).
-/// Which types may travel in which direction is checked by the message decoders.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IotlbPayload {
-    /// I/O virtual address, what the device uses.
-    pub iova: u64,
-    /// Length of the range in bytes.
-    pub size: u64,
-    /// Front-end address the range maps to (updates only).
-    pub uaddr: u64,
-    /// `PERM_*`: what the device may do there.
-    pub perm: u8,
-    /// `UPDATE`, `INVALIDATE`, `MISS` or `ACCESS_FAIL`.
-    pub kind: u8,
+wire_struct! {
+    /// `struct vhost_iotlb_msg`: iova, size, user address, permission, type; 32 bytes with
+    /// the C struct's 6 bytes of tail padding, as QEMU sends it.
+    ///
+    /// Rules: permission 0..=3, type 1..=4; for `UPDATE` and `INVALIDATE` the size must not
+    /// be 0 and the last byte of each range (`start + size - 1`) must fit in a u64 (H4).
+    /// Which types may travel in which direction is checked by the message decoders.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IotlbPayload: "IOTLB message" {
+        /// I/O virtual address, what the device uses.
+        iova: u64,
+        /// Length of the range in bytes.
+        size: u64,
+        /// Front-end address the range maps to (updates only).
+        uaddr: u64,
+        /// `PERM_*`: what the device may do there.
+        perm: u8,
+        /// `UPDATE`, `INVALIDATE`, `MISS` or `ACCESS_FAIL`.
+        kind: u8 => pad(6),
+    }
+    /// Then the rules above.
+    check: IotlbPayload::rules
 }
 
 impl IotlbPayload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 32;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u64(self.iova)
-            .u64(self.size)
-            .u64(self.uaddr)
-            .u8(self.perm)
-            .u8(self.kind)
-            .zeros(6)
-            .done()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+    /// The rules of `from_bytes` (see the type): permission, type, and for updates and
+    /// invalidations a size whose ranges fit in a u64 (H4).
+    fn rules(&self) -> Result<()> {
         const WHAT: &str = "IOTLB message";
-        let mut r = exact(WHAT, b, Self::SIZE)?;
-        let m = IotlbPayload {
-            iova: r.u64(),
-            size: r.u64(),
-            uaddr: r.u64(),
-            perm: r.u8(),
-            kind: r.u8(),
-        };
+        let m = self;
         if m.perm > iotlb::PERM_RW {
             return Err(invalid(WHAT, format_args!("permission {}", m.perm)));
         }
@@ -725,7 +532,7 @@ impl IotlbPayload {
         if m.kind == iotlb::UPDATE && m.uaddr.checked_add(m.size - 1).is_none() {
             return Err(invalid(WHAT, "uaddr + size overflows"));
         }
-        Ok(m)
+        Ok(())
     }
 }
 
@@ -831,64 +638,34 @@ impl VringArea {
     }
 }
 
-/// `VhostUserShared`: a 16-byte UUID whose first three fields are big-endian (copied
-/// as-is; any value is accepted).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SharedObjectUuid(pub [u8; 16]);
-
-impl SharedObjectUuid {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 16;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.0.to_vec()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("shared object", b, Self::SIZE)?;
-        Ok(SharedObjectUuid(r.take()))
-    }
+wire_struct! {
+    /// `VhostUserShared`: a 16-byte UUID whose first three fields are big-endian (copied
+    /// as-is; any value is accepted).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SharedObjectUuid: "shared object" ([u8; 16]);
 }
 
-/// Device state transfer parameters (`SET_DEVICE_STATE_FD`): direction and phase.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceStateTransfer {
-    /// `DIRECTION_SAVE` or `DIRECTION_LOAD`.
-    pub direction: u32,
-    /// `PHASE_STOPPED`, the only phase defined.
-    pub phase: u32,
+wire_struct! {
+    /// Device state transfer parameters (`SET_DEVICE_STATE_FD`): direction and phase.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DeviceStateTransfer: "device state transfer" {
+        /// `DIRECTION_SAVE` or `DIRECTION_LOAD`.
+        direction: u32,
+        /// `PHASE_STOPPED`, the only phase defined.
+        phase: u32,
+    }
+    /// Any direction and phase decode: the spec foresees more phases, and a back-end
+    /// answers one it does not support with a failure status (as virtiofsd does) rather
+    /// than a closed connection, so the values are the handler's to refuse.
 }
 
 impl DeviceStateTransfer {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
     /// Back-end to front-end (migration source).
     pub const DIRECTION_SAVE: u32 = 0;
     /// Front-end to back-end (migration destination).
     pub const DIRECTION_LOAD: u32 = 1;
     /// The VM and the device are stopped; the only phase defined.
     pub const PHASE_STOPPED: u32 = 0;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u32(self.direction)
-            .u32(self.phase)
-            .done()
-    }
-
-    /// Any direction and phase decode: the spec foresees more phases, and a back-end
-    /// answers one it does not support with a failure status (as virtiofsd does) rather
-    /// than a closed connection, so the values are the handler's to refuse.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("device state transfer", b, Self::SIZE)?;
-        Ok(DeviceStateTransfer {
-            direction: r.u32(),
-            phase: r.u32(),
-        })
-    }
 }
 
 /// The u64 reply to `SET_DEVICE_STATE_FD`: bits 0-7 a status (0 = success), bit 8 "no fd
@@ -936,60 +713,32 @@ impl DeviceStateReply {
 /// Bit 0 of [`ShmemMapPayload::flags`]: map read-write (clear: read-only).
 pub const SHMEM_MAP_FLAG_RW: u64 = 1;
 
-/// `VhostUserMMap`, the body of `SHMEM_MAP` and `SHMEM_UNMAP`: shared memory region id,
-/// 7 bytes of padding, offset in the fd, offset in the region, length, flags.
-///
-/// Rules (H4): length not 0, `fd_offset + len` and `shm_offset + len` do not overflow,
-/// no flag other than [`SHMEM_MAP_FLAG_RW`]. Whether `shmid` exists, whether the range
-/// fits the region, page alignment and overlap with earlier mappings need the device's
-/// shared memory configuration and are the front-end's to check.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShmemMapPayload {
-    /// Which shared memory region.
-    pub shmid: u8,
-    /// Where the mapping starts in the fd.
-    pub fd_offset: u64,
-    /// Where it goes in the region.
-    pub shm_offset: u64,
-    /// Length of the mapping in bytes.
-    pub len: u64,
-    /// `SHMEM_MAP_FLAG_RW` or 0 (read-only).
-    pub flags: u64,
+wire_struct! {
+    /// `VhostUserMMap`, the body of `SHMEM_MAP` and `SHMEM_UNMAP`: shared memory region id,
+    /// 7 bytes of padding, offset in the fd, offset in the region, length, flags.
+    ///
+    /// Rules (H4): length not 0, `fd_offset + len` and `shm_offset + len` do not overflow,
+    /// no flag other than [`SHMEM_MAP_FLAG_RW`]. Whether `shmid` exists, whether the range
+    /// fits the region, page alignment and overlap with earlier mappings need the device's
+    /// shared memory configuration and are the front-end's to check.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ShmemMapPayload: "shared memory mapping" {
+        /// Which shared memory region.
+        shmid: u8 => pad(7),
+        /// Where the mapping starts in the fd.
+        fd_offset: u64,
+        /// Where it goes in the region.
+        shm_offset: u64,
+        /// Length of the mapping in bytes.
+        len: u64,
+        /// `SHMEM_MAP_FLAG_RW` or 0 (read-only).
+        flags: u64,
+    }
+    /// Then [`ShmemMapPayload::check`].
+    check: ShmemMapPayload::check
 }
 
 impl ShmemMapPayload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 40;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .u8(self.shmid)
-            .zeros(7)
-            .u64(self.fd_offset)
-            .u64(self.shm_offset)
-            .u64(self.len)
-            .u64(self.flags)
-            .done()
-    }
-
-    /// Decodes a received body; any other size is refused, naming the payload.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        const WHAT: &str = "shared memory mapping";
-        let mut r = exact(WHAT, b, Self::SIZE)?;
-        let shmid = r.u8();
-        r.skip(7);
-        let m = ShmemMapPayload {
-            shmid,
-            fd_offset: r.u64(),
-            shm_offset: r.u64(),
-            len: r.u64(),
-            flags: r.u64(),
-        };
-        m.check()?;
-        Ok(m)
-    }
-
     /// The rules of `from_bytes` applied to a mapping built locally (H4): a length, no
     /// overflowing range, no unknown flag.
     pub fn check(&self) -> Result<()> {
@@ -1109,27 +858,11 @@ impl ShmemConfig {
     }
 }
 
-/// The `SEND_RARP` body: a u64 whose first 6 bytes in memory are the guest's MAC.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RarpPayload(pub [u8; 6]);
-
-impl RarpPayload {
-    /// The body's exact size on the wire.
-    pub const SIZE: usize = 8;
-
-    /// The body as sent.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        Writer::with_capacity(Self::SIZE)
-            .bytes(&self.0)
-            .zeros(2)
-            .done()
-    }
-
+wire_struct! {
+    /// The `SEND_RARP` body: a u64 whose first 6 bytes in memory are the guest's MAC.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RarpPayload: "RARP" ([u8; 6] => pad(2));
     /// The two bytes after the MAC are ignored.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut r = exact("RARP", b, Self::SIZE)?;
-        Ok(RarpPayload(r.take()))
-    }
 }
 
 /// The `CREATE_CRYPTO_SESSION` body and reply: a crypto session description whose
@@ -1202,16 +935,6 @@ impl Body for () {
     }
 }
 
-/// One u64: features, MTU, status, session id.
-impl Body for u64 {
-    fn parse(b: &[u8]) -> Result<u64> {
-        Ok(U64Payload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        U64Payload(*self).to_bytes()
-    }
-}
-
 /// The vring index of `SET_VRING_KICK` / `CALL` / `ERR`: its u64 also holds the NOFD
 /// flag, which the request's fd stands for.
 impl Body for u8 {
@@ -1230,16 +953,6 @@ impl Body for u8 {
     }
 }
 
-/// The guest MAC of `SEND_RARP`.
-impl Body for [u8; 6] {
-    fn parse(b: &[u8]) -> Result<Self> {
-        Ok(RarpPayload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        RarpPayload(*self).to_bytes()
-    }
-}
-
 /// The opaque parameters of `CREATE_CRYPTO_SESSION`.
 impl Body for Vec<u8> {
     fn parse(b: &[u8]) -> Result<Self> {
@@ -1247,16 +960,6 @@ impl Body for Vec<u8> {
     }
     fn bytes(&self) -> Vec<u8> {
         self.clone()
-    }
-}
-
-/// `SET_VRING_ADDR`.
-impl Body for VringAddrs {
-    fn parse(b: &[u8]) -> Result<Self> {
-        Ok(VringAddrPayload::from_bytes(b)?.0)
-    }
-    fn bytes(&self) -> Vec<u8> {
-        VringAddrPayload(*self).to_bytes()
     }
 }
 
@@ -1289,6 +992,30 @@ impl Body for VringArea {
         Some(self.nofd)
     }
 }
+
+/// Values sent as the one field of a payload tuple struct, which holds the layout.
+macro_rules! wrapped_body {
+    ($($(#[doc = $doc:literal])* $t:ty => $wrapper:ident),+ $(,)?) => {$(
+        $(#[doc = $doc])*
+        impl Body for $t {
+            fn parse(b: &[u8]) -> Result<Self> {
+                Ok($wrapper::from_bytes(b)?.0)
+            }
+            fn bytes(&self) -> Vec<u8> {
+                $wrapper(*self).to_bytes()
+            }
+        }
+    )+};
+}
+
+wrapped_body!(
+    /// One u64: features, MTU, status, session id.
+    u64 => U64Payload,
+    /// The guest MAC of `SEND_RARP`.
+    [u8; 6] => RarpPayload,
+    /// `SET_VRING_ADDR`.
+    VringAddrs => VringAddrPayload,
+);
 
 /// Payload types whose `from_bytes` / `to_bytes` are the layout, with an optional `check`.
 macro_rules! plain_body {
