@@ -29,8 +29,9 @@ from .common import (
 
 DESCRIPTION = """\
 Drive and serve virtio devices over vhost-user: probe any back-end, check its
-conformance and robustness (check), be the virtio-blk driver of one (blk, bench), serve
-one (serve), or watch data move through a virtqueue (demo)."""
+conformance and robustness (check), record a front-end's conversation with it (trace),
+be the virtio-blk driver of one (blk, bench), serve one (serve), or watch data move
+through a virtqueue (demo)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
