@@ -42,6 +42,8 @@ from typing import IO, Any
 
 import pytest
 
+from vhost.testing.qemu import program_version
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -85,19 +87,7 @@ def find_virtiofsd() -> Path:
 
 def binary_version(path: Path) -> str:
     """First line of ``path --version`` (for report headers)."""
-    try:
-        out = subprocess.run(
-            [str(path), "--version"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{path}: cannot run ({exc})"
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else f"{path}: no version output (exit {out.returncode})"
+    return program_version(path)
 
 
 # --- process handling -----------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "choose_accel",
     "find_qemu",
     "kvm_usable",
+    "program_version",
     "qemu_escape",
     "qemu_version",
     "shared_memory_args",
@@ -76,12 +77,12 @@ def find_qemu(qemu: str | os.PathLike[str] | None = None) -> Path:
     return Path(found)
 
 
-@functools.cache
-def qemu_version(qemu: Path) -> str:
-    """First line of ``qemu --version`` (for reports), or why it cannot be had."""
+def program_version(path: Path) -> str:
+    """First line of ``path --version`` (for reports and cache keys), or why it cannot be
+    had: a report should name the version it ran against, never fail for want of it."""
     try:
         out = subprocess.run(
-            [str(qemu), "--version"],
+            [str(path), "--version"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -89,9 +90,15 @@ def qemu_version(qemu: Path) -> str:
             stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{qemu}: cannot run ({exc})"
+        return f"{path}: cannot run ({exc})"
     lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else f"{qemu}: no version output (exit {out.returncode})"
+    return lines[0] if lines else f"{path}: no version output (exit {out.returncode})"
+
+
+@functools.cache
+def qemu_version(qemu: Path) -> str:
+    """:func:`program_version` of a QEMU binary, asked once per binary."""
+    return program_version(qemu)
 
 
 def _kvm_device_ok(path: str) -> bool:
