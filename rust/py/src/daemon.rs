@@ -257,21 +257,14 @@ fn config(
     readonly: bool,
     serial: Option<String>,
 ) -> PyResult<BlkConfig> {
-    let serial = serial.unwrap_or_else(|| BlkConfig::default().serial);
-    if num_queues == 0 || queue_size < 3 {
-        return Err(invalid_param(
-            "a block device needs at least one queue of at least 3 entries",
-        ));
-    }
-    if serial.len() > 20 {
-        return Err(invalid_param("the serial is at most 20 bytes"));
-    }
-    Ok(BlkConfig {
+    let cfg = BlkConfig {
         num_queues,
         queue_size,
         readonly,
-        serial,
-    })
+        serial: serial.unwrap_or_else(|| BlkConfig::default().serial),
+    };
+    cfg.check().map_err(invalid_param)?;
+    Ok(cfg)
 }
 
 // ------------------------------------------------------------------------------------------

@@ -83,6 +83,21 @@ pub struct BlkConfig {
     pub serial: String,
 }
 
+impl BlkConfig {
+    /// Why this configuration cannot be served, if it cannot: a caller (the CLI, the
+    /// Python glue) checks it before opening the image, so a bad argument is reported as
+    /// such and not as an I/O failure.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.num_queues == 0 || self.queue_size < 3 {
+            return Err("a block device needs at least one queue of at least 3 entries");
+        }
+        if self.serial.len() > ID_BYTES {
+            return Err("the serial is at most 20 bytes");
+        }
+        Ok(())
+    }
+}
+
 impl Default for BlkConfig {
     fn default() -> Self {
         BlkConfig {
@@ -177,18 +192,8 @@ fn image_size(image: &File) -> io::Result<u64> {
 impl BlkDevice {
     /// Serves `image`; its size is rounded down to whole sectors.
     pub fn new(image: File, cfg: BlkConfig) -> io::Result<Self> {
-        if cfg.num_queues == 0 || cfg.queue_size < 3 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a block device needs at least one queue of at least 3 entries",
-            ));
-        }
-        if cfg.serial.len() > ID_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the serial is at most 20 bytes",
-            ));
-        }
+        cfg.check()
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         let capacity = image_size(&image)? / SECTOR;
         Ok(BlkDevice {
             image,
@@ -678,6 +683,28 @@ impl VirtioDevice for BlkDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_that_cannot_be_served_says_why() {
+        assert_eq!(BlkConfig::default().check(), Ok(()));
+        let no_queue = BlkConfig {
+            num_queues: 0,
+            ..BlkConfig::default()
+        };
+        assert!(no_queue.check().unwrap_err().contains("at least one queue"));
+        let tiny = BlkConfig {
+            queue_size: 2,
+            ..BlkConfig::default()
+        };
+        assert!(tiny.check().is_err());
+        let long = BlkConfig {
+            serial: "x".repeat(21),
+            ..BlkConfig::default()
+        };
+        assert_eq!(long.check(), Err("the serial is at most 20 bytes"));
+        let err = BlkDevice::ram(4096, long).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
 
     #[test]
     fn seg_max_fits_the_default_frontend_ring_and_ours() {
