@@ -5,8 +5,9 @@
 //! (pop, device, complete, notify); the session takes the same lock to change the queue
 //! (memory table, GET_VRING_BASE, kick/call fds, enable), so a control request waits for
 //! the batch in progress and never sees a half-processed ring (ADVERSARIAL J5). No thread
-//! holds two queue locks; a Python device takes the GIL inside the lock, and the session
-//! thread never holds the GIL, so the two cannot deadlock.
+//! holds two queue locks. A Python device takes the GIL inside the lock; the session
+//! thread takes the GIL too (a Python device's config, features and state hooks), but
+//! never while it holds a queue lock, so the two cannot deadlock.
 
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
