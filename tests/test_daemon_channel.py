@@ -576,6 +576,25 @@ def test_serve_blk_resizes_on_sighup_and_reports_each_outcome(
         proc.close()
 
 
+def test_serve_rng_outlives_sighup(tmp_path: Path, tmp_sock_dir: Path) -> None:
+    """SIGHUP is a daemon's reload signal; ``serve rng`` has nothing to reload, says so
+    and keeps serving (the default action would kill it)."""
+    sock = tmp_sock_dir / "rng.sock"
+    proc = ServeProc(["rng"], sock, tmp_path / "serve.log")
+    try:
+        assert wait_for(lambda: proc.catches(signal.SIGHUP), TIMEOUT)
+        proc.proc.send_signal(signal.SIGHUP)
+        expect = "serve rng: SIGHUP: nothing to reload; still serving"
+        assert wait_for(lambda: expect in proc.stderr(), TIMEOUT), proc.stderr()
+        assert proc.alive()
+        with Frontend.connect(sock, timeout=TIMEOUT) as fe:
+            assert fe.get_features()
+        assert "Traceback" not in proc.stderr()
+        assert proc.terminate() == 0
+    finally:
+        proc.close()
+
+
 class SlowAck(Recorder):
     """Holds each config-change ack until released: a front-end busy elsewhere."""
 
