@@ -166,10 +166,10 @@ class Conn:
             code = wire.HEADER.unpack_from(data)[0]
             raise Failed(f"the back-end refused {_name(code)} (ack {value:#x})")
 
-    def negotiate(self, proto: int = 0) -> int:
+    def negotiate(self, proto: int = 0, features: int = 0) -> int:
         """SET_OWNER, GET_FEATURES, the protocol features ``proto`` (those offered) and
-        SET_FEATURES (VERSION_1 and PROTOCOL_FEATURES where offered): QEMU's order.
-        Returns the protocol features acked."""
+        SET_FEATURES (VERSION_1, PROTOCOL_FEATURES and ``features`` where offered):
+        QEMU's order. Returns the protocol features acked."""
         self.send(wire.message(Req.SET_OWNER))
         offered = self.ask_u64(wire.message(Req.GET_FEATURES))
         acked = 0
@@ -178,7 +178,7 @@ class Conn:
             acked = proto & have
             self.send(wire.message(Req.SET_PROTOCOL_FEATURES, U64.pack(acked)))
         flags = ACKED if acked & PF.REPLY_ACK else VERSION
-        body = U64.pack(offered & (VERSION_1 | PROTOCOL_FEATURES_BIT))
+        body = U64.pack(offered & (VERSION_1 | PROTOCOL_FEATURES_BIT | features))
         if flags & NEED_REPLY:
             self.acked(wire.message(Req.SET_FEATURES, body, flags=flags))
         else:
@@ -341,15 +341,22 @@ class Ring:
     """Queue 0 of the back-end set up the way QEMU does it, over one memfd region we map
     too (so we can play the driver)."""
 
-    def __init__(self, c: Conn) -> None:
+    def __init__(self, c: Conn, features: int = 0, proto: int = 0,
+                 mem_table: bool = True) -> None:
         self.c = c
-        self.acked = c.negotiate(PF.REPLY_ACK)
+        self.acked = c.negotiate(PF.REPLY_ACK | proto, features)
         self.flags = ACKED if self.acked & PF.REPLY_ACK else VERSION
-        fd = wire.memfd(MEM)
-        self.mem = mmap.mmap(fd, MEM)
+        self.memfd = wire.memfd(MEM)
+        self.mem = mmap.mmap(self.memfd, MEM)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.step(Req.SET_MEM_TABLE, wire.mem_table([(0, MEM, UADDR, 0)]), [fd])
+        if mem_table:
+            self.send_mem_table()
+
+    def send_mem_table(self) -> None:
+        """SET_MEM_TABLE with our one region (again, when called again: a replacement)."""
+        self.step(Req.SET_MEM_TABLE, wire.mem_table([(0, MEM, UADDR, 0)]),
+                  [os.dup(self.memfd)])
 
     def step(self, code: int, body: bytes, fds: Sequence[int] = ()) -> None:
         """Sends one set-up request, requiring its ack when REPLY_ACK was negotiated."""
@@ -359,15 +366,17 @@ class Ring:
         else:
             self.c.send(data, fds)
 
-    def setup(self, base: int = 0) -> None:
-        """Queue 0's set-up in QEMU's order: num, addr, base, call, kick, enable."""
-        self.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, RING))
+    def setup(self, base: int = 0, *, size: int = RING, desc: int = DESC,
+              avail: int = AVAIL, used: int = USED, enable: bool = True) -> None:
+        """Queue 0's set-up in QEMU's order: num, addr, base, call, kick, enable (the
+        ring addresses are offsets into our region)."""
+        self.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, size))
         self.step(Req.SET_VRING_ADDR, wire.vring_addr(
-            0, desc=UADDR + DESC, avail=UADDR + AVAIL, used=UADDR + USED))
+            0, desc=UADDR + desc, avail=UADDR + avail, used=UADDR + used))
         self.step(Req.SET_VRING_BASE, VRING_STATE.pack(0, base))
         self.step(Req.SET_VRING_CALL, wire.vring_word(0), [os.dup(self.call)])
         self.step(Req.SET_VRING_KICK, wire.vring_word(0), [os.dup(self.kick)])
-        if self.c.ctx.features & PROTOCOL_FEATURES_BIT:
+        if enable and self.c.ctx.features & PROTOCOL_FEATURES_BIT:
             self.step(Req.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
         if not self.flags & NEED_REPLY:
             # Without acks, a reply is the only sign that the set-up was processed: a
@@ -410,17 +419,19 @@ class Ring:
         return int(num)
 
     def close(self) -> None:
-        """Unmaps the memory and closes our kick and call eventfds."""
+        """Unmaps the memory and closes our memfd, kick and call eventfds."""
         self.mem.close()
+        os.close(self.memfd)
         os.close(self.kick)
         os.close(self.call)
 
 
 @contextmanager
-def ring(ctx: Context) -> Iterator[Ring]:
+def ring(ctx: Context, features: int = 0, proto: int = 0,
+         mem_table: bool = True) -> Iterator[Ring]:
     """A connection with queue 0's memory table sent (see :class:`Ring`)."""
     with ctx.connection() as c:
-        r = Ring(c)
+        r = Ring(c, features, proto, mem_table)
         try:
             yield r
         finally:
