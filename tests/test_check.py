@@ -117,8 +117,8 @@ QSD_KNOWN = {
     "vring-num-3": "fail", "vring-num-65536": "fail", "vring-num-index-256": "fail",
     "vring-addr-index-0x10001": "died", "get-vring-base-index-255": "died",
     "kick-index-255": "fail", "enable-index-0x10001": "fail", "inflight-too-small": "skip",
-    # No packed rings in libvhost-user.
-    **dict.fromkeys(PACKED_CASES, "skip"),
+    # No slot limit enforced (as mem-slot-limit), no packed rings in libvhost-user.
+    "mem-slot-exhaustion": "fail", **dict.fromkeys(PACKED_CASES, "skip"),
 }
 
 
@@ -140,7 +140,9 @@ VIRTIOFSD_KNOWN = {
     "memfd-smaller-than-region": "fail", "vring-num-3": "fail", "inflight-too-small": "skip",
     "config-offset-overflow": "skip", "config-size-0": "skip", "config-size-4097": "skip",
     "config-size-field-lies": "skip",
-    # No --device for virtio-fs: the cases that need a request skip, as do packed rings.
+    # The slot limit is not enforced (as mem-slot-limit). No --device for virtio-fs:
+    # the cases that need a request skip, as do packed rings.
+    "mem-slot-exhaustion": "fail",
     **dict.fromkeys(["same-head-twice", "header-layouts", "used-len-bounded",
                      "event-idx-at-end", "kick-before-ready", "mem-table-swap",
                      *PACKED_CASES], "skip"),
@@ -169,7 +171,8 @@ VHOST_DEVICE_RNG_KNOWN = dict.fromkeys(
     ["reply-ack", "mem-slot-limit", "config-bounds", "config-without-CONFIG",
      "add-mem-reg-without-slots", "backend-req-fd-is-pipe", "rem-absent-region",
      "inflight-too-small", "config-offset-overflow", "config-size-0", "config-size-4097",
-     "config-size-field-lies", "log-base-bad", *PACKED_CASES], "skip") | {
+     "config-size-field-lies", "mem-slot-exhaustion", "log-base-bad", *PACKED_CASES],
+    "skip") | {
     # A kick that arrives while the ring is disabled is lost (rust-vmm vhost #343).
     "kick-before-ready": "fail"}
 VHOST_DEVICE_RNG = Path.home() / ".cache/pyvhost/vhost-device-rng/bin/vhost-device-rng"

@@ -274,31 +274,50 @@ def queue_count(ctx: Context) -> str:
     return f"{n} queue(s), 8-byte reply"
 
 
+SLOT = 64 * 1024
+"""The size of each region the memory-slot cases add."""
+
+
+def add_region(c: Conn, i: int) -> int | None:
+    """ADD_MEM_REG (with NEED_REPLY) of a 64 KiB region in slot ``i``'s place: the ack,
+    or None when the back-end closed the connection instead."""
+    region = (i * MiB, SLOT, UADDR + i * MiB, 0)
+    data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
+    try:
+        c.send(data, [wire.memfd(SLOT)])
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    r = c.recv()
+    if r is None:
+        return None
+    if r.code != Req.ADD_MEM_REG or len(r.body) != 8:
+        raise Failed(f"ADD_MEM_REG of region {i + 1} was answered with request {r.code}, "
+                     f"{len(r.body)} bytes")
+    return r.u64
+
+
+def fill_slots(c: Conn) -> int:
+    """Negotiates CONFIGURE_MEM_SLOTS and REPLY_ACK and fills every slot of
+    GET_MAX_MEM_SLOTS; returns the limit."""
+    c.negotiate(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
+    limit = c.ask_u64(wire.message(Req.GET_MAX_MEM_SLOTS))
+    if not 1 <= limit <= 4096:
+        raise Failed(f"GET_MAX_MEM_SLOTS answered {limit}")
+    for i in range(limit):
+        if add_region(c, i) != 0:
+            raise Failed(f"ADD_MEM_REG of region {i + 1} of {limit} was refused")
+    return limit
+
+
 def mem_slot_limit(ctx: Context) -> str:
     """GET_MAX_MEM_SLOTS: that many ADD_MEM_REG succeed, and one more is refused (C6)."""
     ctx.need(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
-    size = 64 * 1024
     with ctx.connection() as c:
-        c.negotiate(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
-        limit = c.ask_u64(wire.message(Req.GET_MAX_MEM_SLOTS))
-        if not 1 <= limit <= 4096:
-            raise Failed(f"GET_MAX_MEM_SLOTS answered {limit}")
-        for i in range(limit):
-            region = (i * MiB, size, UADDR + i * MiB, 0)
-            data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
-            value = c.ask_u64(data, [wire.memfd(size)])
-            if value != 0:
-                raise Failed(f"ADD_MEM_REG of region {i + 1} of {limit} was refused")
-        region = (limit * MiB, size, UADDR + limit * MiB, 0)
-        data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
-        try:
-            c.send(data, [wire.memfd(size)])
-        except (ConnectionResetError, BrokenPipeError):
+        limit = fill_slots(c)
+        value = add_region(c, limit)
+        if value is None:
             return f"{limit} slots; region {limit + 1} closed the connection"
-        r = c.recv()
-        if r is None:
-            return f"{limit} slots; region {limit + 1} closed the connection"
-        if r.code == Req.ADD_MEM_REG and r.body == U64.pack(0):
+        if value == 0:
             raise Failed(f"region {limit + 1} was accepted past GET_MAX_MEM_SLOTS = {limit}")
     return f"{limit} slots filled; region {limit + 1} refused"
 

@@ -21,6 +21,7 @@ from ..codes import FrontendRequest as Req
 from ..codes import ProtocolFeature as PF
 from . import wire
 from .cases import (
+    ACKED,
     BUF,
     DESC,
     DESC_F_NEXT,
@@ -28,6 +29,7 @@ from .cases import (
     MEM,
     PROTOCOL_FEATURES_BIT,
     RING,
+    SLOT,
     UADDR,
     USED,
     Case,
@@ -36,6 +38,8 @@ from .cases import (
     NotApplicable,
     Ring,
     _request,
+    add_region,
+    fill_slots,
     ring,
 )
 from .hostile import socket_fd
@@ -272,6 +276,27 @@ def mem_table_swap(ctx: Context) -> str:
             r.c.ask_u64(wire.message(Req.GET_FEATURES))
         _quiet(r)
         return f"{r.used_idx()} of 20 requests used across 20 table swaps; " + r.c.in_sync()
+
+
+def mem_slot_exhaustion(ctx: Context) -> str:
+    """C6 past the limit: with every slot of GET_MAX_MEM_SLOTS filled, 64 more
+    ADD_MEM_REG are each refused (or the connection closed); then REM_MEM_REG frees a
+    slot that a new ADD_MEM_REG can take."""
+    ctx.need(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
+    with ctx.connection() as c:
+        limit = fill_slots(c)
+        for extra in range(64):
+            value = add_region(c, limit + extra)
+            if value is None:
+                return f"{limit} slots; closed the connection at region {limit + extra + 1}"
+            if value == 0:
+                raise Failed(f"region {limit + extra + 1} was accepted past "
+                             f"GET_MAX_MEM_SLOTS = {limit}")
+        c.acked(wire.message(Req.REM_MEM_REG, wire.single_region((0, SLOT, UADDR, 0)),
+                             flags=ACKED), [wire.memfd(SLOT)])
+        if add_region(c, limit + 100) != 0:
+            raise Failed("ADD_MEM_REG was refused after REM_MEM_REG freed a slot")
+    return f"{limit} slots; 64 more refused; a freed slot taken again"
 
 
 def _log_base(ctx: Context, r: Ring, size: int, offset: int, fd: int) -> str:
@@ -540,6 +565,9 @@ RING_CASES: list[Case] = [
          "kick before the mem table; kick while disabled is kept", kick_before_ready),
     Case("mem-table-swap", "ADVERSARIAL C8", "SET_MEM_TABLE replaced while requests run",
          mem_table_swap),
+    Case("mem-slot-exhaustion", "ADVERSARIAL C6",
+         "64 ADD_MEM_REG past the slot limit refused; a freed slot reusable",
+         mem_slot_exhaustion),
     Case("log-base-bad", "ADVERSARIAL C9",
          "SET_LOG_BASE overflow, socket fd, log too small", log_base_bad),
     Case("packed-bad-ids", "ADVERSARIAL F1", "packed buffer id >= size; id reused in flight",
