@@ -1,6 +1,6 @@
 """``vhost.testing``, the public guest rig (issue 12): commands and their data, the
 devices back-ends attach with (blk on qemu-storage-daemon, fs on virtiofsd, net on DPDK
-testpmd, each checked by the data the guest's driver moves; rng in
+testpmd, vsock on vhost-device-vsock, each checked by the data the guest's driver moves; rng in
 test_testing_docs.py), the pytest plugin's failure report, and the error paths (missing
 QEMU, missing kernel, missing build tool), without tracebacks from the CLI.
 

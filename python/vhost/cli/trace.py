@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from ..errors import VhostOSError
 from ..trace import Event, Record, Tracer
+from ..virtio import DEVICE_NAMES
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, SOCKET_PATH_MAX, CliError, connect_hint
 
 DESCRIPTION = """\
@@ -76,10 +77,13 @@ def add_parser(sub: Any) -> None:
         metavar="FRONT.sock",
         help="connect here to a front-end that listens (QEMU server=on)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object per message")
     p.add_argument(
-        "--once", action="store_true", help="exit when the first connection ends"
+        "--device",
+        choices=sorted(DEVICE_NAMES),
+        help="the device type, to name its own feature bits (0-23; the protocol never says it)",
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object per message")
+    p.add_argument("--once", action="store_true", help="exit when the first connection ends")
     p.set_defaults(run=run)
 
 
@@ -97,9 +101,7 @@ def _paths(args: argparse.Namespace) -> tuple[str, str, bool]:
         )
     for path in (listen, connect):
         if len(path.encode()) > SOCKET_PATH_MAX:
-            raise CliError(
-                f"trace: {path}: a socket path holds at most {SOCKET_PATH_MAX} bytes"
-            )
+            raise CliError(f"trace: {path}: a socket path holds at most {SOCKET_PATH_MAX} bytes")
     return listen, connect, backend_connects
 
 
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the proxy, printing every record, until SIGTERM, Ctrl-C or (``--once``) the
     end of the first connection; a socket that fails is one error line."""
     listen, connect, backend_connects = _paths(args)
-    tracer = Tracer(listen, connect, backend_connects=backend_connects)
+    tracer = Tracer(listen, connect, backend_connects=backend_connects, device=args.device)
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         tracer.start()
@@ -135,9 +137,7 @@ def run(args: argparse.Namespace) -> int:
         path = str(exc.filename)
         raise CliError(str(exc), EXIT_USAGE, connect_hint(path, exc.errno)) from None
     except KeyboardInterrupt:
-        raise CliError(
-            f"trace {listen} -> {connect}: interrupted", EXIT_INTERRUPTED
-        ) from None
+        raise CliError(f"trace {listen} -> {connect}: interrupted", EXIT_INTERRUPTED) from None
     except _Stop:
         pass
     finally:
