@@ -5,7 +5,8 @@
 unchanged and in order, one message at a time (framed by the 12-byte header, with the
 body bound of the core), and each message becomes a :class:`Message` record: who sent it,
 on which channel, the request name, flags, the body's fields (memory regions, ring
-addresses, features, config bytes) as the core's request table decodes them
+addresses, features, config bytes; the device's own feature bits are named when the
+caller says the device type, ``device=``) as the core's request table decodes them
 (:func:`vhost._core.describe`), the fds attached, and for a reply the time since its
 request. A message the core would refuse is still forwarded, and its record says why and
 holds its bytes in hex. The back-end channel (``SET_BACKEND_REQ_FD``) is interposed: the

@@ -18,11 +18,13 @@ from .common import EXIT_INTERRUPTED, EXIT_USAGE, SOCKET_PATH_MAX, CliError, con
 DESCRIPTION = """\
 Sit between a vhost-user front-end (QEMU) and a back-end, forward every byte and
 every fd unchanged and in order, and print each message decoded: direction, request
-name, flags, body fields (memory regions, ring addresses, features by name, config
-bytes), fds attached, and each reply with the time since its request. The back-end
-channel (SET_BACKEND_REQ_FD) is relayed too, so the back-end's own requests show
-(marked [backend channel]). A message the back-end or QEMU would refuse is printed
-as MALFORMED with the reason and its bytes in hex, and still forwarded.
+name, flags (v1, REPLY, NEED_REPLY), body fields (memory regions, ring addresses,
+features by name, config bytes), fds attached, and each reply with the time since its
+request. vhost-user never says the device type, so the device's own feature bits (0-23)
+show as "bit N" unless --device names the type. The back-end channel
+(SET_BACKEND_REQ_FD) is relayed too, so the back-end's own requests show (marked
+[backend channel]). A message the back-end or QEMU would refuse is printed as
+MALFORMED with the reason and its bytes in hex, and still forwarded.
 
 Two layouts:
   --listen FRONT.sock --connect BACK.sock
@@ -36,6 +38,9 @@ examples:
   python -m vhost trace --listen /tmp/trace.sock --connect /tmp/blk.sock
   qemu-system-x86_64 ... -chardev socket,id=c0,path=/tmp/trace.sock \\
       -device vhost-user-blk-pci,chardev=c0
+
+  python -m vhost trace --listen /tmp/t.sock --connect /tmp/blk.sock --device blk
+      # FLUSH, SEG_MAX... instead of bit 9, bit 2...
 
   python -m vhost trace --listen /tmp/t.sock --connect /tmp/blk.sock --json --once \\
       > trace.jsonl      # one JSON object per line; stop when QEMU disconnects
