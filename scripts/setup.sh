@@ -15,6 +15,8 @@
 #      uses is preinstalled on the project's machines).
 #   2d. rust-vmm's vhost-device-rng (crates.io) into ~/.cache/pyvhost/vhost-device-rng,
 #      only if missing: a peer of `vhost check`'s tests (tests/test_check.py).
+#   2e. rust-vmm's vhost-device-vsock (crates.io) into ~/.cache/pyvhost/vhost-device-vsock,
+#      only if missing: the vsock back-end of vhost.testing's tests (tests/test_testing.py).
 #   3. .venv in the checkout with the Python dev tools.
 #   4. `maturin develop --release` into .venv (skipped with --no-build).
 # Peers are installed before the build, so a broken build still leaves them.
@@ -23,6 +25,7 @@ set -euo pipefail
 VIRTIOFSD_VERSION=1.14.0   # builds with rustc 1.95 (checked); bump deliberately
 CARGO_FUZZ_VERSION=0.13.2  # builds with rustc 1.95 in about a minute (checked)
 VHOST_DEVICE_RNG_VERSION=0.1.0  # what `cargo install --locked` took here; builds with rustc 1.95
+VHOST_DEVICE_VSOCK_VERSION=0.3.0  # newest on crates.io; builds with rustc 1.95 (checked)
 PY_DEV_TOOLS=(
     "maturin>=1.7,<2"
     "pytest>=8"
@@ -145,6 +148,18 @@ if [[ ! -x "$RNG_ROOT/bin/vhost-device-rng" ]]; then
         --root "$RNG_ROOT"
     rm -rf "$HOME/.cache/pyvhost/vhost-device-rng-target"
     log "vhost-device-rng built in $((SECONDS - start)) s"
+fi
+
+# --- 2e. vhost-device-vsock (rust-vmm) -------------------------------------------
+VSOCK_ROOT="$HOME/.cache/pyvhost/vhost-device-vsock"
+if [[ ! -x "$VSOCK_ROOT/bin/vhost-device-vsock" ]]; then
+    log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION from crates.io (a few minutes)"
+    start=$SECONDS
+    CARGO_TARGET_DIR="$HOME/.cache/pyvhost/vhost-device-vsock-target" \
+        cargo install --locked vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" \
+        --root "$VSOCK_ROOT"
+    rm -rf "$HOME/.cache/pyvhost/vhost-device-vsock-target"
+    log "vhost-device-vsock built in $((SECONDS - start)) s"
 fi
 
 # --- 3. Python virtual environment ---------------------------------------------

@@ -408,6 +408,9 @@ def test_virtio_module_exports() -> None:
         "NetFeature",
         "VirtioFeature",
         "VsockFeature",
+        # the device-type tables of probe and trace --device (tests/test_trace.py)
+        "DEVICE_FEATURES",
+        "DEVICE_NAMES",
         # the virtqueues (tests/test_virtqueue.py)
         "DescriptorChain",
         "DeviceQueue",

@@ -1,6 +1,6 @@
 """``vhost.testing``, the public guest rig (issue 12): commands and their data, the
 devices back-ends attach with (blk on qemu-storage-daemon, fs on virtiofsd, net on DPDK
-testpmd, each checked by the data the guest's driver moves; rng in
+testpmd, vsock on vhost-device-vsock, each checked by the data the guest's driver moves; rng in
 test_testing_docs.py), the pytest plugin's failure report, and the error paths (missing
 QEMU, missing kernel, missing build tool), without tracebacks from the CLI.
 
@@ -9,6 +9,7 @@ Each guest test boots the real 6.12 guest (TCG here: 10-20 s each).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import secrets
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import peers
 from vhost.testing import (
     CommandFailed,
     Device,
+    Guest,
     GuestFailed,
     GuestImage,
     GuestSetupError,
@@ -168,13 +171,102 @@ def test_net_device_carries_a_frame_through_testpmd(tmp_sock_dir: Path) -> None:
     assert frame[14 : 14 + 16] == token.encode()  # the guest's payload came back whole
 
 
+VHOST_DEVICE_VSOCK = Path.home() / ".cache/pyvhost/vhost-device-vsock/bin/vhost-device-vsock"
+GUEST_PORT = 1234  # the guest listens here; the host reaches it with CONNECT 1234
+HOST_PORT = 5001  # the guest connects to CID 2 here; the back-end dials <uds-path>_5001
+
+# The guest's side (argv: token, port to listen on, host port): accept the host's
+# connection and answer it, then connect to the host and print what the host answered.
+# "listening" in the run dir tells the host when to connect.
+VSOCK_PEER = """
+import socket, sys
+def line(sock):
+    return sock.makefile("rb").readline().decode().rstrip("\\n")
+srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+srv.bind((socket.VMADDR_CID_ANY, int(sys.argv[2])))
+srv.listen(1)
+srv.settimeout(60)
+open("listening", "w").close()
+conn, (cid, _) = srv.accept()
+conn.settimeout(60)
+got = line(conn)
+conn.sendall(f"guest-read-{got}\\n".encode())
+print("accepted", cid, got)
+out = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+out.settimeout(60)
+out.connect((socket.VMADDR_CID_HOST, int(sys.argv[3])))
+out.sendall(f"guest-{sys.argv[1]}\\n".encode())
+print("answered", line(out))
+"""
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    # A fresh reader per line is safe here: each side waits for the other's line.
+    with sock.makefile("rb") as reader:
+        return reader.readline()
+
+
+def _wait_for(path: Path, guest: Guest, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert guest.alive(), guest.report()
+        assert time.monotonic() < deadline, f"{path} not created: {guest.report()}"
+        time.sleep(0.1)
+
+
+def test_vsock_device_carries_data_both_ways_through_vhost_device_vsock(
+    tmp_sock_dir: Path,
+) -> None:
+    """rust-vmm's vhost-device-vsock bridges the guest's AF_VSOCK to host Unix sockets
+    (hybrid vsock): the host connects in with ``CONNECT <port>``, and a guest's connection
+    to CID 2 port P arrives on ``<uds-path>_P``. Bytes go both ways on both."""
+    binary = peers.find_binary("vhost-device-vsock", [VHOST_DEVICE_VSOCK])
+    sock = tmp_sock_dir / "vsock.sock"
+    uds = tmp_sock_dir / "vm.vsock"
+    host_token, guest_token = secrets.token_hex(8), secrets.token_hex(8)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{uds}_{HOST_PORT}")
+    listener.listen(1)
+    listener.settimeout(120)
+    vm = f"guest-cid=3,socket={sock},uds-path={uds}"
+    with (
+        listener,
+        peers.spawn_peer("vhost-device-vsock", [str(binary), "--vm", vm], sock) as back_end,
+        boot(Device("vsock", sock), mode="host", files={"peer.py": VSOCK_PEER}) as guest,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        command = f"python3 peer.py {guest_token} {GUEST_PORT} {HOST_PORT}"
+        run = pool.submit(guest.run, command, timeout=90)
+        _wait_for(guest.run_dir / "listening", guest)
+        # Host to guest: the hybrid vsock handshake, then a line each way.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(60)
+            conn.connect(str(uds))
+            conn.sendall(f"CONNECT {GUEST_PORT}\n".encode())
+            assert re.fullmatch(rb"OK \d+\n", _read_line(conn))
+            conn.sendall(f"host-{host_token}\n".encode())
+            assert _read_line(conn) == f"guest-read-host-{host_token}\n".encode()
+        # Guest to host: the back-end dials <uds-path>_<port> for the guest's connection.
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.settimeout(60)
+            got = _read_line(accepted)
+            accepted.sendall(b"host-read-" + got)
+        out = run.result(timeout=120).stdout
+        assert back_end.alive(), back_end.output()
+    assert got == f"guest-{guest_token}\n".encode()
+    assert out == (
+        f"accepted 2 host-{host_token}\nanswered host-read-guest-{guest_token}\n"
+    )  # the guest saw the host as CID 2, and the host's answer arrived whole
+
+
 def test_device_arguments_name_the_socket_and_keep_ids_apart() -> None:
     devices = [
         Device("blk", "/s/b,1", queues=2, reconnect=True),
         Device("rng", "/s/r"),
         Device("net", "/s/n", queues=2),
         Device("fs", "/s/f", tag="t"),
-        Device("vsock", "/s/v", guest_cid=9),
+        Device("vsock", "/s/v"),
     ]
     assert [d.qemu_args(i) for i, d in enumerate(devices)] == [
         [
@@ -190,7 +282,7 @@ def test_device_arguments_name_the_socket_and_keep_ids_apart() -> None:
         ["-chardev", "socket,id=c3,path=/s/f", "-device", "vhost-user-fs-pci,chardev=c3,tag=t"],
         [
             "-chardev", "socket,id=c4,path=/s/v",
-            "-device", "vhost-user-vsock-pci,chardev=c4,guest-cid=9",
+            "-device", "vhost-user-vsock-pci,chardev=c4",
         ],
     ]  # fmt: skip
     with pytest.raises(GuestSetupError, match="unknown device kind 'gpu'"):

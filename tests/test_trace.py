@@ -35,9 +35,10 @@ from daemon_util import wait_for
 from peers import make_image, qemu_storage_daemon_blk
 from test_guest_daemon import blk_args, image_at, read_back, serve, write_pattern
 from vhost import _core
-from vhost.codes import ProtocolFeature
-from vhost.trace import Event, Message, Tracer
+from vhost.codes import MessageFlag, ProtocolFeature
+from vhost.trace import Event, Message, Tracer, feature_names, flag_names
 from vhost.user import Frontend
+from vhost.virtio import BlkFeature, NetFeature, VirtioFeature
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -467,3 +468,74 @@ def test_oversized_body_is_recorded_and_copied_through(
     assert bad.malformed is not None and str(_core.MAX_BODY_SIZE) in bad.malformed, bad
     assert bad.hex == header.hex(), bad
     assert str(size) in err, err
+
+
+def _negotiated_through(
+    tmp_path: Path, tmp_sock_dir: Path, *args: str
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Runs serve blk, ``trace --json ARGS`` in front of it and a Frontend's negotiation;
+    returns the text lines and the JSON records (two proxies: text, then JSON)."""
+    image = make_image(tmp_path / "disk.img", OLD_BYTES)
+    back, front = tmp_sock_dir / "blk.sock", tmp_sock_dir / "trace.sock"
+    outputs: list[list[str]] = []
+    with serve(["blk", "--image", str(image)], back):
+        for extra in ((), ("--json",)):
+            run_dir = tmp_path / f"run{len(outputs)}"
+            run_dir.mkdir()
+            with trace_proxy(front, back, run_dir, *args, *extra) as proxy:
+                with Frontend.connect(front, timeout=10) as fe:
+                    fe.negotiate()
+                    fe.get_config(0, 8)
+                assert wait_for(lambda: any("disconnect" in x for x in proxy.lines()), 10)
+                outputs.append(proxy.lines())
+    return outputs[0], [json.loads(line) for line in outputs[1]]
+
+
+def test_device_names_its_feature_bits_and_header_flags_are_named(
+    tmp_path: Path, tmp_sock_dir: Path
+) -> None:
+    """``--device blk`` names serve blk's own feature bits (FLUSH is bit 9, which is
+    GUEST_ECN for net); without it they stay ``bit N``. The header's flags are named
+    either way: version, REPLY, NEED_REPLY."""
+    text, records = _negotiated_through(tmp_path, tmp_sock_dir, "--device", "blk")
+    offered = next(
+        r for r in messages(records) if r["name"] == "GET_FEATURES" and r["reply"]
+    )
+    value, names = offered["fields"]["features"]["value"], offered["fields"]["features"]["names"]
+    assert value & BlkFeature.FLUSH and "FLUSH" in names, offered
+    assert "VERSION_1" in names and not any(n.startswith("bit ") for n in names), offered
+    assert offered["flag_names"] == ["v1", "REPLY"], offered
+    line = next(x for x in text if "GET_FEATURES reply" in x)
+    assert "flags=0x5[v1,REPLY]" in line and "FLUSH" in line and "bit 9" not in line, line
+    acked = [r for r in messages(records) if r["need_reply"]]
+    assert acked and all("NEED_REPLY" in r["flag_names"] for r in acked), records
+    assert any("[v1,NEED_REPLY]" in x for x in text), text
+    # Without --device the same bits are numbers: the names came from the option.
+    (tmp_path / "plain").mkdir()
+    plain, _ = _negotiated_through(tmp_path / "plain", tmp_sock_dir)
+    line = next(x for x in plain if "GET_FEATURES reply" in x)
+    assert "bit 9" in line and "FLUSH" not in line, line
+
+
+def test_device_names_on_the_python_api_and_unknown_devices_refused(
+    tmp_sock_dir: Path,
+) -> None:
+    mask = int(BlkFeature.FLUSH | NetFeature.MQ | VirtioFeature.VERSION_1) | 1 << 23
+    # Bit 9 is blk's FLUSH and net's GUEST_ECN; bits 22-23 are net's only.
+    assert feature_names("virtio_features", mask, "blk") == [
+        "FLUSH", "bit 22", "bit 23", "VERSION_1"
+    ]
+    assert feature_names("virtio_features", mask, "net") == [
+        "GUEST_ECN", "MQ", "CTRL_MAC_ADDR", "VERSION_1"
+    ]
+    assert feature_names("virtio_features", mask) == ["bit 9", "bit 22", "bit 23", "VERSION_1"]
+    assert flag_names(0x1 | MessageFlag.NEED_REPLY | 1 << 4) == ["v1", "NEED_REPLY", "bit 4"]
+    with pytest.raises(ValueError, match=r"unknown device type 'gpu': one of blk, fs, net"):
+        Tracer(tmp_sock_dir / "l.sock", tmp_sock_dir / "c.sock", device="gpu")
+    run = subprocess.run(
+        [sys.executable, "-m", "vhost", "trace", "--listen", str(tmp_sock_dir / "t.sock"),
+         "--connect", str(tmp_sock_dir / "b.sock"), "--device", "gpu"],
+        capture_output=True, text=True, timeout=30, cwd=CHECKOUT, check=False,
+    )
+    assert run.returncode == 1 and "invalid choice: 'gpu'" in run.stderr, run
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr

@@ -5,7 +5,8 @@
 unchanged and in order, one message at a time (framed by the 12-byte header, with the
 body bound of the core), and each message becomes a :class:`Message` record: who sent it,
 on which channel, the request name, flags, the body's fields (memory regions, ring
-addresses, features, config bytes) as the core's request table decodes them
+addresses, features, config bytes; the device's own feature bits are named when the
+caller says the device type, ``device=``) as the core's request table decodes them
 (:func:`vhost._core.describe`), the fds attached, and for a reply the time since its
 request. A message the core would refuse is still forwarded, and its record says why and
 holds its bytes in hex. The back-end channel (``SET_BACKEND_REQ_FD``) is interposed: the
@@ -51,16 +52,14 @@ from types import TracebackType
 from typing import Literal
 
 from . import _core
-from .codes import ProtocolFeature
+from .codes import VERSION_MASK, MessageFlag, ProtocolFeature
 from .errors import VhostOSError
-from .virtio import VirtioFeature
+from .virtio import DEVICE_FEATURES, DEVICE_NAMES, DeviceId, VirtioFeature
 
 HEADER_SIZE: int = _core.HEADER_SIZE
 MAX_BODY_SIZE: int = _core.MAX_BODY_SIZE
 MAX_FDS: int = _core.MAX_FDS
 
-_FLAG_REPLY = 1 << 2
-_FLAG_NEED_REPLY = 1 << 3
 _SET_PROTOCOL_FEATURES = 16
 _SET_BACKEND_REQ_FD = 21
 
@@ -90,6 +89,9 @@ class Field:
     ``bool``."""
     value: object
     """The value: an int, bytes, bool or a list of region tuples."""
+    device: str | None = None
+    """The device type (a key of ``DEVICE_NAMES``: ``blk``, ``net``...) that names the
+    device-specific virtio feature bits, or None (they show as ``bit N``)."""
 
     def format(self) -> str:
         """``name=value``, addresses in hex and features by name."""
@@ -99,7 +101,7 @@ class Field:
         if self.kind == "bytes" and isinstance(v, bytes):
             return f"{self.name}={v.hex()}"
         if self.kind in ("virtio_features", "protocol_features") and isinstance(v, int):
-            return f"{self.name}={v:#x}[{','.join(feature_names(self.kind, v))}]"
+            return f"{self.name}={v:#x}[{','.join(feature_names(self.kind, v, self.device))}]"
         if self.kind == "regions" and isinstance(v, list):
             regions = " ".join(
                 f"{{gpa={g:#x} size={s:#x} uaddr={u:#x} offset={o:#x}}}" for g, s, u, o in v
@@ -114,26 +116,54 @@ class Field:
         if isinstance(v, bytes):
             return v.hex()
         if self.kind in ("virtio_features", "protocol_features") and isinstance(v, int):
-            return {"value": v, "names": feature_names(self.kind, v)}
+            return {"value": v, "names": feature_names(self.kind, v, self.device)}
         if self.kind == "regions" and isinstance(v, list):
             keys = ("guest_phys_addr", "memory_size", "userspace_addr", "mmap_offset")
             return [dict(zip(keys, r, strict=True)) for r in v]
         return v
 
 
-def feature_names(kind: str, mask: int) -> list[str]:
+def feature_names(kind: str, mask: int, device: str | None = None) -> list[str]:
     """The names of the bits of ``mask``: protocol features by the core's table, virtio
-    features by their transport names (device-specific bits as ``bit N``, since the
-    protocol never says the device type)."""
-    table: type[enum.IntFlag] = ProtocolFeature if kind == "protocol_features" else VirtioFeature
+    features by their transport names, and the device-specific ones by ``device``'s
+    feature table (``blk``, ``net``, ``fs``, ``vsock``: the protocol never says the
+    device type, so the caller does). A bit no table names is ``bit N``."""
+    tables: list[type[enum.IntFlag]] = [ProtocolFeature]
+    if kind != "protocol_features":
+        tables = [VirtioFeature]
+        if device is not None:
+            tables.insert(0, DEVICE_FEATURES[device_id(device)])
     names = []
     for bit in range(64):
         if mask >> bit & 1:
-            try:
-                name = table(1 << bit).name
-            except ValueError:
-                name = None
-            names.append(name or f"bit {bit}")
+            known = (t(1 << bit).name for t in tables if (1 << bit) & _defined(t))
+            names.append(next(known, None) or f"bit {bit}")
+    return names
+
+
+def _defined(table: type[enum.IntFlag]) -> int:
+    mask = 0
+    for member in table:
+        mask |= member.value
+    return mask
+
+
+def device_id(device: str) -> DeviceId:
+    """The device type of a short name (``blk``...), or ValueError naming the choices."""
+    try:
+        return DEVICE_NAMES[device]
+    except KeyError:
+        choices = ", ".join(sorted(DEVICE_NAMES))
+        raise ValueError(f"unknown device type {device!r}: one of {choices}") from None
+
+
+def flag_names(flags: int) -> list[str]:
+    """The names of the header's ``flags``: the version (``v1``), ``REPLY``,
+    ``NEED_REPLY``, and ``bit N`` for a bit the protocol does not define."""
+    names = [f"v{flags & VERSION_MASK}"]
+    for bit in range(2, 32):
+        if flags >> bit & 1:
+            names.append(MessageFlag(1 << bit).name or f"bit {bit}")
     return names
 
 
@@ -171,7 +201,7 @@ class Message:
     @property
     def need_reply(self) -> bool:
         """Whether the sender asked for a reply (NEED_REPLY)."""
-        return bool(self.flags & _FLAG_NEED_REPLY)
+        return bool(self.flags & MessageFlag.NEED_REPLY)
 
     def field(self, name: str) -> object:
         """The value of the field ``name`` (KeyError when absent)."""
@@ -185,9 +215,7 @@ class Message:
         arrow = "F->B" if self.sender == "frontend" else "B->F"
         where = " [backend channel]" if self.channel == "backend-channel" else ""
         name = self.name or f"code {self.code}"
-        flags = [f"flags={self.flags:#x}"]
-        if self.need_reply:
-            flags.append("NEED_REPLY")
+        flags = [f"flags={self.flags:#x}[{','.join(flag_names(self.flags))}]"]
         parts = [f"{self.time:10.6f} #{self.connection} {arrow}{where}"]
         parts.append(f"{name} reply" if self.reply else name)
         parts.extend(flags)
@@ -212,6 +240,7 @@ class Message:
             "name": self.name,
             "code": self.code,
             "flags": self.flags,
+            "flag_names": flag_names(self.flags),
             "size": self.size,
             "reply": self.reply,
             "need_reply": self.need_reply,
@@ -322,7 +351,8 @@ class Tracer:
     mode connects to ``listen``, the front-end listens on ``connect``). A stale socket
     file at ``listen`` is replaced. Use as a context manager, and read
     :meth:`records`; :meth:`close` (or leaving the ``with``) ends every relay and closes
-    every fd the proxy holds."""
+    every fd the proxy holds. ``device`` (``blk``, ``net``, ``fs``, ``vsock``) names the
+    device-specific feature bits in the records (ValueError for an unknown name)."""
 
     def __init__(
         self,
@@ -331,7 +361,11 @@ class Tracer:
         *,
         backend_connects: bool = False,
         connect_timeout: float = 10.0,
+        device: str | None = None,
     ) -> None:
+        if device is not None:
+            device_id(device)  # an unknown name fails here, not at the first message
+        self.device = device
         self.listen_path = os.fspath(listen)
         self.connect_path = os.fspath(connect)
         self.backend_connects = backend_connects
@@ -520,9 +554,7 @@ class Tracer:
         for s in sockets:
             s.close()
 
-    def _read(
-        self, src: socket.socket, want: int, got: bytearray, fds: list[int]
-    ) -> bool:
+    def _read(self, src: socket.socket, want: int, got: bytearray, fds: list[int]) -> bool:
         """Reads until ``got`` holds ``want`` bytes, collecting fds; False at end of
         file."""
         while len(got) < want:
@@ -558,7 +590,7 @@ class Tracer:
             self._partial(leg, raw, fds)
             return False
         header, body = bytes(raw[:HEADER_SIZE]), bytes(raw[HEADER_SIZE:])
-        reply = bool(flags & _FLAG_REPLY)
+        reply = bool(flags & MessageFlag.REPLY)
         # The back-end channel's requests come from the back-end.
         requests_from: _Side = "frontend" if channel == "main" else "backend"
         table = "frontend" if channel == "main" else "backend"
@@ -582,14 +614,14 @@ class Tracer:
             size=s,
             reply=is_reply,
             fds=nfds,
-            fields=tuple(Field(n, k, v) for n, k, v in fields),
+            fields=tuple(Field(n, k, v, self.device) for n, k, v in fields),
             malformed=malformed,
             hex=hexed,
             elapsed=t - pending.time if pending is not None else None,
         )
         if not reply and sender == requests_from:
             # Registered before the request leaves, so its reply always finds it.
-            expects = bool(flags & _FLAG_NEED_REPLY) and conn.reply_ack
+            expects = bool(flags & MessageFlag.NEED_REPLY) and conn.reply_ack
             if _HAS_REPLY.get((table, code), False) or expects:
                 with conn.lock:
                     conn.pending.setdefault((channel, code), deque()).append(_Pending(t, body))
@@ -657,7 +689,7 @@ class Tracer:
                 code,
                 flags,
                 size,
-                bool(flags & _FLAG_REPLY),
+                bool(flags & MessageFlag.REPLY),
                 len(fds),
                 (),
                 f"partial message: {len(raw)} bytes before the connection closed",
@@ -680,7 +712,7 @@ class Tracer:
                 code,
                 flags,
                 size,
-                bool(flags & _FLAG_REPLY),
+                bool(flags & MessageFlag.REPLY),
                 len(fds),
                 (),
                 f"body of {size} bytes over the bound of {MAX_BODY_SIZE}",
@@ -710,10 +742,11 @@ def trace(
     connect: str | os.PathLike[str],
     *,
     backend_connects: bool = False,
+    device: str | None = None,
 ) -> Iterator[Record]:
     """Runs a :class:`Tracer` and yields its records until the caller stops iterating
     (the proxy is closed then)."""
-    with Tracer(listen, connect, backend_connects=backend_connects) as tracer:
+    with Tracer(listen, connect, backend_connects=backend_connects, device=device) as tracer:
         yield from tracer.records()
 
 
@@ -723,6 +756,8 @@ __all__ = [
     "Message",
     "Record",
     "Tracer",
+    "device_id",
     "feature_names",
+    "flag_names",
     "trace",
 ]

@@ -35,6 +35,8 @@ from .errors import InvalidQueueError, VhostTimeoutError
 from .types import VringAddrFlag, VringConfig
 
 __all__ = [
+    "DEVICE_FEATURES",
+    "DEVICE_NAMES",
     "BlkFeature",
     "DescriptorChain",
     "DeviceId",
@@ -244,6 +246,25 @@ class VsockFeature(enum.IntFlag):
     STREAM = 1 << 0
     SEQPACKET = 1 << 1
     NO_IMPLIED_STREAM = 1 << 2
+
+
+DEVICE_NAMES: dict[str, DeviceId] = {
+    "blk": DeviceId.BLOCK,
+    "net": DeviceId.NET,
+    "fs": DeviceId.FS,
+    "vsock": DeviceId.VSOCK,
+}
+"""Short names of the device types whose feature bits the package knows (the CLI's
+``--device``): vhost-user never states the device type, so a tool must be told."""
+
+DEVICE_FEATURES: dict[DeviceId, type[enum.IntFlag]] = {
+    DeviceId.BLOCK: BlkFeature,
+    DeviceId.NET: NetFeature,
+    DeviceId.FS: FsFeature,
+    DeviceId.VSOCK: VsockFeature,
+}
+"""The device-specific feature bits (0-23, and 50-63 for net) of each known device type,
+whose meaning depends on the type (bit 9 is blk's FLUSH and net's GUEST_ECN)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -21,25 +21,11 @@ from ..codes import ProtocolFeature
 from ..devices.config import decode_config
 from ..errors import VhostError
 from ..user import Frontend
-from ..virtio import BlkFeature, DeviceId, FsFeature, NetFeature, VirtioFeature, VsockFeature
+from ..virtio import DEVICE_FEATURES, DEVICE_NAMES, DeviceId, VirtioFeature
 from .common import CliError, connecting, plain, seconds_arg, socket_args, step
 
 #: Config-space sizes of the device types we decode.
 CONFIG_SIZES = {DeviceId.BLOCK: 60, DeviceId.NET: 12, DeviceId.FS: 44, DeviceId.VSOCK: 8}
-DEVICE_NAMES = {
-    "blk": DeviceId.BLOCK,
-    "net": DeviceId.NET,
-    "fs": DeviceId.FS,
-    "vsock": DeviceId.VSOCK,
-}
-
-#: Device-specific feature bits (below bit 24) of the device types we know.
-DEVICE_FEATURES: dict[DeviceId, Any] = {
-    DeviceId.BLOCK: BlkFeature,
-    DeviceId.NET: NetFeature,
-    DeviceId.FS: FsFeature,
-    DeviceId.VSOCK: VsockFeature,
-}
 
 DEVICE_SPECIFIC_BITS = ((1 << 24) - 1) | (((1 << 14) - 1) << 50)
 """Feature bits whose meaning depends on the device type (0-23 and 50-63); the others

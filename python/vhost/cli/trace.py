@@ -12,16 +12,19 @@ from typing import Any, TextIO
 
 from ..errors import VhostOSError
 from ..trace import Event, Record, Tracer
+from ..virtio import DEVICE_NAMES
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, SOCKET_PATH_MAX, CliError, connect_hint
 
 DESCRIPTION = """\
 Sit between a vhost-user front-end (QEMU) and a back-end, forward every byte and
 every fd unchanged and in order, and print each message decoded: direction, request
-name, flags, body fields (memory regions, ring addresses, features by name, config
-bytes), fds attached, and each reply with the time since its request. The back-end
-channel (SET_BACKEND_REQ_FD) is relayed too, so the back-end's own requests show
-(marked [backend channel]). A message the back-end or QEMU would refuse is printed
-as MALFORMED with the reason and its bytes in hex, and still forwarded.
+name, flags (v1, REPLY, NEED_REPLY), body fields (memory regions, ring addresses,
+features by name, config bytes), fds attached, and each reply with the time since its
+request. vhost-user never says the device type, so the device's own feature bits (0-23)
+show as "bit N" unless --device names the type. The back-end channel
+(SET_BACKEND_REQ_FD) is relayed too, so the back-end's own requests show (marked
+[backend channel]). A message the back-end or QEMU would refuse is printed as
+MALFORMED with the reason and its bytes in hex, and still forwarded.
 
 Two layouts:
   --listen FRONT.sock --connect BACK.sock
@@ -35,6 +38,9 @@ examples:
   python -m vhost trace --listen /tmp/trace.sock --connect /tmp/blk.sock
   qemu-system-x86_64 ... -chardev socket,id=c0,path=/tmp/trace.sock \\
       -device vhost-user-blk-pci,chardev=c0
+
+  python -m vhost trace --listen /tmp/t.sock --connect /tmp/blk.sock --device blk
+      # FLUSH, SEG_MAX... instead of bit 9, bit 2...
 
   python -m vhost trace --listen /tmp/t.sock --connect /tmp/blk.sock --json --once \\
       > trace.jsonl      # one JSON object per line; stop when QEMU disconnects
@@ -76,10 +82,13 @@ def add_parser(sub: Any) -> None:
         metavar="FRONT.sock",
         help="connect here to a front-end that listens (QEMU server=on)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object per message")
     p.add_argument(
-        "--once", action="store_true", help="exit when the first connection ends"
+        "--device",
+        choices=sorted(DEVICE_NAMES),
+        help="the device type, to name its own feature bits (0-23; the protocol never says it)",
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object per message")
+    p.add_argument("--once", action="store_true", help="exit when the first connection ends")
     p.set_defaults(run=run)
 
 
@@ -97,9 +106,7 @@ def _paths(args: argparse.Namespace) -> tuple[str, str, bool]:
         )
     for path in (listen, connect):
         if len(path.encode()) > SOCKET_PATH_MAX:
-            raise CliError(
-                f"trace: {path}: a socket path holds at most {SOCKET_PATH_MAX} bytes"
-            )
+            raise CliError(f"trace: {path}: a socket path holds at most {SOCKET_PATH_MAX} bytes")
     return listen, connect, backend_connects
 
 
@@ -117,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the proxy, printing every record, until SIGTERM, Ctrl-C or (``--once``) the
     end of the first connection; a socket that fails is one error line."""
     listen, connect, backend_connects = _paths(args)
-    tracer = Tracer(listen, connect, backend_connects=backend_connects)
+    tracer = Tracer(listen, connect, backend_connects=backend_connects, device=args.device)
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         tracer.start()
@@ -135,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
         path = str(exc.filename)
         raise CliError(str(exc), EXIT_USAGE, connect_hint(path, exc.errno)) from None
     except KeyboardInterrupt:
-        raise CliError(
-            f"trace {listen} -> {connect}: interrupted", EXIT_INTERRUPTED
-        ) from None
+        raise CliError(f"trace {listen} -> {connect}: interrupted", EXIT_INTERRUPTED) from None
     except _Stop:
         pass
     finally:

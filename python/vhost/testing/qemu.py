@@ -227,7 +227,9 @@ class Device:
     * ``rng``: ``/dev/hwrng`` (the guest's ``virtio_rng``);
     * ``net``: an ``eth`` interface (``virtio_net``); ``queues`` queue pairs;
     * ``fs``: mount it with ``mount -t virtiofs TAG /mnt`` (``tag``);
-    * ``vsock``: AF_VSOCK with guest CID ``guest_cid``.
+    * ``vsock``: AF_VSOCK; the guest's CID is the back-end's (QEMU's
+      ``vhost-user-vsock-pci`` reads it from the back-end's config space and has no
+      property for it), e.g. vhost-device-vsock's ``--vm guest-cid=N,...``.
 
     ``reconnect`` makes QEMU reconnect to a back-end that restarts. ``properties`` are
     appended to the ``-device`` option as they are (``"bootindex=1"``...).
@@ -238,7 +240,6 @@ class Device:
     queues: int = 1
     reconnect: bool = False
     tag: str = "vhostfs"
-    guest_cid: int = 3
     properties: str = ""
 
     def __post_init__(self) -> None:
@@ -271,7 +272,7 @@ class Device:
         elif self.kind == "fs":
             device = f"vhost-user-fs-pci,chardev={chardev_id},tag={qemu_escape(self.tag)}"
         else:
-            device = f"vhost-user-vsock-pci,chardev={chardev_id},guest-cid={self.guest_cid}"
+            device = f"vhost-user-vsock-pci,chardev={chardev_id}"
         return [*args, "-device", device + extra]
 
 
