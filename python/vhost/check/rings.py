@@ -124,8 +124,12 @@ def same_head_twice(ctx: Context) -> str:
         _quiet(r)
         if r.used_idx() > 2:
             raise Failed(f"2 publications of one head were completed {r.used_idx()} times")
-        # Chain 3 -> 1 shares descriptor 1 with chain 0 (blk) or is a second buffer (rng).
-        r.desc(3, BUF + 0x300, 16, DESC_F_NEXT | (DESC_F_WRITE if device == "rng" else 0), 1)
+        # Chain 3 -> 1 -> 2 shares descriptors 1 and 2 with chain 0 (blk); chain 3 -> 0
+        # shares descriptor 0 (rng).
+        if device == "rng":
+            r.desc(3, BUF + 0x300, 16, DESC_F_NEXT | DESC_F_WRITE, 0)
+        else:
+            r.desc(3, BUF, 16, DESC_F_NEXT, 1)
         r.publish(3, 2)
         _quiet(r)
         if r.used_idx() > 3:
@@ -264,7 +268,8 @@ def kick_before_ready(ctx: Context) -> str:
 
 def mem_table_swap(ctx: Context) -> str:
     """C8: SET_MEM_TABLE replaced (same memory, a new fd) right after each of 20
-    requests is kicked, while the back-end works on them."""
+    requests is kicked, while the back-end works on it: every request is still used
+    (a head is published again only once it is used: no E7 reuse)."""
     device = _device(ctx)
     with ring(ctx) as r:
         r.setup()
@@ -272,10 +277,12 @@ def mem_table_swap(ctx: Context) -> str:
         for n in range(20):
             r.publish(0, n)
             r.send_mem_table()
-        if not r.flags & NEED_REPLY:
-            r.c.ask_u64(wire.message(Req.GET_FEATURES))
-        _quiet(r)
-        return f"{r.used_idx()} of 20 requests used across 20 table swaps; " + r.c.in_sync()
+            try:
+                r.wait_used(n + 1)
+            except TimeoutError:
+                raise Failed(f"request {n + 1} of 20 was not used after SET_MEM_TABLE "
+                             f"replaced the table under it (used.idx {r.used_idx()})") from None
+        return "20 requests used, each across a table swap; " + r.c.in_sync()
 
 
 def mem_slot_exhaustion(ctx: Context) -> str:
