@@ -166,10 +166,10 @@ class Conn:
             code = wire.HEADER.unpack_from(data)[0]
             raise Failed(f"the back-end refused {_name(code)} (ack {value:#x})")
 
-    def negotiate(self, proto: int = 0) -> int:
+    def negotiate(self, proto: int = 0, features: int = 0) -> int:
         """SET_OWNER, GET_FEATURES, the protocol features ``proto`` (those offered) and
-        SET_FEATURES (VERSION_1 and PROTOCOL_FEATURES where offered): QEMU's order.
-        Returns the protocol features acked."""
+        SET_FEATURES (VERSION_1, PROTOCOL_FEATURES and ``features`` where offered):
+        QEMU's order. Returns the protocol features acked."""
         self.send(wire.message(Req.SET_OWNER))
         offered = self.ask_u64(wire.message(Req.GET_FEATURES))
         acked = 0
@@ -178,7 +178,7 @@ class Conn:
             acked = proto & have
             self.send(wire.message(Req.SET_PROTOCOL_FEATURES, U64.pack(acked)))
         flags = ACKED if acked & PF.REPLY_ACK else VERSION
-        body = U64.pack(offered & (VERSION_1 | PROTOCOL_FEATURES_BIT))
+        body = U64.pack(offered & (VERSION_1 | PROTOCOL_FEATURES_BIT | features))
         if flags & NEED_REPLY:
             self.acked(wire.message(Req.SET_FEATURES, body, flags=flags))
         else:
@@ -274,31 +274,50 @@ def queue_count(ctx: Context) -> str:
     return f"{n} queue(s), 8-byte reply"
 
 
+SLOT = 64 * 1024
+"""The size of each region the memory-slot cases add."""
+
+
+def add_region(c: Conn, i: int) -> int | None:
+    """ADD_MEM_REG (with NEED_REPLY) of a 64 KiB region in slot ``i``'s place: the ack,
+    or None when the back-end closed the connection instead."""
+    region = (i * MiB, SLOT, UADDR + i * MiB, 0)
+    data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
+    try:
+        c.send(data, [wire.memfd(SLOT)])
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    r = c.recv()
+    if r is None:
+        return None
+    if r.code != Req.ADD_MEM_REG or len(r.body) != 8:
+        raise Failed(f"ADD_MEM_REG of region {i + 1} was answered with request {r.code}, "
+                     f"{len(r.body)} bytes")
+    return r.u64
+
+
+def fill_slots(c: Conn) -> int:
+    """Negotiates CONFIGURE_MEM_SLOTS and REPLY_ACK and fills every slot of
+    GET_MAX_MEM_SLOTS; returns the limit."""
+    c.negotiate(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
+    limit = c.ask_u64(wire.message(Req.GET_MAX_MEM_SLOTS))
+    if not 1 <= limit <= 4096:
+        raise Failed(f"GET_MAX_MEM_SLOTS answered {limit}")
+    for i in range(limit):
+        if add_region(c, i) != 0:
+            raise Failed(f"ADD_MEM_REG of region {i + 1} of {limit} was refused")
+    return limit
+
+
 def mem_slot_limit(ctx: Context) -> str:
     """GET_MAX_MEM_SLOTS: that many ADD_MEM_REG succeed, and one more is refused (C6)."""
     ctx.need(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
-    size = 64 * 1024
     with ctx.connection() as c:
-        c.negotiate(PF.CONFIGURE_MEM_SLOTS | PF.REPLY_ACK)
-        limit = c.ask_u64(wire.message(Req.GET_MAX_MEM_SLOTS))
-        if not 1 <= limit <= 4096:
-            raise Failed(f"GET_MAX_MEM_SLOTS answered {limit}")
-        for i in range(limit):
-            region = (i * MiB, size, UADDR + i * MiB, 0)
-            data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
-            value = c.ask_u64(data, [wire.memfd(size)])
-            if value != 0:
-                raise Failed(f"ADD_MEM_REG of region {i + 1} of {limit} was refused")
-        region = (limit * MiB, size, UADDR + limit * MiB, 0)
-        data = wire.message(Req.ADD_MEM_REG, wire.single_region(region), flags=ACKED)
-        try:
-            c.send(data, [wire.memfd(size)])
-        except (ConnectionResetError, BrokenPipeError):
+        limit = fill_slots(c)
+        value = add_region(c, limit)
+        if value is None:
             return f"{limit} slots; region {limit + 1} closed the connection"
-        r = c.recv()
-        if r is None:
-            return f"{limit} slots; region {limit + 1} closed the connection"
-        if r.code == Req.ADD_MEM_REG and r.body == U64.pack(0):
+        if value == 0:
             raise Failed(f"region {limit + 1} was accepted past GET_MAX_MEM_SLOTS = {limit}")
     return f"{limit} slots filled; region {limit + 1} refused"
 
@@ -341,15 +360,22 @@ class Ring:
     """Queue 0 of the back-end set up the way QEMU does it, over one memfd region we map
     too (so we can play the driver)."""
 
-    def __init__(self, c: Conn) -> None:
+    def __init__(self, c: Conn, features: int = 0, proto: int = 0,
+                 mem_table: bool = True) -> None:
         self.c = c
-        self.acked = c.negotiate(PF.REPLY_ACK)
+        self.acked = c.negotiate(PF.REPLY_ACK | proto, features)
         self.flags = ACKED if self.acked & PF.REPLY_ACK else VERSION
-        fd = wire.memfd(MEM)
-        self.mem = mmap.mmap(fd, MEM)
+        self.memfd = wire.memfd(MEM)
+        self.mem = mmap.mmap(self.memfd, MEM)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.step(Req.SET_MEM_TABLE, wire.mem_table([(0, MEM, UADDR, 0)]), [fd])
+        if mem_table:
+            self.send_mem_table()
+
+    def send_mem_table(self) -> None:
+        """SET_MEM_TABLE with our one region (again, when called again: a replacement)."""
+        self.step(Req.SET_MEM_TABLE, wire.mem_table([(0, MEM, UADDR, 0)]),
+                  [os.dup(self.memfd)])
 
     def step(self, code: int, body: bytes, fds: Sequence[int] = ()) -> None:
         """Sends one set-up request, requiring its ack when REPLY_ACK was negotiated."""
@@ -359,15 +385,17 @@ class Ring:
         else:
             self.c.send(data, fds)
 
-    def setup(self, base: int = 0) -> None:
-        """Queue 0's set-up in QEMU's order: num, addr, base, call, kick, enable."""
-        self.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, RING))
+    def setup(self, base: int = 0, *, size: int = RING, desc: int = DESC,
+              avail: int = AVAIL, used: int = USED, enable: bool = True) -> None:
+        """Queue 0's set-up in QEMU's order: num, addr, base, call, kick, enable (the
+        ring addresses are offsets into our region)."""
+        self.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, size))
         self.step(Req.SET_VRING_ADDR, wire.vring_addr(
-            0, desc=UADDR + DESC, avail=UADDR + AVAIL, used=UADDR + USED))
+            0, desc=UADDR + desc, avail=UADDR + avail, used=UADDR + used))
         self.step(Req.SET_VRING_BASE, VRING_STATE.pack(0, base))
         self.step(Req.SET_VRING_CALL, wire.vring_word(0), [os.dup(self.call)])
         self.step(Req.SET_VRING_KICK, wire.vring_word(0), [os.dup(self.kick)])
-        if self.c.ctx.features & PROTOCOL_FEATURES_BIT:
+        if enable and self.c.ctx.features & PROTOCOL_FEATURES_BIT:
             self.step(Req.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
         if not self.flags & NEED_REPLY:
             # Without acks, a reply is the only sign that the set-up was processed: a
@@ -410,17 +438,19 @@ class Ring:
         return int(num)
 
     def close(self) -> None:
-        """Unmaps the memory and closes our kick and call eventfds."""
+        """Unmaps the memory and closes our memfd, kick and call eventfds."""
         self.mem.close()
+        os.close(self.memfd)
         os.close(self.kick)
         os.close(self.call)
 
 
 @contextmanager
-def ring(ctx: Context) -> Iterator[Ring]:
+def ring(ctx: Context, features: int = 0, proto: int = 0,
+         mem_table: bool = True) -> Iterator[Ring]:
     """A connection with queue 0's memory table sent (see :class:`Ring`)."""
     with ctx.connection() as c:
-        r = Ring(c)
+        r = Ring(c, features, proto, mem_table)
         try:
             yield r
         finally:
@@ -519,8 +549,13 @@ def mid_message_disconnect(ctx: Context) -> str:
         if n and ctx.next_session is not None:
             ctx.next_session()
         with ctx.connection() as c:
-            c.send(data, [wire.memfd(MiB) for _ in range(fds)])
-            c.sock.shutdown(socket.SHUT_WR)
+            try:
+                c.send(data, [wire.memfd(MiB) for _ in range(fds)])
+                c.sock.shutdown(socket.SHUT_WR)
+            except (ConnectionResetError, BrokenPipeError):
+                # Closed by the back-end before our cut: what counts is that it
+                # survives, judged on the next connection.
+                pass
     return "three connections cut mid-message"
 
 

@@ -26,6 +26,7 @@ from .cases import (
 )
 from .hostile import hostile_cases
 from .report import CaseResult, Outcome, Report
+from .rings import RING_CASES
 
 DEVICES = ("blk", "rng", "fs", "net", "vsock")
 """Device types ``device=`` accepts (traffic cases know blk and rng)."""
@@ -45,8 +46,9 @@ class CheckError(Exception):
 
 
 def all_cases() -> list[Case]:
-    """Every case, in the order run: conformance first, then the hostile messages."""
-    return CONFORMANCE + hostile_cases()
+    """Every case, in the order run: conformance first, then the hostile messages, then
+    the ring contents and sequences."""
+    return CONFORMANCE + hostile_cases() + RING_CASES
 
 
 class _Unanswered(Exception):
