@@ -370,6 +370,9 @@ class Packed:
         self.wrap = 1
 
     def setup(self, driver: int = P_DRIVER) -> None:
+        """Sets queue 0 up as this packed ring the way a front-end would: size, addresses
+        (the driver event area at ``driver``), base at index 0 with wrap counter 1, call
+        and kick, and enable when protocol features were negotiated."""
         r = self.r
         r.step(Req.SET_VRING_NUM, VRING_STATE.pack(0, self.size))
         r.step(Req.SET_VRING_ADDR, wire.vring_addr(
@@ -408,11 +411,14 @@ class Packed:
         return head, wrap
 
     def is_used(self, slot: int, wrap: int) -> bool:
+        """Whether the back-end marked descriptor ``slot`` used for ``wrap``: its AVAIL
+        and USED bits both equal the wrap counter, as the packed-ring rules say."""
         flags = struct.unpack_from("=H", self.r.mem, P_DESC + 16 * slot + 14)[0]
         want = (P_AVAIL | P_USED) if wrap else 0
         return bool(flags & (P_AVAIL | P_USED) == want)
 
     def kick(self) -> None:
+        """Tells the back-end the ring has new buffers (one write to the kick eventfd)."""
         os.eventfd_write(self.r.kick, 1)
 
 
