@@ -734,7 +734,9 @@ class DeviceQueue:
     def base(self) -> int:
         """The ring base as GET_VRING_BASE answers it; setting it is SET_VRING_BASE."""
     @base.setter
-    def base(self, value: int) -> None: ...
+    def base(self, value: int) -> None:
+        """Restores the ring position (SET_VRING_BASE); a base that does not fit is
+        InvalidParamError."""
     @property
     def next_avail(self) -> int:
         """The next avail position to process (the low half of :attr:`base`)."""

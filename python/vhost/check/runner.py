@@ -72,11 +72,13 @@ class _Target:
         self.log = log
 
     def alive(self) -> bool:
+        """Whether the back-end process still runs (unknown processes count as alive)."""
         if self.child is not None:
             return self.child.poll() is None
         return self.pid is None or os.path.exists(f"/proc/{self.pid}")
 
     def fds(self) -> int | None:
+        """How many fds the back-end holds now (/proc), or None when its pid is unknown."""
         pid = self.child.pid if self.child is not None else self.pid
         if pid is None:
             return None
@@ -121,6 +123,7 @@ class _Target:
             return r.u64
 
     def start(self) -> None:
+        """(Re)starts the back-end with the --restart command, stopping any earlier one."""
         assert self.restart is not None
         self.stop()
         before = self._inode()
@@ -170,6 +173,7 @@ class _Target:
         return False, f"exited with status {rc}"
 
     def stop(self) -> None:
+        """Stops a back-end this run started (SIGTERM to its process group)."""
         if self.child is not None and self.child.poll() is None:
             os.killpg(self.child.pid, signal.SIGTERM)
             try:

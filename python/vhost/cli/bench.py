@@ -210,6 +210,7 @@ class _LogSync:
             self.log.close()
 
     def summary(self) -> dict[str, int]:
+        """The log's totals for the JSON report: syncs done and dirty pages seen."""
         return {"syncs": self.syncs, "dirty_pages": self.pages}
 
 
