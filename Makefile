@@ -1,5 +1,6 @@
 # pyvhost developer and CI entry points.  `make test` is THE test command
-# (.ci/run calls it): setup, lint, Rust tests, type checks, pytest.
+# (.ci/run calls it): setup, lint, Rust tests, type checks, fuzz, the installed wheel's
+# smoke tests, pytest.  `make demo` is the README's first command: .venv, build, demo.
 #
 # Every Python tool comes from .venv (made by `make setup`), never from $PATH.
 
@@ -64,9 +65,15 @@ pytest:
 fuzz: tools
 	bash scripts/fuzz.sh
 
-test: setup lint rust-test typecheck fuzz pytest
+test: setup lint rust-test typecheck fuzz smoke pytest
 
-demo: setup
+# The README's first command, on a machine with only Python and Rust: .venv with maturin
+# (scripts/venv.sh checks the Python and Rust versions first: one line if one is missing or
+# too old), the extension built into it, the demo. No apt, no QEMU, no test guest, no peers:
+# those are `make setup`'s, which `make test` runs. tests/test_dist.py checks `make -n demo`.
+demo:
+	VENV=$(VENV) bash scripts/venv.sh
+	VIRTUAL_ENV=$(VENV) $(MATURIN) develop --release
 	$(PY) -m vhost demo
 
 # Round-trip latency, pinned to one CPU and free: our Frontend against our back-end and
@@ -84,8 +91,17 @@ bench: setup
 	$(PY) benches/bench_dirty_log.py --runs 3
 	$(PY) benches/bench_migration.py --runs 3
 
-wheel: tools
-	$(MATURIN) build --release
+# What is published, into dist/: the manylinux2014 abi3 wheel (linked by zig, its tag
+# checked by auditwheel) and the sdist. `make wheel` and `make sdist` are the same step.
+.PHONY: dist sdist smoke
+dist:
+	bash scripts/wheel.sh
+wheel sdist: dist
+
+# dist/'s wheel installed into a fresh virtual environment outside the checkout, and
+# tests/smoke_installed.py run against it from there (scripts/smoke.sh).
+smoke: dist
+	bash scripts/smoke.sh
 
 clean:
 	rm -rf $(BENCH_DIR) dist

@@ -4,6 +4,9 @@
 #   bash scripts/setup.sh [--no-build]
 #
 # Idempotent and quick when already done:
+#   0. scripts/venv.sh, the light half that `make demo` runs alone: checks the Python and
+#      Rust versions (one line and exit 1 if one is missing or too old), makes .venv with
+#      maturin in it.
 #   1. Debian packages (as root, only if missing): QEMU, all of it from
 #      bookworm-backports (qemu-utils 10.x from there is preinstalled on the
 #      project's machines, and apt will not mix it with bookworm's 7.2), plus
@@ -50,6 +53,9 @@ done
 
 log() { printf '== setup: %s\n' "$*"; }
 export DEBIAN_FRONTEND=noninteractive
+
+# --- 0. Python, Rust, .venv ---------------------------------------------------------
+VENV="$ROOT/.venv" bash "$ROOT/scripts/venv.sh"
 
 # --- 1. Debian packages ---------------------------------------------------------
 missing_apt=()
@@ -163,11 +169,7 @@ if [[ ! -x "$VSOCK_ROOT/bin/vhost-device-vsock" ]]; then
 fi
 
 # --- 3. Python virtual environment ---------------------------------------------
-VENV="$ROOT/.venv"
-if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV"
-    python3 -m venv "$VENV"
-fi
+VENV="$ROOT/.venv"   # made by scripts/venv.sh (step 0)
 # A stamp of the tool list keeps reruns from touching pip at all.
 stamp="$VENV/.pyvhost-dev-tools"
 want=$(printf '%s\n' "${PY_DEV_TOOLS[@]}")
