@@ -68,6 +68,9 @@ command -v cargo >/dev/null ||
     fail "cargo not found on PATH: install Rust $MIN_RUST or newer (rustup), then open a new" \
         "shell or run: source ~/.cargo/env"
 command -v rustc >/dev/null || fail "rustc not found on PATH although cargo is: reinstall Rust"
+# rustup brings no linker: rustc links through the system's C compiler.
+command -v cc >/dev/null ||
+    fail "no C compiler (cc) on PATH: Rust links through it (Debian and Ubuntu: apt-get install gcc)"
 rust=$(rustc --version | awk '{print $2}')
 at_least "${rust%%-*}" "$MIN_RUST" ||
     fail "rustc is $rust; pyvhost needs Rust $MIN_RUST or newer (rustup update)"

@@ -192,14 +192,20 @@ def test_make_demo_runs_no_test_setup() -> None:
             assert word not in "\n".join(code).lower(), f"scripts/venv.sh runs {word!r}"
 
 
-def _bin_without_cargo(tmp_path: Path) -> str:
-    """A PATH with this machine's python3 and shell tools but no cargo or rustc."""
+# What scripts/venv.sh runs besides Python and Rust.
+SHELL_TOOLS = ("bash", "dirname", "sed", "head", "sort", "awk")
+
+
+def _path_with(tmp_path: Path, *tools: str) -> str:
+    """A PATH of one folder holding this machine's ``tools`` and python3, nothing else."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").symlink_to(BASE_PYTHON.resolve())
-    path = f"{bin_dir}:/usr/bin:/bin"
-    assert shutil.which("cargo", path=path) is None, "cargo is in /usr/bin or /bin"
-    return path
+    for tool in (*SHELL_TOOLS, *tools):
+        found = shutil.which(tool)
+        assert found, f"{tool} is not on this machine's PATH"
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
 
 
 def _one_error_line(failed: subprocess.CompletedProcess[str], words: str) -> None:
@@ -213,10 +219,24 @@ def _one_error_line(failed: subprocess.CompletedProcess[str], words: str) -> Non
 
 def test_make_demo_without_cargo_says_so_in_one_line(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    env = {**os.environ, "PATH": _bin_without_cargo(tmp_path)}
-    failed = run(["make", "demo", f"VENV={venv}"], CHECKOUT, env)
+    make = shutil.which("make")
+    assert make
+    env = {**os.environ, "PATH": _path_with(tmp_path)}
+    failed = run([make, "demo", f"VENV={venv}"], CHECKOUT, env)
     _one_error_line(failed, "cargo not found on PATH: install Rust 1.80 or newer")
     assert not venv.exists(), "the checks must come before anything is made"
+
+
+def test_venv_sh_without_a_c_compiler_says_so_in_one_line(tmp_path: Path) -> None:
+    """rustup installs no linker; without cc the build would fail deep in cargo's output."""
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PATH": _path_with(tmp_path, "cargo", "rustc"), "VENV": str(venv)}
+    failed = run(["/bin/bash", str(CHECKOUT / "scripts" / "venv.sh")], tmp_path, env)
+    assert failed.returncode == 1 and failed.stderr == (
+        "error: no C compiler (cc) on PATH: Rust links through it "
+        "(Debian and Ubuntu: apt-get install gcc)\n"
+    ), failed.stderr
+    assert not venv.exists()
 
 
 def _venv_sh_requiring(tmp_path: Path, python: str, rust: str) -> Path:
