@@ -2,7 +2,8 @@
 # (.ci/run calls it): setup, lint, Rust tests, type checks, fuzz, the installed wheel's
 # smoke tests, pytest.  `make demo` is the README's first command: .venv, build, demo.
 #
-# Every Python tool comes from .venv (made by `make setup`), never from $PATH.
+# Every Python tool comes from .venv (made by scripts/venv.sh, which `make setup` and
+# `make demo` run), never from $PATH.
 
 .NOTPARALLEL:
 .DEFAULT_GOAL := test
@@ -68,7 +69,7 @@ fuzz: tools
 test: setup lint rust-test typecheck fuzz smoke pytest
 
 # The README's first command, on a machine with only Python and Rust: .venv with maturin
-# (scripts/venv.sh checks the Python and Rust versions first: one line if one is missing or
+# (scripts/venv.sh first checks Python, Rust and a C compiler: one line if one is missing or
 # too old), the extension built into it, the demo. No apt, no QEMU, no test guest, no peers:
 # those are `make setup`'s, which `make test` runs. tests/test_dist.py checks `make -n demo`.
 demo:

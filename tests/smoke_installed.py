@@ -136,13 +136,16 @@ def test_vhost_is_the_installed_wheel() -> None:
 
 
 def test_demo_runs_from_the_wheel(tmp_path: Path) -> None:
-    out = run([sys.executable, "-m", "vhost", "demo"], tmp_path)
+    """``python -m vhost demo`` needs no other program: PATH holds only the environment's
+    bin/ (no QEMU, no peer, no shell tool could start)."""
+    only_venv = {**clean_env(), "PATH": str(Path(sys.executable).parent)}
+    out = run([sys.executable, "-m", "vhost", "demo"], tmp_path, only_venv)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "'HELLO'" in out.stdout and "'THROUGH A VIRTQUEUE'" in out.stdout, out.stdout
     assert out.stdout.count(": match") == 3 and "MISMATCH" not in out.stdout, out.stdout
     # The console script the wheel declares runs the same CLI.
     script = Path(sys.executable).parent / "pyvhost"
-    out = run([str(script), "demo", "--message", "smoke"], tmp_path)
+    out = run([str(script), "demo", "--message", "smoke"], tmp_path, only_venv)
     assert out.returncode == 0 and "'SMOKE'" in out.stdout, out.stdout + out.stderr
 
 
