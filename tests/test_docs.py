@@ -45,7 +45,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -101,7 +101,7 @@ def tmp_paths(text: str, tmp: Path) -> str:
 def shell_code(code: str, tmp: Path) -> str:
     """A ``sh`` block as bash runs it here: this interpreter for ``python``, temporary
     paths, and every command checked (as a reader watching the terminal would)."""
-    code = re.sub(r"^python ", shlex.quote(sys.executable) + " ", code, flags=re.M)
+    code = re.sub(r"(?<![\w/.-])python(?= -m )", shlex.quote(sys.executable), code)
     return "set -euo pipefail\n" + tmp_paths(code, tmp)
 
 
@@ -137,22 +137,31 @@ def check_output_of(block: Block, lines: list[str], out: str) -> None:
 
 
 def run_to_end(argv: list[str], cwd: Path, block: Block) -> str:
+    """Run an example to its end (status 0, no traceback, the output its page shows);
+    it runs in a session of its own, killed whole at the end, so a server it started
+    in the background cannot outlive the test."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
     try:
-        out = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{block.where}: did not finish within {RUN_TIMEOUT}s: {exc}")
-    assert out.returncode == 0, f"{block.where}: exit {out.returncode}\n{out.stdout}{out.stderr}"
-    assert "Traceback" not in out.stderr, out.stderr
-    check_output(block, out.stdout)
-    return out.stdout
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{block.where}: did not finish within {RUN_TIMEOUT}s:\n{out}{err}")
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, f"{block.where}: exit {proc.returncode}\n{out}{err}"
+    assert "Traceback" not in err, err
+    check_output(block, out)
+    return out
 
 
 @contextmanager
@@ -204,7 +213,7 @@ def frontend_chain(block: Block) -> str:
 
 
 def run_client(block: Block, args: list[str], tmp: Path) -> None:
-    if block.language == "sh":
+    if block.language == "sh" and args:
         assert args == ["blk"], f"{block.where}: unknown sh arguments {args}"
         with blk_backend("serve-blk", tmp):
             run_to_end(program(block, tmp), tmp, block)
