@@ -89,7 +89,12 @@ def substitute(code: str, replacements: Mapping[str, str]) -> str:
 
 @contextmanager
 def example_process(
-    argv: Sequence[str], sock: Path, *, cwd: Path = CHECKOUT, new_session: bool = False
+    argv: Sequence[str],
+    sock: Path,
+    *,
+    cwd: Path = CHECKOUT,
+    new_session: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     """Run ``argv`` (an example: ``python -c CODE``, ``bash -c CODE``) until ``sock``
     exists; killed (its whole session with ``new_session``) if it is still running at
@@ -102,6 +107,7 @@ def example_process(
         text=True,
         cwd=cwd,
         start_new_session=new_session,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT

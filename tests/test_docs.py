@@ -37,13 +37,17 @@ and the blocks of the tool pages written before this file (``check.md``,
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import selectors
 import shlex
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -61,8 +65,9 @@ from doc_examples import (
     read_entropy,
     stopped,
 )
-from vhost import testing
-from vhost.user import Frontend
+from vhost import EventFd, GuestMemory, testing
+from vhost.user import Frontend, regions_of
+from vhost.virtio import VirtioFeature, Virtqueue, place_rings, setup_queue
 
 DOCS = CHECKOUT / "docs"
 RUN_TIMEOUT = 120
@@ -165,7 +170,7 @@ def run_to_end(argv: list[str], cwd: Path, block: Block) -> str:
 
 
 @contextmanager
-def blk_backend(name: str, tmp: Path, sock_path: str = BLK_SOCK) -> Iterator[Path]:
+def blk_backend(name: str, tmp: Path, sock_path: str = BLK_SOCK) -> Iterator[peers.Peer]:
     """``serve blk`` or qemu-storage-daemon on ``sock_path`` (moved into ``tmp``) over a
     64 MiB ``TMP/disk.img``, the back-end the pages tell the reader to start."""
     sock = Path(tmp_paths(sock_path, tmp))
@@ -173,11 +178,11 @@ def blk_backend(name: str, tmp: Path, sock_path: str = BLK_SOCK) -> Iterator[Pat
     if name == "serve-blk":
         argv = [sys.executable, "-m", "vhost", "serve", "blk", "--socket", str(sock)]
         with peers.spawn_peer(name, [*argv, "--image", str(image)], sock) as peer:
-            yield sock
+            yield peer
             assert peer.alive(), peer.output()
     else:
         with peers.qemu_storage_daemon_blk(image, sock) as peer:
-            yield sock
+            yield peer
             assert peer.alive(), peer.output()
 
 
@@ -276,17 +281,146 @@ RUNNERS: dict[str, Callable[[Block, list[str], Path], None]] = {
 
 
 def check_cli(block: Block, tmp: Path) -> None:
-    """check.md's commands, each against the back-end it names."""
+    """check.md's commands, each against the back-end it names: ``serve blk``, then
+    qemu-storage-daemon (``$(pidof qemu-storage-daemon)`` becomes its pid: other tests
+    may run one at the same time), then ``--list``. The virtiofsd line (84 cases, each
+    restarting virtiofsd, about 25 s) is not run here: it is the run
+    ``tests/test_check.py::test_virtiofsd_known_result`` makes and pins."""
     lines = [line for line in block.code.splitlines() if line.strip()]
-    for line in lines:
-        assert line.startswith("python -m vhost check "), line
+    assert len(lines) == 4 and all(ln.startswith("python -m vhost check ") for ln in lines)
+    assert "virtiofsd" in lines[2] and lines[3].endswith("--list"), lines
     run_to_end(["bash", "-c", shell_code(lines[3], tmp)], tmp, block)
     with blk_backend("serve-blk", tmp, "/tmp/blk.sock"):
         run_to_end(["bash", "-c", shell_code(lines[0], tmp)], tmp, block)
+    pidof = '"$(pidof qemu-storage-daemon)"'
+    assert pidof in lines[1], lines[1]
+    with blk_backend("qemu-storage-daemon", tmp, "/tmp/blk.sock") as peer:
+        line = lines[1].replace(pidof, str(peer.pid))
+        status = subprocess.run(
+            ["bash", "-c", shell_code(line, tmp)], cwd=tmp, timeout=RUN_TIMEOUT, check=False
+        ).returncode
+    # qemu-storage-daemon fails cases (check.md's table says which): status 2, not 0.
+    assert status == 2, status
+    report = json.loads((tmp / "report.json").read_text())
+    assert report, "check --json wrote nothing"
+
+
+def check_python(block: Block, tmp: Path) -> None:
+    """check.md's ``run_checks`` example, against ``serve blk`` at its socket path."""
+    with blk_backend("serve-blk", tmp, "/tmp/blk.sock"):
+        out = run_to_end(program(block, tmp), tmp, block)
+    # serve blk passes every case: no line for a case that did not, then the summary.
+    (line,) = out.splitlines()
+    assert line.startswith("True {'pass': ") and "'fail': 0, 'died': 0, 'hung': 0" in line, out
+
+
+def trace_proxy(block: Block, tmp: Path) -> None:
+    """trace.md's first block: ``serve blk`` in the background, then the proxy in front
+    of it; a front-end of ours goes through the proxy, which must print what it saw, then
+    Ctrl-C stops it (status 130, its documented status for an interrupt). The two
+    commands run as a reader types them, the second once the first listens (run as one
+    script, the proxy could try the back-end before ``serve blk`` has bound its socket)."""
+    serve_line, trace_line = [ln for ln in block.code.splitlines() if not ln.startswith("#")]
+    assert serve_line.endswith(" &"), serve_line
+    peers.make_image(tmp / "disk.img", IMAGE_SIZE)  # the block's relative disk.img
+    back = Path(tmp_paths("/tmp/blk.sock", tmp))
+    sock = Path(tmp_paths("/tmp/trace.sock", tmp))
+    serve = ["bash", "-c", shell_code(serve_line.removesuffix(" &"), tmp)]
+    with (
+        example_process(serve, back, cwd=tmp, new_session=True),
+        example_process(
+            ["bash", "-c", shell_code(trace_line, tmp)], sock, cwd=tmp, new_session=True
+        ) as proc,
+    ):
+        with Frontend.connect(sock, timeout=10.0) as fe:
+            fe.negotiate()
+        os.killpg(proc.pid, signal.SIGINT)
+        status, out, err = stopped(proc)
+    assert status == 130, f"{block.where}: exit {status}\n{out}{err}"
+    assert "Traceback" not in err, err
+    assert re.search(r"#1 F->B GET_FEATURES flags=0x1\[v1\]", out), out
+    assert re.search(r"#1 B->F GET_FEATURES reply flags=0x5\[v1,REPLY\] features=", out), out
+
+
+def trace_mirror(block: Block, tmp: Path) -> None:
+    """trace.md's mirror layout: our front-end listens at ``/tmp/qemu.sock`` as QEMU
+    with ``server=on`` would, ``serve blk --client`` connects to the proxy."""
+    front = Path(tmp_paths("/tmp/qemu.sock", tmp))
+    back = Path(tmp_paths("/tmp/back.sock", tmp))
+    accepted: list[Frontend] = []
+    acceptor = threading.Thread(
+        target=lambda: accepted.append(Frontend.accept(front, timeout=30)), daemon=True
+    )
+    acceptor.start()
+    deadline = time.monotonic() + 15
+    while not front.exists():
+        assert time.monotonic() < deadline, "Frontend.accept never listened"
+        time.sleep(0.02)
+    image = peers.make_image(tmp / "disk.img", IMAGE_SIZE)
+    with example_process(program(block, tmp), back, cwd=tmp, new_session=True) as proc:
+        argv = [sys.executable, "-m", "vhost", "serve", "blk", "--client", "--image",
+                str(image), "--socket", str(back)]  # fmt: skip
+        client = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            acceptor.join(timeout=30)
+            assert accepted, "the back-end never reached the front-end through the proxy"
+            with accepted[0] as fe:
+                fe.get_features()
+            client.wait(timeout=30)  # the front-end's session ended: so does --client
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+        os.killpg(proc.pid, signal.SIGINT)
+        status, out, err = stopped(proc)
+    assert status == 130, f"{block.where}: exit {status}\n{out}{err}"
+    assert re.search(r"F->B GET_FEATURES flags=0x1", out), out
+    assert re.search(r"B->F GET_FEATURES reply", out), out
+
+
+def trace_python(block: Block, tmp: Path) -> None:
+    """trace.md's ``Tracer`` script, in front of ``serve blk``: a front-end of ours sets
+    a ring up through it, and the script must print that ring's descriptor table and used
+    ring addresses (the ``SET_VRING_ADDR`` it saw); then Ctrl-C stops it."""
+    sock = Path(tmp_paths("/tmp/trace.sock", tmp))
+    with (
+        blk_backend("serve-blk", tmp, "/tmp/blk.sock"),
+        example_process(
+            program(block, tmp), sock, cwd=tmp, new_session=True, env={"PYTHONUNBUFFERED": "1"}
+        ) as proc,
+    ):
+        with Frontend.connect(sock, timeout=10.0) as fe:
+            features, _ = fe.negotiate()
+            ram = GuestMemory.allocate([(0, 1 << 20)])
+            fe.set_mem_table(regions_of(ram))
+            desc, avail, used = place_rings(0x1000, 16)
+            vq = Virtqueue(ram, 16, desc, avail, used,
+                           event_idx=bool(features & VirtioFeature.EVENT_IDX))  # fmt: skip
+            with EventFd() as kick, EventFd() as call:
+                setup_queue(fe, 0, ram, vq, kick, call)
+                user = ram.regions()[0].userspace_addr
+                line = read_line(proc, timeout=15.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        stopped(proc)  # a script interrupted by Ctrl-C: KeyboardInterrupt, as Python does
+    assert line.split() == [str(user + desc), str(user + used)], line
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line ``proc`` prints, waiting at most ``timeout`` seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout), f"the example printed nothing within {timeout}s"
+    return proc.stdout.readline()
 
 
 TOOL_BLOCKS: dict[tuple[str, str], Callable[[Block, Path], None]] = {
     ("check.md", "python -m vhost check --list"): check_cli,
+    ("check.md", "run_checks("): check_python,
+    ("trace.md", "python -m vhost trace --listen /tmp/trace.sock"): trace_proxy,
+    ("trace.md", "--listen-backend /tmp/back.sock --connect-frontend /tmp/qemu.sock"): trace_mirror,
+    ("trace.md", "Tracer("): trace_python,
 }
 
 
