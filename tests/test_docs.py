@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import re
 import selectors
 import shlex
@@ -56,6 +57,7 @@ import pytest
 
 import guest
 import peers
+import vhost
 from doc_examples import (
     CHECKOUT,
     Block,
@@ -450,6 +452,33 @@ def test_every_code_block_is_run() -> None:
             elif kind is not None and (not kind or kind[0] not in KINDS):
                 unrun.append(f"{block.where}: unknown kind {kind}")
     assert not unrun, "blocks that no test runs:\n" + "\n".join(unrun)
+
+
+# Modules of the package the API reference leaves out, and why.
+UNREFERENCED = {
+    "vhost.cli": "the command line: its --help pages and the guides document it",
+    "vhost.__main__": "`python -m vhost`, one call into vhost.cli",
+    "vhost.testing.__main__": "`python -m vhost.testing`, documented in testing.md",
+}
+
+
+def test_every_public_module_has_a_reference_page() -> None:
+    """A new public module fails this until docs/reference/ renders it (``::: name``)."""
+    referenced = {
+        name
+        for page in (DOCS / "reference").glob("*.md")
+        for name in re.findall(r"^::: ([\w.]+)$", page.read_text(), flags=re.M)
+    }
+    modules = ["vhost", *(i.name for i in pkgutil.walk_packages(vhost.__path__, "vhost."))]
+    missing = []
+    for name in modules:
+        parts = name.split(".")
+        private = any(p.startswith("_") and p not in ("_core", "__main__") for p in parts)
+        skipped = any(".".join(parts[: n + 1]) in UNREFERENCED for n in range(len(parts)))
+        if not private and not skipped and name not in referenced:
+            missing.append(name)
+    assert not missing, f"modules without a reference page in docs/reference/: {missing}"
+    assert "vhost._core" in referenced
 
 
 def test_output_blocks_follow_a_run_block() -> None:
