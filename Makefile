@@ -67,10 +67,11 @@ fuzz: tools
 
 # The documentation site (mkdocs.yml) into target/site, every warning an error: a broken
 # link or cross-reference, a page missing from the nav, a docstring mkdocstrings cannot
-# parse. The API reference is read statically from the sources and the stubs, so this
-# needs no build of the extension. tests/test_docs.py runs every example of the pages.
+# parse (not --quiet: it hides warnings from the count --strict checks). The API
+# reference is read statically from the sources and the stubs, so this needs no build
+# of the extension. tests/test_docs.py runs every example of the pages.
 docs:
-	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
 
 test: setup lint rust-test typecheck docs fuzz pytest
 

@@ -7,10 +7,11 @@ rewrites each docstring once the package is loaded:
 
 * a role becomes a cross-reference (``[`Frontend`][vhost.user.Frontend]``), its target
   resolved the way Python resolves the name in the docstring's scope (the object, its
-  parents, their imports). A target in the package that does not resolve stays a
-  cross-reference to the name as written, so ``mkdocs build --strict`` fails on it: a
-  renamed or misspelled reference cannot hide. A name outside the package (``OSError``,
-  ``os.read``) becomes code, as the standard library's pages are not part of the site;
+  parents, their imports). A target that does not resolve, if it names the package
+  or is a bare name that is not a builtin, stays a cross-reference, so ``mkdocs build
+  --strict`` fails on it: a renamed or misspelled reference cannot hide. A name outside
+  the package (``OSError``, ``os.read``) becomes code, as the standard library's pages
+  are not part of the site;
 * ``::`` at the end of a paragraph becomes ``:`` and the indented block after it a
   fenced code block;
 * a simple table (``====  ====`` borders) becomes a Markdown table; rows whose first
@@ -19,6 +20,7 @@ rewrites each docstring once the package is loaded:
 
 from __future__ import annotations
 
+import builtins
 import re
 from typing import Any
 
@@ -38,13 +40,14 @@ def _lookup(scope: griffe.Object | griffe.Alias, name: str) -> str | None:
             node = node.parent
         node = _Root(node)
     while node is not None:
-        members = node.members
+        # A class's inherited members too: a method's docstring names its siblings.
+        members = node.all_members if getattr(node, "is_class", False) else node.members
         if head in members:
             found: Any = members[head]
             for part in rest.split(".") if rest else []:
                 found = _follow(found)
                 try:
-                    found = found.members[part]
+                    found = (found.all_members if found.is_class else found.members)[part]
                 except (KeyError, griffe.AliasResolutionError):
                     return None
             found = _follow(found)
@@ -90,8 +93,12 @@ def _convert_roles(obj: griffe.Object, text: str) -> str:
         if target.endswith("()"):
             target = target[:-2]
         path = _lookup(obj, target)
-        if path is None and (target.startswith(PACKAGE + ".") or target == PACKAGE):
-            path = target  # ours but unresolved: leave it to autorefs to fail the build
+        ours = target.startswith(PACKAGE + ".") or target == PACKAGE
+        bare = "." not in target and not hasattr(builtins, target)
+        if path is None and (ours or bare):
+            # Ours (or a bare name, which Python would look up in this scope) but not
+            # found: leave it to autorefs to fail the build.
+            path = target if ours else f"{PACKAGE}.{target}"
         if path is not None and _private(path):
             return f"`{label}`"
         if path is None or not (path == PACKAGE or path.startswith(PACKAGE + ".")):
@@ -102,44 +109,40 @@ def _convert_roles(obj: griffe.Object, text: str) -> str:
 
 
 def _convert_table(lines: list[str], start: int) -> tuple[list[str], int] | None:
+    """The Markdown of the simple table whose top border is ``lines[start]``, and the
+    index after its bottom border; None when no table starts there."""
     first = BORDER.match(lines[start])
     if first is None:
         return None
-    indent = len(first.group(1))
-    # column starts from the border line
-    border = lines[start]
-    cols = [m.start() for m in re.finditer(r"=+", border)]
-    ends = [m.end() for m in re.finditer(r"=+", border)]
+    indent = first.group(1)
+    border = lines[start].strip()
     borders = [start]
     i = start + 1
     while i < len(lines) and len(borders) < 3:
-        if BORDER.match(lines[i]) and lines[i].strip() == border.strip():
+        if lines[i].strip() == border:
             borders.append(i)
         elif not lines[i].strip():
             return None
         i += 1
     if len(borders) != 3:
         return None
+    starts = [m.start() for m in re.finditer(r"=+", lines[start])]
 
     def cells(line: str) -> list[str]:
-        out = []
-        for n, c in enumerate(cols):
-            end = cols[n + 1] if n + 1 < len(cols) else len(line)
-            out.append(line[c:end].strip() if n + 1 < len(cols) else line[c:].strip())
-        return out
+        ends = [*starts[1:], len(line)]
+        return [line[a:b].strip() for a, b in zip(starts, ends, strict=True)]
 
-    header = [" ".join(x) for x in zip(*(cells(line) for line in lines[borders[0] + 1 : borders[1]]))]
+    heads = [cells(line) for line in lines[borders[0] + 1 : borders[1]]]
+    header = [" ".join(column) for column in zip(*heads, strict=True)]
     rows: list[list[str]] = []
     for line in lines[borders[1] + 1 : borders[2]]:
         row = cells(line)
-        if rows and not row[0]:
-            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], row)]
+        if rows and not row[0]:  # a continuation line of the row above
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], row, strict=True)]
         else:
             rows.append(row)
-    del ends
-    pad = " " * indent
-    out = [pad + "| " + " | ".join(header) + " |", pad + "|" + "---|" * len(cols)]
-    out += [pad + "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    out = [indent + "| " + " | ".join(header) + " |", indent + "|" + "---|" * len(starts)]
+    out += [indent + "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return out, borders[2] + 1
 
 
@@ -164,7 +167,9 @@ def _convert_blocks(text: str) -> str:
             while j < len(lines) and not lines[j].strip():
                 j += 1
             block: list[str] = []
-            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > base):
+            while j < len(lines) and (
+                not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > base
+            ):
                 block.append(lines[j])
                 j += 1
             while block and not block[-1].strip():
