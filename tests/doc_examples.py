@@ -148,9 +148,22 @@ def stopped(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def connect(sock: Path, timeout: float = 5.0) -> Frontend:
+    """Our front-end on an example's socket. The path appears when the example binds it,
+    a moment before it listens: a refused connect is retried until START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            return Frontend.connect(sock, timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def read_entropy(sock: Path, length: int) -> bytes:
     """``length`` bytes from a virtio-rng device at ``sock``, through a split ring."""
-    with Frontend.connect(sock, timeout=5.0) as fe:
+    with connect(sock) as fe:
         features, _ = fe.negotiate()
         ram = GuestMemory.allocate([(0, 1 << 20)])
         fe.set_mem_table(regions_of(ram))

@@ -62,6 +62,7 @@ from doc_examples import (
     CHECKOUT,
     Block,
     blocks,
+    connect,
     example_process,
     python_argv,
     read_entropy,
@@ -199,7 +200,7 @@ def run_server(block: Block, args: list[str], tmp: Path) -> None:
         if "rng" in flags:
             data = read_entropy(sock, 64)
             assert len(data) == 64 and data != bytes(64)
-        with Frontend.connect(sock, timeout=5.0) as fe:
+        with connect(sock) as fe:
             fe.negotiate()
         if "once" not in flags:
             os.killpg(proc.pid, signal.SIGINT)  # the reader's Ctrl-C, to the terminal
@@ -334,7 +335,7 @@ def trace_proxy(block: Block, tmp: Path) -> None:
             ["bash", "-c", shell_code(trace_line, tmp)], sock, cwd=tmp, new_session=True
         ) as proc,
     ):
-        with Frontend.connect(sock, timeout=10.0) as fe:
+        with connect(sock, timeout=10.0) as fe:
             fe.negotiate()
         os.killpg(proc.pid, signal.SIGINT)
         status, out, err = stopped(proc)
@@ -392,7 +393,7 @@ def trace_python(block: Block, tmp: Path) -> None:
             program(block, tmp), sock, cwd=tmp, new_session=True, env={"PYTHONUNBUFFERED": "1"}
         ) as proc,
     ):
-        with Frontend.connect(sock, timeout=10.0) as fe:
+        with connect(sock, timeout=10.0) as fe:
             features, _ = fe.negotiate()
             ram = GuestMemory.allocate([(0, 1 << 20)])
             fe.set_mem_table(regions_of(ram))

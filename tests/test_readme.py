@@ -41,6 +41,7 @@ from doc_examples import (
     CHECKOUT,
     START_TIMEOUT,
     Block,
+    connect,
     example_process,
     python_argv,
     read_entropy,
@@ -164,7 +165,7 @@ def test_readme_backend_example_serves_our_frontend(tmp_sock_dir: Path) -> None:
     sock = tmp_sock_dir / "dev.sock"
     code = substitute(python_block("backend"), {DEV_SOCK: os.fspath(sock)})
     with example_process(python_argv(code), sock) as proc:
-        with Frontend.connect(sock, timeout=5.0) as fe:
+        with connect(sock) as fe:
             features, proto = fe.negotiate()
             # What the README says a front-end gets from it.
             assert features == int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
@@ -188,7 +189,7 @@ def test_readme_daemon_example_serves_and_stops_on_signal(
         assert len(data) == 64 and data != bytes(64)
         # A second front-end after the first left: the daemon outlives its front-ends.
         assert read_entropy(sock, 32) != bytes(32)
-        with Frontend.connect(sock, timeout=5.0) as fe:
+        with connect(sock) as fe:
             fe.negotiate()
             proc.send_signal(sig)  # with a front-end connected
             code_, _, err = stopped(proc)
