@@ -14,6 +14,7 @@ PY          := $(VENV)/bin/python
 MATURIN     := $(VENV)/bin/maturin
 RUFF        := $(VENV)/bin/ruff
 MYPY        := $(VENV)/bin/mypy
+MKDOCS      := $(VENV)/bin/mkdocs
 PYTEST      := $(VENV)/bin/pytest
 BENCH_DIR   := $(CURDIR)/target/bench
 ALLOWLIST   := python/vhost/stubtest-allowlist.txt
@@ -25,7 +26,7 @@ BENCH_RUNS  ?= 5
 # One interpreter for PyO3 everywhere, so maturin and cargo share build artifacts.
 export PYO3_PYTHON := $(PY)
 
-.PHONY: setup tools build lint typecheck rust-test pytest fuzz test demo bench wheel clean
+.PHONY: setup tools build lint typecheck rust-test pytest fuzz docs test demo bench wheel clean
 
 setup:
 	bash scripts/setup.sh
@@ -66,7 +67,15 @@ pytest:
 fuzz: tools
 	bash scripts/fuzz.sh
 
-test: setup lint rust-test typecheck fuzz smoke pytest
+# The documentation site (mkdocs.yml) into target/site, every warning an error: a broken
+# link or cross-reference, a page missing from the nav, a docstring mkdocstrings cannot
+# parse (not --quiet: it hides warnings from the count --strict checks). The API
+# reference is read statically from the sources and the stubs, so this needs no build
+# of the extension. tests/test_docs.py runs every example of the pages.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
+
+test: setup lint rust-test typecheck docs fuzz smoke pytest
 
 # The README's first command, on a machine with only Python and Rust: .venv with maturin
 # (scripts/venv.sh first checks Python, Rust and a C compiler: one line if one is missing or

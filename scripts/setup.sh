@@ -36,6 +36,11 @@ PY_DEV_TOOLS=(
     "mypy>=1.10"
     "ruff>=0.5"
     "hypothesis>=6"
+    # The documentation site (`make docs`, mkdocs.yml), pinned: a new release can add
+    # warnings, and the build treats every warning as an error.
+    "mkdocs==1.6.1" "mkdocstrings==1.0.8" "mkdocstrings-python==2.0.11"
+    "mkdocs-autorefs==1.4.5" "griffelib==2.4.1" "mkdocs-material==9.8.1"
+    "pymdown-extensions==13.1.2"
 )
 APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc
     busybox-static cpio kmod xz-utils iproute2   # 2nd line: the test guest (build_guest.sh)

@@ -24,49 +24,45 @@ The QEMU command line the README shows must be the one the guest tests use
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import guest
 import peers
-from vhost import EventFd, GuestMemory
+from doc_examples import (
+    CHECKOUT,
+    START_TIMEOUT,
+    Block,
+    connect,
+    example_process,
+    python_argv,
+    read_entropy,
+    stopped,
+    substitute,
+)
+from doc_examples import blocks as doc_blocks
 from vhost.codes import ProtocolFeature
-from vhost.user import Frontend, regions_of
-from vhost.virtio import VirtioFeature, Virtqueue, place_rings, setup_queue, wait_used
+from vhost.user import Frontend
+from vhost.virtio import VirtioFeature
 
-CHECKOUT = Path(__file__).resolve().parent.parent
 README = CHECKOUT / "README.md"
 # The paths the README's examples use, replaced by temporary ones.
 BLK_SOCK = "/tmp/vhost-user-blk.sock"
 BLK_IMAGE = "/tmp/disk.img"
 DEV_SOCK = "/tmp/dev.sock"
 RNG_SOCK = "/tmp/rng.sock"
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 15.0
-
-
-@dataclass(frozen=True)
-class Block:
-    index: int
-    language: str
-    code: str
 
 
 def blocks(language: str) -> list[Block]:
-    text = README.read_text()
-    found = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
-    return [Block(i, lang, code) for i, (lang, code) in enumerate(found) if lang == language]
+    return doc_blocks(README, language)
 
 
 # Each Python block, in README order: how this file runs it, and a string that identifies
@@ -84,15 +80,6 @@ def python_block(kind: str) -> str:
     marker = dict(PYTHON_BLOCKS)[kind]
     (match,) = [b.code for b in blocks("python") if marker in b.code]
     return match
-
-
-def substitute(code: str, replacements: dict[str, str]) -> str:
-    """``code`` with each key replaced by its value; every key must occur (a README edit
-    that renames a path fails here instead of running against the real /tmp path)."""
-    for old, new in replacements.items():
-        assert old in code, f"README example no longer mentions {old!r}:\n{code}"
-        code = code.replace(old, new)
-    return code
 
 
 def test_every_python_block_is_run() -> None:
@@ -174,48 +161,11 @@ def test_readme_frontend_examples(backend: str, tmp_sock_dir: Path) -> None:
 # -- the back-end and daemon examples, as processes -------------------------------------
 
 
-@contextmanager
-def example_process(code: str, sock: Path) -> Iterator[subprocess.Popen[str]]:
-    """``python -c CODE`` until its socket exists; killed (and the test failed by the
-    caller's assertions) if it is still running at the end."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=CHECKOUT,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not sock.is_socket():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _, err = proc.communicate(timeout=STOP_TIMEOUT)
-                pytest.fail(f"example did not listen on {sock} (exit {proc.returncode}):\n{err}")
-            time.sleep(0.02)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=STOP_TIMEOUT)
-
-
-def stopped(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    """Exit status and stderr, waiting at most STOP_TIMEOUT; fails if it does not stop."""
-    try:
-        _, err = proc.communicate(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"the example did not stop within {STOP_TIMEOUT}s:\n{err}")
-    return proc.returncode, err
-
-
 def test_readme_backend_example_serves_our_frontend(tmp_sock_dir: Path) -> None:
     sock = tmp_sock_dir / "dev.sock"
     code = substitute(python_block("backend"), {DEV_SOCK: os.fspath(sock)})
-    with example_process(code, sock) as proc:
-        with Frontend.connect(sock, timeout=5.0) as fe:
+    with example_process(python_argv(code), sock) as proc:
+        with connect(sock) as fe:
             features, proto = fe.negotiate()
             # What the README says a front-end gets from it.
             assert features == int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
@@ -223,31 +173,9 @@ def test_readme_backend_example_serves_our_frontend(tmp_sock_dir: Path) -> None:
             assert fe.get_vring_base(0) == 0
         # Our disconnect ends the session; the example's `with` then removes the socket
         # and the process exits. (Ctrl-C in BackendSession.serve is not relied on here.)
-        code_, err = stopped(proc)
+        code_, _, err = stopped(proc)
     assert code_ == 0, err
     assert not sock.exists()
-
-
-def read_entropy(sock: Path, length: int) -> bytes:
-    """``length`` bytes from a virtio-rng device at ``sock``, through a split ring."""
-    with Frontend.connect(sock, timeout=5.0) as fe:
-        features, _ = fe.negotiate()
-        ram = GuestMemory.allocate([(0, 1 << 20)])
-        fe.set_mem_table(regions_of(ram))
-        vq = Virtqueue(
-            ram,
-            16,
-            *place_rings(0x1000, 16),
-            event_idx=bool(features & VirtioFeature.EVENT_IDX),
-        )
-        with EventFd() as kick, EventFd() as call:
-            setup_queue(fe, 0, ram, vq, kick, call)
-            head = vq.add([], [(0x10000, length)])
-            vq.publish()
-            kick.write(1)
-            done = wait_used(vq, call, timeout=10.0)
-        assert done == [(head, length)], done
-        return ram.read(0x10000, length)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -256,15 +184,15 @@ def test_readme_daemon_example_serves_and_stops_on_signal(
 ) -> None:
     sock = tmp_sock_dir / "rng.sock"
     code = substitute(python_block("daemon"), {RNG_SOCK: os.fspath(sock)})
-    with example_process(code, sock) as proc:
+    with example_process(python_argv(code), sock) as proc:
         data = read_entropy(sock, 64)
         assert len(data) == 64 and data != bytes(64)
         # A second front-end after the first left: the daemon outlives its front-ends.
         assert read_entropy(sock, 32) != bytes(32)
-        with Frontend.connect(sock, timeout=5.0) as fe:
+        with connect(sock) as fe:
             fe.negotiate()
             proc.send_signal(sig)  # with a front-end connected
-            code_, err = stopped(proc)
+            code_, _, err = stopped(proc)
     assert code_ == 0, err
     assert "Traceback" not in err, err
 
