@@ -33,6 +33,7 @@ PY_DEV_TOOLS=(
     "mypy>=1.10"
     "ruff>=0.5"
     "hypothesis>=6"
+    "uvloop>=0.19"   # tests/test_aio.py runs the orchestrator on uvloop too
 )
 APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc
     busybox-static cpio kmod xz-utils iproute2   # 2nd line: the test guest (build_guest.sh)

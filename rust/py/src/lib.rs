@@ -16,6 +16,7 @@ mod errors;
 mod eventfd;
 mod fd;
 mod frontend;
+mod frontend_calls;
 mod handler;
 mod kern;
 mod link;
@@ -36,6 +37,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<postcopy::PyFaultResolver>()?;
     m.add_class::<frontend::PyFrontend>()?;
+    m.add_class::<frontend_calls::PyFrontendCalls>()?;
+    m.add_class::<frontend_calls::PyPendingCall>()?;
     m.add_class::<channel::PyFrontendChannel>()?;
     m.add_class::<channel::PyBackendChannel>()?;
     m.add_class::<backend::PyBackendSession>()?;

@@ -91,6 +91,26 @@ pub struct Received {
 ///
 /// `buf` should not be empty: a 0-byte read would be indistinguishable from EOF.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, max_fds, RecvFlags::empty())
+}
+
+/// [`recv_with_fds`] that never waits (MSG_DONTWAIT): `WouldBlock` when nothing is there,
+/// for a caller whose event loop waits for the socket to become readable.
+pub fn try_recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, max_fds, RecvFlags::DONTWAIT)
+}
+
+#[inline]
+fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    extra: RecvFlags,
+) -> io::Result<Received> {
     let max_fds = max_fds.min(SCM_MAX_FD);
     let space = if max_fds == 0 {
         0
@@ -117,7 +137,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io
             sock,
             &mut iov,
             &mut control,
-            RecvFlags::CMSG_CLOEXEC,
+            RecvFlags::CMSG_CLOEXEC | extra,
         )?)
     })?;
 
