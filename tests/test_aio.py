@@ -27,7 +27,7 @@ import pytest
 import peers
 from vhost import GuestMemory, _core, aio
 from vhost.daemon import BlkDevice, Daemon, Device
-from vhost.errors import ClosedError, VhostError
+from vhost.errors import ClosedError, RequestRefusedError, VhostError
 from vhost.user import Frontend
 from vhost.virtio import VirtioFeature, Virtqueue, place_rings
 
@@ -269,6 +269,69 @@ def test_one_request_at_a_time_on_a_connection(tmp_sock_dir: Path) -> None:
             )
             capacity = (IMAGE_SIZE // 512).to_bytes(8, "little")
             assert got == [capacity if i % 2 else 1 for i in range(40)]
+
+    run(main())
+
+
+def test_server_mode_accepts_a_daemon_that_connects(tmp_sock_dir: Path) -> None:
+    """``Frontend.accept`` waits on the loop for a back-end (our daemon in client mode)."""
+
+    async def main() -> None:
+        path = tmp_sock_dir / "fe.sock"
+        accepting = asyncio.create_task(aio.Frontend.accept(path))
+        while not path.exists():
+            await asyncio.sleep(0.01)
+        device = BlkDevice.ram(IMAGE_SIZE)
+        async with aio.Daemon(device, path, client=True), await accepting as fe:
+            await fe.negotiate()
+            assert await fe.get_config(0, 8) == (IMAGE_SIZE // 512).to_bytes(8, "little")
+        assert not path.exists()
+
+    run(main())
+
+
+class Stateful(Device):
+    """A device whose internal state crosses a migration (``DEVICE_STATE``)."""
+
+    device_type = 4
+
+    def __init__(self, state: bytes = b"") -> None:
+        self.state = state
+
+    def save_state(self) -> bytes:
+        return self.state
+
+    def load_state(self, state: bytes) -> None:
+        if not state.startswith(b"state:"):
+            raise ValueError("not this device's state")
+        self.state = state
+
+    def process(self, queue: int, batch: _core.Batch) -> None:
+        """Never called: no ring runs."""
+
+
+def test_device_state_moves_between_two_daemons(tmp_sock_dir: Path) -> None:
+    """``save_device_state``/``load_device_state``: the pipe is read and written on the loop
+    (a state larger than a pipe's buffer), and a refusal comes back as the blocking
+    call's."""
+
+    async def main() -> None:
+        source, target = Stateful(b"state:" + bytes(range(256)) * 1024), Stateful()
+        async with (
+            aio.Daemon(source, tmp_sock_dir / "src.sock") as a,
+            aio.Daemon(target, tmp_sock_dir / "dst.sock") as b,
+            await aio.Frontend.connect(a.path) as src,
+            await aio.Frontend.connect(b.path) as dst,
+        ):
+            await src.negotiate()
+            await dst.negotiate()
+            state = await src.save_device_state()
+            assert state == source.state
+            await dst.load_device_state(state)
+            assert target.state == state
+            with pytest.raises(RequestRefusedError):
+                await dst.load_device_state(b"garbage")
+            assert target.state == state  # kept
 
     run(main())
 

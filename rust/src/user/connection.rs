@@ -739,6 +739,85 @@ mod tests {
     }
 
     #[test]
+    fn try_recv_takes_a_message_in_pieces_and_keeps_the_next_one() {
+        // Header a byte at a time (the fd with its first byte), the body later, a second
+        // message already queued: each call takes what is there, nothing more.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let mut partial = PartialMessage::default();
+        let kick = EventFd::new(true).unwrap();
+        let head = Header::request(SET_VRING_KICK, 8, false).to_bytes();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        scm::send_all(a.as_fd(), &head[..1], &[kick.as_fd()]).unwrap();
+        for byte in &head[1..] {
+            assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+            scm::send_all(a.as_fd(), &[*byte], &[]).unwrap();
+        }
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        let next = Header::request(GET_FEATURES, 0, false).to_bytes();
+        scm::send_all(a.as_fd(), &[&3u64.to_le_bytes()[..], &next].concat(), &[]).unwrap();
+        let msg = rx.try_recv(&mut partial, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(
+            (msg.header.code, msg.body, msg.fds.len()),
+            (SET_VRING_KICK, 3u64.to_le_bytes().to_vec(), 1)
+        );
+        let msg = rx.try_recv(&mut partial, |_| Ok(())).unwrap().unwrap();
+        assert_eq!((msg.header.code, msg.body.len()), (GET_FEATURES, 0));
+    }
+
+    #[test]
+    fn try_recv_applies_the_framing_rules() {
+        // The header check, fds riding on the body (B7), a close inside a message: each
+        // an error that breaks the connection.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(GET_FEATURES, 0, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        let err = rx
+            .try_recv(&mut PartialMessage::default(), |h| {
+                h.check_reply_to(GET_FEATURES)
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidHeader(_)), "{err:?}");
+        assert!(rx.is_broken());
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let (rd, wr) = pipe();
+        let mut partial = PartialMessage::default();
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(SET_VRING_KICK, 8, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        scm::send_all(a.as_fd(), &0u64.to_le_bytes(), &[wr.as_fd()]).unwrap();
+        drop(wr);
+        let err = rx.try_recv(&mut partial, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::InvalidParam(_)), "{err:?}");
+        assert!(read_is_eof(&rd), "the fd that rode on the body leaked");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let mut partial = PartialMessage::default();
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(SET_VRING_NUM, 8, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        drop(a);
+        let err = rx.try_recv(&mut partial, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::PartialMessage(_)), "{err:?}");
+    }
+
+    #[test]
     fn a_zero_timeout_does_not_wait() {
         let (_a, b) = UnixStream::pair().unwrap();
         let mut rx = Connection::new(b);
