@@ -27,6 +27,7 @@ calls raise :class:`~vhost.errors.ClosedError`; connect a new front-end.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import uuid as _uuid
@@ -138,7 +139,7 @@ class Frontend:
                     await loop.sock_connect(sock, target)
             except TimeoutError:
                 raise VhostOSError(
-                    110,
+                    errno.ETIMEDOUT,
                     f"the listener did not take the connection within {timeout} s "
                     "(is the back-end stuck, not accepting?)",
                     target,

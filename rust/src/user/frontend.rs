@@ -5,6 +5,13 @@
 //! features) is tracked here so that a request gated on a feature that was not negotiated
 //! fails locally with `InactiveFeature` instead of confusing the peer. With REPLY_ACK
 //! negotiated, every request without a reply of its own asks for an ack and waits for it.
+//!
+//! Each request is a [`Call`] (built by the functions of [`calls`]): the request to
+//! encode, and how its answer is decoded, checked and recorded. [`Frontend::run`] drives
+//! a call blocking (what every method does); [`Frontend::start`] and
+//! [`Frontend::advance`] drive the same call for an event loop that waits for the socket
+//! itself (Python's `vhost.aio`), taking the answer from what has arrived
+//! ([`Connection::try_recv`]). One encoder, one decoder, one set of header rules, either way.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
