@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
     "HEADER_SIZE",
     "MAX_BODY_SIZE",
+    "MAX_DEVICE_STATE",
     "MAX_FDS",
     "BackendChannel",
     "BackendSession",
@@ -48,6 +49,8 @@ __all__ = [
 
 __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
+MAX_DEVICE_STATE: Final[int]
+"""The largest device state a front-end moves (``save_device_state``/``load_device_state``)."""
 
 def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
     """Bytes of the three areas of a ring of ``size`` entries (the core's layout)."""

@@ -39,7 +39,7 @@ from . import _core
 from . import daemon as _daemon
 from . import user as _user
 from .backend import EventFdLike, _region_tuple
-from .codes import ProtocolFeature, TransferDirection
+from .codes import MigrationPhase, ProtocolFeature, TransferDirection
 from .dirty_log import DirtyLog
 from .errors import (
     ClosedError,
@@ -59,8 +59,7 @@ _T = TypeVar("_T")
 _LOG_ALL = int(VirtioFeature.LOG_ALL)
 _U64_MASK = (1 << 64) - 1
 #: The core's bound on a device state, as the blocking transfer applies it.
-_MAX_DEVICE_STATE = 64 << 20
-_PHASE_STOPPED = 0
+_MAX_DEVICE_STATE = _core.MAX_DEVICE_STATE
 
 
 async def _ready(fd: int, *, write: bool = False) -> None:
@@ -541,7 +540,9 @@ class Frontend:
         :meth:`vhost.user.Frontend.save_device_state`): the pipe is read on the loop."""
         read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            theirs = await self.set_device_state_fd(TransferDirection.SAVE, _PHASE_STOPPED, write)
+            theirs = await self.set_device_state_fd(
+                TransferDirection.SAVE, MigrationPhase.STOPPED, write
+            )
             os.close(write)
             write = -1
             state = await _read_state(theirs.fileno() if theirs is not None else read)
@@ -562,7 +563,9 @@ class Frontend:
             )
         read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            theirs = await self.set_device_state_fd(TransferDirection.LOAD, _PHASE_STOPPED, read)
+            theirs = await self.set_device_state_fd(
+                TransferDirection.LOAD, MigrationPhase.STOPPED, read
+            )
             os.close(read)
             read = -1
             ours = theirs.fileno() if theirs is not None else write

@@ -60,6 +60,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     describe::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
+        "MAX_DEVICE_STATE",
+        vhost_core::user::device_state::MAX_DEVICE_STATE,
+    )?;
+    m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
         vhost_core::daemon::DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64(),
     )?;
