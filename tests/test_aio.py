@@ -461,13 +461,25 @@ def test_a_stopped_loop_fails_the_pending_batch_instead_of_hanging_the_worker(
                 t0 = time.monotonic()
                 assert [n for _, n in wait_used(vq, call, timeout=5.0)] == [0]
                 assert time.monotonic() - t0 < 2
-        assert len(seen) == 1 and isinstance(seen[0], ClosedError)
+                # Closed, the loop takes no batch at all: refused at once, same way.
+                close_loop(loop)
+                vq.add([], [(0x31000, 64)])
+                vq.publish()
+                kick.write(1)
+                assert [n for _, n in wait_used(vq, call, timeout=5.0)] == [0]
+        assert len(seen) == 2 and all(isinstance(e, ClosedError) for e in seen)
         assert "event loop stopped" in str(seen[0]) and "AsyncFill.process(queue 0)" in str(seen[0])
+        assert "event loop is closed" in str(seen[1])
     finally:
         t0 = time.monotonic()
         daemon.stop()
         assert time.monotonic() - t0 < 5
-        # Let the stopped loop run the cancellation of the stranded coroutine, then close.
+        close_loop(loop)
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Lets a stopped loop run the cancellation of what was stranded on it, then closes it."""
+    if not loop.is_closed():
         stranded = asyncio.all_tasks(loop)
         loop.run_until_complete(asyncio.gather(*stranded, return_exceptions=True))
         loop.close()
