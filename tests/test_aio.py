@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import os
 import signal
@@ -171,6 +172,9 @@ async def exercise(sock: Path) -> None:
     """The requests a VMM makes, and a write and a read through the ring; the answers
     agree with the blocking front-end's on another connection."""
     async with await aio.Frontend.connect(sock) as fe:
+        # The socket stays blocking: answers are taken with MSG_DONTWAIT, and a blocking
+        # call on the same connection (fe.sync) must wait in the kernel, not spin.
+        assert not fcntl.fcntl(fe.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
         blk = AsyncBlk(fe)
         try:
             capacity = await blk.attach()

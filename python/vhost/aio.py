@@ -148,6 +148,10 @@ class Frontend:
                 raise VhostOSError(
                     exc.errno or 0, exc.strerror or str(exc), target, operation="connect to"
                 ) from None
+            # The native connection shares this file description: give it back blocking
+            # (its answers are taken with MSG_DONTWAIT; the blocking facade's calls and
+            # every send wait in bounded slices, which a non-blocking socket would spin).
+            sock.setblocking(True)
             return cls(_core.Frontend.from_socket(sock, timeout))
         finally:
             sock.close()
