@@ -783,11 +783,25 @@ class Daemon:
     POLL = 0.02
 
     def __init__(
-        self, device: _daemon.Device | _core.BlkDevice, path: str | os.PathLike[str], **options: Any
+        self,
+        device: _daemon.Device | _core.BlkDevice,
+        path: str | os.PathLike[str],
+        *,
+        client: bool = False,
+        stall_timeout: float = 5.0,
+        poll_us: int = 0,
+        require_sealed_memory: bool = False,
+        postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
-        self._options = options
+        self._options: dict[str, Any] = {
+            "client": client,
+            "stall_timeout": stall_timeout,
+            "poll_us": poll_us,
+            "require_sealed_memory": require_sealed_memory,
+            "postcopy_fault_timeout": postcopy_fault_timeout,
+        }
         self._daemon: _daemon.Daemon | None = None
 
     @property
