@@ -290,6 +290,9 @@ def test_server_mode_accepts_a_daemon_that_connects(tmp_sock_dir: Path) -> None:
             await fe.negotiate()
             assert await fe.get_config(0, 8) == (IMAGE_SIZE // 512).to_bytes(8, "little")
         assert not path.exists()
+        with pytest.raises(TimeoutError, match=r"no back-end connected within 0\.1 s"):
+            await aio.Frontend.accept(path, timeout=0.1)
+        assert not path.exists()
 
     run(main())
 

@@ -161,12 +161,25 @@ class Frontend:
         cls,
         path: str | os.PathLike[str],
         *,
+        timeout: float | None = None,
         reply_timeout: float | None = 10.0,
     ) -> Self:
-        """Server mode: listens at ``path`` until one back-end connects (the socket path is
-        removed either way); bound the wait with :func:`asyncio.timeout`."""
-        with _core.Listener(os.fspath(path)) as listener:
-            await _readable(listener.fileno())
+        """Server mode: listens at ``path`` until one back-end connects, waiting on the loop
+        (the socket path is removed either way). ``timeout`` bounds the wait
+        (:class:`~vhost.errors.VhostTimeoutError`), as :func:`asyncio.timeout` around the
+        call does; ``reply_timeout`` is the blocking facade's (sends, here)."""
+        target = os.fspath(path)
+        with _core.Listener(target) as listener:
+            try:
+                async with asyncio.timeout(timeout):
+                    await _readable(listener.fileno())
+            except TimeoutError:
+                raise VhostTimeoutError(
+                    errno.ETIMEDOUT,
+                    f"no back-end connected within {timeout} s",
+                    target,
+                    operation="accept on",
+                ) from None
             return cls(listener.accept_frontend(0.0, reply_timeout))
 
     async def _run(self, start: Callable[[], _core.PendingCall]) -> Any:
