@@ -149,8 +149,13 @@ async def stopped(proc: asyncio.subprocess.Process) -> None:
 async def stop_proc(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
     if proc.returncode is None:
         proc.send_signal(sig)
-    async with asyncio.timeout(10):
+    try:
+        async with asyncio.timeout(10):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()  # it ignored the signal: it must not outlive the test either
         await proc.wait()
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -595,13 +600,15 @@ async def orchestrate(tmp: Path) -> None:
             assert await blks[i].read(16, 512) == pattern(i)  # what was written before
         await asyncio.gather(*(write_read(i, blks[i], 32) for i in range(N_DAEMONS)))
     finally:
-        for k in range(len(blks) if "blks" in locals() else 0):
-            blks[k].close()
-        blks = again = []
-        await asyncio.gather(*(d.stop() for d in daemons.values()))
-        await asyncio.gather(*(stop_proc(p) for p in procs.values()))
-        daemons.clear()
-        procs.clear()
+        try:
+            for k in range(len(blks) if "blks" in locals() else 0):
+                blks[k].close()
+            blks = again = []
+        finally:  # whatever happened above, no back-end outlives the test
+            await asyncio.gather(*(d.stop() for d in daemons.values()))
+            await asyncio.gather(*(stop_proc(p) for p in procs.values()))
+            daemons.clear()
+            procs.clear()
     if await settle(open_fds, fds0) != fds0:
         Path("/tmp/aio/fds.txt").write_text("\n".join(fd_targets()))
     assert await settle(open_fds, fds0) == fds0, fd_targets()
