@@ -41,6 +41,7 @@ PY_DEV_TOOLS=(
     "mkdocs==1.6.1" "mkdocstrings==1.0.8" "mkdocstrings-python==2.0.11"
     "mkdocs-autorefs==1.4.5" "griffelib==2.4.1" "mkdocs-material==9.8.1"
     "pymdown-extensions==13.1.2"
+    "uvloop>=0.19"   # tests/test_aio.py runs the orchestrator on uvloop too
 )
 APT_PACKAGES=(qemu-system-x86 qemu-utils libseccomp-dev libcap-ng-dev gcc
     busybox-static cpio kmod xz-utils iproute2   # 2nd line: the test guest (build_guest.sh)

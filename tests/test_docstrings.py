@@ -136,6 +136,12 @@ def test_every_public_python_name_has_a_docstring() -> None:
     )
 
 
+def test_every_module_is_walked() -> None:
+    """The walk finds the submodules that are not imported by ``vhost`` itself."""
+    names = {m.__name__ for m in _modules()}
+    assert {"vhost.aio", "vhost.user", "vhost.daemon", "vhost.check"} <= names
+
+
 def test_every_stubbed_name_has_a_docstring() -> None:
     missing = [name for stub in STUBS for name in _stub_missing(PACKAGE / stub)]
     assert not missing, f"{len(missing)} stubbed names without a docstring:\n" + "\n".join(

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
     "HEADER_SIZE",
     "MAX_BODY_SIZE",
+    "MAX_DEVICE_STATE",
     "MAX_FDS",
     "BackendChannel",
     "BackendSession",
@@ -27,6 +28,7 @@ __all__ = [
     "FaultResolver",
     "FileDescriptor",
     "Frontend",
+    "FrontendCalls",
     "FrontendChannel",
     "FrontendLink",
     "GuestMemory",
@@ -34,6 +36,7 @@ __all__ = [
     "ImageFile",
     "KernelDevice",
     "Listener",
+    "PendingCall",
     "VdpaDevice",
     "Virtqueue",
     "__version__",
@@ -46,6 +49,8 @@ __all__ = [
 
 __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
+MAX_DEVICE_STATE: Final[int]
+"""The largest device state a front-end moves (``save_device_state``/``load_device_state``)."""
 
 def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
     """Bytes of the three areas of a ring of ``size`` entries (the core's layout)."""
@@ -497,6 +502,137 @@ class Frontend(_VhostBackend):
         """Sends a raw header and body (possibly malformed) with optional fds, for robustness
         tests of back-ends; returns ``(code, flags, body, fds)`` of the reply when
         ``expect_reply``."""
+
+@final
+class PendingCall:
+    """One request in flight on a front-end connection, driven by an event loop
+    (:mod:`vhost.aio`): :meth:`advance` when the socket is readable, :meth:`result` once
+    it returned True. Dropped or abandoned before its answer came, it closes the
+    connection (the answer would be read as the next request's)."""
+
+    def advance(self) -> bool:
+        """Takes what has arrived of the answer without waiting; True once the call is over.
+        A failed call raises here."""
+    def result(self) -> Any:
+        """The call's value (once), after :meth:`advance` returned True."""
+    def abandon(self) -> None:
+        """Gives the call up; unanswered, the connection is closed."""
+    @property
+    def request(self) -> str:
+        """The request whose answer is awaited (empty when none was)."""
+
+@final
+class FrontendCalls:
+    """A :class:`Frontend`'s requests as non-blocking calls (same names and arguments),
+    each sending its request and returning a :class:`PendingCall`: the core's encoder and
+    decoder, driven by :mod:`vhost.aio`'s event loop."""
+
+    def __new__(cls, frontend: Frontend) -> Self: ...
+    def fileno(self) -> int:
+        """The connection's socket, for the loop to wait on."""
+    def get_features(self) -> PendingCall:
+        """``GET_FEATURES``: an int."""
+    def set_features(self, features: int) -> PendingCall:
+        """``SET_FEATURES``."""
+    def set_owner(self) -> PendingCall:
+        """``SET_OWNER``."""
+    def reset_owner(self) -> PendingCall:
+        """``RESET_OWNER``."""
+    def set_mem_table(self, regions: Sequence[_Region]) -> PendingCall:
+        """``SET_MEM_TABLE`` (fds borrowed for the send)."""
+    def set_log_base(self, base: int, region: _LogRegion | None = None) -> PendingCall:
+        """``SET_LOG_BASE`` with a shared-memory log region (base 0)."""
+    def set_log_fd(self, fd: _Fd | None) -> PendingCall:
+        """``SET_LOG_FD``."""
+    def set_vring_num(self, index: int, num: int) -> PendingCall:
+        """``SET_VRING_NUM``."""
+    def set_vring_addr(
+        self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0
+    ) -> PendingCall:
+        """``SET_VRING_ADDR``."""
+    def set_vring_base(self, index: int, base: int) -> PendingCall:
+        """``SET_VRING_BASE``."""
+    def get_vring_base(self, index: int) -> PendingCall:
+        """``GET_VRING_BASE``: an int."""
+    def set_vring_kick(self, index: int, fd: _Fd | None) -> PendingCall:
+        """``SET_VRING_KICK``."""
+    def set_vring_call(self, index: int, fd: _Fd | None) -> PendingCall:
+        """``SET_VRING_CALL``."""
+    def set_vring_err(self, index: int, fd: _Fd | None) -> PendingCall:
+        """``SET_VRING_ERR``."""
+    def negotiate(
+        self,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        packed: bool = False,
+        event_idx: bool = True,
+        log_all: bool = False,
+    ) -> PendingCall:
+        """The usual opening as one call: ``(features, protocol features)`` acked."""
+    def add_mem_region(self, region: _Region) -> PendingCall:
+        """``ADD_MEM_REG``."""
+    def remove_mem_region(
+        self, guest_phys_addr: int, memory_size: int, userspace_addr: int, mmap_offset: int
+    ) -> PendingCall:
+        """``REM_MEM_REG``."""
+    def get_protocol_features(self) -> PendingCall:
+        """``GET_PROTOCOL_FEATURES``: an int."""
+    def set_protocol_features(self, features: int) -> PendingCall:
+        """``SET_PROTOCOL_FEATURES``."""
+    def get_queue_num(self) -> PendingCall:
+        """``GET_QUEUE_NUM``: an int."""
+    def set_vring_enable(self, index: int, enable: bool) -> PendingCall:
+        """``SET_VRING_ENABLE``."""
+    def set_vring_endian(self, index: int, big_endian: bool) -> PendingCall:
+        """``SET_VRING_ENDIAN``."""
+    def vring_kick(self, index: int) -> PendingCall:
+        """``VRING_KICK``."""
+    def get_config(self, offset: int, size: int, flags: int = 0) -> PendingCall:
+        """``GET_CONFIG``: bytes."""
+    def set_config(self, offset: int, data: bytes, flags: int = 0) -> PendingCall:
+        """``SET_CONFIG``."""
+    def set_backend_req_fd(self) -> PendingCall:
+        """``SET_BACKEND_REQ_FD``: a :class:`FrontendChannel`."""
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> PendingCall:
+        """``GET_INFLIGHT_FD``: ``(mmap_size, mmap_offset, num_queues, queue_size, fd)``."""
+    def set_inflight_fd(
+        self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: _Fd
+    ) -> PendingCall:
+        """``SET_INFLIGHT_FD``."""
+    def get_max_mem_slots(self) -> PendingCall:
+        """``GET_MAX_MEM_SLOTS``: an int."""
+    def reset_device(self) -> PendingCall:
+        """``RESET_DEVICE``."""
+    def set_status(self, status: int) -> PendingCall:
+        """``SET_STATUS``."""
+    def get_status(self) -> PendingCall:
+        """``GET_STATUS``: an int."""
+    def net_set_mtu(self, mtu: int) -> PendingCall:
+        """``NET_SET_MTU``."""
+    def send_rarp(self, mac: Sequence[int]) -> PendingCall:
+        """``SEND_RARP``."""
+    def gpu_set_socket(self, fd: _Fd) -> PendingCall:
+        """``GPU_SET_SOCKET``."""
+    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, kind: int) -> PendingCall:
+        """``IOTLB_MSG``."""
+    def get_shared_object(self, uuid: Sequence[int]) -> PendingCall:
+        """``GET_SHARED_OBJECT``: a :class:`FileDescriptor`."""
+    def set_device_state_fd(self, direction: int, phase: int, fd: _Fd) -> PendingCall:
+        """``SET_DEVICE_STATE_FD``: a :class:`FileDescriptor` or None."""
+    def get_shmem_config(self) -> PendingCall:
+        """``GET_SHMEM_CONFIG``: ``[(shmid, size)]``."""
+    def check_device_state(self) -> PendingCall:
+        """``CHECK_DEVICE_STATE``."""
+    def postcopy_advise(self) -> PendingCall:
+        """``POSTCOPY_ADVISE``: a :class:`FileDescriptor`."""
+    def postcopy_listen(self) -> PendingCall:
+        """``POSTCOPY_LISTEN``."""
+    def postcopy_end(self) -> PendingCall:
+        """``POSTCOPY_END``."""
+    def create_crypto_session(self, params: bytes) -> PendingCall:
+        """``CREATE_CRYPTO_SESSION``: bytes."""
+    def close_crypto_session(self, session_id: int) -> PendingCall:
+        """``CLOSE_CRYPTO_SESSION``."""
 
 @final
 class FrontendChannel:

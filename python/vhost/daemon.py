@@ -48,20 +48,23 @@ a guest sees the new capacity without a reboot.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import inspect
 import mmap
 import os
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import FrameType, MappingProxyType, TracebackType
-from typing import ClassVar, NamedTuple, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, Self, cast, runtime_checkable
 
 from . import _core
 from .codes import MAX_SHMEM_REGIONS
-from .errors import DisconnectedError, InvalidParamError, NotSupportedError
+from .errors import ClosedError, DisconnectedError, InvalidParamError, NotSupportedError
 
 __all__ = [
     "Batch",
@@ -189,6 +192,11 @@ class Device(ABC):
     :meth:`Batch.complete` before it returns (chains left over are returned to the driver
     with nothing written, and an exception is reported through
     :func:`sys.unraisablehook`, so a bug never hangs the guest).
+
+    :meth:`process` may be a coroutine (``async def process``) for a device that talks to
+    asyncio services: it then runs on the event loop given to the daemon
+    (:class:`vhost.aio.Daemon` gives its own), the worker waiting for it; see
+    :class:`Daemon`'s ``loop``.
     """
 
     #: virtio device id (2 block, 4 entropy source, ...).
@@ -275,8 +283,9 @@ class Device(ABC):
             )
 
     @abstractmethod
-    def process(self, queue: int, batch: _core.Batch) -> None:
-        """Handle the chains of ``batch``, popped from ``queue``."""
+    def process(self, queue: int, batch: _core.Batch) -> Awaitable[None] | None:
+        """Handle the chains of ``batch``, popped from ``queue`` (a coroutine function
+        runs on the daemon's event loop; see :class:`Daemon`)."""
 
 
 class Daemon:
@@ -309,6 +318,15 @@ class Daemon:
     :class:`~vhost.errors.QueueError` instead of returning the zeros a page that never
     came reads as (``PythonBlkDevice`` answers IOERR). ``None`` (or ``math.inf``) waits
     as long as the front-end is connected.
+
+    ``loop`` is the event loop that runs a device's ``async def process`` (required for
+    one, ignored otherwise; :class:`vhost.aio.Daemon` passes the running loop): the worker
+    thread hands each batch over with :func:`asyncio.run_coroutine_threadsafe` and waits
+    for the coroutine, so the batch is completed before the worker pops the next one, as
+    with a plain ``process``. The coroutine's exception is reported like a plain
+    ``process``'s. A loop that is closed, or stops running, while a batch waits fails
+    that batch with :class:`~vhost.errors.ClosedError` within a quarter of a second
+    instead of holding the worker for ever.
     """
 
     def __init__(
@@ -321,14 +339,24 @@ class Daemon:
         poll_us: int = 0,
         require_sealed_memory: bool = False,
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.client = client
+        served: Device | _core.BlkDevice = device
         if isinstance(device, Device):
             _check_shmem_regions(device)
+            if inspect.iscoroutinefunction(device.process):
+                if loop is None:
+                    raise InvalidParamError(
+                        f"{type(device).__name__}.process is a coroutine function: it needs "
+                        "an event loop to run on (use vhost.aio.Daemon, or pass loop=)"
+                    )
+                served = cast(Device, _OnLoop(device, loop))
         self._native = _core.Daemon(
-            device,
+            # A Device's process may be a coroutine function: _OnLoop makes it plain.
+            cast("_core.BlkDevice | _core._PythonDevice", served),
             stall_timeout=stall_timeout,
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
@@ -473,6 +501,47 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.path!r} device={self.device!r} running={self.running}>"
+
+
+#: How often a worker waiting for an ``async def process`` looks whether its loop still
+#: runs (the bound on a batch stranded by a stopped or closed loop).
+_LOOP_CHECK = 0.25
+
+
+class _OnLoop:
+    """Stands in for a :class:`Device` whose ``process`` is a coroutine function, so the
+    native daemon calls a plain ``process``: it runs the coroutine on ``loop`` and waits
+    for it on the worker thread (the GIL released meanwhile). Everything else is the
+    device's own."""
+
+    def __init__(self, device: Device, loop: asyncio.AbstractEventLoop) -> None:
+        self._device = device
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+    def process(self, queue: int, batch: _core.Batch) -> None:
+        """Hands the batch to the loop and waits until the device's coroutine is over."""
+        where = f"{type(self._device).__name__}.process(queue {queue})"
+        coro = self._device.process(queue, batch)
+        try:
+            future = asyncio.run_coroutine_threadsafe(cast("Any", coro), self._loop)
+        except RuntimeError as exc:  # the loop is closed
+            cast("Any", coro).close()
+            raise ClosedError(
+                f"{where}: its event loop is closed ({exc}); the batch was not processed"
+            ) from None
+        # Wait in slices (the GIL released), looking at the loop between them; the
+        # coroutine's own exception (a TimeoutError too) comes out of result().
+        while not concurrent.futures.wait([future], _LOOP_CHECK).done:
+            if self._loop.is_closed() or not self._loop.is_running():
+                future.cancel()
+                raise ClosedError(
+                    f"{where}: its event loop stopped with the batch pending; the "
+                    "batch's chains go back to the driver unprocessed"
+                )
+        future.result()
 
 
 def _check_shmem_regions(device: Device) -> None:

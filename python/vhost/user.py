@@ -45,7 +45,14 @@ from .errors import (
     NotSupportedError,
 )
 from .postcopy import PostcopyRegion
-from .types import IotlbMessage, MemoryRegion, VringAddrFlag, VringAddrs, VringConfig
+from .types import (
+    DirtyLogRegion,
+    IotlbMessage,
+    MemoryRegion,
+    VringAddrFlag,
+    VringAddrs,
+    VringConfig,
+)
 from .virtio import DeviceStatus, VirtioFeature
 
 __all__ = [
@@ -414,6 +421,21 @@ class Frontend(_NativeBackend):
         queue whose ``VringConfig`` has no ``log_addr``
         (:func:`~vhost.virtio.setup_queue` always gives one).
         """
+        region = self._check_dirty_log(log)
+        if self._dirty_log is None:
+            self._check_log_all(self.get_features())
+        self.set_log_base(0, region)
+        if self._dirty_log is not None:
+            self._dirty_log = log
+            return
+        self.set_features(self.acked_features | _LOG_ALL)
+        self._dirty_log = log
+        for index, config in list(self._vring_configs.items()):
+            self.set_vring_addr(index, config)
+
+    def _check_dirty_log(self, log: DirtyLog) -> DirtyLogRegion:
+        """:meth:`start_dirty_log`'s checks before anything is sent (shared with
+        :class:`vhost.aio.Frontend`); returns the log's region."""
         if not self.acked_protocol_features & ProtocolFeature.LOG_SHMFD:
             raise InactiveFeatureError(
                 "SET_LOG_BASE",
@@ -423,29 +445,24 @@ class Frontend(_NativeBackend):
             )
         region = log.region
         self._check_log_covers(max(self._region_ends.values(), default=0), "SET_LOG_BASE", log)
-        if self._dirty_log is None:
-            offered = self.get_features()
-            if not offered & _LOG_ALL:
-                raise NotSupportedError(
-                    "start_dirty_log: the back-end does not offer VHOST_F_LOG_ALL "
-                    f"(offered {offered:#x}): it cannot log its writes",
-                    "SET_FEATURES",
+        return region
+
+    def _check_log_all(self, offered: int) -> None:
+        """:meth:`start_dirty_log`'s checks of a first log once the back-end's ``offered``
+        features are known."""
+        if not offered & _LOG_ALL:
+            raise NotSupportedError(
+                "start_dirty_log: the back-end does not offer VHOST_F_LOG_ALL "
+                f"(offered {offered:#x}): it cannot log its writes",
+                "SET_FEATURES",
+            )
+        for index, config in self._vring_configs.items():
+            if config.log_addr is None:
+                raise InvalidQueueError(
+                    f"start_dirty_log: queue {index} was set up without a log_addr "
+                    "(the used ring's guest address); set it in its VringConfig",
+                    index,
                 )
-            for index, config in self._vring_configs.items():
-                if config.log_addr is None:
-                    raise InvalidQueueError(
-                        f"start_dirty_log: queue {index} was set up without a log_addr "
-                        "(the used ring's guest address); set it in its VringConfig",
-                        index,
-                    )
-        self.set_log_base(0, region)
-        if self._dirty_log is not None:
-            self._dirty_log = log
-            return
-        self.set_features(self.acked_features | _LOG_ALL)
-        self._dirty_log = log
-        for index, config in list(self._vring_configs.items()):
-            self.set_vring_addr(index, config)
 
     def _check_log_covers(self, end: int, request: str, log: DirtyLog | None = None) -> None:
         """A back-end cannot log a write past the end of its log, so the page would be

@@ -25,6 +25,24 @@ use vhost_core::sys::connect_unix;
 /// `send_raw`'s reply for Python: (code, flags, body, fds).
 type RawReply = (u32, u32, Py<PyBytes>, Vec<FileDescriptor>);
 
+/// `negotiate`'s arguments as the core takes them (the masks checked as u64s).
+pub(crate) fn negotiate_options(
+    features: Option<&Bound<'_, PyAny>>,
+    protocol_features: Option<&Bound<'_, PyAny>>,
+    packed: bool,
+    event_idx: bool,
+    log_all: bool,
+) -> PyResult<vhost_core::user::frontend::NegotiateOptions> {
+    let mask = |v: Option<&Bound<'_, PyAny>>, what| v.map(|v| U64::named(v, what)).transpose();
+    Ok(vhost_core::user::frontend::NegotiateOptions {
+        features: mask(features, "negotiate: features")?,
+        protocol_features: mask(protocol_features, "negotiate: protocol_features")?,
+        packed,
+        event_idx,
+        log_all,
+    })
+}
+
 /// The native vhost-user front-end; `vhost.user.Frontend` adds types and context
 /// management.
 #[pyclass(module = "vhost._core", name = "Frontend", frozen)]
@@ -42,6 +60,12 @@ impl PyFrontend {
             inner: Arc::new(inner),
             fd,
         }
+    }
+
+    /// The core front-end, shared with `FrontendCalls` (the same connection, driven by an
+    /// event loop).
+    pub fn core(&self) -> Arc<Frontend> {
+        self.inner.clone()
     }
 
     /// One request, without the GIL and interruptible by Ctrl-C: an interrupted request
@@ -121,14 +145,7 @@ vhost_backend_pymethods!(PyFrontend {
         event_idx: bool,
         log_all: bool,
     ) -> PyResult<(u64, u64)> {
-        let mask = |v: Option<&Bound<'_, PyAny>>, what| v.map(|v| U64::named(v, what)).transpose();
-        let opts = vhost_core::user::frontend::NegotiateOptions {
-            features: mask(features, "negotiate: features")?,
-            protocol_features: mask(protocol_features, "negotiate: protocol_features")?,
-            packed,
-            event_idx,
-            log_all,
-        };
+        let opts = negotiate_options(features, protocol_features, packed, event_idx, log_all)?;
         self.call(py, |f| f.negotiate(&opts))
     }
 

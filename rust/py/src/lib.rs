@@ -16,6 +16,7 @@ mod errors;
 mod eventfd;
 mod fd;
 mod frontend;
+mod frontend_calls;
 mod handler;
 mod kern;
 mod link;
@@ -36,6 +37,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<postcopy::PyFaultResolver>()?;
     m.add_class::<frontend::PyFrontend>()?;
+    m.add_class::<frontend_calls::PyFrontendCalls>()?;
+    m.add_class::<frontend_calls::PyPendingCall>()?;
     m.add_class::<channel::PyFrontendChannel>()?;
     m.add_class::<channel::PyBackendChannel>()?;
     m.add_class::<backend::PyBackendSession>()?;
@@ -56,6 +59,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codes::register(m)?;
     describe::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "MAX_DEVICE_STATE",
+        vhost_core::user::device_state::MAX_DEVICE_STATE,
+    )?;
     m.add(
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
         vhost_core::daemon::DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64(),

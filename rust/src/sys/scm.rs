@@ -93,6 +93,26 @@ pub struct Received {
 ///
 /// `buf` should not be empty: a 0-byte read would be indistinguishable from EOF.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, max_fds, 0)
+}
+
+/// [`recv_with_fds`] that never waits (MSG_DONTWAIT): `WouldBlock` when nothing is there,
+/// for a caller whose event loop waits for the socket to become readable.
+pub fn try_recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, max_fds, libc::MSG_DONTWAIT)
+}
+
+#[inline]
+fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    extra: libc::c_int,
+) -> io::Result<Received> {
     let max_fds = max_fds.min(SCM_MAX_FD);
     let space = if max_fds == 0 {
         0
@@ -133,7 +153,8 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io
         msg.msg_flags = 0;
         // SAFETY: `iov` describes `buf`, writable for its length, and msg_control
         // describes `space` writable bytes of `control`; both outlive the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | extra) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     })?;
 

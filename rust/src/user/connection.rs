@@ -369,6 +369,126 @@ impl Connection {
     }
 }
 
+/// A message being received without waiting ([`Connection::try_recv`]): what arrived so
+/// far, kept between calls while the event loop waits for the rest.
+#[derive(Debug, Default)]
+pub struct PartialMessage {
+    head: [u8; HEADER_SIZE],
+    head_len: usize,
+    header: Option<Header>,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Connection {
+    /// Receives one message without ever waiting: takes whatever bytes have arrived into
+    /// `partial` and returns the message once it is whole (`None`: wait for the socket to
+    /// become readable, then call again with the same `partial`). The framing rules are
+    /// those of [`recv`](Self::recv): `check` sees the header before any body byte is read,
+    /// fds travel with the header only, a body is bounded by the header's size, and any
+    /// error leaves the connection broken. No read-ahead: exactly one message is taken, so
+    /// nothing of a later message is consumed. Bounded by the caller's own timeout, not by
+    /// [`set_timeout`](Self::set_timeout).
+    pub fn try_recv(
+        &mut self,
+        partial: &mut PartialMessage,
+        check: impl Fn(&Header) -> Result<()>,
+    ) -> Result<Option<Message>> {
+        self.ensure_usable()?;
+        let result = self.try_recv_inner(partial, check);
+        match &result {
+            Ok(Some(_)) => self.received_any.set(true),
+            Ok(None) => {}
+            Err(_) => self.poison(),
+        }
+        result
+    }
+
+    fn try_recv_inner(
+        &self,
+        p: &mut PartialMessage,
+        check: impl Fn(&Header) -> Result<()>,
+    ) -> Result<Option<Message>> {
+        loop {
+            let Some(header) = p.header else {
+                let got = match scm::try_recv_with_fds(
+                    self.sock.as_fd(),
+                    &mut p.head[p.head_len..],
+                    scm::MAX_FDS,
+                ) {
+                    Ok(got) => got,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        return Err(Error::TooManyFds)
+                    }
+                    Err(e) => return Err(map_io(e)),
+                };
+                if got.len == 0 {
+                    return Err(if p.head_len == 0 {
+                        Error::Disconnected
+                    } else {
+                        Error::PartialMessage("connection closed inside a message header")
+                    });
+                }
+                if !got.fds.is_empty() {
+                    if p.head_len != 0 {
+                        return Err(Error::InvalidParam(
+                            "file descriptors must travel with the message header".into(),
+                        ));
+                    }
+                    p.fds = got.fds;
+                }
+                p.head_len += got.len;
+                if p.head_len == HEADER_SIZE {
+                    let header = Header::from_bytes(&p.head);
+                    if header.size as usize > MAX_BODY_SIZE {
+                        return Err(Error::OversizedMessage(header.size));
+                    }
+                    check(&header)?;
+                    p.body = Vec::with_capacity(header.size as usize);
+                    p.header = Some(header);
+                }
+                continue;
+            };
+            let size = header.size as usize;
+            let have = p.body.len();
+            if have == size {
+                let message = Message {
+                    header,
+                    body: std::mem::take(&mut p.body),
+                    fds: std::mem::take(&mut p.fds),
+                };
+                *p = PartialMessage::default();
+                return Ok(Some(message));
+            }
+            p.body.resize(size, 0);
+            let got = scm::try_recv_with_fds(self.sock.as_fd(), &mut p.body[have..], scm::MAX_FDS);
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    p.body.truncate(have);
+                    return match e {
+                        e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                        e if e.raw_os_error() == Some(libc::ENOBUFS) => Err(Error::TooManyFds),
+                        e => Err(map_io(e)),
+                    };
+                }
+            };
+            p.body.truncate(have + got.len);
+            if got.len == 0 {
+                return Err(Error::PartialMessage(
+                    "connection closed inside a message body",
+                ));
+            }
+            if !got.fds.is_empty() {
+                return Err(Error::InvalidParam(
+                    "file descriptors must travel with the message header".into(),
+                ));
+            }
+        }
+    }
+}
+
 /// How long one blocked socket call lasts before it returns to check the bound and the
 /// interrupt check: the bound, or one interrupt slice if that is shorter.
 fn socket_slice(timeout: Option<Duration>) -> Duration {
@@ -616,6 +736,85 @@ mod tests {
         assert!(rx.is_broken());
         drop(rx);
         assert!(sender.join().unwrap() < HEADER_SIZE);
+    }
+
+    #[test]
+    fn try_recv_takes_a_message_in_pieces_and_keeps_the_next_one() {
+        // Header a byte at a time (the fd with its first byte), the body later, a second
+        // message already queued: each call takes what is there, nothing more.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let mut partial = PartialMessage::default();
+        let kick = EventFd::new(true).unwrap();
+        let head = Header::request(SET_VRING_KICK, 8, false).to_bytes();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        scm::send_all(a.as_fd(), &head[..1], &[kick.as_fd()]).unwrap();
+        for byte in &head[1..] {
+            assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+            scm::send_all(a.as_fd(), &[*byte], &[]).unwrap();
+        }
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        let next = Header::request(GET_FEATURES, 0, false).to_bytes();
+        scm::send_all(a.as_fd(), &[&3u64.to_le_bytes()[..], &next].concat(), &[]).unwrap();
+        let msg = rx.try_recv(&mut partial, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(
+            (msg.header.code, msg.body, msg.fds.len()),
+            (SET_VRING_KICK, 3u64.to_le_bytes().to_vec(), 1)
+        );
+        let msg = rx.try_recv(&mut partial, |_| Ok(())).unwrap().unwrap();
+        assert_eq!((msg.header.code, msg.body.len()), (GET_FEATURES, 0));
+    }
+
+    #[test]
+    fn try_recv_applies_the_framing_rules() {
+        // The header check, fds riding on the body (B7), a close inside a message: each
+        // an error that breaks the connection.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(GET_FEATURES, 0, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        let err = rx
+            .try_recv(&mut PartialMessage::default(), |h| {
+                h.check_reply_to(GET_FEATURES)
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidHeader(_)), "{err:?}");
+        assert!(rx.is_broken());
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let (rd, wr) = pipe();
+        let mut partial = PartialMessage::default();
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(SET_VRING_KICK, 8, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        scm::send_all(a.as_fd(), &0u64.to_le_bytes(), &[wr.as_fd()]).unwrap();
+        drop(wr);
+        let err = rx.try_recv(&mut partial, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::InvalidParam(_)), "{err:?}");
+        assert!(read_is_eof(&rd), "the fd that rode on the body leaked");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut rx = Connection::new(b);
+        let mut partial = PartialMessage::default();
+        scm::send_all(
+            a.as_fd(),
+            &Header::request(SET_VRING_NUM, 8, false).to_bytes(),
+            &[],
+        )
+        .unwrap();
+        assert!(rx.try_recv(&mut partial, |_| Ok(())).unwrap().is_none());
+        drop(a);
+        let err = rx.try_recv(&mut partial, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::PartialMessage(_)), "{err:?}");
     }
 
     #[test]

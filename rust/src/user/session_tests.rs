@@ -333,3 +333,101 @@ fn get_vring_base_skip_drain_is_named_but_refused() {
         })
     ));
 }
+
+/// Drives `call` as an event loop would: start, then advance whenever the socket is
+/// readable (poll), counting the waits.
+fn drive<T>(fe: &Frontend, call: super::frontend::Call<'_, T>) -> (Result<T>, usize) {
+    use super::frontend::Started;
+    use std::os::fd::BorrowedFd;
+    let mut pending = match fe.start(call) {
+        Ok(Started::Done(value)) => return (Ok(value), 0),
+        Ok(Started::Waiting(p)) => p,
+        Err(e) => return (Err(e), 0),
+    };
+    let mut waits = 0;
+    loop {
+        match fe.advance(&mut pending) {
+            Ok(Some(value)) => return (Ok(value), waits),
+            Ok(None) => {}
+            Err(e) => return (Err(e), waits),
+        }
+        waits += 1;
+        // SAFETY: the socket fd stays open as long as `fe`.
+        let sock = unsafe { BorrowedFd::borrow_raw(fe.socket_fd()) };
+        assert!(
+            crate::sys::scm::wait_readable(sock, Some(std::time::Duration::from_secs(5))).unwrap()
+        );
+    }
+}
+
+#[test]
+fn calls_driven_without_waiting_give_what_blocking_calls_give() {
+    use super::frontend::{calls, NegotiateOptions};
+    let proto = pf::REPLY_ACK | pf::CONFIG;
+    let (fe, seen, server) = start(proto);
+    // Negotiation: five requests as one call, each answer fed in as it arrives.
+    let opts = NegotiateOptions {
+        protocol_features: Some(proto),
+        ..NegotiateOptions::default()
+    };
+    let (acked, waits) = drive(&fe, calls::negotiate(&opts).unwrap());
+    assert_eq!(
+        acked.unwrap(),
+        (VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES, proto)
+    );
+    assert!(waits >= 1, "an answer was there before any wait: {waits}");
+    assert_eq!(fe.acked_protocol_features(), proto);
+    // A decoded reply, an ack, a refusal (NACK), as the blocking calls give them.
+    assert_eq!(
+        drive(&fe, calls::get_config(4, 4, 0)).0.unwrap(),
+        vec![4, 5, 6, 7]
+    );
+    drive(&fe, calls::set_vring_num(1, 256)).0.unwrap();
+    assert!(matches!(
+        drive(&fe, calls::set_vring_num(0, 3)).0,
+        Err(Error::Refused {
+            request: "SET_VRING_NUM",
+            ..
+        })
+    ));
+    assert_eq!(drive(&fe, calls::get_vring_base(1)).0.unwrap(), 41);
+    // Gated locally, before anything is sent, as the blocking call.
+    assert!(matches!(
+        drive(&fe, calls::set_vring_endian(0, true)).0,
+        Err(Error::InactiveFeature { .. })
+    ));
+    assert!(!fe.is_broken());
+    assert!(seen
+        .lock()
+        .unwrap()
+        .calls
+        .contains(&"num 1 256".to_string()));
+    // Blocking and non-blocking calls mix on one connection, one at a time.
+    assert_eq!(fe.get_vring_base(0).unwrap(), 40);
+    drop(fe);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_abandoned_call_closes_the_connection_and_blocks_nothing_before() {
+    use super::frontend::{calls, Started};
+    let proto = pf::REPLY_ACK;
+    let (fe, _seen, server) = start(proto);
+    negotiate(&fe, proto);
+    let Started::Waiting(mut pending) = fe.start(calls::get_features()).unwrap() else {
+        panic!("GET_FEATURES has an answer to wait for");
+    };
+    // While it waits, no other request may go (its answer would be taken for this one's).
+    assert!(matches!(fe.get_queue_num(), Err(Error::InvalidParam(_))));
+    assert!(matches!(
+        fe.start(calls::get_features()),
+        Err(Error::InvalidParam(_))
+    ));
+    fe.abandon(&mut pending);
+    assert!(pending.is_over());
+    assert!(fe.is_broken());
+    assert!(matches!(fe.get_features(), Err(Error::Closed)));
+    assert!(matches!(fe.advance(&mut pending), Err(Error::Closed)));
+    drop(fe);
+    let _ = server.join().unwrap();
+}
