@@ -148,6 +148,26 @@ pub enum VringError {
     Broken,
 }
 
+impl VringError {
+    /// The I/O virtual address and access of an IOTLB miss, if this is one.
+    pub fn iotlb_miss(&self) -> Option<(u64, crate::memory::Access)> {
+        match self {
+            VringError::Memory(MemoryError::IotlbMiss { iova, access }) => Some((*iova, *access)),
+            _ => None,
+        }
+    }
+
+    /// True for an IOTLB miss. A pop that misses (on a descriptor, an indirect table or a
+    /// buffer) has consumed nothing and leaves the queue working: pop again once the IOMMU
+    /// side has sent the translation. Any other operation that misses breaks the queue
+    /// like any memory error, so the ring areas must be mapped before a queue runs in a
+    /// view ([`RingLayout::check_memory`](super::RingLayout::check_memory)), and the pop's
+    /// own index updates (split `avail_event`, packed event area) lie in them.
+    pub fn is_iotlb_miss(&self) -> bool {
+        self.iotlb_miss().is_some()
+    }
+}
+
 /// Shorthand for the layer's results.
 pub type Result<T> = std::result::Result<T, VringError>;
 
@@ -177,5 +197,16 @@ impl Health {
             self.broken = true;
         }
         r
+    }
+
+    /// [`sticky`](Self::sticky) for a pop, which consumes nothing before its chain is
+    /// complete: an IOTLB miss leaves the queue working, since nothing the peer wrote is
+    /// wrong yet; the caller asks the IOMMU side and pops again (see
+    /// [`VringError::is_iotlb_miss`]).
+    pub(crate) fn sticky_pop<T>(&mut self, r: Result<T>) -> Result<T> {
+        match &r {
+            Err(e) if e.is_iotlb_miss() => r,
+            _ => self.sticky(r),
+        }
     }
 }

@@ -168,7 +168,7 @@ impl SplitDevice {
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
         let r = self.pop_inner(mem);
-        self.health.sticky(r)
+        self.health.sticky_pop(r)
     }
 
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
