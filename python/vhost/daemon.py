@@ -309,6 +309,14 @@ class Daemon:
     :class:`~vhost.errors.QueueError` instead of returning the zeros a page that never
     came reads as (``PythonBlkDevice`` answers IOERR). ``None`` (or ``math.inf``) waits
     as long as the front-end is connected.
+
+    ``iommu_miss_timeout`` puts the device behind the front-end's vIOMMU: the daemon offers
+    ``VIRTIO_F_ACCESS_PLATFORM``, and once acked, ring and buffer addresses are I/O virtual
+    ones translated through the IOTLB the front-end's ``IOTLB_MSG`` s fill; a queue that
+    misses asks on the back-end channel (``BACKEND_IOTLB_MSG``, counted in
+    :attr:`iotlb_misses`) and fails if no update comes within that many seconds
+    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value). ``None`` (the
+    default): no IOMMU.
     """
 
     def __init__(
@@ -321,6 +329,7 @@ class Daemon:
         poll_us: int = 0,
         require_sealed_memory: bool = False,
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+        iommu_miss_timeout: float | None = None,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
@@ -333,6 +342,7 @@ class Daemon:
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
             postcopy_fault_timeout=postcopy_fault_timeout,
+            iommu_miss_timeout=iommu_miss_timeout,
         )
         if isinstance(device, Device):
             device._frontend = self._native.frontend
@@ -459,6 +469,11 @@ class Daemon:
     def completed(self) -> list[int]:
         """Descriptor chains completed per queue in the current or last session."""
         return self._native.completed
+
+    @property
+    def iotlb_misses(self) -> list[int]:
+        """IOTLB misses each queue asked the front-end for (behind a vIOMMU only)."""
+        return self._native.iotlb_misses
 
     def __enter__(self) -> Self:
         return self.start()

@@ -796,6 +796,12 @@ impl PyDaemon {
         self.with_stats(|s| s.completed())
     }
 
+    /// IOTLB misses each queue asked the front-end for in the current or last session.
+    #[getter]
+    fn iotlb_misses(&self) -> Vec<u64> {
+        self.with_stats(|s| s.iotlb_misses())
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "<Daemon device_type={} running={}>",

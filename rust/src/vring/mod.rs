@@ -61,7 +61,7 @@ pub mod features {
     /// through the platform's IOMMU, so ring and buffer addresses are I/O virtual ones.
     /// The rings need nothing of their own for it: they run on an
     /// [`Iotlb`](crate::memory::Iotlb) view instead of the memory table, and a miss
-    /// leaves a pop to retry ([`VringError::is_iotlb_miss`]).
+    /// leaves a pop to retry ([`VringError::is_iotlb_miss`](super::VringError::is_iotlb_miss)).
     pub const ACCESS_PLATFORM: u64 = 1 << 33;
     /// Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and
     /// 50-63 of the low 64); bits 24-49 belong to the transport.
