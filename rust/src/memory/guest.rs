@@ -444,6 +444,18 @@ impl GuestMemory {
         if len == 0 {
             return Ok(());
         }
+        // The common case (a descriptor, a request header, a status byte, a buffer in one
+        // region): one lookup, one call.
+        if let Some(region) = self.find_gpa(gpa) {
+            let offset = gpa - region.info().guest_phys_addr;
+            if let Some(host) = Self::pointer_into(region, offset, len as u64) {
+                if !region.perm().allows(access) {
+                    return Err(self.denied(gpa, len as u64, access, region));
+                }
+                f(host, 0, len);
+                return Ok(());
+            }
+        }
         self.walk(gpa, len, Some(access), |_, _, _| {})?;
         self.walk(gpa, len, None, &mut f)
     }
