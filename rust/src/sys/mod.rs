@@ -16,10 +16,7 @@
 //! Adopted (no `unsafe` left in the wrapper):
 //! - [`eventfd`]: `eventfd`, `read`/`write` of the counter, `F_GETFL` on adoption.
 //! - [`memfd`]: `memfd_create`, `ftruncate`, `F_ADD_SEALS`, `fstat`, `F_DUPFD_CLOEXEC`.
-//! - [`scm`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, `send`. rustix parses the control
-//!   messages and owns every received fd until it is taken, so an fd that is not taken
-//!   (MSG_CTRUNC, more than `max_fds`) is closed on drop (ADVERSARIAL B2). The control
-//!   buffer stays on the stack, cut to exactly `CMSG_SPACE(max_fds)`.
+//! - [`scm`]: `sendmsg` with `SCM_RIGHTS`, and `send`.
 //! - [`socket`]: `socket`, `connect`, `SO_SNDTIMEO`/`SO_RCVTIMEO`, `shutdown` (the one
 //!   `unsafe` left is [`Waker::new`]'s contract on a raw fd number, not a syscall).
 //! - [`pipe`]: `pipe2`, `F_GETFL`/`F_SETFL`, `fstat`, `read`, `write`, `send`.
@@ -40,12 +37,21 @@
 //! - [`pipe`]'s `SIGPIPE` blocking (`pthread_sigmask`, `sigpending`, `sigtimedwait`):
 //!   rustix has no public signal-mask API outside its experimental `runtime` module.
 //! - [`interrupt`]: no syscalls.
+//! - [`scm::recv_with_fds`] (`recvmsg`): it runs once per message on both sides of every
+//!   round trip, and rustix's `recvmsg` always passes a 128-byte address buffer (the
+//!   kernel copies the peer's socket path into it on every call) and scans its control
+//!   buffer again on drop. Counted with callgrind on `GET_FEATURES` against
+//!   `rust/examples/null_backend.rs`, it cost about 130 instructions per message on each
+//!   side, and the round trip was 0.2-0.3 µs slower (best batches, old and new builds
+//!   taking turns on one CPU); by hand it is back to the pre-rustix figure. The control
+//!   messages are parsed as bytes, so the only `unsafe` left is the call itself, the
+//!   zeroed `msghdr`, and owning each received fd.
 //!
 //! Measured cost (a shared 2-CPU machine, the old and new code taking turns): none. An
 //! eventfd write + read costs less through rustix (best block 410-445 ns against 509-570
-//! ns: no libc wrapper around the syscall); a 20-byte send + `recv_with_fds` is the same
-//! within noise (1830-1924 ns against 1863-2073 ns); the round trip
-//! (`benches/bench_roundtrip.py`) and blk IOPS stay within their run-to-run spread.
+//! ns: no libc wrapper around the syscall); sends cost the same; blk IOPS stay within
+//! their run-to-run spread. The receive path did cost a measurable share of the round
+//! trip, so it stayed hand-written (above).
 //!
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 
