@@ -26,13 +26,14 @@ from daemon_util import (
     DATA_PER_QUEUE,
     S_IOERR,
     S_OK,
+    T_IN,
     BlkGuest,
     MiB,
     ServeProc,
     make_image,
 )
 from vhost.codes import ProtocolFeature as PF
-from vhost.errors import VhostError
+from vhost.errors import VhostError, VhostTimeoutError
 from vhost.types import IotlbAccess, IotlbMessage, IotlbType, VringConfig
 from vhost.user import Frontend, FrontendRequestHandler, regions_of
 from vhost.virtio import VirtioFeature
@@ -55,13 +56,14 @@ class Iommu(FrontendRequestHandler):
         self.uaddr0 = uaddr0
         self.limit = limit
         self.perms: dict[int, IotlbAccess] = {}
+        self.refused: set[int] = set()
         self.misses = 0
 
     def iotlb_msg(self, message: IotlbMessage) -> int | None:
         assert message.type == IotlbType.MISS
         self.misses += 1
         page = message.iova & ~(PAGE - 1)
-        if page >= self.limit:
+        if page >= self.limit or page in self.refused:
             return 0  # outside the guest's mappings: never answered
         perm = self.perms.get(page, IotlbAccess.RW)
         self.fe.send_iotlb_msg(
@@ -73,11 +75,13 @@ class Iommu(FrontendRequestHandler):
 
 
 @contextmanager
-def iommu_guest(tmp: Path) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path]]:
+def iommu_guest(
+    tmp: Path, *extra: str
+) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path]]:
     image = tmp / "disk.img"
     make_image(image, IMAGE_SIZE, 7)
     sock = tmp / "blk.sock"
-    proc = ServeProc(["blk", "--image", str(image), "--iommu"], sock, tmp / "serve.log")
+    proc = ServeProc(["blk", "--image", str(image), "--iommu", *extra], sock, tmp / "serve.log")
     guest = BlkGuest(1)
     fe = Frontend.connect(sock)
     try:
@@ -166,6 +170,19 @@ def test_a_reply_into_a_read_only_page_fails_the_request_only(tmp_sock_dir: Path
         with image.open("rb") as f:
             f.seek(PAGE)
             assert f.read(512) == b"\x11" * 512
+
+
+def test_a_miss_never_answered_fails_the_queue_not_the_daemon(tmp_sock_dir: Path) -> None:
+    with iommu_guest(tmp_sock_dir, "--iommu-miss-timeout", "0.3") as (guest, fe, iommu, _):
+        area = guest.data_area(0)
+        iommu.refused.update(range(area, area + DATA_PER_QUEUE, PAGE))
+        guest.add(0, T_IN, 0, in_len=512)
+        guest.kick(0, force=True)
+        with pytest.raises(VhostTimeoutError):
+            guest.reap(0, 1, timeout=2.0)  # an access outside the mappings: never served
+        assert iommu.misses >= 2  # asked, then asked again until the bound
+        # The daemon and the session are still there.
+        assert fe.get_queue_num() == 1
 
 
 def test_bad_iotlb_updates_are_refused_and_the_session_goes_on(tmp_sock_dir: Path) -> None:
