@@ -146,9 +146,27 @@ pub enum VringError {
     /// A previous error stopped the queue.
     #[error("queue is broken by an earlier error")]
     Broken,
+    /// An IOTLB miss on a ring area after a pop had consumed its chain (its suppression
+    /// field): the pop cannot be retried, so the queue breaks. The ring areas are checked
+    /// against a view before a queue runs on it to rule this out
+    /// ([`RingLayout::check_memory`](super::RingLayout::check_memory)).
+    #[error("IOTLB miss at I/O virtual address {iova:#x} after the chain was popped")]
+    MissAfterPop {
+        /// The address that missed.
+        iova: u64,
+    },
 }
 
 impl VringError {
+    /// A miss past the point where a pop consumed its chain becomes
+    /// [`MissAfterPop`](Self::MissAfterPop), which breaks the queue like any other error.
+    pub(crate) fn consumed(self) -> Self {
+        match self.iotlb_miss() {
+            Some((iova, _)) => VringError::MissAfterPop { iova },
+            None => self,
+        }
+    }
+
     /// The I/O virtual address and access of an IOTLB miss, if this is one.
     pub fn iotlb_miss(&self) -> Option<(u64, crate::memory::Access)> {
         match self {

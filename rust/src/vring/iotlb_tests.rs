@@ -267,3 +267,28 @@ fn ring_areas_are_checked_for_the_access_the_device_needs() {
             .unwrap();
     }
 }
+
+#[test]
+fn a_miss_after_the_chain_was_consumed_breaks_the_queue() {
+    let mut s = setup();
+    let dview = s.driver.view();
+    let layout = RingLayout::split_at(8, RING_IOVA).unwrap();
+    let mut driver = SplitDriver::new(layout, true).unwrap();
+    driver.init(&dview).unwrap();
+    let mut q = DeviceQueue::new(layout, true, false).unwrap();
+    s.map(IN_IOVA, 1);
+    s.map(OUT_IOVA, 3);
+    driver
+        .add(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)])
+        .unwrap();
+    driver.publish(&dview).unwrap();
+    // The used ring (where the pop writes avail_event) is unmapped for the device.
+    let (used, _) = layout.areas()[2];
+    s.device.invalidate(used, RING_IOVA + PAGE - used).unwrap();
+    let err = q.pop_batch(&s.device.view(), 4).unwrap_err();
+    assert!(
+        matches!(err, VringError::MissAfterPop { iova } if iova == used + 4 + 8 * 8),
+        "{err:?}"
+    );
+    assert!(q.is_broken(), "a consumed chain cannot be popped again");
+}

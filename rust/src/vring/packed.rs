@@ -342,7 +342,7 @@ impl PackedDevice {
         let chain = self.take_in_flight(b, id, count)?;
         (self.next_avail, self.avail_wrap) = self.r.advance(start, self.avail_wrap, count);
         if self.event_idx && self.notify_enabled {
-            self.write_event(mem, true)?;
+            self.write_event(mem, true).map_err(VringError::consumed)?;
         }
         Ok(Some(chain))
     }

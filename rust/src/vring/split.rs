@@ -195,7 +195,8 @@ impl SplitDevice {
         self.in_flight[usize::from(head)] = Some(chain.writable_len());
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.event_idx && self.notify_enabled {
-            mem.write_u16(self.a.avail_event(), self.next_avail)?;
+            mem.write_u16(self.a.avail_event(), self.next_avail)
+                .map_err(|e| VringError::from(e).consumed())?;
         }
         Ok(Some(chain))
     }
