@@ -347,5 +347,12 @@ fn bad_iotlb_updates_are_refused_and_the_session_goes_on() {
         }
     }
     assert_eq!(s.fe.get_queue_num().unwrap(), 2);
+    // Dirty logging (a migration) would mark I/O virtual addresses as guest-physical
+    // pages: refused behind the IOMMU rather than marking the wrong pages.
+    let with_log = transport::VERSION_1
+        | transport::ACCESS_PLATFORM
+        | VHOST_USER_F_PROTOCOL_FEATURES
+        | crate::user::codes::VHOST_F_LOG_ALL;
+    assert!(s.fe.set_features(with_log).is_err());
     s.finish();
 }
