@@ -10,6 +10,7 @@ from typing_extensions import Buffer
 from .types import IotlbMessage, MemoryRegion
 
 __all__ = [
+    "DEFAULT_IOTLB_MISS_TIMEOUT",
     "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
     "HEADER_SIZE",
     "MAX_BODY_SIZE",
@@ -51,6 +52,7 @@ __version__: Final[str]
 DEFAULT_POSTCOPY_FAULT_TIMEOUT: Final[float]
 MAX_DEVICE_STATE: Final[int]
 """The largest device state a front-end moves (``save_device_state``/``load_device_state``)."""
+DEFAULT_IOTLB_MISS_TIMEOUT: Final[float]
 
 def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
     """Bytes of the three areas of a ring of ``size`` entries (the core's layout)."""
@@ -1142,6 +1144,7 @@ class Daemon:
         poll_us: int = 0,
         require_sealed_memory: bool = False,
         postcopy_fault_timeout: float | None = ...,
+        iommu_miss_timeout: float | None = None,
     ) -> Self: ...
     def start(self, path: str | os.PathLike[str], *, client: bool = False) -> None:
         """Listens on ``path`` (server mode, replacing a stale socket) or, with ``client``,
@@ -1169,6 +1172,9 @@ class Daemon:
     @property
     def completed(self) -> list[int]:
         """Descriptor chains completed per queue in the current or last session."""
+    @property
+    def iotlb_misses(self) -> list[int]:
+        """IOTLB misses each queue asked the front-end for in the current or last session."""
     def next_events(self, timeout: float | None = 0.0) -> list[_EventTuple]:
         """The events since the last call as ``(kind, session, request, queue, end, reason, hint,
         error)``, waiting up to ``timeout`` seconds for the first; Ctrl-C interrupts."""

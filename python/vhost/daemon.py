@@ -327,6 +327,14 @@ class Daemon:
     ``process``'s. A loop that is closed, or stops running, while a batch waits fails
     that batch with :class:`~vhost.errors.ClosedError` within a quarter of a second
     instead of holding the worker for ever.
+
+    ``iommu_miss_timeout`` puts the device behind the front-end's vIOMMU: the daemon offers
+    ``VIRTIO_F_ACCESS_PLATFORM``, and once acked, ring and buffer addresses are I/O virtual
+    ones translated through the IOTLB the front-end's ``IOTLB_MSG`` s fill; a queue that
+    misses asks on the back-end channel (``BACKEND_IOTLB_MSG``, counted in
+    :attr:`iotlb_misses`) and fails if no update comes within that many seconds
+    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value). ``None`` (the
+    default): no IOMMU.
     """
 
     def __init__(
@@ -340,6 +348,7 @@ class Daemon:
         require_sealed_memory: bool = False,
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
         loop: asyncio.AbstractEventLoop | None = None,
+        iommu_miss_timeout: float | None = None,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
@@ -361,6 +370,7 @@ class Daemon:
             poll_us=poll_us,
             require_sealed_memory=require_sealed_memory,
             postcopy_fault_timeout=postcopy_fault_timeout,
+            iommu_miss_timeout=iommu_miss_timeout,
         )
         if isinstance(device, Device):
             device._frontend = self._native.frontend
@@ -487,6 +497,11 @@ class Daemon:
     def completed(self) -> list[int]:
         """Descriptor chains completed per queue in the current or last session."""
         return self._native.completed
+
+    @property
+    def iotlb_misses(self) -> list[int]:
+        """IOTLB misses each queue asked the front-end for (behind a vIOMMU only)."""
+        return self._native.iotlb_misses
 
     def __enter__(self) -> Self:
         return self.start()

@@ -136,6 +136,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     blk.add_argument(
         "--python", action="store_true", help="use the Python device instead of the native one"
     )
+    blk.add_argument(
+        "--iommu",
+        action="store_true",
+        help="offer VIRTIO_F_ACCESS_PLATFORM: serve a front-end with a vIOMMU (I/O virtual "
+        "addresses, IOTLB misses asked on the back-end channel)",
+    )
+    blk.add_argument(
+        "--iommu-miss-timeout",
+        type=float,
+        default=_core.DEFAULT_IOTLB_MISS_TIMEOUT,
+        metavar="SECONDS",
+        help="with --iommu, fail a queue whose IOTLB miss is not answered within this "
+        "(default %(default)s)",
+    )
     blk.set_defaults(run=run_blk)
 
     rng = page("rng", "virtio-rng written in Python (the example device)", RNG_DESCRIPTION)
@@ -227,6 +241,11 @@ def run_blk(args: argparse.Namespace) -> int:
         f"--queue-size must be between 3 and {MAX_QUEUE_SIZE}, not {args.queue_size}",
     )
     _check(len(args.serial.encode()) <= 20, f"--serial is at most 20 bytes, not {args.serial!r}")
+    t = args.iommu_miss_timeout
+    _check(
+        math.isfinite(t) and 0 < t <= 10**6,
+        f"--iommu-miss-timeout must be more than 0 and at most 1000000 seconds, not {t}",
+    )
     _check(
         not args.force_share or args.readonly,
         "--force-share needs --readonly (a writer cannot share the image safely)",
@@ -256,6 +275,7 @@ def run_blk(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
+        iommu_miss_timeout=args.iommu_miss_timeout if args.iommu else None,
     )
     with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
         return _serve(

@@ -638,8 +638,9 @@ impl PyDaemon {
             poll_us = None,
             require_sealed_memory = false,
             postcopy_fault_timeout = Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64()),
+            iommu_miss_timeout = None,
         ),
-        text_signature = "(device, *, stall_timeout=5.0, poll_us=0, require_sealed_memory=False, postcopy_fault_timeout=...)"
+        text_signature = "(device, *, stall_timeout=5.0, poll_us=0, require_sealed_memory=False, postcopy_fault_timeout=..., iommu_miss_timeout=None)"
     )]
     fn new(
         device: &Bound<'_, PyAny>,
@@ -647,6 +648,7 @@ impl PyDaemon {
         poll_us: Option<&Bound<'_, PyAny>>,
         require_sealed_memory: bool,
         postcopy_fault_timeout: Option<f64>,
+        iommu_miss_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let device: Arc<dyn VirtioDevice> = match device.cast::<PyBlkDevice>() {
             Ok(blk) => blk.get().inner.clone(),
@@ -661,6 +663,9 @@ impl PyDaemon {
                 postcopy_fault_timeout,
             )?,
             sealed_memory_only: require_sealed_memory,
+            iommu_miss_timeout: iommu_miss_timeout
+                .map(|t| convert::seconds("iommu_miss_timeout", t))
+                .transpose()?,
         };
         settings.check().map_err(user_error)?;
         let link = FrontendLink::new();
@@ -789,6 +794,12 @@ impl PyDaemon {
     #[getter]
     fn completed(&self) -> Vec<u64> {
         self.with_stats(|s| s.completed())
+    }
+
+    /// IOTLB misses each queue asked the front-end for in the current or last session.
+    #[getter]
+    fn iotlb_misses(&self) -> Vec<u64> {
+        self.with_stats(|s| s.iotlb_misses())
     }
 
     fn __repr__(&self) -> String {

@@ -67,5 +67,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "DEFAULT_POSTCOPY_FAULT_TIMEOUT",
         vhost_core::daemon::DEFAULT_POSTCOPY_FAULT_TIMEOUT.as_secs_f64(),
     )?;
+    m.add(
+        "DEFAULT_IOTLB_MISS_TIMEOUT",
+        vhost_core::daemon::DEFAULT_IOTLB_MISS_TIMEOUT.as_secs_f64(),
+    )?;
     Ok(())
 }

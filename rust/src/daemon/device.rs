@@ -11,7 +11,9 @@ use super::link::FrontendLink;
 /// virtio transport features every daemon device gets unless it masks them out
 /// ([`VirtioDevice::transport_features`]).
 pub mod transport {
-    pub use crate::vring::features::{EVENT_IDX, INDIRECT_DESC, RING_PACKED, VERSION_1};
+    pub use crate::vring::features::{
+        ACCESS_PLATFORM, EVENT_IDX, INDIRECT_DESC, RING_PACKED, VERSION_1,
+    };
     /// What a device offers unless it masks some out: all four, the daemon's rings handle each.
     pub const DEFAULT: u64 = INDIRECT_DESC | EVENT_IDX | VERSION_1 | RING_PACKED;
 }

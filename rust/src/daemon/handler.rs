@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use crate::backend::VringAddrs;
 use crate::memory::dirty_log::{memory_end, DirtyLog};
-use crate::memory::{GuestMemory, RegionInfo};
+use crate::memory::{GuestMemory, Iotlb, RegionInfo};
 use crate::sys::EventFd;
 use crate::user::codes::{
     protocol_features as pf, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
 };
-use crate::user::payload::{DeviceStateTransfer, InflightDesc, LogDesc, ShmemConfig};
+use crate::user::payload::{
+    iotlb, DeviceStateTransfer, InflightDesc, IotlbPayload, LogDesc, ShmemConfig,
+};
 use crate::user::{BackendChannel, BackendHandler, Error, Result};
 
 use super::device::{transport, DeviceError, VirtioDevice};
@@ -24,7 +26,7 @@ use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::link::FrontendLink;
 use super::postcopy::{FaultBound, Postcopy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
-use super::queue::{lock, spawn_worker, QueueSlot};
+use super::queue::{lock, spawn_worker, QueueIommu, QueueSlot};
 use super::state::{Limits, StateTransfer};
 
 /// Protocol features every daemon offers.
@@ -49,6 +51,9 @@ pub const DAEMON_PROTOCOL_FEATURES: u64 = pf::MQ
 /// 509 (KVM's 512 user memory slots less the ones a VMM keeps for itself), so a front-end
 /// sized for it is served; ADD_MEM_REG beyond it is refused (ADVERSARIAL C6).
 pub const MAX_MEM_SLOTS: u64 = 509;
+
+/// How long a queue waits for the answer to one IOTLB miss before it fails, by default.
+pub const DEFAULT_IOTLB_MISS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Status bit of a driver that has given up on the device; the virtio status byte is
 /// otherwise the front-end's business.
@@ -80,6 +85,14 @@ pub struct DaemonHandler {
     /// Where the device reaches this session's front-end: the back-end channel is attached
     /// to it when it arrives and detached when the session ends.
     link: FrontendLink,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM` (a device behind the front-end's vIOMMU), and how
+    /// long a miss may go unanswered.
+    iommu: Option<Duration>,
+    /// The device's IOTLB while `VIRTIO_F_ACCESS_PLATFORM` is acked: the queues run on its
+    /// view instead of the memory table.
+    iotlb: Option<Iotlb>,
+    /// The session's back-end channel, where queues ask for their misses.
+    channel: Option<Arc<BackendChannel>>,
 }
 
 impl std::fmt::Debug for DaemonHandler {
@@ -129,6 +142,9 @@ impl DaemonHandler {
             hint: None,
             state_transfer: None,
             link: FrontendLink::new(),
+            iommu: None,
+            iotlb: None,
+            channel: None,
             device,
         };
         for i in 0..handler.device.num_queues() {
@@ -153,6 +169,19 @@ impl DaemonHandler {
     /// fails (see `daemon::postcopy`); `None` waits as long as the front-end lives.
     pub fn set_postcopy_fault_timeout(&mut self, timeout: Option<Duration>) {
         self.postcopy_fault_timeout = timeout;
+    }
+
+    /// Offers `VIRTIO_F_ACCESS_PLATFORM`: when the front-end acks it, ring and buffer
+    /// addresses are I/O virtual ones translated through the IOTLB its `IOTLB_MSG`s fill,
+    /// and a queue that misses asks on the back-end channel and waits up to `miss_timeout`
+    /// for the update. `None` (the default) offers nothing of the kind.
+    pub fn set_iommu(&mut self, miss_timeout: Option<Duration>) {
+        self.iommu = miss_timeout;
+    }
+
+    /// Live counters of the IOTLB misses each queue asked the front-end for.
+    pub fn iotlb_miss_counters(&self) -> Vec<Arc<AtomicU64>> {
+        self.slots.iter().map(|s| s.iotlb_misses.clone()).collect()
     }
 
     /// Why postcopy failed the session, if it did (a fault not resolved within the bound).
@@ -194,10 +223,46 @@ impl DaemonHandler {
     }
 
     fn offered_features(&self) -> u64 {
+        let iommu = match self.iommu {
+            Some(_) => transport::ACCESS_PLATFORM,
+            None => 0,
+        };
         self.device.features()
             | (transport::DEFAULT & self.device.transport_features())
+            | iommu
             | VHOST_USER_F_PROTOCOL_FEATURES
             | VHOST_F_LOG_ALL
+    }
+
+    /// Hands every queue what it reads guest memory through: the IOTLB's current view
+    /// behind an IOMMU, the memory table otherwise. Each queue's lock waits for its batch
+    /// in progress, which keeps the view it popped from to the end.
+    fn publish_memory(&self) {
+        let view = match &self.iotlb {
+            Some(t) => t.view(),
+            None => self.mem.clone(),
+        };
+        for s in &self.slots {
+            lock(&s.state).mem = view.clone();
+            if self.iotlb.is_some() {
+                // A worker waiting on a miss looks again.
+                s.wake();
+            }
+        }
+    }
+
+    /// Tells every queue whether it runs behind the IOMMU, and where to ask.
+    fn publish_iommu(&self) {
+        let iommu = match (self.iommu, &self.iotlb) {
+            (Some(miss_timeout), Some(_)) => Some(QueueIommu {
+                channel: self.channel.clone(),
+                miss_timeout,
+            }),
+            _ => None,
+        };
+        for s in &self.slots {
+            lock(&s.state).iommu = iommu.clone();
+        }
     }
 
     /// Hands each queue the log it must write to: the adopted one while LOG_ALL is acked,
@@ -216,9 +281,11 @@ impl DaemonHandler {
 
     fn set_memory(&mut self, mem: &GuestMemory) {
         self.mem = mem.clone();
-        for s in &self.slots {
-            lock(&s.state).mem = mem.clone();
+        if let Some(t) = self.iotlb.as_mut() {
+            // Translations into memory the table no longer holds are gone.
+            t.rebind(mem);
         }
+        self.publish_memory();
     }
 
     /// Stops every ring and forgets the negotiated state (RESET_DEVICE, status 0).
@@ -286,8 +353,23 @@ impl BackendHandler for DaemonHandler {
                 "features {extra:#x} were never offered"
             )));
         }
+        let behind_iommu = features & transport::ACCESS_PLATFORM != 0;
+        if behind_iommu && features & VHOST_F_LOG_ALL != 0 {
+            // The log marks guest-physical pages, and a queue behind the IOMMU only knows
+            // I/O virtual addresses: marking them would dirty the wrong pages.
+            return Err(Error::InvalidParam(
+                "VHOST_F_LOG_ALL with VIRTIO_F_ACCESS_PLATFORM: dirty logging behind a vIOMMU \
+                 is not supported"
+                    .into(),
+            ));
+        }
         self.acked_features = features;
         self.publish_log();
+        if behind_iommu != self.iotlb.is_some() {
+            self.iotlb = behind_iommu.then(Iotlb::new);
+            self.publish_iommu();
+            self.publish_memory();
+        }
         for s in &self.slots {
             let mut st = lock(&s.state);
             st.event_idx = features & transport::EVENT_IDX != 0;
@@ -467,7 +549,32 @@ impl BackendHandler for DaemonHandler {
         for s in &self.slots {
             lock(&s.state).inband = inband.clone();
         }
+        self.channel = Some(channel.clone());
+        self.publish_iommu();
         self.link.attach(channel);
+        Ok(())
+    }
+
+    fn iotlb_msg(&mut self, msg: &IotlbPayload) -> Result<()> {
+        let Some(tlb) = self.iotlb.as_mut() else {
+            return Err(Error::InvalidParam(
+                "IOTLB_MSG: VIRTIO_F_ACCESS_PLATFORM was not negotiated".into(),
+            ));
+        };
+        let result = match msg.kind {
+            iotlb::UPDATE => tlb
+                .update(&self.mem, msg.iova, msg.size, msg.uaddr, msg.perm)
+                .map(|()| "update"),
+            iotlb::INVALIDATE => tlb.invalidate(msg.iova, msg.size).map(|_| "invalidate"),
+            other => {
+                // The message layer lets only these two through from a front-end.
+                return Err(Error::InvalidParam(format!(
+                    "IOTLB_MSG: type {other} is not an update or an invalidation"
+                )));
+            }
+        };
+        result.map_err(|e| Error::InvalidParam(format!("IOTLB_MSG: {e}")))?;
+        self.publish_memory();
         Ok(())
     }
 
@@ -486,6 +593,10 @@ impl BackendHandler for DaemonHandler {
     fn reset_device(&mut self) -> Result<()> {
         self.reset_rings();
         self.status = 0;
+        if let Some(t) = self.iotlb.as_mut() {
+            t.clear();
+            self.publish_memory();
+        }
         Ok(())
     }
 

@@ -25,6 +25,8 @@ mod device;
 mod events;
 mod handler;
 mod inflight;
+#[cfg(test)]
+mod iommu_tests;
 mod link;
 mod postcopy;
 mod queue;
@@ -36,7 +38,9 @@ mod tests;
 
 pub use device::{transport, DeviceError, VirtioDevice};
 pub use events::{DaemonEvent, EventQueue, EventSink, SessionEnd};
-pub use handler::{DaemonHandler, DAEMON_PROTOCOL_FEATURES, MAX_MEM_SLOTS};
+pub use handler::{
+    DaemonHandler, DAEMON_PROTOCOL_FEATURES, DEFAULT_IOTLB_MISS_TIMEOUT, MAX_MEM_SLOTS,
+};
 pub use inflight::{InflightArea, InflightQueue};
 pub use link::{FrontendLink, LinkError};
 pub use postcopy::{check_read_settled, FaultPolicy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};

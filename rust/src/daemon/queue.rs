@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{VringAddrs, VRING_ADDR_F_LOG};
 use crate::memory::dirty_log::{DirtyLog, DirtyLogError};
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 use crate::sys::{poll_many, EventFd};
+use crate::user::payload::{iotlb, IotlbPayload};
 use crate::user::BackendChannel;
-use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment};
+use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment, VringError};
 
 use super::device::{DeviceError, VirtioDevice};
 use super::events::{DaemonEvent, QueueReporter};
@@ -67,6 +68,23 @@ pub(crate) struct QueueState {
     /// The back-end channel, when INBAND_NOTIFICATIONS is acked: a ring without a call
     /// (or err) fd is signalled with VRING_CALL (VRING_ERR) on it instead.
     pub(crate) inband: Option<Arc<BackendChannel>>,
+    /// With `VIRTIO_F_ACCESS_PLATFORM` acked: ring addresses are I/O virtual, `mem` is the
+    /// session's IOTLB view, and misses are asked for as this says.
+    pub(crate) iommu: Option<QueueIommu>,
+    /// The ring's layout, kept to check its areas against each new IOTLB view.
+    layout: Option<RingLayout>,
+    /// SET_VRING_BASE not applied yet: behind an IOMMU, the ring it reads (a split used
+    /// index) may not be mapped when the ring starts.
+    restore_pending: bool,
+}
+
+/// How a queue behind an IOMMU gets the translations it misses.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueIommu {
+    /// Where `BACKEND_IOTLB_MSG` misses go (`None` until SET_BACKEND_REQ_FD).
+    pub(crate) channel: Option<Arc<BackendChannel>>,
+    /// How long one miss may stay unanswered before the queue fails.
+    pub(crate) miss_timeout: Duration,
 }
 
 /// A ring's logging target: the log, and the used ring's log address when the front-end set
@@ -93,16 +111,27 @@ impl QueueState {
         let addrs = self
             .addrs
             .ok_or_else(|| DeviceError::Invalid("ring started before SET_VRING_ADDR".into()))?;
-        let layout = RingLayout::from_user(
-            &self.mem,
-            self.packed,
-            self.size,
-            addrs.desc,
-            addrs.avail,
-            addrs.used,
-        )?;
+        let layout = if self.iommu.is_some() {
+            // I/O virtual addresses, checked against the IOTLB by the worker before each
+            // pass (they may not be mapped yet: the worker asks for them).
+            RingLayout::new(self.packed, self.size, addrs.desc, addrs.avail, addrs.used)?
+        } else {
+            RingLayout::from_user(
+                &self.mem,
+                self.packed,
+                self.size,
+                addrs.desc,
+                addrs.avail,
+                addrs.used,
+            )?
+        };
         let mut ring = DeviceQueue::new(layout, self.event_idx, self.indirect)?;
-        ring.restore(&self.mem, self.base)?;
+        self.restore_pending = false;
+        match ring.restore(&self.mem, self.base) {
+            Err(e) if e.is_iotlb_miss() => self.restore_pending = true,
+            other => other?,
+        }
+        self.layout = Some(layout);
         self.resubmit.clear();
         if let Some(q) = self.inflight.as_mut() {
             self.resubmit = q.start(&mut ring, &self.mem).map_err(inflight_error)?;
@@ -137,6 +166,25 @@ impl QueueState {
         }
     }
 
+    /// Behind an IOMMU: the ring's areas must be mapped (with the access the device needs)
+    /// in the current view before a pass, and a base left pending applied. A miss is
+    /// returned for the worker to ask for; anything else fails the queue.
+    fn iommu_ready(&mut self) -> Result<(), VringError> {
+        if self.iommu.is_none() {
+            return Ok(());
+        }
+        if let Some(layout) = &self.layout {
+            layout.check_memory(&self.mem)?;
+        }
+        if self.restore_pending {
+            if let Some(ring) = self.ring.as_mut() {
+                ring.restore(&self.mem, self.base)?;
+            }
+            self.restore_pending = false;
+        }
+        Ok(())
+    }
+
     fn runnable(&self) -> bool {
         self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken()) && !self.inflight_broken
     }
@@ -169,6 +217,8 @@ pub(crate) struct QueueSlot {
     pub(crate) completed: Arc<AtomicU64>,
     /// When the batch in progress started, for postcopy's fault bound.
     pub(crate) watch: Arc<BatchWatch>,
+    /// IOTLB misses asked for; shared with [`DaemonStats`](super::DaemonStats).
+    pub(crate) iotlb_misses: Arc<AtomicU64>,
 }
 
 impl QueueSlot {
@@ -183,6 +233,7 @@ impl QueueSlot {
             stop: AtomicBool::new(false),
             completed: Arc::new(AtomicU64::new(0)),
             watch: Arc::new(BatchWatch::default()),
+            iotlb_misses: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -254,12 +305,24 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     let mut done = Vec::new();
     let mut idle_since: Option<Instant> = None;
     let mut kicks_on = true;
+    let mut waiting: Option<MissWait> = None;
     loop {
         let mut guard = lock(&slot.state);
         let st = &mut *guard;
         // A failed postcopy stops the queue: its memory may read as zeros now.
-        if !st.runnable() || slot.watch.failed() {
+        if !st.runnable() || slot.watch.failed() || slot.stop.load(Ordering::Relaxed) {
             return;
+        }
+        if let Err(e) = st.iommu_ready() {
+            let Some(miss) = e.iotlb_miss() else {
+                return st.fail(slot.index, format!("queue {}: {e}", slot.index));
+            };
+            let iommu = st.iommu.clone();
+            drop(guard);
+            if let Err(why) = ask_translation(slot, iommu, miss, &mut waiting) {
+                return lock(&slot.state).fail(slot.index, why);
+            }
+            continue;
         }
         if kicks_on {
             if let Some(Err(e)) = st.ring.as_mut().map(|r| r.set_notification(&st.mem, false)) {
@@ -274,6 +337,16 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
         let batch = one_batch(slot, device, st, &mut done);
         slot.watch.end();
         match batch {
+            // A pop missed: nothing was consumed; ask, wait for the update, pop again.
+            Err(DeviceError::Queue(e)) if e.is_iotlb_miss() => {
+                let iommu = st.iommu.clone();
+                drop(guard);
+                let miss = e.iotlb_miss().unwrap_or((0, Access::Read));
+                if let Err(why) = ask_translation(slot, iommu, miss, &mut waiting) {
+                    return lock(&slot.state).fail(slot.index, why);
+                }
+                continue;
+            }
             Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
             Ok(true) => {
                 idle_since = None;
@@ -304,6 +377,87 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
         }
     }
+}
+
+/// The miss a worker is waiting on, and since when.
+struct MissWait {
+    iova: u64,
+    access: Access,
+    since: Instant,
+}
+
+/// Sends `BACKEND_IOTLB_MSG` (type MISS) for `miss` on the back-end channel, without
+/// waiting for an ack (the front-end answers with an IOTLB update on the session's socket,
+/// which the session thread applies and which wakes this worker), then waits for a wake-up,
+/// bounded by the time left of the miss's bound. The same miss unanswered past
+/// `miss_timeout` is an error naming the queue, address and access.
+fn ask_translation(
+    slot: &QueueSlot,
+    iommu: Option<QueueIommu>,
+    (iova, access): (u64, Access),
+    waiting: &mut Option<MissWait>,
+) -> Result<(), String> {
+    let Some(iommu) = iommu else {
+        return Err(format!(
+            "queue {}: I/O virtual address {iova:#x} missed without an IOMMU",
+            slot.index
+        ));
+    };
+    let since = match waiting {
+        Some(w) if w.iova == iova && w.access == access => w.since,
+        _ => Instant::now(),
+    };
+    *waiting = Some(MissWait {
+        iova,
+        access,
+        since,
+    });
+    let left = iommu.miss_timeout.saturating_sub(since.elapsed());
+    if left.is_zero() {
+        return Err(format!(
+            "queue {}: IOTLB miss for a device {access} at I/O virtual address {iova:#x} not \
+             answered within {:?}",
+            slot.index, iommu.miss_timeout
+        ));
+    }
+    let Some(channel) = iommu.channel else {
+        return Err(format!(
+            "queue {}: IOTLB miss at I/O virtual address {iova:#x} and no back-end channel \
+             to ask for it (SET_BACKEND_REQ_FD)",
+            slot.index
+        ));
+    };
+    let perm = match access {
+        Access::Read => iotlb::PERM_RO,
+        Access::Write => iotlb::PERM_WO,
+    };
+    let msg = IotlbPayload {
+        iova,
+        size: 0,
+        uaddr: 0,
+        perm,
+        kind: iotlb::MISS,
+    };
+    channel.post_iotlb_msg(&msg).map_err(|e| {
+        format!(
+            "queue {}: BACKEND_IOTLB_MSG miss at {iova:#x}: {e}",
+            slot.index
+        )
+    })?;
+    slot.iotlb_misses.fetch_add(1, Ordering::Relaxed);
+    // Woken by the session thread once it applied an IOTLB update (or by a stop).
+    let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+    if let Ok(ready) = poll_many(&[slot.wake.as_fd()], ms) {
+        if ready[0] {
+            let _ = slot.wake.read();
+            if slot.stop.load(Ordering::SeqCst) {
+                // That was (also) the stop's wake-up: leave it for the worker's own poll,
+                // which reads the stop flag after it.
+                slot.wake();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One batch: the chains an earlier back-end left in flight, or a fresh pop; the device

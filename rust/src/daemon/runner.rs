@@ -77,6 +77,9 @@ pub struct DaemonSettings {
     pub postcopy_fault_timeout: Option<Duration>,
     /// Accept only sealed guest memory ([`Daemon::with_sealed_memory_only`]).
     pub sealed_memory_only: bool,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM` and bound each IOTLB miss by this
+    /// ([`Daemon::with_iommu`]); `None`: no IOMMU, else more than 0.
+    pub iommu_miss_timeout: Option<Duration>,
 }
 
 impl DaemonSettings {
@@ -94,6 +97,11 @@ impl DaemonSettings {
                 "postcopy_fault_timeout must be more than 0 seconds (None: no bound)".into(),
             ));
         }
+        if self.iommu_miss_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidParam(
+                "iommu_miss_timeout must be more than 0 seconds (None: no IOMMU)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -105,6 +113,7 @@ impl Daemon {
             .with_poll(settings.poll)
             .with_postcopy_fault_timeout(settings.postcopy_fault_timeout)
             .with_sealed_memory_only(settings.sealed_memory_only)
+            .with_iommu(settings.iommu_miss_timeout)
     }
 }
 

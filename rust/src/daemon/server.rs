@@ -41,6 +41,7 @@ pub struct DaemonStats {
     pub active: AtomicBool,
     last_error: Mutex<Option<String>>,
     completed: Mutex<Vec<Arc<AtomicU64>>>,
+    iotlb_misses: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl DaemonStats {
@@ -52,6 +53,16 @@ impl DaemonStats {
     /// Descriptor chains completed per queue by the current (or last) session.
     pub fn completed(&self) -> Vec<u64> {
         lock(&self.completed)
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// IOTLB misses each queue asked the front-end for (`BACKEND_IOTLB_MSG`), by the
+    /// current (or last) session; all 0 unless the device runs behind the front-end's
+    /// vIOMMU ([`Daemon::with_iommu`]).
+    pub fn iotlb_misses(&self) -> Vec<u64> {
+        lock(&self.iotlb_misses)
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect()
@@ -72,6 +83,7 @@ pub struct Daemon {
     postcopy_fault_timeout: Option<Duration>,
     poll: Duration,
     sealed_memory_only: bool,
+    iommu: Option<Duration>,
     events: Option<EventSink>,
     /// The device's way to the front-end being served (see [`FrontendLink`]).
     link: FrontendLink,
@@ -112,6 +124,7 @@ impl Daemon {
             postcopy_fault_timeout: Some(DEFAULT_POSTCOPY_FAULT_TIMEOUT),
             poll: Duration::ZERO,
             sealed_memory_only: false,
+            iommu: None,
             events: None,
         })
     }
@@ -132,6 +145,15 @@ impl Daemon {
     /// [`BackendSession::require_sealed_memory`]).
     pub fn with_sealed_memory_only(mut self, on: bool) -> Self {
         self.sealed_memory_only = on;
+        self
+    }
+
+    /// Offers `VIRTIO_F_ACCESS_PLATFORM`: a front-end with a vIOMMU may then give ring and
+    /// buffer addresses as I/O virtual ones, which the daemon translates through the IOTLB
+    /// its `IOTLB_MSG`s fill, asking for misses on the back-end channel; a miss unanswered
+    /// for `miss_timeout` fails its queue. `None` (the default) offers nothing of the kind.
+    pub fn with_iommu(mut self, miss_timeout: Option<Duration>) -> Self {
+        self.iommu = miss_timeout;
         self
     }
 
@@ -269,7 +291,9 @@ impl Daemon {
                 }
             };
         handler.set_postcopy_fault_timeout(self.postcopy_fault_timeout);
+        handler.set_iommu(self.iommu);
         *lock(&self.stats.completed) = handler.completion_counters();
+        *lock(&self.stats.iotlb_misses) = handler.iotlb_miss_counters();
         let mut session_io = BackendSession::new(stream);
         session_io.require_sealed_memory(self.sealed_memory_only);
         if let Ok(sock) = session_io.socket().try_clone() {

@@ -23,8 +23,9 @@ const RING_AREA: u64 = 0x1_0000;
 const DATA: u64 = 0x10_0000;
 
 /// Writes the readable bytes back reversed. A chain starting with `P` makes it panic,
-/// one starting with `E` makes it fail without completing anything.
-struct Mirror;
+/// one starting with `E` makes it fail without completing anything. (The vIOMMU tests use
+/// it too: a reply the IOMMU refuses fails its chain.)
+pub(super) struct Mirror;
 
 impl VirtioDevice for Mirror {
     fn device_type(&self) -> u32 {
@@ -499,6 +500,7 @@ fn daemon_settings_refuse_zero_bounds() {
         poll: Duration::ZERO,
         postcopy_fault_timeout: None,
         sealed_memory_only: false,
+        iommu_miss_timeout: None,
     };
     good.check().unwrap();
     let zero_stall = DaemonSettings {
@@ -509,9 +511,14 @@ fn daemon_settings_refuse_zero_bounds() {
         postcopy_fault_timeout: Some(Duration::ZERO),
         ..good
     };
+    let zero_miss = DaemonSettings {
+        iommu_miss_timeout: Some(Duration::ZERO),
+        ..good
+    };
     for (settings, name) in [
         (zero_stall, "stall_timeout"),
         (zero_fault, "postcopy_fault_timeout"),
+        (zero_miss, "iommu_miss_timeout"),
     ] {
         match settings.check() {
             Err(Error::InvalidParam(m)) => assert!(m.starts_with(name), "{m}"),

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use super::image::{Image, ImageError, Locking};
 use crate::daemon::{DeviceError, FaultPolicy, FrontendLink, LinkError, VirtioDevice};
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 use crate::sys::memfd_create;
 use crate::vring::{DescriptorChain, Segment};
 
@@ -484,12 +484,23 @@ fn data_iovecs<'a>(
             continue;
         }
         let n = (s.len - skip).min(left);
-        mem.for_each_chunk(s.addr + u64::from(skip), n as usize, |host, _, piece| {
-            iov.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: piece,
-            });
-        })
+        // A reply goes into device-writable segments: an IOTLB mapping must allow it.
+        let access = if s.writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        mem.for_each_chunk(
+            s.addr + u64::from(skip),
+            n as usize,
+            access,
+            |host, _, piece| {
+                iov.push(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: piece,
+                });
+            },
+        )
         .map_err(|e| DeviceError::Queue(e.into()))?;
         left -= n;
         skip = 0;

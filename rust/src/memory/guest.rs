@@ -5,14 +5,22 @@ use std::mem::{align_of, size_of};
 use std::ptr;
 use std::sync::Arc;
 
-use super::{AddressSpace, GuestRegion, MemoryError};
+use super::{Access, AddressSpace, GuestRegion, MemoryError};
 
 /// Immutable snapshot; changes produce a new GuestMemory so that a mapping is unmapped only
 /// when the last snapshot (or queue) holding its Arc drops it (ADVERSARIAL C8). Regions
 /// sorted by gpa.
+///
+/// The same type serves a device behind an IOMMU: an [`Iotlb`](super::Iotlb)'s
+/// [`view`](super::Iotlb::view) is a GuestMemory whose "guest-physical" addresses are I/O
+/// virtual addresses and whose regions are windows with the IOTLB entries' permissions. The
+/// rings and devices take it unchanged, so the flat table pays nothing for the IOMMU; only
+/// the error path differs (a hole in a view is an [`IotlbMiss`](MemoryError::IotlbMiss)).
 #[derive(Clone, Default, Debug)]
 pub struct GuestMemory {
     regions: Vec<Arc<GuestRegion>>,
+    /// True for an IOTLB view: addresses are I/O virtual ones, holes are misses.
+    io_virtual: bool,
 }
 
 impl GuestMemory {
@@ -49,7 +57,34 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(Self { regions })
+        Ok(Self {
+            regions,
+            io_virtual: false,
+        })
+    }
+
+    /// An IOTLB view: `windows` (sorted by I/O virtual address, disjoint, built by
+    /// [`Iotlb::view`](super::Iotlb::view)) as a memory map in I/O virtual address space.
+    /// Several windows may show the same front-end memory (an IOMMU may map a page at two
+    /// addresses), so only the I/O virtual ranges are checked for overlap.
+    pub(crate) fn io_virtual(windows: Vec<Arc<GuestRegion>>) -> Self {
+        debug_assert!(windows
+            .windows(2)
+            .all(|p| p[0].info().gpa_end() <= p[1].info().guest_phys_addr));
+        Self {
+            regions: windows,
+            io_virtual: true,
+        }
+    }
+
+    /// The address space this map's addresses are in: guest-physical for a memory table,
+    /// I/O virtual for an IOTLB view.
+    pub fn address_space(&self) -> AddressSpace {
+        if self.io_virtual {
+            AddressSpace::IoVirtual
+        } else {
+            AddressSpace::GuestPhysical
+        }
     }
 
     /// Front-end side: one sealed memfd per (gpa, size) pair.
@@ -94,7 +129,13 @@ impl GuestMemory {
         let mut regions = self.regions.clone();
         let removed = regions.remove(idx);
         // Removing keeps the order and cannot create an overlap: no need to revalidate.
-        Ok((Self { regions }, removed))
+        Ok((
+            Self {
+                regions,
+                io_virtual: self.io_virtual,
+            },
+            removed,
+        ))
     }
 
     /// The regions, sorted by guest-physical address.
@@ -115,12 +156,110 @@ impl GuestMemory {
     }
 
     /// Host pointer for [gpa, gpa+len); the whole range must lie inside ONE region (len 0
-    /// allowed if gpa is inside).
+    /// allowed if gpa is inside). No permission is checked: callers that hand the pointer
+    /// to a device path use [`check_access`](Self::check_access) first.
     pub fn translate(&self, gpa: u64, len: u64) -> Result<*mut u8, MemoryError> {
         let out = || MemoryError::OutOfRange { addr: gpa, len };
         let region = self.find_gpa(gpa).ok_or_else(out)?;
         let offset = gpa - region.info().guest_phys_addr;
         Self::pointer_into(region, offset, len).ok_or_else(out)
+    }
+
+    /// [`translate`](Self::translate) for a device `access`: the region must allow it, and
+    /// in an IOTLB view a hole is a miss.
+    #[inline]
+    fn translate_for(&self, gpa: u64, len: u64, access: Access) -> Result<*mut u8, MemoryError> {
+        let Some(region) = self.find_gpa(gpa) else {
+            return Err(self.missing(gpa, len, access));
+        };
+        let offset = gpa - region.info().guest_phys_addr;
+        let Some(p) = Self::pointer_into(region, offset, len) else {
+            return Err(self.missing(gpa, len, access));
+        };
+        if !region.perm().allows(access) {
+            return Err(self.denied(gpa, len, access, region));
+        }
+        Ok(p)
+    }
+
+    /// Checks that the device may do `access` on every byte of [addr, addr+len), which may
+    /// span regions contiguous in this map's address space: what a popped descriptor's
+    /// buffer must satisfy before a device touches it through
+    /// [`for_each_chunk`](Self::for_each_chunk). `len` 0 always passes.
+    pub fn check_access(&self, addr: u64, len: u64, access: Access) -> Result<(), MemoryError> {
+        self.check(addr, len, access, true)
+    }
+
+    /// Checks that every byte of [addr, addr+len) is mapped, whatever the permission: what
+    /// a ring checks when it pops a chain, so that a hole is found (in a view, a miss for
+    /// `access`, retried once the IOMMU side answers) before the request runs, while a
+    /// permission the buffer lacks fails that one request when the device touches it
+    /// ([`for_each_chunk`](Self::for_each_chunk)), not the queue. `len` 0 always passes.
+    pub fn check_mapped(&self, addr: u64, len: u64, access: Access) -> Result<(), MemoryError> {
+        self.check(addr, len, access, false)
+    }
+
+    fn check(&self, addr: u64, len: u64, access: Access, perm: bool) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return Err(self.missing(addr, len, access));
+        };
+        let mut cur = addr;
+        while cur < end {
+            let Some(region) = self.find_gpa(cur) else {
+                return Err(self.missing(addr, len, access));
+            };
+            if perm && !region.perm().allows(access) {
+                return Err(self.denied(addr, len, access, region));
+            }
+            cur = region.info().gpa_end();
+        }
+        Ok(())
+    }
+
+    /// The error for [addr, addr+len) not being fully mapped: out of range in a memory
+    /// table; in an IOTLB view, a miss at the first address without a translation (what
+    /// the IOMMU side must map next). Only on the error path.
+    #[cold]
+    fn missing(&self, addr: u64, len: u64, access: Access) -> MemoryError {
+        if self.io_virtual {
+            if let Some(iova) = self.first_hole(addr, len) {
+                return MemoryError::IotlbMiss { iova, access };
+            }
+        }
+        MemoryError::OutOfRange { addr, len }
+    }
+
+    /// The first address of [addr, addr+len) in no region (`addr` itself for len 0 outside
+    /// every region); None if all of it is mapped (the failure was something else: a
+    /// straddle or an overflowing length).
+    fn first_hole(&self, addr: u64, len: u64) -> Option<u64> {
+        let last = addr.saturating_add(len.max(1) - 1);
+        let mut cur = addr;
+        loop {
+            let region = match self.find_gpa(cur) {
+                Some(r) => r,
+                None => return Some(cur),
+            };
+            let end = region.info().gpa_end();
+            if end > last {
+                return None;
+            }
+            cur = end;
+        }
+    }
+
+    #[cold]
+    fn denied(&self, addr: u64, len: u64, access: Access, region: &GuestRegion) -> MemoryError {
+        MemoryError::AccessDenied {
+            space: self.address_space(),
+            addr,
+            len,
+            access,
+            perm: region.perm(),
+        }
     }
 
     /// Same for a front-end virtual address (what SET_VRING_ADDR carries).
@@ -163,7 +302,7 @@ impl GuestMemory {
     /// guest memory (the copy is a memmove).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let dst = buf.as_mut_ptr();
-        self.for_each_chunk(gpa, buf.len(), |host, done, n| {
+        self.chunks(gpa, buf.len(), Access::Read, |host, done, n| {
             // SAFETY: `host..host+n` lies inside a live mapping (for_each_chunk checked it and
             // `self` keeps the region alive) and `done + n <= buf.len()`. ptr::copy tolerates
             // overlap; the peer may write concurrently, which can only change the bytes read.
@@ -174,7 +313,7 @@ impl GuestMemory {
     /// See [`read`](Self::read): the whole range is checked before any byte is written.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let src = data.as_ptr();
-        self.for_each_chunk(gpa, data.len(), |host, done, n| {
+        self.chunks(gpa, data.len(), Access::Write, |host, done, n| {
             // SAFETY: as in `read`, with source and destination swapped; regions are mapped
             // read-write.
             unsafe { ptr::copy(src.add(done), host, n) }
@@ -215,7 +354,9 @@ impl GuestMemory {
     /// (a ring index) is never torn or cached; an unaligned one (only a broken or hostile
     /// guest produces those) falls back to an unaligned read.
     fn load<T: Copy>(&self, gpa: u64) -> Result<T, MemoryError> {
-        let p = self.translate(gpa, size_of::<T>() as u64)?.cast::<T>();
+        let p = self
+            .translate_for(gpa, size_of::<T>() as u64, Access::Read)?
+            .cast::<T>();
         // SAFETY: translate guaranteed size_of::<T>() bytes inside one live mapping; the
         // callers only use integer types, valid for any bit pattern.
         Ok(unsafe {
@@ -228,7 +369,9 @@ impl GuestMemory {
     }
 
     fn store<T: Copy>(&self, gpa: u64, v: T) -> Result<(), MemoryError> {
-        let p = self.translate(gpa, size_of::<T>() as u64)?.cast::<T>();
+        let p = self
+            .translate_for(gpa, size_of::<T>() as u64, Access::Write)?
+            .cast::<T>();
         // SAFETY: translate guaranteed size_of::<T>() writable bytes inside one live mapping.
         unsafe {
             if (p as usize) % align_of::<T>() == 0 {
@@ -273,35 +416,71 @@ impl GuestMemory {
     /// piece, where `done` is the number of bytes already handled. Nothing is called unless
     /// the whole range is valid. Native devices use it to hand guest buffers straight to
     /// `preadv`/`pwritev`; the pointers stay valid while `self` (a snapshot) lives.
+    ///
+    ///
+    /// `access` is what the caller will do through the pointers (a device reading a
+    /// request, or writing a reply with `preadv`): every region must allow it, so a reply
+    /// into a read-only IOTLB mapping fails here ([`MemoryError::AccessDenied`]) and
+    /// nothing is written.
     pub fn for_each_chunk(
         &self,
         gpa: u64,
         len: usize,
+        access: Access,
+        f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), MemoryError> {
+        self.chunks(gpa, len, access, f)
+    }
+
+    /// [`for_each_chunk`](Self::for_each_chunk), checking `access` on every region when
+    /// given (the copies of `read` and `write` check their own direction).
+    fn chunks(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
         mut f: impl FnMut(*mut u8, usize, usize),
     ) -> Result<(), MemoryError> {
         if len == 0 {
             return Ok(());
         }
-        self.walk(gpa, len, |_, _, _| {})?;
-        self.walk(gpa, len, &mut f)
+        // The common case (a descriptor, a request header, a status byte, a buffer in one
+        // region): one lookup, one call.
+        if let Some(region) = self.find_gpa(gpa) {
+            let offset = gpa - region.info().guest_phys_addr;
+            if let Some(host) = Self::pointer_into(region, offset, len as u64) {
+                if !region.perm().allows(access) {
+                    return Err(self.denied(gpa, len as u64, access, region));
+                }
+                f(host, 0, len);
+                return Ok(());
+            }
+        }
+        self.walk(gpa, len, Some(access), |_, _, _| {})?;
+        self.walk(gpa, len, None, &mut f)
     }
 
     fn walk(
         &self,
         gpa: u64,
         len: usize,
+        access: Option<Access>,
         mut f: impl FnMut(*mut u8, usize, usize),
     ) -> Result<(), MemoryError> {
-        let out = || MemoryError::OutOfRange {
-            addr: gpa,
-            len: len as u64,
-        };
+        let out = || self.missing(gpa, len as u64, access.unwrap_or(Access::Read));
         // With the end representable, every `gpa + done` below is too.
-        gpa.checked_add(len as u64).ok_or_else(out)?;
+        if gpa.checked_add(len as u64).is_none() {
+            return Err(out());
+        }
         let mut done = 0usize;
         while done < len {
             let cur = gpa + done as u64;
             let region = self.find_gpa(cur).ok_or_else(out)?;
+            if let Some(access) = access {
+                if !region.perm().allows(access) {
+                    return Err(self.denied(gpa, len as u64, access, region));
+                }
+            }
             let info = region.info();
             let offset = cur - info.guest_phys_addr;
             // Bounded by `len - done`, so the result fits a usize.

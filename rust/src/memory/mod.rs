@@ -7,9 +7,11 @@
 
 pub mod dirty_log;
 pub mod guest;
+pub mod iotlb;
 pub mod region;
 
 pub use guest::GuestMemory;
+pub use iotlb::{Iotlb, IotlbError, Translation};
 pub use region::{GuestRegion, RegionInfo};
 
 use std::io;
@@ -23,6 +25,9 @@ pub enum AddressSpace {
     FrontendVirtual,
     /// Offsets in the backing file (`mmap_offset`).
     FileOffset,
+    /// I/O virtual addresses: what a device behind an IOMMU uses (`VIRTIO_F_ACCESS_PLATFORM`),
+    /// translated through an [`Iotlb`].
+    IoVirtual,
 }
 
 impl std::fmt::Display for AddressSpace {
@@ -31,6 +36,76 @@ impl std::fmt::Display for AddressSpace {
             AddressSpace::GuestPhysical => "guest physical address",
             AddressSpace::FrontendVirtual => "front-end user address",
             AddressSpace::FileOffset => "mmap offset",
+            AddressSpace::IoVirtual => "I/O virtual address",
+        })
+    }
+}
+
+/// What a device does with guest memory: checked against a translation's [`Perm`], and
+/// named in an IOTLB miss so the IOMMU side can grant the right permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The device reads (ring indexes and descriptors, device-readable buffers).
+    Read,
+    /// The device writes (the used ring, device-writable buffers).
+    Write,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+/// What a device may do through a mapping: the `VHOST_ACCESS_*` values of an IOTLB entry
+/// (`RO` 1, `WO` 2, `RW` 3). A memory table region is always [`ReadWrite`](Perm::ReadWrite).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Perm {
+    /// `VHOST_ACCESS_RO`: the device may only read (a buffer the driver sends out).
+    ReadOnly = 1,
+    /// `VHOST_ACCESS_WO`: the device may only write.
+    WriteOnly = 2,
+    /// `VHOST_ACCESS_RW`.
+    ReadWrite = 3,
+}
+
+impl Perm {
+    /// The permission of a `VHOST_ACCESS_*` value; 0 (no access, which would map nothing)
+    /// and unknown bits are refused.
+    pub fn from_bits(bits: u8) -> Result<Self, IotlbError> {
+        match bits {
+            1 => Ok(Perm::ReadOnly),
+            2 => Ok(Perm::WriteOnly),
+            3 => Ok(Perm::ReadWrite),
+            other => Err(IotlbError::BadPerm(other)),
+        }
+    }
+
+    /// The `VHOST_ACCESS_*` value.
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+
+    /// True if `access` is allowed.
+    #[inline]
+    pub fn allows(self, access: Access) -> bool {
+        let need = match access {
+            Access::Read => 1,
+            Access::Write => 2,
+        };
+        (self as u8) & need != 0
+    }
+}
+
+impl std::fmt::Display for Perm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Perm::ReadOnly => "read-only",
+            Perm::WriteOnly => "write-only",
+            Perm::ReadWrite => "read-write",
         })
     }
 }
@@ -77,6 +152,31 @@ pub enum MemoryError {
         space: AddressSpace,
         /// The address.
         addr: u64,
+    },
+    /// An I/O virtual address with no IOTLB translation (a view of an [`Iotlb`]): not a
+    /// fault of the peer yet, the caller asks the IOMMU side (`BACKEND_IOTLB_MSG` miss) and
+    /// retries once the update arrives.
+    #[error("no IOTLB translation for a device {access} at I/O virtual address {iova:#x}")]
+    IotlbMiss {
+        /// The first address of the access that has no translation.
+        iova: u64,
+        /// What the device was doing there.
+        access: Access,
+    },
+    /// The translation exists but does not allow the access (a device write through a
+    /// read-only mapping): the request fails, no byte is written.
+    #[error("device {access} at {space} {addr:#x}+{len:#x} denied: the mapping is {perm}")]
+    AccessDenied {
+        /// The address space of `addr`.
+        space: AddressSpace,
+        /// The first address of the access.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// What the device tried.
+        access: Access,
+        /// What the mapping allows.
+        perm: Perm,
     },
     /// The backing file is smaller than the region claims: touching the tail would SIGBUS.
     #[error("file of {file_size:#x} bytes is too small for offset {offset:#x} + size {size:#x}")]

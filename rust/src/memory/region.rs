@@ -3,7 +3,9 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::{AddressSpace, MemoryError};
+use std::sync::Arc;
+
+use super::{AddressSpace, MemoryError, Perm};
 use crate::sys::mmap::FrontEndMapError;
 use crate::sys::{memfd_create, Mapping};
 
@@ -57,11 +59,31 @@ impl RegionInfo {
 
 /// A mapped region. The fd is kept so a front-end can pass it on (SET_MEM_TABLE) and a
 /// back-end can hand it to Python; the mapping lives exactly as long as this object.
+///
+/// A region is either a mapping of its own (the front-end's memory table) or a window into
+/// another region (an IOTLB translation: [`GuestRegion::window`]), which keeps that region
+/// and so its mapping alive. Both are read through the same cached base pointer, so the
+/// flat table's data path does not look at which kind it has.
 #[derive(Debug)]
 pub struct GuestRegion {
     info: RegionInfo,
-    fd: OwnedFd,
-    mapping: Mapping,
+    /// Host address of the region's first byte (of `backing`'s mapping), cached so that
+    /// [`as_ptr`](Self::as_ptr) is one load for both kinds.
+    base: usize,
+    /// What the device may do here: read-write for a memory table region, the IOTLB
+    /// entry's permission for a window.
+    perm: Perm,
+    backing: Backing,
+}
+
+/// Where a region's bytes come from.
+#[derive(Debug)]
+enum Backing {
+    /// Our own mapping of the fd; `_mapping` is held for its Drop (the munmap), the data
+    /// path reads through the cached base pointer.
+    Mapped { fd: OwnedFd, _mapping: Mapping },
+    /// A window into a mapped region: kept alive by this Arc.
+    Window { parent: Arc<GuestRegion> },
 }
 
 #[allow(clippy::len_without_is_empty)] // a region is never empty: size 0 is rejected
@@ -96,7 +118,59 @@ impl GuestRegion {
             FrontEndMapError::Unsealed => MemoryError::Unsealed,
             FrontEndMapError::Map(e) => MemoryError::Map(e),
         })?;
-        Ok(Self { info, fd, mapping })
+        Ok(Self::mapped(info, fd, mapping))
+    }
+
+    fn mapped(info: RegionInfo, fd: OwnedFd, mapping: Mapping) -> Self {
+        Self {
+            info,
+            base: mapping.as_ptr() as usize,
+            perm: Perm::ReadWrite,
+            backing: Backing::Mapped {
+                fd,
+                _mapping: mapping,
+            },
+        }
+    }
+
+    /// A window of `size` bytes at `offset` into `parent`, seen at address `start` with
+    /// permission `perm`: how an IOTLB entry (I/O virtual address `start`) becomes a region
+    /// of a [`GuestMemory`](super::GuestMemory) in I/O virtual address space. The window
+    /// keeps `parent` (and its mapping) alive. `info.userspace_addr` is the front-end address
+    /// the window starts at, so the window still names what the front-end mapped.
+    ///
+    /// `offset + size` must fit in `parent`, and `start + size` in u64.
+    pub fn window(
+        parent: &Arc<GuestRegion>,
+        start: u64,
+        offset: u64,
+        size: u64,
+        perm: Perm,
+    ) -> Result<Self, MemoryError> {
+        let p = parent.info();
+        if offset >= p.memory_size || size > p.memory_size - offset {
+            return Err(MemoryError::OutOfRange {
+                addr: p.userspace_addr.wrapping_add(offset),
+                len: size,
+            });
+        }
+        // offset + size <= parent size, so neither sum below overflows (parent was checked).
+        let info = RegionInfo {
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: p.userspace_addr + offset,
+            mmap_offset: p.mmap_offset + offset,
+        };
+        info.check()?;
+        Ok(Self {
+            info,
+            // offset < parent size, which is mapped: the sum stays inside the mapping.
+            base: parent.base + offset as usize,
+            perm,
+            backing: Backing::Window {
+                parent: Arc::clone(parent),
+            },
+        })
     }
 
     /// The policy that closes the SIGBUS risk of [`map`](Self::map) (ADVERSARIAL J8): the fd
@@ -125,7 +199,7 @@ impl GuestRegion {
             mmap_offset: 0,
         };
         info.check()?;
-        Ok(Self { info, fd, mapping })
+        Ok(Self::mapped(info, fd, mapping))
     }
 
     /// The region as the front-end described it.
@@ -134,13 +208,22 @@ impl GuestRegion {
     }
 
     /// The fd the region is mapped from, to pass on (a kernel or vDPA device, SCM_RIGHTS).
+    /// For a window, the fd of the region it looks into.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        match &self.backing {
+            Backing::Mapped { fd, .. } => fd.as_fd(),
+            Backing::Window { parent } => parent.fd(),
+        }
     }
 
     /// Host pointer of `guest_phys_addr`.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.mapping.as_ptr()
+        self.base as *mut u8
+    }
+
+    /// What the device may do in this region: always read-write for a memory table region.
+    pub fn perm(&self) -> Perm {
+        self.perm
     }
 
     /// Its size in bytes.

@@ -32,6 +32,8 @@ use crate::memory::{GuestMemory, GuestRegion, RegionInfo};
 pub const MAX_QUEUE_SIZE: u32 = 32768;
 /// virtio feature bit of packed rings, which allow sizes that are not powers of two.
 const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+/// virtio feature bit of a device behind an IOMMU: ring addresses are I/O virtual ones.
+const VIRTIO_F_ACCESS_PLATFORM: u64 = crate::vring::features::ACCESS_PLATFORM;
 
 /// One method per front-end request. Every default refuses with `NotSupported`, which the
 /// session turns into a NACK (REPLY_ACK) or, for requests that need a reply, a closed
@@ -530,8 +532,13 @@ impl BackendSession {
     }
 
     /// A ring's three areas must each lie inside one mapped region (D4), when the memory
-    /// table and the ring size are already known.
+    /// table and the ring size are already known. Behind an IOMMU
+    /// (`VIRTIO_F_ACCESS_PLATFORM` acked) they are I/O virtual addresses, which only the
+    /// handler's IOTLB can check, as they get mapped.
     fn check_ring_addrs(&self, addrs: &VringAddrs) -> Result<()> {
+        if self.state.acked_features & VIRTIO_F_ACCESS_PLATFORM != 0 {
+            return Ok(());
+        }
         let num = self
             .state
             .queue_sizes

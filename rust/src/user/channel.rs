@@ -204,6 +204,13 @@ impl BackendChannel {
         self.send_ok(&BackendRequest::IotlbMsg(*msg))
     }
 
+    /// IOTLB_MSG without asking for an ack, whatever REPLY_ACK says: how a queue worker
+    /// reports a miss. The answer that matters is the front-end's IOTLB update on the
+    /// session's socket, which the worker waits for (bounded) without holding the channel.
+    pub fn post_iotlb_msg(&self, msg: &IotlbPayload) -> Result<()> {
+        self.post(&BackendRequest::IotlbMsg(*msg))
+    }
+
     /// Maps `len` bytes of `fd` at `fd_offset` into the device's shared memory region
     /// `shmid` at `shm_offset` (SHMEM_MAP). This is the spec's successor of the seed's
     /// virtio-fs `FS_MAP`: the DAX cache window is shared memory region 0.

@@ -1,6 +1,6 @@
 //! Descriptor chains as the device sees them, and the walker rules shared by both formats.
 
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 
 use super::{check_range, Result, VringError, DESC_SIZE};
 
@@ -172,7 +172,15 @@ impl ChainBuilder {
             return Err(VringError::LengthOverflow { head: self.head });
         }
         if len > 0 {
-            check_range(mem, addr, u64::from(len))?;
+            // Mapped now (in an IOTLB view, a hole is a miss to retry the pop after); the
+            // direction's permission is the device's to meet when it touches the buffer,
+            // so that a buffer the IOMMU maps read-only fails its request, not the queue.
+            let access = if writable {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            mem.check_mapped(addr, u64::from(len), access)?;
             self.segments.push(Segment {
                 addr,
                 len,
@@ -204,7 +212,7 @@ pub(crate) fn indirect_entries(mem: &GuestMemory, desc: &RawDesc) -> Result<u32>
     if entries > MAX_INDIRECT_ENTRIES {
         return Err(VringError::IndirectInvalid { len: desc.len });
     }
-    check_range(mem, desc.addr, u64::from(desc.len))?;
+    mem.check_access(desc.addr, u64::from(desc.len), Access::Read)?;
     Ok(entries)
 }
 
@@ -233,16 +241,20 @@ pub(crate) fn check_driver_segments(
 }
 
 /// Pops with `pop` until `max` chains or an empty ring; the batch loop shared by both
-/// ring formats. An error stops the batch (the queue is broken by then).
+/// ring formats. An error stops the batch (the queue is broken by then), except an IOTLB
+/// miss after some chains were popped: those are returned (they were consumed), and the
+/// next pop misses again, with nothing popped, for the caller to see.
 pub(crate) fn pop_up_to(
     max: usize,
     mut pop: impl FnMut() -> Result<Option<DescriptorChain>>,
 ) -> Result<Vec<DescriptorChain>> {
     let mut out = Vec::new();
     while out.len() < max {
-        match pop()? {
-            Some(c) => out.push(c),
-            None => break,
+        match pop() {
+            Ok(Some(c)) => out.push(c),
+            Ok(None) => break,
+            Err(e) if e.is_iotlb_miss() && !out.is_empty() => break,
+            Err(e) => return Err(e),
         }
     }
     Ok(out)

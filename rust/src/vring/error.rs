@@ -146,6 +146,44 @@ pub enum VringError {
     /// A previous error stopped the queue.
     #[error("queue is broken by an earlier error")]
     Broken,
+    /// An IOTLB miss on a ring area after a pop had consumed its chain (its suppression
+    /// field): the pop cannot be retried, so the queue breaks. The ring areas are checked
+    /// against a view before a queue runs on it to rule this out
+    /// ([`RingLayout::check_memory`](super::RingLayout::check_memory)).
+    #[error("IOTLB miss at I/O virtual address {iova:#x} after the chain was popped")]
+    MissAfterPop {
+        /// The address that missed.
+        iova: u64,
+    },
+}
+
+impl VringError {
+    /// A miss past the point where a pop consumed its chain becomes
+    /// [`MissAfterPop`](Self::MissAfterPop), which breaks the queue like any other error.
+    pub(crate) fn consumed(self) -> Self {
+        match self.iotlb_miss() {
+            Some((iova, _)) => VringError::MissAfterPop { iova },
+            None => self,
+        }
+    }
+
+    /// The I/O virtual address and access of an IOTLB miss, if this is one.
+    pub fn iotlb_miss(&self) -> Option<(u64, crate::memory::Access)> {
+        match self {
+            VringError::Memory(MemoryError::IotlbMiss { iova, access }) => Some((*iova, *access)),
+            _ => None,
+        }
+    }
+
+    /// True for an IOTLB miss. A pop that misses (on a descriptor, an indirect table or a
+    /// buffer) has consumed nothing and leaves the queue working: pop again once the IOMMU
+    /// side has sent the translation. Any other operation that misses breaks the queue
+    /// like any memory error, so the ring areas must be mapped before a queue runs in a
+    /// view ([`RingLayout::check_memory`](super::RingLayout::check_memory)), and the pop's
+    /// own index updates (split `avail_event`, packed event area) lie in them.
+    pub fn is_iotlb_miss(&self) -> bool {
+        self.iotlb_miss().is_some()
+    }
 }
 
 /// Shorthand for the layer's results.
@@ -177,5 +215,16 @@ impl Health {
             self.broken = true;
         }
         r
+    }
+
+    /// [`sticky`](Self::sticky) for a pop, which consumes nothing before its chain is
+    /// complete: an IOTLB miss leaves the queue working, since nothing the peer wrote is
+    /// wrong yet; the caller asks the IOMMU side and pops again (see
+    /// [`VringError::is_iotlb_miss`]).
+    pub(crate) fn sticky_pop<T>(&mut self, r: Result<T>) -> Result<T> {
+        match &r {
+            Err(e) if e.is_iotlb_miss() => r,
+            _ => self.sticky(r),
+        }
     }
 }

@@ -43,7 +43,7 @@ pub use packed::{PackedDevice, PackedDriver};
 pub use queue::DeviceQueue;
 pub use split::{SplitDevice, SplitDriver};
 
-use crate::memory::{GuestMemory, MemoryError};
+use crate::memory::{Access, GuestMemory, MemoryError};
 
 /// The virtio transport feature bits that change how a ring works: the rings of this
 /// module implement each of them, on both sides, and a peer may use one only when it was
@@ -57,6 +57,12 @@ pub mod features {
     pub const VERSION_1: u64 = 1 << 32;
     /// VIRTIO_F_RING_PACKED (bit 34): the packed ring format.
     pub const RING_PACKED: u64 = 1 << 34;
+    /// VIRTIO_F_ACCESS_PLATFORM (bit 33, once IOMMU_PLATFORM): the device reaches memory
+    /// through the platform's IOMMU, so ring and buffer addresses are I/O virtual ones.
+    /// The rings need nothing of their own for it: they run on an
+    /// [`Iotlb`](crate::memory::Iotlb) view instead of the memory table, and a miss
+    /// leaves a pop to retry ([`VringError::is_iotlb_miss`](super::VringError::is_iotlb_miss)).
+    pub const ACCESS_PLATFORM: u64 = 1 << 33;
     /// Device-specific feature bits (virtio 1.3, 6 "Reserved Feature Bits": 0-23 and
     /// 50-63 of the low 64); bits 24-49 belong to the transport.
     pub const DEVICE_BITS: u64 = ((1 << 24) - 1) | !((1 << 50) - 1);
@@ -264,10 +270,18 @@ impl RingLayout {
     }
 
     /// Checks that every area lies entirely in guest memory (ADVERSARIAL D4): the whole
-    /// [start, end) range, not just its ends.
+    /// [start, end) range, not just its ends, and that the device may access it as it
+    /// must (in an IOTLB view: the split used ring and the packed descriptor ring
+    /// read-write, the rest readable; a hole is a miss to ask the IOMMU side for).
     pub fn check_memory(&self, mem: &GuestMemory) -> Result<()> {
-        for (addr, len) in self.areas() {
-            check_range(mem, addr, len)?;
+        const R: &[Access] = &[Access::Read];
+        const W: &[Access] = &[Access::Write];
+        const RW: &[Access] = &[Access::Read, Access::Write];
+        let needs = if self.packed { [RW, R, W] } else { [R, R, RW] };
+        for ((addr, len), needs) in self.areas().into_iter().zip(needs) {
+            for &access in needs {
+                mem.check_access(addr, len, access)?;
+            }
         }
         Ok(())
     }
@@ -280,24 +294,11 @@ pub(crate) fn check_range(
     addr: u64,
     len: u64,
 ) -> std::result::Result<(), MemoryError> {
-    let out = || MemoryError::OutOfRange { addr, len };
-    let end = addr.checked_add(len).ok_or_else(out)?;
-    let regions = mem.regions();
-    let mut cur = addr;
-    while cur < end {
-        let idx = regions.partition_point(|r| r.info().guest_phys_addr <= cur);
-        let region = idx
-            .checked_sub(1)
-            .and_then(|i| regions.get(i))
-            .ok_or_else(out)?;
-        let region_end = region.info().gpa_end();
-        if cur >= region_end {
-            return Err(out());
-        }
-        cur = region_end;
-    }
-    Ok(())
+    mem.check_mapped(addr, len, Access::Read)
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod iotlb_tests;

@@ -200,7 +200,7 @@ impl PackedDevice {
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
         let r = self.pop_inner(mem, None);
-        self.health.sticky(r)
+        self.health.sticky_pop(r)
     }
 
     /// Pops up to `max` buffers. An error stops the queue; buffers popped before it are
@@ -222,8 +222,13 @@ impl PackedDevice {
     ) -> Result<Vec<DescriptorChain>> {
         pop_up_to(max, || {
             self.health.check()?;
+            let recorded = ring.len();
             let r = self.pop_inner(mem, Some(&mut *ring));
-            self.health.sticky(r)
+            if r.is_err() {
+                // A miss is popped again from the start: drop its partial record.
+                ring.truncate(recorded);
+            }
+            self.health.sticky_pop(r)
         })
     }
 
@@ -337,7 +342,7 @@ impl PackedDevice {
         let chain = self.take_in_flight(b, id, count)?;
         (self.next_avail, self.avail_wrap) = self.r.advance(start, self.avail_wrap, count);
         if self.event_idx && self.notify_enabled {
-            self.write_event(mem, true)?;
+            self.write_event(mem, true).map_err(VringError::consumed)?;
         }
         Ok(Some(chain))
     }

@@ -168,7 +168,7 @@ impl SplitDevice {
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
         let r = self.pop_inner(mem);
-        self.health.sticky(r)
+        self.health.sticky_pop(r)
     }
 
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
@@ -195,7 +195,8 @@ impl SplitDevice {
         self.in_flight[usize::from(head)] = Some(chain.writable_len());
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.event_idx && self.notify_enabled {
-            mem.write_u16(self.a.avail_event(), self.next_avail)?;
+            mem.write_u16(self.a.avail_event(), self.next_avail)
+                .map_err(|e| VringError::from(e).consumed())?;
         }
         Ok(Some(chain))
     }

@@ -1,0 +1,294 @@
+//! Rings behind an IOMMU: the device pops and completes through an [`Iotlb`] view whose
+//! addresses (I/O virtual) differ from the guest-physical layout, while a driver writes
+//! the same I/O virtual addresses through a view of its own that maps everything. Misses
+//! leave the queue working and are popped again; a reply through a read-only mapping
+//! fails that request and writes nothing.
+
+use super::*;
+use crate::memory::{Access, GuestMemory, Iotlb, MemoryError, Perm};
+
+const PAGE: u64 = 0x1000;
+/// Guest-physical layout: ring page at 0, buffers at 0x8_0000.
+const RING_GPA: u64 = 0;
+const BUF_GPA: u64 = 0x8_0000;
+/// I/O virtual layout: unrelated to the gpas, buffers below the ring.
+const RING_IOVA: u64 = 0xa000_0000;
+const IN_IOVA: u64 = 0x5000_0000; // device-readable request
+const OUT_IOVA: u64 = 0x5000_1000; // device-writable reply
+const OUT2_IOVA: u64 = 0x5000_2000;
+
+struct Setup {
+    mem: GuestMemory,
+    uaddr: u64,
+    /// The driver's IOTLB: everything mapped read-write.
+    driver: Iotlb,
+    /// The device's IOTLB: only what each test maps.
+    device: Iotlb,
+}
+
+fn setup() -> Setup {
+    let mem = GuestMemory::allocate(&[(0, 0x10_0000)]).unwrap();
+    let uaddr = mem.regions()[0].info().userspace_addr;
+    let mut driver = Iotlb::new();
+    driver
+        .update(&mem, RING_IOVA, PAGE, uaddr + RING_GPA, 3)
+        .unwrap();
+    driver
+        .update(&mem, IN_IOVA, 3 * PAGE, uaddr + BUF_GPA, 3)
+        .unwrap();
+    let mut device = Iotlb::new();
+    device
+        .update(&mem, RING_IOVA, PAGE, uaddr + RING_GPA, 3)
+        .unwrap();
+    Setup {
+        mem,
+        uaddr,
+        driver,
+        device,
+    }
+}
+
+impl Setup {
+    /// Maps the device's `iova` page onto the buffer page the driver sees there.
+    fn map(&mut self, iova: u64, perm: u8) {
+        let off = iova - IN_IOVA;
+        self.device
+            .update(&self.mem, iova, PAGE, self.uaddr + BUF_GPA + off, perm)
+            .unwrap();
+    }
+}
+
+/// A driver of either format, through the driver's view.
+enum Driver {
+    Split(SplitDriver),
+    Packed(PackedDriver),
+}
+
+impl Driver {
+    fn new(packed: bool, mem: &GuestMemory) -> (Self, RingLayout) {
+        let layout = if packed {
+            RingLayout::packed_at(8, RING_IOVA).unwrap()
+        } else {
+            RingLayout::split_at(8, RING_IOVA).unwrap()
+        };
+        let d = if packed {
+            let mut d = PackedDriver::new(layout, false).unwrap();
+            d.init(mem).unwrap();
+            Driver::Packed(d)
+        } else {
+            let mut d = SplitDriver::new(layout, false).unwrap();
+            d.init(mem).unwrap();
+            Driver::Split(d)
+        };
+        (d, layout)
+    }
+
+    fn send(&mut self, mem: &GuestMemory, readable: &[(u64, u32)], writable: &[(u64, u32)]) {
+        match self {
+            Driver::Split(d) => {
+                d.add(mem, readable, writable).unwrap();
+                d.publish(mem).unwrap();
+            }
+            Driver::Packed(d) => {
+                d.add(mem, readable, writable).unwrap();
+                d.publish(mem).unwrap();
+            }
+        }
+    }
+
+    fn used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
+        match self {
+            Driver::Split(d) => d.poll_used(mem).unwrap(),
+            Driver::Packed(d) => d.poll_used(mem).unwrap(),
+        }
+    }
+}
+
+/// A fresh setup with a driver and a device queue of format `packed` on its ring.
+fn rig(packed: bool) -> (Setup, GuestMemory, Driver, DeviceQueue) {
+    let s = setup();
+    let dview = s.driver.view();
+    let (driver, layout) = Driver::new(packed, &dview);
+    let q = DeviceQueue::new(layout, false, false).unwrap();
+    (s, dview, driver, q)
+}
+
+#[test]
+fn misses_leave_the_queue_working_and_the_pop_is_retried() {
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        dview.write(IN_IOVA, b"request!").unwrap();
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+
+        // The request buffer is not mapped for the device yet: a read miss.
+        let err = q.pop_batch(&s.device.view(), 4).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((IN_IOVA, Access::Read)), "{err}");
+        assert!(!q.is_broken());
+        s.map(IN_IOVA, 1);
+        // Then the reply buffer: a write miss.
+        let err = q.pop_batch(&s.device.view(), 4).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT_IOVA, Access::Write)), "{err}");
+        assert!(!q.is_broken());
+        s.map(OUT_IOVA, 3);
+
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        assert_eq!(chains.len(), 1, "packed {packed}");
+        let c = &chains[0];
+        assert_eq!(c.read_all(&view, 64).unwrap(), b"request!");
+        assert_eq!(c.write_all(&view, b"reply").unwrap(), 5);
+        q.add_used_batch(&view, &[(c.head, 5)]).unwrap();
+        assert_eq!(driver.used(&dview).len(), 1);
+        // The reply is where the device's IOVA led: the gpa behind OUT_IOVA.
+        let mut back = [0u8; 5];
+        s.mem.read(BUF_GPA + PAGE, &mut back).unwrap();
+        assert_eq!(&back, b"reply");
+        assert!(q.pop_batch(&view, 4).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_reply_through_a_read_only_mapping_fails_the_request_only() {
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        s.map(IN_IOVA, 1);
+        s.map(OUT_IOVA, 1); // the IOMMU maps the reply buffer read-only
+        dview.write(OUT_IOVA, &[0xee; 16]).unwrap();
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        let c = &chains[0];
+        let err = c.write_all(&view, b"reply").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VringError::Memory(MemoryError::AccessDenied {
+                    addr: OUT_IOVA,
+                    access: Access::Write,
+                    perm: Perm::ReadOnly,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        // A device path handing the buffer to the kernel is refused the same way.
+        assert!(view
+            .for_each_chunk(OUT_IOVA, 16, Access::Write, |_, _, _| panic!("no chunk"))
+            .is_err());
+        let mut back = [0u8; 16];
+        s.mem.read(BUF_GPA + PAGE, &mut back).unwrap();
+        assert_eq!(back, [0xee; 16], "memory unchanged");
+        // The request completes (as failed) and the queue goes on.
+        q.add_used_batch(&view, &[(c.head, 0)]).unwrap();
+        assert!(!q.is_broken());
+        assert_eq!(driver.used(&dview), vec![(c.head, 0)]);
+
+        s.map(OUT2_IOVA, 3);
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT2_IOVA, 16)]);
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        assert_eq!(chains[0].write_all(&view, b"ok").unwrap(), 2);
+    }
+}
+
+#[test]
+fn a_batch_returns_the_chains_before_a_miss() {
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        s.map(IN_IOVA, 1);
+        s.map(OUT_IOVA, 3);
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT2_IOVA, 16)]);
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+
+        let first = q.pop_batch(&s.device.view(), 8).unwrap();
+        assert_eq!(first.len(), 1, "the chain before the miss is handed out");
+        let err = q.pop_batch(&s.device.view(), 8).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT2_IOVA, Access::Write)));
+        s.map(OUT2_IOVA, 3);
+        let rest = q.pop_batch(&s.device.view(), 8).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest[0].segments[1].addr, OUT2_IOVA);
+    }
+}
+
+#[test]
+fn an_in_flight_chain_outlives_the_invalidation_of_its_buffers() {
+    let (mut s, dview, mut driver, mut q) = rig(false);
+    s.map(IN_IOVA, 1);
+    s.map(OUT_IOVA, 3);
+    driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+    let view = s.device.view();
+    let chains = q.pop_batch(&view, 4).unwrap();
+    // The IOMMU side unmaps the reply buffer while the request is being served.
+    s.device.invalidate(OUT_IOVA, PAGE).unwrap();
+    assert!(matches!(
+        s.device.view().write(OUT_IOVA, b"x"),
+        Err(MemoryError::IotlbMiss { .. })
+    ));
+    // The worker completes it against the view it popped from.
+    assert_eq!(chains[0].write_all(&view, b"done").unwrap(), 4);
+    q.add_used_batch(&view, &[(chains[0].head, 4)]).unwrap();
+    assert_eq!(driver.used(&dview), vec![(chains[0].head, 4)]);
+}
+
+#[test]
+fn ring_areas_are_checked_for_the_access_the_device_needs() {
+    let mut s = setup();
+    for packed in [false, true] {
+        let layout = if packed {
+            RingLayout::packed_at(8, RING_IOVA).unwrap()
+        } else {
+            RingLayout::split_at(8, RING_IOVA).unwrap()
+        };
+        layout.check_memory(&s.device.view()).unwrap();
+        // Read-only ring page: the used ring (split) or descriptor ring (packed) is
+        // written by the device.
+        s.device
+            .update(&s.mem, RING_IOVA, PAGE, s.uaddr + RING_GPA, 1)
+            .unwrap();
+        let err = layout.check_memory(&s.device.view()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VringError::Memory(MemoryError::AccessDenied {
+                    access: Access::Write,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        s.device.invalidate(RING_IOVA, PAGE).unwrap();
+        let err = layout.check_memory(&s.device.view()).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((RING_IOVA, Access::Read)));
+        s.device
+            .update(&s.mem, RING_IOVA, PAGE, s.uaddr + RING_GPA, 3)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_miss_after_the_chain_was_consumed_breaks_the_queue() {
+    let mut s = setup();
+    let dview = s.driver.view();
+    let layout = RingLayout::split_at(8, RING_IOVA).unwrap();
+    let mut driver = SplitDriver::new(layout, true).unwrap();
+    driver.init(&dview).unwrap();
+    let mut q = DeviceQueue::new(layout, true, false).unwrap();
+    s.map(IN_IOVA, 1);
+    s.map(OUT_IOVA, 3);
+    driver
+        .add(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)])
+        .unwrap();
+    driver.publish(&dview).unwrap();
+    // The used ring (where the pop writes avail_event) is unmapped for the device.
+    let (used, _) = layout.areas()[2];
+    s.device.invalidate(used, RING_IOVA + PAGE - used).unwrap();
+    let err = q.pop_batch(&s.device.view(), 4).unwrap_err();
+    assert!(
+        matches!(err, VringError::MissAfterPop { iova } if iova == used + 4 + 8 * 8),
+        "{err:?}"
+    );
+    assert!(q.is_broken(), "a consumed chain cannot be popped again");
+}
