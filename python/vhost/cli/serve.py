@@ -34,7 +34,7 @@ from .. import _core
 from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
-from ..errors import InvalidParamError, VhostError
+from ..errors import InvalidParamError, NotSupportedError, VhostError
 from .common import EXIT_USAGE, CliError, connect_hint, path_kind, plain
 
 #: Most queues `serve blk` runs (one worker thread each).
@@ -144,7 +144,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", required=True, help="vhost-user socket path")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="vhost-user socket path")
+    where.add_argument(
+        "--vduse",
+        metavar="NAME",
+        help="serve as VDUSE device NAME of this kernel instead (/dev/vduse/NAME; needs "
+        "modprobe vduse; then: vdpa dev add name NAME mgmtdev vduse)",
+    )
     p.add_argument("--client", action="store_true", help="connect to a listening front-end instead")
     p.add_argument(
         "--poll-us",
@@ -189,6 +196,7 @@ def _check_common(args: argparse.Namespace) -> None:
         f"--postcopy-fault-timeout must be between 0 and 1000000 seconds, not {t}",
     )
     if args.client:
+        _check(args.vduse is None, "--client is for a vhost-user socket, not --vduse")
         _check_client_path(args.socket)
 
 
@@ -251,8 +259,9 @@ def run_blk(args: argparse.Namespace) -> int:
     mode = " read-only" if args.readonly else ""
     daemon = Daemon(
         device,
-        args.socket,
+        args.socket or args.vduse,
         client=args.client,
+        transport="vduse" if args.vduse else "vhost-user",
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
@@ -343,8 +352,9 @@ def run_rng(args: argparse.Namespace) -> int:
     _check_common(args)
     daemon = Daemon(
         RngDevice(),
-        args.socket,
+        args.socket or args.vduse,
         client=args.client,
+        transport="vduse" if args.vduse else "vhost-user",
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
@@ -393,14 +403,26 @@ def _say(line: str) -> None:
 
 
 def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
+    vduse = daemon.transport == "vduse"
     try:
         daemon.start()
     except OSError as exc:
+        if vduse:
+            # The message names the device and says what to do (vdpa dev del, modprobe).
+            raise CliError(str(exc.strerror or exc)) from None
         action = "connect to" if daemon.client else "listen on"
         raise CliError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
+    except NotSupportedError as exc:
+        raise CliError(str(exc)) from None
 
     def ready() -> None:
-        if daemon.client:
+        if vduse:
+            print(
+                f"serving {what} as VDUSE device {daemon.path} (/dev/vduse/{daemon.path}; "
+                f"vdpa dev add name {daemon.path} mgmtdev vduse)",
+                flush=True,
+            )
+        elif daemon.client:
             print(
                 f"waiting for a front-end to listen on {daemon.path}, to serve {what}",
                 flush=True,

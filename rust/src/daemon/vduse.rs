@@ -1,0 +1,409 @@
+//! The daemon's second transport: the same [`VirtioDevice`] served as a VDUSE device of
+//! the kernel the daemon runs on ([`crate::vduse`]), instead of to a vhost-user front-end.
+//!
+//! ```text
+//! VduseTransport::create ── VDUSE_CREATE_DEV (device type, features + ACCESS_PLATFORM,
+//!                           config, queues), VQ_SETUP each queue  (a stale device of the
+//!                           same name, left by a daemon that died, is destroyed first)
+//! serve: poll(device fd, stop, first kicks)
+//!   SET_STATUS DRIVER_OK -> acked features, IOTLB fetched, VQ_GET_INFO per ready queue,
+//!                           rings started at the kernel's avail index, kick eventfds set
+//!   first kick of a queue -> IOTLB fetched again (the bounce area exists only once the
+//!                           driver mapped its first buffer), then the kernel kicks the
+//!                           worker's eventfd directly
+//!   SET_STATUS 0          -> rings stopped (their avail index kept), mappings dropped
+//!   GET_VQ_STATE          -> the ring's avail index
+//!   UPDATE_IOTLB          -> that span dropped and fetched again, handed to every queue
+//! workers: the vhost-user data path unchanged; used-ring interrupts go through
+//!          VDUSE_VQ_INJECT_IRQ (the queue's Notifier)
+//! ```
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backend::VringAddrs;
+use crate::memory::GuestMemory;
+use crate::sys::{poll_many, EventFd};
+use crate::vduse::{
+    DeviceSpec, IovaSpace, Request, Response, VduseControl, VduseDevice, VduseError,
+};
+use crate::vring::features::{EVENT_IDX, INDIRECT_DESC, RING_PACKED};
+
+use super::device::{transport, VirtioDevice};
+use super::events::{DaemonEvent, EventSink, QueueReporter};
+use super::queue::{lock, spawn_worker, Notifier, QueueSlot};
+
+/// `VIRTIO_F_ACCESS_PLATFORM`: VDUSE refuses a device that does not offer it (its driver
+/// maps every buffer through the device's IOVA domain).
+pub const ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// The status bit that starts the rings.
+const STATUS_DRIVER_OK: u8 = 4;
+
+/// Ring metadata alignment given to the kernel.
+const VQ_ALIGN: u32 = 4096;
+
+/// A VDUSE device made for one [`VirtioDevice`]: created (or a stale one replaced) when
+/// made, destroyed when dropped or [`destroy`](Self::destroy)ed.
+#[derive(Debug)]
+pub struct VduseTransport {
+    name: String,
+    control: VduseControl,
+    dev: Option<Arc<VduseDevice>>,
+    replaced_stale: bool,
+    destroyed: bool,
+}
+
+impl VduseTransport {
+    /// The features a VDUSE device of `device` offers: its own, the transport ones it
+    /// accepts except packed rings (VDUSE reports split ring state only), and
+    /// `ACCESS_PLATFORM`.
+    pub fn features_for(device: &dyn VirtioDevice) -> u64 {
+        device.features()
+            | (transport::DEFAULT & device.transport_features() & !RING_PACKED)
+            | ACCESS_PLATFORM
+    }
+
+    /// Creates VDUSE device `name` for `device` and sets its queues up. When a device of
+    /// that name exists already (a daemon serving it died), it is destroyed and created
+    /// again; if the kernel refuses that with EBUSY ([`VduseError::InUse`]), the device is
+    /// not stale: another process has its node open, or a vDPA device was made of it
+    /// (`vdpa dev del NAME` first).
+    pub fn create(device: &dyn VirtioDevice, name: &str) -> Result<Self, VduseError> {
+        let control = VduseControl::open()?;
+        let spec = DeviceSpec {
+            name: name.into(),
+            device_id: device.device_type(),
+            vendor_id: 0,
+            features: Self::features_for(device),
+            queues: u32::from(device.num_queues()),
+            vq_align: VQ_ALIGN,
+            config: device.config(),
+        };
+        let mut replaced_stale = false;
+        match control.create(&spec) {
+            Err(VduseError::Exists { .. }) => {
+                control.destroy(name)?;
+                control.create(&spec)?;
+                replaced_stale = true;
+            }
+            other => other?,
+        }
+        // From here on, dropping `t` destroys the device again.
+        let mut t = VduseTransport {
+            name: name.into(),
+            control,
+            dev: None,
+            replaced_stale,
+            destroyed: false,
+        };
+        let dev = VduseDevice::open(name, spec.queues)?;
+        for i in 0..spec.queues {
+            dev.vq_setup(i, device.max_queue_size())?;
+        }
+        t.dev = Some(Arc::new(dev));
+        Ok(t)
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether a stale device of the same name was destroyed to make this one.
+    pub fn replaced_stale(&self) -> bool {
+        self.replaced_stale
+    }
+
+    /// Closes the device's node and destroys it: [`VduseError::InUse`] while a vDPA
+    /// device still uses it (`vdpa dev del NAME` first); it then stays, and the next
+    /// start with the same name replaces it.
+    pub fn destroy(mut self) -> Result<(), VduseError> {
+        self.destroy_now()
+    }
+
+    fn destroy_now(&mut self) -> Result<(), VduseError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        self.destroyed = true;
+        // The node must be closed first: the kernel refuses to destroy an open device.
+        self.dev = None;
+        self.control.destroy(&self.name)
+    }
+
+    fn device(&self) -> &Arc<VduseDevice> {
+        self.dev
+            .as_ref()
+            .expect("the device is open until destroyed")
+    }
+}
+
+impl Drop for VduseTransport {
+    fn drop(&mut self) {
+        let _ = self.destroy_now();
+    }
+}
+
+/// One run of the transport: the queue workers and what the driver has set up.
+struct Session {
+    dev: Arc<VduseDevice>,
+    device: Arc<dyn VirtioDevice>,
+    slots: Vec<Arc<QueueSlot>>,
+    workers: Vec<JoinHandle<()>>,
+    iova: IovaSpace,
+    status: u8,
+    /// Per queue, until its first kick: the eventfd the kernel kicks meanwhile, and the
+    /// worker's, which the kernel kicks afterwards.
+    first_kick: Vec<Option<(EventFd, Arc<EventFd>)>>,
+    session: u64,
+    events: Option<EventSink>,
+}
+
+impl Session {
+    fn refuse(&self, request: &'static str, reason: String) {
+        if let Some(sink) = &self.events {
+            sink(DaemonEvent::Refused {
+                session: self.session,
+                request,
+                reason,
+                hint: None,
+            });
+        }
+    }
+
+    /// Fetches `start..=last` of the IOTLB again and hands the result to every queue
+    /// (each takes it between batches: a chain in progress keeps its mapping).
+    fn refresh(&mut self, start: u64, last: u64) -> Result<(), VduseError> {
+        self.iova.refresh(&self.dev, start, last)?;
+        let mem = self.iova.memory(self.dev.name())?;
+        for s in &self.slots {
+            lock(&s.state).mem = mem.clone();
+        }
+        Ok(())
+    }
+
+    fn start_rings(&mut self) -> Result<(), VduseError> {
+        let features = self.dev.features()?;
+        self.device.set_acked_features(features);
+        self.refresh(0, u64::MAX)?;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let index = i as u32;
+            let info = self.dev.vq_info(index)?;
+            if info.ready == 0 {
+                continue;
+            }
+            let worker_kick =
+                Arc::new(EventFd::new(true).map_err(|source| VduseError::Kernel {
+                    device: self.dev.name().into(),
+                    op: "eventfd",
+                    source,
+                })?);
+            {
+                let mut st = lock(&slot.state);
+                st.size = info.num;
+                st.addrs = Some(VringAddrs {
+                    index,
+                    flags: 0,
+                    desc: info.desc_addr,
+                    used: info.device_addr,
+                    avail: info.driver_addr,
+                    log: 0,
+                });
+                st.base = u32::from(info.state.w0);
+                st.event_idx = features & EVENT_IDX != 0;
+                st.indirect = features & INDIRECT_DESC != 0;
+                st.packed = false;
+                st.call = Some(Notifier::Vduse(self.dev.clone()));
+                st.enabled = true;
+                st.start().map_err(|e| VduseError::Invalid {
+                    device: self.dev.name().into(),
+                    why: format!("queue {index}: {e}"),
+                })?;
+                st.kick = Some(worker_kick.clone());
+            }
+            let first = EventFd::new(true).map_err(|source| VduseError::Kernel {
+                device: self.dev.name().into(),
+                op: "eventfd",
+                source,
+            })?;
+            self.dev.set_kickfd(index, Some(first.as_fd()))?;
+            self.first_kick[i] = Some((first, worker_kick));
+        }
+        Ok(())
+    }
+
+    /// The driver kicked queue `i` for the first time: its buffers are mapped by now.
+    fn first_kick(&mut self, i: usize) -> Result<(), VduseError> {
+        let Some((first, worker_kick)) = self.first_kick[i].take() else {
+            return Ok(());
+        };
+        let _ = first.try_read();
+        self.refresh(0, u64::MAX)?;
+        self.dev.set_kickfd(i as u32, Some(worker_kick.as_fd()))?;
+        self.slots[i].wake();
+        Ok(())
+    }
+
+    fn stop_rings(&mut self) {
+        for (i, s) in self.slots.iter().enumerate() {
+            {
+                let mut st = lock(&s.state);
+                st.stop();
+                st.call = None;
+                st.enabled = false;
+                st.addrs = None;
+                st.mem = GuestMemory::default();
+            }
+            let _ = self.dev.set_kickfd(i as u32, None);
+            self.first_kick[i] = None;
+        }
+        self.iova.clear();
+        self.device.reset();
+    }
+
+    /// Handles one request and answers it; an error is reported and answered with a
+    /// failure, and serving goes on.
+    fn handle(&mut self, req: Request) -> Result<(), VduseError> {
+        let outcome = match req {
+            Request::GetVqState { id, index } => {
+                self.dev.check_queue("VDUSE_GET_VQ_STATE", index).map(|()| {
+                    let st = lock(&self.slots[index as usize].state);
+                    let base = st.ring.as_ref().map_or(st.base, |r| r.base());
+                    Response::vq_state(id, index, base as u16)
+                })
+            }
+            Request::SetStatus { id, status } => {
+                let was = self.status;
+                self.status = status;
+                let started = if status & STATUS_DRIVER_OK != 0 && was & STATUS_DRIVER_OK == 0 {
+                    self.start_rings()
+                } else if status == 0 && was != 0 {
+                    self.stop_rings();
+                    Ok(())
+                } else {
+                    Ok(())
+                };
+                started.map(|()| Response::ok(id))
+            }
+            Request::UpdateIotlb { id, start, last } => {
+                if last < start {
+                    Err(VduseError::Malformed {
+                        device: self.dev.name().into(),
+                        why: format!("VDUSE_UPDATE_IOTLB of {start:#x}..={last:#x}"),
+                    })
+                } else {
+                    self.refresh(start, last).map(|()| Response::ok(id))
+                }
+            }
+            Request::Unknown { kind, .. } => Err(VduseError::Malformed {
+                device: self.dev.name().into(),
+                why: format!("unknown request type {kind}"),
+            }),
+        };
+        let response = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse(req.name(), e.to_string());
+                Response::failed(req.id())
+            }
+        };
+        self.dev.write_response(&response)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for s in &self.slots {
+            s.request_stop();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.stop_rings();
+    }
+}
+
+/// Serves `device` through `transport` until `stop` is readable; `counters` receives the
+/// per-queue completion counters once the workers exist. Every worker, mapping and fd of
+/// the run is released before this returns (the device itself stays until the transport
+/// is destroyed).
+pub(crate) fn serve(
+    transport: &VduseTransport,
+    device: Arc<dyn VirtioDevice>,
+    stop: &EventFd,
+    poll: Duration,
+    events: Option<EventSink>,
+    session: u64,
+    counters: impl FnOnce(Vec<Arc<AtomicU64>>),
+) -> Result<(), VduseError> {
+    let dev = transport.device().clone();
+    let reporter = events.as_ref().map(|sink| QueueReporter {
+        session,
+        sink: sink.clone(),
+    });
+    let io = |source| VduseError::Kernel {
+        device: dev.name().into(),
+        op: "start a queue worker",
+        source,
+    };
+    let mut s = Session {
+        dev: dev.clone(),
+        device: device.clone(),
+        slots: Vec::new(),
+        workers: Vec::new(),
+        iova: IovaSpace::new(),
+        status: 0,
+        first_kick: Vec::new(),
+        session,
+        events,
+    };
+    for i in 0..device.num_queues() {
+        let slot = Arc::new(QueueSlot::new(i, reporter.clone()).map_err(io)?);
+        s.workers
+            .push(spawn_worker(slot.clone(), device.clone(), poll).map_err(io)?);
+        s.slots.push(slot);
+        s.first_kick.push(None);
+    }
+    counters(s.slots.iter().map(|q| q.completed.clone()).collect());
+    loop {
+        let waiting: Vec<usize> = (0..s.first_kick.len())
+            .filter(|&i| s.first_kick[i].is_some())
+            .collect();
+        let ready = {
+            let mut fds: Vec<BorrowedFd<'_>> = vec![dev.as_fd(), stop.as_fd()];
+            fds.extend(
+                waiting
+                    .iter()
+                    .filter_map(|&i| s.first_kick[i].as_ref().map(|(k, _)| k.as_fd())),
+            );
+            poll_many(&fds, -1).map_err(|source| VduseError::Kernel {
+                device: dev.name().into(),
+                op: "poll",
+                source,
+            })?
+        };
+        if ready[1] {
+            return Ok(());
+        }
+        if ready[0] {
+            match dev.read_request(Some(Duration::ZERO)) {
+                Ok(Some(req)) => s.handle(req)?,
+                Ok(None) => {}
+                // A request we cannot parse has no id to answer: report it, go on.
+                Err(e @ VduseError::Malformed { .. }) => s.refuse("VDUSE request", e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        for (j, &i) in waiting.iter().enumerate() {
+            if ready[2 + j] {
+                if let Err(e) = s.first_kick(i) {
+                    s.refuse("VDUSE kick", format!("queue {i}: {e}"));
+                }
+            }
+        }
+    }
+}
