@@ -54,6 +54,7 @@ pub struct VduseTransport {
     control: VduseControl,
     dev: Option<Arc<VduseDevice>>,
     replaced_stale: bool,
+    reclaimed: bool,
     destroyed: bool,
 }
 
@@ -69,9 +70,9 @@ impl VduseTransport {
 
     /// Creates VDUSE device `name` for `device` and sets its queues up. When a device of
     /// that name exists already (a daemon serving it died), it is destroyed and created
-    /// again; if the kernel refuses that with EBUSY ([`VduseError::InUse`]), the device is
-    /// not stale: another process has its node open, or a vDPA device was made of it
-    /// (`vdpa dev del NAME` first).
+    /// again. If the kernel refuses that (EBUSY) because a vDPA device still uses it, the
+    /// dead daemon's device is taken over instead ([`reclaimed`](Self::reclaimed)); if
+    /// another process has its node open, [`VduseError::InUse`].
     pub fn create(device: &dyn VirtioDevice, name: &str) -> Result<Self, VduseError> {
         let control = VduseControl::open()?;
         let spec = DeviceSpec {
@@ -85,11 +86,14 @@ impl VduseTransport {
         };
         let mut replaced_stale = false;
         match control.create(&spec) {
-            Err(VduseError::Exists { .. }) => {
-                control.destroy(name)?;
-                control.create(&spec)?;
-                replaced_stale = true;
-            }
+            Err(VduseError::Exists { .. }) => match control.destroy(name) {
+                Ok(()) => {
+                    control.create(&spec)?;
+                    replaced_stale = true;
+                }
+                Err(VduseError::InUse { .. }) => return Self::reclaim(control, name, &spec),
+                Err(e) => return Err(e),
+            },
             other => other?,
         }
         // From here on, dropping `t` destroys the device again.
@@ -98,6 +102,7 @@ impl VduseTransport {
             control,
             dev: None,
             replaced_stale,
+            reclaimed: false,
             destroyed: false,
         };
         let dev = VduseDevice::open(name, spec.queues)?;
@@ -106,6 +111,30 @@ impl VduseTransport {
         }
         t.dev = Some(Arc::new(dev));
         Ok(t)
+    }
+
+    /// The device exists and cannot be destroyed. If its node is open, another daemon
+    /// serves it: [`VduseError::InUse`]. Otherwise a daemon that died left it while a vDPA
+    /// device (and the kernel's driver) still uses it: this daemon takes it over, with the
+    /// configuration it was created with, and resumes its rings where the driver is.
+    fn reclaim(control: VduseControl, name: &str, spec: &DeviceSpec) -> Result<Self, VduseError> {
+        let dev = VduseDevice::open(name, spec.queues).map_err(|e| match e.errno() {
+            Some(libc::EBUSY) => VduseError::InUse { name: name.into() },
+            _ => e,
+        })?;
+        Ok(VduseTransport {
+            name: name.into(),
+            control,
+            dev: Some(Arc::new(dev)),
+            replaced_stale: false,
+            reclaimed: true,
+            destroyed: false,
+        })
+    }
+
+    /// Whether this start took over a device a dead daemon left in use by a driver.
+    pub fn reclaimed(&self) -> bool {
+        self.reclaimed
     }
 
     /// The device's name.
@@ -186,7 +215,10 @@ impl Session {
         Ok(())
     }
 
-    fn start_rings(&mut self) -> Result<(), VduseError> {
+    /// Starts every ready queue. `resume`: the driver has been running (a reclaimed
+    /// device): each ring restarts at its used index, so the chains a dead daemon popped
+    /// and never completed are processed again, and no first kick is awaited.
+    fn start_rings(&mut self, resume: bool) -> Result<(), VduseError> {
         let features = self.dev.features()?;
         self.device.set_acked_features(features);
         self.refresh(0, u64::MAX)?;
@@ -213,7 +245,23 @@ impl Session {
                     avail: info.driver_addr,
                     log: 0,
                 });
-                st.base = u32::from(info.state.w0);
+                st.base = if resume {
+                    let used_idx = info.device_addr.checked_add(2).map(|a| st.mem.read_u16(a));
+                    match used_idx {
+                        Some(Ok(idx)) => u32::from(idx),
+                        _ => {
+                            return Err(VduseError::Invalid {
+                                device: self.dev.name().into(),
+                                why: format!(
+                                    "queue {index}: used ring at {:#x} is not mapped",
+                                    info.device_addr
+                                ),
+                            })
+                        }
+                    }
+                } else {
+                    u32::from(info.state.w0)
+                };
                 st.event_idx = features & EVENT_IDX != 0;
                 st.indirect = features & INDIRECT_DESC != 0;
                 st.packed = false;
@@ -224,6 +272,11 @@ impl Session {
                     why: format!("queue {index}: {e}"),
                 })?;
                 st.kick = Some(worker_kick.clone());
+            }
+            if resume {
+                self.dev.set_kickfd(index, Some(worker_kick.as_fd()))?;
+                slot.wake();
+                continue;
             }
             let first = EventFd::new(true).map_err(|source| VduseError::Kernel {
                 device: self.dev.name().into(),
@@ -280,7 +333,7 @@ impl Session {
                 let was = self.status;
                 self.status = status;
                 let started = if status & STATUS_DRIVER_OK != 0 && was & STATUS_DRIVER_OK == 0 {
-                    self.start_rings()
+                    self.start_rings(false)
                 } else if status == 0 && was != 0 {
                     self.stop_rings();
                     Ok(())
@@ -369,6 +422,11 @@ pub(crate) fn serve(
         s.first_kick.push(None);
     }
     counters(s.slots.iter().map(|q| q.completed.clone()).collect());
+    if transport.reclaimed() {
+        // The driver is past DRIVER_OK already: no SET_STATUS will come to start the rings.
+        s.status = STATUS_DRIVER_OK;
+        s.start_rings(true)?;
+    }
     loop {
         let waiting: Vec<usize> = (0..s.first_kick.len())
             .filter(|&i| s.first_kick[i].is_some())
@@ -405,5 +463,139 @@ pub(crate) fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vduse::abi::{MSG_SIZE, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK};
+    use crate::vring::DescriptorChain;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Mutex;
+
+    struct Quiet;
+    impl VirtioDevice for Quiet {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn num_queues(&self) -> u16 {
+            2
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn config(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn process(
+            &self,
+            _: u16,
+            _: &GuestMemory,
+            _: Vec<DescriptorChain>,
+            _: &mut Vec<(u16, u32)>,
+        ) -> Result<(), super::super::DeviceError> {
+            Ok(())
+        }
+    }
+
+    /// A session on one end of a socketpair (the "kernel" holds the other), with its
+    /// refusals collected.
+    fn session() -> (Session, UnixStream, Arc<Mutex<Vec<DaemonEvent>>>) {
+        let (ours, kernel) = UnixStream::pair().expect("socketpair");
+        let dev = Arc::new(VduseDevice::from_fd("test0", ours.into(), 2));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let events: EventSink = Arc::new(move |e| sink.lock().unwrap().push(e));
+        let mut s = Session {
+            dev,
+            device: Arc::new(Quiet),
+            slots: Vec::new(),
+            workers: Vec::new(),
+            iova: IovaSpace::new(),
+            status: 0,
+            first_kick: Vec::new(),
+            session: 1,
+            events: Some(events),
+        };
+        for i in 0..2 {
+            s.slots
+                .push(Arc::new(QueueSlot::new(i, None).expect("slot")));
+            s.first_kick.push(None);
+        }
+        (s, kernel, seen)
+    }
+
+    fn response(kernel: &mut UnixStream) -> (u32, u32, u32, u16) {
+        use std::io::Read;
+        let mut b = [0u8; MSG_SIZE];
+        kernel.read_exact(&mut b).expect("a response");
+        let word = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+        (
+            word(0),
+            word(4),
+            word(24),
+            u16::from_ne_bytes([b[28], b[29]]),
+        )
+    }
+
+    #[test]
+    fn bad_queue_indexes_and_unknown_requests_fail_and_serving_goes_on() {
+        let (mut s, mut kernel, seen) = session();
+        s.handle(Request::GetVqState { id: 1, index: 2 }).unwrap();
+        assert_eq!(response(&mut kernel).1, VDUSE_REQ_RESULT_FAILED);
+        s.handle(Request::GetVqState {
+            id: 2,
+            index: u32::MAX,
+        })
+        .unwrap();
+        assert_eq!(response(&mut kernel).1, VDUSE_REQ_RESULT_FAILED);
+        s.handle(Request::Unknown { id: 3, kind: 77 }).unwrap();
+        assert_eq!(response(&mut kernel), (3, VDUSE_REQ_RESULT_FAILED, 0, 0));
+        s.handle(Request::UpdateIotlb {
+            id: 4,
+            start: 9,
+            last: 8,
+        })
+        .unwrap();
+        assert_eq!(response(&mut kernel).1, VDUSE_REQ_RESULT_FAILED);
+        // A good request after all that is answered.
+        lock(&s.slots[1].state).base = 0x1234;
+        s.handle(Request::GetVqState { id: 5, index: 1 }).unwrap();
+        assert_eq!(response(&mut kernel), (5, VDUSE_REQ_RESULT_OK, 1, 0x1234));
+        let reasons: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                DaemonEvent::Refused {
+                    request, reason, ..
+                } => format!("{request}: {reason}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert_eq!(
+            reasons[0],
+            "VDUSE_GET_VQ_STATE: VDUSE device \"test0\": VDUSE_GET_VQ_STATE: queue 2 does not \
+             exist (the device has 2)"
+        );
+        assert!(
+            reasons[2].contains("unknown request type 77"),
+            "{}",
+            reasons[2]
+        );
+        assert!(reasons[3].contains("0x9..=0x8"), "{}", reasons[3]);
+    }
+
+    #[test]
+    fn a_reset_before_driver_ok_answers_and_keeps_nothing() {
+        let (mut s, mut kernel, seen) = session();
+        s.handle(Request::SetStatus { id: 1, status: 0x3 }).unwrap();
+        s.handle(Request::SetStatus { id: 2, status: 0 }).unwrap();
+        assert_eq!(response(&mut kernel).1, VDUSE_REQ_RESULT_OK);
+        assert_eq!(response(&mut kernel).1, VDUSE_REQ_RESULT_OK);
+        assert!(s.iova.is_empty());
+        assert!(seen.lock().unwrap().is_empty());
     }
 }

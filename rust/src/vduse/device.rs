@@ -46,6 +46,17 @@ impl VduseDevice {
         })
     }
 
+    /// A device around any fd (one end of a socketpair), so tests reach the request loop
+    /// without a kernel.
+    #[cfg(test)]
+    pub(crate) fn from_fd(name: &str, fd: OwnedFd, queues: u32) -> Self {
+        VduseDevice {
+            name: name.into(),
+            fd,
+            queues,
+        }
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
