@@ -24,7 +24,7 @@ const DATA: u64 = 0x10_0000;
 
 /// Writes the readable bytes back reversed. A chain starting with `P` makes it panic,
 /// one starting with `E` makes it fail without completing anything.
-struct Mirror;
+pub(super) struct Mirror;
 
 impl VirtioDevice for Mirror {
     fn device_type(&self) -> u32 {

@@ -470,34 +470,8 @@ pub(crate) fn serve(
 mod tests {
     use super::*;
     use crate::vduse::abi::{MSG_SIZE, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK};
-    use crate::vring::DescriptorChain;
     use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
-
-    struct Quiet;
-    impl VirtioDevice for Quiet {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn num_queues(&self) -> u16 {
-            2
-        }
-        fn features(&self) -> u64 {
-            0
-        }
-        fn config(&self) -> Vec<u8> {
-            Vec::new()
-        }
-        fn process(
-            &self,
-            _: u16,
-            _: &GuestMemory,
-            _: Vec<DescriptorChain>,
-            _: &mut Vec<(u16, u32)>,
-        ) -> Result<(), super::super::DeviceError> {
-            Ok(())
-        }
-    }
 
     /// A session on one end of a socketpair (the "kernel" holds the other), with its
     /// refusals collected.
@@ -509,7 +483,8 @@ mod tests {
         let events: EventSink = Arc::new(move |e| sink.lock().unwrap().push(e));
         let mut s = Session {
             dev,
-            device: Arc::new(Quiet),
+            // Two queues; never asked to process anything here.
+            device: Arc::new(crate::daemon::tests::Mirror),
             slots: Vec::new(),
             workers: Vec::new(),
             iova: IovaSpace::new(),
