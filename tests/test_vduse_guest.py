@@ -93,3 +93,13 @@ def test_serve_blk_vduse_without_vduse_says_modprobe(tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         "error: VDUSE not available: /dev/vduse/control is missing (modprobe vduse)"
     )
+
+
+def test_vduse_bench_against_qemu_storage_daemon_reports_ratios() -> None:
+    """4 KiB randread QD1/QD32 on /dev/vdX: ours and qemu-storage-daemon's vduse-blk in
+    the same run. Reported, not asserted on (TCG; no timed assertions)."""
+    info = kern_guest().check("vduse_bench")
+    for depth in (1, 32):
+        assert info[f"ours_qd{depth}_iops"] > 0
+        assert info[f"qsd_qd{depth}_iops"] > 0
+        assert info[f"ratio_qd{depth}"] > 0

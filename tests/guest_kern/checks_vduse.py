@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -187,6 +188,7 @@ def all_checks() -> None:
     stop_and_restart()
     bad_input()
     no_leak_in_process()
+    bench_against_qemu_storage_daemon()
 
 
 class _Typed(Device):
@@ -378,3 +380,78 @@ def no_leak_in_process() -> None:
         info["fds"] = f"{fds}->{fd_count()}"
         info["maps"] = f"{maps}->{maps_count()}"
         assert (fd_count(), maps_count()) == (fds, maps), info
+
+
+BENCH_SECONDS = 2.0
+
+
+def _randread(node: str, depth: int, seconds: float) -> float:
+    """4 KiB O_DIRECT random reads over the whole disk for ``seconds``, with ``depth``
+    threads each keeping one read in flight (the GIL is released in the syscall):
+    completed reads per second."""
+    size = int(Path(f"/sys/block/{Path(node).name}/size").read_text()) * SECTOR
+    blocks = size // 4096
+    counts = [0] * depth
+    stop = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        fd = os.open(node, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        rng = random.Random(i)
+        try:
+            while time.monotonic() < stop:
+                os.preadv(fd, [buf], rng.randrange(blocks) * 4096)
+                counts[i] += 1
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(depth)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def _qsd_vduse(name: str) -> subprocess.Popen[bytes]:
+    """qemu-storage-daemon exporting IMAGE as VDUSE device ``name`` (as vdpa_blk.py's
+    peer, but left for virtio_vdpa)."""
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=f0,filename={IMAGE},cache.direct=off",
+         "--export", f"type=vduse-blk,id=v0,node-name=f0,name={name},writable=on,num-queues=1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait(f"/dev/vduse/{name}", lambda: Path(f"/dev/vduse/{name}").exists() or proc.poll())
+    return proc
+
+
+def bench_against_qemu_storage_daemon() -> None:
+    """4 KiB randread at QD1 and QD32 through /dev/vdX, our serve blk --vduse against
+    qemu-storage-daemon's vduse-blk in the same guest run: the ratios (TCG makes the
+    absolute figures meaningless). The guest's 2 vCPUs are not pinned."""
+    make_image(IMAGE, IMAGE_SIZE)
+    with check("vduse_bench") as info:
+        for who in ("ours", "qsd"):
+            dev = f"pyvhost-bench-{who}"
+            serve = Serve(dev) if who == "ours" else None
+            qsd = _qsd_vduse(dev) if who == "qsd" else None
+            try:
+                _add(dev)
+                _bind(dev, "virtio_vdpa")
+                node = _vd_node(dev)
+                for depth in (1, 32):
+                    info[f"{who}_qd{depth}_iops"] = round(_randread(node, depth, BENCH_SECONDS))
+            finally:
+                _del(dev)
+                if serve is not None:
+                    serve.stop()
+                    serve.kill()
+                if qsd is not None:
+                    qsd.terminate()
+                    qsd.wait(30)
+        for depth in (1, 32):
+            ours, theirs = info[f"ours_qd{depth}_iops"], info[f"qsd_qd{depth}_iops"]
+            assert isinstance(ours, int) and isinstance(theirs, int) and theirs > 0, info
+            info[f"ratio_qd{depth}"] = round(ours / theirs, 2)
