@@ -378,6 +378,11 @@ impl Daemon {
         };
         let request = incoming.request.kind();
         let handled = session.handle(incoming, handler);
+        // Recorded before the reply goes out: a front-end that has the refusal in hand
+        // must find its reason in `last_error`, not race the daemon thread for it.
+        if let Some(e) = &handled.error {
+            self.stats.record_error(e);
+        }
         let result = self
             .unless_stopped(|| session.send_reply(handled.reply))
             .and(handled.error.map_or(Ok(()), Err));
