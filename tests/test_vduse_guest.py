@@ -52,6 +52,8 @@ def test_vduse_bound_to_vhost_vdpa_is_driven_by_our_vdpa_driver() -> None:
     assert info["device_id"] == 2
     assert info["capacity"] == SECTORS
     assert info["io"] == "ok"
+    assert info["vring_base"] == 4  # GET_VRING_BASE answered by our GET_VQ_STATE handler
+    assert info["after_reset"] is True  # status 0 stopped the rings, a new driver restarted
     assert info["stop_status"] == 0
 
 

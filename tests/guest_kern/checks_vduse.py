@@ -227,7 +227,8 @@ def blk_virtio(name: str, original: bytes, *, python: bool) -> None:
     dev = "pyvhost-py" if python else "pyvhost-blk"
     serve: Serve | None = None
     with check(name) as info:
-        serve = Serve(dev, *(["--python"] if python else []))
+        # The native one with two queues: blk-mq spreads requests over both.
+        serve = Serve(dev, *(["--python"] if python else ["--queues", "2"]))
         _add(dev)
         _bind(dev, "virtio_vdpa")
         node = _vd_node(dev)
@@ -280,8 +281,18 @@ def blk_vhost_vdpa() -> None:
                 f.seek(100 * SECTOR)
                 assert f.read(len(data)) == data, "the image does not hold the write"
             info["io"] = "ok"
+            # GET_VRING_BASE becomes a VDUSE_GET_VQ_STATE request: four chains consumed.
+            info["vring_base"] = blk.dev.get_vring_base(0)
+            assert info["vring_base"] == 4, info
         finally:
             blk.close()
+        # The reset (status 0) stopped the rings; a second driver starts them again.
+        again = VdpaBlk(_vhost_node(dev))
+        try:
+            info["after_reset"] = again.read(100, len(data)) == data
+            assert info["after_reset"]
+        finally:
+            again.close()
         _del(dev)
         info["stop_status"] = serve.stop()
         assert info["stop_status"] == 0, serve.output()
