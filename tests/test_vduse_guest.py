@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from guest_kern.boot import kern_guest
+from vhost.daemon import BlkDevice, Daemon
+from vhost.errors import InvalidParamError, NotSupportedError
 
 SECTORS = (8 << 20) // 512
 
@@ -109,3 +113,16 @@ def test_vduse_bench_against_qemu_storage_daemon_reports_ratios() -> None:
         assert info[f"ours_qd{depth}_iops"] > 0
         assert info[f"qsd_qd{depth}_iops"] > 0
         assert info[f"ratio_qd{depth}"] > 0
+
+
+def test_daemon_transport_argument_is_checked(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    with pytest.raises(InvalidParamError, match="transport must be"):
+        Daemon(BlkDevice(str(image)), "d0", transport="vhost")  # type: ignore[arg-type]
+    with pytest.raises(InvalidParamError, match="client=True is for vhost-user"):
+        Daemon(BlkDevice(str(image)), "d0", transport="vduse", client=True)
+    daemon = Daemon(BlkDevice(str(image)), "d0", transport="vduse")
+    with pytest.raises(NotSupportedError, match="modprobe vduse"):
+        daemon.start()
+    assert not daemon.running

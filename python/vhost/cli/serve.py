@@ -8,6 +8,14 @@ blk`` on the same image is refused (``--force-share``, ``--no-lock``). ``serve r
 SOCK`` serves the Python virtio-rng example device. ``--client`` connects to a front-end
 listening on SOCK instead of listening (waiting until one does).
 
+``--vduse NAME`` instead of ``--socket`` serves the device as a VDUSE device of the kernel
+this runs on (``modprobe vduse``, root): ``vdpa dev add name NAME mgmtdev vduse`` then
+binds it to ``virtio_vdpa`` (the kernel's own ``/dev/vdX``) or ``vhost_vdpa`` (for a VM).
+A device of that name left by a killed daemon is replaced, or taken over while a vDPA
+device still uses it; stopping destroys it, which the kernel refuses while a vDPA device
+uses it (``vdpa dev del NAME`` first). Linux 6.12 lets VDUSE create virtio-blk and
+virtio-net devices only (``serve rng --vduse`` fails with EINVAL).
+
 SIGINT (Ctrl-C) or SIGTERM stops the server cleanly, with exit status 0: that is a
 server's normal stop (what systemd expects), not the 130 other commands exit with.
 SIGHUP makes ``serve blk`` re-read its image's size and grow the disk to it, telling the
@@ -57,7 +65,9 @@ front-end that listens on --socket (QEMU's server=on), waiting until one does,
 serves that one session and exits when it ends."""
 
 BLK_DESCRIPTION = f"""\
-Serve a disk image as a vhost-user-blk back-end on --socket.
+Serve a disk image as a vhost-user-blk back-end on --socket, or as VDUSE device
+--vduse NAME of this kernel (then: vdpa dev add name NAME mgmtdev vduse; bound to
+virtio_vdpa it is a /dev/vdX here, bound to vhost_vdpa a VM can use it).
 
 The image must be raw: a file that starts with another format's signature
 (qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS...; convert it with qemu-img convert
