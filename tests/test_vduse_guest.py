@@ -39,6 +39,9 @@ def test_vduse_native_blk_is_a_dev_vd_of_the_guest_kernel() -> None:
     assert info["sectors"] == SECTORS
     assert info["read_back"] is True
     assert info["image_holds_data"] is True
+    # SIGHUP after growing the image: VDUSE_DEV_SET_CONFIG + config interrupt, and the
+    # kernel's /dev/vdX grew by 4 MiB.
+    assert info["sectors_after_resize"] == SECTORS + (4 << 20) // 512
     assert info["stop_status"] == 0
     assert info["removed"] is True  # stopping the daemon destroyed /dev/vduse/NAME
 

@@ -247,6 +247,15 @@ def blk_virtio(name: str, original: bytes, *, python: bool) -> None:
             f.seek(offset)
             info["image_holds_data"] = f.read(len(data)) == data
         assert info["image_holds_data"]
+        if not python:
+            # Resize: grow the image, SIGHUP: the new config space goes to the kernel
+            # (VDUSE_DEV_SET_CONFIG + config interrupt) and /dev/vdX grows.
+            os.truncate(IMAGE, IMAGE_SIZE + (4 << 20))
+            serve.proc.send_signal(signal.SIGHUP)
+            size = Path(f"/sys/block/{Path(node).name}/size")
+            grown = (IMAGE_SIZE + (4 << 20)) // SECTOR
+            _wait("capacity after SIGHUP", lambda: int(size.read_text()) == grown)
+            info["sectors_after_resize"] = grown
         _del(dev)
         info["stop_status"] = serve.stop()
         _wait(f"/dev/vduse/{dev} removed", lambda: not Path(f"/dev/vduse/{dev}").exists(), 10)

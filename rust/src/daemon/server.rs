@@ -239,6 +239,8 @@ impl Daemon {
         let session = self.stats.sessions_started.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.active.store(true, Ordering::SeqCst);
         self.emit(DaemonEvent::SessionStarted { session });
+        self.link
+            .vduse_started(transport.device().clone(), self.device.clone());
         let served = super::vduse::serve(
             transport,
             self.device.clone(),
@@ -252,6 +254,7 @@ impl Daemon {
             Ok(()) => SessionEnd::Stopped,
             Err(e) => SessionEnd::Failed(e.to_string()),
         };
+        self.link.session_ended();
         let result = served.map_err(|e| Error::Handler(e.to_string()));
         if let Err(e) = &result {
             self.stats.record_error(e);

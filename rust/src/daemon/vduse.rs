@@ -164,7 +164,7 @@ impl VduseTransport {
         self.control.destroy(&self.name)
     }
 
-    fn device(&self) -> &Arc<VduseDevice> {
+    pub(crate) fn device(&self) -> &Arc<VduseDevice> {
         self.dev
             .as_ref()
             .expect("the device is open until destroyed")
