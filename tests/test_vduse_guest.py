@@ -71,6 +71,9 @@ def test_vduse_sigkill_then_restart_recovers() -> None:
     # Killed again while /dev/vdX was bound: the restart took the device over, the same
     # /dev/vdX went on working, and stopping after vdpa dev del removed it.
     assert info["io_after_reclaim"] is True
+    # Stopped while still bound: exit status 2 and what to do; the next start took over.
+    assert info["stop_while_bound"] == 2
+    assert "vdpa dev del" in info["stop_while_bound_says"][0]
     assert info["stop_after_reclaim"] == 0
     assert info["removed"] is True
 

@@ -341,6 +341,14 @@ def stop_and_restart() -> None:
             with IMAGE.open("rb") as f:
                 f.seek(2 << 20)
                 assert f.read(len(data)) == data, "the image does not hold the write"
+            # Stopped while the vDPA device still uses it: the kernel keeps the device
+            # (EBUSY), the daemon says so and what to do, and the next start takes over.
+            info["stop_while_bound"] = third.stop()
+            info["stop_while_bound_says"] = third.output().splitlines()[-1:]
+            assert info["stop_while_bound"] == 2 and "vdpa dev del" in third.output()
+            third = Serve(dev)
+            data = rng.randbytes(4096)
+            assert _direct_io(node, 3 << 20, data) == data
             _del(dev)
             info["stop_after_reclaim"] = third.stop()
             assert info["stop_after_reclaim"] == 0, third.output()

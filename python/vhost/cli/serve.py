@@ -56,7 +56,10 @@ exit status:
        --client, also the end of the front-end's session
   1    bad arguments, an image that cannot be opened or locked, a socket path
        that cannot be listened on or connected to; with --client, a session
-       that ended on an error"""
+       that ended on an error; with --vduse, a device the kernel refuses to
+       create (a type it does not allow: EINVAL; a name in use)
+  2    --vduse: stopped, but the kernel kept the device because a vDPA device
+       still uses it (vdpa dev del NAME; the next start takes it over)"""
 
 STOPPING = """\
 It runs until SIGINT (Ctrl-C) or SIGTERM, then drops the session cleanly and
