@@ -74,6 +74,7 @@ def test_vduse_sigkill_then_restart_recovers() -> None:
     # Stopped while still bound: exit status 2 and what to do; the next start took over.
     assert info["stop_while_bound"] == 2
     assert "vdpa dev del" in info["stop_while_bound_says"][0]
+    assert info["takeover_other_queues"][0] == 1  # refused: the device has 1 queue
     assert info["stop_after_reclaim"] == 0
     assert info["removed"] is True
 

@@ -346,6 +346,10 @@ def stop_and_restart() -> None:
             info["stop_while_bound"] = third.stop()
             info["stop_while_bound_says"] = third.output().splitlines()[-1:]
             assert info["stop_while_bound"] == 2 and "vdpa dev del" in third.output()
+            # Taking it over with another queue count is refused, naming the mismatch.
+            other = _serve_once("--vduse", dev, "--image", str(IMAGE), "--queues", "2")
+            info["takeover_other_queues"] = (other.returncode, other.stderr.strip()[-90:])
+            assert other.returncode == 1 and "queue count other than 2" in other.stderr
             third = Serve(dev)
             data = rng.randbytes(4096)
             assert _direct_io(node, 3 << 20, data) == data

@@ -122,6 +122,19 @@ impl VduseTransport {
             Some(libc::EBUSY) => VduseError::InUse { name: name.into() },
             _ => e,
         })?;
+        // The device keeps the configuration it was created with; a queue count that
+        // differs from this device's would leave queues unserved or unknown.
+        let last = spec.queues.saturating_sub(1);
+        if !dev.kernel_has_queue(last)? || dev.kernel_has_queue(spec.queues)? {
+            return Err(VduseError::Invalid {
+                device: name.into(),
+                why: format!(
+                    "left by a dead daemon with a queue count other than {}; \
+                     vdpa dev del {name} first, or start with the same --queues",
+                    spec.queues
+                ),
+            });
+        }
         Ok(VduseTransport {
             name: name.into(),
             control,

@@ -161,6 +161,21 @@ impl VduseDevice {
         Ok(info)
     }
 
+    /// Whether the kernel's device has queue `index` (VDUSE_VQ_GET_INFO without the
+    /// check against this handle's count): tells how many queues a device this process
+    /// did not create has.
+    pub fn kernel_has_queue(&self, index: u32) -> Result<bool> {
+        let mut info = VqInfo {
+            index,
+            ..VqInfo::default()
+        };
+        match self.ioctl("VDUSE_VQ_GET_INFO", VDUSE_VQ_GET_INFO, &mut info) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `VDUSE_VQ_SETUP_KICKFD`: the kernel signals `fd` when the driver kicks queue
     /// `index`; `None` unbinds it.
     pub fn set_kickfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
