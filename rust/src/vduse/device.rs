@@ -285,3 +285,39 @@ impl AsFd for VduseDevice {
         self.fd.as_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn bad_queues_and_overflowing_config_are_refused_before_the_kernel() {
+        let (ours, _kernel) = UnixStream::pair().expect("socketpair");
+        let dev = VduseDevice::from_fd("t0", ours.into(), 2);
+        assert_eq!(
+            dev.inject_irq(2).unwrap_err().to_string(),
+            "VDUSE device \"t0\": VDUSE_VQ_INJECT_IRQ: queue 2 does not exist (the device has 2)"
+        );
+        for err in [
+            dev.vq_setup(7, 256).unwrap_err(),
+            dev.vq_info(u32::MAX).unwrap_err(),
+            dev.set_kickfd(2, None).unwrap_err(),
+        ] {
+            assert!(matches!(err, VduseError::BadQueue { .. }), "{err}");
+        }
+        let err = dev.vq_setup(0, 0).unwrap_err().to_string();
+        assert!(err.contains("queue 0: max size 0"), "{err}");
+        let err = dev.set_config(u32::MAX, &[0; 2]).unwrap_err().to_string();
+        assert!(
+            err.contains("offset 4294967295 + 2 bytes overflows"),
+            "{err}"
+        );
+        // A file that is not a VDUSE device: the kernel's errno, with the request named.
+        let err = dev.features().unwrap_err();
+        assert_eq!(err.errno(), Some(libc::ENOTTY));
+        assert!(err.to_string().contains("VDUSE_DEV_GET_FEATURES"), "{err}");
+        let err = dev.iotlb_get_fd(0, u64::MAX).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::ENOTTY));
+    }
+}
