@@ -60,7 +60,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import FrameType, MappingProxyType, TracebackType
-from typing import Any, ClassVar, NamedTuple, Protocol, Self, cast, runtime_checkable
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Self, cast, runtime_checkable
 
 from . import _core
 from .codes import MAX_SHMEM_REGIONS
@@ -310,6 +310,15 @@ class Daemon:
     which no user-space check can prevent. File-backed guest RAM cannot be sealed, so the
     policy is opt-in.
 
+    ``transport="vduse"`` serves the device as a VDUSE device of the kernel this runs on
+    instead, named ``path`` (``/dev/vduse/NAME``; needs ``modprobe vduse`` and root): after
+    ``vdpa dev add name NAME mgmtdev vduse`` it is a virtio device of that kernel, bound to
+    ``virtio_vdpa`` (a ``/dev/vdX`` of its own) or ``vhost_vdpa`` (for a VM, or
+    :class:`vhost.vdpa.VhostVdpa`). :meth:`start` creates it, replacing a stale device of
+    the same name that a killed daemon left; :meth:`stop` destroys it, which the kernel
+    refuses (``KernelError`` EBUSY, from :meth:`wait`) while a vDPA device still uses it:
+    ``vdpa dev del NAME`` first.
+
     ``postcopy_fault_timeout`` bounds how long a queue's request may wait on guest memory
     while postcopy listens (a page the front-end has not copied in yet): a wait longer
     than that is taken as a fault the front-end will never resolve, and the session ends
@@ -349,10 +358,19 @@ class Daemon:
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
         loop: asyncio.AbstractEventLoop | None = None,
         iommu_miss_timeout: float | None = None,
+        transport: Literal["vhost-user", "vduse"] = "vhost-user",
     ) -> None:
+        if transport not in ("vhost-user", "vduse"):
+            raise InvalidParamError(
+                f"Daemon: transport must be 'vhost-user' or 'vduse', not {transport!r}"
+            )
+        if transport == "vduse" and client:
+            raise InvalidParamError("Daemon: client=True is for vhost-user, not VDUSE")
         self.device = device
         self.path = os.fspath(path)
         self.client = client
+        #: How the daemon meets its driver: a vhost-user socket, or a VDUSE device.
+        self.transport: Literal["vhost-user", "vduse"] = transport
         served: Device | _core.BlkDevice = device
         if isinstance(device, Device):
             _check_shmem_regions(device)
@@ -377,7 +395,7 @@ class Daemon:
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""
-        self._native.start(self.path, client=self.client)
+        self._native.start(self.path, client=self.client, vduse=self.transport == "vduse")
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:

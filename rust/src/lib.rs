@@ -17,6 +17,7 @@ pub mod memory;
 pub mod sys;
 pub mod user;
 pub mod vdpa;
+pub mod vduse;
 pub mod vring;
 
 /// The error of the [`backend::VhostBackend`] interface: the failing family's own error,

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from guest import CHECKOUT, RUNS_DIR, VENV_PYTHON, GuestResult, run_guest
+from guest_kern.vduse_host import extract_virtio_vdpa
 
-AREAS = ("net", "vsock", "vdpa")
+AREAS = ("net", "vsock", "vdpa", "vduse")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class KernRun:
 @functools.cache
 def kern_guest() -> KernRun:
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    extract_virtio_vdpa()  # the VDUSE checks' /dev/vdX needs it (see vduse_host.py)
     run_dir = tempfile.mkdtemp(prefix="kern-", dir=RUNS_DIR)
     script = (
         f"cd {CHECKOUT / 'tests'} && {VENV_PYTHON} -m guest_kern.run_all "

@@ -160,22 +160,24 @@ def errors_are_typed_with_the_kernel_errno() -> None:
     with check("adv_int_args") as info, VhostNet() as net:
         net.set_owner()
         info.update(
-            bad_int_refusals({
-                "set_vring_num:index": (lambda v: net.set_vring_num(v, 8), 32),
-                "set_vring_num:num": (lambda v: net.set_vring_num(0, v), 32),
-                "set_vring_base:base": (lambda v: net.set_vring_base(0, v), 32),
-                "get_vring_base:index": (net.get_vring_base, 32),
-                "set_vring_call:index": (lambda v: net.set_vring_call(v, None), 32),
-                "set_features:features": (net.set_features, 64),
-                "set_log_base:base": (net.set_log_base, 64),
-                "set_backend_features:features": (net.set_backend_features, 64),
-                "set_vring_endian:index": (lambda v: net.set_vring_endian(v, False), 32),
-                "set_vring_busyloop_timeout:usecs": (
-                    lambda v: net.set_vring_busyloop_timeout(0, v),
-                    32,
-                ),
-                "net_set_backend:index": (lambda v: net.set_backend(v, None), 32),
-            })
+            bad_int_refusals(
+                {
+                    "set_vring_num:index": (lambda v: net.set_vring_num(v, 8), 32),
+                    "set_vring_num:num": (lambda v: net.set_vring_num(0, v), 32),
+                    "set_vring_base:base": (lambda v: net.set_vring_base(0, v), 32),
+                    "get_vring_base:index": (net.get_vring_base, 32),
+                    "set_vring_call:index": (lambda v: net.set_vring_call(v, None), 32),
+                    "set_features:features": (net.set_features, 64),
+                    "set_log_base:base": (net.set_log_base, 64),
+                    "set_backend_features:features": (net.set_backend_features, 64),
+                    "set_vring_endian:index": (lambda v: net.set_vring_endian(v, False), 32),
+                    "set_vring_busyloop_timeout:usecs": (
+                        lambda v: net.set_vring_busyloop_timeout(0, v),
+                        32,
+                    ),
+                    "net_set_backend:index": (lambda v: net.set_backend(v, None), 32),
+                }
+            )
         )
         assert set(info.values()) == {"ok"}, info
         # Nothing reached the kernel: the device still answers.

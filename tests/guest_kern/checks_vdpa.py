@@ -194,19 +194,21 @@ def _adversarial(peer: VdusePeer) -> None:
             # The kernel checks the index against the queues first (ENOBUFS), then asid.
             assert info["group_asid_bad_group"] == "ENOBUFS", info
             assert info["group_asid_bad_asid"] == "EINVAL", info
-            int_args = bad_int_refusals({
-                "set_vring_num:index": (lambda v: dev.set_vring_num(v, 64), 32),
-                "set_vring_num:num": (lambda v: dev.set_vring_num(0, v), 32),
-                "set_status:status": (dev.set_status, 8),
-                "get_config:offset": (lambda v: dev.get_config(v, 4), 32),
-                "get_config:size": (lambda v: dev.get_config(0, v), 32),
-                "set_vring_enable:index": (lambda v: dev.set_vring_enable(v, True), 32),
-                "get_vring_group:index": (dev.get_vring_group, 32),
-                "set_group_asid:asid": (lambda v: dev.set_group_asid(0, v), 32),
-                "dma_map:iova": (lambda v: dev.dma_map(v, 4096, 0), 64),
-                "dma_map:asid": (lambda v: dev.dma_map(0, 4096, 0, asid=v), 32),
-                "dma_unmap:size": (lambda v: dev.dma_unmap(0, v), 64),
-            })
+            int_args = bad_int_refusals(
+                {
+                    "set_vring_num:index": (lambda v: dev.set_vring_num(v, 64), 32),
+                    "set_vring_num:num": (lambda v: dev.set_vring_num(0, v), 32),
+                    "set_status:status": (dev.set_status, 8),
+                    "get_config:offset": (lambda v: dev.get_config(v, 4), 32),
+                    "get_config:size": (lambda v: dev.get_config(0, v), 32),
+                    "set_vring_enable:index": (lambda v: dev.set_vring_enable(v, True), 32),
+                    "get_vring_group:index": (dev.get_vring_group, 32),
+                    "set_group_asid:asid": (lambda v: dev.set_group_asid(0, v), 32),
+                    "dma_map:iova": (lambda v: dev.dma_map(v, 4096, 0), 64),
+                    "dma_map:asid": (lambda v: dev.dma_map(0, 4096, 0, asid=v), 32),
+                    "dma_unmap:size": (lambda v: dev.dma_unmap(0, v), 64),
+                }
+            )
             info["int_args"] = int_args
             assert set(int_args.values()) == {"ok"}, info
             info["vring_num_beyond_count"] = errno_of(lambda: dev.set_vring_num(count, 64))

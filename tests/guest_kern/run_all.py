@@ -1,12 +1,12 @@
 """Entry point in the guest: ``python -m tests.guest_kern.run_all [AREA...] --out FILE``
-runs the checks of each area (net, vsock, vdpa) and writes their results."""
+runs the checks of each area (net, vsock, vdpa, vduse) and writes their results."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import checks_net, checks_vdpa, checks_vsock
+from . import checks_net, checks_vdpa, checks_vduse, checks_vsock
 from .report import run
 
 
@@ -30,6 +30,8 @@ def main() -> int:
         checks += [checks_vsock.connect_and_exchange, checks_vsock.cid_errors]
     if "vdpa" in args.areas:
         checks.append(checks_vdpa.blk_through_vdpa)
+    if "vduse" in args.areas:
+        checks.append(checks_vduse.all_checks)
     return run(checks, args.out)
 
 

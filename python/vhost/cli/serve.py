@@ -8,6 +8,14 @@ blk`` on the same image is refused (``--force-share``, ``--no-lock``). ``serve r
 SOCK`` serves the Python virtio-rng example device. ``--client`` connects to a front-end
 listening on SOCK instead of listening (waiting until one does).
 
+``--vduse NAME`` instead of ``--socket`` serves the device as a VDUSE device of the kernel
+this runs on (``modprobe vduse``, root): ``vdpa dev add name NAME mgmtdev vduse`` then
+binds it to ``virtio_vdpa`` (the kernel's own ``/dev/vdX``) or ``vhost_vdpa`` (for a VM).
+A device of that name left by a killed daemon is replaced, or taken over while a vDPA
+device still uses it; stopping destroys it, which the kernel refuses while a vDPA device
+uses it (``vdpa dev del NAME`` first). Linux 6.12 lets VDUSE create virtio-blk and
+virtio-net devices only (``serve rng --vduse`` fails with EINVAL).
+
 SIGINT (Ctrl-C) or SIGTERM stops the server cleanly, with exit status 0: that is a
 server's normal stop (what systemd expects), not the 130 other commands exit with.
 SIGHUP makes ``serve blk`` re-read its image's size and grow the disk to it, telling the
@@ -34,7 +42,7 @@ from .. import _core
 from ..daemon import BlkDevice, Daemon, DaemonEvent, Device, EventKind
 from ..devices.blkdev import PythonBlkDevice
 from ..devices.rng import RngDevice
-from ..errors import InvalidParamError, VhostError
+from ..errors import InvalidParamError, NotSupportedError, VhostError
 from .common import EXIT_USAGE, CliError, connect_hint, path_kind, plain
 
 #: Most queues `serve blk` runs (one worker thread each).
@@ -48,7 +56,10 @@ exit status:
        --client, also the end of the front-end's session
   1    bad arguments, an image that cannot be opened or locked, a socket path
        that cannot be listened on or connected to; with --client, a session
-       that ended on an error"""
+       that ended on an error; with --vduse, a device the kernel refuses to
+       create (a type it does not allow: EINVAL; a name in use)
+  2    --vduse: stopped, but the kernel kept the device because a vDPA device
+       still uses it (vdpa dev del NAME; the next start takes it over)"""
 
 STOPPING = """\
 It runs until SIGINT (Ctrl-C) or SIGTERM, then drops the session cleanly and
@@ -57,7 +68,9 @@ front-end that listens on --socket (QEMU's server=on), waiting until one does,
 serves that one session and exits when it ends."""
 
 BLK_DESCRIPTION = f"""\
-Serve a disk image as a vhost-user-blk back-end on --socket.
+Serve a disk image as a vhost-user-blk back-end on --socket, or as VDUSE device
+--vduse NAME of this kernel (then: vdpa dev add name NAME mgmtdev vduse; bound to
+virtio_vdpa it is a /dev/vdX here, bound to vhost_vdpa a VM can use it).
 
 The image must be raw: a file that starts with another format's signature
 (qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS...; convert it with qemu-img convert
@@ -158,7 +171,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", required=True, help="vhost-user socket path")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="vhost-user socket path")
+    where.add_argument(
+        "--vduse",
+        metavar="NAME",
+        help="serve as VDUSE device NAME of this kernel instead (/dev/vduse/NAME; needs "
+        "modprobe vduse; then: vdpa dev add name NAME mgmtdev vduse)",
+    )
     p.add_argument("--client", action="store_true", help="connect to a listening front-end instead")
     p.add_argument(
         "--poll-us",
@@ -203,6 +223,7 @@ def _check_common(args: argparse.Namespace) -> None:
         f"--postcopy-fault-timeout must be between 0 and 1000000 seconds, not {t}",
     )
     if args.client:
+        _check(args.vduse is None, "--client is for a vhost-user socket, not --vduse")
         _check_client_path(args.socket)
 
 
@@ -270,8 +291,9 @@ def run_blk(args: argparse.Namespace) -> int:
     mode = " read-only" if args.readonly else ""
     daemon = Daemon(
         device,
-        args.socket,
+        args.socket or args.vduse,
         client=args.client,
+        transport="vduse" if args.vduse else "vhost-user",
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
@@ -363,8 +385,9 @@ def run_rng(args: argparse.Namespace) -> int:
     _check_common(args)
     daemon = Daemon(
         RngDevice(),
-        args.socket,
+        args.socket or args.vduse,
         client=args.client,
+        transport="vduse" if args.vduse else "vhost-user",
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
@@ -413,14 +436,26 @@ def _say(line: str) -> None:
 
 
 def _serve(daemon: Daemon, what: str, verbose: bool) -> int:
+    vduse = daemon.transport == "vduse"
     try:
         daemon.start()
     except OSError as exc:
+        if vduse:
+            # The message names the device and says what to do (vdpa dev del, modprobe).
+            raise CliError(str(exc.strerror or exc)) from None
         action = "connect to" if daemon.client else "listen on"
         raise CliError(f"{action} {daemon.path}: {exc.strerror or exc}") from None
+    except NotSupportedError as exc:
+        raise CliError(str(exc)) from None
 
     def ready() -> None:
-        if daemon.client:
+        if vduse:
+            print(
+                f"serving {what} as VDUSE device {daemon.path} (/dev/vduse/{daemon.path}; "
+                f"vdpa dev add name {daemon.path} mgmtdev vduse)",
+                flush=True,
+            )
+        elif daemon.client:
             print(
                 f"waiting for a front-end to listen on {daemon.path}, to serve {what}",
                 flush=True,

@@ -22,7 +22,7 @@ use vhost_core::sys::PathError;
 use vhost_core::vring::DescriptorChain as CoreChain;
 
 use crate::convert::{self, uint_args};
-use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error};
+use crate::errors::{closed, invalid_param, io_error, path_error, raise, user_error, vduse_error};
 use crate::handler::shmem_pairs;
 use crate::link::{resize_error, PyFrontendLink};
 use crate::vring::{read_from_chain, write_into_chain, PyDescriptorChain};
@@ -689,16 +689,27 @@ impl PyDaemon {
     }
 
     /// Starts serving: listens on `path` (server mode, unlinking a stale socket) or, with
-    /// `client`, connects to a front-end listening there (one session).
-    #[pyo3(signature = (path, *, client = false))]
-    fn start(&self, py: Python<'_>, path: PathBuf, client: bool) -> PyResult<()> {
-        let mode = if client { Mode::Client } else { Mode::Server };
+    /// `client`, connects to a front-end listening there (one session); with `vduse`,
+    /// `path` is the name of a VDUSE device to create and serve.
+    #[pyo3(signature = (path, *, client = false, vduse = false))]
+    fn start(&self, py: Python<'_>, path: PathBuf, client: bool, vduse: bool) -> PyResult<()> {
+        let mode = match (client, vduse) {
+            (true, true) => {
+                return Err(invalid_param(
+                    "Daemon.start: client and vduse exclude each other",
+                ))
+            }
+            (_, true) => Mode::Vduse,
+            (true, _) => Mode::Client,
+            _ => Mode::Server,
+        };
         let runner = &self.runner;
         py.detach(|| runner.start(&path, mode))
             .map_err(|e| match e {
                 StartError::AlreadyRunning => invalid_param(e.to_string()),
                 StartError::Listen(e) => path_error(e),
                 StartError::Io(e) => io_error(e),
+                StartError::Vduse(e) => vduse_error(e),
             })
     }
 

@@ -9,6 +9,7 @@ use vhost_core::memory::MemoryError;
 use vhost_core::sys::socket::{errno_of, reason_of};
 use vhost_core::sys::PathError;
 use vhost_core::user::Error as UserError;
+use vhost_core::vduse::VduseError;
 use vhost_core::vring::VringError;
 
 pub(crate) fn raise<'py>(
@@ -228,6 +229,27 @@ pub fn kern_error(err: KernError) -> PyErr {
             KernError::NotMapped { iova, .. } => raise(py, "InvalidMemoryError", (msg, iova)),
             KernError::ShortTransfer { .. } => raise(py, "KernelError", (libc::EIO, msg)),
             KernError::Malformed(_) => raise(py, "KernelError", (libc::EPROTO, msg)),
+        }
+    })
+}
+
+/// The one conversion of VDUSE errors: a failed syscall (and EEXIST/EBUSY, typed in the
+/// core) is `KernelError` with the kernel's errno; VDUSE missing is `NotSupportedError`;
+/// a refused name, queue or argument `InvalidParamError`; an IOVA range that cannot be
+/// mapped `InvalidMemoryError`. Every message names the device.
+pub fn vduse_error(err: VduseError) -> PyErr {
+    Python::attach(|py| {
+        let msg = err.to_string();
+        match err {
+            VduseError::Kernel { source, .. } => raise(py, "KernelError", (errno_of(&source), msg)),
+            VduseError::Exists { .. } => raise(py, "KernelError", (libc::EEXIST, msg)),
+            VduseError::InUse { .. } => raise(py, "KernelError", (libc::EBUSY, msg)),
+            VduseError::NotAvailable { .. } => raise(py, "NotSupportedError", (msg, "VDUSE")),
+            VduseError::Malformed { .. } => raise(py, "KernelError", (libc::EPROTO, msg)),
+            VduseError::Memory { start, .. } => raise(py, "InvalidMemoryError", (msg, start)),
+            VduseError::BadName { .. }
+            | VduseError::BadQueue { .. }
+            | VduseError::Invalid { .. } => raise(py, "InvalidParamError", (msg,)),
         }
     })
 }

@@ -25,6 +25,7 @@ pub fn link_error(err: LinkError) -> PyErr {
             }
             LinkError::NoFd { .. } => raise(py, "ProtocolError", (msg,)),
             LinkError::Channel(e) => user_error(e),
+            LinkError::Vduse(e) => crate::errors::vduse_error(e),
         }
     })
 }

@@ -26,7 +26,7 @@ use super::events::{QueueReporter, UNSHARED_MEMORY_HINT};
 use super::inflight::InflightArea;
 use super::link::FrontendLink;
 use super::postcopy::{FaultBound, Postcopy, DEFAULT_POSTCOPY_FAULT_TIMEOUT};
-use super::queue::{lock, spawn_worker, QueueIommu, QueueSlot};
+use super::queue::{lock, spawn_worker, Notifier, QueueIommu, QueueSlot};
 use super::state::{Limits, StateTransfer};
 
 /// Protocol features every daemon offers.
@@ -505,7 +505,7 @@ impl BackendHandler for DaemonHandler {
 
     fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> Result<()> {
         let slot = self.slot(index)?;
-        lock(&slot.state).call = fd.map(EventFd::from_fd);
+        lock(&slot.state).call = fd.map(EventFd::from_fd).map(Notifier::Event);
         // Completions made while no call fd was set are signalled on the new one.
         slot.wake();
         Ok(())

@@ -12,6 +12,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use crate::user::{BackendChannel, Error as UserError};
+use crate::vduse::{VduseDevice, VduseError};
+
+use super::device::VirtioDevice;
 
 use super::queue::lock;
 
@@ -44,6 +47,10 @@ pub enum LinkError {
     /// ack (`InactiveFeature`), a refusal, a timeout, a broken channel.
     #[error(transparent)]
     Channel(#[from] UserError),
+    /// A VDUSE device is served: the kernel refused the new configuration space or its
+    /// interrupt.
+    #[error(transparent)]
+    Vduse(#[from] VduseError),
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +58,23 @@ struct LinkState {
     /// A front-end is being served.
     connected: bool,
     channel: Option<Arc<BackendChannel>>,
+    /// Served through VDUSE: configuration changes go to the kernel instead.
+    vduse: Option<VduseLink>,
+}
+
+/// The VDUSE device being served and the device whose configuration it shows.
+#[derive(Clone)]
+struct VduseLink {
+    dev: Arc<VduseDevice>,
+    device: Arc<dyn VirtioDevice>,
+}
+
+impl std::fmt::Debug for VduseLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VduseLink")
+            .field("dev", &self.dev.name())
+            .finish()
+    }
 }
 
 /// A cloneable handle on the current session's back-end channel. Every request blocks
@@ -81,7 +105,17 @@ impl FrontendLink {
     pub(crate) fn session_started(&self) {
         *lock(&self.state) = LinkState {
             connected: true,
+            ..LinkState::default()
+        };
+    }
+
+    /// A VDUSE run started: config changes of `device` go to `dev` until it ends
+    /// ([`session_ended`](Self::session_ended)).
+    pub(crate) fn vduse_started(&self, dev: Arc<VduseDevice>, device: Arc<dyn VirtioDevice>) {
+        *lock(&self.state) = LinkState {
+            connected: true,
             channel: None,
+            vduse: Some(VduseLink { dev, device }),
         };
     }
 
@@ -105,7 +139,14 @@ impl FrontendLink {
 
     /// Tells the front-end the configuration space changed (`CONFIG_CHANGE_MSG`): it
     /// re-reads it with `GET_CONFIG` and interrupts the driver. Needs `CONFIG`.
+    /// Through VDUSE: the device's configuration space is written to the kernel
+    /// (`VDUSE_DEV_SET_CONFIG`) and the driver interrupted (`DEV_INJECT_CONFIG_IRQ`).
     pub fn config_changed(&self) -> Result<(), LinkError> {
+        let vduse = lock(&self.state).vduse.clone();
+        if let Some(v) = vduse {
+            v.dev.set_config(0, &v.device.config())?;
+            return Ok(v.dev.inject_config_irq()?);
+        }
         Ok(self.channel("CONFIG_CHANGE_MSG")?.config_change()?)
     }
 

@@ -35,6 +35,7 @@ mod server;
 mod state;
 #[cfg(test)]
 mod tests;
+mod vduse;
 
 pub use device::{transport, DeviceError, VirtioDevice};
 pub use events::{DaemonEvent, EventQueue, EventSink, SessionEnd};
@@ -47,3 +48,4 @@ pub use postcopy::{check_read_settled, FaultPolicy, DEFAULT_POSTCOPY_FAULT_TIMEO
 pub use runner::{DaemonRecipe, DaemonRunner, DaemonSettings, Mode, StartError};
 pub use server::{Daemon, DaemonStats, Stopper, DEFAULT_STALL_TIMEOUT};
 pub use state::{STATE_STALL_TIMEOUT, STATE_TRANSFER_TIMEOUT};
+pub use vduse::{VduseTransport, ACCESS_PLATFORM};

@@ -22,6 +22,7 @@ use crate::memory::{Access, GuestMemory};
 use crate::sys::{poll_many, EventFd};
 use crate::user::payload::{iotlb, IotlbPayload};
 use crate::user::BackendChannel;
+use crate::vduse::VduseDevice;
 use crate::vring::{DescriptorChain, DeviceQueue, RingLayout, RingLog, Segment, VringError};
 
 use super::device::{DeviceError, VirtioDevice};
@@ -35,6 +36,31 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How a queue tells the driver that the used ring moved: vhost-user's call eventfd, or,
+/// for VDUSE (which has no call eventfd), the `VDUSE_VQ_INJECT_IRQ` ioctl.
+#[derive(Debug)]
+pub(crate) enum Notifier {
+    /// Write 1 to the front-end's call eventfd.
+    Event(EventFd),
+    /// Inject the queue's interrupt into the VDUSE device's driver.
+    Vduse(Arc<VduseDevice>),
+}
+
+impl Notifier {
+    /// Notifies the driver of queue `index`. A failure is not the batch's: the driver
+    /// will look at the ring at its next kick or interrupt anyway.
+    fn notify(&self, index: u16) {
+        match self {
+            Notifier::Event(e) => {
+                let _ = e.write(1);
+            }
+            Notifier::Vduse(dev) => {
+                let _ = dev.inject_irq(u32::from(index));
+            }
+        }
+    }
+}
+
 /// What the control plane has said about one queue.
 #[derive(Debug, Default)]
 pub(crate) struct QueueState {
@@ -42,7 +68,7 @@ pub(crate) struct QueueState {
     pub(crate) addrs: Option<VringAddrs>,
     pub(crate) base: u32,
     pub(crate) kick: Option<Arc<EventFd>>,
-    pub(crate) call: Option<EventFd>,
+    pub(crate) call: Option<Notifier>,
     pub(crate) err: Option<EventFd>,
     pub(crate) enabled: bool,
     /// The live ring, from SET_VRING_KICK until GET_VRING_BASE or a reset.
@@ -550,7 +576,7 @@ fn one_batch(
         .fetch_add(done.len() as u64, Ordering::Relaxed);
     if ring.needs_notification(mem)? {
         if let Some(call) = &st.call {
-            let _ = call.write(1);
+            call.notify(slot.index);
         } else if let Some(channel) = &st.inband {
             let _ = channel.signal_used(u32::from(slot.index));
         }

@@ -31,6 +31,9 @@ pub enum StartError {
     /// Building the daemon or its thread failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// VDUSE mode could not create (or replace) its device.
+    #[error(transparent)]
+    Vduse(#[from] crate::vduse::VduseError),
 }
 
 /// How the daemon meets its front-ends.
@@ -42,6 +45,9 @@ pub enum Mode {
     /// Connect to a front-end listening at the path (retrying until it appears) and serve
     /// that one session.
     Client,
+    /// Create the VDUSE device named by the path (`/dev/vduse/NAME`; a stale one of that
+    /// name is replaced) and serve its driver until stopped, then destroy it.
+    Vduse,
 }
 
 /// The serving thread of one start.
@@ -170,7 +176,14 @@ impl DaemonRunner {
                 Listener::bind(path, true)
                     .map_err(|e| StartError::Listen(PathError::new("listen on", path, &e)))?,
             ),
-            Mode::Client => None,
+            Mode::Client | Mode::Vduse => None,
+        };
+        let vduse = match mode {
+            Mode::Vduse => Some(super::VduseTransport::create(
+                &**daemon.device(),
+                &path.to_string_lossy(),
+            )?),
+            _ => None,
         };
         let (stopper, stats) = (daemon.stopper(), daemon.stats());
         let path: PathBuf = path.to_path_buf();
@@ -186,10 +199,14 @@ impl DaemonRunner {
                     state,
                     result: None,
                 };
-                let (listener, daemon) = (listener, daemon);
-                finish.result = Some(match &listener {
-                    Some(l) => daemon.serve(l),
-                    None => daemon.connect(&path),
+                let (listener, daemon, vduse) = (listener, daemon, vduse);
+                finish.result = Some(match (&listener, vduse) {
+                    (Some(l), _) => daemon.serve(l),
+                    // Served, then destroyed: a device still in use is this run's error.
+                    (None, Some(t)) => daemon
+                        .serve_vduse(&t)
+                        .and_then(|()| t.destroy().map_err(|e| Error::Handler(e.to_string()))),
+                    (None, None) => daemon.connect(&path),
                 });
                 // The socket is gone before anyone is told the daemon finished.
                 drop(listener);

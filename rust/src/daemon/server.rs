@@ -253,6 +253,44 @@ impl Daemon {
         }
     }
 
+    /// Serves the device through the VDUSE device `transport` until stopped, as one
+    /// session (see `daemon::vduse`): the driver's requests are answered, its rings served
+    /// by the same workers as vhost-user's. A refused request is an event; the run ends in
+    /// error only when the device fd itself fails.
+    pub fn serve_vduse(&self, transport: &super::VduseTransport) -> Result<()> {
+        let session = self.stats.sessions_started.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats.active.store(true, Ordering::SeqCst);
+        self.emit(DaemonEvent::SessionStarted { session });
+        self.link
+            .vduse_started(transport.device().clone(), self.device.clone());
+        let served = super::vduse::serve(
+            transport,
+            self.device.clone(),
+            &self.stop,
+            self.poll,
+            self.events.clone(),
+            session,
+            |c| *lock(&self.stats.completed) = c,
+        );
+        let end = match &served {
+            Ok(()) => SessionEnd::Stopped,
+            Err(e) => SessionEnd::Failed(e.to_string()),
+        };
+        self.link.session_ended();
+        let result = served.map_err(|e| Error::Handler(e.to_string()));
+        if let Err(e) = &result {
+            self.stats.record_error(e);
+        }
+        self.stats.active.store(false, Ordering::SeqCst);
+        self.stats.sessions_ended.fetch_add(1, Ordering::SeqCst);
+        self.emit(DaemonEvent::SessionEnded {
+            session,
+            end,
+            hint: None,
+        });
+        result
+    }
+
     /// Serves one front-end until it disconnects (Ok), breaks the protocol (Err), or the
     /// daemon is stopped (Ok). Every fd and mapping of the session is released before this
     /// returns.
