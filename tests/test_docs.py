@@ -77,7 +77,10 @@ RUN_TIMEOUT = 120
 BLK_SOCK = "/tmp/vhost-user-blk.sock"
 IMAGE_SIZE = 64 << 20
 # Pages whose blocks another test file runs (and checks that it runs all of them).
-RUN_ELSEWHERE = {"testing.md": "tests/test_testing_docs.py"}
+RUN_ELSEWHERE = {
+    "testing.md": "tests/test_testing_docs.py",
+    "asyncio.md": "tests/test_aio_docs.py",
+}
 OUTPUT_DIRECTIVE = "output of the block above"
 KINDS = ("server", "sh", "python", "qemu-blk", "guest")
 

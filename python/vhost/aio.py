@@ -819,7 +819,7 @@ class Daemon:
 
     @property
     def daemon(self) -> _daemon.Daemon:
-        """The blocking daemon being served (its events, counters, :meth:`resize`)."""
+        """The blocking daemon being served (its events, counters, :meth:`vhost.daemon.Daemon.resize`)."""
         if self._daemon is None:
             raise ClosedError(f"vhost.aio.Daemon {self.path!r} is not started")
         return self._daemon
