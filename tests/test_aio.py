@@ -518,6 +518,33 @@ def test_daemon_wait_stops_on_cancellation(tmp_sock_dir: Path) -> None:
     run(main())
 
 
+def test_daemon_takes_the_blocking_daemons_iommu_and_transport_arguments(
+    tmp_sock_dir: Path,
+) -> None:
+    """aio.Daemon passes every argument of vhost.daemon.Daemon on: with a miss bound the
+    daemon offers ACCESS_PLATFORM (bit 33), without one it does not; a bad transport is
+    refused by name."""
+    access_platform = 1 << 33
+
+    async def offered(**options: Any) -> int:
+        path = tmp_sock_dir / "iommu.sock"
+        async with (
+            aio.Daemon(BlkDevice.ram(IMAGE_SIZE), path, **options),
+            await aio.Frontend.connect(path) as fe,
+        ):
+            return await fe.get_features() & access_platform
+
+    async def main() -> None:
+        assert await offered(iommu_miss_timeout=1.0) == access_platform
+        assert await offered() == 0
+        with pytest.raises(VhostError, match="transport"):
+            await aio.Daemon(
+                BlkDevice.ram(IMAGE_SIZE), tmp_sock_dir / "t.sock", transport="tcp"  # type: ignore[arg-type]
+            ).start()
+
+    run(main())
+
+
 # -- the orchestrator ----------------------------------------------------------------------
 
 N_DAEMONS = 20

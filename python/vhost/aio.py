@@ -33,7 +33,7 @@ import socket
 import uuid as _uuid
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Literal, Self, TypeVar, cast
 
 from . import _core
 from . import daemon as _daemon
@@ -805,6 +805,8 @@ class Daemon:
         poll_us: int = 0,
         require_sealed_memory: bool = False,
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
+        iommu_miss_timeout: float | None = None,
+        transport: Literal["vhost-user", "vduse"] = "vhost-user",
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
@@ -814,12 +816,15 @@ class Daemon:
             "poll_us": poll_us,
             "require_sealed_memory": require_sealed_memory,
             "postcopy_fault_timeout": postcopy_fault_timeout,
+            "iommu_miss_timeout": iommu_miss_timeout,
+            "transport": transport,
         }
         self._daemon: _daemon.Daemon | None = None
 
     @property
     def daemon(self) -> _daemon.Daemon:
-        """The blocking daemon being served (its events, counters, :meth:`vhost.daemon.Daemon.resize`)."""
+        """The blocking daemon being served (its events, counters,
+        :meth:`vhost.daemon.Daemon.resize`)."""
         if self._daemon is None:
             raise ClosedError(f"vhost.aio.Daemon {self.path!r} is not started")
         return self._daemon
