@@ -171,8 +171,18 @@ def test_sdist_builds_a_wheel_offline(dist: Dist, tmp_path: Path) -> None:
 # -- make demo ----------------------------------------------------------------------------
 
 
+# Set by a make that runs this suite (`make test`, which CI runs): a child make would then
+# print "make[1]: Entering directory" lines. A user's shell has none of them.
+PARENT_MAKE = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
+
+
+def _shell_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: ours without a parent make's variables."""
+    return {k: v for k, v in os.environ.items() if k not in PARENT_MAKE} | extra
+
+
 def test_make_demo_runs_no_test_setup() -> None:
-    dry = run(["make", "-n", "demo"], CHECKOUT, dict(os.environ))
+    dry = run(["make", "-n", "demo"], CHECKOUT, _shell_env())
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
     assert lines == [
@@ -221,7 +231,7 @@ def test_make_demo_without_cargo_says_so_in_one_line(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     make = shutil.which("make")
     assert make
-    env = {**os.environ, "PATH": _path_with(tmp_path)}
+    env = _shell_env(PATH=_path_with(tmp_path))
     failed = run([make, "demo", f"VENV={venv}"], CHECKOUT, env)
     _one_error_line(failed, "cargo not found on PATH: install Rust 1.80 or newer")
     assert not venv.exists(), "the checks must come before anything is made"
