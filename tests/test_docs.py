@@ -112,8 +112,10 @@ def tmp_paths(text: str, tmp: Path) -> str:
 def shell_code(code: str, tmp: Path) -> str:
     """A ``sh`` block as bash runs it here: this interpreter for ``python``, temporary
     paths, and every command checked (as a reader watching the terminal would)."""
+    # Paths first: the interpreter may itself live under /tmp (a checkout there, as CI's).
+    code = tmp_paths(code, tmp)
     code = re.sub(r"(?<![\w/.-])python(?= -m )", shlex.quote(sys.executable), code)
-    return "set -euo pipefail\n" + tmp_paths(code, tmp)
+    return "set -euo pipefail\n" + code
 
 
 def program(block: Block, tmp: Path) -> list[str]:
