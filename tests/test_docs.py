@@ -500,7 +500,10 @@ def test_output_blocks_follow_a_run_block() -> None:
     "block", directed_blocks(), ids=lambda b: f"{b.where}-{'-'.join(kind_of(b) or [])}"
 )
 def test_doc_block(block: Block, tmp_sock_dir: Path) -> None:
+    """Each runner asserts the block's exit status and, where the page shows it, its
+    output (test_runner_would_fail_a_failing_block checks that they do)."""
     kind, *args = kind_of(block) or [""]
+    assert kind in RUNNERS, f"{block.where}: no runner for {kind!r}"
     RUNNERS[kind](block, args, tmp_sock_dir)
 
 
