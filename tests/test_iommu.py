@@ -7,15 +7,20 @@ front-end answers the daemon's ``BACKEND_IOTLB_MSG`` misses on the back-end chan
 ``IOTLB_MSG`` updates, page by page, from its own page table, and counts them. Data is
 checked byte-exact in the image; a reply into a page the IOMMU maps read-only fails that
 request (IOERR or an empty completion) and leaves the page unchanged; the session and the
-queue go on. Bad IOTLB updates are refused with the session intact.
+queue go on. A miss the IOMMU side never answers fails that one request after the bound
+(IOERR when only a data buffer is missing, an empty completion when its descriptors are)
+and the queue goes on. Bad IOTLB updates are refused with the session intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +38,7 @@ from daemon_util import (
     make_image,
 )
 from vhost.codes import ProtocolFeature as PF
-from vhost.errors import VhostError, VhostTimeoutError
+from vhost.errors import VhostError
 from vhost.types import IotlbAccess, IotlbMessage, IotlbType, VringConfig
 from vhost.user import Frontend, FrontendRequestHandler, regions_of
 from vhost.virtio import VirtioFeature
@@ -77,7 +82,7 @@ class Iommu(FrontendRequestHandler):
 @contextmanager
 def iommu_guest(
     tmp: Path, *extra: str
-) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path]]:
+) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path, ServeProc]]:
     image = tmp / "disk.img"
     make_image(image, IMAGE_SIZE, 7)
     sock = tmp / "blk.sock"
@@ -131,7 +136,7 @@ def iommu_guest(
         fe.set_vring_kick(0, guest.kicks[0])
         fe.set_vring_enable(0, True)
         guest.fe = fe
-        yield guest, fe, iommu, image
+        yield guest, fe, iommu, image, proc
         assert proc.alive(), proc.stderr()
         stop.set()
     finally:
@@ -141,7 +146,7 @@ def iommu_guest(
 
 
 def test_blk_io_through_iotlb_misses_answered_on_demand(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image):
+    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image, _):
         data = bytes(range(256)) * 32  # 8 KiB
         assert guest.write(0, 3 * PAGE, data) == S_OK
         status, back = guest.read(0, 3 * PAGE, len(data))
@@ -155,7 +160,7 @@ def test_blk_io_through_iotlb_misses_answered_on_demand(tmp_sock_dir: Path) -> N
 
 
 def test_a_reply_into_a_read_only_page_fails_the_request_only(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image):
+    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image, _):
         # The queue's data area (where a read's data lands) is mapped read-only.
         area = guest.data_area(0)
         for page in range(area, area + DATA_PER_QUEUE, PAGE):
@@ -172,21 +177,67 @@ def test_a_reply_into_a_read_only_page_fails_the_request_only(tmp_sock_dir: Path
             assert f.read(512) == b"\x11" * 512
 
 
-def test_a_miss_never_answered_fails_the_queue_not_the_daemon(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir, "--iommu-miss-timeout", "0.3") as (guest, fe, iommu, _):
-        area = guest.data_area(0)
-        iommu.refused.update(range(area, area + DATA_PER_QUEUE, PAGE))
-        guest.add(0, T_IN, 0, in_len=512)
-        guest.kick(0, force=True)
-        with pytest.raises(VhostTimeoutError):
-            guest.reap(0, 1, timeout=2.0)  # an access outside the mappings: never served
-        assert iommu.misses >= 2  # asked, then asked again until the bound
-        # The daemon and the session are still there.
+#: Bytes of the data area each request slot of :class:`BlkGuest` owns.
+SLOT_DATA = DATA_PER_QUEUE // 32
+
+
+def next_slot_data(guest: BlkGuest) -> int:
+    """Where the data of the next request on queue 0 goes (its slot is the last free one)."""
+    return guest.data_area(0) + guest.free[0][-1] * SLOT_DATA
+
+
+def test_a_miss_never_answered_fails_the_request_and_the_queue_goes_on(
+    tmp_sock_dir: Path,
+) -> None:
+    args = ("--iommu-miss-timeout", "0.5", "--verbose")
+    with iommu_guest(tmp_sock_dir, *args) as (guest, fe, iommu, image, proc):
+        data = next_slot_data(guest)
+        iommu.refused.update(range(data, data + SLOT_DATA, PAGE))
+        t0 = time.monotonic()
+        status, _ = guest.read(0, 0, 512)
+        # Only its data buffer was missing: the device failed it, and said so.
+        assert status == S_IOERR
+        assert time.monotonic() - t0 >= 0.5, "failed before the bound"
+        assert iommu.misses >= 1
+        # The queue goes on, through the very pages that missed once they are mapped.
+        iommu.refused.clear()
+        assert next_slot_data(guest) == data
+        payload = random.Random(5).randbytes(2 * PAGE)
+        assert guest.write(0, 5 * PAGE, payload) == S_OK
+        assert guest.read(0, 5 * PAGE, len(payload)) == (S_OK, payload)
+        with image.open("rb") as f:
+            f.seek(5 * PAGE)
+            assert f.read(len(payload)) == payload
         assert fe.get_queue_num() == 1
+        log = proc.stderr()
+        assert "IOTLB miss for a device write at I/O virtual address" in log, log
+        assert "request at head" in log and "stopped" not in log, log
+
+
+def test_a_request_whose_descriptors_never_map_is_returned_empty(tmp_sock_dir: Path) -> None:
+    with iommu_guest(tmp_sock_dir, "--iommu-miss-timeout", "0.5") as (guest, fe, iommu, image, _):
+        assert fe.acked_features & VirtioFeature.INDIRECT_DESC
+        # The head descriptor becomes an indirect one whose table is in pages the IOMMU
+        # side never maps: the daemon cannot even find the request's buffers.
+        table = guest.data_area(0)  # slot 0: the last one requests use
+        iommu.refused.update(range(table, table + SLOT_DATA, PAGE))
+        vq = guest.vqs[0]
+        head = guest.add(0, T_IN, 0, in_len=512)
+        guest.memory.write(vq.desc + 16 * head, struct.pack("<QIHH", table, 3 * 16, 4, 0))
+        guest.kick(0, force=True)
+        ((r, _),) = guest.reap(0, 1)
+        assert (r.head, r.used_len) == (head, 0)
+        assert r.status == 0xFF, "nothing of the request was touched"
+        # The queue goes on.
+        payload = random.Random(6).randbytes(PAGE)
+        assert guest.write(0, 0, payload) == S_OK
+        assert guest.read(0, 0, len(payload)) == (S_OK, payload)
+        with image.open("rb") as f:
+            assert f.read(len(payload)) == payload
 
 
 def test_bad_iotlb_updates_are_refused_and_the_session_goes_on(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image):
+    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image, _):
         outside = iommu.uaddr0 + iommu.limit
         for perm, uaddr in ((IotlbAccess(0), iommu.uaddr0), (IotlbAccess.RW, outside)):
             with pytest.raises(VhostError, match="IOTLB_MSG"):

@@ -1,6 +1,6 @@
 //! Descriptor chains as the device sees them, and the walker rules shared by both formats.
 
-use crate::memory::{Access, GuestMemory};
+use crate::memory::{Access, GuestMemory, MemoryError};
 
 use super::{check_range, Result, VringError, DESC_SIZE};
 
@@ -130,6 +130,22 @@ pub(crate) fn encode_packed_desc(addr: u64, len: u32, id: u16, flags: u16) -> [u
     encode_split_desc(addr, len, id, flags)
 }
 
+/// How a pop treats a chain's buffers: the ordinary pop requires them mapped; the two
+/// others exist for a device behind an IOMMU whose IOMMU side never answered a miss, so
+/// that the one request fails and the queue goes on (the daemon's worker picks them after
+/// its bound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Walk {
+    /// Every buffer must be mapped (a hole is an IOTLB miss: nothing is consumed).
+    Mapped,
+    /// Buffers may lie in IOTLB holes: the device meets the hole when it touches the
+    /// buffer and fails that request (other memory errors still refuse the chain).
+    Holes,
+    /// The buffers and indirect tables are not looked at, only counted through the ring
+    /// itself: the chain is consumed with no segments.
+    Skip,
+}
+
 /// Accumulates segments while enforcing the rules every chain obeys: at most `max`
 /// descriptors, readable before writable, total length within u32, buffers inside memory.
 #[derive(Debug)]
@@ -140,10 +156,15 @@ pub(crate) struct ChainBuilder {
     total: u64,
     seen_writable: bool,
     segments: Vec<Segment>,
+    walk: Walk,
 }
 
 impl ChainBuilder {
     pub fn new(head: u16, max: u16) -> Self {
+        Self::walking(head, max, Walk::Mapped)
+    }
+
+    pub fn walking(head: u16, max: u16, walk: Walk) -> Self {
         Self {
             head,
             max,
@@ -151,7 +172,13 @@ impl ChainBuilder {
             total: 0,
             seen_writable: false,
             segments: Vec::new(),
+            walk,
         }
+    }
+
+    /// What this pop does with buffers and indirect tables.
+    pub fn walk(&self) -> Walk {
+        self.walk
     }
 
     pub fn push(&mut self, mem: &GuestMemory, addr: u64, len: u32, writable: bool) -> Result<()> {
@@ -161,6 +188,9 @@ impl ChainBuilder {
                 head: self.head,
                 max: self.max,
             });
+        }
+        if self.walk == Walk::Skip {
+            return Ok(());
         }
         if writable {
             self.seen_writable = true;
@@ -180,7 +210,12 @@ impl ChainBuilder {
             } else {
                 Access::Read
             };
-            mem.check_mapped(addr, u64::from(len), access)?;
+            match mem.check_mapped(addr, u64::from(len), access) {
+                Ok(()) => {}
+                // Only after the bound on an unanswered miss (never on the flat path).
+                Err(MemoryError::IotlbMiss { .. }) if self.walk == Walk::Holes => {}
+                Err(e) => return Err(e.into()),
+            }
             self.segments.push(Segment {
                 addr,
                 len,

@@ -12,7 +12,7 @@ use crate::memory::GuestMemory;
 
 use super::chain::{
     check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc,
-    ChainBuilder, RawDesc,
+    ChainBuilder, RawDesc, Walk,
 };
 use super::error::Health;
 use super::event::{packed_need_event, EventFlags, EventSuppress};
@@ -199,8 +199,36 @@ impl PackedDevice {
     /// Pops the next available buffer; its `head` is the buffer id.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem, None);
+        let r = self.pop_inner(mem, None, Walk::Mapped);
         self.health.sticky_pop(r)
+    }
+
+    /// [`pop`](Self::pop) whose buffers may lie in IOTLB holes (see
+    /// [`SplitDevice::pop_with_holes`](super::SplitDevice::pop_with_holes)); `record` as for
+    /// [`pop_batch_recording`](Self::pop_batch_recording).
+    pub fn pop_with_holes(
+        &mut self,
+        mem: &GuestMemory,
+        record: Option<&mut Vec<RingDesc>>,
+    ) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner(mem, record, Walk::Holes);
+        self.health.sticky_pop(r)
+    }
+
+    /// Consumes the next available buffer reading only its ring descriptors (for its id
+    /// and length in the ring), never an indirect table or a buffer: in flight with no
+    /// writable bytes, a chain with no segments, for the caller to return as used with
+    /// length 0 (see [`SplitDevice::discard`](super::SplitDevice::discard)). The ring
+    /// itself is mapped before a queue runs, so this cannot miss.
+    pub fn discard(
+        &mut self,
+        mem: &GuestMemory,
+        record: Option<&mut Vec<RingDesc>>,
+    ) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner(mem, record, Walk::Skip);
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` buffers. An error stops the queue; buffers popped before it are
@@ -223,7 +251,7 @@ impl PackedDevice {
         pop_up_to(max, || {
             self.health.check()?;
             let recorded = ring.len();
-            let r = self.pop_inner(mem, Some(&mut *ring));
+            let r = self.pop_inner(mem, Some(&mut *ring), Walk::Mapped);
             if r.is_err() {
                 // A miss is popped again from the start: drop its partial record.
                 ring.truncate(recorded);
@@ -304,6 +332,7 @@ impl PackedDevice {
         &mut self,
         mem: &GuestMemory,
         mut record: Option<&mut Vec<RingDesc>>,
+        walk: Walk,
     ) -> Result<Option<DescriptorChain>> {
         let size = self.r.size;
         let start = self.next_avail;
@@ -313,7 +342,7 @@ impl PackedDevice {
         }
         // The rest of the descriptor is read after the flags that published it.
         fence(Ordering::Acquire);
-        let mut b = ChainBuilder::new(start, size);
+        let mut b = ChainBuilder::walking(start, size, walk);
         let (mut slot, mut wrap) = (start, self.avail_wrap);
         let mut count: u16 = 0;
         let id = loop {
@@ -362,6 +391,9 @@ impl PackedDevice {
             }
             if flags & DESC_F_NEXT != 0 {
                 return Err(VringError::IndirectWithNext);
+            }
+            if b.walk() == Walk::Skip {
+                return Ok(true);
             }
             let entries = indirect_entries(mem, d)?;
             walk_indirect(mem, b, d.addr, entries)?;

@@ -9,7 +9,7 @@ use crate::memory::GuestMemory;
 
 use super::chain::{
     check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc,
-    ChainBuilder,
+    ChainBuilder, Walk,
 };
 use super::error::Health;
 use super::event::need_event;
@@ -167,8 +167,29 @@ impl SplitDevice {
     /// Pops the next available chain, or None if the driver has offered nothing new.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem);
+        let r = self.pop_inner(mem, Walk::Mapped);
         self.health.sticky_pop(r)
+    }
+
+    /// [`pop`](Self::pop) for a ring behind an IOMMU whose IOMMU side did not answer a
+    /// miss on a buffer: the chain's buffers may lie in IOTLB holes (the device meets the
+    /// hole when it touches one and fails that request, writing its status if that is
+    /// mapped). A miss on the descriptor table or an indirect table still consumes
+    /// nothing: [`discard`](Self::discard) that head instead.
+    pub fn pop_with_holes(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner(mem, Walk::Holes);
+        self.health.sticky_pop(r)
+    }
+
+    /// Consumes the next available head without reading its descriptors or touching its
+    /// buffers (a chain whose descriptor table the IOMMU never mapped): it is in flight
+    /// with no writable bytes, a chain with no segments, for the caller to return as used
+    /// with length 0. None if the driver offered nothing new.
+    pub fn discard(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner(mem, Walk::Skip);
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
@@ -177,7 +198,7 @@ impl SplitDevice {
         pop_up_to(max, || self.pop(mem))
     }
 
-    fn pop_inner(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+    fn pop_inner(&mut self, mem: &GuestMemory, walk: Walk) -> Result<Option<DescriptorChain>> {
         if self.pending(mem)? == 0 {
             return Ok(None);
         }
@@ -191,7 +212,10 @@ impl SplitDevice {
         if self.in_flight[usize::from(head)].is_some() {
             return Err(VringError::HeadInFlight { head });
         }
-        let chain = self.walk(mem, head)?;
+        let chain = match walk {
+            Walk::Skip => ChainBuilder::new(head, self.a.size).finish(1),
+            walk => self.walk(mem, head, walk)?,
+        };
         self.in_flight[usize::from(head)] = Some(chain.writable_len());
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.event_idx && self.notify_enabled {
@@ -222,7 +246,7 @@ impl SplitDevice {
             if self.in_flight[usize::from(head)].is_some() {
                 return Err(VringError::HeadInFlight { head });
             }
-            let chain = self.walk(mem, head)?;
+            let chain = self.walk(mem, head, Walk::Mapped)?;
             self.in_flight[usize::from(head)] = Some(chain.writable_len());
             chains.push(chain);
         }
@@ -231,9 +255,9 @@ impl SplitDevice {
     }
 
     /// Walks the chain at `head`, reading each descriptor once (E9).
-    fn walk(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
+    fn walk(&self, mem: &GuestMemory, head: u16, walk: Walk) -> Result<DescriptorChain> {
         let size = self.a.size;
-        let mut b = ChainBuilder::new(head, size);
+        let mut b = ChainBuilder::walking(head, size, walk);
         let mut idx = head;
         let mut steps = 0u32;
         loop {
