@@ -376,7 +376,37 @@ fn bad_iotlb_updates_are_refused_and_the_session_goes_on() {
             perm: iotlb::PERM_RW,
             kind: iotlb::UPDATE,
         },
+        // Size 0, a wrapping range, an invalidation of size 0: well-formed messages whose
+        // values the IOTLB refuses, so the session answers and goes on (H4b).
+        IotlbPayload {
+            iova: 0x1000,
+            size: 0,
+            uaddr,
+            perm: iotlb::PERM_RW,
+            kind: iotlb::UPDATE,
+        },
+        IotlbPayload {
+            iova: u64::MAX - 0xFFF,
+            size: 2 * PAGE,
+            uaddr,
+            perm: iotlb::PERM_RW,
+            kind: iotlb::UPDATE,
+        },
+        IotlbPayload {
+            iova: 0x1000,
+            size: 0,
+            kind: iotlb::INVALIDATE,
+            ..IotlbPayload::default()
+        },
     ];
+    let good = IotlbPayload {
+        iova: 0x1000,
+        size: PAGE,
+        uaddr,
+        perm: iotlb::PERM_RW,
+        kind: iotlb::UPDATE,
+    };
+    s.fe.iotlb_msg(&good).unwrap();
     for msg in cases {
         match s.fe.iotlb_msg(&msg) {
             Err(Error::Refused { request, status }) => {
@@ -384,6 +414,7 @@ fn bad_iotlb_updates_are_refused_and_the_session_goes_on() {
             }
             other => panic!("{msg:?}: {other:?}"),
         }
+        s.fe.iotlb_msg(&good).unwrap();
     }
     assert_eq!(s.fe.get_queue_num().unwrap(), 2);
     // Dirty logging (a migration) would mark I/O virtual addresses as guest-physical
