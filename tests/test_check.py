@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 import peers
-from vhost.check import Outcome, Report, all_cases, run_checks
-from vhost.check import wire
+from vhost.check import Outcome, Report, all_cases, run_checks, wire
 from vhost.check.hostile import ACCESS_PLATFORM, IOTLB_CASES
 
 pytestmark = pytest.mark.timeout(300)

@@ -37,6 +37,7 @@ from daemon_util import (
     ServeProc,
     make_image,
 )
+from vhost import DirtyLog, GuestMemory
 from vhost.codes import ProtocolFeature as PF
 from vhost.errors import VhostError
 from vhost.types import IotlbAccess, IotlbMessage, IotlbType, VringConfig
@@ -62,6 +63,8 @@ class Iommu(FrontendRequestHandler):
         self.limit = limit
         self.perms: dict[int, IotlbAccess] = {}
         self.refused: set[int] = set()
+        #: I/O virtual page -> the guest memory offset it maps to (absent: the same).
+        self.remap: dict[int, int] = {}
         self.misses = 0
 
     def iotlb_msg(self, message: IotlbMessage) -> int | None:
@@ -73,7 +76,8 @@ class Iommu(FrontendRequestHandler):
         perm = self.perms.get(page, IotlbAccess.RW)
         self.fe.send_iotlb_msg(
             IotlbMessage(
-                iova=page, size=PAGE, uaddr=self.uaddr0 + page, perm=perm, type=IotlbType.UPDATE
+                iova=page, size=PAGE, uaddr=self.uaddr0 + self.remap.get(page, page), perm=perm,
+                type=IotlbType.UPDATE,
             )
         )
         return 0
@@ -94,7 +98,7 @@ def iommu_guest(
         assert offered & VirtioFeature.ACCESS_PLATFORM
         # By hand: negotiate() acks only the transport bits our own rings implement.
         fe.set_owner()
-        wanted = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ
+        wanted = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ | PF.LOG_SHMFD
         fe.set_protocol_features(fe.get_protocol_features() & wanted)
         fe.set_features(guest.features(offered) & ~VirtioFeature.LOG_ALL)
         assert fe.acked_features & VirtioFeature.ACCESS_PLATFORM
@@ -127,7 +131,8 @@ def iommu_guest(
                 desc_table_addr=vq.desc,
                 used_ring_addr=vq.used,
                 avail_ring_addr=vq.avail,
-                log_addr=0,
+                # As QEMU behind a vIOMMU: the used ring's address as the driver gave it.
+                log_addr=vq.used,
                 packed=False,
             ),
         )
@@ -234,6 +239,40 @@ def test_a_request_whose_descriptors_never_map_is_returned_empty(tmp_sock_dir: P
         assert guest.read(0, 0, len(payload)) == (S_OK, payload)
         with image.open("rb") as f:
             assert f.read(len(payload)) == payload
+
+
+def test_dirty_log_behind_the_iommu_marks_the_guest_physical_pages(tmp_sock_dir: Path) -> None:
+    """With LOG_ALL and ACCESS_PLATFORM both acked (a migration of a guest with a vIOMMU),
+    the daemon logs what it writes at guest-physical pages: the I/O virtual pages of a
+    read's data are mapped by the IOMMU to other pages of guest memory, and those pages
+    (at the memory table's guest-physical addresses) are dirty, not the I/O virtual ones
+    nor the pages an identity mapping would give."""
+    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image, _):
+        data = next_slot_data(guest)
+        elsewhere = guest.data_area(0) + 16 * SLOT_DATA  # slot 16's area: no request uses it
+        shifted = GuestMemory.allocate([(GPA_SHIFT, guest.memory.total_size)])
+        log = DirtyLog.allocate(shifted)
+        fe.start_dirty_log(log)
+        assert fe.acked_features & VirtioFeature.LOG_ALL
+        payload = random.Random(7).randbytes(2 * PAGE)
+        assert guest.write(0, 9 * PAGE, payload) == S_OK
+        log.take()  # the write dirtied the status byte and the used ring only
+        # The IOMMU now maps the next request's data pages (the same slot) elsewhere.
+        for off in range(0, SLOT_DATA, PAGE):
+            iommu.remap[data + off] = elsewhere + off
+        fe.send_iotlb_msg(IotlbMessage(iova=data, size=SLOT_DATA, uaddr=0,
+                                       perm=IotlbAccess(0), type=IotlbType.INVALIDATE))
+        assert next_slot_data(guest) == data
+        status, _ = guest.read(0, 9 * PAGE, len(payload))
+        assert status == S_OK
+        assert guest.memory.read(elsewhere, len(payload)) == payload, "not where the IOMMU said"
+        dirty = {p for r in log.take() for p in range(r.start, r.end, PAGE)}
+        assert {GPA_SHIFT + elsewhere, GPA_SHIFT + elsewhere + PAGE} <= dirty
+        assert GPA_SHIFT + data not in dirty, "the page an identity mapping would give"
+        assert all(p >= GPA_SHIFT for p in dirty), "an I/O virtual page was marked"
+        ring_pages = {GPA_SHIFT + (guest.vqs[0].used & ~(PAGE - 1))}
+        assert ring_pages <= dirty, "the used ring, logged at its guest-physical page"
+        fe.stop_dirty_log()
 
 
 def test_bad_iotlb_updates_are_refused_and_the_session_goes_on(tmp_sock_dir: Path) -> None:

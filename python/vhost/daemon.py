@@ -347,9 +347,14 @@ class Daemon:
     ``VIRTIO_F_ACCESS_PLATFORM``, and once acked, ring and buffer addresses are I/O virtual
     ones translated through the IOTLB the front-end's ``IOTLB_MSG`` s fill; a queue that
     misses asks on the back-end channel (``BACKEND_IOTLB_MSG``, counted in
-    :attr:`iotlb_misses`) and fails if no update comes within that many seconds
-    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value). ``None`` (the
-    default): no IOMMU.
+    :attr:`iotlb_misses`); if no update comes within that many seconds
+    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value) the request that
+    needed it fails (blk: ``IOERR`` when its status byte is mapped, else it is returned
+    with nothing written; an :attr:`EventKind.REQUEST_FAILED` event says which) and the
+    queue goes on; a miss on the ring itself fails the queue. Dirty logging
+    (``VHOST_F_LOG_ALL``) works behind the vIOMMU too: the pages marked are the
+    guest-physical ones behind the I/O virtual addresses written. ``None`` (the default):
+    no IOMMU.
     """
 
     def __init__(

@@ -114,14 +114,22 @@ pub(crate) struct QueueIommu {
     pub(crate) miss_timeout: Duration,
 }
 
-/// A ring's logging target: the log, and the used ring's log address when the front-end set
-/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR.
-fn ring_log(log: Option<&DirtyLog>, addrs: Option<VringAddrs>) -> Option<RingLog<'_>> {
+/// A ring's logging target: the log, the used ring's log address when the front-end set
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR, and behind an IOMMU the IOTLB view `mem` whose
+/// I/O virtual addresses (buffers, ring, log address alike) are translated to the
+/// guest-physical pages the log is indexed by.
+fn ring_log<'a>(
+    log: Option<&'a DirtyLog>,
+    addrs: Option<VringAddrs>,
+    mem: &'a GuestMemory,
+    iommu: bool,
+) -> Option<RingLog<'a>> {
     Some(RingLog {
         log: log?,
         used_log_addr: addrs
             .filter(|a| a.flags & VRING_ADDR_F_LOG != 0)
             .map(|a| a.log),
+        iova_view: iommu.then_some(mem),
     })
 }
 
@@ -182,7 +190,12 @@ impl QueueState {
 
     /// Where this ring's writes are logged, while logging is on.
     fn ring_log(&self) -> Option<RingLog<'_>> {
-        ring_log(self.log.as_deref(), self.addrs)
+        ring_log(
+            self.log.as_deref(),
+            self.addrs,
+            &self.mem,
+            self.iommu.is_some(),
+        )
     }
 
     /// Marks the ring's suppression fields after the worker wrote them (logging on only).
@@ -638,7 +651,7 @@ fn one_batch(
         );
     }
     let finished: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
-    let ring_log = ring_log(st.log.as_deref(), st.addrs);
+    let ring_log = ring_log(st.log.as_deref(), st.addrs, mem, st.iommu.is_some());
     // Buffers are marked before the used ring says they are complete; a marking failure
     // still completes the batch (the driver is not left waiting) and then stops the queue.
     let mut log_result = Ok(());

@@ -130,41 +130,37 @@ pub(crate) fn encode_packed_desc(addr: u64, len: u32, id: u16, flags: u16) -> [u
     encode_split_desc(addr, len, id, flags)
 }
 
-/// How a pop treats a chain's buffers: the ordinary pop requires them mapped; the two
-/// others exist for a device behind an IOMMU whose IOMMU side never answered a miss, so
-/// that the one request fails and the queue goes on (the daemon's worker picks them after
-/// its bound).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Walk {
+/// How a pop treats a chain's buffers, as the const parameter of [`ChainBuilder`] (so
+/// that the ordinary pop compiles to what it was, with no test of the mode): the ordinary
+/// pop requires them mapped; the two others exist for a device behind an IOMMU whose
+/// IOMMU side never answered a miss, so that the one request fails and the queue goes on
+/// (the daemon's worker picks them after its bound).
+pub(crate) mod walk {
     /// Every buffer must be mapped (a hole is an IOTLB miss: nothing is consumed).
-    Mapped,
+    pub(crate) const MAPPED: u8 = 0;
     /// Buffers may lie in IOTLB holes: the device meets the hole when it touches the
     /// buffer and fails that request (other memory errors still refuse the chain).
-    Holes,
+    pub(crate) const HOLES: u8 = 1;
     /// The buffers and indirect tables are not looked at, only counted through the ring
     /// itself: the chain is consumed with no segments.
-    Skip,
+    pub(crate) const SKIP: u8 = 2;
 }
 
 /// Accumulates segments while enforcing the rules every chain obeys: at most `max`
 /// descriptors, readable before writable, total length within u32, buffers inside memory.
 #[derive(Debug)]
-pub(crate) struct ChainBuilder {
+/// `W` is the pop's [`walk`] mode.
+pub(crate) struct ChainBuilder<const W: u8 = { walk::MAPPED }> {
     head: u16,
     max: u16,
     count: u32,
     total: u64,
     seen_writable: bool,
     segments: Vec<Segment>,
-    walk: Walk,
 }
 
-impl ChainBuilder {
+impl<const W: u8> ChainBuilder<W> {
     pub fn new(head: u16, max: u16) -> Self {
-        Self::walking(head, max, Walk::Mapped)
-    }
-
-    pub fn walking(head: u16, max: u16, walk: Walk) -> Self {
         Self {
             head,
             max,
@@ -172,13 +168,7 @@ impl ChainBuilder {
             total: 0,
             seen_writable: false,
             segments: Vec::new(),
-            walk,
         }
-    }
-
-    /// What this pop does with buffers and indirect tables.
-    pub fn walk(&self) -> Walk {
-        self.walk
     }
 
     pub fn push(&mut self, mem: &GuestMemory, addr: u64, len: u32, writable: bool) -> Result<()> {
@@ -189,7 +179,7 @@ impl ChainBuilder {
                 max: self.max,
             });
         }
-        if self.walk == Walk::Skip {
+        if W == walk::SKIP {
             return Ok(());
         }
         if writable {
@@ -210,11 +200,14 @@ impl ChainBuilder {
             } else {
                 Access::Read
             };
-            match mem.check_mapped(addr, u64::from(len), access) {
-                Ok(()) => {}
+            if W == walk::HOLES {
                 // Only after the bound on an unanswered miss (never on the flat path).
-                Err(MemoryError::IotlbMiss { .. }) if self.walk == Walk::Holes => {}
-                Err(e) => return Err(e.into()),
+                match mem.check_mapped(addr, u64::from(len), access) {
+                    Ok(()) | Err(MemoryError::IotlbMiss { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                mem.check_mapped(addr, u64::from(len), access)?;
             }
             self.segments.push(Segment {
                 addr,

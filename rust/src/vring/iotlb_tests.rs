@@ -404,3 +404,65 @@ fn a_buffer_that_never_maps_is_popped_with_its_hole() {
         assert_eq!(chains[0].write_all(&view, b"ok").unwrap(), 2);
     }
 }
+
+/// Dirty logging behind an IOMMU: a completion marks the guest-physical pages the device
+/// wrote, found through the IOTLB view it popped from, not the I/O virtual pages (which
+/// here lie far past the end of guest memory, so marking them would be an error): a
+/// reply crossing two entries that map to unrelated pages marks both, and the used ring,
+/// logged at its I/O virtual log address, marks the ring's guest-physical page.
+#[test]
+fn a_write_through_the_iotlb_is_logged_at_its_guest_physical_pages() {
+    use crate::memory::dirty_log::DirtyLog;
+    const FAR_GPA: u64 = 0x9_0000;
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        s.map(IN_IOVA, 1);
+        s.map(OUT_IOVA, 3);
+        // The next I/O virtual page maps somewhere unrelated in guest memory.
+        s.device
+            .update(&s.mem, OUT2_IOVA, PAGE, s.uaddr + FAR_GPA, 3)
+            .unwrap();
+        let log = DirtyLog::allocate(0x10_0000).unwrap();
+        // A reply buffer straddling the two entries.
+        let reply = OUT_IOVA + PAGE / 2;
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(reply, PAGE as u32)]);
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        let c = &chains[0];
+        assert_eq!(c.write_all(&view, &[0xab; PAGE as usize]).unwrap(), 4096);
+        let ring_log = RingLog {
+            log: &log,
+            // The used ring's log address is I/O virtual too (QEMU's used_phys).
+            used_log_addr: Some(q_used_area(packed)),
+            iova_view: Some(&view),
+        };
+        let from = q.used_position();
+        ring_log.mark_buffers(&c.segments).unwrap();
+        q.add_used_batch(&view, &[(c.head, 4096)]).unwrap();
+        q.log_ring(&ring_log, from).unwrap();
+        let dirty: Vec<u64> = log
+            .take()
+            .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
+            .collect();
+        assert_eq!(
+            dirty,
+            vec![RING_GPA, BUF_GPA + PAGE, FAR_GPA],
+            "packed {packed}: the ring's page, then the reply's two pages"
+        );
+        // What the device wrote is where those pages say.
+        let mut back = [0u8; 4];
+        s.mem.read(FAR_GPA, &mut back).unwrap();
+        assert_eq!(back, [0xab; 4]);
+    }
+}
+
+/// The I/O virtual address of the used ring (split) or device area (packed) of the rig's
+/// ring: what a front-end behind an IOMMU sends as the log address.
+fn q_used_area(packed: bool) -> u64 {
+    let layout = if packed {
+        RingLayout::packed_at(8, RING_IOVA).unwrap()
+    } else {
+        RingLayout::split_at(8, RING_IOVA).unwrap()
+    };
+    layout.used_or_device()
+}

@@ -8,8 +8,8 @@ use std::sync::atomic::{fence, Ordering};
 use crate::memory::GuestMemory;
 
 use super::chain::{
-    check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc,
-    ChainBuilder, Walk,
+    check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc, walk,
+    ChainBuilder,
 };
 use super::error::Health;
 use super::event::need_event;
@@ -167,7 +167,7 @@ impl SplitDevice {
     /// Pops the next available chain, or None if the driver has offered nothing new.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem, Walk::Mapped);
+        let r = self.pop_inner::<{ walk::MAPPED }>(mem);
         self.health.sticky_pop(r)
     }
 
@@ -178,7 +178,7 @@ impl SplitDevice {
     /// nothing: [`discard`](Self::discard) that head instead.
     pub fn pop_with_holes(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem, Walk::Holes);
+        let r = self.pop_inner::<{ walk::HOLES }>(mem);
         self.health.sticky_pop(r)
     }
 
@@ -188,7 +188,7 @@ impl SplitDevice {
     /// with length 0. None if the driver offered nothing new.
     pub fn discard(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem, Walk::Skip);
+        let r = self.pop_inner::<{ walk::SKIP }>(mem);
         self.health.sticky(r)
     }
 
@@ -198,7 +198,7 @@ impl SplitDevice {
         pop_up_to(max, || self.pop(mem))
     }
 
-    fn pop_inner(&mut self, mem: &GuestMemory, walk: Walk) -> Result<Option<DescriptorChain>> {
+    fn pop_inner<const W: u8>(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         if self.pending(mem)? == 0 {
             return Ok(None);
         }
@@ -212,9 +212,10 @@ impl SplitDevice {
         if self.in_flight[usize::from(head)].is_some() {
             return Err(VringError::HeadInFlight { head });
         }
-        let chain = match walk {
-            Walk::Skip => ChainBuilder::new(head, self.a.size).finish(1),
-            walk => self.walk(mem, head, walk)?,
+        let chain = if W == walk::SKIP {
+            ChainBuilder::<W>::new(head, self.a.size).finish(1)
+        } else {
+            self.walk::<W>(mem, head)?
         };
         self.in_flight[usize::from(head)] = Some(chain.writable_len());
         self.next_avail = self.next_avail.wrapping_add(1);
@@ -246,7 +247,7 @@ impl SplitDevice {
             if self.in_flight[usize::from(head)].is_some() {
                 return Err(VringError::HeadInFlight { head });
             }
-            let chain = self.walk(mem, head, Walk::Mapped)?;
+            let chain = self.walk::<{ walk::MAPPED }>(mem, head)?;
             self.in_flight[usize::from(head)] = Some(chain.writable_len());
             chains.push(chain);
         }
@@ -255,9 +256,9 @@ impl SplitDevice {
     }
 
     /// Walks the chain at `head`, reading each descriptor once (E9).
-    fn walk(&self, mem: &GuestMemory, head: u16, walk: Walk) -> Result<DescriptorChain> {
+    fn walk<const W: u8>(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
         let size = self.a.size;
-        let mut b = ChainBuilder::walking(head, size, walk);
+        let mut b = ChainBuilder::<W>::new(head, size);
         let mut idx = head;
         let mut steps = 0u32;
         loop {
@@ -407,9 +408,9 @@ impl SplitDevice {
 }
 
 /// Walks an indirect table of `entries` split descriptors, bounded by the entry count.
-fn walk_indirect(
+fn walk_indirect<const W: u8>(
     mem: &GuestMemory,
-    b: &mut ChainBuilder,
+    b: &mut ChainBuilder<W>,
     head: u16,
     table: u64,
     entries: u32,
