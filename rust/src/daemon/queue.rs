@@ -549,7 +549,9 @@ enum Pop {
 ///   the head is consumed unread and returned with length 0, the device never sees it,
 ///   and nothing is written anywhere (a blk driver finds no status: the request failed).
 ///
-/// The failure is kept as the queue's last error and reported (a `RequestFailed` event).
+/// If the translation arrived after all, an ordinary pass serves the request and nothing
+/// fails. The failure is kept as the queue's last error and reported (a `RequestFailed`
+/// event).
 /// A miss on the ring areas themselves has no request to fail; that fails the queue (see
 /// [`process`]).
 fn fail_missed_request(
@@ -559,8 +561,14 @@ fn fail_missed_request(
     done: &mut Vec<(u16, u32)>,
     why: String,
 ) -> Result<bool, DeviceError> {
+    let missed = |r: &Result<bool, DeviceError>| matches!(r, Err(DeviceError::Queue(e)) if e.is_iotlb_miss());
+    // The update may have come in the meantime: then nothing fails.
+    let r = one_batch(slot, device, st, done, Pop::Mapped);
+    if !missed(&r) {
+        return r;
+    }
     let mut r = one_batch(slot, device, st, done, Pop::Holes);
-    if matches!(&r, Err(DeviceError::Queue(e)) if e.is_iotlb_miss()) {
+    if missed(&r) {
         r = one_batch(slot, device, st, done, Pop::Discard);
     }
     if let (Ok(true), Some(&(head, len))) = (&r, done.first()) {
