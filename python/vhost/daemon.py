@@ -116,6 +116,9 @@ class EventKind(StrEnum):
     REFUSED = "refused"
     #: A queue stopped on a corrupt ring or a failing device; the session goes on.
     QUEUE_FAILED = "queue-failed"
+    #: One request was failed and its queue went on (behind a vIOMMU: a translation it
+    #: needed was not given within the miss bound).
+    REQUEST_FAILED = "request-failed"
     #: The session is over (``end`` says how); its fds and mappings are released.
     SESSION_ENDED = "session-ended"
 
@@ -145,7 +148,8 @@ class DaemonEvent:
     session: int
     #: The refused request's name (``"SET_VRING_ADDR"``), for :attr:`EventKind.REFUSED`.
     request: str | None = None
-    #: The failed queue's index, for :attr:`EventKind.QUEUE_FAILED`.
+    #: The queue's index, for :attr:`EventKind.QUEUE_FAILED` and
+    #: :attr:`EventKind.REQUEST_FAILED`.
     queue: int | None = None
     #: How the session ended, for :attr:`EventKind.SESSION_ENDED`.
     end: SessionEnd | None = None
@@ -164,6 +168,8 @@ class DaemonEvent:
             text = f"session {self.session}: {self.request} refused: {self.reason}"
         elif self.kind is EventKind.QUEUE_FAILED:
             text = f"session {self.session}: queue {self.queue} stopped: {self.reason}"
+        elif self.kind is EventKind.REQUEST_FAILED:
+            text = f"session {self.session}: {self.reason}"
         else:
             text = f"session {self.session} ended: {self.reason}"
         return f"{text} (hint: {self.hint})" if self.hint else text
@@ -341,9 +347,14 @@ class Daemon:
     ``VIRTIO_F_ACCESS_PLATFORM``, and once acked, ring and buffer addresses are I/O virtual
     ones translated through the IOTLB the front-end's ``IOTLB_MSG`` s fill; a queue that
     misses asks on the back-end channel (``BACKEND_IOTLB_MSG``, counted in
-    :attr:`iotlb_misses`) and fails if no update comes within that many seconds
-    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value). ``None`` (the
-    default): no IOMMU.
+    :attr:`iotlb_misses`); if no update comes within that many seconds
+    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value) the request that
+    needed it fails (blk: ``IOERR`` when its status byte is mapped, else it is returned
+    with nothing written; an :attr:`EventKind.REQUEST_FAILED` event says which) and the
+    queue goes on; a miss on the ring itself fails the queue. Dirty logging
+    (``VHOST_F_LOG_ALL``) works behind the vIOMMU too: the pages marked are the
+    guest-physical ones behind the I/O virtual addresses written. ``None`` (the default):
+    no IOMMU.
     """
 
     def __init__(

@@ -160,7 +160,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=_core.DEFAULT_IOTLB_MISS_TIMEOUT,
         metavar="SECONDS",
-        help="with --iommu, fail a queue whose IOTLB miss is not answered within this "
+        help="with --iommu, fail a request whose IOTLB miss is not answered within this, "
+        "and go on with the queue (a miss on the ring itself fails the queue) "
         "(default %(default)s)",
     )
     blk.set_defaults(run=run_blk)

@@ -598,6 +598,23 @@ fn event_tuple(e: DaemonEvent) -> EventTuple {
                 true,
             )
         }
+        DaemonEvent::RequestFailed {
+            session,
+            queue,
+            reason,
+        } => {
+            let r = Some(reason);
+            (
+                "request-failed",
+                session,
+                None,
+                Some(queue),
+                None,
+                r,
+                None,
+                true,
+            )
+        }
         DaemonEvent::SessionEnded { session, end, hint } => {
             let (error, r) = (end.is_error(), Some(end.to_string()));
             (

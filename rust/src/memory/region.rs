@@ -202,6 +202,22 @@ impl GuestRegion {
         Ok(Self::mapped(info, fd, mapping))
     }
 
+    /// The guest-physical address of byte `offset` of the region (`offset` below its
+    /// size): for a memory table region, its own `guest_phys_addr` plus `offset`; for a
+    /// window (an IOTLB translation, whose `guest_phys_addr` is an I/O virtual address),
+    /// the guest-physical address of the byte it shows in the memory table region it looks
+    /// into. What the dirty log of a device behind an IOMMU marks
+    /// ([`DirtyLog::mark_in`](super::dirty_log::DirtyLog::mark_in)).
+    pub fn gpa_at(&self, offset: u64) -> u64 {
+        match &self.backing {
+            Backing::Mapped { .. } => self.info.guest_phys_addr.wrapping_add(offset),
+            // The window lies inside its parent (checked by `window`), at this offset.
+            Backing::Window { parent } => {
+                parent.gpa_at(self.info.userspace_addr - parent.info.userspace_addr + offset)
+            }
+        }
+    }
+
     /// The region as the front-end described it.
     pub fn info(&self) -> RegionInfo {
         self.info
