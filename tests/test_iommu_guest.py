@@ -13,16 +13,20 @@ QEMU and the daemon, so the tests check the conversation as well as the guest's 
   number of misses QEMU was asked, and more than 0; QEMU sent invalidations, and the
   daemon asked again for pages that were invalidated (it did drop them);
 * the same machine without ``iommu_platform``: no miss, no ``IOTLB_MSG``;
-* a ring the guest places at I/O virtual addresses the vIOMMU does not map
-  (``tests/guest_rogue_virtio.py``, run in the guest): QEMU answers that miss with
-  nothing (a DMA fault in the guest's log), the daemon reports the unanswered miss after
+* a ring whose descriptor table and available ring the guest places where the vIOMMU
+  gives no memory (``tests/guest_rogue_virtio.py``, run in the guest): QEMU answers that
+  miss with nothing, the daemon reports the unanswered miss after
   ``--iommu-miss-timeout`` and fails that queue's work, not itself: it keeps the
-  session, and the guest's own driver, bound again, does I/O through it.
+  session, and the guest's own driver, bound again, does I/O through it;
+* two daemon bugs QEMU exposed, each with a host-side regression test: a miss re-sent at
+  every unrelated IOTLB message (a storm of repeats), and the err fd forgotten at
+  RESET_DEVICE (QEMU then rejected the in-band VRING_ERR).
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import re
 import shlex
 from collections.abc import Iterator, Sequence
@@ -33,12 +37,20 @@ from pathlib import Path
 import pytest
 
 import guest
-from daemon_util import S_OK
+from daemon_util import S_OK, BlkGuest
 from peers import make_image
+from test_daemon_channel import CHANNEL
+from test_daemon_channel import session as channel_session
 from test_guest_daemon import image_at, serve
 from test_iommu import PAGE, iommu_guest
+from vhost import EventFd
+from vhost.codes import ProtocolFeature as PF
+from vhost.daemon import BlkDevice, Daemon
 from vhost.trace import Message, Record, Tracer
 from vhost.types import IotlbAccess, IotlbMessage, IotlbType
+from vhost.virtio import setup_queue
+
+pytestmark = pytest.mark.timeout(180)
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 IMAGE_BYTES = 32 << 20
@@ -99,6 +111,21 @@ class Iotlb:
     need_reply: int
 
 
+def iotlb_msgs(records: Sequence[Record], channel: str) -> list[tuple[int, int, int]]:
+    """``(type, iova, size)`` of each IOTLB_MSG request on ``channel`` (``main``: from
+    QEMU; ``backend-channel``: the daemon's misses)."""
+    found = []
+    for r in records:
+        if not isinstance(r, Message) or r.name != "IOTLB_MSG" or r.reply:
+            continue
+        if r.channel == channel:
+            kind, iova, size = r.field("type"), r.field("iova"), r.field("size")
+            assert isinstance(kind, int) and isinstance(iova, int), r.format()
+            assert isinstance(size, int), r.format()
+            found.append((kind, iova, size))
+    return found
+
+
 def iotlb_traffic(records: Sequence[Record]) -> Iotlb:
     counts = Iotlb(0, 0, 0, 0, 0, 0)
     invalidated: set[int] = set()
@@ -106,8 +133,7 @@ def iotlb_traffic(records: Sequence[Record]) -> Iotlb:
     for r in records:
         if not isinstance(r, Message) or r.name != "IOTLB_MSG" or r.reply:
             continue
-        kind, iova, size = r.field("type"), r.field("iova"), r.field("size")
-        assert isinstance(kind, int) and isinstance(iova, int) and isinstance(size, int), r
+        ((kind, iova, size),) = iotlb_msgs([r], r.channel)
         if r.channel == "backend-channel":
             assert r.sender == "backend" and kind == MISS, r.format()
             counts.misses += 1
@@ -142,6 +168,8 @@ class Run:
     stderr, and every vhost-user message."""
 
     output: str
+    #: The whole console: the kernel's and QEMU's messages too.
+    console: str
     code: int
     stderr: str
     records: list[Record]
@@ -168,11 +196,21 @@ def traced_daemon(sock_dir: Path, image: Path, extra: Sequence[str] = ()) -> Ite
         traced.code, traced.stderr = served.stop()
 
 
-def run_io(sock_dir: Path, image: Path, *, iommu_platform: bool) -> Run:
-    with traced_daemon(sock_dir, image) as traced:
+def run_io(
+    sock_dir: Path,
+    image: Path,
+    *,
+    iommu_platform: bool = True,
+    before: str = "",
+    mode: guest.Mode = "busybox",
+    serve_args: Sequence[str] = (),
+) -> Run:
+    """Boots the guest on a traced ``serve blk --iommu``; it runs ``before``, then
+    :func:`io_script`."""
+    with traced_daemon(sock_dir, image, serve_args) as traced:
         result = guest.run_guest(
-            io_script(),
-            mode="busybox",
+            before + io_script(),
+            mode=mode,
             qemu_args=guest.viommu_blk_args(traced.socket, iommu_platform=iommu_platform),
             kernel_args=guest.VIOMMU_KERNEL_ARGS,
             memory_mb=512,
@@ -181,7 +219,7 @@ def run_io(sock_dir: Path, image: Path, *, iommu_platform: bool) -> Run:
             timeout=GUEST_TIMEOUT,
         ).check()
     records = list(traced.tracer.records(timeout=5))
-    return Run(result.script_output, traced.code, traced.stderr, records)
+    return Run(result.script_output, result.output, traced.code, traced.stderr, records)
 
 
 def check_io(run: Run, image: Path) -> None:
@@ -197,7 +235,7 @@ def check_io(run: Run, image: Path) -> None:
         assert image_at(image, block * BLOCK // 512, BLOCK) == data[i * BLOCK : (i + 1) * BLOCK]
     assert run.code == 0, run.stderr
     assert "stopped after 1 session(s)" in run.stderr, run.stderr
-    assert "failed" not in run.stderr, run.stderr
+    assert "ended: " not in run.stderr or "closed the connection" in run.stderr, run.stderr
 
 
 @pytest.fixture
@@ -317,3 +355,72 @@ def test_updates_while_a_miss_is_outstanding_do_not_repeat_it(tmp_sock_dir: Path
     # The ring's pages, the request's header and data pages, its status byte.
     assert len(asked) >= 3, asked
     assert max(asked.values()) <= 2, asked
+
+
+ROGUE = CHECKOUT / "tests" / "guest_rogue_virtio.py"
+ROGUE_IOVA = "0x7ff00000"
+
+
+def test_a_ring_outside_the_guests_mappings_fails_that_work_not_the_daemon(
+    image: Path, tmp_sock_dir: Path
+) -> None:
+    # In the guest, tests/guest_rogue_virtio.py takes the disk from its driver and puts
+    # queue 0's descriptor table at an I/O virtual address the vIOMMU translates to no
+    # memory (the used ring must be mapped: QEMU translates it itself before it starts
+    # the back-end, and fails the start otherwise); then gives the disk back to
+    # virtio_blk, which does I/O as in the first test, all in one vhost-user session.
+    wait = MISS_TIMEOUT + 2.0
+    before = (
+        f"{guest.VENV_PYTHON} {ROGUE} --wait {wait} || exit 1\n"
+        "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
+    )
+    serve_args = ["--iommu-miss-timeout", str(MISS_TIMEOUT)]
+    run = run_io(tmp_sock_dir, image, before=before, mode="host", serve_args=serve_args)
+    out, records = run.output, run.records
+    assert f"ROGUE-RING-AT={ROGUE_IOVA}" in out and "ROGUE-DONE" in out, out
+    # QEMU had no memory to give for it: no update for that page ever came.
+    rogue = int(ROGUE_IOVA, 16)
+    asked = [iova for _, iova, _ in iotlb_msgs(records, "backend-channel")]
+    assert rogue in asked, "the daemon never asked for the ring's page"
+    updated = {iova // PAGE for kind, iova, _ in iotlb_msgs(records, "main") if kind == UPDATE}
+    assert rogue // PAGE not in updated
+    # The daemon said which address was not answered, after the bound, and stayed up:
+    # the same session then served the guest's own driver.
+    assert re.search(
+        rf"queue 0 stopped: queue 0: IOTLB miss .* at I/O virtual address {ROGUE_IOVA} not "
+        rf"answered within {MISS_TIMEOUT:g}s",
+        run.stderr,
+    ), run.stderr
+    check_io(run, image)
+    # The queue's failure was signalled on the err fd QEMU gave, not in band (which QEMU
+    # rejects: test_the_err_fd_outlives_a_device_reset).
+    assert "Received unexpected msg type" not in run.console, run.console
+
+
+def test_the_err_fd_outlives_a_device_reset(tmp_sock_dir: Path) -> None:
+    """What QEMU exposed (``Received unexpected msg type: 5`` in the fault test above):
+    QEMU sends SET_VRING_ERR once per connection and acks INBAND_NOTIFICATIONS without
+    handling VRING_ERR on the back-end channel. The daemon forgot the err fd at each
+    RESET_DEVICE (the guest driver resets the device at every probe), so a queue that
+    failed later was reported in band, to a front-end that rejects it. The err fd is the
+    front-end's for the whole connection: a failure after a reset signals it."""
+    err = EventFd()
+    blk = BlkGuest(1)
+    protocol = CHANNEL | PF.INBAND_NOTIFICATIONS | PF.RESET_DEVICE
+    with Daemon(BlkDevice.ram(1 << 20), tmp_sock_dir / "ram.sock") as daemon:
+        try:
+            with channel_session(daemon, protocol, memory=blk) as s:
+                s.fe.set_vring_err(0, err)
+                s.fe.reset_device()
+                s.fe.set_features(s.fe.acked_features)
+                vq = blk.vqs[0]
+                setup_queue(s.fe, 0, blk.memory, vq, blk.kicks[0], blk.calls[0])
+                # An avail index more than a ring ahead of the used one breaks the ring.
+                blk.memory.write(vq.avail + 2, (vq.size + 5).to_bytes(2, "little"))
+                blk.kicks[0].write(1)
+                assert err.wait(10.0), "the err fd given before the reset was not signalled"
+                with pytest.raises(queue.Empty):
+                    s.front.next(timeout=0.5)
+        finally:
+            blk.close()
+            err.close()
