@@ -109,12 +109,13 @@ VIOMMU_KERNEL_ARGS = ("intel_iommu=on", "iommu.strict=1")
 def viommu_blk_args(socket: str | os.PathLike[str], *, iommu_platform: bool = True) -> list[str]:
     """A vhost-user-blk device on the back-end at ``socket`` behind QEMU's emulated
     Intel IOMMU (TCG needs nothing more): ``device-iotlb=on`` with the device's
-    ``ats=on`` makes the guest invalidate the device's IOTLB, which QEMU passes on as
-    ``IOTLB_MSG`` invalidations (without it QEMU sends none); ATS needs a PCIe device,
-    hence the root port (on the root bus the device is a plain PCI one, and legacy
-    virtio, which refuses ``iommu_platform``). The IOMMU comes before the device, which
-    takes its DMA address space when it is created. ``iommu_platform=False`` is the same
-    machine with the device outside the IOMMU (a control)."""
+    ``ats=on`` gives the device an IOTLB of its own, which the guest invalidates as it
+    unmaps and QEMU passes on as ``IOTLB_MSG`` invalidations (issue 14's set-up); ATS
+    needs a PCIe device, hence the root port (on the root bus the device is a plain PCI
+    one, and legacy virtio, which refuses ``iommu_platform``). The IOMMU comes before
+    the device, which takes its DMA address space when it is created.
+    ``iommu_platform=False`` is the same machine with the device outside the IOMMU (a
+    control)."""
     escaped = qemu_escape(socket)
     device = "vhost-user-blk-pci,bus=rp0,chardev=vblk0,num-queues=1"
     if iommu_platform:
