@@ -235,7 +235,7 @@ def check_io(run: Run, image: Path) -> None:
         assert image_at(image, block * BLOCK // 512, BLOCK) == data[i * BLOCK : (i + 1) * BLOCK]
     assert run.code == 0, run.stderr
     assert "stopped after 1 session(s)" in run.stderr, run.stderr
-    assert "ended: " not in run.stderr or "closed the connection" in run.stderr, run.stderr
+    assert "session 1 ended: the front-end closed the connection" in run.stderr, run.stderr
 
 
 @pytest.fixture
@@ -386,11 +386,12 @@ def test_a_ring_outside_the_guests_mappings_fails_that_work_not_the_daemon(
     assert rogue // PAGE not in updated
     # The daemon said which address was not answered, after the bound, and stayed up:
     # the same session then served the guest's own driver.
-    assert re.search(
-        rf"queue 0 stopped: queue 0: IOTLB miss .* at I/O virtual address {ROGUE_IOVA} not "
-        rf"answered within {MISS_TIMEOUT:g}s",
-        run.stderr,
-    ), run.stderr
+    unanswered = [
+        line
+        for line in run.stderr.splitlines()
+        if "queue 0" in line and ROGUE_IOVA in line and "not answered" in line
+    ]
+    assert unanswered, run.stderr
     check_io(run, image)
     # The queue's failure was signalled on the err fd QEMU gave, not in band (which QEMU
     # rejects: test_the_err_fd_outlives_a_device_reset).
