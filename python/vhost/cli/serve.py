@@ -153,7 +153,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--iommu",
         action="store_true",
         help="offer VIRTIO_F_ACCESS_PLATFORM: serve a front-end with a vIOMMU (I/O virtual "
-        "addresses, IOTLB misses asked on the back-end channel)",
+        "addresses, IOTLB misses asked on the back-end channel; their count in the last "
+        "session is printed on stop)",
     )
     blk.add_argument(
         "--iommu-miss-timeout",
@@ -301,9 +302,15 @@ def run_blk(args: argparse.Namespace) -> int:
         iommu_miss_timeout=args.iommu_miss_timeout if args.iommu else None,
     )
     with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
-        return _serve(
+        status = _serve(
             daemon, f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})", args.verbose
         )
+    if args.iommu and status == 0:
+        # The one place a `serve blk` process reports how often the vIOMMU was asked.
+        misses = daemon.iotlb_misses
+        per_queue = ", ".join(f"queue {i}: {n}" for i, n in enumerate(misses))
+        _say(f"IOTLB misses in the last session: {sum(misses)} ({per_queue or 'no queues'})")
+    return status
 
 
 @contextmanager

@@ -294,7 +294,8 @@ impl DaemonHandler {
             let mut st = lock(&s.state);
             st.stop();
             st.call = None;
-            st.err = None;
+            // The err fd stays: QEMU sends SET_VRING_ERR once per connection, not after
+            // each reset (and rejects VRING_ERR in band, though it acks the feature).
             st.enabled = false;
             st.base = 0;
             st.addrs = None;
