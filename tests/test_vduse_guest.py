@@ -46,6 +46,26 @@ def test_vduse_native_blk_is_a_dev_vd_of_the_guest_kernel() -> None:
     assert info["removed"] is True  # stopping the daemon destroyed /dev/vduse/NAME
 
 
+def test_vduse_offers_split_rings_by_default_and_packed_when_asked() -> None:
+    run = kern_guest()
+    assert run.check("vduse_virtio_blk")["packed"] is False
+    # serve blk --vduse --packed: the guest kernel's virtio-blk negotiated
+    # VIRTIO_F_RING_PACKED (bit 34 of /sys/bus/virtio/devices/*/features), and the same
+    # write, cache drop, read-back and image checks pass on the packed ring.
+    info = run.check("vduse_virtio_blk_packed")
+    assert info["packed"] is True
+    assert info["sectors"] == SECTORS
+    assert info["read_back"] is True
+    assert info["image_holds_data"] is True
+    # Killed while bound: a packed ring's position cannot be read back from the ring, so
+    # the restart is refused (exit 1, one line saying why and what to do).
+    status, says = info["takeover"]
+    assert status == 1
+    assert "packed rings" in says[0] and "vdpa dev del pyvhost-pk" in says[0]
+    assert info["stop_status"] == 0
+    assert info["removed"] is True
+
+
 def test_vduse_python_blk_is_a_dev_vd_of_the_guest_kernel() -> None:
     info = kern_guest().check("vduse_virtio_blk_python")
     assert info["sectors"] == SECTORS
@@ -59,7 +79,11 @@ def test_vduse_bound_to_vhost_vdpa_is_driven_by_our_vdpa_driver() -> None:
     assert info["device_id"] == 2
     assert info["capacity"] == SECTORS
     assert info["io"] == "ok"
-    assert info["vring_base"] == 4  # GET_VRING_BASE answered by our GET_VQ_STATE handler
+    # A VMM's read-only mapping (dma_map readonly: VDUSE_ACCESS_RO) is read-only for the
+    # device: a read request into it fails with IOERR (1), nothing is written, the queue
+    # goes on.
+    assert info["read_only"] == {"status": 1, "unchanged": True}
+    assert info["vring_base"] == 6  # GET_VRING_BASE answered by our GET_VQ_STATE handler
     assert info["after_reset"] is True  # status 0 stopped the rings, a new driver restarted
     assert info["stop_status"] == 0
 
@@ -74,7 +98,16 @@ def test_vduse_sigkill_then_restart_recovers() -> None:
     # Stopped while still bound: exit status 2 and what to do; the next start took over.
     assert info["stop_while_bound"] == 2
     assert "vdpa dev del" in info["stop_while_bound_says"][0]
-    assert info["takeover_other_queues"][0] == 1  # refused: the device has 1 queue
+    # Taking over as another device is refused in one line naming the field and the fix.
+    status, says = info["takeover_other_queues"]
+    assert status == 1 and "its queue count is 1, this start's 2" in says
+    status, says = info["takeover_other_size"]
+    assert status == 1
+    assert says == (
+        'error: VDUSE device "pyvhost-re": left in use by a daemon that died, and cannot be '
+        "taken over: its capacity is 16384 sectors, this start's 18432 (another image "
+        "size); vdpa dev del pyvhost-re removes it"
+    )
     assert info["stop_after_reclaim"] == 0
     assert info["removed"] is True
 
@@ -86,6 +119,15 @@ def test_vduse_bad_input_is_named_and_leaks_nothing() -> None:
     assert "takes at most 255" in info["long_name"][1]
     assert info["slash"][0] == 1
     assert info["client"][0] == 1
+    assert info["packed_socket"][0] == 1
+    # serve rng --vduse: a device type VDUSE does not create, refused saying which it does.
+    status, says = info["rng"]
+    assert status == 1
+    assert says == (
+        'error: VDUSE device "pyvhost-rng": the kernel refused a virtio device of type 4 '
+        "(VDUSE_CREATE_DEV: Invalid argument (os error 22)); VDUSE creates virtio-net (1) and "
+        "virtio-blk (2) devices only (Linux 6.12; later kernels add virtio-fs, 26)"
+    )
     assert info["in_use"][0] == 1
     assert "is in use" in info["in_use"][1]
     life = run.check("vduse_lifecycle")
