@@ -29,6 +29,10 @@ def test_vduse_kernel_accepts_blk_and_net_and_names_the_errno_for_the_rest() -> 
         "console", "rng", "scsi", "9p", "gpu", "input", "vsock", "fs"
     }  # fmt: skip
     assert set(accepted.values()) == {"ok", "EINVAL"}
+    # The report is in the docs, with every refused type named.
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "kernel.md").read_text().split())
+    assert "VDUSE creates virtio-net (1) and virtio-blk (2) devices only" in docs
+    assert "(checked for console, rng, scsi, 9p, gpu, input, vsock and fs)" in docs
 
 
 def test_vduse_native_blk_is_a_dev_vd_of_the_guest_kernel() -> None:
