@@ -175,7 +175,9 @@ def test_daemon_transport_argument_is_checked(tmp_path: Path) -> None:
         Daemon(BlkDevice(str(image)), "d0", transport="vhost")  # type: ignore[arg-type]
     with pytest.raises(InvalidParamError, match="client=True is for vhost-user"):
         Daemon(BlkDevice(str(image)), "d0", transport="vduse", client=True)
-    daemon = Daemon(BlkDevice(str(image)), "d0", transport="vduse")
+    with pytest.raises(InvalidParamError, match="packed=True is for VDUSE"):
+        Daemon(BlkDevice(str(image)), "d0", packed=True)
+    daemon = Daemon(BlkDevice(str(image)), "d0", transport="vduse", packed=True)
     with pytest.raises(NotSupportedError, match="modprobe vduse"):
         daemon.start()
     assert not daemon.running

@@ -59,7 +59,8 @@ exit status:
   1    bad arguments, an image that cannot be opened or locked, a socket path
        that cannot be listened on or connected to; with --client, a session
        that ended on an error; with --vduse, a device the kernel refuses to
-       create (a type it does not allow: EINVAL; a name in use)
+       create (a type it does not allow: EINVAL; a name in use), or one a dead
+       daemon left bound that this start cannot take over (named: vdpa dev del)
   2    --vduse: stopped, but the kernel kept the device because a vDPA device
        still uses it (vdpa dev del NAME; the next start takes it over)"""
 

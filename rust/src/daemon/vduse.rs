@@ -3,16 +3,20 @@
 //!
 //! ```text
 //! VduseTransport::create ── VDUSE_CREATE_DEV (device type, features + ACCESS_PLATFORM,
-//!                           config, queues), VQ_SETUP each queue  (a stale device of the
-//!                           same name, left by a daemon that died, is destroyed first)
+//!                           config, queues), VQ_SETUP each queue, its Record written
+//!                           (a stale device of the same name, left by a daemon that died,
+//!                           is destroyed first; one still bound to a vDPA device is taken
+//!                           over if its Record matches and its rings are split)
 //! serve: poll(device fd, stop, first kicks)
-//!   SET_STATUS DRIVER_OK -> acked features, IOTLB fetched, VQ_GET_INFO per ready queue,
-//!                           rings started at the kernel's avail index, kick eventfds set
+//!   SET_STATUS DRIVER_OK -> acked features, IOTLB fetched (each range with its
+//!                           permission), VQ_GET_INFO per ready queue, rings (split or
+//!                           packed) started at the kernel's state, kick eventfds set
 //!   first kick of a queue -> IOTLB fetched again (the bounce area exists only once the
 //!                           driver mapped its first buffer), then the kernel kicks the
 //!                           worker's eventfd directly
 //!   SET_STATUS 0          -> rings stopped (their avail index kept), mappings dropped
-//!   GET_VQ_STATE          -> the ring's avail index
+//!   GET_VQ_STATE          -> the ring's avail index (packed: avail and used slots and
+//!                           wrap counters)
 //!   UPDATE_IOTLB          -> that span dropped and fetched again, handed to every queue
 //! workers: the vhost-user data path unchanged; used-ring interrupts go through
 //!          VDUSE_VQ_INJECT_IRQ (the queue's Notifier)
