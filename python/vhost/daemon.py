@@ -323,7 +323,13 @@ class Daemon:
     :class:`vhost.vdpa.VhostVdpa`). :meth:`start` creates it, replacing a stale device of
     the same name that a killed daemon left; :meth:`stop` destroys it, which the kernel
     refuses (``KernelError`` EBUSY, from :meth:`wait`) while a vDPA device still uses it:
-    ``vdpa dev del NAME`` first.
+    ``vdpa dev del NAME`` first. A device a killed daemon left in use is taken over only
+    when this start's device is the same (type, features, queue count and size,
+    configuration space such as a disk's capacity), else :meth:`start` raises
+    :class:`~vhost.errors.InvalidParamError` naming the field that differs. ``packed=True``
+    offers packed virtqueues too (Linux accepts them over VDUSE); without it the rings are
+    split, because after a crash only a split ring's position can be read back from the
+    ring, so a device whose driver uses packed rings cannot be taken over.
 
     ``postcopy_fault_timeout`` bounds how long a queue's request may wait on guest memory
     while postcopy listens (a page the front-end has not copied in yet): a wait longer
@@ -370,6 +376,7 @@ class Daemon:
         loop: asyncio.AbstractEventLoop | None = None,
         iommu_miss_timeout: float | None = None,
         transport: Literal["vhost-user", "vduse"] = "vhost-user",
+        packed: bool = False,
     ) -> None:
         if transport not in ("vhost-user", "vduse"):
             raise InvalidParamError(
@@ -377,6 +384,12 @@ class Daemon:
             )
         if transport == "vduse" and client:
             raise InvalidParamError("Daemon: client=True is for vhost-user, not VDUSE")
+        if packed and transport != "vduse":
+            raise InvalidParamError(
+                "Daemon: packed=True is for VDUSE (vhost-user always offers packed rings)"
+            )
+        #: VDUSE: whether packed rings are offered too.
+        self.packed = packed
         self.device = device
         self.path = os.fspath(path)
         self.client = client
@@ -406,7 +419,9 @@ class Daemon:
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""
-        self._native.start(self.path, client=self.client, vduse=self.transport == "vduse")
+        self._native.start(
+            self.path, client=self.client, vduse=self.transport == "vduse", packed=self.packed
+        )
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
