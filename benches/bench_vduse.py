@@ -101,7 +101,8 @@ def _cpu_times() -> dict[int, tuple[int, int]]:
 
 
 def _proc_usage(pid: int) -> tuple[float, int]:
-    """CPU seconds (all threads) and context switches (all threads) of process ``pid``."""
+    """CPU seconds and context switches of process ``pid``, all its threads (the switches
+    of threads that exited, such as qsd's retired pool threads, are not counted)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     switches = 0
@@ -126,8 +127,8 @@ class Backend:
         self.qsd: subprocess.Popen[bytes] | None = None
         self.added = False
         everywhere = os.sched_getaffinity(0)
-        # Started on its CPU: every thread it makes later (workers, qsd's iothreads)
-        # inherits the mask.
+        # Started on its CPU: every thread it makes later (our queue workers, qsd's pool
+        # threads, io_uring workers) inherits the mask.
         os.sched_setaffinity(0, everywhere if cpu is None else {cpu})
         try:
             if who == "ours":
