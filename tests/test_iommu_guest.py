@@ -13,10 +13,12 @@ QEMU and the daemon, so the tests check the conversation as well as the guest's 
   number of misses QEMU was asked, and more than 0; QEMU sent invalidations, and the
   daemon asked again for pages that were invalidated (it did drop them);
 * the same machine without ``iommu_platform``: no miss, no ``IOTLB_MSG``;
-* a ring whose descriptor table and available ring the guest places where the vIOMMU
-  gives no memory (``tests/guest_rogue_virtio.py``, run in the guest): QEMU answers that
-  miss with nothing, the daemon reports the unanswered miss after
-  ``--iommu-miss-timeout`` and fails that queue's work, not itself: it keeps the
+* what the guest gives the device where the vIOMMU gives no memory
+  (``tests/guest_rogue_virtio.py``, run in the guest, one boot): QEMU answers those
+  misses with nothing, and the daemon reports each unanswered miss after
+  ``--iommu-miss-timeout``. A request's data buffer there fails that request alone
+  (``VIRTIO_BLK_S_IOERR``) and the same queue serves the next requests; a descriptor
+  table and available ring there fail that queue's work, not the daemon: it keeps the
   session, and the guest's own driver, bound again, does I/O through it;
 * two daemon bugs QEMU exposed, each with a host-side regression test: a miss re-sent at
   every unrelated IOTLB message (a storm of repeats), and the err fd forgotten at
@@ -29,6 +31,8 @@ import itertools
 import queue
 import re
 import shlex
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from pathlib import Path
 import pytest
 
 import guest
+import guest_rogue_virtio as rogue
 from daemon_util import S_OK, BlkGuest
 from peers import make_image
 from test_daemon_channel import CHANNEL
@@ -59,8 +64,6 @@ BLOCK = 64 << 10
 BLOCKS = (16, 40, 100, 300)
 #: What QEMU's guest may take at most, boot included (TCG boots in about 5 s here).
 GUEST_TIMEOUT = 90.0
-#: Seconds the daemon waits for an unanswered miss in the fault test.
-MISS_TIMEOUT = 2.0
 
 # IOTLB message types (the vhost_iotlb_msg type field).
 MISS, UPDATE, INVALIDATE = 1, 2, 3
@@ -358,41 +361,120 @@ def test_updates_while_a_miss_is_outstanding_do_not_repeat_it(tmp_sock_dir: Path
 
 
 ROGUE = CHECKOUT / "tests" / "guest_rogue_virtio.py"
-ROGUE_IOVA = "0x7ff00000"
+ROGUE_RING = rogue.RING_IOVA
+ROGUE_DATA = rogue.DATA_IOVA
+#: The rogue boot's miss bound: short, the test waits it out twice.
+ROGUE_MISS_TIMEOUT = 1.0
 
 
-def test_a_ring_outside_the_guests_mappings_fails_that_work_not_the_daemon(
-    image: Path, tmp_sock_dir: Path
-) -> None:
-    # In the guest, tests/guest_rogue_virtio.py takes the disk from its driver and puts
-    # queue 0's descriptor table at an I/O virtual address the vIOMMU translates to no
-    # memory (the used ring must be mapped: QEMU translates it itself before it starts
-    # the back-end, and fails the start otherwise); then gives the disk back to
-    # virtio_blk, which does I/O as in the first test, all in one vhost-user session.
-    wait = MISS_TIMEOUT + 2.0
+@dataclass
+class Rogue:
+    """The rogue boot: tests/guest_rogue_virtio.py's request case, then its ring case,
+    then the guest's own I/O, all on one ``serve blk --iommu`` and one session."""
+
+    run: Run
+    image: Path
+
+
+@pytest.fixture(scope="module")
+def rogue_boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rogue]:
+    # In the guest, tests/guest_rogue_virtio.py takes the disk from its driver and, on
+    # the same device: sends requests on a ring of its own, request 1 with its data
+    # buffer where the vIOMMU translates to no memory; resets it and puts queue 0's
+    # descriptor table at such an address (the used ring must be mapped: QEMU
+    # translates it itself before it starts the back-end, and fails the start
+    # otherwise); then gives the disk back to virtio_blk, which does I/O as in the
+    # first test, all in one vhost-user session.
+    image = make_image(tmp_path_factory.mktemp("rogue") / "disk.img", IMAGE_BYTES)
+    wait = ROGUE_MISS_TIMEOUT + 2.0
     before = (
-        f"{guest.VENV_PYTHON} {ROGUE} --wait {wait} || exit 1\n"
+        f"{guest.VENV_PYTHON} {ROGUE} --requests --timeout {ROGUE_MISS_TIMEOUT + 15} "
+        f"--wait {wait} || exit 1\n"
         "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
     )
-    serve_args = ["--iommu-miss-timeout", str(MISS_TIMEOUT)]
-    run = run_io(tmp_sock_dir, image, before=before, mode="host", serve_args=serve_args)
+    serve_args = ["--iommu-miss-timeout", str(ROGUE_MISS_TIMEOUT)]
+    sock_dir = Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp"))
+    try:
+        run = run_io(sock_dir, image, before=before, mode="host", serve_args=serve_args)
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    yield Rogue(run, image)
+
+
+def rogue_results(output: str) -> dict[int, dict[str, str]]:
+    """The request case's ``ROGUE-REQ<n> key=value ...`` lines, by request number."""
+    found: dict[int, dict[str, str]] = {}
+    for number, fields in re.findall(r"^ROGUE-REQ(\d+) (.*)$", output, flags=re.M):
+        found[int(number)] = dict(f.split("=", 1) if "=" in f else (f, "") for f in fields.split())
+    return found
+
+
+def unanswered(stderr: str, iova: int) -> list[str]:
+    """The daemon's lines naming queue 0, ``iova`` and a miss not answered."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if "queue 0" in line and f"{iova:#x}" in line and "not answered" in line
+    ]
+
+
+def test_a_buffer_outside_the_guests_mappings_fails_that_request_and_the_queue_goes_on(
+    rogue_boot: Rogue,
+) -> None:
+    """Request 1's data buffer is where QEMU has no memory to give: its miss goes
+    unanswered; after the bound the daemon fails that request alone, the blk way (used
+    length 1, ``VIRTIO_BLK_S_IOERR`` in its status byte, which is mapped), and the same
+    queue, not reset, serves requests 2 and 3 (a write and its read-back).
+
+    On the old behaviour (an unanswered miss on a data buffer failed the queue), request
+    1 never came back: ``ROGUE-REQ1 ... none``, no request 2, and the daemon's line
+    said the queue stopped, with no request failed."""
+    run = rogue_boot.run
+    results = rogue_results(run.output)
+    assert 1 in results, run.output
+    # Came back, the device's failure in the status byte the guest gave (set to 0xff first).
+    assert results[1] == {"head": "0", "id": "0", "used_len": "1", "status": "1"}, run.output
+    assert results[2] == {"head": "3", "id": "3", "used_len": "1", "status": "0"}, run.output
+    assert results[3] == {
+        "head": "6",
+        "id": "6",
+        "used_len": str(rogue.SECTOR_BYTES + 1),
+        "status": "0",
+        "data": "same",
+    }, run.output
+    assert image_at(rogue_boot.image, rogue.SECTOR, rogue.SECTOR_BYTES) == rogue.PATTERN
+    # The daemon asked for the data page, for a device write (a read request), and QEMU
+    # never gave it.
+    asked = iotlb_msgs(run.records, "backend-channel")
+    assert any(iova == ROGUE_DATA for _, iova, _ in asked), asked
+    updated = {iova // PAGE for kind, iova, _ in iotlb_msgs(run.records, "main") if kind == UPDATE}
+    assert ROGUE_DATA // PAGE not in updated
+    # The daemon named the request it failed, and no queue stopped for it.
+    failed = unanswered(run.stderr, ROGUE_DATA)
+    assert failed and all("head 0" in line for line in failed), run.stderr
+    assert not [line for line in failed if "stopped" in line], run.stderr
+
+
+def test_a_ring_outside_the_guests_mappings_fails_that_queue_not_the_daemon(
+    rogue_boot: Rogue,
+) -> None:
+    """Queue 0's descriptor table and available ring where QEMU has no memory to give:
+    there is no request to fail, the daemon stops the queue after the bound, and serves
+    on: the guest's driver, once it resets the device, does I/O through the same
+    session of the same process (after the request case above too)."""
+    run = rogue_boot.run
     out, records = run.output, run.records
-    assert f"ROGUE-RING-AT={ROGUE_IOVA}" in out and "ROGUE-DONE" in out, out
+    assert f"ROGUE-RING-AT={ROGUE_RING:#x}" in out and "ROGUE-DONE" in out, out
     # QEMU had no memory to give for it: no update for that page ever came.
-    rogue = int(ROGUE_IOVA, 16)
     asked = [iova for _, iova, _ in iotlb_msgs(records, "backend-channel")]
-    assert rogue in asked, "the daemon never asked for the ring's page"
+    assert ROGUE_RING in asked, "the daemon never asked for the ring's page"
     updated = {iova // PAGE for kind, iova, _ in iotlb_msgs(records, "main") if kind == UPDATE}
-    assert rogue // PAGE not in updated
+    assert ROGUE_RING // PAGE not in updated
     # The daemon said which address was not answered, after the bound, and stayed up:
     # the same session then served the guest's own driver.
-    unanswered = [
-        line
-        for line in run.stderr.splitlines()
-        if "queue 0" in line and ROGUE_IOVA in line and "not answered" in line
-    ]
-    assert unanswered, run.stderr
-    check_io(run, image)
+    stopped = [line for line in unanswered(run.stderr, ROGUE_RING) if "stopped" in line]
+    assert stopped, run.stderr
+    check_io(run, rogue_boot.image)
     # The queue's failure was signalled on the err fd QEMU gave, not in band (which QEMU
     # rejects: test_the_err_fd_outlives_a_device_reset).
     assert "Received unexpected msg type" not in run.console, run.console
