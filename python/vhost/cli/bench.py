@@ -34,8 +34,9 @@ back-end serving with ``VIRTIO_F_ACCESS_PLATFORM`` (``python -m vhost serve blk
 --iommu``); one that does not offer it is an error naming the feature (status 2). The
 driver then uses I/O virtual addresses: what the flat layout puts at guest address ``x``
 is at ``2**40 + x``, and behind those addresses the memory is remapped in pages of
-``--iommu-page`` bytes swapped in pairs (I/O virtual page ``j`` is guest page ``j ^ 1``),
-so a back-end that mistranslates reads or writes the wrong page and ``--verify`` says so.
+``--iommu-page`` bytes: of ``n`` pages, I/O virtual page ``j`` is guest page ``((j ^ 1) +
+n // 2) % n`` (neighbours swapped in pairs, the halves of the memory exchanged), so a
+back-end that mistranslates reads or writes another page and ``--verify`` says so.
 The back-end's IOTLB misses are answered by a thread of the native loop with an update of
 the whole page (read-write); the report counts them (``iotlb_misses``: during the timed
 run; ``iommu``: the totals). ``--iommu-prefill`` says what is mapped before the run,

@@ -9,13 +9,18 @@
 //! set-up allocates it). The driver works in IOVA space: what sits at guest offset `x` in
 //! the flat layout (rings, request headers, data windows) sits at IOVA [`IOVA_BASE`]` + x`.
 //! Behind those IOVAs, the memory is remapped page by page, in pages of the IOMMU's page
-//! size (`--iommu-page`): I/O virtual page `j` is backed by guest page `j ^ 1`, i.e. the
-//! pages are swapped in pairs (an odd last page stays in place). So
+//! size (`--iommu-page`): of `n` pages, I/O virtual page `j` is backed by guest page
+//! `((j ^ 1) + n / 2) % n` (`j ^ 1` is `j` itself for an odd last page). Neighbouring pages
+//! are swapped in pairs and the two halves of the memory exchanged, so
 //! - a back-end that took an IOVA for a guest address would find nothing there (the memory
 //!   table ends far below [`IOVA_BASE`]): its requests fail;
 //! - one that stretched a translation past the entry it came from (assuming the next page
-//!   follows in memory) would read and write the neighbouring page of the pair: `--verify`
-//!   finds the data wrong.
+//!   follows in memory) would reach the memory of another I/O virtual page;
+//! - one that left the pages in order would read and write the other half of the memory:
+//!   data of other slots, not its request's, so even a consistent mistranslation (the same
+//!   wrong page for the write and the read-back) leaves the driver's buffers stale.
+//!
+//! Either of the last two makes `--verify` find the data wrong.
 //!
 //! The driver itself reads and writes through [`Remap::driver_view`], a memory map in IOVA
 //! space built from the same rule, so the data it checks is the data the back-end had to
@@ -140,14 +145,12 @@ impl Remap {
         IOVA_BASE + offset
     }
 
-    /// The guest page backing I/O virtual page `j`: `j ^ 1`, an odd last page itself.
+    /// The guest page backing I/O virtual page `j` (below `pages`): `((j ^ 1) + n / 2) %
+    /// n`, with `j ^ 1` taken as `j` for an odd last page. A bijection of the pages.
     fn backing_page(&self, j: u64) -> u64 {
-        let k = j ^ 1;
-        if k < self.pages {
-            k
-        } else {
-            j
-        }
+        let n = self.pages;
+        let k = if j ^ 1 < n { j ^ 1 } else { j };
+        (k + n / 2) % n
     }
 
     /// The guest-physical address behind `iova`; None outside the remapped space.
