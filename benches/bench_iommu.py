@@ -102,12 +102,12 @@ def main() -> int:
                 ratios = [r["iops"] / f["iops"] for r, f in zip(rs, flat, strict=False)]
                 per_io = [r["iotlb_misses"] / max(r["ios"], 1) for r in rs
                           if r["iotlb_misses"] is not None]  # fmt: skip
-                cpu = median([r["driver_cpu_seconds"] * 1e6 / max(r["ios"], 1) for r in rs])
+                driver_us = median([r["driver_cpu_seconds"] * 1e6 / max(r["ios"], 1) for r in rs])
                 p50 = median([r["latency_ns"]["p50"] / 1e3 for r in rs])
                 p99 = median([r["latency_ns"]["p99"] / 1e3 for r in rs])
                 print(f"| {placement} | {case} | {qd} | {spread(iops, '{:.0f}')} | "
                       f"{spread(ratios) if case != 'flat' else '1'} | "
-                      f"{spread(per_io, '{:.4f}')} | {cpu:.2f} | "
+                      f"{spread(per_io, '{:.4f}')} | {driver_us:.2f} | "
                       f"{p50:.0f} / {p99:.0f} |")  # fmt: skip
     print()
     for placement in args.placements.split(","):
