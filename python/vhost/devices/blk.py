@@ -263,6 +263,11 @@ class BlkDriver(Closing):
     several requests. Each request's data is handed to the device in segments of at most
     ``segment_size`` bytes (fewer if the device's ``seg_max``/``size_max`` say so), so a
     large request is a multi-descriptor chain.
+
+    ``iommu=True`` (``bench blk --iommu``) also acks ``VIRTIO_F_ACCESS_PLATFORM`` and
+    ``BACKEND_REQ`` (:class:`~vhost.errors.NotSupportedError` when the back-end offers
+    either not) and leaves queue 0 unset: only :meth:`native_load` drives it, playing the
+    IOMMU and handing the ring over at I/O virtual addresses.
     """
 
     SUPPORTED_FEATURES = (
