@@ -79,6 +79,16 @@ def test_verified_run_behind_the_iommu_leaves_the_pattern_in_the_image(
     assert image.read_bytes()[: 64 << 10] == bytes(64 << 10)
 
 
+def test_packed_ring_and_64k_pages_behind_the_iommu(iommu_serve: Path, image: Path) -> None:
+    r = bench_json(iommu_serve, "--iommu", "--iommu-page", "64k", "--packed", "--rw",
+                   "randwrite", "--verify", "--generation", "3", "--size", str(REGION),
+                   "--ios", "500")  # fmt: skip
+    assert r["packed"] and r["verify"]["ok"], r
+    assert r["iommu"]["page"] == 65536 and r["iommu"]["misses"] > 0
+    gens = image_generations(image, 0, REGION, [3, 4])
+    assert -1 not in gens and gens.count(4) * SECTOR == r["verify"]["written_bytes"]
+
+
 def test_prefill_all_maps_every_page_up_front(iommu_serve: Path) -> None:
     r = bench_json(iommu_serve, "--iommu", "--iommu-prefill", "all", "--verify",
                    "--size", str(REGION), "--seconds", "0.2")  # fmt: skip
