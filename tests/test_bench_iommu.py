@@ -7,8 +7,9 @@ Speed is never asserted; the figures are ``benches/bench_iommu.py``'s.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import pytest
 
 import peers
 from test_cli_bench import IMAGE_SIZE, REGION, SECTOR, bench, bench_json, image_generations
+from vhost.devices.blk import BlkDriver
+from vhost.errors import ClosedError
+from vhost.user import Frontend
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,6 +28,11 @@ def serve(image: Path, sock: Path, *extra: str) -> AbstractContextManager[peers.
     argv = [sys.executable, "-m", "vhost", "serve", "blk", "--socket", str(sock),
             "--image", str(image), *extra]  # fmt: skip
     return peers.spawn_peer("serve-blk", argv, sock)
+
+
+def os_threads() -> int:
+    """Threads of this process, native ones included (the responder is a Rust thread)."""
+    return len(os.listdir("/proc/self/task"))
 
 
 @pytest.fixture
@@ -87,6 +96,30 @@ def test_packed_ring_and_64k_pages_behind_the_iommu(iommu_serve: Path, image: Pa
     assert r["iommu"]["page"] == 65536 and r["iommu"]["misses"] > 0
     gens = image_generations(image, 0, REGION, [3, 4])
     assert -1 not in gens and gens.count(4) * SECTOR == r["verify"]["written_bytes"]
+
+
+def test_native_load_behind_the_iommu_leaks_no_fd_or_thread(
+    iommu_serve: Path, image: Path, fd_count: Callable[[], int]
+) -> None:
+    """The API under ``bench blk --iommu``: a driver made with ``iommu=True`` has no queue
+    of its own until ``native_load`` sets it up behind the IOMMU; the responder thread and
+    the back-end channel go with the load."""
+    fds, threads = fd_count(), os_threads()
+    with BlkDriver(Frontend.connect(iommu_serve), slots=4, max_request=8192, iommu=True) as disk:
+        with pytest.raises(ClosedError, match="behind an IOMMU"):
+            disk.read(0, 512)
+        load = disk.native_load(iommu_page=8192, iommu_prefill="none")
+        r = load.run("write", 8192, 4, 0, REGION, ios=128, verify=True, generation=21)
+        assert r["verify"]["ok"] and r["verify"]["iotlb_misses"] > 0
+        mmu = load.iommu
+        assert mmu is not None and mmu["page"] == 8192 and mmu["iova_base"] == 1 << 40
+        with pytest.raises(ClosedError):
+            disk.native_load()
+        del load
+    # 128 sequential 8 KiB writes: the first MiB holds generation 22.
+    assert image_generations(image, 0, REGION, [22]) == [22] * (REGION // SECTOR)
+    assert fd_count() == fds
+    assert os_threads() == threads, "the miss-answering thread outlived its load"
 
 
 def test_prefill_all_maps_every_page_up_front(iommu_serve: Path) -> None:
