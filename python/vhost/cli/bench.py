@@ -359,7 +359,7 @@ def _connect(args: argparse.Namespace) -> tuple[BlkDriver, list[int]]:
         from ..errors import NotSupportedError  # noqa: PLC0415
 
         if args.iommu and isinstance(exc.__cause__, NotSupportedError):
-            exc.hint = "serve it with --iommu, e.g. python -m vhost serve blk --iommu"
+            exc.hint = "python -m vhost serve blk --iommu offers it"
         raise
 
 
