@@ -28,7 +28,7 @@
 //!
 //! # Answering misses
 //!
-//! [`Responder`] owns the front-end's end of the back-end request channel and, on a thread
+//! [`Iommu`] owns the front-end's end of the back-end request channel and, on a thread
 //! of its own, answers every `IOTLB_MSG` miss with an `IOTLB_MSG` update of the whole page
 //! the address falls in (read-write), sent on the front-end's socket before the miss is
 //! acknowledged, as QEMU's vIOMMU does. The page size decides how many misses a run takes
