@@ -149,16 +149,9 @@ def stopped(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 
 def connect(sock: Path, timeout: float = 5.0) -> Frontend:
-    """Our front-end on an example's socket. The path appears when the example binds it,
-    a moment before it listens: a refused connect is retried until START_TIMEOUT."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            return Frontend.connect(sock, timeout=timeout)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    """Our front-end on an example's socket. No retry: our servers make the path appear
+    only once they listen, so a refused connect here is a bug."""
+    return Frontend.connect(sock, timeout=timeout)
 
 
 def read_entropy(sock: Path, length: int) -> bytes:

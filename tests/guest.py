@@ -13,7 +13,9 @@ share and adds what only they need:
   newer tests boot a command-taking guest with :func:`vhost.testing.boot` or the
   ``vhost_guest`` fixture;
 * :func:`vhost_user_blk_args`, the QEMU arguments README.md shows
-  (``tests/test_readme.py`` checks that they are the same).
+  (``tests/test_readme.py`` checks that they are the same);
+* :func:`viommu_blk_args` and :data:`VIOMMU_KERNEL_ARGS`: a vhost-user-blk device
+  behind QEMU's emulated Intel IOMMU, as docs/iommu.md shows.
 
 A missing QEMU or image fails the test (a :class:`vhost.testing.GuestSetupError`), never
 skips it; ``scripts/setup.sh`` installs QEMU and builds the image.
@@ -30,6 +32,7 @@ import peers
 from vhost import testing
 from vhost.testing import GuestImage, GuestResult, Mode, image_dir, shared_memory_args
 from vhost.testing.machine import SCRIPT_TIMEOUT, tail
+from vhost.testing.qemu import qemu_escape
 
 __all__ = [
     "CHECKOUT",
@@ -37,6 +40,7 @@ __all__ = [
     "GUEST_DIR",
     "RUNS_DIR",
     "VENV_PYTHON",
+    "VIOMMU_KERNEL_ARGS",
     "Guest",
     "GuestImage",
     "GuestResult",
@@ -49,6 +53,7 @@ __all__ = [
     "shared_memory_args",
     "start_guest",
     "vhost_user_blk_args",
+    "viommu_blk_args",
 ]
 
 GUEST_DIR = image_dir()
@@ -92,6 +97,39 @@ def vhost_user_blk_args(
 ) -> list[str]:
     """A vhost-user-blk device on the back-end at ``socket`` (README.md shows these)."""
     return testing.Device("blk", socket, queues=queues, reconnect=reconnect).qemu_args()
+
+
+#: The guest kernel's side of :func:`viommu_blk_args`: the Intel IOMMU driver on, and
+#: strict invalidation (each unmap is invalidated at once, so the back-end sees
+#: invalidations and misses again; ``iommu=strict`` is not the option for that on 6.12:
+#: the kernel stays in lazy mode).
+VIOMMU_KERNEL_ARGS = ("intel_iommu=on", "iommu.strict=1")
+
+
+def viommu_blk_args(socket: str | os.PathLike[str], *, iommu_platform: bool = True) -> list[str]:
+    """A vhost-user-blk device on the back-end at ``socket`` behind QEMU's emulated
+    Intel IOMMU (TCG needs nothing more): ``device-iotlb=on`` with the device's
+    ``ats=on`` gives the device an IOTLB of its own, which the guest invalidates as it
+    unmaps and QEMU passes on as ``IOTLB_MSG`` invalidations (issue 14's set-up); ATS
+    needs a PCIe device, hence the root port (on the root bus the device is a plain PCI
+    one, and legacy virtio, which refuses ``iommu_platform``). The IOMMU comes before
+    the device, which takes its DMA address space when it is created.
+    ``iommu_platform=False`` is the same machine with the device outside the IOMMU (a
+    control)."""
+    escaped = qemu_escape(socket)
+    device = "vhost-user-blk-pci,bus=rp0,chardev=vblk0,num-queues=1"
+    if iommu_platform:
+        device += ",iommu_platform=on,ats=on"
+    return [
+        "-device",
+        "intel-iommu,intremap=off,device-iotlb=on",
+        "-device",
+        "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+        "-chardev",
+        f"socket,id=vblk0,path={escaped}",
+        "-device",
+        device,
+    ]
 
 
 def boot_args(

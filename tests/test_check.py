@@ -11,13 +11,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import peers
-from vhost.check import Outcome, Report, all_cases, run_checks
+from vhost.check import Outcome, Report, all_cases, run_checks, wire
+from vhost.check.hostile import ACCESS_PLATFORM, IOTLB_CASES
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,15 +74,22 @@ def qsd_argv(image: Path, sock: Path) -> list[str]:
 # -- our own back-ends: every case passes --------------------------------------------
 
 
+IOTLB_NAMES = [c.name for c in IOTLB_CASES]
+"""The IOTLB_MSG cases (H4a, H4b): they skip on a back-end without ACCESS_PLATFORM."""
+
+
 def test_serve_blk_passes_every_case(tmp_sock_dir: Path, image: Path) -> None:
     sock = tmp_sock_dir / "blk.sock"
     report = run_checks(sock, device="blk",
                         restart=serve_argv("blk", sock, "--image", image), timeout=5.0)
     assert_complete(report)
-    assert not_passed(report) == {}, report.table()
+    # Without --iommu it offers no ACCESS_PLATFORM: the IOTLB cases do not apply.
+    assert not_passed(report) == dict.fromkeys(IOTLB_NAMES, "skip"), report.table()
+    skipped = {r.name: r.detail for r in report.results if r.name in IOTLB_NAMES}
+    assert all("ACCESS_PLATFORM (bit 33) is not offered" in d for d in skipped.values())
     assert report.ok
-    # The checker started the back-end itself, so it counted its fds after each case.
-    assert all(r.fds is not None for r in report.results)
+    # The checker started the back-end itself, so it counted its fds after each case run.
+    assert all(r.fds is not None for r in report.results if r.outcome is not Outcome.SKIP)
 
 
 def test_serve_rng_passes_every_case(tmp_sock_dir: Path) -> None:
@@ -90,8 +99,77 @@ def test_serve_rng_passes_every_case(tmp_sock_dir: Path) -> None:
     # virtio-rng has no config space: the CONFIG cases do not apply, all others pass.
     config_cases = {"config-bounds", "config-without-CONFIG", "config-offset-overflow",
                     "config-size-0", "config-size-4097", "config-size-field-lies"}
-    assert not_passed(report) == dict.fromkeys(config_cases, "skip"), report.table()
+    skipped = dict.fromkeys(config_cases | set(IOTLB_NAMES), "skip")
+    assert not_passed(report) == skipped, report.table()
     assert report.ok
+
+
+def test_serve_blk_iommu_refuses_bad_iotlb_messages_and_goes_on(
+    tmp_sock_dir: Path, image: Path
+) -> None:
+    sock = tmp_sock_dir / "blk.sock"
+    report = run_checks(sock, device="blk", only=IOTLB_NAMES, timeout=5.0,
+                        restart=serve_argv("blk", sock, "--image", image, "--iommu"))
+    assert outcomes(report) == dict.fromkeys(IOTLB_NAMES, Outcome.PASS), report.table()
+    details = " ".join(r.detail for r in report.results)
+    for what in ("permission 0", "outside the memory table", "update of size 0", "wraps",
+                 "invalidate of size 0"):
+        assert what in details, details
+    assert all(r.fds is not None for r in report.results)
+
+
+@contextlib.contextmanager
+def accept_everything(sock: Path) -> Iterator[None]:
+    """A back-end that offers ACCESS_PLATFORM and REPLY_ACK and acks every request as a
+    success, whatever it says: what the IOTLB cases must fail."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    features = (1 << 32) | (1 << 30) | ACCESS_PLATFORM
+    stop = threading.Event()
+
+    def reply(conn: socket.socket, code: int, value: int) -> None:
+        wire.send(conn, wire.message(code, wire.U64.pack(value), flags=wire.VERSION | wire.REPLY))
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5.0)
+                try:
+                    while (m := wire.recv_message(conn)) is not None:
+                        m.close_fds()
+                        if m.code == 1:  # GET_FEATURES
+                            reply(conn, m.code, features)
+                        elif m.code == 15:  # GET_PROTOCOL_FEATURES
+                            reply(conn, m.code, 1 << 3)  # REPLY_ACK
+                        elif m.flags & wire.NEED_REPLY:
+                            reply(conn, m.code, 0)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(5)
+        listener.close()
+
+
+def test_iotlb_cases_fail_a_back_end_that_accepts_bad_updates(tmp_sock_dir: Path) -> None:
+    sock = tmp_sock_dir / "yes.sock"
+    with accept_everything(sock):
+        report = run_checks(sock, only=IOTLB_NAMES, timeout=2.0)
+    assert outcomes(report) == dict.fromkeys(IOTLB_NAMES, Outcome.FAIL), report.table()
+    details = {r.name: r.detail for r in report.results}
+    assert "update with permission 0 was acked as a success" in details["iotlb-update-refused"]
+    assert "update of size 0 was acked as a success" in details["iotlb-range-refused"]
 
 
 # -- third-party back-ends: the run completes, with the measured result ---------------
@@ -118,7 +196,7 @@ QSD_KNOWN = {
     "vring-addr-index-0x10001": "died", "get-vring-base-index-255": "died",
     "kick-index-255": "fail", "enable-index-0x10001": "fail", "inflight-too-small": "skip",
     # No slot limit enforced (as mem-slot-limit), no packed rings in libvhost-user.
-    "mem-slot-exhaustion": "fail", **dict.fromkeys(PACKED_CASES, "skip"),
+    "mem-slot-exhaustion": "fail", **dict.fromkeys(PACKED_CASES + IOTLB_NAMES, "skip"),
 }
 
 
@@ -145,7 +223,7 @@ VIRTIOFSD_KNOWN = {
     "mem-slot-exhaustion": "fail",
     **dict.fromkeys(["same-head-twice", "header-layouts", "used-len-bounded",
                      "event-idx-at-end", "kick-before-ready", "mem-table-swap",
-                     *PACKED_CASES], "skip"),
+                     *PACKED_CASES, *IOTLB_NAMES], "skip"),
 }
 
 
@@ -171,7 +249,8 @@ VHOST_DEVICE_RNG_KNOWN = dict.fromkeys(
     ["reply-ack", "mem-slot-limit", "config-bounds", "config-without-CONFIG",
      "add-mem-reg-without-slots", "backend-req-fd-is-pipe", "rem-absent-region",
      "inflight-too-small", "config-offset-overflow", "config-size-0", "config-size-4097",
-     "config-size-field-lies", "mem-slot-exhaustion", "log-base-bad", *PACKED_CASES],
+     "config-size-field-lies", "mem-slot-exhaustion", "log-base-bad", *PACKED_CASES,
+     *IOTLB_NAMES],
     "skip") | {
     # A kick that arrives while the ring is disabled is lost (rust-vmm vhost #343).
     "kick-before-ready": "fail"}

@@ -80,6 +80,7 @@ IMAGE_SIZE = 64 << 20
 RUN_ELSEWHERE = {
     "testing.md": "tests/test_testing_docs.py",
     "asyncio.md": "tests/test_aio_docs.py",
+    "iommu.md": "tests/test_iommu_guest.py",
 }
 OUTPUT_DIRECTIVE = "output of the block above"
 KINDS = ("server", "sh", "python", "qemu-blk", "guest")

@@ -7,15 +7,20 @@ front-end answers the daemon's ``BACKEND_IOTLB_MSG`` misses on the back-end chan
 ``IOTLB_MSG`` updates, page by page, from its own page table, and counts them. Data is
 checked byte-exact in the image; a reply into a page the IOMMU maps read-only fails that
 request (IOERR or an empty completion) and leaves the page unchanged; the session and the
-queue go on. Bad IOTLB updates are refused with the session intact.
+queue go on. A miss the IOMMU side never answers fails that one request after the bound
+(IOERR when only a data buffer is missing, an empty completion when its descriptors are)
+and the queue goes on. Bad IOTLB updates are refused with the session intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +37,9 @@ from daemon_util import (
     ServeProc,
     make_image,
 )
+from vhost import DirtyLog, GuestMemory
 from vhost.codes import ProtocolFeature as PF
-from vhost.errors import VhostError, VhostTimeoutError
+from vhost.errors import VhostError
 from vhost.types import IotlbAccess, IotlbMessage, IotlbType, VringConfig
 from vhost.user import Frontend, FrontendRequestHandler, regions_of
 from vhost.virtio import VirtioFeature
@@ -57,6 +63,8 @@ class Iommu(FrontendRequestHandler):
         self.limit = limit
         self.perms: dict[int, IotlbAccess] = {}
         self.refused: set[int] = set()
+        #: I/O virtual page -> the guest memory offset it maps to (absent: the same).
+        self.remap: dict[int, int] = {}
         self.misses = 0
 
     def iotlb_msg(self, message: IotlbMessage) -> int | None:
@@ -68,7 +76,8 @@ class Iommu(FrontendRequestHandler):
         perm = self.perms.get(page, IotlbAccess.RW)
         self.fe.send_iotlb_msg(
             IotlbMessage(
-                iova=page, size=PAGE, uaddr=self.uaddr0 + page, perm=perm, type=IotlbType.UPDATE
+                iova=page, size=PAGE, uaddr=self.uaddr0 + self.remap.get(page, page), perm=perm,
+                type=IotlbType.UPDATE,
             )
         )
         return 0
@@ -77,7 +86,7 @@ class Iommu(FrontendRequestHandler):
 @contextmanager
 def iommu_guest(
     tmp: Path, *extra: str
-) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path]]:
+) -> Iterator[tuple[BlkGuest, Frontend, Iommu, Path, ServeProc]]:
     image = tmp / "disk.img"
     make_image(image, IMAGE_SIZE, 7)
     sock = tmp / "blk.sock"
@@ -89,7 +98,7 @@ def iommu_guest(
         assert offered & VirtioFeature.ACCESS_PLATFORM
         # By hand: negotiate() acks only the transport bits our own rings implement.
         fe.set_owner()
-        wanted = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ
+        wanted = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ | PF.LOG_SHMFD
         fe.set_protocol_features(fe.get_protocol_features() & wanted)
         fe.set_features(guest.features(offered) & ~VirtioFeature.LOG_ALL)
         assert fe.acked_features & VirtioFeature.ACCESS_PLATFORM
@@ -122,7 +131,8 @@ def iommu_guest(
                 desc_table_addr=vq.desc,
                 used_ring_addr=vq.used,
                 avail_ring_addr=vq.avail,
-                log_addr=0,
+                # As QEMU behind a vIOMMU: the used ring's address as the driver gave it.
+                log_addr=vq.used,
                 packed=False,
             ),
         )
@@ -131,7 +141,7 @@ def iommu_guest(
         fe.set_vring_kick(0, guest.kicks[0])
         fe.set_vring_enable(0, True)
         guest.fe = fe
-        yield guest, fe, iommu, image
+        yield guest, fe, iommu, image, proc
         assert proc.alive(), proc.stderr()
         stop.set()
     finally:
@@ -141,7 +151,7 @@ def iommu_guest(
 
 
 def test_blk_io_through_iotlb_misses_answered_on_demand(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image):
+    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image, _):
         data = bytes(range(256)) * 32  # 8 KiB
         assert guest.write(0, 3 * PAGE, data) == S_OK
         status, back = guest.read(0, 3 * PAGE, len(data))
@@ -155,7 +165,7 @@ def test_blk_io_through_iotlb_misses_answered_on_demand(tmp_sock_dir: Path) -> N
 
 
 def test_a_reply_into_a_read_only_page_fails_the_request_only(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image):
+    with iommu_guest(tmp_sock_dir) as (guest, _fe, iommu, image, _):
         # The queue's data area (where a read's data lands) is mapped read-only.
         area = guest.data_area(0)
         for page in range(area, area + DATA_PER_QUEUE, PAGE):
@@ -172,21 +182,101 @@ def test_a_reply_into_a_read_only_page_fails_the_request_only(tmp_sock_dir: Path
             assert f.read(512) == b"\x11" * 512
 
 
-def test_a_miss_never_answered_fails_the_queue_not_the_daemon(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir, "--iommu-miss-timeout", "0.3") as (guest, fe, iommu, _):
-        area = guest.data_area(0)
-        iommu.refused.update(range(area, area + DATA_PER_QUEUE, PAGE))
-        guest.add(0, T_IN, 0, in_len=512)
-        guest.kick(0, force=True)
-        with pytest.raises(VhostTimeoutError):
-            guest.reap(0, 1, timeout=2.0)  # an access outside the mappings: never served
-        assert iommu.misses >= 2  # asked, then asked again until the bound
-        # The daemon and the session are still there.
+#: Bytes of the data area each request slot of :class:`BlkGuest` owns.
+SLOT_DATA = DATA_PER_QUEUE // 32
+
+
+def next_slot_data(guest: BlkGuest) -> int:
+    """Where the data of the next request on queue 0 goes (its slot is the last free one)."""
+    return guest.data_area(0) + guest.free[0][-1] * SLOT_DATA
+
+
+def test_a_miss_never_answered_fails_the_request_and_the_queue_goes_on(
+    tmp_sock_dir: Path,
+) -> None:
+    args = ("--iommu-miss-timeout", "0.5", "--verbose")
+    with iommu_guest(tmp_sock_dir, *args) as (guest, fe, iommu, image, proc):
+        data = next_slot_data(guest)
+        iommu.refused.update(range(data, data + SLOT_DATA, PAGE))
+        t0 = time.monotonic()
+        status, _ = guest.read(0, 0, 512)
+        # Only its data buffer was missing: the device failed it, and said so.
+        assert status == S_IOERR
+        assert time.monotonic() - t0 >= 0.5, "failed before the bound"
+        assert iommu.misses >= 1
+        # The queue goes on, through the very pages that missed once they are mapped.
+        iommu.refused.clear()
+        assert next_slot_data(guest) == data
+        payload = random.Random(5).randbytes(2 * PAGE)
+        assert guest.write(0, 5 * PAGE, payload) == S_OK
+        assert guest.read(0, 5 * PAGE, len(payload)) == (S_OK, payload)
+        with image.open("rb") as f:
+            f.seek(5 * PAGE)
+            assert f.read(len(payload)) == payload
         assert fe.get_queue_num() == 1
+        log = proc.stderr()
+        assert "IOTLB miss for a device write at I/O virtual address" in log, log
+        assert "request at head" in log and "stopped" not in log, log
+
+
+def test_a_request_whose_descriptors_never_map_is_returned_empty(tmp_sock_dir: Path) -> None:
+    with iommu_guest(tmp_sock_dir, "--iommu-miss-timeout", "0.5") as (guest, fe, iommu, image, _):
+        assert fe.acked_features & VirtioFeature.INDIRECT_DESC
+        # The head descriptor becomes an indirect one whose table is in pages the IOMMU
+        # side never maps: the daemon cannot even find the request's buffers.
+        table = guest.data_area(0)  # slot 0: the last one requests use
+        iommu.refused.update(range(table, table + SLOT_DATA, PAGE))
+        vq = guest.vqs[0]
+        head = guest.add(0, T_IN, 0, in_len=512)
+        guest.memory.write(vq.desc + 16 * head, struct.pack("<QIHH", table, 3 * 16, 4, 0))
+        guest.kick(0, force=True)
+        ((r, _),) = guest.reap(0, 1)
+        assert (r.head, r.used_len) == (head, 0)
+        assert r.status == 0xFF, "nothing of the request was touched"
+        # The queue goes on.
+        payload = random.Random(6).randbytes(PAGE)
+        assert guest.write(0, 0, payload) == S_OK
+        assert guest.read(0, 0, len(payload)) == (S_OK, payload)
+        with image.open("rb") as f:
+            assert f.read(len(payload)) == payload
+
+
+def test_dirty_log_behind_the_iommu_marks_the_guest_physical_pages(tmp_sock_dir: Path) -> None:
+    """With LOG_ALL and ACCESS_PLATFORM both acked (a migration of a guest with a vIOMMU),
+    the daemon logs what it writes at guest-physical pages: the I/O virtual pages of a
+    read's data are mapped by the IOMMU to other pages of guest memory, and those pages
+    (at the memory table's guest-physical addresses) are dirty, not the I/O virtual ones
+    nor the pages an identity mapping would give."""
+    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image, _):
+        data = next_slot_data(guest)
+        elsewhere = guest.data_area(0) + 16 * SLOT_DATA  # slot 16's area: no request uses it
+        shifted = GuestMemory.allocate([(GPA_SHIFT, guest.memory.total_size)])
+        log = DirtyLog.allocate(shifted)
+        fe.start_dirty_log(log)
+        assert fe.acked_features & VirtioFeature.LOG_ALL
+        payload = random.Random(7).randbytes(2 * PAGE)
+        assert guest.write(0, 9 * PAGE, payload) == S_OK
+        log.take()  # the write dirtied the status byte and the used ring only
+        # The IOMMU now maps the next request's data pages (the same slot) elsewhere.
+        for off in range(0, SLOT_DATA, PAGE):
+            iommu.remap[data + off] = elsewhere + off
+        fe.send_iotlb_msg(IotlbMessage(iova=data, size=SLOT_DATA, uaddr=0,
+                                       perm=IotlbAccess(0), type=IotlbType.INVALIDATE))
+        assert next_slot_data(guest) == data
+        status, _ = guest.read(0, 9 * PAGE, len(payload))
+        assert status == S_OK
+        assert guest.memory.read(elsewhere, len(payload)) == payload, "not where the IOMMU said"
+        dirty = {p for r in log.take() for p in range(r.start, r.end, PAGE)}
+        assert {GPA_SHIFT + elsewhere, GPA_SHIFT + elsewhere + PAGE} <= dirty
+        assert GPA_SHIFT + data not in dirty, "the page an identity mapping would give"
+        assert all(p >= GPA_SHIFT for p in dirty), "an I/O virtual page was marked"
+        ring_pages = {GPA_SHIFT + (guest.vqs[0].used & ~(PAGE - 1))}
+        assert ring_pages <= dirty, "the used ring, logged at its guest-physical page"
+        fe.stop_dirty_log()
 
 
 def test_bad_iotlb_updates_are_refused_and_the_session_goes_on(tmp_sock_dir: Path) -> None:
-    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image):
+    with iommu_guest(tmp_sock_dir) as (guest, fe, iommu, _image, _):
         outside = iommu.uaddr0 + iommu.limit
         for perm, uaddr in ((IotlbAccess(0), iommu.uaddr0), (IotlbAccess.RW, outside)):
             with pytest.raises(VhostError, match="IOTLB_MSG"):

@@ -1147,13 +1147,19 @@ class Daemon:
         iommu_miss_timeout: float | None = None,
     ) -> Self: ...
     def start(
-        self, path: str | os.PathLike[str], *, client: bool = False, vduse: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        client: bool = False,
+        vduse: bool = False,
+        packed: bool = False,
     ) -> None:
         """Listens on ``path`` (server mode, replacing a stale socket) or, with ``client``,
         connects to a front-end there; a path in use raises ``VhostOSError`` naming it.
         With ``vduse``, ``path`` names a VDUSE device to create (a stale one of that name
-        is replaced) and serve: ``KernelError`` (EBUSY) when that device is in use,
-        ``NotSupportedError`` without VDUSE."""
+        is replaced) and serve, offering packed rings too when ``packed``:
+        ``KernelError`` (EBUSY) when that device is in use, ``NotSupportedError`` without
+        VDUSE."""
     def stop(self) -> None:
         """Asks the daemon to stop; :meth:`wait` returns once it has."""
     def wait(self, timeout: float | None = None) -> bool:

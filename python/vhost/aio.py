@@ -807,6 +807,7 @@ class Daemon:
         postcopy_fault_timeout: float | None = _core.DEFAULT_POSTCOPY_FAULT_TIMEOUT,
         iommu_miss_timeout: float | None = None,
         transport: Literal["vhost-user", "vduse"] = "vhost-user",
+        packed: bool = False,
     ) -> None:
         self.device = device
         self.path = os.fspath(path)
@@ -818,6 +819,7 @@ class Daemon:
             "postcopy_fault_timeout": postcopy_fault_timeout,
             "iommu_miss_timeout": iommu_miss_timeout,
             "transport": transport,
+            "packed": packed,
         }
         self._daemon: _daemon.Daemon | None = None
 

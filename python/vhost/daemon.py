@@ -116,6 +116,9 @@ class EventKind(StrEnum):
     REFUSED = "refused"
     #: A queue stopped on a corrupt ring or a failing device; the session goes on.
     QUEUE_FAILED = "queue-failed"
+    #: One request was failed and its queue went on (behind a vIOMMU: a translation it
+    #: needed was not given within the miss bound).
+    REQUEST_FAILED = "request-failed"
     #: The session is over (``end`` says how); its fds and mappings are released.
     SESSION_ENDED = "session-ended"
 
@@ -145,7 +148,8 @@ class DaemonEvent:
     session: int
     #: The refused request's name (``"SET_VRING_ADDR"``), for :attr:`EventKind.REFUSED`.
     request: str | None = None
-    #: The failed queue's index, for :attr:`EventKind.QUEUE_FAILED`.
+    #: The queue's index, for :attr:`EventKind.QUEUE_FAILED` and
+    #: :attr:`EventKind.REQUEST_FAILED`.
     queue: int | None = None
     #: How the session ended, for :attr:`EventKind.SESSION_ENDED`.
     end: SessionEnd | None = None
@@ -164,6 +168,8 @@ class DaemonEvent:
             text = f"session {self.session}: {self.request} refused: {self.reason}"
         elif self.kind is EventKind.QUEUE_FAILED:
             text = f"session {self.session}: queue {self.queue} stopped: {self.reason}"
+        elif self.kind is EventKind.REQUEST_FAILED:
+            text = f"session {self.session}: {self.reason}"
         else:
             text = f"session {self.session} ended: {self.reason}"
         return f"{text} (hint: {self.hint})" if self.hint else text
@@ -317,7 +323,13 @@ class Daemon:
     :class:`vhost.vdpa.VhostVdpa`). :meth:`start` creates it, replacing a stale device of
     the same name that a killed daemon left; :meth:`stop` destroys it, which the kernel
     refuses (``KernelError`` EBUSY, from :meth:`wait`) while a vDPA device still uses it:
-    ``vdpa dev del NAME`` first.
+    ``vdpa dev del NAME`` first. A device a killed daemon left in use is taken over only
+    when this start's device is the same (type, features, queue count and size,
+    configuration space such as a disk's capacity), else :meth:`start` raises
+    :class:`~vhost.errors.InvalidParamError` naming the field that differs. ``packed=True``
+    offers packed virtqueues too (Linux accepts them over VDUSE); without it the rings are
+    split, because after a crash only a split ring's position can be read back from the
+    ring, so a device whose driver uses packed rings cannot be taken over.
 
     ``postcopy_fault_timeout`` bounds how long a queue's request may wait on guest memory
     while postcopy listens (a page the front-end has not copied in yet): a wait longer
@@ -341,9 +353,14 @@ class Daemon:
     ``VIRTIO_F_ACCESS_PLATFORM``, and once acked, ring and buffer addresses are I/O virtual
     ones translated through the IOTLB the front-end's ``IOTLB_MSG`` s fill; a queue that
     misses asks on the back-end channel (``BACKEND_IOTLB_MSG``, counted in
-    :attr:`iotlb_misses`) and fails if no update comes within that many seconds
-    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value). ``None`` (the
-    default): no IOMMU.
+    :attr:`iotlb_misses`); if no update comes within that many seconds
+    (:data:`vhost._core.DEFAULT_IOTLB_MISS_TIMEOUT` is a sensible value) the request that
+    needed it fails (blk: ``IOERR`` when its status byte is mapped, else it is returned
+    with nothing written; an :attr:`EventKind.REQUEST_FAILED` event says which) and the
+    queue goes on; a miss on the ring itself fails the queue. Dirty logging
+    (``VHOST_F_LOG_ALL``) works behind the vIOMMU too: the pages marked are the
+    guest-physical ones behind the I/O virtual addresses written. ``None`` (the default):
+    no IOMMU.
     """
 
     def __init__(
@@ -359,6 +376,7 @@ class Daemon:
         loop: asyncio.AbstractEventLoop | None = None,
         iommu_miss_timeout: float | None = None,
         transport: Literal["vhost-user", "vduse"] = "vhost-user",
+        packed: bool = False,
     ) -> None:
         if transport not in ("vhost-user", "vduse"):
             raise InvalidParamError(
@@ -366,6 +384,12 @@ class Daemon:
             )
         if transport == "vduse" and client:
             raise InvalidParamError("Daemon: client=True is for vhost-user, not VDUSE")
+        if packed and transport != "vduse":
+            raise InvalidParamError(
+                "Daemon: packed=True is for VDUSE (vhost-user always offers packed rings)"
+            )
+        #: VDUSE: whether packed rings are offered too.
+        self.packed = packed
         self.device = device
         self.path = os.fspath(path)
         self.client = client
@@ -395,7 +419,9 @@ class Daemon:
 
     def start(self) -> Self:
         """Starts serving on a background thread and returns at once."""
-        self._native.start(self.path, client=self.client, vduse=self.transport == "vduse")
+        self._native.start(
+            self.path, client=self.client, vduse=self.transport == "vduse", packed=self.packed
+        )
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:

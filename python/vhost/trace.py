@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import itertools
 import os
 import queue
 import socket
@@ -75,6 +76,35 @@ _Channel = Literal["main"] | Literal["backend-channel"]
 _HAS_REPLY: dict[tuple[str, int], bool] = {
     (row[0], row[1]): row[6] != "Ack" for row in _core.request_table()
 }
+
+
+_temp_names = itertools.count()
+
+
+def _listen_unix(path: str) -> socket.socket:
+    """A listening socket that appears at ``path`` only once it listens, so a front-end
+    that sees the path never gets ECONNREFUSED (bind then listen leaves that moment open).
+    It listens under a temporary sibling name, then is hard-linked into place, which
+    fails rather than replace a file that appeared at ``path`` meanwhile. Where the
+    sibling cannot be bound (a name too long for ``sun_path``), it binds ``path``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temp = os.path.join(os.path.dirname(path) or ".", f".pv{os.getpid():x}.t{next(_temp_names):x}")
+    try:
+        try:
+            listener.bind(temp)
+        except OSError:
+            listener.bind(path)
+            listener.listen(4)
+            return listener
+        try:
+            listener.listen(4)
+            os.link(temp, path)
+        finally:
+            os.unlink(temp)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 @dataclass(frozen=True)
@@ -397,12 +427,9 @@ class Tracer:
             pass
         except OSError as exc:
             raise _os_error(exc, "listen on", self.listen_path) from None
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(self.listen_path)
-            listener.listen(4)
+            listener = _listen_unix(self.listen_path)
         except OSError as exc:
-            listener.close()
             raise _os_error(exc, "listen on", self.listen_path) from None
         self._listener = listener
         self._acceptor = threading.Thread(target=self._accept_loop, name="trace-accept")

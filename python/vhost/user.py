@@ -68,6 +68,8 @@ __all__ = [
     "Listener",
     "SharedObject",
     "ShmemConfig",
+    "regions_of",
+    "serve_in_thread",
 ]
 
 log = logging.getLogger("vhost.user")

@@ -260,9 +260,97 @@ def run_hostile(ctx: Context, h: Hostile) -> str:
         return "refused; " + c.in_sync()
 
 
+# -- IOTLB_MSG (a back-end behind a vIOMMU) -----------------------------------------------
+
+ACCESS_PLATFORM = 1 << 33
+"""``VIRTIO_F_ACCESS_PLATFORM``: the device reaches memory through the front-end's IOMMU,
+which feeds the back-end's IOTLB with ``IOTLB_MSG``."""
+IOTLB = struct.Struct("=QQQBB6x")
+"""``struct vhost_iotlb_msg``: iova, size, uaddr, perm, type, padded to 32 bytes."""
+IOTLB_UPDATE, IOTLB_INVALIDATE = 2, 3
+PERM_RW = 3
+IOTLB_MEM = MiB
+"""The memory table of the IOTLB cases: one region of this size at :data:`UADDR`."""
+GOOD_UPDATE = (0x10_0000, 0x1000, UADDR, PERM_RW, IOTLB_UPDATE)
+"""A valid update (one page of the table's memory), accepted before and after each bad
+one: what shows that the session and its IOTLB still work."""
+
+IotlbFields = tuple[int, int, int, int, int]
+
+IOTLB_BAD: dict[str, list[tuple[str, IotlbFields]]] = {
+    "iotlb-update-refused": [
+        ("update with permission 0", (0x1000, 0x1000, UADDR, 0, IOTLB_UPDATE)),
+        ("update of front-end memory outside the memory table",
+         (0x1000, 0x1000, UADDR + IOTLB_MEM, PERM_RW, IOTLB_UPDATE)),
+    ],
+    "iotlb-range-refused": [
+        ("update of size 0", (0x1000, 0, UADDR, PERM_RW, IOTLB_UPDATE)),
+        ("update whose I/O virtual range wraps past 2^64",
+         (2**64 - 0x1000, 0x2000, UADDR, PERM_RW, IOTLB_UPDATE)),
+        ("invalidate of size 0", (0x1000, 0, 0, 0, IOTLB_INVALIDATE)),
+    ],
+}
+
+
+def iotlb_msg(fields: IotlbFields) -> bytes:
+    """An ``IOTLB_MSG`` with NEED_REPLY carrying ``fields`` (iova, size, uaddr, perm,
+    type)."""
+    return M(Req.IOTLB_MSG, IOTLB.pack(*fields), flags=ACKED)
+
+
+def run_iotlb(ctx: Context, bad: list[tuple[str, IotlbFields]]) -> str:
+    """With ``VIRTIO_F_ACCESS_PLATFORM`` and REPLY_ACK negotiated and a memory table sent:
+    a valid update is acked; each bad ``IOTLB_MSG`` must be refused (a non-zero ack) and
+    the session go on, a valid update after it acked again. Closing the connection fails
+    the case: one bad message from the IOMMU side must not end the device."""
+    if not ctx.features & ACCESS_PLATFORM:
+        raise NotApplicable("VIRTIO_F_ACCESS_PLATFORM (bit 33) is not offered")
+    ctx.need(PF.REPLY_ACK)
+    with ctx.connection() as c:
+        c.negotiate(int(PF.REPLY_ACK), ACCESS_PLATFORM)
+        c.acked(M(Req.SET_MEM_TABLE, wire.mem_table([region(0, IOTLB_MEM)]), flags=ACKED),
+                [wire.memfd(IOTLB_MEM)])
+        c.acked(iotlb_msg(GOOD_UPDATE))
+        for what, fields in bad:
+            try:
+                c.send(iotlb_msg(fields))
+                r = c.recv()
+            except (ConnectionResetError, BrokenPipeError):
+                r = None
+            if r is None:
+                raise Failed(f"the back-end closed the connection on an IOTLB_MSG {what}")
+            if r.code != Req.IOTLB_MSG or len(r.body) != 8:
+                raise Failed(f"an IOTLB_MSG {what} was answered with request {r.code}, "
+                             f"{len(r.body)} bytes")
+            if r.u64 == 0:
+                raise Failed(f"an IOTLB_MSG {what} was acked as a success")
+            try:
+                c.acked(iotlb_msg(GOOD_UPDATE))
+            except Failed as exc:
+                raise Failed(f"after refusing an IOTLB_MSG {what}: {exc}") from exc
+        detail = c.in_sync()
+        if "in sync" not in detail:
+            raise Failed(f"after the bad IOTLB messages it {detail}")
+    return f"{'; '.join(w for w, _ in bad)}: refused; a valid update acked after each"
+
+
+IOTLB_CASES: list[Case] = [
+    Case("iotlb-update-refused", "ADVERSARIAL H4a",
+         "IOTLB_MSG update with permission 0 or unbacked memory; session goes on",
+         functools.partial(run_iotlb, bad=IOTLB_BAD["iotlb-update-refused"])),
+    Case("iotlb-range-refused", "ADVERSARIAL H4b",
+         "IOTLB_MSG update or invalidate of size 0, wrapping range; session goes on",
+         functools.partial(run_iotlb, bad=IOTLB_BAD["iotlb-range-refused"])),
+]
+"""The IOTLB rows: they apply to a back-end that offers ``VIRTIO_F_ACCESS_PLATFORM``."""
+
+
 def hostile_cases() -> list[Case]:
-    """The table above as cases."""
-    return [Case(h.name, h.ref, h.what, functools.partial(run_hostile, h=h)) for h in HOSTILE]
+    """The table above as cases, then the IOTLB rows."""
+    singles = [Case(h.name, h.ref, h.what, functools.partial(run_hostile, h=h))
+               for h in HOSTILE]
+    return singles + IOTLB_CASES
 
 
-__all__ = ["HOSTILE", "Failed", "Hostile", "hostile_cases", "run_hostile"]
+__all__ = ["HOSTILE", "IOTLB_CASES", "Failed", "Hostile", "hostile_cases", "run_hostile",
+           "run_iotlb"]

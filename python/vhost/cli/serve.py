@@ -11,10 +11,12 @@ listening on SOCK instead of listening (waiting until one does).
 ``--vduse NAME`` instead of ``--socket`` serves the device as a VDUSE device of the kernel
 this runs on (``modprobe vduse``, root): ``vdpa dev add name NAME mgmtdev vduse`` then
 binds it to ``virtio_vdpa`` (the kernel's own ``/dev/vdX``) or ``vhost_vdpa`` (for a VM).
-A device of that name left by a killed daemon is replaced, or taken over while a vDPA
-device still uses it; stopping destroys it, which the kernel refuses while a vDPA device
-uses it (``vdpa dev del NAME`` first). Linux 6.12 lets VDUSE create virtio-blk and
-virtio-net devices only (``serve rng --vduse`` fails with EINVAL).
+A device of that name left by a killed daemon is replaced, or, while a vDPA device still
+uses it, taken over if it is the same device (type, features, queues, configuration such
+as the capacity; else refused, naming what differs); stopping destroys it, which the
+kernel refuses while a vDPA device uses it (``vdpa dev del NAME`` first). ``--packed``
+offers packed virtqueues too. Linux 6.12 lets VDUSE create virtio-blk and virtio-net
+devices only (``serve rng --vduse`` is refused, saying so).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server cleanly, with exit status 0: that is a
 server's normal stop (what systemd expects), not the 130 other commands exit with.
@@ -57,7 +59,8 @@ exit status:
   1    bad arguments, an image that cannot be opened or locked, a socket path
        that cannot be listened on or connected to; with --client, a session
        that ended on an error; with --vduse, a device the kernel refuses to
-       create (a type it does not allow: EINVAL; a name in use)
+       create (a type it does not allow: EINVAL; a name in use), or one a dead
+       daemon left bound that this start cannot take over (named: vdpa dev del)
   2    --vduse: stopped, but the kernel kept the device because a vDPA device
        still uses it (vdpa dev del NAME; the next start takes it over)"""
 
@@ -153,14 +156,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--iommu",
         action="store_true",
         help="offer VIRTIO_F_ACCESS_PLATFORM: serve a front-end with a vIOMMU (I/O virtual "
-        "addresses, IOTLB misses asked on the back-end channel)",
+        "addresses, IOTLB misses asked on the back-end channel; their count in the last "
+        "session is printed on stop)",
     )
     blk.add_argument(
         "--iommu-miss-timeout",
         type=float,
         default=_core.DEFAULT_IOTLB_MISS_TIMEOUT,
         metavar="SECONDS",
-        help="with --iommu, fail a queue whose IOTLB miss is not answered within this "
+        help="with --iommu, fail a request whose IOTLB miss is not answered within this, "
+        "and go on with the queue (a miss on the ring itself fails the queue) "
         "(default %(default)s)",
     )
     blk.set_defaults(run=run_blk)
@@ -180,6 +185,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         "modprobe vduse; then: vdpa dev add name NAME mgmtdev vduse)",
     )
     p.add_argument("--client", action="store_true", help="connect to a listening front-end instead")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="with --vduse, offer packed virtqueues too (a device whose driver uses them "
+        "cannot be taken over after a crash; vhost-user always offers them)",
+    )
     p.add_argument(
         "--poll-us",
         type=int,
@@ -221,6 +232,10 @@ def _check_common(args: argparse.Namespace) -> None:
     _check(
         math.isfinite(t) and 0 <= t <= 10**6,
         f"--postcopy-fault-timeout must be between 0 and 1000000 seconds, not {t}",
+    )
+    _check(
+        not args.packed or args.vduse is not None,
+        "--packed is for --vduse (a vhost-user socket always offers packed rings)",
     )
     if args.client:
         _check(args.vduse is None, "--client is for a vhost-user socket, not --vduse")
@@ -294,15 +309,22 @@ def run_blk(args: argparse.Namespace) -> int:
         args.socket or args.vduse,
         client=args.client,
         transport="vduse" if args.vduse else "vhost-user",
+        packed=args.packed,
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,
         iommu_miss_timeout=args.iommu_miss_timeout if args.iommu else None,
     )
     with _on_signal(signal.SIGHUP, _Resizer(daemon, args.image)):
-        return _serve(
+        status = _serve(
             daemon, f"blk ({kind}, {sectors} sectors, {args.queues} queue(s){mode})", args.verbose
         )
+    if args.iommu and status == 0:
+        # The one place a `serve blk` process reports how often the vIOMMU was asked.
+        misses = daemon.iotlb_misses
+        per_queue = ", ".join(f"queue {i}: {n}" for i, n in enumerate(misses))
+        _say(f"IOTLB misses in the last session: {sum(misses)} ({per_queue or 'no queues'})")
+    return status
 
 
 @contextmanager
@@ -388,6 +410,7 @@ def run_rng(args: argparse.Namespace) -> int:
         args.socket or args.vduse,
         client=args.client,
         transport="vduse" if args.vduse else "vhost-user",
+        packed=args.packed,
         poll_us=args.poll_us,
         require_sealed_memory=args.require_sealed_memory,
         postcopy_fault_timeout=args.postcopy_fault_timeout or None,

@@ -598,6 +598,23 @@ fn event_tuple(e: DaemonEvent) -> EventTuple {
                 true,
             )
         }
+        DaemonEvent::RequestFailed {
+            session,
+            queue,
+            reason,
+        } => {
+            let r = Some(reason);
+            (
+                "request-failed",
+                session,
+                None,
+                Some(queue),
+                None,
+                r,
+                None,
+                true,
+            )
+        }
         DaemonEvent::SessionEnded { session, end, hint } => {
             let (error, r) = (end.is_error(), Some(end.to_string()));
             (
@@ -690,16 +707,29 @@ impl PyDaemon {
 
     /// Starts serving: listens on `path` (server mode, unlinking a stale socket) or, with
     /// `client`, connects to a front-end listening there (one session); with `vduse`,
-    /// `path` is the name of a VDUSE device to create and serve.
-    #[pyo3(signature = (path, *, client = false, vduse = false))]
-    fn start(&self, py: Python<'_>, path: PathBuf, client: bool, vduse: bool) -> PyResult<()> {
+    /// `path` is the name of a VDUSE device to create and serve, offering packed rings
+    /// when `packed`.
+    #[pyo3(signature = (path, *, client = false, vduse = false, packed = false))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        client: bool,
+        vduse: bool,
+        packed: bool,
+    ) -> PyResult<()> {
         let mode = match (client, vduse) {
             (true, true) => {
                 return Err(invalid_param(
                     "Daemon.start: client and vduse exclude each other",
                 ))
             }
-            (_, true) => Mode::Vduse,
+            (_, true) => Mode::Vduse { packed },
+            _ if packed => {
+                return Err(invalid_param(
+                    "Daemon.start: packed is for vduse (vhost-user always offers packed rings)",
+                ))
+            }
             (true, _) => Mode::Client,
             _ => Mode::Server,
         };

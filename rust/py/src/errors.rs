@@ -241,7 +241,9 @@ pub fn vduse_error(err: VduseError) -> PyErr {
     Python::attach(|py| {
         let msg = err.to_string();
         match err {
-            VduseError::Kernel { source, .. } => raise(py, "KernelError", (errno_of(&source), msg)),
+            VduseError::Kernel { source, .. } | VduseError::TypeRefused { source, .. } => {
+                raise(py, "KernelError", (errno_of(&source), msg))
+            }
             VduseError::Exists { .. } => raise(py, "KernelError", (libc::EEXIST, msg)),
             VduseError::InUse { .. } => raise(py, "KernelError", (libc::EBUSY, msg)),
             VduseError::NotAvailable { .. } => raise(py, "NotSupportedError", (msg, "VDUSE")),

@@ -80,6 +80,17 @@ pub enum DaemonEvent {
         /// Why, in words.
         reason: String,
     },
+    /// One request was failed and the queue went on: behind a vIOMMU, a translation it
+    /// needed was not given within the miss bound (ADVERSARIAL L2).
+    RequestFailed {
+        /// Which session.
+        session: u64,
+        /// The queue's index.
+        queue: u16,
+        /// Why, in words: the queue, the I/O virtual address and access that missed, the
+        /// head and the used length it was returned with.
+        reason: String,
+    },
     /// The session is over; its workers, fds and mappings are released.
     SessionEnded {
         /// Which session.

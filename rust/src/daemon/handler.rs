@@ -294,7 +294,8 @@ impl DaemonHandler {
             let mut st = lock(&s.state);
             st.stop();
             st.call = None;
-            st.err = None;
+            // The err fd stays: QEMU sends SET_VRING_ERR once per connection, not after
+            // each reset (and rejects VRING_ERR in band, though it acks the feature).
             st.enabled = false;
             st.base = 0;
             st.addrs = None;
@@ -353,16 +354,9 @@ impl BackendHandler for DaemonHandler {
                 "features {extra:#x} were never offered"
             )));
         }
+        // With both VHOST_F_LOG_ALL and ACCESS_PLATFORM, the queues mark the guest-physical
+        // pages behind the I/O virtual addresses they write (vring::log).
         let behind_iommu = features & transport::ACCESS_PLATFORM != 0;
-        if behind_iommu && features & VHOST_F_LOG_ALL != 0 {
-            // The log marks guest-physical pages, and a queue behind the IOMMU only knows
-            // I/O virtual addresses: marking them would dirty the wrong pages.
-            return Err(Error::InvalidParam(
-                "VHOST_F_LOG_ALL with VIRTIO_F_ACCESS_PLATFORM: dirty logging behind a vIOMMU \
-                 is not supported"
-                    .into(),
-            ));
-        }
         self.acked_features = features;
         self.publish_log();
         if behind_iommu != self.iotlb.is_some() {

@@ -109,18 +109,27 @@ pub(crate) struct QueueState {
 pub(crate) struct QueueIommu {
     /// Where `BACKEND_IOTLB_MSG` misses go (`None` until SET_BACKEND_REQ_FD).
     pub(crate) channel: Option<Arc<BackendChannel>>,
-    /// How long one miss may stay unanswered before the queue fails.
+    /// How long one miss may stay unanswered before the request that needs it fails (or
+    /// the queue, for a miss on the ring areas themselves).
     pub(crate) miss_timeout: Duration,
 }
 
-/// A ring's logging target: the log, and the used ring's log address when the front-end set
-/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR.
-fn ring_log(log: Option<&DirtyLog>, addrs: Option<VringAddrs>) -> Option<RingLog<'_>> {
+/// A ring's logging target: the log, the used ring's log address when the front-end set
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR, and behind an IOMMU the IOTLB view `mem` whose
+/// I/O virtual addresses (buffers, ring, log address alike) are translated to the
+/// guest-physical pages the log is indexed by.
+fn ring_log<'a>(
+    log: Option<&'a DirtyLog>,
+    addrs: Option<VringAddrs>,
+    mem: &'a GuestMemory,
+    iommu: bool,
+) -> Option<RingLog<'a>> {
     Some(RingLog {
         log: log?,
         used_log_addr: addrs
             .filter(|a| a.flags & VRING_ADDR_F_LOG != 0)
             .map(|a| a.log),
+        iova_view: iommu.then_some(mem),
     })
 }
 
@@ -181,7 +190,12 @@ impl QueueState {
 
     /// Where this ring's writes are logged, while logging is on.
     fn ring_log(&self) -> Option<RingLog<'_>> {
-        ring_log(self.log.as_deref(), self.addrs)
+        ring_log(
+            self.log.as_deref(),
+            self.addrs,
+            &self.mem,
+            self.iommu.is_some(),
+        )
     }
 
     /// Marks the ring's suppression fields after the worker wrote them (logging on only).
@@ -332,6 +346,8 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     let mut idle_since: Option<Instant> = None;
     let mut kicks_on = true;
     let mut waiting: Option<MissWait> = None;
+    // A pop's miss went unanswered past its bound: why, for the request the next pass fails.
+    let mut expired: Option<String> = None;
     loop {
         let mut guard = lock(&slot.state);
         let st = &mut *guard;
@@ -345,10 +361,13 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             };
             let iommu = st.iommu.clone();
             drop(guard);
-            if let Err(why) = ask_translation(slot, iommu, miss, &mut waiting) {
-                return lock(&slot.state).fail(slot.index, why);
+            // A ring area itself unmapped: there is no request to fail, only the queue.
+            match ask_translation(slot, iommu, miss, &mut waiting) {
+                Ok(Asked::Waited) => continue,
+                Ok(Asked::Expired(why)) | Err(why) => {
+                    return lock(&slot.state).fail(slot.index, format!("{why} (ring area)"))
+                }
             }
-            continue;
         }
         if kicks_on {
             if let Some(Err(e)) = st.ring.as_mut().map(|r| r.set_notification(&st.mem, false)) {
@@ -360,16 +379,25 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             kicks_on = false;
         }
         slot.watch.begin();
-        let batch = one_batch(slot, device, st, &mut done);
+        let batch = match expired.take() {
+            None => one_batch(slot, device, st, &mut done, Pop::Mapped),
+            Some(why) => fail_missed_request(slot, device, st, &mut done, why),
+        };
         slot.watch.end();
         match batch {
-            // A pop missed: nothing was consumed; ask, wait for the update, pop again.
+            // A pop missed: nothing was consumed; ask, wait for the update, pop again. Past
+            // the bound, the next pass fails that one request and the queue goes on.
             Err(DeviceError::Queue(e)) if e.is_iotlb_miss() => {
                 let iommu = st.iommu.clone();
                 drop(guard);
                 let miss = e.iotlb_miss().unwrap_or((0, Access::Read));
-                if let Err(why) = ask_translation(slot, iommu, miss, &mut waiting) {
-                    return lock(&slot.state).fail(slot.index, why);
+                match ask_translation(slot, iommu, miss, &mut waiting) {
+                    Ok(Asked::Waited) => {}
+                    Ok(Asked::Expired(why)) => {
+                        waiting = None;
+                        expired = Some(why);
+                    }
+                    Err(why) => return lock(&slot.state).fail(slot.index, why),
                 }
                 continue;
             }
@@ -405,46 +433,61 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
     }
 }
 
-/// The miss a worker is waiting on, and since when.
+/// The miss a worker is waiting on, since when, and when it was last sent.
 struct MissWait {
     iova: u64,
     access: Access,
     since: Instant,
+    sent: Instant,
 }
 
-/// Sends `BACKEND_IOTLB_MSG` (type MISS) for `miss` on the back-end channel, without
+/// What came of asking for a translation.
+enum Asked {
+    /// The miss was sent and the worker waited (for an update, a stop, or the time left
+    /// of the bound): look again.
+    Waited,
+    /// The same miss has gone unanswered past `miss_timeout`: why, naming the queue,
+    /// address and access. Nothing was sent.
+    Expired(String),
+}
+
+/// How long a miss sent stays unrepeated: a worker waiting on it is woken by every IOTLB
+/// update and invalidation, for any page, and sending it again at each wake-up made
+/// QEMU's late answers to those repeats wake the worker on its next miss, which it
+/// repeated in turn (the guest test saw 40,000 misses for 1,200 pages of I/O).
+const MISS_REPEAT: Duration = Duration::from_millis(100);
+
+/// Sends `BACKEND_IOTLB_MSG` (type MISS) for `miss` on the back-end channel (not again
+/// for [`MISS_REPEAT`] while it is unanswered), without
 /// waiting for an ack (the front-end answers with an IOTLB update on the session's socket,
 /// which the session thread applies and which wakes this worker), then waits for a wake-up,
 /// bounded by the time left of the miss's bound. The same miss unanswered past
-/// `miss_timeout` is an error naming the queue, address and access.
+/// `miss_timeout` is [`Asked::Expired`]; what cannot be asked at all (no IOMMU, no
+/// back-end channel, the channel failing) is an error for the queue.
 fn ask_translation(
     slot: &QueueSlot,
     iommu: Option<QueueIommu>,
     (iova, access): (u64, Access),
     waiting: &mut Option<MissWait>,
-) -> Result<(), String> {
+) -> Result<Asked, String> {
     let Some(iommu) = iommu else {
         return Err(format!(
             "queue {}: I/O virtual address {iova:#x} missed without an IOMMU",
             slot.index
         ));
     };
-    let since = match waiting {
-        Some(w) if w.iova == iova && w.access == access => w.since,
-        _ => Instant::now(),
+    let (since, sent) = match waiting {
+        Some(w) if w.iova == iova && w.access == access => (w.since, Some(w.sent)),
+        _ => (Instant::now(), None),
     };
-    *waiting = Some(MissWait {
-        iova,
-        access,
-        since,
-    });
+    let repeat = sent.map_or(true, |t| t.elapsed() >= MISS_REPEAT);
     let left = iommu.miss_timeout.saturating_sub(since.elapsed());
     if left.is_zero() {
-        return Err(format!(
+        return Ok(Asked::Expired(format!(
             "queue {}: IOTLB miss for a device {access} at I/O virtual address {iova:#x} not \
              answered within {:?}",
             slot.index, iommu.miss_timeout
-        ));
+        )));
     }
     let Some(channel) = iommu.channel else {
         return Err(format!(
@@ -464,14 +507,27 @@ fn ask_translation(
         perm,
         kind: iotlb::MISS,
     };
-    channel.post_iotlb_msg(&msg).map_err(|e| {
-        format!(
-            "queue {}: BACKEND_IOTLB_MSG miss at {iova:#x}: {e}",
-            slot.index
-        )
-    })?;
-    slot.iotlb_misses.fetch_add(1, Ordering::Relaxed);
-    // Woken by the session thread once it applied an IOTLB update (or by a stop).
+    if repeat {
+        channel.post_iotlb_msg(&msg).map_err(|e| {
+            format!(
+                "queue {}: BACKEND_IOTLB_MSG miss at {iova:#x}: {e}",
+                slot.index
+            )
+        })?;
+        slot.iotlb_misses.fetch_add(1, Ordering::Relaxed);
+    }
+    *waiting = Some(MissWait {
+        iova,
+        access,
+        since,
+        sent: match sent {
+            Some(t) if !repeat => t,
+            _ => Instant::now(),
+        },
+    });
+    // Woken by the session thread once it applied an IOTLB update (or by a stop); the
+    // miss is sent again after MISS_REPEAT without an answer.
+    let left = left.min(MISS_REPEAT);
     let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
     if let Ok(ready) = poll_many(&[slot.wake.as_fd()], ms) {
         if ready[0] {
@@ -483,7 +539,67 @@ fn ask_translation(
             }
         }
     }
-    Ok(())
+    Ok(Asked::Waited)
+}
+
+/// How a pass pops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pop {
+    /// A batch of chains whose buffers are all mapped (every pass but the two below).
+    Mapped,
+    /// One chain whose buffers may lie in IOTLB holes, for the device to fail.
+    Holes,
+    /// One head consumed unread, returned with length 0 without the device.
+    Discard,
+}
+
+/// Fails the one request at the head of the ring whose pop missed and whose miss went
+/// unanswered past the bound (`why` says which), so that the queue goes on (ADVERSARIAL
+/// L2):
+/// - when only its buffers miss (the descriptors were readable), the chain is popped with
+///   its holes and goes to the device like any request: the device meets the hole when it
+///   touches the buffer and fails the request its own way, as for a write through a
+///   read-only mapping (blk: `VIRTIO_BLK_S_IOERR` in the status byte, when the status
+///   byte's buffer is mapped; when it is the hole, the request can only be returned with
+///   length 0, which the driver sees as a request the device never answered properly);
+/// - when its descriptor table or indirect table misses, its buffers cannot even be found:
+///   the head is consumed unread and returned with length 0, the device never sees it,
+///   and nothing is written anywhere (a blk driver finds no status: the request failed).
+///
+/// If the translation arrived after all, an ordinary pass serves the request and nothing
+/// fails. The failure is kept as the queue's last error and reported (a `RequestFailed`
+/// event).
+/// A miss on the ring areas themselves has no request to fail; that fails the queue (see
+/// [`process`]).
+fn fail_missed_request(
+    slot: &QueueSlot,
+    device: &dyn VirtioDevice,
+    st: &mut QueueState,
+    done: &mut Vec<(u16, u32)>,
+    why: String,
+) -> Result<bool, DeviceError> {
+    let missed = |r: &Result<bool, DeviceError>| matches!(r, Err(DeviceError::Queue(e)) if e.is_iotlb_miss());
+    // The update may have come in the meantime: then nothing fails.
+    let r = one_batch(slot, device, st, done, Pop::Mapped);
+    if !missed(&r) {
+        return r;
+    }
+    let mut r = one_batch(slot, device, st, done, Pop::Holes);
+    if missed(&r) {
+        r = one_batch(slot, device, st, done, Pop::Discard);
+    }
+    if let (Ok(true), Some(&(head, len))) = (&r, done.first()) {
+        let why = format!("{why}: request at head {head} failed (used length {len})");
+        if let Some(rep) = &st.reporter {
+            (rep.sink)(DaemonEvent::RequestFailed {
+                session: rep.session,
+                queue: slot.index,
+                reason: why.clone(),
+            });
+        }
+        st.last_error = Some(why);
+    }
+    r
 }
 
 /// One batch: the chains an earlier back-end left in flight, or a fresh pop; the device
@@ -494,6 +610,7 @@ fn one_batch(
     device: &dyn VirtioDevice,
     st: &mut QueueState,
     done: &mut Vec<(u16, u32)>,
+    how: Pop,
 ) -> Result<bool, DeviceError> {
     let Some(ring) = st.ring.as_mut() else {
         return Ok(false);
@@ -501,10 +618,16 @@ fn one_batch(
     let mem = &st.mem;
     let chains = if st.resubmit.is_empty() {
         let max = usize::from(ring.size());
+        let pop = |ring: &mut DeviceQueue, descs: Option<&mut Vec<_>>| match (how, descs) {
+            (Pop::Mapped, Some(descs)) => ring.pop_batch_recording(mem, max, descs),
+            (Pop::Mapped, None) => ring.pop_batch(mem, max),
+            (Pop::Holes, descs) => Ok(ring.pop_with_holes(mem, descs)?.into_iter().collect()),
+            (Pop::Discard, descs) => Ok(ring.discard_head(mem, descs)?.into_iter().collect()),
+        };
         match st.inflight.as_mut() {
             Some(q) => {
                 let mut descs = Vec::new();
-                let c = ring.pop_batch_recording(mem, max, &mut descs)?;
+                let c = pop(ring, Some(&mut descs))?;
                 if let Err(e) = q.popped(&c, &descs) {
                     // The area cannot record what was popped: the queue stops rather than run
                     // with a record that no longer matches the ring.
@@ -513,7 +636,7 @@ fn one_batch(
                 }
                 c
             }
-            None => ring.pop_batch(mem, max)?,
+            None => pop(ring, None)?,
         }
     } else {
         std::mem::take(&mut st.resubmit)
@@ -533,10 +656,15 @@ fn one_batch(
         Vec::new()
     };
     done.clear();
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        device.process(slot.index, mem, chains, done)
-    }))
-    .unwrap_or_else(|_| Err(DeviceError::Failed("device panicked".into())));
+    let outcome = if how == Pop::Discard {
+        // Unread: given back below with length 0, the device never sees it.
+        Ok(())
+    } else {
+        catch_unwind(AssertUnwindSafe(|| {
+            device.process(slot.index, mem, chains, done)
+        }))
+        .unwrap_or_else(|_| Err(DeviceError::Failed("device panicked".into())))
+    };
     // Whatever the device left out is returned empty, so the driver is not left waiting.
     if done.len() < heads.len() {
         let seen: std::collections::HashSet<u16> = done.iter().map(|&(h, _)| h).collect();
@@ -548,7 +676,7 @@ fn one_batch(
         );
     }
     let finished: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
-    let ring_log = ring_log(st.log.as_deref(), st.addrs);
+    let ring_log = ring_log(st.log.as_deref(), st.addrs, mem, st.iommu.is_some());
     // Buffers are marked before the used ring says they are complete; a marking failure
     // still completes the batch (the driver is not left waiting) and then stops the queue.
     let mut log_result = Ok(());

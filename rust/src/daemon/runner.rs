@@ -47,7 +47,10 @@ pub enum Mode {
     Client,
     /// Create the VDUSE device named by the path (`/dev/vduse/NAME`; a stale one of that
     /// name is replaced) and serve its driver until stopped, then destroy it.
-    Vduse,
+    Vduse {
+        /// Offer packed rings too (see [`VduseTransport::features_for`](super::VduseTransport::features_for)).
+        packed: bool,
+    },
 }
 
 /// The serving thread of one start.
@@ -176,12 +179,13 @@ impl DaemonRunner {
                 Listener::bind(path, true)
                     .map_err(|e| StartError::Listen(PathError::new("listen on", path, &e)))?,
             ),
-            Mode::Client | Mode::Vduse => None,
+            Mode::Client | Mode::Vduse { .. } => None,
         };
         let vduse = match mode {
-            Mode::Vduse => Some(super::VduseTransport::create(
+            Mode::Vduse { packed } => Some(super::VduseTransport::create(
                 &**daemon.device(),
                 &path.to_string_lossy(),
+                packed,
             )?),
             _ => None,
         };

@@ -302,8 +302,11 @@ impl BlkDevice {
         let readable = chain.readable_len() as usize;
         let (status, written) = if readable < HEADER {
             (status::IOERR, 0)
+        } else if read_prefix(mem, chain, &mut head).is_err() {
+            // The header cannot be read (behind a vIOMMU: a hole the IOMMU side never
+            // filled within the miss bound): the request fails, and says so if it can.
+            (status::IOERR, 0)
         } else {
-            read_prefix(mem, chain, &mut head)?;
             let kind = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
             let sector = u64::from_le_bytes(head[8..16].try_into().unwrap_or([0; 8]));
             self.execute(mem, chain, kind, sector)

@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use super::GuestMemory;
+use super::{AddressSpace, GuestMemory};
 use crate::sys::memfd::regular_file_size;
 use crate::sys::mmap::FrontEndMapError;
 use crate::sys::{memfd_create, Mapping};
@@ -293,6 +293,39 @@ impl DirtyLog {
             let hi = end_page.min(base + unit.width as u64 * 8);
             self.or(unit, bit_mask(page - base, hi - base));
             page = hi;
+        }
+        Ok(())
+    }
+
+    /// [`mark`](Self::mark) for a write of `len` bytes at `addr` in `mem`'s address space.
+    /// A memory table's addresses are guest-physical and are marked as they are. An IOTLB
+    /// view's are I/O virtual (a device behind the front-end's vIOMMU), while the log is
+    /// indexed by guest-physical page: each piece of the range is taken through the
+    /// window that maps it (I/O virtual address -> front-end address of the IOTLB entry ->
+    /// the memory table region holding it) to its guest-physical address, so a range that
+    /// crosses entries or regions marks each piece where it lands. Parts of the range that
+    /// no window maps were not written through this view (a request failed on an IOTLB
+    /// hole) and mark nothing.
+    pub fn mark_in(&self, mem: &GuestMemory, addr: u64, len: u64) -> Result<(), DirtyLogError> {
+        if mem.address_space() == AddressSpace::GuestPhysical {
+            return self.mark(addr, len);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // The end, saturating: a range running off the address space has no window there.
+        let end = addr.saturating_add(len);
+        // Windows are sorted by I/O virtual address and disjoint: from the first that ends
+        // past `addr`, while they start before `end`.
+        let windows = mem.regions();
+        let first = windows.partition_point(|w| w.info().gpa_end() <= addr);
+        for w in windows[first..]
+            .iter()
+            .take_while(|w| w.info().guest_phys_addr < end)
+        {
+            let info = w.info();
+            let (start, stop) = (info.guest_phys_addr.max(addr), info.gpa_end().min(end));
+            self.mark(w.gpa_at(start - info.guest_phys_addr), stop - start)?;
         }
         Ok(())
     }

@@ -121,6 +121,24 @@ impl GuestRegion {
         Ok(Self::mapped(info, fd, mapping))
     }
 
+    /// Maps `fd`, a file a kernel hands out for one translated range (VDUSE's
+    /// `VDUSE_IOTLB_GET_FD`), for what `perm` lets the device do: without `PROT_WRITE`
+    /// unless it may write, so a read-only range is read-only in this process too (and an
+    /// fd opened read-only maps at all), and the region carries `perm`, which every device
+    /// access checks ([`GuestMemory::check_access`](super::GuestMemory::check_access)):
+    /// a write there is [`MemoryError::AccessDenied`], never a fault. (mmap needs read
+    /// access, so a write-only range is mapped readable and only `perm` refuses reads.)
+    pub fn map_with_perm(info: RegionInfo, fd: OwnedFd, perm: Perm) -> Result<Self, MemoryError> {
+        info.check()?;
+        let writable = perm.allows(super::Access::Write);
+        let mapping = Mapping::map_shared(fd.as_fd(), info.mmap_offset, info.memory_size, writable)
+            .map_err(MemoryError::Map)?;
+        Ok(Self {
+            perm,
+            ..Self::mapped(info, fd, mapping)
+        })
+    }
+
     fn mapped(info: RegionInfo, fd: OwnedFd, mapping: Mapping) -> Self {
         Self {
             info,
@@ -200,6 +218,22 @@ impl GuestRegion {
         };
         info.check()?;
         Ok(Self::mapped(info, fd, mapping))
+    }
+
+    /// The guest-physical address of byte `offset` of the region (`offset` below its
+    /// size): for a memory table region, its own `guest_phys_addr` plus `offset`; for a
+    /// window (an IOTLB translation, whose `guest_phys_addr` is an I/O virtual address),
+    /// the guest-physical address of the byte it shows in the memory table region it looks
+    /// into. What the dirty log of a device behind an IOMMU marks
+    /// ([`DirtyLog::mark_in`](super::dirty_log::DirtyLog::mark_in)).
+    pub fn gpa_at(&self, offset: u64) -> u64 {
+        match &self.backing {
+            Backing::Mapped { .. } => self.info.guest_phys_addr.wrapping_add(offset),
+            // The window lies inside its parent (checked by `window`), at this offset.
+            Backing::Window { parent } => {
+                parent.gpa_at(self.info.userspace_addr - parent.info.userspace_addr + offset)
+            }
+        }
     }
 
     /// The region as the front-end described it.

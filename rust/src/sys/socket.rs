@@ -228,6 +228,32 @@ pub fn connect_unix(path: &Path, timeout: Option<Duration>) -> Result<UnixStream
     Ok(UnixStream::from(fd))
 }
 
+/// Binds and listens on a Unix socket at `path` so that the path only ever names a
+/// socket that is already listening: a peer that sees the path can connect at once,
+/// where a plain bind-then-listen leaves a moment in which connects get ECONNREFUSED.
+/// The socket is bound under a temporary sibling name and renamed into place without
+/// replacing anything (`RENAME_NOREPLACE`), so a file that appeared at `path` meanwhile
+/// is `AlreadyExists` rather than silently replaced. When the sibling name would not fit
+/// `sun_path`, it falls back to binding `path` directly.
+pub fn listen_unix_at(path: &Path) -> io::Result<UnixListener> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = path.with_file_name(format!(".pv{:x}.{n:x}", std::process::id()));
+    if temp.as_os_str().len() >= 108 {
+        return UnixListener::bind(path);
+    }
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp)?;
+    let cwd = rustix::fs::CWD;
+    match rustix::fs::renameat_with(cwd, &temp, cwd, path, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(listener),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e.into())
+        }
+    }
+}
+
 /// Waits for a peer on `listener` at most `timeout` (`None`: no bound), in slices when an
 /// interrupt check is installed, then accepts it; the listener is untouched by a timeout or
 /// an interruption and accepts again afterwards. A bound that passes is

@@ -63,7 +63,7 @@ impl Listener {
                 std::fs::remove_file(path)?;
             }
         }
-        let inner = UnixListener::bind(path)?;
+        let inner = crate::sys::socket::listen_unix_at(path)?;
         let identity = std::fs::symlink_metadata(path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
@@ -149,6 +149,36 @@ mod tests {
         assert!(path.exists(), "the newer server's socket survives our drop");
         assert!(UnixStream::connect(&path).is_ok());
         drop(newer);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn the_path_appears_only_once_the_socket_listens() {
+        let path = temp_path("race");
+        // A client polls for the path and connects the moment it exists: with bind then
+        // listen it could see the path and get ECONNREFUSED.
+        for _ in 0..200 {
+            let client = {
+                let path = path.clone();
+                std::thread::spawn(move || loop {
+                    if path.exists() {
+                        return UnixStream::connect(&path).map(|_| ());
+                    }
+                    std::thread::yield_now();
+                })
+            };
+            let listener = Listener::bind(&path, true).unwrap();
+            client
+                .join()
+                .unwrap()
+                .expect("a visible path is always listening");
+            drop(listener);
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert!(
+            leftovers.is_empty(),
+            "no temporary names left: {leftovers:?}"
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

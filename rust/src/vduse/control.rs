@@ -128,7 +128,8 @@ impl VduseControl {
         self.version
     }
 
-    /// `VDUSE_CREATE_DEV`: `/dev/vduse/NAME` appears. EEXIST becomes [`VduseError::Exists`];
+    /// `VDUSE_CREATE_DEV`: `/dev/vduse/NAME` appears. EEXIST becomes [`VduseError::Exists`],
+    /// EINVAL for a type other than net, blk or fs [`VduseError::TypeRefused`]; otherwise
     /// EINVAL means the kernel refused the description (a device type it does not allow,
     /// features without `ACCESS_PLATFORM`, a config it cannot take).
     pub fn create(&self, spec: &DeviceSpec) -> Result<()> {
@@ -174,6 +175,14 @@ impl VduseControl {
             Some(libc::EEXIST) => VduseError::Exists {
                 name: spec.name.clone(),
             },
+            // The kernel allows a few device types only; anything else is EINVAL.
+            Some(libc::EINVAL) if !matches!(spec.device_id, 1 | 2 | 26) => {
+                VduseError::TypeRefused {
+                    device: spec.name.clone(),
+                    device_id: spec.device_id,
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                }
+            }
             _ => e,
         })
     }

@@ -72,6 +72,21 @@ pub enum VduseError {
         #[source]
         source: io::Error,
     },
+    /// VDUSE_CREATE_DEV refused a device type the kernel does not let VDUSE create.
+    #[error(
+        "VDUSE device {device:?}: the kernel refused a virtio device of type {device_id} \
+         (VDUSE_CREATE_DEV: {source}); VDUSE creates virtio-net (1) and virtio-blk (2) \
+         devices only (Linux 6.12; later kernels add virtio-fs, 26)"
+    )]
+    TypeRefused {
+        /// The device.
+        device: String,
+        /// The virtio device type asked for.
+        device_id: u32,
+        /// The kernel's errno (EINVAL).
+        #[source]
+        source: io::Error,
+    },
     /// A queue index outside the device's queue count (from a caller or a kernel request).
     #[error(
         "VDUSE device {device:?}: {what}: queue {queue} does not exist (the device has {count})"
@@ -121,7 +136,9 @@ impl VduseError {
     /// The errno of the failed syscall, if this error is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            VduseError::Kernel { source, .. } => source.raw_os_error(),
+            VduseError::Kernel { source, .. } | VduseError::TypeRefused { source, .. } => {
+                source.raw_os_error()
+            }
             _ => None,
         }
     }

@@ -136,8 +136,10 @@ pub struct Response {
     pub id: u32,
     /// Whether it was handled.
     pub ok: bool,
-    /// For GET_VQ_STATE: the queue and the avail index to resume from.
-    pub vq_state: Option<(u32, u16)>,
+    /// For GET_VQ_STATE: the queue and its state, as the kernel's union lays it out (split:
+    /// the avail index in the first word; packed: `last_avail_counter`, `last_avail_idx`,
+    /// `last_used_counter`, `last_used_idx`).
+    pub vq_state: Option<(u32, [u16; 4])>,
 }
 
 impl Response {
@@ -159,12 +161,18 @@ impl Response {
         }
     }
 
-    /// The answer to GET_VQ_STATE: queue `index` resumes at avail index `avail`.
+    /// The answer to GET_VQ_STATE for a split ring: queue `index` resumes at avail index
+    /// `avail`.
     pub fn vq_state(id: u32, index: u32, avail: u16) -> Self {
+        Self::vq_state_words(id, index, [avail, 0, 0, 0])
+    }
+
+    /// The answer to GET_VQ_STATE with the state's four words (a packed ring's).
+    pub fn vq_state_words(id: u32, index: u32, words: [u16; 4]) -> Self {
         Response {
             id,
             ok: true,
-            vq_state: Some((index, avail)),
+            vq_state: Some((index, words)),
         }
     }
 
@@ -178,9 +186,11 @@ impl Response {
             VDUSE_REQ_RESULT_FAILED
         };
         b[4..8].copy_from_slice(&result.to_ne_bytes());
-        if let Some((index, avail)) = self.vq_state {
+        if let Some((index, words)) = self.vq_state {
             b[BODY..BODY + 4].copy_from_slice(&index.to_ne_bytes());
-            b[BODY + 4..BODY + 6].copy_from_slice(&avail.to_ne_bytes());
+            for (i, w) in words.iter().enumerate() {
+                b[BODY + 4 + 2 * i..BODY + 6 + 2 * i].copy_from_slice(&w.to_ne_bytes());
+            }
         }
         b
     }
@@ -255,6 +265,10 @@ mod tests {
         assert_eq!(u32_at(&b, 4), VDUSE_REQ_RESULT_OK);
         assert_eq!(u32_at(&b, 24), 2);
         assert_eq!(u16::from_ne_bytes([b[28], b[29]]), 0x1234);
+        let p = Response::vq_state_words(5, 1, [1, 0x7ffe, 0, 3]).encode();
+        assert_eq!(u32_at(&p, 24), 1);
+        let word = |o: usize| u16::from_ne_bytes([p[o], p[o + 1]]);
+        assert_eq!([word(28), word(30), word(32), word(34)], [1, 0x7ffe, 0, 3]);
         let f = Response::failed(6).encode();
         assert_eq!(u32_at(&f, 4), VDUSE_REQ_RESULT_FAILED);
         assert!(f[8..].iter().all(|&x| x == 0));

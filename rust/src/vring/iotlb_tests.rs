@@ -292,3 +292,177 @@ fn a_miss_after_the_chain_was_consumed_breaks_the_queue() {
     );
     assert!(q.is_broken(), "a consumed chain cannot be popped again");
 }
+
+/// A driver of either format and a device queue with `VIRTIO_F_INDIRECT_DESC`.
+fn rig_indirect(packed: bool) -> (Setup, GuestMemory, Driver, DeviceQueue) {
+    let s = setup();
+    let dview = s.driver.view();
+    let (driver, layout) = Driver::new(packed, &dview);
+    let q = DeviceQueue::new(layout, false, true).unwrap();
+    (s, dview, driver, q)
+}
+
+impl Driver {
+    fn send_indirect(
+        &mut self,
+        mem: &GuestMemory,
+        table: u64,
+        readable: &[(u64, u32)],
+        writable: &[(u64, u32)],
+    ) {
+        match self {
+            Driver::Split(d) => {
+                d.add_indirect(mem, table, readable, writable).unwrap();
+                d.publish(mem).unwrap();
+            }
+            Driver::Packed(d) => {
+                d.add_indirect(mem, table, readable, writable).unwrap();
+                d.publish(mem).unwrap();
+            }
+        }
+    }
+}
+
+/// A request whose indirect table the IOMMU never maps can be neither walked nor retried:
+/// `discard_head` consumes it unread (a chain with no segments, so only length 0 may be
+/// returned), its buffers keep their bytes, and the next request on the queue is served.
+#[test]
+fn a_head_whose_descriptors_never_map_is_discarded_and_the_queue_goes_on() {
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig_indirect(packed);
+        s.map(IN_IOVA, 3);
+        s.map(OUT_IOVA, 3);
+        dview.write(OUT_IOVA, &[0xee; 16]).unwrap();
+        // The table sits at OUT2_IOVA, which only the driver's view maps.
+        driver.send_indirect(&dview, OUT2_IOVA, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+
+        let err = q.pop_batch(&s.device.view(), 4).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT2_IOVA, Access::Read)), "{err}");
+        // Allowing holes in buffers does not help: the table itself is the hole.
+        let view = s.device.view();
+        let err = q.pop_with_holes(&view, None).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT2_IOVA, Access::Read)), "{err}");
+        assert!(!q.is_broken(), "packed {packed}");
+
+        let c = q.discard_head(&view, None).unwrap().expect("a head");
+        assert!(c.segments.is_empty());
+        assert!(matches!(
+            q.add_used_batch(&view, &[(c.head, 1)]),
+            Err(VringError::InvalidUsed { .. })
+        ));
+        q.add_used_batch(&view, &[(c.head, 0)]).unwrap();
+        assert_eq!(driver.used(&dview), vec![(c.head, 0)]);
+        let mut back = [0u8; 16];
+        s.mem.read(BUF_GPA + PAGE, &mut back).unwrap();
+        assert_eq!(back, [0xee; 16], "its buffers untouched");
+        assert!(
+            q.discard_head(&view, None).unwrap().is_none(),
+            "nothing left"
+        );
+
+        // The queue goes on: a request through mapped buffers is served.
+        dview.write(IN_IOVA, b"next").unwrap();
+        driver.send(&dview, &[(IN_IOVA, 4)], &[(OUT_IOVA, 16)]);
+        let chains = q.pop_batch(&view, 4).unwrap();
+        assert_eq!(chains.len(), 1);
+        assert_eq!(chains[0].read_all(&view, 64).unwrap(), b"next");
+        assert_eq!(chains[0].write_all(&view, b"done").unwrap(), 4);
+        q.add_used_batch(&view, &[(chains[0].head, 4)]).unwrap();
+        assert_eq!(driver.used(&dview), vec![(chains[0].head, 4)]);
+        s.mem.read(BUF_GPA + PAGE, &mut back[..4]).unwrap();
+        assert_eq!(&back[..4], b"done");
+    }
+}
+
+/// A request whose reply buffer the IOMMU never maps is popped with its hole: what is
+/// mapped reads as usual, a write into the hole is the same miss (no byte written), and
+/// the request is returned failed while the queue goes on.
+#[test]
+fn a_buffer_that_never_maps_is_popped_with_its_hole() {
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        s.map(IN_IOVA, 1);
+        dview.write(IN_IOVA, b"request!").unwrap();
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+        let view = s.device.view();
+        let err = q.pop_batch(&view, 4).unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT_IOVA, Access::Write)));
+
+        let c = q.pop_with_holes(&view, None).unwrap().expect("a chain");
+        assert_eq!(c.writable_len(), 16);
+        assert_eq!(c.read_all(&view, 64).unwrap(), b"request!");
+        let err = c.write_all(&view, b"reply").unwrap_err();
+        assert_eq!(err.iotlb_miss(), Some((OUT_IOVA, Access::Write)), "{err}");
+        q.add_used_batch(&view, &[(c.head, 0)]).unwrap();
+        assert!(!q.is_broken());
+        assert_eq!(driver.used(&dview), vec![(c.head, 0)]);
+
+        s.map(OUT_IOVA, 3);
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(OUT_IOVA, 16)]);
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        assert_eq!(chains[0].write_all(&view, b"ok").unwrap(), 2);
+    }
+}
+
+/// Dirty logging behind an IOMMU: a completion marks the guest-physical pages the device
+/// wrote, found through the IOTLB view it popped from, not the I/O virtual pages (which
+/// here lie far past the end of guest memory, so marking them would be an error): a
+/// reply crossing two entries that map to unrelated pages marks both, and the used ring,
+/// logged at its I/O virtual log address, marks the ring's guest-physical page.
+#[test]
+fn a_write_through_the_iotlb_is_logged_at_its_guest_physical_pages() {
+    use crate::memory::dirty_log::DirtyLog;
+    const FAR_GPA: u64 = 0x9_0000;
+    for packed in [false, true] {
+        let (mut s, dview, mut driver, mut q) = rig(packed);
+        s.map(IN_IOVA, 1);
+        s.map(OUT_IOVA, 3);
+        // The next I/O virtual page maps somewhere unrelated in guest memory.
+        s.device
+            .update(&s.mem, OUT2_IOVA, PAGE, s.uaddr + FAR_GPA, 3)
+            .unwrap();
+        let log = DirtyLog::allocate(0x10_0000).unwrap();
+        // A reply buffer straddling the two entries.
+        let reply = OUT_IOVA + PAGE / 2;
+        driver.send(&dview, &[(IN_IOVA, 8)], &[(reply, PAGE as u32)]);
+        let view = s.device.view();
+        let chains = q.pop_batch(&view, 4).unwrap();
+        let c = &chains[0];
+        assert_eq!(c.write_all(&view, &[0xab; PAGE as usize]).unwrap(), 4096);
+        let ring_log = RingLog {
+            log: &log,
+            // The used ring's log address is I/O virtual too (QEMU's used_phys).
+            used_log_addr: Some(q_used_area(packed)),
+            iova_view: Some(&view),
+        };
+        let from = q.used_position();
+        ring_log.mark_buffers(&c.segments).unwrap();
+        q.add_used_batch(&view, &[(c.head, 4096)]).unwrap();
+        q.log_ring(&ring_log, from).unwrap();
+        let dirty: Vec<u64> = log
+            .take()
+            .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
+            .collect();
+        assert_eq!(
+            dirty,
+            vec![RING_GPA, BUF_GPA + PAGE, FAR_GPA],
+            "packed {packed}: the ring's page, then the reply's two pages"
+        );
+        // What the device wrote is where those pages say.
+        let mut back = [0u8; 4];
+        s.mem.read(FAR_GPA, &mut back).unwrap();
+        assert_eq!(back, [0xab; 4]);
+    }
+}
+
+/// The I/O virtual address of the used ring (split) or device area (packed) of the rig's
+/// ring: what a front-end behind an IOMMU sends as the log address.
+fn q_used_area(packed: bool) -> u64 {
+    let layout = if packed {
+        RingLayout::packed_at(8, RING_IOVA).unwrap()
+    } else {
+        RingLayout::split_at(8, RING_IOVA).unwrap()
+    };
+    layout.used_or_device()
+}

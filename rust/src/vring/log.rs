@@ -13,8 +13,22 @@
 //! its suppression flags into the device event area; QEMU's `log_addr` for a packed ring
 //! names only the device area, so both are marked at their guest-physical addresses from
 //! the ring layout.
+//!
+//! Behind a vIOMMU (`VIRTIO_F_ACCESS_PLATFORM`) every one of those addresses is I/O
+//! virtual: the buffers', the ring layout's, and the used ring's log address too. QEMU's
+//! `vhost_virtqueue_set_addr` sends `log_guest_addr = used_phys`, the used ring's address
+//! as the driver programmed it, which with an IOMMU is the I/O virtual address the ring
+//! addresses themselves are (`vhost_memory_map` hands I/O virtual addresses through
+//! unchanged when the device has an IOMMU), and DPDK's vhost library translates it
+//! (`translate_log_addr`: I/O virtual -> its own virtual address through the IOTLB ->
+//! guest-physical through the memory table) before logging, as it does for buffers
+//! (`vhost_log_write_iova`). The log itself stays indexed by guest-physical page. So a
+//! [`RingLog`] behind an IOMMU carries the IOTLB view the addresses are in, and every
+//! range is marked through it ([`DirtyLog::mark_in`]), piece by piece where it lands in
+//! guest-physical memory; without one, addresses are marked as they are (the flat path).
 
 use crate::memory::dirty_log::{DirtyLog, DirtyLogError};
+use crate::memory::GuestMemory;
 
 use super::{DeviceQueue, Segment, DESC_SIZE};
 
@@ -23,9 +37,14 @@ use super::{DeviceQueue, Segment, DESC_SIZE};
 pub struct RingLog<'a> {
     /// The bitmap the front-end shared with SET_LOG_BASE.
     pub log: &'a DirtyLog,
-    /// The used ring's guest-physical log address when the front-end asked for the ring to
-    /// be logged (`VHOST_VRING_F_LOG`); `None` logs buffers only, as the kernel does.
+    /// The used ring's log address when the front-end asked for the ring to be logged
+    /// (`VHOST_VRING_F_LOG`): guest-physical, or I/O virtual behind an IOMMU; `None` logs
+    /// buffers only, as the kernel does.
     pub used_log_addr: Option<u64>,
+    /// Behind an IOMMU: the IOTLB view the ring's and buffers' addresses are in (the one
+    /// the chains were popped from), through which each range is translated to the
+    /// guest-physical pages it wrote. `None`: addresses are guest-physical already.
+    pub iova_view: Option<&'a GuestMemory>,
 }
 
 /// Position of the next used element, taken before a completion so that
@@ -43,9 +62,17 @@ impl RingLog<'_> {
         segments: impl IntoIterator<Item = &'s Segment>,
     ) -> Result<(), DirtyLogError> {
         for s in segments.into_iter().filter(|s| s.writable) {
-            self.log.mark(s.addr, u64::from(s.len))?;
+            self.mark(s.addr, u64::from(s.len))?;
         }
         Ok(())
+    }
+
+    /// Marks `len` bytes at the ring's address `addr` (translated behind an IOMMU).
+    fn mark(&self, addr: u64, len: u64) -> Result<(), DirtyLogError> {
+        match self.iova_view {
+            None => self.log.mark(addr, len),
+            Some(view) => self.log.mark_in(view, addr, len),
+        }
     }
 
     /// Marks `count` consecutive `elem`-byte elements of a ring of `size` starting at slot
@@ -64,12 +91,12 @@ impl RingLog<'_> {
         }
         let first = u32::from(first % size);
         let run = count.min(u32::from(size) - first);
-        self.log.mark(
+        self.mark(
             array.wrapping_add(elem * u64::from(first)),
             elem * u64::from(run),
         )?;
         if count > run {
-            self.log.mark(array, elem * u64::from(count - run))?;
+            self.mark(array, elem * u64::from(count - run))?;
         }
         Ok(())
     }
@@ -103,10 +130,9 @@ impl DeviceQueue {
                 let moved = q.next_used().wrapping_sub(from.slot);
                 log.mark_elements(used_log.wrapping_add(4), 8, size, from.slot, moved.into())?;
                 // used.flags and used.idx.
-                log.log.mark(used_log, 4)?;
+                log.mark(used_log, 4)?;
                 if q.event_idx() {
-                    log.log
-                        .mark(used_log.wrapping_add(4 + 8 * u64::from(size)), 2)?;
+                    log.mark(used_log.wrapping_add(4 + 8 * u64::from(size)), 2)?;
                 }
                 Ok(())
             }
@@ -121,7 +147,7 @@ impl DeviceQueue {
                     to_abs + size - from_abs
                 };
                 log.mark_elements(desc, DESC_SIZE, q.size(), from.slot, moved)?;
-                log.log.mark(device_event, 4)
+                log.mark(device_event, 4)
             }
         }
     }
@@ -189,6 +215,7 @@ mod tests {
             let log = RingLog {
                 log: &self.log,
                 used_log_addr,
+                iova_view: None,
             };
             let from = self.dev.used_position();
             let used: Vec<(u16, u32)> = chains.iter().map(|c| (c.head, 1)).collect();

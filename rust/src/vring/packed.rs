@@ -11,7 +11,7 @@ use std::sync::atomic::{fence, Ordering};
 use crate::memory::GuestMemory;
 
 use super::chain::{
-    check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc,
+    check_driver_segments, encode_packed_desc, indirect_entries, pop_up_to, read_packed_desc, walk,
     ChainBuilder, RawDesc,
 };
 use super::error::Health;
@@ -199,8 +199,36 @@ impl PackedDevice {
     /// Pops the next available buffer; its `head` is the buffer id.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem, None);
+        let r = self.pop_inner::<{ walk::MAPPED }>(mem, None);
         self.health.sticky_pop(r)
+    }
+
+    /// [`pop`](Self::pop) whose buffers may lie in IOTLB holes (see
+    /// [`SplitDevice::pop_with_holes`](super::SplitDevice::pop_with_holes)); `record` as for
+    /// [`pop_batch_recording`](Self::pop_batch_recording).
+    pub fn pop_with_holes(
+        &mut self,
+        mem: &GuestMemory,
+        record: Option<&mut Vec<RingDesc>>,
+    ) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner::<{ walk::HOLES }>(mem, record);
+        self.health.sticky_pop(r)
+    }
+
+    /// Consumes the next available buffer reading only its ring descriptors (for its id
+    /// and length in the ring), never an indirect table or a buffer: in flight with no
+    /// writable bytes, a chain with no segments, for the caller to return as used with
+    /// length 0 (see [`SplitDevice::discard`](super::SplitDevice::discard)). The ring
+    /// itself is mapped before a queue runs, so this cannot miss.
+    pub fn discard(
+        &mut self,
+        mem: &GuestMemory,
+        record: Option<&mut Vec<RingDesc>>,
+    ) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner::<{ walk::SKIP }>(mem, record);
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` buffers. An error stops the queue; buffers popped before it are
@@ -223,7 +251,7 @@ impl PackedDevice {
         pop_up_to(max, || {
             self.health.check()?;
             let recorded = ring.len();
-            let r = self.pop_inner(mem, Some(&mut *ring));
+            let r = self.pop_inner::<{ walk::MAPPED }>(mem, Some(&mut *ring));
             if r.is_err() {
                 // A miss is popped again from the start: drop its partial record.
                 ring.truncate(recorded);
@@ -277,7 +305,7 @@ impl PackedDevice {
                 });
             }
             let count = descs.len() as u16; // <= size
-            let mut b = ChainBuilder::new(slot.0, size);
+            let mut b = ChainBuilder::<{ walk::MAPPED }>::new(slot.0, size);
             for (k, &(addr, len, id, flags)) in descs.iter().enumerate() {
                 let d = RawDesc {
                     addr,
@@ -300,7 +328,7 @@ impl PackedDevice {
         Ok(chains)
     }
 
-    fn pop_inner(
+    fn pop_inner<const W: u8>(
         &mut self,
         mem: &GuestMemory,
         mut record: Option<&mut Vec<RingDesc>>,
@@ -313,7 +341,7 @@ impl PackedDevice {
         }
         // The rest of the descriptor is read after the flags that published it.
         fence(Ordering::Acquire);
-        let mut b = ChainBuilder::new(start, size);
+        let mut b = ChainBuilder::<W>::new(start, size);
         let (mut slot, mut wrap) = (start, self.avail_wrap);
         let mut count: u16 = 0;
         let id = loop {
@@ -349,10 +377,10 @@ impl PackedDevice {
 
     /// Adds one ring descriptor (with its `flags`, read once) to a chain; an indirect one
     /// brings its whole table. Returns whether it ends the buffer.
-    fn push_desc(
+    fn push_desc<const W: u8>(
         &self,
         mem: &GuestMemory,
-        b: &mut ChainBuilder,
+        b: &mut ChainBuilder<W>,
         d: &RawDesc,
         flags: u16,
     ) -> Result<bool> {
@@ -362,6 +390,9 @@ impl PackedDevice {
             }
             if flags & DESC_F_NEXT != 0 {
                 return Err(VringError::IndirectWithNext);
+            }
+            if W == walk::SKIP {
+                return Ok(true);
             }
             let entries = indirect_entries(mem, d)?;
             walk_indirect(mem, b, d.addr, entries)?;
@@ -373,7 +404,12 @@ impl PackedDevice {
 
     /// Marks buffer `id`, `count` ring descriptors, in flight: it must be a valid id not
     /// already in flight, and the ring cannot hold more descriptors than its size.
-    fn take_in_flight(&mut self, b: ChainBuilder, id: u16, count: u16) -> Result<DescriptorChain> {
+    fn take_in_flight<const W: u8>(
+        &mut self,
+        b: ChainBuilder<W>,
+        id: u16,
+        count: u16,
+    ) -> Result<DescriptorChain> {
         let size = self.r.size;
         if id >= size {
             return Err(VringError::InvalidHead {
@@ -517,7 +553,12 @@ impl PackedDevice {
 }
 
 /// Walks a packed indirect table: `entries` consecutive descriptors (NEXT is ignored).
-fn walk_indirect(mem: &GuestMemory, b: &mut ChainBuilder, table: u64, entries: u32) -> Result<()> {
+fn walk_indirect<const W: u8>(
+    mem: &GuestMemory,
+    b: &mut ChainBuilder<W>,
+    table: u64,
+    entries: u32,
+) -> Result<()> {
     for i in 0..entries {
         // Inside the table (checked by indirect_entries), so no overflow.
         let d = read_packed_desc(mem, table + DESC_SIZE * u64::from(i))?;

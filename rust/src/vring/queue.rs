@@ -69,6 +69,39 @@ impl DeviceQueue {
         }
     }
 
+    /// Pops the next chain allowing its buffers to lie in IOTLB holes (behind an IOMMU
+    /// whose IOMMU side left a miss on a buffer unanswered): the device meets the hole when
+    /// it touches the buffer and fails that one request. A miss on a descriptor or an
+    /// indirect table still consumes nothing; [`discard_head`](Self::discard_head) then.
+    /// `ring` records a packed buffer's ring descriptors as
+    /// [`pop_batch_recording`](Self::pop_batch_recording) does.
+    pub fn pop_with_holes(
+        &mut self,
+        mem: &GuestMemory,
+        ring: Option<&mut Vec<(u64, u32, u16, u16)>>,
+    ) -> Result<Option<DescriptorChain>> {
+        match self {
+            DeviceQueue::Split(q) => q.pop_with_holes(mem),
+            DeviceQueue::Packed(q) => q.pop_with_holes(mem, ring),
+        }
+    }
+
+    /// Consumes the next available head without walking its descriptor table (split) or
+    /// any indirect table, and without touching its buffers: a chain with no segments and
+    /// no writable bytes, in flight until the caller returns it as used (length 0). What a
+    /// device behind an IOMMU does with a request whose descriptors the IOMMU side never
+    /// mapped: it can only be given back, unread. None if nothing is available.
+    pub fn discard_head(
+        &mut self,
+        mem: &GuestMemory,
+        ring: Option<&mut Vec<(u64, u32, u16, u16)>>,
+    ) -> Result<Option<DescriptorChain>> {
+        match self {
+            DeviceQueue::Split(q) => q.discard(mem),
+            DeviceQueue::Packed(q) => q.discard(mem, ring),
+        }
+    }
+
     /// Hands buffers back as (head, bytes written) pairs, in one used-index update.
     pub fn add_used_batch(&mut self, mem: &GuestMemory, used: &[(u16, u32)]) -> Result<()> {
         match self {

@@ -8,7 +8,7 @@ use std::sync::atomic::{fence, Ordering};
 use crate::memory::GuestMemory;
 
 use super::chain::{
-    check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc,
+    check_driver_segments, encode_split_desc, indirect_entries, pop_up_to, read_split_desc, walk,
     ChainBuilder,
 };
 use super::error::Health;
@@ -167,8 +167,29 @@ impl SplitDevice {
     /// Pops the next available chain, or None if the driver has offered nothing new.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.health.check()?;
-        let r = self.pop_inner(mem);
+        let r = self.pop_inner::<{ walk::MAPPED }>(mem);
         self.health.sticky_pop(r)
+    }
+
+    /// [`pop`](Self::pop) for a ring behind an IOMMU whose IOMMU side did not answer a
+    /// miss on a buffer: the chain's buffers may lie in IOTLB holes (the device meets the
+    /// hole when it touches one and fails that request, writing its status if that is
+    /// mapped). A miss on the descriptor table or an indirect table still consumes
+    /// nothing: [`discard`](Self::discard) that head instead.
+    pub fn pop_with_holes(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner::<{ walk::HOLES }>(mem);
+        self.health.sticky_pop(r)
+    }
+
+    /// Consumes the next available head without reading its descriptors or touching its
+    /// buffers (a chain whose descriptor table the IOMMU never mapped): it is in flight
+    /// with no writable bytes, a chain with no segments, for the caller to return as used
+    /// with length 0. None if the driver offered nothing new.
+    pub fn discard(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+        self.health.check()?;
+        let r = self.pop_inner::<{ walk::SKIP }>(mem);
+        self.health.sticky(r)
     }
 
     /// Pops up to `max` chains. An error stops the queue; chains popped before it are
@@ -177,7 +198,7 @@ impl SplitDevice {
         pop_up_to(max, || self.pop(mem))
     }
 
-    fn pop_inner(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
+    fn pop_inner<const W: u8>(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         if self.pending(mem)? == 0 {
             return Ok(None);
         }
@@ -191,7 +212,11 @@ impl SplitDevice {
         if self.in_flight[usize::from(head)].is_some() {
             return Err(VringError::HeadInFlight { head });
         }
-        let chain = self.walk(mem, head)?;
+        let chain = if W == walk::SKIP {
+            ChainBuilder::<W>::new(head, self.a.size).finish(1)
+        } else {
+            self.walk::<W>(mem, head)?
+        };
         self.in_flight[usize::from(head)] = Some(chain.writable_len());
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.event_idx && self.notify_enabled {
@@ -222,7 +247,7 @@ impl SplitDevice {
             if self.in_flight[usize::from(head)].is_some() {
                 return Err(VringError::HeadInFlight { head });
             }
-            let chain = self.walk(mem, head)?;
+            let chain = self.walk::<{ walk::MAPPED }>(mem, head)?;
             self.in_flight[usize::from(head)] = Some(chain.writable_len());
             chains.push(chain);
         }
@@ -231,9 +256,9 @@ impl SplitDevice {
     }
 
     /// Walks the chain at `head`, reading each descriptor once (E9).
-    fn walk(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
+    fn walk<const W: u8>(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
         let size = self.a.size;
-        let mut b = ChainBuilder::new(head, size);
+        let mut b = ChainBuilder::<W>::new(head, size);
         let mut idx = head;
         let mut steps = 0u32;
         loop {
@@ -383,9 +408,9 @@ impl SplitDevice {
 }
 
 /// Walks an indirect table of `entries` split descriptors, bounded by the entry count.
-fn walk_indirect(
+fn walk_indirect<const W: u8>(
     mem: &GuestMemory,
-    b: &mut ChainBuilder,
+    b: &mut ChainBuilder<W>,
     head: u16,
     table: u64,
     entries: u32,
