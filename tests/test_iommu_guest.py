@@ -325,7 +325,7 @@ def test_updates_while_a_miss_is_outstanding_do_not_repeat_it(tmp_sock_dir: Path
     it reads, in order: the late answers to the repeats woke the worker on its next miss,
     which it repeated in turn, and so on for good. Here our front-end, as the IOMMU,
     sends 20 other pages' updates before answering each miss: the daemon asks once."""
-    with iommu_guest(tmp_sock_dir) as (blk, fe, iommu, image):
+    with iommu_guest(tmp_sock_dir) as (blk, fe, iommu, image, _serve):
         asked: dict[int, int] = {}
         answer = iommu.iotlb_msg
 
