@@ -1217,7 +1217,14 @@ class BlkLoad:
         event_idx: bool = False,
         segment_size: int = 32768,
         socket: _Fd | None = None,
-    ) -> Self: ...
+        frontend: Frontend | None = None,
+        iommu_page: int | None = None,
+        iommu_prefill: str = "none",
+        iommu_strict: bool = False,
+    ) -> Self:
+        """With ``iommu_page``: the loop plays the IOMMU of ``frontend`` (pages of that
+        many bytes, ``iommu_prefill`` ``none``/``all``, ``iommu_strict`` unmapping each
+        request's data) and sets queue 0 up itself at I/O virtual addresses."""
     def run(
         self,
         rw: str,
@@ -1240,6 +1247,11 @@ class BlkLoad:
         ``seconds`` or ``ios`` requests; returns the counts and latencies."""
     def max_iodepth(self, block_size: int) -> int:
         """The deepest queue ``block_size`` requests can keep (slots and descriptors)."""
+    @property
+    def iommu(self) -> dict[str, Any] | None:
+        """Behind an IOMMU: ``page``, ``prefill``, ``strict``, ``pages``, ``iova_base`` and
+        the counts so far (``misses``, ``unmapped_misses``, ``updates``,
+        ``invalidations``); ``None`` for a flat memory table."""
     @property
     def queue_size(self) -> int:
         """The ring's size in descriptors."""

@@ -28,6 +28,21 @@ refused (``queue_size_refused``), and a default ``--iodepth`` is lowered to what
 ring holds (``iodepth_requested`` keeps the one asked for). A ``--queue-size`` the
 back-end refuses is an error naming it. A ``--bs`` so large that no ring the back-end
 takes holds one request is an error saying which ``--bs`` fits.
+
+``--iommu`` runs the load behind an IOMMU that ``bench blk`` plays itself, against a
+back-end serving with ``VIRTIO_F_ACCESS_PLATFORM`` (``python -m vhost serve blk
+--iommu``); one that does not offer it is an error naming the feature (status 2). The
+driver then uses I/O virtual addresses: what the flat layout puts at guest address ``x``
+is at ``2**40 + x``, and behind those addresses the memory is remapped in pages of
+``--iommu-page`` bytes: of ``n`` pages, I/O virtual page ``j`` is guest page ``((j ^ 1) +
+n // 2) % n`` (neighbours swapped in pairs, the halves of the memory exchanged), so a
+back-end that mistranslates reads or writes another page and ``--verify`` says so.
+The back-end's IOTLB misses are answered by a thread of the native loop with an update of
+the whole page (read-write); the report counts them (``iotlb_misses``: during the timed
+run; ``iommu``: the totals). ``--iommu-prefill`` says what is mapped before the run,
+``--iommu-strict`` unmaps each request's data pages when it completes (as a guest in
+strict IOMMU mode: every request misses). Compare with the same run without ``--iommu``
+on ``serve blk`` for the cost of translation (``benches/bench_iommu.py``).
 """
 
 from __future__ import annotations
@@ -165,7 +180,46 @@ def add_parser(sub: Any) -> None:
         f"marks every page it writes, and the log is read and cleared every "
         f"{DIRTY_LOG_SYNC_S * 1000:.0f} ms",
     )
+    blk.add_argument(
+        "--iommu",
+        action="store_true",
+        help="run behind an IOMMU played by this side (the back-end must offer "
+        "VIRTIO_F_ACCESS_PLATFORM: serve blk --iommu); see above",
+    )
+    blk.add_argument(
+        "--iommu-page",
+        type=iommu_page_arg,
+        metavar="BYTES",
+        help="--iommu: the IOMMU page, unit of the remapping and of each IOTLB update "
+        "(4K..2M, a power of two; default 4K): the smaller, the more misses",
+    )
+    blk.add_argument(
+        "--iommu-prefill",
+        choices=("none", "all"),
+        help="--iommu: what is mapped before the run. none (default): nothing, every page "
+        "the back-end touches first misses and is answered, as with a vIOMMU and a device "
+        "IOTLB; the misses are counted, and after each page's first touch the figure is "
+        "translation itself, so it measures both paths. all: every page up front, no miss",
+    )
+    blk.add_argument(
+        "--iommu-strict",
+        action="store_true",
+        help="--iommu: unmap each request's data pages when it completes (a guest in strict "
+        "IOMMU mode): every request misses, the cold-IOTLB figure",
+    )
     blk.set_defaults(run=run_blk)
+
+
+MAX_IOMMU_PAGE = 2 << 20
+"""Largest ``--iommu-page``: the driver's memory is a whole number of 2 MiB."""
+
+
+def iommu_page_arg(text: str) -> int:
+    """``--iommu-page``: a power of two from 4K to 2M (``4k``, ``64K``, ``2M``)."""
+    value = size_arg(text)
+    if value & (value - 1) or not 4096 <= value <= MAX_IOMMU_PAGE:
+        raise argparse.ArgumentTypeError(f"must be a power of two from 4K to 2M: {text!r}")
+    return value
 
 
 # How often --dirty-log reads and clears the log, as a migrating VMM syncs it between
@@ -230,8 +284,22 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError(f"--offset must be a multiple of {SECTOR_SIZE}: {args.offset}")
     if args.size is not None and (args.size <= 0 or args.size % args.bs):
         raise CliError(f"--size must be a positive multiple of --bs: {args.size}")
-    if args.engine == "python" and (args.verify or args.busy_poll):
-        raise CliError("--verify and --busy-poll need the native engine")
+    if args.engine == "python" and (args.verify or args.busy_poll or args.iommu):
+        raise CliError("--verify, --busy-poll and --iommu need the native engine")
+    if not args.iommu:
+        given = [
+            name
+            for name, value in (
+                ("--iommu-page", args.iommu_page),
+                ("--iommu-prefill", args.iommu_prefill),
+                ("--iommu-strict", args.iommu_strict or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise CliError(f"{', '.join(given)} need(s) --iommu")
+    elif args.dirty_log:
+        raise CliError("--dirty-log cannot run with --iommu (the ring is set up by the loop)")
 
 
 def _per_request(bs: int, segment: int = DEFAULT_SEGMENT) -> int:
@@ -280,12 +348,19 @@ def _connect(args: argparse.Namespace) -> tuple[BlkDriver, list[int]]:
             slots=slots,
             max_request=window,
             segment_size=DEFAULT_SEGMENT,
+            iommu=args.iommu,
         )
     except RingRefusedError as exc:
         if args.queue_size is not None:
             exc.hint = "try a smaller --queue-size"
             raise
         raise _ring_too_small(args, exc) from None
+    except CliError as exc:
+        from ..errors import NotSupportedError  # noqa: PLC0415
+
+        if args.iommu and isinstance(exc.__cause__, NotSupportedError):
+            exc.hint = "python -m vhost serve blk --iommu offers it"
+        raise
 
 
 def _ring_too_small(args: argparse.Namespace, exc: RingRefusedError) -> CliError:
@@ -375,8 +450,15 @@ def run_native(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
         raise CliError(
             f"--bs {args.bs} exceeds the largest request the device takes ({disk.max_request})"
         )
-    load = disk.native_load()
-    return load.run(
+    if args.iommu:
+        load = disk.native_load(
+            iommu_page=args.iommu_page or 4096,
+            iommu_prefill=args.iommu_prefill or "none",
+            iommu_strict=args.iommu_strict,
+        )
+    else:
+        load = disk.native_load()
+    result = load.run(
         args.rw,
         args.bs,
         args.iodepth,
@@ -391,6 +473,8 @@ def run_native(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
         generation=args.generation,
         fill=not args.no_fill,
     )
+    result["iommu"] = load.iommu
+    return result
 
 
 def run_python(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int) -> dict[str, Any]:
@@ -461,6 +545,8 @@ def run_python(args: argparse.Namespace, disk: BlkDriver, offset: int, size: int
         "first_io_error": first_error,
         "latency_ns": None,
         "verify": None,
+        "iotlb_misses": None,
+        "iommu": None,
     }
 
 
@@ -548,6 +634,14 @@ def _human(r: dict[str, Any]) -> str:
         f"queue size {r['queue_size']}{refused}, {'packed' if r['packed'] else 'split'}, "
         f"event_idx={r['event_idx']}, CPUs {','.join(map(str, r['cpus']))}",
     ]
+    mmu = r.get("iommu")
+    if mmu is not None:
+        lines.append(
+            f"iommu: {mmu['page']}-byte pages, prefill {mmu['prefill']}, strict "
+            f"{'on' if mmu['strict'] else 'off'}: {r['iotlb_misses']} IOTLB misses in the run "
+            f"({mmu['misses']} in all, {mmu['unmapped_misses']} outside the memory), "
+            f"{mmu['updates']} updates, {mmu['invalidations']} invalidations"
+        )
     log = r.get("dirty_log")
     if log is not None:
         lines.append(f"dirty log: on, {log['dirty_pages']} dirty pages in {log['syncs']} syncs")

@@ -263,6 +263,11 @@ class BlkDriver(Closing):
     several requests. Each request's data is handed to the device in segments of at most
     ``segment_size`` bytes (fewer if the device's ``seg_max``/``size_max`` say so), so a
     large request is a multi-descriptor chain.
+
+    ``iommu=True`` (``bench blk --iommu``) also acks ``VIRTIO_F_ACCESS_PLATFORM`` and
+    ``BACKEND_REQ`` (:class:`~vhost.errors.NotSupportedError` when the back-end offers
+    either not) and leaves queue 0 unset: only :meth:`native_load` drives it, playing the
+    IOMMU and handing the ring over at I/O virtual addresses.
     """
 
     SUPPORTED_FEATURES = (
@@ -301,6 +306,7 @@ class BlkDriver(Closing):
         max_request: int = 128 * 1024,
         segment_size: int = 32 * 1024,
         timeout: float = 10.0,
+        iommu: bool = False,
     ) -> None:
         self._fe = frontend
         self._closed = False
@@ -314,9 +320,10 @@ class BlkDriver(Closing):
         if packed:
             want |= int(VirtioFeature.RING_PACKED)
         self._offered = frontend.get_features()
+        wanted_proto = self.PROTOCOL_FEATURES | (ProtocolFeature.BACKEND_REQ if iommu else 0)
         features, proto = frontend.negotiate(
             features=want,
-            protocol_features=int(self.PROTOCOL_FEATURES),
+            protocol_features=int(wanted_proto),
             packed=packed,  # NotSupportedError if the back-end has no packed rings
             event_idx=event_idx,
         )
@@ -326,6 +333,9 @@ class BlkDriver(Closing):
             raise NotSupportedError(
                 "the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: no capacity"
             )
+        if iommu:
+            features = self._ack_access_platform(features, proto)
+        self._iommu = iommu
         self._features = features
         self._protocol_features = proto
         self.packed = bool(features & VirtioFeature.RING_PACKED)
@@ -370,7 +380,8 @@ class BlkDriver(Closing):
         )
         self.kick = _core.EventFd()
         self.call = _core.EventFd()
-        setup_queue(frontend, 0, self.memory, self.queue, self.kick, self.call)
+        if not iommu:  # behind the IOMMU, native_load sets the queue up at I/O addresses
+            setup_queue(frontend, 0, self.memory, self.queue, self.kick, self.call)
         self.kicks = 0
         self.wakeups = 0
         self._handed_off = False
@@ -380,6 +391,24 @@ class BlkDriver(Closing):
         self._waiter.register(self.call.fileno(), select.POLLIN)
         self._socket_fd = frontend.fileno()
         self._waiter.register(self._socket_fd, select.POLLRDHUP)
+
+    def _ack_access_platform(self, features: int, proto: int) -> int:
+        """``iommu``: acks ``VIRTIO_F_ACCESS_PLATFORM`` (``negotiate`` acks only the ring
+        bits of the Python rings) and checks the channel misses come on; returns the
+        features acked."""
+        if not self._offered & VirtioFeature.ACCESS_PLATFORM:
+            raise NotSupportedError(
+                "the back-end does not offer VIRTIO_F_ACCESS_PLATFORM: it cannot work behind "
+                "an IOMMU"
+            )
+        if not proto & ProtocolFeature.BACKEND_REQ:
+            raise NotSupportedError(
+                "the back-end does not offer VHOST_USER_PROTOCOL_F_BACKEND_REQ: it cannot "
+                "send IOTLB misses"
+            )
+        features |= int(VirtioFeature.ACCESS_PLATFORM)
+        self._fe.set_features(features)
+        return features
 
     # -- construction ---------------------------------------------------------------------
 
@@ -549,6 +578,8 @@ class BlkDriver(Closing):
         """
         if self._handed_off:
             raise ClosedError("queue 0 was handed to a native load loop (native_load)")
+        if self._iommu:
+            raise ClosedError("queue 0 is behind an IOMMU: only native_load drives it")
         reqs = list(requests)
         for r in reqs:
             self._check_request(r)
@@ -711,13 +742,21 @@ class BlkDriver(Closing):
 
     # -- handing the queue to the native load loop ----------------------------------------
 
-    def native_load(self) -> _core.BlkLoad:
+    def native_load(
+        self, *, iommu_page: int = 4096, iommu_prefill: str = "none", iommu_strict: bool = False
+    ) -> _core.BlkLoad:
         """Hands queue 0 to a native load loop (:class:`vhost._core.BlkLoad`, what
         ``python -m vhost bench blk`` runs): the same ring, memory, eventfds and request
         slots (one per ``slots``, ``max_request`` bytes each), driven from Rust without the
         GIL. Only a driver that has sent no request yet can do this, once; its own I/O
         methods raise :class:`~vhost.errors.ClosedError` afterwards (``close`` still
-        works)."""
+        works).
+
+        A driver made with ``iommu=True`` has only this (its queue is not set up): the
+        loop plays the IOMMU with pages of ``iommu_page`` bytes, maps ``iommu_prefill``
+        (``none`` or ``all``) up front, unmaps each request's data when ``iommu_strict``,
+        and hands the queue to the back-end at I/O virtual addresses itself (``bench blk
+        --iommu``)."""
         if self._closed or self._handed_off:
             raise ClosedError("the driver is closed or its queue was already handed off")
         if self._next_tag or self._inflight:
@@ -736,6 +775,10 @@ class BlkDriver(Closing):
             event_idx=self.event_idx,
             segment_size=self._segment_size,
             socket=self._fe,
+            frontend=self._fe.native if self._iommu else None,
+            iommu_page=iommu_page if self._iommu else None,
+            iommu_prefill=iommu_prefill,
+            iommu_strict=iommu_strict,
         )
         self._handed_off = True
         return load

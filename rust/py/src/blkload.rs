@@ -7,14 +7,16 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vhost_core::blkload::{
-    BlkLoad as CoreLoad, Buffers, InterruptHook, Job, LoadError, Report, Rw, VerifiedReport,
+    BlkLoad as CoreLoad, Buffers, InterruptHook, IommuConfig, Job, LoadError, Prefill, Report, Rw,
+    VerifiedReport,
 };
 use vhost_core::sys::EventFd as CoreEventFd;
 use vhost_core::vring::RingLayout;
 
 use crate::convert;
-use crate::errors::{invalid_param, io_error, memory_error, vring_error, IntoPyResult};
+use crate::errors::{invalid_param, io_error, memory_error, user_error, vring_error, IntoPyResult};
 use crate::fd::dup_of;
+use crate::frontend::PyFrontend;
 use crate::memory::PyGuestMemory;
 
 /// An exception of `vhost.errors` by class name (the classes belong to Python).
@@ -42,6 +44,8 @@ fn load_error(err: LoadError) -> PyErr {
         }
         e @ LoadError::Timeout { .. } => vhost_error("VhostTimeoutError", e.to_string()),
         e @ LoadError::Disconnected { .. } => vhost_error("DisconnectedError", e.to_string()),
+        LoadError::Vhost(_, e) => user_error(e),
+        e @ LoadError::IommuSide(_) => vhost_error("VhostError", e.to_string()),
     }
 }
 
@@ -62,8 +66,13 @@ impl PyBlkLoad {
     /// each data window `window` bytes. `socket` (kept as a duplicate) is the front-end's
     /// vhost-user socket: a run fails with `DisconnectedError` as soon as the back-end
     /// closes it, instead of waiting out its timeout.
+    ///
+    /// With `iommu_page` the load runs behind an IOMMU played by this side
+    /// (`vhost_core::blkload::iommu`): `frontend` is the connection the back-end got
+    /// `memory` on, with ACCESS_PLATFORM and BACKEND_REQ acked and queue 0 not set up;
+    /// addresses are given in the flat layout as without it.
     #[new]
-    #[pyo3(signature = (memory, size, desc, avail, used, kick, call, buffers, window, *, packed = false, event_idx = false, segment_size = 32768, socket = None))]
+    #[pyo3(signature = (memory, size, desc, avail, used, kick, call, buffers, window, *, packed = false, event_idx = false, segment_size = 32768, socket = None, frontend = None, iommu_page = None, iommu_prefill = "none", iommu_strict = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         memory: PyRef<'_, PyGuestMemory>,
@@ -79,6 +88,10 @@ impl PyBlkLoad {
         event_idx: bool,
         segment_size: u32,
         socket: Option<&Bound<'_, PyAny>>,
+        frontend: Option<PyRef<'_, PyFrontend>>,
+        iommu_page: Option<u64>,
+        iommu_prefill: &str,
+        iommu_strict: bool,
     ) -> PyResult<Self> {
         let layout = if packed {
             RingLayout::packed(size, desc, avail, used)
@@ -93,16 +106,49 @@ impl PyBlkLoad {
             .map(|(meta, data)| Buffers { meta, data })
             .collect();
         let hangup = socket.map(dup_of).transpose()?;
-        let mut load = CoreLoad::new(
-            memory.snapshot(),
-            layout,
-            event_idx,
-            kick,
-            call,
-            buffers,
-            window,
-            segment_size,
-        )
+        let mem = memory.snapshot();
+        let mut load = match iommu_page {
+            None => CoreLoad::new(
+                mem,
+                layout,
+                event_idx,
+                kick,
+                call,
+                buffers,
+                window,
+                segment_size,
+            ),
+            Some(page) => {
+                let prefill = Prefill::parse(iommu_prefill).ok_or_else(|| {
+                    invalid_param(format!(
+                        "iommu_prefill must be none or all: {iommu_prefill:?}"
+                    ))
+                })?;
+                let fe = frontend
+                    .ok_or_else(|| invalid_param("iommu_page needs the frontend"))?
+                    .core();
+                let config = IommuConfig {
+                    page,
+                    prefill,
+                    strict: iommu_strict,
+                };
+                let py = memory.py();
+                py.detach(|| {
+                    CoreLoad::new_behind_iommu(
+                        fe,
+                        config,
+                        mem,
+                        layout,
+                        event_idx,
+                        kick,
+                        call,
+                        buffers,
+                        window,
+                        segment_size,
+                    )
+                })
+            }
+        }
         .map_err(load_error)?;
         load.watch_hangup(hangup);
         Ok(PyBlkLoad {
@@ -204,6 +250,29 @@ impl PyBlkLoad {
             .max_iodepth(block_size)
     }
 
+    /// Behind an IOMMU: its configuration and counts so far (see `_core.pyi`); None for
+    /// a flat memory table.
+    #[getter]
+    fn iommu<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let load = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(iommu) = load.iommu() else {
+            return Ok(None);
+        };
+        let (config, remap, c) = (iommu.config(), iommu.remap(), iommu.counters());
+        let d = PyDict::new(py);
+        d.set_item("page", config.page)?;
+        d.set_item("prefill", config.prefill.name())?;
+        d.set_item("strict", config.strict)?;
+        d.set_item("pages", remap.pages())?;
+        d.set_item("iova_base", vhost_core::blkload::iommu::IOVA_BASE)?;
+        d.set_item("misses", c.misses.load(Relaxed))?;
+        d.set_item("unmapped_misses", c.unmapped.load(Relaxed))?;
+        d.set_item("updates", c.updates.load(Relaxed))?;
+        d.set_item("invalidations", c.invalidations.load(Relaxed))?;
+        Ok(Some(d))
+    }
+
     #[getter]
     fn queue_size(&self) -> u16 {
         self.queue_size
@@ -240,6 +309,7 @@ fn report_dict<'py>(py: Python<'py>, job: &Job, r: &Report) -> PyResult<Bound<'p
     d.set_item("driver_cpu_seconds", r.cpu.as_secs_f64())?;
     d.set_item("kicks", r.kicks)?;
     d.set_item("wakeups", r.wakeups)?;
+    d.set_item("iotlb_misses", r.iotlb_misses)?;
     d.set_item("io_errors", r.io_errors)?;
     match r.first_io_error {
         Some(f) => {
@@ -274,6 +344,7 @@ fn verify_dict<'py>(py: Python<'py>, v: &VerifiedReport) -> PyResult<Bound<'py, 
     d.set_item("bad_sectors", v.bad_sectors())?;
     d.set_item("first_bad_offset", v.first_bad_offset())?;
     d.set_item("io_errors", v.io_errors())?;
+    d.set_item("iotlb_misses", v.iotlb_misses())?;
     d.set_item("ok", v.bad_sectors() == 0 && v.io_errors() == 0)?;
     Ok(d)
 }

@@ -1,12 +1,15 @@
 //! The load loop itself.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::memory::GuestMemory;
 use crate::sys::{poll_readable, EventFd};
+use crate::user::Frontend;
 use crate::vring::{check_range, RingLayout};
 
+use super::iommu::{Iommu, IommuConfig};
 use super::ring::Ring;
 use super::{pattern, Buffers, IoFailure, Job, LoadError, Report, SectorSet, SECTOR};
 
@@ -57,6 +60,9 @@ pub struct BlkLoad {
     /// The vhost-user socket of the back-end: a hang-up there (the back-end exited or
     /// closed the connection) ends a wait at once instead of after the run's timeout.
     hangup: Option<OwnedFd>,
+    /// Behind an IOMMU: the IOMMU side (answering misses), and every address above is an
+    /// I/O virtual one.
+    iommu: Option<Iommu>,
 }
 
 /// Per-slot state of the request in flight.
@@ -131,7 +137,59 @@ impl BlkLoad {
             notify_on: false,
             interrupt: Hook(None),
             hangup: None,
+            iommu: None,
         })
+    }
+
+    /// [`new`](Self::new) behind an IOMMU played by this side (see [`super::iommu`]):
+    /// `mem` (the memory table the back-end got through `frontend`, which must have acked
+    /// `VIRTIO_F_ACCESS_PLATFORM` and `BACKEND_REQ`), `layout` and `buffers` are given in
+    /// the flat layout; the driver then uses their I/O virtual addresses, answers the
+    /// back-end's IOTLB misses on a thread of its own, and hands queue 0 to the back-end
+    /// itself (SET_VRING_* at I/O virtual addresses, once that thread runs), so the
+    /// caller must not have set that queue up.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_behind_iommu(
+        frontend: Arc<Frontend>,
+        config: IommuConfig,
+        mem: GuestMemory,
+        layout: RingLayout,
+        event_idx: bool,
+        kick: EventFd,
+        call: EventFd,
+        buffers: Vec<Buffers>,
+        window: u32,
+        segment_size: u32,
+    ) -> Result<Self, LoadError> {
+        let iommu = Iommu::start(frontend, mem.clone(), config)?;
+        let remap = iommu.remap();
+        let view = remap.driver_view(&mem)?;
+        let layout = remap.ring_layout(layout)?;
+        let buffers = buffers
+            .iter()
+            .map(|b| Buffers {
+                meta: remap.iova(b.meta),
+                data: remap.iova(b.data),
+            })
+            .collect();
+        let mut load = Self::new(
+            view,
+            layout,
+            event_idx,
+            kick,
+            call,
+            buffers,
+            window,
+            segment_size,
+        )?;
+        iommu.set_up_queue(0, layout, &load.kick, &load.call)?;
+        load.iommu = Some(iommu);
+        Ok(load)
+    }
+
+    /// The IOMMU side, when the load runs behind one.
+    pub fn iommu(&self) -> Option<&Iommu> {
+        self.iommu.as_ref()
     }
 
     /// Installs the hook a run asks, every 100 ms, whether to stop.
@@ -245,6 +303,7 @@ impl BlkLoad {
             job.offset + b * u64::from(job.block_size)
         };
         let mut slots: Vec<Option<InFlight>> = vec![None; usize::from(job.iodepth)];
+        let misses0 = self.iommu.as_ref().map(Iommu::misses);
         let cpu0 = thread_cpu_time();
         let start = Instant::now();
         let deadline = job.duration.map(|d| start + d);
@@ -302,6 +361,12 @@ impl BlkLoad {
         }
         run.report.elapsed = last - start;
         run.report.cpu = thread_cpu_time().saturating_sub(cpu0);
+        if let Some(iommu) = &self.iommu {
+            run.report.iotlb_misses = misses0.map(|m| iommu.misses() - m);
+            if let Some(failure) = iommu.failure() {
+                return Err(LoadError::IommuSide(failure));
+            }
+        }
         Ok(run.report)
     }
 
@@ -361,6 +426,9 @@ impl BlkLoad {
         now: Instant,
     ) -> Result<(), LoadError> {
         let b = self.buffers[slot];
+        if let Some(iommu) = self.iommu.as_ref().filter(|i| i.config().strict) {
+            iommu.unmap(b.data, u64::from(job.block_size))?;
+        }
         let r = &mut run.report;
         r.latency
             .record(u64::try_from((now - req.submitted).as_nanos()).unwrap_or(u64::MAX));

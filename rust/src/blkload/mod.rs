@@ -16,6 +16,7 @@
 
 mod engine;
 mod histogram;
+pub mod iommu;
 pub mod pattern;
 mod ring;
 mod verify;
@@ -27,6 +28,7 @@ use crate::vring::VringError;
 
 pub use engine::{BlkLoad, InterruptHook};
 pub use histogram::Histogram;
+pub use iommu::{IommuConfig, Prefill};
 pub use verify::VerifiedReport;
 
 /// virtio-blk addresses the disk in 512-byte sectors.
@@ -236,6 +238,9 @@ pub struct Report {
     pub first_bad_offset: Option<u64>,
     /// With [`Job::track_writes`]: the sectors written.
     pub written: Option<SectorSet>,
+    /// Behind an IOMMU ([`BlkLoad::new_behind_iommu`]): the IOTLB misses the back-end
+    /// sent during the run (answered or not); None for a flat memory table.
+    pub iotlb_misses: Option<u64>,
 }
 
 impl Report {
@@ -290,6 +295,13 @@ pub enum LoadError {
         /// Requests in flight when it closed.
         in_flight: u16,
     },
+    /// A vhost-user request of the IOMMU set-up (or an update, an invalidation) failed.
+    #[error("{0}: {1}")]
+    Vhost(&'static str, crate::user::Error),
+    /// The thread answering the back-end's IOTLB misses failed (an update refused, a
+    /// broken channel): the run's figures are not those of a working IOMMU.
+    #[error("the IOMMU side failed: {0}")]
+    IommuSide(String),
     /// The interrupt hook asked to stop (requests may still be in flight: the next run
     /// refuses to start).
     #[error("the run was interrupted")]

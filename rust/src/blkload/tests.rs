@@ -115,13 +115,26 @@ fn rig(packed: bool, slots: u64, window: u32, corrupt: bool) -> Rig {
             data: 0x20000 + u64::from(window) * i,
         })
         .collect();
+    rig_on(mem.clone(), mem, layout, buffers, window, corrupt)
+}
+
+/// The load on `driver_mem` and the device thread on `device_mem` (the same memory, seen
+/// by each side at the addresses of `layout` and `buffers`).
+fn rig_on(
+    driver_mem: GuestMemory,
+    device_mem: GuestMemory,
+    layout: RingLayout,
+    buffers: Vec<Buffers>,
+    window: u32,
+    corrupt: bool,
+) -> Rig {
     let (kick, call) = (EventFd::new(false).unwrap(), EventFd::new(false).unwrap());
     let (dk, dc) = (kick.try_clone().unwrap(), call.try_clone().unwrap());
-    let load = BlkLoad::new(mem.clone(), layout, true, kick, call, buffers, window, 4096).unwrap();
+    let load = BlkLoad::new(driver_mem, layout, true, kick, call, buffers, window, 4096).unwrap();
     let disk = Arc::new(Mutex::new(vec![0u8; DISK]));
     let stop = Arc::new(AtomicBool::new(false));
     let (d, s) = (disk.clone(), stop.clone());
-    let thread = thread::spawn(move || device(mem, layout, dk, dc, d, s, corrupt));
+    let thread = thread::spawn(move || device(device_mem, layout, dk, dc, d, s, corrupt));
     Rig {
         load,
         disk,
@@ -364,4 +377,189 @@ fn a_back_end_that_hangs_up_ends_the_wait_at_once() {
     assert!(e.to_string().contains("closed the connection"), "{e}");
     assert!(t.elapsed() >= Duration::from_millis(150));
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+// -- behind an IOMMU: the remapping and the translation the IOMMU side hands out --------
+
+use super::iommu::{Remap, IOVA_BASE};
+use crate::memory::Iotlb;
+use crate::user::payload::iotlb as msg;
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn the_remapping_swaps_pages_in_pairs_and_the_halves() {
+    let r = Remap::new(PAGE, 8 * PAGE).unwrap();
+    assert_eq!(r.pages(), 8);
+    assert_eq!(r.iova(0x1234), IOVA_BASE + 0x1234);
+    // I/O virtual page j is guest page ((j ^ 1) + 4) % 8, the byte offset kept.
+    let pages: Vec<u64> = (0..8)
+        .map(|j| r.backing(IOVA_BASE + j * PAGE + 7).unwrap())
+        .map(|g| {
+            assert_eq!(g % PAGE, 7);
+            g / PAGE
+        })
+        .collect();
+    assert_eq!(pages, [5, 4, 7, 6, 1, 0, 3, 2]);
+    // Five pages: the odd last page is not swapped, the halves turn by two; still a
+    // bijection.
+    let odd = Remap::new(PAGE, 5 * PAGE).unwrap();
+    let mut pages: Vec<u64> = (0..5)
+        .map(|j| odd.backing(IOVA_BASE + j * PAGE).unwrap() / PAGE)
+        .collect();
+    assert_eq!(pages, [3, 2, 0, 4, 1]);
+    pages.sort_unstable();
+    assert_eq!(pages, [0, 1, 2, 3, 4]);
+    // Nothing outside the remapped space.
+    assert_eq!(r.backing(IOVA_BASE + 8 * PAGE), None);
+    assert_eq!(r.backing(IOVA_BASE - 1), None);
+    assert_eq!(
+        r.backing(PAGE),
+        None,
+        "a guest address is no I/O virtual one"
+    );
+    // One page of 2 MiB: the remapping is the offset alone.
+    let big = Remap::new(2 << 20, 2 << 20).unwrap();
+    assert_eq!(big.backing(IOVA_BASE + 5), Some(5));
+}
+
+#[test]
+fn bad_iommu_pages_are_refused() {
+    for (page, size) in [
+        (3000, 3000 * 4),
+        (2048, 4096),
+        (0, 4096),
+        (8192, 4096),
+        (4096, 0),
+    ] {
+        let err = Remap::new(page, size).unwrap_err();
+        assert!(matches!(err, LoadError::InvalidParam(_)), "{page} {size}");
+    }
+}
+
+#[test]
+fn updates_map_whole_pages_to_the_front_end_address_behind_them() {
+    let mem = GuestMemory::allocate(&[(0, 4 * PAGE)]).unwrap();
+    let user0 = mem.gpa_to_user(0).unwrap();
+    let r = Remap::new(PAGE, 4 * PAGE).unwrap();
+    let u = r.update_for(&mem, IOVA_BASE + 2 * PAGE + 100).unwrap();
+    assert_eq!((u.iova, u.size), (IOVA_BASE + 2 * PAGE, PAGE));
+    assert_eq!(
+        u.uaddr,
+        user0 + PAGE,
+        "page 2 is page 3 turned by half of 4 pages"
+    );
+    assert_eq!((u.perm, u.kind), (msg::PERM_RW, msg::UPDATE));
+    assert!(r.update_for(&mem, IOVA_BASE + 4 * PAGE).is_none());
+    assert!(r.update_for(&mem, 0).is_none());
+    // A 2 MiB page is one update for the whole page.
+    let mem = GuestMemory::allocate(&[(0, 4 << 20)]).unwrap();
+    let r = Remap::new(2 << 20, 4 << 20).unwrap();
+    let u = r.update_for(&mem, IOVA_BASE + 5).unwrap();
+    assert_eq!((u.iova, u.size), (IOVA_BASE, 2 << 20));
+    assert_eq!(
+        u.uaddr,
+        mem.gpa_to_user(0).unwrap(),
+        "pages 0 and 1 swapped, then the halves"
+    );
+}
+
+/// An IOTLB (the back-end's) filled with what the IOMMU side answers for every page, or,
+/// from page `wrong_from` on, with a mistranslation: each I/O virtual page to the guest
+/// page of the same number.
+fn back_end_view(mem: &GuestMemory, r: &Remap, wrong_from: Option<u64>) -> GuestMemory {
+    let mut tlb = Iotlb::new();
+    for j in 0..r.pages() {
+        let mut u = r.update_for(mem, r.iova(j * r.page())).unwrap();
+        if wrong_from.is_some_and(|w| j >= w) {
+            u.uaddr = mem.gpa_to_user(j * r.page()).unwrap();
+        }
+        tlb.update(mem, u.iova, u.size, u.uaddr, u.perm).unwrap();
+    }
+    tlb.view()
+}
+
+#[test]
+fn the_driver_view_and_the_answers_show_the_same_memory() {
+    let mem = GuestMemory::allocate(&[(0, 6 * PAGE)]).unwrap();
+    for p in 0..6u8 {
+        mem.write(u64::from(p) * PAGE, &[p + 1; PAGE as usize])
+            .unwrap();
+    }
+    let r = Remap::new(PAGE, 6 * PAGE).unwrap();
+    let driver = r.driver_view(&mem).unwrap();
+    let device = back_end_view(&mem, &r, None);
+    for j in 0..6u64 {
+        let mut a = [0u8; 2];
+        let mut b = [0u8; 2];
+        driver
+            .read(r.iova(j * PAGE + PAGE - 1), &mut a[..1])
+            .unwrap();
+        device.read(r.iova(j * PAGE), &mut b[..1]).unwrap();
+        assert_eq!(a[0], ((j ^ 1) + 3) as u8 % 6 + 1, "driver, page {j}");
+        assert_eq!(b[0], a[0], "back-end, page {j}");
+    }
+    // A range across a page boundary is contiguous for both, not in memory.
+    driver.write(r.iova(PAGE - 2), &[0xaa; 4]).unwrap();
+    let mut back = [0u8; 4];
+    device.read(r.iova(PAGE - 2), &mut back).unwrap();
+    assert_eq!(back, [0xaa; 4]);
+    let mut g = [0u8; 2];
+    mem.read(5 * PAGE - 2, &mut g).unwrap();
+    assert_eq!(
+        g, [0xaa; 2],
+        "the end of I/O virtual page 0 is the end of guest page 4"
+    );
+    mem.read(3 * PAGE, &mut g).unwrap();
+    assert_eq!(
+        g, [0xaa; 2],
+        "the start of I/O virtual page 1 is the start of guest page 3"
+    );
+}
+
+/// The load in I/O virtual space (as `new_behind_iommu` builds it) against the rig's
+/// device reading through an IOTLB view (mistranslating the data pages with `wrong`).
+fn remapped_rig(wrong: bool) -> Rig {
+    let size = 4 << 20;
+    let mem = GuestMemory::allocate(&[(0, size)]).unwrap();
+    let r = Remap::new(PAGE, size).unwrap();
+    let layout = r
+        .ring_layout(RingLayout::split_at(QUEUE, 0).unwrap())
+        .unwrap();
+    let buffers = (0..8)
+        .map(|i| Buffers {
+            meta: r.iova(0x10000 + 32 * i),
+            data: r.iova(0x20000 + 16384 * i),
+        })
+        .collect();
+    let driver_mem = r.driver_view(&mem).unwrap();
+    let device_mem = back_end_view(&mem, &r, wrong.then_some(0x20000 / PAGE));
+    rig_on(driver_mem, device_mem, layout, buffers, 16384, false)
+}
+
+#[test]
+fn a_verified_run_through_the_remapping_passes() {
+    let mut r = remapped_rig(false);
+    for rw in [Rw::RandWrite, Rw::RandRead] {
+        let mut j = job(rw, 8);
+        j.block_size = 16384;
+        let v = r.load.run_verified(&j, 3, true).unwrap();
+        assert_eq!((v.io_errors(), v.bad_sectors()), (0, 0), "{rw:?}");
+        assert_eq!(v.check.checked_sectors, DISK as u64 / SECTOR);
+    }
+}
+
+#[test]
+fn a_back_end_translating_data_without_the_swap_is_caught_by_verification() {
+    // The ring is translated right, the data pages as if nothing were remapped: every
+    // request completes, and the data read back is wrong.
+    let mut r = remapped_rig(true);
+    let mut j = job(Rw::RandRead, 8);
+    j.block_size = 16384;
+    let v = r.load.run_verified(&j, 3, true).unwrap();
+    assert_eq!(v.io_errors(), 0);
+    assert!(
+        v.bad_sectors() > 0,
+        "a mistranslating back-end went unnoticed"
+    );
 }

@@ -29,6 +29,13 @@ impl VerifiedReport {
         self.fill.as_ref().map_or(0, |f| f.io_errors) + self.timed.io_errors + self.check.io_errors
     }
 
+    /// IOTLB misses over all phases (None for a flat memory table).
+    pub fn iotlb_misses(&self) -> Option<u64> {
+        let fill = self.fill.as_ref().and_then(|f| f.iotlb_misses);
+        let phases = [fill, self.timed.iotlb_misses, self.check.iotlb_misses];
+        phases.into_iter().flatten().reduce(|a, b| a + b)
+    }
+
     /// The first offset found wrong (the timed phase's first, else the read-back's).
     pub fn first_bad_offset(&self) -> Option<u64> {
         self.timed.first_bad_offset.or(self.check.first_bad_offset)

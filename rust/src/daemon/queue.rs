@@ -402,11 +402,17 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
                 continue;
             }
             Err(e) => return st.fail(slot.index, format!("queue {}: {e}", slot.index)),
-            Ok(true) => {
-                idle_since = None;
-                continue;
+            Ok(work) => {
+                // The miss waited on (if any) was answered: a later miss of the same page
+                // (unmapped again meanwhile, as a strict guest IOMMU does after each
+                // request) is a new one, sent at once and bounded from now; kept, it
+                // would wait out MISS_REPEAT unsent and expire early.
+                waiting = None;
+                if work {
+                    idle_since = None;
+                    continue;
+                }
             }
-            Ok(false) => {}
         }
         let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
         if idle < poll && !slot.stop.load(Ordering::Relaxed) {
