@@ -396,6 +396,24 @@ fn a_ring_the_iommu_never_maps_fails_the_queue_not_the_daemon() {
     .unwrap();
     assert_eq!(s.roundtrip(DATA_IOVA, DATA_IOVA + PAGE, b"x"), None);
     assert!(poll_many(&[s.err.as_fd()], 5000).unwrap()[0]);
+    s.err.read().unwrap();
+    // Failed, the queue waits to be started again: neither an IOTLB message (which wakes
+    // every worker) nor a kick makes it ask and fail anew (QEMU saw the error twice).
+    let misses = s.misses.load(Ordering::SeqCst);
+    s.fe.iotlb_msg(&IotlbPayload {
+        iova: DATA_IOVA + 3 * PAGE,
+        size: PAGE,
+        uaddr: s.mem.regions()[0].info().userspace_addr + data_gpa(DATA_IOVA + 3 * PAGE),
+        perm: iotlb::PERM_RW,
+        kind: iotlb::UPDATE,
+    })
+    .unwrap();
+    s.kick.write(1).unwrap();
+    assert!(
+        !poll_many(&[s.err.as_fd()], 800).unwrap()[0],
+        "failed once only"
+    );
+    assert_eq!(s.misses.load(Ordering::SeqCst), misses, "asked no more");
     assert_eq!(s.fe.get_queue_num().unwrap(), 2);
     s.finish();
 }

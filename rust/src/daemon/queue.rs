@@ -102,6 +102,10 @@ pub(crate) struct QueueState {
     /// SET_VRING_BASE not applied yet: behind an IOMMU, the ring it reads (a split used
     /// index) may not be mapped when the ring starts.
     restore_pending: bool,
+    /// A ring area stayed unmapped past the miss bound: the queue failed and waits for
+    /// the front-end to start it again (its next SET_VRING_KICK), rather than asking and
+    /// failing anew at every IOTLB message or kick.
+    ring_unreachable: bool,
 }
 
 /// How a queue behind an IOMMU gets the translations it misses.
@@ -173,6 +177,7 @@ impl QueueState {
         }
         self.ring = Some(ring);
         self.inflight_broken = false;
+        self.ring_unreachable = false;
         self.last_error = None;
         Ok(())
     }
@@ -226,7 +231,10 @@ impl QueueState {
     }
 
     fn runnable(&self) -> bool {
-        self.enabled && self.ring.as_ref().is_some_and(|r| !r.is_broken()) && !self.inflight_broken
+        self.enabled
+            && self.ring.as_ref().is_some_and(|r| !r.is_broken())
+            && !self.inflight_broken
+            && !self.ring_unreachable
     }
 
     fn fail(&mut self, queue: u16, why: String) {
@@ -365,7 +373,9 @@ fn process(slot: &QueueSlot, device: &dyn VirtioDevice, poll: Duration) {
             match ask_translation(slot, iommu, miss, &mut waiting) {
                 Ok(Asked::Waited) => continue,
                 Ok(Asked::Expired(why)) | Err(why) => {
-                    return lock(&slot.state).fail(slot.index, format!("{why} (ring area)"))
+                    let mut st = lock(&slot.state);
+                    st.ring_unreachable = true;
+                    return st.fail(slot.index, format!("{why} (ring area)"));
                 }
             }
         }
