@@ -560,6 +560,20 @@ type EventTuple = (
     bool,
 );
 
+/// A failure of one queue or of one request on it: both name the queue and why.
+fn queue_event(kind: &'static str, session: u64, queue: u16, reason: String) -> EventTuple {
+    (
+        kind,
+        session,
+        None,
+        Some(queue),
+        None,
+        Some(reason),
+        None,
+        true,
+    )
+}
+
 fn event_tuple(e: DaemonEvent) -> EventTuple {
     match e {
         DaemonEvent::SessionStarted { session } => (
@@ -585,36 +599,12 @@ fn event_tuple(e: DaemonEvent) -> EventTuple {
             session,
             queue,
             reason,
-        } => {
-            let r = Some(reason);
-            (
-                "queue-failed",
-                session,
-                None,
-                Some(queue),
-                None,
-                r,
-                None,
-                true,
-            )
-        }
+        } => queue_event("queue-failed", session, queue, reason),
         DaemonEvent::RequestFailed {
             session,
             queue,
             reason,
-        } => {
-            let r = Some(reason);
-            (
-                "request-failed",
-                session,
-                None,
-                Some(queue),
-                None,
-                r,
-                None,
-                true,
-            )
-        }
+        } => queue_event("request-failed", session, queue, reason),
         DaemonEvent::SessionEnded { session, end, hint } => {
             let (error, r) = (end.is_error(), Some(end.to_string()));
             (
